@@ -1,0 +1,44 @@
+"""Commit a verified block into each row's token buffer: EOS and length limits.
+
+Row ``b`` emitted ``e_b = num_accepted_b + 1`` output tokens. It keeps
+
+    n_b = min(e_b, max_new_tokens - generated_b, 1 + index of its first EOS among them)
+
+of them (zero for a row already done), writes them at slots
+``length_b .. length_b + n_b - 1`` of its token buffer, and is done once it
+kept an EOS or reached ``max_new_tokens``. Everything is an in-place update of
+fixed-shape buffers, so a round that ends with it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["commit_reference"]
+
+
+def commit_reference(
+    tokens: torch.Tensor,  # [batch, slots] int64, updated in place; slots >= max(lengths) + k + 1
+    lengths: torch.Tensor,  # [batch] int64 committed slots per row, updated in place
+    generated: torch.Tensor,  # [batch] int64 new tokens per row so far, updated in place
+    done: torch.Tensor,  # [batch] bool, updated in place
+    output_tokens: torch.Tensor,  # [batch, k+1] int64, -1 padded
+    num_accepted: torch.Tensor,  # [batch] int64
+    eos_ids: torch.Tensor,  # [num_eos] int64 (may be empty)
+    max_new_tokens: int,
+) -> torch.Tensor:  # [batch] int64 tokens kept this round
+    width = output_tokens.shape[1]
+    positions = torch.arange(width, device=tokens.device)  # [k+1]
+    is_eos = (output_tokens[..., None] == eos_ids).any(-1) & (positions < num_accepted[:, None] + 1)
+    first_eos = torch.where(is_eos, positions, width).amin(-1)  # [batch]; width if none
+    kept = torch.minimum(num_accepted + 1, max_new_tokens - generated)
+    kept = torch.minimum(kept, first_eos + 1)
+    kept = torch.where(done, 0, kept)
+
+    write = positions < kept[:, None]  # [batch, k+1]
+    slots = lengths[:, None] + positions
+    tokens.scatter_(1, slots, torch.where(write, output_tokens, tokens.gather(1, slots)))
+    lengths += kept
+    generated += kept
+    done |= (first_eos < kept) | (generated >= max_new_tokens)
+    return kept

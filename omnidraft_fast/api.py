@@ -1,0 +1,104 @@
+"""``generate()``: the drop-in for ``model.generate()``, including transformers' assisted-generation names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import EngineConfig
+from .engine import GenerateOutput, SpeculativeEngine
+
+__all__ = ["generate"]
+
+# Engines built for a target live on the target (attribute below), so repeated calls reuse an engine and
+# what it learned, and the engines go away with the model.
+_ENGINES_ATTR = "_omnidraft_engines"
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None = None,
+    *,
+    drafter: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    drafter_tokenizer: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    num_draft_tokens: int | None = None,
+    generation_config: Any = None,
+    streamer: Any = None,
+    return_dict_in_generate: bool | None = None,
+    assistant_model: torch.nn.Module | None = None,
+    assistant_tokenizer: Any = None,
+    engine_config: EngineConfig | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | GenerateOutput:
+    """Speculative decoding of ``model`` with a small ``drafter``, called like ``model.generate()``.
+
+    Greedy output is token-for-token that of ``model.generate(do_sample=False)``; sampled output follows
+    the target's distribution exactly (temperature, top-k, top-p). Arguments left unset resolve as in
+    ``model.generate()``: the model's generation_config, then transformers' defaults (so sampling without
+    ``top_k`` uses top-k 50; pass ``top_k=0`` to switch it off).
+
+    ``assistant_model``, ``assistant_tokenizer`` and ``num_assistant_tokens`` are accepted as the names
+    transformers uses for ``drafter``, ``drafter_tokenizer`` and ``num_draft_tokens``.
+
+    Example::
+
+        import omnidraft_fast
+        ids = omnidraft_fast.generate(target, **tokenizer(["Hello"], return_tensors="pt"),
+                                      drafter=small, max_new_tokens=32)
+    """
+    drafter = _one_of("drafter", drafter, "assistant_model", assistant_model)
+    drafter_tokenizer = _one_of("drafter_tokenizer", drafter_tokenizer, "assistant_tokenizer", assistant_tokenizer)
+    engine = _engine_for(model, drafter, tokenizer, drafter_tokenizer, engine_config)
+    return engine.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_draft_tokens=num_draft_tokens,
+        generation_config=generation_config,
+        streamer=streamer,
+        return_dict_in_generate=return_dict_in_generate,
+        **kwargs,
+    )
+
+
+def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    if value is not None and alias_value is not None and value is not alias_value:
+        raise ValueError(f"`{name}` and `{alias}` name the same thing; pass one of them")
+    return value if value is not None else alias_value
+
+
+def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> SpeculativeEngine:
+    config = EngineConfig() if config is None else config
+    engines = getattr(model, _ENGINES_ATTR, None)
+    if engines is None:
+        engines = []
+        object.__setattr__(model, _ENGINES_ATTR, engines)
+    for engine in engines:
+        if (
+            engine.drafter.model is drafter
+            and engine.target_tokenizer is tokenizer
+            and engine.drafter_tokenizer is drafter_tokenizer
+            and engine.config == config
+        ):
+            return engine
+    engine = SpeculativeEngine(
+        model, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer, config=config
+    )
+    engines.append(engine)
+    return engine

@@ -1,0 +1,54 @@
+"""Configuration: frozen dataclasses validated on construction. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineConfig", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine keeps across requests.
+
+    Args:
+        num_draft_tokens: draft length ``k`` used when a request does not give one.
+        time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
+            synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
+            default) means on for CPU and off for CUDA.
+    """
+
+    num_draft_tokens: int = 4
+    time_stages: bool | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
+            raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
+        if self.time_stages not in (None, True, False):
+            raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The sampling rule of one request, applied to drafter and target alike.
+
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(
+                f"`temperature` must be a number >= 0, got {self.temperature!r}; use do_sample=False for greedy"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"`top_k` must be an int >= 0 (0 switches top-k off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1] (1 switches top-p off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

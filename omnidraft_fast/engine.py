@@ -1,0 +1,351 @@
+"""SpeculativeEngine: owns a target and a drafter and runs the rounds of speculative decoding.
+
+One round, for every row of the batch at once (``k`` = draft length)::
+
+    1 draft    the drafter proposes y_1..y_k          k forwards of 1 token (the first feeds 2)
+    2 target   one forward over [pending, y_1..y_k]  logits p_1..p_{k+1}
+    3 verify   exact speculative sampling            accepted count + recovered/bonus token per row
+    4 commit   append kept tokens per row            EOS / max_new_tokens; rollback is implicit
+    5 host     one small read: are all rows done?
+
+Per-row state is a handful of fixed-shape device tensors (``_Batch``). A row's
+committed tokens sit in ``tokens[b, :lengths[b]]`` by cache slot (see
+``models.py``): the target's cache holds all of them but the last (the
+*pending* token), the drafter's cache holds at least all but the last two. So
+a rejection needs no cache work at all: the next round simply writes at the
+row's new length, over the rejected slots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import ops
+from .config import EngineConfig
+from .models import CausalLM
+from .request import Request, resolve_request
+from .stats import GenerationStats, StageTimer
+
+__all__ = ["GenerateOutput", "SpeculativeEngine"]
+
+# Keyword names of transformers' generate() that mean the same as ours.
+_ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
+
+
+@dataclass
+class GenerateOutput:
+    """What ``generate(..., return_dict_in_generate=True)`` returns."""
+
+    sequences: torch.Tensor  # [batch, prompt + new]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class _Batch:
+    """Device state of one request (fixed shapes for the whole request)."""
+
+    tokens: torch.Tensor  # [batch, slots + 1] committed tokens by slot
+    lengths: torch.Tensor  # [batch] committed slots (dummy slot and padding included)
+    start: torch.Tensor  # [batch] first slot of each row's prompt
+    generated: torch.Tensor  # [batch] new tokens so far
+    done: torch.Tensor  # [batch] bool
+    eos_ids: torch.Tensor  # [num_eos]
+    draft_ids: torch.Tensor  # [batch, k]
+    draft_probs: torch.Tensor  # [batch, k, vocab] fp32
+    counters: torch.Tensor  # [4]: row_rounds, proposed, accepted, invalid rows seen
+
+
+class SpeculativeEngine:
+    """Speculative decoding of ``target`` with ``drafter``; holds what lives across requests.
+
+    Args:
+        target: the model whose output distribution is reproduced (a Hugging Face causal LM).
+        drafter: a smaller causal LM that proposes tokens. Same device as ``target``; any dtype.
+        target_tokenizer, drafter_tokenizer: needed only when the vocabularies differ.
+        config: see :class:`EngineConfig`.
+
+    Example::
+
+        engine = SpeculativeEngine(target, drafter)
+        out = engine.generate(**tokenizer(["def f(x):"], return_tensors="pt"), max_new_tokens=64)
+        print(engine.stats.summary())
+    """
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        drafter: torch.nn.Module,
+        *,
+        target_tokenizer: Any = None,
+        drafter_tokenizer: Any = None,
+        config: EngineConfig | None = None,
+    ):
+        if drafter is None:
+            raise ValueError(
+                "no drafter: pass `drafter=` (or transformers' `assistant_model=`), a small causal LM that "
+                "proposes tokens for the target to verify"
+            )
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"`config` must be an EngineConfig, got {type(config).__name__}")
+        self.target = CausalLM(target, "model")
+        self.drafter = CausalLM(drafter, "drafter")
+        if self.target.device != self.drafter.device:
+            raise ValueError(
+                f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "
+                "device (e.g. drafter.to(target.device)); their dtypes may differ"
+            )
+        if self.target.vocab_size != self.drafter.vocab_size:
+            if target_tokenizer is None or drafter_tokenizer is None:
+                raise ValueError(
+                    f"the target's vocabulary has {self.target.vocab_size} ids and the drafter's "
+                    f"{self.drafter.vocab_size}: cross-vocabulary drafting needs both tokenizers "
+                    "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
+                )
+            raise NotImplementedError(
+                "cross-vocabulary drafting (VocabBridge + n-gram table) is not available yet; use a drafter "
+                "that shares the target's vocabulary"
+            )
+        self.config = config
+        self.target_tokenizer = target_tokenizer
+        self.drafter_tokenizer = drafter_tokenizer
+        self.stats = GenerationStats()
+        self.last_stats = GenerationStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        num_draft_tokens: int | None = None,
+        generation_config: Any = None,
+        streamer: Any = None,
+        return_dict_in_generate: bool | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | GenerateOutput:
+        """Generate like ``target.generate()``; unset arguments resolve as there (see ``request.py``).
+
+        Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` after a row's EOS, or a
+        :class:`GenerateOutput` when ``return_dict_in_generate=True``.
+        """
+        explicit = {
+            "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+            "num_assistant_tokens": num_draft_tokens, "return_dict_in_generate": return_dict_in_generate,
+        }  # fmt: skip
+        for name, value in kwargs.items():
+            ours = _ALIASES.get(name)
+            if ours == "input_ids":
+                if input_ids is not None and value is not None:
+                    raise TypeError("pass the prompt once: as `input_ids` or as `inputs`, not both")
+                input_ids = value if value is not None else input_ids
+            elif ours == "num_draft_tokens":
+                if num_draft_tokens is not None and value is not None and value != num_draft_tokens:
+                    raise ValueError(f"`num_draft_tokens`={num_draft_tokens} and `{name}`={value} disagree")
+                explicit["num_assistant_tokens"] = num_draft_tokens if value is None else value
+            elif name == "token_type_ids":
+                if value is not None and bool((torch.as_tensor(value) != 0).any()):
+                    raise ValueError("non-zero `token_type_ids` are not supported by causal LM generation")
+            elif name in _generation_config_fields():
+                explicit[name] = value
+            else:
+                raise TypeError(f"generate() got an unexpected keyword argument `{name}`")
+
+        request = resolve_request(
+            model_generation_config=getattr(self.target.model, "generation_config", None),
+            vocab_size=self.target.vocab_size,
+            position_limit=self.target.position_limit,
+            device=self.device,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            explicit=explicit,
+            default_draft_tokens=self.config.num_draft_tokens,
+            streamer=streamer,
+        )
+        sequences, stats = self._run(request)
+        self.last_stats = stats
+        self.stats.add(stats)
+        if request.return_dict_in_generate:
+            return GenerateOutput(sequences=sequences, stats=stats)
+        return sequences
+
+    # ---------------------------------------------------------------------------------------------
+    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats]:
+        device, k = self.device, request.num_draft_tokens
+        batch, prompt = request.input_ids.shape
+        max_slots = 1 + prompt + request.max_new_tokens + k  # dummy slot, prompt, new tokens, draft overrun
+        for model in (self.target, self.drafter):
+            model.check_window(max_slots)
+        time_stages = self.config.time_stages
+        timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
+        seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG, so torch.manual_seed reproduces runs
+        generator = torch.Generator(device).manual_seed(seed)
+        began = time.perf_counter()
+        state = self._begin(request, max_slots)
+        if request.streamer is not None:
+            request.streamer.put(request.input_ids.cpu())
+        try:
+            with timer("prefill"):
+                # Slots [0, prompt) hold the dummy slot and all prompt columns but the last (the pending token).
+                prefill_slots = torch.arange(prompt, device=device).expand(batch, prompt)
+                for model in (self.target, self.drafter):
+                    model.forward(state.tokens[:, :prompt], prefill_slots, last_only=True)
+            rounds = 0
+            while True:
+                before = state.lengths.clone() if request.streamer is not None else None
+                self._round(state, request, generator, timer)
+                rounds += 1
+                with timer("host"):
+                    all_done, invalid = (state.done.all(), state.counters[3] > 0)
+                    all_done, invalid = torch.stack([all_done, invalid]).tolist()  # the one read per round
+                if invalid:
+                    raise ValueError(
+                        "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
+                        "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
+                    )
+                if request.streamer is not None:
+                    self._stream(request.streamer, state, before)
+                if all_done:
+                    break
+        finally:
+            self.target.end()
+            self.drafter.end()
+            if request.streamer is not None:
+                request.streamer.end()
+
+        generated = state.generated.cpu()
+        longest = int(generated.max())
+        sequences = state.tokens[:, 1 : 1 + prompt + longest].clone()
+        if request.pad_token_id is not None:
+            columns = torch.arange(longest, device=device)
+            tail = sequences[:, prompt:]
+            tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id)
+        row_rounds, proposed, accepted, _ = state.counters.tolist()
+        stats = GenerationStats(
+            requests=1,
+            rounds=rounds,
+            row_rounds=row_rounds,
+            proposed=proposed,
+            accepted=accepted,
+            new_tokens=int(generated.sum()),
+            target_calls=batch + row_rounds,
+            seconds=time.perf_counter() - began,
+            stage_seconds=timer.seconds,
+        )
+        return sequences, stats
+
+    def _begin(self, request: Request, max_slots: int) -> _Batch:
+        device, k = self.device, request.num_draft_tokens
+        batch, prompt = request.input_ids.shape
+        tokens = torch.zeros(batch, max_slots + 1, dtype=torch.int64, device=device)
+        tokens[:, 1 : 1 + prompt] = request.input_ids
+        start = 1 + prompt - request.prompt_lengths.to(device)
+        for model in (self.target, self.drafter):
+            model.begin(start, max_slots)
+        return _Batch(
+            tokens=tokens,
+            lengths=torch.full((batch,), 1 + prompt, dtype=torch.int64, device=device),
+            start=start,
+            generated=torch.zeros(batch, dtype=torch.int64, device=device),
+            done=torch.zeros(batch, dtype=torch.bool, device=device),
+            eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=device),
+            draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
+            draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
+            counters=torch.zeros(4, dtype=torch.int64, device=device),
+        )
+
+    def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
+        """One round over fixed-shape device tensors: draft, target forward, verify, commit."""
+        sampling, k = request.sampling, request.num_draft_tokens
+        batch = state.tokens.shape[0]
+        device = state.tokens.device
+        active = ~state.done
+        invalid = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        with timer("draft"):
+            slots = state.lengths[:, None] + torch.arange(-2, 0, device=device)  # [batch, 2]
+            inputs = state.tokens.gather(1, slots)
+            for i in range(k):
+                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, vocab]
+                noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
+                ids, probs = ops.sample(
+                    logits, noise, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+                )
+                invalid |= ops.nonfinite_rows(logits)
+                state.draft_ids[:, i] = ids
+                state.draft_probs[:, i] = probs
+                inputs, slots = ids[:, None], (state.lengths + i)[:, None]
+
+        with timer("target"):
+            slots = state.lengths[:, None] - 1 + torch.arange(k + 1, device=device)  # [batch, k+1]
+            inputs = torch.cat([state.tokens.gather(1, slots[:, :1]), state.draft_ids], 1)
+            target_logits = self.target.forward(inputs, slots)  # [batch, k+1, vocab]
+
+        with timer("verify"):
+            uniforms = torch.rand(batch, k, generator=generator, device=device)
+            noise = None if sampling.greedy else _exponential((batch, target_logits.shape[-1]), generator, device)
+            num_accepted, output_tokens, _, target_invalid = ops.verify(
+                target_logits,
+                state.draft_ids,
+                state.draft_probs,
+                uniforms,
+                noise,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+            )
+
+        with timer("commit"):
+            invalid = (invalid | target_invalid) & active
+            ops.commit(
+                state.tokens,
+                state.lengths,
+                state.generated,
+                state.done,
+                output_tokens,
+                num_accepted,
+                state.eos_ids,
+                max_new_tokens=request.max_new_tokens,
+            )
+            state.counters += torch.stack(
+                [active.sum(), active.sum() * k, (num_accepted * active).sum(), invalid.sum()]
+            )
+
+    @staticmethod
+    def _stream(streamer: Any, state: _Batch, before: torch.Tensor) -> None:
+        begin, end = int(before[0]), int(state.lengths[0])
+        if end > begin:
+            streamer.put(state.tokens[0, begin:end].cpu())
+
+
+def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+_FIELDS: frozenset[str] | None = None
+
+
+def _generation_config_fields() -> frozenset[str]:
+    """Names of transformers' GenerationConfig fields (computed once, on first use)."""
+    global _FIELDS
+    if _FIELDS is None:
+        from transformers import GenerationConfig
+
+        _FIELDS = frozenset(GenerationConfig().to_dict())
+    return _FIELDS

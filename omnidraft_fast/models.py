@@ -1,0 +1,190 @@
+"""Hugging Face causal LMs behind one contract: "run these tokens at these cache slots".
+
+The engine never lets transformers decide where keys and values go. Each model
+gets a :class:`SlotKVCache`, a static cache of ``max_slots`` positions per row
+that writes new keys/values at explicit per-row *slots* (``scatter_`` along the
+sequence axis). A row's sequence lives in slots ``start[b] .. len[b]-1``; left
+padding sits below ``start[b]``. Rolling back a rejected draft is therefore
+free for every batch size: the engine just writes the next tokens at lower
+slots, and the attention mask built here hides every slot above the query.
+
+Slot layout of one row (``.`` = left padding, ``d`` = the dummy slot 0 that
+every row has so that "the two tokens before the pending one" always exist)::
+
+    slot:   0   1   2   3   4   5   6   7 ...
+           d   .   .   t0  t1  t2  t3  ...       start[b] = 3, positions 0,1,2,3,...
+
+Position ids are ``slot - start[b]`` (so padding and the dummy never shift
+positions), clamped to the model's position limit: a clamped position can only
+belong to a drafted token that is never committed (see ``SpeculativeEngine``).
+
+The mask is a ready 4-D additive float mask ``[batch, 1, n, max_slots]``, which
+transformers' mask builders return unchanged (``_preprocess_mask_arguments``'s
+early exit, present in 5.17 through 5.2x). A query always sees its own slot, so
+no row of the mask is fully masked (padding queries produce finite garbage that
+is never read).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+__all__ = ["CausalLM", "SlotKVCache"]
+
+
+class SlotKVCache(Cache):
+    """Static KV cache written at explicit per-row slots.
+
+    Implements the part of transformers' ``Cache`` interface that decoder-only
+    models call during ``forward`` (``update``, ``get_seq_length``). Buffers are
+    allocated on the first ``update`` from the shapes the model hands in, so
+    the cache needs no knowledge of the architecture (GQA, head_dim, MQA).
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_slots: int):
+        super().__init__(layers=[])
+        self.max_slots = max_slots
+        self.keys: list[torch.Tensor] = []  # per layer: [batch, kv_heads, max_slots, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.write_slots: torch.Tensor | None = None  # [batch, n]: where this forward writes
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        # key_states, value_states: [batch, kv_heads, n, head_dim]
+        if layer_idx == len(self.keys):
+            shape = (*key_states.shape[:2], self.max_slots, key_states.shape[-1])
+            self.keys.append(key_states.new_zeros(shape))
+            self.values.append(value_states.new_zeros((*shape[:3], value_states.shape[-1])))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        slots = self.write_slots[:, None, :, None]
+        keys.scatter_(2, slots.expand(-1, keys.shape[1], -1, keys.shape[3]), key_states)
+        values.scatter_(2, slots.expand(-1, values.shape[1], -1, values.shape[3]), value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Only consulted by models when position_ids are not passed; the runner always passes them.
+        return 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_slots
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _position_limit(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _sliding_window(config) -> tuple[int | None, bool]:
+    """(window, every_layer): the sliding-attention window, and whether every layer uses it."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return int(window), True
+    if "sliding_attention" not in layer_types:
+        return None, False
+    return int(window), all(kind == "sliding_attention" for kind in layer_types)
+
+
+class CausalLM:
+    """A Hugging Face causal LM run at explicit cache slots.
+
+    Args:
+        model: a decoder-only ``PreTrainedModel`` with a language-modelling head.
+        name: how error messages call it (``"model"`` or ``"drafter"``).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        config = getattr(model, "config", None)
+        if config is None or not callable(getattr(model, "forward", None)):
+            raise TypeError(f"`{name}` must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"`{name}` is an encoder-decoder model ({type(model).__name__}); omnidraft_fast drafts and verifies "
+                "decoder-only causal LMs only. Use a *ForCausalLM model."
+            )
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise TypeError(
+                f"`{name}` ({type(model).__name__}) has no language-modelling head; load it with "
+                "AutoModelForCausalLM."
+            )
+        self.model = model
+        self.name = name
+        self.config = config
+        self.vocab_size = int(head.weight.shape[0])
+        self.position_limit = _position_limit(config)
+        window, every_layer = _sliding_window(config)
+        # A window used by every layer goes into the mask; a window used by only some layers would
+        # need one mask per layer type, so such models are limited to sequences within the window.
+        self.sliding_window = window if every_layer else None
+        self.mixed_window = None if every_layer else window
+        self.cache: SlotKVCache | None = None
+        self.start: torch.Tensor | None = None  # [batch] first slot of each row's sequence
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def check_window(self, max_slots: int) -> None:
+        if self.mixed_window is not None and max_slots > self.mixed_window:
+            raise ValueError(
+                f"`{self.name}` mixes sliding-window (window {self.mixed_window}) and full attention layers, and "
+                f"this request needs {max_slots} cache slots; such models are supported within the window only. "
+                "Shorten the prompt or max_new_tokens."
+            )
+
+    def begin(self, start: torch.Tensor, max_slots: int) -> None:
+        """Start a request: a fresh cache of ``max_slots`` slots; ``start`` [batch] per-row first slot."""
+        self.cache = SlotKVCache(max_slots)
+        self.start = start
+
+    def end(self) -> None:
+        """Release the request's cache."""
+        self.cache = None
+        self.start = None
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Run ``input_ids`` [batch, n] written at ``slots`` [batch, n]; returns logits [batch, n or 1, vocab].
+
+        Every slot at or below a query's slot and at or above its row's ``start``
+        is attended to; writing at a lower slot than before is a rollback.
+        """
+        cache, start = self.cache, self.start
+        positions = slots - start[:, None]
+        if self.position_limit is not None:
+            positions = positions.clamp(0, self.position_limit - 1)
+        else:
+            positions = positions.clamp_min(0)
+        keys = torch.arange(cache.max_slots, device=slots.device)  # [max_slots]
+        q = slots[:, None, :, None]  # [batch, 1, n, 1]
+        visible = (keys >= start[:, None, None, None]) & (keys <= q)
+        if self.sliding_window is not None:
+            visible &= keys > q - self.sliding_window
+        visible |= keys == q
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=slots.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # [batch, 1, n, max_slots]
+        cache.write_slots = slots
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+        )
+        return out.logits

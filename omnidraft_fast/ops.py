@@ -1,0 +1,150 @@
+"""Public ops: every piece of numeric work in a decoding round goes through here.
+
+Each op checks metadata (shape, dtype, device; never values, which would
+synchronise a GPU) and then runs its implementation from
+``omnidraft_fast.kernels``. The torch references define the ops and run on every
+device; the Triton kernels of the same signatures take over on CUDA as they
+land (see README, "What is not done yet").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.commit import commit_reference
+from .kernels.sampling import nonfinite_rows_reference, sample_reference
+from .kernels.verify import verify_reference
+
+__all__ = ["commit", "nonfinite_rows", "sample", "verify"]
+
+
+def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.ndim != ndim:
+        raise ValueError(f"`{name}` must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise TypeError(f"`{name}` must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"`{name}` is on {tensor.device}, expected {device}")
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"`top_k` must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def sample(
+    logits: torch.Tensor,  # [rows, vocab]
+    noise: torch.Tensor | None,  # [rows, vocab] Exp(1); None when greedy
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; returns ``ids`` [rows] int64 and the sampled-from distribution [rows, vocab] fp32.
+
+    ``temperature == 0`` is greedy (argmax, one-hot distribution).
+
+    Example::
+
+        >>> logits = torch.tensor([[0.0, 5.0, 1.0]])
+        >>> ids, q = sample(logits, None, temperature=0.0)
+        >>> ids.tolist(), q.tolist()
+        ([1], [[0.0, 1.0, 0.0]])
+    """
+    _check("logits", logits, 2, dtypes=_FLOATS)
+    _check_sampling(temperature, top_k, top_p)
+    if temperature > 0:
+        if noise is None:
+            raise ValueError("`noise` (Exp(1) draws shaped like `logits`) is required when temperature > 0")
+        _check("noise", noise, 2, dtypes=(torch.float32,), device=logits.device)
+        if noise.shape != logits.shape:
+            raise ValueError(f"`noise` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(noise.shape)}")
+    return sample_reference(logits, noise, temperature, top_k, top_p)
+
+
+def verify(
+    target_logits: torch.Tensor,  # [batch, k+1, vocab]
+    draft_ids: torch.Tensor,  # [batch, k]
+    draft_probs: torch.Tensor,  # [batch, k, vocab]
+    uniforms: torch.Tensor,  # [batch, k]
+    noise: torch.Tensor | None,  # [batch, vocab]
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact speculative sampling of a drafted block (see ``kernels/verify.py`` for the maths).
+
+    Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
+    recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32 and
+    ``invalid`` [batch] bool (rows whose target logits hold NaN/+inf or are all -inf).
+    """
+    _check("target_logits", target_logits, 3, dtypes=_FLOATS)
+    device = target_logits.device
+    batch, width, vocab = target_logits.shape
+    _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,), device=device)
+    if draft_ids.shape != (batch, width - 1):
+        raise ValueError(f"`draft_ids` must be [batch, k] = {(batch, width - 1)}, got {tuple(draft_ids.shape)}")
+    _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=device)
+    if draft_probs.shape != (batch, width - 1, vocab):
+        raise ValueError(
+            f"`draft_probs` must be [batch, k, vocab] = {(batch, width - 1, vocab)}, got {tuple(draft_probs.shape)}"
+        )
+    _check("uniforms", uniforms, 2, dtypes=(torch.float32,), device=device)
+    if uniforms.shape != draft_ids.shape:
+        raise ValueError(f"`uniforms` must be [batch, k] = {tuple(draft_ids.shape)}, got {tuple(uniforms.shape)}")
+    _check_sampling(temperature, top_k, top_p)
+    if temperature > 0:
+        if noise is None:
+            raise ValueError("`noise` ([batch, vocab] Exp(1) draws) is required when temperature > 0")
+        _check("noise", noise, 2, dtypes=(torch.float32,), device=device)
+        if noise.shape != (batch, vocab):
+            raise ValueError(f"`noise` must be [batch, vocab] = {(batch, vocab)}, got {tuple(noise.shape)}")
+    return verify_reference(target_logits, draft_ids, draft_probs, uniforms, noise, temperature, top_k, top_p)
+
+
+def commit(
+    tokens: torch.Tensor,  # [batch, slots]
+    lengths: torch.Tensor,  # [batch]
+    generated: torch.Tensor,  # [batch]
+    done: torch.Tensor,  # [batch]
+    output_tokens: torch.Tensor,  # [batch, k+1]
+    num_accepted: torch.Tensor,  # [batch]
+    eos_ids: torch.Tensor,  # [num_eos]
+    *,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Append each row's kept output tokens in place (EOS and ``max_new_tokens`` applied); returns the counts kept."""
+    _check("tokens", tokens, 2, dtypes=(torch.int64,))
+    device = tokens.device
+    batch = tokens.shape[0]
+    for name, tensor, dtype in (
+        ("lengths", lengths, torch.int64),
+        ("generated", generated, torch.int64),
+        ("done", done, torch.bool),
+        ("num_accepted", num_accepted, torch.int64),
+    ):
+        _check(name, tensor, 1, dtypes=(dtype,), device=device)
+        if tensor.shape[0] != batch:
+            raise ValueError(f"`{name}` must be [batch] = [{batch}], got {tuple(tensor.shape)}")
+    _check("output_tokens", output_tokens, 2, dtypes=(torch.int64,), device=device)
+    _check("eos_ids", eos_ids, 1, dtypes=(torch.int64,), device=device)
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+    return commit_reference(tokens, lengths, generated, done, output_tokens, num_accepted, eos_ids, max_new_tokens)
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:  # [..., vocab] -> [...] bool
+    """Rows a sampler cannot use: any NaN or +inf, or every entry -inf."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOATS:
+        raise TypeError("`logits` must be a floating-point torch.Tensor")
+    return nonfinite_rows_reference(logits)

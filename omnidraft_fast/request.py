@@ -1,0 +1,233 @@
+"""One request, resolved: generate()'s keyword arguments and a GenerationConfig turned into checked values.
+
+Precedence follows ``model.generate()``: explicit keyword arguments, then the
+``generation_config`` argument, then the model's own ``generation_config``, then
+transformers' documented defaults (greedy; when sampling, temperature 1,
+top-k 50, top-p 1; ``max_length`` 20). Every GenerationConfig field is either
+honoured, known to leave the output unchanged, or refused with an error: none is
+ignored silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import SamplingParams
+
+__all__ = ["Request", "resolve_request"]
+
+# transformers' defaults for the fields we honour, used when neither the caller nor the model sets them.
+_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+}
+_HONOURED = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+    "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
+}  # fmt: skip
+# Fields that change how transformers runs, never which tokens come out (or only apply to other models).
+_NO_EFFECT = {
+    "transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
+    "cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
+    "is_assistant", "low_memory", "prefill_chunk_size", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "length_penalty",
+    "early_stopping", "max_time",
+}  # fmt: skip
+# Fields whose value here means "off": allowed at that value, refused otherwise.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "min_length": (0,),
+    "min_new_tokens": (0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
+    "typical_p": (1.0,), "min_p": (0.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
+    "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_scores": (False,),
+    "output_logits": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
+    "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request. Tensors are on the target's device."""
+
+    input_ids: torch.Tensor  # [batch, prompt] int64, left padded
+    prompt_lengths: torch.Tensor  # [batch] int64, tokens per row without padding (host)
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    num_draft_tokens: int
+    streamer: Any
+    return_dict_in_generate: bool
+
+
+def _generation_fields(config) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if hasattr(config, "to_diff_dict"):
+        return {key: value for key, value in config.to_diff_dict().items() if value is not None}
+    raise TypeError(f"`generation_config` must be a transformers.GenerationConfig, got {type(config).__name__}")
+
+
+def _as_id_tuple(value, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    values = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
+    return tuple(values)
+
+
+def resolve_request(
+    *,
+    model_generation_config,
+    vocab_size: int,
+    position_limit: int | None,
+    device: torch.device,
+    input_ids,
+    attention_mask,
+    generation_config,
+    explicit: dict[str, Any],
+    default_draft_tokens: int,
+    streamer,
+) -> Request:
+    """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset)."""
+    fields = _generation_fields(model_generation_config)
+    fields.update(_generation_fields(generation_config))
+    fields.update({key: value for key, value in explicit.items() if value is not None})
+
+    for key, value in fields.items():
+        if key in _HONOURED or key in _NO_EFFECT:
+            continue
+        if key in _OFF_VALUES and value in _OFF_VALUES[key]:
+            continue
+        raise ValueError(
+            f"generation option `{key}={value!r}` is not supported by omnidraft_fast; remove it (or set it to its "
+            "neutral value) from the call and from the model's/your generation_config."
+        )
+
+    ids, prompt_lengths = _check_inputs(input_ids, attention_mask, vocab_size, device)
+    pad_token_id = fields.get("pad_token_id")
+    eos_ids = _as_id_tuple(fields.get("eos_token_id"), "eos_token_id")
+    if pad_token_id is None and eos_ids:
+        pad_token_id = eos_ids[0]  # as transformers does
+    if pad_token_id is not None and not isinstance(pad_token_id, int):
+        raise TypeError(f"`pad_token_id` must be an int, got {pad_token_id!r}")
+    if attention_mask is None and pad_token_id is not None and ids.shape[0] > 1:
+        leading_pad = ids[:, 0] == pad_token_id
+        if leading_pad.any() and not leading_pad.all():
+            raise ValueError(
+                f"`input_ids` look left-padded (some rows start with pad_token_id={pad_token_id}) but no "
+                "`attention_mask` was given; pass the tokenizer's attention_mask (e.g. **tokenizer(texts, "
+                "padding=True, padding_side='left', return_tensors='pt'))."
+            )
+
+    max_new_tokens = fields.get("max_new_tokens")
+    if max_new_tokens is None:
+        max_length = fields.get("max_length", _DEFAULTS["max_length"])
+        max_new_tokens = max_length - ids.shape[1]
+        if max_new_tokens <= 0:
+            raise ValueError(
+                f"`max_length`={max_length} leaves no room after the {ids.shape[1]}-token prompt; "
+                "pass max_new_tokens instead."
+            )
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
+    longest = int(prompt_lengths.max())
+    if position_limit is not None and longest + max_new_tokens > position_limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
+            f"the model's position limit of {position_limit}; lower max_new_tokens or shorten the prompt."
+        )
+
+    do_sample = fields.get("do_sample", _DEFAULTS["do_sample"])
+    if do_sample:
+        temperature = fields.get("temperature", _DEFAULTS["temperature"])
+        if isinstance(temperature, (int, float)) and temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {temperature}")
+        sampling = SamplingParams(
+            temperature=float(temperature),
+            top_k=fields.get("top_k", _DEFAULTS["top_k"]),
+            top_p=float(fields.get("top_p", _DEFAULTS["top_p"])),
+        )
+    else:
+        # Greedy ignores the sampling knobs, as transformers does, but bad values are still an error.
+        SamplingParams(
+            temperature=float(fields.get("temperature", 1.0)),
+            top_k=fields.get("top_k", 0),
+            top_p=float(fields.get("top_p", 1.0)),
+        )
+        sampling = SamplingParams()
+
+    draft = fields.get("num_assistant_tokens", default_draft_tokens)
+    if not isinstance(draft, int) or isinstance(draft, bool) or draft < 1:
+        raise ValueError(f"`num_draft_tokens` (draft length k) must be an int >= 1, got {draft!r}")
+
+    if streamer is not None and ids.shape[0] > 1:
+        raise ValueError("`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time.")
+
+    return Request(
+        input_ids=ids,
+        prompt_lengths=prompt_lengths,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_token_id,
+        num_draft_tokens=draft,
+        streamer=streamer,
+        return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
+    )
+
+
+def _check_inputs(input_ids, attention_mask, vocab_size: int, device: torch.device):
+    """Validate ids and mask; returns ids on ``device`` and the per-row prompt lengths (on the host)."""
+    if input_ids is None:
+        raise ValueError("`input_ids` is required: pass token ids, e.g. **tokenizer(text, return_tensors='pt')")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"`input_ids` must be a torch.LongTensor [batch, length], got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        hint = " (use input_ids.unsqueeze(0) for one prompt)" if input_ids.ndim == 1 else ""
+        raise ValueError(f"`input_ids` must be 2-D [batch, length], got shape {tuple(input_ids.shape)}{hint}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); give at least one prompt token")
+    ids_host = input_ids.detach().to("cpu", torch.int64)
+    low, high = int(ids_host.min()), int(ids_host.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"`input_ids` holds ids in [{low}, {high}] but the model's vocabulary is [0, {vocab_size}); "
+            "were they made by another tokenizer?"
+        )
+    if attention_mask is None:
+        prompt_lengths = torch.full((ids_host.shape[0],), ids_host.shape[1], dtype=torch.int64)
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has "
+                f"{tuple(input_ids.shape)}; they must match"
+            )
+        mask = attention_mask.detach().to("cpu")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("`attention_mask` must hold only 0 and 1")
+        mask = mask.to(torch.int64)
+        prompt_lengths = mask.sum(1)
+        if (prompt_lengths == 0).any():
+            raise ValueError("a row of `attention_mask` is all zeros: every prompt needs at least one token")
+        positions = torch.arange(mask.shape[1])
+        expected = (positions >= mask.shape[1] - prompt_lengths[:, None]).to(torch.int64)
+        if not torch.equal(mask, expected):
+            raise ValueError(
+                "`attention_mask` must be left-padded (zeros, then ones, per row); right padding or holes are "
+                "not supported: tokenize with padding_side='left'"
+            )
+    return ids_host.to(device), prompt_lengths

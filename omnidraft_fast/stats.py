@@ -1,0 +1,107 @@
+"""Counters and per-stage timings of speculative decoding."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["GenerationStats", "StageTimer"]
+
+STAGES = ("prefill", "draft", "target", "verify", "commit", "host")
+
+
+@dataclass
+class GenerationStats:
+    """What speculative decoding did, for one request or summed over an engine's requests.
+
+    ``proposed``/``accepted`` count drafted tokens of rows still generating; ``rounds`` counts rounds
+    (one target forward each) and ``row_rounds`` rounds summed over active rows.
+    """
+
+    requests: int = 0
+    rounds: int = 0
+    row_rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed drafted tokens."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per row per round: accepted drafts plus the recovered or bonus token."""
+        return self.new_tokens / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def target_calls_per_token(self) -> float:
+        """Target forward passes (prefill included) per new token, summed over rows."""
+        return self.target_calls / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def add(self, other: GenerationStats) -> None:
+        for name in ("requests", "rounds", "row_rounds", "proposed", "accepted", "new_tokens", "target_calls"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds += other.seconds
+        for stage, seconds in other.stage_seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, float | int | dict[str, float]]:
+        return {
+            "requests": self.requests,
+            "rounds": self.rounds,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "new_tokens": self.new_tokens,
+            "target_calls_per_token": round(self.target_calls_per_token, 4),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "seconds": round(self.seconds, 4),
+            "stage_seconds": {stage: round(s, 4) for stage, s in self.stage_seconds.items()},
+        }
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in self.stage_seconds.items())
+        return (
+            f"{self.new_tokens} new tokens in {self.seconds:.3f} s ({self.tokens_per_second:.1f} tok/s), "
+            f"{self.rounds} rounds, acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposed}), "
+            f"mean accepted length {self.mean_accepted_length:.2f}, "
+            f"target calls per token {self.target_calls_per_token:.3f}" + (f"; stages: {stages}" if stages else "")
+        )
+
+
+class StageTimer:
+    """Accumulates wall time per stage into a dict. On CUDA it synchronises at each boundary (profiling only)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.sync = enabled and device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - begin
