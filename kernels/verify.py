@@ -46,13 +46,17 @@ def verify_reference(
     p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, vocab]
     p_y = p[:, :k].gather(-1, draft_ids[..., None])[..., 0]  # [batch, k]
     q_y = draft_probs.gather(-1, draft_ids[..., None])[..., 0]  # [batch, k]
-    accept_probs = torch.where(q_y > 0, p_y / q_y.clamp_min(torch.finfo(torch.float32).tiny), 0.0).clamp(max=1.0)
+    accept_probs = torch.where(q_y > 0, p_y / q_y.clamp_min(torch.finfo(torch.float32).tiny), 0.0).clamp(
+        max=1.0
+    )
     accepted = uniforms < accept_probs  # [batch, k]
     num_accepted = accepted.long().cumprod(-1).sum(-1)  # [batch]
 
     rows = torch.arange(batch, device=draft_ids.device)
     p_stop = p[rows, num_accepted]  # [batch, vocab]
-    q_stop = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], 1)[rows, num_accepted]
+    q_stop = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], 1)[
+        rows, num_accepted
+    ]
     residual = (p_stop - q_stop).clamp_min(0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_stop)
     if temperature == 0.0:

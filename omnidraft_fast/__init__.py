@@ -5,5 +5,12 @@ from .config import EngineConfig, SamplingParams
 from .engine import GenerateOutput, SpeculativeEngine
 from .stats import GenerationStats
 
-__all__ = ["EngineConfig", "GenerateOutput", "GenerationStats", "SamplingParams", "SpeculativeEngine", "generate"]
+__all__ = [
+    "EngineConfig",
+    "GenerateOutput",
+    "GenerationStats",
+    "SamplingParams",
+    "SpeculativeEngine",
+    "generate",
+]
 __version__ = "0.1.0"

@@ -16,6 +16,19 @@ __all__ = ["generate"]
 _ENGINES_ATTR = "_omnidraft_engines"
 
 
+class _EngineList(list):
+    """The engines attached to a model. Copies and pickles of the model start without them."""
+
+    def __deepcopy__(self, memo):
+        return _EngineList()
+
+    def __copy__(self):
+        return _EngineList()
+
+    def __reduce__(self):
+        return (_EngineList, ())
+
+
 def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor | None = None,
@@ -57,7 +70,9 @@ def generate(
                                       drafter=small, max_new_tokens=32)
     """
     drafter = _one_of("drafter", drafter, "assistant_model", assistant_model)
-    drafter_tokenizer = _one_of("drafter_tokenizer", drafter_tokenizer, "assistant_tokenizer", assistant_tokenizer)
+    drafter_tokenizer = _one_of(
+        "drafter_tokenizer", drafter_tokenizer, "assistant_tokenizer", assistant_tokenizer
+    )
     engine = _engine_for(model, drafter, tokenizer, drafter_tokenizer, engine_config)
     return engine.generate(
         input_ids,
@@ -87,7 +102,7 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
     config = EngineConfig() if config is None else config
     engines = getattr(model, _ENGINES_ATTR, None)
     if engines is None:
-        engines = []
+        engines = _EngineList()
         object.__setattr__(model, _ENGINES_ATTR, engines)
     for engine in engines:
         if (

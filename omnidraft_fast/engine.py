@@ -43,6 +43,12 @@ class GenerateOutput:
     sequences: torch.Tensor  # [batch, prompt + new]
     stats: GenerationStats = field(default_factory=GenerationStats)
 
+    def __getitem__(self, key: str):
+        """``out["sequences"]`` works as on transformers' outputs."""
+        if key not in ("sequences", "stats"):
+            raise KeyError(key)
+        return getattr(self, key)
+
 
 @dataclass
 class _Batch:
@@ -194,7 +200,9 @@ class SpeculativeEngine:
             model.check_window(max_slots)
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
-        seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG, so torch.manual_seed reproduces runs
+        seed = int(
+            torch.randint(2**62, (1,))
+        )  # from torch's global RNG, so torch.manual_seed reproduces runs
         generator = torch.Generator(device).manual_seed(seed)
         began = time.perf_counter()
         state = self._begin(request, max_slots)
@@ -285,7 +293,11 @@ class SpeculativeEngine:
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, vocab]
                 noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
                 ids, probs = ops.sample(
-                    logits, noise, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+                    logits,
+                    noise,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
                 )
                 invalid |= ops.nonfinite_rows(logits)
                 state.draft_ids[:, i] = ids
@@ -299,7 +311,9 @@ class SpeculativeEngine:
 
         with timer("verify"):
             uniforms = torch.rand(batch, k, generator=generator, device=device)
-            noise = None if sampling.greedy else _exponential((batch, target_logits.shape[-1]), generator, device)
+            noise = (
+                None if sampling.greedy else _exponential((batch, target_logits.shape[-1]), generator, device)
+            )
             num_accepted, output_tokens, _, target_invalid = ops.verify(
                 target_logits,
                 state.draft_ids,

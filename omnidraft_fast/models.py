@@ -106,7 +106,9 @@ class CausalLM:
     def __init__(self, model: torch.nn.Module, name: str):
         config = getattr(model, "config", None)
         if config is None or not callable(getattr(model, "forward", None)):
-            raise TypeError(f"`{name}` must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
+            raise TypeError(
+                f"`{name}` must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}"
+            )
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(
                 f"`{name}` is an encoder-decoder model ({type(model).__name__}); omnidraft_fast drafts and verifies "

@@ -67,7 +67,9 @@ def sample(
             raise ValueError("`noise` (Exp(1) draws shaped like `logits`) is required when temperature > 0")
         _check("noise", noise, 2, dtypes=(torch.float32,), device=logits.device)
         if noise.shape != logits.shape:
-            raise ValueError(f"`noise` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"`noise` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(noise.shape)}"
+            )
     return sample_reference(logits, noise, temperature, top_k, top_p)
 
 
@@ -93,7 +95,9 @@ def verify(
     batch, width, vocab = target_logits.shape
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,), device=device)
     if draft_ids.shape != (batch, width - 1):
-        raise ValueError(f"`draft_ids` must be [batch, k] = {(batch, width - 1)}, got {tuple(draft_ids.shape)}")
+        raise ValueError(
+            f"`draft_ids` must be [batch, k] = {(batch, width - 1)}, got {tuple(draft_ids.shape)}"
+        )
     _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=device)
     if draft_probs.shape != (batch, width - 1, vocab):
         raise ValueError(
@@ -101,7 +105,9 @@ def verify(
         )
     _check("uniforms", uniforms, 2, dtypes=(torch.float32,), device=device)
     if uniforms.shape != draft_ids.shape:
-        raise ValueError(f"`uniforms` must be [batch, k] = {tuple(draft_ids.shape)}, got {tuple(uniforms.shape)}")
+        raise ValueError(
+            f"`uniforms` must be [batch, k] = {tuple(draft_ids.shape)}, got {tuple(uniforms.shape)}"
+        )
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0:
         if noise is None:
@@ -140,7 +146,9 @@ def commit(
     _check("eos_ids", eos_ids, 1, dtypes=(torch.int64,), device=device)
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-    return commit_reference(tokens, lengths, generated, done, output_tokens, num_accepted, eos_ids, max_new_tokens)
+    return commit_reference(
+        tokens, lengths, generated, done, output_tokens, num_accepted, eos_ids, max_new_tokens
+    )
 
 
 def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:  # [..., vocab] -> [...] bool

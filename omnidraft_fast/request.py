@@ -3,7 +3,7 @@
 Precedence follows ``model.generate()``: explicit keyword arguments, then the
 ``generation_config`` argument, then the model's own ``generation_config``, then
 transformers' documented defaults (greedy; when sampling, temperature 1,
-top-k 50, top-p 1; ``max_length`` 20). Every GenerationConfig field is either
+top-k 50, top-p 1; 20 new tokens when no length is set). Every GenerationConfig field is either
 honoured, known to leave the output unchanged, or refused with an error: none is
 ignored silently.
 """
@@ -20,8 +20,8 @@ from .config import SamplingParams
 __all__ = ["Request", "resolve_request"]
 
 # transformers' defaults for the fields we honour, used when neither the caller nor the model sets them.
+_DEFAULT_NEW_TOKENS = 20  # when no length is set at all
 _DEFAULTS: dict[str, Any] = {
-    "max_length": 20,
     "do_sample": False,
     "temperature": 1.0,
     "top_k": 50,
@@ -71,7 +71,9 @@ def _generation_fields(config) -> dict[str, Any]:
         return {}
     if hasattr(config, "to_diff_dict"):
         return {key: value for key, value in config.to_diff_dict().items() if value is not None}
-    raise TypeError(f"`generation_config` must be a transformers.GenerationConfig, got {type(config).__name__}")
+    raise TypeError(
+        f"`generation_config` must be a transformers.GenerationConfig, got {type(config).__name__}"
+    )
 
 
 def _as_id_tuple(value, name: str) -> tuple[int, ...]:
@@ -130,14 +132,18 @@ def resolve_request(
             )
 
     max_new_tokens = fields.get("max_new_tokens")
-    if max_new_tokens is None:
-        max_length = fields.get("max_length", _DEFAULTS["max_length"])
-        max_new_tokens = max_length - ids.shape[1]
+    if max_new_tokens is None and "max_length" in fields:
+        max_new_tokens = fields["max_length"] - ids.shape[1]
         if max_new_tokens <= 0:
             raise ValueError(
-                f"`max_length`={max_length} leaves no room after the {ids.shape[1]}-token prompt; "
+                f"`max_length`={fields['max_length']} leaves no room after the {ids.shape[1]}-token prompt; "
                 "pass max_new_tokens instead."
             )
+    elif max_new_tokens is None:
+        # Nothing set a length: transformers generates 20 new tokens, within the position limit.
+        max_new_tokens = _DEFAULT_NEW_TOKENS
+        if position_limit is not None:
+            max_new_tokens = min(max_new_tokens, position_limit - ids.shape[1])
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
     longest = int(prompt_lengths.max())
@@ -168,10 +174,14 @@ def resolve_request(
 
     draft = fields.get("num_assistant_tokens", default_draft_tokens)
     if not isinstance(draft, int) or isinstance(draft, bool) or draft < 1:
-        raise ValueError(f"`num_draft_tokens` (draft length k) must be an int >= 1, got {draft!r}")
+        raise ValueError(
+            f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
+        )
 
     if streamer is not None and ids.shape[0] > 1:
-        raise ValueError("`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time.")
+        raise ValueError(
+            "`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time."
+        )
 
     return Request(
         input_ids=ids,
@@ -189,16 +199,22 @@ def resolve_request(
 def _check_inputs(input_ids, attention_mask, vocab_size: int, device: torch.device):
     """Validate ids and mask; returns ids on ``device`` and the per-row prompt lengths (on the host)."""
     if input_ids is None:
-        raise ValueError("`input_ids` is required: pass token ids, e.g. **tokenizer(text, return_tensors='pt')")
+        raise ValueError(
+            "`input_ids` is required: pass token ids, e.g. **tokenizer(text, return_tensors='pt')"
+        )
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"`input_ids` must be a torch.LongTensor [batch, length], got {type(input_ids).__name__}")
+        raise TypeError(
+            f"`input_ids` must be a torch.LongTensor [batch, length], got {type(input_ids).__name__}"
+        )
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.ndim != 2:
         hint = " (use input_ids.unsqueeze(0) for one prompt)" if input_ids.ndim == 1 else ""
         raise ValueError(f"`input_ids` must be 2-D [batch, length], got shape {tuple(input_ids.shape)}{hint}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"`input_ids` is empty (shape {tuple(input_ids.shape)}); give at least one prompt token")
+        raise ValueError(
+            f"`input_ids` is empty (shape {tuple(input_ids.shape)}); give at least one prompt token"
+        )
     ids_host = input_ids.detach().to("cpu", torch.int64)
     low, high = int(ids_host.min()), int(ids_host.max())
     if low < 0 or high >= vocab_size:

@@ -52,7 +52,15 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
     def add(self, other: GenerationStats) -> None:
-        for name in ("requests", "rounds", "row_rounds", "proposed", "accepted", "new_tokens", "target_calls"):
+        for name in (
+            "requests",
+            "rounds",
+            "row_rounds",
+            "proposed",
+            "accepted",
+            "new_tokens",
+            "target_calls",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds += other.seconds
         for stage, seconds in other.stage_seconds.items():
@@ -79,7 +87,8 @@ class GenerationStats:
             f"{self.new_tokens} new tokens in {self.seconds:.3f} s ({self.tokens_per_second:.1f} tok/s), "
             f"{self.rounds} rounds, acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposed}), "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
-            f"target calls per token {self.target_calls_per_token:.3f}" + (f"; stages: {stages}" if stages else "")
+            f"target calls per token {self.target_calls_per_token:.3f}"
+            + (f"; stages: {stages}" if stages else "")
         )
 
 

@@ -1,0 +1,99 @@
+"""Tiny models of real architectures, built from configs (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+SHARED = Path(os.environ.get("OMNIDRAFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def pytest_configure(config):
+    # Tiny models are dominated by per-op overhead: one thread is faster, and it keeps parallel jobs on a
+    # 2-core machine from oversubscribing it (with 2 threads each, forwards ran ~60x slower under load).
+    torch.set_num_threads(1)
+
+
+def tiny_model(
+    arch: str,
+    vocab_size: int = 96,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    max_positions: int = 256,
+    tied: bool = False,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A randomly initialised causal LM of ``arch``, in eval mode."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_positions, **common)
+        model = GPT2LMHeadModel(config)
+    else:
+        config_class, model_class = {
+            "llama": (LlamaConfig, LlamaForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        }[arch]
+        config = config_class(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tied,
+            **common,
+        )
+        model = model_class(config)
+    return model.to(dtype).eval()
+
+
+def perturbed_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
+    """A drafter that agrees with ``model`` often but not always: its weights plus Gaussian noise."""
+    import copy
+
+    torch.manual_seed(seed)
+    drafter = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in drafter.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale * parameter.std().clamp_min(1e-3))
+    return drafter.eval()
+
+
+def left_padded_prompts(
+    vocab_size: int, lengths: list[int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with id 0, and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, vocab_size, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's ../shared folder, or set OMNIDRAFT_SHARED)")
+    return path

@@ -1,0 +1,396 @@
+"""``omnidraft_fast.generate`` as a drop-in for ``model.generate``: names, outputs, EOS, streamers, engine reuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformers import GenerationConfig, PreTrainedTokenizerFast, TextIteratorStreamer, TextStreamer
+
+import omnidraft_fast
+from omnidraft_fast import EngineConfig, GenerateOutput, GenerationStats, SpeculativeEngine
+
+VOCAB = 72
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("qwen2", VOCAB, seed=10)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    return perturbed_copy(target, 0.3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level fast tokenizer over the whole vocabulary, built offline: id i <-> "w{i}"."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return left_padded_prompts(VOCAB, [7, 4, 5], seed=12)
+
+
+def reference(model, ids, mask=None, **kwargs):
+    kwargs.setdefault("do_sample", False)
+    return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, **kwargs)
+
+
+def assert_equal(out, expected):
+    assert isinstance(out, torch.Tensor), type(out)
+    assert out.shape == expected.shape, f"{tuple(out.shape)} != {tuple(expected.shape)}\n{out}\n{expected}"
+    assert torch.equal(out, expected), f"\n{out}\n!=\n{expected}"
+
+
+class RecordingStreamer:
+    """Has what ``transformers.TextStreamer`` offers generate(): put(ids) and end(); records every call."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[int] | None]] = []
+
+    def put(self, value):
+        assert isinstance(value, torch.Tensor)
+        assert value.device.type == "cpu"
+        assert self.ended == 0, "put() after end()"
+        self.calls.append(("put", value.reshape(-1).tolist()))
+
+    def end(self):
+        self.calls.append(("end", None))
+
+    @property
+    def ended(self) -> int:
+        return sum(kind == "end" for kind, _ in self.calls)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [value for kind, value in self.calls if kind == "put"]
+
+
+# --------------------------------------------------------------------------------------------- drop-in calls
+def test_batch_encoding_with_assistant_names(target, drafter, tokenizer):
+    encoding = tokenizer(["w5 w9 w13 w40 w41", "w7 w8", "w70 w3 w3"], padding=True, return_tensors="pt")
+    assert encoding["attention_mask"][1, 0] == 0  # left padded
+    out = omnidraft_fast.generate(
+        target, **encoding, assistant_model=drafter, num_assistant_tokens=3, max_new_tokens=NEW
+    )
+    expected = target.generate(**encoding, do_sample=False, max_new_tokens=NEW)
+    assert_equal(out, expected)
+    # A plain dict with what older tokenizers also return (all-zero token_type_ids) works the same.
+    as_dict = {**encoding, "token_type_ids": torch.zeros_like(encoding["input_ids"])}
+    out = omnidraft_fast.generate(
+        target, **as_dict, assistant_model=drafter, num_assistant_tokens=3, max_new_tokens=NEW
+    )
+    assert_equal(out, expected)
+
+
+def test_inputs_alias(target, drafter, batch):
+    ids, mask = batch
+    expected = reference(target, ids, mask, max_new_tokens=NEW)
+    out = omnidraft_fast.generate(
+        target, inputs=ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW
+    )
+    assert_equal(out, expected)
+    assert_equal(
+        target.generate(inputs=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW), expected
+    )
+    with pytest.raises(TypeError, match="`inputs`"):
+        omnidraft_fast.generate(
+            target, ids, inputs=ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW
+        )
+
+
+def test_drafter_and_assistant_model(target, drafter, batch):
+    ids, mask = batch
+    expected = reference(target, ids, mask, max_new_tokens=NEW)
+    other = perturbed_copy(target, 0.5, seed=13)
+    with pytest.raises(ValueError, match="`drafter` and `assistant_model`"):
+        omnidraft_fast.generate(
+            target, ids, attention_mask=mask, drafter=drafter, assistant_model=other, max_new_tokens=NEW
+        )
+    # the same model under both names is fine
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, assistant_model=drafter, max_new_tokens=NEW
+    )
+    assert_equal(out, expected)
+
+
+def test_return_dict_in_generate(target, drafter, batch):
+    ids, mask = batch
+    plain = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW)
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW, return_dict_in_generate=True
+    )
+    assert isinstance(out, GenerateOutput)
+    assert_equal(out.sequences, plain)
+    hf = reference(target, ids, mask, max_new_tokens=NEW, return_dict_in_generate=True)
+    assert_equal(out.sequences, hf.sequences)
+    stats = out.stats
+    assert isinstance(stats, GenerationStats)
+    assert stats.requests == 1
+    assert stats.rounds >= 1
+    assert stats.proposed >= stats.accepted >= 0
+    assert stats.new_tokens == ids.shape[0] * NEW == (plain.shape[1] - ids.shape[1]) * ids.shape[0]
+    # also through the GenerationConfig
+    out = omnidraft_fast.generate(
+        target,
+        ids,
+        attention_mask=mask,
+        drafter=drafter,
+        generation_config=GenerationConfig(max_new_tokens=NEW, return_dict_in_generate=True),
+    )
+    assert isinstance(out, GenerateOutput)
+    assert_equal(out.sequences, plain)
+
+
+# --------------------------------------------------------------------------------------------- lengths
+def test_generation_config_honoured(target, drafter, batch):
+    ids, mask = batch
+    config = GenerationConfig(max_new_tokens=7, do_sample=False)
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, generation_config=config)
+    assert out.shape == (ids.shape[0], ids.shape[1] + 7)
+    assert_equal(out, target.generate(ids, attention_mask=mask, generation_config=config))
+
+
+def test_generation_config_overrides_model_sampling_defaults(target, drafter, batch):
+    # Many checkpoints ship do_sample=True in their generation_config; an explicit do_sample=False wins.
+    ids, mask = batch
+    model = copy.deepcopy(target)
+    model.generation_config.do_sample = True
+    model.generation_config.top_k = 5
+    config = GenerationConfig(max_new_tokens=7, do_sample=False)
+    expected = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert_equal(expected, reference(target, ids, mask, max_new_tokens=7))
+    out = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, generation_config=config)
+    assert_equal(out, expected)
+
+
+@pytest.mark.parametrize("how", ["kwarg", "generation_config", "model generation_config"])
+def test_max_length_when_max_new_tokens_unset(target, drafter, batch, how):
+    ids, mask = batch
+    length = ids.shape[1] + 6
+    model, kwargs = target, {}
+    if how == "kwarg":
+        kwargs = {"max_length": length}
+    elif how == "generation_config":
+        kwargs = {"generation_config": GenerationConfig(max_length=length)}
+    else:
+        model = copy.deepcopy(target)
+        model.generation_config.max_length = length
+    out = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, **kwargs)
+    assert out.shape == (ids.shape[0], length)
+    assert_equal(out, reference(model, ids, mask, **kwargs))
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
+@pytest.mark.parametrize("prompt_length", [7, 24])
+def test_default_length_is_20_new_tokens(target, drafter, prompt_length):
+    # transformers 5: with neither max_new_tokens nor max_length set anywhere, generate() makes 20 *new*
+    # tokens ("by default let's always generate 20 new tokens", GenerationMixin._prepare_generated_length).
+    ids = torch.randint(3, VOCAB, (2, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
+    expected = reference(target, ids)
+    assert expected.shape == (2, prompt_length + 20)
+    out = omnidraft_fast.generate(target, ids, drafter=drafter)
+    assert_equal(out, expected)
+
+
+def test_max_new_tokens_wins_over_max_length(target, drafter, batch):
+    ids, mask = batch
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_length=9, max_new_tokens=4
+    )
+    assert out.shape == (ids.shape[0], ids.shape[1] + 4)
+    assert_equal(out, reference(target, ids, mask, max_new_tokens=4))
+
+
+# --------------------------------------------------------------------------------------------- EOS
+@pytest.fixture(scope="module")
+def eos_case(target, batch):
+    """An eos id that row 0's greedy continuation emits early (and the other rows do not emit first)."""
+    ids, mask = batch
+    plain = reference(target, ids, mask, max_new_tokens=12)
+    continuation = plain[:, ids.shape[1] :]
+    row0 = continuation[0].tolist()
+    for eos in row0[1:5]:
+        first = [row.index(eos) if eos in row else 99 for row in continuation.tolist()]
+        if first[0] < min(first[1:]) and first[0] < 6:
+            return eos
+    pytest.fail(f"no early eos candidate in row 0's continuation {row0}")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["kwarg", "kwarg, pad defaults to eos", "eos list", "generation_config", "model generation_config"],
+)
+def test_eos_in_a_batch(target, drafter, batch, eos_case, how):
+    ids, mask = batch
+    eos = eos_case
+    pad = 0 if eos != 0 else 1
+    model, kwargs = target, {"max_new_tokens": 12}
+    if how == "kwarg":
+        kwargs.update(eos_token_id=eos, pad_token_id=pad)
+    elif how == "kwarg, pad defaults to eos":
+        kwargs.update(eos_token_id=eos)
+    elif how == "eos list":
+        kwargs.update(eos_token_id=[VOCAB - 1, eos], pad_token_id=pad)
+    elif how == "generation_config":
+        kwargs = {
+            "generation_config": GenerationConfig(max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
+        }
+    else:
+        model = copy.deepcopy(target)
+        model.generation_config.eos_token_id = eos
+        model.generation_config.pad_token_id = pad
+    expected = reference(model, ids, mask, **kwargs)
+    out = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, **kwargs)
+    assert_equal(out, expected)
+    # the case is meaningful: row 0 stopped at its EOS and was padded after it
+    row0 = expected[0, ids.shape[1] :].tolist()
+    stop = row0.index(eos)
+    assert stop < len(row0) - 1
+    fill = pad if how != "kwarg, pad defaults to eos" else eos
+    assert row0[stop + 1 :] == [fill] * (len(row0) - stop - 1)
+    if how == "kwarg":
+        stats = omnidraft_fast.generate(
+            model, ids, attention_mask=mask, drafter=drafter, return_dict_in_generate=True, **kwargs
+        ).stats
+        per_row = [
+            row.index(eos) + 1 if eos in row else len(row) for row in expected[:, ids.shape[1] :].tolist()
+        ]
+        assert stats.new_tokens == sum(per_row)
+        assert stats.proposed >= stats.accepted >= 0
+
+
+# --------------------------------------------------------------------------------------------- engine reuse
+def test_engine_reused_and_stats_accumulate(batch):
+    ids, mask = batch
+    model = tiny_model("llama", VOCAB, seed=14)
+    drafter = perturbed_copy(model, 0.3, seed=15)
+    expected = reference(model, ids, mask, max_new_tokens=NEW)
+    first = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW)
+    second = omnidraft_fast.generate(
+        model, ids, attention_mask=mask, assistant_model=drafter, max_new_tokens=NEW
+    )
+    assert_equal(first, expected)
+    assert_equal(second, expected)
+    assert len(model._omnidraft_engines) == 1
+    engine = model._omnidraft_engines[0]
+    assert isinstance(engine, SpeculativeEngine)
+    assert engine.stats.requests == 2
+    assert engine.last_stats.requests == 1
+    assert engine.stats.new_tokens == 2 * ids.shape[0] * NEW
+    assert engine.stats.rounds == 2 * engine.last_stats.rounds  # same request twice, greedy: same rounds
+    # another drafter (or another engine config) gets its own engine
+    omnidraft_fast.generate(
+        model, ids, attention_mask=mask, drafter=perturbed_copy(model, 0.5), max_new_tokens=3
+    )
+    omnidraft_fast.generate(
+        model,
+        ids,
+        attention_mask=mask,
+        drafter=drafter,
+        max_new_tokens=3,
+        engine_config=EngineConfig(num_draft_tokens=2),
+    )
+    assert len(model._omnidraft_engines) == 3
+    assert engine.stats.requests == 2
+
+
+# --------------------------------------------------------------------------------------------- streamers
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.tensor([[5, 17, 33, 8, 60, 21]])
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_recording_streamer(target, drafter, prompt, with_eos):
+    kwargs = {"max_new_tokens": 12}
+    plain = reference(target, prompt, max_new_tokens=12)
+    if with_eos:
+        kwargs["eos_token_id"] = int(plain[0, prompt.shape[1] + 3])
+    streamer = RecordingStreamer()
+    out = omnidraft_fast.generate(target, prompt, drafter=drafter, streamer=streamer, **kwargs)
+    expected = reference(target, prompt, **kwargs)
+    assert_equal(out, expected)
+    assert streamer.calls[0] == ("put", prompt[0].tolist())  # the prompt first, as transformers does
+    assert streamer.calls[-1] == ("end", None)
+    assert streamer.ended == 1
+    streamed = [token for tokens in streamer.tokens[1:] for token in tokens]
+    assert streamed == out[0, prompt.shape[1] :].tolist()  # then exactly the new tokens, in order
+    if with_eos:
+        assert len(streamed) < 12 and streamed[-1] == kwargs["eos_token_id"]
+    # and the same token stream as transformers' own generate() gives the streamer
+    hf_streamer = RecordingStreamer()
+    reference(target, prompt, streamer=hf_streamer, **kwargs)
+    assert hf_streamer.tokens[0] == streamer.tokens[0]
+    assert [t for tokens in hf_streamer.tokens[1:] for t in tokens] == streamed
+    assert hf_streamer.ended == 1
+
+
+@pytest.mark.parametrize("skip_prompt", [False, True])
+def test_text_iterator_streamer(target, drafter, tokenizer, prompt, skip_prompt):
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, timeout=10)
+    out = omnidraft_fast.generate(target, prompt, drafter=drafter, streamer=streamer, max_new_tokens=NEW)
+    text = "".join(streamer)  # generate() already returned, so the queue holds everything and the stop signal
+    hf_streamer = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, timeout=10)
+    expected = reference(target, prompt, streamer=hf_streamer, max_new_tokens=NEW)
+    assert_equal(out, expected)
+    assert text == "".join(hf_streamer)
+    shown = out[0, prompt.shape[1] :] if skip_prompt else out[0]
+    assert text.split() == tokenizer.decode(shown).split()
+    assert text.split() == [f"w{i}" if i >= 3 else tokenizer.convert_ids_to_tokens(i) for i in shown.tolist()]
+
+
+def test_text_streamer(target, drafter, tokenizer, prompt, capsys):
+    out = omnidraft_fast.generate(
+        target, prompt, drafter=drafter, streamer=TextStreamer(tokenizer), max_new_tokens=NEW
+    )
+    ours = capsys.readouterr().out
+    reference(target, prompt, streamer=TextStreamer(tokenizer), max_new_tokens=NEW)
+    theirs = capsys.readouterr().out
+    assert ours == theirs
+    assert ours.split() == tokenizer.decode(out[0]).split()
+
+
+# --------------------------------------------------------------------------------------------- engine
+def test_engine_with_config(target, drafter, batch):
+    ids, mask = batch
+    expected = reference(target, ids, mask, max_new_tokens=NEW)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(num_draft_tokens=2))
+    assert_equal(engine.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    stats = engine.last_stats
+    assert stats.row_rounds >= 1
+    assert stats.proposed == 2 * stats.row_rounds  # k = 2 drafted tokens per active row per round
+    # a request's own draft length overrides the engine's
+    assert_equal(engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_draft_tokens=3), expected)
+    assert engine.last_stats.proposed == 3 * engine.last_stats.row_rounds
+    assert engine.stats.requests == 2
+
+
+def test_engine_stage_timings(target, drafter, batch):
+    ids, mask = batch
+    expected = reference(target, ids, mask, max_new_tokens=NEW)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(time_stages=True))
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, return_dict_in_generate=True)
+    assert_equal(out.sequences, expected)
+    stages = out.stats.stage_seconds
+    assert {"draft", "target", "verify"} <= set(stages), stages
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= out.stats.seconds + 1e-3
+    assert engine.stats.stage_seconds.keys() == stages.keys()
+    untimed = SpeculativeEngine(target, drafter, config=EngineConfig(time_stages=False))
+    out = untimed.generate(ids, attention_mask=mask, max_new_tokens=NEW, return_dict_in_generate=True)
+    assert_equal(out.sequences, expected)
+    assert out.stats.stage_seconds == {}

@@ -1,0 +1,458 @@
+"""Bad input fails loudly, with a message that names the culprit, and leaves nothing broken behind.
+
+Every case checks two things: the call raises ``ValueError``/``TypeError`` (``pytest.raises(match=...)``
+on a word of the message that names the offending argument), and afterwards the *same* entry point
+(the same ``SpeculativeEngine``, or ``omnidraft_fast.generate`` on the same target) still returns
+exactly the target's own greedy ``model.generate`` output for a good request (:func:`assert_still_works`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+import omnidraft_fast
+from omnidraft_fast import EngineConfig, SpeculativeEngine
+
+VOCAB = 80
+NEW = 10  # max_new_tokens of the good request
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+class Models:
+    """The shared target/drafter pair, the good request and its reference output."""
+
+    def __init__(self):
+        self.target = tiny_model("llama", VOCAB, seed=0)
+        self.drafter = perturbed_copy(self.target, 0.3, seed=1)
+        self.ids, self.mask = left_padded_prompts(VOCAB, [6, 4], seed=3)
+        self.reference = self.target.generate(
+            self.ids, attention_mask=self.mask, do_sample=False, max_new_tokens=NEW
+        )
+        self.engine = SpeculativeEngine(self.target, self.drafter)
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    return Models()
+
+
+@pytest.fixture(params=["api", "engine"])
+def run(request, models):
+    """``run(input_ids, **kwargs)`` through ``omnidraft_fast.generate`` or through one long-lived engine."""
+    if request.param == "api":
+
+        def call(input_ids=None, **kwargs):
+            return omnidraft_fast.generate(models.target, input_ids, drafter=models.drafter, **kwargs)
+
+    else:
+
+        def call(input_ids=None, **kwargs):
+            return models.engine.generate(input_ids, **kwargs)
+
+    call.kind = request.param
+    return call
+
+
+def assert_still_works(call, models: Models) -> None:
+    """The good request through ``call`` gives exactly the target's greedy ``model.generate`` output."""
+    out = call(models.ids, attention_mask=models.mask, max_new_tokens=NEW)
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, models.reference), f"\n{out}\n!=\n{models.reference}"
+
+
+def api_call(models: Models, drafter=None):
+    drafter = models.drafter if drafter is None else drafter
+
+    def call(input_ids=None, **kwargs):
+        return omnidraft_fast.generate(models.target, input_ids, drafter=drafter, **kwargs)
+
+    return call
+
+
+class RecordingStreamer:
+    """Duck-typed ``transformers`` streamer: records every call."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, torch.Tensor | None]] = []
+
+    def put(self, value):
+        self.calls.append(("put", value.clone()))
+
+    def end(self):
+        self.calls.append(("end", None))
+
+
+def t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    return T5ForConditionalGeneration(config).eval()
+
+
+# --------------------------------------------------------------------------------------------- models
+def test_no_drafter(models):
+    with pytest.raises(ValueError, match="drafter"):
+        omnidraft_fast.generate(models.target, models.ids, attention_mask=models.mask, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="assistant_model"):
+        omnidraft_fast.generate(
+            models.target, models.ids, drafter=None, assistant_model=None, max_new_tokens=NEW
+        )
+    with pytest.raises(ValueError, match="drafter"):
+        SpeculativeEngine(models.target, None)
+    assert_still_works(api_call(models), models)
+    assert_still_works(SpeculativeEngine(models.target, models.drafter).generate, models)
+
+
+def test_drafter_on_another_device(models):
+    # A drafter on the meta device: the only device a CPU-only machine can put next to "cpu". Without
+    # the device check in SpeculativeEngine.__init__ this would fail later with some meta-tensor error
+    # (or not at all), so matching the message proves the check ran.
+    meta_drafter = copy.deepcopy(models.drafter).to(torch.device("meta"))
+    assert next(meta_drafter.parameters()).device.type == "meta"
+    with pytest.raises(ValueError, match=r"drafter on meta"):
+        SpeculativeEngine(models.target, meta_drafter)
+    with pytest.raises(ValueError, match=r"one device"):
+        omnidraft_fast.generate(models.target, models.ids, attention_mask=models.mask, drafter=meta_drafter)
+    # ... and the other way round: the target elsewhere.
+    meta_target = copy.deepcopy(models.target).to(torch.device("meta"))
+    with pytest.raises(ValueError, match=r"target is on meta"):
+        SpeculativeEngine(meta_target, models.drafter)
+    assert_still_works(api_call(models), models)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_drafter_dtype_may_differ(models, dtype):
+    other = copy.deepcopy(models.drafter).to(dtype)
+    assert next(other.parameters()).dtype == dtype
+    engine = SpeculativeEngine(models.target, other)
+    assert_still_works(engine.generate, models)
+    assert_still_works(api_call(models, other), models)
+    assert engine.last_stats.accepted > 0  # the drafter's proposals were actually used
+
+
+def test_vocabulary_sizes_differ_without_tokenizers(models):
+    other = tiny_model("llama", VOCAB + 16, seed=2)
+    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+        omnidraft_fast.generate(models.target, models.ids, attention_mask=models.mask, drafter=other)
+    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+        SpeculativeEngine(models.target, other, target_tokenizer=object())  # one tokenizer is not enough
+    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+        SpeculativeEngine(other, models.drafter, drafter_tokenizer=object())
+    assert_still_works(api_call(models), models)
+
+
+@pytest.mark.parametrize("role", ["target", "drafter"])
+def test_encoder_decoder_model(models, role):
+    seq2seq = t5()
+    target, drafter = (seq2seq, models.drafter) if role == "target" else (models.target, seq2seq)
+    name = "model" if role == "target" else "drafter"
+    with pytest.raises(ValueError, match=rf"`{name}` is an encoder-decoder"):
+        omnidraft_fast.generate(
+            target, models.ids, attention_mask=models.mask, drafter=drafter, max_new_tokens=NEW
+        )
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        SpeculativeEngine(target, drafter)
+    assert_still_works(api_call(models), models)
+
+
+# --------------------------------------------------------------------------------------------- input ids
+def _bad_ids(kind: str) -> torch.Tensor:
+    good = torch.tensor([[5, 6, 7, 8]])
+    return {
+        "float": good.float(),
+        "bool": good > 6,
+        "1-D": good[0],
+        "3-D": good[None],
+        "negative": torch.tensor([[5, -1, 7, 8]]),
+        "too large": torch.tensor([[5, VOCAB, 7, 8]]),
+        "list": good.tolist(),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "match"),
+    [
+        ("float", TypeError, r"`input_ids` must hold integer token ids.*float32"),
+        ("bool", TypeError, r"`input_ids` must hold integer token ids.*bool"),
+        ("1-D", ValueError, r"`input_ids` must be 2-D.*unsqueeze"),
+        ("3-D", ValueError, r"`input_ids` must be 2-D"),
+        ("negative", ValueError, r"`input_ids` holds ids in \[-1, 8\]"),
+        ("too large", ValueError, rf"`input_ids` holds ids in \[5, {VOCAB}\].*\[0, {VOCAB}\)"),
+        ("list", TypeError, r"`input_ids` must be a torch.LongTensor"),
+    ],
+)
+def test_bad_input_ids(models, run, kind, error, match):
+    with pytest.raises(error, match=match):
+        run(_bad_ids(kind), max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+def test_missing_input_ids(models, run):
+    with pytest.raises(ValueError, match="`input_ids` is required"):
+        run(None, max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_empty_prompt(models, run, shape):
+    with pytest.raises(ValueError, match=r"`input_ids` is empty"):
+        run(torch.zeros(shape, dtype=torch.int64), max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+def test_left_padding_without_attention_mask(models, run):
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6], [3, 4, 5, 6], [pad, 9, 9, 9]])
+    with pytest.raises(ValueError, match=r"`input_ids` look left-padded.*`attention_mask`"):
+        run(ids, pad_token_id=pad, max_new_tokens=NEW)
+    # pad_token_id can also come in as the fallback from eos_token_id (as in transformers)
+    with pytest.raises(ValueError, match=r"look left-padded.*`attention_mask`"):
+        run(ids, eos_token_id=pad, max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+# --------------------------------------------------------------------------------------------- attention mask
+@pytest.mark.parametrize("kind", ["shape", "right padded", "all-zero row", "hole", "not binary"])
+def test_bad_attention_mask(models, run, kind):
+    ids = models.ids
+    mask = models.mask.clone()
+    if kind == "shape":
+        mask, match = mask[:, 1:], r"`attention_mask` has shape \(2, 5\) but `input_ids` has \(2, 6\)"
+    elif kind == "right padded":
+        mask, match = mask.flip(1), r"`attention_mask` must be left-padded"
+    elif kind == "all-zero row":
+        mask[1] = 0
+        match = r"row of `attention_mask` is all zeros"
+    elif kind == "hole":
+        mask[0, 3] = 0
+        match = r"`attention_mask` must be left-padded"
+    else:
+        mask[0, -1] = 2
+        match = r"`attention_mask` must hold only 0 and 1"
+    with pytest.raises(ValueError, match=match):
+        run(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+# --------------------------------------------------------------------------------------------- lengths
+@pytest.mark.parametrize("value", [0, -3])
+def test_bad_max_new_tokens(models, run, value):
+    with pytest.raises(ValueError, match=rf"`max_new_tokens` must be an int >= 1, got {value}"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=value)
+    assert_still_works(run, models)
+
+
+def test_max_length_leaves_no_room(models, run):
+    with pytest.raises(ValueError, match=r"`max_length`=6 leaves no room"):
+        run(models.ids, attention_mask=models.mask, max_length=6)
+    assert_still_works(run, models)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def short_models(request):
+    """A target with a 32-position limit (gpt2: learned position embeddings, a hard limit)."""
+    target = tiny_model(request.param, VOCAB, seed=4, max_positions=32)
+    return target, perturbed_copy(target, 0.3, seed=5)
+
+
+def test_position_limit(models, short_models):
+    target, drafter = short_models
+    engine = SpeculativeEngine(target, drafter)
+    ids, mask = left_padded_prompts(VOCAB, [20, 15], seed=6)
+    for call in (engine.generate, lambda *a, **k: omnidraft_fast.generate(target, *a, drafter=drafter, **k)):
+        with pytest.raises(ValueError, match=r"= 33 exceeds the model's position limit of 32"):
+            call(ids, attention_mask=mask, max_new_tokens=13)
+        with pytest.raises(ValueError, match=r"position limit of 32"):
+            call(ids, attention_mask=mask, max_length=33)
+        # exactly at the limit: 20 + 12 = 32 positions
+        out = call(ids, attention_mask=mask, max_new_tokens=12)
+        expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
+        assert torch.equal(out, expected), f"\n{out}\n!=\n{expected}"
+        assert out.shape == (2, 32)
+    # A drafter with a shorter position limit than the target's only drafts worse near its end.
+    short_drafter = tiny_model("gpt2", VOCAB, seed=7, max_positions=16)
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=short_drafter, max_new_tokens=12)
+    assert torch.equal(out, expected), f"\n{out}\n!=\n{expected}"
+    assert_still_works(api_call(models), models)
+
+
+# --------------------------------------------------------------------------------------------- draft length
+@pytest.mark.parametrize("name", ["num_draft_tokens", "num_assistant_tokens"])
+def test_zero_draft_tokens(models, run, name):
+    # The message must name the argument the caller actually used (transformers users pass
+    # `num_assistant_tokens`, which omnidraft_fast accepts as an alias of `num_draft_tokens`).
+    with pytest.raises(ValueError, match=rf"`{name}`.*must be an int >= 1, got 0"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{name: 0})
+    assert_still_works(run, models)
+
+
+def test_zero_draft_tokens_in_engine_config(models):
+    with pytest.raises(ValueError, match="`num_draft_tokens` must be an int >= 1"):
+        EngineConfig(num_draft_tokens=0)
+    with pytest.raises(TypeError, match="`config` must be an EngineConfig"):
+        SpeculativeEngine(models.target, models.drafter, config={"num_draft_tokens": 2})
+    assert_still_works(api_call(models), models)
+
+
+def test_conflicting_draft_lengths(models, run):
+    with pytest.raises(ValueError, match=r"`num_draft_tokens`=2 and `num_assistant_tokens`=3 disagree"):
+        run(models.ids, attention_mask=models.mask, num_draft_tokens=2, num_assistant_tokens=3)
+    assert_still_works(run, models)
+
+
+# --------------------------------------------------------------------------------------------- sampling knobs
+def test_negative_temperature_when_sampling(models, run):
+    with pytest.raises(ValueError, match=r"`temperature` must be >= 0, got -0.5"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=-0.5)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+@pytest.mark.parametrize(
+    ("knob", "value", "match"),
+    [
+        ("top_p", 0.0, r"`top_p` must be in \(0, 1\]"),
+        ("top_p", 1.5, r"`top_p` must be in \(0, 1\]"),
+        ("top_k", -1, r"`top_k` must be an int >= 0"),
+    ],
+)
+def test_bad_top_p_top_k(models, run, do_sample, knob, value, match):
+    with pytest.raises(ValueError, match=match):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=do_sample, **{knob: value})
+    assert_still_works(run, models)
+
+
+# --------------------------------------------------------------------------------------------- NaN
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_nan_drafter(models, do_sample):
+    nan_drafter = copy.deepcopy(models.drafter)
+    with torch.no_grad():
+        nan_drafter.lm_head.weight.fill_(float("nan"))
+    engine = SpeculativeEngine(models.target, nan_drafter)
+    requests = models.engine.stats.requests
+    for call in (engine.generate, api_call(models, nan_drafter)):
+        streamer = RecordingStreamer()
+        with pytest.raises(ValueError, match="NaN"):
+            call(
+                models.ids[:1],
+                attention_mask=models.mask[:1],
+                max_new_tokens=NEW,
+                do_sample=do_sample,
+                streamer=streamer,
+            )
+        assert streamer.calls[-1] == ("end", None)  # the streamer is closed even though generation failed
+        with pytest.raises(ValueError, match="NaN"):
+            call(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=do_sample)
+    assert engine.stats.requests == 0  # failed requests are not counted
+    assert_still_works(api_call(models), models)
+    assert_still_works(models.engine.generate, models)
+    assert models.engine.stats.requests == requests + 1
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_nan_target(models, do_sample):
+    nan_target = copy.deepcopy(models.target)
+    with torch.no_grad():
+        nan_target.model.norm.weight.fill_(float("nan"))  # finite embeddings, NaN hidden states at the head
+    engine = SpeculativeEngine(nan_target, models.drafter)
+    for call in (
+        engine.generate,
+        lambda *a, **k: omnidraft_fast.generate(nan_target, *a, drafter=models.drafter, **k),
+    ):
+        with pytest.raises(ValueError, match="NaN"):
+            call(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=do_sample)
+    assert_still_works(api_call(models), models)
+    assert_still_works(models.engine.generate, models)
+
+
+def test_nan_from_one_token_of_the_target(models):
+    # Only the embedding of one token is NaN: the failure shows up in the one row whose prompt holds it.
+    nan_target = copy.deepcopy(models.target)
+    bad = int(models.ids[1, -1])
+    with torch.no_grad():
+        nan_target.model.embed_tokens.weight[bad] = float("nan")
+    assert bad not in models.ids[0].tolist()
+    with pytest.raises(ValueError, match="NaN"):
+        SpeculativeEngine(nan_target, models.drafter).generate(
+            models.ids, attention_mask=models.mask, max_new_tokens=NEW
+        )
+    assert_still_works(api_call(models), models)
+
+
+# --------------------------------------------------------------------------------------------- options
+def test_unsupported_repetition_penalty(models, run):
+    with pytest.raises(ValueError, match=r"`repetition_penalty=1.3` is not supported"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, repetition_penalty=1.3)
+    assert_still_works(run, models)
+
+
+def test_unsupported_num_beams_in_generation_config(models, run):
+    with pytest.raises(ValueError, match=r"`num_beams=2` is not supported"):
+        run(
+            models.ids,
+            attention_mask=models.mask,
+            generation_config=GenerationConfig(num_beams=2, max_new_tokens=NEW),
+        )
+    assert_still_works(run, models)
+
+
+def test_neutral_generation_options_accepted(models, run):
+    out = run(
+        models.ids,
+        attention_mask=models.mask,
+        max_new_tokens=NEW,
+        repetition_penalty=1.0,
+        num_return_sequences=1,
+        generation_config=GenerationConfig(num_beams=1, no_repeat_ngram_size=0),
+    )
+    assert torch.equal(out, models.reference)
+    assert_still_works(run, models)
+
+
+def test_bad_generation_config_type(models, run):
+    with pytest.raises(TypeError, match=r"`generation_config` must be a transformers\.GenerationConfig"):
+        run(models.ids, attention_mask=models.mask, generation_config={"max_new_tokens": NEW})
+    assert_still_works(run, models)
+
+
+def test_unknown_keyword(models, run):
+    with pytest.raises(TypeError, match="unexpected keyword argument `not_a_generate_option`"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, not_a_generate_option=3)
+    assert_still_works(run, models)
+
+
+def test_non_zero_token_type_ids(models, run):
+    with pytest.raises(ValueError, match="`token_type_ids`"):
+        run(
+            models.ids,
+            attention_mask=models.mask,
+            max_new_tokens=NEW,
+            token_type_ids=torch.ones_like(models.ids),
+        )
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eos_token_id": "</s>"}, r"`eos_token_id` must be an int or a list of ints"),
+        ({"eos_token_id": [3, 4.0]}, r"`eos_token_id` must be an int or a list of ints"),
+        ({"pad_token_id": 1.5}, r"`pad_token_id` must be an int"),
+    ],
+)
+def test_bad_special_token_ids(models, run, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **kwargs)
+    assert_still_works(run, models)
+
+
+def test_streamer_with_batch_of_two(models, run):
+    streamer = RecordingStreamer()
+    with pytest.raises(ValueError, match="`streamer` supports batch size 1 only"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, streamer=streamer)
+    assert streamer.calls == []  # nothing was streamed before the error
+    assert_still_works(run, models)

@@ -1,0 +1,146 @@
+"""The public ops against their definitions: filters as transformers' warpers, samplers, verification, commit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omnidraft_fast.kernels.sampling import sampling_probs_reference
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from omnidraft_fast import ops
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 7, 1.0), (1.4, 0, 0.7), (0.8, 3, 0.5)]
+)
+@pytest.mark.parametrize("vocab", [7, 33, 1000])
+def test_sampling_probs_match_transformers_warpers(temperature, top_k, top_p, vocab):
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    logits[0, :4] = 2.5  # ties at the top-k boundary are kept, as transformers keeps them
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    torch.testing.assert_close(
+        sampling_probs_reference(logits, temperature, top_k, top_p), scores.softmax(-1)
+    )
+
+
+def test_sample_maximises_the_race_objective_and_reports_q():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    noise = torch.empty(64, 50).exponential_(generator=generator)
+    ids, q = ops.sample(logits, noise, temperature=0.9, top_k=10, top_p=0.95)
+    assert ids.dtype == torch.int64 and q.dtype == torch.float32
+    torch.testing.assert_close(q, sampling_probs_reference(logits, 0.9, 10, 0.95))
+    objective = q / noise
+    assert torch.equal(objective.gather(1, ids[:, None])[:, 0], objective.max(1).values)
+    assert (q.gather(1, ids[:, None]) > 0).all()
+
+
+def test_sample_frequencies():
+    q = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0])
+    rows = 40_000
+    logits = q.log().expand(rows, -1).contiguous()
+    noise = torch.empty(rows, 5).exponential_(generator=torch.Generator().manual_seed(1))
+    ids, _ = ops.sample(logits, noise, temperature=1.0)
+    freq = torch.bincount(ids, minlength=5).double() / rows
+    assert (freq - q.double()).abs().max() < 0.015  # 0.015 ~ 6 standard deviations at 40k draws
+    assert freq[4] == 0
+
+
+def test_greedy_sample_is_argmax():
+    logits = torch.tensor([[0.0, 3.0, 3.0, -1.0], [9.0, 0.0, 0.0, 0.0]])
+    ids, q = ops.sample(logits, None, temperature=0.0)
+    assert ids.tolist() == [1, 0]  # first maximum, as torch.argmax and transformers
+    assert q.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_verify_greedy_accepts_the_matching_prefix():
+    vocab = 6
+    target = torch.full((3, 4, vocab), -5.0)
+    best = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5]])
+    target.scatter_(2, best[..., None], 5.0)
+    drafts = torch.tensor([[1, 2, 3], [1, 0, 3], [0, 5, 5]])
+    q = torch.nn.functional.one_hot(drafts, vocab).float()
+    accepted, out, a, invalid = ops.verify(target, drafts, q, torch.rand(3, 3), None, temperature=0.0)
+    assert accepted.tolist() == [3, 1, 0]
+    assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [5, -1, -1, -1]]
+    assert a.tolist() == [[1, 1, 1], [1, 0, 1], [0, 1, 1]]
+    assert not invalid.any()
+
+
+def test_verify_output_follows_p_for_any_q():
+    """One drafted position: the emitted token is distributed as p whatever q was (the theorem)."""
+    rows, vocab = 200_000, 5
+    generator = torch.Generator().manual_seed(3)
+    p = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.0])
+    q = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.2])
+    drafts = torch.multinomial(q, rows, replacement=True, generator=generator)[:, None]
+    target_logits = torch.stack([p, p]).log().expand(rows, -1, -1).contiguous()
+    uniforms = torch.rand(rows, 1, generator=generator)
+    noise = torch.empty(rows, vocab).exponential_(generator=generator)
+    accepted, out, _, _ = ops.verify(
+        target_logits, drafts, q.expand(rows, 1, -1).contiguous(), uniforms, noise, temperature=1.0
+    )
+    freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
+    assert (freq - p.double()).abs().max() < 0.006  # ~6 sigma at 200k draws
+    expected_acceptance = torch.minimum(p, q).sum()  # P(accept) = sum_v min(p, q)
+    assert abs(accepted.double().mean() - expected_acceptance) < 0.006
+
+
+def test_verify_residual_falls_back_to_p_when_p_equals_q():
+    p = torch.tensor([0.25, 0.25, 0.5])
+    target_logits = p.log().expand(1, 2, -1).contiguous()
+    accepted, out, a, _ = ops.verify(
+        target_logits,
+        torch.tensor([[2]]),
+        p.expand(1, 1, -1).contiguous(),
+        torch.tensor([[1.0]]),  # u = 1 rejects even with a = 1
+        torch.ones(1, 3),
+        temperature=1.0,
+    )
+    assert accepted.tolist() == [0] and out[0, 0] == 2  # argmax of p / 1 once the empty residual falls back
+    assert a.tolist() == [[1.0]]
+
+
+def test_verify_flags_nonfinite_rows():
+    logits = torch.zeros(3, 2, 4)
+    logits[1, 1, 2] = float("nan")
+    logits[2, 0] = float("-inf")
+    _, _, _, invalid = ops.verify(
+        logits, torch.zeros(3, 1, dtype=torch.int64), torch.full((3, 1, 4), 0.25), torch.rand(3, 1), None,
+        temperature=0.0,
+    )  # fmt: skip
+    assert invalid.tolist() == [False, True, True]
+
+
+def test_commit_applies_eos_and_limits():
+    tokens = torch.zeros(4, 12, dtype=torch.int64)
+    lengths = torch.tensor([3, 3, 3, 3])
+    generated = torch.tensor([0, 0, 5, 1])
+    done = torch.tensor([False, False, False, True])
+    out = torch.tensor([[5, 6, 7, 8], [5, 9, 7, -1], [5, 6, 7, 8], [5, 6, 7, 8]])
+    accepted = torch.tensor([3, 2, 3, 3])
+    kept = ops.commit(tokens, lengths, generated, done, out, accepted, torch.tensor([9]), max_new_tokens=7)
+    assert kept.tolist() == [4, 2, 2, 0]  # all; up to the EOS; the two left of max_new_tokens; done row
+    assert tokens[0, 3:7].tolist() == [5, 6, 7, 8]
+    assert tokens[1, 3:6].tolist() == [5, 9, 0]
+    assert tokens[2, 3:6].tolist() == [5, 6, 0]
+    assert tokens[3].tolist() == [0] * 12
+    assert lengths.tolist() == [7, 5, 5, 3] and generated.tolist() == [4, 2, 7, 1]
+    assert done.tolist() == [False, True, True, True]
+
+
+def test_ops_check_metadata():
+    with pytest.raises(ValueError, match="draft_ids"):
+        ops.verify(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, 5),
+                   torch.zeros(2, 3), None, temperature=0.0)  # fmt: skip
+    with pytest.raises(TypeError, match="draft_ids"):
+        ops.verify(torch.zeros(2, 3, 5), torch.zeros(2, 2), torch.zeros(2, 2, 5), torch.zeros(2, 2), None,
+                   temperature=0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="noise"):
+        ops.sample(torch.zeros(2, 5), None, temperature=1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample(torch.zeros(2, 5), None, temperature=0.0, top_p=0.0)
