@@ -6,10 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import left_padded_prompts, perturbed_copy, tiny_model
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tokenizer_models
-from transformers import GenerationConfig, PreTrainedTokenizerFast, TextIteratorStreamer, TextStreamer
+from conftest import left_padded_prompts, perturbed_copy, tiny_model, word_tokenizer
+from transformers import GenerationConfig, TextIteratorStreamer, TextStreamer
 
 import omnidraft_fast
 from omnidraft_fast import EngineConfig, GenerateOutput, GenerationStats, SpeculativeEngine
@@ -30,13 +28,7 @@ def drafter(target):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level fast tokenizer over the whole vocabulary, built offline: id i <-> "w{i}"."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
+    return word_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")

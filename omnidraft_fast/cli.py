@@ -1,0 +1,118 @@
+"""The ``omnidraft-fast`` command: ``generate`` with local or hub models, and the README ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _load(path: str, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    return model.to(device).eval()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .api import generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target = _load(args.model, args.dtype, device)
+    drafter = _load(args.drafter, args.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    drafter_tokenizer = AutoTokenizer.from_pretrained(args.drafter_tokenizer or args.drafter)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    prompts = args.prompt
+    if len(prompts) > 1:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=len(prompts) > 1).to(device)
+    out = generate(
+        target,
+        **batch,
+        drafter=drafter,
+        tokenizer=tokenizer,
+        drafter_tokenizer=drafter_tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_draft_tokens=args.num_draft_tokens,
+        return_dict_in_generate=True,
+    )
+    width = batch["input_ids"].shape[1]
+    for row, prompt in enumerate(prompts):
+        text = tokenizer.decode(out.sequences[row, width:], skip_special_tokens=True)
+        print(f"--- prompt {row}: {prompt!r}\n{prompt}{text}")
+    print("--- stats")
+    print(json.dumps(out.stats.as_dict(), indent=2) if args.json else out.stats.summary())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(
+        prompts=args.prompts, max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0 if result["identical"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnidraft-fast", description="Speculative decoding for Hugging Face LMs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text from a prompt with a target and a drafter")
+    gen.add_argument("--model", required=True, help="target model: local folder or hub id")
+    gen.add_argument("--drafter", required=True, help="drafter model: local folder or hub id")
+    gen.add_argument("--tokenizer", help="target tokenizer (default: --model)")
+    gen.add_argument("--drafter-tokenizer", help="drafter tokenizer (default: --drafter)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--num-draft-tokens", type=int, help="draft length k (default 4)")
+    gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--seed", type=int, help="seed torch's RNG (sampling is then reproducible)")
+    gen.add_argument("--json", action="store_true", help="print the stats as JSON")
+    gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser(
+        "demo", help="plain generate() vs this engine on a model pair built from configs"
+    )
+    demo.add_argument("--prompts", type=int, default=3)
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--num-draft-tokens", type=int, default=4)
+    demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, NotImplementedError, OSError) as error:
+        print(f"omnidraft-fast: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``omnidraft-fast`` command on local model folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model, word_tokenizer
+
+from omnidraft_fast.cli import main
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target = tiny_model("llama", VOCAB, seed=3)
+    drafter = perturbed_copy(target, 0.2)
+    tokenizer = word_tokenizer(VOCAB)
+    for name, model in (("target", target), ("drafter", drafter)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root, target, tokenizer
+
+
+def test_generate_prints_the_targets_greedy_text(folders, capsys):
+    root, target, tokenizer = folders
+    prompt = "w5 w9 w17 w33"
+    code = main(
+        ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
+         "--prompt", prompt, "--max-new-tokens", "12", "--num-draft-tokens", "3"]
+    )  # fmt: skip
+    assert code == 0
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = target.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    out = capsys.readouterr().out
+    assert prompt + tokenizer.decode(expected, skip_special_tokens=True) in out
+    assert "acceptance" in out and "tok/s" in out
+
+
+def test_generate_batch_and_json(folders, capsys):
+    root, _, _ = folders
+    code = main(
+        ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"), "--prompt", "w5 w6",
+         "--prompt", "w7", "--max-new-tokens", "5", "--do-sample", "--seed", "0", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 1: 'w7'" in out and '"new_tokens": 10' in out
+
+
+def test_bad_option_is_reported_not_raised(folders, capsys):
+    root, _, _ = folders
+    code = main(
+        ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"), "--prompt", "w5",
+         "--max-new-tokens", "0"]
+    )  # fmt: skip
+    assert code == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_demo_runs_and_matches_the_target(capsys):
+    torch.manual_seed(0)
+    assert main(["demo", "--prompts", "1", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to target: True" in out and "speed-up" in out
