@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -111,3 +112,69 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the project's ../shared folder, or set OMNIDRAFT_SHARED)")
     return path
+
+
+def _corpus() -> list[str]:
+    """Text every machine has: a fixed, sorted set of the running Python's standard-library sources."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = [
+        "textwrap.py",
+        "string.py",
+        "functools.py",
+        "heapq.py",
+        "bisect.py",
+        "fractions.py",
+        "calendar.py",
+    ]
+    texts = [(root / name).read_text(encoding="utf-8") for name in names if (root / name).exists()]
+    texts.append("naïve café — 東京 ☕ 🙂 ñandú\tcolumns\t\t  spaced   out\n\n\n")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizers():
+    """Two tokenizers trained here with the `tokenizers` library: a SentencePiece-style one (metaspace,
+    byte fallback, 400 ids) for drafters and a byte-level BPE (350 ids) for targets."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = _corpus()
+    # SentencePiece style: train on metaspace text, then add the 256 byte tokens <0xNN> to the vocabulary.
+    sp = Tokenizer(BPE(unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400 - 256, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    sp.train_from_iterator(corpus, trainer)
+    model = json.loads(sp.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    sp_fallback = Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    sp_fallback.normalizer = sp.normalizer
+    sp_fallback.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    drafter = PreTrainedTokenizerFast(
+        tokenizer_object=sp_fallback,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    bl = Tokenizer(BPE())
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=350,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bl.train_from_iterator(corpus, trainer)
+    target = PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="<|endoftext|>", padding_side="left")
+    return drafter, target

@@ -1,0 +1,343 @@
+"""VocabBridge: byte-exact maps between a drafter's and a target's vocabularies (OmniDraft, SPEC §2.1).
+
+Tokens are compared by the raw bytes they stand for, never by printed strings:
+
+- byte-level BPE (GPT-2, Llama-3, Qwen): each character of a token string is one byte through GPT-2's
+  ``bytes_to_unicode`` map (``Ġ`` = space, ``Ċ`` = newline);
+- SentencePiece-style (Llama-2, Mistral, Gemma): ``▁`` is a space, ``<0xNN>`` is the byte ``NN``, every
+  other character is its UTF-8 encoding;
+- anything else (word-level, char-level): the token decoded alone, in UTF-8;
+- special tokens (BOS/EOS/PAD/UNK, chat markers) have no bytes; they are mapped by *role*.
+
+What the bridge holds (device tensors; ``V_d``/``V_t`` = the models' ``config.vocab_size``, which may
+exceed the tokenizers' sizes: padded ids never map):
+
+- ``d2t``  int32 ``[V_d]``: the target id with exactly the drafter token's bytes, else -1;
+- ``t2d``  int32 ``[V_t]``: the inverse on direct-mapped target ids (one canonical drafter id), else -1;
+- ``t2ds`` int32 ``[V_t, S]`` and ``t2ds_len`` int32 ``[V_t]``: the drafter spelling of every target
+  token (``-1`` padded), computed context-free from the bytes, so no SentencePiece dummy prefix sneaks in;
+- ``num_direct``: the number of target ids reachable by the direct map.
+
+Canonical ids: when several tokens share bytes (``▁`` and ``<0x20>``), the canonical one is the
+lowest id among the non-byte-fallback tokens, else the lowest byte token. The drafter's EOS family
+(``</s>``, ``<|end_of_text|>``, ``<|eot_id|>``, ``<|im_end|>``, ``<|endoftext|>``...) maps to the
+target's EOS and back; BOS and other specials never map, so a BOS is never inserted mid-stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["VocabBridge", "token_bytes"]
+
+EOS_NAMES = frozenset(
+    {"</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<eos>", "<|eos|>", "<|end|>"}
+)
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character -> byte map (the inverse of ``bytes_to_unicode``)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _style(tokenizer) -> str:
+    """'bytelevel', 'sentencepiece' or 'plain', read from the fast tokenizer's decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"the bridge needs a fast (Rust-backed) Hugging Face tokenizer, got {type(tokenizer).__name__}; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+    decoder = json.dumps(json.loads(backend.to_str()).get("decoder"))
+    if '"ByteLevel"' in decoder:
+        return "bytelevel"
+    if '"ByteFallback"' in decoder or '"Metaspace"' in decoder or "\\u2581" in decoder or "▁" in decoder:
+        return "sentencepiece"
+    return "plain"
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """The bytes of every id of one vocabulary (``None``: special, unused or padded id)."""
+
+    pieces: list[bytes | None]
+    byte_tokens: frozenset[int]  # ids of byte-fallback tokens <0xNN>
+    special: dict[int, str]  # id -> content, for special tokens
+    eos_ids: tuple[int, ...]
+    style: str
+
+
+def token_bytes(tokenizer, vocab_size: int | None = None) -> TokenTable:
+    """The bytes each token id stands for, by tokenizer style (see the module docstring)."""
+    style = _style(tokenizer)
+    vocab = tokenizer.get_vocab()  # str -> id, added tokens included
+    size = max(vocab_size or 0, max(vocab.values()) + 1)
+    pieces: list[bytes | None] = [None] * size
+    byte_tokens: set[int] = set()
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    special = {
+        index: token.content for index, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    for name in tokenizer.all_special_tokens:
+        index = vocab.get(name)
+        if index is not None:
+            special[index] = name
+    byte_decoder = _byte_decoder()
+    for piece, index in vocab.items():
+        if index in special or index >= size:
+            continue
+        if piece in added:  # a non-special added token: its content is its text
+            pieces[index] = piece.encode()
+        elif style == "bytelevel":
+            try:
+                pieces[index] = bytes(byte_decoder[char] for char in piece)
+            except KeyError:
+                pieces[index] = piece.encode()
+        elif style == "sentencepiece":
+            match = _BYTE_TOKEN.match(piece)
+            if match:
+                pieces[index] = bytes([int(match.group(1), 16)])
+                byte_tokens.add(index)
+            else:
+                pieces[index] = piece.replace("▁", " ").encode()
+        else:
+            pieces[index] = tokenizer.decode([index]).encode()
+    eos = {index for index, name in special.items() if name in EOS_NAMES}
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return TokenTable(pieces, frozenset(byte_tokens), special, tuple(sorted(eos)), style)
+
+
+def _canonical(table: TokenTable) -> dict[bytes, int]:
+    """bytes -> canonical id: the lowest non-byte-fallback id, else the lowest byte token."""
+    best: dict[bytes, int] = {}
+    for index, piece in enumerate(table.pieces):
+        if not piece:
+            continue
+        current = best.get(piece)
+        if current is None or (current in table.byte_tokens and index not in table.byte_tokens):
+            best[piece] = index
+    return best
+
+
+class _Speller:
+    """Spells arbitrary bytes as drafter tokens: the drafter's own BPE where it reproduces the bytes
+    exactly, else the longest-match over the drafter's token bytes (byte tokens fill the gaps)."""
+
+    def __init__(self, tokenizer, table: TokenTable, canonical: dict[bytes, int]):
+        self.table = table
+        self.canonical = canonical
+        self.model = tokenizer.backend_tokenizer.model
+        self.longest = max((len(piece) for piece in canonical), default=1)
+        encoder = {byte: char for char, byte in _byte_decoder().items()}
+        self.to_bytelevel = [encoder[b] for b in range(256)]
+
+    def _bpe(self, data: bytes) -> list[int] | None:
+        style = self.table.style
+        if style == "bytelevel":
+            text = "".join(self.to_bytelevel[b] for b in data)
+        elif style == "sentencepiece":
+            try:
+                text = data.decode().replace(" ", "▁")
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+        try:
+            ids = [token.id for token in self.model.tokenize(text)]
+        except Exception:  # the tokenizers model refuses some inputs (e.g. unknown chars without fallback)
+            return None
+        return ids if b"".join(self.table.pieces[i] or b"\x00\x00" for i in ids) == data else None
+
+    def spell(self, data: bytes) -> list[int] | None:
+        """Drafter ids whose bytes concatenate to ``data``, or None if some byte cannot be spelled."""
+        ids = self._bpe(data)
+        if ids is not None:
+            return ids
+        ids, position = [], 0
+        while position < len(data):
+            for width in range(min(self.longest, len(data) - position), 0, -1):
+                index = self.canonical.get(data[position : position + width])
+                if index is not None:
+                    ids.append(index)
+                    position += width
+                    break
+            else:
+                return None
+        return ids
+
+
+class VocabBridge:
+    """Byte-exact maps between a drafter vocabulary and a target vocabulary (see the module docstring)."""
+
+    def __init__(
+        self,
+        d2t: torch.Tensor,  # [V_d] int32
+        t2d: torch.Tensor,  # [V_t] int32
+        t2ds: torch.Tensor,  # [V_t, S] int32, -1 padded
+        t2ds_len: torch.Tensor,  # [V_t] int32
+        target_eos: torch.Tensor,  # [E_t] int64
+        drafter_eos: torch.Tensor,  # [E_d] int64
+    ):
+        self.d2t, self.t2d, self.t2ds, self.t2ds_len = d2t, t2d, t2ds, t2ds_len
+        self.target_eos, self.drafter_eos = target_eos, drafter_eos
+
+    @property
+    def drafter_vocab_size(self) -> int:
+        return self.d2t.shape[0]
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.t2d.shape[0]
+
+    @property
+    def num_direct(self) -> int:
+        """Target ids reachable by the direct map (the intersection of the vocabularies)."""
+        return int(torch.unique(self.d2t[self.d2t >= 0]).numel())
+
+    @property
+    def max_spelling(self) -> int:
+        return self.t2ds.shape[1]
+
+    def to(self, device: torch.device | str) -> VocabBridge:
+        moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
+        return VocabBridge(**moved)
+
+    _TENSORS = ("d2t", "t2d", "t2ds", "t2ds_len", "target_eos", "drafter_eos")
+
+    # -- building ------------------------------------------------------------------------------------
+    @classmethod
+    def from_tokenizers(
+        cls,
+        drafter_tokenizer,
+        target_tokenizer,
+        *,
+        drafter_vocab_size: int | None = None,
+        target_vocab_size: int | None = None,
+    ) -> VocabBridge:
+        """Build (or fetch from the in-memory cache) the bridge of a tokenizer pair.
+
+        ``*_vocab_size`` are the models' ``config.vocab_size`` (rows of their logits); they default to the
+        tokenizers' sizes and must not be smaller than them.
+        """
+        sizes = []
+        for name, tokenizer, size in (
+            ("drafter_vocab_size", drafter_tokenizer, drafter_vocab_size),
+            ("target_vocab_size", target_tokenizer, target_vocab_size),
+        ):
+            needed = max(tokenizer.get_vocab().values()) + 1
+            if size is not None and size < needed:
+                raise ValueError(
+                    f"`{name}`={size} is smaller than its tokenizer, whose ids reach {needed - 1}; is this the "
+                    "tokenizer of that model?"
+                )
+            sizes.append(needed if size is None else size)
+        key = (_fingerprint(drafter_tokenizer), _fingerprint(target_tokenizer), *sizes)
+        bridge = _CACHE.get(key)
+        if bridge is None:
+            bridge = _build(drafter_tokenizer, target_tokenizer, *sizes)
+            _CACHE[key] = bridge
+        return bridge
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        save_file({name: getattr(self, name).contiguous().cpu() for name in self._TENSORS}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> VocabBridge:
+        tensors = load_file(str(path), device=str(device))
+        missing = [name for name in cls._TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"{path} is not a saved VocabBridge (missing {missing})")
+        return cls(**{name: tensors[name] for name in cls._TENSORS})
+
+    # -- use -----------------------------------------------------------------------------------------
+    def spell_for_drafter(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Concatenated drafter spelling of a 1-D run of target ids (host-side, outside the hot path)."""
+        spellings = self.t2ds[target_ids.long()]
+        return spellings[spellings >= 0].long()
+
+
+_CACHE: dict[tuple, VocabBridge] = {}
+
+
+def _fingerprint(tokenizer) -> str:
+    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def _build(drafter_tokenizer, target_tokenizer, drafter_size: int, target_size: int) -> VocabBridge:
+    drafter = token_bytes(drafter_tokenizer, drafter_size)
+    target = token_bytes(target_tokenizer, target_size)
+    drafter_canonical, target_canonical = _canonical(drafter), _canonical(target)
+
+    d2t = torch.full((drafter_size,), -1, dtype=torch.int32)
+    for index in range(drafter_size):
+        piece = drafter.pieces[index] if index < len(drafter.pieces) else None
+        if piece:
+            d2t[index] = target_canonical.get(piece, -1)
+    t2d = torch.full((target_size,), -1, dtype=torch.int32)
+    for piece, index in target_canonical.items():
+        if index < target_size:
+            t2d[index] = drafter_canonical.get(piece, -1)
+
+    speller = _Speller(drafter_tokenizer, drafter, drafter_canonical)
+    spellings: list[list[int]] = [[] for _ in range(target_size)]
+    for index in range(min(target_size, len(target.pieces))):
+        piece = target.pieces[index]
+        if piece:
+            direct = drafter_canonical.get(piece)
+            spelled = [direct] if direct is not None else speller.spell(piece)
+            spellings[index] = spelled or []  # unspellable: the drafter's context skips this token
+    # Special tokens by role: the EOS families map to each other; nothing else does.
+    if drafter.eos_ids and target.eos_ids:
+        d_eos = int(
+            drafter_tokenizer.eos_token_id
+            if drafter_tokenizer.eos_token_id is not None
+            else drafter.eos_ids[0]
+        )
+        t_eos = int(
+            target_tokenizer.eos_token_id if target_tokenizer.eos_token_id is not None else target.eos_ids[0]
+        )
+        for index in drafter.eos_ids:
+            if index < drafter_size:
+                d2t[index] = t_eos
+        for index in target.eos_ids:
+            if index < target_size:
+                spellings[index] = [d_eos]
+        t2d[t_eos] = d_eos
+    width = max(1, max(len(s) for s in spellings))
+    t2ds = torch.full((target_size, width), -1, dtype=torch.int32)
+    lengths = torch.tensor([len(s) for s in spellings], dtype=torch.int32)
+    flat = torch.tensor([i for s in spellings for i in s], dtype=torch.int32)
+    rows = torch.repeat_interleave(torch.arange(target_size), lengths.long())
+    columns = torch.arange(flat.numel()) - torch.repeat_interleave(
+        lengths.long().cumsum(0) - lengths.long(), lengths.long()
+    )
+    t2ds[rows, columns] = flat
+    return VocabBridge(
+        d2t=d2t,
+        t2d=t2d,
+        t2ds=t2ds,
+        t2ds_len=lengths,
+        target_eos=torch.tensor(target.eos_ids, dtype=torch.int64),
+        drafter_eos=torch.tensor(drafter.eos_ids, dtype=torch.int64),
+    )

@@ -1,0 +1,114 @@
+"""VocabBridge: byte-exact direct map, drafter spellings of every target token, special tokens by role."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import shared_path
+
+from omnidraft_fast.bridge import VocabBridge, token_bytes
+
+TEXTS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 — isn't it?",
+    "naïve café, 東京タワー, ñandú, Ελληνικά, emoji 🙂🚀👩‍💻 done",
+    "\t\tindented\twith tabs\n\n\n    and   runs   of    spaces      \r\n",
+    'x=[i**2 for i in range(10) if i%3==0]  # comprehension\n"""docstring"""',
+]
+
+
+def _bytes_of(table, ids) -> bytes:
+    return b"".join(table.pieces[i] for i in ids)
+
+
+def _check_bridge(drafter_tokenizer, target_tokenizer, bridge: VocabBridge) -> None:
+    drafter, target = token_bytes(drafter_tokenizer), token_bytes(target_tokenizer)
+    # Every direct-mapped pair stands for the same bytes (EOS pairs map by role).
+    for d in torch.nonzero(bridge.d2t >= 0)[:, 0].tolist():
+        t = int(bridge.d2t[d])
+        if d in drafter.special:
+            assert d in drafter.eos_ids and t in target.eos_ids
+        else:
+            assert drafter.pieces[d] == target.pieces[t], (d, t)
+    for t in torch.nonzero(bridge.t2d >= 0)[:, 0].tolist():
+        d = int(bridge.t2d[t])
+        assert int(bridge.d2t[d]) == t or t in target.eos_ids
+    # Texts encoded by the target and spelled through t2ds give back the same bytes.
+    for text in TEXTS:
+        ids = [i for i in target_tokenizer.encode(text, add_special_tokens=False) if i not in target.special]
+        spelled = bridge.spell_for_drafter(torch.tensor(ids)).tolist()
+        assert _bytes_of(drafter, spelled) == _bytes_of(target, ids)
+        assert _bytes_of(target, ids) in (text.encode(), b" " + text.encode())  # SentencePiece's dummy prefix
+        for i in ids:  # and token by token
+            assert _bytes_of(drafter, bridge.t2ds[i, : bridge.t2ds_len[i]].tolist()) == target.pieces[i]
+    # Special tokens by role: target EOS is spelled as the drafter's EOS; BOS never maps.
+    t_eos = target_tokenizer.eos_token_id
+    assert bridge.t2ds[t_eos, : bridge.t2ds_len[t_eos]].tolist() == [drafter_tokenizer.eos_token_id]
+    if drafter_tokenizer.bos_token_id not in (None, drafter_tokenizer.eos_token_id):
+        assert bridge.d2t[drafter_tokenizer.bos_token_id] == -1
+    if target_tokenizer.bos_token_id is not None and target_tokenizer.bos_token_id != t_eos:
+        assert bridge.t2ds_len[target_tokenizer.bos_token_id] == 0
+
+
+def test_trained_tokenizer_pair(trained_tokenizers):
+    drafter, target = trained_tokenizers
+    assert token_bytes(drafter).style == "sentencepiece" and token_bytes(target).style == "bytelevel"
+    bridge = VocabBridge.from_tokenizers(drafter, target, drafter_vocab_size=420, target_vocab_size=384)
+    assert bridge.d2t.shape == (420,) and bridge.t2d.shape == (384,) and bridge.t2ds.shape[0] == 384
+    assert (bridge.d2t[len(drafter) :] == -1).all() and (
+        bridge.t2ds_len[len(target) :] == 0
+    ).all()  # padded ids
+    assert 0 < bridge.num_direct < len(target)
+    _check_bridge(drafter, target, bridge)
+    # And the other way round: a byte-level drafter for a SentencePiece target.
+    _check_bridge(target, drafter, VocabBridge.from_tokenizers(target, drafter))
+
+
+def test_canonical_ids_prefer_real_tokens_over_byte_fallback(trained_tokenizers):
+    drafter, target = trained_tokenizers
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    space = target.convert_tokens_to_ids("Ġ")
+    assert bridge.t2d[space] == drafter.convert_tokens_to_ids("▁")  # not <0x20>
+    assert bridge.d2t[drafter.convert_tokens_to_ids("<0x20>")] == space  # but the byte token maps too
+
+
+def test_cached_and_saved(trained_tokenizers, tmp_path):
+    drafter, target = trained_tokenizers
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert VocabBridge.from_tokenizers(drafter, target) is bridge
+    bridge.save(tmp_path / "bridge.safetensors")
+    loaded = VocabBridge.load(tmp_path / "bridge.safetensors")
+    for name in VocabBridge._TENSORS:
+        assert torch.equal(getattr(loaded, name), getattr(bridge, name))
+    with pytest.raises(ValueError, match="not a saved VocabBridge"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+        VocabBridge.load(tmp_path / "other.safetensors")
+
+
+def test_vocab_size_smaller_than_tokenizer(trained_tokenizers):
+    drafter, target = trained_tokenizers
+    with pytest.raises(ValueError, match="target_vocab_size"):
+        VocabBridge.from_tokenizers(drafter, target, target_vocab_size=100)
+
+
+@pytest.mark.parametrize(
+    ("drafter", "target", "direct"),
+    # Exact-bytes intersections of the real vocabularies (shared/tokenizers/README.md), EOS included.
+    [
+        ("mistral", "llama3", 29_109),
+        ("mistral", "qwen3", 29_233),
+        ("llama3", "qwen3", 109_566),
+        ("gpt2", "llama3", None),
+    ],
+)
+def test_real_tokenizer_pairs(drafter, target, direct):
+    from transformers import AutoTokenizer
+
+    drafter_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", drafter))
+    target_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", target))
+    bridge = VocabBridge.from_tokenizers(drafter_tokenizer, target_tokenizer)
+    if direct is not None:
+        assert abs(bridge.num_direct - direct) <= 2, bridge.num_direct  # + the EOS pair mapped by role
+    _check_bridge(drafter_tokenizer, target_tokenizer, bridge)
