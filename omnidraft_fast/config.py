@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["EngineConfig", "SamplingParams"]
 
@@ -13,17 +14,25 @@ class EngineConfig:
 
     Args:
         num_draft_tokens: draft length ``k`` used when a request does not give one.
+        translation: how drafted tokens become target tokens when the vocabularies differ (ignored when
+            they are shared). ``"tli"``: direct map only, the drafter's unmappable tokens suppressed and
+            ``q`` renormalised over the intersection (token-level intersection; exactly lossless).
+            ``"exact"``: the drafter samples freely, the draft stops at its first unmappable token, and every
+            position is verified by exact match against a draw from ``p`` (lossless for any proposal).
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA.
     """
 
     num_draft_tokens: int = 4
+    translation: Literal["tli", "exact"] = "tli"
     time_stages: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
+        if self.translation not in ("tli", "exact"):
+            raise ValueError(f"`translation` must be 'tli' or 'exact', got {self.translation!r}")
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
 

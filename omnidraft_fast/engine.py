@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import ops
+from .bridge import VocabBridge
 from .config import EngineConfig
 from .models import CausalLM
 from .request import Request, resolve_request
@@ -54,14 +55,17 @@ class GenerateOutput:
 class _Batch:
     """Device state of one request (fixed shapes for the whole request)."""
 
-    tokens: torch.Tensor  # [batch, slots + 1] committed tokens by slot
+    tokens: torch.Tensor  # [batch, slots + 1] committed target tokens by slot
     lengths: torch.Tensor  # [batch] committed slots (dummy slot and padding included)
     start: torch.Tensor  # [batch] first slot of each row's prompt
     generated: torch.Tensor  # [batch] new tokens so far
     done: torch.Tensor  # [batch] bool
     eos_ids: torch.Tensor  # [num_eos]
-    draft_ids: torch.Tensor  # [batch, k]
-    draft_probs: torch.Tensor  # [batch, k, vocab] fp32
+    d_tokens: torch.Tensor  # [batch, drafter slots + margin] the drafter's context by slot, in drafter ids
+    d_lengths: torch.Tensor  # [batch] committed drafter slots
+    window: int  # drafter tokens re-fed by the first draft step of a round
+    draft_ids: torch.Tensor  # [batch, k] drafter ids
+    draft_probs: torch.Tensor  # [batch, k, V_d] fp32
     counters: torch.Tensor  # [4]: row_rounds, proposed, accepted, invalid rows seen
 
 
@@ -105,17 +109,7 @@ class SpeculativeEngine:
                 f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
             )
-        if self.target.vocab_size != self.drafter.vocab_size:
-            if target_tokenizer is None or drafter_tokenizer is None:
-                raise ValueError(
-                    f"the target's vocabulary has {self.target.vocab_size} ids and the drafter's "
-                    f"{self.drafter.vocab_size}: cross-vocabulary drafting needs both tokenizers "
-                    "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
-                )
-            raise NotImplementedError(
-                "cross-vocabulary drafting (VocabBridge + n-gram table) is not available yet; use a drafter "
-                "that shares the target's vocabulary"
-            )
+        self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
         self.config = config
         self.target_tokenizer = target_tokenizer
         self.drafter_tokenizer = drafter_tokenizer
@@ -125,6 +119,34 @@ class SpeculativeEngine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
+        """The vocabulary bridge, or None when drafter and target share one vocabulary."""
+        both = target_tokenizer is not None and drafter_tokenizer is not None
+        if both and target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab():
+            both = self.target.vocab_size != self.drafter.vocab_size  # same tokens, padded differently
+        if not both:
+            if self.target.vocab_size != self.drafter.vocab_size:
+                raise ValueError(
+                    f"the target's vocabulary has {self.target.vocab_size} ids and the drafter's "
+                    f"{self.drafter.vocab_size}: cross-vocabulary drafting needs both tokenizers "
+                    "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
+                )
+            return None
+        bridge = VocabBridge.from_tokenizers(
+            drafter_tokenizer,
+            target_tokenizer,
+            drafter_vocab_size=self.drafter.vocab_size,
+            target_vocab_size=self.target.vocab_size,
+        )
+        if bridge.num_direct <= len(bridge.target_eos):
+            raise ValueError(
+                "no drafter token stands for the same bytes as a target token (empty intersection): check that "
+                "`tokenizer`/`drafter_tokenizer` are the tokenizers of these models"
+            )
+        bridge = bridge.to(self.device)
+        self._mappable = bridge.d2t >= 0  # [V_d] drafter ids TLI may propose
+        return bridge
 
     def generate(
         self,
@@ -193,27 +215,25 @@ class SpeculativeEngine:
 
     # ---------------------------------------------------------------------------------------------
     def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats]:
-        device, k = self.device, request.num_draft_tokens
-        batch, prompt = request.input_ids.shape
-        max_slots = 1 + prompt + request.max_new_tokens + k  # dummy slot, prompt, new tokens, draft overrun
-        for model in (self.target, self.drafter):
-            model.check_window(max_slots)
+        device = self.device
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
-        seed = int(
-            torch.randint(2**62, (1,))
-        )  # from torch's global RNG, so torch.manual_seed reproduces runs
+        seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG: torch.manual_seed reproduces runs
         generator = torch.Generator(device).manual_seed(seed)
         began = time.perf_counter()
-        state = self._begin(request, max_slots)
+        state = self._begin(request)
+        batch, prompt = request.input_ids.shape
         if request.streamer is not None:
             request.streamer.put(request.input_ids.cpu())
         try:
             with timer("prefill"):
-                # Slots [0, prompt) hold the dummy slot and all prompt columns but the last (the pending token).
-                prefill_slots = torch.arange(prompt, device=device).expand(batch, prompt)
-                for model in (self.target, self.drafter):
-                    model.forward(state.tokens[:, :prompt], prefill_slots, last_only=True)
+                # Each model's cache gets every committed slot below the ones its first round rewrites.
+                for model, tokens, end in (
+                    (self.target, state.tokens, prompt),
+                    (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window)),
+                ):
+                    slots = torch.arange(end, device=device).expand(batch, end)
+                    model.forward(tokens[:, :end], slots, last_only=True)
             rounds = 0
             while True:
                 before = state.lengths.clone() if request.streamer is not None else None
@@ -258,14 +278,43 @@ class SpeculativeEngine:
         )
         return sequences, stats
 
-    def _begin(self, request: Request, max_slots: int) -> _Batch:
-        device, k = self.device, request.num_draft_tokens
+    def _spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n]."""
+        if self.bridge is None:
+            return target_ids[:, None], torch.ones_like(target_ids)
+        return self.bridge.t2ds[target_ids].long(), self.bridge.t2ds_len[target_ids].long()
+
+    def _begin(self, request: Request) -> _Batch:
+        """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
+        device, k, new = self.device, request.num_draft_tokens, request.max_new_tokens
         batch, prompt = request.input_ids.shape
-        tokens = torch.zeros(batch, max_slots + 1, dtype=torch.int64, device=device)
+        slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
+        tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
         tokens[:, 1 : 1 + prompt] = request.input_ids
         start = 1 + prompt - request.prompt_lengths.to(device)
-        for model in (self.target, self.drafter):
-            model.begin(start, max_slots)
+
+        # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
+        # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
+        spelling_width = 1 if self.bridge is None else self.bridge.max_spelling
+        window = spelling_width + 1
+        rows = []
+        for row in range(batch):
+            ids = request.input_ids[row, prompt - int(request.prompt_lengths[row]) :]
+            spelled, _lengths = self._spell(ids)
+            rows.append(spelled[spelled >= 0] if self.bridge is not None else ids)
+        d_prompt = max(1, max(len(r) for r in rows))
+        # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
+        # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.
+        d_slots = (window - 1) + d_prompt + spelling_width * (new + k) + k
+        d_tokens = torch.zeros(batch, d_slots + k + spelling_width, dtype=torch.int64, device=device)
+        d_start = torch.empty(batch, dtype=torch.int64, device=device)
+        for row, ids in enumerate(rows):
+            d_start[row] = window - 1 + d_prompt - len(ids)
+            d_tokens[row, window - 1 + d_prompt - len(ids) : window - 1 + d_prompt] = ids
+
+        for model, width, first in ((self.target, slots, start), (self.drafter, d_slots, d_start)):
+            model.check_window(width)
+            model.begin(first, width)
         return _Batch(
             tokens=tokens,
             lengths=torch.full((batch,), 1 + prompt, dtype=torch.int64, device=device),
@@ -273,24 +322,35 @@ class SpeculativeEngine:
             generated=torch.zeros(batch, dtype=torch.int64, device=device),
             done=torch.zeros(batch, dtype=torch.bool, device=device),
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=device),
+            d_tokens=d_tokens,
+            d_lengths=torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device),
+            window=window,
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
             counters=torch.zeros(4, dtype=torch.int64, device=device),
         )
 
     def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
-        """One round over fixed-shape device tensors: draft, target forward, verify, commit."""
+        """One round over fixed-shape device tensors: draft, translate, target forward, verify, commit."""
         sampling, k = request.sampling, request.num_draft_tokens
         batch = state.tokens.shape[0]
         device = state.tokens.device
         active = ~state.done
         invalid = torch.zeros(batch, dtype=torch.bool, device=device)
+        mode = self.config.translation if self.bridge is not None else "shared"
 
         with timer("draft"):
-            slots = state.lengths[:, None] + torch.arange(-2, 0, device=device)  # [batch, 2]
-            inputs = state.tokens.gather(1, slots)
+            # The first step re-feeds the last `window` drafter tokens: whatever the previous round left
+            # unfed (the spelling of its last token, the last drafted token) is among them.
+            slots = state.d_lengths[:, None] + torch.arange(
+                -state.window, 0, device=device
+            )  # [batch, window]
+            inputs = state.d_tokens.gather(1, slots)
             for i in range(k):
-                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, vocab]
+                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
+                invalid |= ops.nonfinite_rows(logits)
+                if mode == "tli":  # token-level intersection: propose only tokens the target has
+                    logits = logits.masked_fill(~self._mappable, float("-inf"))
                 noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
                 ids, probs = ops.sample(
                     logits,
@@ -299,30 +359,43 @@ class SpeculativeEngine:
                     top_k=sampling.top_k,
                     top_p=sampling.top_p,
                 )
-                invalid |= ops.nonfinite_rows(logits)
                 state.draft_ids[:, i] = ids
                 state.draft_probs[:, i] = probs
-                inputs, slots = ids[:, None], (state.lengths + i)[:, None]
+                inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
+
+        with timer("translate"):
+            if self.bridge is None:
+                proposal, proposal_probs = state.draft_ids, state.draft_probs
+                span_end = torch.arange(1, k + 1, device=device).expand(batch, k)
+            else:
+                proposal, _, proposal_probs, span_end = ops.translate(
+                    state.draft_ids,
+                    None if mode == "exact" else state.draft_probs,
+                    self.bridge.d2t,
+                    target_vocab_size=self.target.vocab_size,
+                )
 
         with timer("target"):
             slots = state.lengths[:, None] - 1 + torch.arange(k + 1, device=device)  # [batch, k+1]
-            inputs = torch.cat([state.tokens.gather(1, slots[:, :1]), state.draft_ids], 1)
-            target_logits = self.target.forward(inputs, slots)  # [batch, k+1, vocab]
+            inputs = torch.cat([state.tokens.gather(1, slots[:, :1]), proposal.clamp_min(0)], 1)
+            target_logits = self.target.forward(inputs, slots)  # [batch, k+1, V_t]
 
         with timer("verify"):
+            exact_match = mode == "exact"
             uniforms = torch.rand(batch, k, generator=generator, device=device)
-            noise = (
-                None if sampling.greedy else _exponential((batch, target_logits.shape[-1]), generator, device)
-            )
+            vocab = target_logits.shape[-1]
+            noise_shape = (batch, k + 1, vocab) if exact_match else (batch, vocab)
+            noise = None if sampling.greedy else _exponential(noise_shape, generator, device)
             num_accepted, output_tokens, _, target_invalid = ops.verify(
                 target_logits,
-                state.draft_ids,
-                state.draft_probs,
+                proposal,
+                proposal_probs,
                 uniforms,
                 noise,
                 temperature=sampling.temperature,
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
+                exact_match=exact_match,
             )
 
         with timer("commit"):
@@ -336,6 +409,18 @@ class SpeculativeEngine:
                 num_accepted,
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
+            )
+            final = output_tokens.gather(1, num_accepted[:, None])[:, 0]  # recovered or bonus token
+            spelling, spelling_len = self._spell(final)
+            ops.commit_drafter(
+                state.d_tokens,
+                state.d_lengths,
+                state.draft_ids,
+                span_end,
+                num_accepted,
+                spelling,
+                spelling_len,
+                active,
             )
             state.counters += torch.stack(
                 [active.sum(), active.sum() * k, (num_accepted * active).sum(), invalid.sum()]

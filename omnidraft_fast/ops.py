@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.commit import commit_reference
+from .kernels.commit import commit_drafter_reference, commit_reference
 from .kernels.sampling import nonfinite_rows_reference, sample_reference
+from .kernels.translate import translate_reference
 from .kernels.verify import verify_reference
 
-__all__ = ["commit", "nonfinite_rows", "sample", "verify"]
+__all__ = ["commit", "commit_drafter", "nonfinite_rows", "sample", "translate", "verify"]
 
 
 def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=None) -> None:
@@ -83,8 +84,13 @@ def verify(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    exact_match: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact speculative sampling of a drafted block (see ``kernels/verify.py`` for the maths).
+
+    ``draft_ids`` may hold -1 where nothing was proposed (ragged drafts; ``draft_probs`` must be 0
+    there). ``exact_match=True`` verifies by exact match against draws from ``p`` (lossless for any
+    proposal; ``draft_probs`` is then unused and ``noise`` is [batch, k+1, vocab]).
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32 and
@@ -110,12 +116,15 @@ def verify(
         )
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0:
+        shape = (batch, width, vocab) if exact_match else (batch, vocab)
         if noise is None:
-            raise ValueError("`noise` ([batch, vocab] Exp(1) draws) is required when temperature > 0")
-        _check("noise", noise, 2, dtypes=(torch.float32,), device=device)
-        if noise.shape != (batch, vocab):
-            raise ValueError(f"`noise` must be [batch, vocab] = {(batch, vocab)}, got {tuple(noise.shape)}")
-    return verify_reference(target_logits, draft_ids, draft_probs, uniforms, noise, temperature, top_k, top_p)
+            raise ValueError(f"`noise` ({list(shape)} Exp(1) draws) is required when temperature > 0")
+        _check("noise", noise, len(shape), dtypes=(torch.float32,), device=device)
+        if noise.shape != shape:
+            raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
+    return verify_reference(
+        target_logits, draft_ids, draft_probs, uniforms, noise, temperature, top_k, top_p, exact_match
+    )
 
 
 def commit(
@@ -156,3 +165,60 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:  # [..., vocab] -> [..
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOATS:
         raise TypeError("`logits` must be a floating-point torch.Tensor")
     return nonfinite_rows_reference(logits)
+
+
+def translate(
+    draft_ids: torch.Tensor,  # [batch, k] drafter ids
+    draft_probs: torch.Tensor | None,  # [batch, k, V_d] fp32 or None
+    d2t: torch.Tensor,  # [V_d] int32
+    *,
+    target_vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Drafted block -> target ids [batch, k] (-1 after the first unmappable token), lengths [batch],
+    proposal probabilities in the target vocabulary [batch, k, V_t] (None if ``draft_probs`` is None) and
+    span ends [batch, k] (see ``kernels/translate.py``)."""
+    _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
+    _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
+    if draft_probs is not None:
+        _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=draft_ids.device)
+        if draft_probs.shape != (*draft_ids.shape, d2t.shape[0]):
+            raise ValueError(
+                f"`draft_probs` must be [batch, k, V_d] = {(*draft_ids.shape, d2t.shape[0])}, "
+                f"got {tuple(draft_probs.shape)}"
+            )
+    if target_vocab_size < 1:
+        raise ValueError(f"`target_vocab_size` must be >= 1, got {target_vocab_size}")
+    return translate_reference(draft_ids, draft_probs, d2t, target_vocab_size)
+
+
+def commit_drafter(
+    tokens: torch.Tensor,  # [batch, slots]
+    lengths: torch.Tensor,  # [batch]
+    draft_ids: torch.Tensor,  # [batch, k]
+    span_end: torch.Tensor,  # [batch, k]
+    num_accepted: torch.Tensor,  # [batch]
+    spelling: torch.Tensor,  # [batch, width]
+    spelling_len: torch.Tensor,  # [batch]
+    active: torch.Tensor,  # [batch]
+) -> None:
+    """Append, in place, each active row's accepted drafter tokens and the drafter spelling of its
+    recovered/bonus token to the drafter's context (see ``kernels/commit.py``)."""
+    _check("tokens", tokens, 2, dtypes=(torch.int64,))
+    device, batch = tokens.device, tokens.shape[0]
+    for name, tensor, ndim, dtype in (
+        ("lengths", lengths, 1, torch.int64),
+        ("draft_ids", draft_ids, 2, torch.int64),
+        ("span_end", span_end, 2, torch.int64),
+        ("num_accepted", num_accepted, 1, torch.int64),
+        ("spelling", spelling, 2, torch.int64),
+        ("spelling_len", spelling_len, 1, torch.int64),
+        ("active", active, 1, torch.bool),
+    ):
+        _check(name, tensor, ndim, dtypes=(dtype,), device=device)
+        if tensor.shape[0] != batch:
+            raise ValueError(f"`{name}` must have {batch} rows, got {tuple(tensor.shape)}")
+    if span_end.shape != draft_ids.shape:
+        raise ValueError(f"`span_end` must be shaped like `draft_ids` {tuple(draft_ids.shape)}")
+    commit_drafter_reference(
+        tokens, lengths, draft_ids, span_end, num_accepted, spelling, spelling_len, active
+    )
