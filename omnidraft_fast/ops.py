@@ -77,7 +77,7 @@ def sample(
 def verify(
     target_logits: torch.Tensor,  # [batch, k+1, vocab]
     draft_ids: torch.Tensor,  # [batch, k]
-    draft_probs: torch.Tensor,  # [batch, k, vocab]
+    draft_probs: torch.Tensor | None,  # [batch, k, vocab]; None with exact_match
     uniforms: torch.Tensor,  # [batch, k]
     noise: torch.Tensor | None,  # [batch, vocab]
     *,
@@ -104,11 +104,15 @@ def verify(
         raise ValueError(
             f"`draft_ids` must be [batch, k] = {(batch, width - 1)}, got {tuple(draft_ids.shape)}"
         )
-    _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=device)
-    if draft_probs.shape != (batch, width - 1, vocab):
-        raise ValueError(
-            f"`draft_probs` must be [batch, k, vocab] = {(batch, width - 1, vocab)}, got {tuple(draft_probs.shape)}"
-        )
+    if draft_probs is None:
+        if not exact_match:
+            raise ValueError("`draft_probs` is required unless exact_match=True")
+    else:
+        _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=device)
+        if draft_probs.shape != (batch, width - 1, vocab):
+            raise ValueError(
+                f"`draft_probs` must be [batch, k, vocab] = {(batch, width - 1, vocab)}, got {tuple(draft_probs.shape)}"
+            )
     _check("uniforms", uniforms, 2, dtypes=(torch.float32,), device=device)
     if uniforms.shape != draft_ids.shape:
         raise ValueError(

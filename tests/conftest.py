@@ -176,5 +176,7 @@ def trained_tokenizers():
         show_progress=False,
     )
     bl.train_from_iterator(corpus, trainer)
-    target = PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="<|endoftext|>", padding_side="left")
+    target = PreTrainedTokenizerFast(
+        tokenizer_object=bl, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left"
+    )
     return drafter, target

@@ -1,0 +1,122 @@
+"""Cross-vocabulary drafting: a SentencePiece-vocabulary drafter for a byte-level-BPE target."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import omnidraft_fast
+from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast.bridge import VocabBridge, token_bytes
+
+TARGET_VOCAB = 384  # the trained target tokenizer has 350 ids: the rest are padding
+DRAFTER_VOCAB = 416  # the trained drafter tokenizer has 400
+PROMPTS = ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]
+
+
+@pytest.fixture(scope="module")
+def pair(trained_tokenizers):
+    """A random target and a drafter that shares its weights through the bridge: the drafter's embedding
+    and head rows of a drafter token are the target's rows of the target token with the same bytes, so
+    the two agree wherever both tokenisations coincide (partial acceptance, exercised both ways)."""
+    drafter_tokenizer, target_tokenizer = trained_tokenizers
+    target = tiny_model("llama", TARGET_VOCAB, seed=21, hidden=48)
+    bridge = VocabBridge.from_tokenizers(drafter_tokenizer, target_tokenizer, drafter_vocab_size=DRAFTER_VOCAB,
+                                         target_vocab_size=TARGET_VOCAB)  # fmt: skip
+    drafter = copy.deepcopy(target)
+    drafter.resize_token_embeddings(DRAFTER_VOCAB)
+    mapped = bridge.d2t >= 0
+    with torch.no_grad():
+        source = bridge.d2t.clamp_min(0).long()
+        drafter.model.embed_tokens.weight[mapped] = target.model.embed_tokens.weight[source[mapped]]
+        drafter.lm_head.weight[mapped] = target.lm_head.weight[source[mapped]]
+    drafter.config.vocab_size = DRAFTER_VOCAB
+    return target, drafter.eval(), target_tokenizer, drafter_tokenizer
+
+
+def _engine(pair, translation, k=4):
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    return SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=k, translation=translation),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("translation", ["tli", "exact"])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_equals_the_target(pair, translation, k):
+    target, _, tokenizer, _ = pair
+    engine = _engine(pair, translation, k)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    expected = target.generate(**batch, max_new_tokens=24, do_sample=False)
+    out = engine.generate(**batch, max_new_tokens=24)
+    assert torch.equal(out, expected)
+    for prompt in PROMPTS:  # batch size 1 too
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert torch.equal(engine.generate(ids, max_new_tokens=20), target.generate(ids, max_new_tokens=20))
+    assert engine.stats.accepted > 0, "the bridged drafter should get tokens accepted"
+
+
+def test_generate_accepts_both_tokenizers_by_transformers_names(pair):
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    out = omnidraft_fast.generate(
+        target, ids, assistant_model=drafter, tokenizer=tokenizer, assistant_tokenizer=drafter_tokenizer,
+        max_new_tokens=12,
+    )  # fmt: skip
+    assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+def test_drafter_context_stays_in_step(pair, monkeypatch):
+    """After a request, the drafter's context spells exactly the bytes of the target's text."""
+    _, _, tokenizer, drafter_tokenizer = pair
+    engine = _engine(pair, "tli", 3)
+    states = []
+    begin = engine._begin
+    monkeypatch.setattr(engine, "_begin", lambda request: states.append(begin(request)) or states[-1])
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    engine.generate(ids, max_new_tokens=16, eos_token_id=[])
+    state = states[0]
+    target_pieces, drafter_pieces = token_bytes(tokenizer).pieces, token_bytes(drafter_tokenizer).pieces
+    target_text = b"".join(target_pieces[i] for i in state.tokens[0, 1 : int(state.lengths[0])].tolist())
+    drafter_ids = state.d_tokens[0, state.window - 1 : int(state.d_lengths[0])].tolist()
+    assert b"".join(drafter_pieces[i] for i in drafter_ids) == target_text
+
+
+VOCAB_ROWS = 6000
+
+
+@pytest.mark.parametrize("translation", ["tli", "exact"])
+def test_sampling_is_lossless_across_vocabularies(pair, translation):
+    """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling)."""
+    target, _, tokenizer, _ = pair
+    engine = _engine(pair, translation, 3)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    torch.manual_seed(7)
+    out = engine.generate(
+        ids.expand(VOCAB_ROWS, -1), max_new_tokens=1, do_sample=True, temperature=1.0, top_k=0
+    )
+    first = out[:, ids.shape[1]]
+    with torch.no_grad():
+        p = target(ids).logits[0, -1].float().softmax(-1).double()
+    empirical = torch.bincount(first, minlength=TARGET_VOCAB).double() / VOCAB_ROWS
+    bound = 0.5 * torch.sqrt(p * (1 - p) / VOCAB_ROWS).sum().item() + math.sqrt(
+        math.log(1e6) / (2 * VOCAB_ROWS)
+    )
+    tv = 0.5 * (empirical - p).abs().sum().item()
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f}"
+
+
+def test_bad_pairs(pair, trained_tokenizers):
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    with pytest.raises(ValueError, match="both tokenizers"):
+        SpeculativeEngine(target, drafter)
+    with pytest.raises(ValueError, match="drafter_vocab_size"):
+        small = tiny_model("llama", 300, seed=1)  # smaller than its claimed tokenizer
+        SpeculativeEngine(target, small, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
+    with pytest.raises(ValueError, match="translation"):
+        EngineConfig(translation="omni")
