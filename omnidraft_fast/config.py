@@ -15,24 +15,36 @@ class EngineConfig:
     Args:
         num_draft_tokens: draft length ``k`` used when a request does not give one.
         translation: how drafted tokens become target tokens when the vocabularies differ (ignored when
-            they are shared). ``"tli"``: direct map only, the drafter's unmappable tokens suppressed and
-            ``q`` renormalised over the intersection (token-level intersection; exactly lossless).
-            ``"exact"``: the drafter samples freely, the draft stops at its first unmappable token, and every
-            position is verified by exact match against a draw from ``p`` (lossless for any proposal).
+            they are shared). ``"omnidraft"``: direct map plus n-gram merges with OmniDraft's probability
+            redistribution, verified by speculative sampling (the paper's method; greedy output is exact,
+            sampled output approximately lossless). ``"tli"``: direct map only, the drafter's unmappable
+            tokens suppressed and ``q`` renormalised over the intersection (exactly lossless). ``"exact"``:
+            merges allowed, every position verified by exact match against a draw from ``p`` (lossless
+            for any proposal).
+        ngram_capacity: slots of the n-gram table (rounded up to a power of two).
+        ngram_max_len: the longest run of drafter tokens merged into one target token (N).
+        ngram_preseed: fill the table with the drafter spelling of every target token at start.
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA.
     """
 
     num_draft_tokens: int = 4
-    translation: Literal["tli", "exact"] = "tli"
+    translation: Literal["omnidraft", "tli", "exact"] = "omnidraft"
+    ngram_capacity: int = 1 << 16
+    ngram_max_len: int = 4
+    ngram_preseed: bool = True
     time_stages: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
-        if self.translation not in ("tli", "exact"):
-            raise ValueError(f"`translation` must be 'tli' or 'exact', got {self.translation!r}")
+        if self.translation not in ("omnidraft", "tli", "exact"):
+            raise ValueError(f"`translation` must be 'omnidraft', 'tli' or 'exact', got {self.translation!r}")
+        if not isinstance(self.ngram_capacity, int) or self.ngram_capacity < 1:
+            raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
+        if not isinstance(self.ngram_max_len, int) or self.ngram_max_len < 2:
+            raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
 

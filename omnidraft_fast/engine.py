@@ -28,10 +28,17 @@ from . import ops
 from .bridge import VocabBridge
 from .config import EngineConfig
 from .models import CausalLM
+from .ngram import NGramTable
 from .request import Request, resolve_request
 from .stats import GenerationStats, StageTimer
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
+
+# Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
+_COUNTERS = (
+    "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
+    "merged_accepted", "invalid",
+)  # fmt: skip
 
 # Keyword names of transformers' generate() that mean the same as ours.
 _ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
@@ -66,7 +73,7 @@ class _Batch:
     window: int  # drafter tokens re-fed by the first draft step of a round
     draft_ids: torch.Tensor  # [batch, k] drafter ids
     draft_probs: torch.Tensor  # [batch, k, V_d] fp32
-    counters: torch.Tensor  # [4]: row_rounds, proposed, accepted, invalid rows seen
+    counters: torch.Tensor  # [len(_COUNTERS)] int64, summed over rounds (read once, at the end)
 
 
 class SpeculativeEngine:
@@ -109,8 +116,13 @@ class SpeculativeEngine:
                 f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
             )
-        self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
         self.config = config
+        self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
+        self.ngram: NGramTable | None = None
+        if self.bridge is not None and config.translation != "tli":
+            self.ngram = NGramTable(config.ngram_capacity, config.ngram_max_len, device=self.device)
+            if config.ngram_preseed:
+                self.ngram.seed(self.bridge.t2ds, self.bridge.t2ds_len)
         self.target_tokenizer = target_tokenizer
         self.drafter_tokenizer = drafter_tokenizer
         self.stats = GenerationStats()
@@ -240,8 +252,11 @@ class SpeculativeEngine:
                 self._round(state, request, generator, timer)
                 rounds += 1
                 with timer("host"):
-                    all_done, invalid = (state.done.all(), state.counters[3] > 0)
-                    all_done, invalid = torch.stack([all_done, invalid]).tolist()  # the one read per round
+                    table_size = self.ngram.size() if self.ngram is not None else state.counters[0] * 0
+                    flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
+                    all_done, invalid, table_size = flags.tolist()  # the one read per round
+                if self.ngram is not None and table_size > self.ngram.capacity // 2:
+                    self.ngram.evict()
                 if invalid:
                     raise ValueError(
                         "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
@@ -264,15 +279,15 @@ class SpeculativeEngine:
             columns = torch.arange(longest, device=device)
             tail = sequences[:, prompt:]
             tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id)
-        row_rounds, proposed, accepted, _ = state.counters.tolist()
+        counters = dict(zip(_COUNTERS, state.counters.tolist(), strict=True))
+        del counters["invalid"]
         stats = GenerationStats(
             requests=1,
             rounds=rounds,
-            row_rounds=row_rounds,
-            proposed=proposed,
-            accepted=accepted,
+            **counters,
+            ngram_table_size=int(self.ngram.size()) if self.ngram is not None else 0,
             new_tokens=int(generated.sum()),
-            target_calls=batch + row_rounds,
+            target_calls=batch + counters["row_rounds"],
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
@@ -327,7 +342,7 @@ class SpeculativeEngine:
             window=window,
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
-            counters=torch.zeros(4, dtype=torch.int64, device=device),
+            counters=torch.zeros(len(_COUNTERS), dtype=torch.int64, device=device),
         )
 
     def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
@@ -373,6 +388,7 @@ class SpeculativeEngine:
                     None if mode == "exact" else state.draft_probs,
                     self.bridge.d2t,
                     target_vocab_size=self.target.vocab_size,
+                    table=None if self.ngram is None else (self.ngram.key_ids, self.ngram.values),
                 )
 
         with timer("target"):
@@ -400,7 +416,7 @@ class SpeculativeEngine:
 
         with timer("commit"):
             invalid = (invalid | target_invalid) & active
-            ops.commit(
+            kept = ops.commit(
                 state.tokens,
                 state.lengths,
                 state.generated,
@@ -422,9 +438,38 @@ class SpeculativeEngine:
                 spelling_len,
                 active,
             )
-            state.counters += torch.stack(
-                [active.sum(), active.sum() * k, (num_accepted * active).sum(), invalid.sum()]
-            )
+            self._count(state, active, invalid, proposal, span_end, num_accepted)
+
+        if self.ngram is not None:
+            with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
+                emitted = torch.where(torch.arange(k + 1, device=device) < kept[:, None], output_tokens, -1)
+                emitted = emitted.flatten()
+                spelled, spelled_len = self._spell(emitted.clamp_min(0))
+                keys = self.ngram.keys_of(spelled, torch.where(emitted >= 0, spelled_len, 0))
+                self.ngram.insert(keys, emitted)
+
+    @staticmethod
+    def _count(state, active, invalid, proposal, span_end, num_accepted) -> None:
+        proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
+        accepted_mask = proposed_mask & (
+            torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
+        )
+        merged = (span_end - torch.cat([span_end.new_zeros(span_end.shape[0], 1), span_end[:, :-1]], 1)) >= 2
+        drafter_accepted = torch.where(
+            num_accepted > 0, span_end.gather(1, (num_accepted - 1).clamp_min(0)[:, None])[:, 0], 0
+        )
+        state.counters += torch.stack(
+            [
+                active.sum(),
+                proposed_mask.sum(),
+                accepted_mask.sum(),
+                active.sum() * proposal.shape[1],
+                (drafter_accepted * active).sum(),
+                (merged & proposed_mask).sum(),
+                (merged & accepted_mask).sum(),
+                invalid.sum(),
+            ]
+        )
 
     @staticmethod
     def _stream(streamer: Any, state: _Batch, before: torch.Tensor) -> None:

@@ -12,11 +12,21 @@ from __future__ import annotations
 import torch
 
 from .kernels.commit import commit_drafter_reference, commit_reference
+from .kernels.ngram import ngram_insert_reference, ngram_lookup_reference
 from .kernels.sampling import nonfinite_rows_reference, sample_reference
-from .kernels.translate import translate_reference
+from .kernels.translate import translate_ngram_reference, translate_reference
 from .kernels.verify import verify_reference
 
-__all__ = ["commit", "commit_drafter", "nonfinite_rows", "sample", "translate", "verify"]
+__all__ = [
+    "commit",
+    "commit_drafter",
+    "ngram_insert",
+    "ngram_lookup",
+    "nonfinite_rows",
+    "sample",
+    "translate",
+    "verify",
+]
 
 
 def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=None) -> None:
@@ -177,10 +187,12 @@ def translate(
     d2t: torch.Tensor,  # [V_d] int32
     *,
     target_vocab_size: int,
+    table: tuple[torch.Tensor, torch.Tensor] | None = None,  # n-gram table (key_ids [C, N], values [C])
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Drafted block -> target ids [batch, k] (-1 after the first unmappable token), lengths [batch],
-    proposal probabilities in the target vocabulary [batch, k, V_t] (None if ``draft_probs`` is None) and
-    span ends [batch, k] (see ``kernels/translate.py``)."""
+    """Drafted block -> target ids [batch, k] (-1 after the first token that neither maps nor merges),
+    lengths [batch], proposal probabilities in the target vocabulary [batch, k, V_t] (None if
+    ``draft_probs`` is None) and span ends [batch, k]. With ``table``, longest-match n-gram merges and
+    OmniDraft's probability redistribution apply (see ``kernels/translate.py``)."""
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
     if draft_probs is not None:
@@ -192,7 +204,12 @@ def translate(
             )
     if target_vocab_size < 1:
         raise ValueError(f"`target_vocab_size` must be >= 1, got {target_vocab_size}")
-    return translate_reference(draft_ids, draft_probs, d2t, target_vocab_size)
+    if table is None:
+        return translate_reference(draft_ids, draft_probs, d2t, target_vocab_size)
+    _check_table(*table)
+    if table[0].device != draft_ids.device:
+        raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
+    return translate_ngram_reference(draft_ids, draft_probs, d2t, target_vocab_size, *table)
 
 
 def commit_drafter(
@@ -226,3 +243,49 @@ def commit_drafter(
     commit_drafter_reference(
         tokens, lengths, draft_ids, span_end, num_accepted, spelling, spelling_len, active
     )
+
+
+def _check_table(key_ids: torch.Tensor, values: torch.Tensor) -> None:
+    _check("key_ids", key_ids, 2, dtypes=(torch.int32,))
+    _check("values", values, 1, dtypes=(torch.int32,), device=key_ids.device)
+    capacity = key_ids.shape[0]
+    if capacity & (capacity - 1) or values.shape[0] != capacity:
+        raise ValueError(
+            f"the table's capacity must be a power of two shared by `key_ids` and `values`, got {capacity}"
+        )
+
+
+def ngram_lookup(
+    key_ids: torch.Tensor,  # [C, N] int32
+    values: torch.Tensor,  # [C] int32
+    queries: torch.Tensor,  # [Q, N] int64, -1 padded
+) -> torch.Tensor:  # [Q] int64
+    """Value of each query key in the n-gram hash table, or -1 (see ``kernels/ngram.py``)."""
+    _check_table(key_ids, values)
+    _check("queries", queries, 2, dtypes=(torch.int64,), device=key_ids.device)
+    if queries.shape[1] != key_ids.shape[1]:
+        raise ValueError(
+            f"`queries` must have {key_ids.shape[1]} columns (the table's N), got {queries.shape[1]}"
+        )
+    return ngram_lookup_reference(key_ids, values, queries)
+
+
+def ngram_insert(
+    key_ids: torch.Tensor,  # [C, N] int32
+    values: torch.Tensor,  # [C] int32
+    counts: torch.Tensor,  # [C] int32
+    keys: torch.Tensor,  # [Q, N] int64
+    new_values: torch.Tensor,  # [Q] int64
+    hits: torch.Tensor,  # [Q] int64
+) -> torch.Tensor:  # [] int64 keys not placed
+    """Insert keys (or add hits to present ones) in place; returns how many found no slot."""
+    _check_table(key_ids, values)
+    _check("counts", counts, 1, dtypes=(torch.int32,), device=key_ids.device)
+    _check("keys", keys, 2, dtypes=(torch.int64,), device=key_ids.device)
+    if keys.shape[1] != key_ids.shape[1]:
+        raise ValueError(f"`keys` must have {key_ids.shape[1]} columns (the table's N), got {keys.shape[1]}")
+    for name, tensor in (("new_values", new_values), ("hits", hits)):
+        _check(name, tensor, 1, dtypes=(torch.int64,), device=key_ids.device)
+        if tensor.shape[0] != keys.shape[0]:
+            raise ValueError(f"`{name}` must have one entry per key ({keys.shape[0]}), got {tensor.shape[0]}")
+    return ngram_insert_reference(key_ids, values, counts, keys, new_values, hits)

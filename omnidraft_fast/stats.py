@@ -11,15 +11,15 @@ import torch
 
 __all__ = ["GenerationStats", "StageTimer"]
 
-STAGES = ("prefill", "draft", "target", "verify", "commit", "host")
-
 
 @dataclass
 class GenerationStats:
     """What speculative decoding did, for one request or summed over an engine's requests.
 
-    ``proposed``/``accepted`` count drafted tokens of rows still generating; ``rounds`` counts rounds
-    (one target forward each) and ``row_rounds`` rounds summed over active rows.
+    ``proposed``/``accepted`` count drafted tokens, in the target's vocabulary, of rows still generating;
+    ``drafter_proposed``/``drafter_accepted`` the drafter tokens behind them; ``merged_*`` the target
+    tokens that came from n-gram merges. ``rounds`` counts rounds (one target forward each) and
+    ``row_rounds`` rounds summed over active rows. ``ngram_table_size``: entries after the request.
     """
 
     requests: int = 0
@@ -27,6 +27,11 @@ class GenerationStats:
     row_rounds: int = 0
     proposed: int = 0
     accepted: int = 0
+    drafter_proposed: int = 0
+    drafter_accepted: int = 0
+    merged_proposed: int = 0
+    merged_accepted: int = 0
+    ngram_table_size: int = 0
     new_tokens: int = 0
     target_calls: int = 0
     seconds: float = 0.0
@@ -73,6 +78,11 @@ class GenerationStats:
             "proposed": self.proposed,
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
+            "drafter_proposed": self.drafter_proposed,
+            "drafter_accepted": self.drafter_accepted,
+            "merged_proposed": self.merged_proposed,
+            "merged_accepted": self.merged_accepted,
+            "ngram_table_size": self.ngram_table_size,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "new_tokens": self.new_tokens,
             "target_calls_per_token": round(self.target_calls_per_token, 4),
@@ -90,6 +100,12 @@ class GenerationStats:
             f"target calls per token {self.target_calls_per_token:.3f}"
             + (f"; stages: {stages}" if stages else "")
         )
+
+
+_SUMMED = (
+    "requests", "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted",
+    "merged_proposed", "merged_accepted", "new_tokens", "target_calls",
+)  # fmt: skip
 
 
 class StageTimer:

@@ -46,7 +46,7 @@ def _engine(pair, translation, k=4):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("translation", ["tli", "exact"])
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_equals_the_target(pair, translation, k):
     target, _, tokenizer, _ = pair
@@ -120,3 +120,57 @@ def test_bad_pairs(pair, trained_tokenizers):
         SpeculativeEngine(target, small, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
     with pytest.raises(ValueError, match="translation"):
         EngineConfig(translation="omni")
+
+
+def test_omnidraft_mode_keeps_a_table(pair):
+    target, _, tokenizer, _ = pair
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine = _engine(pair, "omnidraft", 4)
+    seeded = int(engine.ngram.size())
+    assert seeded == int(((engine.bridge.t2ds_len >= 2) & (engine.bridge.t2ds_len <= 4)).sum())
+    out = engine.generate(**batch, max_new_tokens=32, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, target.generate(**batch, max_new_tokens=32, do_sample=False))
+    assert out.stats.ngram_table_size == seeded  # emitted multi-token spellings were all pre-seeded
+    assert 0 <= out.stats.merged_accepted <= out.stats.merged_proposed <= out.stats.proposed
+    assert out.stats.drafter_accepted >= out.stats.accepted
+    assert _engine(pair, "tli", 4).ngram is None
+
+
+def _letters_tokenizer():
+    """A word-level tokenizer of letters, digits and a few words: no byte fallback, no space token."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [*list("abcdefghijklmnopqrstuvwxyz0123456789"), "the", "and", "def"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{piece: 3 + i for i, piece in enumerate(pieces)}}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
+def test_drafter_without_byte_fallback(trained_tokenizers, translation):
+    """The drafter cannot spell spaces or most target tokens: its context skips what it cannot spell
+    (the documented fallback), and the output is still exactly the target's."""
+    _, target_tokenizer = trained_tokenizers
+    drafter_tokenizer = _letters_tokenizer()
+    bridge = VocabBridge.from_tokenizers(drafter_tokenizer, target_tokenizer, target_vocab_size=TARGET_VOCAB)
+    assert (bridge.t2ds_len[: len(target_tokenizer)] == 0).any() and bridge.num_direct > 1
+    target = tiny_model("llama", TARGET_VOCAB, seed=3)
+    drafter = tiny_model("gpt2", len(drafter_tokenizer), seed=4, layers=1)
+    engine = SpeculativeEngine(target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+                               config=EngineConfig(translation=translation))  # fmt: skip
+    ids = target_tokenizer("def main(): return the answer", return_tensors="pt").input_ids
+    assert torch.equal(engine.generate(ids, max_new_tokens=16), target.generate(ids, max_new_tokens=16))
+
+
+def test_empty_intersection(trained_tokenizers):
+    from conftest import word_tokenizer
+
+    _, target_tokenizer = trained_tokenizers
+    with pytest.raises(ValueError, match="empty intersection"):
+        SpeculativeEngine(tiny_model("llama", TARGET_VOCAB), tiny_model("llama", 40), target_tokenizer=target_tokenizer,
+                          drafter_tokenizer=word_tokenizer(40))  # fmt: skip

@@ -1,0 +1,100 @@
+"""NGramTable: the hashed table of drafter-id runs that merge into one target token, as an object.
+
+The table lives on the engine's device (the kernels in ``kernels/ngram.py`` are its operations) and is
+filled online: after each verification every emitted target token whose drafter spelling has 2..N
+tokens is inserted with one more hit. It can be pre-seeded with the spellings of every target token.
+Capacity is fixed; when more than half the slots are used, the least frequently used half is evicted
+and the survivors' counts are halved (LFU with ageing), between rounds, so eviction never blocks decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import ops
+
+__all__ = ["NGramTable"]
+
+
+class NGramTable:
+    """Open-addressing hash table: runs of 2..``max_len`` drafter ids -> target id, with hit counts.
+
+    Args:
+        capacity: slots; rounded up to a power of two.
+        max_len: the longest drafter-id run stored (N, default 4).
+        device: where the table lives.
+    """
+
+    def __init__(self, capacity: int = 1 << 16, max_len: int = 4, device: torch.device | str = "cpu"):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"`ngram_capacity` must be an int >= 1, got {capacity!r}")
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"`ngram_max_len` must be an int >= 2 (runs of 2+ drafter ids), got {max_len!r}")
+        capacity = 1 << (capacity - 1).bit_length()
+        self.max_len = max_len
+        self.key_ids = torch.full((capacity, max_len), -1, dtype=torch.int32, device=device)
+        self.values = torch.full((capacity,), -1, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.dropped = torch.zeros((), dtype=torch.int64, device=device)  # inserts that found no slot
+
+    @property
+    def capacity(self) -> int:
+        return self.key_ids.shape[0]
+
+    def size(self) -> torch.Tensor:  # [] int64 on the table's device (no host sync)
+        return (self.key_ids[:, 0] >= 0).sum()
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, hits: torch.Tensor | None = None) -> None:
+        """Insert runs ``keys`` [Q, max_len] (-1 padded; rows of fewer than 2 ids are skipped) -> ``values``
+        [Q], adding ``hits`` [Q] (default 1 each) to their counts."""
+        hits = torch.ones_like(values, dtype=torch.int64) if hits is None else hits.long()
+        self.dropped += ops.ngram_insert(self.key_ids, self.values, self.counts, keys, values.long(), hits)
+
+    def lookup(self, queries: torch.Tensor) -> torch.Tensor:
+        """Target id of each run in ``queries`` [Q, max_len], or -1."""
+        return ops.ngram_lookup(self.key_ids, self.values, queries)
+
+    def evict(self) -> None:
+        """Keep the most used half of the entries (counts halved), rehashed into a cleared table."""
+        used = torch.nonzero(self.key_ids[:, 0] >= 0)[:, 0]
+        keep = used[torch.argsort(self.counts[used], descending=True, stable=True)[: self.capacity // 4]]
+        keys, values, counts = self.key_ids[keep].long(), self.values[keep].long(), self.counts[keep]
+        self.key_ids.fill_(-1)
+        self.values.fill_(-1)
+        self.counts.zero_()
+        self.insert(keys, values, torch.clamp_min(counts.long() // 2, 1))
+
+    def seed(self, t2ds: torch.Tensor, t2ds_len: torch.Tensor) -> None:
+        """Pre-seed with the drafter spelling of every target token spelled by 2..max_len drafter ids."""
+        ids = torch.nonzero((t2ds_len >= 2) & (t2ds_len <= self.max_len))[:, 0]
+        self.insert(self.keys_of(t2ds[ids], t2ds_len[ids]), ids.long())
+
+    def keys_of(self, spellings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[Q, max_len] keys from spellings [Q, width] (-1 padded); spellings longer than max_len give -1 rows."""
+        width = spellings.shape[1]
+        if width < self.max_len:
+            spellings = torch.nn.functional.pad(spellings, (0, self.max_len - width), value=-1)
+        keys = spellings[:, : self.max_len].long()
+        return torch.where((lengths <= self.max_len)[:, None], keys, -1)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"key_ids": self.key_ids, "values": self.values, "counts": self.counts}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["key_ids"].shape != self.key_ids.shape:
+            raise ValueError(
+                f"saved n-gram table has shape {tuple(state['key_ids'].shape)}, this one "
+                f"{tuple(self.key_ids.shape)}: build the engine with the same ngram_capacity and ngram_max_len"
+            )
+        for name, tensor in state.items():
+            getattr(self, name).copy_(tensor)
+
+    def save(self, path: str | Path) -> None:
+        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(load_file(str(path), device=str(self.key_ids.device)))

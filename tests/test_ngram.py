@@ -1,0 +1,122 @@
+"""The n-gram hash table (insert, lookup, duplicates, eviction, persistence) and OmniDraft's redistribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnidraft_fast import ops
+from omnidraft_fast.ngram import NGramTable
+
+
+def _keys(*runs, n=4):
+    return torch.tensor([list(r) + [-1] * (n - len(r)) for r in runs])
+
+
+def test_insert_lookup_and_duplicates_in_one_batch():
+    table = NGramTable(64, 4)
+    table.insert(
+        _keys((1, 2), (1, 2), (3, 4, 5), (7,), (2, 1), (9, 9, 9, 9)), torch.tensor([10, 10, 11, 12, 13, 14])
+    )
+    assert int(table.size()) == 4  # (7,) is too short to be a key
+    found = table.lookup(_keys((1, 2), (3, 4, 5), (7,), (2, 1), (1, 2, 3), (9, 9, 9, 9), (3, 4)))
+    assert found.tolist() == [10, 11, -1, 13, -1, 14, -1]
+    slot_of_12 = (table.values == 10).nonzero()[0, 0]
+    assert int(table.counts[slot_of_12]) == 2  # the duplicate added its hit
+    table.insert(_keys((1, 2)), torch.tensor([10]))
+    assert int(table.counts[slot_of_12]) == 3 and int(table.size()) == 4
+
+
+def test_many_keys_and_collisions_stay_exact():
+    table = NGramTable(4096, 3)
+    generator = torch.Generator().manual_seed(0)
+    runs = torch.randint(0, 50, (1500, 3), generator=generator)
+    runs[::3, 2] = -1  # some 2-grams
+    runs = torch.unique(runs, dim=0)
+    values = torch.arange(runs.shape[0])
+    table.insert(runs, values)
+    assert int(table.dropped) == 0
+    assert torch.equal(table.lookup(runs), values)
+    absent = runs.clone()
+    absent[:, 0] += 1000
+    assert (table.lookup(absent) == -1).all()
+
+
+def test_eviction_keeps_the_most_used():
+    table = NGramTable(16, 2)
+    table.insert(_keys(*[(i, i + 1) for i in range(8)], n=2), torch.arange(8))
+    table.insert(_keys((0, 1), (0, 1), (0, 1), (5, 6), (5, 6), n=2), torch.tensor([0, 0, 0, 5, 5]))
+    table.evict()
+    assert int(table.size()) == 4
+    assert table.lookup(_keys((0, 1), (5, 6), n=2)).tolist() == [0, 5]
+    assert int(table.counts.max()) == 2  # 4 hits, halved
+
+
+def test_save_and_load(tmp_path):
+    table = NGramTable(32, 3)
+    table.insert(_keys((1, 2), (3, 4, 5), n=3), torch.tensor([7, 8]))
+    table.save(tmp_path / "t.safetensors")
+    other = NGramTable(32, 3)
+    other.load(tmp_path / "t.safetensors")
+    assert other.lookup(_keys((1, 2), (3, 4, 5), n=3)).tolist() == [7, 8]
+    with pytest.raises(ValueError, match="ngram_capacity"):
+        NGramTable(64, 3).load(tmp_path / "t.safetensors")
+
+
+def test_bad_table_arguments():
+    with pytest.raises(ValueError, match="ngram_capacity"):
+        NGramTable(0)
+    with pytest.raises(ValueError, match="ngram_max_len"):
+        NGramTable(16, 1)
+
+
+def test_redistribution_hand_computed():
+    """Drafter vocab: 0 'snow', 1 'f', 2 'la', 3 'ke', 4 'x'; target vocab: 0 'snow', 1 'flake', 2 'f', 3 'y'.
+    The drafted run snow, f, la, ke merges to snow, flake; 'la' and 'ke' do not map directly."""
+    d2t = torch.tensor([0, 2, -1, -1, -1], dtype=torch.int32)
+    table = NGramTable(16, 3)
+    table.insert(_keys((1, 2, 3), n=3), torch.tensor([1]))
+    draft = torch.tensor([[0, 1, 2, 3]])
+    q = torch.tensor(
+        [
+            [
+                [0.6, 0.2, 0.1, 0.05, 0.05],
+                [0.1, 0.5, 0.2, 0.1, 0.1],
+                [0.1, 0.1, 0.4, 0.2, 0.2],
+                [0.0, 0.1, 0.1, 0.8, 0.0],
+            ]
+        ]
+    )
+    ids, lengths, q_t, span_end = ops.translate(
+        draft, q, d2t, target_vocab_size=4, table=(table.key_ids, table.values)
+    )
+    assert ids.tolist() == [[0, 1, -1, -1]] and lengths.tolist() == [2]
+    assert span_end[0, :2].tolist() == [1, 4]
+    # Position 0: direct map of q_0: snow 0.6, f 0.2.
+    torch.testing.assert_close(q_t[0, 0], torch.tensor([0.6, 0.0, 0.2, 0.0]))
+    # Position 1 (merge of f, la, ke from drafter positions 1..3): flake gets 0.5 * 0.4 * 0.8 = 0.16, taken
+    # from 'f' (0.5 - 0.16 = 0.34); 'snow' keeps its direct value 0.1.
+    torch.testing.assert_close(q_t[0, 1], torch.tensor([0.1, 0.16, 0.34, 0.0]))
+    assert (q_t[0, 2:] == 0).all()
+    # Without the table the draft stops at 'la' (no direct map).
+    ids, lengths, _, _ = ops.translate(draft, q, d2t, target_vocab_size=4)
+    assert ids.tolist() == [[0, 2, -1, -1]] and lengths.tolist() == [2]
+
+
+def test_merges_raise_acceptance_where_the_target_wants_the_merged_token():
+    """The target's greedy choices are snow, flake, y: with merges the drafted run is accepted up to
+    flake; with the direct map only, 'f' is proposed where the target wants 'flake' and is rejected."""
+    d2t = torch.tensor([0, 2, -1, -1, -1], dtype=torch.int32)
+    table = NGramTable(16, 3)
+    table.insert(_keys((1, 2, 3), n=3), torch.tensor([1]))
+    draft = torch.tensor([[0, 1, 2, 3]])
+    q = torch.nn.functional.one_hot(draft, 5).float()
+    wanted = torch.tensor([[0, 1, 3, 3, 3]])  # target argmax per position
+    target_logits = torch.nn.functional.one_hot(wanted, 4).float() * 10
+    accepted = {}
+    for name, kwargs in (("direct", {}), ("merged", {"table": (table.key_ids, table.values)})):
+        ids, _, q_t, _ = ops.translate(draft, q, d2t, target_vocab_size=4, **kwargs)
+        n, out, _, _ = ops.verify(target_logits, ids, q_t, torch.zeros(1, 4), None, temperature=0.0)
+        accepted[name] = int(n[0])
+        assert out[0, int(n[0])] == wanted[0, int(n[0])]
+    assert accepted == {"direct": 1, "merged": 2}
