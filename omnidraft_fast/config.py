@@ -24,6 +24,10 @@ class EngineConfig:
         ngram_capacity: slots of the n-gram table (rounded up to a power of two).
         ngram_max_len: the longest run of drafter tokens merged into one target token (N).
         ngram_preseed: fill the table with the drafter spelling of every target token at start.
+        max_spelling: the most drafter tokens a recovered/bonus target token is spelled with when fed
+            back to the drafter (the first draft step of a round re-feeds ``max_spelling + 1`` tokens).
+            The rare target tokens spelled longer (e.g. long runs of one character) are left out of
+            the drafter's context; the target's output is unaffected.
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA.
@@ -34,6 +38,7 @@ class EngineConfig:
     ngram_capacity: int = 1 << 16
     ngram_max_len: int = 4
     ngram_preseed: bool = True
+    max_spelling: int = 16
     time_stages: bool | None = None
 
     def __post_init__(self):
@@ -45,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
         if not isinstance(self.ngram_max_len, int) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
+        if not isinstance(self.max_spelling, int) or self.max_spelling < 1:
+            raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from .config import EngineConfig
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
+from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
@@ -131,6 +133,14 @@ class SpeculativeEngine:
     @property
     def device(self) -> torch.device:
         return self.target.device
+
+    def save_state(self, path: str | Path) -> None:
+        """Save what the engine learned (n-gram table, with its bridge) to one safetensors file."""
+        save_state(self, path)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore a state saved by an engine for the same tokenizer pair."""
+        load_state(self, path)
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
         """The vocabulary bridge, or None when drafter and target share one vocabulary."""
@@ -293,11 +303,18 @@ class SpeculativeEngine:
         )
         return sequences, stats
 
+    @property
+    def _spelling_width(self) -> int:
+        """Most drafter tokens one committed target token adds to the drafter's context in a round."""
+        return 1 if self.bridge is None else min(self.bridge.max_spelling, self.config.max_spelling)
+
     def _spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n]."""
+        """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n] (0 if longer)."""
         if self.bridge is None:
             return target_ids[:, None], torch.ones_like(target_ids)
-        return self.bridge.t2ds[target_ids].long(), self.bridge.t2ds_len[target_ids].long()
+        width = self._spelling_width
+        lengths = self.bridge.t2ds_len[target_ids].long()
+        return self.bridge.t2ds[target_ids, :width].long(), torch.where(lengths <= width, lengths, 0)
 
     def _begin(self, request: Request) -> _Batch:
         """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
@@ -310,13 +327,12 @@ class SpeculativeEngine:
 
         # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
         # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
-        spelling_width = 1 if self.bridge is None else self.bridge.max_spelling
+        spelling_width = self._spelling_width
         window = spelling_width + 1
         rows = []
         for row in range(batch):
             ids = request.input_ids[row, prompt - int(request.prompt_lengths[row]) :]
-            spelled, _lengths = self._spell(ids)
-            rows.append(spelled[spelled >= 0] if self.bridge is not None else ids)
+            rows.append(ids if self.bridge is None else self.bridge.spell_for_drafter(ids))
         d_prompt = max(1, max(len(r) for r in rows))
         # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
         # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.

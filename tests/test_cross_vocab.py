@@ -174,3 +174,24 @@ def test_empty_intersection(trained_tokenizers):
     with pytest.raises(ValueError, match="empty intersection"):
         SpeculativeEngine(tiny_model("llama", TARGET_VOCAB), tiny_model("llama", 40), target_tokenizer=target_tokenizer,
                           drafter_tokenizer=word_tokenizer(40))  # fmt: skip
+
+
+def test_learned_state_survives_a_restart(pair, tmp_path):
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    config = EngineConfig(translation="omnidraft", ngram_preseed=False)
+    engine = SpeculativeEngine(target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
+                               config=config)  # fmt: skip
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine.generate(**batch, max_new_tokens=24)
+    learned = int(engine.ngram.size())
+    assert learned > 0, "emitted multi-token spellings should have been inserted"
+    engine.save_state(tmp_path / "state.safetensors")
+    restarted = SpeculativeEngine(target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
+                                  config=config)  # fmt: skip
+    assert int(restarted.ngram.size()) == 0
+    restarted.load_state(tmp_path / "state.safetensors")
+    assert torch.equal(restarted.ngram.key_ids, engine.ngram.key_ids)
+    assert torch.equal(restarted.ngram.counts, engine.ngram.counts)
+    shared = SpeculativeEngine(target, target)
+    with pytest.raises(ValueError, match="another tokenizer pair"):
+        shared.load_state(tmp_path / "state.safetensors")
