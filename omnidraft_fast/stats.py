@@ -53,6 +53,11 @@ class GenerationStats:
         return self.target_calls / self.new_tokens if self.new_tokens else 0.0
 
     @property
+    def ngram_hits_per_round(self) -> float:
+        """Target tokens proposed from n-gram merges, per round."""
+        return self.merged_proposed / self.rounds if self.rounds else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
@@ -82,6 +87,7 @@ class GenerationStats:
             "drafter_accepted": self.drafter_accepted,
             "merged_proposed": self.merged_proposed,
             "merged_accepted": self.merged_accepted,
+            "ngram_hits_per_round": round(self.ngram_hits_per_round, 4),
             "ngram_table_size": self.ngram_table_size,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "new_tokens": self.new_tokens,
@@ -98,6 +104,12 @@ class GenerationStats:
             f"{self.rounds} rounds, acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposed}), "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
             f"target calls per token {self.target_calls_per_token:.3f}"
+            + (
+                f", n-gram merges {self.merged_accepted}/{self.merged_proposed} accepted "
+                f"({self.ngram_hits_per_round:.2f} per round, table {self.ngram_table_size})"
+                if self.merged_proposed or self.ngram_table_size
+                else ""
+            )
             + (f"; stages: {stages}" if stages else "")
         )
 
