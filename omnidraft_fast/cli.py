@@ -63,7 +63,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     result = run_demo(
-        prompts=args.prompts, max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens
+        prompts_per_task=args.prompts_per_task,
+        max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="plain generate() vs this engine on a model pair built from configs"
     )
-    demo.add_argument("--prompts", type=int, default=3)
+    demo.add_argument("--prompts-per-task", type=int, default=1, help="held-out prompts per task")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--num-draft-tokens", type=int, default=4)
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")

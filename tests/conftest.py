@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -135,48 +134,9 @@ def _corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained_tokenizers():
-    """Two tokenizers trained here with the `tokenizers` library: a SentencePiece-style one (metaspace,
-    byte fallback, 400 ids) for drafters and a byte-level BPE (350 ids) for targets."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
+    """Two tokenizers trained here: a SentencePiece-style one (metaspace, byte fallback, 400 ids) for
+    drafters and a byte-level BPE (350 ids) for targets."""
+    from omnidraft_fast.zoo.tokenizers import byte_level, sentencepiece_style
 
     corpus = _corpus()
-    # SentencePiece style: train on metaspace text, then add the 256 byte tokens <0xNN> to the vocabulary.
-    sp = Tokenizer(BPE(unk_token="<unk>"))
-    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer = trainers.BpeTrainer(
-        vocab_size=400 - 256, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    sp.train_from_iterator(corpus, trainer)
-    model = json.loads(sp.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    sp_fallback = Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    sp_fallback.normalizer = sp.normalizer
-    sp_fallback.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    drafter = PreTrainedTokenizerFast(
-        tokenizer_object=sp_fallback,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    bl = Tokenizer(BPE())
-    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bl.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=350,
-        special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bl.train_from_iterator(corpus, trainer)
-    target = PreTrainedTokenizerFast(
-        tokenizer_object=bl, eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left"
-    )
-    return drafter, target
+    return sentencepiece_style(corpus, 400), byte_level(corpus, 350)

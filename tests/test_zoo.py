@@ -1,0 +1,64 @@
+"""The embedded model zoo: data splits, shipped weights, and exact greedy decoding with both drafters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast.bridge import token_bytes
+from omnidraft_fast.zoo import ROOT, load
+from omnidraft_fast.zoo.data import (
+    HELDOUT_MODULES,
+    heldout_prompts,
+    stdlib_sources,
+    training_texts,
+    word_problem,
+)
+
+
+def test_data_splits_are_fixed_and_disjoint():
+    assert word_problem(5) == word_problem(5) and word_problem(5) != word_problem(6)
+    train_names = {name for name, _ in stdlib_sources()}
+    assert not train_names & set(HELDOUT_MODULES)
+    texts = training_texts(problems=200)
+    for task, prompt in heldout_prompts(2):
+        assert all(prompt not in text for text in texts), (task, prompt[:40])
+
+
+def test_zoo_fits_the_budget():
+    size = sum(path.stat().st_size for path in Path(ROOT).rglob("*") if path.is_file())
+    assert size <= 30 * 2**20, f"the zoo is {size / 2**20:.1f} MiB; the budget is 30 MiB"
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return load("code-pair")
+
+
+def test_load(zoo):
+    assert token_bytes(zoo.target_tokenizer).style == "bytelevel"
+    assert token_bytes(zoo.drafter_tokenizer).style == "sentencepiece"
+    assert zoo.drafter_shared.config.vocab_size == zoo.target.config.vocab_size
+    assert zoo.drafter_cross.config.vocab_size != zoo.target.config.vocab_size
+    target_params = sum(p.numel() for p in zoo.target.parameters())
+    assert target_params >= 3 * sum(p.numel() for p in zoo.drafter_cross.parameters())
+    with pytest.raises(ValueError, match="unknown zoo entry"):
+        load("nope")
+
+
+@pytest.mark.parametrize("drafter", ["shared", "cross"])
+def test_trained_pair_is_exact_and_drafts_well(zoo, drafter):
+    kwargs = {}
+    if drafter == "cross":
+        kwargs = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
+    model = zoo.drafter_shared if drafter == "shared" else zoo.drafter_cross
+    engine = SpeculativeEngine(zoo.target, model, config=EngineConfig(num_draft_tokens=4), **kwargs)
+    for _, prompt in heldout_prompts(1):
+        ids = zoo.target_tokenizer(prompt, return_tensors="pt").input_ids
+        expected = zoo.target.generate(ids, max_new_tokens=24, do_sample=False)
+        assert torch.equal(engine.generate(ids, max_new_tokens=24), expected)
+    # Trained on the same data, the drafter agrees with the target far more often than chance.
+    assert engine.stats.acceptance_rate > 0.2, engine.stats.summary()
