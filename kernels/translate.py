@@ -122,13 +122,12 @@ def translate_ngram_reference(
     product = (log_cumulative.gather(1, span_end) - log_cumulative.gather(1, source)).exp()  # [batch, k]
     is_merge = width >= 2
     first_direct = mapped.gather(1, source)
-    subtract = is_merge & (first_direct >= 0)
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, k)
-    positions = torch.arange(k, device=device).expand(batch, k)
-    current = target_probs[rows, positions, first_direct.clamp_min(0)]
-    target_probs[rows[subtract], positions[subtract], first_direct[subtract]] = (current - product)[
-        subtract
-    ].clamp_min(0.0)
-    target_probs[rows[is_merge], positions[is_merge], target_ids[is_merge]] = product[is_merge]
+    # Gathers and scatters over fixed shapes (no boolean indexing, so no host sync on a GPU).
+    subtract = torch.where(is_merge & (first_direct >= 0), product, 0.0)
+    target_probs.scatter_add_(2, first_direct.clamp_min(0)[..., None], -subtract[..., None])
+    target_probs.clamp_min_(0.0)
+    merged_at = target_ids.clamp_min(0)[..., None]
+    kept = target_probs.gather(2, merged_at)[..., 0]
+    target_probs.scatter_(2, merged_at, torch.where(is_merge, product, kept)[..., None])
     target_probs *= (target_ids >= 0)[..., None]
     return target_ids, lengths, target_probs, span_end
