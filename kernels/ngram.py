@@ -56,6 +56,8 @@ def ngram_lookup_reference(
         match = open_ & (stored == queries).all(-1)
         found = torch.where(match, values[slot].long(), found)
         open_ &= ~match & (stored[:, 0] >= 0)  # an empty slot ends the chain
+        if not _more(open_):
+            break
     return found
 
 
@@ -93,4 +95,12 @@ def ngram_insert_reference(
         values[slot[won]] = unique_values[won].to(values.dtype)
         counts[slot[won]] = hits[won].to(counts.dtype)
         pending &= ~won
+        if not _more(pending):
+            break
     return pending.sum()
+
+
+def _more(pending: torch.Tensor) -> bool:
+    """Whether probing must go on. On the CPU, stop as soon as every key is resolved (a free check there);
+    on a GPU the check would synchronise, so all MAX_PROBES steps run (the results are the same)."""
+    return pending.device.type != "cpu" or bool(pending.any())
