@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     demo = commands.add_parser(
-        "demo", help="plain generate() vs this engine on a model pair built from configs"
+        "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
     demo.add_argument("--prompts-per-task", type=int, default=1, help="held-out prompts per task")
     demo.add_argument("--max-new-tokens", type=int, default=64)
