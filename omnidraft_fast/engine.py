@@ -166,9 +166,7 @@ class SpeculativeEngine:
                 "no drafter token stands for the same bytes as a target token (empty intersection): check that "
                 "`tokenizer`/`drafter_tokenizer` are the tokenizers of these models"
             )
-        bridge = bridge.to(self.device)
-        self._mappable = bridge.d2t >= 0  # [V_d] drafter ids TLI may propose
-        return bridge
+        return bridge.to(self.device)
 
     def generate(
         self,
@@ -262,7 +260,7 @@ class SpeculativeEngine:
                 self._round(state, request, generator, timer)
                 rounds += 1
                 with timer("host"):
-                    table_size = self.ngram.size() if self.ngram is not None else state.counters[0] * 0
+                    table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
                     flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
                     all_done, invalid, table_size = flags.tolist()  # the one read per round
                 if self.ngram is not None and table_size > self.ngram.capacity // 2:
@@ -381,7 +379,7 @@ class SpeculativeEngine:
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
                 invalid |= ops.nonfinite_rows(logits)
                 if mode == "tli":  # token-level intersection: propose only tokens the target has
-                    logits = logits.masked_fill(~self._mappable, float("-inf"))
+                    logits = logits.masked_fill(self.bridge.d2t < 0, float("-inf"))
                 noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
                 ids, probs = ops.sample(
                     logits,
