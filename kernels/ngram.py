@@ -2,29 +2,64 @@
 
 Layout (capacity ``C``, a power of two; ``N`` = the longest key):
 
-    key_ids [C, N] int32   the stored key, -1 padded (key_ids[s, 0] == -1: slot s is empty)
+    hashes  [C]    int64   the claim word: the stored key's hash, or EMPTY (-1) for a free slot
+    key_ids [C, N] int32   the stored key, -1 padded (key_ids[s, 0] == -1 exactly when slot s is free)
     values  [C]    int32   the target id whose bytes are the concatenation of the key's tokens
     counts  [C]    int32   hits: how often the target emitted this token (least-frequently-used eviction)
 
 A key of ``n`` ids (2 <= n <= N) hashes to ``h = mix(... mix(mix(n) * P + a_1 + 1) * P + a_2 + 1 ...)``
-(64-bit wrap-around arithmetic, ``mix`` a xor-shift-multiply finaliser); it lives in the first slot of
-``(h + i) mod C``, ``i = 0..MAX_PROBES-1``, that holds it or is empty (linear probing). The stored key
-makes lookups exact whatever the hash collisions. Probing stops after ``MAX_PROBES`` slots; the owner
-keeps the load factor near 1/2 (see ``omnidraft_fast/ngram.py``), where an insert needs more than 16
-probes with negligible probability, and counts the inserts that could not be placed.
+(64-bit wrap-around arithmetic, ``mix`` a xor-shift-multiply finaliser), with the sign bit cleared so
+that no hash is EMPTY. Its probe sequence is ``(h + i) mod C``, ``i = 0..MAX_PROBES-1`` (linear probing).
+
+Lookup: the first slot of the sequence whose stored key equals the query, exactly, gives the value;
+a free slot or the end of the sequence gives -1. The stored key makes lookups exact whatever the hashes.
+
+Insert: a key settles in the first slot of its sequence whose hash equals its own (present: its hits
+are added to the count) or that is free (claimed: key, value and hits written). Two keys are the same
+key for an insert when their 63-bit hashes are equal. A different key with an equal hash (probability
+about ``n_chain * 2^-63`` per insert) adds its hits to the other key's slot and is not stored; a lookup
+of it compares the stored ids, misses, and returns -1: never a wrong value. Duplicate keys in one batch
+settle in one slot and their hits add up; which duplicate's value is written is unspecified (they
+should agree). Probing stops after ``MAX_PROBES`` slots; the owner keeps the load factor near 1/2 (see
+``omnidraft_fast/ngram.py``), where an insert needs more than 16 probes with negligible probability,
+and counts the keys (rows) that could not be placed.
+
+Concurrency (the Triton insert, one key per lane, many programs at once): a slot's hash word goes from
+EMPTY to a hash once, by ``atomic_cas``, and never changes again during a launch. So a plain load that
+sees a hash is final, and one that sees EMPTY is confirmed or corrected by the CAS, whose return value
+is the word's final content: EMPTY (this lane claimed the slot), its own hash (the same key, claimed by
+another lane: add hits) or another hash (probe on). The claimer is the only writer of the slot's key
+and value; every settler adds its hits with ``atomic_add``. Nothing reads key ids or values during an
+insert, so no ordering between the plain stores and the atomics is needed; lookups run in later
+launches. The outcome is that of the reference up to which of the keys racing for a free slot takes
+it (the reference: the lowest row): the same entries, possibly in other slots.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["MAX_PROBES", "hash_keys_reference", "ngram_insert_reference", "ngram_lookup_reference"]
+__all__ = [
+    "EMPTY",
+    "MAX_PROBES",
+    "hash_keys_reference",
+    "ngram_insert_reference",
+    "ngram_insert_triton",
+    "ngram_lookup_reference",
+    "ngram_lookup_triton",
+]
 
 MAX_PROBES = 16
+EMPTY = -1  # the hash word of a free slot
 _P = 0x100000001B3  # FNV-1a 64-bit prime
 _M = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 (splitmix64) as a signed int64
+_SIGN_OFF = 0x7FFFFFFFFFFFFFFF
+_BLOCK = 256  # keys per program
 
 
+# -- torch references (the definition) -----------------------------------------------------------------
 def _mix(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 31)
     x = x * _M
@@ -32,13 +67,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_keys_reference(keys: torch.Tensor) -> torch.Tensor:  # keys [Q, N] int64, -1 padded -> [Q] int64
-    """The 64-bit hash of each key (its length and ids)."""
+    """The 63-bit hash of each key (its length and ids), >= 0."""
     lengths = (keys >= 0).sum(-1)
     h = _mix(lengths.long())
     for column in range(keys.shape[1]):
         step = _mix(h * _P + keys[:, column] + 1)
         h = torch.where(keys[:, column] >= 0, step, h)
-    return h
+    return h & _SIGN_OFF
 
 
 def ngram_lookup_reference(
@@ -55,46 +90,49 @@ def ngram_lookup_reference(
         stored = key_ids[slot].long()  # [Q, N]
         match = open_ & (stored == queries).all(-1)
         found = torch.where(match, values[slot].long(), found)
-        open_ &= ~match & (stored[:, 0] >= 0)  # an empty slot ends the chain
+        open_ &= ~match & (stored[:, 0] >= 0)  # a free slot ends the chain
         if not _more(open_):
             break
     return found
 
 
 def ngram_insert_reference(
+    hashes: torch.Tensor,  # [C] int64, updated in place
     key_ids: torch.Tensor,  # [C, N] int32, updated in place
     values: torch.Tensor,  # [C] int32, updated in place
     counts: torch.Tensor,  # [C] int32, updated in place
     keys: torch.Tensor,  # [Q, N] int64, -1 padded; rows shorter than 2 ids are ignored
-    new_values: torch.Tensor,  # [Q] int64
-    weights: torch.Tensor,  # [Q] int64 hits each row adds
-) -> torch.Tensor:  # [] int64: keys that found no slot within MAX_PROBES
-    """Insert or count each key; duplicate keys in one batch add up their weights."""
-    capacity = key_ids.shape[0]
-    keep = (keys >= 0).sum(-1) >= 2
-    keys, new_values, weights = keys[keep], new_values[keep], weights[keep]
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    hits = torch.zeros(unique.shape[0], dtype=torch.int64, device=keys.device).index_add_(0, inverse, weights)
-    unique_values = torch.zeros(unique.shape[0], dtype=torch.int64, device=keys.device)
-    unique_values.scatter_(0, inverse, new_values)
-    h = hash_keys_reference(unique)
-    pending = torch.ones(unique.shape[0], dtype=torch.bool, device=keys.device)
-    order = torch.arange(unique.shape[0], device=keys.device)
+    new_values: torch.Tensor,  # [Q] int64, >= 0
+    hits: torch.Tensor,  # [Q] int64 hits each row adds
+) -> torch.Tensor:  # [] int64: rows that found no slot within MAX_PROBES
+    """Insert or count each key; duplicate keys in one batch settle in one slot and add up their hits.
+
+    Fixed shapes only (no host sync on a GPU): a masked write to a free slot is a ``scatter_reduce`` with
+    ``amax`` of -1 for the rows that do not write, since a free slot holds -1 in hashes, key ids and values.
+    """
+    capacity, rows = key_ids.shape[0], keys.shape[0]
+    h = hash_keys_reference(keys)
+    pending = (keys >= 0).sum(-1) >= 2
+    order = torch.arange(rows, device=keys.device)
+    claimant = torch.full((capacity,), rows, dtype=torch.int64, device=keys.device)  # reset after each use
+    new_keys = keys.to(key_ids.dtype)
+    new_values = new_values.to(values.dtype)
     for probe in range(MAX_PROBES):
         slot = (h + probe) & (capacity - 1)
-        stored = key_ids[slot].long()
-        match = pending & (stored == unique).all(-1)
-        counts.index_add_(0, slot[match], hits[match].to(counts.dtype))
-        pending &= ~match
-        # Empty slots: the lowest-numbered pending key aiming at a slot claims it; the others probe on.
-        empty = pending & (stored[:, 0] < 0)
-        claimant = torch.full((capacity,), unique.shape[0], dtype=torch.int64, device=keys.device)
-        claimant.scatter_reduce_(0, slot[empty], order[empty], reduce="amin")
-        won = empty & (claimant[slot] == order)
-        key_ids[slot[won]] = unique[won].to(key_ids.dtype)
-        values[slot[won]] = unique_values[won].to(values.dtype)
-        counts[slot[won]] = hits[won].to(counts.dtype)
-        pending &= ~won
+        # A free slot goes to the lowest pending row aiming at it.
+        free = pending & (hashes[slot] == EMPTY)
+        claimant.scatter_reduce_(0, slot, torch.where(free, order, rows), reduce="amin")
+        won = free & (claimant[slot] == order)
+        claimant.index_fill_(0, slot, rows)
+        hashes.scatter_reduce_(0, slot, torch.where(won, h, EMPTY), reduce="amax")
+        key_ids.scatter_reduce_(
+            0, slot[:, None].expand_as(new_keys), torch.where(won[:, None], new_keys, -1), reduce="amax"
+        )
+        values.scatter_reduce_(0, slot, torch.where(won, new_values, -1), reduce="amax")
+        # Every row whose slot now holds its hash (claimed just now, by a duplicate, or earlier) settles.
+        settled = pending & (hashes[slot] == h)
+        counts.index_add_(0, slot, torch.where(settled, hits, 0).to(counts.dtype))
+        pending &= ~settled
         if not _more(pending):
             break
     return pending.sum()
@@ -104,3 +142,154 @@ def _more(pending: torch.Tensor) -> bool:
     """Whether probing must go on. On the CPU, stop as soon as every key is resolved (a free check there);
     on a GPU the check would synchronise, so all MAX_PROBES steps run (the results are the same)."""
     return pending.device.type != "cpu" or bool(pending.any())
+
+
+# -- Triton kernels ---------------------------------------------------------------------------------------
+_P_TL = tl.constexpr(_P)
+_M_TL = tl.constexpr(_M)
+_SIGN_OFF_TL = tl.constexpr(_SIGN_OFF)
+_EMPTY_TL = tl.constexpr(EMPTY)
+
+
+@triton.jit
+def _mix_tl(x):
+    x = x ^ (x >> 31)
+    x = x * _M_TL
+    return x ^ (x >> 29)
+
+
+@triton.jit
+def _hash_rows(keys, rows, live, N: tl.constexpr):  # keys [Q, N] int64; rows, live [BLOCK] -> h, length
+    length = tl.zeros_like(rows)
+    for column in tl.static_range(N):
+        length += (tl.load(keys + rows * N + column, mask=live, other=-1) >= 0).to(tl.int64)
+    h = _mix_tl(length)
+    for column in tl.static_range(N):
+        key = tl.load(keys + rows * N + column, mask=live, other=-1)
+        h = tl.where(key >= 0, _mix_tl(h * _P_TL + key + 1), h)
+    return h & _SIGN_OFF_TL, length
+
+
+@triton.jit
+def _ngram_lookup_kernel(
+    key_ids,  # [C, N] int32
+    values,  # [C] int32
+    queries,  # [Q, N] int64
+    found,  # [Q] int64 out
+    Q,
+    C,
+    N: tl.constexpr,
+    N_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_PROBES: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    live = rows < Q
+    columns = tl.arange(0, N_POW2)
+    in_key = columns[None, :] < N  # [1, N_POW2]
+    query = tl.load(queries + rows[:, None] * N + columns[None, :], mask=live[:, None] & in_key, other=-1)
+    h, _ = _hash_rows(queries, rows, live, N)
+    value = tl.full([BLOCK], -1, tl.int64)
+    open_ = live
+    for probe in range(MAX_PROBES):
+        if tl.max(open_.to(tl.int32), axis=0) > 0:
+            slot = (h + probe) & (C - 1)
+            stored = tl.load(
+                key_ids + slot[:, None] * N + columns[None, :], mask=open_[:, None] & in_key, other=-1
+            ).to(tl.int64)  # [BLOCK, N_POW2]
+            match = open_ & (tl.sum((stored != query).to(tl.int32), axis=1) == 0)
+            value = tl.where(match, tl.load(values + slot, mask=match, other=-1).to(tl.int64), value)
+            first = tl.sum(tl.where(columns[None, :] == 0, stored, 0), axis=1)
+            open_ = open_ & ~match & (first >= 0)
+    tl.store(found + rows, value, mask=live)
+
+
+@triton.jit
+def _ngram_insert_kernel(
+    hashes,  # [C] int64
+    key_ids,  # [C, N] int32
+    values,  # [C] int32
+    counts,  # [C] int32
+    keys,  # [Q, N] int64
+    new_values,  # [Q] int64
+    hits,  # [Q] int64
+    dropped,  # [] int64 out, zeroed
+    Q,
+    C,
+    N: tl.constexpr,
+    N_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_PROBES: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    live = rows < Q
+    columns = tl.arange(0, N_POW2)
+    in_key = columns[None, :] < N
+    h, length = _hash_rows(keys, rows, live, N)
+    pending = live & (length >= 2)
+    empty = tl.full([BLOCK], _EMPTY_TL, tl.int64)
+    never = tl.full([BLOCK], _EMPTY_TL - 1, tl.int64)  # a CAS comparand no hash word holds: no swap
+    for probe in range(MAX_PROBES):
+        if tl.max(pending.to(tl.int32), axis=0) > 0:
+            slot = (h + probe) & (C - 1)
+            word = tl.load(hashes + slot, mask=pending, other=_EMPTY_TL)  # a hash seen here is final
+            free = pending & (word == _EMPTY_TL)
+            if tl.max(free.to(tl.int32), axis=0) > 0:
+                old = tl.atomic_cas(hashes + slot, tl.where(free, empty, never), h, sem="relaxed")
+                won = free & (old == _EMPTY_TL)
+                key = tl.load(keys + rows[:, None] * N + columns[None, :], mask=won[:, None] & in_key)
+                tl.store(
+                    key_ids + slot[:, None] * N + columns[None, :],
+                    key.to(tl.int32),
+                    mask=won[:, None] & in_key,
+                )
+                tl.store(values + slot, tl.load(new_values + rows, mask=won).to(tl.int32), mask=won)
+                word = tl.where(won, h, tl.where(free, old, word))
+            settled = pending & (word == h)
+            tl.atomic_add(
+                counts + slot, tl.load(hits + rows, mask=settled).to(tl.int32), mask=settled, sem="relaxed"
+            )
+            pending = pending & ~settled
+    unplaced = tl.sum(pending.to(tl.int64), axis=0)
+    if unplaced > 0:
+        tl.atomic_add(dropped, unplaced, sem="relaxed")
+
+
+def ngram_lookup_triton(
+    key_ids: torch.Tensor,  # [C, N] int32, contiguous
+    values: torch.Tensor,  # [C] int32
+    queries: torch.Tensor,  # [Q, N] int64, -1 padded
+) -> torch.Tensor:  # [Q] int64: the value, or -1
+    capacity, n = key_ids.shape
+    queries = queries.contiguous()
+    found = torch.empty(queries.shape[0], dtype=torch.int64, device=queries.device)
+    if queries.shape[0] == 0:
+        return found
+    grid = (triton.cdiv(queries.shape[0], _BLOCK),)
+    _ngram_lookup_kernel[grid](
+        key_ids, values, queries, found, queries.shape[0], capacity,
+        N=n, N_POW2=triton.next_power_of_2(n), BLOCK=_BLOCK, MAX_PROBES=MAX_PROBES,
+    )  # fmt: skip
+    return found
+
+
+def ngram_insert_triton(
+    hashes: torch.Tensor,  # [C] int64, updated in place
+    key_ids: torch.Tensor,  # [C, N] int32, contiguous, updated in place
+    values: torch.Tensor,  # [C] int32, updated in place
+    counts: torch.Tensor,  # [C] int32, updated in place
+    keys: torch.Tensor,  # [Q, N] int64, -1 padded
+    new_values: torch.Tensor,  # [Q] int64
+    hits: torch.Tensor,  # [Q] int64
+) -> torch.Tensor:  # [] int64: rows that found no slot (no host sync)
+    capacity, n = key_ids.shape
+    keys, new_values, hits = keys.contiguous(), new_values.contiguous(), hits.contiguous()
+    dropped = torch.zeros((), dtype=torch.int64, device=keys.device)
+    if keys.shape[0] == 0:
+        return dropped
+    grid = (triton.cdiv(keys.shape[0], _BLOCK),)
+    _ngram_insert_kernel[grid](
+        hashes, key_ids, values, counts, keys, new_values, hits, dropped, keys.shape[0], capacity,
+        N=n, N_POW2=triton.next_power_of_2(n), BLOCK=_BLOCK, MAX_PROBES=MAX_PROBES,
+    )  # fmt: skip
+    return dropped

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import ops
+from .kernels.ngram import EMPTY, hash_keys_reference
 
 __all__ = ["NGramTable"]
 
@@ -35,6 +36,7 @@ class NGramTable:
             raise ValueError(f"`ngram_max_len` must be an int >= 2 (runs of 2+ drafter ids), got {max_len!r}")
         capacity = 1 << (capacity - 1).bit_length()
         self.max_len = max_len
+        self.hashes = torch.full((capacity,), EMPTY, dtype=torch.int64, device=device)  # insert claim words
         self.key_ids = torch.full((capacity, max_len), -1, dtype=torch.int32, device=device)
         self.values = torch.full((capacity,), -1, dtype=torch.int32, device=device)
         self.counts = torch.zeros(capacity, dtype=torch.int32, device=device)
@@ -51,7 +53,9 @@ class NGramTable:
         """Insert runs ``keys`` [Q, max_len] (-1 padded; rows of fewer than 2 ids are skipped) -> ``values``
         [Q], adding ``hits`` [Q] (default 1 each) to their counts."""
         hits = torch.ones_like(values, dtype=torch.int64) if hits is None else hits.long()
-        self.dropped += ops.ngram_insert(self.key_ids, self.values, self.counts, keys, values.long(), hits)
+        self.dropped += ops.ngram_insert(
+            self.hashes, self.key_ids, self.values, self.counts, keys, values.long(), hits
+        )
 
     def lookup(self, queries: torch.Tensor) -> torch.Tensor:
         """Target id of each run in ``queries`` [Q, max_len], or -1."""
@@ -62,6 +66,7 @@ class NGramTable:
         used = torch.nonzero(self.key_ids[:, 0] >= 0)[:, 0]
         keep = used[torch.argsort(self.counts[used], descending=True, stable=True)[: self.capacity // 4]]
         keys, values, counts = self.key_ids[keep].long(), self.values[keep].long(), self.counts[keep]
+        self.hashes.fill_(EMPTY)
         self.key_ids.fill_(-1)
         self.values.fill_(-1)
         self.counts.zero_()
@@ -82,6 +87,7 @@ class NGramTable:
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The entries, slot by slot; ``hashes`` derive from ``key_ids`` and are rebuilt on load."""
         return {"key_ids": self.key_ids, "values": self.values, "counts": self.counts}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -92,6 +98,8 @@ class NGramTable:
             )
         for name, tensor in state.items():
             getattr(self, name).copy_(tensor)
+        used = self.key_ids[:, 0] >= 0
+        self.hashes.copy_(torch.where(used, hash_keys_reference(self.key_ids.long()), EMPTY))
 
     def save(self, path: str | Path) -> None:
         save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(path))

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 from .kernels.commit import commit_drafter_reference, commit_reference
-from .kernels.ngram import ngram_insert_reference, ngram_lookup_reference
+from .kernels.ngram import (
+    ngram_insert_reference,
+    ngram_insert_triton,
+    ngram_lookup_reference,
+    ngram_lookup_triton,
+)
 from .kernels.sampling import nonfinite_rows_reference, sample_reference
 from .kernels.translate import translate_ngram_reference, translate_reference
 from .kernels.verify import verify_reference
@@ -253,6 +258,8 @@ def _check_table(key_ids: torch.Tensor, values: torch.Tensor) -> None:
         raise ValueError(
             f"the table's capacity must be a power of two shared by `key_ids` and `values`, got {capacity}"
         )
+    if not (key_ids.is_contiguous() and values.is_contiguous()):
+        raise ValueError("the table's `key_ids` and `values` must be contiguous")
 
 
 def ngram_lookup(
@@ -260,27 +267,33 @@ def ngram_lookup(
     values: torch.Tensor,  # [C] int32
     queries: torch.Tensor,  # [Q, N] int64, -1 padded
 ) -> torch.Tensor:  # [Q] int64
-    """Value of each query key in the n-gram hash table, or -1 (see ``kernels/ngram.py``)."""
+    """Value of each query key in the n-gram hash table, or -1 (see ``kernels/ngram.py``; Triton on CUDA)."""
     _check_table(key_ids, values)
     _check("queries", queries, 2, dtypes=(torch.int64,), device=key_ids.device)
     if queries.shape[1] != key_ids.shape[1]:
         raise ValueError(
             f"`queries` must have {key_ids.shape[1]} columns (the table's N), got {queries.shape[1]}"
         )
-    return ngram_lookup_reference(key_ids, values, queries)
+    lookup = ngram_lookup_triton if key_ids.is_cuda else ngram_lookup_reference
+    return lookup(key_ids, values, queries)
 
 
 def ngram_insert(
+    hashes: torch.Tensor,  # [C] int64
     key_ids: torch.Tensor,  # [C, N] int32
     values: torch.Tensor,  # [C] int32
     counts: torch.Tensor,  # [C] int32
     keys: torch.Tensor,  # [Q, N] int64
     new_values: torch.Tensor,  # [Q] int64
     hits: torch.Tensor,  # [Q] int64
-) -> torch.Tensor:  # [] int64 keys not placed
-    """Insert keys (or add hits to present ones) in place; returns how many found no slot."""
+) -> torch.Tensor:  # [] int64 rows not placed
+    """Insert keys (or add hits to present ones) in place; returns how many rows found no slot, on the
+    table's device (see ``kernels/ngram.py``; Triton on CUDA)."""
     _check_table(key_ids, values)
-    _check("counts", counts, 1, dtypes=(torch.int32,), device=key_ids.device)
+    for name, tensor, dtype in (("hashes", hashes, torch.int64), ("counts", counts, torch.int32)):
+        _check(name, tensor, 1, dtypes=(dtype,), device=key_ids.device)
+        if tensor.shape[0] != key_ids.shape[0] or not tensor.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous with one entry per slot ({key_ids.shape[0]})")
     _check("keys", keys, 2, dtypes=(torch.int64,), device=key_ids.device)
     if keys.shape[1] != key_ids.shape[1]:
         raise ValueError(f"`keys` must have {key_ids.shape[1]} columns (the table's N), got {keys.shape[1]}")
@@ -288,4 +301,5 @@ def ngram_insert(
         _check(name, tensor, 1, dtypes=(torch.int64,), device=key_ids.device)
         if tensor.shape[0] != keys.shape[0]:
             raise ValueError(f"`{name}` must have one entry per key ({keys.shape[0]}), got {tensor.shape[0]}")
-    return ngram_insert_reference(key_ids, values, counts, keys, new_values, hits)
+    insert = ngram_insert_triton if key_ids.is_cuda else ngram_insert_reference
+    return insert(hashes, key_ids, values, counts, keys, new_values, hits)
