@@ -1,11 +1,12 @@
 """omnidraft_fast: speculative decoding for Hugging Face causal LMs, as a drop-in ``generate()``."""
 
 from .api import generate
-from .config import EngineConfig, SamplingParams
+from .config import CascadeConfig, EngineConfig, SamplingParams
 from .engine import GenerateOutput, SpeculativeEngine
 from .stats import GenerationStats
 
 __all__ = [
+    "CascadeConfig",
     "EngineConfig",
     "GenerateOutput",
     "GenerationStats",

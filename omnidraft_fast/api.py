@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .config import EngineConfig
+from .config import CascadeConfig, EngineConfig
 from .engine import GenerateOutput, SpeculativeEngine
 
 __all__ = ["generate"]
@@ -51,6 +51,7 @@ def generate(
     assistant_model: torch.nn.Module | None = None,
     assistant_tokenizer: Any = None,
     engine_config: EngineConfig | None = None,
+    cascade: CascadeConfig | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Speculative decoding of ``model`` with a small ``drafter``, called like ``model.generate()``.
@@ -59,6 +60,9 @@ def generate(
     the target's distribution exactly (temperature, top-k, top-p). Arguments left unset resolve as in
     ``model.generate()``: the model's generation_config, then transformers' defaults (so sampling without
     ``top_k`` uses top-k 50; pass ``top_k=0`` to switch it off).
+
+    ``cascade=CascadeConfig(rule, alpha)`` trades fidelity to the target for speed with a
+    speculative-cascade deferral rule (``None``, the default: exact).
 
     ``assistant_model``, ``assistant_tokenizer`` and ``num_assistant_tokens`` are accepted as the names
     transformers uses for ``drafter``, ``drafter_tokenizer`` and ``num_draft_tokens``.
@@ -88,6 +92,7 @@ def generate(
         generation_config=generation_config,
         streamer=streamer,
         return_dict_in_generate=return_dict_in_generate,
+        cascade=cascade,
         **kwargs,
     )
 

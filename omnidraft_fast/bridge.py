@@ -200,6 +200,14 @@ class VocabBridge:
     ):
         self.d2t, self.t2d, self.t2ds, self.t2ds_len = d2t, t2d, t2ds, t2ds_len
         self.target_eos, self.drafter_eos = target_eos, drafter_eos
+        # Drafter ids that map to a target id whose canonical drafter id is another one (e.g. `<0x20>`
+        # beside `▁`): [2, D] int64, row 0 those ids, row 1 their canonical twins. Their probability is
+        # folded onto the twin before the proposal is read through `t2d` (kernels/proposal.py).
+        mapped = d2t.long().clamp_min(0)
+        folded = (
+            (d2t >= 0) & (t2d.long()[mapped] != torch.arange(d2t.shape[0], device=d2t.device))
+        ).nonzero()[:, 0]
+        self.twins = torch.stack([folded, t2d.long()[mapped[folded]]])
 
     @property
     def drafter_vocab_size(self) -> int:

@@ -27,7 +27,9 @@ import torch
 
 from . import ops
 from .bridge import VocabBridge
-from .config import EngineConfig
+from .config import CascadeConfig, EngineConfig, SamplingParams
+from .kernels.proposal import CrossProposal, fold_twins_
+from .kernels.verify import RULES
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
@@ -39,7 +41,7 @@ __all__ = ["GenerateOutput", "SpeculativeEngine"]
 # Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
 _COUNTERS = (
     "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
-    "merged_accepted", "invalid",
+    "merged_accepted", "deferred", "invalid",
 )  # fmt: skip
 
 # Keyword names of transformers' generate() that mean the same as ours.
@@ -75,6 +77,9 @@ class _Batch:
     window: int  # drafter tokens re-fed by the first draft step of a round
     draft_ids: torch.Tensor  # [batch, k] drafter ids
     draft_probs: torch.Tensor  # [batch, k, V_d] fp32
+    draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
+    rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
+    alpha: torch.Tensor | None  # [batch] fp32
     counters: torch.Tensor  # [len(_COUNTERS)] int64, summed over rounds (read once, at the end)
 
 
@@ -184,9 +189,13 @@ class SpeculativeEngine:
         generation_config: Any = None,
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
+        cascade: CascadeConfig | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateOutput:
         """Generate like ``target.generate()``; unset arguments resolve as there (see ``request.py``).
+
+        ``cascade`` (default: the engine config's) verifies against a speculative-cascade deferral rule
+        instead of the target exactly (``CascadeConfig``).
 
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` after a row's EOS, or a
         :class:`GenerateOutput` when ``return_dict_in_generate=True``.
@@ -225,7 +234,13 @@ class SpeculativeEngine:
             explicit=explicit,
             default_draft_tokens=self.config.num_draft_tokens,
             streamer=streamer,
+            cascade=cascade if cascade is not None else self.config.cascade,
         )
+        if request.cascade is not None and self.bridge is not None and self.config.translation == "exact":
+            raise ValueError(
+                "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
+                "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
+            )
         sequences, stats = self._run(request)
         self.last_stats = stats
         self.stats.add(stats)
@@ -356,6 +371,15 @@ class SpeculativeEngine:
             window=window,
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
+            draft_probs_t1=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device)
+            if request.cascade is not None and request.sampling != SamplingParams(temperature=1.0)
+            else None,
+            rule=None
+            if request.cascade is None
+            else torch.full((batch,), RULES.index(request.cascade.rule), dtype=torch.int64, device=device),
+            alpha=None
+            if request.cascade is None
+            else torch.tensor(request.alphas, dtype=torch.float32, device=device),
             counters=torch.zeros(len(_COUNTERS), dtype=torch.int64, device=device),
         )
 
@@ -390,20 +414,23 @@ class SpeculativeEngine:
                 )
                 state.draft_ids[:, i] = ids
                 state.draft_probs[:, i] = probs
+                if state.draft_probs_t1 is not None:
+                    state.draft_probs_t1[:, i] = logits.float().softmax(-1)
                 inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
 
         with timer("translate"):
+            cross = None
             if self.bridge is None:
-                proposal, proposal_probs = state.draft_ids, state.draft_probs
+                proposal = state.draft_ids
                 span_end = torch.arange(1, k + 1, device=device).expand(batch, k)
             else:
-                proposal, _, proposal_probs, span_end = ops.translate(
-                    state.draft_ids,
-                    None if mode == "exact" else state.draft_probs,
-                    self.bridge.d2t,
-                    target_vocab_size=self.target.vocab_size,
-                    table=None if self.ngram is None else (self.ngram.key_ids, self.ngram.values),
+                proposal, _, source, span_end = ops.translate(
+                    state.draft_ids, self.bridge.d2t, table=None if self.ngram is None else self.ngram.tensors
                 )
+                cross = CrossProposal(state.draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
+                for probs in (state.draft_probs, state.draft_probs_t1):
+                    if probs is not None:
+                        fold_twins_(probs, self.bridge.twins)
 
         with timer("target"):
             slots = state.lengths[:, None] - 1 + torch.arange(k + 1, device=device)  # [batch, k+1]
@@ -416,15 +443,19 @@ class SpeculativeEngine:
             vocab = target_logits.shape[-1]
             noise_shape = (batch, k + 1, vocab) if exact_match else (batch, vocab)
             noise = None if sampling.greedy else _exponential(noise_shape, generator, device)
-            num_accepted, output_tokens, _, target_invalid = ops.verify(
+            num_accepted, output_tokens, _, deferred, target_invalid = ops.verify(
                 target_logits,
                 proposal,
-                proposal_probs,
+                None if exact_match else state.draft_probs,
                 uniforms,
                 noise,
                 temperature=sampling.temperature,
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
+                rule=state.rule,
+                alpha=state.alpha,
+                draft_probs_t1=state.draft_probs_t1,
+                cross=cross,
                 exact_match=exact_match,
             )
 
@@ -452,7 +483,7 @@ class SpeculativeEngine:
                 spelling_len,
                 active,
             )
-            self._count(state, active, invalid, proposal, span_end, num_accepted)
+            self._count(state, active, invalid, proposal, span_end, num_accepted, deferred)
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
@@ -463,7 +494,7 @@ class SpeculativeEngine:
                 self.ngram.insert(keys, emitted)
 
     @staticmethod
-    def _count(state, active, invalid, proposal, span_end, num_accepted) -> None:
+    def _count(state, active, invalid, proposal, span_end, num_accepted, deferred) -> None:
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
@@ -481,6 +512,7 @@ class SpeculativeEngine:
                 (drafter_accepted * active).sum(),
                 (merged & proposed_mask).sum(),
                 (merged & accepted_mask).sum(),
+                (deferred & proposed_mask).sum(),
                 invalid.sum(),
             ]
         )

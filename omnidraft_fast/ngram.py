@@ -57,9 +57,14 @@ class NGramTable:
             self.hashes, self.key_ids, self.values, self.counts, keys, values.long(), hits
         )
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a lookup reads: ``(key_ids, values)`` (``ops.ngram_lookup``, ``ops.translate``'s table)."""
+        return self.key_ids, self.values
+
     def lookup(self, queries: torch.Tensor) -> torch.Tensor:
         """Target id of each run in ``queries`` [Q, max_len], or -1."""
-        return ops.ngram_lookup(self.key_ids, self.values, queries)
+        return ops.ngram_lookup(*self.tensors, queries)
 
     def evict(self) -> None:
         """Keep the most used half of the entries (counts halved), rehashed into a cleared table."""

@@ -18,6 +18,7 @@ from .kernels.ngram import (
     ngram_lookup_reference,
     ngram_lookup_triton,
 )
+from .kernels.proposal import CrossProposal, target_proposal_reference
 from .kernels.sampling import nonfinite_rows_reference, sample_reference
 from .kernels.translate import translate_ngram_reference, translate_reference
 from .kernels.verify import verify_reference
@@ -90,49 +91,81 @@ def sample(
 
 
 def verify(
-    target_logits: torch.Tensor,  # [batch, k+1, vocab]
-    draft_ids: torch.Tensor,  # [batch, k]
-    draft_probs: torch.Tensor | None,  # [batch, k, vocab]; None with exact_match
+    target_logits: torch.Tensor,  # [batch, k+1, V_t]
+    draft_ids: torch.Tensor,  # [batch, k] target ids
+    draft_probs: torch.Tensor | None,  # [batch, k, V_q]; None with exact_match
     uniforms: torch.Tensor,  # [batch, k]
-    noise: torch.Tensor | None,  # [batch, vocab]
+    noise: torch.Tensor | None,  # [batch, V_t]
     *,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    rule: torch.Tensor | None = None,  # [batch] int64
+    alpha: torch.Tensor | None = None,  # [batch] fp32
+    draft_probs_t1: torch.Tensor | None = None,  # [batch, k, V_q]
+    cross: CrossProposal | None = None,
     exact_match: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact speculative sampling of a drafted block (see ``kernels/verify.py`` for the maths).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative sampling of a drafted block against a deferral rule (maths in ``kernels/verify.py``).
 
-    ``draft_ids`` may hold -1 where nothing was proposed (ragged drafts; ``draft_probs`` must be 0
-    there). ``exact_match=True`` verifies by exact match against draws from ``p`` (lossless for any
-    proposal; ``draft_probs`` is then unused and ``noise`` is [batch, k+1, vocab]).
+    ``draft_probs`` is the distribution each draft was sampled from: over the target vocabulary
+    (``V_q = V_t``), or, with ``cross``, over the drafter's (``V_q = V_d``, twins folded) and read into
+    the target vocabulary as ``kernels/proposal.py`` defines. ``draft_ids`` may hold -1 where nothing was
+    proposed (ragged drafts). ``rule``/``alpha`` pick a deferral rule per row (``kernels/verify.py``'s
+    ``RULES``; None: exact speculative sampling); the rules read ``draft_probs_t1``, the drafter's
+    ``T = 1`` distribution (None: ``draft_probs``). ``exact_match=True`` verifies by exact match against
+    draws from ``p`` (lossless for any proposal; ``draft_probs`` unused, ``noise`` [batch, k+1, V_t]).
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
-    recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32 and
-    ``invalid`` [batch] bool (rows whose target logits hold NaN/+inf or are all -inf).
+    recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
+    [batch, k] bool and ``invalid`` [batch] bool (rows whose target logits hold NaN/+inf or are all -inf).
     """
     _check("target_logits", target_logits, 3, dtypes=_FLOATS)
     device = target_logits.device
     batch, width, vocab = target_logits.shape
+    k = width - 1
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,), device=device)
-    if draft_ids.shape != (batch, width - 1):
-        raise ValueError(
-            f"`draft_ids` must be [batch, k] = {(batch, width - 1)}, got {tuple(draft_ids.shape)}"
-        )
-    if draft_probs is None:
-        if not exact_match:
-            raise ValueError("`draft_probs` is required unless exact_match=True")
+    if draft_ids.shape != (batch, k):
+        raise ValueError(f"`draft_ids` must be [batch, k] = {(batch, k)}, got {tuple(draft_ids.shape)}")
+    if cross is not None:
+        vocab_q = cross.d2t.shape[0]
+        _check("cross.t2d", cross.t2d, 1, dtypes=(torch.int32,), device=device)
+        _check("cross.d2t", cross.d2t, 1, dtypes=(torch.int32,), device=device)
+        if cross.t2d.shape[0] != vocab:
+            raise ValueError(f"`cross.t2d` must have the target's {vocab} ids, got {cross.t2d.shape[0]}")
+        for name in ("drafter_ids", "source", "span_end"):
+            tensor = getattr(cross, name)
+            _check(f"cross.{name}", tensor, 2, dtypes=(torch.int64,), device=device)
+            if tensor.shape != (batch, k):
+                raise ValueError(
+                    f"`cross.{name}` must be [batch, k] = {(batch, k)}, got {tuple(tensor.shape)}"
+                )
     else:
-        _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=device)
-        if draft_probs.shape != (batch, width - 1, vocab):
+        vocab_q = vocab
+    for name, probs in (("draft_probs", draft_probs), ("draft_probs_t1", draft_probs_t1)):
+        if probs is None:
+            continue
+        _check(name, probs, 3, dtypes=(torch.float32,), device=device)
+        if probs.shape != (batch, k, vocab_q):
             raise ValueError(
-                f"`draft_probs` must be [batch, k, vocab] = {(batch, width - 1, vocab)}, got {tuple(draft_probs.shape)}"
+                f"`{name}` must be [batch, k, V] = {(batch, k, vocab_q)}, got {tuple(probs.shape)}"
             )
+    if draft_probs is None and not exact_match:
+        raise ValueError("`draft_probs` is required unless exact_match=True")
     _check("uniforms", uniforms, 2, dtypes=(torch.float32,), device=device)
     if uniforms.shape != draft_ids.shape:
         raise ValueError(
             f"`uniforms` must be [batch, k] = {tuple(draft_ids.shape)}, got {tuple(uniforms.shape)}"
         )
+    if (rule is None) != (alpha is None):
+        raise ValueError("`rule` and `alpha` go together: give both (a deferral rule) or neither (exact)")
+    if rule is None:
+        rule = torch.zeros(batch, dtype=torch.int64, device=device)
+        alpha = torch.zeros(batch, dtype=torch.float32, device=device)
+    _check("rule", rule, 1, dtypes=(torch.int64,), device=device)
+    _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
+    if rule.shape[0] != batch or alpha.shape[0] != batch:
+        raise ValueError(f"`rule` and `alpha` must have one entry per row ({batch})")
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0:
         shape = (batch, width, vocab) if exact_match else (batch, vocab)
@@ -141,8 +174,13 @@ def verify(
         _check("noise", noise, len(shape), dtypes=(torch.float32,), device=device)
         if noise.shape != shape:
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
+    q = q1 = None
+    if draft_probs is not None:
+        q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)
+    if draft_probs_t1 is not None:
+        q1 = draft_probs_t1 if cross is None else target_proposal_reference(draft_probs_t1, draft_ids, cross)
     return verify_reference(
-        target_logits, draft_ids, draft_probs, uniforms, noise, temperature, top_k, top_p, exact_match
+        target_logits, draft_ids, q, q1, uniforms, noise, rule, alpha, temperature, top_k, top_p, exact_match
     )
 
 
@@ -188,33 +226,22 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:  # [..., vocab] -> [..
 
 def translate(
     draft_ids: torch.Tensor,  # [batch, k] drafter ids
-    draft_probs: torch.Tensor | None,  # [batch, k, V_d] fp32 or None
     d2t: torch.Tensor,  # [V_d] int32
     *,
-    target_vocab_size: int,
-    table: tuple[torch.Tensor, torch.Tensor] | None = None,  # n-gram table (key_ids [C, N], values [C])
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    table: tuple[torch.Tensor, ...] | None = None,  # the n-gram table's tensors (ngram_lookup's)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drafted block -> target ids [batch, k] (-1 after the first token that neither maps nor merges),
-    lengths [batch], proposal probabilities in the target vocabulary [batch, k, V_t] (None if
-    ``draft_probs`` is None) and span ends [batch, k]. With ``table``, longest-match n-gram merges and
-    OmniDraft's probability redistribution apply (see ``kernels/translate.py``)."""
+    lengths [batch], source and span ends [batch, k] (the drafter tokens behind each target position;
+    see ``kernels/translate.py``). With ``table``, runs of drafter tokens merge into one target token
+    (longest match)."""
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
-    if draft_probs is not None:
-        _check("draft_probs", draft_probs, 3, dtypes=(torch.float32,), device=draft_ids.device)
-        if draft_probs.shape != (*draft_ids.shape, d2t.shape[0]):
-            raise ValueError(
-                f"`draft_probs` must be [batch, k, V_d] = {(*draft_ids.shape, d2t.shape[0])}, "
-                f"got {tuple(draft_probs.shape)}"
-            )
-    if target_vocab_size < 1:
-        raise ValueError(f"`target_vocab_size` must be >= 1, got {target_vocab_size}")
     if table is None:
-        return translate_reference(draft_ids, draft_probs, d2t, target_vocab_size)
+        return translate_reference(draft_ids, d2t)
     _check_table(*table)
     if table[0].device != draft_ids.device:
         raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
-    return translate_ngram_reference(draft_ids, draft_probs, d2t, target_vocab_size, *table)
+    return translate_ngram_reference(draft_ids, d2t, *table)
 
 
 def commit_drafter(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import SamplingParams
+from .config import CascadeConfig, SamplingParams
 
 __all__ = ["Request", "resolve_request"]
 
@@ -64,6 +64,8 @@ class Request:
     num_draft_tokens: int
     streamer: Any
     return_dict_in_generate: bool
+    cascade: CascadeConfig | None = None
+    alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
 
 def _generation_fields(config) -> dict[str, Any]:
@@ -99,6 +101,7 @@ def resolve_request(
     explicit: dict[str, Any],
     default_draft_tokens: int,
     streamer,
+    cascade: CascadeConfig | None = None,
 ) -> Request:
     """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset)."""
     fields = _generation_fields(model_generation_config)
@@ -182,6 +185,10 @@ def resolve_request(
         raise ValueError(
             "`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time."
         )
+    if cascade is not None and not isinstance(cascade, CascadeConfig):
+        raise TypeError(
+            f"`cascade` must be an omnidraft_fast.CascadeConfig(rule, alpha) or None, got {type(cascade).__name__}"
+        )
 
     return Request(
         input_ids=ids,
@@ -193,6 +200,8 @@ def resolve_request(
         num_draft_tokens=draft,
         streamer=streamer,
         return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
+        cascade=cascade,
+        alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )
 
 

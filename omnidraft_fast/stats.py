@@ -18,7 +18,8 @@ class GenerationStats:
 
     ``proposed``/``accepted`` count drafted tokens, in the target's vocabulary, of rows still generating;
     ``drafter_proposed``/``drafter_accepted`` the drafter tokens behind them; ``merged_*`` the target
-    tokens that came from n-gram merges. ``rounds`` counts rounds (one target forward each) and
+    tokens that came from n-gram merges; ``deferred`` the proposed positions where the verifier deferred to
+    the target (every position under exact speculative sampling; see ``CascadeConfig``). ``rounds`` counts rounds (one target forward each) and
     ``row_rounds`` rounds summed over active rows. ``ngram_table_size``: entries after the request.
     """
 
@@ -31,6 +32,7 @@ class GenerationStats:
     drafter_accepted: int = 0
     merged_proposed: int = 0
     merged_accepted: int = 0
+    deferred: int = 0
     ngram_table_size: int = 0
     new_tokens: int = 0
     target_calls: int = 0
@@ -41,6 +43,11 @@ class GenerationStats:
     def acceptance_rate(self) -> float:
         """Accepted / proposed drafted tokens."""
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def deferral_rate(self) -> float:
+        """Deferred / proposed positions: 1 for exact speculative sampling, lower for lenient cascades."""
+        return self.deferred / self.proposed if self.proposed else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -68,10 +75,16 @@ class GenerationStats:
             "row_rounds",
             "proposed",
             "accepted",
+            "drafter_proposed",
+            "drafter_accepted",
+            "merged_proposed",
+            "merged_accepted",
+            "deferred",
             "new_tokens",
             "target_calls",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.ngram_table_size = other.ngram_table_size  # a level, not a count: the latest
         self.seconds += other.seconds
         for stage, seconds in other.stage_seconds.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
@@ -87,6 +100,7 @@ class GenerationStats:
             "drafter_accepted": self.drafter_accepted,
             "merged_proposed": self.merged_proposed,
             "merged_accepted": self.merged_accepted,
+            "deferral_rate": round(self.deferral_rate, 4),
             "ngram_hits_per_round": round(self.ngram_hits_per_round, 4),
             "ngram_table_size": self.ngram_table_size,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
@@ -104,6 +118,7 @@ class GenerationStats:
             f"{self.rounds} rounds, acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposed}), "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
             f"target calls per token {self.target_calls_per_token:.3f}"
+            + (f", deferral rate {self.deferral_rate:.1%}" if self.deferred != self.proposed else "")
             + (
                 f", n-gram merges {self.merged_accepted}/{self.merged_proposed} accepted "
                 f"({self.ngram_hits_per_round:.2f} per round, table {self.ngram_table_size})"

@@ -133,6 +133,10 @@ def test_omnidraft_mode_keeps_a_table(pair):
     assert out.stats.ngram_table_size == seeded  # emitted multi-token spellings were all pre-seeded
     assert 0 <= out.stats.merged_accepted <= out.stats.merged_proposed <= out.stats.proposed
     assert out.stats.drafter_accepted >= out.stats.accepted
+    again = engine.generate(**batch, max_new_tokens=8, return_dict_in_generate=True)
+    for name in ("drafter_proposed", "drafter_accepted", "merged_proposed", "merged_accepted", "accepted"):
+        # The engine's running totals sum every counter of its requests.
+        assert getattr(engine.stats, name) == getattr(out.stats, name) + getattr(again.stats, name), name
     assert _engine(pair, "tli", 4).ngram is None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omnidraft_fast.kernels.proposal import CrossProposal, target_proposal_reference
 
 from omnidraft_fast import ops
 from omnidraft_fast.ngram import NGramTable
@@ -87,11 +88,11 @@ def test_redistribution_hand_computed():
             ]
         ]
     )
-    ids, lengths, q_t, span_end = ops.translate(
-        draft, q, d2t, target_vocab_size=4, table=(table.key_ids, table.values)
-    )
+    ids, lengths, source, span_end = ops.translate(draft, d2t, table=table.tensors)
     assert ids.tolist() == [[0, 1, -1, -1]] and lengths.tolist() == [2]
-    assert span_end[0, :2].tolist() == [1, 4]
+    assert source[0, :2].tolist() == [0, 1] and span_end[0, :2].tolist() == [1, 4]
+    t2d = torch.tensor([0, -1, 1, -1], dtype=torch.int32)  # snow <- 0, f <- 1
+    q_t = target_proposal_reference(q, ids, CrossProposal(draft, source, span_end, d2t, t2d))
     # Position 0: direct map of q_0: snow 0.6, f 0.2.
     torch.testing.assert_close(q_t[0, 0], torch.tensor([0.6, 0.0, 0.2, 0.0]))
     # Position 1 (merge of f, la, ke from drafter positions 1..3): flake gets 0.5 * 0.4 * 0.8 = 0.16, taken
@@ -99,7 +100,7 @@ def test_redistribution_hand_computed():
     torch.testing.assert_close(q_t[0, 1], torch.tensor([0.1, 0.16, 0.34, 0.0]))
     assert (q_t[0, 2:] == 0).all()
     # Without the table the draft stops at 'la' (no direct map).
-    ids, lengths, _, _ = ops.translate(draft, q, d2t, target_vocab_size=4)
+    ids, lengths, _, _ = ops.translate(draft, d2t)
     assert ids.tolist() == [[0, 2, -1, -1]] and lengths.tolist() == [2]
 
 
@@ -114,9 +115,11 @@ def test_merges_raise_acceptance_where_the_target_wants_the_merged_token():
     wanted = torch.tensor([[0, 1, 3, 3, 3]])  # target argmax per position
     target_logits = torch.nn.functional.one_hot(wanted, 4).float() * 10
     accepted = {}
-    for name, kwargs in (("direct", {}), ("merged", {"table": (table.key_ids, table.values)})):
-        ids, _, q_t, _ = ops.translate(draft, q, d2t, target_vocab_size=4, **kwargs)
-        n, out, _, _ = ops.verify(target_logits, ids, q_t, torch.zeros(1, 4), None, temperature=0.0)
+    t2d = torch.tensor([0, -1, 1, -1], dtype=torch.int32)
+    for name, kwargs in (("direct", {}), ("merged", {"table": table.tensors})):
+        ids, _, source, span_end = ops.translate(draft, d2t, **kwargs)
+        cross = CrossProposal(draft, source, span_end, d2t, t2d)
+        n, out, *_ = ops.verify(target_logits, ids, q, torch.zeros(1, 4), None, temperature=0.0, cross=cross)
         accepted[name] = int(n[0])
         assert out[0, int(n[0])] == wanted[0, int(n[0])]
     assert accepted == {"direct": 1, "merged": 2}

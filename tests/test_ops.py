@@ -64,7 +64,7 @@ def test_verify_greedy_accepts_the_matching_prefix():
     target.scatter_(2, best[..., None], 5.0)
     drafts = torch.tensor([[1, 2, 3], [1, 0, 3], [0, 5, 5]])
     q = torch.nn.functional.one_hot(drafts, vocab).float()
-    accepted, out, a, invalid = ops.verify(target, drafts, q, torch.rand(3, 3), None, temperature=0.0)
+    accepted, out, a, _, invalid = ops.verify(target, drafts, q, torch.rand(3, 3), None, temperature=0.0)
     assert accepted.tolist() == [3, 1, 0]
     assert out.tolist() == [[1, 2, 3, 4], [1, 2, -1, -1], [5, -1, -1, -1]]
     assert a.tolist() == [[1, 1, 1], [1, 0, 1], [0, 1, 1]]
@@ -81,7 +81,7 @@ def test_verify_output_follows_p_for_any_q():
     target_logits = torch.stack([p, p]).log().expand(rows, -1, -1).contiguous()
     uniforms = torch.rand(rows, 1, generator=generator)
     noise = torch.empty(rows, vocab).exponential_(generator=generator)
-    accepted, out, _, _ = ops.verify(
+    accepted, out, _, _, _ = ops.verify(
         target_logits, drafts, q.expand(rows, 1, -1).contiguous(), uniforms, noise, temperature=1.0
     )
     freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
@@ -93,7 +93,7 @@ def test_verify_output_follows_p_for_any_q():
 def test_verify_residual_falls_back_to_p_when_p_equals_q():
     p = torch.tensor([0.25, 0.25, 0.5])
     target_logits = p.log().expand(1, 2, -1).contiguous()
-    accepted, out, a, _ = ops.verify(
+    accepted, out, a, _, _ = ops.verify(
         target_logits,
         torch.tensor([[2]]),
         p.expand(1, 1, -1).contiguous(),
@@ -109,7 +109,7 @@ def test_verify_flags_nonfinite_rows():
     logits = torch.zeros(3, 2, 4)
     logits[1, 1, 2] = float("nan")
     logits[2, 0] = float("-inf")
-    _, _, _, invalid = ops.verify(
+    *_, invalid = ops.verify(
         logits, torch.zeros(3, 1, dtype=torch.int64), torch.full((3, 1, 4), 0.25), torch.rand(3, 1), None,
         temperature=0.0,
     )  # fmt: skip

@@ -5,7 +5,14 @@ With fixed seeds, on ``zoo/data.py``'s corpus, it trains:
 1. two tokenizers: a byte-level BPE for the target and a SentencePiece-style one (metaspace, byte
    fallback) of another size for the cross-vocabulary drafter;
 2. a Llama-architecture target and two drafters several times smaller: ``drafter-shared`` (the target's
-   vocabulary) and ``drafter-cross`` (the other one).
+   vocabulary) and ``drafter-cross`` (the other one);
+3. distils both drafters towards the target (sequence-level knowledge distillation, Kim & Rush 2016):
+   the target continues random windows of the corpus, half greedily and half sampled at T=1, and each
+   drafter is fine-tuned on those texts (in its own tokenization) mixed with the corpus. A drafter that
+   predicts what *this* target says is accepted more often than one that predicts the corpus.
+
+``--resume`` loads the models already in ``--out`` and runs only step 3 (the card keeps the earlier
+figures and adds the distillation's).
 
 It uses a GPU when one is available (then larger models and more steps are worth it: pass them), else the
 CPU. Weights are written as fp16 safetensors with their tokenizers and a model card (``MODEL_CARD.md``).
@@ -77,9 +84,20 @@ def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def _train(
-    model, stream: torch.Tensor, *, steps: int, batch: int, length: int, lr: float, seed: int, device, label
+    model,
+    streams: list[torch.Tensor],
+    *,
+    steps: int,
+    batch: int,
+    length: int,
+    lr: float,
+    seed: int,
+    device,
+    label,
+    weights: list[float] | None = None,
 ):
-    """AdamW with warm-up and cosine decay on random windows of the stream; returns the final mean loss."""
+    """AdamW with warm-up and cosine decay on random windows of the streams (each window's stream drawn
+    with ``weights``); returns the final mean loss and the seconds taken."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -90,8 +108,15 @@ def _train(
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        starts = torch.randint(0, stream.numel() - length - 1, (batch,), generator=generator)
-        windows = torch.stack([stream[s : s + length] for s in starts.tolist()]).to(device)
+        which = torch.multinomial(
+            torch.tensor(weights or [1.0] * len(streams)), batch, True, generator=generator
+        )
+        windows = []
+        for index in which.tolist():
+            stream = streams[index]
+            start = int(torch.randint(0, stream.numel() - length - 1, (1,), generator=generator))
+            windows.append(stream[start : start + length])
+        windows = torch.stack(windows).to(device)
         loss = model(input_ids=windows, labels=windows).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,6 +130,32 @@ def _train(
     model.eval()
     tail = losses[-max(1, steps // 10) :]
     return sum(tail) / len(tail), time.perf_counter() - began
+
+
+@torch.no_grad()
+def _continuations(
+    target, tokenizer, stream: torch.Tensor, *, count: int, prompt: int, new: int, seed: int, device
+) -> list[str]:
+    """The target's continuations of ``count`` random ``prompt``-token windows of ``stream`` (its own
+    tokenization), ``new`` tokens each: even batches greedy, odd batches sampled at T=1; decoded text."""
+    generator = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    texts: list[str] = []
+    batch = 64
+    began = time.perf_counter()
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        starts = torch.randint(0, stream.numel() - prompt, (n,), generator=generator)
+        ids = torch.stack([stream[s : s + prompt] for s in starts.tolist()]).to(device)
+        torch.manual_seed(seed + first)
+        sampled = (first // batch) % 2 == 1
+        out = target.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+            do_sample=sampled, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eos,
+        )  # fmt: skip
+        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+        print(f"[distill data] {first + n}/{count} continuations ({time.perf_counter() - began:.0f} s)")
+    return texts
 
 
 @torch.no_grad()
@@ -123,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, default=None, help="target steps (default 600 on CPU, 3000 on GPU)"
     )
     parser.add_argument("--drafter-steps", type=int, default=None, help="default: as --steps")
+    parser.add_argument("--distill-texts", type=int, default=1024, help="target continuations to distil on")
+    parser.add_argument("--distill-steps", type=int, default=600, help="drafter fine-tuning steps (0: none)")
+    parser.add_argument("--resume", action="store_true", help="load the models in --out; distil only")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -134,48 +188,87 @@ def main(argv: list[str] | None = None) -> None:
 
     texts = training_texts()
     print(f"corpus: {len(texts)} texts, {sum(map(len, texts)) / 1e6:.1f} M characters; device {device}")
-    target_tokenizer = byte_level(texts, TARGET_VOCAB)
-    drafter_tokenizer = sentencepiece_style(texts, DRAFTER_VOCAB)
-    eos_t = target_tokenizer.eos_token_id
-    eos_d, bos_d = drafter_tokenizer.eos_token_id, drafter_tokenizer.bos_token_id
-    runs = {
-        "target": (_model(TARGET, TARGET_VOCAB, eos_t, None, args.seed), target_tokenizer, steps, 3e-3),
-        "drafter-shared": (
-            _model(DRAFTER, TARGET_VOCAB, eos_t, None, args.seed + 1),
-            target_tokenizer,
-            drafter_steps,
-            5e-3,
-        ),
-        "drafter-cross": (
-            _model(DRAFTER, DRAFTER_VOCAB, eos_d, bos_d, args.seed + 2),
-            drafter_tokenizer,
-            drafter_steps,
-            5e-3,
-        ),
-    }
-    streams = {id(tok): _stream(tok, texts) for tok in (target_tokenizer, drafter_tokenizer)}
-    card = []
-    for index, (name, (model, tokenizer, n, lr)) in enumerate(runs.items()):
-        loss, seconds = _train(
-            model, streams[id(tokenizer)], steps=n, batch=args.batch, length=args.length, lr=lr,
-            seed=args.seed + 10 * index, device=device, label=name,
-        )  # fmt: skip
-        heldout = _heldout_loss(model, tokenizer, device, args.length)
+    if args.resume:
+        models, tokenizers, card = _load(args.out, device)
+    else:
+        tokenizers = {"target": byte_level(texts, TARGET_VOCAB)}
+        tokenizers["drafter-shared"] = tokenizers["target"]
+        tokenizers["drafter-cross"] = sentencepiece_style(texts, DRAFTER_VOCAB)
+        eos_t = tokenizers["target"].eos_token_id
+        eos_d, bos_d = tokenizers["drafter-cross"].eos_token_id, tokenizers["drafter-cross"].bos_token_id
+        models = {
+            "target": _model(TARGET, TARGET_VOCAB, eos_t, None, args.seed),
+            "drafter-shared": _model(DRAFTER, TARGET_VOCAB, eos_t, None, args.seed + 1),
+            "drafter-cross": _model(DRAFTER, DRAFTER_VOCAB, eos_d, bos_d, args.seed + 2),
+        }
+        card = []
+        for index, name in enumerate(models):
+            n, lr = (steps, 3e-3) if name == "target" else (drafter_steps, 5e-3)
+            loss, seconds = _train(
+                models[name], [_stream(tokenizers[name], texts)], steps=n, batch=args.batch,
+                length=args.length, lr=lr, seed=args.seed + 10 * index, device=device, label=name,
+            )  # fmt: skip
+            card.append(
+                {"model": name, "params": sum(p.numel() for p in models[name].parameters()),
+                 "vocab": models[name].config.vocab_size, "steps": n, "lr": lr,
+                 "final_train_loss": round(loss, 3),
+                 "heldout_code_loss": round(_heldout_loss(models[name], tokenizers[name], device, args.length), 3),
+                 "train_seconds": round(seconds), "command": _command()}
+            )  # fmt: skip
+            print(card[-1])
+    if args.distill_steps:
+        _distill(args, models, tokenizers, card, texts, device)
+    for name, model in models.items():
         folder = args.out / name
         model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        params = sum(p.numel() for p in model.parameters())
-        card.append(
-            {"model": name, "params": params, "vocab": model.config.vocab_size, "steps": n, "lr": lr,
-             "final_train_loss": round(loss, 3), "heldout_code_loss": round(heldout, 3),
-             "train_seconds": round(seconds)}
-        )  # fmt: skip
-        print(card[-1])
+        tokenizers[name].save_pretrained(folder)
     _write_card(args, device, card)
 
 
+def _load(out: Path, device) -> tuple[dict, dict, list[dict]]:
+    from transformers import AutoTokenizer
+
+    names = ("target", "drafter-shared", "drafter-cross")
+    models = {n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32).to(device) for n in names}
+    tokenizers = {n: AutoTokenizer.from_pretrained(out / n) for n in names}
+    card = json.loads((out / "card.json").read_text())
+    return models, tokenizers, card
+
+
+def _distill(args, models: dict, tokenizers: dict, card: list[dict], texts: list[str], device) -> None:
+    """Step 3 of the module docstring: fine-tune each drafter on the target's continuations."""
+    target = models["target"].eval()
+    began = time.perf_counter()
+    kd_texts = _continuations(
+        target, tokenizers["target"], _stream(tokenizers["target"], texts), count=args.distill_texts,
+        prompt=32, new=96, seed=args.seed + 100, device=device,
+    )  # fmt: skip
+    data_seconds = time.perf_counter() - began
+    for index, row in enumerate(card):
+        name = row["model"]
+        if name == "target":
+            continue
+        tokenizer = tokenizers[name]
+        loss, seconds = _train(
+            models[name], [_stream(tokenizer, kd_texts), _stream(tokenizer, texts)], weights=[3.0, 1.0],
+            steps=args.distill_steps, batch=args.batch, length=args.length, lr=1e-3,
+            seed=args.seed + 200 + index, device=device, label=f"{name} distil",
+        )  # fmt: skip
+        row.update(
+            distill_texts=args.distill_texts, distill_steps=args.distill_steps,
+            distill_train_loss=round(loss, 3),
+            distill_heldout_code_loss=round(_heldout_loss(models[name], tokenizer, device, args.length), 3),
+            distill_seconds=round(seconds + data_seconds / 2), distill_command=_command(),
+        )  # fmt: skip
+        print(row)
+
+
+def _command() -> str:
+    return ("python -m omnidraft_fast.zoo.train " + " ".join(sys.argv[1:])).strip()
+
+
 def _write_card(args, device, card: list[dict]) -> None:
-    command = "python -m omnidraft_fast.zoo.train " + " ".join(sys.argv[1:])
+    commands = dict.fromkeys(row[key] for row in card for key in ("command", "distill_command") if key in row)
     lines = [
         "# Embedded model zoo: code-pair",
         "",
@@ -183,7 +276,7 @@ def _write_card(args, device, card: list[dict]) -> None:
         "have a real (trained) target and drafters without any download. They are small and undertrained:",
         "useful for measuring speculative decoding, not for writing code.",
         "",
-        f"- Command: `{command.strip()}` (seed {args.seed}); device: {device} "
+        f"- Commands: {' then '.join(f'`{c}`' for c in commands)} (seed {args.seed}); device: {device} "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}.",
         f"- Data: the top-level modules of Python {platform.python_version()}'s standard library except "
         f"{', '.join(HELDOUT_MODULES)} (held out), plus generated arithmetic word problems (seeds < {HELDOUT_SEED};",
@@ -202,6 +295,21 @@ def _write_card(args, device, card: list[dict]) -> None:
             f"| {row['model']} | {row['params'] / 1e6:.2f} M | {row['vocab']} | {row['steps']} | {row['lr']} | "
             f"{row['final_train_loss']} | {row['heldout_code_loss']} | {row['train_seconds']} |"
         )
+    distilled = [row for row in card if "distill_steps" in row]
+    if distilled:
+        lines += [
+            "",
+            "Distillation towards the target (module docstring, step 3): fine-tuning on the target's",
+            "continuations (3 parts) mixed with the corpus (1 part), lr 1e-3.",
+            "",
+            "| drafter | continuations | steps | final train loss | held-out code loss | time (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in distilled:
+            lines.append(
+                f"| {row['model']} | {row['distill_texts']} | {row['distill_steps']} | "
+                f"{row['distill_train_loss']} | {row['distill_heldout_code_loss']} | {row['distill_seconds']} |"
+            )
     (args.out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 

@@ -1,0 +1,71 @@
+"""The drafter's proposal distribution in the target's vocabulary (OmniDraft, SPEC §2.1 and §2.3).
+
+A drafted block in the drafter's vocabulary ``V_d`` (ids ``y_1..y_k`` drawn from ``q_1..q_k``) becomes,
+after translation (``kernels/translate.py``), target tokens ``x_1..x_m``: target position ``j`` stands
+for the drafter tokens ``y_s..y_{e-1}`` (``s = source_j``, ``e = span_end_j``; ``e - s = 1`` for a
+direct map, ``>= 2`` for an n-gram merge). With ``t2d`` the inverse of the direct map (one canonical
+drafter id per target id; drafter ids that spell the same bytes, such as ``▁`` and ``<0x20>``, are folded
+onto it first, so ``q`` already holds their summed mass) the proposal probability of target token ``t``
+at position ``j`` is:
+
+    q'_j(t)            = q_s(t2d[t])                        (0 where t2d[t] = -1)
+    merged (e - s >= 2):
+      q'_j(x_j)        = prod_{u=s}^{e-1} q_u(y_u)            the merged token: its parts' path probability
+      q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} q_u(y_u)            taken from the first part's direct token (>= 0)
+    q'_j               = 0                                    where nothing was proposed (x_j = -1)
+
+This is the paper's redistribution, an approximation wherever something merged (the verifier is then
+lossless only in the greedy case; exact-match verification restores exactness for sampling). The
+reference builds the dense ``[batch, k, V_t]`` tensor; the verification kernel gathers ``q'_j(t)`` on the
+fly and never materialises it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["CrossProposal", "fold_twins_", "target_proposal_reference"]
+
+
+class CrossProposal(NamedTuple):
+    """How a drafted block maps into the target vocabulary: the inputs of the formula above."""
+
+    drafter_ids: torch.Tensor  # [batch, k] int64: y
+    source: torch.Tensor  # [batch, k] int64: first drafter position behind target position j
+    span_end: torch.Tensor  # [batch, k] int64: one past its last
+    d2t: torch.Tensor  # [V_d] int32
+    t2d: torch.Tensor  # [V_t] int32
+
+
+def fold_twins_(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
+    """Add the mass of each drafter id onto its canonical twin in place: ``probs`` [..., V_d],
+    ``twins`` [2, D] int64 (row 0 the folded ids, row 1 their canonical ids); returns ``probs``."""
+    if twins.shape[1]:
+        probs.index_add_(-1, twins[1], probs.index_select(-1, twins[0]))
+    return probs
+
+
+def target_proposal_reference(
+    probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
+    target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
+    cross: CrossProposal,
+) -> torch.Tensor:  # [batch, k, V_t] fp32
+    """``q'`` of the module docstring, dense."""
+    batch, _, vocab_d = probs.shape
+    t2d = cross.t2d.long()
+    rows = probs.gather(1, cross.source[..., None].expand(-1, -1, vocab_d))  # [batch, k, V_d]: q_s
+    q = torch.where(t2d >= 0, rows[..., t2d.clamp_min(0)], 0.0)  # [batch, k, V_t]
+    # Path probability of each span: a difference of cumulative log-probabilities along the draft.
+    path = probs.gather(2, cross.drafter_ids.clamp_min(0)[..., None])[..., 0]  # [batch, k]: q_u(y_u)
+    cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
+    mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
+    merged = (cross.span_end - cross.source >= 2) & (target_ids >= 0)
+    first = cross.d2t[cross.drafter_ids.gather(1, cross.source)].long()  # d2t[y_s]
+    take = torch.where(merged & (first >= 0), mass, 0.0)
+    q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
+    q.clamp_min_(0.0)
+    at = target_ids.clamp_min(0)[..., None]
+    q.scatter_(2, at, torch.where(merged, mass, q.gather(2, at)[..., 0])[..., None])
+    return q * (target_ids >= 0)[..., None]

@@ -1,0 +1,196 @@
+"""Speculative cascades: every deferral rule samples its cascade target pi exactly; the limits of alpha."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_prompts, tiny_model
+from omnidraft_fast.kernels.verify import RULES
+from test_lossless_sampling import PROMPT, ROWS, VOCAB, _exact_joint, _tv_bound
+
+import omnidraft_fast
+from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine, ops
+
+# Two (q, p) pairs over 5 tokens: in A the drafter is the more confident, in B the target.
+PAIRS = {
+    "A": ([0.5, 0.1, 0.1, 0.1, 0.2], [0.1, 0.4, 0.2, 0.3, 0.0]),
+    "B": ([0.3, 0.3, 0.2, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]),
+}
+
+
+def _hand_pi(rule: str, alpha: float, q: list[float], p: list[float]) -> tuple[list[float], list[bool]]:
+    """pi and the kept set, written out from SPEC §3 for one position (T = 1, so q1 = q and p1 = p)."""
+    max_q, max_p = max(q), max(p)
+    tv = sum(max(0.0, a - b) for a, b in zip(q, p, strict=True))
+    if rule == "lossy":
+        capped = [min(a, b / (1 - alpha)) for a, b in zip(q, p, strict=True)]
+        rho = [max(0.0, b - (1 - alpha) * a) for a, b in zip(q, p, strict=True)]
+        return [c + (1 - sum(capped)) * r / sum(rho) for c, r in zip(capped, rho, strict=True)], [
+            False
+        ] * len(q)
+    defer = {
+        "exact": True,
+        "chow": max_q < 1 - alpha,
+        "diff": max_q < max_p - alpha,
+        "opt": max_q < max_p - alpha * tv,
+    }
+    if rule in defer:
+        keep = [not defer[rule]] * len(q)
+    else:
+        keep = [
+            {
+                "token_v1": a >= max_p - alpha,
+                "token_v2": b >= max_p - alpha,
+                "token_v3": b >= (1 - alpha) * max_p,
+            }[rule]
+            for a, b in zip(q, p, strict=True)
+        ]
+    kept = sum(a for a, k in zip(q, keep, strict=True) if k)
+    return [a * k + (1 - kept) * b for a, b, k in zip(q, p, keep, strict=True)], keep
+
+
+CASES = [
+    ("exact", 0.0, "A"), ("chow", 0.6, "A"), ("chow", 0.3, "A"), ("diff", 0.05, "A"), ("diff", -0.2, "A"),
+    ("opt", 0.5, "B"), ("opt", 2.0, "B"), ("token_v1", 0.2, "A"), ("token_v2", 0.15, "A"),
+    ("token_v3", 0.6, "A"), ("token_v3", 0.5, "B"), ("lossy", 0.5, "A"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rule", "alpha", "pair"), CASES)
+def test_first_token_follows_the_cascade_target(rule, alpha, pair):
+    q, p = (torch.tensor(x) for x in PAIRS[pair])
+    pi, keep = _hand_pi(rule, alpha, *PAIRS[pair])
+    rows, vocab = 200_000, 5
+    generator = torch.Generator().manual_seed(5)
+    drafts = torch.multinomial(q, rows, replacement=True, generator=generator)[:, None]
+    target_logits = torch.stack([p, p]).log().expand(rows, -1, -1).contiguous()
+    _, out, accept_probs, deferred, _ = ops.verify(
+        target_logits,
+        drafts,
+        q.expand(rows, 1, -1).contiguous(),
+        torch.rand(rows, 1, generator=generator),
+        torch.empty(rows, vocab).exponential_(generator=generator),
+        temperature=1.0,
+        rule=torch.full((rows,), RULES.index(rule)),
+        alpha=torch.full((rows,), alpha),
+    )
+    freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
+    assert (freq - torch.tensor(pi, dtype=torch.float64)).abs().max() < 0.006  # ~6 sigma at 200k draws
+    pi_over_q = (torch.tensor(pi) / q).clamp(max=1.0)
+    torch.testing.assert_close(accept_probs[:, 0], pi_over_q[drafts[:, 0]])
+    assert torch.equal(deferred[:, 0], ~torch.tensor(keep)[drafts[:, 0]])
+
+
+def test_rule_statistics_use_the_t1_distributions():
+    """Greedy: q and p are one-hot, yet chow decides on the T=1 max q (0.9 here: no deferral at alpha 0.2)."""
+    logits_q = torch.tensor([[[0.0, 4.0, 0.0, 0.0]]])
+    q1 = logits_q.softmax(-1)  # max 0.95
+    target_logits = torch.tensor([[[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]])
+    drafts = torch.tensor([[1]])
+    q = torch.nn.functional.one_hot(drafts, 4).float()
+    for alpha, expected in ((0.2, [1, 3]), (0.01, [0, -1])):
+        _, out, *_ = ops.verify(
+            target_logits, drafts, q, torch.zeros(1, 1), None, temperature=0.0,
+            rule=torch.tensor([RULES.index("chow")]), alpha=torch.tensor([alpha]), draft_probs_t1=q1,
+        )  # fmt: skip
+        assert out[0].tolist() == expected, alpha
+
+
+def test_zero_mass_residual_falls_back_to_pi():
+    p = torch.tensor([0.25, 0.25, 0.5])
+    for rule, alpha in (("chow", 0.3), ("token_v1", 1.0), ("token_v2", -0.5), ("lossy", 0.0)):
+        _, out, a, _, _ = ops.verify(
+            p.log().expand(1, 2, -1).contiguous(), torch.tensor([[0]]), p.expand(1, 1, -1).contiguous(),
+            torch.tensor([[1.0]]), torch.ones(1, 3), temperature=1.0,
+            rule=torch.tensor([RULES.index(rule)]), alpha=torch.tensor([alpha]),
+        )  # fmt: skip
+        assert a.tolist() == [[1.0]] and out[0, 0] == 2, rule  # u = 1 rejects; residual 0 -> argmax pi / 1
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model("llama", 96, seed=0), tiny_model("llama", 96, seed=1, hidden=16, layers=1)
+
+
+EXACT_LIMITS = [("chow", 0.0), ("diff", -1.0), ("token_v1", -1.0), ("token_v2", -0.5), ("token_v3", -0.5),
+                ("lossy", 0.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rule", "alpha"), EXACT_LIMITS)
+def test_exact_limits_reproduce_the_target_greedy(pair, rule, alpha):
+    target, drafter = pair
+    ids, mask = left_padded_prompts(96, [5, 9, 3], seed=2)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=24, num_draft_tokens=3,
+        cascade=CascadeConfig(rule, alpha), return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    if rule != "lossy":  # lossy defers everywhere by definition; the others defer where they must
+        assert out.stats.deferral_rate == 1.0
+
+
+@pytest.mark.slow
+def test_exact_limit_samples_the_target():
+    """chow at alpha 0 is exact speculative sampling: the joint law of two sampled tokens is the target's."""
+    target = tiny_model("llama", VOCAB, seed=11, hidden=32)
+    drafter = tiny_model("gpt2", VOCAB, seed=12, hidden=32, layers=1)
+    with torch.no_grad():
+        drafter.lm_head.weight.mul_(6.0)
+    torch.manual_seed(99)
+    out = omnidraft_fast.generate(
+        target, PROMPT.expand(ROWS, -1), drafter=drafter, max_new_tokens=2, do_sample=True, temperature=1.0,
+        top_k=0, num_draft_tokens=2, cascade=CascadeConfig("chow", 0.0),
+    )  # fmt: skip
+    new = out[:, PROMPT.shape[1] :]
+    empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / ROWS
+    exact = _exact_joint(target, 1.0, 0, 1.0).flatten().double()
+    assert 0.5 * (empirical - exact).abs().sum().item() < _tv_bound(exact, ROWS)
+
+
+@pytest.mark.parametrize("rule", ["chow", "diff", "token_v1", "token_v2", "token_v3"])
+def test_lenient_limit_accepts_every_draft(pair, rule):
+    target, drafter = pair
+    ids, mask = left_padded_prompts(96, [5, 9], seed=3)
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=20, num_draft_tokens=4,
+        cascade=CascadeConfig(rule, 1.0), return_dict_in_generate=True,
+    )  # fmt: skip
+    assert out.stats.acceptance_rate == 1.0 and out.stats.deferral_rate == 0.0
+    # With every draft accepted, the output is the drafter's greedy text, with the target's bonus token
+    # every k + 1 tokens.
+    assert out.stats.mean_accepted_length == pytest.approx(5.0, abs=1.0)
+
+
+def test_alpha_per_row(pair):
+    target, drafter = pair
+    ids, mask = left_padded_prompts(96, [6, 6], seed=4)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    engine = SpeculativeEngine(
+        target, drafter, config=EngineConfig(cascade=CascadeConfig("chow", (0.0, 1.0)))
+    )
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(out[0], expected[0])  # row 0: exact
+    assert not torch.equal(out[1], expected[1])  # row 1: the drafter's text (a weak drafter differs)
+
+
+def test_bad_cascades_are_refused_and_the_engine_still_works(pair):
+    target, drafter = pair
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="rule"):
+        CascadeConfig("chaw", 0.1)
+    with pytest.raises(ValueError, match=r"alpha.*chow.*\[0, 1\]"):
+        CascadeConfig("chow", 1.5)
+    with pytest.raises(ValueError, match=r"lossy.*\[0, 1\)"):
+        CascadeConfig("lossy", 1.0)
+    with pytest.raises(TypeError, match="alpha"):
+        CascadeConfig("diff", "0.1")
+    with pytest.raises(TypeError, match="CascadeConfig"):
+        EngineConfig(cascade=("chow", 0.1))
+    engine = SpeculativeEngine(target, drafter)
+    with pytest.raises(ValueError, match="3 values for a batch of 1"):
+        engine.generate(ids, max_new_tokens=4, cascade=CascadeConfig("chow", (0.1, 0.2, 0.3)))
+    with pytest.raises(TypeError, match="CascadeConfig"):
+        engine.generate(ids, max_new_tokens=4, cascade="chow")
+    good = engine.generate(ids, max_new_tokens=4, cascade=CascadeConfig("chow", 0.0))
+    assert torch.equal(good, target.generate(ids, max_new_tokens=4, do_sample=False))
