@@ -1,0 +1,72 @@
+"""Drafter sampling: torch reference (eager), torch.compile of it and the Triton kernel, on CUDA.
+
+Bytes moved (``extra_info["bytes"]``; achieved bandwidth = bytes / time) count what the op must touch
+once: the logits read, the fp32 noise read (when sampling) and the fp32 ``q`` written. The yardstick is a
+device-to-device copy of the same logits (read + write). Run explicitly:
+
+    python -m pytest benchmarks/bench_sampling.py --benchmark-only --benchmark-json=benchmarks/results/sampling.json
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ROWS = [1, 8, 72, 256]
+VOCABS = [32000, 128256, 151936]
+CONFIGS = {"greedy": (0.0, 0, 1.0), "temperature": (1.0, 0, 1.0), "top_k_top_p": (0.8, 50, 0.95)}
+IMPLS = ["eager", "compile", "triton"]
+
+
+def _sync(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def _inputs(rows: int, vocab: int):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(rows, vocab, device="cuda", generator=generator).mul_(3).to(torch.bfloat16)
+    noise = torch.empty(rows, vocab, device="cuda").exponential_(generator=generator)
+    return logits, noise
+
+
+def _record(benchmark, rows: int, vocab: int, moved: int) -> None:
+    benchmark.extra_info.update(
+        rows=rows, vocab=vocab, bytes=moved, device=torch.cuda.get_device_name(), torch=torch.__version__
+    )
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_copy(benchmark, rows, vocab):
+    logits, _ = _inputs(rows, vocab)
+    out = torch.empty_like(logits)
+    benchmark.group = f"sample rows={rows} vocab={vocab}"
+    _record(benchmark, rows, vocab, 2 * logits.numel() * logits.element_size())
+    benchmark(_sync(lambda: out.copy_(logits)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_sample(benchmark, rows, vocab, config, impl):
+    temperature, top_k, top_p = CONFIGS[config]
+    logits, noise = _inputs(rows, vocab)
+    noise = None if temperature == 0.0 else noise
+    fn = {
+        "eager": sample_reference,
+        "compile": torch.compile(sample_reference, dynamic=False),
+        "triton": sample_triton,
+    }[impl]
+    fn(logits, noise, temperature, top_k, top_p)  # compile / warm up
+    benchmark.group = f"sample rows={rows} vocab={vocab}"
+    noise_bytes = 0 if noise is None else noise.numel() * 4
+    _record(benchmark, rows, vocab, logits.numel() * (logits.element_size() + 4) + noise_bytes)
+    benchmark(_sync(lambda: fn(logits, noise, temperature, top_k, top_p)))

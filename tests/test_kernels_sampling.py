@@ -1,0 +1,133 @@
+"""The Triton drafter sampler against its torch reference (interpreted on CPU, compiled on CUDA)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (temperature, top_k, top_p)
+CONFIGS = {
+    "greedy": (0.0, 0, 1.0),
+    "temperature": (0.8, 0, 1.0),
+    "top_k": (1.2, 9, 1.0),
+    "top_p": (0.9, 0, 0.8),
+    "top_k_top_p": (1.0, 40, 0.9),
+}
+
+
+def _inputs(rows: int, vocab: int, dtype: torch.dtype, seed: int, masked: bool):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=generator) * 3).to(dtype)
+    noise = torch.empty(rows, vocab).exponential_(generator=generator)
+    mask = torch.rand(vocab, generator=generator) > 0.3 if masked else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(logits), to(noise), to(mask)
+
+
+def _check(logits, noise, temperature, top_k, top_p, mask=None, block=64):
+    """Same distribution, and the chosen id maximises the race objective (ties may pick either id).
+
+    Where a top-p boundary falls inside a group of equal logits (fp16 has many), the reference drops
+    some of them in torch.sort's order and the kernel the lowest ids: the same number of the same value.
+    """
+    noise = None if temperature == 0.0 else noise
+    ids, probs = sample_triton(logits, noise, temperature, top_k, top_p, mask, block=block)
+    ref_ids, ref_probs = sample_reference(logits, noise, temperature, top_k, top_p, mask)
+    assert ids.dtype == torch.int64 and probs.dtype == torch.float32
+    differ = (probs > 0) != (ref_probs > 0)  # [rows, vocab]
+    for row in differ.any(1).nonzero()[:, 0].tolist():
+        assert top_p < 1.0 and logits[row][differ[row]].unique().numel() == 1
+        torch.testing.assert_close(probs[row].sort().values, ref_probs[row].sort().values)
+    same = ~differ.any(1)
+    torch.testing.assert_close(probs[same], ref_probs[same], atol=1e-6, rtol=1e-5)
+    objective = probs if temperature == 0.0 else probs / noise
+    best = objective.max(1).values
+    torch.testing.assert_close(objective.gather(1, ids[:, None])[:, 0], best, atol=0, rtol=1e-5)
+    assert torch.equal(ids[same & (ids == ref_ids)], ref_ids[same & (ids == ref_ids)])
+    assert (probs.gather(1, ids[:, None]) > 0).all()
+    return ids, probs
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize(("dtype", "masked"), [(torch.float32, False), (torch.float16, True)])
+def test_matches_reference_across_blocks(config, dtype, masked):
+    # vocab 300 with block 64: 5 blocks per row (the last partial), split over 2 programs.
+    logits, noise, mask = _inputs(3, 300, dtype, seed=len(config), masked=masked)
+    _check(logits, noise, *CONFIGS[config], mask)
+
+
+@pytest.mark.parametrize("config", ["greedy", "temperature", "top_k_top_p"])
+def test_vocab_smaller_than_a_block(config):
+    logits, noise, mask = _inputs(2, 7, torch.float32, seed=3, masked=True)
+    _check(logits, noise, *CONFIGS[config], mask)
+
+
+def test_ties_at_the_thresholds():
+    noise = torch.empty(1, 8).exponential_(generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    # A top-k boundary inside a group of equal logits: the whole group is kept.
+    logits = torch.tensor([[0.0, 2.0, 1.0, 1.0, 1.0, -1.0, 1.0, 0.5]], device=DEVICE)
+    _, probs = _check(logits, noise, 1.0, 3, 1.0, block=4)
+    assert (probs > 0).sum() == 5
+    # A top-p boundary inside one: 4 of the five 1.0 are dropped, here the lowest ids.
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 1.0, -2.0]], device=DEVICE)
+    _, probs = _check(logits, noise, 1.0, 0, 0.6, block=4)
+    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [4, 6]
+    # The maximum itself tied: top-p keeps at least one of the group.
+    logits = torch.tensor([[2.0, 2.0, 2.0, 0.0, 2.0, -1.0, 1.0, 2.0]], device=DEVICE)
+    _, probs = _check(logits, noise, 1.0, 0, 0.1, block=4)
+    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [7]
+
+
+def test_degenerate_filters():
+    logits, noise, mask = _inputs(2, 100, torch.float32, seed=5, masked=True)
+    _check(logits, noise, 1.0, 100, 1.0, mask, block=32)  # k >= vocab: no filter
+    _check(logits, noise, 1.0, 95, 1.0, mask, block=32)  # k above the allowed count: keeps all allowed
+    _check(logits, noise, 1.0, 1, 0.5, mask, block=32)  # one token left
+    _check(logits, noise, 0.7, 0, 1e-6, mask, block=32)  # top-p keeps only the most likely
+
+
+def test_strided_logits_and_noise():
+    logits, noise, _ = _inputs(2, 200, torch.float32, seed=6, masked=False)
+    _check(logits[:, :150], noise[:, :150], 0.9, 0, 0.95)
+
+
+def test_race_frequencies():
+    """Empirical frequencies of ``rows`` draws from one row of logits, each with its own noise.
+
+    Each frequency is within ``sqrt(ln(2K / delta) / (2 rows))`` of its probability except with
+    probability ``delta = 1e-6`` (Hoeffding and a union bound); the seed is fixed, so the test is
+    deterministic, and the bound still separates q from the uniform law and from the argmax."""
+    q = torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0])  # token 3 masked out, token 4 impossible
+    rows = 20_000 if DEVICE == "cuda" else 300
+    logits = torch.tensor([0.7, 0.2, 0.1, 0.5, 0.0]).log().expand(rows, -1).contiguous()
+    noise = torch.empty(rows, 5).exponential_(generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([True, True, True, False, True])
+    ids, probs = sample_triton(logits.to(DEVICE), noise.to(DEVICE), 1.0, 0, 1.0, mask.to(DEVICE), block=4)
+    torch.testing.assert_close(probs[0].cpu(), q)
+    freq = torch.bincount(ids.cpu(), minlength=5).double() / rows
+    assert (freq - q.double()).abs().max() < math.sqrt(math.log(2 * 5 / 1e-6) / (2 * rows))
+    assert freq[3] == 0 and freq[4] == 0
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936, 262144])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("rows", [1, 72])
+def test_full_vocabularies_bf16(vocab, config, rows):
+    logits, noise, mask = _inputs(rows, vocab, torch.bfloat16, seed=vocab, masked=config == "top_k_top_p")
+    _check(logits, noise, *CONFIGS[config], mask, block=1024)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_many_rows(config):
+    logits, noise, _ = _inputs(256, 32000, torch.float16, seed=1, masked=False)
+    _check(logits, noise, *CONFIGS[config], block=1024)
