@@ -171,6 +171,35 @@ def _hash_rows(keys, rows, live, N: tl.constexpr):  # keys [Q, N] int64; rows, l
 
 
 @triton.jit
+def _lookup_rows(
+    key_ids,  # [C, N] int32
+    values,  # [C] int32
+    query,  # [BLOCK, N_POW2] int64 keys, -1 padded (also past N)
+    h,  # [BLOCK] int64 their hashes
+    live,  # [BLOCK] bool rows to look up
+    C,
+    N: tl.constexpr,
+    N_POW2: tl.constexpr,
+    MAX_PROBES: tl.constexpr,
+):  # -> [BLOCK] int64: the value of each live row's key, or -1
+    columns = tl.arange(0, N_POW2)
+    in_key = columns[None, :] < N  # [1, N_POW2]
+    value = tl.zeros_like(h) - 1
+    open_ = live
+    for probe in range(MAX_PROBES):
+        if tl.max(open_.to(tl.int32), axis=0) > 0:
+            slot = (h + probe) & (C - 1)
+            stored = tl.load(
+                key_ids + slot[:, None] * N + columns[None, :], mask=open_[:, None] & in_key, other=-1
+            ).to(tl.int64)  # [BLOCK, N_POW2]
+            match = open_ & (tl.sum((stored != query).to(tl.int32), axis=1) == 0)
+            value = tl.where(match, tl.load(values + slot, mask=match, other=-1).to(tl.int64), value)
+            first = tl.sum(tl.where(columns[None, :] == 0, stored, 0), axis=1)
+            open_ = open_ & ~match & (first >= 0)
+    return value
+
+
+@triton.jit
 def _ngram_lookup_kernel(
     key_ids,  # [C, N] int32
     values,  # [C] int32
@@ -189,18 +218,7 @@ def _ngram_lookup_kernel(
     in_key = columns[None, :] < N  # [1, N_POW2]
     query = tl.load(queries + rows[:, None] * N + columns[None, :], mask=live[:, None] & in_key, other=-1)
     h, _ = _hash_rows(queries, rows, live, N)
-    value = tl.full([BLOCK], -1, tl.int64)
-    open_ = live
-    for probe in range(MAX_PROBES):
-        if tl.max(open_.to(tl.int32), axis=0) > 0:
-            slot = (h + probe) & (C - 1)
-            stored = tl.load(
-                key_ids + slot[:, None] * N + columns[None, :], mask=open_[:, None] & in_key, other=-1
-            ).to(tl.int64)  # [BLOCK, N_POW2]
-            match = open_ & (tl.sum((stored != query).to(tl.int32), axis=1) == 0)
-            value = tl.where(match, tl.load(values + slot, mask=match, other=-1).to(tl.int64), value)
-            first = tl.sum(tl.where(columns[None, :] == 0, stored, 0), axis=1)
-            open_ = open_ & ~match & (first >= 0)
+    value = _lookup_rows(key_ids, values, query, h, live, C, N, N_POW2, MAX_PROBES)
     tl.store(found + rows, value, mask=live)
 
 

@@ -14,15 +14,27 @@ n-gram table (``kernels/ngram.py``): scanning left to right, the longest run ``y
 (2 <= n <= N) found in the table becomes one target token, otherwise ``y_i`` maps directly, and the first
 token that does neither ends the draft. The proposal probabilities in the target vocabulary follow from
 ``source``/``span_end`` (``kernels/proposal.py``); translation itself needs no probabilities.
+
+``translate_triton`` computes either op in one launch, one program (one warp) per row, with no host sync;
+k <= 16 and N <= 8 keep the whole row in registers. The program reads the row's ids and their direct
+map, puts each window ``y_i..y_{i+n-1}`` (every start i, every 2 <= n <= N) in a lane of its own, hashes
+it as ``kernels/ngram.py`` does and probes the table for all windows at once with the lookup kernel's
+``_lookup_rows`` (one probe loop, not one per n); the longest hit per start is a max over
+``(n << 32) + value``. The left-to-right scan is then k register steps, each picking the entry at the
+pointer by a masked reduction, and the four outputs are written once. GPU timings (eager reference,
+``torch.compile`` of it, the kernel; ``benchmarks/bench_translate.py``) are pending: written without a GPU,
+checked against the references under ``TRITON_INTERPRET=1`` and compiled for sm_90.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .ngram import ngram_lookup_reference
+from .ngram import _P_TL, _SIGN_OFF_TL, MAX_PROBES, _lookup_rows, _mix_tl, ngram_lookup_reference
 
-__all__ = ["translate_ngram_reference", "translate_reference"]
+__all__ = ["translate_ngram_reference", "translate_reference", "translate_triton"]
 
 
 def translate_reference(
@@ -82,3 +94,109 @@ def translate_ngram_reference(
         width[:, j] = torch.where(going, step, 0)
         pointer = pointer + torch.where(going, step, 0)
     return target_ids, (target_ids >= 0).sum(-1), source, source + width
+
+
+# -- Triton kernel ----------------------------------------------------------------------------------------
+@triton.jit
+def _pick(vector, positions, at):  # vector, positions [K_POW2]; at a scalar position -> vector[at]
+    return tl.sum(tl.where(positions == at, vector, 0), axis=0)
+
+
+@triton.jit
+def _translate_kernel(
+    draft_ids,  # [batch, k] int64
+    d2t,  # [V_d] int32
+    key_ids,  # [C, N] int32 (HAS_TABLE)
+    values,  # [C] int32 (HAS_TABLE)
+    target_ids,  # [batch, k] int64 out
+    lengths,  # [batch] int64 out
+    source,  # [batch, k] int64 out
+    span_end,  # [batch, k] int64 out
+    k,
+    C,
+    HAS_TABLE: tl.constexpr,
+    N: tl.constexpr,
+    N_POW2: tl.constexpr,
+    K_POW2: tl.constexpr,
+    SIZES: tl.constexpr,  # window sizes 2..N, rounded up to a power of two
+    MAX_PROBES: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    draft = draft_ids + row * k
+    positions = tl.arange(0, K_POW2).to(tl.int64)  # [K_POW2] drafter positions
+    in_draft = positions < k
+    mapped = tl.load(d2t + tl.load(draft + positions, mask=in_draft, other=0), mask=in_draft, other=-1)
+    mapped = mapped.to(tl.int64)  # [K_POW2]
+    out = row * k + positions
+    if HAS_TABLE:
+        # Every window y_i..y_{i+n-1} (2 <= n <= N) in a lane of its own, all probed at once.
+        lanes = tl.arange(0, SIZES * K_POW2)  # lane (n - 2) * K_POW2 + i
+        start = (lanes % K_POW2).to(tl.int64)
+        n = (lanes // K_POW2 + 2).to(tl.int64)
+        fits = (n <= N) & (start + n <= k)  # [SIZES * K_POW2]
+        columns = tl.arange(0, N_POW2)
+        window = tl.load(
+            draft + start[:, None] + columns[None, :],
+            mask=fits[:, None] & (columns[None, :] < n[:, None]),
+            other=-1,
+        )  # [SIZES * K_POW2, N_POW2], -1 padded like a table key
+        h = _mix_tl(n)  # the key hash of kernels/ngram.py
+        for column in tl.static_range(N):
+            y = tl.load(draft + start + column, mask=fits & (column < n), other=-1)
+            h = tl.where(y >= 0, _mix_tl(h * _P_TL + y + 1), h)
+        found = _lookup_rows(key_ids, values, window, h & _SIGN_OFF_TL, fits, C, N, N_POW2, MAX_PROBES)
+        # The longest hit at each start: (n, value) packed into one int64 and maximised over n.
+        best = tl.max(tl.reshape(tl.where(found >= 0, (n << 32) + found, -1), [SIZES, K_POW2]), axis=0)
+        longest = tl.where(best >= 0, best >> 32, 0)  # [K_POW2]
+        merged = best & 0xFFFFFFFF  # [K_POW2], the value where longest >= 2
+        # Left-to-right scan: target position j takes the longest merge at the pointer, else its direct map.
+        # A stopped draft stays stopped: the pointer no longer moves, so the same test fails again.
+        ids = tl.full([K_POW2], -1, tl.int64)
+        first = tl.zeros([K_POW2], tl.int64)
+        width = tl.zeros([K_POW2], tl.int64)
+        pointer = tl.zeros([], tl.int64)
+        for j in range(k):
+            at = tl.minimum(pointer, k - 1)
+            span = _pick(longest, positions, at)  # 0 or 2..N
+            token = tl.where(span >= 2, _pick(merged, positions, at), _pick(mapped, positions, at))
+            step = tl.where((pointer < k) & (token >= 0), tl.maximum(span, 1), 0)
+            ids = tl.where(positions == j, tl.where(step > 0, token, -1), ids)
+            first = tl.where(positions == j, at, first)
+            width = tl.where(positions == j, step, width)
+            pointer += step
+        tl.store(lengths + row, tl.sum((ids >= 0).to(tl.int64), axis=0))
+    else:
+        # Direct map: the leading positions that map.
+        stop = tl.min(tl.where(in_draft & (mapped < 0), positions, k), axis=0)
+        ids = tl.where(positions < stop, mapped, -1)
+        first = positions
+        width = tl.full([K_POW2], 1, tl.int64)
+        tl.store(lengths + row, stop)
+    tl.store(target_ids + out, ids, mask=in_draft)
+    tl.store(source + out, first, mask=in_draft)
+    tl.store(span_end + out, first + width, mask=in_draft)
+
+
+def translate_triton(
+    draft_ids: torch.Tensor,  # [batch, k] int64 drafter ids in [0, V_d)
+    d2t: torch.Tensor,  # [V_d] int32
+    key_ids: torch.Tensor | None = None,  # [C, N] int32 n-gram table, contiguous
+    values: torch.Tensor | None = None,  # [C] int32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``translate_ngram_reference`` with a table, ``translate_reference`` without: one launch, one program
+    per row, no host sync."""
+    batch, k = draft_ids.shape
+    draft_ids, d2t = draft_ids.contiguous(), d2t.contiguous()
+    target_ids = torch.empty_like(draft_ids)
+    source, span_end = torch.empty_like(draft_ids), torch.empty_like(draft_ids)
+    lengths = torch.zeros(batch, dtype=torch.int64, device=draft_ids.device)
+    if batch == 0 or k == 0:
+        return target_ids, lengths, source, span_end
+    capacity, n = (1, 1) if key_ids is None else key_ids.shape
+    _translate_kernel[(batch,)](
+        draft_ids, d2t, key_ids, values, target_ids, lengths, source, span_end, k, capacity,
+        HAS_TABLE=key_ids is not None, N=n, N_POW2=triton.next_power_of_2(n),
+        K_POW2=triton.next_power_of_2(k), SIZES=triton.next_power_of_2(max(n - 1, 1)), MAX_PROBES=MAX_PROBES,
+        num_warps=1,
+    )  # fmt: skip
+    return target_ids, lengths, source, span_end

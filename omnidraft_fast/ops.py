@@ -20,7 +20,7 @@ from .kernels.ngram import (
 )
 from .kernels.proposal import CrossProposal, target_proposal_reference
 from .kernels.sampling import nonfinite_rows_reference, sample_reference
-from .kernels.translate import translate_ngram_reference, translate_reference
+from .kernels.translate import translate_ngram_reference, translate_reference, translate_triton
 from .kernels.verify import verify_reference
 
 __all__ = [
@@ -237,11 +237,11 @@ def translate(
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
     if table is None:
-        return translate_reference(draft_ids, d2t)
+        return (translate_triton if draft_ids.is_cuda else translate_reference)(draft_ids, d2t)
     _check_table(*table)
     if table[0].device != draft_ids.device:
         raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
-    return translate_ngram_reference(draft_ids, d2t, *table)
+    return (translate_triton if draft_ids.is_cuda else translate_ngram_reference)(draft_ids, d2t, *table)
 
 
 def commit_drafter(

@@ -1,0 +1,148 @@
+"""The translation kernel (direct map, and longest-match n-gram merges) against its torch references
+(interpreted on CPU, compiled on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omnidraft_fast.kernels.ngram import EMPTY, ngram_insert_reference, ngram_insert_triton
+from omnidraft_fast.kernels.translate import translate_ngram_reference, translate_reference, translate_triton
+
+from omnidraft_fast import ops
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+V_D, V_T = 12, 40  # drafter ids are drawn from a small vocabulary, so that drafted runs repeat
+
+
+def _d2t(seed: int, vocab: int = V_D, unmapped: float = 0.3, device: str = "cpu") -> torch.Tensor:
+    """[vocab] int32: a direct map with about ``unmapped`` of the drafter ids mapping to nothing (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    d2t = torch.randint(0, V_T, (vocab,), generator=generator, dtype=torch.int32)
+    return torch.where(torch.rand(vocab, generator=generator) < unmapped, -1, d2t).to(device)
+
+
+def _empty(capacity: int, n_max: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """(hashes, key_ids, values, counts) of an empty table."""
+    return (
+        torch.full((capacity,), EMPTY, dtype=torch.int64, device=device),
+        torch.full((capacity, n_max), -1, dtype=torch.int32, device=device),
+        torch.full((capacity,), -1, dtype=torch.int32, device=device),
+        torch.zeros(capacity, dtype=torch.int32, device=device),
+    )
+
+
+def _table(
+    drafts: torch.Tensor,  # [batch, k] int64
+    n_max: int,
+    capacity: int,
+    windows: int,
+    random: int,
+    seed: int,
+    vocab: int = V_D,
+    insert=ngram_insert_reference,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_ids, values) holding runs of 2..n_max ids: ``windows`` random windows of the drafts (so that
+    nested and overlapping runs are present) and ``random`` random runs over ``vocab``."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, k = drafts.shape
+    keys = windows + random
+    lengths = torch.randint(2, n_max + 1, (keys,), generator=generator)
+    rows = torch.randint(0, batch, (windows,), generator=generator)
+    starts = (torch.rand(windows, generator=generator) * (k - lengths[:windows] + 1).clamp_min(1)).long()
+    columns = torch.arange(n_max)
+    runs = torch.cat(
+        [
+            drafts.cpu()[rows[:, None], (starts[:, None] + columns).clamp_max(k - 1)],
+            torch.randint(0, vocab, (random, n_max), generator=generator),
+        ]
+    )
+    runs = torch.where(columns < lengths[:, None], runs, -1).to(drafts.device)
+    table = _empty(capacity, n_max, drafts.device)
+    new_values = torch.randint(0, V_T, (keys,), generator=generator).to(drafts.device)
+    insert(*table, runs, new_values, torch.ones_like(new_values))
+    return table[1:3]
+
+
+def _assert_same(got, expected) -> None:
+    for name, a, b in zip(("target_ids", "lengths", "source", "span_end"), got, expected, strict=True):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b), name
+
+
+def _drafts(batch: int, k: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V_D, (batch, k), generator=generator).to(device)
+
+
+@pytest.mark.parametrize(
+    ("batch", "k", "n_max"),
+    [(1, 1, 2), (3, 1, 4), (5, 3, 4), (2, 3, 3), (4, 8, 4), (1, 8, 2), (3, 8, 6), (2, 8, 8)],
+)
+def test_matches_reference(batch, k, n_max):
+    drafts, d2t = _drafts(batch, k, seed=k), _d2t(seed=batch)
+    table = _table(drafts, n_max, capacity=64, windows=12, random=12, seed=batch + k)
+    got = translate_triton(drafts, d2t, *table)
+    _assert_same(got, translate_ngram_reference(drafts, d2t, *table))
+    _assert_same(translate_triton(drafts, d2t), translate_reference(drafts, d2t))
+    if k > 1:  # the cases exercise merges
+        assert ((got[3] - got[2]) >= 2).any()
+
+
+def test_crowded_table_and_early_stops():
+    """A table past its load limit (long probe chains, keys that found no slot) and a direct map that
+    leaves most ids unmapped, so that rows stop early, some at position 0."""
+    drafts, d2t = _drafts(5, 8, seed=3), _d2t(seed=4, unmapped=0.7)
+    table = _table(drafts, 4, capacity=16, windows=20, random=20, seed=5)
+    assert (table[0][:, 0] >= 0).all()  # full
+    got = translate_triton(drafts, d2t, *table)
+    _assert_same(got, translate_ngram_reference(drafts, d2t, *table))
+    assert (got[1] == 0).any() and ((got[3] - got[2]) >= 2).any()
+
+
+def test_hand_written():
+    """Drafter: 0 'snow', 1 'f', 2 'la', 3 'ke', 4 's'; target: 0 'snow', 1 'flake', 2 'f', 3 'fla', 4 'kes'.
+    Nested runs (f la < f la ke): the longest wins; an overlapping run (ke s) loses to the earlier merge."""
+    d2t = torch.tensor([0, 2, -1, -1, -1], dtype=torch.int32)
+    keys = torch.tensor([[1, 2, -1], [1, 2, 3], [3, 4, -1]])
+    full = _empty(16, 3)
+    ngram_insert_reference(*full, keys, torch.tensor([3, 1, 4]), torch.ones(3, dtype=torch.int64))
+    table = full[1:3]
+    drafts = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 0, 3, 4], [2, 0, 0, 0, 0]])
+    expected = (
+        torch.tensor([[0, 1, -1, -1, -1], [3, 0, 4, -1, -1], [-1] * 5]),
+        torch.tensor([2, 3, 0]),
+        torch.tensor([[0, 1, 4, 4, 4], [0, 2, 3, 4, 4], [0] * 5]),
+        torch.tensor([[1, 4, 4, 4, 4], [2, 3, 5, 4, 4], [0] * 5]),
+    )
+    for translate in (translate_triton, translate_ngram_reference):
+        _assert_same(translate(drafts, d2t, *table), expected)
+    _assert_same(ops.translate(drafts, d2t, table=table), expected)
+    direct = (
+        torch.tensor([[0, 2, -1, -1, -1], [2, -1, -1, -1, -1], [-1] * 5]),
+        torch.tensor([2, 1, 0]),
+        torch.arange(5).expand(3, 5),
+        torch.arange(1, 6).expand(3, 5),
+    )
+    _assert_same(translate_triton(drafts, d2t), direct)
+    _assert_same(ops.translate(drafts, d2t), direct)
+
+
+# -- GPU: a realistic table (2^16 slots at load 1/2), batch 256 ------------------------------------------
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("k", "n_max"), [(8, 4), (16, 8)])
+def test_large_batch_on_cuda(k, n_max):
+    drafts, d2t = _drafts(256, k, seed=10, device="cuda"), _d2t(seed=11, device="cuda")
+    table = _table(
+        drafts, n_max, 1 << 16, 4096, (1 << 15) - 2048, seed=12, vocab=1 << 20, insert=ngram_insert_triton
+    )
+    assert 0.45 < float((table[0][:, 0] >= 0).float().mean()) < 0.55  # load factor about 1/2
+    torch.cuda.set_sync_debug_mode("error")  # the kernel must not synchronise
+    try:
+        got = ops.translate(drafts, d2t, table=table)
+        direct = ops.translate(drafts, d2t)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _assert_same(got, translate_ngram_reference(drafts, d2t, *table))
+    _assert_same(direct, translate_reference(drafts, d2t))
+    assert ((got[3] - got[2]) >= 2).any()
