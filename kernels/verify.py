@@ -46,6 +46,26 @@ Exact-match verification (``exact_match=True``; lossless for *any* proposal, use
 probabilities are not exact, e.g. after n-gram merges): draw ``z_j ~ p_j`` at every position, accept
 ``y_j`` iff ``z_j == y_j``, and at the first mismatch emit ``z_j``. Only the exact rule applies.
 
+The Triton kernel (``verify_triton``; exact match stays on the reference) never builds ``q'`` densely: it
+reads the drafter's rows through ``t2d`` with the merge adjustments of ``kernels/proposal.py``. Each
+position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1))`` chunks of whole blocks):
+
+1. ``_stats_kernel`` (grid ``[batch (k+1), splits]``): online softmax of the logits per chunk, at ``T = 1``
+   (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when greedy), plus a NaN/+inf
+   count. Top-k/top-p then run sampling.py's ``_threshold_kernel`` on these partials.
+2. ``_sums_kernel`` (grid ``[batch k, splits]``; returns at once for exact rows): the chunk's TV, ``q(V)``,
+   ``q(A)``, ``sum min(q, p/s)``, ``sum (p - s q)+`` and ``max q1`` (logits read only where the rule needs
+   ``p``, ``q1`` only where it needs ``q1``).
+3. ``_draw_kernel`` (grid ``[batch, draws]``): every program combines the partials of its row's ``k+1``
+   positions at once (vectors over positions), computes ``pi_j(y_j)``, ``a_j``, the deferral flags and the
+   accept scan (program 0 writes them), then races ``max(0, pi_j* - q_j*)`` and ``pi_j*`` over its chunk of
+   the stop position (``p_{k+1}`` for the bonus) with the noise, keeping the first winner of each.
+4. ``_finish_kernel`` (one program per row): the first winner over the chunks (``pi``'s when the residual
+   has no mass anywhere), the output tokens and the invalid flag.
+
+So exact rows read the logits once plus one row of logits, ``q`` and noise at the stop position; deferral
+rules add one read of their ``k`` rows of logits (mostly from L2) and of ``q`` (and ``q1``).
+
 Glossary (as in vLLM's rejection sampler): *accepted* tokens are drafted tokens that passed; the
 *recovered* token is drawn from the residual at the first rejection; the *bonus* token is drawn from
 ``p_{k+1}`` when every draft passed; the *output* tokens are accepted + (recovered or bonus), -1 padded.
@@ -54,10 +74,19 @@ Glossary (as in vLLM's rejection sampler): *accepted* tokens are drafted tokens 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .sampling import nonfinite_rows_reference, sampling_probs_reference
+from .proposal import CrossProposal
+from .sampling import (
+    _BUCKETS,
+    _target_programs,
+    _threshold_kernel,
+    nonfinite_rows_reference,
+    sampling_probs_reference,
+)
 
-__all__ = ["RULES", "cascade_target_reference", "verify_reference"]
+__all__ = ["RULES", "cascade_target_reference", "verify_reference", "verify_triton"]
 
 RULES = ("exact", "chow", "diff", "opt", "token_v1", "token_v2", "token_v3", "lossy")  # rule id = index
 
@@ -165,3 +194,618 @@ def _output_tokens(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: t
     drafted = torch.cat([draft_ids, draft_ids.new_full((batch, 1), -1)], 1)
     output_tokens = torch.where(positions < num_accepted[:, None], drafted, -1)
     return output_tokens.scatter_(1, num_accepted[:, None], final[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _online(m, total, x):
+    """One online-softmax step: running max ``m`` and ``total`` = sum exp(. - m), updated with block ``x``."""
+    new_m = tl.maximum(m, tl.max(x, 0))
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, total * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), 0)
+
+
+@triton.jit
+def _combine(part_m_ptr, part_aux_ptr, rows, valid, splits, SPLITS_P2: tl.constexpr, GREEDY: tl.constexpr):
+    """Merge the chunk partials of ``rows`` [N]: (max, sum of exp(. - max)), or (max, first argmax) if GREEDY."""
+    s = tl.arange(0, SPLITS_P2)
+    mask = valid[:, None] & (s < splits)[None, :]
+    offs = rows[:, None] * splits + s[None, :]
+    chunk_m = tl.load(part_m_ptr + offs, mask=mask, other=float("-inf"))
+    m = tl.max(chunk_m, 1)
+    if GREEDY:
+        chunk_arg = tl.load(part_aux_ptr + offs, mask=mask, other=0)
+        first = tl.min(tl.where(chunk_m == m[:, None], s[None, :], SPLITS_P2), 1)
+        return m, tl.sum(tl.where(s[None, :] == first[:, None], chunk_arg, 0), 1)
+    chunk_z = tl.load(part_aux_ptr + offs, mask=mask, other=0.0)
+    scale = tl.where(chunk_m == float("-inf"), 0.0, tl.exp(chunk_m - m[:, None]))
+    return m, tl.sum(chunk_z * scale, 1)
+
+
+@triton.jit
+def _target_prob(x, t, inside, m, aux, thr, cut, temperature, GREEDY: tl.constexpr, FILTERED: tl.constexpr):
+    """p(t) from the logit ``x`` of token ``t``: one-hot at ``aux`` (the argmax) when GREEDY, else the
+    softmax of x / T over the kept set, ``aux`` its normaliser relative to exp(m); 0 outside ``inside``."""
+    if GREEDY:
+        p = (t == aux).to(tl.float32)
+    else:
+        z = tl.math.div_rn(x, temperature)
+        p = tl.exp(z - m) / aux
+        if FILTERED:
+            p = tl.where((z > thr) | ((z == thr) & (t >= cut)), p, 0.0)
+    return tl.where(inside, p, 0.0)
+
+
+@triton.jit
+def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
+          K_P2: tl.constexpr):  # fmt: skip
+    """Where target positions ``j`` [N] of row ``b`` come from (kernels/proposal.py): the source drafter
+    position, d2t of its drafted token, the path mass of the span under ``probs`` and whether it merged."""
+    src = tl.load(source_ptr + b * k + j, mask=valid, other=0)
+    end = tl.load(span_end_ptr + b * k + j, mask=valid, other=1)
+    u = tl.arange(0, K_P2)
+    drafted = tl.load(drafter_ids_ptr + b * k + u, mask=u < k, other=0)
+    path = tl.load(probs_ptr + (b * k + u) * vocab_q + tl.maximum(drafted, 0), mask=u < k, other=1.0)
+    log_q = tl.log(tl.maximum(path, 1e-30))[None, :]
+    before = tl.sum(tl.where(u[None, :] < src[:, None], log_q, 0.0), 1)
+    mass = tl.exp(tl.sum(tl.where(u[None, :] < end[:, None], log_q, 0.0), 1) - before)
+    y_s = tl.load(drafter_ids_ptr + b * k + src, mask=valid, other=-1)
+    first = tl.load(d2t_ptr + tl.maximum(y_s, 0), mask=valid & (y_s >= 0), other=-1)
+    return src, first, mass, (end - src >= 2) & (x_id >= 0)
+
+
+@triton.jit
+def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, merged, CROSS: tl.constexpr):
+    """q'(t) at one position from its row of drafter probabilities (``row_ptr``), through t2d with the merge
+    adjustments when CROSS (kernels/proposal.py); 0 outside ``inside``."""
+    if CROSS:
+        d = tl.where(x_id >= 0, tl.load(t2d_ptr + t, mask=inside, other=-1), -1)
+        q = tl.load(row_ptr + d, mask=inside & (d >= 0), other=0.0)
+        q = tl.where(merged & (t == first), tl.maximum(q - mass, 0.0), q)
+        q = tl.where(merged & (t == x_id), mass, q)
+        return tl.where(inside, q, 0.0)
+    return tl.load(row_ptr + t, mask=inside, other=0.0)
+
+
+@triton.jit
+def _no_defer(rule, alpha, max_q1, max_p1, tv):
+    """Mixture rules: r = 0 (the drafter is kept)."""
+    chow = (rule == 1) & (max_q1 >= 1 - alpha)
+    diff = (rule == 2) & (max_q1 >= max_p1 - alpha)
+    return chow | diff | ((rule == 3) & (max_q1 >= max_p1 - alpha * tv))
+
+
+@triton.jit
+def _kept(rule, alpha, no_defer, q1, p1, max_p1):
+    """Whether the drafter keeps each token (the set A; all or none for mixture rules, none for exact/lossy)."""
+    kept = (rule < 4) & no_defer
+    kept = kept | ((rule == 4) & (q1 >= max_p1 - alpha))
+    kept = kept | ((rule == 5) & (p1 >= max_p1 - alpha))
+    return kept | ((rule == 6) & (p1 >= (1 - alpha) * max_p1))
+
+
+@triton.jit
+def _pi(q, p, kept, rule, alpha, kept_sum, capped_sum, rho_sum):
+    """pi of the rule (module docstring) from q, p and the row sums of pass 2."""
+    mixture = tl.where(kept, q, 0.0) + tl.maximum(1 - kept_sum, 0.0) * p
+    scale = tl.maximum(1 - alpha, _TINY)
+    rho = tl.maximum(p - scale * q, 0.0) / tl.maximum(rho_sum, _TINY)
+    lossy = tl.minimum(q, p / scale) + tl.maximum(1 - capped_sum, 0.0) * rho
+    return tl.where(rule == 7, lossy, mixture)
+
+
+@triton.jit
+def _stats_kernel(
+    logits_ptr,  # [batch, k+1, vocab] fp32/bf16/fp16
+    part_m1_ptr,  # [batch * (k+1), splits] fp32 out: chunk max of the logits (T = 1)
+    part_z1_ptr,  # [batch * (k+1), splits] fp32 out: sum of exp(logit - chunk max)
+    part_m_ptr,  # [batch * (k+1), splits] fp32 out: chunk max of z = logits / T
+    part_aux_ptr,  # [batch * (k+1), splits] out: sum of exp(z - chunk max) fp32, or chunk argmax int64 (GREEDY)
+    part_bad_ptr,  # [batch * (k+1), splits] int32 out: NaN/+inf count
+    vocab,
+    width,
+    stride_lb,
+    stride_lj,
+    temperature,
+    chunk,
+    GREEDY: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    row_logits = logits_ptr + (row // width) * stride_lb + (row % width) * stride_lj
+    begin = split * chunk
+    end = tl.minimum(begin + chunk, vocab)
+    m1 = tl.full((), float("-inf"), tl.float32)
+    z1 = tl.zeros((), tl.float32)
+    bad = tl.zeros((), tl.int32)
+    if GREEDY:
+        best = begin.to(tl.int64)
+        for start in range(begin, end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(row_logits + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+            bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+            best = tl.where(tl.max(x, 0) > m1, start + tl.argmax(x, 0).to(tl.int64), best)
+            m1, z1 = _online(m1, z1, x)
+        tl.store(part_m_ptr + row * splits + split, m1)
+        tl.store(part_aux_ptr + row * splits + split, best)
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        for start in range(begin, end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(row_logits + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
+            bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+            m1, z1 = _online(m1, z1, x)
+            if not UNIT_T:
+                m, total = _online(m, total, tl.math.div_rn(x, temperature))
+        if UNIT_T:
+            m, total = m1, z1
+        tl.store(part_m_ptr + row * splits + split, m)
+        tl.store(part_aux_ptr + row * splits + split, total)
+    tl.store(part_m1_ptr + row * splits + split, m1)
+    tl.store(part_z1_ptr + row * splits + split, z1)
+    tl.store(part_bad_ptr + row * splits + split, bad)
+
+
+@triton.jit
+def _sums_kernel(
+    logits_ptr,  # [batch, k+1, vocab]
+    draft_ids_ptr,  # [batch, k] int64 target ids
+    probs_ptr,  # [batch, k, vocab_q] fp32
+    probs1_ptr,  # [batch, k, vocab_q] fp32 (SEPARATE_Q1)
+    rule_ptr,  # [batch] int64
+    alpha_ptr,  # [batch] fp32
+    drafter_ids_ptr,  # [batch, k] int64 (CROSS)
+    source_ptr,  # [batch, k] int64 (CROSS)
+    span_end_ptr,  # [batch, k] int64 (CROSS)
+    d2t_ptr,  # [vocab_q] int32 (CROSS)
+    t2d_ptr,  # [vocab] int32 (CROSS)
+    part_m1_ptr,  # [batch * (k+1), splits] fp32
+    part_z1_ptr,  # [batch * (k+1), splits] fp32
+    part_m_ptr,  # [batch * (k+1), splits] fp32
+    part_aux_ptr,  # [batch * (k+1), splits] fp32 or int64 (GREEDY)
+    row_z_ptr,  # [batch * (k+1)] fp32 (FILTERED)
+    row_t_ptr,  # [batch * (k+1)] fp32 (FILTERED)
+    row_c_ptr,  # [batch * (k+1)] int64 (FILTERED)
+    sums_ptr,  # [batch * k, splits, 6] fp32 out: TV, q(V), q(A), sum min(q, p/s), sum (p - s q)+, max q1
+    k,
+    vocab,
+    vocab_q,
+    stride_lb,
+    stride_lj,
+    temperature,
+    chunk,
+    splits,
+    SPLITS_P2: tl.constexpr,
+    K_P2: tl.constexpr,
+    GREEDY: tl.constexpr,
+    FILTERED: tl.constexpr,
+    CROSS: tl.constexpr,
+    SEPARATE_Q1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pos = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = pos // k
+    rule = tl.load(rule_ptr + b)
+    tv = tl.zeros((), tl.float32)
+    sum_q = tl.zeros((), tl.float32)
+    kept_q = tl.zeros((), tl.float32)
+    capped = tl.zeros((), tl.float32)
+    rho = tl.zeros((), tl.float32)
+    max_q1 = tl.zeros((), tl.float32)
+    if rule != 0:  # exact speculative sampling needs no row sums
+        alpha = tl.load(alpha_ptr + b)
+        j = tl.full((1,), pos % k, tl.int64)  # [1]: this program's position
+        row = b * (k + 1) + j
+        valid = j >= 0
+        m1, z1 = _combine(part_m1_ptr, part_z1_ptr, row, valid, splits, SPLITS_P2, False)
+        m, aux = _combine(part_m_ptr, part_aux_ptr, row, valid, splits, SPLITS_P2, GREEDY)
+        m1, z1, m = tl.sum(m1, 0), tl.sum(z1, 0), tl.sum(m, 0)
+        aux = tl.sum(aux, 0)  # the argmax (GREEDY) or the normaliser
+        thr = tl.zeros((), tl.float32)
+        cut = tl.zeros((), tl.int64)
+        if FILTERED:
+            aux = tl.load(row_z_ptr + b * (k + 1) + pos % k)
+            thr = tl.load(row_t_ptr + b * (k + 1) + pos % k)
+            cut = tl.load(row_c_ptr + b * (k + 1) + pos % k)
+        x_id = tl.load(draft_ids_ptr + pos + tl.zeros((1,), tl.int64))
+        if CROSS:
+            src, first, mass, merged = _span(
+                probs_ptr,
+                drafter_ids_ptr,
+                source_ptr,
+                span_end_ptr,
+                d2t_ptr,
+                b,
+                j,
+                x_id,
+                k,
+                vocab_q,
+                valid,
+                K_P2,
+            )
+            mass1 = mass
+            if SEPARATE_Q1:
+                mass1 = _span(
+                    probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
+                    K_P2,
+                )[2]  # fmt: skip
+        else:
+            src, first, mass, mass1, merged = j, j * 0 - 1, 0.0, 0.0, j < 0
+        q_row = probs_ptr + (b * k + src) * vocab_q
+        q1_row = probs1_ptr + (b * k + src) * vocab_q
+        row_logits = logits_ptr + b * stride_lb + (pos % k) * stride_lj
+        begin = (split * chunk).to(tl.int64)
+        end = tl.minimum(begin + chunk, vocab)
+        end_p = tl.where((rule == 3) | (rule >= 5), end, begin)  # loads past end_p are skipped: p unused
+        end_q1 = tl.where(rule <= 4, end, begin)
+        max_p1 = 1.0 / z1
+        scale = tl.maximum(1 - alpha, _TINY)
+        for start in range(begin, end, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < end
+            x = tl.load(row_logits + offs, mask=offs < end_p, other=float("-inf")).to(tl.float32)
+            p = _target_prob(x, offs, inside, m, aux, thr, cut, temperature, GREEDY, FILTERED)
+            p1 = tl.exp(x - m1) / z1
+            q = _gather_q(q_row, offs, inside, t2d_ptr, x_id, first, mass, merged, CROSS)
+            q1 = q
+            if SEPARATE_Q1:
+                q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_id, first, mass1, merged, CROSS)
+            kept = _kept(rule, alpha, False, q1, p1, max_p1)
+            tv += tl.sum(tl.maximum(q - p, 0.0), 0)
+            sum_q += tl.sum(q, 0)
+            kept_q += tl.sum(tl.where(kept, q, 0.0), 0)
+            capped += tl.sum(tl.minimum(q, p / scale), 0)
+            rho += tl.sum(tl.maximum(p - scale * q, 0.0), 0)
+            max_q1 = tl.maximum(max_q1, tl.max(q1, 0))
+    out = sums_ptr + (pos * splits + split) * 6
+    tl.store(out, tv)
+    tl.store(out + 1, sum_q)
+    tl.store(out + 2, kept_q)
+    tl.store(out + 3, capped)
+    tl.store(out + 4, rho)
+    tl.store(out + 5, max_q1)
+
+
+@triton.jit
+def _draw_kernel(
+    logits_ptr,  # [batch, k+1, vocab]
+    draft_ids_ptr,  # [batch, k] int64 target ids
+    probs_ptr,  # [batch, k, vocab_q] fp32
+    probs1_ptr,  # [batch, k, vocab_q] fp32 (SEPARATE_Q1)
+    uniforms_ptr,  # [batch, k] fp32
+    noise_ptr,  # [batch, vocab] fp32 Exp(1) (not GREEDY)
+    rule_ptr,  # [batch] int64
+    alpha_ptr,  # [batch] fp32
+    drafter_ids_ptr,  # [batch, k] int64 (CROSS)
+    source_ptr,  # [batch, k] int64 (CROSS)
+    span_end_ptr,  # [batch, k] int64 (CROSS)
+    d2t_ptr,  # [vocab_q] int32 (CROSS)
+    t2d_ptr,  # [vocab] int32 (CROSS)
+    part_m1_ptr,  # [batch * (k+1), splits] fp32
+    part_z1_ptr,  # [batch * (k+1), splits] fp32
+    part_m_ptr,  # [batch * (k+1), splits] fp32
+    part_aux_ptr,  # [batch * (k+1), splits] fp32 or int64 (GREEDY)
+    row_z_ptr,  # [batch * (k+1)] fp32 (FILTERED)
+    row_t_ptr,  # [batch * (k+1)] fp32 (FILTERED)
+    row_c_ptr,  # [batch * (k+1)] int64 (FILTERED)
+    sums_ptr,  # [batch * k, splits, 6] fp32
+    num_accepted_ptr,  # [batch] int64 out
+    accept_probs_ptr,  # [batch, k] fp32 out
+    deferred_ptr,  # [batch, k] uint8 out
+    win_val_ptr,  # [batch, draws, 2] fp32 out: the chunk's best residual / E and pi / E
+    win_id_ptr,  # [batch, draws, 2] int64 out: their ids
+    win_any_ptr,  # [batch, draws] int32 out: whether the chunk's residual has mass
+    k,
+    vocab,
+    vocab_q,
+    stride_lb,
+    stride_lj,
+    stride_noise,
+    temperature,
+    splits,
+    chunk,
+    W_P2: tl.constexpr,
+    K_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    GREEDY: tl.constexpr,
+    FILTERED: tl.constexpr,
+    CROSS: tl.constexpr,
+    SEPARATE_Q1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    draws = tl.num_programs(1)
+    # Every position of the row at once (j = k: the bonus): statistics, the rule's pi at y_j, the scan.
+    j = tl.arange(0, W_P2).to(tl.int64)
+    in_row = j <= k
+    drafted = j < k
+    rows = b * (k + 1) + j
+    m1, z1 = _combine(part_m1_ptr, part_z1_ptr, rows, in_row, splits, SPLITS_P2, False)
+    m, aux = _combine(part_m_ptr, part_aux_ptr, rows, in_row, splits, SPLITS_P2, GREEDY)
+    thr = tl.zeros((W_P2,), tl.float32)
+    cut = tl.zeros((W_P2,), tl.int64)
+    if FILTERED:
+        aux = tl.load(row_z_ptr + rows, mask=in_row, other=1.0)
+        thr = tl.load(row_t_ptr + rows, mask=in_row, other=0.0)
+        cut = tl.load(row_c_ptr + rows, mask=in_row, other=0)
+    rule = tl.load(rule_ptr + b)
+    alpha = tl.load(alpha_ptr + b)
+    x_id = tl.load(draft_ids_ptr + b * k + j, mask=drafted, other=-1)
+    proposed = x_id >= 0
+    y = tl.maximum(x_id, 0)
+    if CROSS:
+        src, first, mass, merged = _span(
+            probs_ptr,
+            drafter_ids_ptr,
+            source_ptr,
+            span_end_ptr,
+            d2t_ptr,
+            b,
+            j,
+            x_id,
+            k,
+            vocab_q,
+            drafted,
+            K_P2,
+        )
+        mass1 = mass
+        if SEPARATE_Q1:
+            mass1 = _span(
+                probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, drafted,
+                K_P2,
+            )[2]  # fmt: skip
+    else:
+        mass = tl.zeros((W_P2,), tl.float32)
+        src, first, mass1, merged = j, j * 0 - 1, mass, j < 0
+    q_y = _gather_q(
+        probs_ptr + (b * k + src) * vocab_q, y, drafted, t2d_ptr, x_id, first, mass, merged, CROSS
+    )
+    q1_y = q_y
+    if SEPARATE_Q1:
+        q1_row = probs1_ptr + (b * k + src) * vocab_q
+        q1_y = _gather_q(q1_row, y, drafted, t2d_ptr, x_id, first, mass1, merged, CROSS)
+    x_y = tl.load(logits_ptr + b * stride_lb + j * stride_lj + y, mask=drafted, other=0.0).to(tl.float32)
+    p_y = _target_prob(x_y, y, drafted, m, aux, thr, cut, temperature, GREEDY, FILTERED)
+    p1_y = tl.exp(x_y - m1) / z1
+    max_p1 = 1.0 / z1
+    s = tl.arange(0, SPLITS_P2)
+    part = sums_ptr + ((b * k + j)[:, None] * splits + s[None, :]) * 6
+    mask = drafted[:, None] & (s < splits)[None, :]
+    tv = tl.sum(tl.load(part, mask=mask, other=0.0), 1)
+    sum_q = tl.sum(tl.load(part + 1, mask=mask, other=0.0), 1)
+    kept_q = tl.sum(tl.load(part + 2, mask=mask, other=0.0), 1)
+    capped = tl.sum(tl.load(part + 3, mask=mask, other=0.0), 1)
+    rho = tl.sum(tl.load(part + 4, mask=mask, other=0.0), 1)
+    max_q1 = tl.max(tl.load(part + 5, mask=mask, other=0.0), 1)
+    no_defer = _no_defer(rule, alpha, max_q1, max_p1, tv)
+    kept_sum = tl.where(rule < 4, tl.where(no_defer, sum_q, 0.0), kept_q)
+    kept_y = _kept(rule, alpha, no_defer, q1_y, p1_y, max_p1)
+    pi_y = tl.where(proposed, _pi(q_y, p_y, kept_y, rule, alpha, kept_sum, capped, rho), 0.0)
+    q_y = tl.where(proposed, q_y, 0.0)
+    accept = tl.where(q_y > 0, tl.minimum(pi_y / tl.maximum(q_y, _TINY), 1.0), 0.0)
+    u = tl.load(uniforms_ptr + b * k + j, mask=drafted, other=2.0)
+    num = tl.min(tl.where(drafted & (u < accept), W_P2, j), 0)  # the first rejection, k if none
+    if split == 0:
+        tl.store(num_accepted_ptr + b, num)
+        tl.store(accept_probs_ptr + b * k + j, accept, mask=drafted)
+        tl.store(deferred_ptr + b * k + j, (~kept_y & proposed).to(tl.uint8), mask=drafted)
+
+    # The residual norm(max(0, pi - q)) at the stop position (p_{k+1} for the bonus), over this chunk.
+    at = j == num
+    stop_rule = tl.where(num < k, rule, 0)
+    m_s = tl.sum(tl.where(at, m, 0.0), 0)
+    aux_s = tl.sum(tl.where(at, aux, 0), 0)
+    thr_s = tl.sum(tl.where(at, thr, 0.0), 0)
+    cut_s = tl.sum(tl.where(at, cut, 0), 0)
+    m1_s = tl.sum(tl.where(at, m1, 0.0), 0)
+    z1_s = tl.sum(tl.where(at, z1, 0.0), 0)
+    no_defer_s = tl.sum(tl.where(at, no_defer.to(tl.int32), 0), 0) > 0
+    kept_sum_s = tl.sum(tl.where(at, kept_sum, 0.0), 0)
+    capped_s = tl.sum(tl.where(at, capped, 0.0), 0)
+    rho_s = tl.sum(tl.where(at, rho, 0.0), 0)
+    x_s = tl.sum(tl.where(at, x_id, 0), 0)
+    src_s = tl.sum(tl.where(at, src, 0), 0)
+    first_s = tl.sum(tl.where(at, first, 0), 0)
+    mass_s = tl.sum(tl.where(at, mass, 0.0), 0)
+    mass1_s = tl.sum(tl.where(at, mass1, 0.0), 0)
+    merged_s = tl.sum(tl.where(at, merged.to(tl.int32), 0), 0) > 0
+    stop_logits = logits_ptr + b * stride_lb + num * stride_lj
+    q_row = probs_ptr + (b * k + src_s) * vocab_q
+    q1_row = probs1_ptr + (b * k + src_s) * vocab_q
+    max_p1_s = 1.0 / z1_s
+    begin = (split * chunk).to(tl.int64)
+    end = tl.minimum(begin + chunk, vocab)
+    end_q = tl.where(num < k, end, begin)  # no proposal at the bonus position
+    end_q1 = tl.where(stop_rule == 4, end_q, begin)
+    best_r = tl.full((), -1.0, tl.float32)
+    best_pi = tl.full((), -1.0, tl.float32)
+    id_r = begin
+    id_pi = begin
+    any_mass = tl.zeros((), tl.int32)
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < end
+        x = tl.load(stop_logits + offs, mask=inside, other=float("-inf")).to(tl.float32)
+        p = _target_prob(x, offs, inside, m_s, aux_s, thr_s, cut_s, temperature, GREEDY, FILTERED)
+        q = _gather_q(q_row, offs, offs < end_q, t2d_ptr, x_s, first_s, mass_s, merged_s, CROSS)
+        q1 = q
+        if SEPARATE_Q1:
+            q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_s, first_s, mass1_s, merged_s, CROSS)
+        kept = _kept(stop_rule, alpha, no_defer_s, q1, tl.exp(x - m1_s) / z1_s, max_p1_s)
+        pi = _pi(q, p, kept, stop_rule, alpha, kept_sum_s, capped_s, rho_s)
+        residual = tl.maximum(pi - q, 0.0)
+        if GREEDY:
+            race_r = residual
+            race_pi = pi
+        else:  # exponential race: argmax w / E is a draw from norm(w)
+            e = tl.load(noise_ptr + b * stride_noise + offs, mask=inside, other=1.0)
+            race_r = residual / e
+            race_pi = pi / e
+        race_r = tl.where(inside & (race_r == race_r), race_r, -1.0)  # NaN (invalid rows) never wins
+        race_pi = tl.where(inside & (race_pi == race_pi), race_pi, -1.0)
+        block_r = tl.max(race_r, 0)
+        id_r = tl.where(block_r > best_r, start + tl.argmax(race_r, 0).to(tl.int64), id_r)
+        best_r = tl.maximum(best_r, block_r)
+        block_pi = tl.max(race_pi, 0)
+        id_pi = tl.where(block_pi > best_pi, start + tl.argmax(race_pi, 0).to(tl.int64), id_pi)
+        best_pi = tl.maximum(best_pi, block_pi)
+        any_mass = tl.maximum(any_mass, tl.max((residual > 0).to(tl.int32), 0))
+    win = (b * draws + split) * 2
+    tl.store(win_val_ptr + win, best_r)
+    tl.store(win_val_ptr + win + 1, best_pi)
+    tl.store(win_id_ptr + win, id_r)
+    tl.store(win_id_ptr + win + 1, id_pi)
+    tl.store(win_any_ptr + b * draws + split, any_mass)
+
+
+@triton.jit
+def _finish_kernel(
+    draft_ids_ptr,  # [batch, k] int64
+    num_accepted_ptr,  # [batch] int64
+    part_m1_ptr,  # [batch * (k+1), splits] fp32
+    part_bad_ptr,  # [batch * (k+1), splits] int32
+    win_val_ptr,  # [batch, draws, 2] fp32
+    win_id_ptr,  # [batch, draws, 2] int64
+    win_any_ptr,  # [batch, draws] int32
+    output_ptr,  # [batch, k+1] int64 out
+    invalid_ptr,  # [batch] uint8 out
+    k,
+    splits,
+    draws,
+    W_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    DRAWS_P2: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, DRAWS_P2)
+    in_draws = d < draws
+    # The residual's first winner over the chunks, or pi's when the residual has no mass.
+    which = tl.where(tl.max(tl.load(win_any_ptr + b * draws + d, mask=in_draws, other=0), 0) > 0, 0, 1)
+    val = tl.load(win_val_ptr + (b * draws + d) * 2 + which, mask=in_draws, other=float("-inf"))
+    ids = tl.load(win_id_ptr + (b * draws + d) * 2 + which, mask=in_draws, other=0)
+    final = tl.sum(tl.where(d == tl.argmax(val, 0), ids, 0), 0)
+    # Invalid: a NaN/+inf anywhere in the row's logits, or a position whose logits are all -inf.
+    j = tl.arange(0, W_P2)
+    s = tl.arange(0, SPLITS_P2)
+    offs = (b * (k + 1) + j)[:, None] * splits + s[None, :]
+    mask = (j <= k)[:, None] & (s < splits)[None, :]
+    bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
+    empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
+    tl.store(invalid_ptr + b, tl.max((bad | empty).to(tl.uint8), 0))
+    num = tl.load(num_accepted_ptr + b)
+    drafted = tl.load(draft_ids_ptr + b * k + j, mask=j < num, other=-1)
+    tl.store(output_ptr + b * (k + 1) + j, tl.where(j == num, final, drafted), mask=j <= k)
+
+
+def verify_triton(
+    target_logits: torch.Tensor,  # [batch, k+1, V_t] fp32/bf16/fp16
+    draft_ids: torch.Tensor,  # [batch, k] int64 target ids, -1 where nothing was proposed
+    draft_probs: torch.Tensor,  # [batch, k, V_q] fp32: V_q = V_t, or the drafter's V_d with ``cross``
+    draft_probs_t1: torch.Tensor | None,  # [batch, k, V_q] fp32 T=1 proposal for the rules; None: draft_probs
+    uniforms: torch.Tensor,  # [batch, k] fp32 U[0, 1)
+    noise: torch.Tensor | None,  # [batch, V_t] fp32 Exp(1); unused when greedy
+    rule: torch.Tensor,  # [batch] int64 rule ids
+    alpha: torch.Tensor,  # [batch] fp32
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    cross: CrossProposal | None = None,
+    *,
+    block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``verify_reference`` in Triton, reading ``q'`` through ``cross`` on the fly (module docstring);
+    ``block`` is the tile of the vocabulary. Exact-match verification stays on the reference."""
+    batch, width, vocab = target_logits.shape
+    k = width - 1
+    device = target_logits.device
+    greedy = temperature == 0.0
+    top_k_on = 0 < top_k < vocab
+    filtered = not greedy and (top_k_on or top_p < 1.0)
+    if target_logits.stride(-1) != 1 or (
+        filtered and target_logits.stride(0) != width * target_logits.stride(1)
+    ):
+        target_logits = (
+            target_logits.contiguous()
+        )  # the threshold search reads rows of a [batch * (k+1), V_t] view
+    probs = draft_probs.contiguous()
+    probs1 = probs if draft_probs_t1 is None else draft_probs_t1.contiguous()
+    vocab_q = probs.shape[-1]
+    uniforms = uniforms.contiguous()
+    draft_ids = draft_ids.contiguous()
+    if greedy:
+        noise = uniforms  # unused
+    elif noise.stride(-1) != 1:
+        noise = noise.contiguous()
+    if cross is None:
+        spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids)  # unused
+    else:
+        spans = (*(t.contiguous() for t in cross[:3]), cross.d2t, cross.t2d)
+    rows = batch * width
+    blocks = triton.cdiv(vocab, block)
+    programs = _target_programs(device)
+    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, rows)))) * block
+    splits = triton.cdiv(vocab, chunk)
+    draw_chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, batch)))) * block
+    draws = triton.cdiv(vocab, draw_chunk)
+    splits_p2, w_p2, k_p2 = (
+        triton.next_power_of_2(splits),
+        triton.next_power_of_2(width),
+        triton.next_power_of_2(k),
+    )
+    stride_lb, stride_lj = target_logits.stride(0), target_logits.stride(1)
+    flags = dict(GREEDY=greedy, FILTERED=filtered, CROSS=cross is not None, SEPARATE_Q1=probs1 is not probs)
+
+    part_m1, part_z1, part_m = (
+        torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(3)
+    )
+    part_aux = torch.empty(rows, splits, dtype=torch.int64 if greedy else torch.float32, device=device)
+    part_bad = torch.empty(rows, splits, dtype=torch.int32, device=device)
+    _stats_kernel[(rows, splits)](
+        target_logits, part_m1, part_z1, part_m, part_aux, part_bad, vocab, width, stride_lb, stride_lj,
+        1.0 if greedy else temperature, chunk, GREEDY=greedy, UNIT_T=temperature == 1.0, BLOCK=block,
+    )  # fmt: skip
+    row_z = torch.empty(rows, dtype=torch.float32, device=device)
+    row_t = torch.empty(rows, dtype=torch.float32, device=device)
+    row_c = torch.empty(rows, dtype=torch.int64, device=device)
+    if filtered:
+        _threshold_kernel[(rows,)](
+            target_logits, target_logits, part_m, part_aux, row_z, row_t, row_c, vocab, stride_lj, temperature,
+            top_k, top_p, splits, splits_p2, TOP_K=top_k_on, TOP_P=top_p < 1.0, HAS_MASK=False,
+            BLOCK=min(block, 256), BUCKETS=_BUCKETS, num_warps=8,
+        )  # fmt: skip
+    sums = torch.empty(batch * k, splits, 6, dtype=torch.float32, device=device)
+    if k:
+        _sums_kernel[(batch * k, splits)](
+            target_logits, draft_ids, probs, probs1, rule, alpha, *spans, part_m1, part_z1, part_m, part_aux,
+            row_z, row_t, row_c, sums, k, vocab, vocab_q, stride_lb, stride_lj, temperature, chunk, splits,
+            SPLITS_P2=splits_p2, K_P2=k_p2, BLOCK=block, **flags,
+        )  # fmt: skip
+    num_accepted = torch.empty(batch, dtype=torch.int64, device=device)
+    accept_probs = torch.empty(batch, k, dtype=torch.float32, device=device)
+    deferred = torch.empty(batch, k, dtype=torch.uint8, device=device)
+    win_val = torch.empty(batch, draws, 2, dtype=torch.float32, device=device)
+    win_id = torch.empty(batch, draws, 2, dtype=torch.int64, device=device)
+    win_any = torch.empty(batch, draws, dtype=torch.int32, device=device)
+    _draw_kernel[(batch, draws)](
+        target_logits, draft_ids, probs, probs1, uniforms, noise, rule, alpha, *spans, part_m1, part_z1, part_m,
+        part_aux, row_z, row_t, row_c, sums, num_accepted, accept_probs, deferred, win_val, win_id, win_any, k,
+        vocab, vocab_q, stride_lb, stride_lj, noise.stride(0), temperature, splits, draw_chunk, W_P2=w_p2,
+        K_P2=k_p2, SPLITS_P2=splits_p2, BLOCK=block, **flags,
+    )  # fmt: skip
+    output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
+    invalid = torch.empty(batch, dtype=torch.uint8, device=device)
+    _finish_kernel[(batch,)](
+        draft_ids, num_accepted, part_m1, part_bad, win_val, win_id, win_any, output_tokens, invalid, k, splits,
+        draws, W_P2=w_p2, SPLITS_P2=splits_p2, DRAWS_P2=triton.next_power_of_2(draws),
+    )  # fmt: skip
+    return num_accepted, output_tokens, accept_probs, deferred.view(torch.bool), invalid.view(torch.bool)

@@ -19,9 +19,9 @@ from .kernels.ngram import (
     ngram_lookup_triton,
 )
 from .kernels.proposal import CrossProposal, target_proposal_reference
-from .kernels.sampling import nonfinite_rows_reference, sample_reference
+from .kernels.sampling import nonfinite_rows_reference, sample_reference, sample_triton
 from .kernels.translate import translate_ngram_reference, translate_reference, translate_triton
-from .kernels.verify import verify_reference
+from .kernels.verify import verify_reference, verify_triton
 
 __all__ = [
     "commit",
@@ -65,10 +65,12 @@ def sample(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    mask: torch.Tensor | None = None,  # [vocab] bool, True = may be sampled
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; returns ``ids`` [rows] int64 and the sampled-from distribution [rows, vocab] fp32.
 
-    ``temperature == 0`` is greedy (argmax, one-hot distribution).
+    ``temperature == 0`` is greedy (argmax, one-hot distribution). ``mask`` restricts the draw to the
+    allowed tokens (as if the others' logits were -inf); at least one must be allowed.
 
     Example::
 
@@ -87,7 +89,15 @@ def sample(
             raise ValueError(
                 f"`noise` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(noise.shape)}"
             )
-    return sample_reference(logits, noise, temperature, top_k, top_p)
+    if mask is not None:
+        _check("mask", mask, 1, dtypes=(torch.bool,), device=logits.device)
+        if mask.shape[0] != logits.shape[1]:
+            raise ValueError(
+                f"`mask` must have one entry per vocabulary id ({logits.shape[1]}), got {mask.shape[0]}"
+            )
+    if logits.is_cuda:
+        return sample_triton(logits, noise, temperature, top_k, top_p, mask)
+    return sample_reference(logits, noise, temperature, top_k, top_p, mask)
 
 
 def verify(
@@ -174,6 +184,11 @@ def verify(
         _check("noise", noise, len(shape), dtypes=(torch.float32,), device=device)
         if noise.shape != shape:
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
+    if target_logits.is_cuda and not exact_match:  # q' is read through `cross` inside the kernel
+        return verify_triton(
+            target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
+            top_k, top_p, cross,
+        )  # fmt: skip
     q = q1 = None
     if draft_probs is not None:
         q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)

@@ -1,0 +1,246 @@
+"""The fused verification kernel against its torch reference (interpreted on CPU, compiled on CUDA).
+
+Every rule with alphas on both sides of its decisions, greedy and sampling, top-k/top-p, ragged drafts,
+the cross-vocabulary proposal read through t2d (twins folded, merged spans), fp16/fp32 logits, invalid
+rows and the zero-mass residual. Outputs must be equal (acceptance probabilities close); the noise and
+uniforms are passed in, so both sides draw the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omnidraft_fast.kernels.proposal import CrossProposal, fold_twins_, target_proposal_reference
+from omnidraft_fast.kernels.sampling import sampling_probs_reference
+from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
+
+from omnidraft_fast import ops
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (rule, alpha) on both sides of each decision: exact at one end, lenient at the other.
+RULE_ALPHAS = [
+    ("exact", 0.0), ("chow", 0.0), ("chow", 0.6), ("chow", 1.0), ("diff", -1.0), ("diff", 0.1),
+    ("diff", 0.8), ("opt", 0.0), ("opt", 3.0), ("token_v1", -1.0), ("token_v1", 0.05), ("token_v2", -0.5),
+    ("token_v2", 0.4), ("token_v3", 0.0), ("token_v3", 0.9), ("lossy", 0.0), ("lossy", 0.6),
+]  # fmt: skip
+
+
+def _rules(batch: int, offset: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [RULE_ALPHAS[(offset + i) % len(RULE_ALPHAS)] for i in range(batch)]
+    rule = torch.tensor([RULES.index(r) for r, _ in pairs], device=device)
+    return rule, torch.tensor([a for _, a in pairs], dtype=torch.float32, device=device)
+
+
+def _case(
+    batch: int,
+    k: int,
+    vocab: int,
+    temperature: float,
+    *,
+    seed: int = 0,
+    offset: int = 0,
+    vocab_d: int | None = None,
+    separate_t1: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> dict:
+    """Inputs of ``verify_triton``: target logits near the drafter's (so that drafts are often accepted),
+    drafts sampled from ``q`` (its argmax when greedy), some rows cut short (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab_q = vocab if vocab_d is None else vocab_d
+    draft_logits = torch.randn(batch, k, vocab_q, generator=generator) * 3
+    probs1 = draft_logits.softmax(-1)
+    if temperature == 0.0:
+        draft = draft_logits.argmax(-1)
+        probs = torch.nn.functional.one_hot(draft, vocab_q).float()
+    else:
+        probs = sampling_probs_reference(draft_logits, temperature, top_k, top_p)
+        draft = torch.multinomial(probs.reshape(-1, vocab_q), 1, generator=generator).reshape(batch, k)
+    lengths = torch.randint(0, k + 1, (batch,), generator=generator)
+    lengths[0] = k
+    cut = torch.arange(k) >= lengths[:, None]  # [batch, k]
+    cross = None
+    if vocab_d is None:
+        target_logits = torch.cat([draft_logits, torch.zeros(batch, 1, vocab)], 1)
+        draft_ids = draft.masked_fill(cut, -1)
+        probs, probs1 = probs.masked_fill(cut[..., None], 0.0), probs1.masked_fill(cut[..., None], 0.0)
+    else:
+        cross, twins, draft_ids, target_logits = _cross(draft, cut, vocab, vocab_d, generator)
+        for p in (probs, probs1):
+            fold_twins_(p, twins)
+    target_logits = target_logits + torch.randn(batch, k + 1, vocab, generator=generator) * 1.5
+    rule, alpha = _rules(batch, offset, "cpu")
+    case = dict(
+        target_logits=target_logits.to(dtype),
+        draft_ids=draft_ids,
+        draft_probs=probs,
+        draft_probs_t1=probs1 if separate_t1 else None,
+        uniforms=torch.rand(batch, k, generator=generator),
+        noise=torch.empty(batch, vocab).exponential_(generator=generator),
+        rule=rule,
+        alpha=alpha,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cross=cross,
+    )
+    if cross is not None:
+        case["cross"] = CrossProposal(*(t.to(device) for t in cross))
+    return {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in case.items()}
+
+
+def _cross(draft, cut, vocab, vocab_d, generator):
+    """A bridge between vocabularies of different sizes (60% of target ids mapped, a few drafter twins)
+    and a translation of the drafts with spans of 1-3 drafter tokens (2-3: merged n-gram tokens)."""
+    batch, k = draft.shape
+    mapped = int(0.6 * vocab)
+    targets = torch.randperm(vocab, generator=generator)[:mapped]
+    drafters = torch.randperm(vocab_d, generator=generator)[:mapped]
+    t2d = torch.full((vocab,), -1, dtype=torch.int32)
+    t2d[targets] = drafters.int()
+    d2t = torch.full((vocab_d,), -1, dtype=torch.int32)
+    d2t[drafters] = targets.int()
+    unmapped = torch.nonzero(d2t < 0)[:, 0]
+    twins = torch.stack([unmapped[:4], drafters[:4]])  # fold 4 unmapped ids onto mapped ones
+    draft = torch.where(d2t[draft] >= 0, draft, drafters[draft % mapped])  # drafts the bridge can read
+    draft_ids = torch.full((batch, k), -1)
+    source = torch.full((batch, k), k - 1)
+    span_end = torch.full((batch, k), k)
+    for b in range(batch):
+        u = j = 0
+        while u < k and not cut[b, u]:
+            size = int(torch.randint(1, 4, (), generator=generator))
+            size = min(size, k - u, int((~cut[b, u:]).sum()))
+            source[b, j], span_end[b, j] = u, u + size
+            draft_ids[b, j] = (
+                d2t[draft[b, u]] if size == 1 else int(torch.randint(0, vocab, (), generator=generator))
+            )
+            u, j = u + size, j + 1
+    target_logits = torch.randn(batch, k + 1, vocab, generator=generator)
+    return CrossProposal(draft, source, span_end, d2t, t2d), twins, draft_ids, target_logits
+
+
+def _reference(case: dict) -> tuple[torch.Tensor, ...]:
+    q, q1, cross = case["draft_probs"], case["draft_probs_t1"], case["cross"]
+    if cross is not None:
+        q = target_proposal_reference(q, case["draft_ids"], cross)
+        q1 = None if q1 is None else target_proposal_reference(q1, case["draft_ids"], cross)
+    return verify_reference(
+        case["target_logits"], case["draft_ids"], q, q1, case["uniforms"], case["noise"], case["rule"],
+        case["alpha"], case["temperature"], case["top_k"], case["top_p"],
+    )  # fmt: skip
+
+
+def _check(case: dict, block: int = 128) -> None:
+    """The kernel equals the reference on every valid row (invalid rows: only the flag)."""
+    got = verify_triton(**case, block=block)
+    want = _reference(case)
+    names = ("num_accepted", "output_tokens", "accept_probs", "deferred", "invalid")
+    assert torch.equal(got[4], want[4]), "invalid"
+    rows = ~want[4]
+    for name, g, w in zip(names[:4], got[:4], want[:4], strict=True):
+        if name == "accept_probs":
+            torch.testing.assert_close(g[rows], w[rows], msg=name)
+        else:
+            assert torch.equal(g[rows], w[rows]), f"{name}: {g[rows].tolist()} != {w[rows].tolist()}"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
+def test_every_rule(temperature):
+    for offset in (0, 9):
+        _check(_case(9, 2, 300, temperature, seed=offset, offset=offset))
+
+
+@pytest.mark.parametrize(("batch", "k"), [(1, 1), (2, 4)])
+def test_shapes(batch, k):
+    """One row split over several programs per position; k = 4 with ragged drafts."""
+    _check(_case(batch, k, 300, 1.0, seed=k, offset=3))
+    _check(_case(batch, k, 300, 0.0, seed=k, offset=9), block=64)
+
+
+@pytest.mark.parametrize(("temperature", "separate_t1"), [(0.0, False), (0.7, True)])
+def test_cross_vocabulary(temperature, separate_t1):
+    """q' gathered through t2d with the merge adjustments; the rules read the T = 1 proposal."""
+    for offset in (0, 9):
+        _check(
+            _case(
+                8, 3, 300, temperature, seed=offset + 1, offset=offset, vocab_d=257, separate_t1=separate_t1
+            )
+        )
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(20, 1.0), (0, 0.8), (50, 0.9)])
+def test_top_k_top_p(top_k, top_p):
+    _check(_case(3, 2, 300, 0.7, seed=top_k, offset=top_k % 7, top_k=top_k, top_p=top_p))
+
+
+def test_fp16_logits_and_separate_t1():
+    _check(_case(4, 3, 300, 1.3, seed=5, offset=2, dtype=torch.float16, separate_t1=True))
+
+
+def test_invalid_rows():
+    """NaN, +inf and all -inf positions flag their rows; the other rows are unaffected."""
+    for top_p in (1.0, 0.9):
+        case = _case(4, 2, 300, 0.7, seed=7, top_p=top_p)
+        logits = case["target_logits"]
+        logits[0, 1, 17] = float("nan")
+        logits[1, 2, 200] = float("inf")
+        logits[2, 0] = float("-inf")
+        _check(case)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_zero_mass_residual(temperature):
+    """q == p at a rejected position (nothing proposed): the residual has no mass and pi = p is drawn."""
+    case = _case(3, 2, 300, temperature, seed=11)
+    logits = case["target_logits"]
+    logits[:, :2] = float("-inf")
+    logits[:, :2, 123] = 0.0  # p one-hot at 123 exactly, in both implementations
+    case["draft_probs"] = torch.nn.functional.one_hot(torch.full((3, 2), 123), 300).float()
+    case["draft_ids"] = torch.tensor([[-1, -1], [123, -1], [123, 123]])
+    _check(case)
+    got = verify_triton(**case, block=128)
+    assert got[1].tolist() == [[123, -1, -1], [123, 123, -1], [123, 123, got[1][2, 2].item()]]
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936, 262144])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_gpu_full_vocabularies(vocab, temperature):
+    for batch, k in ((1, 1), (8, 8), (64, 4)):
+        case = _case(
+            batch, k, vocab, temperature, seed=batch + k, offset=k, dtype=torch.bfloat16, device="cuda"
+        )
+        _check(case, block=1024)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("top_k", "top_p"), [(50, 1.0), (0, 0.9), (40, 0.95)])
+def test_gpu_filters_and_cross(top_k, top_p):
+    case = _case(8, 4, 128256, 0.7, seed=3, vocab_d=32000, separate_t1=True, top_k=top_k, top_p=top_p,
+                 dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    _check(case, block=1024)
+
+
+@gpu
+@needs_cuda
+def test_gpu_ops_dispatch():
+    """ops.verify takes the kernel on CUDA and matches the reference it keeps for exact match."""
+    case = _case(8, 4, 32000, 0.8, seed=2, vocab_d=30000, separate_t1=True, device="cuda")
+    names = ("target_logits", "draft_ids", "draft_probs", "uniforms", "noise")
+    got = ops.verify(
+        *(case[n] for n in names), temperature=0.8, rule=case["rule"], alpha=case["alpha"],
+        draft_probs_t1=case["draft_probs_t1"], cross=case["cross"],
+    )  # fmt: skip
+    want = _reference(case)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2])
