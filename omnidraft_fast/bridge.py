@@ -208,6 +208,7 @@ class VocabBridge:
             (d2t >= 0) & (t2d.long()[mapped] != torch.arange(d2t.shape[0], device=d2t.device))
         ).nonzero()[:, 0]
         self.twins = torch.stack([folded, t2d.long()[mapped[folded]]])
+        self.mappable = d2t >= 0  # [V_d] bool: drafter ids with a target twin (the TLI sampling mask)
 
     @property
     def drafter_vocab_size(self) -> int:

@@ -72,6 +72,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["identical"] else 1
 
 
+def _cascade_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .cascade_sweep import ALPHAS, run_sweep, write_results
+    from .report import environment
+    from .zoo import load
+    from .zoo.data import heldout_prompts
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    zoo = load("code-pair", device=device)
+    tokenizer = zoo.target_tokenizer
+    prompts = [
+        tokenizer(text, return_tensors="pt").input_ids.to(device)
+        for _, text in heldout_prompts(args.prompts_per_task)
+    ]
+    unknown = set(args.rules) - set(ALPHAS)
+    if unknown:
+        raise ValueError(f"`--rules`: unknown {sorted(unknown)}; choose from {', '.join(ALPHAS)}")
+    rules = {rule: ALPHAS[rule] for rule in args.rules}
+    pairs = {
+        "shared vocabulary (drafter-shared)": (zoo.drafter_shared, {}),
+        "cross vocabulary (drafter-cross, omnidraft)": (
+            zoo.drafter_cross,
+            {"target_tokenizer": tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer},
+        ),
+    }
+    results = {
+        "meta": {
+            **environment(device),
+            "models": "zoo code-pair",
+            "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "k": args.num_draft_tokens,
+        },
+        "pairs": {},
+    }
+    for name, (drafter, kwargs) in pairs.items():
+        print(f"sweeping {name} ...", flush=True)
+        results["pairs"][name] = run_sweep(
+            zoo.target, drafter, prompts, max_new_tokens=args.max_new_tokens,
+            num_draft_tokens=args.num_draft_tokens, rules=rules, **kwargs,
+        )  # fmt: skip
+    stem = f"cascades-{device.type}"
+    write_results(results, Path(args.out), stem)
+    print((Path(args.out) / f"{stem}.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnidraft-fast", description="Speculative decoding for Hugging Face LMs."
@@ -104,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-draft-tokens", type=int, default=4)
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
     demo.set_defaults(run=_demo)
+
+    sweep = commands.add_parser(
+        "cascade-sweep",
+        help="quality against speed of every cascade deferral rule on the embedded model pairs",
+    )
+    sweep.add_argument("--prompts-per-task", type=int, default=2, help="held-out prompts per task")
+    sweep.add_argument("--max-new-tokens", type=int, default=48)
+    sweep.add_argument("--num-draft-tokens", type=int, default=4)
+    sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
+                       "lossy"], help="rules to sweep (default: all)")  # fmt: skip
+    sweep.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    sweep.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    sweep.set_defaults(run=_cascade_sweep)
     return parser
 
 

@@ -392,6 +392,8 @@ class SpeculativeEngine:
         invalid = torch.zeros(batch, dtype=torch.bool, device=device)
         mode = self.config.translation if self.bridge is not None else "shared"
 
+        # Token-level intersection: the drafter proposes only tokens the target has.
+        shared_only = self.bridge.mappable if mode == "tli" else None
         with timer("draft"):
             # The first step re-feeds the last `window` drafter tokens: whatever the previous round left
             # unfed (the spelling of its last token, the last drafted token) is among them.
@@ -402,8 +404,6 @@ class SpeculativeEngine:
             for i in range(k):
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
                 invalid |= ops.nonfinite_rows(logits)
-                if mode == "tli":  # token-level intersection: propose only tokens the target has
-                    logits = logits.masked_fill(self.bridge.d2t < 0, float("-inf"))
                 noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
                 ids, probs = ops.sample(
                     logits,
@@ -411,11 +411,17 @@ class SpeculativeEngine:
                     temperature=sampling.temperature,
                     top_k=sampling.top_k,
                     top_p=sampling.top_p,
+                    mask=shared_only,
                 )
                 state.draft_ids[:, i] = ids
                 state.draft_probs[:, i] = probs
-                if state.draft_probs_t1 is not None:
-                    state.draft_probs_t1[:, i] = logits.float().softmax(-1)
+                if state.draft_probs_t1 is not None:  # the rules' T=1 statistics (CascadeConfig)
+                    q1 = (
+                        logits.float()
+                        if shared_only is None
+                        else logits.float().masked_fill(~shared_only, -torch.inf)
+                    )
+                    state.draft_probs_t1[:, i] = q1.softmax(-1)
                 inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
 
         with timer("translate"):

@@ -64,3 +64,29 @@ def test_demo_runs_and_matches_the_target(capsys):
     assert main(["demo", "--prompts-per-task", "1", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "identical to the target's: True" in out and "cross-vocabulary drafter" in out
+
+
+def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
+    import json
+
+    args = [
+        "cascade-sweep",
+        "--prompts-per-task",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--rules",
+        "chow",
+        "token_v2",
+    ]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cascades-cpu.json").read_text())
+    assert len(results["pairs"]) == 2 and "speed-up" in capsys.readouterr().out
+    for sweep in results["pairs"].values():
+        points = {(p["rule"], p["alpha"]): p for p in sweep["points"]}
+        assert len(points) == 1 + 7 + 7
+        for exact in (("exact", None), ("chow", 0.0), ("token_v2", -0.5)):
+            assert points[exact]["agreement"] == 1.0 and points[exact]["deferral_rate"] == 1.0
+        assert points["chow", 1.0]["acceptance"] == 1.0 and points["chow", 1.0]["deferral_rate"] == 0.0
+    assert main(["cascade-sweep", "--rules", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown" in capsys.readouterr().err

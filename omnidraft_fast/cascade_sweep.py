@@ -1,0 +1,209 @@
+"""The quality-speed trade-off of speculative cascades: ``omnidraft-fast cascade-sweep``.
+
+For a model pair and prompt set, it sweeps ``alpha`` for every deferral rule (``CascadeConfig``) and
+measures, per point, in one process and on the same prompts as plain target decoding:
+
+- deferral rate, acceptance, mean accepted length (engine stats);
+- tokens/s and speed-up over plain ``model.generate()``;
+- quality against the target: *agreement*, the share of generated positions where the token equals the
+  target's own greedy token at that position, and the target's mean log-likelihood per token of the
+  produced continuation (teacher-forced).
+
+Decoding is greedy (T = 0): the rules decide on the T=1 distributions, the output is deterministic and the
+exact point (``cascade=None``) reproduces the target, so agreement is 1 there. Writes JSON, Markdown and a
+PNG (quality against speed-up, one curve per rule, the exact point marked) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import CascadeConfig, EngineConfig
+from .engine import SpeculativeEngine
+
+__all__ = ["ALPHAS", "run_sweep"]
+
+# From exact (first) to lenient (last); see CascadeConfig for each rule's range.
+ALPHAS = {
+    "chow": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0),
+    "diff": (-1.0, -0.1, 0.0, 0.1, 0.2, 0.4, 1.0),
+    "opt": (0.0, 0.5, 1.0, 2.0, 4.0, 16.0),
+    "token_v1": (-1.0, -0.1, 0.0, 0.1, 0.2, 0.4, 1.0),
+    "token_v2": (-0.5, 0.0, 0.05, 0.1, 0.2, 0.4, 1.0),
+    "token_v3": (-0.5, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    "lossy": (0.0, 0.3, 0.6, 0.8, 0.9, 0.95),
+}
+
+
+@torch.no_grad()
+def _log_likelihood(target, sequences: torch.Tensor, prompt: int) -> tuple[float, int]:
+    """Sum of the target's log-probabilities of ``sequences[:, prompt:]`` and the token count."""
+    logits = target(sequences).logits[:, prompt - 1 : -1].float()
+    chosen = logits.log_softmax(-1).gather(-1, sequences[:, prompt:, None])[..., 0]
+    return float(chosen.sum()), chosen.numel()
+
+
+def run_sweep(
+    target, drafter, prompts: list[torch.Tensor], *, max_new_tokens: int, num_draft_tokens: int,
+    rules: dict[str, tuple[float, ...]] = ALPHAS, **engine_kwargs,
+) -> dict:  # fmt: skip
+    """Sweep every rule's alphas; ``prompts`` are [1, n] id tensors on the target's device."""
+    device = prompts[0].device
+
+    def timed(run) -> tuple[list[torch.Tensor], float]:
+        outputs, seconds = [], 0.0
+        for ids in prompts:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            outputs.append(run(ids))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - began
+        return outputs, seconds
+
+    new = max_new_tokens
+    plain, plain_seconds = timed(lambda ids: target.generate(ids, max_new_tokens=new, do_sample=False))
+    plain_tokens = sum(out.shape[1] - ids.shape[1] for out, ids in zip(plain, prompts, strict=True))
+    plain_speed = plain_tokens / plain_seconds
+    engine = SpeculativeEngine(
+        target, drafter, config=EngineConfig(num_draft_tokens=num_draft_tokens), **engine_kwargs
+    )
+    engine.generate(prompts[0], max_new_tokens=4)  # warm-up: bridge, caches
+
+    points = []
+    for rule, alphas in [("exact", (None,)), *rules.items()]:
+        for alpha in alphas:
+            cascade = None if alpha is None else CascadeConfig(rule, alpha)
+            engine.stats = type(engine.stats)()
+            outputs, seconds = timed(
+                lambda ids, c=cascade: engine.generate(ids, max_new_tokens=new, cascade=c)
+            )
+            tokens = same = 0
+            log_likelihood = 0.0
+            for out, reference, ids in zip(outputs, plain, prompts, strict=True):
+                width = ids.shape[1]
+                overlap = min(out.shape[1], reference.shape[1]) - width
+                same += int((out[0, width : width + overlap] == reference[0, width : width + overlap]).sum())
+                tokens += out.shape[1] - width
+                log_likelihood += _log_likelihood(target, out, width)[0]
+            stats = engine.stats
+            points.append(
+                {
+                    "rule": rule,
+                    "alpha": alpha,
+                    "deferral_rate": round(stats.deferral_rate, 4),
+                    "acceptance": round(stats.acceptance_rate, 4),
+                    "mean_accepted_length": round(stats.mean_accepted_length, 3),
+                    "tokens_per_second": round(tokens / seconds, 2),
+                    "speedup": round(tokens / seconds / plain_speed, 3),
+                    "agreement": round(same / max(tokens, 1), 4),
+                    "target_log_likelihood": round(log_likelihood / max(tokens, 1), 4),
+                }
+            )
+    reference_ll = sum(
+        _log_likelihood(target, out, ids.shape[1])[0] for out, ids in zip(plain, prompts, strict=True)
+    )
+    return {
+        "plain_tokens_per_second": round(plain_speed, 2),
+        "plain_target_log_likelihood": round(reference_ll / max(plain_tokens, 1), 4),
+        "points": points,
+    }
+
+
+def best_points(points: list[dict], agreement: float = 0.99) -> dict[str, dict]:
+    """Per rule, the fastest point whose agreement with the target is at least ``agreement``."""
+    best: dict[str, dict] = {}
+    for point in points:
+        if point["agreement"] >= agreement and point["speedup"] > best.get(point["rule"], {}).get(
+            "speedup", 0
+        ):
+            best[point["rule"]] = point
+    return best
+
+
+def write_results(results: dict, out: Path, stem: str) -> None:
+    """``results``: {"meta": {...}, "pairs": {pair name: run_sweep(...)}} -> JSON, Markdown, PNG."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    meta = results["meta"]
+    lines = [
+        f"# Speculative cascades: quality against speed ({meta['date']}, {meta['device']}, torch {meta['torch']}, "
+        f"commit {meta['commit']})",
+        "",
+        f"Model pair: {meta['models']}; {meta['prompts']} held-out prompts, {meta['max_new_tokens']} new tokens, "
+        f"k = {meta['k']}, greedy. Agreement: share of positions equal to the target's greedy output; "
+        "log-lik: the target's mean log-probability per produced token.",
+    ]
+    for pair, sweep in results["pairs"].items():
+        lines += [
+            "",
+            f"## {pair} (plain decoding {sweep['plain_tokens_per_second']} tok/s, "
+            f"target log-lik of its own output {sweep['plain_target_log_likelihood']})",
+            "",
+            "Fastest point per rule at >= 99% agreement:",
+            "",
+            "| rule | alpha | speed-up | agreement | deferral | accepted len |",
+            "|---|---|---|---|---|---|",
+        ]
+        for rule, point in best_points(sweep["points"]).items():
+            lines.append(
+                f"| {rule} | {point['alpha']} | {point['speedup']:.2f}x | {point['agreement']:.3f} | "
+                f"{point['deferral_rate']:.3f} | {point['mean_accepted_length']} |"
+            )
+        lines += [
+            "",
+            "| rule | alpha | deferral | acceptance | accepted len | tok/s | speed-up | agreement | log-lik |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in sweep["points"]:
+            lines.append(
+                f"| {p['rule']} | {p['alpha']} | {p['deferral_rate']} | {p['acceptance']} | "
+                f"{p['mean_accepted_length']} | {p['tokens_per_second']} | {p['speedup']:.2f}x | "
+                f"{p['agreement']} | {p['target_log_likelihood']} |"
+            )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out / f"{stem}.png")
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    pairs = results["pairs"]
+    figure, axes = plt.subplots(2, len(pairs), figsize=(6.5 * len(pairs), 8), squeeze=False)
+    for column, (pair, sweep) in enumerate(pairs.items()):
+        for row, (key, label) in enumerate(
+            (
+                ("agreement", "agreement with the target's greedy output"),
+                ("target_log_likelihood", "target log-lik / token"),
+            )
+        ):
+            axis = axes[row][column]
+            for rule in dict.fromkeys(p["rule"] for p in sweep["points"]):
+                chosen = [p for p in sweep["points"] if p["rule"] == rule]
+                if rule == "exact":
+                    axis.scatter([chosen[0]["speedup"]], [chosen[0][key]], color="black", marker="*", s=150,
+                                 zorder=5, label="exact SD")  # fmt: skip
+                else:
+                    axis.plot(
+                        [p["speedup"] for p in chosen], [p[key] for p in chosen], marker="o", label=rule
+                    )
+            axis.set_xlabel("speed-up over plain generate()")
+            axis.set_ylabel(label)
+            axis.set_title(pair)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"{results['meta']['device']}, {results['meta']['models']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
