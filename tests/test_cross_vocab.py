@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 import omnidraft_fast
-from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
 from omnidraft_fast.bridge import VocabBridge, token_bytes
 
 TARGET_VOCAB = 384  # the trained target tokenizer has 350 ids: the rest are padding
@@ -199,3 +199,21 @@ def test_learned_state_survives_a_restart(pair, tmp_path):
     shared = SpeculativeEngine(target, target)
     with pytest.raises(ValueError, match="another tokenizer pair"):
         shared.load_state(tmp_path / "state.safetensors")
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "tli"])
+def test_cascades_across_vocabularies(pair, translation):
+    """The rules read q' in the target vocabulary: their exact limit is the target, their lenient limit
+    accepts every proposed token; translation='exact' has no q' and refuses them."""
+    target, _, tokenizer, _ = pair
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine = _engine(pair, translation)
+    expected = target.generate(**batch, max_new_tokens=16, do_sample=False)
+    exact = engine.generate(**batch, max_new_tokens=16, cascade=CascadeConfig("token_v3", -0.5))
+    assert torch.equal(exact, expected)
+    lenient = engine.generate(
+        **batch, max_new_tokens=16, cascade=CascadeConfig("chow", 1.0), return_dict_in_generate=True
+    )
+    assert lenient.stats.acceptance_rate == 1.0 and lenient.stats.deferral_rate == 0.0
+    with pytest.raises(ValueError, match="translation='exact'"):
+        _engine(pair, "exact").generate(**batch, max_new_tokens=4, cascade=CascadeConfig("chow", 0.5))
