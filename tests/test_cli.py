@@ -86,7 +86,8 @@ def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
         points = {(p["rule"], p["alpha"]): p for p in sweep["points"]}
         assert len(points) == 1 + 7 + 7
         for exact in (("exact", None), ("chow", 0.0), ("token_v2", -0.5)):
-            assert points[exact]["agreement"] == 1.0 and points[exact]["deferral_rate"] == 1.0
+            assert points[exact]["sequence_agreement"] == 1.0 and points[exact]["deferral_rate"] == 1.0
+            assert points[exact]["agreement"] >= 0.9  # teacher-forced: a full forward may break near-ties
         assert points["chow", 1.0]["acceptance"] == 1.0 and points["chow", 1.0]["deferral_rate"] == 0.0
     assert main(["cascade-sweep", "--rules", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown" in capsys.readouterr().err

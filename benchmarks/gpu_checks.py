@@ -1,0 +1,84 @@
+"""GPU checks that are not unit tests (run by ``benchmarks/gpu_suite.sh``; CUDA only).
+
+    python benchmarks/gpu_checks.py kernels   # every Triton kernel once on a small case (for compute-sanitizer)
+    python benchmarks/gpu_checks.py syncs     # engine rounds under torch.cuda.set_sync_debug_mode("error")
+
+``syncs`` runs whole requests on the embedded zoo (shared and cross vocabulary, greedy and sampled, a
+cascade rule) with every round inside sync-debug "error" mode: a host synchronisation inside a round
+raises. The one allowed read per round (done / invalid / table size) happens between rounds, outside it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from omnidraft_fast.kernels.proposal import CrossProposal
+from omnidraft_fast.kernels.verify import RULES
+
+from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine, ops
+from omnidraft_fast.ngram import NGramTable
+
+
+def kernels() -> None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device).manual_seed(0)
+    batch, k, vocab, vocab_d = 3, 4, 1000, 700
+    logits = torch.randn(batch, vocab, device=device, generator=generator)
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 0.9)):
+        ops.sample(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
+    table = NGramTable(256, 4, device=device)
+    keys = torch.randint(0, vocab_d, (300, 4), device=device, generator=generator)
+    keys[:, 3] = -1
+    table.insert(keys, torch.randint(0, vocab, (300,), device=device, generator=generator))
+    table.lookup(keys)
+    d2t = torch.randint(-1, vocab, (vocab_d,), device=device, generator=generator, dtype=torch.int32)
+    draft = torch.randint(0, vocab_d, (batch, k), device=device, generator=generator)
+    target_ids, _, source, span_end = ops.translate(draft, d2t, table=table.tensors)
+    t2d = torch.full((vocab,), -1, dtype=torch.int32, device=device)
+    t2d[d2t[d2t >= 0].long()] = (d2t >= 0).nonzero()[:, 0].int()
+    q = torch.rand(batch, k, vocab_d, device=device, generator=generator).softmax(-1)
+    target_logits = torch.randn(batch, k + 1, vocab, device=device, generator=generator, dtype=torch.bfloat16)
+    for rule in RULES:
+        ops.verify(
+            target_logits, target_ids, q, torch.rand(batch, k, device=device, generator=generator),
+            noise, temperature=1.0, rule=torch.full((batch,), RULES.index(rule), device=device),
+            alpha=torch.full((batch,), 0.3, device=device), cross=CrossProposal(draft, source, span_end, d2t, t2d),
+        )  # fmt: skip
+    torch.cuda.synchronize()
+    print("kernels: all ran")
+
+
+def syncs() -> None:
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair", device="cuda")
+    ids = zoo.target_tokenizer(["def parse(text):\n", "Question: Tom has 3 apples"], return_tensors="pt",
+                               padding=True).to("cuda")  # fmt: skip
+    cross = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
+    cases = {
+        "shared": SpeculativeEngine(zoo.target, zoo.drafter_shared),
+        "cross omnidraft": SpeculativeEngine(zoo.target, zoo.drafter_cross, **cross),
+        "cross tli": SpeculativeEngine(
+            zoo.target, zoo.drafter_cross, config=EngineConfig(translation="tli"), **cross
+        ),
+    }
+    for name, engine in cases.items():
+        original = engine._round
+
+        def checked(*args, original=original):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return original(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        engine._round = checked
+        for kwargs in ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("token_v3", 0.3)}):
+            engine.generate(**ids, max_new_tokens=24, **kwargs)
+            print(f"syncs: {name} {kwargs or 'greedy'}: no host sync inside a round")
+
+
+if __name__ == "__main__":
+    {"kernels": kernels, "syncs": syncs}[sys.argv[1]]()
