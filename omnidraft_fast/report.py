@@ -1,14 +1,16 @@
-"""Where a measurement was taken: device, package versions and commit, for every results file."""
+"""Where a measurement was taken (device, package versions, commit) and how results files are written."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
-__all__ = ["device_name", "environment"]
+__all__ = ["device_name", "environment", "synchronize", "write_results"]
 
 
 def device_name(device: torch.device) -> str:
@@ -47,3 +49,17 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda or "unknown"
     return env
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on the CPU. Call around every timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_results(stem: Path, result: dict, markdown: str) -> None:
+    """``stem``.json and ``stem``.md (creating the folder), and the Markdown on stdout."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)

@@ -136,7 +136,11 @@ _SUMMED = (
 
 
 class StageTimer:
-    """Accumulates wall time per stage into a dict. On CUDA it synchronises at each boundary (profiling only)."""
+    """Accumulates wall time per stage into a dict. On CUDA it synchronises at each boundary (profiling only).
+
+    Each timed stage is also a ``torch.profiler.record_function`` range named ``stage:<name>``, so a
+    profiler trace of an engine with ``EngineConfig(time_stages=True)`` shows the stages (``benchmarks/scale.py``).
+    """
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = enabled
@@ -152,7 +156,8 @@ class StageTimer:
             torch.cuda.synchronize()
         begin = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"stage:{stage}"):
+                yield
         finally:
             if self.sync:
                 torch.cuda.synchronize()

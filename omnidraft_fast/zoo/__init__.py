@@ -2,7 +2,8 @@
 
 ``load("code-pair")`` returns a trained Llama-architecture target, a drafter sharing its byte-level BPE
 vocabulary, a drafter with a SentencePiece-style vocabulary of another size, and both tokenizers. No
-network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses.
+network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses. ``load(path)`` loads a
+pair folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``), which has no shared drafter.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ NAMES = ("code-pair",)
 @dataclass
 class ZooPair:
     target: torch.nn.Module
-    drafter_shared: torch.nn.Module  # the target's vocabulary
+    drafter_shared: torch.nn.Module | None  # the target's vocabulary (None: the folder has none)
     drafter_cross: torch.nn.Module  # another vocabulary
     target_tokenizer: object
     drafter_tokenizer: object  # the cross drafter's tokenizer
@@ -29,14 +30,21 @@ class ZooPair:
 
 
 def load(
-    name: str = "code-pair", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    name: str | Path = "code-pair", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> ZooPair:
-    """Load a zoo entry. ``dtype`` defaults to float32 on the CPU (fast there) and float16 elsewhere."""
+    """Load a zoo entry by name, or a pair folder (``target/``, ``drafter-cross/``, optionally
+    ``drafter-shared/``, ``MODEL_CARD.md``) by path. ``dtype`` defaults to float32 on the CPU (fast there)
+    and float16 elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name not in NAMES:
-        raise ValueError(f"unknown zoo entry {name!r}; available: {', '.join(NAMES)}")
-    folder = ROOT / name
+    if isinstance(name, Path):
+        folder = name
+    elif name in NAMES:
+        folder = ROOT / name
+    else:
+        raise ValueError(
+            f"unknown zoo entry {name!r}; available: {', '.join(NAMES)}, or a pair folder's Path"
+        )
     if not (folder / "target" / "model.safetensors").exists():
         raise FileNotFoundError(
             f"{folder} holds no trained weights; train them with `python -m omnidraft_fast.zoo.train`"
@@ -49,7 +57,7 @@ def load(
 
     return ZooPair(
         target=model("target"),
-        drafter_shared=model("drafter-shared"),
+        drafter_shared=model("drafter-shared") if (folder / "drafter-shared").is_dir() else None,
         drafter_cross=model("drafter-cross"),
         target_tokenizer=AutoTokenizer.from_pretrained(folder / "target"),
         drafter_tokenizer=AutoTokenizer.from_pretrained(folder / "drafter-cross"),

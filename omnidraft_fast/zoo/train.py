@@ -30,12 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from .data import HELDOUT_MODULES, HELDOUT_SEED, stdlib_sources, training_texts
 from .tokenizers import byte_level, sentencepiece_style
 
-__all__ = ["ModelSpec", "main"]
+__all__ = [
+    "ModelSpec", "card_tables", "continuations", "distil", "heldout_loss", "llama_model", "main", "pretrain",
+    "target_texts", "token_stream", "train_lm",
+]  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "code-pair"
 
@@ -55,7 +58,17 @@ DRAFTER = ModelSpec(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384,
 TARGET_VOCAB, DRAFTER_VOCAB = 3072, 2048
 
 
-def _model(spec: ModelSpec, vocab_size: int, eos: int, bos: int | None, seed: int) -> LlamaForCausalLM:
+def llama_model(
+    spec: ModelSpec,
+    vocab_size: int,
+    eos: int | None,
+    bos: int | None,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    max_positions: int = 2048,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama of ``spec``'s shape, built on torch's default device (``with
+    torch.device(...)`` builds it in place, e.g. on the GPU)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -64,26 +77,26 @@ def _model(spec: ModelSpec, vocab_size: int, eos: int, bos: int | None, seed: in
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=spec.tied,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All training texts as one id stream, EOS between texts."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for text in texts:
-        ids += tokenizer.encode(text, add_special_tokens=False)
+    for encoded in tokenizer(texts, add_special_tokens=False).input_ids:
+        ids += encoded
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def _train(
+def train_lm(
     model,
     streams: list[torch.Tensor],
     *,
@@ -97,7 +110,9 @@ def _train(
     weights: list[float] | None = None,
 ):
     """AdamW with warm-up and cosine decay on random windows of the streams (each window's stream drawn
-    with ``weights``); returns the final mean loss and the seconds taken."""
+    with ``weights``); returns the final mean loss and the seconds taken. fp32 weights; on CUDA the
+    forward runs under bf16 autocast."""
+    device = torch.device(device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -117,7 +132,8 @@ def _train(
             start = int(torch.randint(0, stream.numel() - length - 1, (1,), generator=generator))
             windows.append(stream[start : start + length])
         windows = torch.stack(windows).to(device)
-        loss = model(input_ids=windows, labels=windows).loss
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=windows, labels=windows).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -133,7 +149,7 @@ def _train(
 
 
 @torch.no_grad()
-def _continuations(
+def continuations(
     target, tokenizer, stream: torch.Tensor, *, count: int, prompt: int, new: int, seed: int, device
 ) -> list[str]:
     """The target's continuations of ``count`` random ``prompt``-token windows of ``stream`` (its own
@@ -159,8 +175,8 @@ def _continuations(
 
 
 @torch.no_grad()
-def _heldout_loss(model, tokenizer, device, length: int) -> float:
-    ids = _stream(tokenizer, [source for _, source in stdlib_sources(heldout=True)])
+def heldout_loss(model, tokenizer, device, length: int) -> float:
+    ids = token_stream(tokenizer, [source for _, source in stdlib_sources(heldout=True)])
     windows = ids[: (ids.numel() // length) * length].view(-1, length)[:32].to(device)
     return model(input_ids=windows, labels=windows).loss.item()
 
@@ -197,25 +213,17 @@ def main(argv: list[str] | None = None) -> None:
         eos_t = tokenizers["target"].eos_token_id
         eos_d, bos_d = tokenizers["drafter-cross"].eos_token_id, tokenizers["drafter-cross"].bos_token_id
         models = {
-            "target": _model(TARGET, TARGET_VOCAB, eos_t, None, args.seed),
-            "drafter-shared": _model(DRAFTER, TARGET_VOCAB, eos_t, None, args.seed + 1),
-            "drafter-cross": _model(DRAFTER, DRAFTER_VOCAB, eos_d, bos_d, args.seed + 2),
+            "target": llama_model(TARGET, TARGET_VOCAB, eos_t, None, args.seed),
+            "drafter-shared": llama_model(DRAFTER, TARGET_VOCAB, eos_t, None, args.seed + 1),
+            "drafter-cross": llama_model(DRAFTER, DRAFTER_VOCAB, eos_d, bos_d, args.seed + 2),
         }
         card = []
         for index, name in enumerate(models):
             n, lr = (steps, 3e-3) if name == "target" else (drafter_steps, 5e-3)
-            loss, seconds = _train(
-                models[name], [_stream(tokenizers[name], texts)], steps=n, batch=args.batch,
-                length=args.length, lr=lr, seed=args.seed + 10 * index, device=device, label=name,
-            )  # fmt: skip
             card.append(
-                {"model": name, "params": sum(p.numel() for p in models[name].parameters()),
-                 "vocab": models[name].config.vocab_size, "steps": n, "lr": lr,
-                 "final_train_loss": round(loss, 3),
-                 "heldout_code_loss": round(_heldout_loss(models[name], tokenizers[name], device, args.length), 3),
-                 "train_seconds": round(seconds), "command": _command()}
+                pretrain(name, models[name], tokenizers[name], texts, args, steps=n, lr=lr,
+                         seed=args.seed + 10 * index, device=device)
             )  # fmt: skip
-            print(card[-1])
     if args.distill_steps:
         _distill(args, models, tokenizers, card, texts, device)
     for name, model in models.items():
@@ -237,34 +245,65 @@ def _load(out: Path, device) -> tuple[dict, dict, list[dict]]:
 
 def _distill(args, models: dict, tokenizers: dict, card: list[dict], texts: list[str], device) -> None:
     """Step 3 of the module docstring: fine-tune each drafter on the target's continuations."""
-    target = models["target"].eval()
     began = time.perf_counter()
-    kd_texts = _continuations(
-        target, tokenizers["target"], _stream(tokenizers["target"], texts), count=args.distill_texts,
-        prompt=32, new=96, seed=args.seed + 100, device=device,
-    )  # fmt: skip
-    data_seconds = time.perf_counter() - began
+    kd_texts = target_texts(models["target"], tokenizers["target"], texts, args, device)
+    share = (time.perf_counter() - began) / (len(card) - 1)
     for index, row in enumerate(card):
-        name = row["model"]
-        if name == "target":
-            continue
-        tokenizer = tokenizers[name]
-        loss, seconds = _train(
-            models[name], [_stream(tokenizer, kd_texts), _stream(tokenizer, texts)], weights=[3.0, 1.0],
-            steps=args.distill_steps, batch=args.batch, length=args.length, lr=1e-3,
-            seed=args.seed + 200 + index, device=device, label=f"{name} distil",
-        )  # fmt: skip
-        row.update(
-            distill_texts=args.distill_texts, distill_steps=args.distill_steps,
-            distill_train_loss=round(loss, 3),
-            distill_heldout_code_loss=round(_heldout_loss(models[name], tokenizer, device, args.length), 3),
-            distill_seconds=round(seconds + data_seconds / 2), distill_command=_command(),
-        )  # fmt: skip
-        print(row)
+        if row["model"] != "target":
+            model, tokenizer = models[row["model"]], tokenizers[row["model"]]
+            distil(row, model, tokenizer, kd_texts, texts, args, seed=args.seed + 200 + index, device=device,
+                   data_seconds=share)  # fmt: skip
 
 
-def _command() -> str:
-    return ("python -m omnidraft_fast.zoo.train " + " ".join(sys.argv[1:])).strip()
+def pretrain(
+    name: str, model, tokenizer, texts: list[str], args, *, steps: int, lr: float, seed: int, device,
+    module: str = "omnidraft_fast.zoo.train",
+) -> dict:  # fmt: skip
+    """Train ``model`` on ``texts`` (windows of ``args.length`` tokens, batch ``args.batch``); its card row."""
+    loss, seconds = train_lm(
+        model, [token_stream(tokenizer, texts)], steps=steps, batch=args.batch, length=args.length, lr=lr,
+        seed=seed, device=device, label=name,
+    )  # fmt: skip
+    row = {
+        "model": name, "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
+        "steps": steps, "lr": lr, "final_train_loss": round(loss, 3),
+        "heldout_code_loss": round(heldout_loss(model, tokenizer, device, args.length), 3),
+        "train_seconds": round(seconds), "command": _command(module),
+    }  # fmt: skip
+    print(row)
+    return row
+
+
+def target_texts(target, tokenizer, texts: list[str], args, device) -> list[str]:
+    """The distillation data: ``args.distill_texts`` continuations by ``target`` of windows of ``texts``."""
+    stream = token_stream(tokenizer, texts)
+    return continuations(
+        target.eval(), tokenizer, stream, count=args.distill_texts, prompt=32, new=96, seed=args.seed + 100,
+        device=device,
+    )  # fmt: skip
+
+
+def distil(
+    row: dict, model, tokenizer, kd_texts: list[str], texts: list[str], args, *, seed: int, device,
+    data_seconds: float, module: str = "omnidraft_fast.zoo.train",
+) -> None:  # fmt: skip
+    """Fine-tune the drafter ``model`` on the target's ``kd_texts`` (3 parts) mixed with ``texts`` (1 part),
+    ``args.distill_steps`` steps at lr 1e-3; adds the figures to its card ``row``."""
+    loss, seconds = train_lm(
+        model, [token_stream(tokenizer, kd_texts), token_stream(tokenizer, texts)], weights=[3.0, 1.0],
+        steps=args.distill_steps, batch=args.batch, length=args.length, lr=1e-3, seed=seed, device=device,
+        label=f"{row['model']} distil",
+    )  # fmt: skip
+    row.update(
+        distill_texts=args.distill_texts, distill_steps=args.distill_steps, distill_train_loss=round(loss, 3),
+        distill_heldout_code_loss=round(heldout_loss(model, tokenizer, device, args.length), 3),
+        distill_seconds=round(seconds + data_seconds), distill_command=_command(module),
+    )  # fmt: skip
+    print(row)
+
+
+def _command(module: str = "omnidraft_fast.zoo.train") -> str:
+    return (f"python -m {module} " + " ".join(sys.argv[1:])).strip()
 
 
 def _write_card(args, device, card: list[dict]) -> None:
@@ -284,8 +323,17 @@ def _write_card(args, device, card: list[dict]) -> None:
         f"- Tokenizers: target and drafter-shared: byte-level BPE, {TARGET_VOCAB} ids; drafter-cross: "
         f"SentencePiece-style (metaspace, byte fallback), {DRAFTER_VOCAB} ids.",
         f"- Training: windows of {args.length} tokens, batch {args.batch}, AdamW (0.9, 0.95), weight decay 0.1,",
-        "  warm-up then cosine decay; fp32 training, weights stored in fp16.",
+        "  warm-up then cosine decay; fp32 weights (bf16 autocast on CUDA), stored in fp16.",
         f"- Shapes: target {json.dumps(asdict(TARGET))}; drafters {json.dumps(asdict(DRAFTER))}.",
+        *card_tables(card),
+    ]
+    (args.out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def card_tables(card: list[dict]) -> list[str]:
+    """Markdown lines: the training table of every model of ``card``, then the distillation table."""
+    lines = [
         "",
         "| model | params | vocab | steps | lr | final train loss | held-out code loss | train time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -310,8 +358,7 @@ def _write_card(args, device, card: list[dict]) -> None:
                 f"| {row['model']} | {row['distill_texts']} | {row['distill_steps']} | "
                 f"{row['distill_train_loss']} | {row['distill_heldout_code_loss']} | {row['distill_seconds']} |"
             )
-    (args.out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
-    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,299 @@
+"""Time the scale shapes of EVALUATION.md: a Llama-3-8B-shaped target and a Llama-68M-shaped drafter.
+
+Random bf16 weights (``--preset tiny``: float32), built from configs directly on the device. Measured in one process, batch 1:
+
+- plain ``model.generate()`` (greedy), ms per token: ``(t(N tokens) - t(1 token)) / (N - 1)``, so the
+  prefill is left out;
+- the target's forward over ``k + 1`` tokens and over 1 token, and the drafter's one-token step, each at
+  the prompt's context length in the engine's slot cache (median of ``--reps``);
+- this engine (``SpeculativeEngine``), per drafter: ``shared`` (Llama-68M shape, the target's 128k
+  vocabulary) and, when ``../shared/tokenizers`` is there, ``cross`` (Mistral's 32k vocabulary, real
+  Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
+  ms per round of each stage (draft, translate, target, verify, commit, learn, host); the engine's own
+  overhead per round is the round minus the drafter's and the target's stages. ``round_ms`` is from an
+  untimed request: (its wall time - the timed request's prefill) / rounds;
+- with ``torch.profiler`` (on CUDA; ``--profile`` on the CPU too) a short request per drafter, summarised
+  per stage from the ``stage:<name>`` ranges that ``StageTimer`` emits, plus the top ops (``--trace PATH``
+  also writes the Chrome trace).
+
+**Projection, not a measurement.** Random weights accept nothing, so every round emits one token; a
+round's work does not depend on acceptance (fixed shapes). The projected speed-up for an i.i.d.
+acceptance rate ``a`` and ``k`` drafts per round is
+
+    tokens per round E(a) = (1 - a^(k+1)) / (1 - a)        (k + 1 when a = 1)
+    projected speed-up    = E(a) / round_ms * plain_ms_per_token
+
+Written as ``scale-<device>.json`` and ``.md`` under ``--out``.
+
+    python benchmarks/scale.py [--preset llama3-8b|tiny] [--k 4] [--acceptance 0.4 0.6 0.8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
+from omnidraft_fast.models import CausalLM
+from omnidraft_fast.report import environment, synchronize, write_results
+from omnidraft_fast.zoo.train import ModelSpec, llama_model
+from omnidraft_fast.zoo.train_bench import DRAFTER_68M, TOKENIZERS, VOCABS
+
+
+@dataclass(frozen=True)
+class Preset:
+    target: ModelSpec
+    drafter: ModelSpec
+    prompt: int  # prompt tokens: the context length of every timed forward
+    new_tokens: int
+    reps: int
+    dtype: torch.dtype = torch.bfloat16
+
+
+PRESETS = {
+    "llama3-8b": Preset(
+        target=ModelSpec(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, tied=False),
+        drafter=DRAFTER_68M, prompt=512, new_tokens=128, reps=20,
+    ),
+    "tiny": Preset(  # a CPU check in seconds: the vocabularies stay real, the rest shrinks
+        target=ModelSpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, tied=False),
+        drafter=ModelSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, tied=False),
+        prompt=16, new_tokens=8, reps=2, dtype=torch.float32,  # bf16 matmuls are slow on CPUs
+    ),
+}  # fmt: skip
+
+
+def tokens_per_round(acceptance: float, k: int) -> float:
+    """Expected tokens per round with ``k`` drafts, each accepted i.i.d. with probability ``acceptance``."""
+    if acceptance == 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def _median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        began = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(times)
+
+
+def _forward_ms(model, ids: torch.Tensor, n: int, reps: int) -> float:
+    """One forward of ``n`` tokens written after ``ids`` [1, prompt] in the slot cache (rewritten each rep)."""
+    lm, prompt = CausalLM(model, "model"), ids.shape[1]
+    lm.begin(torch.zeros(1, dtype=torch.int64, device=ids.device), prompt + n)
+    slots = torch.arange(prompt + n, device=ids.device)[None]  # [1, prompt + n]
+    lm.forward(ids, slots[:, :prompt], last_only=True)
+    try:
+        return _median_ms(lambda: lm.forward(ids[:, -n:], slots[:, prompt:]), ids.device, reps)
+    finally:
+        lm.end()
+
+
+def _engine(target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, plain_ms, profile) -> dict:
+    """Stage times per round, round time, overhead, the projection and (``profile``) the profiler summary."""
+    engines = {
+        timed: SpeculativeEngine(
+            target, drafter, config=EngineConfig(num_draft_tokens=k, time_stages=timed),
+            target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1],
+        )
+        for timed in (True, False)
+    }  # fmt: skip
+    for engine in engines.values():
+        engine.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: bridge, kernels
+        engine.stats = GenerationStats()
+        engine.generate(ids, max_new_tokens=new, do_sample=False)
+    timed, untimed = engines[True].stats, engines[False].stats
+    stage_ms = {
+        stage: 1e3 * s / timed.rounds for stage, s in timed.stage_seconds.items() if stage != "prefill"
+    }
+    prefill_ms = 1e3 * timed.stage_seconds["prefill"]
+    round_ms = (1e3 * untimed.seconds - prefill_ms) / untimed.rounds
+    result = {
+        "drafter_params": sum(p.numel() for p in drafter.parameters()),
+        "drafter_vocab": drafter.config.vocab_size,
+        "drafter_step_ms": _forward_ms(drafter, _ids(drafter, ids), 1, 5),
+        "rounds": untimed.rounds,
+        "measured_acceptance": untimed.acceptance_rate,
+        "stage_ms_per_round": stage_ms,
+        "timed_round_ms": sum(stage_ms.values()),
+        "overhead_ms_per_round": sum(v for s, v in stage_ms.items() if s not in ("draft", "target")),
+        "round_ms": round_ms,
+        "projection": [
+            {"acceptance": a, "tokens_per_round": tokens_per_round(a, k),
+             "ms_per_token": round_ms / tokens_per_round(a, k),
+             "speedup": tokens_per_round(a, k) / round_ms * plain_ms}
+            for a in acceptance
+        ],
+    }  # fmt: skip
+    if profile:
+        result["profile"] = _profile(engines[True], ids, min(new, 16), profile)
+    return result
+
+
+def _ids(model, like: torch.Tensor) -> torch.Tensor:
+    """Random ids of ``model``'s vocabulary, shaped like ``like``."""
+    return torch.randint(0, model.config.vocab_size, like.shape, device=like.device)
+
+
+def _profile(engine: SpeculativeEngine, ids: torch.Tensor, new: int, options: dict) -> dict:
+    """One request under ``torch.profiler``: time per round of every ``stage:<name>`` range, the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.device.type == "cuda"
+    engine.stats = GenerationStats()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        engine.generate(ids, max_new_tokens=new, do_sample=False)
+    if options["trace"] is not None:
+        prof.export_chrome_trace(str(options["trace"].with_suffix(f".{options['pair']}.json")))
+    rounds = engine.stats.rounds
+    averages = prof.key_averages()
+    stages = {
+        event.key.removeprefix("stage:"): {
+            "calls": event.count,
+            "cpu_ms_per_round": event.cpu_time_total / 1e3 / rounds,
+            "device_ms_per_round": getattr(event, "device_time_total", 0.0) / 1e3 / rounds,
+        }
+        for event in averages
+        if event.key.startswith("stage:")
+    }
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {"rounds": rounds, "stages": stages, "top_ops": averages.table(sort_by=sort, row_limit=25)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="llama3-8b")
+    parser.add_argument("--k", type=int, default=4, help="draft length")
+    parser.add_argument("--acceptance", type=float, nargs="+", default=[0.4, 0.6, 0.8])
+    parser.add_argument("--tokenizers", type=Path, default=TOKENIZERS)
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.profiler summary per stage (default: on CUDA only)")  # fmt: skip
+    parser.add_argument("--trace", type=Path, default=None, help="also write Chrome traces next to this path")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if any(not 0.0 <= a <= 1.0 for a in args.acceptance):
+        parser.error(f"--acceptance values must be in [0, 1], got {args.acceptance}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset, k = PRESETS[args.preset], args.k
+    profile = device.type == "cuda" if args.profile is None else args.profile
+    vocab = VOCABS["llama3"]
+
+    tokenizers = {"shared": (None, None)}
+    if all((args.tokenizers / name).is_dir() for name in ("llama3", "mistral")):
+        from transformers import AutoTokenizer
+
+        tokenizers["cross"] = tuple(
+            AutoTokenizer.from_pretrained(args.tokenizers / n) for n in ("llama3", "mistral")
+        )
+    else:
+        print(
+            f"no llama3/mistral tokenizers under {args.tokenizers}: the cross-vocabulary drafter is left out"
+        )
+    with torch.device(device):
+        target = llama_model(preset.target, vocab, None, None, args.seed, preset.dtype).eval()
+    ordinary = min(tokenizers["cross"][0].all_special_ids) if "cross" in tokenizers else vocab
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, ordinary, (1, preset.prompt), generator=generator).to(device)  # [1, prompt]
+
+    new = preset.new_tokens
+    plain = {n: _median_ms(lambda n=n: target.generate(ids, attention_mask=torch.ones_like(ids),
+                                                           max_new_tokens=n, do_sample=False), device, preset.reps)
+             for n in (1, new)}  # fmt: skip
+    plain_ms = (plain[new] - plain[1]) / (new - 1)
+    result = {
+        **environment(device),
+        "preset": args.preset,
+        "shapes": {"target": asdict(preset.target), "drafter": asdict(preset.drafter)},
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "target_vocab": vocab,
+        "dtype": str(preset.dtype).removeprefix("torch."),
+        "batch": 1,
+        "prompt_tokens": preset.prompt,
+        "new_tokens": new,
+        "k": k,
+        "plain_ms_per_token": plain_ms,
+        "target_forward_ms": {
+            f"{k + 1} tokens": _forward_ms(target, ids, k + 1, preset.reps),
+            "1 token": _forward_ms(target, ids, 1, preset.reps),
+        },
+        "projection_formula": "speedup(a) = E(a) / round_ms * plain_ms_per_token, E(a) = (1 - a^(k+1)) / (1 - a)",
+        "pairs": {},
+    }
+    for index, (pair, pair_tokenizers) in enumerate(tokenizers.items()):
+        with torch.device(device):
+            drafter = llama_model(preset.drafter, VOCABS["mistral"] if pair == "cross" else vocab, None, None,
+                                  args.seed + 1 + index, preset.dtype).eval()  # fmt: skip
+        result["pairs"][pair] = _engine(
+            target, drafter, ids, k=k, new=new, tokenizers=pair_tokenizers, acceptance=args.acceptance,
+            plain_ms=plain_ms, profile={"trace": args.trace, "pair": pair} if profile else None,
+        )  # fmt: skip
+        del drafter
+    write_results(args.out / f"scale-{device.type}", result, _markdown(result))
+
+
+def _markdown(result: dict) -> str:
+    k = result["k"]
+    forward = ", ".join(f"{n} {ms:.2f} ms" for n, ms in result["target_forward_ms"].items())
+    lines = [
+        f"# Scale shapes, preset {result['preset']} ({result['date']}, {result['device']}, torch {result['torch']}, "
+        f"transformers {result['transformers']}, commit {result['commit']})",
+        "",
+        f"Random {result['dtype']} weights, batch 1, prompt {result['prompt_tokens']} tokens, "
+        f"{result['new_tokens']} new tokens, k = {k}. Target {result['target_params'] / 1e9:.2f} B parameters "
+        f"({result['shapes']['target']}, vocabulary {result['target_vocab']}); drafter {result['shapes']['drafter']}.",
+        "",
+        f"- plain `model.generate()`: **{result['plain_ms_per_token']:.2f} ms per token** (prefill excluded)",
+        f"- target forward at the prompt's length: {forward}",
+    ]
+    for pair, row in result["pairs"].items():
+        stages = row["stage_ms_per_round"]
+        lines += [
+            "",
+            f"## Drafter `{pair}` (vocabulary {row['drafter_vocab']}, {row['drafter_params'] / 1e6:.0f} M parameters)",
+            "",
+            f"Drafter step {row['drafter_step_ms']:.2f} ms. Round {row['round_ms']:.2f} ms untimed "
+            f"({row['timed_round_ms']:.2f} ms with stage timing); the engine's own overhead "
+            f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target).",
+            "",
+            f"| ms per round | {' | '.join(stages)} |",
+            "|---|" + "---|" * len(stages),
+            f"| stage timer | {' | '.join(f'{v:.3f}' for v in stages.values())} |",
+        ]
+        if "profile" in row:
+            profiled = row["profile"]["stages"]
+            for column in ("cpu_ms_per_round", "device_ms_per_round"):
+                if not any(times[column] for times in profiled.values()):
+                    continue  # no device activity: a CPU run
+                cells = " | ".join(f"{profiled[s][column]:.3f}" if s in profiled else "-" for s in stages)
+                lines.append(f"| profiler, {column.removesuffix('_ms_per_round')} | {cells} |")
+        lines += [
+            "",
+            f"**Projection** (not a measurement: random weights accept nothing, measured acceptance "
+            f"{row['measured_acceptance']:.3f}): {result['projection_formula']}, i.i.d. acceptance a, k = {k}.",
+            "",
+            "| acceptance a | tokens per round E(a) | ms per token | projected speed-up |",
+            "|---|---|---|---|",
+            *(f"| {p['acceptance']} | {p['tokens_per_round']:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}x |"
+              for p in row["projection"]),
+        ]  # fmt: skip
+        if "profile" in row:
+            lines += ["", "Top ops under the profiler:", "", "```", row["profile"]["top_ops"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

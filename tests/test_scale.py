@@ -1,0 +1,76 @@
+"""The scale benchmark (``benchmarks/scale.py --preset tiny``) and the benchmark-zoo trainer, at tiny sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED, shared_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scale_module():
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
+    scale = _scale_module()
+    scale.main(["--preset", "tiny", "--acceptance", "0.5", "0.9", "--profile", "--tokenizers",
+                str(SHARED / "tokenizers"), "--out", str(tmp_path)])  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = json.loads((tmp_path / f"scale-{device}.json").read_text())
+    assert (tmp_path / f"scale-{device}.md").read_text().startswith("# Scale shapes, preset tiny")
+    for field in ("device", "torch", "transformers", "commit", "plain_ms_per_token", "target_forward_ms",
+                  "projection_formula", "target_params"):  # fmt: skip
+        assert field in result
+    k = result["k"]
+    expected_pairs = {"shared", "cross"} if (SHARED / "tokenizers" / "llama3").is_dir() else {"shared"}
+    assert set(result["pairs"]) == expected_pairs
+    for row in result["pairs"].values():
+        stages = row["stage_ms_per_round"]
+        assert {"draft", "translate", "target", "verify", "commit", "host"} <= set(stages)
+        assert row["overhead_ms_per_round"] == pytest.approx(
+            sum(v for s, v in stages.items() if s not in ("draft", "target"))
+        )
+        assert row["round_ms"] > 0 and row["drafter_step_ms"] > 0
+        assert [p["acceptance"] for p in row["projection"]] == [0.5, 0.9]
+        for point in row["projection"]:
+            a = point["acceptance"]
+            tokens = (1 - a ** (k + 1)) / (1 - a)
+            assert point["tokens_per_round"] == pytest.approx(tokens)
+            assert point["speedup"] == pytest.approx(tokens / row["round_ms"] * result["plain_ms_per_token"])
+        assert {"draft", "target", "verify"} <= set(row["profile"]["stages"])
+    assert scale.tokens_per_round(1.0, k) == k + 1
+    assert scale.tokens_per_round(0.0, k) == 1
+
+
+def test_train_bench_tiny_writes_a_loadable_pair(tmp_path):
+    from omnidraft_fast.zoo import load
+    from omnidraft_fast.zoo.train_bench import main
+
+    tokenizers = shared_path("tokenizers")
+    main(["--tiny", "--targets", "llama3", "--tokenizers", str(tokenizers), "--out", str(tmp_path)])
+    pair = load(tmp_path / "llama3")
+    assert pair.drafter_shared is None
+    assert pair.target.config.vocab_size == 128_256 and pair.drafter_cross.config.vocab_size == 32_000
+    assert len(pair.drafter_tokenizer) == 32_000
+    card = json.loads((tmp_path / "llama3" / "card.json").read_text())
+    assert [row["model"] for row in card] == ["target", "drafter-cross"]
+    assert "distill_train_loss" in card[1]
+
+
+def test_train_bench_skips_without_tokenizers(tmp_path, capsys):
+    from omnidraft_fast.zoo.train_bench import main
+
+    main(["--tiny", "--tokenizers", str(tmp_path / "absent"), "--out", str(tmp_path / "zoo")])
+    assert "benchmark zoo skipped" in capsys.readouterr().out
+    assert not (tmp_path / "zoo").exists()
