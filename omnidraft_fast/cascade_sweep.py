@@ -33,13 +33,13 @@ __all__ = ["ALPHAS", "run_sweep"]
 
 # From exact (first) to lenient (last); see CascadeConfig for each rule's range.
 ALPHAS = {
-    "chow": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0),
-    "diff": (-1.0, -0.1, 0.0, 0.1, 0.2, 0.4, 1.0),
-    "opt": (0.0, 0.5, 1.0, 2.0, 4.0, 16.0),
-    "token_v1": (-1.0, -0.1, 0.0, 0.1, 0.2, 0.4, 1.0),
-    "token_v2": (-0.5, 0.0, 0.05, 0.1, 0.2, 0.4, 1.0),
-    "token_v3": (-0.5, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-    "lossy": (0.0, 0.3, 0.6, 0.8, 0.9, 0.95),
+    "chow": (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+    "diff": (-1.0, -0.3, -0.2, -0.1, 0.0, 0.2, 1.0),
+    "opt": (0.0, 0.1, 0.25, 0.5, 1.0, 4.0),
+    "token_v1": (-1.0, -0.3, -0.2, -0.1, 0.0, 0.2, 1.0),
+    "token_v2": (-0.5, 0.0, 0.02, 0.05, 0.1, 0.4, 1.0),
+    "token_v3": (-0.5, 0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
+    "lossy": (0.0, 0.5, 0.9),  # greedy: q and p are one-hot, so lossy is exact at every alpha
 }
 
 
@@ -159,15 +159,17 @@ def write_results(results: dict, out: Path, stem: str) -> None:
             f"## {pair} (plain decoding {sweep['plain_tokens_per_second']} tok/s, "
             f"target log-lik of its own output {sweep['plain_target_log_likelihood']})",
             "",
-            "Fastest point per rule at >= 99% agreement:",
+            "Fastest point per rule at >= 99% / >= 95% agreement (the exact points set the baseline):",
             "",
-            "| rule | alpha | speed-up | agreement | deferral | accepted len |",
-            "|---|---|---|---|---|---|",
+            "| rule | alpha at 99% | speed-up | deferral | alpha at 95% | speed-up | agreement | deferral |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for rule, point in best_points(sweep["points"]).items():
+        strict, loose = best_points(sweep["points"], 0.99), best_points(sweep["points"], 0.95)
+        for rule, point in strict.items():
+            near = loose.get(rule, point)
             lines.append(
-                f"| {rule} | {point['alpha']} | {point['speedup']:.2f}x | {point['agreement']:.3f} | "
-                f"{point['deferral_rate']:.3f} | {point['mean_accepted_length']} |"
+                f"| {rule} | {point['alpha']} | {point['speedup']:.2f}x | {point['deferral_rate']:.3f} | "
+                f"{near['alpha']} | {near['speedup']:.2f}x | {near['agreement']:.3f} | {near['deferral_rate']:.3f} |"
             )
         lines += [
             "",

@@ -131,8 +131,9 @@ def test_exact_limits_reproduce_the_target_greedy(pair, rule, alpha):
 
 
 @pytest.mark.slow
-def test_exact_limit_samples_the_target():
-    """chow at alpha 0 is exact speculative sampling: the joint law of two sampled tokens is the target's."""
+@pytest.mark.parametrize(("rule", "alpha"), [("chow", 0.0), ("token_v3", -0.5)])
+def test_exact_limit_samples_the_target(rule, alpha):
+    """At their exact limits the rules are speculative sampling: two sampled tokens follow the target."""
     target = tiny_model("llama", VOCAB, seed=11, hidden=32)
     drafter = tiny_model("gpt2", VOCAB, seed=12, hidden=32, layers=1)
     with torch.no_grad():
@@ -140,7 +141,7 @@ def test_exact_limit_samples_the_target():
     torch.manual_seed(99)
     out = omnidraft_fast.generate(
         target, PROMPT.expand(ROWS, -1), drafter=drafter, max_new_tokens=2, do_sample=True, temperature=1.0,
-        top_k=0, num_draft_tokens=2, cascade=CascadeConfig("chow", 0.0),
+        top_k=0, num_draft_tokens=2, cascade=CascadeConfig(rule, alpha),
     )  # fmt: skip
     new = out[:, PROMPT.shape[1] :]
     empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / ROWS

@@ -84,7 +84,7 @@ def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
     assert len(results["pairs"]) == 2 and "speed-up" in capsys.readouterr().out
     for sweep in results["pairs"].values():
         points = {(p["rule"], p["alpha"]): p for p in sweep["points"]}
-        assert len(points) == 1 + 7 + 7
+        assert len(points) == 1 + 8 + 7
         for exact in (("exact", None), ("chow", 0.0), ("token_v2", -0.5)):
             assert points[exact]["sequence_agreement"] == 1.0 and points[exact]["deferral_rate"] == 1.0
             assert points[exact]["agreement"] >= 0.9  # teacher-forced: a full forward may break near-ties
