@@ -241,6 +241,32 @@ def _target_prob(x, t, inside, m, aux, thr, cut, temperature, GREEDY: tl.constex
 
 
 @triton.jit
+def _spans(probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q,
+           valid, K_P2: tl.constexpr, SEPARATE_Q1: tl.constexpr):  # fmt: skip
+    """``_span`` under ``q``, plus the span mass under ``q1`` (the same unless SEPARATE_Q1)."""
+    src, first, mass, merged = _span(
+        probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid, K_P2
+    )
+    mass1 = mass
+    if SEPARATE_Q1:
+        mass1 = _span(
+            probs1_ptr,
+            drafter_ids_ptr,
+            source_ptr,
+            span_end_ptr,
+            d2t_ptr,
+            b,
+            j,
+            x_id,
+            k,
+            vocab_q,
+            valid,
+            K_P2,
+        )[2]
+    return src, first, mass, mass1, merged
+
+
+@triton.jit
 def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
           K_P2: tl.constexpr):  # fmt: skip
     """Where target positions ``j`` [N] of row ``b`` come from (kernels/proposal.py): the source drafter
@@ -418,26 +444,10 @@ def _sums_kernel(
             cut = tl.load(row_c_ptr + b * (k + 1) + pos % k)
         x_id = tl.load(draft_ids_ptr + pos + tl.zeros((1,), tl.int64))
         if CROSS:
-            src, first, mass, merged = _span(
-                probs_ptr,
-                drafter_ids_ptr,
-                source_ptr,
-                span_end_ptr,
-                d2t_ptr,
-                b,
-                j,
-                x_id,
-                k,
-                vocab_q,
-                valid,
-                K_P2,
-            )
-            mass1 = mass
-            if SEPARATE_Q1:
-                mass1 = _span(
-                    probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
-                    K_P2,
-                )[2]  # fmt: skip
+            src, first, mass, mass1, merged = _spans(
+                probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
+                vocab_q, valid, K_P2, SEPARATE_Q1,
+            )  # fmt: skip
         else:
             src, first, mass, mass1, merged = j, j * 0 - 1, 0.0, 0.0, j < 0
         q_row = probs_ptr + (b * k + src) * vocab_q
@@ -544,26 +554,10 @@ def _draw_kernel(
     proposed = x_id >= 0
     y = tl.maximum(x_id, 0)
     if CROSS:
-        src, first, mass, merged = _span(
-            probs_ptr,
-            drafter_ids_ptr,
-            source_ptr,
-            span_end_ptr,
-            d2t_ptr,
-            b,
-            j,
-            x_id,
-            k,
-            vocab_q,
-            drafted,
-            K_P2,
-        )
-        mass1 = mass
-        if SEPARATE_Q1:
-            mass1 = _span(
-                probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, drafted,
-                K_P2,
-            )[2]  # fmt: skip
+        src, first, mass, mass1, merged = _spans(
+            probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
+            vocab_q, drafted, K_P2, SEPARATE_Q1,
+        )  # fmt: skip
     else:
         mass = tl.zeros((W_P2,), tl.float32)
         src, first, mass1, merged = j, j * 0 - 1, mass, j < 0
