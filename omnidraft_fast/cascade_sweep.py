@@ -13,8 +13,10 @@ measures, per point, in one process and on the same prompts as plain target deco
 Timing: each point is the faster of two runs, and plain decoding is re-timed before each rule, the
 point's speed-up taken against it (the machine's speed drifts over a long sweep).
 
-Decoding is greedy (T = 0): the rules decide on the T=1 distributions, the output is deterministic and the
-exact point (``cascade=None``) reproduces the target, so agreement is 1 there. Writes JSON, Markdown and a
+Decoding is greedy by default (the rules decide on the T=1 distributions, the output is deterministic and the
+exact point, ``cascade=None``, reproduces the target, so agreement is 1 there); ``temperature > 0`` samples
+(no top-k/top-p) instead, plain decoding then sampling too, and agreement stays measured against the
+target's greedy choice, so it is below 1 even for exact speculative sampling. Writes JSON, Markdown and a
 PNG (quality against speed-up, one curve per rule, the exact point marked) under ``--out``.
 """
 
@@ -39,7 +41,7 @@ ALPHAS = {
     "token_v1": (-1.0, -0.3, -0.2, -0.1, 0.0, 0.2, 1.0),
     "token_v2": (-0.5, 0.0, 0.02, 0.05, 0.1, 0.4, 1.0),
     "token_v3": (-0.5, 0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
-    "lossy": (0.0, 0.5, 0.9),  # greedy: q and p are one-hot, so lossy is exact at every alpha
+    "lossy": (0.0, 0.3, 0.6, 0.9),  # greedy: q and p are one-hot, so lossy is exact at every alpha
 }
 
 
@@ -55,17 +57,22 @@ def _quality(target, sequences: torch.Tensor, prompt: int) -> tuple[float, int, 
 
 def run_sweep(
     target, drafter, prompts: list[torch.Tensor], *, max_new_tokens: int, num_draft_tokens: int,
-    rules: dict[str, tuple[float, ...]] = ALPHAS, **engine_kwargs,
+    rules: dict[str, tuple[float, ...]] = ALPHAS, temperature: float = 0.0, seed: int = 0, **engine_kwargs,
 ) -> dict:  # fmt: skip
-    """Sweep every rule's alphas; ``prompts`` are [1, n] id tensors on the target's device."""
+    """Sweep every rule's alphas; ``prompts`` are [1, n] id tensors on the target's device; ``temperature``
+    0 is greedy."""
     device = prompts[0].device
     new = max_new_tokens
+    decoding = {"do_sample": False}
+    if temperature > 0:
+        decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
 
     def timed(run) -> tuple[list[torch.Tensor], float]:
         """Outputs and tokens/s of ``run`` over the prompts, the faster of two passes."""
         best = 0.0
         for _ in range(2):
             outputs, seconds = [], 0.0
+            torch.manual_seed(seed)
             for ids in prompts:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -79,9 +86,9 @@ def run_sweep(
         return outputs, best
 
     def plain_run(ids):
-        return target.generate(ids, max_new_tokens=new, do_sample=False)
+        return target.generate(ids, max_new_tokens=new, **decoding)
 
-    plain, _ = timed(plain_run)
+    plain = [target.generate(ids, max_new_tokens=new, do_sample=False) for ids in prompts]  # the reference
     engine = SpeculativeEngine(
         target, drafter, config=EngineConfig(num_draft_tokens=num_draft_tokens), **engine_kwargs
     )
@@ -93,7 +100,9 @@ def run_sweep(
         for alpha in alphas:
             cascade = None if alpha is None else CascadeConfig(rule, alpha)
             engine.stats = type(engine.stats)()
-            outputs, speed = timed(lambda ids, c=cascade: engine.generate(ids, max_new_tokens=new, cascade=c))
+            outputs, speed = timed(
+                lambda ids, c=cascade: engine.generate(ids, max_new_tokens=new, cascade=c, **decoding)
+            )
             tokens = same = greedy = 0
             log_likelihood = 0.0
             for out, reference, ids in zip(outputs, plain, prompts, strict=True):
@@ -119,6 +128,7 @@ def run_sweep(
             )
     totals = [_quality(target, out, ids.shape[1]) for out, ids in zip(plain, prompts, strict=True)]
     return {
+        "decoding": "greedy" if temperature == 0 else f"sampling at T={temperature}",
         "plain_tokens_per_second": round(timed(plain_run)[1], 2),
         "plain_target_log_likelihood": round(
             sum(t[0] for t in totals) / max(sum(t[2] for t in totals), 1), 4
@@ -148,7 +158,7 @@ def write_results(results: dict, out: Path, stem: str) -> None:
         f"commit {meta['commit']})",
         "",
         f"Model pair: {meta['models']}; {meta['prompts']} held-out prompts, {meta['max_new_tokens']} new tokens, "
-        f"k = {meta['k']}, greedy. Agreement: share of produced tokens that are the target's greedy choice "
+        f"k = {meta['k']}, {meta.get('decoding', 'greedy')}. Agreement: share of produced tokens that are the target's greedy choice "
         "after the same prefix; sequence agreement: share of positions equal to the target's own greedy output; "
         "log-lik: the target's mean log-probability per produced token (all three teacher-forced on the "
         "produced text). Each point is the faster of two runs; plain decoding is re-timed before each rule.",
@@ -157,7 +167,7 @@ def write_results(results: dict, out: Path, stem: str) -> None:
         lines += [
             "",
             f"## {pair} (plain decoding {sweep['plain_tokens_per_second']} tok/s, "
-            f"target log-lik of its own output {sweep['plain_target_log_likelihood']})",
+            f"target log-lik of its own greedy output {sweep['plain_target_log_likelihood']})",
             "",
             "Fastest point per rule at >= 99% / >= 95% agreement (the exact points set the baseline):",
             "",

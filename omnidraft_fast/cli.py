@@ -105,6 +105,9 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
             "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "k": args.num_draft_tokens,
+            "decoding": "greedy"
+            if args.temperature == 0
+            else f"sampling at T={args.temperature} (no top-k/top-p)",
         },
         "pairs": {},
     }
@@ -112,9 +115,9 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
         print(f"sweeping {name} ...", flush=True)
         results["pairs"][name] = run_sweep(
             zoo.target, drafter, prompts, max_new_tokens=args.max_new_tokens,
-            num_draft_tokens=args.num_draft_tokens, rules=rules, **kwargs,
+            num_draft_tokens=args.num_draft_tokens, rules=rules, temperature=args.temperature, **kwargs,
         )  # fmt: skip
-    stem = f"cascades-{device.type}"
+    stem = f"cascades-{device.type}" + (f"-T{args.temperature:g}" if args.temperature else "")
     write_results(results, Path(args.out), stem)
     print((Path(args.out) / f"{stem}.md").read_text())
     return 0
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-draft-tokens", type=int, default=4)
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
+    sweep.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
     sweep.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     sweep.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     sweep.set_defaults(run=_cascade_sweep)

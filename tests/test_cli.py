@@ -91,3 +91,16 @@ def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
         assert points["chow", 1.0]["acceptance"] == 1.0 and points["chow", 1.0]["deferral_rate"] == 0.0
     assert main(["cascade-sweep", "--rules", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_cascade_sweep_samples_with_a_temperature(tmp_path):
+    import json
+
+    args = ["cascade-sweep", "--prompts-per-task", "1", "--max-new-tokens", "6", "--rules", "lossy"]
+    assert main([*args, "--temperature", "1.0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cascades-cpu-T1.json").read_text())
+    assert "sampling at T=1.0" in results["meta"]["decoding"]
+    for sweep in results["pairs"].values():
+        assert sweep["decoding"] == "sampling at T=1.0"
+        assert [p["alpha"] for p in sweep["points"]] == [None, 0.0, 0.3, 0.6, 0.9]
+        assert all(0 <= p["agreement"] <= 1 and p["deferral_rate"] == 1.0 for p in sweep["points"])
