@@ -30,6 +30,7 @@ import torch
 
 from .config import CascadeConfig, EngineConfig
 from .engine import SpeculativeEngine
+from .report import synchronize
 
 __all__ = ["ALPHAS", "run_sweep"]
 
@@ -74,12 +75,10 @@ def run_sweep(
             outputs, seconds = [], 0.0
             torch.manual_seed(seed)
             for ids in prompts:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(device)
                 began = time.perf_counter()
                 outputs.append(run(ids))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(device)
                 seconds += time.perf_counter() - began
             tokens = sum(out.shape[1] - ids.shape[1] for out, ids in zip(outputs, prompts, strict=True))
             best = max(best, tokens / seconds)
