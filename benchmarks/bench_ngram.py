@@ -15,6 +15,7 @@ import functools
 
 import pytest
 import torch
+from _timing import synced
 from omnidraft_fast.kernels.ngram import (
     EMPTY,
     ngram_insert_reference,
@@ -96,11 +97,7 @@ def test_lookup(benchmark, implementation, capacity, batch):
     lookup = LOOKUPS[implementation]
     assert torch.equal(lookup(key_ids, values, queries), ngram_lookup_reference(key_ids, values, queries))
 
-    def run():
-        lookup(key_ids, values, queries)
-        torch.cuda.synchronize()
-
-    benchmark(run)
+    benchmark(synced(lambda: lookup(key_ids, values, queries)))
     _record(benchmark, batch, N * 4 + 4)
 
 
@@ -122,9 +119,7 @@ def test_insert(benchmark, implementation, capacity, batch):
             t.copy_(s)
         torch.cuda.synchronize()
 
-    def run():
-        insert(*table, keys, new_values, hits)
-        torch.cuda.synchronize()
+    run = synced(lambda: insert(*table, keys, new_values, hits))
 
     restore()
     run()  # warm-up (compilation)

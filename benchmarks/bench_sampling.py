@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _timing import synced
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -19,14 +20,6 @@ ROWS = [1, 8, 72, 256]
 VOCABS = [32000, 128256, 151936]
 CONFIGS = {"greedy": (0.0, 0, 1.0), "temperature": (1.0, 0, 1.0), "top_k_top_p": (0.8, 50, 0.95)}
 IMPLS = ["eager", "compile", "triton"]
-
-
-def _sync(fn):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
 
 
 def _inputs(rows: int, vocab: int):
@@ -49,7 +42,7 @@ def test_copy(benchmark, rows, vocab):
     out = torch.empty_like(logits)
     benchmark.group = f"sample rows={rows} vocab={vocab}"
     _record(benchmark, rows, vocab, 2 * logits.numel() * logits.element_size())
-    benchmark(_sync(lambda: out.copy_(logits)))
+    benchmark(synced(lambda: out.copy_(logits)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -69,4 +62,4 @@ def test_sample(benchmark, rows, vocab, config, impl):
     benchmark.group = f"sample rows={rows} vocab={vocab}"
     noise_bytes = 0 if noise is None else noise.numel() * 4
     _record(benchmark, rows, vocab, logits.numel() * (logits.element_size() + 4) + noise_bytes)
-    benchmark(_sync(lambda: fn(logits, noise, temperature, top_k, top_p)))
+    benchmark(synced(lambda: fn(logits, noise, temperature, top_k, top_p)))

@@ -16,6 +16,7 @@ import functools
 
 import pytest
 import torch
+from _timing import synced
 from omnidraft_fast.kernels.ngram import EMPTY, ngram_insert_triton
 from omnidraft_fast.kernels.translate import translate_ngram_reference, translate_triton
 
@@ -74,11 +75,7 @@ def test_translate(benchmark, implementation, batch, k):
         torch.equal(a, b) for a, b in zip(translate(drafts, d2t, key_ids, values), expected, strict=True)
     )
 
-    def run():
-        translate(drafts, d2t, key_ids, values)
-        torch.cuda.synchronize()
-
-    benchmark(run)
+    benchmark(synced(lambda: translate(drafts, d2t, key_ids, values)))
     windows = batch * sum(k - n + 1 for n in range(2, min(N, k) + 1))
     benchmark.extra_info.update(
         drafts_per_s=batch / benchmark.stats.stats.median,

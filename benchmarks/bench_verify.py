@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _timing import synced
 from omnidraft_fast.kernels.proposal import CrossProposal, target_proposal_reference
 from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
 
@@ -86,10 +87,7 @@ def test_verify(benchmark, implementation, cross_vocab, vocab, k, batch):
     logits = args[0]
     if implementation == "copy":
         out = torch.empty_like(logits)
-
-        def run():
-            out.copy_(logits)
-            torch.cuda.synchronize()
+        run = synced(lambda: out.copy_(logits))
 
         moved = 2 * logits.numel() * logits.element_size()
     else:
@@ -97,9 +95,7 @@ def test_verify(benchmark, implementation, cross_vocab, vocab, k, batch):
         got, want = verify(*args), _reference(*args)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
-        def run():
-            verify(*args)
-            torch.cuda.synchronize()
+        run = synced(lambda: verify(*args))
 
         moved = _bytes(batch, k, vocab, args[2].shape[-1], logits, args[5])
     benchmark(run)
