@@ -195,3 +195,10 @@ def test_bad_cascades_are_refused_and_the_engine_still_works(pair):
         engine.generate(ids, max_new_tokens=4, cascade="chow")
     good = engine.generate(ids, max_new_tokens=4, cascade=CascadeConfig("chow", 0.0))
     assert torch.equal(good, target.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_every_rule_has_an_alpha_range():
+    """CascadeConfig's ranges and the verifier's rule ids name the same rules (exact is cascade=None)."""
+    from omnidraft_fast.config import _ALPHA_RANGES
+
+    assert set(_ALPHA_RANGES) | {"exact"} == set(RULES) and RULES[0] == "exact"
