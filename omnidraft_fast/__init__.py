@@ -1,12 +1,14 @@
 """omnidraft_fast: speculative decoding for Hugging Face causal LMs, as a drop-in ``generate()``."""
 
 from .api import generate
-from .config import CascadeConfig, EngineConfig, SamplingParams
+from .config import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SamplingParams
 from .engine import GenerateOutput, SpeculativeEngine
 from .stats import GenerationStats
 
 __all__ = [
+    "AdaptiveConfig",
     "CascadeConfig",
+    "DistillConfig",
     "EngineConfig",
     "GenerateOutput",
     "GenerationStats",

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["CascadeConfig", "EngineConfig", "SamplingParams"]
+__all__ = ["AdaptiveConfig", "CascadeConfig", "DistillConfig", "EngineConfig", "SamplingParams"]
 
 # rule -> (lowest alpha, highest alpha, highest included); ids follow kernels/verify.py's RULES
 _ALPHA_RANGES = {
@@ -75,6 +75,152 @@ class CascadeConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Online hybrid distillation of the drafter into a LoRA adapter while it serves (SPEC §4).
+
+    Every served row leaves its drafter context and, at each target token it emitted, the target's
+    logits read into the drafter's vocabulary (taken from verification: no second target pass). Every
+    ``interval`` served rows the engine takes one optimiser step on what it kept, then clears it. The loss
+    per drafter position is the reverse KL ``KL(q || p)`` over the directly mapped vocabulary where the
+    emitted target token has a drafter twin, and ``ngram_weight * -log q(d)`` on each drafter sub-token
+    ``d`` of the target tokens that have none (n-gram tokens). With a shared vocabulary it is pure
+    on-policy reverse-KL distillation.
+
+    Args:
+        rank: LoRA rank (8..128).
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / rank``); default ``rank``.
+        target_modules: the drafter's ``nn.Linear`` modules that get an adapter; ``"all-linear"`` is every
+            projection of attention and MLP (peft's name; the LM head is left out).
+        interval: served rows between two optimiser steps.
+        lr, weight_decay, betas: AdamW, constant learning rate.
+        ngram_weight: ``lambda``, the weight of the n-gram tokens' cross-entropy term.
+        max_grad_norm: gradient clipping (``None``: none).
+        adapter_name: the adapter's name on the drafter; by default one is derived from the target, so
+            one drafter serving several targets carries one adapter per target and switches between them
+            without reloading.
+    """
+
+    rank: int = 32
+    lora_alpha: float | None = None
+    target_modules: str | tuple[str, ...] = "all-linear"
+    interval: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    ngram_weight: float = 0.2
+    max_grad_norm: float | None = 1.0
+    adapter_name: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or not 8 <= self.rank <= 128:
+            raise ValueError(f"`rank` must be an int in [8, 128], got {self.rank!r}")
+        if self.lora_alpha is not None and not (_positive(self.lora_alpha)):
+            raise ValueError(f"`lora_alpha` must be a number > 0 or None, got {self.lora_alpha!r}")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not (
+            isinstance(self.target_modules, str)
+            or (self.target_modules and all(isinstance(m, str) for m in self.target_modules))
+        ):
+            raise TypeError(
+                f"`target_modules` must be a string or a sequence of names, got {self.target_modules!r}"
+            )
+        _check_interval("interval", self.interval)
+        if not _positive(self.lr):
+            raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
+        if not _number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
+        if not _number(self.ngram_weight) or self.ngram_weight < 0:
+            raise ValueError(f"`ngram_weight` must be a number >= 0, got {self.ngram_weight!r}")
+        if self.max_grad_norm is not None and not _positive(self.max_grad_norm):
+            raise ValueError(f"`max_grad_norm` must be a number > 0 or None, got {self.max_grad_norm!r}")
+        if self.adapter_name is not None and (
+            not isinstance(self.adapter_name, str) or not self.adapter_name
+        ):
+            raise ValueError(f"`adapter_name` must be a non-empty string or None, got {self.adapter_name!r}")
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Adaptive draft length from a learned acceptance head (SPEC §5).
+
+    A small MLP on the drafter's last hidden state gives ``a_i``, the probability that drafted token ``i``
+    is accepted given that all before it were. A row stops drafting after token ``i`` once
+    ``1 - prod_{j<=i} a_j > gamma`` (and ``i >= k_min``); ``num_draft_tokens`` is ``k_max``. The head learns
+    online from verification's acceptance probabilities ``min(1, p(y) / q(y))`` with a binary
+    cross-entropy weighted ``reject_weight`` on the reject side. Across vocabularies a target token's
+    acceptance is credited to the first drafter token of its span (its other drafter tokens get 1), so
+    the product over a span is the target token's acceptance.
+
+    Args:
+        gamma: stop once the probability that some drafted token is rejected exceeds it (0.7 suits code
+            and maths, 0.3 open text).
+        k_min: fewest drafted tokens per round.
+        mode: ``"alternating"`` (after each distillation step, the head trains alone on a replay of recent
+            rows with labels recomputed under the current drafter) or ``"joint"`` (head and drafter in one
+            backward pass on the same rows, with verification's labels; the head's loss also trains the
+            drafter's adapter).
+        blocks: residual ``x + SiLU(W x)`` blocks before the final linear layer.
+        interval: served rows between two training steps of the head (the distiller's when distillation
+            is on, so that both learn from the same rows).
+        replay: rows kept for the alternating mode's replay.
+        head_steps: optimiser steps of the head per training step in the alternating mode.
+        lr, weight_decay: AdamW for the head.
+        reject_weight: ``w``, the weight of the reject side of the cross-entropy.
+        prior: the acceptance the untrained head predicts (its output bias).
+    """
+
+    gamma: float = 0.7
+    k_min: int = 1
+    mode: Literal["alternating", "joint"] = "alternating"
+    blocks: int = 2
+    interval: int = 8
+    replay: int = 64
+    head_steps: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    reject_weight: float = 6.0
+    prior: float = 0.8
+
+    def __post_init__(self):
+        if not _number(self.gamma) or not 0 < self.gamma < 1:
+            raise ValueError(f"`gamma` must be in (0, 1), got {self.gamma!r}")
+        if not isinstance(self.k_min, int) or self.k_min < 1:
+            raise ValueError(f"`k_min` must be an int >= 1, got {self.k_min!r}")
+        if self.mode not in ("alternating", "joint"):
+            raise ValueError(f"`mode` must be 'alternating' or 'joint', got {self.mode!r}")
+        if not isinstance(self.blocks, int) or self.blocks < 0:
+            raise ValueError(f"`blocks` must be an int >= 0, got {self.blocks!r}")
+        _check_interval("interval", self.interval)
+        _check_interval("replay", self.replay)
+        _check_interval("head_steps", self.head_steps)
+        if not _positive(self.lr):
+            raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
+        if not _number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
+        if not _positive(self.reject_weight):
+            raise ValueError(f"`reject_weight` must be a number > 0, got {self.reject_weight!r}")
+        if not _number(self.prior) or not 0 < self.prior < 1:
+            raise ValueError(f"`prior` must be in (0, 1), got {self.prior!r}")
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0
+
+
+def _check_interval(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What an engine keeps across requests.
 
@@ -96,6 +242,9 @@ class EngineConfig:
             the drafter's context; the target's output is unaffected.
         cascade: the deferral rule used when a request does not give one (``None``: exact speculative
             sampling). Needs verification against ``q`` (not ``translation="exact"``).
+        distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).
+        adaptive: adaptive draft length from a learned acceptance head (``AdaptiveConfig``; ``None``: every
+            round drafts ``num_draft_tokens``).
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA.
@@ -108,6 +257,8 @@ class EngineConfig:
     ngram_preseed: bool = True
     max_spelling: int = 16
     cascade: CascadeConfig | None = None
+    distill: DistillConfig | None = None
+    adaptive: AdaptiveConfig | None = None
     time_stages: bool | None = None
 
     def __post_init__(self):
@@ -123,6 +274,16 @@ class EngineConfig:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.cascade is not None and not isinstance(self.cascade, CascadeConfig):
             raise TypeError(f"`cascade` must be a CascadeConfig or None, got {type(self.cascade).__name__}")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise TypeError(f"`distill` must be a DistillConfig or None, got {type(self.distill).__name__}")
+        if self.adaptive is not None and not isinstance(self.adaptive, AdaptiveConfig):
+            raise TypeError(
+                f"`adaptive` must be an AdaptiveConfig or None, got {type(self.adaptive).__name__}"
+            )
+        if self.adaptive is not None and self.adaptive.k_min > self.num_draft_tokens:
+            raise ValueError(
+                f"`adaptive.k_min`={self.adaptive.k_min} exceeds `num_draft_tokens`={self.num_draft_tokens} (k_max)"
+            )
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
 

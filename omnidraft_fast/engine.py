@@ -2,11 +2,17 @@
 
 One round, for every row of the batch at once (``k`` = draft length)::
 
-    1 draft    the drafter proposes y_1..y_k          k forwards of 1 token (the first feeds 2)
-    2 target   one forward over [pending, y_1..y_k]  logits p_1..p_{k+1}
-    3 verify   exact speculative sampling            accepted count + recovered/bonus token per row
-    4 commit   append kept tokens per row            EOS / max_new_tokens; rollback is implicit
-    5 host     one small read: are all rows done?
+    1 draft      the drafter proposes y_1..y_k          k forwards of 1 token (the first re-feeds a window);
+                                                        with an acceptance head, rows stop early (SPEC §5)
+    2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
+    3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
+    4 verify     speculative sampling or a cascade      accepted count + recovered/bonus token per row
+    5 commit     append kept tokens per row            EOS / max_new_tokens; rollback is implicit
+    6 learn      n-gram inserts; labels for the online learners
+    7 host       one small read: are all rows done?
+
+Between requests the online learners (``learner.py``) train the drafter's LoRA adapter and the
+acceptance head on what the rounds recorded.
 
 Per-row state is a handful of fixed-shape device tensors (``_Batch``). A row's
 committed tokens sit in ``tokens[b, :lengths[b]]`` by cache slot (see
@@ -19,6 +25,7 @@ row's new length, over the rejected slots.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +33,13 @@ from typing import Any
 import torch
 
 from . import ops
+from .adaptive import stop_drafting
 from .bridge import VocabBridge
 from .config import CascadeConfig, EngineConfig, SamplingParams
+from .experience import Recorder
 from .kernels.proposal import CrossProposal, fold_twins_
 from .kernels.verify import RULES
+from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
@@ -73,6 +83,7 @@ class _Batch:
     done: torch.Tensor  # [batch] bool
     eos_ids: torch.Tensor  # [num_eos]
     d_tokens: torch.Tensor  # [batch, drafter slots + margin] the drafter's context by slot, in drafter ids
+    d_start: torch.Tensor  # [batch] first slot of each row's drafter context
     d_lengths: torch.Tensor  # [batch] committed drafter slots
     window: int  # drafter tokens re-fed by the first draft step of a round
     draft_ids: torch.Tensor  # [batch, k] drafter ids
@@ -81,6 +92,7 @@ class _Batch:
     rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
     alpha: torch.Tensor | None  # [batch] fp32
     counters: torch.Tensor  # [len(_COUNTERS)] int64, summed over rounds (read once, at the end)
+    recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
 
 
 class SpeculativeEngine:
@@ -132,6 +144,16 @@ class SpeculativeEngine:
                 self.ngram.seed(self.bridge.t2ds, self.bridge.t2ds_len)
         self.target_tokenizer = target_tokenizer
         self.drafter_tokenizer = drafter_tokenizer
+        self.learner: OnlineLearner | None = None
+        if config.distill is not None or config.adaptive is not None:
+            self.learner = OnlineLearner(
+                self.drafter,
+                self.bridge,
+                self.target.vocab_size,
+                config.distill,
+                config.adaptive,
+                adapter_name=_adapter_name(target, drafter),
+            )
         self.stats = GenerationStats()
         self.last_stats = GenerationStats()
 
@@ -140,7 +162,8 @@ class SpeculativeEngine:
         return self.target.device
 
     def save_state(self, path: str | Path) -> None:
-        """Save what the engine learned (n-gram table, with its bridge) to one safetensors file."""
+        """Save what the engine learned (n-gram table with its bridge, LoRA adapter, acceptance head) to
+        one safetensors file."""
         save_state(self, path)
 
     def load_state(self, path: str | Path) -> None:
@@ -260,40 +283,27 @@ class SpeculativeEngine:
         batch, prompt = request.input_ids.shape
         if request.streamer is not None:
             request.streamer.put(request.input_ids.cpu())
+        serving = self.learner.serving() if self.learner is not None else nullcontext()
         try:
-            with timer("prefill"):
-                # Each model's cache gets every committed slot below the ones its first round rewrites.
-                for model, tokens, end in (
-                    (self.target, state.tokens, prompt),
-                    (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window)),
-                ):
-                    slots = torch.arange(end, device=device).expand(batch, end)
-                    model.forward(tokens[:, :end], slots, last_only=True)
-            rounds = 0
-            while True:
-                before = state.lengths.clone() if request.streamer is not None else None
-                self._round(state, request, generator, timer)
-                rounds += 1
-                with timer("host"):
-                    table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
-                    flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
-                    all_done, invalid, table_size = flags.tolist()  # the one read per round
-                if self.ngram is not None and table_size > self.ngram.capacity // 2:
-                    self.ngram.evict()
-                if invalid:
-                    raise ValueError(
-                        "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
-                        "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
-                    )
-                if request.streamer is not None:
-                    self._stream(request.streamer, state, before)
-                if all_done:
-                    break
+            with serving:
+                rounds = self._decode(state, request, generator, timer)
         finally:
             self.target.end()
             self.drafter.end()
             if request.streamer is not None:
                 request.streamer.end()
+
+        if state.recorder is not None:
+            with timer("update"):  # the online learners, between requests
+                self.learner.observe(
+                    state.recorder.examples(
+                        state.d_tokens,
+                        state.d_start,
+                        state.d_lengths,
+                        state.generated,
+                        request.sampling.temperature,
+                    )
+                )
 
         generated = state.generated.cpu()
         longest = int(generated.max())
@@ -315,6 +325,40 @@ class SpeculativeEngine:
             stage_seconds=timer.seconds,
         )
         return sequences, stats
+
+    def _decode(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> int:
+        """Prefill both models, then run rounds until every row is done; returns the number of rounds."""
+        device = self.device
+        batch, prompt = request.input_ids.shape
+        with timer("prefill"):
+            # Each model's cache gets every committed slot below the ones its first round rewrites.
+            for model, tokens, end in (
+                (self.target, state.tokens, prompt),
+                (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window)),
+            ):
+                slots = torch.arange(end, device=device).expand(batch, end)
+                model.forward(tokens[:, :end], slots, last_only=True)
+        rounds = 0
+        while True:
+            before = state.lengths.clone() if request.streamer is not None else None
+            self._round(state, request, generator, timer)
+            rounds += 1
+            with timer("host"):
+                table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
+                flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
+                all_done, invalid, table_size = flags.tolist()  # the one read per round
+            if self.ngram is not None and table_size > self.ngram.capacity // 2:
+                self.ngram.evict()
+            if invalid:
+                raise ValueError(
+                    "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
+                    "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
+                )
+            if request.streamer is not None:
+                self._stream(request.streamer, state, before)
+            if all_done:
+                break
+        return rounds
 
     @property
     def _spelling_width(self) -> int:
@@ -367,6 +411,7 @@ class SpeculativeEngine:
             done=torch.zeros(batch, dtype=torch.bool, device=device),
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=device),
             d_tokens=d_tokens,
+            d_start=d_start,
             d_lengths=torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device),
             window=window,
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
@@ -381,6 +426,11 @@ class SpeculativeEngine:
             if request.cascade is None
             else torch.tensor(request.alphas, dtype=torch.float32, device=device),
             counters=torch.zeros(len(_COUNTERS), dtype=torch.int64, device=device),
+            recorder=None
+            if self.learner is None
+            else self.learner.recorder(
+                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype
+            ),
         )
 
     def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
@@ -391,6 +441,7 @@ class SpeculativeEngine:
         active = ~state.done
         invalid = torch.zeros(batch, dtype=torch.bool, device=device)
         mode = self.config.translation if self.bridge is not None else "shared"
+        head = self.learner.head if self.learner is not None else None
 
         # Token-level intersection: the drafter proposes only tokens the target has.
         shared_only = self.bridge.mappable if mode == "tli" else None
@@ -401,8 +452,19 @@ class SpeculativeEngine:
                 -state.window, 0, device=device
             )  # [batch, window]
             inputs = state.d_tokens.gather(1, slots)
+            if head is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
+                adaptive = self.config.adaptive
+                k_min = min(adaptive.k_min, k)
+                log_keep = torch.zeros(batch, dtype=torch.float32, device=device)  # sum of log a_j
+                stopped = state.done.clone()
+                drafted = torch.zeros(batch, dtype=torch.int64, device=device)
+            steps = k
             for i in range(k):
-                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
+                if head is None:
+                    logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
+                else:
+                    logits, hidden = self.drafter.forward(inputs, slots, last_only=True, hidden=True)
+                    logits = logits[:, -1]
                 invalid |= ops.nonfinite_rows(logits)
                 noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
                 ids, probs = ops.sample(
@@ -423,36 +485,51 @@ class SpeculativeEngine:
                     )
                     state.draft_probs_t1[:, i] = q1.softmax(-1)
                 inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
+                if head is not None:
+                    drafting = ~stopped
+                    drafted += drafting
+                    accept = head(hidden[:, -1]).clamp_min(1e-6)  # [batch] a_i
+                    log_keep += torch.where(drafting, accept.log(), 0.0)
+                    stopped |= stop_drafting(log_keep, i + 1, adaptive.gamma, k_min)
+                    # Adaptive drafting's own read, once per draft step: stop when every row has.
+                    if i + 1 < k and bool(stopped.all()):
+                        steps = i + 1
+                        break
+        draft_ids = state.draft_ids[:, :steps]
+        draft_probs = state.draft_probs[:, :steps]
+        draft_probs_t1 = None if state.draft_probs_t1 is None else state.draft_probs_t1[:, :steps]
 
         with timer("translate"):
             cross = None
             if self.bridge is None:
-                proposal = state.draft_ids
-                span_end = torch.arange(1, k + 1, device=device).expand(batch, k)
+                proposal = draft_ids
+                span_end = torch.arange(1, steps + 1, device=device).expand(batch, steps)
             else:
                 proposal, _, source, span_end = ops.translate(
-                    state.draft_ids, self.bridge.d2t, table=None if self.ngram is None else self.ngram.tensors
+                    draft_ids, self.bridge.d2t, table=None if self.ngram is None else self.ngram.tensors
                 )
-                cross = CrossProposal(state.draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
-                for probs in (state.draft_probs, state.draft_probs_t1):
+                cross = CrossProposal(draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
+                for probs in (draft_probs, draft_probs_t1):
                     if probs is not None:
                         fold_twins_(probs, self.bridge.twins)
+            if head is not None:  # a row proposes only the target tokens wholly inside its own draft
+                proposal = torch.where(span_end <= drafted[:, None], proposal, -1)
 
         with timer("target"):
-            slots = state.lengths[:, None] - 1 + torch.arange(k + 1, device=device)  # [batch, k+1]
+            slots = state.lengths[:, None] - 1 + torch.arange(steps + 1, device=device)  # [batch, steps+1]
             inputs = torch.cat([state.tokens.gather(1, slots[:, :1]), proposal.clamp_min(0)], 1)
-            target_logits = self.target.forward(inputs, slots)  # [batch, k+1, V_t]
+            target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
 
         with timer("verify"):
             exact_match = mode == "exact"
-            uniforms = torch.rand(batch, k, generator=generator, device=device)
+            uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
-            noise_shape = (batch, k + 1, vocab) if exact_match else (batch, vocab)
+            noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)
             noise = None if sampling.greedy else _exponential(noise_shape, generator, device)
-            num_accepted, output_tokens, _, deferred, target_invalid = ops.verify(
+            num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
                 target_logits,
                 proposal,
-                None if exact_match else state.draft_probs,
+                None if exact_match else draft_probs,
                 uniforms,
                 noise,
                 temperature=sampling.temperature,
@@ -460,13 +537,14 @@ class SpeculativeEngine:
                 top_p=sampling.top_p,
                 rule=state.rule,
                 alpha=state.alpha,
-                draft_probs_t1=state.draft_probs_t1,
+                draft_probs_t1=draft_probs_t1,
                 cross=cross,
                 exact_match=exact_match,
             )
 
         with timer("commit"):
             invalid = (invalid | target_invalid) & active
+            generated, d_lengths = state.generated.clone(), state.d_lengths.clone()  # before this round
             kept = ops.commit(
                 state.tokens,
                 state.lengths,
@@ -482,25 +560,42 @@ class SpeculativeEngine:
             ops.commit_drafter(
                 state.d_tokens,
                 state.d_lengths,
-                state.draft_ids,
+                draft_ids,
                 span_end,
                 num_accepted,
                 spelling,
                 spelling_len,
                 active,
             )
-            self._count(state, active, invalid, proposal, span_end, num_accepted, deferred)
+            drafter_proposed = drafted * active if head is not None else active.long() * steps
+            self._count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed)
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
-                emitted = torch.where(torch.arange(k + 1, device=device) < kept[:, None], output_tokens, -1)
+                emitted = torch.where(
+                    torch.arange(steps + 1, device=device) < kept[:, None], output_tokens, -1
+                )
                 emitted = emitted.flatten()
                 spelled, spelled_len = self._spell(emitted.clamp_min(0))
                 keys = self.ngram.keys_of(spelled, torch.where(emitted >= 0, spelled_len, 0))
                 self.ngram.insert(keys, emitted)
+        if state.recorder is not None:
+            with timer("learn"):
+                state.recorder.record(
+                    target_logits=target_logits,
+                    proposal=proposal,
+                    output_tokens=output_tokens,
+                    num_accepted=num_accepted,
+                    accept_probs=accept_probs,
+                    span_end=span_end,
+                    spelling_len=torch.where(active, spelling_len, 0),
+                    kept=kept,
+                    generated=generated,
+                    d_lengths=d_lengths,
+                )
 
     @staticmethod
-    def _count(state, active, invalid, proposal, span_end, num_accepted, deferred) -> None:
+    def _count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed) -> None:
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
@@ -514,7 +609,7 @@ class SpeculativeEngine:
                 active.sum(),
                 proposed_mask.sum(),
                 accepted_mask.sum(),
-                active.sum() * proposal.shape[1],
+                drafter_proposed.sum(),
                 (drafter_accepted * active).sum(),
                 (merged & proposed_mask).sum(),
                 (merged & accepted_mask).sum(),
@@ -528,6 +623,18 @@ class SpeculativeEngine:
         begin, end = int(before[0]), int(state.lengths[0])
         if end > begin:
             streamer.put(state.tokens[0, begin:end].cpu())
+
+
+def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:
+    """A LoRA adapter name for this target, unused on the drafter (one adapter per target)."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    base = f"omnidraft_{type(target).__name__}_{vocab}"
+    taken = getattr(drafter, "peft_config", None) or {}
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:

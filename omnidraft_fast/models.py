@@ -27,10 +27,27 @@ is never read).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["CausalLM", "SlotKVCache"]
+__all__ = ["CausalLM", "SlotKVCache", "head_inputs"]
+
+
+@contextmanager
+def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect what ``model``'s language-modelling head is fed (its last hidden states, ``[batch, n, H]``)
+    during the forwards run inside."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: captured.append(args[0])
+    )
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class SlotKVCache(Cache):
@@ -160,8 +177,11 @@ class CausalLM:
         self.start = None
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Run ``input_ids`` [batch, n] written at ``slots`` [batch, n]; returns logits [batch, n or 1, vocab].
+    def forward(
+        self, input_ids: torch.Tensor, slots: torch.Tensor, last_only: bool = False, hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run ``input_ids`` [batch, n] written at ``slots`` [batch, n]; returns logits [batch, n or 1, vocab],
+        and with ``hidden`` also the last hidden states the logits came from [batch, n or 1, H].
 
         Every slot at or below a query's slot and at or above its row's ``start``
         is attended to; writing at a lower slot than before is a rollback.
@@ -181,12 +201,13 @@ class CausalLM:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=slots.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # [batch, 1, n, max_slots]
         cache.write_slots = slots
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-        )
-        return out.logits
+        with head_inputs(self.model) if hidden else nullcontext() as captured:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1 if last_only else 0,
+            )
+        return (out.logits, captured[-1]) if hidden else out.logits

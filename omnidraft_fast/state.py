@@ -1,7 +1,9 @@
 """Saving and restoring what an engine learned, as one safetensors file written atomically.
 
-Today that is the n-gram table (with the vocabulary bridge it belongs to, so a state is never loaded
-into an engine for another tokenizer pair); the LoRA adapter and the acceptance head join it as they land.
+It holds the n-gram table (with the vocabulary bridge it belongs to, so a state is never loaded into an
+engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + peft's own key names) and
+the acceptance head (``head.``), each when the engine has one. Optimiser moments are not saved: a restored
+engine resumes learning with fresh ones.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
         tensors.update({f"bridge.{name}": getattr(engine.bridge, name) for name in engine.bridge._TENSORS})
     if engine.ngram is not None:
         tensors.update({f"ngram.{name}": tensor for name, tensor in engine.ngram.state_dict().items()})
+    learner = engine.learner
+    if learner is not None and learner.adapter is not None:
+        tensors.update({f"adapter.{name}": tensor for name, tensor in learner.adapter.state_dict().items()})
+    if learner is not None and learner.head is not None:
+        tensors.update({f"head.{name}": tensor for name, tensor in learner.head.state_dict().items()})
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,3 +65,24 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         if engine.ngram is None:
             raise ValueError(f"{path} holds an n-gram table but this engine has none (translation='tli'?)")
         engine.ngram.load_state_dict(ngram)
+    learner = engine.learner
+    for prefix, part, what in (
+        (
+            "adapter.",
+            learner.adapter if learner is not None else None,
+            "a LoRA adapter (EngineConfig.distill)",
+        ),
+        (
+            "head.",
+            learner.head if learner is not None else None,
+            "an acceptance head (EngineConfig.adaptive)",
+        ),
+    ):
+        saved = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if saved and part is None:
+            raise ValueError(f"{path} holds {what} but this engine has none; build it with that config")
+        if saved:
+            try:
+                part.load_state_dict(saved)
+            except RuntimeError as error:  # torch's shape/key mismatch
+                raise ValueError(f"{path}: its {what} does not fit this engine's: {error}") from error

@@ -11,6 +11,8 @@ from pathlib import Path
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -23,6 +25,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from omnidraft_fast.bridge import VocabBridge
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 SHARED = Path(os.environ.get("OMNIDRAFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -74,8 +78,6 @@ def tiny_model(
 
 def perturbed_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
     """A drafter that agrees with ``model`` often but not always: its weights plus Gaussian noise."""
-    import copy
-
     torch.manual_seed(seed)
     drafter = copy.deepcopy(model)
     with torch.no_grad():
@@ -146,3 +148,27 @@ def trained_tokenizers():
 
     corpus = _corpus()
     return sentencepiece_style(corpus, 400), byte_level(corpus, 350)
+
+
+CROSS_TARGET_VOCAB = 384  # the trained target tokenizer has 350 ids: the rest are padding
+CROSS_DRAFTER_VOCAB = 416  # the trained drafter tokenizer has 400
+
+
+@pytest.fixture(scope="session")
+def cross_pair(trained_tokenizers):
+    """A random target and a drafter that shares its weights through the bridge: the drafter's embedding
+    and head rows of a drafter token are the target's rows of the target token with the same bytes, so
+    the two agree wherever both tokenisations coincide (partial acceptance, exercised both ways)."""
+    drafter_tokenizer, target_tokenizer = trained_tokenizers
+    target = tiny_model("llama", CROSS_TARGET_VOCAB, seed=21, hidden=48)
+    bridge = VocabBridge.from_tokenizers(drafter_tokenizer, target_tokenizer, drafter_vocab_size=CROSS_DRAFTER_VOCAB,
+                                         target_vocab_size=CROSS_TARGET_VOCAB)  # fmt: skip
+    drafter = copy.deepcopy(target)
+    drafter.resize_token_embeddings(CROSS_DRAFTER_VOCAB)
+    mapped = bridge.d2t >= 0
+    with torch.no_grad():
+        source = bridge.d2t.clamp_min(0).long()
+        drafter.model.embed_tokens.weight[mapped] = target.model.embed_tokens.weight[source[mapped]]
+        drafter.lm_head.weight[mapped] = target.lm_head.weight[source[mapped]]
+    drafter.config.vocab_size = CROSS_DRAFTER_VOCAB
+    return target, drafter.eval(), target_tokenizer, drafter_tokenizer

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from conftest import CROSS_TARGET_VOCAB as TARGET_VOCAB
 from conftest import tiny_model
 
 import omnidraft_fast
 from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
 from omnidraft_fast.bridge import VocabBridge, token_bytes
 
-TARGET_VOCAB = 384  # the trained target tokenizer has 350 ids: the rest are padding
-DRAFTER_VOCAB = 416  # the trained drafter tokenizer has 400
 PROMPTS = ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]
 
 
 @pytest.fixture(scope="module")
-def pair(trained_tokenizers):
-    """A random target and a drafter that shares its weights through the bridge: the drafter's embedding
-    and head rows of a drafter token are the target's rows of the target token with the same bytes, so
-    the two agree wherever both tokenisations coincide (partial acceptance, exercised both ways)."""
-    drafter_tokenizer, target_tokenizer = trained_tokenizers
-    target = tiny_model("llama", TARGET_VOCAB, seed=21, hidden=48)
-    bridge = VocabBridge.from_tokenizers(drafter_tokenizer, target_tokenizer, drafter_vocab_size=DRAFTER_VOCAB,
-                                         target_vocab_size=TARGET_VOCAB)  # fmt: skip
-    drafter = copy.deepcopy(target)
-    drafter.resize_token_embeddings(DRAFTER_VOCAB)
-    mapped = bridge.d2t >= 0
-    with torch.no_grad():
-        source = bridge.d2t.clamp_min(0).long()
-        drafter.model.embed_tokens.weight[mapped] = target.model.embed_tokens.weight[source[mapped]]
-        drafter.lm_head.weight[mapped] = target.lm_head.weight[source[mapped]]
-    drafter.config.vocab_size = DRAFTER_VOCAB
-    return target, drafter.eval(), target_tokenizer, drafter_tokenizer
+def pair(cross_pair):
+    return cross_pair
 
 
 def _engine(pair, translation, k=4):

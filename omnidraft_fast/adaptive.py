@@ -1,0 +1,96 @@
+"""Adaptive draft length (SpecDec++, OmniDraft; SPEC §5): the acceptance head, its stopping rule and loss.
+
+The head reads the drafter's last hidden state ``h_i`` at the step that drafted token ``i`` and gives
+
+    a_i = sigmoid(f(h_i)),     f = Linear o (x + SiLU(W_b x)) o ... o (x + SiLU(W_1 x))
+
+the probability that token ``i`` is accepted given that every token before it was. A row stops drafting
+after token ``i`` once the probability that some drafted token is rejected passes ``gamma``:
+
+    1 - prod_{j <= i} a_j > gamma          (only from i >= k_min; never past k_max)
+
+Training targets are soft: verification's acceptance probability ``min(1, p(y)/q(y))`` of the drafted
+token (``1[y = argmax p]`` when greedy), with the reject side of the cross-entropy weighted ``w``:
+
+    loss = -mean( y log a + w (1 - y) log(1 - a) )
+
+Recomputed under the current drafter (the alternating mode's replay), the label at a position with the
+target's distribution at hand is the expected acceptance of a fresh draft, ``sum_v min(q(v), p~(v))``
+over the directly mapped vocabulary (``q`` folded over twins, ``p~`` renormalised there, both at the
+request's temperature), or ``1[argmax q = argmax p~]`` when greedy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .distill import fold_twins
+
+__all__ = ["AcceptanceHead", "acceptance_loss", "expected_acceptance", "stop_drafting"]
+
+
+class AcceptanceHead(torch.nn.Module):
+    """``a = sigmoid(f(h))`` of the module docstring; the untrained head predicts ``prior`` everywhere."""
+
+    def __init__(self, hidden_size: int, blocks: int = 2, prior: float = 0.8):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(hidden_size, hidden_size) for _ in range(blocks))
+        self.out = torch.nn.Linear(hidden_size, 1)
+        for block in self.blocks:
+            torch.nn.init.zeros_(block.weight)  # residual blocks start as the identity
+            torch.nn.init.zeros_(block.bias)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.constant_(self.out.bias, math.log(prior / (1 - prior)))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
+        x = hidden.float()
+        for block in self.blocks:
+            x = x + F.silu(block(x))
+        return self.out(x)[..., 0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] acceptance probabilities
+        return self.logits(hidden).sigmoid()
+
+
+def stop_drafting(
+    log_keep: torch.Tensor,  # [batch] sum of log a_j over the tokens drafted so far
+    drafted: int,  # tokens drafted so far (the same for every row still drafting)
+    gamma: float,
+    k_min: int,
+) -> torch.Tensor:  # [batch] bool
+    """Rows whose probability of a rejection among their drafted tokens passed ``gamma``."""
+    return (-torch.expm1(log_keep) > gamma) & (drafted >= k_min)
+
+
+def acceptance_loss(
+    logits: torch.Tensor,  # [n] the head's pre-sigmoid outputs
+    labels: torch.Tensor,  # [n] soft labels in [0, 1]
+    reject_weight: float,
+) -> torch.Tensor:  # []
+    """Weighted binary cross-entropy of the module docstring (from logits, for stability)."""
+    if not labels.numel():
+        return logits.sum() * 0.0
+    labels = labels.float()
+    loss = labels * F.softplus(-logits) + reject_weight * (1 - labels) * F.softplus(logits)
+    return loss.mean()
+
+
+@torch.no_grad()
+def expected_acceptance(
+    logits: torch.Tensor,  # [n, V_d] the current drafter's logits
+    target_logits: torch.Tensor,  # [n, V_d] the target's logits in drafter ids
+    support: torch.Tensor,  # [V_d] bool directly mapped drafter ids
+    twins: torch.Tensor,  # [2, D] int64
+    temperature: torch.Tensor,  # [n] fp32, 0 for greedy
+) -> torch.Tensor:  # [n] fp32
+    """The recomputed label of the module docstring."""
+    greedy = temperature == 0
+    scale = torch.where(greedy, 1.0, temperature).float()[:, None]
+    q = fold_twins((logits.float() / scale).softmax(-1), twins)
+    p = (target_logits.float() / scale).masked_fill(~support, -torch.inf).softmax(-1)
+    sampled = torch.minimum(q.masked_fill(~support, 0.0), p).sum(-1)
+    matched = (q.argmax(-1) == p.argmax(-1)).float()
+    return torch.where(greedy, matched, sampled)

@@ -1,0 +1,154 @@
+"""Online hybrid distillation of the drafter (OmniDraft, SPEC §4): the LoRA adapter and the loss.
+
+At a drafter position ``u`` whose emitted target token ``t`` has a drafter twin, the drafter learns the
+target's next-token distribution by reverse KL over the directly mapped vocabulary ``S`` (canonical
+drafter ids with a target twin; every id when the vocabulary is shared):
+
+    q~(v) = q_fold(v) / sum_{w in S} q_fold(w)         q_fold: q with each twin's mass on its canonical id
+    p~(v) = softmax_{w in S}(z_t[d2t[w]])(v)            z_t: the target's logits at that position
+    KL(q~ || p~) = sum_{v in S} q~(v) (log q~(v) - log p~(v))
+
+Where ``t`` has no twin (an n-gram token, spelled by several drafter tokens), each of its drafter
+sub-tokens ``d`` adds ``lambda * -log q(d)``. The loss is the mean over the labelled positions.
+Reverse KL is mode-seeking: the drafter spends its small capacity on the target's likely tokens, which
+is what acceptance rewards.
+
+The adapter is a peft LoRA adapter injected into the drafter in place (one per target, by name), in
+fp32 whatever the drafter's dtype. It is switched on only while its engine serves or trains, so the
+drafter module behaves as the base model everywhere else, and several engines can share one drafter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .config import DistillConfig
+
+__all__ = ["LoraAdapter", "fold_twins", "hybrid_distillation_loss"]
+
+
+class LoraAdapter:
+    """A named LoRA adapter on ``model`` (a Hugging Face causal LM), created with ``config``."""
+
+    def __init__(self, model: torch.nn.Module, config: DistillConfig, name: str):
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        existing = getattr(model, "peft_config", {}) or {}
+        if name in existing:
+            raise ValueError(
+                f"the drafter already carries an adapter named {name!r}; give `DistillConfig(adapter_name=...)` "
+                "another name"
+            )
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.rank,
+            lora_dropout=0.0,
+            target_modules=list(config.target_modules)
+            if isinstance(config.target_modules, tuple)
+            else config.target_modules,
+        )
+        training = [p for p in model.parameters() if p.requires_grad]
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: it is meant to
+            warnings.simplefilter("ignore")
+            try:
+                inject_adapter_in_model(lora, model, adapter_name=name)
+            except ValueError as error:
+                raise ValueError(f"cannot put a LoRA adapter on the drafter: {error}") from error
+        # peft freezes the base model; the base weights are not ours to change.
+        for parameter in training:
+            parameter.requires_grad_(True)
+        self.model, self.name, self.config = model, name, config
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.parameters: list[torch.nn.Parameter] = []
+        for layer in self.layers:
+            for table in (layer.lora_A, layer.lora_B):
+                if name in table:
+                    for parameter in table[name].parameters():
+                        parameter.data = parameter.data.float()  # fp32 adapter on a half drafter
+                        parameter.requires_grad_(True)
+                        self.parameters.append(parameter)
+        if not self.parameters:
+            raise ValueError(
+                f"`target_modules`={config.target_modules!r} matched no linear layer of the drafter"
+            )
+        self._switch(None)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Switch this adapter on (and the drafter's other adapters off) for the duration."""
+        self._switch(self.name)
+        try:
+            yield
+        finally:
+            self._switch(None)
+
+    def _switch(self, name: str | None) -> None:
+        for layer in self.layers:
+            if name is None:
+                layer.enable_adapters(False)
+            elif name in layer.lora_A:
+                layer.set_adapter(name)
+                layer.enable_adapters(True)
+            else:
+                layer.enable_adapters(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights under peft's key names (``...q_proj.lora_A.weight``)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=self.name)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        ours = self.state_dict()
+        if set(ours) != set(tensors) or any(ours[key].shape != tensors[key].shape for key in ours):
+            raise ValueError(
+                "the saved LoRA adapter does not fit this drafter's adapter (other rank or target modules); "
+                "build the engine with the DistillConfig it was saved with"
+            )
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
+
+
+def fold_twins(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
+    """``probs`` [..., V_d] with each twin's mass added onto its canonical id (out of place, for autograd);
+    ``twins`` [2, D] int64 as in ``VocabBridge.twins``."""
+    if not twins.shape[1]:
+        return probs
+    return probs.index_add(-1, twins[1], probs.index_select(-1, twins[0]))
+
+
+def reverse_kl(
+    logits: torch.Tensor,  # [P, V_d] the drafter's logits
+    target_logits: torch.Tensor,  # [P, V_d] the target's logits read into drafter ids
+    support: torch.Tensor,  # [V_d] bool: S
+    twins: torch.Tensor,  # [2, D] int64
+) -> torch.Tensor:  # [P]
+    """``KL(q~ || p~)`` of the module docstring, per position."""
+    q = fold_twins(logits.float().softmax(-1), twins).masked_fill(~support, 0.0)
+    q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+    log_p = target_logits.float().masked_fill(~support, -torch.inf).log_softmax(-1)
+    log_ratio = q.clamp_min(1e-30).log() - log_p.clamp_min(-69.0)  # p~ = 0 costs as much as 1e-30
+    return torch.where(support, q * log_ratio, 0.0).sum(-1)
+
+
+def hybrid_distillation_loss(
+    kl_logits: torch.Tensor,  # [P, V_d] the drafter's logits at the KL positions
+    kl_targets: torch.Tensor,  # [P, V_d] the target's logits there, in drafter ids
+    ce_logits: torch.Tensor,  # [Q, V_d] the drafter's logits at the n-gram sub-token positions
+    ce_tokens: torch.Tensor,  # [Q] int64 the sub-tokens
+    support: torch.Tensor,  # [V_d] bool
+    twins: torch.Tensor,  # [2, D] int64
+    ngram_weight: float,
+) -> torch.Tensor:  # [] mean over the P + Q positions
+    """The module docstring's loss."""
+    total = reverse_kl(kl_logits, kl_targets, support, twins).sum()
+    if ce_tokens.numel():
+        total = total + ngram_weight * F.cross_entropy(ce_logits.float(), ce_tokens, reduction="sum")
+    return total / max(1, kl_logits.shape[0] + ce_tokens.numel())

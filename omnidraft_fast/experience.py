@@ -1,0 +1,152 @@
+"""What serving teaches the drafter: per-request recording in the round, and the rows it leaves behind.
+
+Online learning (SPEC §4 and §5) trains on the drafter's own committed context, teacher-forced, so the
+only things the round has to keep are labels by drafter cache slot. A label at slot ``u`` is about the
+drafter's prediction *of* the token at slot ``u`` (made from the hidden state at ``u - 1``):
+
+    kl[u]    >= 0   the emitted target token behind slot u has a drafter twin: reverse KL against the
+                    target's distribution at that token (row ``kl[u]`` of ``logits``, the target's logits
+                    read into the drafter's vocabulary through the bridge; no second target pass)
+    ce[u]           slot u is a drafter sub-token of an emitted target token with no twin (an n-gram
+                    token): cross-entropy on the committed drafter token
+    head[u]  in [0, 1] or NaN
+                    the acceptance head's label: verification's acceptance probability of the target
+                    position whose span starts at u (the drafted token there, accepted or rejected: its
+                    context is the committed one), 1 at the other slots of an accepted merged span
+
+Everything is written with fixed shapes (rows that write nothing aim at a spare column), so recording
+adds no host sync to a round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Example", "Recorder"]
+
+
+@dataclass
+class Example:
+    """One served row, ready to train on (tensors on the engine's device)."""
+
+    ids: torch.Tensor  # [L] int64 the drafter's committed context (prompt spelling + what was emitted)
+    kl: torch.Tensor  # [L] int64 row of `logits` for the KL term at each slot, -1 where none
+    ce: torch.Tensor  # [L] bool n-gram sub-token slots (cross-entropy term)
+    head: torch.Tensor  # [L] fp32 acceptance-head label, NaN where none
+    logits: torch.Tensor  # [n, V_d] the target's logits at each emitted token, in drafter ids
+    temperature: float  # the request's sampling temperature (0: greedy)
+
+
+class Recorder:
+    """Per-request label buffers, filled round by round (see the module docstring).
+
+    Args:
+        batch: rows of the request.
+        drafter_slots: width of the drafter's token buffer.
+        spelling_width: most drafter tokens one recovered/bonus token is spelled with.
+        emitted: most target tokens a row can emit (``max_new_tokens + k + 1``).
+        label_map: [V_d] int64 target id standing for each drafter id (0 where none; masked in the loss).
+        direct: [V_t] bool target ids that have a drafter twin.
+        dtype: of the stored target logits (the target's).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        drafter_slots: int,
+        spelling_width: int,
+        emitted: int,
+        label_map: torch.Tensor,
+        direct: torch.Tensor,
+        dtype: torch.dtype,
+    ):
+        device = label_map.device
+        self.label_map, self.direct = label_map, direct
+        self.spelling_width = spelling_width
+        self.spare_slot, self.spare_row = drafter_slots, emitted
+        # One spare column / row at the end takes the writes of positions that record nothing.
+        self.kl = torch.full((batch, drafter_slots + 1), -1, dtype=torch.int64, device=device)
+        self.ce = torch.zeros(batch, drafter_slots + 1, dtype=torch.bool, device=device)
+        self.head = torch.full((batch, drafter_slots + 1), torch.nan, dtype=torch.float32, device=device)
+        self.logits = torch.empty(batch, emitted + 1, label_map.shape[0], dtype=dtype, device=device)
+
+    def record(
+        self,
+        *,
+        target_logits: torch.Tensor,  # [batch, k+1, V_t]
+        proposal: torch.Tensor,  # [batch, k] int64 target ids proposed, -1 where none
+        output_tokens: torch.Tensor,  # [batch, k+1] int64 emitted (accepted + recovered/bonus), -1 padded
+        num_accepted: torch.Tensor,  # [batch] int64
+        accept_probs: torch.Tensor,  # [batch, k] fp32 verification's acceptance probabilities
+        span_end: torch.Tensor,  # [batch, k] int64 drafter tokens consumed by target positions 1..j+1
+        spelling_len: torch.Tensor,  # [batch] int64 drafter tokens of the recovered/bonus token
+        kept: torch.Tensor,  # [batch] int64 tokens committed this round (0 for finished rows)
+        generated: torch.Tensor,  # [batch] int64 emitted tokens before this round
+        d_lengths: torch.Tensor,  # [batch] int64 drafter slots committed before this round
+    ) -> None:
+        batch, k = proposal.shape
+        device = proposal.device
+        j = torch.arange(k + 1, device=device)  # target positions of the block
+        kept_j = j < kept[:, None]  # [batch, k+1]
+
+        # The target's logits at every kept token, in drafter ids.
+        rows = torch.where(kept_j, generated[:, None] + j, self.spare_row)  # [batch, k+1]
+        labels = target_logits[:, :, self.label_map]  # [batch, k+1, V_d]
+        self.logits.scatter_(1, rows[..., None].expand_as(labels), labels)
+
+        # Drafter span of each target position: [first, first + length).
+        previous = torch.cat([span_end.new_zeros(batch, 1), span_end], 1)  # [batch, k+1]
+        first = d_lengths[:, None] + previous
+        length = torch.where(
+            j < num_accepted[:, None],
+            torch.cat([span_end - previous[:, :k], span_end.new_zeros(batch, 1)], 1),
+            spelling_len[:, None],
+        )
+        emitted = output_tokens.clamp_min(0)
+        direct = self.direct[emitted] & kept_j & (length >= 1)
+
+        spare = self.spare_slot
+        self.kl.scatter_(1, torch.where(direct, first, spare), torch.where(direct, rows, -1))
+        offsets = torch.arange(max(k, self.spelling_width), device=device)  # every slot a span can cover
+        inside = offsets < length[..., None]  # [batch, k+1, W]
+        ngram = (~self.direct[emitted] & kept_j)[..., None] & inside
+        slots = torch.where(ngram, first[..., None] + offsets, spare).flatten(1)
+        self.ce.scatter_(1, slots, ngram.flatten(1))
+
+        # Acceptance-head labels: each verified drafted position at its span's first slot, 1 inside
+        # accepted merged spans.
+        verified = (proposal >= 0) & (j[:k] <= num_accepted[:, None]) & kept_j[:, :k]
+        self.head.scatter_(
+            1, torch.where(verified, first[:, :k], spare), torch.where(verified, accept_probs, torch.nan)
+        )
+        accepted = (j[:k] < num_accepted[:, None]) & kept_j[:, :k]
+        tail = (offsets[1:] < length[:, :k, None]) & accepted[..., None]  # [batch, k, W - 1]
+        tail_slots = torch.where(tail, first[:, :k, None] + offsets[1:], spare).flatten(1)
+        self.head.scatter_(1, tail_slots, torch.where(tail, 1.0, torch.nan).flatten(1))
+
+    def examples(
+        self,
+        d_tokens: torch.Tensor,  # [batch, drafter slots]
+        d_start: torch.Tensor,  # [batch] first slot of each row's drafter context
+        d_lengths: torch.Tensor,  # [batch] committed drafter slots
+        generated: torch.Tensor,  # [batch] emitted target tokens
+        temperature: float,
+    ) -> list[Example]:
+        """The request's rows as training examples (one host read of the lengths; after the request)."""
+        out = []
+        for start, end, n, row in zip(
+            d_start.tolist(), d_lengths.tolist(), generated.tolist(), range(d_tokens.shape[0]), strict=True
+        ):
+            out.append(
+                Example(
+                    ids=d_tokens[row, start:end].clone(),
+                    kl=self.kl[row, start:end].clone(),
+                    ce=self.ce[row, start:end].clone(),
+                    head=self.head[row, start:end].clone(),
+                    logits=self.logits[row, :n].clone(),
+                    temperature=temperature,
+                )
+            )
+        return out

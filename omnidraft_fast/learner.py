@@ -1,0 +1,294 @@
+"""The engine's online learners: LoRA distillation of the drafter and the acceptance head, between requests.
+
+Served rows arrive as :class:`~omnidraft_fast.experience.Example`s. Every ``interval`` rows the learner
+runs the drafter teacher-forced over them (with its adapter on) and takes one optimiser step:
+
+    distillation on, mode "alternating" (default)
+        1 drafter step on the hybrid distillation loss (``distill.py``)
+        2 the head trains alone on a replay of recent rows, its labels recomputed under the updated
+          drafter (``adaptive.expected_acceptance``), ``head_steps`` steps
+    mode "joint"
+        1 one backward pass through distillation loss + head loss with verification's labels: the
+          head and the adapter step together (the head's loss trains the adapter too)
+    distillation off
+        the head trains alone as above (alternating), or on the new rows with verification's labels
+        (joint)
+
+This runs between requests, never inside a round, and only touches the adapter and the head: the base
+drafter's weights never change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .adaptive import AcceptanceHead, acceptance_loss, expected_acceptance
+from .bridge import VocabBridge
+from .config import AdaptiveConfig, DistillConfig
+from .distill import LoraAdapter, hybrid_distillation_loss
+from .experience import Example, Recorder
+from .models import CausalLM, head_inputs
+
+__all__ = ["LearnerStats", "OnlineLearner"]
+
+# Logit elements one teacher-forced pass may hold (rows are split into passes above it).
+_PASS_BUDGET = 1 << 27
+
+
+@dataclass
+class LearnerStats:
+    """What the learners did: rows seen, optimiser steps, the last losses, time spent training."""
+
+    rows: int = 0
+    distill_steps: int = 0
+    head_steps: int = 0
+    distill_loss: float = float("nan")
+    head_loss: float = float("nan")
+    seconds: float = 0.0
+
+
+@dataclass
+class _Pass:
+    """One teacher-forced pass over some rows, flattened to the labelled positions."""
+
+    kl_logits: torch.Tensor  # [P, V_d] drafter logits predicting KL slots
+    kl_targets: torch.Tensor  # [P, V_d] target logits there
+    kl_temperature: torch.Tensor  # [P]
+    ce_logits: torch.Tensor  # [Q, V_d]
+    ce_tokens: torch.Tensor  # [Q]
+    head_hidden: torch.Tensor  # [R, H] hidden states predicting head-labelled slots
+    head_labels: torch.Tensor  # [R] verification's labels
+    head_kl: torch.Tensor  # [R] index into the KL positions (-1: none), for recomputed labels
+
+
+class OnlineLearner:
+    """The learners of one engine (``EngineConfig.distill`` and/or ``EngineConfig.adaptive``).
+
+    Args:
+        drafter: the engine's drafter.
+        bridge: the vocabulary bridge (``None`` for a shared vocabulary).
+        target_vocab_size: ids of the target's vocabulary.
+        distill, adaptive: the configurations (at least one given).
+        adapter_name: the LoRA adapter's name when ``distill`` does not set one.
+    """
+
+    def __init__(
+        self,
+        drafter: CausalLM,
+        bridge: VocabBridge | None,
+        target_vocab_size: int,
+        distill: DistillConfig | None,
+        adaptive: AdaptiveConfig | None,
+        adapter_name: str,
+    ):
+        device, vocab = drafter.device, drafter.vocab_size
+        self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
+        if bridge is None:
+            self.support = torch.ones(vocab, dtype=torch.bool, device=device)
+            self.twins = torch.empty(2, 0, dtype=torch.int64, device=device)
+            self.label_map = torch.arange(vocab, device=device)
+            self.direct = torch.ones(target_vocab_size, dtype=torch.bool, device=device)
+        else:
+            d2t, t2d = bridge.d2t.long(), bridge.t2d.long()
+            # Canonical drafter ids with a target twin: S of distill.py.
+            self.support = (d2t >= 0) & (t2d[d2t.clamp_min(0)] == torch.arange(vocab, device=device))
+            self.twins = bridge.twins
+            self.label_map = d2t.clamp_min(0)
+            self.direct = t2d >= 0
+        self.adapter = None
+        if distill is not None:
+            self.adapter = LoraAdapter(drafter.model, distill, distill.adapter_name or adapter_name)
+            self.optimizer = torch.optim.AdamW(
+                self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay
+            )
+        self.head = None
+        if adaptive is not None:
+            hidden_size = drafter.model.get_output_embeddings().weight.shape[1]
+            self.head = AcceptanceHead(hidden_size, adaptive.blocks, adaptive.prior).to(device)
+            self.head_optimizer = torch.optim.AdamW(
+                self.head.parameters(), lr=adaptive.lr, weight_decay=adaptive.weight_decay
+            )
+            self.replay: deque[Example] = deque(maxlen=adaptive.replay)
+        self.interval = distill.interval if distill is not None else adaptive.interval
+        self.pending: list[Example] = []
+        self.stats = LearnerStats()
+
+    def serving(self):
+        """Context of a request: the adapter on while the engine drafts."""
+        return self.adapter.active() if self.adapter is not None else nullcontext()
+
+    def recorder(self, batch: int, drafter_slots: int, spelling_width: int, emitted: int, dtype) -> Recorder:
+        return Recorder(batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype)
+
+    def observe(self, examples: list[Example]) -> None:
+        """Take a finished request's rows; train once ``interval`` rows are waiting."""
+        self.pending.extend(examples)
+        self.stats.rows += len(examples)
+        if len(self.pending) >= self.interval:
+            self.step()
+
+    def step(self) -> None:
+        """One training step on the waiting rows (module docstring), then forget them."""
+        rows, self.pending = self.pending, []
+        if not rows:
+            return
+        began = time.perf_counter()
+        joint = self.adaptive_config is not None and self.adaptive_config.mode == "joint"
+        if self.adapter is not None:
+            self._distill_step(rows, with_head=joint)
+        elif joint:
+            self._head_step(rows, recompute=False)
+        if self.head is not None and not joint:
+            self.replay.extend(rows)
+            self._head_step(list(self.replay), recompute=True)
+        self.stats.seconds += time.perf_counter() - began
+
+    # ---------------------------------------------------------------------------------------------
+    def _distill_step(self, rows: list[Example], with_head: bool) -> None:
+        config = self.distill_config
+        parameters = list(self.adapter.parameters) + (list(self.head.parameters()) if with_head else [])
+        self.optimizer.zero_grad(set_to_none=True)
+        if with_head:
+            self.head_optimizer.zero_grad(set_to_none=True)
+        total_labels, total_head = _counts(rows)
+        distill_sum = head_sum = 0.0
+        with self.adapter.active(), _only_trainable(self.drafter.model, parameters), torch.enable_grad():
+            for chunk in self._passes(rows):
+                part = self._run(chunk, grad=True)
+                loss = hybrid_distillation_loss(
+                    part.kl_logits,
+                    part.kl_targets,
+                    part.ce_logits,
+                    part.ce_tokens,
+                    self.support,
+                    self.twins,
+                    config.ngram_weight,
+                ) * ((part.kl_logits.shape[0] + part.ce_tokens.numel()) / max(1, total_labels))
+                distill_sum += float(loss.detach())
+                if with_head and part.head_labels.numel():
+                    head = acceptance_loss(
+                        self.head.logits(part.head_hidden),
+                        part.head_labels,
+                        self.adaptive_config.reject_weight,
+                    ) * (part.head_labels.numel() / max(1, total_head))
+                    head_sum += float(head.detach())
+                    loss = loss + head
+                loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters, config.max_grad_norm)
+        self.optimizer.step()
+        self.stats.distill_steps += 1
+        self.stats.distill_loss = distill_sum
+        if with_head:
+            self.head_optimizer.step()
+            self.stats.head_steps += 1
+            self.stats.head_loss = head_sum
+
+    def _head_step(self, rows: list[Example], recompute: bool) -> None:
+        """The head alone, on hidden states of the current drafter (no gradient into the drafter)."""
+        hidden, labels = [], []
+        with self.adapter.active() if self.adapter is not None else nullcontext(), torch.no_grad():
+            for chunk in self._passes(rows):
+                part = self._run(chunk, grad=False)
+                label = part.head_labels
+                if recompute and part.kl_logits.shape[0]:
+                    fresh = expected_acceptance(
+                        part.kl_logits, part.kl_targets, self.support, self.twins, part.kl_temperature
+                    )
+                    has = part.head_kl >= 0
+                    label = torch.where(has, fresh[part.head_kl.clamp_min(0)], label)
+                hidden.append(part.head_hidden.float())
+                labels.append(label)
+        hidden, labels = torch.cat(hidden), torch.cat(labels)
+        if not labels.numel():
+            return
+        steps = self.adaptive_config.head_steps if recompute else 1
+        with torch.enable_grad():
+            for _ in range(steps):
+                self.head_optimizer.zero_grad(set_to_none=True)
+                loss = acceptance_loss(self.head.logits(hidden), labels, self.adaptive_config.reject_weight)
+                loss.backward()
+                self.head_optimizer.step()
+        self.stats.head_steps += steps
+        self.stats.head_loss = float(loss.detach())
+
+    def _passes(self, rows: list[Example]) -> Iterator[list[Example]]:
+        """Rows grouped so that one pass holds at most ``_PASS_BUDGET`` logits."""
+        vocab = self.drafter.vocab_size
+        chunk: list[Example] = []
+        for row in sorted(rows, key=lambda r: r.ids.numel()):
+            longest = max([r.ids.numel() for r in chunk] + [row.ids.numel()])
+            if chunk and (len(chunk) + 1) * longest * vocab > _PASS_BUDGET:
+                yield chunk
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            yield chunk
+
+    def _run(self, rows: list[Example], grad: bool) -> _Pass:
+        """Teacher-forced drafter pass over ``rows``; the positions each loss needs."""
+        device = self.support.device
+        length = max(r.ids.numel() for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.int64, device=device)
+        mask = torch.zeros(len(rows), length, dtype=torch.int64, device=device)
+        kl = torch.full((len(rows), length), -1, dtype=torch.int64, device=device)
+        ce = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
+        head = torch.full((len(rows), length), torch.nan, dtype=torch.float32, device=device)
+        offsets, temperature = [], []
+        offset = 0
+        for i, row in enumerate(rows):
+            n = row.ids.numel()
+            ids[i, :n], mask[i, :n], ce[i, :n], head[i, :n] = row.ids, 1, row.ce, row.head
+            kl[i, :n] = torch.where(row.kl >= 0, row.kl + offset, -1)
+            offsets.append(offset)
+            temperature.append(torch.full((row.logits.shape[0],), row.temperature, device=device))
+            offset += row.logits.shape[0]
+        targets = torch.cat([r.logits for r in rows])  # [sum n, V_d]
+        temperature = torch.cat(temperature)
+
+        with head_inputs(self.drafter.model) as captured, torch.set_grad_enabled(grad):
+            logits = self.drafter.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        hidden = captured[-1]  # [rows, length, H]
+        # The prediction of slot u comes from position u - 1; slot 0 (the first token) has none.
+        kl, ce, head = kl[:, 1:], ce[:, 1:], head[:, 1:]
+        logits, hidden, ids = logits[:, :-1], hidden[:, :-1], ids[:, 1:]
+        at_kl, at_ce, at_head = kl >= 0, ce, ~head.isnan()
+        kl_index = torch.full_like(kl, -1)
+        kl_index[at_kl] = torch.arange(int(at_kl.sum()), device=device)
+        return _Pass(
+            kl_logits=logits[at_kl],
+            kl_targets=targets[kl[at_kl]],
+            kl_temperature=temperature[kl[at_kl]],
+            ce_logits=logits[at_ce],
+            ce_tokens=ids[at_ce],
+            head_hidden=hidden[at_head],
+            head_labels=head[at_head],
+            head_kl=kl_index[at_head],
+        )
+
+
+def _counts(rows: list[Example]) -> tuple[int, int]:
+    """Labelled positions (KL + CE) and head-labelled positions over ``rows``, slot 0 excluded."""
+    labels = sum(int(((r.kl[1:] >= 0) | r.ce[1:]).sum()) for r in rows)
+    heads = sum(int((~r.head[1:].isnan()).sum()) for r in rows)
+    return labels, heads
+
+
+@contextmanager
+def _only_trainable(model: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``parameters`` only: the base drafter's weights are left out of the backward pass."""
+    keep = {id(p) for p in parameters}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -1,0 +1,335 @@
+"""Online learning while serving: LoRA hybrid distillation (SPEC §4) and adaptive draft length (SPEC §5)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import left_padded_prompts, perturbed_copy, tiny_model
+
+from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, SpeculativeEngine
+from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_acceptance, stop_drafting
+from omnidraft_fast.bridge import token_bytes
+from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
+
+VOCAB = 96
+NO_STEP = 10_000  # an interval no test reaches: rows are recorded, never trained on
+
+
+@pytest.fixture(scope="module")
+def shared_pair():
+    target = tiny_model("llama", VOCAB, seed=5)
+    return target, perturbed_copy(target, 0.6, seed=6)
+
+
+def _engine(target, drafter, **config):
+    return SpeculativeEngine(target, copy.deepcopy(drafter), config=EngineConfig(**config))
+
+
+# ---------------------------------------------------------------------------------------------- maths
+def test_reverse_kl_by_hand():
+    # Drafter ids 0..3: 0 and 1 canonical with targets, 2 a twin of 1, 3 unmapped.
+    logits = torch.tensor([[0.0, 1.0, 0.5, 2.0]])
+    target_logits = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    support = torch.tensor([True, True, False, False])
+    twins = torch.tensor([[2], [1]])
+    q = logits.softmax(-1)[0]
+    q_fold = torch.stack([q[0], q[1] + q[2]])
+    q_tilde = q_fold / q_fold.sum()
+    p_tilde = torch.tensor([1.0, 0.0]).softmax(-1)
+    expected = (q_tilde * (q_tilde / p_tilde).log()).sum()
+    assert torch.allclose(reverse_kl(logits, target_logits, support, twins), expected[None], atol=1e-6)
+    # Zero exactly when the folded, renormalised drafter matches the target on the support.
+    match = torch.tensor([[0.0, math.log(0.5), math.log(0.5), 5.0]])
+    assert reverse_kl(match, torch.tensor([[0.0, 0.0, 9.0, 9.0]]), support, twins).abs().item() < 1e-6
+
+
+def test_distillation_loss_weights_the_ngram_term():
+    logits = torch.randn(3, 6)
+    tokens = torch.tensor([1, 4])
+    support = torch.ones(6, dtype=torch.bool)
+    twins = torch.empty(2, 0, dtype=torch.int64)
+    kl = reverse_kl(logits[:1], logits[:1] + 0.3 * torch.randn(1, 6), support, twins)
+    ce = torch.nn.functional.cross_entropy(logits[1:], tokens, reduction="sum")
+    loss = hybrid_distillation_loss(
+        logits[:1], logits[:1] + 0, logits[1:], tokens, support, twins, ngram_weight=0.2
+    )  # q = p: the KL term vanishes
+    assert torch.allclose(loss, 0.2 * ce / 3, atol=1e-6)
+    assert kl.item() > 0
+
+
+def test_acceptance_loss_and_stopping_rule():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    labels = torch.tensor([1.0, 0.25, 0.0])
+    a = logits.sigmoid()
+    expected = -(labels * a.log() + 6 * (1 - labels) * (1 - a).log()).mean()
+    assert torch.allclose(acceptance_loss(logits, labels, reject_weight=6.0), expected, atol=1e-6)
+    log_keep = torch.tensor([0.9, 0.5, 0.2]).log()  # P(some rejection) = 0.1, 0.5, 0.8
+    assert stop_drafting(log_keep, 2, gamma=0.3, k_min=1).tolist() == [False, True, True]
+    assert stop_drafting(log_keep, 1, gamma=0.3, k_min=2).tolist() == [False, False, False]
+
+
+def test_expected_acceptance():
+    support = torch.tensor([True, True, True, False])
+    twins = torch.empty(2, 0, dtype=torch.int64)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -9.0], [2.0, 1.0, 0.0, 3.0]])
+    sampled = expected_acceptance(logits, logits.clone(), support, twins, torch.tensor([1.0, 1.0]))
+    q = logits.softmax(-1)
+    p = logits[:, :3].softmax(-1)
+    assert torch.allclose(sampled, torch.minimum(q[:, :3], p).sum(-1))
+    greedy = expected_acceptance(logits, logits.clone(), support, twins, torch.tensor([0.0, 0.0]))
+    assert greedy.tolist() == [1.0, 0.0]  # row 1's drafter prefers an unmapped id
+
+
+def test_untrained_head_predicts_its_prior():
+    head = AcceptanceHead(16, blocks=2, prior=0.3)
+    assert torch.allclose(head(torch.randn(5, 16)), torch.full((5,), 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: DistillConfig(rank=4), "rank"),
+        (lambda: DistillConfig(interval=0), "interval"),
+        (lambda: DistillConfig(lr=-1.0), "lr"),
+        (lambda: DistillConfig(betas=(0.9, 1.5)), "betas"),
+        (lambda: DistillConfig(target_modules=()), "target_modules"),
+        (lambda: AdaptiveConfig(gamma=1.0), "gamma"),
+        (lambda: AdaptiveConfig(mode="both"), "mode"),
+        (lambda: AdaptiveConfig(prior=0.0), "prior"),
+        (lambda: EngineConfig(num_draft_tokens=2, adaptive=AdaptiveConfig(k_min=3)), "k_min"),
+        (lambda: EngineConfig(distill="yes"), "distill"),
+    ],
+)
+def test_bad_configs_name_the_argument(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+# ------------------------------------------------------------------------------------------ recording
+def test_recorded_rows_are_what_was_served(shared_pair):
+    """Shared vocabulary, greedy: a row's context is prompt + output, its KL labels are the target's
+    logits at each emitted token, and its head labels say whether the drafter's greedy choice held."""
+    target, drafter = shared_pair
+    engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8))
+    ids, mask = left_padded_prompts(VOCAB, [5, 9], seed=3)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    examples = engine.learner.pending
+    assert len(examples) == 2
+    drafter_model = engine.drafter.model
+    for row, example in enumerate(examples):
+        prompt = ids[row][mask[row].bool()]
+        sequence = torch.cat([prompt, out[row, ids.shape[1] :]])
+        n = sequence.numel()
+        assert torch.equal(example.ids[:n], sequence)
+        assert (example.kl[: prompt.numel()] == -1).all() and not example.ce.any()
+        assert example.kl[prompt.numel() : n].tolist() == list(range(12))
+        with torch.no_grad():
+            target_logits = target(sequence[None]).logits[0]
+            drafter_choice = drafter_model(sequence[None]).logits[0].argmax(-1)
+        torch.testing.assert_close(
+            example.logits, target_logits[prompt.numel() - 1 : n - 1], atol=1e-4, rtol=1e-4
+        )
+        labelled = (~example.head.isnan()).nonzero()[:, 0]
+        assert labelled.numel() > 0 and (labelled >= prompt.numel()).all()
+        for slot in labelled.tolist():
+            held = bool(drafter_choice[slot - 1] == example.ids[slot])
+            assert example.head[slot].item() == float(held), slot
+
+
+def test_cross_vocabulary_rows(cross_pair):
+    """Across vocabularies every emitted target token leaves one KL label (it has a drafter twin) or
+    cross-entropy labels on its drafter sub-tokens (an n-gram token), and the drafter context spells the
+    output's bytes."""
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    engine = SpeculativeEngine(
+        target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(distill=DistillConfig(interval=NO_STEP, rank=8)),
+    )  # fmt: skip
+    prompts = ["def fibonacci(n):\n    return", "The café on the corner"]
+    batch = target_tokenizer(prompts, return_tensors="pt", padding=True)
+    out = engine.generate(**batch, max_new_tokens=16, eos_token_id=[])
+    bridge = engine.bridge
+    target_pieces, drafter_pieces = (
+        token_bytes(target_tokenizer).pieces,
+        token_bytes(drafter_tokenizer).pieces,
+    )
+    for row, example in enumerate(engine.learner.pending):
+        emitted = out[row, batch.input_ids.shape[1] :]
+        kl_rows = example.kl[example.kl >= 0]
+        direct = bridge.t2d[emitted] >= 0
+        assert kl_rows.tolist() == direct.nonzero()[:, 0].tolist()
+        assert example.ce.sum() >= (~direct).sum()  # each n-gram token spans 2+ drafter tokens
+        assert not (example.ce & (example.kl >= 0)).any()
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool()]
+        spelled = b"".join(drafter_pieces[i] for i in example.ids.tolist())
+        assert spelled.startswith(b"".join(target_pieces[i] for i in torch.cat([prompt, emitted]).tolist()))
+        with torch.no_grad():
+            sequence = torch.cat([prompt, emitted])
+            logits = target(sequence[None]).logits[0, -emitted.numel() - 1 : -1]
+        labels = logits[:, bridge.d2t.clamp_min(0).long()]
+        torch.testing.assert_close(example.logits, labels, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def test_greedy_output_stays_exact_while_learning(shared_pair, cross_pair):
+    target, drafter = shared_pair
+    config = dict(
+        num_draft_tokens=4,
+        distill=DistillConfig(interval=2, rank=8, lr=1e-2),
+        adaptive=AdaptiveConfig(interval=2, gamma=0.5),
+    )
+    engine = _engine(target, drafter, **config)
+    for seed in range(4):
+        ids, mask = left_padded_prompts(VOCAB, [4, 7], seed=seed)
+        expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=10), expected)
+    assert engine.learner.stats.distill_steps == 4 and engine.learner.stats.head_steps > 0
+
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    engine = SpeculativeEngine(
+        target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(**config),
+    )  # fmt: skip
+    for prompt in ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]:
+        batch = target_tokenizer([prompt], return_tensors="pt")
+        expected = target.generate(**batch, max_new_tokens=12, do_sample=False)
+        assert torch.equal(engine.generate(**batch, max_new_tokens=12), expected)
+    assert engine.learner.stats.distill_steps == 1
+
+
+def test_distillation_moves_the_drafter_towards_the_target():
+    """Served with sampling, the adapter learns: lower loss on the first rows, higher greedy acceptance."""
+    target = tiny_model("llama", VOCAB, seed=5)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20)  # peaked next-token distributions, as trained models have
+    drafter = perturbed_copy(target, 0.6, seed=6)
+    engine = _engine(target, drafter, distill=DistillConfig(interval=8, rank=8, lr=1e-2))
+    ids, mask = left_padded_prompts(VOCAB, [6, 6, 8, 8], seed=12)
+
+    def loss_on(rows) -> float:
+        with engine.learner.adapter.active(), torch.no_grad():
+            part = engine.learner._run(rows, grad=False)
+        return hybrid_distillation_loss(
+            part.kl_logits, part.kl_targets, part.ce_logits, part.ce_tokens,
+            engine.learner.support, engine.learner.twins, 0.2,
+        ).item()  # fmt: skip
+
+    engine.generate(ids, attention_mask=mask, max_new_tokens=16)
+    greedy_before = engine.last_stats.acceptance_rate
+    rows = list(engine.learner.pending)  # 4 rows: no step yet
+    before = loss_on(rows)
+    for _ in range(15):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0)
+    assert engine.learner.stats.distill_steps == 8
+    assert loss_on(rows) < 0.8 * before
+    engine.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert engine.last_stats.acceptance_rate > greedy_before + 0.1
+
+
+def test_the_adapter_stays_on_its_engine(shared_pair):
+    """The base drafter's weights never change; outside its engine the drafter is the base model; one
+    drafter serving two targets carries one adapter for each."""
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    base = {name: p.detach().clone() for name, p in drafter.named_parameters()}
+    probe = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        reference = drafter(probe).logits
+    other_target = tiny_model("llama", VOCAB, seed=9)
+    first = SpeculativeEngine(
+        target, drafter, config=EngineConfig(distill=DistillConfig(interval=1, rank=8, lr=1e-2))
+    )
+    second = SpeculativeEngine(
+        other_target, drafter, config=EngineConfig(distill=DistillConfig(interval=1, rank=8))
+    )
+    assert first.learner.adapter.name != second.learner.adapter.name
+    ids, mask = left_padded_prompts(VOCAB, [5], seed=2)
+    for _ in range(3):
+        first.generate(ids, attention_mask=mask, max_new_tokens=8)
+    with torch.no_grad():
+        assert torch.equal(drafter(probe).logits, reference)
+        with first.learner.adapter.active():
+            assert not torch.allclose(drafter(probe).logits, reference)
+        with second.learner.adapter.active():
+            assert torch.equal(drafter(probe).logits, reference)  # untrained: B = 0
+    for name, p in drafter.named_parameters():
+        if name in base:
+            assert torch.equal(p, base[name]) and p.requires_grad, name
+    with pytest.raises(ValueError, match="adapter_name"):
+        SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(adapter_name=first.learner.adapter.name)))  # fmt: skip
+
+
+@pytest.mark.parametrize("prior, per_round", [(0.05, 1.0), (0.999, 5.0)])
+def test_draft_length_follows_the_head(shared_pair, prior, per_round):
+    target, drafter = shared_pair
+    engine = _engine(
+        target, drafter, num_draft_tokens=5,
+        adaptive=AdaptiveConfig(interval=NO_STEP, prior=prior, gamma=0.7, k_min=1),
+    )  # fmt: skip
+    ids, mask = left_padded_prompts(VOCAB, [4, 6], seed=4)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=14)
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False))
+    stats = engine.last_stats
+    assert stats.drafter_proposed / stats.row_rounds == pytest.approx(per_round)
+
+
+@pytest.mark.parametrize("mode", ["alternating", "joint"])
+def test_the_head_learns_the_acceptance_rate(shared_pair, mode):
+    """A head that starts at 0.95 learns that this drafter is accepted far less often, and drafts less."""
+    target, drafter = shared_pair
+    engine = _engine(
+        target, drafter, num_draft_tokens=6,
+        distill=DistillConfig(interval=2, rank=8, lr=1e-4),
+        adaptive=AdaptiveConfig(interval=2, prior=0.95, mode=mode, lr=1e-2, head_steps=8),
+    )  # fmt: skip
+    adapter_before = [p.detach().clone() for p in engine.learner.adapter.parameters]
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    first = engine.last_stats
+    rate = first.acceptance_rate
+    for _ in range(10):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    last = engine.last_stats
+    hidden = torch.randn(64, engine.learner.head.out.in_features)
+    assert rate < 0.7
+    assert engine.learner.head(hidden).mean().item() < 0.9
+    assert last.drafter_proposed / last.row_rounds < first.drafter_proposed / first.row_rounds
+    moved = any(
+        not torch.equal(a, b) for a, b in zip(adapter_before, engine.learner.adapter.parameters, strict=True)
+    )
+    assert moved
+
+
+def test_learned_state_survives_a_restart(shared_pair, tmp_path):
+    target, drafter = shared_pair
+    config = dict(distill=DistillConfig(interval=1, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=1))
+    engine = _engine(target, drafter, **config)
+    ids, mask = left_padded_prompts(VOCAB, [6], seed=1)
+    for _ in range(2):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8)
+    engine.save_state(tmp_path / "state.safetensors")
+
+    restored = _engine(target, drafter, **config)
+    restored.load_state(tmp_path / "state.safetensors")
+    for ours, theirs in zip(
+        engine.learner.adapter.parameters, restored.learner.adapter.parameters, strict=True
+    ):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(
+        engine.learner.head.parameters(), restored.learner.head.parameters(), strict=True
+    ):
+        assert torch.equal(ours, theirs)
+
+    plain = _engine(target, drafter)
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        plain.load_state(tmp_path / "state.safetensors")
+    other_rank = _engine(target, drafter, distill=DistillConfig(rank=16), adaptive=AdaptiveConfig())
+    with pytest.raises(ValueError, match="rank"):
+        other_rank.load_state(tmp_path / "state.safetensors")
+    assert torch.equal(
+        other_rank.generate(ids, attention_mask=mask, max_new_tokens=6),
+        target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+    )  # still usable
