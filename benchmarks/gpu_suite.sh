@@ -46,11 +46,13 @@ done
 # 5. End-to-end against transformers on the zoo, and the cascade trade-off.
 step e2e python benchmarks/e2e.py --out "$OUT"
 step cascades python -m omnidraft_fast.cli cascade-sweep --out "$OUT"
+step online python benchmarks/online.py --out "$OUT"
 # 6. The benchmark zoo (EVALUATION.md; needs ../shared/tokenizers), end to end on each pair; the scale shapes.
 step train_bench python -m omnidraft_fast.zoo.train_bench --out "$OUT/zoo"
 for pair in llama3 qwen3; do
     if [ -d "$OUT/zoo/$pair/target" ]; then
         step "e2e_$pair" python benchmarks/e2e.py --pair "$OUT/zoo/$pair" --out "$OUT"
+        step "online_$pair" python benchmarks/online.py --pair "$OUT/zoo/$pair" --out "$OUT"
     fi
 done
 step scale python benchmarks/scale.py --preset llama3-8b --trace "$OUT/scale-trace.json" --out "$OUT"

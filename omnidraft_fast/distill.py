@@ -14,8 +14,10 @@ Reverse KL is mode-seeking: the drafter spends its small capacity on the target'
 is what acceptance rewards.
 
 The adapter is a peft LoRA adapter injected into the drafter in place (one per target, by name), in
-fp32 whatever the drafter's dtype. It is switched on only while its engine serves or trains, so the
-drafter module behaves as the base model everywhere else, and several engines can share one drafter.
+fp32 whatever the drafter's dtype. Training runs it unmerged. Serving runs it merged: each adapted
+layer's weight tensor is swapped for ``W + delta`` (kept beside ``W``, recomputed only after an update),
+so drafting costs what the base drafter costs. Outside its engine's requests and training the drafter
+module is the base model, and several engines can share one drafter.
 """
 
 from __future__ import annotations
@@ -77,7 +79,41 @@ class LoraAdapter:
             raise ValueError(
                 f"`target_modules`={config.target_modules!r} matched no linear layer of the drafter"
             )
+        self.version = 0  # adapter updates so far (see `updated`)
+        self._merged: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (base layer, W + delta)
+        self._merged_version = 0
         self._switch(None)
+
+    def updated(self) -> None:
+        """Mark the adapter's weights as changed (after an optimiser step or a load)."""
+        self.version += 1
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """The drafter with this adapter merged into its weights, for the duration (a pointer swap)."""
+        self._switch(None)
+        if self.version == 0:  # untrained: W + delta = W
+            yield
+            return
+        if self._merged_version != self.version:
+            self._merged = []
+            with torch.no_grad():
+                for layer in self.layers:
+                    if self.name in layer.lora_A:
+                        base = layer.get_base_layer()
+                        delta = layer.get_delta_weight(self.name)
+                        self._merged.append(
+                            (base, (base.weight.float() + delta.float()).to(base.weight.dtype))
+                        )
+            self._merged_version = self.version
+        pristine = [base.weight.data for base, _ in self._merged]
+        for base, merged in self._merged:
+            base.weight.data = merged
+        try:
+            yield
+        finally:
+            for (base, _), weight in zip(self._merged, pristine, strict=True):
+                base.weight.data = weight
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -114,6 +150,7 @@ class LoraAdapter:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
+        self.updated()
 
 
 def fold_twins(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:

@@ -120,8 +120,8 @@ class OnlineLearner:
         self.stats = LearnerStats()
 
     def serving(self):
-        """Context of a request: the adapter on while the engine drafts."""
-        return self.adapter.active() if self.adapter is not None else nullcontext()
+        """Context of a request: the drafter with its adapter merged while the engine drafts."""
+        return self.adapter.serving() if self.adapter is not None else nullcontext()
 
     def recorder(self, batch: int, drafter_slots: int, spelling_width: int, emitted: int, dtype) -> Recorder:
         return Recorder(batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype)
@@ -183,6 +183,7 @@ class OnlineLearner:
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters, config.max_grad_norm)
         self.optimizer.step()
+        self.adapter.updated()
         self.stats.distill_steps += 1
         self.stats.distill_loss = distill_sum
         if with_head:

@@ -252,7 +252,10 @@ def test_the_adapter_stays_on_its_engine(shared_pair):
     with torch.no_grad():
         assert torch.equal(drafter(probe).logits, reference)
         with first.learner.adapter.active():
-            assert not torch.allclose(drafter(probe).logits, reference)
+            unmerged = drafter(probe).logits
+        with first.learner.adapter.serving():  # served merged: the same model
+            torch.testing.assert_close(drafter(probe).logits, unmerged, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(unmerged, reference)
         with second.learner.adapter.active():
             assert torch.equal(drafter(probe).logits, reference)  # untrained: B = 0
     for name, p in drafter.named_parameters():
