@@ -90,8 +90,22 @@ class LoraAdapter:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """The drafter with this adapter merged into its weights, for the duration (a pointer swap)."""
+        """The drafter with this adapter merged into its weights, for the duration (a pointer swap).
+
+        The LoRA layers are bypassed altogether (each calls its base layer directly), so serving pays
+        nothing for the adapter's bookkeeping either."""
         self._switch(None)
+        for layer in self.layers:
+            layer.forward = layer.get_base_layer().forward  # an instance attribute shadows the method
+        try:
+            with self._merged_weights():
+                yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    @contextmanager
+    def _merged_weights(self) -> Iterator[None]:
         if self.version == 0:  # untrained: W + delta = W
             yield
             return
