@@ -61,7 +61,9 @@ class LoraAdapter:
             try:
                 inject_adapter_in_model(lora, model, adapter_name=name)
             except ValueError as error:
-                raise ValueError(f"cannot put a LoRA adapter on the drafter: {error}") from error
+                raise ValueError(
+                    f"cannot put a LoRA adapter on the drafter ({error}); check `DistillConfig.target_modules`"
+                ) from error
         # peft freezes the base model; the base weights are not ours to change.
         for parameter in training:
             parameter.requires_grad_(True)

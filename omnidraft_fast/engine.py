@@ -427,7 +427,7 @@ class SpeculativeEngine:
             else torch.tensor(request.alphas, dtype=torch.float32, device=device),
             counters=torch.zeros(len(_COUNTERS), dtype=torch.int64, device=device),
             recorder=None
-            if self.learner is None
+            if self.learner is None or not self.learner.enabled
             else self.learner.recorder(
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype
             ),

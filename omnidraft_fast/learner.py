@@ -116,6 +116,7 @@ class OnlineLearner:
             )
             self.replay: deque[Example] = deque(maxlen=adaptive.replay)
         self.interval = distill.interval if distill is not None else adaptive.interval
+        self.enabled = True  # False: requests are served with what was learned, and teach nothing
         self.pending: list[Example] = []
         self.stats = LearnerStats()
 

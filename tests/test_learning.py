@@ -265,6 +265,31 @@ def test_the_adapter_stays_on_its_engine(shared_pair):
         SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(adapter_name=first.learner.adapter.name)))  # fmt: skip
 
 
+def test_paused_learning_records_nothing(shared_pair):
+    target, drafter = shared_pair
+    engine = _engine(
+        target, drafter, distill=DistillConfig(interval=1, rank=8), adaptive=AdaptiveConfig(interval=1)
+    )
+    engine.learner.enabled = False
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=9)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert engine.learner.stats.rows == 0 and engine.learner.stats.distill_steps == 0
+    engine.learner.enabled = True
+    engine.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert engine.learner.stats.rows == 2 and engine.learner.stats.distill_steps == 1
+
+
+def test_adapter_on_no_layer_is_refused(shared_pair):
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    with pytest.raises(ValueError, match="target_modules"):
+        SpeculativeEngine(
+            target, drafter, config=EngineConfig(distill=DistillConfig(target_modules=("no_such_proj",)))
+        )
+    assert torch.equal(SpeculativeEngine(target, drafter).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
+                       target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False))  # fmt: skip
+
+
 @pytest.mark.parametrize("prior, per_round", [(0.05, 1.0), (0.999, 5.0)])
 def test_draft_length_follows_the_head(shared_pair, prior, per_round):
     target, drafter = shared_pair
