@@ -3,9 +3,10 @@
 For each drafter of the pair (shared vocabulary, and cross-vocabulary with OmniDraft translation) and
 each learning configuration, in one process:
 
-1. a fresh engine (its own copy of the drafter) decodes the *evaluation* prompts greedily with learning
-   paused: acceptance, drafter tokens per round, tokens/s and speed-up over plain ``generate()`` (the
-   faster of ``--repeats`` timings, plain decoding timed the same way);
+1. a fresh engine (its own copy of the drafter) decodes the *evaluation* prompts with learning paused:
+   greedily (acceptance, drafter tokens per round, tokens/s and speed-up over plain ``generate()``, the
+   faster of ``--repeats`` timings, plain decoding timed the same way), then sampled at T=1 with a fixed
+   seed (acceptance: what distillation towards the target's distribution raises);
 2. it serves a stream of *other* prompts (``--passes`` times over them, alternately greedy and sampled
    at T=1), learning as configured; the time spent training counts as serving time;
 3. it decodes the evaluation prompts again.
@@ -50,9 +51,10 @@ def configurations(args) -> dict[str, EngineConfig]:
     }
 
 
-def evaluate(engine, prompts, references, tokenizer, new, device, repeats: int) -> dict:
+def evaluate(engine, prompts, references, tokenizer, new, device, repeats: int, seed: int) -> dict:
     """Greedy decoding of ``prompts`` with learning paused: the stats summed, the faster of ``repeats``
-    timings, and whether every output matched plain greedy decoding."""
+    timings, and whether every output matched plain greedy decoding; then the acceptance when sampling
+    (T=1, seeded), which distribution matching targets (1 - TV(q, p) per position)."""
     if engine.learner is not None:
         engine.learner.enabled = False
     seconds, identical = float("inf"), True
@@ -68,9 +70,16 @@ def evaluate(engine, prompts, references, tokenizer, new, device, repeats: int) 
             identical &= torch.equal(out, reference)
             total.add(engine.last_stats)
         seconds = min(seconds, elapsed)
+    torch.manual_seed(seed)
+    sampled = GenerationStats()
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+        engine.generate(ids, max_new_tokens=new, do_sample=True, temperature=1.0, top_k=0)
+        sampled.add(engine.last_stats)
     if engine.learner is not None:
         engine.learner.enabled = True
     return {
+        "sampled_acceptance": sampled.acceptance_rate,
         "acceptance": total.acceptance_rate,
         "tokens_per_round": total.mean_accepted_length,
         "drafter_tokens_per_round": total.drafter_proposed / max(1, total.row_rounds),
@@ -95,6 +104,9 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=AdaptiveConfig.gamma)
     parser.add_argument("--repeats", type=int, default=2, help="timings per evaluation (the fastest counts)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--configs", nargs="+", default=None, help="learning configurations to run (default: all of them)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the results files' names")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
@@ -124,7 +136,11 @@ def main() -> None:
         "cross": (zoo.drafter_cross, zoo.drafter_tokenizer),
     }
     rows = []
-    jobs = [(d, c) for d in drafters if drafters[d][0] is not None for c in configurations(args)]
+    names = args.configs or list(configurations(args))
+    unknown = sorted(set(names) - set(configurations(args)))
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; choose from {list(configurations(args))}")
+    jobs = [(d, c) for d in drafters if drafters[d][0] is not None for c in names]
     for drafter_name, config_name in tqdm(jobs, desc="online"):
         drafter, drafter_tokenizer = drafters[drafter_name]
         torch.manual_seed(args.seed)
@@ -132,7 +148,7 @@ def main() -> None:
             target, copy.deepcopy(drafter), target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
             config=configurations(args)[config_name],
         )  # fmt: skip
-        before = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats)
+        before = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats, args.seed)
         serving, served_tokens, served_seconds = GenerationStats(), 0, 0.0
         for n, text in enumerate(served * args.passes):
             ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
@@ -144,7 +160,7 @@ def main() -> None:
             served_seconds += time.perf_counter() - began
             serving.add(engine.last_stats)
             served_tokens += engine.last_stats.new_tokens
-        after = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats)
+        after = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats, args.seed)
         learner = engine.learner.stats if engine.learner is not None else None
         rows.append(
             {
@@ -184,14 +200,16 @@ def main() -> None:
         f"Plain greedy `generate()`: {plain:.1f} tok/s. Speed-ups are over it, measured in this run (the "
         f"faster of {args.repeats} timings); evaluation requests teach the learners nothing.",
         "",
-        "| drafter | learning | acceptance before → after | tokens/round | drafter tokens/round | speed-up "
-        "before → after | serving: steps (LoRA / head), training share | identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| drafter | learning | greedy acceptance before → after | sampled (T=1) acceptance | tokens/round "
+        "| drafter tokens/round | speed-up before → after | serving: steps (LoRA / head), training share "
+        "| identical |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         b, a, s = row["before"], row["after"], row["serving"]
         lines.append(
             f"| {row['drafter']} | {row['config']} | {b['acceptance']:.1%} → {a['acceptance']:.1%} | "
+            f"{b['sampled_acceptance']:.1%} → {a['sampled_acceptance']:.1%} | "
             f"{b['tokens_per_round']:.2f} → {a['tokens_per_round']:.2f} | "
             f"{b['drafter_tokens_per_round']:.2f} → {a['drafter_tokens_per_round']:.2f} | "
             f"{b['speedup']:.2f}x → {a['speedup']:.2f}x | {s['distill_steps']} / {s['head_steps']}, "
