@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .distill import fold_twins
 
-__all__ = ["AcceptanceHead", "acceptance_loss", "expected_acceptance", "stop_drafting"]
+__all__ = ["AcceptanceHead", "DraftLength", "acceptance_loss", "expected_acceptance", "stop_drafting"]
 
 
 class AcceptanceHead(torch.nn.Module):
@@ -63,6 +63,24 @@ def stop_drafting(
 ) -> torch.Tensor:  # [batch] bool
     """Rows whose probability of a rejection among their drafted tokens passed ``gamma``."""
     return (-torch.expm1(log_keep) > gamma) & (drafted >= k_min)
+
+
+class DraftLength:
+    """One round's per-row stopping state: feed it each draft step's hidden states; rows that stopped
+    stay stopped. ``done`` [batch] bool rows count as stopped from the start."""
+
+    def __init__(self, head: AcceptanceHead, done: torch.Tensor, gamma: float, k_min: int):
+        self.head, self.gamma, self.k_min = head, gamma, k_min
+        self.log_keep = torch.zeros(done.shape, dtype=torch.float32, device=done.device)  # sum log a_j
+        self.stopped = done.clone()  # [batch] bool
+        self.drafted = torch.zeros(done.shape, dtype=torch.int64, device=done.device)  # [batch] tokens
+
+    def step(self, hidden: torch.Tensor, drafted: int) -> None:
+        """``hidden`` [batch, H]: the states that drafted token number ``drafted`` (1-based)."""
+        drafting = ~self.stopped
+        self.drafted += drafting
+        self.log_keep += torch.where(drafting, self.head(hidden).clamp_min(1e-6).log(), 0.0)
+        self.stopped |= stop_drafting(self.log_keep, drafted, self.gamma, self.k_min)
 
 
 def acceptance_loss(

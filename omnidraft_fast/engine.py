@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .adaptive import stop_drafting
+from .adaptive import DraftLength
 from .bridge import VocabBridge
 from .config import CascadeConfig, EngineConfig, SamplingParams
 from .experience import Recorder
@@ -454,10 +454,7 @@ class SpeculativeEngine:
             inputs = state.d_tokens.gather(1, slots)
             if head is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
                 adaptive = self.config.adaptive
-                k_min = min(adaptive.k_min, k)
-                log_keep = torch.zeros(batch, dtype=torch.float32, device=device)  # sum of log a_j
-                stopped = state.done.clone()
-                drafted = torch.zeros(batch, dtype=torch.int64, device=device)
+                length = DraftLength(head, state.done, adaptive.gamma, min(adaptive.k_min, k))
             steps = k
             for i in range(k):
                 if head is None:
@@ -486,13 +483,9 @@ class SpeculativeEngine:
                     state.draft_probs_t1[:, i] = q1.softmax(-1)
                 inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
                 if head is not None:
-                    drafting = ~stopped
-                    drafted += drafting
-                    accept = head(hidden[:, -1]).clamp_min(1e-6)  # [batch] a_i
-                    log_keep += torch.where(drafting, accept.log(), 0.0)
-                    stopped |= stop_drafting(log_keep, i + 1, adaptive.gamma, k_min)
+                    length.step(hidden[:, -1], i + 1)
                     # Adaptive drafting's own read, once per draft step: stop when every row has.
-                    if i + 1 < k and bool(stopped.all()):
+                    if i + 1 < k and bool(length.stopped.all()):
                         steps = i + 1
                         break
         draft_ids = state.draft_ids[:, :steps]
@@ -513,7 +506,7 @@ class SpeculativeEngine:
                     if probs is not None:
                         fold_twins_(probs, self.bridge.twins)
             if head is not None:  # a row proposes only the target tokens wholly inside its own draft
-                proposal = torch.where(span_end <= drafted[:, None], proposal, -1)
+                proposal = torch.where(span_end <= length.drafted[:, None], proposal, -1)
 
         with timer("target"):
             slots = state.lengths[:, None] - 1 + torch.arange(steps + 1, device=device)  # [batch, steps+1]
@@ -567,7 +560,7 @@ class SpeculativeEngine:
                 spelling_len,
                 active,
             )
-            drafter_proposed = drafted * active if head is not None else active.long() * steps
+            drafter_proposed = length.drafted * active if head is not None else active.long() * steps
             self._count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed)
 
         if self.ngram is not None:
