@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .distill import fold_twins
+from .kernels.proposal import fold_twins_
 
 __all__ = ["AcceptanceHead", "DraftLength", "acceptance_loss", "expected_acceptance", "stop_drafting"]
 
@@ -107,7 +107,7 @@ def expected_acceptance(
     """The recomputed label of the module docstring."""
     greedy = temperature == 0
     scale = torch.where(greedy, 1.0, temperature).float()[:, None]
-    q = fold_twins((logits.float() / scale).softmax(-1), twins)
+    q = fold_twins_((logits.float() / scale).softmax(-1), twins)
     p = (target_logits.float() / scale).masked_fill(~support, -torch.inf).softmax(-1)
     sampled = torch.minimum(q.masked_fill(~support, 0.0), p).sum(-1)
     matched = (q.argmax(-1) == p.argmax(-1)).float()

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import DistillConfig
+from .kernels.proposal import fold_twins_
 
-__all__ = ["LoraAdapter", "fold_twins", "hybrid_distillation_loss"]
+__all__ = ["LoraAdapter", "hybrid_distillation_loss", "reverse_kl"]
 
 
 class LoraAdapter:
@@ -169,14 +170,6 @@ class LoraAdapter:
         self.updated()
 
 
-def fold_twins(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
-    """``probs`` [..., V_d] with each twin's mass added onto its canonical id (out of place, for autograd);
-    ``twins`` [2, D] int64 as in ``VocabBridge.twins``."""
-    if not twins.shape[1]:
-        return probs
-    return probs.index_add(-1, twins[1], probs.index_select(-1, twins[0]))
-
-
 def reverse_kl(
     logits: torch.Tensor,  # [P, V_d] the drafter's logits
     target_logits: torch.Tensor,  # [P, V_d] the target's logits read into drafter ids
@@ -184,7 +177,8 @@ def reverse_kl(
     twins: torch.Tensor,  # [2, D] int64
 ) -> torch.Tensor:  # [P]
     """``KL(q~ || p~)`` of the module docstring, per position."""
-    q = fold_twins(logits.float().softmax(-1), twins).masked_fill(~support, 0.0)
+    # A copy to fold into: softmax's backward needs its own output unchanged.
+    q = fold_twins_(logits.float().softmax(-1).clone(), twins).masked_fill(~support, 0.0)
     q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
     log_p = target_logits.float().masked_fill(~support, -torch.inf).log_softmax(-1)
     log_ratio = q.clamp_min(1e-30).log() - log_p.clamp_min(-69.0)  # p~ = 0 costs as much as 1e-30

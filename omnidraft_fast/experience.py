@@ -104,14 +104,14 @@ class Recorder:
             torch.cat([span_end - previous[:, :k], span_end.new_zeros(batch, 1)], 1),
             spelling_len[:, None],
         )
-        emitted = output_tokens.clamp_min(0)
-        direct = self.direct[emitted] & kept_j & (length >= 1)
+        twin = self.direct[output_tokens.clamp_min(0)]  # [batch, k+1] the emitted token has a drafter twin
+        direct = twin & kept_j & (length >= 1)
 
         spare = self.spare_slot
         self.kl.scatter_(1, torch.where(direct, first, spare), torch.where(direct, rows, -1))
         offsets = torch.arange(max(k, self.spelling_width), device=device)  # every slot a span can cover
         inside = offsets < length[..., None]  # [batch, k+1, W]
-        ngram = (~self.direct[emitted] & kept_j)[..., None] & inside
+        ngram = (~twin & kept_j)[..., None] & inside
         slots = torch.where(ngram, first[..., None] + offsets, spare).flatten(1)
         self.ce.scatter_(1, slots, ngram.flatten(1))
 
