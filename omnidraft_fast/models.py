@@ -27,6 +27,7 @@ is never read).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -68,7 +69,8 @@ class SlotKVCache(Cache):
         self.values: list[torch.Tensor] = []
         self.write_slots: torch.Tensor | None = None  # [batch, n]: where this forward writes
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
+        # transformers <= 5.23 passes `cache_kwargs`, 5.24 `kwargs=`; neither carries anything needed here.
         # key_states, value_states: [batch, kv_heads, n, head_dim]
         if layer_idx == len(self.keys):
             shape = (*key_states.shape[:2], self.max_slots, key_states.shape[-1])
@@ -147,6 +149,10 @@ class CausalLM:
         # need one mask per layer type, so such models are limited to sequences within the window.
         self.sliding_window = window if every_layer else None
         self.mixed_window = None if every_layer else window
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40)
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         self.cache: SlotKVCache | None = None
         self.start: torch.Tensor | None = None  # [batch] first slot of each row's sequence
 
@@ -206,8 +212,8 @@ class CausalLM:
                 input_ids=input_ids,
                 position_ids=positions,
                 attention_mask=mask,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_argument: cache},
                 logits_to_keep=1 if last_only else 0,
             )
         return (out.logits, captured[-1]) if hidden else out.logits
