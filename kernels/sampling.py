@@ -72,7 +72,8 @@ def sampling_probs_reference(
     if mask is not None:
         z = z.masked_fill(~mask, float("-inf"))
     if temperature == 0.0:
-        return torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).float()
+        # scatter, not one_hot: one_hot checks its indices on the host
+        return torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
     z = z / temperature
     if 0 < top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]

@@ -66,14 +66,21 @@ def stop_drafting(
 
 
 class DraftLength:
-    """One round's per-row stopping state: feed it each draft step's hidden states; rows that stopped
-    stay stopped. ``done`` [batch] bool rows count as stopped from the start."""
+    """A round's per-row stopping state: :meth:`reset` it at the round's start, then feed it each draft
+    step's hidden states; rows that stopped stay stopped. Its tensors are updated in place (a captured
+    round reads them where they are, ``graphs.py``)."""
 
-    def __init__(self, head: AcceptanceHead, done: torch.Tensor, gamma: float, k_min: int):
+    def __init__(self, head: AcceptanceHead, batch: int, gamma: float, k_min: int, device: torch.device):
         self.head, self.gamma, self.k_min = head, gamma, k_min
-        self.log_keep = torch.zeros(done.shape, dtype=torch.float32, device=done.device)  # sum log a_j
-        self.stopped = done.clone()  # [batch] bool
-        self.drafted = torch.zeros(done.shape, dtype=torch.int64, device=done.device)  # [batch] tokens
+        self.log_keep = torch.zeros(batch, dtype=torch.float32, device=device)  # sum log a_j
+        self.stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.drafted = torch.zeros(batch, dtype=torch.int64, device=device)  # [batch] tokens
+
+    def reset(self, done: torch.Tensor) -> None:
+        """A new round; ``done`` [batch] bool rows count as stopped from the start."""
+        self.log_keep.zero_()
+        self.stopped.copy_(done)
+        self.drafted.zero_()
 
     def step(self, hidden: torch.Tensor, drafted: int) -> None:
         """``hidden`` [batch, H]: the states that drafted token number ``drafted`` (1-based)."""

@@ -247,7 +247,11 @@ class EngineConfig:
             round drafts ``num_draft_tokens``).
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
-            default) means on for CPU and off for CUDA.
+            default) means on for CPU and off for CUDA. Captured stages (``cuda_graphs``) are timed whole.
+        cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
+            eagerly once, is captured on its second run and replayed from then on; graphs live for one
+            request); on other devices a recorder with the same replay semantics, which is slower than
+            eager and serves to check capture safety without a GPU. Outputs equal eager mode's.
     """
 
     num_draft_tokens: int = 4
@@ -260,6 +264,7 @@ class EngineConfig:
     distill: DistillConfig | None = None
     adaptive: AdaptiveConfig | None = None
     time_stages: bool | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
@@ -286,6 +291,8 @@ class EngineConfig:
             )
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
+        if self.cuda_graphs not in (True, False):
+            raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
 
 
 @dataclass(frozen=True)

@@ -113,15 +113,17 @@ class LoraAdapter:
             yield
             return
         if self._merged_version != self.version:
-            self._merged = []
+            # Written in place after the first merge: a captured round (graphs.py) that holds these
+            # tensors sees every update.
+            first = not self._merged
             with torch.no_grad():
-                for layer in self.layers:
-                    if self.name in layer.lora_A:
-                        base = layer.get_base_layer()
-                        delta = layer.get_delta_weight(self.name)
-                        self._merged.append(
-                            (base, (base.weight.float() + delta.float()).to(base.weight.dtype))
-                        )
+                for index, layer in enumerate(layer for layer in self.layers if self.name in layer.lora_A):
+                    base = layer.get_base_layer()
+                    merged = base.weight.float() + layer.get_delta_weight(self.name).float()
+                    if first:
+                        self._merged.append((base, merged.to(base.weight.dtype)))
+                    else:
+                        self._merged[index][1].copy_(merged)
             self._merged_version = self.version
         pristine = [base.weight.data for base, _ in self._merged]
         for base, merged in self._merged:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .adaptive import DraftLength
 from .bridge import VocabBridge
 from .config import CascadeConfig, EngineConfig, SamplingParams
 from .experience import Recorder
+from .graphs import StageGraphs
 from .kernels.proposal import CrossProposal, fold_twins_
 from .kernels.verify import RULES
 from .learner import OnlineLearner
@@ -93,6 +95,9 @@ class _Batch:
     alpha: torch.Tensor | None  # [batch] fp32
     counters: torch.Tensor  # [len(_COUNTERS)] int64, summed over rounds (read once, at the end)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
+    invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
+    draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
+    graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs)
 
 
 class SpeculativeEngine:
@@ -279,15 +284,16 @@ class SpeculativeEngine:
         seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG: torch.manual_seed reproduces runs
         generator = torch.Generator(device).manual_seed(seed)
         began = time.perf_counter()
-        state = self._begin(request)
+        state = self._begin(request, generator)
         batch, prompt = request.input_ids.shape
         if request.streamer is not None:
             request.streamer.put(request.input_ids.cpu())
         serving = self.learner.serving() if self.learner is not None else nullcontext()
         try:
-            with serving:
+            with serving, torch.no_grad():
                 rounds = self._decode(state, request, generator, timer)
         finally:
+            state.graphs.close()
             self.target.end()
             self.drafter.end()
             if request.streamer is not None:
@@ -373,9 +379,10 @@ class SpeculativeEngine:
         lengths = self.bridge.t2ds_len[target_ids].long()
         return self.bridge.t2ds[target_ids, :width].long(), torch.where(lengths <= width, lengths, 0)
 
-    def _begin(self, request: Request) -> _Batch:
+    def _begin(self, request: Request, generator: torch.Generator) -> _Batch:
         """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
         device, k, new = self.device, request.num_draft_tokens, request.max_new_tokens
+        adaptive = self.config.adaptive
         batch, prompt = request.input_ids.shape
         slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
         tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
@@ -431,63 +438,104 @@ class SpeculativeEngine:
             else self.learner.recorder(
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype
             ),
+            invalid=torch.zeros(batch, dtype=torch.bool, device=device),
+            draft_length=None
+            if self.learner is None or self.learner.head is None
+            else DraftLength(self.learner.head, batch, adaptive.gamma, min(adaptive.k_min, k), device),
+            graphs=StageGraphs(device, generator, self.config.cuda_graphs),
         )
 
     def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
-        """One round over fixed-shape device tensors: draft, translate, target forward, verify, commit."""
-        sampling, k = request.sampling, request.num_draft_tokens
+        """One round over fixed-shape device tensors: k draft steps, then ``_finish`` (translate, target
+        forward, verify, commit, learn). ``state.graphs`` runs them as captured stages (``graphs.py``): the
+        whole round as one, or with an adaptive draft length each draft step and the rest."""
+        k = request.num_draft_tokens
+        length = state.draft_length
+        if length is None:
+
+            def whole(timer: StageTimer) -> None:
+                for i in range(k):
+                    self._draft_step(state, request, generator, i, timer)
+                self._finish(state, request, generator, k, timer)
+
+            state.graphs.run("round", whole, timer, "round")
+            return
+        steps = k
+        for i in range(k):
+            step = partial(self._draft_step, state, request, generator, i)
+            state.graphs.run(("draft", i), step, timer, "draft")
+            # Adaptive drafting's own read, once per draft step (SPEC §5): stop when every row has.
+            if i + 1 < k and bool(length.stopped.all()):
+                steps = i + 1
+                break
+        finish = partial(self._finish, state, request, generator, steps)
+        state.graphs.run(("finish", steps), finish, timer, "finish")
+
+    def _draft_step(
+        self, state: _Batch, request: Request, generator: torch.Generator, i: int, timer: StageTimer
+    ) -> None:
+        """Draft token ``i`` of the round for every row: ``state.draft_ids[:, i]`` and its distribution."""
+        sampling = request.sampling
+        device = state.tokens.device
+        length = state.draft_length
+        # Token-level intersection: the drafter proposes only tokens the target has.
+        shared_only = self.bridge.mappable if self._mode == "tli" else None
+        with timer("draft"):
+            if i == 0:
+                # The first step re-feeds the last `window` drafter tokens: whatever the previous round left
+                # unfed (the spelling of its last token, the last drafted token) is among them.
+                state.invalid.zero_()
+                if length is not None:
+                    length.reset(state.done)
+                slots = state.d_lengths[:, None] + torch.arange(
+                    -state.window, 0, device=device
+                )  # [batch, window]
+                inputs = state.d_tokens.gather(1, slots)
+            else:
+                slots = (state.d_lengths + (i - 1))[:, None]
+                inputs = state.draft_ids[:, i - 1 : i]
+            if length is None:
+                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
+            else:
+                logits, hidden = self.drafter.forward(inputs, slots, last_only=True, hidden=True)
+                logits = logits[:, -1]
+            state.invalid |= ops.nonfinite_rows(logits)
+            noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
+            ids, probs = ops.sample(
+                logits,
+                noise,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                mask=shared_only,
+            )
+            state.draft_ids[:, i] = ids
+            state.draft_probs[:, i] = probs
+            if state.draft_probs_t1 is not None:  # the rules' T=1 statistics (CascadeConfig)
+                q1 = (
+                    logits.float()
+                    if shared_only is None
+                    else logits.float().masked_fill(~shared_only, -torch.inf)
+                )
+                state.draft_probs_t1[:, i] = q1.softmax(-1)
+            if length is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
+                length.step(hidden[:, -1], i + 1)
+
+    @property
+    def _mode(self) -> str:
+        return self.config.translation if self.bridge is not None else "shared"
+
+    def _finish(
+        self, state: _Batch, request: Request, generator: torch.Generator, steps: int, timer: StageTimer
+    ) -> None:
+        """The rest of a round whose rows drafted ``steps`` tokens (at most): translate, target forward,
+        verify, commit, learn."""
+        sampling = request.sampling
         batch = state.tokens.shape[0]
         device = state.tokens.device
         active = ~state.done
-        invalid = torch.zeros(batch, dtype=torch.bool, device=device)
-        mode = self.config.translation if self.bridge is not None else "shared"
-        head = self.learner.head if self.learner is not None else None
-
-        # Token-level intersection: the drafter proposes only tokens the target has.
-        shared_only = self.bridge.mappable if mode == "tli" else None
-        with timer("draft"):
-            # The first step re-feeds the last `window` drafter tokens: whatever the previous round left
-            # unfed (the spelling of its last token, the last drafted token) is among them.
-            slots = state.d_lengths[:, None] + torch.arange(
-                -state.window, 0, device=device
-            )  # [batch, window]
-            inputs = state.d_tokens.gather(1, slots)
-            if head is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
-                adaptive = self.config.adaptive
-                length = DraftLength(head, state.done, adaptive.gamma, min(adaptive.k_min, k))
-            steps = k
-            for i in range(k):
-                if head is None:
-                    logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
-                else:
-                    logits, hidden = self.drafter.forward(inputs, slots, last_only=True, hidden=True)
-                    logits = logits[:, -1]
-                invalid |= ops.nonfinite_rows(logits)
-                noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
-                ids, probs = ops.sample(
-                    logits,
-                    noise,
-                    temperature=sampling.temperature,
-                    top_k=sampling.top_k,
-                    top_p=sampling.top_p,
-                    mask=shared_only,
-                )
-                state.draft_ids[:, i] = ids
-                state.draft_probs[:, i] = probs
-                if state.draft_probs_t1 is not None:  # the rules' T=1 statistics (CascadeConfig)
-                    q1 = (
-                        logits.float()
-                        if shared_only is None
-                        else logits.float().masked_fill(~shared_only, -torch.inf)
-                    )
-                    state.draft_probs_t1[:, i] = q1.softmax(-1)
-                inputs, slots = ids[:, None], (state.d_lengths + i)[:, None]
-                if head is not None:
-                    length.step(hidden[:, -1], i + 1)
-                    # Adaptive drafting's own read, once per draft step: stop when every row has.
-                    if i + 1 < k and bool(length.stopped.all()):
-                        steps = i + 1
-                        break
+        mode = self._mode
+        length = state.draft_length
         draft_ids = state.draft_ids[:, :steps]
         draft_probs = state.draft_probs[:, :steps]
         draft_probs_t1 = None if state.draft_probs_t1 is None else state.draft_probs_t1[:, :steps]
@@ -505,7 +553,7 @@ class SpeculativeEngine:
                 for probs in (draft_probs, draft_probs_t1):
                     if probs is not None:
                         fold_twins_(probs, self.bridge.twins)
-            if head is not None:  # a row proposes only the target tokens wholly inside its own draft
+            if length is not None:  # a row proposes only the target tokens wholly inside its own draft
                 proposal = torch.where(span_end <= length.drafted[:, None], proposal, -1)
 
         with timer("target"):
@@ -536,7 +584,7 @@ class SpeculativeEngine:
             )
 
         with timer("commit"):
-            invalid = (invalid | target_invalid) & active
+            invalid = (state.invalid | target_invalid) & active
             generated, d_lengths = state.generated.clone(), state.d_lengths.clone()  # before this round
             kept = ops.commit(
                 state.tokens,
@@ -560,7 +608,7 @@ class SpeculativeEngine:
                 spelling_len,
                 active,
             )
-            drafter_proposed = length.drafted * active if head is not None else active.long() * steps
+            drafter_proposed = length.drafted * active if length is not None else active.long() * steps
             self._count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed)
 
         if self.ngram is not None:

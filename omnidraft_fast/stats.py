@@ -143,7 +143,7 @@ class StageTimer:
     """
 
     def __init__(self, enabled: bool, device: torch.device):
-        self.enabled = enabled
+        self.enabled, self.device = enabled, device
         self.sync = enabled and device.type == "cuda"
         self.seconds: dict[str, float] = {}
 

@@ -60,7 +60,7 @@ def test_drafter_context_stays_in_step(pair, monkeypatch):
     engine = _engine(pair, "tli", 3)
     states = []
     begin = engine._begin
-    monkeypatch.setattr(engine, "_begin", lambda request: states.append(begin(request)) or states[-1])
+    monkeypatch.setattr(engine, "_begin", lambda *args: states.append(begin(*args)) or states[-1])
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     engine.generate(ids, max_new_tokens=16, eos_token_id=[])
     state = states[0]

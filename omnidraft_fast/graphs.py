@@ -1,0 +1,157 @@
+"""Capture and replay of the engine's round stages: CUDA graphs on CUDA, a replay recorder elsewhere.
+
+A round (``engine.py``) is a few *stages* of fixed-shape device work that read and write only tensors
+allocated before the round (the request's state, the caches, the models' weights, the n-gram table):
+one stage for the whole round, or, with an adaptive draft length, one per draft step and one for the
+rest (translate, target forward, verify, commit, learn), chosen by the host between them.
+:class:`StageGraphs` runs a stage the first time eagerly (the warm-up: Triton compiles, cuBLAS picks
+its kernels), captures it the second time and from then on replays it: no Python, no launch overhead,
+no host round-trip. Captured stages of one request share one memory pool and are released with it.
+
+Replay semantics are what the engine must respect, on every device:
+
+- Python inside a stage runs once, at capture; Python values it computes are constants thereafter.
+  What a stage passes to a later one goes through tensors allocated outside the stages.
+- A stage reads its inputs where they were at capture: tensors are updated in place, never rebound.
+- A stage never reads the device from the host (``.item()``, ``bool(t)``, ``nonzero``,
+  data-dependent shapes): a CUDA capture would fail or, worse, bake in one round's value.
+- Randomness comes from the request's generator, registered with every graph, so each replay draws
+  fresh numbers.
+
+Off CUDA, :class:`ReplayGraph` gives the same semantics without a GPU: capture runs the stage once
+while recording every aten op it dispatches (with its tensors), replay re-runs the recorded ops on the
+same tensors, copying fresh results into the recorded outputs. Python does not rerun, so a stage that
+breaks the rules above computes something else than in eager mode, and a host read or data-dependent
+shape inside a capture raises :class:`CaptureError`. That is how the tests check, on a CPU, that the
+engine's rounds can be captured (``EngineConfig(cuda_graphs=True)`` works on every device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .stats import StageTimer
+
+__all__ = ["CaptureError", "ReplayGraph", "StageGraphs"]
+
+# Ops whose output shape depends on tensor values: a capture cannot hold them.
+_DATA_DEPENDENT = frozenset(
+    {"nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+     "unique_dim", "repeat_interleave", "argwhere", "bincount", "histc"}
+)  # fmt: skip
+
+
+# Indexing ops that turn a boolean index into positions (a `nonzero` inside).
+_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+
+
+def _boolean_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+class CaptureError(RuntimeError):
+    """A captured stage did something a CUDA graph cannot replay (a host read, a data-dependent shape)."""
+
+
+class ReplayGraph(TorchDispatchMode):
+    """A CPU stand-in for ``torch.cuda.CUDAGraph`` with the same replay semantics (module docstring).
+
+    Use as a context manager around the stage once (it runs and is recorded), then :meth:`replay`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[Any, tuple, dict, Any, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _DATA_DEPENDENT or (name in _INDEXING and _boolean_index(args)):
+            raise CaptureError(
+                f"`{name}` has a data-dependent output shape and cannot be captured; keep the stage's shapes "
+                "fixed (masks and torch.where instead of boolean indexing)"
+            )
+        out = func(*args, **kwargs)
+        if not all(isinstance(x, torch.Tensor) or x is None for x in tree_flatten(out)[0]):
+            raise CaptureError(
+                f"`{func}` reads a value back to the host inside a captured stage (`.item()`, `bool()`, "
+                "`.tolist()`...); read it after the stage instead"
+            )
+        aliased = any(r.alias_info is not None for r in func._schema.returns)  # in place or a view
+        self.ops.append((func, args, kwargs, out, aliased))
+        return out
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        """Re-run the recorded ops on the recorded tensors."""
+        for func, args, kwargs, out, aliased in self.ops:
+            result = func(*args, **kwargs)
+            if not aliased:  # a fresh tensor: its consumers read the recorded one
+                for old, new in zip(tree_flatten(out)[0], tree_flatten(result)[0], strict=True):
+                    if old is not None:
+                        old.copy_(new)
+
+
+class StageGraphs:
+    """The captured stages of one request (module docstring).
+
+    Args:
+        device: the engine's device; CUDA captures CUDA graphs, other devices :class:`ReplayGraph`\\ s.
+        generator: the request's random generator (registered with every CUDA graph).
+        enabled: ``False`` runs every stage eagerly.
+    """
+
+    def __init__(self, device: torch.device, generator: torch.Generator, enabled: bool):
+        self.enabled = enabled
+        self.cuda = enabled and device.type == "cuda"
+        self.generator = generator
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph | ReplayGraph] = {}
+        self.warm: set[Hashable] = set()
+        self.captures = 0
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def run(self, key: Hashable, stage: Callable[[StageTimer], None], timer: StageTimer, name: str) -> None:
+        """Run ``stage`` (called with the timer its inner stages use), captured under ``key``.
+
+        Eager runs time their inner stages; a replay is timed as one stage ``name``.
+        """
+        if not self.enabled:
+            stage(timer)
+            return
+        graph = self.graphs.get(key)
+        if graph is not None:
+            with timer(name):
+                graph.replay()
+            return
+        if key not in self.warm:
+            self.warm.add(key)
+            stage(timer)
+            return
+        untimed = StageTimer(False, timer.device)
+        with timer(f"capture:{name}"):
+            if self.cuda:
+                graph = torch.cuda.CUDAGraph()
+                graph.register_generator_state(self.generator)
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                    stage(untimed)
+                graph.replay()  # a capture records the work without doing it
+            else:
+                graph = ReplayGraph()
+                with graph:  # a recording does the work
+                    stage(untimed)
+        self.graphs[key] = graph
+        self.captures += 1
+
+    def close(self) -> None:
+        """Release the graphs and their memory."""
+        for graph in self.graphs.values():
+            if isinstance(graph, torch.cuda.CUDAGraph):
+                graph.reset()
+        self.graphs.clear()

@@ -1,0 +1,274 @@
+"""Captured round stages (graphs.py): replay semantics, host-read detection, and rounds that give exactly
+what eager rounds give, on every device (CUDA graphs on CUDA, the replay recorder elsewhere)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import left_padded_prompts, perturbed_copy, tiny_model
+
+from omnidraft_fast import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine
+from omnidraft_fast.graphs import CaptureError, ReplayGraph, StageGraphs
+from omnidraft_fast.stats import StageTimer
+
+VOCAB = 96
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------- the recorder
+def test_replay_reads_inputs_in_place_and_runs_no_python():
+    x, y = torch.ones(3), torch.zeros(3)
+    calls = []
+
+    def stage():
+        calls.append(1)
+        y.copy_(x * 2 + 1)
+
+    graph = ReplayGraph()
+    with graph:
+        stage()
+    assert y.tolist() == [3.0] * 3 and len(calls) == 1
+    x.fill_(5.0)
+    graph.replay()
+    assert y.tolist() == [11.0] * 3 and len(calls) == 1  # the op reran on the new input, Python did not
+
+
+def test_replay_keeps_fresh_intermediates_and_views_consistent():
+    x, out = torch.arange(6.0).reshape(2, 3), torch.zeros(2)
+    graph = ReplayGraph()
+    with graph:
+        t = x.t().contiguous()  # a view, then a fresh tensor
+        scratch = torch.zeros(3, 2)
+        scratch.scatter_(0, torch.tensor([[2, 0]]), 1.0)
+        out.copy_((t * scratch).sum(0) + t.max(0).values)
+    expected = out.clone()
+    x.mul_(-1)
+    graph.replay()
+    t = x.t()
+    scratch = torch.zeros(3, 2)
+    scratch[2, 0] = scratch[0, 1] = 1.0
+    assert torch.equal(out, (t * scratch).sum(0) + t.max(0).values)
+    assert not torch.equal(out, expected)
+
+
+def test_replay_draws_fresh_random_numbers_in_the_eager_sequence():
+    generator = torch.Generator().manual_seed(7)
+    out = torch.zeros(4)
+    graph = ReplayGraph()
+    with graph:
+        out.copy_(torch.rand(4, generator=generator) + torch.empty(4).exponential_(generator=generator))
+    draws = [out.clone()]
+    for _ in range(2):
+        graph.replay()
+        draws.append(out.clone())
+    generator.manual_seed(7)
+    eager = [
+        torch.rand(4, generator=generator) + torch.empty(4).exponential_(generator=generator)
+        for _ in range(3)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(draws, eager, strict=True))
+
+
+@pytest.mark.parametrize(
+    "stage, match",
+    [
+        (lambda x: bool(x.sum() > 0), "reads a value back to the host"),
+        (lambda x: x.max().item(), "reads a value back to the host"),
+        (lambda x: x[x > 0], "data-dependent output shape"),
+        (lambda x: torch.nonzero(x), "data-dependent output shape"),
+        (lambda x: x.__setitem__(x > 0, 0.0), "data-dependent output shape"),  # x[x > 0] = 0
+    ],
+)
+def test_host_reads_inside_a_capture_are_refused(stage, match):
+    with pytest.raises(CaptureError, match=match), ReplayGraph():
+        stage(torch.randn(5))
+
+
+def test_stage_graphs_warm_up_then_capture_then_replay():
+    x, y = torch.ones(2), torch.zeros(2)
+    runs = []
+
+    def stage(timer):
+        runs.append(timer.enabled)
+        with timer("inner"):
+            y.add_(x)
+
+    timer = StageTimer(True, CPU)
+    graphs = StageGraphs(CPU, torch.Generator(), enabled=True)
+    for _ in range(4):
+        graphs.run("key", stage, timer, "outer")
+    assert y.tolist() == [4.0, 4.0]
+    assert runs == [True, False]  # Python ran eagerly (timed inside), then once more to be captured
+    assert graphs.captures == 1 and set(timer.seconds) == {"inner", "capture:outer", "outer"}
+    graphs.close()
+    off = StageGraphs(CPU, torch.Generator(), enabled=False)
+    for _ in range(3):
+        off.run("key", stage, timer, "outer")
+    assert runs == [True, False, True, True, True] and y.tolist() == [7.0, 7.0]
+
+
+# ------------------------------------------------------------------------------------------ the engine
+@pytest.fixture(scope="module")
+def shared_pair():
+    target = tiny_model("llama", VOCAB, seed=11, eos_token_id=5)
+    return target, perturbed_copy(target, 0.3, seed=12)
+
+
+def _both_modes(make_engine, requests):
+    """Run ``requests`` (generate() keyword dicts) on an eager engine and on a captured one, from the same
+    seeds; returns both lists of outputs."""
+    results = []
+    for graphs in (False, True):
+        torch.manual_seed(1234)  # a LoRA adapter's initialisation draws from the global RNG
+        engine = make_engine(graphs)
+        outs = []
+        for seed, kwargs in enumerate(requests):
+            torch.manual_seed(seed)
+            outs.append(engine.generate(**kwargs, return_dict_in_generate=True))
+        results.append((engine, outs))
+    return results
+
+
+def _assert_same(results, replayed_stage="round"):
+    (_, eager), (_, captured) = results
+    for a, b in zip(eager, captured, strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        for name in ("rounds", "proposed", "accepted", "drafter_proposed", "merged_accepted", "deferred"):
+            assert getattr(a.stats, name) == getattr(b.stats, name), name
+    # the captured engine did replay (a replay is timed as one stage)
+    assert replayed_stage in captured[-1].stats.stage_seconds
+
+
+@pytest.mark.parametrize(
+    "sampling", [{}, {"do_sample": True}, {"do_sample": True, "temperature": 0.7, "top_k": 20}]
+)
+def test_shared_vocabulary_rounds_replay_exactly(shared_pair, sampling):
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 3, 5], seed=1)
+    request = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "max_new_tokens": 20,
+        "eos_token_id": 5,
+        "pad_token_id": 0,
+    }
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)),
+        [{**request, **sampling}] * 2,
+    )
+    _assert_same(results)
+
+
+def test_cascade_rounds_replay_exactly(shared_pair):
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [4, 6], seed=2)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 16, "do_sample": True,
+               "temperature": 0.8, "cascade": CascadeConfig("opt", (0.2, 0.5))}  # fmt: skip
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)), [request]
+    )
+    _assert_same(results)
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
+def test_cross_vocabulary_rounds_replay_exactly(cross_pair, translation):
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    prompts = target_tokenizer(
+        ["def parse(text):\n    return", "x = [i for"], return_tensors="pt", padding=True
+    )
+    request = {**prompts, "max_new_tokens": 12, "do_sample": True}
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+            config=EngineConfig(translation=translation, cuda_graphs=graphs),
+        ),
+        [request, {**request, "do_sample": False}],
+    )  # fmt: skip
+    _assert_same(results)
+    (eager, _), (captured, _) = results
+    if translation != "tli":  # the n-gram table learned the same entries
+        assert torch.equal(eager.ngram.key_ids, captured.ngram.key_ids)
+        assert torch.equal(eager.ngram.counts, captured.ngram.counts)
+
+
+def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
+    """With an acceptance head each draft step is its own stage, and the rest of the round one stage per
+    draft length; the online learners receive the same rows."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=3)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": True}
+    config = {"num_draft_tokens": 5, "distill": DistillConfig(rank=8, interval=2, lr=1e-2),
+              "adaptive": AdaptiveConfig(gamma=0.5, interval=2, prior=0.7)}  # fmt: skip
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
+        ),
+        [request] * 3,
+    )
+    _assert_same(results, replayed_stage="draft")
+    (eager, outs), (captured, _) = results
+    assert eager.learner.stats.distill_steps >= 1  # the learners trained between requests, identically
+    for a, b in zip(eager.learner.head.parameters(), captured.learner.head.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
+
+
+def test_a_streamer_sees_every_round_when_captured(shared_pair):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append(None)
+
+    target, drafter = shared_pair
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    streamer = Collect()
+    ids = torch.tensor([[7, 8, 9, 10]])
+    out = engine.generate(ids, max_new_tokens=15, streamer=streamer)
+    streamed = [t for chunk in streamer.chunks[1:-1] for t in chunk]
+    assert streamed == out[0, 4:].tolist() and streamer.chunks[-1] is None
+
+
+def test_graph_mode_is_checked():
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        EngineConfig(cuda_graphs="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_on_the_zoo_pair():
+    """Real CUDA graphs: greedy and sampled outputs equal eager mode's on the embedded pair, every
+    configuration of the round (shared, cross, cascade, adaptive)."""
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair", device="cuda")
+    prompts = zoo.target_tokenizer(["def parse(text):\n", "Question: Tom has 3 apples"], return_tensors="pt",
+                                   padding=True).to("cuda")  # fmt: skip
+    cross = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
+    cases = [
+        (zoo.drafter_shared, {}, {}),
+        (zoo.drafter_cross, cross, {}),
+        (zoo.drafter_shared, {}, {"cascade": CascadeConfig("token_v3", 0.3)}),
+        (zoo.drafter_shared, {}, {"adaptive": AdaptiveConfig()}),
+    ]
+    for drafter, tokenizers, config in cases:
+        for sampling in ({}, {"do_sample": True, "top_k": 20}):
+            request = {**prompts, "max_new_tokens": 48, **sampling}
+            results = _both_modes(
+                lambda graphs, d=drafter, t=tokenizers, c=config: SpeculativeEngine(
+                    zoo.target,
+                    copy.deepcopy(d),
+                    **t,
+                    config=EngineConfig(**c, cuda_graphs=graphs, time_stages=True),
+                ),
+                [request] * 2,
+            )
+            _assert_same(results, replayed_stage="draft" if "adaptive" in config else "round")
