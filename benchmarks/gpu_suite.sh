@@ -3,58 +3,103 @@
 #
 #     OUT=/path/to/results bash benchmarks/gpu_suite.sh
 #
-# Every step writes into $OUT (default benchmarks/results/gpu) and the suite goes on after a failing step;
-# the exit status is the number of failed steps.
+# Sized for a short lease: the steps run in priority order, each under its own time limit and all under one
+# deadline (SUITE_SECONDS, default 540), and a step that would start with under 20 s left is skipped and
+# said so. After every step the whole result folder is packed into $OUT/gpu-results.tgz, beside
+# $OUT/steps.txt, so a run cut short still returns everything it measured in two files.
+#
+#   SUITE_SECONDS=540   the deadline, from the start of the script
+#   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
+#   STEPS="..."         run only these steps (names as in steps.txt), in the order below
+#   FULL=1              add the benchmark zoo (training a drafter pair: tens of minutes) and its end-to-end runs
+#
+# The exit status is the number of failed steps (timed-out ones included).
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
+WORK=${WORK:-$(mktemp -d)/gpu}
+SUITE_SECONDS=${SUITE_SECONDS:-540}
+GRID=${GRID:-goal}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
 failed=0
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
-    local name=$1
-    shift
-    echo "== $name: $*"
+
+pack() { tar czf "$OUT/gpu-results.tgz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null; }
+note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
+wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
+    local name=$1 limit=$2
+    shift 2
+    wanted "$name" || return 0
+    local left=$((SUITE_SECONDS - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        note "$name skipped: ${left}s left of SUITE_SECONDS=$SUITE_SECONDS"
+        return 0
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
+    echo "== $name (limit ${limit}s): $*"
     local began=$SECONDS
-    "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local status=$?
-    echo "$name exit=$status seconds=$((SECONDS - began))" | tee -a "$OUT/steps.txt"
-    [ "$status" -eq 0 ] || failed=$((failed + 1))
+    [ "$status" -eq 124 ] && status="124 (timed out after ${limit}s)"
+    note "$name exit=$status seconds=$((SECONDS - began))"
+    [ "$status" = 0 ] || failed=$((failed + 1))
+    pack
 }
 
-pip install --no-deps -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; exit 1; }
+pip install --no-deps -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__)"
+    python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__)"
     git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
-} >"$OUT/environment.txt" 2>&1
+} >"$WORK/environment.txt" 2>&1
+cat "$WORK/environment.txt" >>"$OUT/steps.txt"
 
-# 1. The whole test suite on CUDA, gpu-marked cases included.
-step tests python -m pytest -q -rs --junitxml="$OUT/tests.xml"
-# 2. compute-sanitizer over every kernel on a small case.
-if command -v compute-sanitizer >/dev/null; then
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
-    step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
-else
-    echo "compute-sanitizer not found: memcheck/racecheck skipped" | tee -a "$OUT/steps.txt"
+if [ "$GRID" = full ]; then
+    select_sampling=() select_verify=() select_ngram=() select_translate=()
+else  # the goals' shapes: [72, 128256] bf16 (sampling: 72 rows; verification: 8 rows x 9 positions)
+    select_sampling=(-k "72-128256") select_verify=(-k "8-8-128256") select_ngram=(-k "524288-131072")
+    select_translate=(-k "64-8")
 fi
-# 3. No host sync inside a round.
-step syncs python benchmarks/gpu_checks.py syncs
-# 4. Kernel microbenchmarks (eager reference, torch.compile, Triton, device-to-device copy).
-for op in sampling verify translate ngram; do
-    step "bench_$op" python -m pytest -q "benchmarks/bench_$op.py" --benchmark-only \
-        --benchmark-json="$OUT/bench_$op.json" --benchmark-columns=min,median,mean,rounds
-done
-# 5. End-to-end against transformers on the zoo, and the cascade trade-off.
-step e2e python benchmarks/e2e.py --out "$OUT"
-step cascades python -m omnidraft_fast.cli cascade-sweep --out "$OUT"
-step online python benchmarks/online.py --out "$OUT"
-# 6. The benchmark zoo (EVALUATION.md; needs ../shared/tokenizers), end to end on each pair; the scale shapes.
-step train_bench python -m omnidraft_fast.zoo.train_bench --out "$OUT/zoo"
-for pair in llama3 qwen3; do
-    if [ -d "$OUT/zoo/$pair/target" ]; then
-        step "e2e_$pair" python benchmarks/e2e.py --pair "$OUT/zoo/$pair" --out "$OUT"
-        step "online_$pair" python benchmarks/online.py --pair "$OUT/zoo/$pair" --out "$OUT"
-    fi
-done
-step scale python benchmarks/scale.py --preset llama3-8b --trace "$OUT/scale-trace.json" --out "$OUT"
-echo "failed steps: $failed (details in $OUT/*.log)"
+bench() {  # bench OP LIMIT SELECTION...
+    local op=$1 limit=$2
+    shift 2
+    step "bench_$op" "$limit" python -m pytest -q "benchmarks/bench_$op.py" "$@" --benchmark-only \
+        --benchmark-json="$WORK/bench_$op.json" --benchmark-columns=min,median,mean,rounds --benchmark-max-time=0.5
+}
+
+# 1. Correctness on CUDA first: the gpu-marked cases (full vocabularies, bf16, concurrent inserts, CUDA graphs).
+step tests_gpu 180 python -m pytest -q -rs -m gpu --junitxml="$WORK/tests_gpu.xml"
+# 2. No host sync inside a round (eager rounds under sync-debug "error").
+step syncs 60 python benchmarks/gpu_checks.py syncs
+# 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
+bench verify 100 "${select_verify[@]}"
+bench sampling 120 "${select_sampling[@]}"
+# 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes.
+step e2e 120 python benchmarks/e2e.py --prompts-per-task 1 --out "$WORK"
+step scale 90 python benchmarks/scale.py --preset llama3-8b --trace "$WORK/scale-trace.json" --out "$WORK"
+bench ngram 60 "${select_ngram[@]}"
+bench translate 60 "${select_translate[@]}"
+# 5. compute-sanitizer over every kernel on a small case.
+if command -v compute-sanitizer >/dev/null; then
+    step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
+    step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
+else
+    note "compute-sanitizer not found: memcheck/racecheck skipped"
+fi
+# 6. The rest of the test suite on CUDA; the cascade and online-learning benchmarks.
+step tests 300 python -m pytest -q -rs -m "not gpu" --junitxml="$WORK/tests.xml"
+step cascades 120 python -m omnidraft_fast.cli cascade-sweep --out "$WORK"
+step online 120 python benchmarks/online.py --out "$WORK"
+# 7. FULL=1: the benchmark zoo (EVALUATION.md; needs ../shared/tokenizers), end to end on each pair.
+if [ "${FULL:-0}" = 1 ]; then
+    step train_bench 3600 python -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo"
+    for pair in llama3 qwen3; do
+        if [ -d "$WORK/zoo/$pair/target" ]; then
+            step "e2e_$pair" 600 python benchmarks/e2e.py --pair "$WORK/zoo/$pair" --out "$WORK"
+            step "online_$pair" 600 python benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
+        fi
+    done
+fi
+note "failed steps: $failed; $((SECONDS))s in all (logs and results in gpu-results.tgz)"
+pack
 exit "$failed"
