@@ -161,6 +161,56 @@ def test_shared_vocabulary_rounds_replay_exactly(shared_pair, sampling):
     _assert_same(results)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gpt2"])
+def test_every_architecture_replays_exactly(arch):
+    target = tiny_model(arch, VOCAB, seed=13)
+    drafter = perturbed_copy(target, 0.3, seed=14)
+    ids, mask = left_padded_prompts(VOCAB, [3, 6], seed=4)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 12, "do_sample": True}
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)), [request]
+    )
+    _assert_same(results)
+
+
+def test_short_requests_and_failures_leave_the_engine_usable(shared_pair):
+    """A request too short to reach a capture, and one that fails inside a captured round (NaN logits from
+    the third round on), leave nothing behind: the next request matches an eager engine's."""
+    target, drafter = shared_pair
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    eager = SpeculativeEngine(target, drafter)
+    ids = torch.tensor([[7, 8, 9, 10]])
+    for max_new_tokens in (1, 3):
+        assert torch.equal(
+            engine.generate(ids, max_new_tokens=max_new_tokens),
+            eager.generate(ids, max_new_tokens=max_new_tokens),
+        )
+    from transformers.generation.streamers import BaseStreamer
+
+    weight = target.lm_head.weight
+    pristine = weight.detach().clone()
+
+    class Poison(BaseStreamer):  # after the prompt and two rounds, the target's head turns to NaN in place
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 3:
+                with torch.no_grad():
+                    weight.fill_(float("nan"))
+
+        def end(self):
+            pass
+
+    try:
+        with pytest.raises(ValueError, match="NaN"):
+            engine.generate(ids, max_new_tokens=40, streamer=Poison())  # round 3 is a replay
+    finally:
+        with torch.no_grad():
+            weight.copy_(pristine)
+    assert torch.equal(engine.generate(ids, max_new_tokens=20), eager.generate(ids, max_new_tokens=20))
+
+
 def test_cascade_rounds_replay_exactly(shared_pair):
     target, drafter = shared_pair
     ids, mask = left_padded_prompts(VOCAB, [4, 6], seed=2)
