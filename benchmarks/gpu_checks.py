@@ -65,7 +65,7 @@ def syncs() -> None:
         ),
     }
     for name, engine in cases.items():
-        original = engine._round
+        original = engine.rounds.run
 
         def checked(*args, original=original):
             torch.cuda.set_sync_debug_mode("error")
@@ -74,7 +74,7 @@ def syncs() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 
-        engine._round = checked
+        engine.rounds.run = checked
         for kwargs in ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("token_v3", 0.3)}):
             engine.generate(**ids, max_new_tokens=24, **kwargs)
             print(f"syncs: {name} {kwargs or 'greedy'}: no host sync inside a round")

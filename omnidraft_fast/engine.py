@@ -1,25 +1,12 @@
-"""SpeculativeEngine: owns a target and a drafter and runs the rounds of speculative decoding.
+"""SpeculativeEngine: owns a target and a drafter, and runs requests through speculative decoding.
 
-One round, for every row of the batch at once (``k`` = draft length)::
-
-    1 draft      the drafter proposes y_1..y_k          k forwards of 1 token (the first re-feeds a window);
-                                                        with an acceptance head, rows stop early (SPEC §5)
-    2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
-    3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
-    4 verify     speculative sampling or a cascade      accepted count + recovered/bonus token per row
-    5 commit     append kept tokens per row            EOS / max_new_tokens; rollback is implicit
-    6 learn      n-gram inserts; labels for the online learners
-    7 host       one small read: are all rows done?
-
-Between requests the online learners (``learner.py``) train the drafter's LoRA adapter and the
-acceptance head on what the rounds recorded.
-
-Per-row state is a handful of fixed-shape device tensors (``_Batch``). A row's
-committed tokens sit in ``tokens[b, :lengths[b]]`` by cache slot (see
-``models.py``): the target's cache holds all of them but the last (the
-*pending* token), the drafter's cache holds at least all but the last two. So
-a rejection needs no cache work at all: the next round simply writes at the
-row's new length, over the rejected slots.
+A request: resolve and check the arguments (``request.py``), lay out the device state and prefill
+(``rounds.py``), run rounds until every row is done with one small host read between rounds (are all
+rows done, did a model produce NaN/inf logits, is the n-gram table over half full), then cut the output
+like ``model.generate()`` does. The rounds themselves live in ``rounds.py``; with
+``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests the
+online learners (``learner.py``) train the drafter's LoRA adapter and the acceptance head on what the
+rounds recorded.
 """
 
 from __future__ import annotations
@@ -27,34 +14,22 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import ops
-from .adaptive import DraftLength
 from .bridge import VocabBridge
-from .config import CascadeConfig, EngineConfig, SamplingParams
-from .experience import Recorder
-from .graphs import StageGraphs
-from .kernels.proposal import CrossProposal, fold_twins_
-from .kernels.verify import RULES
+from .config import CascadeConfig, EngineConfig
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
+from .rounds import COUNTERS, RequestState, Rounds
 from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
-
-# Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
-_COUNTERS = (
-    "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
-    "merged_accepted", "deferred", "invalid",
-)  # fmt: skip
 
 # Keyword names of transformers' generate() that mean the same as ours.
 _ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
@@ -72,32 +47,6 @@ class GenerateOutput:
         if key not in ("sequences", "stats"):
             raise KeyError(key)
         return getattr(self, key)
-
-
-@dataclass
-class _Batch:
-    """Device state of one request (fixed shapes for the whole request)."""
-
-    tokens: torch.Tensor  # [batch, slots + 1] committed target tokens by slot
-    lengths: torch.Tensor  # [batch] committed slots (dummy slot and padding included)
-    start: torch.Tensor  # [batch] first slot of each row's prompt
-    generated: torch.Tensor  # [batch] new tokens so far
-    done: torch.Tensor  # [batch] bool
-    eos_ids: torch.Tensor  # [num_eos]
-    d_tokens: torch.Tensor  # [batch, drafter slots + margin] the drafter's context by slot, in drafter ids
-    d_start: torch.Tensor  # [batch] first slot of each row's drafter context
-    d_lengths: torch.Tensor  # [batch] committed drafter slots
-    window: int  # drafter tokens re-fed by the first draft step of a round
-    draft_ids: torch.Tensor  # [batch, k] drafter ids
-    draft_probs: torch.Tensor  # [batch, k, V_d] fp32
-    draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
-    rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
-    alpha: torch.Tensor | None  # [batch] fp32
-    counters: torch.Tensor  # [len(_COUNTERS)] int64, summed over rounds (read once, at the end)
-    recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
-    invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
-    draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
-    graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs)
 
 
 class SpeculativeEngine:
@@ -159,6 +108,7 @@ class SpeculativeEngine:
                 config.adaptive,
                 adapter_name=_adapter_name(target, drafter),
             )
+        self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()
         self.last_stats = GenerationStats()
 
@@ -284,7 +234,7 @@ class SpeculativeEngine:
         seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG: torch.manual_seed reproduces runs
         generator = torch.Generator(device).manual_seed(seed)
         began = time.perf_counter()
-        state = self._begin(request, generator)
+        state = self.rounds.begin(request, generator)
         batch, prompt = request.input_ids.shape
         if request.streamer is not None:
             request.streamer.put(request.input_ids.cpu())
@@ -318,7 +268,7 @@ class SpeculativeEngine:
             columns = torch.arange(longest, device=device)
             tail = sequences[:, prompt:]
             tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id)
-        counters = dict(zip(_COUNTERS, state.counters.tolist(), strict=True))
+        counters = dict(zip(COUNTERS, state.counters.tolist(), strict=True))
         del counters["invalid"]
         stats = GenerationStats(
             requests=1,
@@ -332,22 +282,15 @@ class SpeculativeEngine:
         )
         return sequences, stats
 
-    def _decode(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> int:
+    def _decode(
+        self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
+    ) -> int:
         """Prefill both models, then run rounds until every row is done; returns the number of rounds."""
-        device = self.device
-        batch, prompt = request.input_ids.shape
-        with timer("prefill"):
-            # Each model's cache gets every committed slot below the ones its first round rewrites.
-            for model, tokens, end in (
-                (self.target, state.tokens, prompt),
-                (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window)),
-            ):
-                slots = torch.arange(end, device=device).expand(batch, end)
-                model.forward(tokens[:, :end], slots, last_only=True)
+        self.rounds.prefill(state, request, timer)
         rounds = 0
         while True:
             before = state.lengths.clone() if request.streamer is not None else None
-            self._round(state, request, generator, timer)
+            self.rounds.run(state, request, generator, timer)
             rounds += 1
             with timer("host"):
                 table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
@@ -366,301 +309,8 @@ class SpeculativeEngine:
                 break
         return rounds
 
-    @property
-    def _spelling_width(self) -> int:
-        """Most drafter tokens one committed target token adds to the drafter's context in a round."""
-        return 1 if self.bridge is None else min(self.bridge.max_spelling, self.config.max_spelling)
-
-    def _spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n] (0 if longer)."""
-        if self.bridge is None:
-            return target_ids[:, None], torch.ones_like(target_ids)
-        width = self._spelling_width
-        lengths = self.bridge.t2ds_len[target_ids].long()
-        return self.bridge.t2ds[target_ids, :width].long(), torch.where(lengths <= width, lengths, 0)
-
-    def _begin(self, request: Request, generator: torch.Generator) -> _Batch:
-        """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
-        device, k, new = self.device, request.num_draft_tokens, request.max_new_tokens
-        adaptive = self.config.adaptive
-        batch, prompt = request.input_ids.shape
-        slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
-        tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
-        tokens[:, 1 : 1 + prompt] = request.input_ids
-        start = 1 + prompt - request.prompt_lengths.to(device)
-
-        # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
-        # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
-        spelling_width = self._spelling_width
-        window = spelling_width + 1
-        rows = []
-        for row in range(batch):
-            ids = request.input_ids[row, prompt - int(request.prompt_lengths[row]) :]
-            rows.append(ids if self.bridge is None else self.bridge.spell_for_drafter(ids))
-        d_prompt = max(1, max(len(r) for r in rows))
-        # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
-        # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.
-        d_slots = (window - 1) + d_prompt + spelling_width * (new + k) + k
-        d_tokens = torch.zeros(batch, d_slots + k + spelling_width, dtype=torch.int64, device=device)
-        d_start = torch.empty(batch, dtype=torch.int64, device=device)
-        for row, ids in enumerate(rows):
-            d_start[row] = window - 1 + d_prompt - len(ids)
-            d_tokens[row, window - 1 + d_prompt - len(ids) : window - 1 + d_prompt] = ids
-
-        for model, width, first in ((self.target, slots, start), (self.drafter, d_slots, d_start)):
-            model.check_window(width)
-            model.begin(first, width)
-        return _Batch(
-            tokens=tokens,
-            lengths=torch.full((batch,), 1 + prompt, dtype=torch.int64, device=device),
-            start=start,
-            generated=torch.zeros(batch, dtype=torch.int64, device=device),
-            done=torch.zeros(batch, dtype=torch.bool, device=device),
-            eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=device),
-            d_tokens=d_tokens,
-            d_start=d_start,
-            d_lengths=torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device),
-            window=window,
-            draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
-            draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
-            draft_probs_t1=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device)
-            if request.cascade is not None and request.sampling != SamplingParams(temperature=1.0)
-            else None,
-            rule=None
-            if request.cascade is None
-            else torch.full((batch,), RULES.index(request.cascade.rule), dtype=torch.int64, device=device),
-            alpha=None
-            if request.cascade is None
-            else torch.tensor(request.alphas, dtype=torch.float32, device=device),
-            counters=torch.zeros(len(_COUNTERS), dtype=torch.int64, device=device),
-            recorder=None
-            if self.learner is None or not self.learner.enabled
-            else self.learner.recorder(
-                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype
-            ),
-            invalid=torch.zeros(batch, dtype=torch.bool, device=device),
-            draft_length=None
-            if self.learner is None or self.learner.head is None
-            else DraftLength(self.learner.head, batch, adaptive.gamma, min(adaptive.k_min, k), device),
-            graphs=StageGraphs(device, generator, self.config.cuda_graphs),
-        )
-
-    def _round(self, state: _Batch, request: Request, generator: torch.Generator, timer: StageTimer) -> None:
-        """One round over fixed-shape device tensors: k draft steps, then ``_finish`` (translate, target
-        forward, verify, commit, learn). ``state.graphs`` runs them as captured stages (``graphs.py``): the
-        whole round as one, or with an adaptive draft length each draft step and the rest."""
-        k = request.num_draft_tokens
-        length = state.draft_length
-        if length is None:
-
-            def whole(timer: StageTimer) -> None:
-                for i in range(k):
-                    self._draft_step(state, request, generator, i, timer)
-                self._finish(state, request, generator, k, timer)
-
-            state.graphs.run("round", whole, timer, "round")
-            return
-        steps = k
-        for i in range(k):
-            step = partial(self._draft_step, state, request, generator, i)
-            state.graphs.run(("draft", i), step, timer, "draft")
-            # Adaptive drafting's own read, once per draft step (SPEC §5): stop when every row has.
-            if i + 1 < k and bool(length.stopped.all()):
-                steps = i + 1
-                break
-        finish = partial(self._finish, state, request, generator, steps)
-        state.graphs.run(("finish", steps), finish, timer, "finish")
-
-    def _draft_step(
-        self, state: _Batch, request: Request, generator: torch.Generator, i: int, timer: StageTimer
-    ) -> None:
-        """Draft token ``i`` of the round for every row: ``state.draft_ids[:, i]`` and its distribution."""
-        sampling = request.sampling
-        device = state.tokens.device
-        length = state.draft_length
-        # Token-level intersection: the drafter proposes only tokens the target has.
-        shared_only = self.bridge.mappable if self._mode == "tli" else None
-        with timer("draft"):
-            if i == 0:
-                # The first step re-feeds the last `window` drafter tokens: whatever the previous round left
-                # unfed (the spelling of its last token, the last drafted token) is among them.
-                state.invalid.zero_()
-                if length is not None:
-                    length.reset(state.done)
-                slots = state.d_lengths[:, None] + torch.arange(
-                    -state.window, 0, device=device
-                )  # [batch, window]
-                inputs = state.d_tokens.gather(1, slots)
-            else:
-                slots = (state.d_lengths + (i - 1))[:, None]
-                inputs = state.draft_ids[:, i - 1 : i]
-            if length is None:
-                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
-            else:
-                logits, hidden = self.drafter.forward(inputs, slots, last_only=True, hidden=True)
-                logits = logits[:, -1]
-            state.invalid |= ops.nonfinite_rows(logits)
-            noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
-            ids, probs = ops.sample(
-                logits,
-                noise,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                mask=shared_only,
-            )
-            state.draft_ids[:, i] = ids
-            state.draft_probs[:, i] = probs
-            if state.draft_probs_t1 is not None:  # the rules' T=1 statistics (CascadeConfig)
-                q1 = (
-                    logits.float()
-                    if shared_only is None
-                    else logits.float().masked_fill(~shared_only, -torch.inf)
-                )
-                state.draft_probs_t1[:, i] = q1.softmax(-1)
-            if length is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
-                length.step(hidden[:, -1], i + 1)
-
-    @property
-    def _mode(self) -> str:
-        return self.config.translation if self.bridge is not None else "shared"
-
-    def _finish(
-        self, state: _Batch, request: Request, generator: torch.Generator, steps: int, timer: StageTimer
-    ) -> None:
-        """The rest of a round whose rows drafted ``steps`` tokens (at most): translate, target forward,
-        verify, commit, learn."""
-        sampling = request.sampling
-        batch = state.tokens.shape[0]
-        device = state.tokens.device
-        active = ~state.done
-        mode = self._mode
-        length = state.draft_length
-        draft_ids = state.draft_ids[:, :steps]
-        draft_probs = state.draft_probs[:, :steps]
-        draft_probs_t1 = None if state.draft_probs_t1 is None else state.draft_probs_t1[:, :steps]
-
-        with timer("translate"):
-            cross = None
-            if self.bridge is None:
-                proposal = draft_ids
-                span_end = torch.arange(1, steps + 1, device=device).expand(batch, steps)
-            else:
-                proposal, _, source, span_end = ops.translate(
-                    draft_ids, self.bridge.d2t, table=None if self.ngram is None else self.ngram.tensors
-                )
-                cross = CrossProposal(draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
-                for probs in (draft_probs, draft_probs_t1):
-                    if probs is not None:
-                        fold_twins_(probs, self.bridge.twins)
-            if length is not None:  # a row proposes only the target tokens wholly inside its own draft
-                proposal = torch.where(span_end <= length.drafted[:, None], proposal, -1)
-
-        with timer("target"):
-            slots = state.lengths[:, None] - 1 + torch.arange(steps + 1, device=device)  # [batch, steps+1]
-            inputs = torch.cat([state.tokens.gather(1, slots[:, :1]), proposal.clamp_min(0)], 1)
-            target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
-
-        with timer("verify"):
-            exact_match = mode == "exact"
-            uniforms = torch.rand(batch, steps, generator=generator, device=device)
-            vocab = target_logits.shape[-1]
-            noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)
-            noise = None if sampling.greedy else _exponential(noise_shape, generator, device)
-            num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
-                target_logits,
-                proposal,
-                None if exact_match else draft_probs,
-                uniforms,
-                noise,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                rule=state.rule,
-                alpha=state.alpha,
-                draft_probs_t1=draft_probs_t1,
-                cross=cross,
-                exact_match=exact_match,
-            )
-
-        with timer("commit"):
-            invalid = (state.invalid | target_invalid) & active
-            generated, d_lengths = state.generated.clone(), state.d_lengths.clone()  # before this round
-            kept = ops.commit(
-                state.tokens,
-                state.lengths,
-                state.generated,
-                state.done,
-                output_tokens,
-                num_accepted,
-                state.eos_ids,
-                max_new_tokens=request.max_new_tokens,
-            )
-            final = output_tokens.gather(1, num_accepted[:, None])[:, 0]  # recovered or bonus token
-            spelling, spelling_len = self._spell(final)
-            ops.commit_drafter(
-                state.d_tokens,
-                state.d_lengths,
-                draft_ids,
-                span_end,
-                num_accepted,
-                spelling,
-                spelling_len,
-                active,
-            )
-            drafter_proposed = length.drafted * active if length is not None else active.long() * steps
-            self._count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed)
-
-        if self.ngram is not None:
-            with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
-                emitted = torch.where(
-                    torch.arange(steps + 1, device=device) < kept[:, None], output_tokens, -1
-                )
-                emitted = emitted.flatten()
-                spelled, spelled_len = self._spell(emitted.clamp_min(0))
-                keys = self.ngram.keys_of(spelled, torch.where(emitted >= 0, spelled_len, 0))
-                self.ngram.insert(keys, emitted)
-        if state.recorder is not None:
-            with timer("learn"):
-                state.recorder.record(
-                    target_logits=target_logits,
-                    proposal=proposal,
-                    output_tokens=output_tokens,
-                    num_accepted=num_accepted,
-                    accept_probs=accept_probs,
-                    span_end=span_end,
-                    spelling_len=torch.where(active, spelling_len, 0),
-                    kept=kept,
-                    generated=generated,
-                    d_lengths=d_lengths,
-                )
-
     @staticmethod
-    def _count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed) -> None:
-        proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
-        accepted_mask = proposed_mask & (
-            torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
-        )
-        merged = (span_end - torch.cat([span_end.new_zeros(span_end.shape[0], 1), span_end[:, :-1]], 1)) >= 2
-        drafter_accepted = torch.where(
-            num_accepted > 0, span_end.gather(1, (num_accepted - 1).clamp_min(0)[:, None])[:, 0], 0
-        )
-        state.counters += torch.stack(
-            [
-                active.sum(),
-                proposed_mask.sum(),
-                accepted_mask.sum(),
-                drafter_proposed.sum(),
-                (drafter_accepted * active).sum(),
-                (merged & proposed_mask).sum(),
-                (merged & accepted_mask).sum(),
-                (deferred & proposed_mask).sum(),
-                invalid.sum(),
-            ]
-        )
-
-    @staticmethod
-    def _stream(streamer: Any, state: _Batch, before: torch.Tensor) -> None:
+    def _stream(streamer: Any, state: RequestState, before: torch.Tensor) -> None:
         begin, end = int(before[0]), int(state.lengths[0])
         if end > begin:
             streamer.put(state.tokens[0, begin:end].cpu())
@@ -676,10 +326,6 @@ def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:
         n += 1
         name = f"{base}_{n}"
     return name
-
-
-def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
 
 
 _FIELDS: frozenset[str] | None = None

@@ -59,8 +59,8 @@ def test_drafter_context_stays_in_step(pair, monkeypatch):
     _, _, tokenizer, drafter_tokenizer = pair
     engine = _engine(pair, "tli", 3)
     states = []
-    begin = engine._begin
-    monkeypatch.setattr(engine, "_begin", lambda *args: states.append(begin(*args)) or states[-1])
+    begin = engine.rounds.begin
+    monkeypatch.setattr(engine.rounds, "begin", lambda *args: states.append(begin(*args)) or states[-1])
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     engine.generate(ids, max_new_tokens=16, eos_token_id=[])
     state = states[0]
