@@ -11,7 +11,9 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
   Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
   ms per round of each stage (draft, translate, target, verify, commit, learn, host); the engine's own
   overhead per round is the round minus the drafter's and the target's stages. ``round_ms`` is from an
-  untimed request: (its wall time - the timed request's prefill) / rounds;
+  untimed request: (its wall time - the timed request's prefill) / rounds; ``graph_round_ms`` the same
+  with ``EngineConfig(cuda_graphs=True)`` (its first round eager and its second captured included), the
+  projection's second speed-up column;
 - with ``torch.profiler`` (on CUDA; ``--profile`` on the CPU too) a short request per drafter, summarised
   per stage from the ``stage:<name>`` ranges that ``StageTimer`` emits, plus the top ops (``--trace PATH``
   also writes the Chrome trace).
@@ -103,22 +105,24 @@ def _forward_ms(model, ids: torch.Tensor, n: int, reps: int) -> float:
 def _engine(target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, plain_ms, profile) -> dict:
     """Stage times per round, round time, overhead, the projection and (``profile``) the profiler summary."""
     engines = {
-        timed: SpeculativeEngine(
-            target, drafter, config=EngineConfig(num_draft_tokens=k, time_stages=timed),
+        mode: SpeculativeEngine(
+            target, drafter, config=EngineConfig(num_draft_tokens=k, time_stages=mode == "timed",
+                                                 cuda_graphs=mode == "graphs"),
             target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1],
         )
-        for timed in (True, False)
+        for mode in ("timed", "untimed", "graphs")
     }  # fmt: skip
     for engine in engines.values():
         engine.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: bridge, kernels
         engine.stats = GenerationStats()
         engine.generate(ids, max_new_tokens=new, do_sample=False)
-    timed, untimed = engines[True].stats, engines[False].stats
+    timed, untimed, graphs = (engines[mode].stats for mode in ("timed", "untimed", "graphs"))
     stage_ms = {
         stage: 1e3 * s / timed.rounds for stage, s in timed.stage_seconds.items() if stage != "prefill"
     }
     prefill_ms = 1e3 * timed.stage_seconds["prefill"]
     round_ms = (1e3 * untimed.seconds - prefill_ms) / untimed.rounds
+    graph_round_ms = (1e3 * graphs.seconds - prefill_ms) / graphs.rounds
     result = {
         "drafter_params": sum(p.numel() for p in drafter.parameters()),
         "drafter_vocab": drafter.config.vocab_size,
@@ -129,15 +133,17 @@ def _engine(target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, p
         "timed_round_ms": sum(stage_ms.values()),
         "overhead_ms_per_round": sum(v for s, v in stage_ms.items() if s not in ("draft", "target")),
         "round_ms": round_ms,
+        "graph_round_ms": graph_round_ms,
         "projection": [
             {"acceptance": a, "tokens_per_round": tokens_per_round(a, k),
              "ms_per_token": round_ms / tokens_per_round(a, k),
-             "speedup": tokens_per_round(a, k) / round_ms * plain_ms}
+             "speedup": tokens_per_round(a, k) / round_ms * plain_ms,
+             "speedup_graphs": tokens_per_round(a, k) / graph_round_ms * plain_ms}
             for a in acceptance
         ],
     }  # fmt: skip
     if profile:
-        result["profile"] = _profile(engines[True], ids, min(new, 16), profile)
+        result["profile"] = _profile(engines["timed"], ids, min(new, 16), profile)
     return result
 
 
@@ -267,7 +273,8 @@ def _markdown(result: dict) -> str:
             "",
             f"Drafter step {row['drafter_step_ms']:.2f} ms. Round {row['round_ms']:.2f} ms untimed "
             f"({row['timed_round_ms']:.2f} ms with stage timing); the engine's own overhead "
-            f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target).",
+            f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target). With "
+            f"`cuda_graphs=True`: {row['graph_round_ms']:.2f} ms per round.",
             "",
             f"| ms per round | {' | '.join(stages)} |",
             "|---|" + "---|" * len(stages),
@@ -285,10 +292,10 @@ def _markdown(result: dict) -> str:
             f"**Projection** (not a measurement: random weights accept nothing, measured acceptance "
             f"{row['measured_acceptance']:.3f}): {result['projection_formula']}, i.i.d. acceptance a, k = {k}.",
             "",
-            "| acceptance a | tokens per round E(a) | ms per token | projected speed-up |",
-            "|---|---|---|---|",
-            *(f"| {p['acceptance']} | {p['tokens_per_round']:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}x |"
-              for p in row["projection"]),
+            "| acceptance a | tokens per round E(a) | ms per token | projected speed-up | with CUDA graphs |",
+            "|---|---|---|---|---|",
+            *(f"| {p['acceptance']} | {p['tokens_per_round']:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}x "
+              f"| {p['speedup_graphs']:.2f}x |" for p in row["projection"]),
         ]  # fmt: skip
         if "profile" in row:
             lines += ["", "Top ops under the profiler:", "", "```", row["profile"]["top_ops"], "```"]

@@ -48,6 +48,9 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
             tokens = (1 - a ** (k + 1)) / (1 - a)
             assert point["tokens_per_round"] == pytest.approx(tokens)
             assert point["speedup"] == pytest.approx(tokens / row["round_ms"] * result["plain_ms_per_token"])
+            assert point["speedup_graphs"] == pytest.approx(
+                tokens / row["graph_round_ms"] * result["plain_ms_per_token"]
+            )
         assert {"draft", "target", "verify"} <= set(row["profile"]["stages"])
     assert scale.tokens_per_round(1.0, k) == k + 1
     assert scale.tokens_per_round(0.0, k) == 1
