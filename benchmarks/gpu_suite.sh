@@ -12,6 +12,7 @@
 #   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
 #   STEPS="..."         run only these steps (names as in steps.txt), in the order below
 #   FULL=1              add the benchmark zoo (training a drafter pair: tens of minutes) and its end-to-end runs
+#   PYTHON=python3      the interpreter that holds torch
 #
 # The exit status is the number of failed steps (timed-out ones included).
 set -u
@@ -19,6 +20,7 @@ OUT=${OUT:-benchmarks/results/gpu}
 WORK=${WORK:-$(mktemp -d)/gpu}
 SUITE_SECONDS=${SUITE_SECONDS:-540}
 GRID=${GRID:-goal}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 failed=0
@@ -46,10 +48,10 @@ step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to 
     pack
 }
 
-pip install --no-deps -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
+$PY -m pip install --no-deps -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__)"
+    $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__)"
     git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
 } >"$WORK/environment.txt" 2>&1
 cat "$WORK/environment.txt" >>"$OUT/steps.txt"
@@ -63,40 +65,40 @@ fi
 bench() {  # bench OP LIMIT SELECTION...
     local op=$1 limit=$2
     shift 2
-    step "bench_$op" "$limit" python -m pytest -q "benchmarks/bench_$op.py" "$@" --benchmark-only \
+    step "bench_$op" "$limit" $PY -m pytest -q "benchmarks/bench_$op.py" "$@" --benchmark-only \
         --benchmark-json="$WORK/bench_$op.json" --benchmark-columns=min,median,mean,rounds --benchmark-max-time=0.5
 }
 
 # 1. Correctness on CUDA first: the gpu-marked cases (full vocabularies, bf16, concurrent inserts, CUDA graphs).
-step tests_gpu 180 python -m pytest -q -rs -m gpu --junitxml="$WORK/tests_gpu.xml"
+step tests_gpu 180 $PY -m pytest -q -rs -m gpu --junitxml="$WORK/tests_gpu.xml"
 # 2. No host sync inside a round (eager rounds under sync-debug "error").
-step syncs 60 python benchmarks/gpu_checks.py syncs
+step syncs 60 $PY benchmarks/gpu_checks.py syncs
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
 bench verify 100 "${select_verify[@]}"
 bench sampling 120 "${select_sampling[@]}"
 # 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes.
-step e2e 120 python benchmarks/e2e.py --prompts-per-task 1 --out "$WORK"
-step scale 90 python benchmarks/scale.py --preset llama3-8b --trace "$WORK/scale-trace.json" --out "$WORK"
+step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --out "$WORK"
+step scale 120 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
 # 5. compute-sanitizer over every kernel on a small case.
 if command -v compute-sanitizer >/dev/null; then
-    step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
-    step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/gpu_checks.py kernels
+    step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
+    step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
 else
     note "compute-sanitizer not found: memcheck/racecheck skipped"
 fi
 # 6. The rest of the test suite on CUDA; the cascade and online-learning benchmarks.
-step tests 300 python -m pytest -q -rs -m "not gpu" --junitxml="$WORK/tests.xml"
-step cascades 120 python -m omnidraft_fast.cli cascade-sweep --out "$WORK"
-step online 120 python benchmarks/online.py --out "$WORK"
+step tests 300 $PY -m pytest -q -rs -m "not gpu" --junitxml="$WORK/tests.xml"
+step cascades 120 $PY -m omnidraft_fast.cli cascade-sweep --out "$WORK"
+step online 120 $PY benchmarks/online.py --out "$WORK"
 # 7. FULL=1: the benchmark zoo (EVALUATION.md; needs ../shared/tokenizers), end to end on each pair.
 if [ "${FULL:-0}" = 1 ]; then
-    step train_bench 3600 python -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo"
+    step train_bench 3600 $PY -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo"
     for pair in llama3 qwen3; do
         if [ -d "$WORK/zoo/$pair/target" ]; then
-            step "e2e_$pair" 600 python benchmarks/e2e.py --pair "$WORK/zoo/$pair" --out "$WORK"
-            step "online_$pair" 600 python benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
+            step "e2e_$pair" 600 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --out "$WORK"
+            step "online_$pair" 600 $PY benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
         fi
     done
 fi

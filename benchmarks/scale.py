@@ -27,7 +27,8 @@ acceptance rate ``a`` and ``k`` drafts per round is
 
 Written as ``scale-<device>.json`` and ``.md`` under ``--out``.
 
-    python benchmarks/scale.py [--preset llama3-8b|tiny] [--k 4] [--acceptance 0.4 0.6 0.8] [--out DIR]
+    python benchmarks/scale.py [--preset llama3-8b|tiny] [--k 4] [--acceptance 0.4 0.6 0.8] [--reps N]
+                               [--new-tokens N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.profiler summary per stage (default: on CUDA only)")  # fmt: skip
     parser.add_argument("--trace", type=Path, default=None, help="also write Chrome traces next to this path")
+    parser.add_argument("--reps", type=int, default=None, help="timing repetitions (default: the preset's)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens per request (default: the preset's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--acceptance values must be in [0, 1], got {args.acceptance}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset, k = PRESETS[args.preset], args.k
+    reps = preset.reps if args.reps is None else args.reps
+    new = preset.new_tokens if args.new_tokens is None else args.new_tokens
+    if reps < 1 or new < 2:
+        parser.error(f"--reps must be >= 1 and --new-tokens >= 2, got {reps} and {new}")
     profile = device.type == "cuda" if args.profile is None else args.profile
     vocab = VOCABS["llama3"]
 
@@ -215,9 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, ordinary, (1, preset.prompt), generator=generator).to(device)  # [1, prompt]
 
-    new = preset.new_tokens
     plain = {n: _median_ms(lambda n=n: target.generate(ids, attention_mask=torch.ones_like(ids),
-                                                           max_new_tokens=n, do_sample=False), device, preset.reps)
+                                                           max_new_tokens=n, do_sample=False), device, reps)
              for n in (1, new)}  # fmt: skip
     plain_ms = (plain[new] - plain[1]) / (new - 1)
     result = {
@@ -230,11 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         "batch": 1,
         "prompt_tokens": preset.prompt,
         "new_tokens": new,
+        "reps": reps,
         "k": k,
         "plain_ms_per_token": plain_ms,
         "target_forward_ms": {
-            f"{k + 1} tokens": _forward_ms(target, ids, k + 1, preset.reps),
-            "1 token": _forward_ms(target, ids, 1, preset.reps),
+            f"{k + 1} tokens": _forward_ms(target, ids, k + 1, reps),
+            "1 token": _forward_ms(target, ids, 1, reps),
         },
         "projection_formula": "speedup(a) = E(a) / round_ms * plain_ms_per_token, E(a) = (1 - a^(k+1)) / (1 - a)",
         "pairs": {},
