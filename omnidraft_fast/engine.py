@@ -219,7 +219,9 @@ class SpeculativeEngine:
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
             )
-        sequences, stats = self._run(request)
+        # Triton launches and graph captures go to the current CUDA device: make it the engine's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            sequences, stats = self._run(request)
         self.last_stats = stats
         self.stats.add(stats)
         if request.return_dict_in_generate:
