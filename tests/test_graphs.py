@@ -265,6 +265,25 @@ def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
+def test_distillation_alone_trains_the_same_adapter(shared_pair):
+    """Without a head the round is one stage; what it records trains the same adapter as eager rounds."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4], seed=5)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 16, "do_sample": True}
+    config = {"distill": DistillConfig(rank=8, interval=2, lr=1e-2)}
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
+        ),
+        [request] * 3,
+    )
+    _assert_same(results)
+    (eager, _), (captured, _) = results
+    assert eager.learner.stats.distill_steps >= 2
+    for a, b in zip(eager.learner.adapter.parameters, captured.learner.adapter.parameters, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_streamer_sees_every_round_when_captured(shared_pair):
     from transformers.generation.streamers import BaseStreamer
 
