@@ -11,6 +11,9 @@ each learning configuration, in one process:
    at T=1), learning as configured; the time spent training counts as serving time;
 3. it decodes the evaluation prompts again.
 
+The acceptance of every served request is kept too: the curve over the request stream, per drafter and
+configuration, is plotted (with matplotlib) beside the JSON and Markdown.
+
 Configurations: ``static`` (no learning), ``distill`` (LoRA, SPEC §4), ``adaptive`` (acceptance head,
 SPEC §5), and both together in the ``alternating`` and ``joint`` modes. Every greedy output is checked
 against plain greedy decoding. Prompts are the zoo's held-out code, arithmetic and prose
@@ -149,7 +152,7 @@ def main() -> None:
             config=configurations(args)[config_name],
         )  # fmt: skip
         before = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats, args.seed)
-        serving, served_tokens, served_seconds = GenerationStats(), 0, 0.0
+        serving, served_tokens, served_seconds, stream = GenerationStats(), 0, 0.0, []
         for n, text in enumerate(served * args.passes):
             ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
             sample = dict(do_sample=True, temperature=1.0, top_k=0) if n % 2 else dict(do_sample=False)
@@ -160,6 +163,14 @@ def main() -> None:
             served_seconds += time.perf_counter() - began
             serving.add(engine.last_stats)
             served_tokens += engine.last_stats.new_tokens
+            stream.append(
+                {
+                    "sampled": bool(n % 2),
+                    "acceptance": engine.last_stats.acceptance_rate,
+                    "drafter_tokens_per_round": engine.last_stats.drafter_proposed
+                    / max(1, engine.last_stats.row_rounds),
+                }
+            )
         after = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats, args.seed)
         learner = engine.learner.stats if engine.learner is not None else None
         rows.append(
@@ -176,6 +187,7 @@ def main() -> None:
                     "head_steps": learner.head_steps if learner else 0,
                     "training_seconds": learner.seconds if learner else 0.0,
                     "seconds": served_seconds,
+                    "stream": stream,
                 },
             }
         )
@@ -223,6 +235,34 @@ def main() -> None:
     ]
     stem = args.out / "-".join(parts)
     write_results(stem, result, "\n".join(lines) + "\n")
+    plot_stream(result, stem.with_suffix(".png"))
+
+
+def plot_stream(result: dict, path: Path, window: int = 4) -> None:
+    """Acceptance of each served request (a running mean over ``window`` requests), one panel per drafter
+    and one line per learning configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    drafters = list(dict.fromkeys(row["drafter"] for row in result["rows"]))
+    figure, axes = plt.subplots(1, len(drafters), figsize=(6.5 * len(drafters), 4.2), squeeze=False)
+    for axis, drafter in zip(axes[0], drafters, strict=True):
+        for row in (r for r in result["rows"] if r["drafter"] == drafter):
+            values = [request["acceptance"] for request in row["serving"]["stream"]]
+            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                      for i in range(len(values))]  # fmt: skip
+            axis.plot(range(1, len(values) + 1), smooth, label=row["config"])
+        axis.set_xlabel("served request")
+        axis.set_ylabel(f"acceptance (running mean of {window})")
+        axis.set_title(f"{drafter} drafter, {result['environment']['device']}")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,8 @@ class EngineConfig:
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on; graphs live for one
             request); on other devices a recorder with the same replay semantics, which is slower than
-            eager and serves to check capture safety without a GPU. Outputs equal eager mode's.
+            eager and serves to check capture safety without a GPU. Outputs equal eager mode's. Python
+            inside a captured stage runs only at capture: forward hooks on the models do not see replays.
     """
 
     num_draft_tokens: int = 4
