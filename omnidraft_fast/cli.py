@@ -22,6 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .api import generate
+    from .config import EngineConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = _load(args.model, args.dtype, device)
@@ -49,6 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         num_draft_tokens=args.num_draft_tokens,
         return_dict_in_generate=True,
+        engine_config=EngineConfig(translation=args.translation, cuda_graphs=args.cuda_graphs),
     )
     width = batch["input_ids"].shape[1]
     for row, prompt in enumerate(prompts):
@@ -141,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--num-draft-tokens", type=int, help="draft length k (default 4)")
+    gen.add_argument(
+        "--translation",
+        choices=("omnidraft", "tli", "exact"),
+        default="omnidraft",
+        help="how drafts cross vocabularies when they differ (EngineConfig.translation)",
+    )
+    gen.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="run each round as captured stages, CUDA graphs on CUDA (EngineConfig.cuda_graphs)",
+    )
     gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--seed", type=int, help="seed torch's RNG (sampling is then reproducible)")

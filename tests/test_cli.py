@@ -38,6 +38,17 @@ def test_generate_prints_the_targets_greedy_text(folders, capsys):
     assert "acceptance" in out and "tok/s" in out
 
 
+def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
+    root, _, _ = folders
+    command = ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
+               "--prompt", "w5 w9 w17", "--max-new-tokens", "16"]  # fmt: skip
+    texts = []
+    for extra in ([], ["--cuda-graphs"]):
+        assert main(command + extra) == 0
+        texts.append(capsys.readouterr().out.split("--- stats")[0])
+    assert texts[0] == texts[1]
+
+
 def test_generate_batch_and_json(folders, capsys):
     root, _, _ = folders
     code = main(
