@@ -23,7 +23,9 @@ while recording every aten op it dispatches (with its tensors), replay re-runs t
 same tensors, copying fresh results into the recorded outputs. Python does not rerun, so a stage that
 breaks the rules above computes something else than in eager mode, and a host read or data-dependent
 shape inside a capture raises :class:`CaptureError`. That is how the tests check, on a CPU, that the
-engine's rounds can be captured (``EngineConfig(cuda_graphs=True)`` works on every device).
+engine's rounds can be captured (``EngineConfig(cuda_graphs=True)`` works on every device). Work that
+bypasses the dispatcher is not recorded (Triton kernels run by the interpreter): off CUDA the ops run
+their torch references, which go through it.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 Each op checks metadata (shape, dtype, device; never values, which would
 synchronise a GPU) and then runs its implementation from
-``omnidraft_fast.kernels``. The torch references define the ops and run on every
-device; the Triton kernels of the same signatures take over on CUDA as they
-land (see README, "What is not done yet").
+``omnidraft_fast.kernels``: the Triton kernel where :func:`runs_kernels` says so
+(CUDA tensors), else the torch reference of the same signature, which defines the op.
 """
 
 from __future__ import annotations
@@ -33,6 +32,12 @@ __all__ = [
     "translate",
     "verify",
 ]
+
+
+def runs_kernels(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs its Triton kernel (CUDA tensors) rather than its torch reference.
+    Tests replace it to run the kernels on CPU tensors under ``TRITON_INTERPRET=1``."""
+    return tensor.is_cuda
 
 
 def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=None) -> None:
@@ -95,7 +100,7 @@ def sample(
             raise ValueError(
                 f"`mask` must have one entry per vocabulary id ({logits.shape[1]}), got {mask.shape[0]}"
             )
-    if logits.is_cuda:
+    if runs_kernels(logits):
         return sample_triton(logits, noise, temperature, top_k, top_p, mask)
     return sample_reference(logits, noise, temperature, top_k, top_p, mask)
 
@@ -184,7 +189,7 @@ def verify(
         _check("noise", noise, len(shape), dtypes=(torch.float32,), device=device)
         if noise.shape != shape:
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
-    if target_logits.is_cuda and not exact_match:  # q' is read through `cross` inside the kernel
+    if runs_kernels(target_logits) and not exact_match:  # q' is read through `cross` inside the kernel
         return verify_triton(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
             top_k, top_p, cross,
@@ -252,11 +257,11 @@ def translate(
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
     if table is None:
-        return (translate_triton if draft_ids.is_cuda else translate_reference)(draft_ids, d2t)
+        return (translate_triton if runs_kernels(draft_ids) else translate_reference)(draft_ids, d2t)
     _check_table(*table)
     if table[0].device != draft_ids.device:
         raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
-    return (translate_triton if draft_ids.is_cuda else translate_ngram_reference)(draft_ids, d2t, *table)
+    return (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(draft_ids, d2t, *table)
 
 
 def commit_drafter(
@@ -316,7 +321,7 @@ def ngram_lookup(
         raise ValueError(
             f"`queries` must have {key_ids.shape[1]} columns (the table's N), got {queries.shape[1]}"
         )
-    lookup = ngram_lookup_triton if key_ids.is_cuda else ngram_lookup_reference
+    lookup = ngram_lookup_triton if runs_kernels(key_ids) else ngram_lookup_reference
     return lookup(key_ids, values, queries)
 
 
@@ -343,5 +348,5 @@ def ngram_insert(
         _check(name, tensor, 1, dtypes=(torch.int64,), device=key_ids.device)
         if tensor.shape[0] != keys.shape[0]:
             raise ValueError(f"`{name}` must have one entry per key ({keys.shape[0]}), got {tensor.shape[0]}")
-    insert = ngram_insert_triton if key_ids.is_cuda else ngram_insert_reference
+    insert = ngram_insert_triton if runs_kernels(key_ids) else ngram_insert_reference
     return insert(hashes, key_ids, values, counts, keys, new_values, hits)
