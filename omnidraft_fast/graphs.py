@@ -1,6 +1,6 @@
 """Capture and replay of the engine's round stages: CUDA graphs on CUDA, a replay recorder elsewhere.
 
-A round (``engine.py``) is a few *stages* of fixed-shape device work that read and write only tensors
+A round (``rounds.py``) is a few *stages* of fixed-shape device work that read and write only tensors
 allocated before the round (the request's state, the caches, the models' weights, the n-gram table):
 one stage for the whole round, or, with an adaptive draft length, one per draft step and one for the
 rest (translate, target forward, verify, commit, learn), chosen by the host between them.
