@@ -261,7 +261,9 @@ def translate(
     _check_table(*table)
     if table[0].device != draft_ids.device:
         raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
-    return (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(draft_ids, d2t, *table)
+    return (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(
+        draft_ids, d2t, *table
+    )
 
 
 def commit_drafter(
