@@ -1,6 +1,6 @@
 """Drafter sampling: torch reference (eager), torch.compile of it and the Triton kernel, on CUDA.
 
-Bytes moved (``extra_info["bytes"]``; achieved bandwidth = bytes / time) count what the op must touch
+Bytes moved (``extra_info["bytes_moved"]``; achieved bandwidth = bytes / time) count what the op must touch
 once: the logits read, the fp32 noise read (when sampling) and the fp32 ``q`` written. The yardstick is a
 device-to-device copy of the same logits (read + write). Run explicitly:
 
@@ -31,7 +31,11 @@ def _inputs(rows: int, vocab: int):
 
 def _record(benchmark, rows: int, vocab: int, moved: int) -> None:
     benchmark.extra_info.update(
-        rows=rows, vocab=vocab, bytes=moved, device=torch.cuda.get_device_name(), torch=torch.__version__
+        rows=rows,
+        vocab=vocab,
+        bytes_moved=moved,
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
     )
 
 

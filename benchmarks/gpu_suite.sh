@@ -81,6 +81,7 @@ step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --out "$WORK"
 step scale 120 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
+step kernel_report 30 $PY benchmarks/kernel_report.py "$WORK"  # the goals checked: kernels-<device>.{md,json}
 # 5. compute-sanitizer over every kernel on a small case.
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels

@@ -1,0 +1,204 @@
+"""The kernel microbenchmarks against their goals, from the pytest-benchmark JSON of a GPU run.
+
+``benchmarks/bench_<op>.py --benchmark-json=DIR/bench_<op>.json`` (``gpu_suite.sh`` writes them) time each
+op's eager torch reference, ``torch.compile`` of it and the Triton kernel, beside a device-to-device copy
+of the same logits for sampling and verification. This script turns them into one table per op (median
+times; for the Triton kernel its bandwidth, the share of the copy's, and its speed-up over eager and
+compiled references) and checks the goals:
+
+- sampling at ``[72, 128256]`` bf16 logits and verification at 8 rows x 9 positions x 128256 (the same
+  72 rows): the Triton kernel at >= 80% of the copy's bandwidth, >= 3x the eager reference, >= 1.5x its
+  ``torch.compile``;
+- the n-gram table: lookups >= 500M keys/s, inserts >= 200M keys/s (Triton, at every measured size).
+
+    python benchmarks/kernel_report.py DIR [--out DIR]
+
+Writes ``kernels-<device>.json`` and ``.md`` (``<device>`` from the benchmarks' own records), with
+``DIR/environment.txt`` (driver, package versions, commit) when the run left one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from omnidraft_fast.report import write_results
+
+GOAL_COPY_SHARE, GOAL_VS_EAGER, GOAL_VS_COMPILE = 0.8, 3.0, 1.5
+GOAL_LOOKUPS, GOAL_INSERTS = 500e6, 200e6  # keys per second
+IMPLEMENTATIONS = ("eager", "compile", "triton")
+
+
+def _cases(path: Path) -> list[dict]:
+    """Each benchmark of a pytest-benchmark JSON file: its test, parameters, median seconds, extra info."""
+    data = json.loads(path.read_text())
+    return [
+        {
+            "test": case["name"].split("[")[0],
+            "params": case.get("params") or {},
+            "median": case["stats"]["median"],
+            "extra": case.get("extra_info") or {},
+        }
+        for case in data["benchmarks"]
+    ]
+
+
+def _compare(cases: list[dict], key, implementation, copy_key=None) -> list[dict]:
+    """Rows of the op's table: per shape (``key(params)``), each implementation's median, and for Triton
+    its bandwidth, its share of the copy's bandwidth (``copy_key(params)`` names the copy case) and its
+    speed-ups over the references."""
+    copies = {copy_key(c["params"]): c for c in cases if copy_key is not None and implementation(c) == "copy"}
+    shapes: dict[tuple, dict] = {}
+    for case in cases:
+        name = implementation(case)
+        if name in IMPLEMENTATIONS:
+            shapes.setdefault(key(case["params"]), {})[name] = case
+    rows = []
+    for shape, by_name in shapes.items():
+        row = {"shape": dict(shape), **{f"{name}_us": 1e6 * c["median"] for name, c in by_name.items()}}
+        triton = by_name.get("triton")
+        if triton is not None:
+            moved = triton["extra"].get("bytes_moved")
+            if moved:
+                row["triton_gb_per_s"] = moved / triton["median"] / 1e9
+            copy = copies.get(copy_key(triton["params"])) if copy_key is not None else None
+            if copy is not None and moved:
+                copy_gb_per_s = copy["extra"]["bytes_moved"] / copy["median"] / 1e9
+                row["copy_gb_per_s"] = copy_gb_per_s
+                row["copy_share"] = row["triton_gb_per_s"] / copy_gb_per_s
+            for reference in ("eager", "compile"):
+                if reference in by_name:
+                    row[f"vs_{reference}"] = by_name[reference]["median"] / triton["median"]
+        rows.append(row)
+    return rows
+
+
+def _bandwidth_goal(row: dict) -> dict:
+    checks = {
+        f"copy share >= {GOAL_COPY_SHARE:.0%}": row.get("copy_share", 0.0) >= GOAL_COPY_SHARE,
+        f">= {GOAL_VS_EAGER:g}x eager": row.get("vs_eager", 0.0) >= GOAL_VS_EAGER,
+        f">= {GOAL_VS_COMPILE:g}x torch.compile": row.get("vs_compile", 0.0) >= GOAL_VS_COMPILE,
+    }
+    return {"shape": row["shape"], "checks": checks, "met": all(checks.values())}
+
+
+def sampling(cases: list[dict]) -> dict:
+    rows = _compare(
+        cases,
+        key=lambda p: (("rows", p["rows"]), ("vocab", p["vocab"]), ("config", p["config"])),
+        implementation=lambda c: "copy" if c["test"] == "test_copy" else c["params"]["impl"],
+        copy_key=lambda p: (p["rows"], p["vocab"]),
+    )
+    goal_rows = [r for r in rows if r["shape"]["rows"] == 72 and r["shape"]["vocab"] == 128256]
+    return {"rows": rows, "goals": [_bandwidth_goal(r) for r in goal_rows]}
+
+
+def verify(cases: list[dict]) -> dict:
+    def key(p):
+        return ("batch", p["batch"]), ("k", p["k"]), ("vocab", p["vocab"]), ("cross_vocab", p["cross_vocab"])
+
+    rows = _compare(cases, key=key, implementation=lambda c: c["params"]["implementation"], copy_key=key)
+    goal_rows = [
+        r for r in rows if (r["shape"]["batch"], r["shape"]["k"], r["shape"]["vocab"]) == (8, 8, 128256)
+    ]
+    return {"rows": rows, "goals": [_bandwidth_goal(r) for r in goal_rows]}
+
+
+def ngram(cases: list[dict]) -> dict:
+    rows = []
+    for op, goal in (("test_lookup", GOAL_LOOKUPS), ("test_insert", GOAL_INSERTS)):
+        shapes: dict[tuple, dict] = {}
+        for case in (c for c in cases if c["test"] == op):
+            p = case["params"]
+            shapes.setdefault((p["capacity"], p["batch"]), {})[p["implementation"]] = case
+        for (capacity, batch), by_name in shapes.items():
+            row = {"op": op.removeprefix("test_"), "shape": {"capacity": capacity, "batch": batch}}
+            for name, case in by_name.items():
+                row[f"{name}_keys_per_s"] = batch / case["median"]
+            if "triton_keys_per_s" in row:
+                row["goal_keys_per_s"] = goal
+                row["met"] = row["triton_keys_per_s"] >= goal
+            rows.append(row)
+    return {"rows": rows}
+
+
+def translate(cases: list[dict]) -> dict:
+    rows = _compare(
+        cases,
+        key=lambda p: (("batch", p["batch"]), ("k", p["k"])),
+        implementation=lambda c: c["params"]["implementation"],
+    )
+    return {"rows": rows}
+
+
+OPS = {"sampling": sampling, "verify": verify, "ngram": ngram, "translate": translate}
+
+
+def report(folder: Path) -> dict:
+    """Every ``bench_<op>.json`` found in ``folder``, compared and checked."""
+    result: dict = {"ops": {}}
+    devices = set()
+    for op, summarise in OPS.items():
+        path = folder / f"bench_{op}.json"
+        if not path.exists():
+            continue
+        cases = _cases(path)
+        devices |= {c["extra"]["device"] for c in cases if "device" in c["extra"]}
+        result["ops"][op] = summarise(cases)
+    result["device"] = ", ".join(sorted(devices)) or "unknown"
+    environment = folder / "environment.txt"
+    result["environment"] = environment.read_text().strip() if environment.exists() else None
+    return result
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Kernel microbenchmarks ({result['device']})", ""]
+    if result["environment"]:
+        lines += ["```", result["environment"], "```", ""]
+    for op, summary in result["ops"].items():
+        lines += [f"## {op}", ""]
+        for goal in summary.get("goals", []):
+            checks = ", ".join(f"{name}: {_cell(ok)}" for name, ok in goal["checks"].items())
+            lines.append(f"- goal at {goal['shape']}: {checks}")
+        if summary.get("goals"):
+            lines.append("")
+        columns = list(dict.fromkeys(k for row in summary["rows"] for k in row if k != "shape"))
+        lines += [
+            "| shape | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+            *(
+                "| " + " ".join(f"{k}={v}" for k, v in row["shape"].items()) + " | "
+                + " | ".join(_cell(row.get(c, "-")) for c in columns) + " |"
+                for row in summary["rows"]
+            ),
+            "",
+        ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", type=Path, help="the folder holding bench_<op>.json")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder)")
+    args = parser.parse_args(argv)
+    result = report(args.folder)
+    if not result["ops"]:
+        parser.error(f"no bench_<op>.json in {args.folder}")
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    write_results((args.out or args.folder) / f"kernels-{slug}", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The kernel report (``benchmarks/kernel_report.py``) on pytest-benchmark JSON files written here by hand
+in that format: ratios, bandwidth shares and goal checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture(scope="module")
+def kernel_report():
+    spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "benchmarks" / "kernel_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _case(test: str, params: dict, median: float, **extra) -> dict:
+    param = "-".join(str(v) for v in params.values())
+    return {
+        "group": None, "name": f"{test}[{param}]", "fullname": f"benchmarks/x.py::{test}[{param}]",
+        "params": params, "param": param, "extra_info": {"device": DEVICE, **extra},
+        "stats": {"min": median, "max": median, "mean": median, "median": median, "rounds": 10},
+    }  # fmt: skip
+
+
+def _write(folder: Path, op: str, cases: list[dict]) -> None:
+    (folder / f"bench_{op}.json").write_text(
+        json.dumps(
+            {"machine_info": {}, "commit_info": {}, "benchmarks": cases, "datetime": "", "version": "5"}
+        )
+    )
+
+
+def test_sampling_and_verification_against_the_copy(tmp_path, kernel_report):
+    shape = {"rows": 72, "vocab": 128256}
+    _write(tmp_path, "sampling", [
+        _case("test_copy", shape, 10e-6, bytes_moved=4_000_000),  # 400 GB/s
+        _case("test_sample", {**shape, "config": "temperature", "impl": "eager"}, 300e-6, bytes_moved=3_000_000),
+        _case("test_sample", {**shape, "config": "temperature", "impl": "compile"}, 100e-6, bytes_moved=3_000_000),
+        _case("test_sample", {**shape, "config": "temperature", "impl": "triton"}, 10e-6, bytes_moved=3_000_000),
+        _case("test_sample", {"rows": 1, "vocab": 32000, "config": "greedy", "impl": "triton"}, 5e-6),
+    ])  # fmt: skip
+    verify_shape = {"batch": 8, "k": 8, "vocab": 128256, "cross_vocab": False}
+    _write(tmp_path, "verify", [
+        _case("test_verify", {**verify_shape, "implementation": "copy"}, 10e-6, bytes_moved=4_000_000),
+        _case("test_verify", {**verify_shape, "implementation": "eager"}, 50e-6, bytes_moved=3_800_000),
+        _case("test_verify", {**verify_shape, "implementation": "compile"}, 30e-6, bytes_moved=3_800_000),
+        _case("test_verify", {**verify_shape, "implementation": "triton"}, 10e-6, bytes_moved=3_800_000),
+    ])  # fmt: skip
+    (tmp_path / "environment.txt").write_text("NVIDIA H100, 580.1\ntorch 2.11.0\nabc1234\n")
+    kernel_report.main([str(tmp_path)])
+
+    result = json.loads((tmp_path / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
+    (goal,) = result["ops"]["sampling"]["goals"]
+    row = next(r for r in result["ops"]["sampling"]["rows"] if r["shape"] == goal["shape"])
+    assert row["copy_share"] == pytest.approx(0.75) and row["triton_gb_per_s"] == pytest.approx(300.0)
+    assert row["vs_eager"] == pytest.approx(30.0) and row["vs_compile"] == pytest.approx(10.0)
+    assert list(goal["checks"].values()) == [False, True, True] and not goal["met"]
+    (goal,) = result["ops"]["verify"]["goals"]
+    assert goal["checks"] == {"copy share >= 80%": True, ">= 3x eager": True, ">= 1.5x torch.compile": True}
+    assert goal["met"]
+    assert result["environment"].startswith("NVIDIA H100")
+    text = (tmp_path / "kernels-nvidia-h100-80gb-hbm3.md").read_text()
+    assert "copy share >= 80%: **no**" in text and "torch 2.11.0" in text
+
+
+def test_ngram_rates_against_their_goals(tmp_path, kernel_report):
+    cases = []
+    for op, triton_seconds in (("test_lookup", 1e-4), ("test_insert", 1e-3)):
+        for name, seconds in (("eager", 1e-2), ("triton", triton_seconds)):
+            cases.append(_case(op, {"capacity": 1 << 19, "batch": 1 << 17, "implementation": name}, seconds))
+    _write(tmp_path, "ngram", cases)
+    result = kernel_report.report(tmp_path)
+    lookup, insert = result["ops"]["ngram"]["rows"]
+    assert lookup["triton_keys_per_s"] == pytest.approx(1.31072e9) and lookup["met"]
+    assert insert["triton_keys_per_s"] == pytest.approx(1.31072e8) and not insert["met"]
+    assert insert["eager_keys_per_s"] == pytest.approx(1.31072e7)
+
+
+def test_an_empty_folder_is_an_error(tmp_path, kernel_report):
+    with pytest.raises(SystemExit):
+        kernel_report.main([str(tmp_path)])
