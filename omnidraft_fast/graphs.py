@@ -19,8 +19,9 @@ Replay semantics are what the engine must respect, on every device:
   fresh numbers.
 
 Off CUDA, :class:`ReplayGraph` gives the same semantics without a GPU: capture runs the stage once
-while recording every aten op it dispatches (with its tensors), replay re-runs the recorded ops on the
-same tensors, copying fresh results into the recorded outputs. Python does not rerun, so a stage that
+while recording every aten op it dispatches (with its inputs' storage at that moment, as a CUDA graph
+keeps addresses), replay re-runs the recorded ops on the same storage, copying fresh results into the
+recorded outputs. Python does not rerun, so a stage that
 breaks the rules above computes something else than in eager mode, and a host read or data-dependent
 shape inside a capture raises :class:`CaptureError`. That is how the tests check, on a CPU, that the
 engine's rounds can be captured (``EngineConfig(cuda_graphs=True)`` works on every device). Work that
@@ -34,8 +35,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .stats import StageTimer
 
@@ -86,6 +87,10 @@ class ReplayGraph(TorchDispatchMode):
                 "`.tolist()`...); read it after the stage instead"
             )
         aliased = any(r.alias_info is not None for r in func._schema.returns)  # in place or a view
+        # Inputs are kept as the storage they had now, as a CUDA graph keeps addresses: a tensor whose
+        # `.data` is swapped after the capture is not seen by replays.
+        with _disable_current_modes():
+            args, kwargs = tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
         self.ops.append((func, args, kwargs, out, aliased))
         return out
 

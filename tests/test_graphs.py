@@ -35,6 +35,21 @@ def test_replay_reads_inputs_in_place_and_runs_no_python():
     assert y.tolist() == [11.0] * 3 and len(calls) == 1  # the op reran on the new input, Python did not
 
 
+def test_replay_keeps_the_storage_an_input_had_at_capture():
+    # As a CUDA graph keeps addresses: swapping a tensor's `.data` after the capture is invisible to replays.
+    weight, out = torch.nn.Parameter(torch.ones(3), requires_grad=False), torch.zeros(3)
+    graph = ReplayGraph()
+    with graph:
+        out.copy_(weight * 2)
+    captured = weight.data
+    weight.data = torch.full((3,), 5.0)
+    graph.replay()
+    assert out.tolist() == [2.0] * 3
+    captured.fill_(4.0)
+    graph.replay()
+    assert out.tolist() == [8.0] * 3
+
+
 def test_replay_keeps_fresh_intermediates_and_views_consistent():
     x, out = torch.arange(6.0).reshape(2, 3), torch.zeros(2)
     graph = ReplayGraph()
