@@ -15,7 +15,8 @@ The acceptance of every served request is kept too: the curve over the request s
 configuration, is plotted (with matplotlib) beside the JSON and Markdown.
 
 Configurations: ``static`` (no learning), ``distill`` (LoRA, SPEC §4), ``adaptive`` (acceptance head,
-SPEC §5), and both together in the ``alternating`` and ``joint`` modes. Every greedy output is checked
+SPEC §5), both together in the ``alternating`` and ``joint`` modes, and alternating with the learners fed
+every ``--in-flight-rounds`` rounds of a request too (``EngineConfig.in_flight_rounds``). Every greedy output is checked
 against plain greedy decoding. Prompts are the zoo's held-out code, arithmetic and prose
 (``omnidraft_fast.zoo.data``): even-numbered ones are served, odd-numbered ones evaluate.
 
@@ -50,6 +51,12 @@ def configurations(args) -> dict[str, EngineConfig]:
         ),
         "distill+adaptive (joint)": EngineConfig(
             num_draft_tokens=args.k, distill=distill, adaptive=AdaptiveConfig(mode="joint", **adaptive)
+        ),
+        "distill+adaptive (alternating, in flight)": EngineConfig(
+            num_draft_tokens=args.k,
+            distill=distill,
+            adaptive=AdaptiveConfig(mode="alternating", **adaptive),
+            in_flight_rounds=args.in_flight_rounds,
         ),
     }
 
@@ -105,6 +112,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DistillConfig.lr)
     parser.add_argument("--interval", type=int, default=DistillConfig.interval)
     parser.add_argument("--gamma", type=float, default=AdaptiveConfig.gamma)
+    parser.add_argument(
+        "--in-flight-rounds", type=int, default=4, help="the in-flight configuration's cadence"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timings per evaluation (the fastest counts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -248,6 +248,10 @@ class EngineConfig:
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA. Captured stages (``cuda_graphs``) are timed whole.
+        in_flight_rounds: with online learning, also hand the rows' new labels to the learners every this
+            many rounds of a request, not only at its end; they step once ``interval`` rows (or row segments)
+            are in, and the request's next round drafts with the update (captured rounds too: the merged
+            LoRA weights and the head are rewritten in place). ``None``: between requests only (SPEC §4).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on; graphs live for one
             request); on other devices a recorder with the same replay semantics, which is slower than
@@ -265,6 +269,7 @@ class EngineConfig:
     distill: DistillConfig | None = None
     adaptive: AdaptiveConfig | None = None
     time_stages: bool | None = None
+    in_flight_rounds: int | None = None
     cuda_graphs: bool = False
 
     def __post_init__(self):
@@ -292,6 +297,12 @@ class EngineConfig:
             )
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
+        if self.in_flight_rounds is not None:
+            _check_interval("in_flight_rounds", self.in_flight_rounds)
+            if self.distill is None and self.adaptive is None:
+                raise ValueError(
+                    "`in_flight_rounds` hands labels to the online learners: set `distill=` and/or `adaptive=`"
+                )
         if self.cuda_graphs not in (True, False):
             raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
 

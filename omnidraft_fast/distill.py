@@ -85,6 +85,11 @@ class LoraAdapter:
         self.version = 0  # adapter updates so far (see `updated`)
         self._merged: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (base layer, W + delta)
         self._merged_version = 0
+        self._pristine: list[torch.Tensor] = []  # the base weights while the merged ones serve
+        self._serving = False
+        # Serve from merged copies even untrained, so that an update in the middle of a request reaches
+        # rounds captured before it (EngineConfig.in_flight_rounds).
+        self.merge_always = False
         self._switch(None)
 
     def updated(self) -> None:
@@ -98,23 +103,42 @@ class LoraAdapter:
         The LoRA layers are bypassed altogether (each calls its base layer directly), so serving pays
         nothing for the adapter's bookkeeping either."""
         self._switch(None)
-        for layer in self.layers:
-            layer.forward = layer.get_base_layer().forward  # an instance attribute shadows the method
+        self._serve(True)
         try:
-            with self._merged_weights():
-                yield
+            yield
         finally:
-            for layer in self.layers:
-                del layer.forward
+            self._serve(False)
 
     @contextmanager
-    def _merged_weights(self) -> Iterator[None]:
-        if self.version == 0:  # untrained: W + delta = W
+    def paused(self) -> Iterator[None]:
+        """Inside :meth:`serving`: the drafter as training sees it (base weights, LoRA layers live) for the
+        duration, then serving again with the merged weights rewritten in place (no-op outside serving)."""
+        if not self._serving:
             yield
             return
-        if self._merged_version != self.version:
+        self._serve(False)
+        try:
+            yield
+        finally:
+            self._serve(True)
+
+    def _serve(self, on: bool) -> None:
+        """Swap the merged weights in (and bypass the LoRA layers), or the base weights back."""
+        self._serving = on
+        if not on:
+            for (base, _), weight in zip(self._merged, self._pristine, strict=True):
+                base.weight.data = weight
+            self._pristine = []
+            for layer in self.layers:
+                del layer.forward
+            return
+        for layer in self.layers:
+            layer.forward = layer.get_base_layer().forward  # an instance attribute shadows the method
+        if self.version == 0 and not self.merge_always:  # untrained: W + delta = W
+            return
+        if self._merged_version != self.version or not self._merged:
             # Written in place after the first merge: a captured round (graphs.py) that holds these
-            # tensors sees every update.
+            # tensors sees every update, also one made in the middle of a request (``paused``).
             first = not self._merged
             with torch.no_grad():
                 for index, layer in enumerate(layer for layer in self.layers if self.name in layer.lora_A):
@@ -125,14 +149,9 @@ class LoraAdapter:
                     else:
                         self._merged[index][1].copy_(merged)
             self._merged_version = self.version
-        pristine = [base.weight.data for base, _ in self._merged]
+        self._pristine = [base.weight.data for base, _ in self._merged]
         for base, merged in self._merged:
             base.weight.data = merged
-        try:
-            yield
-        finally:
-            for (base, _), weight in zip(self._merged, pristine, strict=True):
-                base.weight.data = weight
 
     @contextmanager
     def active(self) -> Iterator[None]:

@@ -107,6 +107,7 @@ class SpeculativeEngine:
                 config.distill,
                 config.adaptive,
                 adapter_name=_adapter_name(target, drafter),
+                in_flight=config.in_flight_rounds is not None,
             )
         self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()
@@ -252,16 +253,7 @@ class SpeculativeEngine:
                 request.streamer.end()
 
         if state.recorder is not None:
-            with timer("update"):  # the online learners, between requests
-                self.learner.observe(
-                    state.recorder.examples(
-                        state.d_tokens,
-                        state.d_start,
-                        state.d_lengths,
-                        state.generated,
-                        request.sampling.temperature,
-                    )
-                )
+            self._learn(state, request, timer)  # the online learners, between requests
 
         generated = state.generated.cpu()
         longest = int(generated.max())
@@ -309,7 +301,23 @@ class SpeculativeEngine:
                 self._stream(request.streamer, state, before)
             if all_done:
                 break
+            every = self.config.in_flight_rounds
+            if every is not None and state.recorder is not None and rounds % every == 0:
+                self._learn(state, request, timer)  # in flight: the next round drafts with the update
         return rounds
+
+    def _learn(self, state: RequestState, request: Request, timer: StageTimer) -> None:
+        """Hand the rows' new labels to the online learners, which step when ``interval`` rows are in."""
+        with timer("update"):
+            self.learner.observe(
+                state.recorder.examples(
+                    state.d_tokens,
+                    state.d_start,
+                    state.d_lengths,
+                    state.generated,
+                    request.sampling.temperature,
+                )
+            )
 
     @staticmethod
     def _stream(streamer: Any, state: RequestState, before: torch.Tensor) -> None:

@@ -71,6 +71,7 @@ class Recorder:
         self.ce = torch.zeros(batch, drafter_slots + 1, dtype=torch.bool, device=device)
         self.head = torch.full((batch, drafter_slots + 1), torch.nan, dtype=torch.float32, device=device)
         self.logits = torch.empty(batch, emitted + 1, label_map.shape[0], dtype=dtype, device=device)
+        self.handed: list[int] | None = None  # per row, the drafter slot up to which labels were handed over
 
     def record(
         self,
@@ -134,19 +135,26 @@ class Recorder:
         generated: torch.Tensor,  # [batch] emitted target tokens
         temperature: float,
     ) -> list[Example]:
-        """The request's rows as training examples (one host read of the lengths; after the request)."""
+        """The rows as training examples, each with the labels recorded since the last call (one host read
+        of the lengths; outside the rounds). Called at the end of a request, and also every few rounds
+        with ``EngineConfig(in_flight_rounds=...)``: an example holds the row's whole context, its labels
+        only once."""
         out = []
-        for start, end, n, row in zip(
-            d_start.tolist(), d_lengths.tolist(), generated.tolist(), range(d_tokens.shape[0]), strict=True
+        ends = d_lengths.tolist()
+        since = self.handed if self.handed is not None else d_start.tolist()
+        for start, end, first, n, row in zip(
+            d_start.tolist(), ends, since, generated.tolist(), range(d_tokens.shape[0]), strict=True
         ):
+            new = torch.arange(start, end, device=d_tokens.device) >= first  # slots labelled since then
             out.append(
                 Example(
                     ids=d_tokens[row, start:end].clone(),
-                    kl=self.kl[row, start:end].clone(),
-                    ce=self.ce[row, start:end].clone(),
-                    head=self.head[row, start:end].clone(),
+                    kl=torch.where(new, self.kl[row, start:end], -1),
+                    ce=self.ce[row, start:end] & new,
+                    head=torch.where(new, self.head[row, start:end], torch.nan),
                     logits=self.logits[row, :n].clone(),
                     temperature=temperature,
                 )
             )
+        self.handed = ends
         return out

@@ -86,6 +86,7 @@ class OnlineLearner:
         distill: DistillConfig | None,
         adaptive: AdaptiveConfig | None,
         adapter_name: str,
+        in_flight: bool = False,
     ):
         device, vocab = drafter.device, drafter.vocab_size
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
@@ -104,6 +105,7 @@ class OnlineLearner:
         self.adapter = None
         if distill is not None:
             self.adapter = LoraAdapter(drafter.model, distill, distill.adapter_name or adapter_name)
+            self.adapter.merge_always = in_flight  # updates during a request reach its captured rounds
             self.optimizer = torch.optim.AdamW(
                 self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay
             )
@@ -141,13 +143,15 @@ class OnlineLearner:
             return
         began = time.perf_counter()
         joint = self.adaptive_config is not None and self.adaptive_config.mode == "joint"
-        if self.adapter is not None:
-            self._distill_step(rows, with_head=joint)
-        elif joint:
-            self._head_step(rows, recompute=False)
-        if self.head is not None and not joint:
-            self.replay.extend(rows)
-            self._head_step(list(self.replay), recompute=True)
+        # In the middle of a request (EngineConfig.in_flight_rounds), training sees the base drafter.
+        with self.adapter.paused() if self.adapter is not None else nullcontext():
+            if self.adapter is not None:
+                self._distill_step(rows, with_head=joint)
+            elif joint:
+                self._head_step(rows, recompute=False)
+            if self.head is not None and not joint:
+                self.replay.extend(rows)
+                self._head_step(list(self.replay), recompute=True)
         self.stats.seconds += time.perf_counter() - began
 
     # ---------------------------------------------------------------------------------------------

@@ -280,6 +280,27 @@ def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
+def test_in_flight_updates_replay_exactly(shared_pair):
+    """Updates in the middle of a request reach the rounds captured before them (the merged LoRA weights
+    and the head are rewritten in place): outputs and what was learned equal eager mode's."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 30, "do_sample": True}
+    config = {"num_draft_tokens": 4, "in_flight_rounds": 2, "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
+              "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7)}  # fmt: skip
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
+        ),
+        [request] * 2,
+    )
+    _assert_same(results, replayed_stage="draft")
+    (eager, _), (captured, _) = results
+    assert eager.learner.stats.distill_steps >= 4
+    for a, b in zip(eager.learner.adapter.parameters, captured.learner.adapter.parameters, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_distillation_alone_trains_the_same_adapter(shared_pair):
     """Without a head the round is one stage; what it records trains the same adapter as eager rounds."""
     target, drafter = shared_pair

@@ -101,6 +101,8 @@ def test_untrained_head_predicts_its_prior():
         (lambda: AdaptiveConfig(prior=0.0), "prior"),
         (lambda: EngineConfig(num_draft_tokens=2, adaptive=AdaptiveConfig(k_min=3)), "k_min"),
         (lambda: EngineConfig(distill="yes"), "distill"),
+        (lambda: EngineConfig(in_flight_rounds=2), "in_flight_rounds"),
+        (lambda: EngineConfig(distill=DistillConfig(), in_flight_rounds=0), "in_flight_rounds"),
     ],
 )
 def test_bad_configs_name_the_argument(make, match):
@@ -263,6 +265,56 @@ def test_the_adapter_stays_on_its_engine(shared_pair):
             assert torch.equal(p, base[name]) and p.requires_grad, name
     with pytest.raises(ValueError, match="adapter_name"):
         SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(adapter_name=first.learner.adapter.name)))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ in flight
+def test_in_flight_hands_each_label_over_once(shared_pair):
+    """Every few rounds the rows' new labels go to the learners: over a request, the segments of a row
+    carry exactly the labels the row gives at once without in-flight learning, none twice."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=10)
+    handed = {}
+    for every in (None, 1):
+        engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8),
+                         adaptive=AdaptiveConfig(interval=NO_STEP), in_flight_rounds=every)  # fmt: skip
+        engine.generate(ids, attention_mask=mask, max_new_tokens=16)
+        handed[every] = engine.learner.pending
+    whole, segments = handed[None], handed[1]
+    assert len(whole) == 2 and len(segments) > 2 and len(segments) % 2 == 0
+    for row, example in enumerate(whole):
+        parts = segments[row::2]
+        assert torch.equal(parts[-1].ids, example.ids)  # the context grows; the last part holds all of it
+        kl = torch.stack(
+            [torch.nn.functional.pad(p.kl, (0, example.kl.numel() - p.kl.numel()), value=-1) for p in parts]
+        )
+        head = torch.stack([torch.nn.functional.pad(p.head, (0, example.head.numel() - p.head.numel()), value=float("nan")) for p in parts])  # fmt: skip
+        assert ((kl >= 0).sum(0) <= 1).all() and ((~head.isnan()).sum(0) <= 1).all()  # once at most
+        assert torch.equal(kl.max(0).values, example.kl)
+        assert torch.equal((~head.isnan()).any(0), ~example.head.isnan())
+
+
+def test_in_flight_updates_reach_the_running_request(shared_pair):
+    """With an update every 2 rounds, the drafter's merged weights change in the middle of one request
+    (in place), and the target's greedy output does not."""
+    target, drafter = shared_pair
+    engine = _engine(target, drafter, distill=DistillConfig(interval=1, rank=8, lr=1e-2), in_flight_rounds=2)
+    wrapper = engine.learner.adapter.layers[0]  # a LoRA layer: serving calls its base layer's forward
+    layer = wrapper.get_base_layer()
+    seen = []
+    handle = wrapper.register_forward_pre_hook(
+        lambda module, args: seen.append((layer.weight.data_ptr(), float(layer.weight.sum())))
+    )
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=11)
+    try:
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=24)
+    finally:
+        handle.remove()
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False))
+    steps = engine.learner.stats.distill_steps
+    assert steps >= 3  # mid-request steps, and the one at the end
+    serving = [s for s in seen if s[0] != layer.weight.data_ptr()]  # drafting reads the merged copy
+    assert len({ptr for ptr, _ in serving}) == 1  # one tensor, rewritten in place
+    assert len({round(total, 5) for _, total in serving}) >= steps - 1
 
 
 def test_paused_learning_records_nothing(shared_pair):
