@@ -90,6 +90,11 @@ class Rounds:
         self.learner, self.config = learner, config
 
     @property
+    def mode(self) -> str:
+        """How drafts become target tokens: ``"shared"`` (one vocabulary) or the configured translation."""
+        return self.config.translation if self.bridge is not None else "shared"
+
+    @property
     def spelling_width(self) -> int:
         """Most drafter tokens one committed target token adds to the drafter's context in a round."""
         return 1 if self.bridge is None else min(self.bridge.max_spelling, self.config.max_spelling)
@@ -257,10 +262,6 @@ class Rounds:
                 state.draft_probs_t1[:, i] = q1.softmax(-1)
             if length is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
                 length.step(hidden[:, -1], i + 1)
-
-    @property
-    def mode(self) -> str:
-        return self.config.translation if self.bridge is not None else "shared"
 
     def _finish(
         self, state: RequestState, request: Request, generator: torch.Generator, steps: int, timer: StageTimer
