@@ -156,6 +156,31 @@ def _assert_same(results, replayed_stage="round"):
     assert replayed_stage in captured[-1].stats.stage_seconds
 
 
+def _learning_in_both_modes(pair, config, request, requests):
+    """``_both_modes`` for engines that learn online, each on its own copy of the drafter."""
+    target, drafter = pair
+    return _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
+        ),
+        [request] * requests,
+    )
+
+
+def _assert_learned_alike(eager, captured):
+    """The two learners' adapters and heads hold the same weights."""
+    if eager.adapter is not None:
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(eager.adapter.parameters, captured.adapter.parameters, strict=True)
+        )
+    if eager.head is not None:
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(eager.head.parameters(), captured.head.parameters(), strict=True)
+        )
+
+
 @pytest.mark.parametrize(
     "sampling", [{}, {"do_sample": True}, {"do_sample": True, "temperature": 0.7, "top_k": 20}]
 )
@@ -261,63 +286,42 @@ def test_cross_vocabulary_rounds_replay_exactly(cross_pair, translation):
 def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
     """With an acceptance head each draft step is its own stage, and the rest of the round one stage per
     draft length; the online learners receive the same rows."""
-    target, drafter = shared_pair
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=3)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": True}
     config = {"num_draft_tokens": 5, "distill": DistillConfig(rank=8, interval=2, lr=1e-2),
               "adaptive": AdaptiveConfig(gamma=0.5, interval=2, prior=0.7)}  # fmt: skip
-    results = _both_modes(
-        lambda graphs: SpeculativeEngine(
-            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
-        ),
-        [request] * 3,
-    )
+    results = _learning_in_both_modes(shared_pair, config, request, 3)
     _assert_same(results, replayed_stage="draft")
     (eager, outs), (captured, _) = results
     assert eager.learner.stats.distill_steps >= 1  # the learners trained between requests, identically
-    for a, b in zip(eager.learner.head.parameters(), captured.learner.head.parameters(), strict=True):
-        assert torch.equal(a, b)
+    _assert_learned_alike(eager.learner, captured.learner)
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
 def test_in_flight_updates_replay_exactly(shared_pair):
     """Updates in the middle of a request reach the rounds captured before them (the merged LoRA weights
     and the head are rewritten in place): outputs and what was learned equal eager mode's."""
-    target, drafter = shared_pair
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 30, "do_sample": True}
     config = {"num_draft_tokens": 4, "in_flight_rounds": 2, "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
               "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7)}  # fmt: skip
-    results = _both_modes(
-        lambda graphs: SpeculativeEngine(
-            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
-        ),
-        [request] * 2,
-    )
+    results = _learning_in_both_modes(shared_pair, config, request, 2)
     _assert_same(results, replayed_stage="draft")
     (eager, _), (captured, _) = results
     assert eager.learner.stats.distill_steps >= 4
-    for a, b in zip(eager.learner.adapter.parameters, captured.learner.adapter.parameters, strict=True):
-        assert torch.equal(a, b)
+    _assert_learned_alike(eager.learner, captured.learner)
 
 
 def test_distillation_alone_trains_the_same_adapter(shared_pair):
     """Without a head the round is one stage; what it records trains the same adapter as eager rounds."""
-    target, drafter = shared_pair
     ids, mask = left_padded_prompts(VOCAB, [6, 4], seed=5)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 16, "do_sample": True}
     config = {"distill": DistillConfig(rank=8, interval=2, lr=1e-2)}
-    results = _both_modes(
-        lambda graphs: SpeculativeEngine(
-            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
-        ),
-        [request] * 3,
-    )
+    results = _learning_in_both_modes(shared_pair, config, request, 3)
     _assert_same(results)
     (eager, _), (captured, _) = results
     assert eager.learner.stats.distill_steps >= 2
-    for a, b in zip(eager.learner.adapter.parameters, captured.learner.adapter.parameters, strict=True):
-        assert torch.equal(a, b)
+    _assert_learned_alike(eager.learner, captured.learner)
 
 
 def test_a_streamer_sees_every_round_when_captured(shared_pair):
