@@ -381,3 +381,21 @@ def test_cuda_graphs_on_the_zoo_pair():
                 [request] * 2,
             )
             _assert_same(results, replayed_stage="draft" if "adaptive" in config else "round")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_with_in_flight_learning():
+    """Real CUDA graphs replayed across LoRA and head updates made in the middle of the request: the
+    target's greedy output is unchanged, the learners stepped, the draft stages were replayed."""
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair", device="cuda")
+    prompts = zoo.target_tokenizer(["def parse(text):\n", "Question: Tom has 3 apples"], return_tensors="pt",
+                                   padding=True).to("cuda")  # fmt: skip
+    config = EngineConfig(cuda_graphs=True, time_stages=True, in_flight_rounds=2,
+                          distill=DistillConfig(interval=1, lr=1e-3), adaptive=AdaptiveConfig(interval=1))  # fmt: skip
+    engine = SpeculativeEngine(zoo.target, copy.deepcopy(zoo.drafter_shared), config=config)
+    out = engine.generate(**prompts, max_new_tokens=48, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, zoo.target.generate(**prompts, max_new_tokens=48, do_sample=False))
+    assert engine.learner.stats.distill_steps >= 3 and "draft" in out.stats.stage_seconds
