@@ -38,7 +38,7 @@ __all__ = ["LoraAdapter", "hybrid_distillation_loss", "reverse_kl"]
 class LoraAdapter:
     """A named LoRA adapter on ``model`` (a Hugging Face causal LM), created with ``config``."""
 
-    def __init__(self, model: torch.nn.Module, config: DistillConfig, name: str):
+    def __init__(self, model: torch.nn.Module, config: DistillConfig, name: str, merge_always: bool = False):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
@@ -89,7 +89,7 @@ class LoraAdapter:
         self._serving = False
         # Serve from merged copies even untrained, so that an update in the middle of a request reaches
         # rounds captured before it (EngineConfig.in_flight_rounds).
-        self.merge_always = False
+        self.merge_always = merge_always
         self._switch(None)
 
     def updated(self) -> None:

@@ -4,9 +4,9 @@ A request: resolve and check the arguments (``request.py``), lay out the device 
 (``rounds.py``), run rounds until every row is done with one small host read between rounds (are all
 rows done, did a model produce NaN/inf logits, is the n-gram table over half full), then cut the output
 like ``model.generate()`` does. The rounds themselves live in ``rounds.py``; with
-``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests the
-online learners (``learner.py``) train the drafter's LoRA adapter and the acceptance head on what the
-rounds recorded.
+``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests (and with
+``EngineConfig(in_flight_rounds=n)`` every n rounds too) the online learners (``learner.py``) train the
+drafter's LoRA adapter and the acceptance head on what the rounds recorded.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ class SpeculativeEngine:
                 request.streamer.end()
 
         if state.recorder is not None:
-            self._learn(state, request, timer)  # the online learners, between requests
+            self._learn(state, request, timer)  # the labels not handed over yet, between requests
 
         generated = state.generated.cpu()
         longest = int(generated.max())

@@ -140,10 +140,10 @@ class Recorder:
         with ``EngineConfig(in_flight_rounds=...)``: an example holds the row's whole context, its labels
         only once."""
         out = []
-        ends = d_lengths.tolist()
-        since = self.handed if self.handed is not None else d_start.tolist()
+        starts, ends = d_start.tolist(), d_lengths.tolist()
+        since = self.handed if self.handed is not None else starts
         for start, end, first, n, row in zip(
-            d_start.tolist(), ends, since, generated.tolist(), range(d_tokens.shape[0]), strict=True
+            starts, ends, since, generated.tolist(), range(d_tokens.shape[0]), strict=True
         ):
             new = torch.arange(start, end, device=d_tokens.device) >= first  # slots labelled since then
             out.append(

@@ -104,8 +104,10 @@ class OnlineLearner:
             self.direct = t2d >= 0
         self.adapter = None
         if distill is not None:
-            self.adapter = LoraAdapter(drafter.model, distill, distill.adapter_name or adapter_name)
-            self.adapter.merge_always = in_flight  # updates during a request reach its captured rounds
+            # merge_always: updates made during a request reach the rounds it captured before them
+            self.adapter = LoraAdapter(
+                drafter.model, distill, distill.adapter_name or adapter_name, merge_always=in_flight
+            )
             self.optimizer = torch.optim.AdamW(
                 self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay
             )
