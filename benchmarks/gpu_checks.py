@@ -6,17 +6,19 @@
 ``syncs`` runs whole requests on the embedded zoo (shared and cross vocabulary, greedy and sampled, a
 cascade rule) with every round inside sync-debug "error" mode: a host synchronisation inside a round
 raises. The one allowed read per round (done / invalid / table size) happens between rounds, outside it.
+Engines that learn in flight (``EngineConfig(in_flight_rounds=...)``) have their learning step checked too.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
 from omnidraft_fast.kernels.proposal import CrossProposal
 from omnidraft_fast.kernels.verify import RULES
 
-from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine, ops
+from omnidraft_fast import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine, ops
 from omnidraft_fast.ngram import NGramTable
 
 
@@ -57,27 +59,68 @@ def syncs() -> None:
     ids = zoo.target_tokenizer(["def parse(text):\n", "Question: Tom has 3 apples"], return_tensors="pt",
                                padding=True).to("cuda")  # fmt: skip
     cross = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
+    learning = {"in_flight_rounds": 2, "distill": DistillConfig(interval=1)}
+    # (engine, the methods checked, the requests' extra arguments)
     cases = {
-        "shared": SpeculativeEngine(zoo.target, zoo.drafter_shared),
-        "cross omnidraft": SpeculativeEngine(zoo.target, zoo.drafter_cross, **cross),
-        "cross tli": SpeculativeEngine(
-            zoo.target, zoo.drafter_cross, config=EngineConfig(translation="tli"), **cross
+        "shared": (SpeculativeEngine(zoo.target, zoo.drafter_shared), ["rounds.run"], _REQUESTS),
+        "cross omnidraft": (
+            SpeculativeEngine(zoo.target, zoo.drafter_cross, **cross),
+            ["rounds.run"],
+            _REQUESTS,
+        ),
+        "cross tli": (
+            SpeculativeEngine(zoo.target, zoo.drafter_cross, config=EngineConfig(translation="tli"), **cross),
+            ["rounds.run"],
+            _REQUESTS,
+        ),
+        # The in-flight learning step (LoRA forward, backward, clipping, AdamW, merge) is sync-free too.
+        "shared, learning in flight": (
+            SpeculativeEngine(zoo.target, copy.deepcopy(zoo.drafter_shared), config=EngineConfig(**learning)),
+            ["rounds.run", "_learn_in_flight"],
+            _REQUESTS[:2],
+        ),
+        "cross, learning in flight": (
+            SpeculativeEngine(
+                zoo.target, copy.deepcopy(zoo.drafter_cross), config=EngineConfig(**learning), **cross
+            ),
+            ["rounds.run", "_learn_in_flight"],
+            _REQUESTS[:2],
+        ),
+        # With an acceptance head a round reads the stop flags between draft steps (SPEC §5), so only the
+        # learning step is checked here.
+        "shared, adaptive + learning in flight": (
+            SpeculativeEngine(
+                zoo.target,
+                copy.deepcopy(zoo.drafter_shared),
+                config=EngineConfig(**learning, adaptive=AdaptiveConfig(interval=1)),
+            ),
+            ["_learn_in_flight"],
+            _REQUESTS[:2],
         ),
     }
-    for name, engine in cases.items():
-        original = engine.rounds.run
-
-        def checked(*args, original=original):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return original(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        engine.rounds.run = checked
-        for kwargs in ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("token_v3", 0.3)}):
+    for name, (engine, methods, requests) in cases.items():
+        for method in methods:
+            owner, attribute = (engine.rounds, "run") if method == "rounds.run" else (engine, method)
+            setattr(owner, attribute, _sync_checked(getattr(owner, attribute)))
+        for kwargs in requests:
             engine.generate(**ids, max_new_tokens=24, **kwargs)
-            print(f"syncs: {name} {kwargs or 'greedy'}: no host sync inside a round")
+            print(f"syncs: {name} {kwargs or 'greedy'}: no host sync inside {' or '.join(methods)}")
+
+
+_REQUESTS = ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("token_v3", 0.3)})
+
+
+def _sync_checked(function):
+    """``function`` run under ``torch.cuda.set_sync_debug_mode("error")``: a host sync inside raises."""
+
+    def checked(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return function(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return checked
 
 
 if __name__ == "__main__":

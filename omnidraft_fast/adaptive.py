@@ -91,16 +91,18 @@ class DraftLength:
 
 
 def acceptance_loss(
-    logits: torch.Tensor,  # [n] the head's pre-sigmoid outputs
-    labels: torch.Tensor,  # [n] soft labels in [0, 1]
+    logits: torch.Tensor,  # [...] the head's pre-sigmoid outputs
+    labels: torch.Tensor,  # [...] soft labels in [0, 1]
     reject_weight: float,
+    mask: torch.Tensor | None = None,  # [...] bool: the labelled positions (fixed shapes); None: all
 ) -> torch.Tensor:  # []
-    """Weighted binary cross-entropy of the module docstring (from logits, for stability)."""
-    if not labels.numel():
-        return logits.sum() * 0.0
+    """Weighted binary cross-entropy of the module docstring (from logits, for stability), the mean over
+    the labelled positions."""
     labels = labels.float()
     loss = labels * F.softplus(-logits) + reject_weight * (1 - labels) * F.softplus(logits)
-    return loss.mean()
+    if mask is None:
+        return loss.mean() if labels.numel() else logits.sum() * 0.0
+    return torch.where(mask, loss, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 @torch.no_grad()

@@ -248,10 +248,12 @@ class EngineConfig:
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA. Captured stages (``cuda_graphs``) are timed whole.
-        in_flight_rounds: with online learning, also hand the rows' new labels to the learners every this
-            many rounds of a request, not only at its end; they step once ``interval`` rows (or row segments)
-            are in, and the request's next round drafts with the update (captured rounds too: the merged
-            LoRA weights and the head are rewritten in place). ``None``: between requests only (SPEC §4).
+        in_flight_rounds: with online learning, also take one training step every this many rounds of a
+            request, on the labels its rows recorded since the last one (whatever ``interval`` says), so
+            that the request's next rounds draft with the update. The step has fixed shapes and no host
+            read; with ``cuda_graphs`` it is captured like the rounds, and the merged LoRA weights and the
+            head are rewritten in place. The labels left at a request's end go to the learners as usual.
+            ``None``: between requests only (SPEC §4).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on; graphs live for one
             request); on other devices a recorder with the same replay semantics, which is slower than

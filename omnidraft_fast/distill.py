@@ -214,9 +214,15 @@ def hybrid_distillation_loss(
     support: torch.Tensor,  # [V_d] bool
     twins: torch.Tensor,  # [2, D] int64
     ngram_weight: float,
+    kl_mask: torch.Tensor | None = None,  # [P] bool
+    ce_mask: torch.Tensor | None = None,  # [Q] bool
 ) -> torch.Tensor:  # [] mean over the P + Q positions
-    """The module docstring's loss."""
-    total = reverse_kl(kl_logits, kl_targets, support, twins).sum()
-    if ce_tokens.numel():
-        total = total + ngram_weight * F.cross_entropy(ce_logits.float(), ce_tokens, reduction="sum")
-    return total / max(1, kl_logits.shape[0] + ce_tokens.numel())
+    """The module docstring's loss. With masks only the marked positions count (fixed shapes, for a
+    captured step): the mean is then over the marked positions, counted on the device. Unmarked
+    positions must hold finite inputs (a NaN there would reach the gradient through ``torch.where``)."""
+    kl = reverse_kl(kl_logits, kl_targets, support, twins)
+    ce = F.cross_entropy(ce_logits.float(), ce_tokens, reduction="none")
+    if kl_mask is None:
+        return (kl.sum() + ngram_weight * ce.sum()) / max(1, kl.numel() + ce.numel())
+    total = torch.where(kl_mask, kl, 0.0).sum() + ngram_weight * torch.where(ce_mask, ce, 0.0).sum()
+    return total / (kl_mask.sum() + ce_mask.sum()).clamp_min(1)

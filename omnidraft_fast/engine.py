@@ -4,9 +4,10 @@ A request: resolve and check the arguments (``request.py``), lay out the device 
 (``rounds.py``), run rounds until every row is done with one small host read between rounds (are all
 rows done, did a model produce NaN/inf logits, is the n-gram table over half full), then cut the output
 like ``model.generate()`` does. The rounds themselves live in ``rounds.py``; with
-``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests (and with
-``EngineConfig(in_flight_rounds=n)`` every n rounds too) the online learners (``learner.py``) train the
-drafter's LoRA adapter and the acceptance head on what the rounds recorded.
+``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests the
+online learners (``learner.py``) train the drafter's LoRA adapter and the acceptance head on what the
+rounds recorded; with ``EngineConfig(in_flight_rounds=n)`` they also step every n rounds, as one more
+stage of fixed shapes (captured too), so that the request's next rounds draft with the update.
 """
 
 from __future__ import annotations
@@ -303,8 +304,28 @@ class SpeculativeEngine:
                 break
             every = self.config.in_flight_rounds
             if every is not None and state.recorder is not None and rounds % every == 0:
-                self._learn(state, request, timer)  # in flight: the next round drafts with the update
+                self._learn_in_flight(state, request, timer)  # the next round drafts with the update
         return rounds
+
+    def _learn_in_flight(self, state: RequestState, request: Request, timer: StageTimer) -> None:
+        """The learners' step on the labels of the last ``in_flight_rounds`` rounds, as a stage of its own
+        (captured with ``cuda_graphs``, like the rounds): fixed shapes, no host read."""
+        width = self.config.in_flight_rounds * self.rounds.slots_per_round(request.num_draft_tokens)
+
+        def learn(timer: StageTimer) -> None:
+            with timer("update"):
+                window = state.recorder.window(
+                    state.d_tokens,
+                    state.d_lengths,
+                    width,
+                    self.drafter.cache.max_slots,
+                    request.sampling.temperature,
+                )
+                self.learner.step_in_flight(window)
+
+        began = time.perf_counter()
+        state.graphs.run("learn", learn, timer, "update")
+        self.learner.seconds += time.perf_counter() - began
 
     def _learn(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """Hand the rows' new labels to the online learners, which step when ``interval`` rows are in."""

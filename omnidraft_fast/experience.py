@@ -15,7 +15,10 @@ drafter's prediction *of* the token at slot ``u`` (made from the hidden state at
                     context is the committed one), 1 at the other slots of an accepted merged span
 
 Everything is written with fixed shapes (rows that write nothing aim at a spare column), so recording
-adds no host sync to a round.
+adds no host sync to a round. The labels leave in one of two forms, each label once: as ragged
+:class:`Example` rows (:meth:`Recorder.examples`, one host read, for the learners' steps between
+requests) or, in the middle of a request, as a fixed-shape :class:`Window` of every slot labelled since
+the last hand-over (:meth:`Recorder.window`, no host read: a captured stage can hold it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Example", "Recorder"]
+__all__ = ["Example", "Recorder", "Window"]
 
 
 @dataclass
@@ -39,6 +42,23 @@ class Example:
     temperature: float  # the request's sampling temperature (0: greedy)
 
 
+@dataclass
+class Window:
+    """The labels of ``width`` drafter slots per row from the first one not handed over yet, in fixed
+    shapes (``[batch, width]``). Slot ``u``'s label is about the prediction made at slot ``u - 1``; slots
+    past a row's committed context are padding, with every mask off."""
+
+    inputs: torch.Tensor  # [batch, width] int64 the drafter tokens at slots u - 1, which predict slot u
+    slots: torch.Tensor  # [batch, width] int64 u - 1, clamped inside the drafter's cache
+    tokens: torch.Tensor  # [batch, width] int64 the committed drafter token at u (cross-entropy target)
+    kl: torch.Tensor  # [batch, width] bool a KL label at u
+    targets: torch.Tensor  # [batch, width, V_d] the target's logits in drafter ids there (zeros elsewhere)
+    ce: torch.Tensor  # [batch, width] bool an n-gram sub-token at u
+    head: torch.Tensor  # [batch, width] fp32 acceptance-head labels (0 where none)
+    has_head: torch.Tensor  # [batch, width] bool
+    temperature: float  # the request's sampling temperature (0: greedy)
+
+
 class Recorder:
     """Per-request label buffers, filled round by round (see the module docstring).
 
@@ -50,6 +70,8 @@ class Recorder:
         label_map: [V_d] int64 target id standing for each drafter id (0 where none; masked in the loss).
         direct: [V_t] bool target ids that have a drafter twin.
         dtype: of the stored target logits (the target's).
+        handed: [batch] int64 drafter slot of each row from which labels are not handed over yet (the
+            end of its prompt); updated in place by each hand-over.
     """
 
     def __init__(
@@ -61,6 +83,7 @@ class Recorder:
         label_map: torch.Tensor,
         direct: torch.Tensor,
         dtype: torch.dtype,
+        handed: torch.Tensor,
     ):
         device = label_map.device
         self.label_map, self.direct = label_map, direct
@@ -71,7 +94,7 @@ class Recorder:
         self.ce = torch.zeros(batch, drafter_slots + 1, dtype=torch.bool, device=device)
         self.head = torch.full((batch, drafter_slots + 1), torch.nan, dtype=torch.float32, device=device)
         self.logits = torch.empty(batch, emitted + 1, label_map.shape[0], dtype=dtype, device=device)
-        self.handed: list[int] | None = None  # per row, the drafter slot up to which labels were handed over
+        self.handed = handed  # [batch] per row, the drafter slot up to which labels were handed over
 
     def record(
         self,
@@ -135,15 +158,13 @@ class Recorder:
         generated: torch.Tensor,  # [batch] emitted target tokens
         temperature: float,
     ) -> list[Example]:
-        """The rows as training examples, each with the labels recorded since the last call (one host read
-        of the lengths; outside the rounds). Called at the end of a request, and also every few rounds
-        with ``EngineConfig(in_flight_rounds=...)``: an example holds the row's whole context, its labels
-        only once."""
+        """The rows as training examples, each with the labels recorded since the last hand-over (one
+        host read of the lengths; outside the rounds). An example holds the row's whole context, its
+        labels only once."""
         out = []
-        starts, ends = d_start.tolist(), d_lengths.tolist()
-        since = self.handed if self.handed is not None else starts
+        starts, ends, since, emitted = torch.stack([d_start, d_lengths, self.handed, generated]).tolist()
         for start, end, first, n, row in zip(
-            starts, ends, since, generated.tolist(), range(d_tokens.shape[0]), strict=True
+            starts, ends, since, emitted, range(d_tokens.shape[0]), strict=True
         ):
             new = torch.arange(start, end, device=d_tokens.device) >= first  # slots labelled since then
             out.append(
@@ -156,5 +177,41 @@ class Recorder:
                     temperature=temperature,
                 )
             )
-        self.handed = ends
+        self.handed.copy_(d_lengths)
         return out
+
+    def window(
+        self,
+        d_tokens: torch.Tensor,  # [batch, drafter slots]
+        d_lengths: torch.Tensor,  # [batch] committed drafter slots
+        width: int,
+        cache_slots: int,
+        temperature: float,
+    ) -> Window:
+        """The labels recorded since the last hand-over as a :class:`Window` of ``width`` slots per row,
+        with no host read. ``width`` must be at least the drafter slots a row can commit between two
+        hand-overs (``Rounds.slots_per_round`` times the rounds): nothing is left out then."""
+        batch, device = d_tokens.shape[0], d_tokens.device
+        slot = self.handed[:, None] + torch.arange(width, device=device)  # [batch, width] labelled slots u
+        valid = slot < d_lengths[:, None]
+        slot = slot.clamp(max=self.spare_slot)  # padding reads the spare column, which holds no label
+        kl, head = self.kl.gather(1, slot), self.head.gather(1, slot)
+        has_kl, has_head = valid & (kl >= 0), valid & ~head.isnan()
+        rows = torch.arange(batch, device=device)[:, None]
+        targets = self.logits[rows, kl.clamp_min(0)]  # [batch, width, V_d]
+        # Rows of the logits buffer never written are uninitialised memory: keep them out of the loss.
+        targets = targets.masked_fill(~has_kl[..., None], 0.0)
+        before = (slot - 1).clamp(max=cache_slots - 1)
+        window = Window(
+            inputs=d_tokens.gather(1, before),
+            slots=before,
+            tokens=d_tokens.gather(1, slot.clamp(max=d_tokens.shape[1] - 1)),
+            kl=has_kl,
+            targets=targets,
+            ce=valid & self.ce.gather(1, slot),
+            head=torch.where(has_head, head, 0.0),
+            has_head=has_head,
+            temperature=temperature,
+        )
+        self.handed.copy_(d_lengths)
+        return window

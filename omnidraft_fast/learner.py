@@ -16,6 +16,16 @@ runs the drafter teacher-forced over them (with its adapter on) and takes one op
 
 This runs between requests, never inside a round, and only touches the adapter and the head: the base
 drafter's weights never change.
+
+With ``EngineConfig(in_flight_rounds=n)`` the learners also step every n rounds in the middle of a request
+(:meth:`OnlineLearner.step_in_flight`), on the labels its rows recorded since the last step. That step
+has fixed shapes and reads nothing back to the host, so the engine captures it like a round's stages
+(``graphs.py``): it takes a :class:`~omnidraft_fast.experience.Window` of the new slots, and scores them
+with the drafter attending to its own serving cache for the context before them (no recomputation of
+the context; its keys and values are constants to the gradient). Losses are masked means, the
+optimisers' steps are gated on the device (:mod:`~omnidraft_fast.optim`), and the head trains on the
+window (its replay buffer is filled between requests). Step counts and the last losses live on the
+device and are read only when :attr:`OnlineLearner.stats` is.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ from .adaptive import AcceptanceHead, acceptance_loss, expected_acceptance
 from .bridge import VocabBridge
 from .config import AdaptiveConfig, DistillConfig
 from .distill import LoraAdapter, hybrid_distillation_loss
-from .experience import Example, Recorder
+from .experience import Example, Recorder, Window
 from .models import CausalLM, head_inputs
+from .optim import AdamW
 
 __all__ = ["LearnerStats", "OnlineLearner"]
 
@@ -43,7 +54,8 @@ _PASS_BUDGET = 1 << 27
 
 @dataclass
 class LearnerStats:
-    """What the learners did: rows seen, optimiser steps, the last losses, time spent training."""
+    """What the learners did: rows handed over between requests, optimiser steps (in flight too), the last
+    losses, time spent training."""
 
     rows: int = 0
     distill_steps: int = 0
@@ -108,33 +120,57 @@ class OnlineLearner:
             self.adapter = LoraAdapter(
                 drafter.model, distill, distill.adapter_name or adapter_name, merge_always=in_flight
             )
-            self.optimizer = torch.optim.AdamW(
+            self.optimizer = AdamW(
                 self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay
             )
         self.head = None
         if adaptive is not None:
             hidden_size = drafter.model.get_output_embeddings().weight.shape[1]
             self.head = AcceptanceHead(hidden_size, adaptive.blocks, adaptive.prior).to(device)
-            self.head_optimizer = torch.optim.AdamW(
+            self.head_optimizer = AdamW(
                 self.head.parameters(), lr=adaptive.lr, weight_decay=adaptive.weight_decay
             )
             self.replay: deque[Example] = deque(maxlen=adaptive.replay)
         self.interval = distill.interval if distill is not None else adaptive.interval
         self.enabled = True  # False: requests are served with what was learned, and teach nothing
         self.pending: list[Example] = []
-        self.stats = LearnerStats()
+        self.rows = 0  # rows handed over between requests
+        self.seconds = 0.0  # spent training (the engine adds the in-flight steps' time)
+        self.losses = torch.full((2,), torch.nan, device=device)  # the last distillation and head losses
+
+    @property
+    def stats(self) -> LearnerStats:
+        """What the learners did so far (reads the device's step counts and losses: not inside a round)."""
+        zero = self.losses.new_zeros(())
+        counts = [self.optimizer.steps if self.adapter is not None else zero]
+        counts.append(self.head_optimizer.steps if self.head is not None else zero)
+        distill_steps, head_steps, distill_loss, head_loss = torch.cat(
+            [torch.stack(counts), self.losses]
+        ).tolist()
+        return LearnerStats(
+            rows=self.rows,
+            distill_steps=int(distill_steps),
+            head_steps=int(head_steps),
+            distill_loss=distill_loss,
+            head_loss=head_loss,
+            seconds=self.seconds,
+        )
 
     def serving(self):
         """Context of a request: the drafter with its adapter merged while the engine drafts."""
         return self.adapter.serving() if self.adapter is not None else nullcontext()
 
-    def recorder(self, batch: int, drafter_slots: int, spelling_width: int, emitted: int, dtype) -> Recorder:
-        return Recorder(batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype)
+    def recorder(
+        self, batch: int, drafter_slots: int, spelling_width: int, emitted: int, dtype, handed: torch.Tensor
+    ) -> Recorder:
+        return Recorder(
+            batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype, handed
+        )
 
     def observe(self, examples: list[Example]) -> None:
         """Take a finished request's rows; train once ``interval`` rows are waiting."""
         self.pending.extend(examples)
-        self.stats.rows += len(examples)
+        self.rows += len(examples)
         if len(self.pending) >= self.interval:
             self.step()
 
@@ -145,26 +181,37 @@ class OnlineLearner:
             return
         began = time.perf_counter()
         joint = self.adaptive_config is not None and self.adaptive_config.mode == "joint"
-        # In the middle of a request (EngineConfig.in_flight_rounds), training sees the base drafter.
+        if self.adapter is not None:
+            self._distill_step(rows, with_head=joint)
+        elif joint:
+            self._head_step(rows, recompute=False)
+        if self.head is not None and not joint:
+            self.replay.extend(rows)
+            self._head_step(list(self.replay), recompute=True)
+        self.seconds += time.perf_counter() - began
+
+    def step_in_flight(self, window: Window) -> None:
+        """One training step in the middle of a request, on the labels of ``window`` (module docstring):
+        the same steps as :meth:`step`, in fixed shapes, with no host read. It runs inside the request's
+        ``serving`` context: the LoRA layers come back for the step, then the merge is rewritten in place."""
+        joint = self.adaptive_config is not None and self.adaptive_config.mode == "joint"
         with self.adapter.paused() if self.adapter is not None else nullcontext():
             if self.adapter is not None:
-                self._distill_step(rows, with_head=joint)
+                self._distill_window(window, with_head=joint)
             elif joint:
-                self._head_step(rows, recompute=False)
+                self._head_window(window, recompute=False)
             if self.head is not None and not joint:
-                self.replay.extend(rows)
-                self._head_step(list(self.replay), recompute=True)
-        self.stats.seconds += time.perf_counter() - began
+                self._head_window(window, recompute=True)
 
     # ---------------------------------------------------------------------------------------------
     def _distill_step(self, rows: list[Example], with_head: bool) -> None:
         config = self.distill_config
-        parameters = list(self.adapter.parameters) + (list(self.head.parameters()) if with_head else [])
-        self.optimizer.zero_grad(set_to_none=True)
+        parameters = self._trained(with_head)
+        self.optimizer.zero_grad()
         if with_head:
-            self.head_optimizer.zero_grad(set_to_none=True)
+            self.head_optimizer.zero_grad()
         total_labels, total_head = _counts(rows)
-        distill_sum = head_sum = 0.0
+        distill_sum = head_sum = self.losses.new_zeros(())
         with self.adapter.active(), _only_trainable(self.drafter.model, parameters), torch.enable_grad():
             for chunk in self._passes(rows):
                 part = self._run(chunk, grad=True)
@@ -177,26 +224,75 @@ class OnlineLearner:
                     self.twins,
                     config.ngram_weight,
                 ) * ((part.kl_logits.shape[0] + part.ce_tokens.numel()) / max(1, total_labels))
-                distill_sum += float(loss.detach())
+                distill_sum += loss.detach()
                 if with_head and part.head_labels.numel():
                     head = acceptance_loss(
                         self.head.logits(part.head_hidden),
                         part.head_labels,
                         self.adaptive_config.reject_weight,
                     ) * (part.head_labels.numel() / max(1, total_head))
-                    head_sum += float(head.detach())
+                    head_sum += head.detach()
                     loss = loss + head
                 loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters, config.max_grad_norm)
-        self.optimizer.step()
-        self.adapter.updated()
-        self.stats.distill_steps += 1
-        self.stats.distill_loss = distill_sum
+        self._adapter_step(None)
+        self.losses[0] = distill_sum
         if with_head:
             self.head_optimizer.step()
-            self.stats.head_steps += 1
-            self.stats.head_loss = head_sum
+            self.losses[1] = head_sum
+
+    def _distill_window(self, window: Window, with_head: bool) -> None:
+        """:meth:`_distill_step` on a window: masked losses, steps gated on there being labels."""
+        self.optimizer.zero_grad()
+        if with_head:
+            self.head_optimizer.zero_grad()
+        with (
+            self.adapter.active(),
+            _only_trainable(self.drafter.model, self._trained(with_head)),
+            torch.enable_grad(),
+        ):
+            logits, hidden = self.drafter.score(window.inputs, window.slots)
+            flat = logits.flatten(0, 1)
+            loss = hybrid_distillation_loss(
+                flat,
+                window.targets.flatten(0, 1),
+                flat,
+                window.tokens.flatten(),
+                self.support,
+                self.twins,
+                self.distill_config.ngram_weight,
+                kl_mask=window.kl.flatten(),
+                ce_mask=window.ce.flatten(),
+            )
+            total = loss
+            if with_head:
+                head = acceptance_loss(
+                    self.head.logits(hidden), window.head, self.adaptive_config.reject_weight, window.has_head
+                )
+                total = total + head
+            total.backward()
+        labelled = (window.kl | window.ce).any()
+        self._adapter_step(labelled)
+        self.losses[0] = torch.where(labelled, loss.detach(), self.losses[0])
+        if with_head:
+            self.head_optimizer.step(window.has_head.any())
+            self.losses[1] = torch.where(window.has_head.any(), head.detach(), self.losses[1])
+
+    def _head_window(self, window: Window, recompute: bool) -> None:
+        """:meth:`_head_step` on a window: the hidden states of the current drafter, masked losses."""
+        with self.adapter.active() if self.adapter is not None else nullcontext(), torch.no_grad():
+            logits, hidden = self.drafter.score(window.inputs, window.slots)
+        labels = window.head
+        if recompute:
+            batch, width, vocab = logits.shape
+            fresh = expected_acceptance(
+                logits.reshape(-1, vocab),
+                window.targets.reshape(-1, vocab),
+                self.support,
+                self.twins,
+                torch.full((batch * width,), window.temperature, device=logits.device),
+            )
+            labels = torch.where(window.kl, fresh.view(batch, width), labels)
+        self._fit_head(hidden.float(), labels, window.has_head, recompute)
 
     def _head_step(self, rows: list[Example], recompute: bool) -> None:
         """The head alone, on hidden states of the current drafter (no gradient into the drafter)."""
@@ -214,17 +310,23 @@ class OnlineLearner:
                 hidden.append(part.head_hidden.float())
                 labels.append(label)
         hidden, labels = torch.cat(hidden), torch.cat(labels)
-        if not labels.numel():
-            return
-        steps = self.adaptive_config.head_steps if recompute else 1
+        if labels.numel():
+            self._fit_head(hidden, labels, None, recompute)
+
+    def _fit_head(
+        self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, recompute: bool
+    ) -> None:
+        """The head's optimiser steps on fixed hidden states: ``head_steps`` of them on recomputed labels,
+        one on verification's; with a ``mask``, only where it is set (and no step when it is all off)."""
+        gate = None if mask is None else mask.any()
+        config = self.adaptive_config
         with torch.enable_grad():
-            for _ in range(steps):
-                self.head_optimizer.zero_grad(set_to_none=True)
-                loss = acceptance_loss(self.head.logits(hidden), labels, self.adaptive_config.reject_weight)
+            for _ in range(config.head_steps if recompute else 1):
+                self.head_optimizer.zero_grad()
+                loss = acceptance_loss(self.head.logits(hidden), labels, config.reject_weight, mask)
                 loss.backward()
-                self.head_optimizer.step()
-        self.stats.head_steps += steps
-        self.stats.head_loss = float(loss.detach())
+                self.head_optimizer.step(gate)
+        self.losses[1] = loss.detach() if gate is None else torch.where(gate, loss.detach(), self.losses[1])
 
     def _passes(self, rows: list[Example]) -> Iterator[list[Example]]:
         """Rows grouped so that one pass holds at most ``_PASS_BUDGET`` logits."""
@@ -279,6 +381,16 @@ class OnlineLearner:
             head_labels=head[at_head],
             head_kl=kl_index[at_head],
         )
+
+    def _adapter_step(self, gate: torch.Tensor | None) -> None:
+        """Clip the adapter's gradients and step it (``gate``: see ``optim.py``); the merge follows."""
+        if self.distill_config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters, self.distill_config.max_grad_norm)
+        self.optimizer.step(gate)
+        self.adapter.updated()
+
+    def _trained(self, with_head: bool) -> list[torch.nn.Parameter]:
+        return list(self.adapter.parameters) + (list(self.head.parameters()) if with_head else [])
 
 
 def _counts(rows: list[Example]) -> tuple[int, int]:

@@ -68,6 +68,7 @@ class SlotKVCache(Cache):
         self.keys: list[torch.Tensor] = []  # per layer: [batch, kv_heads, max_slots, head_dim]
         self.values: list[torch.Tensor] = []
         self.write_slots: torch.Tensor | None = None  # [batch, n]: where this forward writes
+        self.read_only = False  # True: a forward sees its keys/values at write_slots but writes nothing
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers <= 5.23 passes `cache_kwargs`, 5.24 `kwargs=`; neither carries anything needed here.
@@ -78,8 +79,12 @@ class SlotKVCache(Cache):
             self.values.append(value_states.new_zeros((*shape[:3], value_states.shape[-1])))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         slots = self.write_slots[:, None, :, None]
-        keys.scatter_(2, slots.expand(-1, keys.shape[1], -1, keys.shape[3]), key_states)
-        values.scatter_(2, slots.expand(-1, values.shape[1], -1, values.shape[3]), value_states)
+        key_slots = slots.expand(-1, keys.shape[1], -1, keys.shape[3])
+        value_slots = slots.expand(-1, values.shape[1], -1, values.shape[3])
+        if self.read_only:  # the cache as it is, plus this forward's keys/values, in copies
+            return keys.scatter(2, key_slots, key_states), values.scatter(2, value_slots, value_states)
+        keys.scatter_(2, key_slots, key_states)
+        values.scatter_(2, value_slots, value_states)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -192,6 +197,20 @@ class CausalLM:
         Every slot at or below a query's slot and at or above its row's ``start``
         is attended to; writing at a lower slot than before is a rollback.
         """
+        return self._run(input_ids, slots, last_only, hidden)
+
+    def score(self, input_ids: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`forward` with ``hidden``, but under the caller's grad mode and without writing the
+        cache: the tokens attend to the cached slots below them as they are (constants to autograd) and
+        to each other. Online learning's teacher-forced pass inside a request (``learner.py``): it costs
+        ``n`` tokens, not the whole context."""
+        self.cache.read_only = True
+        try:
+            return self._run(input_ids, slots, last_only=False, hidden=True)
+        finally:
+            self.cache.read_only = False
+
+    def _run(self, input_ids, slots, last_only, hidden):
         cache, start = self.cache, self.start
         positions = slots - start[:, None]
         if self.position_limit is not None:

@@ -99,6 +99,11 @@ class Rounds:
         """Most drafter tokens one committed target token adds to the drafter's context in a round."""
         return 1 if self.bridge is None else min(self.bridge.max_spelling, self.config.max_spelling)
 
+    def slots_per_round(self, k: int) -> int:
+        """Most drafter slots one round commits to a row: its ``k`` drafted tokens, then the spelling of
+        the recovered/bonus token."""
+        return k + self.spelling_width
+
     def spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n] (0 if longer)."""
         if self.bridge is None:
@@ -134,6 +139,7 @@ class Rounds:
         for row, ids in enumerate(rows):
             d_start[row] = window - 1 + d_prompt - len(ids)
             d_tokens[row, window - 1 + d_prompt - len(ids) : window - 1 + d_prompt] = ids
+        d_lengths = torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device)
 
         for model, width, first in ((self.target, slots, start), (self.drafter, d_slots, d_start)):
             model.check_window(width)
@@ -147,7 +153,7 @@ class Rounds:
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=device),
             d_tokens=d_tokens,
             d_start=d_start,
-            d_lengths=torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device),
+            d_lengths=d_lengths,
             window=window,
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
@@ -164,7 +170,7 @@ class Rounds:
             recorder=None
             if self.learner is None or not self.learner.enabled
             else self.learner.recorder(
-                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype
+                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             draft_length=None

@@ -4,6 +4,7 @@ what eager rounds give, on every device (CUDA graphs on CUDA, the replay recorde
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -298,18 +299,50 @@ def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
-def test_in_flight_updates_replay_exactly(shared_pair):
-    """Updates in the middle of a request reach the rounds captured before them (the merged LoRA weights
-    and the head are rewritten in place): outputs and what was learned equal eager mode's."""
+@pytest.mark.parametrize("mode", ["alternating", "joint"])
+def test_in_flight_updates_replay_exactly(shared_pair, mode):
+    """The learning step in the middle of a request is a captured stage too (forward, backward, clipping,
+    AdamW, the merge), and its updates reach the rounds captured before it (the merged LoRA weights and the
+    head are rewritten in place): outputs and what was learned equal eager mode's."""
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 30, "do_sample": True}
     config = {"num_draft_tokens": 4, "in_flight_rounds": 2, "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
-              "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7)}  # fmt: skip
+              "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7, mode=mode)}  # fmt: skip
     results = _learning_in_both_modes(shared_pair, config, request, 2)
     _assert_same(results, replayed_stage="draft")
-    (eager, _), (captured, _) = results
-    assert eager.learner.stats.distill_steps >= 4
+    (eager, _), (captured, outs) = results
+    _assert_learning_replayed(outs)
+    assert eager.learner.stats.distill_steps >= 6 and eager.learner.stats.head_steps >= 6
     _assert_learned_alike(eager.learner, captured.learner)
+    for name in ("distill_steps", "head_steps", "distill_loss", "head_loss"):  # counted on the device
+        assert getattr(eager.learner.stats, name) == getattr(captured.learner.stats, name), name
+
+
+def test_in_flight_updates_replay_exactly_across_vocabularies(cross_pair):
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    batch = target_tokenizer(
+        ["def fibonacci(n):\n    return", "The café on"], return_tensors="pt", padding=True
+    )
+    request = {**batch, "max_new_tokens": 24, "do_sample": True}
+    config = EngineConfig(
+        num_draft_tokens=4, in_flight_rounds=2, distill=DistillConfig(rank=8, interval=1, lr=1e-2)
+    )
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer,
+                                         drafter_tokenizer=drafter_tokenizer,
+                                         config=dataclasses.replace(config, cuda_graphs=graphs)),
+        [request] * 2,
+    )  # fmt: skip
+    _assert_same(results)
+    (eager, _), (captured, outs) = results
+    _assert_learning_replayed(outs)
+    _assert_learned_alike(eager.learner, captured.learner)
+
+
+def _assert_learning_replayed(outs):
+    """The in-flight learning stage was captured in some request and replayed (timed as "update")."""
+    stages = [out.stats.stage_seconds for out in outs]
+    assert any("capture:update" in s for s in stages) and all("update" in s for s in stages)
 
 
 def test_distillation_alone_trains_the_same_adapter(shared_pair):
@@ -386,8 +419,9 @@ def test_cuda_graphs_on_the_zoo_pair():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_with_in_flight_learning():
-    """Real CUDA graphs replayed across LoRA and head updates made in the middle of the request: the
-    target's greedy output is unchanged, the learners stepped, the draft stages were replayed."""
+    """Real CUDA graphs replayed across LoRA and head updates made in the middle of the request, the
+    updates themselves a captured stage (backward and AdamW included): the target's greedy output is
+    unchanged, the learners stepped, the draft and learning stages were captured."""
     from omnidraft_fast.zoo import load
 
     zoo = load("code-pair", device="cuda")
@@ -399,3 +433,4 @@ def test_cuda_graphs_with_in_flight_learning():
     out = engine.generate(**prompts, max_new_tokens=48, return_dict_in_generate=True)
     assert torch.equal(out.sequences, zoo.target.generate(**prompts, max_new_tokens=48, do_sample=False))
     assert engine.learner.stats.distill_steps >= 3 and "draft" in out.stats.stage_seconds
+    assert "capture:update" in out.stats.stage_seconds  # the learning step itself was captured

@@ -46,6 +46,73 @@ def test_reverse_kl_by_hand():
     assert reverse_kl(match, torch.tensor([[0.0, 0.0, 9.0, 9.0]]), support, twins).abs().item() < 1e-6
 
 
+def test_adamw_matches_torch_and_a_gated_off_step_changes_nothing():
+    """The learners' device-side AdamW (optim.py) is torch's AdamW; with its gate off, a step is no step."""
+    from omnidraft_fast.optim import AdamW
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer = AdamW(ours, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+    for i in range(7):
+        gate = [None, torch.tensor(True), torch.tensor(False)][i % 3]
+        optimizer.zero_grad()
+        reference.zero_grad()
+        for p, q in zip(ours, theirs, strict=True):
+            gradient = torch.randn_like(p)
+            p.grad += gradient
+            q.grad = gradient.clone()
+        before = [p.detach().clone() for p in ours] + [
+            m.clone() for m in optimizer.exp_avg + optimizer.exp_avg_sq
+        ]
+        optimizer.step(gate)
+        if gate is None or bool(gate):
+            reference.step()
+        else:
+            after = [p.detach() for p in ours] + optimizer.exp_avg + optimizer.exp_avg_sq
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert optimizer.steps.item() == reference.state[theirs[0]]["step"].item() == 5
+    gated = AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    gated.step(torch.tensor(False))  # a first step gated off: no 0/0 in the bias correction
+    assert torch.equal(gated.params[0].detach(), torch.ones(2)) and gated.steps.item() == 0
+
+
+def test_masked_losses_equal_the_losses_of_the_selected_positions():
+    """A window's fixed-shape losses (masks over every position) are the losses of the labelled positions
+    alone; what sits at the unlabelled ones does not matter, not even to the gradient."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 9, requires_grad=True)
+    targets = torch.randn(6, 9)
+    tokens = torch.randint(9, (6,))
+    kl, ce = (
+        torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool),
+        torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool),
+    )
+    support = torch.rand(9) < 0.8
+    twins = torch.tensor([[3], [support.long().argmax().item()]])
+    support[3] = False
+    selected = hybrid_distillation_loss(logits[kl], targets[kl], logits[ce], tokens[ce], support, twins, 0.2)
+    (expected,) = torch.autograd.grad(selected, logits)
+    masked = hybrid_distillation_loss(
+        logits, targets, logits, tokens, support, twins, 0.2, kl_mask=kl, ce_mask=ce
+    )
+    (gradient,) = torch.autograd.grad(masked, logits)
+    torch.testing.assert_close(masked, selected)
+    torch.testing.assert_close(gradient, expected)
+
+    head = torch.randn(2, 5, requires_grad=True)
+    labels = torch.rand(2, 5)
+    mask = torch.rand(2, 5) < 0.5
+    mask[0, 0] = True
+    torch.testing.assert_close(
+        acceptance_loss(head, labels, 6.0, mask), acceptance_loss(head[mask], labels[mask], 6.0)
+    )
+    assert acceptance_loss(head, labels, 6.0, torch.zeros_like(mask)).item() == 0.0
+
+
 def test_distillation_loss_weights_the_ngram_term():
     logits = torch.randn(3, 6)
     tokens = torch.tensor([1, 4])
@@ -268,29 +335,150 @@ def test_the_adapter_stays_on_its_engine(shared_pair):
 
 
 # ------------------------------------------------------------------------------------------ in flight
-def test_in_flight_hands_each_label_over_once(shared_pair):
-    """Every few rounds the rows' new labels go to the learners: over a request, the segments of a row
-    carry exactly the labels the row gives at once without in-flight learning, none twice."""
-    target, drafter = shared_pair
-    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=10)
-    handed = {}
-    for every in (None, 1):
-        engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8),
-                         adaptive=AdaptiveConfig(interval=NO_STEP), in_flight_rounds=every)  # fmt: skip
-        engine.generate(ids, attention_mask=mask, max_new_tokens=16)
-        handed[every] = engine.learner.pending
-    whole, segments = handed[None], handed[1]
-    assert len(whole) == 2 and len(segments) > 2 and len(segments) % 2 == 0
-    for row, example in enumerate(whole):
-        parts = segments[row::2]
-        assert torch.equal(parts[-1].ids, example.ids)  # the context grows; the last part holds all of it
-        kl = torch.stack(
-            [torch.nn.functional.pad(p.kl, (0, example.kl.numel() - p.kl.numel()), value=-1) for p in parts]
+class _Windows:
+    """Spies on a request's in-flight windows (``Recorder.window``): the recorder, and each window."""
+
+    def __init__(self, monkeypatch, transform=None):
+        from omnidraft_fast.experience import Recorder
+
+        self.recorder, self.windows = None, []
+        original = Recorder.window
+
+        def window(recorder, d_tokens, d_lengths, *args):
+            handed = recorder.handed.clone()
+            out = original(recorder, d_tokens, d_lengths, *args)
+            self.recorder, self.d_tokens = recorder, d_tokens
+            self.windows.append((handed, d_lengths.clone(), out))
+            return out if transform is None else transform(out)
+
+        monkeypatch.setattr(Recorder, "window", window)
+
+
+@pytest.mark.parametrize("vocabulary", ["shared", "cross"])
+def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, monkeypatch, vocabulary):
+    """Every few rounds a fixed-shape window of each row's new labels goes to the learners. Over a
+    request, the windows and the rows handed over at its end carry every label the rounds recorded,
+    each once, with the values recorded (also across vocabularies, where one round can commit many
+    drafter slots per row: the window's width must hold them all)."""
+    spy = _Windows(monkeypatch)
+    config = dict(num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-3),
+                  adaptive=AdaptiveConfig(interval=NO_STEP), in_flight_rounds=2)  # fmt: skip
+    if vocabulary == "shared":
+        target, drafter = shared_pair
+        engine = _engine(target, drafter, **config)
+        ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=10)
+        engine.generate(ids, attention_mask=mask, max_new_tokens=20)
+    else:
+        target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+        engine = SpeculativeEngine(target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer,
+                                   drafter_tokenizer=drafter_tokenizer, config=EngineConfig(**config))  # fmt: skip
+        batch = target_tokenizer(
+            ["def fibonacci(n):\n    return", "The café on"], return_tensors="pt", padding=True
         )
-        head = torch.stack([torch.nn.functional.pad(p.head, (0, example.head.numel() - p.head.numel()), value=float("nan")) for p in parts])  # fmt: skip
-        assert ((kl >= 0).sum(0) <= 1).all() and ((~head.isnan()).sum(0) <= 1).all()  # once at most
-        assert torch.equal(kl.max(0).values, example.kl)
-        assert torch.equal((~head.isnan()).any(0), ~example.head.isnan())
+        engine.generate(**batch, max_new_tokens=24)
+    recorder, tail = spy.recorder, engine.learner.pending
+    assert len(spy.windows) >= 3 and len(tail) == 2
+    ends = recorder.handed  # where the rows ended: the hand-over at the end moved it there
+    for row, example in enumerate(tail):
+        slots = recorder.kl.shape[1] - 1
+        seen = {"kl": torch.zeros(slots, dtype=torch.long), "ce": torch.zeros(slots, dtype=torch.long),
+                "head": torch.zeros(slots, dtype=torch.long)}  # fmt: skip
+        for handed, lengths, window in spy.windows:
+            slot = window.slots[row] + 1  # the labelled slots, padding included
+            valid = slot < lengths[row]
+            assert bool(valid.sum() == lengths[row] - handed[row])  # the whole new context, nothing cut
+            for name, has in (("kl", window.kl[row]), ("ce", window.ce[row]), ("head", window.has_head[row])):
+                seen[name].index_add_(0, slot[has], torch.ones(int(has.sum()), dtype=torch.long))
+            assert torch.equal(window.tokens[row][valid], spy.d_tokens[row, slot[valid]])
+            at = slot[window.kl[row]]
+            expected = recorder.logits[row, recorder.kl[row, at]].float()
+            assert torch.equal(window.targets[row][window.kl[row]].float(), expected)
+            assert torch.equal(
+                window.head[row][window.has_head[row]], recorder.head[row, slot[window.has_head[row]]]
+            )
+        start = int(ends[row]) - example.ids.numel()  # the example's first slot
+        for name, has in (("kl", example.kl >= 0), ("ce", example.ce), ("head", ~example.head.isnan())):
+            seen[name][start:][: has.numel()] += has.long()
+        recorded = {"kl": recorder.kl[row, :slots] >= 0, "ce": recorder.ce[row, :slots],
+                    "head": ~recorder.head[row, :slots].isnan()}  # fmt: skip
+        for name in seen:
+            assert seen[name].max() <= 1, name  # never twice
+            assert torch.equal(seen[name].bool(), recorded[name]), name  # every label once
+        assert recorded["kl"].any() and recorded["head"].any()
+
+
+def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypatch):
+    """The window's loss, from the drafter attending to its serving cache for the context, equals the
+    loss of a teacher-forced pass over each row's whole context on the same labels (untrained adapter)."""
+    from omnidraft_fast.experience import Example
+
+    target, drafter = shared_pair
+    engine = _engine(target, drafter, num_draft_tokens=3, in_flight_rounds=3,
+                     distill=DistillConfig(interval=NO_STEP, rank=8))  # fmt: skip
+    learner = engine.learner
+    compared = []
+    original = learner.step_in_flight
+
+    def step_in_flight(window):
+        if not compared:  # the first window: compare before the adapter moves
+            rows = []
+            for row in range(window.inputs.shape[0]):
+                slot = window.slots[row] + 1
+                valid = window.kl[row] | window.ce[row]
+                first = int(slot[0]) - 1  # the window's first input slot
+                start = int(engine.drafter.start[row])
+                ids = spy.d_tokens[row, start : int(slot[valid].max()) + 1]
+                kl = torch.full_like(ids, -1)
+                ce = torch.zeros_like(ids, dtype=torch.bool)
+                kl[slot[window.kl[row]] - start] = torch.arange(int(window.kl[row].sum()))
+                ce[slot[window.ce[row]] - start] = True
+                rows.append(Example(ids=ids, kl=kl, ce=ce, head=torch.full(ids.shape, torch.nan),
+                                    logits=window.targets[row][window.kl[row]], temperature=0.0))  # fmt: skip
+                assert first > start  # the window starts after the context it reads from the cache
+            with learner.adapter.active(), torch.no_grad():
+                part = learner._run(rows, grad=False)
+            whole = hybrid_distillation_loss(part.kl_logits, part.kl_targets, part.ce_logits, part.ce_tokens,
+                                             learner.support, learner.twins, 0.2)  # fmt: skip
+            cache = [t.clone() for t in engine.drafter.cache.keys + engine.drafter.cache.values]
+            original(window)
+            compared.append((float(learner.losses[0]), float(whole)))
+            # scoring read the serving cache and wrote nothing into it
+            assert all(torch.equal(a, b) for a, b in zip(cache, engine.drafter.cache.keys + engine.drafter.cache.values, strict=True))  # fmt: skip
+            return
+        original(window)
+
+    spy = _Windows(monkeypatch)
+    learner.step_in_flight = step_in_flight
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=13)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=20)
+    ((window_loss, whole_loss),) = compared
+    assert window_loss == pytest.approx(whole_loss, rel=1e-5) and whole_loss > 0
+    assert engine.learner.stats.distill_steps >= 2
+
+
+def test_an_in_flight_window_without_labels_changes_nothing(shared_pair, monkeypatch):
+    """A window with no labels (say, every row done) leaves the adapter, the head and their optimisers as
+    they were, without the host having looked: the steps are gated on the device."""
+    import dataclasses
+
+    def no_labels(window):
+        off = torch.zeros_like(window.kl)
+        return dataclasses.replace(window, kl=off, ce=off, has_head=off)
+
+    spy = _Windows(monkeypatch, transform=no_labels)
+    target, drafter = shared_pair
+    engine = _engine(target, drafter, num_draft_tokens=3, in_flight_rounds=1,
+                     distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=NO_STEP))  # fmt: skip
+    adapter = [p.detach().clone() for p in engine.learner.adapter.parameters]
+    head = [p.detach().clone() for p in engine.learner.head.parameters()]
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=14)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert len(spy.windows) >= 3
+    stats = engine.learner.stats
+    assert stats.distill_steps == 0 and stats.head_steps == 0 and math.isnan(stats.distill_loss)
+    assert all(torch.equal(a, b) for a, b in zip(adapter, engine.learner.adapter.parameters, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(head, engine.learner.head.parameters(), strict=True))
+    assert all(not m.any() for m in engine.learner.optimizer.exp_avg)
 
 
 def test_in_flight_updates_reach_the_running_request(shared_pair):

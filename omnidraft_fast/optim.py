@@ -1,0 +1,72 @@
+"""AdamW whose step never reads the device, so that a captured stage (``graphs.py``) can hold it.
+
+The online learners step both between requests (eagerly) and inside a request (a captured stage with
+``EngineConfig(in_flight_rounds=n)``), on one set of moments. ``torch.optim.AdamW(capturable=True)``
+keeps its step count on the device too, but refuses CPU tensors, so the CPU replay recorder could not
+check it; this one is the same update (decoupled weight decay, bias-corrected moments) written as plain
+in-place tensor ops:
+
+    p <- p (1 - lr wd);   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   t <- t + 1
+    p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+A step may be *gated* by a 0-d device tensor: with ``gate == 0`` (a window with no labels) it changes
+nothing at all, not the parameters, the moments or the step count, and the host never had to look.
+
+Gradients are allocated once, at construction, and zeroed in place (:meth:`zero_grad`): a backward
+pass then accumulates into the same tensors every time, as a replayed graph requires.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["AdamW"]
+
+
+class AdamW:
+    """AdamW over ``params`` (module docstring): ``lr``, ``betas``, ``weight_decay``, ``eps`` as torch's."""
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        eps: float = 1e-8,
+    ):
+        self.params: list[torch.nn.Parameter] = list(params)
+        if not self.params:
+            raise ValueError("AdamW got no parameters to optimise")
+        self.lr, self.betas, self.weight_decay, self.eps = lr, betas, weight_decay, eps
+        device = self.params[0].device
+        self.steps = torch.zeros((), dtype=torch.float32, device=device)  # optimiser steps taken
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place (they are never set to ``None``)."""
+        for p in self.params:
+            if p.grad is None:  # someone reset it: allocate again (outside captured stages only)
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self, gate: torch.Tensor | None = None) -> None:
+        """One update from the parameters' gradients; ``gate`` (0-d, bool or 0/1) makes it conditional."""
+        beta1, beta2 = self.betas
+        on = 1.0 if gate is None else gate.float()
+        self.steps += on
+        t = self.steps.clamp_min(1.0)  # a gated-off first step must not divide by 1 - beta^0 = 0
+        step_size = self.lr / (1 - beta1**t) * on  # 0-d tensors: no host read
+        root_correction = (1 - beta2**t).sqrt()
+        decay = 1 - self.lr * self.weight_decay * on
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            grad = p.grad
+            p.mul_(decay)
+            m.lerp_(grad, (1 - beta1) * on)
+            v.mul_(1 - (1 - beta2) * on).addcmul_(grad, grad * ((1 - beta2) * on))
+            denom = (v.sqrt() / root_correction).add_(self.eps)
+            p.addcdiv_(m * step_size, denom, value=-1.0)
