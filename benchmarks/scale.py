@@ -14,6 +14,10 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
   untimed request: (its wall time - the timed request's prefill) / rounds; ``graph_round_ms`` the same
   with ``EngineConfig(cuda_graphs=True)`` (its first round eager and its second captured included), the
   projection's second speed-up column;
+- online learning in flight (``DistillConfig()``: LoRA rank 32 on every projection of the drafter, and
+  ``EngineConfig(in_flight_rounds=--in-flight-rounds)``), on a copy of the drafter: the learning step's
+  time (``update`` stage, stage timing on, per step) and the round time with learning included, eager and
+  with CUDA graphs (the step captured too), against the same engines without learning;
 - with ``torch.profiler`` (on CUDA; ``--profile`` on the CPU too) a short request per drafter, summarised
   per stage from the ``stage:<name>`` ranges that ``StageTimer`` emits, plus the top ops (``--trace PATH``
   also writes the Chrome trace).
@@ -28,12 +32,13 @@ acceptance rate ``a`` and ``k`` drafts per round is
 Written as ``scale-<device>.json`` and ``.md`` under ``--out``.
 
     python benchmarks/scale.py [--preset llama3-8b|tiny] [--k 4] [--acceptance 0.4 0.6 0.8] [--reps N]
-                               [--new-tokens N] [--out DIR]
+                               [--new-tokens N] [--in-flight-rounds 4] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
+from omnidraft_fast import DistillConfig, EngineConfig, GenerationStats, SpeculativeEngine
 from omnidraft_fast.models import CausalLM
 from omnidraft_fast.report import environment, synchronize, write_results
 from omnidraft_fast.zoo.train import ModelSpec, llama_model
@@ -103,21 +108,43 @@ def _forward_ms(model, ids: torch.Tensor, n: int, reps: int) -> float:
         lm.end()
 
 
-def _engine(target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, plain_ms, profile) -> dict:
-    """Stage times per round, round time, overhead, the projection and (``profile``) the profiler summary."""
+def _engine(
+    target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, plain_ms, profile, in_flight: int
+) -> dict:
+    """Stage times per round, round time, overhead, the projection, learning in flight and (``profile``)
+    the profiler summary."""
+    learner = copy.deepcopy(drafter)  # the LoRA adapter goes into this copy, not into the plain drafter
+    configs = {
+        "timed": ({"time_stages": True}, drafter),
+        "untimed": ({"time_stages": False}, drafter),
+        "graphs": ({"cuda_graphs": True}, drafter),
+        "learning timed": (
+            {"time_stages": True, "distill": DistillConfig(), "in_flight_rounds": in_flight},
+            learner,
+        ),
+        "learning": (
+            {"time_stages": False, "distill": DistillConfig(), "in_flight_rounds": in_flight},
+            learner,
+        ),
+        "learning graphs": (
+            {"cuda_graphs": True, "distill": DistillConfig(), "in_flight_rounds": in_flight},
+            learner,
+        ),
+    }
     engines = {
-        mode: SpeculativeEngine(
-            target, drafter, config=EngineConfig(num_draft_tokens=k, time_stages=mode == "timed",
-                                                 cuda_graphs=mode == "graphs"),
-            target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1],
-        )
-        for mode in ("timed", "untimed", "graphs")
+        mode: SpeculativeEngine(target, model, config=EngineConfig(num_draft_tokens=k, **config),
+                                target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1])
+        for mode, (config, model) in configs.items()
     }  # fmt: skip
     for engine in engines.values():
         engine.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: bridge, kernels
         engine.stats = GenerationStats()
         engine.generate(ids, max_new_tokens=new, do_sample=False)
     timed, untimed, graphs = (engines[mode].stats for mode in ("timed", "untimed", "graphs"))
+    learning_timed, learning, learning_graphs = (
+        engines[mode].stats for mode in ("learning timed", "learning", "learning graphs")
+    )
+    steps = learning_timed.rounds // in_flight  # in-flight steps of the timed request
     stage_ms = {
         stage: 1e3 * s / timed.rounds for stage, s in timed.stage_seconds.items() if stage != "prefill"
     }
@@ -135,6 +162,14 @@ def _engine(target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, p
         "overhead_ms_per_round": sum(v for s, v in stage_ms.items() if s not in ("draft", "target")),
         "round_ms": round_ms,
         "graph_round_ms": graph_round_ms,
+        "in_flight": {
+            "rounds_per_step": in_flight,
+            "lora_parameters": sum(p.numel() for p in engines["learning"].learner.adapter.parameters),
+            "window_slots": in_flight * engines["learning"].rounds.slots_per_round(k),
+            "update_ms_per_step": 1e3 * learning_timed.stage_seconds.get("update", 0.0) / max(1, steps),
+            "round_ms": (1e3 * learning.seconds - prefill_ms) / learning.rounds,
+            "graph_round_ms": (1e3 * learning_graphs.seconds - prefill_ms) / learning_graphs.rounds,
+        },
         "projection": [
             {"acceptance": a, "tokens_per_round": tokens_per_round(a, k),
              "ms_per_token": round_ms / tokens_per_round(a, k),
@@ -193,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--new-tokens", type=int, default=None, help="tokens per request (default: the preset's)"
     )
+    parser.add_argument(
+        "--in-flight-rounds", type=int, default=4, help="rounds between in-flight learning steps"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -204,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     new = preset.new_tokens if args.new_tokens is None else args.new_tokens
     if reps < 1 or new < 2:
         parser.error(f"--reps must be >= 1 and --new-tokens >= 2, got {reps} and {new}")
+    if args.in_flight_rounds < 1:
+        parser.error(f"--in-flight-rounds must be >= 1, got {args.in_flight_rounds}")
     profile = device.type == "cuda" if args.profile is None else args.profile
     vocab = VOCABS["llama3"]
 
@@ -255,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         result["pairs"][pair] = _engine(
             target, drafter, ids, k=k, new=new, tokenizers=pair_tokenizers, acceptance=args.acceptance,
             plain_ms=plain_ms, profile={"trace": args.trace, "pair": pair} if profile else None,
+            in_flight=args.in_flight_rounds,
         )  # fmt: skip
         del drafter
     write_results(args.out / f"scale-{device.type}", result, _markdown(result))
@@ -288,6 +329,15 @@ def _markdown(result: dict) -> str:
             f"| ms per round | {' | '.join(stages)} |",
             "|---|" + "---|" * len(stages),
             f"| stage timer | {' | '.join(f'{v:.3f}' for v in stages.values())} |",
+        ]
+        learning = row["in_flight"]
+        lines += [
+            "",
+            f"Learning in flight (LoRA rank 32, {learning['lora_parameters'] / 1e6:.2f} M parameters, a step every "
+            f"{learning['rounds_per_step']} rounds on a window of {learning['window_slots']} drafter slots per row): "
+            f"{learning['update_ms_per_step']:.2f} ms per step with stage timing; rounds of "
+            f"{learning['round_ms']:.2f} ms eager and {learning['graph_round_ms']:.2f} ms with CUDA graphs, the steps "
+            f"included (without learning: {row['round_ms']:.2f} and {row['graph_round_ms']:.2f} ms).",
         ]
         if "profile" in row:
             profiled = row["profile"]["stages"]
