@@ -211,7 +211,7 @@ class OnlineLearner:
         if with_head:
             self.head_optimizer.zero_grad()
         total_labels, total_head = _counts(rows)
-        distill_sum = head_sum = self.losses.new_zeros(())
+        distill_sum, head_sum = self.losses.new_zeros(()), self.losses.new_zeros(())
         with self.adapter.active(), _only_trainable(self.drafter.model, parameters), torch.enable_grad():
             for chunk in self._passes(rows):
                 part = self._run(chunk, grad=True)
@@ -234,11 +234,10 @@ class OnlineLearner:
                     head_sum += head.detach()
                     loss = loss + head
                 loss.backward()
-        self._adapter_step(None)
-        self.losses[0] = distill_sum
-        if with_head:
-            self.head_optimizer.step()
-            self.losses[1] = head_sum
+        stepped = self._adapter_step(None)
+        self.losses[0] = torch.where(stepped, distill_sum, self.losses[0])
+        if with_head and total_head:
+            self._head_optimizer_step(head_sum, None)
 
     def _distill_window(self, window: Window, with_head: bool) -> None:
         """:meth:`_distill_step` on a window: masked losses, steps gated on there being labels."""
@@ -270,12 +269,10 @@ class OnlineLearner:
                 )
                 total = total + head
             total.backward()
-        labelled = (window.kl | window.ce).any()
-        self._adapter_step(labelled)
-        self.losses[0] = torch.where(labelled, loss.detach(), self.losses[0])
+        stepped = self._adapter_step((window.kl | window.ce).any())
+        self.losses[0] = torch.where(stepped, loss.detach(), self.losses[0])
         if with_head:
-            self.head_optimizer.step(window.has_head.any())
-            self.losses[1] = torch.where(window.has_head.any(), head.detach(), self.losses[1])
+            self._head_optimizer_step(head.detach(), window.has_head.any())
 
     def _head_window(self, window: Window, recompute: bool) -> None:
         """:meth:`_head_step` on a window: the hidden states of the current drafter, masked losses."""
@@ -318,15 +315,20 @@ class OnlineLearner:
     ) -> None:
         """The head's optimiser steps on fixed hidden states: ``head_steps`` of them on recomputed labels,
         one on verification's; with a ``mask``, only where it is set (and no step when it is all off)."""
-        gate = None if mask is None else mask.any()
+        labelled = None if mask is None else mask.any()
         config = self.adaptive_config
         with torch.enable_grad():
             for _ in range(config.head_steps if recompute else 1):
                 self.head_optimizer.zero_grad()
                 loss = acceptance_loss(self.head.logits(hidden), labels, config.reject_weight, mask)
                 loss.backward()
-                self.head_optimizer.step(gate)
-        self.losses[1] = loss.detach() if gate is None else torch.where(gate, loss.detach(), self.losses[1])
+                self._head_optimizer_step(loss.detach(), labelled)
+
+    def _head_optimizer_step(self, loss: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """Step the head unless ``gate`` is off or its ``loss`` is not finite; keep the loss if it stepped."""
+        stepped = loss.isfinite() if gate is None else gate & loss.isfinite()
+        self.head_optimizer.step(stepped)
+        self.losses[1] = torch.where(stepped, loss, self.losses[1])
 
     def _passes(self, rows: list[Example]) -> Iterator[list[Example]]:
         """Rows grouped so that one pass holds at most ``_PASS_BUDGET`` logits."""
@@ -382,12 +384,19 @@ class OnlineLearner:
             head_kl=kl_index[at_head],
         )
 
-    def _adapter_step(self, gate: torch.Tensor | None) -> None:
-        """Clip the adapter's gradients and step it (``gate``: see ``optim.py``); the merge follows."""
-        if self.distill_config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters, self.distill_config.max_grad_norm)
-        self.optimizer.step(gate)
+    def _adapter_step(self, gate: torch.Tensor | None) -> torch.Tensor:
+        """Clip the adapter's gradients and step it, unless ``gate`` is off or the gradients are not finite
+        (a NaN or inf anywhere skips the step, as a loss scaler does, so a bad batch cannot wreck the
+        adapter); the merge follows. Returns whether it stepped (0-d bool, on the device)."""
+        parameters, max_norm = self.adapter.parameters, self.distill_config.max_grad_norm
+        if max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        stepped = norm.isfinite() if gate is None else gate & norm.isfinite()
+        self.optimizer.step(stepped)
         self.adapter.updated()
+        return stepped
 
     def _trained(self, with_head: bool) -> list[torch.nn.Parameter]:
         return list(self.adapter.parameters) + (list(self.head.parameters()) if with_head else [])

@@ -9,8 +9,9 @@ in-place tensor ops:
     p <- p (1 - lr wd);   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   t <- t + 1
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-A step may be *gated* by a 0-d device tensor: with ``gate == 0`` (a window with no labels) it changes
-nothing at all, not the parameters, the moments or the step count, and the host never had to look.
+A step may be *gated* by a 0-d device tensor: with ``gate`` off (a window with no labels, a gradient
+that is not finite) it changes nothing at all, not the parameters, the moments or the step count (the
+gradient is not read: a NaN in it stays out), and the host never had to look.
 
 Gradients are allocated once, at construction, and zeroed in place (:meth:`zero_grad`): a backward
 pass then accumulates into the same tensors every time, as a replayed graph requires.
@@ -55,7 +56,7 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, gate: torch.Tensor | None = None) -> None:
-        """One update from the parameters' gradients; ``gate`` (0-d, bool or 0/1) makes it conditional."""
+        """One update from the parameters' gradients; ``gate`` (0-d bool) makes it conditional."""
         beta1, beta2 = self.betas
         on = 1.0 if gate is None else gate.float()
         self.steps += on
@@ -64,7 +65,7 @@ class AdamW:
         root_correction = (1 - beta2**t).sqrt()
         decay = 1 - self.lr * self.weight_decay * on
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            grad = p.grad
+            grad = p.grad if gate is None else torch.where(gate, p.grad, 0.0)
             p.mul_(decay)
             m.lerp_(grad, (1 - beta1) * on)
             v.mul_(1 - (1 - beta2) * on).addcmul_(grad, grad * ((1 - beta2) * on))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, Speculat
 from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_acceptance, stop_drafting
 from omnidraft_fast.bridge import token_bytes
 from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
+from omnidraft_fast.experience import Example
 
 VOCAB = 96
 NO_STEP = 10_000  # an interval no test reaches: rows are recorded, never trained on
@@ -76,8 +78,10 @@ def test_adamw_matches_torch_and_a_gated_off_step_changes_nothing():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert optimizer.steps.item() == reference.state[theirs[0]]["step"].item() == 5
     gated = AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    gated.step(torch.tensor(False))  # a first step gated off: no 0/0 in the bias correction
+    gated.params[0].grad.fill_(torch.nan)  # a NaN gradient stays out of a gated-off step
+    gated.step(torch.tensor(False))  # a first step gated off: no 0/0 in the bias correction either
     assert torch.equal(gated.params[0].detach(), torch.ones(2)) and gated.steps.item() == 0
+    assert not gated.exp_avg[0].any() and not gated.exp_avg_sq[0].any()
 
 
 def test_masked_losses_equal_the_losses_of_the_selected_positions():
@@ -410,8 +414,6 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
 def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypatch):
     """The window's loss, from the drafter attending to its serving cache for the context, equals the
     loss of a teacher-forced pass over each row's whole context on the same labels (untrained adapter)."""
-    from omnidraft_fast.experience import Example
-
     target, drafter = shared_pair
     engine = _engine(target, drafter, num_draft_tokens=3, in_flight_rounds=3,
                      distill=DistillConfig(interval=NO_STEP, rank=8))  # fmt: skip
@@ -456,29 +458,66 @@ def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypa
     assert engine.learner.stats.distill_steps >= 2
 
 
-def test_an_in_flight_window_without_labels_changes_nothing(shared_pair, monkeypatch):
-    """A window with no labels (say, every row done) leaves the adapter, the head and their optimisers as
-    they were, without the host having looked: the steps are gated on the device."""
-    import dataclasses
+def _no_labels(window):
+    off = torch.zeros_like(window.kl)
+    return dataclasses.replace(window, kl=off, ce=off, has_head=off)
 
-    def no_labels(window):
-        off = torch.zeros_like(window.kl)
-        return dataclasses.replace(window, kl=off, ce=off, has_head=off)
 
-    spy = _Windows(monkeypatch, transform=no_labels)
+def _not_finite(window):  # every label there, but the target's logits and the head's labels are NaN
+    nan = torch.full_like(window.targets, torch.nan)
+    return dataclasses.replace(window, targets=nan, head=torch.full_like(window.head, torch.nan))
+
+
+@pytest.mark.parametrize(("transform", "mode"), [(_no_labels, "alternating"), (_not_finite, "joint")])
+def test_an_in_flight_step_without_usable_labels_changes_nothing(shared_pair, monkeypatch, transform, mode):
+    """A window with no labels (say, every row done) or with non-finite ones (the gradient is not
+    finite) leaves the adapter, the head and their optimisers as they were, without the host having
+    looked: the steps are gated on the device. The request's output stays exact."""
+    spy = _Windows(monkeypatch, transform=transform)
     target, drafter = shared_pair
     engine = _engine(target, drafter, num_draft_tokens=3, in_flight_rounds=1,
-                     distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=NO_STEP))  # fmt: skip
+                     distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-2),
+                     adaptive=AdaptiveConfig(interval=NO_STEP, mode=mode))  # fmt: skip
     adapter = [p.detach().clone() for p in engine.learner.adapter.parameters]
     head = [p.detach().clone() for p in engine.learner.head.parameters()]
     ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=14)
-    engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
     assert len(spy.windows) >= 3
     stats = engine.learner.stats
     assert stats.distill_steps == 0 and stats.head_steps == 0 and math.isnan(stats.distill_loss)
     assert all(torch.equal(a, b) for a, b in zip(adapter, engine.learner.adapter.parameters, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(head, engine.learner.head.parameters(), strict=True))
-    assert all(not m.any() for m in engine.learner.optimizer.exp_avg)
+    assert all(not m.any() for m in engine.learner.optimizer.exp_avg + engine.learner.head_optimizer.exp_avg)
+
+
+def test_a_step_on_non_finite_labels_between_requests_is_skipped(shared_pair):
+    """Rows whose target logits are not finite make a non-finite gradient: the learner skips the step
+    (adapter, moments untouched; the head, with no labels, is not stepped either) and the engine serves
+    on, exactly."""
+    target, drafter = shared_pair
+    engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=2, rank=8, lr=1e-2),
+                     adaptive=AdaptiveConfig(interval=2, mode="joint"))  # fmt: skip
+    learner = engine.learner
+    learner.enabled = False  # the request below teaches nothing by itself
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=15)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=8)
+    learner.enabled = True
+    before = [p.detach().clone() for p in [*learner.adapter.parameters, *learner.head.parameters()]]
+    rows = []
+    for _ in range(2):
+        ids_row = torch.randint(VOCAB, (12,))
+        labels = torch.arange(12) >= 6
+        rows.append(Example(ids=ids_row, kl=torch.where(labels, torch.arange(12) - 6, -1), ce=torch.zeros(12, dtype=torch.bool),
+                            head=torch.full((12,), torch.nan), logits=torch.full((6, VOCAB), torch.nan), temperature=0.0))  # fmt: skip
+    learner.observe(rows)
+    stats = learner.stats
+    assert stats.rows == 2 and stats.distill_steps == 0 and stats.head_steps == 0
+    after = [*learner.adapter.parameters, *learner.head.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not any(m.isnan().any() for m in learner.optimizer.exp_avg + learner.head_optimizer.exp_avg)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
 
 
 def test_in_flight_updates_reach_the_running_request(shared_pair):
