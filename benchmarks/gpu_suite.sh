@@ -76,9 +76,10 @@ step syncs 60 $PY benchmarks/gpu_checks.py syncs
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
 bench verify 100 "${select_verify[@]}"
 bench sampling 120 "${select_sampling[@]}"
-# 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes.
+# 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes
+#    (with learning in flight, eager and captured).
 step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --out "$WORK"
-step scale 120 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
+step scale 150 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
 step kernel_report 30 $PY benchmarks/kernel_report.py "$WORK"  # the goals checked: kernels-<device>.{md,json}
