@@ -316,6 +316,7 @@ class SpeculativeEngine:
             with timer("update"):
                 window = state.recorder.window(
                     state.d_tokens,
+                    state.d_start,
                     state.d_lengths,
                     width,
                     self.drafter.cache.max_slots,

@@ -183,6 +183,7 @@ class Recorder:
     def window(
         self,
         d_tokens: torch.Tensor,  # [batch, drafter slots]
+        d_start: torch.Tensor,  # [batch] first slot of each row's drafter context
         d_lengths: torch.Tensor,  # [batch] committed drafter slots
         width: int,
         cache_slots: int,
@@ -193,7 +194,8 @@ class Recorder:
         hand-overs (``Rounds.slots_per_round`` times the rounds): nothing is left out then."""
         batch, device = d_tokens.shape[0], d_tokens.device
         slot = self.handed[:, None] + torch.arange(width, device=device)  # [batch, width] labelled slots u
-        valid = slot < d_lengths[:, None]
+        # A row's first slot has no context to be predicted from (its prompt spelled to nothing).
+        valid = (slot < d_lengths[:, None]) & (slot > d_start[:, None])
         slot = slot.clamp(max=self.spare_slot)  # padding reads the spare column, which holds no label
         kl, head = self.kl.gather(1, slot), self.head.gather(1, slot)
         has_kl, has_head = valid & (kl >= 0), valid & ~head.isnan()

@@ -348,10 +348,10 @@ class _Windows:
         self.recorder, self.windows = None, []
         original = Recorder.window
 
-        def window(recorder, d_tokens, d_lengths, *args):
+        def window(recorder, d_tokens, d_start, d_lengths, *args):
             handed = recorder.handed.clone()
-            out = original(recorder, d_tokens, d_lengths, *args)
-            self.recorder, self.d_tokens = recorder, d_tokens
+            out = original(recorder, d_tokens, d_start, d_lengths, *args)
+            self.recorder, self.d_tokens, self.d_start = recorder, d_tokens, d_start
             self.windows.append((handed, d_lengths.clone(), out))
             return out if transform is None else transform(out)
 
@@ -363,7 +363,8 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
     """Every few rounds a fixed-shape window of each row's new labels goes to the learners. Over a
     request, the windows and the rows handed over at its end carry every label the rounds recorded,
     each once, with the values recorded (also across vocabularies, where one round can commit many
-    drafter slots per row: the window's width must hold them all)."""
+    drafter slots per row: the window's width must hold them all). A row's first slot is predicted by
+    nothing: a label there (a prompt with no drafter spelling) is left out, as in a whole-context pass."""
     spy = _Windows(monkeypatch)
     config = dict(num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-3),
                   adaptive=AdaptiveConfig(interval=NO_STEP), in_flight_rounds=2)  # fmt: skip
@@ -379,18 +380,26 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
         batch = target_tokenizer(
             ["def fibonacci(n):\n    return", "The café on"], return_tensors="pt", padding=True
         )
-        engine.generate(**batch, max_new_tokens=24)
+        # A third row whose prompt has no drafter spelling: a target id the tokenizer has no bytes for.
+        ids = torch.cat(
+            [batch.input_ids, torch.full_like(batch.input_ids[:1], target_tokenizer.pad_token_id)]
+        )
+        mask = torch.cat([batch.attention_mask, torch.zeros_like(batch.attention_mask[:1])])
+        ids[-1, -1], mask[-1, -1] = target.config.vocab_size - 1, 1
+        assert not engine.bridge.spell_for_drafter(ids[-1, -1:]).numel()
+        engine.generate(ids, attention_mask=mask, max_new_tokens=24)
     recorder, tail = spy.recorder, engine.learner.pending
-    assert len(spy.windows) >= 3 and len(tail) == 2
+    assert len(spy.windows) >= 3 and len(tail) == (2 if vocabulary == "shared" else 3)
     ends = recorder.handed  # where the rows ended: the hand-over at the end moved it there
     for row, example in enumerate(tail):
-        slots = recorder.kl.shape[1] - 1
+        slots, first = recorder.kl.shape[1] - 1, int(spy.d_start[row])
         seen = {"kl": torch.zeros(slots, dtype=torch.long), "ce": torch.zeros(slots, dtype=torch.long),
                 "head": torch.zeros(slots, dtype=torch.long)}  # fmt: skip
         for handed, lengths, window in spy.windows:
             slot = window.slots[row] + 1  # the labelled slots, padding included
-            valid = slot < lengths[row]
-            assert bool(valid.sum() == lengths[row] - handed[row])  # the whole new context, nothing cut
+            valid = (slot < lengths[row]) & (slot > first)
+            new = lengths[row] - max(int(handed[row]), first + 1)
+            assert bool(valid.sum() == new)  # the whole new context, nothing cut
             for name, has in (("kl", window.kl[row]), ("ce", window.ce[row]), ("head", window.has_head[row])):
                 seen[name].index_add_(0, slot[has], torch.ones(int(has.sum()), dtype=torch.long))
             assert torch.equal(window.tokens[row][valid], spy.d_tokens[row, slot[valid]])
@@ -400,11 +409,14 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
             assert torch.equal(
                 window.head[row][window.has_head[row]], recorder.head[row, slot[window.has_head[row]]]
             )
-        start = int(ends[row]) - example.ids.numel()  # the example's first slot
+        assert all(not seen[name][first] for name in seen)  # no window trains on a row's first slot
+        assert int(ends[row]) - example.ids.numel() == first  # the example starts there too
         for name, has in (("kl", example.kl >= 0), ("ce", example.ce), ("head", ~example.head.isnan())):
-            seen[name][start:][: has.numel()] += has.long()
+            seen[name][first + 1 :][: has.numel() - 1] += has[1:].long()  # its first slot: no prediction
         recorded = {"kl": recorder.kl[row, :slots] >= 0, "ce": recorder.ce[row, :slots],
                     "head": ~recorder.head[row, :slots].isnan()}  # fmt: skip
+        for name in recorded:
+            recorded[name][first] = False
         for name in seen:
             assert seen[name].max() <= 1, name  # never twice
             assert torch.equal(seen[name].bool(), recorded[name]), name  # every label once
