@@ -71,3 +71,22 @@ class AdamW:
             v.mul_(1 - (1 - beta2) * on).addcmul_(grad, grad * ((1 - beta2) * on))
             denom = (v.sqrt() / root_correction).add_(self.eps)
             p.addcdiv_(m * step_size, denom, value=-1.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The step count and the moments: ``steps``, ``exp_avg.<i>`` and ``exp_avg_sq.<i>`` in parameter order."""
+        tensors = {"steps": self.steps}
+        for index, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            tensors[f"exp_avg.{index}"], tensors[f"exp_avg_sq.{index}"] = m, v
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s tensors, in place (captured stages keep reading the same memory)."""
+        ours = self.state_dict()
+        if set(tensors) != set(ours) or any(tensors[name].shape != ours[name].shape for name in ours):
+            raise ValueError(
+                "the saved optimiser state does not fit these parameters (another rank, target modules or "
+                "head); build the engine with the configuration it was saved with"
+            )
+        with torch.no_grad():
+            for name, tensor in ours.items():
+                tensor.copy_(tensors[name])

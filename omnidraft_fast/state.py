@@ -1,9 +1,10 @@
 """Saving and restoring what an engine learned, as one safetensors file written atomically.
 
 It holds the n-gram table (with the vocabulary bridge it belongs to, so a state is never loaded into an
-engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + peft's own key names) and
-the acceptance head (``head.``), each when the engine has one. Optimiser moments are not saved: a restored
-engine resumes learning with fresh ones.
+engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + peft's own key names), the
+acceptance head (``head.``) and their optimisers' step counts and moments (``optimizer.adapter.``,
+``optimizer.head.``), each when the engine has one: a restored engine goes on learning as the saved one
+would have. (A state saved without optimiser moments restores with fresh ones.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .optim import AdamW
 
 if TYPE_CHECKING:
     from .engine import SpeculativeEngine
@@ -36,6 +39,8 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
         tensors.update({f"adapter.{name}": tensor for name, tensor in learner.adapter.state_dict().items()})
     if learner is not None and learner.head is not None:
         tensors.update({f"head.{name}": tensor for name, tensor in learner.head.state_dict().items()})
+    for prefix, optimizer in _optimizers(learner):
+        tensors.update({f"{prefix}{name}": tensor for name, tensor in optimizer.state_dict().items()})
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,3 +91,17 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
                 part.load_state_dict(saved)
             except RuntimeError as error:  # torch's shape/key mismatch
                 raise ValueError(f"{path}: its {what} does not fit this engine's: {error}") from error
+    # The optimisers' moments follow their parameters (absent from states that were saved without them).
+    for prefix, optimizer in _optimizers(learner):
+        saved = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if saved:
+            optimizer.load_state_dict(saved)
+
+
+def _optimizers(learner) -> list[tuple[str, AdamW]]:
+    """(key prefix, optimiser) of the learner's adapter and head, those it has."""
+    if learner is None:
+        return []
+    parts = [("optimizer.adapter.", learner.optimizer if learner.adapter is not None else None)]
+    parts.append(("optimizer.head.", learner.head_optimizer if learner.head is not None else None))
+    return [(prefix, optimizer) for prefix, optimizer in parts if optimizer is not None]

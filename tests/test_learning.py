@@ -641,6 +641,14 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
         engine.learner.head.parameters(), restored.learner.head.parameters(), strict=True
     ):
         assert torch.equal(ours, theirs)
+    # The optimisers' moments and step counts came back too: both engines go on training the adapter alike
+    # (the head's replay buffer, served rows, is not part of the state).
+    assert restored.learner.stats.distill_steps == engine.learner.stats.distill_steps >= 2
+    for twin in (engine, restored):
+        torch.manual_seed(3)
+        twin.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True)
+    pairs = zip(engine.learner.adapter.parameters, restored.learner.adapter.parameters, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
     plain = _engine(target, drafter)
     with pytest.raises(ValueError, match="LoRA adapter"):
