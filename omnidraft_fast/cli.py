@@ -50,7 +50,9 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         num_draft_tokens=args.num_draft_tokens,
         return_dict_in_generate=True,
-        engine_config=EngineConfig(translation=args.translation, cuda_graphs=args.cuda_graphs),
+        engine_config=EngineConfig(
+            translation=args.translation, cuda_graphs=args.cuda_graphs, rounds_per_sync=args.rounds_per_sync
+        ),
     )
     width = batch["input_ids"].shape[1]
     for row, prompt in enumerate(prompts):
@@ -153,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         help="run each round as captured stages, CUDA graphs on CUDA (EngineConfig.cuda_graphs)",
+    )
+    gen.add_argument(
+        "--rounds-per-sync",
+        type=int,
+        default=1,
+        help="rounds run between two host reads; >1 with --cuda-graphs replays them as one graph "
+        "(EngineConfig.rounds_per_sync)",
     )
     gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -254,6 +254,14 @@ class EngineConfig:
             read; with ``cuda_graphs`` it is captured like the rounds, and the merged LoRA weights and the
             head are rewritten in place. The labels left at a request's end go to the learners as usual.
             ``None``: between requests only (SPEC §4).
+        rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the
+            one read of the loop). ``1``: a read after every round, so a request stops as soon as its rows
+            are done. ``n > 1``: n rounds, with the in-flight learning steps due among them, run as one
+            stage, so with ``cuda_graphs`` one CUDA graph covers drafting, verification and the updates of
+            n rounds without the host; finished rows idle through the up to ``n - 1`` rounds past the end
+            (they change nothing and are not counted), the n-gram table's eviction is checked once per n
+            rounds, a streamer gets n rounds at a time, and with an acceptance head the per-step stop read
+            is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on; graphs live for one
             request); on other devices a recorder with the same replay semantics, which is slower than
@@ -272,6 +280,7 @@ class EngineConfig:
     adaptive: AdaptiveConfig | None = None
     time_stages: bool | None = None
     in_flight_rounds: int | None = None
+    rounds_per_sync: int = 1
     cuda_graphs: bool = False
 
     def __post_init__(self):
@@ -305,6 +314,7 @@ class EngineConfig:
                 raise ValueError(
                     "`in_flight_rounds` hands labels to the online learners: set `distill=` and/or `adaptive=`"
                 )
+        _check_interval("rounds_per_sync", self.rounds_per_sync)
         if self.cuda_graphs not in (True, False):
             raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
 

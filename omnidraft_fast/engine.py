@@ -1,8 +1,9 @@
 """SpeculativeEngine: owns a target and a drafter, and runs requests through speculative decoding.
 
 A request: resolve and check the arguments (``request.py``), lay out the device state and prefill
-(``rounds.py``), run rounds until every row is done with one small host read between rounds (are all
-rows done, did a model produce NaN/inf logits, is the n-gram table over half full), then cut the output
+(``rounds.py``), run rounds until every row is done with one small host read between rounds, or between
+units of ``EngineConfig(rounds_per_sync=n)`` rounds (are all rows done, did a model produce NaN/inf
+logits, is the n-gram table over half full), then cut the output
 like ``model.generate()`` does. The rounds themselves live in ``rounds.py``; with
 ``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests the
 online learners (``learner.py``) train the drafter's LoRA adapter and the acceptance head on what the
@@ -13,6 +14,7 @@ stage of fixed shapes (captured too), so that the request's next rounds draft wi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +247,7 @@ class SpeculativeEngine:
         serving = self.learner.serving() if self.learner is not None else nullcontext()
         try:
             with serving, torch.no_grad():
-                rounds = self._decode(state, request, generator, timer)
+                self._decode(state, request, generator, timer)
         finally:
             state.graphs.close()
             self.target.end()
@@ -264,10 +266,9 @@ class SpeculativeEngine:
             tail = sequences[:, prompt:]
             tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id)
         counters = dict(zip(COUNTERS, state.counters.tolist(), strict=True))
-        del counters["invalid"]
+        del counters["invalid"]  # rounds with an active row: not those past the end (rounds_per_sync)
         stats = GenerationStats(
             requests=1,
-            rounds=rounds,
             **counters,
             ngram_table_size=int(self.ngram.size()) if self.ngram is not None else 0,
             new_tokens=int(generated.sum()),
@@ -279,18 +280,28 @@ class SpeculativeEngine:
 
     def _decode(
         self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
-    ) -> int:
-        """Prefill both models, then run rounds until every row is done; returns the number of rounds."""
+    ) -> None:
+        """Prefill both models, then run rounds until every row is done: ``rounds_per_sync`` rounds (and the
+        in-flight learning steps due among them) between two host reads."""
         self.rounds.prefill(state, request, timer)
+        per_sync = self.config.rounds_per_sync
+        every = self.config.in_flight_rounds if state.recorder is not None else None
         rounds = 0
         while True:
             before = state.lengths.clone() if request.streamer is not None else None
-            self.rounds.run(state, request, generator, timer)
-            rounds += 1
+            due = tuple(j for j in range(per_sync) if every is not None and (rounds + j + 1) % every == 0)
+            if per_sync == 1:
+                self.rounds.run(state, request, generator, timer)
+                if due:  # the next round drafts with the update
+                    self._learn_in_flight(state, request, timer)
+            else:
+                learn = self._in_flight_step(state, request) if due else None
+                self.rounds.run_unit(state, request, generator, timer, per_sync, learn, due)
+            rounds += per_sync
             with timer("host"):
                 table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
                 flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
-                all_done, invalid, table_size = flags.tolist()  # the one read per round
+                all_done, invalid, table_size = flags.tolist()  # the one read per round (per sync)
             if self.ngram is not None and table_size > self.ngram.capacity // 2:
                 self.ngram.evict()
             if invalid:
@@ -301,15 +312,18 @@ class SpeculativeEngine:
             if request.streamer is not None:
                 self._stream(request.streamer, state, before)
             if all_done:
-                break
-            every = self.config.in_flight_rounds
-            if every is not None and state.recorder is not None and rounds % every == 0:
-                self._learn_in_flight(state, request, timer)  # the next round drafts with the update
-        return rounds
+                return
 
     def _learn_in_flight(self, state: RequestState, request: Request, timer: StageTimer) -> None:
-        """The learners' step on the labels of the last ``in_flight_rounds`` rounds, as a stage of its own
-        (captured with ``cuda_graphs``, like the rounds): fixed shapes, no host read."""
+        """The in-flight learning step as a stage of its own (captured with ``cuda_graphs``, like the
+        rounds), timed into the learners' stats."""
+        began = time.perf_counter()
+        state.graphs.run("learn", self._in_flight_step(state, request), timer, "update")
+        self.learner.seconds += time.perf_counter() - began
+
+    def _in_flight_step(self, state: RequestState, request: Request) -> Callable[[StageTimer], None]:
+        """The learners' step on the labels of the last ``in_flight_rounds`` rounds: fixed shapes, no host
+        read (a stage, or part of one with ``rounds_per_sync``)."""
         width = self.config.in_flight_rounds * self.rounds.slots_per_round(request.num_draft_tokens)
 
         def learn(timer: StageTimer) -> None:
@@ -321,12 +335,13 @@ class SpeculativeEngine:
                     width,
                     self.drafter.cache.max_slots,
                     request.sampling.temperature,
+                    # After a round past the end (rounds_per_sync), no step: the labels of the last rounds
+                    # go to the learners with the request's rows, as with a read after every round.
+                    take=state.ran,
                 )
                 self.learner.step_in_flight(window)
 
-        began = time.perf_counter()
-        state.graphs.run("learn", learn, timer, "update")
-        self.learner.seconds += time.perf_counter() - began
+        return learn
 
     def _learn(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """Hand the rows' new labels to the online learners, which step when ``interval`` rows are in."""

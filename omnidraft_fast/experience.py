@@ -188,6 +188,7 @@ class Recorder:
         width: int,
         cache_slots: int,
         temperature: float,
+        take: torch.Tensor,  # [] bool: False hands nothing over (an empty window; the labels stay)
     ) -> Window:
         """The labels recorded since the last hand-over as a :class:`Window` of ``width`` slots per row,
         with no host read. ``width`` must be at least the drafter slots a row can commit between two
@@ -195,7 +196,7 @@ class Recorder:
         batch, device = d_tokens.shape[0], d_tokens.device
         slot = self.handed[:, None] + torch.arange(width, device=device)  # [batch, width] labelled slots u
         # A row's first slot has no context to be predicted from (its prompt spelled to nothing).
-        valid = (slot < d_lengths[:, None]) & (slot > d_start[:, None])
+        valid = (slot < d_lengths[:, None]) & (slot > d_start[:, None]) & take
         slot = slot.clamp(max=self.spare_slot)  # padding reads the spare column, which holds no label
         kl, head = self.kl.gather(1, slot), self.head.gather(1, slot)
         has_kl, has_head = valid & (kl >= 0), valid & ~head.isnan()
@@ -215,5 +216,5 @@ class Recorder:
             has_head=has_head,
             temperature=temperature,
         )
-        self.handed.copy_(d_lengths)
+        self.handed.copy_(torch.where(take, d_lengths, self.handed))
         return window

@@ -234,7 +234,7 @@ class OnlineLearner:
                     head_sum += head.detach()
                     loss = loss + head
                 loss.backward()
-        stepped = self._adapter_step(None)
+        stepped = self._adapter_step(torch.tensor(total_labels > 0, device=distill_sum.device))
         self.losses[0] = torch.where(stepped, distill_sum, self.losses[0])
         if with_head and total_head:
             self._head_optimizer_step(head_sum, None)
@@ -384,8 +384,8 @@ class OnlineLearner:
             head_kl=kl_index[at_head],
         )
 
-    def _adapter_step(self, gate: torch.Tensor | None) -> torch.Tensor:
-        """Clip the adapter's gradients and step it, unless ``gate`` is off or the gradients are not finite
+    def _adapter_step(self, gate: torch.Tensor) -> torch.Tensor:
+        """Clip the adapter's gradients and step it, unless ``gate`` (there are labels) is off or they are not finite
         (a NaN or inf anywhere skips the step, as a loss scaler does, so a bad batch cannot wreck the
         adapter); the merge follows. Returns whether it stepped (0-d bool, on the device)."""
         parameters, max_norm = self.adapter.parameters, self.distill_config.max_grad_norm
@@ -393,7 +393,7 @@ class OnlineLearner:
             norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        stepped = norm.isfinite() if gate is None else gate & norm.isfinite()
+        stepped = gate & norm.isfinite()
         self.optimizer.step(stepped)
         self.adapter.updated()
         return stepped

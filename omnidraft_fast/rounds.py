@@ -20,6 +20,7 @@ no host read inside, so that ``graphs.py`` can capture and replay it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,7 +44,7 @@ __all__ = ["COUNTERS", "RequestState", "Rounds"]
 
 # Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
 COUNTERS = (
-    "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
+    "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
     "merged_accepted", "deferred", "invalid",
 )  # fmt: skip
 
@@ -70,6 +71,7 @@ class RequestState:
     counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read once, at the end)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
+    ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
     graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs)
 
@@ -173,6 +175,7 @@ class Rounds:
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
+            ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=None
             if self.learner is None or self.learner.head is None
             else DraftLength(self.learner.head, batch, adaptive.gamma, min(adaptive.k_min, k), device),
@@ -200,13 +203,7 @@ class Rounds:
         k = request.num_draft_tokens
         length = state.draft_length
         if length is None:
-
-            def whole(timer: StageTimer) -> None:
-                for i in range(k):
-                    self._draft_step(state, request, generator, i, timer)
-                self._finish(state, request, generator, k, timer)
-
-            state.graphs.run("round", whole, timer, "round")
+            self.run_unit(state, request, generator, timer, 1)
             return
         steps = k
         for i in range(k):
@@ -218,6 +215,32 @@ class Rounds:
                 break
         finish = partial(self._finish, state, request, generator, steps)
         state.graphs.run(("finish", steps), finish, timer, "finish")
+
+    def run_unit(
+        self,
+        state: RequestState,
+        request: Request,
+        generator: torch.Generator,
+        timer: StageTimer,
+        count: int,
+        learn: Callable[[StageTimer], None] | None = None,
+        learn_after: tuple[int, ...] = (),
+    ) -> None:
+        """``count`` whole rounds back to back as one stage, with ``learn`` (the in-flight learning step)
+        after each round listed in ``learn_after``: no host read in between (``EngineConfig.rounds_per_sync``).
+        An acceptance head's rows stop proposing as usual, but every round runs all k draft steps."""
+        k = request.num_draft_tokens
+
+        def unit(timer: StageTimer) -> None:
+            for r in range(count):
+                for i in range(k):
+                    self._draft_step(state, request, generator, i, timer)
+                self._finish(state, request, generator, k, timer)
+                if r in learn_after:
+                    learn(timer)
+
+        key = "round" if count == 1 and not learn_after else ("rounds", count, learn_after)
+        state.graphs.run(key, unit, timer, "round" if count == 1 else "rounds")
 
     def _draft_step(
         self, state: RequestState, request: Request, generator: torch.Generator, i: int, timer: StageTimer
@@ -278,6 +301,7 @@ class Rounds:
         batch = state.tokens.shape[0]
         device = state.tokens.device
         active = ~state.done
+        state.ran.copy_(active.any())
         mode = self.mode
         length = state.draft_length
         draft_ids = state.draft_ids[:, :steps]
@@ -391,6 +415,7 @@ class Rounds:
         )
         state.counters += torch.stack(
             [
+                active.any().long(),
                 active.sum(),
                 proposed_mask.sum(),
                 accepted_mask.sum(),

@@ -43,10 +43,10 @@ def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
     command = ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
                "--prompt", "w5 w9 w17", "--max-new-tokens", "16"]  # fmt: skip
     texts = []
-    for extra in ([], ["--cuda-graphs"]):
+    for extra in ([], ["--cuda-graphs"], ["--cuda-graphs", "--rounds-per-sync", "3"]):
         assert main(command + extra) == 0
         texts.append(capsys.readouterr().out.split("--- stats")[0])
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_generate_batch_and_json(folders, capsys):

@@ -357,6 +357,136 @@ def test_distillation_alone_trains_the_same_adapter(shared_pair):
     _assert_learned_alike(eager.learner, captured.learner)
 
 
+# ------------------------------------------------------------------------- several rounds per host read
+def _per_sync(make_engine, requests, per_sync):
+    """Outputs of ``requests`` on engines reading the host once per round (eager) and once per
+    ``per_sync`` rounds (eager and captured), from the same seeds."""
+    results = []
+    for graphs, sync in ((False, 1), (False, per_sync), (True, per_sync)):
+        torch.manual_seed(1234)  # a LoRA adapter's initialisation draws from the global RNG
+        engine = make_engine(graphs, sync)
+        outs = []
+        for seed, kwargs in enumerate(requests):
+            torch.manual_seed(seed)
+            outs.append(engine.generate(**kwargs, return_dict_in_generate=True))
+        results.append((engine, outs))
+    return results
+
+
+def _assert_per_sync_same(results):
+    """Same outputs and counters (rounds counted only while a row is active) as one read per round."""
+    (_, reference), *others = results
+    for _, outs in others:
+        for a, b in zip(reference, outs, strict=True):
+            assert torch.equal(a.sequences, b.sequences)
+            for name in ("rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "merged_accepted",
+                         "deferred", "new_tokens"):  # fmt: skip
+                assert getattr(a.stats, name) == getattr(b.stats, name), name
+    assert any("rounds" in out.stats.stage_seconds for out in results[-1][1])  # captured units replayed
+
+
+@pytest.mark.parametrize("per_sync", [2, 5])
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [{"eos_token_id": 5, "pad_token_id": 0}, {"do_sample": True, "temperature": 0.7, "top_k": 20},
+     {"do_sample": True, "cascade": CascadeConfig("token_v3", (0.2, 0.4, 0.3))}],
+)  # fmt: skip
+def test_several_rounds_per_host_read_change_nothing(shared_pair, per_sync, request_kwargs):
+    """Rows that are done idle through the rounds past the end: outputs, sampled ones included (the extra
+    rounds draw their noise after the output is final), and counters equal one read per round."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 3, 5], seed=1)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 9 * per_sync, **request_kwargs}
+    results = _per_sync(
+        lambda graphs, sync: SpeculativeEngine(
+            target, drafter, config=EngineConfig(rounds_per_sync=sync, cuda_graphs=graphs)
+        ),
+        [request, {**request, "max_new_tokens": 4}],
+        per_sync,
+    )
+    _assert_per_sync_same(results)
+
+
+def test_several_rounds_per_host_read_with_learning_in_flight(shared_pair):
+    """In-flight learning steps inside the captured unit of rounds: what is learned, step counts and
+    losses equal one read per round's."""
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 60, "do_sample": True}
+    target, drafter = shared_pair
+    results = _per_sync(
+        lambda graphs, sync: SpeculativeEngine(
+            target, copy.deepcopy(drafter),
+            config=EngineConfig(num_draft_tokens=3, in_flight_rounds=2, rounds_per_sync=sync, cuda_graphs=graphs,
+                                distill=DistillConfig(rank=8, interval=1, lr=1e-2)),
+        ),
+        [request] * 2,
+        3,  # the steps fall at different places in successive units: two captured units
+    )  # fmt: skip
+    _assert_per_sync_same(results)
+    (reference, _), *others = results
+    assert reference.learner.stats.distill_steps >= 6
+    for engine, _ in others:
+        _assert_learned_alike(reference.learner, engine.learner)
+        for name in ("distill_steps", "distill_loss"):
+            assert getattr(reference.learner.stats, name) == getattr(engine.learner.stats, name), name
+
+
+def test_several_rounds_per_host_read_across_vocabularies(cross_pair):
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    prompts = target_tokenizer(
+        ["def parse(text):\n    return", "x = [i for"], return_tensors="pt", padding=True
+    )
+    request = {**prompts, "max_new_tokens": 12, "do_sample": True}
+    results = _per_sync(
+        lambda graphs, sync: SpeculativeEngine(
+            target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+            config=EngineConfig(rounds_per_sync=sync, cuda_graphs=graphs),
+        ),
+        [request, {**request, "do_sample": False}],
+        4,
+    )  # fmt: skip
+    _assert_per_sync_same(results)
+    engines = [engine for engine, _ in results]
+    assert all(torch.equal(engines[0].ngram.key_ids, e.ngram.key_ids) for e in engines[1:])
+
+
+def test_several_rounds_per_host_read_with_an_acceptance_head(shared_pair):
+    """With an acceptance head a unit runs every draft step (no stop read), and rows still propose only
+    what they drafted before stopping: greedy output stays the target's, and rows do stop early."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=3)
+    for graphs in (False, True):
+        engine = SpeculativeEngine(target, copy.deepcopy(drafter), config=EngineConfig(
+            num_draft_tokens=5, rounds_per_sync=3, cuda_graphs=graphs,
+            adaptive=AdaptiveConfig(gamma=0.5, interval=1, prior=0.7)))  # fmt: skip
+        for _ in range(2):
+            out = engine.generate(ids, attention_mask=mask, max_new_tokens=20, return_dict_in_generate=True)
+            expected = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+            assert torch.equal(out.sequences, expected)
+        assert out.stats.drafter_proposed < out.stats.row_rounds * 5
+
+
+def test_a_streamer_sees_every_round_several_rounds_per_read(shared_pair):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append(None)
+
+    target, drafter = shared_pair
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True, rounds_per_sync=4))
+    streamer = Collect()
+    ids = torch.tensor([[7, 8, 9, 10]])
+    out = engine.generate(ids, max_new_tokens=15, streamer=streamer)
+    assert [t for chunk in streamer.chunks[1:-1] for t in chunk] == out[0, 4:].tolist()
+
+
 def test_a_streamer_sees_every_round_when_captured(shared_pair):
     from transformers.generation.streamers import BaseStreamer
 
@@ -382,6 +512,8 @@ def test_a_streamer_sees_every_round_when_captured(shared_pair):
 def test_graph_mode_is_checked():
     with pytest.raises(TypeError, match="cuda_graphs"):
         EngineConfig(cuda_graphs="yes")
+    with pytest.raises(ValueError, match="rounds_per_sync"):
+        EngineConfig(rounds_per_sync=0)
 
 
 @pytest.mark.gpu

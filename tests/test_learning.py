@@ -348,9 +348,9 @@ class _Windows:
         self.recorder, self.windows = None, []
         original = Recorder.window
 
-        def window(recorder, d_tokens, d_start, d_lengths, *args):
+        def window(recorder, d_tokens, d_start, d_lengths, *args, **kwargs):
             handed = recorder.handed.clone()
-            out = original(recorder, d_tokens, d_start, d_lengths, *args)
+            out = original(recorder, d_tokens, d_start, d_lengths, *args, **kwargs)
             self.recorder, self.d_tokens, self.d_start = recorder, d_tokens, d_start
             self.windows.append((handed, d_lengths.clone(), out))
             return out if transform is None else transform(out)
@@ -506,7 +506,7 @@ def test_an_in_flight_step_without_usable_labels_changes_nothing(shared_pair, mo
 def test_a_step_on_non_finite_labels_between_requests_is_skipped(shared_pair):
     """Rows whose target logits are not finite make a non-finite gradient: the learner skips the step
     (adapter, moments untouched; the head, with no labels, is not stepped either) and the engine serves
-    on, exactly."""
+    on, exactly. Rows with no labels at all make no step."""
     target, drafter = shared_pair
     engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=2, rank=8, lr=1e-2),
                      adaptive=AdaptiveConfig(interval=2, mode="joint"))  # fmt: skip
@@ -525,6 +525,9 @@ def test_a_step_on_non_finite_labels_between_requests_is_skipped(shared_pair):
     learner.observe(rows)
     stats = learner.stats
     assert stats.rows == 2 and stats.distill_steps == 0 and stats.head_steps == 0
+    unlabelled = [dataclasses.replace(row, kl=torch.full_like(row.kl, -1)) for row in rows]
+    learner.observe(unlabelled)  # rows with no label at all: no step either (no decay, no momentum)
+    assert learner.stats.rows == 4 and learner.stats.distill_steps == 0
     after = [*learner.adapter.parameters, *learner.head.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert not any(m.isnan().any() for m in learner.optimizer.exp_avg + learner.head_optimizer.exp_avg)
