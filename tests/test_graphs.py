@@ -4,7 +4,7 @@ what eager rounds give, on every device (CUDA graphs on CUDA, the replay recorde
 from __future__ import annotations
 
 import copy
-import dataclasses
+import math
 
 import pytest
 import torch
@@ -132,19 +132,24 @@ def shared_pair():
     return target, perturbed_copy(target, 0.3, seed=12)
 
 
-def _both_modes(make_engine, requests):
-    """Run ``requests`` (generate() keyword dicts) on an eager engine and on a captured one, from the same
-    seeds; returns both lists of outputs."""
+def _serve(makers, requests):
+    """Build an engine with each of ``makers`` and run ``requests`` (generate() keyword dicts) on it, from
+    the same seeds; returns (engine, outputs) per engine."""
     results = []
-    for graphs in (False, True):
+    for make_engine in makers:
         torch.manual_seed(1234)  # a LoRA adapter's initialisation draws from the global RNG
-        engine = make_engine(graphs)
+        engine = make_engine()
         outs = []
         for seed, kwargs in enumerate(requests):
             torch.manual_seed(seed)
             outs.append(engine.generate(**kwargs, return_dict_in_generate=True))
         results.append((engine, outs))
     return results
+
+
+def _both_modes(make_engine, requests):
+    """``requests`` on an eager engine and on a captured one (``make_engine(graphs)``)."""
+    return _serve([lambda: make_engine(False), lambda: make_engine(True)], requests)
 
 
 def _assert_same(results, replayed_stage="round"):
@@ -169,7 +174,11 @@ def _learning_in_both_modes(pair, config, request, requests):
 
 
 def _assert_learned_alike(eager, captured):
-    """The two learners' adapters and heads hold the same weights."""
+    """The two learners' adapters and heads hold the same weights, after as many steps, with the same
+    last losses (counted on the device)."""
+    for name in ("distill_steps", "head_steps", "distill_loss", "head_loss"):
+        a, b = getattr(eager.stats, name), getattr(captured.stats, name)
+        assert a == b or (math.isnan(a) and math.isnan(b)), name
     if eager.adapter is not None:
         assert all(
             torch.equal(a, b)
@@ -180,6 +189,18 @@ def _assert_learned_alike(eager, captured):
             torch.equal(a, b)
             for a, b in zip(eager.head.parameters(), captured.head.parameters(), strict=True)
         )
+
+
+def _cross_engine(cross_pair, **config) -> SpeculativeEngine:
+    """An engine on the cross-vocabulary pair, with its own copy of the drafter (learners change it)."""
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    return SpeculativeEngine(target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer,
+                             drafter_tokenizer=drafter_tokenizer, config=EngineConfig(**config))  # fmt: skip
+
+
+def _cross_request(cross_pair, prompts: list[str], **kwargs) -> dict:
+    """generate() arguments for ``prompts`` in the cross pair's target tokenizer (left-padded)."""
+    return {**cross_pair[2](prompts, return_tensors="pt", padding=True), **kwargs}
 
 
 @pytest.mark.parametrize(
@@ -265,18 +286,12 @@ def test_cascade_rounds_replay_exactly(shared_pair):
 
 @pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
 def test_cross_vocabulary_rounds_replay_exactly(cross_pair, translation):
-    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
-    prompts = target_tokenizer(
-        ["def parse(text):\n    return", "x = [i for"], return_tensors="pt", padding=True
-    )
-    request = {**prompts, "max_new_tokens": 12, "do_sample": True}
+    request = _cross_request(cross_pair, ["def parse(text):\n    return", "x = [i for"], max_new_tokens=12,
+                             do_sample=True)  # fmt: skip
     results = _both_modes(
-        lambda graphs: SpeculativeEngine(
-            target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
-            config=EngineConfig(translation=translation, cuda_graphs=graphs),
-        ),
+        lambda graphs: _cross_engine(cross_pair, translation=translation, cuda_graphs=graphs),
         [request, {**request, "do_sample": False}],
-    )  # fmt: skip
+    )
     _assert_same(results)
     (eager, _), (captured, _) = results
     if translation != "tli":  # the n-gram table learned the same entries
@@ -314,25 +329,19 @@ def test_in_flight_updates_replay_exactly(shared_pair, mode):
     _assert_learning_replayed(outs)
     assert eager.learner.stats.distill_steps >= 6 and eager.learner.stats.head_steps >= 6
     _assert_learned_alike(eager.learner, captured.learner)
-    for name in ("distill_steps", "head_steps", "distill_loss", "head_loss"):  # counted on the device
-        assert getattr(eager.learner.stats, name) == getattr(captured.learner.stats, name), name
 
 
 def test_in_flight_updates_replay_exactly_across_vocabularies(cross_pair):
-    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
-    batch = target_tokenizer(
-        ["def fibonacci(n):\n    return", "The café on"], return_tensors="pt", padding=True
-    )
-    request = {**batch, "max_new_tokens": 24, "do_sample": True}
-    config = EngineConfig(
-        num_draft_tokens=4, in_flight_rounds=2, distill=DistillConfig(rank=8, interval=1, lr=1e-2)
-    )
+    request = _cross_request(cross_pair, ["def fibonacci(n):\n    return", "The café on"], max_new_tokens=24,
+                             do_sample=True)  # fmt: skip
+    config = {
+        "num_draft_tokens": 4,
+        "in_flight_rounds": 2,
+        "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
+    }
     results = _both_modes(
-        lambda graphs: SpeculativeEngine(target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer,
-                                         drafter_tokenizer=drafter_tokenizer,
-                                         config=dataclasses.replace(config, cuda_graphs=graphs)),
-        [request] * 2,
-    )  # fmt: skip
+        lambda graphs: _cross_engine(cross_pair, **config, cuda_graphs=graphs), [request] * 2
+    )
     _assert_same(results)
     (eager, _), (captured, outs) = results
     _assert_learning_replayed(outs)
@@ -359,18 +368,12 @@ def test_distillation_alone_trains_the_same_adapter(shared_pair):
 
 # ------------------------------------------------------------------------- several rounds per host read
 def _per_sync(make_engine, requests, per_sync):
-    """Outputs of ``requests`` on engines reading the host once per round (eager) and once per
-    ``per_sync`` rounds (eager and captured), from the same seeds."""
-    results = []
-    for graphs, sync in ((False, 1), (False, per_sync), (True, per_sync)):
-        torch.manual_seed(1234)  # a LoRA adapter's initialisation draws from the global RNG
-        engine = make_engine(graphs, sync)
-        outs = []
-        for seed, kwargs in enumerate(requests):
-            torch.manual_seed(seed)
-            outs.append(engine.generate(**kwargs, return_dict_in_generate=True))
-        results.append((engine, outs))
-    return results
+    """``requests`` on engines reading the host once per round (eager) and once per ``per_sync`` rounds
+    (eager and captured): ``make_engine(graphs, rounds_per_sync)``."""
+    modes = ((False, 1), (False, per_sync), (True, per_sync))
+    return _serve(
+        [lambda graphs=graphs, sync=sync: make_engine(graphs, sync) for graphs, sync in modes], requests
+    )
 
 
 def _assert_per_sync_same(results):
@@ -427,24 +430,16 @@ def test_several_rounds_per_host_read_with_learning_in_flight(shared_pair):
     assert reference.learner.stats.distill_steps >= 6
     for engine, _ in others:
         _assert_learned_alike(reference.learner, engine.learner)
-        for name in ("distill_steps", "distill_loss"):
-            assert getattr(reference.learner.stats, name) == getattr(engine.learner.stats, name), name
 
 
 def test_several_rounds_per_host_read_across_vocabularies(cross_pair):
-    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
-    prompts = target_tokenizer(
-        ["def parse(text):\n    return", "x = [i for"], return_tensors="pt", padding=True
-    )
-    request = {**prompts, "max_new_tokens": 12, "do_sample": True}
+    request = _cross_request(cross_pair, ["def parse(text):\n    return", "x = [i for"], max_new_tokens=12,
+                             do_sample=True)  # fmt: skip
     results = _per_sync(
-        lambda graphs, sync: SpeculativeEngine(
-            target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
-            config=EngineConfig(rounds_per_sync=sync, cuda_graphs=graphs),
-        ),
+        lambda graphs, sync: _cross_engine(cross_pair, rounds_per_sync=sync, cuda_graphs=graphs),
         [request, {**request, "do_sample": False}],
         4,
-    )  # fmt: skip
+    )
     _assert_per_sync_same(results)
     engines = [engine for engine, _ in results]
     assert all(torch.equal(engines[0].ngram.key_ids, e.ngram.key_ids) for e in engines[1:])
@@ -466,7 +461,9 @@ def test_several_rounds_per_host_read_with_an_acceptance_head(shared_pair):
         assert out.stats.drafter_proposed < out.stats.row_rounds * 5
 
 
-def test_a_streamer_sees_every_round_several_rounds_per_read(shared_pair):
+@pytest.mark.parametrize("rounds_per_sync", [1, 4])
+def test_a_streamer_sees_every_round_when_captured(shared_pair, rounds_per_sync):
+    """Captured rounds stream what they commit, one round (or unit of rounds) at a time, nothing twice."""
     from transformers.generation.streamers import BaseStreamer
 
     class Collect(BaseStreamer):
@@ -480,28 +477,8 @@ def test_a_streamer_sees_every_round_several_rounds_per_read(shared_pair):
             self.chunks.append(None)
 
     target, drafter = shared_pair
-    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True, rounds_per_sync=4))
-    streamer = Collect()
-    ids = torch.tensor([[7, 8, 9, 10]])
-    out = engine.generate(ids, max_new_tokens=15, streamer=streamer)
-    assert [t for chunk in streamer.chunks[1:-1] for t in chunk] == out[0, 4:].tolist()
-
-
-def test_a_streamer_sees_every_round_when_captured(shared_pair):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.chunks.append(None)
-
-    target, drafter = shared_pair
-    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    config = EngineConfig(cuda_graphs=True, rounds_per_sync=rounds_per_sync)
+    engine = SpeculativeEngine(target, drafter, config=config)
     streamer = Collect()
     ids = torch.tensor([[7, 8, 9, 10]])
     out = engine.generate(ids, max_new_tokens=15, streamer=streamer)
