@@ -497,7 +497,7 @@ def test_graph_mode_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_on_the_zoo_pair():
     """Real CUDA graphs: greedy and sampled outputs equal eager mode's on the embedded pair, every
-    configuration of the round (shared, cross, cascade, adaptive)."""
+    configuration of the round (shared, cross, cascade, adaptive, several rounds per host read)."""
     from omnidraft_fast.zoo import load
 
     zoo = load("code-pair", device="cuda")
@@ -509,6 +509,7 @@ def test_cuda_graphs_on_the_zoo_pair():
         (zoo.drafter_cross, cross, {}),
         (zoo.drafter_shared, {}, {"cascade": CascadeConfig("token_v3", 0.3)}),
         (zoo.drafter_shared, {}, {"adaptive": AdaptiveConfig()}),
+        (zoo.drafter_cross, cross, {"rounds_per_sync": 4}),  # graph-safe RNG across units of rounds
     ]
     for drafter, tokenizers, config in cases:
         for sampling in ({}, {"do_sample": True, "top_k": 20}):
@@ -522,7 +523,10 @@ def test_cuda_graphs_on_the_zoo_pair():
                 ),
                 [request] * 2,
             )
-            _assert_same(results, replayed_stage="draft" if "adaptive" in config else "round")
+            replayed = (
+                "draft" if "adaptive" in config else "rounds" if "rounds_per_sync" in config else "round"
+            )
+            _assert_same(results, replayed_stage=replayed)
 
 
 @pytest.mark.gpu
