@@ -80,13 +80,8 @@ class AdamW:
         return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`'s tensors, in place (captured stages keep reading the same memory)."""
-        ours = self.state_dict()
-        if set(tensors) != set(ours) or any(tensors[name].shape != ours[name].shape for name in ours):
-            raise ValueError(
-                "the saved optimiser state does not fit these parameters (another rank, target modules or "
-                "head); build the engine with the configuration it was saved with"
-            )
+        """Restore :meth:`state_dict`'s tensors (same keys and shapes), in place: captured stages keep
+        reading the same memory."""
         with torch.no_grad():
-            for name, tensor in ours.items():
+            for name, tensor in self.state_dict().items():
                 tensor.copy_(tensors[name])

@@ -87,15 +87,23 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         if saved and part is None:
             raise ValueError(f"{path} holds {what} but this engine has none; build it with that config")
         if saved:
-            try:
-                part.load_state_dict(saved)
-            except RuntimeError as error:  # torch's shape/key mismatch
-                raise ValueError(f"{path}: its {what} does not fit this engine's: {error}") from error
+            _load(part, saved, path, what)
     # The optimisers' moments follow their parameters (absent from states that were saved without them).
     for prefix, optimizer in _optimizers(learner):
         saved = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
         if saved:
-            optimizer.load_state_dict(saved)
+            _load(optimizer, saved, path, f"optimiser state ({prefix.removesuffix('.')})")
+
+
+def _load(part, saved: dict[str, torch.Tensor], path, what: str) -> None:
+    """``part.load_state_dict(saved)`` once the saved tensors are checked to fit it, key for key."""
+    ours = part.state_dict()
+    if set(saved) != set(ours) or any(saved[name].shape != ours[name].shape for name in ours):
+        raise ValueError(
+            f"{path}: its {what} does not fit this engine's (another rank, target modules or head size); "
+            "build the engine with the configuration it was saved with"
+        )
+    part.load_state_dict(saved)
 
 
 def _optimizers(learner) -> list[tuple[str, AdamW]]:

@@ -659,6 +659,9 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
     other_rank = _engine(target, drafter, distill=DistillConfig(rank=16), adaptive=AdaptiveConfig())
     with pytest.raises(ValueError, match="rank"):
         other_rank.load_state(tmp_path / "state.safetensors")
+    other_head = _engine(target, drafter, distill=DistillConfig(rank=8), adaptive=AdaptiveConfig(blocks=1))
+    with pytest.raises(ValueError, match=r"acceptance head .* does not fit"):
+        other_head.load_state(tmp_path / "state.safetensors")
     assert torch.equal(
         other_rank.generate(ids, attention_mask=mask, max_new_tokens=6),
         target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
