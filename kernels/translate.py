@@ -15,6 +15,15 @@ n-gram table (``kernels/ngram.py``): scanning left to right, the longest run ``y
 token that does neither ends the draft. The proposal probabilities in the target vocabulary follow from
 ``source``/``span_end`` (``kernels/proposal.py``); translation itself needs no probabilities.
 
+Splits (ours; the paper stops the draft at a drafter token with no target twin): translating with
+``units`` (``VocabBridge.units``) instead of ``d2t`` maps such a token ``y`` to the marker ``V_t + y``, so
+the scan goes on past it, and ``split_reference`` then writes each marker out as the target tokens that
+spell its bytes (``d2ts[y]``), cut at ``k`` positions. The pieces of ``y_u`` all have ``source = u``;
+``span_end`` counts the drafter tokens consumed through each position, so it is ``u`` at every piece
+but the last, ``u + 1`` at the last. Their proposal probabilities have no definition in the paper's
+redistribution rule, so only verification that does not read them (greedy without a deferral rule, or
+exact match) uses splits.
+
 ``translate_triton`` computes either op in one launch, one program (one warp) per row, with no host sync;
 k <= 16 and N <= 8 keep the whole row in registers. The program reads the row's ids and their direct
 map, puts each window ``y_i..y_{i+n-1}`` (every start i, every 2 <= n <= N) in a lane of its own, hashes
@@ -33,8 +42,9 @@ import triton
 import triton.language as tl
 
 from .ngram import _P_TL, _SIGN_OFF_TL, MAX_PROBES, _lookup_rows, _mix_tl, ngram_lookup_reference
+from .ragged import ragged_layout
 
-__all__ = ["translate_ngram_reference", "translate_reference", "translate_triton"]
+__all__ = ["split_reference", "translate_ngram_reference", "translate_reference", "translate_triton"]
 
 
 def translate_reference(
@@ -94,6 +104,30 @@ def translate_ngram_reference(
         width[:, j] = torch.where(going, step, 0)
         pointer = pointer + torch.where(going, step, 0)
     return target_ids, (target_ids >= 0).sum(-1), source, source + width
+
+
+def split_reference(
+    target_ids: torch.Tensor,  # [batch, k] int64 from a translation with `units`: -1 padded, >= V_t marks a split
+    source: torch.Tensor,  # [batch, k] int64
+    span_end: torch.Tensor,  # [batch, k] int64
+    d2ts: torch.Tensor,  # [V_d, S'] int32 target spelling of each drafter token, -1 padded
+    d2ts_len: torch.Tensor,  # [V_d] int32
+    vocab_t: int,  # V_t
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each split marker ``V_t + y`` written out as ``d2ts[y]`` (module docstring), cut at ``k`` target
+    positions; fixed shapes, no host read. Returns target ids (-1 padded), lengths, source, span_end."""
+    k = target_ids.shape[1]
+    split = target_ids >= vocab_t
+    drafter_id = (target_ids - vocab_t).clamp_min(0)
+    count = torch.where(target_ids < 0, 0, torch.where(split, d2ts_len.long()[drafter_id], 1))  # [batch, k]
+    unit, piece, valid = ragged_layout(count, k)  # [batch, k] each
+    at_split = split.gather(1, unit)
+    pieces = d2ts.long()[drafter_id.gather(1, unit), piece.clamp(0, d2ts.shape[1] - 1)]
+    ids = torch.where(valid, torch.where(at_split, pieces, target_ids.gather(1, unit)), -1)
+    first = source.gather(1, unit)
+    last_piece = ~at_split | (piece == count.gather(1, unit) - 1)
+    end = torch.where(valid & last_piece, span_end.gather(1, unit), first)
+    return ids, valid.sum(-1), first, end
 
 
 # -- Triton kernel ----------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ exceed the tokenizers' sizes: padded ids never map):
 - ``t2d``  int32 ``[V_t]``: the inverse on direct-mapped target ids (one canonical drafter id), else -1;
 - ``t2ds`` int32 ``[V_t, S]`` and ``t2ds_len`` int32 ``[V_t]``: the drafter spelling of every target
   token (``-1`` padded), computed context-free from the bytes, so no SentencePiece dummy prefix sneaks in;
+- ``d2ts`` int32 ``[V_d, S']`` and ``d2ts_len`` int32 ``[V_d]``: the other way round, the target spelling
+  of every drafter token (the direct twin where there is one, 0 tokens for specials); translation proposes
+  a drafted token with no twin as these target tokens (a *split*, ``kernels/translate.py``);
+- ``units`` int32 ``[V_d]``: what one drafted token becomes before merges: ``d2t`` where it maps, else
+  ``V_t + id`` (a split marker) where it has a target spelling, else -1;
 - ``num_direct``: the number of target ids reachable by the direct map.
 
 Canonical ids: when several tokens share bytes (``▁`` and ``<0x20>``), the canonical one is the
@@ -195,10 +200,13 @@ class VocabBridge:
         t2d: torch.Tensor,  # [V_t] int32
         t2ds: torch.Tensor,  # [V_t, S] int32, -1 padded
         t2ds_len: torch.Tensor,  # [V_t] int32
+        d2ts: torch.Tensor,  # [V_d, S'] int32, -1 padded
+        d2ts_len: torch.Tensor,  # [V_d] int32
         target_eos: torch.Tensor,  # [E_t] int64
         drafter_eos: torch.Tensor,  # [E_d] int64
     ):
         self.d2t, self.t2d, self.t2ds, self.t2ds_len = d2t, t2d, t2ds, t2ds_len
+        self.d2ts, self.d2ts_len = d2ts, d2ts_len
         self.target_eos, self.drafter_eos = target_eos, drafter_eos
         # Drafter ids that map to a target id whose canonical drafter id is another one (e.g. `<0x20>`
         # beside `▁`): [2, D] int64, row 0 those ids, row 1 their canonical twins. Their probability is
@@ -209,6 +217,10 @@ class VocabBridge:
         ).nonzero()[:, 0]
         self.twins = torch.stack([folded, t2d.long()[mapped[folded]]])
         self.mappable = d2t >= 0  # [V_d] bool: drafter ids with a target twin (the TLI sampling mask)
+        ids = torch.arange(d2t.shape[0], device=d2t.device, dtype=torch.int32)
+        self.units = torch.where(
+            self.mappable, d2t, torch.where(d2ts_len > 0, t2d.shape[0] + ids, -1)
+        )  # [V_d] int32: see the module docstring
 
     @property
     def drafter_vocab_size(self) -> int:
@@ -231,7 +243,7 @@ class VocabBridge:
         moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
         return VocabBridge(**moved)
 
-    _TENSORS = ("d2t", "t2d", "t2ds", "t2ds_len", "target_eos", "drafter_eos")
+    _TENSORS = ("d2t", "t2d", "t2ds", "t2ds_len", "d2ts", "d2ts_len", "target_eos", "drafter_eos")
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -308,14 +320,8 @@ def _build(drafter_tokenizer, target_tokenizer, drafter_size: int, target_size: 
         if index < target_size:
             t2d[index] = drafter_canonical.get(piece, -1)
 
-    speller = _Speller(drafter_tokenizer, drafter, drafter_canonical)
-    spellings: list[list[int]] = [[] for _ in range(target_size)]
-    for index in range(min(target_size, len(target.pieces))):
-        piece = target.pieces[index]
-        if piece:
-            direct = drafter_canonical.get(piece)
-            spelled = [direct] if direct is not None else speller.spell(piece)
-            spellings[index] = spelled or []  # unspellable: the drafter's context skips this token
+    spellings = _spellings(target, target_size, _Speller(drafter_tokenizer, drafter, drafter_canonical))
+    target_spellings = _spellings(drafter, drafter_size, _Speller(target_tokenizer, target, target_canonical))
     # Special tokens by role: the EOS families map to each other; nothing else does.
     if drafter.eos_ids and target.eos_ids:
         d_eos = int(
@@ -333,20 +339,45 @@ def _build(drafter_tokenizer, target_tokenizer, drafter_size: int, target_size: 
             if index < target_size:
                 spellings[index] = [d_eos]
         t2d[t_eos] = d_eos
-    width = max(1, max(len(s) for s in spellings))
-    t2ds = torch.full((target_size, width), -1, dtype=torch.int32)
-    lengths = torch.tensor([len(s) for s in spellings], dtype=torch.int32)
-    flat = torch.tensor([i for s in spellings for i in s], dtype=torch.int32)
-    rows = torch.repeat_interleave(torch.arange(target_size), lengths.long())
-    columns = torch.arange(flat.numel()) - torch.repeat_interleave(
-        lengths.long().cumsum(0) - lengths.long(), lengths.long()
-    )
-    t2ds[rows, columns] = flat
+    for index in range(drafter_size):
+        if d2t[index] >= 0:  # the twin (EOS included), also for ids that share their bytes with another
+            target_spellings[index] = [int(d2t[index])]
+    t2ds, t2ds_len = _padded(spellings)
+    d2ts, d2ts_len = _padded(target_spellings)
     return VocabBridge(
         d2t=d2t,
         t2d=t2d,
         t2ds=t2ds,
-        t2ds_len=lengths,
+        t2ds_len=t2ds_len,
+        d2ts=d2ts,
+        d2ts_len=d2ts_len,
         target_eos=torch.tensor(target.eos_ids, dtype=torch.int64),
         drafter_eos=torch.tensor(drafter.eos_ids, dtype=torch.int64),
     )
+
+
+def _spellings(table: TokenTable, size: int, speller: _Speller) -> list[list[int]]:
+    """Every id of ``table`` (one vocabulary) spelled in the speller's vocabulary: its canonical twin where
+    there is one, else the spelling of its bytes; ``[]`` for ids without bytes or that cannot be spelled
+    (the other model's context then skips them)."""
+    spellings: list[list[int]] = [[] for _ in range(size)]
+    for index in range(min(size, len(table.pieces))):
+        piece = table.pieces[index]
+        if piece:
+            direct = speller.canonical.get(piece)
+            spellings[index] = ([direct] if direct is not None else speller.spell(piece)) or []
+    return spellings
+
+
+def _padded(spellings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged spellings as an int32 ``[n, width]`` table (-1 padded) and their lengths."""
+    width = max(1, max(len(s) for s in spellings))
+    table = torch.full((len(spellings), width), -1, dtype=torch.int32)
+    lengths = torch.tensor([len(s) for s in spellings], dtype=torch.int32)
+    flat = torch.tensor([i for s in spellings for i in s], dtype=torch.int32)
+    rows = torch.repeat_interleave(torch.arange(len(spellings)), lengths.long())
+    columns = torch.arange(flat.numel()) - torch.repeat_interleave(
+        lengths.long().cumsum(0) - lengths.long(), lengths.long()
+    )
+    table[rows, columns] = flat
+    return table, lengths

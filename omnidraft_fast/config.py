@@ -236,10 +236,17 @@ class EngineConfig:
         ngram_capacity: slots of the n-gram table (rounded up to a power of two).
         ngram_max_len: the longest run of drafter tokens merged into one target token (N).
         ngram_preseed: fill the table with the drafter spelling of every target token at start.
-        max_spelling: the most drafter tokens a recovered/bonus target token is spelled with when fed
-            back to the drafter (the first draft step of a round re-feeds ``max_spelling + 1`` tokens).
-            The rare target tokens spelled longer (e.g. long runs of one character) are left out of
-            the drafter's context; the target's output is unaffected.
+        split_tokens: a drafted token with no target twin is proposed as the target tokens that spell its
+            bytes (``VocabBridge.d2ts``) and the draft goes on, instead of stopping there (the paper's
+            rule). Ours: the redistribution rule gives such tokens no proposal probability, so splits are
+            used only where verification reads none: greedy requests without a deferral rule, and
+            ``translation="exact"``. Output is unchanged (exact either way); more of the draft is proposed.
+        max_spelling: the most drafter tokens a round spells into the drafter's context for the target
+            tokens it did not draft (the recovered/bonus token, after the accepted pieces of a split token
+            cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. The
+            rare target tokens whose spelling does not fit (e.g. long runs of one character) are left
+            out of the drafter's context, with what follows them in that round; the target's output is
+            unaffected.
         cascade: the deferral rule used when a request does not give one (``None``: exact speculative
             sampling). Needs verification against ``q`` (not ``translation="exact"``).
         distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).
@@ -274,6 +281,7 @@ class EngineConfig:
     ngram_capacity: int = 1 << 16
     ngram_max_len: int = 4
     ngram_preseed: bool = True
+    split_tokens: bool = True
     max_spelling: int = 16
     cascade: CascadeConfig | None = None
     distill: DistillConfig | None = None
@@ -292,6 +300,8 @@ class EngineConfig:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
         if not isinstance(self.ngram_max_len, int) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
+        if self.split_tokens not in (True, False):
+            raise TypeError(f"`split_tokens` must be True or False, got {self.split_tokens!r}")
         if not isinstance(self.max_spelling, int) or self.max_spelling < 1:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.cascade is not None and not isinstance(self.cascade, CascadeConfig):

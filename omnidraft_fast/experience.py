@@ -104,12 +104,17 @@ class Recorder:
         output_tokens: torch.Tensor,  # [batch, k+1] int64 emitted (accepted + recovered/bonus), -1 padded
         num_accepted: torch.Tensor,  # [batch] int64
         accept_probs: torch.Tensor,  # [batch, k] fp32 verification's acceptance probabilities
+        source: torch.Tensor,  # [batch, k] int64 first drafter position behind each target position
         span_end: torch.Tensor,  # [batch, k] int64 drafter tokens consumed by target positions 1..j+1
-        spelling_len: torch.Tensor,  # [batch] int64 drafter tokens of the recovered/bonus token
+        slots: torch.Tensor,  # [batch, k+1] int64 drafter slots each target position took this round
+        split: torch.Tensor,  # [batch, k] bool drafted (not spelled) pieces of a split token
         kept: torch.Tensor,  # [batch] int64 tokens committed this round (0 for finished rows)
         generated: torch.Tensor,  # [batch] int64 emitted tokens before this round
         d_lengths: torch.Tensor,  # [batch] int64 drafter slots committed before this round
     ) -> None:
+        """Label the drafter slots a round committed. ``slots`` lays the round's target positions out in
+        the drafter's context (``Rounds._feedback``): drafted positions take their span of drafted tokens
+        (none for the pieces of a split token but the last), the others their spelling."""
         batch, k = proposal.shape
         device = proposal.device
         j = torch.arange(k + 1, device=device)  # target positions of the block
@@ -120,15 +125,14 @@ class Recorder:
         labels = target_logits[:, :, self.label_map]  # [batch, k+1, V_d]
         self.logits.scatter_(1, rows[..., None].expand_as(labels), labels)
 
-        # Drafter span of each target position: [first, first + length).
-        previous = torch.cat([span_end.new_zeros(batch, 1), span_end], 1)  # [batch, k+1]
-        first = d_lengths[:, None] + previous
-        length = torch.where(
-            j < num_accepted[:, None],
-            torch.cat([span_end - previous[:, :k], span_end.new_zeros(batch, 1)], 1),
-            spelling_len[:, None],
+        # Drafter slots of each target position: [first, first + length).
+        length = slots
+        first = d_lengths[:, None] + length.cumsum(1) - length
+        # A drafted split token is a drafter token of bytes the target emitted, like an n-gram sub-token.
+        pieces = (
+            torch.zeros_like(kept_j) if split is None else torch.cat([split, split.new_zeros(batch, 1)], 1)
         )
-        twin = self.direct[output_tokens.clamp_min(0)]  # [batch, k+1] the emitted token has a drafter twin
+        twin = self.direct[output_tokens.clamp_min(0)] & ~pieces  # [batch, k+1] a drafter twin stands there
         direct = twin & kept_j & (length >= 1)
 
         spare = self.spare_slot
@@ -136,19 +140,26 @@ class Recorder:
         offsets = torch.arange(max(k, self.spelling_width), device=device)  # every slot a span can cover
         inside = offsets < length[..., None]  # [batch, k+1, W]
         ngram = (~twin & kept_j)[..., None] & inside
-        slots = torch.where(ngram, first[..., None] + offsets, spare).flatten(1)
-        self.ce.scatter_(1, slots, ngram.flatten(1))
+        flat = torch.where(ngram, first[..., None] + offsets, spare).flatten(1)
+        self.ce.scatter_(1, flat, ngram.flatten(1))
 
-        # Acceptance-head labels: each verified drafted position at its span's first slot, 1 inside
-        # accepted merged spans.
+        # Acceptance-head labels: at the first slot of each drafted token, the chance that verification
+        # kept it (the product over its verified positions: the pieces of a split token share one); 1
+        # at the other slots of an accepted merged span.
         verified = (proposal >= 0) & (j[:k] <= num_accepted[:, None]) & kept_j[:, :k]
-        self.head.scatter_(
-            1, torch.where(verified, first[:, :k], spare), torch.where(verified, accept_probs, torch.nan)
+        chance = torch.ones(batch, k, device=device).scatter_reduce(
+            1, source, torch.where(verified, accept_probs, 1.0), "prod"
         )
-        accepted = (j[:k] < num_accepted[:, None]) & kept_j[:, :k]
-        tail = (offsets[1:] < length[:, :k, None]) & accepted[..., None]  # [batch, k, W - 1]
-        tail_slots = torch.where(tail, first[:, :k, None] + offsets[1:], spare).flatten(1)
-        self.head.scatter_(1, tail_slots, torch.where(tail, 1.0, torch.nan).flatten(1))
+        leads = verified & (source != torch.cat([source.new_full((batch, 1), -1), source[:, :-1]], 1))
+        self.head.scatter_(
+            1,
+            torch.where(leads, first[:, :k], spare),
+            torch.where(leads, chance.gather(1, source), torch.nan),
+        )
+        accepted = (j[:k] < num_accepted[:, None]) & kept_j[:, :k] & (span_end - source >= 2)
+        inner = (offsets[1:] < length[:, :k, None]) & accepted[..., None]  # [batch, k, W - 1]
+        inner_slots = torch.where(inner, first[:, :k, None] + offsets[1:], spare).flatten(1)
+        self.head.scatter_(1, inner_slots, torch.where(inner, 1.0, torch.nan).flatten(1))
 
     def examples(
         self,

@@ -19,7 +19,12 @@ from .kernels.ngram import (
 )
 from .kernels.proposal import CrossProposal, target_proposal_reference
 from .kernels.sampling import nonfinite_rows_reference, sample_reference, sample_triton
-from .kernels.translate import translate_ngram_reference, translate_reference, translate_triton
+from .kernels.translate import (
+    split_reference,
+    translate_ngram_reference,
+    translate_reference,
+    translate_triton,
+)
 from .kernels.verify import verify_reference, verify_triton
 
 __all__ = [
@@ -249,21 +254,31 @@ def translate(
     d2t: torch.Tensor,  # [V_d] int32
     *,
     table: tuple[torch.Tensor, ...] | None = None,  # the n-gram table's tensors (ngram_lookup's)
+    splits: tuple[torch.Tensor, torch.Tensor, int] | None = None,  # (d2ts, d2ts_len, V_t)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drafted block -> target ids [batch, k] (-1 after the first token that neither maps nor merges),
     lengths [batch], source and span ends [batch, k] (the drafter tokens behind each target position;
     see ``kernels/translate.py``). With ``table``, runs of drafter tokens merge into one target token
-    (longest match)."""
+    (longest match). With ``splits``, ``d2t`` is the bridge's ``units`` map and a drafted token with no
+    target twin becomes the target tokens that spell it."""
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
     if table is None:
-        return (translate_triton if runs_kernels(draft_ids) else translate_reference)(draft_ids, d2t)
-    _check_table(*table)
-    if table[0].device != draft_ids.device:
-        raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
-    return (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(
-        draft_ids, d2t, *table
-    )
+        out = (translate_triton if runs_kernels(draft_ids) else translate_reference)(draft_ids, d2t)
+    else:
+        _check_table(*table)
+        if table[0].device != draft_ids.device:
+            raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
+        out = (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(
+            draft_ids, d2t, *table
+        )
+    if splits is None:
+        return out
+    d2ts, d2ts_len, vocab_t = splits
+    _check("d2ts", d2ts, 2, dtypes=(torch.int32,), device=draft_ids.device)
+    _check("d2ts_len", d2ts_len, 1, dtypes=(torch.int32,), device=draft_ids.device)
+    ids, _, source, span_end = out
+    return split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t)
 
 
 def commit_drafter(

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,7 @@ from .config import EngineConfig, SamplingParams
 from .experience import Recorder
 from .graphs import StageGraphs
 from .kernels.proposal import CrossProposal, fold_twins_
+from .kernels.ragged import ragged_layout
 from .kernels.verify import RULES
 from .learner import OnlineLearner
 from .models import CausalLM
@@ -45,8 +47,17 @@ __all__ = ["COUNTERS", "RequestState", "Rounds"]
 # Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
 COUNTERS = (
     "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
-    "merged_accepted", "deferred", "invalid",
+    "merged_accepted", "split_proposed", "split_accepted", "deferred", "invalid",
 )  # fmt: skip
+
+
+class Feedback(NamedTuple):
+    """The target tokens of a round spelled into the drafter's context (``Rounds._feedback``)."""
+
+    spelling: torch.Tensor  # [batch, spelling_width] their drafter spellings end to end, -1 padded
+    lengths: torch.Tensor  # [batch, k+1] drafter tokens spelled for each target position (0: not fed)
+    slots: torch.Tensor  # [batch, k+1] drafter slots each target position takes in the committed context
+    mask: torch.Tensor  # [batch, k+1] bool the positions fed (spelled) rather than drafted
 
 
 @dataclass
@@ -63,6 +74,7 @@ class RequestState:
     d_start: torch.Tensor  # [batch] first slot of each row's drafter context
     d_lengths: torch.Tensor  # [batch] committed drafter slots
     window: int  # drafter tokens re-fed by the first draft step of a round
+    splits: bool  # drafted tokens with no target twin are proposed as their target spelling (split_tokens)
     draft_ids: torch.Tensor  # [batch, k] drafter ids
     draft_probs: torch.Tensor  # [batch, k, V_d] fp32
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
@@ -102,8 +114,8 @@ class Rounds:
         return 1 if self.bridge is None else min(self.bridge.max_spelling, self.config.max_spelling)
 
     def slots_per_round(self, k: int) -> int:
-        """Most drafter slots one round commits to a row: its ``k`` drafted tokens, then the spelling of
-        the recovered/bonus token."""
+        """Most drafter slots one round commits to a row: up to ``k`` drafted tokens, then the spelling of
+        the target tokens it did not draft (``_feedback``)."""
         return k + self.spelling_width
 
     def spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +169,12 @@ class Rounds:
             d_start=d_start,
             d_lengths=d_lengths,
             window=window,
+            splits=self.bridge is not None
+            and self.config.split_tokens
+            and (
+                self.mode == "exact"
+                or (self.mode == "omnidraft" and request.sampling.greedy and request.cascade is None)
+            ),
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
             draft_probs_t1=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device)
@@ -312,17 +330,23 @@ class Rounds:
             cross = None
             if self.bridge is None:
                 proposal = draft_ids
-                span_end = torch.arange(1, steps + 1, device=device).expand(batch, steps)
+                source = torch.arange(steps, device=device).expand(batch, steps)
+                span_end = source + 1
             else:
+                bridge = self.bridge
                 proposal, _, source, span_end = ops.translate(
-                    draft_ids, self.bridge.d2t, table=None if self.ngram is None else self.ngram.tensors
+                    draft_ids,
+                    bridge.units if state.splits else bridge.d2t,
+                    table=None if self.ngram is None else self.ngram.tensors,
+                    splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if state.splits else None,
                 )
                 cross = CrossProposal(draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
                 for probs in (draft_probs, draft_probs_t1):
                     if probs is not None:
                         fold_twins_(probs, self.bridge.twins)
             if length is not None:  # a row proposes only the target tokens wholly inside its own draft
-                proposal = torch.where(span_end <= length.drafted[:, None], proposal, -1)
+                last = torch.maximum(source, span_end - 1)  # the last drafter token behind each position
+                proposal = torch.where(last < length.drafted[:, None], proposal, -1)
 
         with timer("target"):
             slots = state.lengths[:, None] - 1 + torch.arange(steps + 1, device=device)  # [batch, steps+1]
@@ -330,7 +354,9 @@ class Rounds:
             target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
 
         with timer("verify"):
-            exact_match = mode == "exact"
+            # Splits have no proposal probability: greedy requests with splits verify by exact match, which
+            # greedy speculative sampling equals.
+            exact_match = mode == "exact" or state.splits
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
             noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)
@@ -364,20 +390,26 @@ class Rounds:
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
             )
-            final = output_tokens.gather(1, num_accepted[:, None])[:, 0]  # recovered or bonus token
-            spelling, spelling_len = self.spell(final)
+            fed = self._feedback(output_tokens, num_accepted, source, span_end, active)
             ops.commit_drafter(
                 state.d_tokens,
                 state.d_lengths,
                 draft_ids,
                 span_end,
                 num_accepted,
-                spelling,
-                spelling_len,
+                fed.spelling,
+                fed.lengths.sum(1),
                 active,
             )
             drafter_proposed = length.drafted * active if length is not None else active.long() * steps
-            self._count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed)
+            split = (
+                self._split(draft_ids, source, span_end)
+                if state.splits
+                else torch.zeros_like(draft_ids, dtype=torch.bool)
+            )
+            self._count(
+                state, active, invalid, proposal, span_end, split, num_accepted, deferred, drafter_proposed
+            )
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
@@ -396,15 +428,56 @@ class Rounds:
                     output_tokens=output_tokens,
                     num_accepted=num_accepted,
                     accept_probs=accept_probs,
+                    source=source,
                     span_end=span_end,
-                    spelling_len=torch.where(active, spelling_len, 0),
+                    slots=fed.slots,
+                    split=split & ~fed.mask[:, :steps],
                     kept=kept,
                     generated=generated,
                     d_lengths=d_lengths,
                 )
 
+    def _feedback(
+        self,
+        output_tokens: torch.Tensor,  # [batch, k+1] emitted this round, -1 padded
+        num_accepted: torch.Tensor,  # [batch]
+        source: torch.Tensor,  # [batch, k]
+        span_end: torch.Tensor,  # [batch, k]
+        active: torch.Tensor,  # [batch]
+    ) -> Feedback:
+        """What the drafter's context gets for the target tokens a round emitted but did not draft: the
+        recovered/bonus token and, before it, the accepted pieces of a split token that a rejection cut
+        (their drafter token was not kept), each spelled through the bridge (SPEC §2.4). They go in
+        order while their spellings fit in ``spelling_width``; a token that does not fit is left out of
+        the drafter's context with the ones after it."""
+        batch, width = output_tokens.shape
+        j = torch.arange(width, device=output_tokens.device)
+        at = (num_accepted - 1).clamp_min(0)[:, None]
+        drafted = torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)  # drafter tokens kept
+        behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
+        mask = ((j < num_accepted[:, None]) & (behind >= drafted[:, None])) | (j == num_accepted[:, None])
+        mask &= active[:, None]
+        spellings, lengths = self.spell(output_tokens.clamp_min(0).flatten())
+        lengths = torch.where(mask, lengths.view(batch, width), 0)
+        lengths = torch.where(lengths.cumsum(1) <= self.spelling_width, lengths, 0)
+        run, offset, valid = ragged_layout(lengths, self.spelling_width)
+        spellings = spellings.view(batch, width, -1)
+        rows = torch.arange(batch, device=output_tokens.device)[:, None]
+        spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)
+        previous = torch.cat([span_end.new_zeros(batch, 1), span_end[:, :-1]], 1)
+        drafted_slots = torch.where(j[:-1] < num_accepted[:, None], span_end - previous, 0)  # [batch, k]
+        drafted_slots = torch.cat([drafted_slots, span_end.new_zeros(batch, 1)], 1) * active[:, None]
+        slots = torch.where(mask, lengths, drafted_slots)
+        return Feedback(spelling, lengths, slots, mask)
+
+    def _split(self, draft_ids: torch.Tensor, source: torch.Tensor, span_end: torch.Tensor) -> torch.Tensor:
+        """[batch, k] bool: target positions that are pieces of a split drafted token."""
+        return (self.bridge.d2t[draft_ids.gather(1, source)] < 0) & (span_end - source <= 1)
+
     @staticmethod
-    def _count(state, active, invalid, proposal, span_end, num_accepted, deferred, drafter_proposed) -> None:
+    def _count(
+        state, active, invalid, proposal, span_end, split, num_accepted, deferred, drafter_proposed
+    ) -> None:
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
@@ -423,6 +496,8 @@ class Rounds:
                 (drafter_accepted * active).sum(),
                 (merged & proposed_mask).sum(),
                 (merged & accepted_mask).sum(),
+                (split & proposed_mask).sum(),
+                (split & accepted_mask).sum(),
                 (deferred & proposed_mask).sum(),
                 invalid.sum(),
             ]

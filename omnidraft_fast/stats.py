@@ -18,7 +18,8 @@ class GenerationStats:
 
     ``proposed``/``accepted`` count drafted tokens, in the target's vocabulary, of rows still generating;
     ``drafter_proposed``/``drafter_accepted`` the drafter tokens behind them; ``merged_*`` the target
-    tokens that came from n-gram merges; ``deferred`` the proposed positions where the verifier deferred to
+    tokens that came from n-gram merges, ``split_*`` those that came from splitting a drafted token with no
+    target twin (``EngineConfig.split_tokens``); ``deferred`` the proposed positions where the verifier deferred to
     the target (every position under exact speculative sampling; see ``CascadeConfig``). ``rounds`` counts rounds (one target forward each) and
     ``row_rounds`` rounds summed over active rows. ``ngram_table_size``: entries after the request.
     """
@@ -32,6 +33,8 @@ class GenerationStats:
     drafter_accepted: int = 0
     merged_proposed: int = 0
     merged_accepted: int = 0
+    split_proposed: int = 0
+    split_accepted: int = 0
     deferred: int = 0
     ngram_table_size: int = 0
     new_tokens: int = 0
@@ -69,20 +72,7 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
     def add(self, other: GenerationStats) -> None:
-        for name in (
-            "requests",
-            "rounds",
-            "row_rounds",
-            "proposed",
-            "accepted",
-            "drafter_proposed",
-            "drafter_accepted",
-            "merged_proposed",
-            "merged_accepted",
-            "deferred",
-            "new_tokens",
-            "target_calls",
-        ):
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.ngram_table_size = other.ngram_table_size  # a level, not a count: the latest
         self.seconds += other.seconds
@@ -100,6 +90,8 @@ class GenerationStats:
             "drafter_accepted": self.drafter_accepted,
             "merged_proposed": self.merged_proposed,
             "merged_accepted": self.merged_accepted,
+            "split_proposed": self.split_proposed,
+            "split_accepted": self.split_accepted,
             "deferral_rate": round(self.deferral_rate, 4),
             "ngram_hits_per_round": round(self.ngram_hits_per_round, 4),
             "ngram_table_size": self.ngram_table_size,
@@ -125,13 +117,19 @@ class GenerationStats:
                 if self.merged_proposed or self.ngram_table_size
                 else ""
             )
+            + (
+                f", split tokens {self.split_accepted}/{self.split_proposed} accepted"
+                if self.split_proposed
+                else ""
+            )
             + (f"; stages: {stages}" if stages else "")
         )
 
 
 _SUMMED = (
     "requests", "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted",
-    "merged_proposed", "merged_accepted", "new_tokens", "target_calls",
+    "merged_proposed", "merged_accepted", "split_proposed", "split_accepted", "deferred", "new_tokens",
+    "target_calls",
 )  # fmt: skip
 
 

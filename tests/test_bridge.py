@@ -41,6 +41,17 @@ def _check_bridge(drafter_tokenizer, target_tokenizer, bridge: VocabBridge) -> N
         assert _bytes_of(target, ids) in (text.encode(), b" " + text.encode())  # SentencePiece's dummy prefix
         for i in ids:  # and token by token
             assert _bytes_of(drafter, bridge.t2ds[i, : bridge.t2ds_len[i]].tolist()) == target.pieces[i]
+    # The other way round: every drafter token with bytes is spelled by target tokens with the same bytes
+    # (its twin alone where it has one), so a drafted token with no twin can be proposed split.
+    for d, piece in enumerate(drafter.pieces[: bridge.drafter_vocab_size]):
+        spelling = bridge.d2ts[d, : bridge.d2ts_len[d]].tolist()
+        if bridge.d2t[d] >= 0:
+            assert spelling == [int(bridge.d2t[d])] and bridge.units[d] == bridge.d2t[d]
+        elif piece:
+            assert spelling and _bytes_of(target, spelling) == piece, d
+            assert bridge.units[d] == bridge.target_vocab_size + d
+        else:
+            assert not spelling and bridge.units[d] == -1
     # Special tokens by role: target EOS is spelled as the drafter's EOS; BOS never maps.
     t_eos = target_tokenizer.eos_token_id
     assert bridge.t2ds[t_eos, : bridge.t2ds_len[t_eos]].tolist() == [drafter_tokenizer.eos_token_id]

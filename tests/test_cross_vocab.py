@@ -54,20 +54,57 @@ def test_generate_accepts_both_tokenizers_by_transformers_names(pair):
     assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
 
 
-def test_drafter_context_stays_in_step(pair, monkeypatch):
-    """After a request, the drafter's context spells exactly the bytes of the target's text."""
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
+def test_drafter_context_stays_in_step(pair, monkeypatch, translation):
+    """After a request, the drafter's context spells exactly the bytes of the target's text: with split
+    tokens too, whether a rejection cut one (its accepted pieces are spelled) or not (it is kept)."""
     _, _, tokenizer, drafter_tokenizer = pair
-    engine = _engine(pair, "tli", 3)
+    engine = _engine(pair, translation, 5)
     states = []
     begin = engine.rounds.begin
     monkeypatch.setattr(engine.rounds, "begin", lambda *args: states.append(begin(*args)) or states[-1])
-    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
-    engine.generate(ids, max_new_tokens=16, eos_token_id=[])
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine.generate(**batch, max_new_tokens=40, eos_token_id=[])
     state = states[0]
-    target_pieces, drafter_pieces = token_bytes(tokenizer).pieces, token_bytes(drafter_tokenizer).pieces
-    target_text = b"".join(target_pieces[i] for i in state.tokens[0, 1 : int(state.lengths[0])].tolist())
-    drafter_ids = state.d_tokens[0, state.window - 1 : int(state.d_lengths[0])].tolist()
-    assert b"".join(drafter_pieces[i] for i in drafter_ids) == target_text
+    # Padded ids (the random target emits some) and specials have no bytes.
+    target_pieces = token_bytes(tokenizer, TARGET_VOCAB).pieces
+    drafter_pieces = token_bytes(drafter_tokenizer).pieces
+    for row in range(len(PROMPTS)):
+        target_ids = state.tokens[row, int(state.start[row]) : int(state.lengths[row])].tolist()
+        drafter_ids = state.d_tokens[row, int(state.d_start[row]) : int(state.d_lengths[row])].tolist()
+        drafter_text = b"".join(drafter_pieces[i] or b"" for i in drafter_ids)
+        # The last round may leave in the drafter's context what max_new_tokens cut from the output.
+        assert drafter_text.startswith(b"".join(target_pieces[i] or b"" for i in target_ids)), row
+    if translation != "tli":  # the drafter drafts tokens with no target twin
+        assert engine.stats.split_proposed > 0
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "exact"])
+def test_split_tokens_only_add_proposals(pair, translation):
+    """Splitting drafted tokens with no target twin keeps greedy output exact and proposes at least what
+    stopping there does; sampled omnidraft requests do not split (no proposal probability), so they draw
+    exactly what an engine without splits draws."""
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    engines = {}
+    for split in (True, False):
+        config = EngineConfig(num_draft_tokens=5, translation=translation, split_tokens=split)
+        engines[split] = SpeculativeEngine(
+            target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer, config=config
+        )
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    expected = target.generate(**batch, max_new_tokens=32, do_sample=False)
+    for engine in engines.values():
+        assert torch.equal(engine.generate(**batch, max_new_tokens=32), expected)
+    with_splits, without = engines[True].stats, engines[False].stats
+    assert without.split_proposed == 0 and with_splits.split_proposed > 0
+    assert with_splits.proposed > without.proposed
+    if translation == "omnidraft":
+        sampled = []
+        for engine in engines.values():
+            torch.manual_seed(3)
+            sampled.append(engine.generate(**batch, max_new_tokens=16, do_sample=True, top_k=0))
+        assert torch.equal(sampled[0], sampled[1])
+        assert engines[True].last_stats.split_proposed == 0
 
 
 VOCAB_ROWS = 6000

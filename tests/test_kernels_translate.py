@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from omnidraft_fast.kernels.ngram import EMPTY, ngram_insert_reference, ngram_insert_triton
-from omnidraft_fast.kernels.translate import translate_ngram_reference, translate_reference, translate_triton
+from omnidraft_fast.kernels.translate import (
+    split_reference,
+    translate_ngram_reference,
+    translate_reference,
+    translate_triton,
+)
 
 from omnidraft_fast import ops
 
@@ -125,6 +130,35 @@ def test_hand_written():
     )
     _assert_same(translate_triton(drafts, d2t), direct)
     _assert_same(ops.translate(drafts, d2t), direct)
+
+
+def test_split_tokens_hand_written():
+    """The snowflake vocabularies, with target tokens 5 'l', 6 'a', 7 'k', 8 'e' (V_t = 9): 'la' and 'ke'
+    have no twin but split into two target tokens each; 's' has neither. Merges still win over splits, a
+    split goes on drafting, pieces are cut at k positions, and a token with no spelling still stops."""
+    vocab_t = 9
+    units = torch.tensor([0, 2, vocab_t + 2, vocab_t + 3, -1], dtype=torch.int32)
+    d2ts = torch.tensor([[0, -1], [2, -1], [5, 6], [7, 8], [-1, -1]], dtype=torch.int32)
+    d2ts_len = torch.tensor([1, 1, 2, 2, 0], dtype=torch.int32)
+    full = _empty(16, 3)
+    ngram_insert_reference(*full, torch.tensor([[1, 2, -1], [1, 2, 3], [3, 4, -1]]), torch.tensor([3, 1, 4]),
+                           torch.ones(3, dtype=torch.int64))  # fmt: skip
+    table = full[1:3]
+    drafts = torch.tensor([[0, 1, 2, 3, 4], [2, 0, 3, 3, 0], [2, 2, 2, 4, 0], [4, 0, 0, 0, 0]])
+    expected = (
+        torch.tensor([[0, 1, -1, -1, -1], [5, 6, 0, 7, 8], [5, 6, 5, 6, 5], [-1] * 5]),
+        torch.tensor([2, 5, 5, 0]),
+        torch.tensor([[0, 1, 4, 4, 4], [0, 0, 1, 2, 2], [0, 0, 1, 1, 2], [0] * 5]),
+        torch.tensor([[1, 4, 4, 4, 4], [0, 1, 2, 2, 3], [0, 1, 1, 2, 2], [0] * 5]),
+    )
+    for translate in (translate_triton, translate_ngram_reference):
+        ids, _, source, span_end = translate(drafts, units, *table)
+        _assert_same(split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t), expected)
+    _assert_same(ops.translate(drafts, units, table=table, splits=(d2ts, d2ts_len, vocab_t)), expected)
+    # Without a table (direct map and splits only) the row with no merge translates the same.
+    ids, _, source, span_end = translate_reference(drafts[1:2], units)
+    got = split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t)
+    _assert_same(got, tuple(t[1:2] for t in expected))
 
 
 # -- GPU: a realistic table (2^16 slots at load 1/2), batch 256 ------------------------------------------

@@ -62,3 +62,39 @@ def test_trained_pair_is_exact_and_drafts_well(zoo, drafter):
         assert torch.equal(engine.generate(ids, max_new_tokens=24), expected)
     # Trained on the same data, the drafter agrees with the target far more often than chance.
     assert engine.stats.acceptance_rate > 0.1, engine.stats.summary()  # chance is ~1/3072
+
+
+def test_split_tokens_on_the_trained_cross_pair(zoo):
+    """The trained SentencePiece drafter often drafts tokens the byte-level target has no twin for.
+    Proposed as the target's tokens for their bytes, they are accepted, whole or cut by a rejection, and
+    the round emits more tokens than when the draft stops there (the paper's rule). Either way the
+    output is the target's, the drafter's context spells the target's text, and every KL label of the
+    online learner sits on a drafter token that is the twin of the emitted token it is read from."""
+    from omnidraft_fast import DistillConfig
+
+    stats, tokens = {}, {}
+    for split in (True, False):
+        engine = SpeculativeEngine(
+            zoo.target, zoo.drafter_cross, target_tokenizer=zoo.target_tokenizer,
+            drafter_tokenizer=zoo.drafter_tokenizer,
+            config=EngineConfig(num_draft_tokens=4, split_tokens=split, distill=DistillConfig(interval=10**6, rank=8)),
+        )  # fmt: skip
+        target_pieces = token_bytes(zoo.target_tokenizer, zoo.target.config.vocab_size).pieces
+        drafter_pieces = token_bytes(zoo.drafter_tokenizer).pieces
+        for _, prompt in heldout_prompts(2):
+            ids = zoo.target_tokenizer(prompt, return_tensors="pt").input_ids
+            out = engine.generate(ids, max_new_tokens=48, eos_token_id=[])
+            expected = zoo.target.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=None)
+            assert torch.equal(out, expected)
+            emitted = out[0, ids.shape[1] :]
+            example = engine.learner.pending[-1]
+            context = b"".join(drafter_pieces[i] or b"" for i in example.ids.tolist())
+            assert context.startswith(b"".join(target_pieces[i] or b"" for i in out[0].tolist()))
+            slots = (example.kl >= 0).nonzero()[:, 0]
+            twins = engine.bridge.d2t[example.ids[slots]].long()
+            assert torch.equal(twins, emitted[example.kl[slots]])
+        stats[split] = engine.stats
+        tokens[split] = engine.stats.mean_accepted_length
+    assert stats[True].split_accepted > 0 and stats[True].split_proposed > stats[True].split_accepted
+    assert stats[False].split_proposed == 0
+    assert tokens[True] > tokens[False], (stats[True].summary(), stats[False].summary())

@@ -1,0 +1,29 @@
+"""Ragged runs laid end to end in fixed-width rows, with no host read.
+
+Row ``b`` holds runs ``0..n-1`` of ``lengths[b, i]`` items each. Written back to back from position 0,
+output position ``o`` falls in run ``i`` when ``ends[b, i - 1] <= o < ends[b, i]`` (``ends`` the inclusive
+cumulative sum of the lengths), at offset ``o - ends[b, i - 1]`` inside it, and past the last run it is
+padding. Translation writes split tokens out this way (``translate.split_reference``), and the commit
+stage the drafter spellings of the target tokens it feeds back (``omnidraft_fast/rounds.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ragged_layout"]
+
+
+def ragged_layout(
+    lengths: torch.Tensor,  # [batch, n] int64 >= 0 items per run
+    width: int,  # output positions per row
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns, per output position ``[batch, width]``: its run (clamped to ``n - 1`` past the end), its
+    offset inside the run, and whether it holds an item."""
+    positions = torch.arange(width, device=lengths.device)
+    ends = lengths.cumsum(1)  # [batch, n]
+    run = (ends[:, None, :] <= positions[None, :, None]).sum(-1)  # [batch, width]
+    valid = positions < ends[:, -1:]
+    run = run.clamp_max(lengths.shape[1] - 1)
+    offset = positions - (ends - lengths).gather(1, run)
+    return run, offset, valid
