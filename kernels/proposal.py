@@ -13,9 +13,16 @@ at position ``j`` is:
       q'_j(x_j)        = prod_{u=s}^{e-1} q_u(y_u)            the merged token: its parts' path probability
       q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} q_u(y_u)            taken from the first part's direct token (>= 0)
     q'_j               = 0                                    where nothing was proposed (x_j = -1)
+    piece (s = source_{j-1}, a split token's second or later piece, kernels/translate.py):
+      q'_j             = one-hot(x_j)                         the rest of the drafted token's spelling
 
 This is the paper's redistribution, an approximation wherever something merged (the verifier is then
-lossless only in the greedy case; exact-match verification restores exactness for sampling). The
+lossless only in the greedy case; exact-match verification restores exactness for sampling). Splits are
+ours. A split token's first piece needs nothing new: the bridge folds the mass of every drafter token
+that splits onto the drafter twin of its first piece (``VocabBridge.split_twins``, used with
+``fold_twins_``), so ``q'_j`` there is the law of the first target token the drafted token becomes. The
+later pieces are verified against a point mass, which accepts ``x_j`` with probability ``p_j(x_j)`` and
+otherwise draws from ``p_j`` without it: the exact-match rule, lossless whatever the proposal. The
 reference builds the dense ``[batch, k, V_t]`` tensor; the verification kernel gathers ``q'_j(t)`` on the
 fly and never materialises it.
 """
@@ -68,4 +75,7 @@ def target_proposal_reference(
     q.clamp_min_(0.0)
     at = target_ids.clamp_min(0)[..., None]
     q.scatter_(2, at, torch.where(merged, mass, q.gather(2, at)[..., 0])[..., None])
+    previous = torch.cat([cross.source.new_full((batch, 1), -1), cross.source[:, :-1]], 1)
+    piece = (cross.source == previous) & (target_ids >= 0)  # [batch, k]
+    q = torch.where(piece[..., None], torch.zeros_like(q).scatter_(2, at, 1.0), q)
     return q * (target_ids >= 0)[..., None]

@@ -20,9 +20,7 @@ Splits (ours; the paper stops the draft at a drafter token with no target twin):
 the scan goes on past it, and ``split_reference`` then writes each marker out as the target tokens that
 spell its bytes (``d2ts[y]``), cut at ``k`` positions. The pieces of ``y_u`` all have ``source = u``;
 ``span_end`` counts the drafter tokens consumed through each position, so it is ``u`` at every piece
-but the last, ``u + 1`` at the last. Their proposal probabilities have no definition in the paper's
-redistribution rule, so only verification that does not read them (greedy without a deferral rule, or
-exact match) uses splits.
+but the last, ``u + 1`` at the last. Their proposal probabilities are in ``kernels/proposal.py``.
 
 ``translate_triton`` computes either op in one launch, one program (one warp) per row, with no host sync;
 k <= 16 and N <= 8 keep the whole row in registers. The program reads the row's ids and their direct

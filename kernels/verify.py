@@ -47,7 +47,8 @@ probabilities are not exact, e.g. after n-gram merges): draw ``z_j ~ p_j`` at ev
 ``y_j`` iff ``z_j == y_j``, and at the first mismatch emit ``z_j``. Only the exact rule applies.
 
 The Triton kernel (``verify_triton``; exact match stays on the reference) never builds ``q'`` densely: it
-reads the drafter's rows through ``t2d`` with the merge adjustments of ``kernels/proposal.py``. Each
+reads the drafter's rows through ``t2d`` with the merge adjustments and split pieces of
+``kernels/proposal.py``. Each
 position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1))`` chunks of whole blocks):
 
 1. ``_stats_kernel`` (grid ``[batch (k+1), splits]``): online softmax of the logits per chunk, at ``T = 1``
@@ -244,7 +245,7 @@ def _target_prob(x, t, inside, m, aux, thr, cut, temperature, GREEDY: tl.constex
 def _spans(probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q,
            valid, K_P2: tl.constexpr, SEPARATE_Q1: tl.constexpr):  # fmt: skip
     """``_span`` under ``q``, plus the span mass under ``q1`` (the same unless SEPARATE_Q1)."""
-    src, first, mass, merged = _span(
+    src, first, mass, kind = _span(
         probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid, K_P2
     )
     mass1 = mass
@@ -263,14 +264,15 @@ def _spans(probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t
             valid,
             K_P2,
         )[2]
-    return src, first, mass, mass1, merged
+    return src, first, mass, mass1, kind
 
 
 @triton.jit
 def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
           K_P2: tl.constexpr):  # fmt: skip
     """Where target positions ``j`` [N] of row ``b`` come from (kernels/proposal.py): the source drafter
-    position, d2t of its drafted token, the path mass of the span under ``probs`` and whether it merged."""
+    position, d2t of its drafted token, the path mass of the span under ``probs`` and its kind: 0 direct
+    (or a split token's first piece), 1 merged, 2 a later piece of a split token (same source as j - 1)."""
     src = tl.load(source_ptr + b * k + j, mask=valid, other=0)
     end = tl.load(span_end_ptr + b * k + j, mask=valid, other=1)
     u = tl.arange(0, K_P2)
@@ -281,18 +283,22 @@ def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x
     mass = tl.exp(tl.sum(tl.where(u[None, :] < end[:, None], log_q, 0.0), 1) - before)
     y_s = tl.load(drafter_ids_ptr + b * k + src, mask=valid, other=-1)
     first = tl.load(d2t_ptr + tl.maximum(y_s, 0), mask=valid & (y_s >= 0), other=-1)
-    return src, first, mass, (end - src >= 2) & (x_id >= 0)
+    previous = tl.load(source_ptr + b * k + j - 1, mask=valid & (j > 0), other=-1)
+    kind = tl.where(previous == src, 2, tl.where(end - src >= 2, 1, 0))
+    return src, first, mass, tl.where(x_id >= 0, kind, 0)
 
 
 @triton.jit
-def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, merged, CROSS: tl.constexpr):
+def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, kind, CROSS: tl.constexpr):
     """q'(t) at one position from its row of drafter probabilities (``row_ptr``), through t2d with the merge
-    adjustments when CROSS (kernels/proposal.py); 0 outside ``inside``."""
+    adjustments, or the point mass of a split token's later piece, when CROSS (kernels/proposal.py); 0
+    outside ``inside``."""
     if CROSS:
-        d = tl.where(x_id >= 0, tl.load(t2d_ptr + t, mask=inside, other=-1), -1)
+        d = tl.where((x_id >= 0) & (kind != 2), tl.load(t2d_ptr + t, mask=inside, other=-1), -1)
         q = tl.load(row_ptr + d, mask=inside & (d >= 0), other=0.0)
-        q = tl.where(merged & (t == first), tl.maximum(q - mass, 0.0), q)
-        q = tl.where(merged & (t == x_id), mass, q)
+        q = tl.where((kind == 1) & (t == first), tl.maximum(q - mass, 0.0), q)
+        q = tl.where((kind == 1) & (t == x_id), mass, q)
+        q = tl.where((kind == 2) & (t == x_id), 1.0, q)
         return tl.where(inside, q, 0.0)
     return tl.load(row_ptr + t, mask=inside, other=0.0)
 
@@ -444,12 +450,12 @@ def _sums_kernel(
             cut = tl.load(row_c_ptr + b * (k + 1) + pos % k)
         x_id = tl.load(draft_ids_ptr + pos + tl.zeros((1,), tl.int64))
         if CROSS:
-            src, first, mass, mass1, merged = _spans(
+            src, first, mass, mass1, kind = _spans(
                 probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
                 vocab_q, valid, K_P2, SEPARATE_Q1,
             )  # fmt: skip
         else:
-            src, first, mass, mass1, merged = j, j * 0 - 1, 0.0, 0.0, j < 0
+            src, first, mass, mass1, kind = j, j * 0 - 1, 0.0, 0.0, j * 0
         q_row = probs_ptr + (b * k + src) * vocab_q
         q1_row = probs1_ptr + (b * k + src) * vocab_q
         row_logits = logits_ptr + b * stride_lb + (pos % k) * stride_lj
@@ -465,10 +471,10 @@ def _sums_kernel(
             x = tl.load(row_logits + offs, mask=offs < end_p, other=float("-inf")).to(tl.float32)
             p = _target_prob(x, offs, inside, m, aux, thr, cut, temperature, GREEDY, FILTERED)
             p1 = tl.exp(x - m1) / z1
-            q = _gather_q(q_row, offs, inside, t2d_ptr, x_id, first, mass, merged, CROSS)
+            q = _gather_q(q_row, offs, inside, t2d_ptr, x_id, first, mass, kind, CROSS)
             q1 = q
             if SEPARATE_Q1:
-                q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_id, first, mass1, merged, CROSS)
+                q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_id, first, mass1, kind, CROSS)
             kept = _kept(rule, alpha, False, q1, p1, max_p1)
             tv += tl.sum(tl.maximum(q - p, 0.0), 0)
             sum_q += tl.sum(q, 0)
@@ -554,20 +560,18 @@ def _draw_kernel(
     proposed = x_id >= 0
     y = tl.maximum(x_id, 0)
     if CROSS:
-        src, first, mass, mass1, merged = _spans(
+        src, first, mass, mass1, kind = _spans(
             probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
             vocab_q, drafted, K_P2, SEPARATE_Q1,
         )  # fmt: skip
     else:
         mass = tl.zeros((W_P2,), tl.float32)
-        src, first, mass1, merged = j, j * 0 - 1, mass, j < 0
-    q_y = _gather_q(
-        probs_ptr + (b * k + src) * vocab_q, y, drafted, t2d_ptr, x_id, first, mass, merged, CROSS
-    )
+        src, first, mass1, kind = j, j * 0 - 1, mass, j * 0
+    q_y = _gather_q(probs_ptr + (b * k + src) * vocab_q, y, drafted, t2d_ptr, x_id, first, mass, kind, CROSS)
     q1_y = q_y
     if SEPARATE_Q1:
         q1_row = probs1_ptr + (b * k + src) * vocab_q
-        q1_y = _gather_q(q1_row, y, drafted, t2d_ptr, x_id, first, mass1, merged, CROSS)
+        q1_y = _gather_q(q1_row, y, drafted, t2d_ptr, x_id, first, mass1, kind, CROSS)
     x_y = tl.load(logits_ptr + b * stride_lb + j * stride_lj + y, mask=drafted, other=0.0).to(tl.float32)
     p_y = _target_prob(x_y, y, drafted, m, aux, thr, cut, temperature, GREEDY, FILTERED)
     p1_y = tl.exp(x_y - m1) / z1
@@ -612,7 +616,7 @@ def _draw_kernel(
     first_s = tl.sum(tl.where(at, first, 0), 0)
     mass_s = tl.sum(tl.where(at, mass, 0.0), 0)
     mass1_s = tl.sum(tl.where(at, mass1, 0.0), 0)
-    merged_s = tl.sum(tl.where(at, merged.to(tl.int32), 0), 0) > 0
+    kind_s = tl.sum(tl.where(at, kind, 0), 0)
     stop_logits = logits_ptr + b * stride_lb + num * stride_lj
     q_row = probs_ptr + (b * k + src_s) * vocab_q
     q1_row = probs1_ptr + (b * k + src_s) * vocab_q
@@ -631,10 +635,10 @@ def _draw_kernel(
         inside = offs < end
         x = tl.load(stop_logits + offs, mask=inside, other=float("-inf")).to(tl.float32)
         p = _target_prob(x, offs, inside, m_s, aux_s, thr_s, cut_s, temperature, GREEDY, FILTERED)
-        q = _gather_q(q_row, offs, offs < end_q, t2d_ptr, x_s, first_s, mass_s, merged_s, CROSS)
+        q = _gather_q(q_row, offs, offs < end_q, t2d_ptr, x_s, first_s, mass_s, kind_s, CROSS)
         q1 = q
         if SEPARATE_Q1:
-            q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_s, first_s, mass1_s, merged_s, CROSS)
+            q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_s, first_s, mass1_s, kind_s, CROSS)
         kept = _kept(stop_rule, alpha, no_defer_s, q1, tl.exp(x - m1_s) / z1_s, max_p1_s)
         pi = _pi(q, p, kept, stop_rule, alpha, kept_sum_s, capped_s, rho_s)
         residual = tl.maximum(pi - q, 0.0)

@@ -20,7 +20,9 @@ exceed the tokenizers' sizes: padded ids never map):
   of every drafter token (the direct twin where there is one, 0 tokens for specials); translation proposes
   a drafted token with no twin as these target tokens (a *split*, ``kernels/translate.py``);
 - ``units`` int32 ``[V_d]``: what one drafted token becomes before merges: ``d2t`` where it maps, else
-  ``V_t + id`` (a split marker) where it has a target spelling, else -1;
+  ``V_t + id`` (a split marker) where it has a target spelling, else -1; ``sampled_units`` the same with
+  markers only where the first piece has a drafter twin, which the proposal probability needs
+  (``split_twins``: those tokens beside that twin, folded like ``twins``; ``kernels/proposal.py``);
 - ``num_direct``: the number of target ids reachable by the direct map.
 
 Canonical ids: when several tokens share bytes (``▁`` and ``<0x20>``), the canonical one is the
@@ -217,10 +219,14 @@ class VocabBridge:
         ).nonzero()[:, 0]
         self.twins = torch.stack([folded, t2d.long()[mapped[folded]]])
         self.mappable = d2t >= 0  # [V_d] bool: drafter ids with a target twin (the TLI sampling mask)
+        # Split tokens (see the module docstring).
         ids = torch.arange(d2t.shape[0], device=d2t.device, dtype=torch.int32)
-        self.units = torch.where(
-            self.mappable, d2t, torch.where(d2ts_len > 0, t2d.shape[0] + ids, -1)
-        )  # [V_d] int32: see the module docstring
+        splits = ~self.mappable & (d2ts_len > 0)
+        self.units = torch.where(self.mappable, d2t, torch.where(splits, t2d.shape[0] + ids, -1))
+        first_twin = t2d.long()[d2ts[:, 0].long().clamp_min(0)]  # [V_d] drafter twin of the first piece
+        proposable = (splits & (first_twin >= 0)).nonzero()[:, 0]
+        self.split_twins = torch.stack([proposable, first_twin[proposable]])  # [2, P] int64
+        self.sampled_units = torch.where(splits & (first_twin < 0), -1, self.units)
 
     @property
     def drafter_vocab_size(self) -> int:

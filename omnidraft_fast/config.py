@@ -238,9 +238,10 @@ class EngineConfig:
         ngram_preseed: fill the table with the drafter spelling of every target token at start.
         split_tokens: a drafted token with no target twin is proposed as the target tokens that spell its
             bytes (``VocabBridge.d2ts``) and the draft goes on, instead of stopping there (the paper's
-            rule). Ours: the redistribution rule gives such tokens no proposal probability, so splits are
-            used only where verification reads none: greedy requests without a deferral rule, and
-            ``translation="exact"``. Output is unchanged (exact either way); more of the draft is proposed.
+            rule; splits are ours). Its first piece takes the token's probability, its later pieces are
+            verified as certain, which is exact (``kernels/proposal.py``). Sampled requests split the
+            tokens whose first piece has a drafter twin (where that probability can be read); greedy
+            requests and ``translation="exact"`` every token; requests with a deferral rule none.
         max_spelling: the most drafter tokens a round spells into the drafter's context for the target
             tokens it did not draft (the recovered/bonus token, after the accepted pieces of a split token
             cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. The

@@ -74,7 +74,9 @@ class RequestState:
     d_start: torch.Tensor  # [batch] first slot of each row's drafter context
     d_lengths: torch.Tensor  # [batch] committed drafter slots
     window: int  # drafter tokens re-fed by the first draft step of a round
-    splits: bool  # drafted tokens with no target twin are proposed as their target spelling (split_tokens)
+    units: (
+        torch.Tensor | None
+    )  # [V_d] what drafted tokens become before merges, with split tokens (None: d2t)
     draft_ids: torch.Tensor  # [batch, k] drafter ids
     draft_probs: torch.Tensor  # [batch, k, V_d] fp32
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
@@ -169,12 +171,7 @@ class Rounds:
             d_start=d_start,
             d_lengths=d_lengths,
             window=window,
-            splits=self.bridge is not None
-            and self.config.split_tokens
-            and (
-                self.mode == "exact"
-                or (self.mode == "omnidraft" and request.sampling.greedy and request.cascade is None)
-            ),
+            units=self._units(request),
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
             draft_probs_t1=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device)
@@ -333,17 +330,19 @@ class Rounds:
                 source = torch.arange(steps, device=device).expand(batch, steps)
                 span_end = source + 1
             else:
-                bridge = self.bridge
+                bridge, splits = self.bridge, state.units is not None
                 proposal, _, source, span_end = ops.translate(
                     draft_ids,
-                    bridge.units if state.splits else bridge.d2t,
+                    state.units if splits else bridge.d2t,
                     table=None if self.ngram is None else self.ngram.tensors,
-                    splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if state.splits else None,
+                    splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if splits else None,
                 )
-                cross = CrossProposal(draft_ids, source, span_end, self.bridge.d2t, self.bridge.t2d)
+                cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d)
                 for probs in (draft_probs, draft_probs_t1):
                     if probs is not None:
-                        fold_twins_(probs, self.bridge.twins)
+                        fold_twins_(probs, bridge.twins)
+                        if splits:  # a split token's mass goes to its first piece (kernels/proposal.py)
+                            fold_twins_(probs, bridge.split_twins)
             if length is not None:  # a row proposes only the target tokens wholly inside its own draft
                 last = torch.maximum(source, span_end - 1)  # the last drafter token behind each position
                 proposal = torch.where(last < length.drafted[:, None], proposal, -1)
@@ -354,9 +353,9 @@ class Rounds:
             target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
 
         with timer("verify"):
-            # Splits have no proposal probability: greedy requests with splits verify by exact match, which
-            # greedy speculative sampling equals.
-            exact_match = mode == "exact" or state.splits
+            # Greedy requests split tokens whose first piece has no proposal probability too (bridge.units):
+            # they verify by exact match, which greedy speculative sampling equals.
+            exact_match = mode == "exact" or (state.units is not None and sampling.greedy)
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
             noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)
@@ -404,7 +403,7 @@ class Rounds:
             drafter_proposed = length.drafted * active if length is not None else active.long() * steps
             split = (
                 self._split(draft_ids, source, span_end)
-                if state.splits
+                if state.units is not None
                 else torch.zeros_like(draft_ids, dtype=torch.bool)
             )
             self._count(
@@ -469,6 +468,22 @@ class Rounds:
         drafted_slots = torch.cat([drafted_slots, span_end.new_zeros(batch, 1)], 1) * active[:, None]
         slots = torch.where(mask, lengths, drafted_slots)
         return Feedback(spelling, lengths, slots, mask)
+
+    def _units(self, request: Request) -> torch.Tensor | None:
+        """The map drafted tokens go through before merges when this request splits tokens with no target
+        twin (``EngineConfig.split_tokens``; None: the paper's stop at such a token). Greedy requests and
+        exact-match verification split every token with a target spelling; sampled speculative sampling
+        only those whose proposal probability the redistribution can give (their first piece has a drafter
+        twin); deferral rules do not split (they would read a split token's later pieces as certain)."""
+        bridge = self.bridge
+        if (
+            bridge is None
+            or not self.config.split_tokens
+            or self.mode == "tli"
+            or request.cascade is not None
+        ):
+            return None
+        return bridge.units if self.mode == "exact" or request.sampling.greedy else bridge.sampled_units
 
     def _split(self, draft_ids: torch.Tensor, source: torch.Tensor, span_end: torch.Tensor) -> torch.Tensor:
         """[batch, k] bool: target positions that are pieces of a split drafted token."""

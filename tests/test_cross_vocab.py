@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -81,9 +82,9 @@ def test_drafter_context_stays_in_step(pair, monkeypatch, translation):
 
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
 def test_split_tokens_only_add_proposals(pair, translation):
-    """Splitting drafted tokens with no target twin keeps greedy output exact and proposes at least what
-    stopping there does; sampled omnidraft requests do not split (no proposal probability), so they draw
-    exactly what an engine without splits draws."""
+    """Splitting drafted tokens with no target twin keeps greedy output exact and proposes more than
+    stopping there; sampled requests split too, and requests with a deferral rule do not (they draw
+    exactly what an engine without splits draws)."""
     target, drafter, tokenizer, drafter_tokenizer = pair
     engines = {}
     for split in (True, False):
@@ -98,11 +99,14 @@ def test_split_tokens_only_add_proposals(pair, translation):
     with_splits, without = engines[True].stats, engines[False].stats
     assert without.split_proposed == 0 and with_splits.split_proposed > 0
     assert with_splits.proposed > without.proposed
+    engines[True].generate(**batch, max_new_tokens=16, do_sample=True, top_k=0)
+    assert engines[True].last_stats.split_proposed > 0
     if translation == "omnidraft":
         sampled = []
         for engine in engines.values():
             torch.manual_seed(3)
-            sampled.append(engine.generate(**batch, max_new_tokens=16, do_sample=True, top_k=0))
+            kwargs = dict(do_sample=True, top_k=0, cascade=CascadeConfig("chow", 0.2))
+            sampled.append(engine.generate(**batch, max_new_tokens=16, **kwargs))
         assert torch.equal(sampled[0], sampled[1])
         assert engines[True].last_stats.split_proposed == 0
 
@@ -110,11 +114,22 @@ def test_split_tokens_only_add_proposals(pair, translation):
 VOCAB_ROWS = 6000
 
 
-@pytest.mark.parametrize("translation", ["tli", "exact"])
+@pytest.mark.parametrize("translation", ["tli", "exact", "omnidraft"])
 def test_sampling_is_lossless_across_vocabularies(pair, translation):
-    """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling)."""
-    target, _, tokenizer, _ = pair
-    engine = _engine(pair, translation, 3)
+    """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling).
+    OmniDraft's proposal is exact where nothing merges: with an empty n-gram table, split tokens included
+    (their mass counted at their first piece)."""
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    drafter = copy.deepcopy(drafter)
+    if translation == "omnidraft":  # draft split tokens most of the time, so that their law matters
+        bridge = VocabBridge.from_tokenizers(drafter_tokenizer, tokenizer, drafter_vocab_size=drafter.config.vocab_size,
+                                             target_vocab_size=TARGET_VOCAB)  # fmt: skip
+        boost = torch.where(bridge.sampled_units >= TARGET_VOCAB, 6.0, 0.0)
+        drafter.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=3, translation=translation, ngram_preseed=False),
+    )  # fmt: skip
     ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     torch.manual_seed(7)
     out = engine.generate(
@@ -129,6 +144,9 @@ def test_sampling_is_lossless_across_vocabularies(pair, translation):
     )
     tv = 0.5 * (empirical - p).abs().sum().item()
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f}"
+    if translation == "omnidraft":
+        stats = engine.last_stats
+        assert stats.merged_proposed == 0 and stats.split_proposed > stats.proposed / 2, stats.summary()
 
 
 def test_bad_pairs(pair, trained_tokenizers):

@@ -95,7 +95,8 @@ def _case(
 
 def _cross(draft, cut, vocab, vocab_d, generator):
     """A bridge between vocabularies of different sizes (60% of target ids mapped, a few drafter twins)
-    and a translation of the drafts with spans of 1-3 drafter tokens (2-3: merged n-gram tokens)."""
+    and a translation of the drafts with spans of 1-3 drafter tokens (2-3: merged n-gram tokens) and
+    split tokens (2-3 target pieces of one drafter token)."""
     batch, k = draft.shape
     mapped = int(0.6 * vocab)
     targets = torch.randperm(vocab, generator=generator)[:mapped]
@@ -112,8 +113,16 @@ def _cross(draft, cut, vocab, vocab_d, generator):
     span_end = torch.full((batch, k), k)
     for b in range(batch):
         u = j = 0
-        while u < k and not cut[b, u]:
-            size = int(torch.randint(1, 4, (), generator=generator))
+        while u < k and j < k and not cut[b, u]:
+            size = int(torch.randint(0, 4, (), generator=generator))  # 0: a split token, 2-3 pieces
+            if size == 0:
+                pieces = min(int(torch.randint(2, 4, (), generator=generator)), k - j)
+                for piece in range(pieces):
+                    source[b, j], span_end[b, j] = u, u + (piece == pieces - 1)
+                    draft_ids[b, j] = int(torch.randint(0, vocab, (), generator=generator))
+                    j += 1
+                u += 1
+                continue
             size = min(size, k - u, int((~cut[b, u:]).sum()))
             source[b, j], span_end[b, j] = u, u + size
             draft_ids[b, j] = (
@@ -147,6 +156,20 @@ def _check(case: dict, block: int = 128) -> None:
             torch.testing.assert_close(g[rows], w[rows], msg=name)
         else:
             assert torch.equal(g[rows], w[rows]), f"{name}: {g[rows].tolist()} != {w[rows].tolist()}"
+
+
+def test_split_pieces_propose_a_point_mass():
+    """A split token's later pieces are proposed with certainty (kernels/proposal.py); the kernel reads
+    them the same way (test_cross_vocabulary)."""
+    case = _case(8, 4, 300, 1.0, seed=0, vocab_d=257)
+    cross, ids = case["cross"], case["draft_ids"]
+    q = target_proposal_reference(case["draft_probs"], ids, cross)
+    previous = torch.cat([torch.full((8, 1), -1), cross.source[:, :-1]], 1)
+    pieces = (cross.source == previous) & (ids >= 0)
+    assert pieces.any() and (~pieces & (ids >= 0)).any()
+    point = torch.nn.functional.one_hot(ids.clamp_min(0), 300).float()
+    assert torch.equal(q[pieces], point[pieces])
+    assert not torch.equal(q[~pieces & (ids >= 0)], point[~pieces & (ids >= 0)])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
