@@ -147,15 +147,10 @@ class Recorder:
         # kept it (the product over its verified positions: the pieces of a split token share one); 1
         # at the other slots of an accepted merged span.
         verified = (proposal >= 0) & (j[:k] <= num_accepted[:, None]) & kept_j[:, :k]
-        chance = torch.ones(batch, k, device=device).scatter_reduce(
-            1, source, torch.where(verified, accept_probs, 1.0), "prod"
-        )
+        same = source[:, :, None] == source[:, None, :]  # [batch, k, k]: positions of one drafted token
+        chance = torch.where(same & verified[:, None, :], accept_probs[:, None, :], 1.0).prod(-1)
         leads = verified & (source != torch.cat([source.new_full((batch, 1), -1), source[:, :-1]], 1))
-        self.head.scatter_(
-            1,
-            torch.where(leads, first[:, :k], spare),
-            torch.where(leads, chance.gather(1, source), torch.nan),
-        )
+        self.head.scatter_(1, torch.where(leads, first[:, :k], spare), torch.where(leads, chance, torch.nan))
         accepted = (j[:k] < num_accepted[:, None]) & kept_j[:, :k] & (span_end - source >= 2)
         inner = (offsets[1:] < length[:, :k, None]) & accepted[..., None]  # [batch, k, W - 1]
         inner_slots = torch.where(inner, first[:, :k, None] + offsets[1:], spare).flatten(1)
