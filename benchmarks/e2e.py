@@ -9,7 +9,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
   re-tokenising generator; sampling, its token-level-intersection generator (universal speculative
   decoding), which prunes the drafter's LM head in place, so it gets its own copy of the drafter;
 - ``omnidraft_fast shared``: this engine with the shared-vocabulary drafter;
-- ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact;
+- ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact,
+  and ``omnidraft (no splits)`` with the paper's stop at a drafted token with no target twin
+  (``EngineConfig(split_tokens=False)``);
 - ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``,
   and ``... (CUDA graphs, 4 rounds per sync)`` with ``rounds_per_sync=4`` too (on CUDA by default;
   ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
@@ -86,7 +88,7 @@ def main() -> None:
         drafter.generation_config.num_assistant_tokens_schedule = "constant"
     usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
 
-    def engine(drafter, translation="omnidraft", cuda_graphs=False, rounds_per_sync=1):
+    def engine(drafter, translation="omnidraft", cuda_graphs=False, rounds_per_sync=1, split_tokens=True):
         cross = drafter is zoo.drafter_cross
         return SpeculativeEngine(
             target,
@@ -96,6 +98,7 @@ def main() -> None:
                 translation=translation,
                 cuda_graphs=cuda_graphs,
                 rounds_per_sync=rounds_per_sync,
+                split_tokens=split_tokens,
             ),
             target_tokenizer=tokenizer if cross else None,
             drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
@@ -103,6 +106,7 @@ def main() -> None:
 
     engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)} if shared else {}
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
+    engines["omnidraft_fast omnidraft (no splits)"] = engine(zoo.drafter_cross, split_tokens=False)
     if graphs:
         if shared:
             engines["omnidraft_fast shared (CUDA graphs)"] = engine(zoo.drafter_shared, cuda_graphs=True)
@@ -199,6 +203,7 @@ def _rows(runs, tasks, seconds, tokens, identical, stats, *, check: bool) -> lis
                 mean_accepted_length=round(total.mean_accepted_length, 3),
                 target_calls_per_token=round(total.target_calls_per_token, 4),
                 merged_accepted=total.merged_accepted,
+                split_accepted=total.split_accepted,
                 acceptance_per_task={t: round(stats[name, t].acceptance_rate, 4) for t in tasks},
                 stage_ms_per_round={
                     stage: round(1e3 * s / max(total.rounds, 1), 3)
