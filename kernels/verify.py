@@ -218,13 +218,17 @@ def _combine(part_m_ptr, part_aux_ptr, rows, valid, splits, SPLITS_P2: tl.conste
     offs = rows[:, None] * splits + s[None, :]
     chunk_m = tl.load(part_m_ptr + offs, mask=mask, other=float("-inf"))
     m = tl.max(chunk_m, 1)
+    # One return after a static if/else: Triton 3.9 types a return inside a constexpr branch against the
+    # code after it.
     if GREEDY:
         chunk_arg = tl.load(part_aux_ptr + offs, mask=mask, other=0)
         first = tl.min(tl.where(chunk_m == m[:, None], s[None, :], SPLITS_P2), 1)
-        return m, tl.sum(tl.where(s[None, :] == first[:, None], chunk_arg, 0), 1)
-    chunk_z = tl.load(part_aux_ptr + offs, mask=mask, other=0.0)
-    scale = tl.where(chunk_m == float("-inf"), 0.0, tl.exp(chunk_m - m[:, None]))
-    return m, tl.sum(chunk_z * scale, 1)
+        aux = tl.sum(tl.where(s[None, :] == first[:, None], chunk_arg, 0), 1)
+    else:
+        chunk_z = tl.load(part_aux_ptr + offs, mask=mask, other=0.0)
+        scale = tl.where(chunk_m == float("-inf"), 0.0, tl.exp(chunk_m - m[:, None]))
+        aux = tl.sum(chunk_z * scale, 1)
+    return m, aux
 
 
 @triton.jit

@@ -1,0 +1,121 @@
+"""Compile every Triton kernel of ``omnidraft_fast.kernels`` for NVIDIA GPUs, on any machine (no GPU needed).
+
+Run by ``test_kernels_compile.py`` in a process of its own, without ``TRITON_INTERPRET`` (the interpreter
+never compiles). The public launchers run on small CPU tensors with every kernel launch intercepted: each
+distinct (kernel, constexprs) variant is compiled with ``triton.compile`` for the targets given on the
+command line (compute capabilities, e.g. ``90 80``) instead of launched. What the launchers compute
+after an intercepted launch is garbage and is ignored. Exit status: 0 all compiled, 1 some failed or
+were never reached, 77 this Triton has no NVIDIA backend.
+
+    python tests/compile_kernels.py 90 80
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+KERNELS = {
+    "_stats_kernel", "_threshold_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
+    "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
+}  # fmt: skip
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
+
+
+def main(archs: list[int]) -> int:
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        if "nvidia" not in triton.backends.backends:
+            raise ImportError("no NVIDIA backend")
+    except ImportError as error:
+        print(f"cannot compile for NVIDIA GPUs here: {error}")
+        return 77
+    compiled: set[tuple] = set()
+    failures: list[str] = []
+
+    def intercept(kernel, grid):
+        def launch(*args, **kwargs):
+            signature, constexprs = {}, {}
+            for i, param in enumerate(kernel.params):
+                value = (
+                    kwargs[param.name]
+                    if param.name in kwargs
+                    else args[i]
+                    if i < len(args)
+                    else param.default
+                )
+                if param.is_constexpr:
+                    signature[param.name], constexprs[param.name] = "constexpr", value
+                elif isinstance(value, torch.Tensor):
+                    signature[param.name] = "*" + _TYPES[value.dtype]
+                else:
+                    signature[param.name] = {bool: "i1", int: "i64", float: "fp32"}[type(value)]
+            for arch in archs:
+                key = (kernel.__name__, arch, tuple(sorted((k, repr(v)) for k, v in constexprs.items())))
+                if key in compiled:
+                    continue
+                compiled.add(key)
+                try:
+                    triton.compile(
+                        ASTSource(kernel, signature, constexprs),
+                        target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": kwargs.get("num_warps", 4)},
+                    )
+                except Exception as error:  # report every failure, not only the first
+                    failures.append(f"{kernel.__name__} sm_{arch} {dict(key[2])}: {error.__cause__ or error}")
+
+        return launch
+
+    triton.runtime.jit.JITFunction.__getitem__ = intercept
+    for launcher in _launches():
+        try:
+            launcher()
+        except Exception:  # the intercepted launches left garbage behind: nothing to check
+            continue
+    reached = {key[0] for key in compiled}
+    for name in sorted(KERNELS - reached):
+        failures.append(f"{name}: never launched")
+    print(f"compiled {len(compiled)} kernel variants for sm_{', sm_'.join(map(str, archs))}")
+    for failure in failures:
+        print("FAILED", failure[-2000:])
+    return 1 if failures else 0
+
+
+def _launches():
+    """Calls of every launcher over the variants the engine uses: greedy and sampled, filters, masks,
+    vocabulary bridges, fp16/bf16 logits, with and without an n-gram table."""
+    from omnidraft_fast.kernels import ngram, sampling, translate, verify
+    from test_kernels_translate import _d2t, _drafts, _table
+    from test_kernels_verify import _case
+
+    for temperature in (0.0, 0.7):
+        for options in ({}, {"vocab_d": 257}, {"vocab_d": 257, "separate_t1": True}, {"top_k": 5, "top_p": 0.9},
+                        {"dtype": torch.bfloat16}, {"dtype": torch.float16}):  # fmt: skip
+            yield lambda t=temperature, o=options: verify.verify_triton(**_case(4, 3, 300, t, **o))
+    mask = torch.rand(300) < 0.7
+    for temperature, top_k, top_p, allowed in ((0.0, 0, 1.0, None), (1.0, 0, 1.0, None), (0.7, 5, 0.9, mask),
+                                               (1.0, 0, 0.8, None), (0.0, 0, 1.0, mask)):  # fmt: skip
+        logits, noise = torch.randn(3, 300), torch.rand(3, 300)
+        yield lambda a=(logits, noise, temperature, top_k, top_p, allowed): sampling.sample_triton(*a)
+    drafts, d2t = _drafts(4, 5, seed=1), _d2t(seed=2)
+    yield lambda: translate.translate_triton(drafts, d2t)
+    yield lambda: translate.translate_triton(
+        drafts, d2t, *_table(drafts, 4, 64, windows=10, random=10, seed=3)
+    )
+    table = (torch.full((64,), -1), torch.full((64, 4), -1, dtype=torch.int32),
+             torch.full((64,), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.int32))  # fmt: skip
+    keys, values = torch.randint(0, 9, (10, 4)), torch.randint(0, 9, (10,))
+    yield lambda: ngram.ngram_insert_triton(*table, keys, values, torch.ones(10, dtype=torch.int64))
+    yield lambda: ngram.ngram_lookup_triton(table[1], table[2], keys)
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(arch) for arch in sys.argv[1:]] or [90]))
