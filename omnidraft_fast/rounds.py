@@ -74,9 +74,7 @@ class RequestState:
     d_start: torch.Tensor  # [batch] first slot of each row's drafter context
     d_lengths: torch.Tensor  # [batch] committed drafter slots
     window: int  # drafter tokens re-fed by the first draft step of a round
-    units: (
-        torch.Tensor | None
-    )  # [V_d] what drafted tokens become before merges, with split tokens (None: d2t)
+    units: torch.Tensor | None  # [V_d] drafted tokens before merges, with split tokens (None: d2t)
     draft_ids: torch.Tensor  # [batch, k] drafter ids
     draft_probs: torch.Tensor  # [batch, k, V_d] fp32
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
