@@ -56,8 +56,16 @@ class Feedback(NamedTuple):
 
     spelling: torch.Tensor  # [batch, spelling_width] their drafter spellings end to end, -1 padded
     lengths: torch.Tensor  # [batch, k+1] drafter tokens spelled for each target position (0: not fed)
-    slots: torch.Tensor  # [batch, k+1] drafter slots each target position takes in the committed context
     mask: torch.Tensor  # [batch, k+1] bool the positions fed (spelled) rather than drafted
+
+    def slots(self, num_accepted: torch.Tensor, span_end: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """[batch, k+1] drafter slots each target position of the round takes in the committed context:
+        its span of drafted tokens if accepted, its spelling if fed."""
+        batch, width = self.mask.shape
+        accepted = torch.arange(width - 1, device=span_end.device) < num_accepted[:, None]
+        previous = torch.cat([span_end.new_zeros(batch, 1), span_end[:, :-1]], 1)
+        drafted = torch.where(accepted & active[:, None], span_end - previous, 0)
+        return torch.where(self.mask, self.lengths, torch.cat([drafted, drafted.new_zeros(batch, 1)], 1))
 
 
 @dataclass
@@ -387,7 +395,9 @@ class Rounds:
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
             )
-            fed = self._feedback(output_tokens, num_accepted, source, span_end, active)
+            fed = self._feedback(
+                output_tokens, num_accepted, source, span_end, active, state.units is not None
+            )
             ops.commit_drafter(
                 state.d_tokens,
                 state.d_lengths,
@@ -427,7 +437,7 @@ class Rounds:
                     accept_probs=accept_probs,
                     source=source,
                     span_end=span_end,
-                    slots=fed.slots,
+                    slots=fed.slots(num_accepted, span_end, active),
                     split=split & ~fed.mask[:, :steps],
                     kept=kept,
                     generated=generated,
@@ -441,6 +451,7 @@ class Rounds:
         source: torch.Tensor,  # [batch, k]
         span_end: torch.Tensor,  # [batch, k]
         active: torch.Tensor,  # [batch]
+        splits: bool,  # the request splits tokens (RequestState.units)
     ) -> Feedback:
         """What the drafter's context gets for the target tokens a round emitted but did not draft: the
         recovered/bonus token and, before it, the accepted pieces of a split token that a rejection cut
@@ -449,11 +460,14 @@ class Rounds:
         the drafter's context with the ones after it."""
         batch, width = output_tokens.shape
         j = torch.arange(width, device=output_tokens.device)
+        mask = (j == num_accepted[:, None]) & active[:, None]
+        if not splits:  # the recovered/bonus token alone
+            spelling, length = self.spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
+            return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
         at = (num_accepted - 1).clamp_min(0)[:, None]
         drafted = torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)  # drafter tokens kept
         behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
-        mask = ((j < num_accepted[:, None]) & (behind >= drafted[:, None])) | (j == num_accepted[:, None])
-        mask &= active[:, None]
+        mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
         spellings, lengths = self.spell(output_tokens.clamp_min(0).flatten())
         lengths = torch.where(mask, lengths.view(batch, width), 0)
         lengths = torch.where(lengths.cumsum(1) <= self.spelling_width, lengths, 0)
@@ -461,11 +475,7 @@ class Rounds:
         spellings = spellings.view(batch, width, -1)
         rows = torch.arange(batch, device=output_tokens.device)[:, None]
         spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)
-        previous = torch.cat([span_end.new_zeros(batch, 1), span_end[:, :-1]], 1)
-        drafted_slots = torch.where(j[:-1] < num_accepted[:, None], span_end - previous, 0)  # [batch, k]
-        drafted_slots = torch.cat([drafted_slots, span_end.new_zeros(batch, 1)], 1) * active[:, None]
-        slots = torch.where(mask, lengths, drafted_slots)
-        return Feedback(spelling, lengths, slots, mask)
+        return Feedback(spelling, lengths, mask)
 
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target
