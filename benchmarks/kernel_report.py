@@ -124,12 +124,26 @@ def ngram(cases: list[dict]) -> dict:
     return {"rows": rows}
 
 
+def _translate_shape(params: dict) -> tuple:
+    return ("batch", params["batch"]), ("k", params["k"])
+
+
 def translate(cases: list[dict]) -> dict:
     rows = _compare(
-        cases,
-        key=lambda p: (("batch", p["batch"]), ("k", p["k"])),
+        [c for c in cases if c["test"] == "test_translate"],
+        key=_translate_shape,
         implementation=lambda c: c["params"]["implementation"],
     )
+    splits = {
+        (_translate_shape(c["params"]), c["params"]["implementation"]): c["median"]
+        for c in cases
+        if c["test"] == "test_translate_with_splits"
+    }
+    for row in rows:  # the same with split tokens written out (units + split_reference)
+        for name in ("eager", "triton"):
+            seconds = splits.get((tuple(row["shape"].items()), name))
+            if seconds is not None:
+                row[f"{name}_with_splits_us"] = 1e6 * seconds
     return {"rows": rows}
 
 

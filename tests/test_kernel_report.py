@@ -84,6 +84,17 @@ def test_ngram_rates_against_their_goals(tmp_path, kernel_report):
     assert insert["eager_keys_per_s"] == pytest.approx(1.31072e7)
 
 
+def test_translation_with_and_without_split_tokens(tmp_path, kernel_report):
+    cases = []
+    for test, name, seconds in (("test_translate", "eager", 90e-6), ("test_translate", "compile", 30e-6),
+                                ("test_translate", "triton", 10e-6), ("test_translate_with_splits", "triton", 25e-6)):  # fmt: skip
+        cases.append(_case(test, {"batch": 8, "k": 4, "implementation": name}, seconds))
+    _write(tmp_path, "translate", cases)
+    (row,) = kernel_report.report(tmp_path)["ops"]["translate"]["rows"]
+    assert row["vs_eager"] == pytest.approx(9.0) and row["vs_compile"] == pytest.approx(3.0)
+    assert row["triton_with_splits_us"] == pytest.approx(25.0) and "eager_with_splits_us" not in row
+
+
 def test_an_empty_folder_is_an_error(tmp_path, kernel_report):
     with pytest.raises(SystemExit):
         kernel_report.main([str(tmp_path)])
