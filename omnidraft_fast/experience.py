@@ -8,11 +8,13 @@ drafter's prediction *of* the token at slot ``u`` (made from the hidden state at
                     target's distribution at that token (row ``kl[u]`` of ``logits``, the target's logits
                     read into the drafter's vocabulary through the bridge; no second target pass)
     ce[u]           slot u is a drafter sub-token of an emitted target token with no twin (an n-gram
-                    token): cross-entropy on the committed drafter token
+                    token), or a drafted split token whose pieces the target all emitted
+                    (``EngineConfig.split_tokens``): cross-entropy on the committed drafter token
     head[u]  in [0, 1] or NaN
                     the acceptance head's label: verification's acceptance probability of the target
                     position whose span starts at u (the drafted token there, accepted or rejected: its
-                    context is the committed one), 1 at the other slots of an accepted merged span
+                    context is the committed one; for a split token, the product over its verified
+                    pieces), 1 at the other slots of an accepted merged span
 
 Everything is written with fixed shapes (rows that write nothing aim at a spare column), so recording
 adds no host sync to a round. The labels leave in one of two forms, each label once: as ragged
