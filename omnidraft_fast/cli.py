@@ -51,7 +51,10 @@ def _generate(args: argparse.Namespace) -> int:
         num_draft_tokens=args.num_draft_tokens,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
-            translation=args.translation, cuda_graphs=args.cuda_graphs, rounds_per_sync=args.rounds_per_sync
+            translation=args.translation,
+            split_tokens=not args.no_split_tokens,
+            cuda_graphs=args.cuda_graphs,
+            rounds_per_sync=args.rounds_per_sync,
         ),
     )
     width = batch["input_ids"].shape[1]
@@ -150,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("omnidraft", "tli", "exact"),
         default="omnidraft",
         help="how drafts cross vocabularies when they differ (EngineConfig.translation)",
+    )
+    gen.add_argument(
+        "--no-split-tokens",
+        action="store_true",
+        help="end a draft at a drafted token with no target twin, as OmniDraft does, instead of proposing "
+        "its bytes as target tokens (EngineConfig.split_tokens)",
     )
     gen.add_argument(
         "--cuda-graphs",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model, word_tokenizer
@@ -47,6 +49,24 @@ def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
         assert main(command + extra) == 0
         texts.append(capsys.readouterr().out.split("--- stats")[0])
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_generate_across_vocabularies_with_and_without_split_tokens(capsys):
+    """The zoo's cross-vocabulary pair from its folders: the same text either way, split tokens counted."""
+    from omnidraft_fast.zoo import ROOT
+
+    pair = ROOT / "code-pair"
+    command = ["generate", "--model", str(pair / "target"), "--drafter", str(pair / "drafter-cross"),
+               "--prompt", "def add(a, b):\n    return", "--max-new-tokens", "24", "--dtype", "float32",
+               "--device", "cpu", "--json"]  # fmt: skip
+    texts, stats = [], []
+    for extra in ([], ["--no-split-tokens"]):
+        assert main(command + extra) == 0
+        text, report = capsys.readouterr().out.split("--- stats")
+        texts.append(text)
+        stats.append(json.loads(report))
+    assert texts[0] == texts[1]
+    assert stats[0]["split_proposed"] > 0 and stats[1]["split_proposed"] == 0
 
 
 def test_generate_batch_and_json(folders, capsys):
