@@ -147,8 +147,9 @@ def _canonical(table: TokenTable) -> dict[bytes, int]:
 
 
 class _Speller:
-    """Spells arbitrary bytes as drafter tokens: the drafter's own BPE where it reproduces the bytes
-    exactly, else the longest-match over the drafter's token bytes (byte tokens fill the gaps)."""
+    """Spells arbitrary bytes as tokens of one vocabulary (the drafter's for ``t2ds``, the target's for
+    ``d2ts``): its own BPE where that reproduces the bytes exactly, else the longest match over its
+    token bytes (byte tokens fill the gaps)."""
 
     def __init__(self, tokenizer, table: TokenTable, canonical: dict[bytes, int]):
         self.table = table
