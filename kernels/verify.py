@@ -150,18 +150,23 @@ def verify_reference(
     [batch, k] (the ``a_j``; ``p_j(y_j)`` under exact match), ``deferred`` [batch, k] bool and
     ``invalid`` [batch] (rows with unusable target logits)."""
     batch, k = draft_ids.shape
-    p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
     invalid = nonfinite_rows_reference(target_logits).any(-1)
     if exact_match:
-        p_y = torch.where(proposed, p[:, :k].gather(-1, safe_ids)[..., 0], 0.0)
-        z = p.argmax(-1) if temperature == 0.0 else (p / noise).argmax(-1)  # [batch, k+1] draws from p
+        if temperature == 0.0:  # p is one-hot at the argmax: one read of the logits
+            z = target_logits.argmax(-1)  # [batch, k+1]
+            p_y = (z[:, :k] == draft_ids).float()
+        else:
+            p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
+            p_y = torch.where(proposed, p[:, :k].gather(-1, safe_ids)[..., 0], 0.0)
+            z = (p / noise).argmax(-1)  # [batch, k+1] draws from p
         num_accepted = (z[:, :k] == draft_ids).long().cumprod(-1).sum(-1)
         final = z.gather(1, num_accepted[:, None])[:, 0]
         deferred = torch.ones_like(proposed)
         return num_accepted, _output_tokens(draft_ids, num_accepted, final), p_y, deferred, invalid
 
+    p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
     p1 = target_logits[:, :k].float().softmax(-1)
     pi, keep = cascade_target_reference(
         q,
