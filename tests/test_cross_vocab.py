@@ -55,8 +55,24 @@ def test_generate_accepts_both_tokenizers_by_transformers_names(pair):
     assert torch.equal(out, target.generate(ids, max_new_tokens=12, do_sample=False))
 
 
+def test_drafter_context_stays_in_step(pair, monkeypatch):
+    """After a request, the drafter's context spells exactly the bytes of the target's text."""
+    _, _, tokenizer, drafter_tokenizer = pair
+    engine = _engine(pair, "tli", 3)
+    states = []
+    begin = engine.rounds.begin
+    monkeypatch.setattr(engine.rounds, "begin", lambda *args: states.append(begin(*args)) or states[-1])
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    engine.generate(ids, max_new_tokens=16, eos_token_id=[])
+    state = states[0]
+    target_pieces, drafter_pieces = token_bytes(tokenizer).pieces, token_bytes(drafter_tokenizer).pieces
+    target_text = b"".join(target_pieces[i] for i in state.tokens[0, 1 : int(state.lengths[0])].tolist())
+    drafter_ids = state.d_tokens[0, state.window - 1 : int(state.d_lengths[0])].tolist()
+    assert b"".join(drafter_pieces[i] for i in drafter_ids) == target_text
+
+
 @pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
-def test_drafter_context_stays_in_step(pair, monkeypatch, translation):
+def test_drafter_context_stays_in_step_over_batches(pair, monkeypatch, translation):
     """After a request, the drafter's context spells exactly the bytes of the target's text: with split
     tokens too, whether a rejection cut one (its accepted pieces are spelled) or not (it is kept)."""
     _, _, tokenizer, drafter_tokenizer = pair
@@ -128,7 +144,7 @@ def test_sampling_is_lossless_across_vocabularies(pair, translation):
         drafter.lm_head.register_forward_hook(lambda module, args, out: out + boost)
     engine = SpeculativeEngine(
         target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
-        config=EngineConfig(num_draft_tokens=3, translation=translation, ngram_preseed=False),
+        config=EngineConfig(num_draft_tokens=3, translation=translation, ngram_preseed=translation != "omnidraft"),
     )  # fmt: skip
     ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     torch.manual_seed(7)
