@@ -9,7 +9,9 @@ With fixed seeds, on ``zoo/data.py``'s corpus, it trains:
 3. distils both drafters towards the target (sequence-level knowledge distillation, Kim & Rush 2016):
    the target continues random windows of the corpus, half greedily and half sampled at T=1, and each
    drafter is fine-tuned on those texts (in its own tokenization) mixed with the corpus. A drafter that
-   predicts what *this* target says is accepted more often than one that predicts the corpus.
+   predicts what *this* target says is accepted more often than one that predicts the corpus. The
+   cross-vocabulary drafter also gets the texts as the engine feeds them to it: the target's tokens
+   spelled through the vocabulary bridge (``spelled_stream``).
 
 ``--resume`` loads the models already in ``--out`` and runs only step 3 (the card keeps the earlier
 figures and adds the distillation's).
@@ -32,12 +34,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from ..bridge import VocabBridge
 from .data import HELDOUT_MODULES, HELDOUT_SEED, stdlib_sources, training_texts
 from .tokenizers import byte_level, sentencepiece_style
 
 __all__ = [
     "ModelSpec", "card_tables", "continuations", "distil", "heldout_loss", "llama_model", "main", "pretrain",
-    "target_texts", "token_stream", "train_lm",
+    "spelled_stream", "target_texts", "token_stream", "train_lm",
 ]  # fmt: skip
 
 OUT = Path(__file__).resolve().parent / "code-pair"
@@ -94,6 +97,19 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
         ids += encoded
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def spelled_stream(tokenizer, target_tokenizer, texts: list[str]) -> torch.Tensor:
+    """The texts as the engine feeds a drafter with ``tokenizer`` serving a target with ``target_tokenizer``:
+    the target's tokenization, each token spelled in drafter ids through the vocabulary bridge
+    (``VocabBridge.spell_for_drafter``); one stream, the drafter's EOS between texts."""
+    bridge = VocabBridge.from_tokenizers(tokenizer, target_tokenizer)
+    eos = torch.tensor([tokenizer.eos_token_id])
+    parts = [
+        torch.cat([bridge.spell_for_drafter(torch.tensor(encoded, dtype=torch.int64)), eos])
+        for encoded in target_tokenizer(texts, add_special_tokens=False).input_ids
+    ]
+    return torch.cat(parts)
 
 
 def train_lm(
@@ -251,8 +267,9 @@ def _distill(args, models: dict, tokenizers: dict, card: list[dict], texts: list
     for index, row in enumerate(card):
         if row["model"] != "target":
             model, tokenizer = models[row["model"]], tokenizers[row["model"]]
+            cross = tokenizer is not tokenizers["target"]
             distil(row, model, tokenizer, kd_texts, texts, args, seed=args.seed + 200 + index, device=device,
-                   data_seconds=share)  # fmt: skip
+                   data_seconds=share, target_tokenizer=tokenizers["target"] if cross else None)  # fmt: skip
 
 
 def pretrain(
@@ -285,14 +302,22 @@ def target_texts(target, tokenizer, texts: list[str], args, device) -> list[str]
 
 def distil(
     row: dict, model, tokenizer, kd_texts: list[str], texts: list[str], args, *, seed: int, device,
-    data_seconds: float, module: str = "omnidraft_fast.zoo.train",
+    data_seconds: float, target_tokenizer=None, module: str = "omnidraft_fast.zoo.train",
 ) -> None:  # fmt: skip
     """Fine-tune the drafter ``model`` on the target's ``kd_texts`` (3 parts) mixed with ``texts`` (1 part),
-    ``args.distill_steps`` steps at lr 1e-3; adds the figures to its card ``row``."""
+    ``args.distill_steps`` steps at lr 1e-3; adds the figures to its card ``row``.
+
+    A drafter with another vocabulary than the target's (``target_tokenizer``) takes half of the
+    continuations' part in the form it serves them in: the target's tokenization spelled through the
+    bridge (``spelled_stream``), which is not its own tokenization of the same text. So it learns to draft in
+    the context the engine gives it, and keeps its own tokenization for the other half."""
+    streams, weights = [token_stream(tokenizer, kd_texts), token_stream(tokenizer, texts)], [3.0, 1.0]
+    if target_tokenizer is not None:
+        streams.append(spelled_stream(tokenizer, target_tokenizer, kd_texts))
+        weights = [1.5, 1.0, 1.5]
     loss, seconds = train_lm(
-        model, [token_stream(tokenizer, kd_texts), token_stream(tokenizer, texts)], weights=[3.0, 1.0],
-        steps=args.distill_steps, batch=args.batch, length=args.length, lr=1e-3, seed=seed, device=device,
-        label=f"{row['model']} distil",
+        model, streams, weights=weights, steps=args.distill_steps, batch=args.batch, length=args.length,
+        lr=1e-3, seed=seed, device=device, label=f"{row['model']} distil",
     )  # fmt: skip
     row.update(
         distill_texts=args.distill_texts, distill_steps=args.distill_steps, distill_train_loss=round(loss, 3),

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         kd_texts = target_texts(target, tokenizers[name], texts, args, device)
         distilled = copy.deepcopy(drafter)
         distil(card[1], distilled, tokenizers["mistral"], kd_texts, texts, args, seed=args.seed + 200 + index,
-               device=device, data_seconds=time.perf_counter() - began, module=MODULE)  # fmt: skip
+               device=device, data_seconds=time.perf_counter() - began, target_tokenizer=tokenizers[name],
+               module=MODULE)  # fmt: skip
         folder = args.out / name
         for part, part_model, tokenizer in (
             ("target", target, tokenizers[name]),
