@@ -415,7 +415,16 @@ class Rounds:
                 else torch.zeros_like(draft_ids, dtype=torch.bool)
             )
             self._count(
-                state, active, invalid, proposal, span_end, split, num_accepted, deferred, drafter_proposed
+                state,
+                active,
+                invalid,
+                proposal,
+                source,
+                span_end,
+                split,
+                num_accepted,
+                deferred,
+                drafter_proposed,
             )
 
         if self.ngram is not None:
@@ -464,8 +473,7 @@ class Rounds:
         if not splits:  # the recovered/bonus token alone
             spelling, length = self.spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
             return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
-        at = (num_accepted - 1).clamp_min(0)[:, None]
-        drafted = torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)  # drafter tokens kept
+        drafted = _drafted(span_end, num_accepted)
         behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
         mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
         spellings, lengths = self.spell(output_tokens.clamp_min(0).flatten())
@@ -499,16 +507,14 @@ class Rounds:
 
     @staticmethod
     def _count(
-        state, active, invalid, proposal, span_end, split, num_accepted, deferred, drafter_proposed
+        state, active, invalid, proposal, source, span_end, split, num_accepted, deferred, drafter_proposed
     ) -> None:
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
         )
-        merged = (span_end - torch.cat([span_end.new_zeros(span_end.shape[0], 1), span_end[:, :-1]], 1)) >= 2
-        drafter_accepted = torch.where(
-            num_accepted > 0, span_end.gather(1, (num_accepted - 1).clamp_min(0)[:, None])[:, 0], 0
-        )
+        merged = span_end - source >= 2
+        drafter_accepted = _drafted(span_end, num_accepted)
         state.counters += torch.stack(
             [
                 active.any().long(),
@@ -525,6 +531,12 @@ class Rounds:
                 invalid.sum(),
             ]
         )
+
+
+def _drafted(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+    """[batch] the drafted tokens a row keeps: those its accepted target positions consumed whole."""
+    at = (num_accepted - 1).clamp_min(0)[:, None]
+    return torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
