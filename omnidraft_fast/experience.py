@@ -55,7 +55,7 @@ class Window:
     tokens: torch.Tensor  # [batch, width] int64 the committed drafter token at u (cross-entropy target)
     kl: torch.Tensor  # [batch, width] bool a KL label at u
     targets: torch.Tensor  # [batch, width, V_d] the target's logits in drafter ids there (zeros elsewhere)
-    ce: torch.Tensor  # [batch, width] bool an n-gram sub-token at u
+    ce: torch.Tensor  # [batch, width] bool a cross-entropy label at u (n-gram sub-token or split token)
     head: torch.Tensor  # [batch, width] fp32 acceptance-head labels (0 where none)
     has_head: torch.Tensor  # [batch, width] bool
     temperature: float  # the request's sampling temperature (0: greedy)
@@ -131,9 +131,7 @@ class Recorder:
         length = slots
         first = d_lengths[:, None] + length.cumsum(1) - length
         # A drafted split token is a drafter token of bytes the target emitted, like an n-gram sub-token.
-        pieces = (
-            torch.zeros_like(kept_j) if split is None else torch.cat([split, split.new_zeros(batch, 1)], 1)
-        )
+        pieces = torch.cat([split, split.new_zeros(batch, 1)], 1)
         twin = self.direct[output_tokens.clamp_min(0)] & ~pieces  # [batch, k+1] a drafter twin stands there
         direct = twin & kept_j & (length >= 1)
 
