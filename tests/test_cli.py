@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -138,3 +139,5 @@ def test_cascade_sweep_samples_with_a_temperature(tmp_path):
         assert sweep["decoding"] == "sampling at T=1.0"
         assert [p["alpha"] for p in sweep["points"]] == [None, 0.0, 0.3, 0.6, 0.9]
         assert all(0 <= p["agreement"] <= 1 and p["deferral_rate"] == 1.0 for p in sweep["points"])
+        assert all(math.isfinite(p["z"]) for p in sweep["points"])  # sampled: how far from the target's law
+    assert "| z |" in (tmp_path / "cascades-cpu-T1.md").read_text()
