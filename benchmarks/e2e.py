@@ -12,6 +12,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
 - ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact,
   and ``omnidraft (no splits)`` with the paper's stop at a drafted token with no target twin
   (``EngineConfig(split_tokens=False)``);
+- ``... (confidence 0.4)``: the shared and omnidraft engines with ``EngineConfig(confidence_threshold=0.4)``,
+  rows stopping their draft after a token the drafter gave less than 0.4, as transformers' assisted
+  methods do by default (``assistant_confidence_threshold``; ``--confidence``);
 - ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``,
   and ``... (CUDA graphs, 4 rounds per sync)`` with ``rounds_per_sync=4`` too (on CUDA by default;
   ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
@@ -30,7 +33,7 @@ folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; resul
 name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
-                             [--sample-seeds 3] [--graphs auto|on|off]
+                             [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off]
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=("greedy", "sample"), default=["greedy", "sample"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.4,
+        help="also run the engines with EngineConfig(confidence_threshold=this); 0.4 is transformers' default "
+        "assistant_confidence_threshold, which its assisted methods use (0: leave them out)",
+    )
+    parser.add_argument(
         "--sample-seeds", type=int, default=3, help="sampled runs per prompt (seeds), timed and scored"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -94,18 +104,12 @@ def main() -> None:
         drafter.generation_config.num_assistant_tokens_schedule = "constant"
     usd_drafter = copy.deepcopy(zoo.drafter_cross)  # transformers prunes its LM head when sampling
 
-    def engine(drafter, translation="omnidraft", cuda_graphs=False, rounds_per_sync=1, split_tokens=True):
+    def engine(drafter, translation="omnidraft", **config):
         cross = drafter is zoo.drafter_cross
         return SpeculativeEngine(
             target,
             drafter,
-            config=EngineConfig(
-                num_draft_tokens=args.k,
-                translation=translation,
-                cuda_graphs=cuda_graphs,
-                rounds_per_sync=rounds_per_sync,
-                split_tokens=split_tokens,
-            ),
+            config=EngineConfig(num_draft_tokens=args.k, translation=translation, **config),
             target_tokenizer=tokenizer if cross else None,
             drafter_tokenizer=zoo.drafter_tokenizer if cross else None,
         )
@@ -113,6 +117,15 @@ def main() -> None:
     engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)} if shared else {}
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
     engines["omnidraft_fast omnidraft (no splits)"] = engine(zoo.drafter_cross, split_tokens=False)
+    if args.confidence:
+        confident = {"confidence_threshold": args.confidence}
+        if shared:
+            engines[f"omnidraft_fast shared (confidence {args.confidence})"] = engine(
+                zoo.drafter_shared, **confident
+            )
+        engines[f"omnidraft_fast omnidraft (confidence {args.confidence})"] = engine(
+            zoo.drafter_cross, **confident
+        )
     if graphs:
         if shared:
             engines["omnidraft_fast shared (CUDA graphs)"] = engine(zoo.drafter_shared, cuda_graphs=True)

@@ -92,7 +92,7 @@ def evaluate(engine, prompts, references, tokenizer, new, device, repeats: int, 
         "sampled_acceptance": sampled.acceptance_rate,
         "acceptance": total.acceptance_rate,
         "tokens_per_round": total.mean_accepted_length,
-        "drafter_tokens_per_round": total.drafter_proposed / max(1, total.row_rounds),
+        "drafter_tokens_per_round": total.drafted_per_round,
         "tokens_per_second": total.new_tokens / seconds,
         "identical": identical,
     }

@@ -1,4 +1,5 @@
-"""Adaptive draft length (SpecDec++, OmniDraft; SPEC §5): the acceptance head, its stopping rule and loss.
+"""Adaptive draft length (SpecDec++, OmniDraft; SPEC §5): the acceptance head, its stopping rule and loss;
+and the drafter's own confidence as a rule that needs no head (``DraftLength``).
 
 The head reads the drafter's last hidden state ``h_i`` at the step that drafted token ``i`` and gives
 
@@ -67,11 +68,29 @@ def stop_drafting(
 
 class DraftLength:
     """A round's per-row stopping state: :meth:`reset` it at the round's start, then feed it each draft
-    step's hidden states; rows that stopped stay stopped. Its tensors are updated in place (a captured
-    round reads them where they are, ``graphs.py``)."""
+    step; rows that stopped stay stopped. Its tensors are updated in place (a captured round reads them
+    where they are, ``graphs.py``).
 
-    def __init__(self, head: AcceptanceHead, batch: int, gamma: float, k_min: int, device: torch.device):
-        self.head, self.gamma, self.k_min = head, gamma, k_min
+    Two stopping rules, each optional, a row stopping at the first that says so:
+
+    - ``head``: the acceptance head's rule of the module docstring (``gamma``, ``k_min``);
+    - ``confidence``: the drafter's own probability of the token it just drafted below ``confidence``
+      (transformers' ``assistant_confidence_threshold``; the token is still proposed). It needs no training,
+      and it is lossless like any rule that reads only the drafter's outputs.
+    """
+
+    def __init__(
+        self,
+        head: AcceptanceHead | None,
+        batch: int,
+        gamma: float,
+        k_min: int,
+        device: torch.device,
+        confidence: float | None = None,
+    ):
+        if head is None and confidence is None:
+            raise ValueError("DraftLength needs a stopping rule: an acceptance `head` and/or a `confidence`")
+        self.head, self.gamma, self.k_min, self.confidence = head, gamma, k_min, confidence
         self.log_keep = torch.zeros(batch, dtype=torch.float32, device=device)  # sum log a_j
         self.stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         self.drafted = torch.zeros(batch, dtype=torch.int64, device=device)  # [batch] tokens
@@ -82,12 +101,16 @@ class DraftLength:
         self.stopped.copy_(done)
         self.drafted.zero_()
 
-    def step(self, hidden: torch.Tensor, drafted: int) -> None:
-        """``hidden`` [batch, H]: the states that drafted token number ``drafted`` (1-based)."""
+    def step(self, drafted: int, hidden: torch.Tensor | None, confidence: torch.Tensor | None) -> None:
+        """Token number ``drafted`` (1-based) was drafted: ``hidden`` [batch, H] the states that drafted it
+        (with a head), ``confidence`` [batch] the drafter's probability of it (with a threshold)."""
         drafting = ~self.stopped
         self.drafted += drafting
-        self.log_keep += torch.where(drafting, self.head(hidden).clamp_min(1e-6).log(), 0.0)
-        self.stopped |= stop_drafting(self.log_keep, drafted, self.gamma, self.k_min)
+        if self.head is not None:
+            self.log_keep += torch.where(drafting, self.head(hidden).clamp_min(1e-6).log(), 0.0)
+            self.stopped |= stop_drafting(self.log_keep, drafted, self.gamma, self.k_min)
+        if self.confidence is not None:
+            self.stopped |= confidence < self.confidence
 
 
 def acceptance_loss(

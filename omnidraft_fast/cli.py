@@ -49,6 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         num_draft_tokens=args.num_draft_tokens,
+        assistant_confidence_threshold=args.confidence_threshold,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
             translation=args.translation,
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--num-draft-tokens", type=int, help="draft length k (default 4)")
+    gen.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="stop a row's draft after a token the drafter gave less than this probability "
+        "(transformers' assistant_confidence_threshold; default: off)",
+    )
     gen.add_argument(
         "--translation",
         choices=("omnidraft", "tli", "exact"),

@@ -215,6 +215,14 @@ def _positive(value) -> bool:
     return _number(value) and value > 0
 
 
+def check_confidence_threshold(name: str, value) -> None:
+    """A drafter-confidence threshold (``EngineConfig.confidence_threshold``): a probability."""
+    if not _number(value) or not 0 <= value <= 1:
+        raise ValueError(
+            f"`{name}` must be a probability in [0, 1] (0: never stop on confidence), got {value!r}"
+        )
+
+
 def _check_interval(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
@@ -253,6 +261,13 @@ class EngineConfig:
         distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).
         adaptive: adaptive draft length from a learned acceptance head (``AdaptiveConfig``; ``None``: every
             round drafts ``num_draft_tokens``).
+        confidence_threshold: adaptive draft length from the drafter's confidence, with no head to train: a
+            row stops drafting after a token its drafter gave a probability below this (at the request's
+            sampling law; at T=1 when greedy); the token is still proposed. transformers'
+            ``assistant_confidence_threshold``, which a request may set; 0 (or ``None``) is off.
+            Lossless; with ``adaptive`` too, a row stops at the first rule that says so. Like ``adaptive``
+            it reads one flag per draft step (the loop ends when every row has stopped), so a round is
+            captured as a stage per draft step. ``None``: off.
         time_stages: measure the time of each stage of a round (draft, verify, commit, ...). On CUDA this
             synchronises the device at every stage boundary, which stalls the pipeline, so ``None`` (the
             default) means on for CPU and off for CUDA. Captured stages (``cuda_graphs``) are timed whole.
@@ -287,6 +302,7 @@ class EngineConfig:
     cascade: CascadeConfig | None = None
     distill: DistillConfig | None = None
     adaptive: AdaptiveConfig | None = None
+    confidence_threshold: float | None = None
     time_stages: bool | None = None
     in_flight_rounds: int | None = None
     rounds_per_sync: int = 1
@@ -317,6 +333,8 @@ class EngineConfig:
             raise ValueError(
                 f"`adaptive.k_min`={self.adaptive.k_min} exceeds `num_draft_tokens`={self.num_draft_tokens} (k_max)"
             )
+        if self.confidence_threshold is not None:
+            check_confidence_threshold("confidence_threshold", self.confidence_threshold)
         if self.time_stages not in (None, True, False):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
         if self.in_flight_rounds is not None:

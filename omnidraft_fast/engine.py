@@ -216,6 +216,7 @@ class SpeculativeEngine:
             explicit=explicit,
             default_draft_tokens=self.config.num_draft_tokens,
             streamer=streamer,
+            default_confidence_threshold=self.config.confidence_threshold,
             cascade=cascade if cascade is not None else self.config.cascade,
         )
         if request.cascade is not None and self.bridge is not None and self.config.translation == "exact":

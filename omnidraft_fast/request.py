@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import CascadeConfig, SamplingParams
+from .config import CascadeConfig, SamplingParams, check_confidence_threshold
 
 __all__ = ["Request", "resolve_request"]
 
@@ -30,13 +30,14 @@ _DEFAULTS: dict[str, Any] = {
 _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
+    "assistant_confidence_threshold",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
     "transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
     "cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
     "is_assistant", "low_memory", "prefill_chunk_size", "num_assistant_tokens_schedule",
-    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "length_penalty",
+    "assistant_lookbehind", "target_lookbehind", "length_penalty",
     "early_stopping", "max_time",
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
@@ -62,6 +63,7 @@ class Request:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
     num_draft_tokens: int
+    confidence_threshold: float | None  # rows stop drafting below this drafter confidence (None: off)
     streamer: Any
     return_dict_in_generate: bool
     cascade: CascadeConfig | None = None
@@ -101,6 +103,7 @@ def resolve_request(
     explicit: dict[str, Any],
     default_draft_tokens: int,
     streamer,
+    default_confidence_threshold: float | None = None,
     cascade: CascadeConfig | None = None,
 ) -> Request:
     """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset)."""
@@ -181,6 +184,10 @@ def resolve_request(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
 
+    threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
+    if threshold is not None:
+        check_confidence_threshold("assistant_confidence_threshold", threshold)
+
     if streamer is not None and ids.shape[0] > 1:
         raise ValueError(
             "`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time."
@@ -198,6 +205,7 @@ def resolve_request(
         eos_token_ids=eos_ids,
         pad_token_id=pad_token_id,
         num_draft_tokens=draft,
+        confidence_threshold=float(threshold) if threshold else None,
         streamer=streamer,
         return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
         cascade=cascade,

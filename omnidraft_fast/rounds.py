@@ -137,7 +137,6 @@ class Rounds:
     def begin(self, request: Request, generator: torch.Generator) -> RequestState:
         """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
         device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
-        adaptive = self.config.adaptive
         batch, prompt = request.input_ids.shape
         slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
         tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
@@ -197,11 +196,20 @@ class Rounds:
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
-            draft_length=None
-            if self.learner is None or self.learner.head is None
-            else DraftLength(self.learner.head, batch, adaptive.gamma, min(adaptive.k_min, k), device),
+            draft_length=self._draft_length(request, batch),
             graphs=StageGraphs(device, generator, self.config.cuda_graphs),
         )
+
+    def _draft_length(self, request: Request, batch: int) -> DraftLength | None:
+        """The request's adaptive stopping state: the acceptance head's rule (``EngineConfig.adaptive``) and/or
+        the drafter-confidence rule (``Request.confidence_threshold``); None when neither is on."""
+        head = None if self.learner is None else self.learner.head
+        if head is None and request.confidence_threshold is None:
+            return None
+        adaptive = self.config.adaptive
+        gamma, k_min = (adaptive.gamma, min(adaptive.k_min, request.num_draft_tokens)) if head else (1.0, 1)
+        device = self.target.device
+        return DraftLength(head, batch, gamma, k_min, device, confidence=request.confidence_threshold)
 
     def prefill(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """Both models over the prompt: each cache gets every committed slot below the ones its first round
@@ -286,11 +294,12 @@ class Rounds:
             else:
                 slots = (state.d_lengths + (i - 1))[:, None]
                 inputs = state.draft_ids[:, i - 1 : i]
-            if length is None:
-                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
-            else:
+            head = length is not None and length.head is not None
+            if head:
                 logits, hidden = self.drafter.forward(inputs, slots, last_only=True, hidden=True)
                 logits = logits[:, -1]
+            else:
+                logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
             state.invalid |= ops.nonfinite_rows(logits)
             noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
             ids, probs = ops.sample(
@@ -303,15 +312,20 @@ class Rounds:
             )
             state.draft_ids[:, i] = ids
             state.draft_probs[:, i] = probs
+
+            def law_t1() -> (
+                torch.Tensor
+            ):  # [batch, V_d] the drafter's T=1 distribution over what it may draft
+                z = logits.float()
+                return (z if shared_only is None else z.masked_fill(~shared_only, -torch.inf)).softmax(-1)
+
             if state.draft_probs_t1 is not None:  # the rules' T=1 statistics (CascadeConfig)
-                q1 = (
-                    logits.float()
-                    if shared_only is None
-                    else logits.float().masked_fill(~shared_only, -torch.inf)
-                )
-                state.draft_probs_t1[:, i] = q1.softmax(-1)
-            if length is not None:  # adaptive draft length (SPEC §5): rows stop on the head's estimate
-                length.step(hidden[:, -1], i + 1)
+                state.draft_probs_t1[:, i] = law_t1()
+            if length is not None:  # adaptive draft length: rows stop on the head's estimate or on confidence
+                confidence = None
+                if length.confidence is not None:  # the drafted token's probability (T=1 when greedy)
+                    confidence = (law_t1() if sampling.greedy else probs).gather(1, ids[:, None])[:, 0]
+                length.step(i + 1, hidden[:, -1] if head else None, confidence)
 
     def _finish(
         self, state: RequestState, request: Request, generator: torch.Generator, steps: int, timer: StageTimer

@@ -63,6 +63,12 @@ class GenerationStats:
         return self.target_calls / self.new_tokens if self.new_tokens else 0.0
 
     @property
+    def drafted_per_round(self) -> float:
+        """Drafter tokens drafted per row per round: ``k``, or fewer where rows stop early (an acceptance
+        head, a confidence threshold)."""
+        return self.drafter_proposed / self.row_rounds if self.row_rounds else 0.0
+
+    @property
     def ngram_hits_per_round(self) -> float:
         """Target tokens proposed from n-gram merges, per round."""
         return self.merged_proposed / self.rounds if self.rounds else 0.0
@@ -83,20 +89,24 @@ class GenerationStats:
         return {
             "requests": self.requests,
             "rounds": self.rounds,
+            "row_rounds": self.row_rounds,
             "proposed": self.proposed,
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "drafter_proposed": self.drafter_proposed,
             "drafter_accepted": self.drafter_accepted,
+            "drafted_per_round": round(self.drafted_per_round, 4),
             "merged_proposed": self.merged_proposed,
             "merged_accepted": self.merged_accepted,
             "split_proposed": self.split_proposed,
             "split_accepted": self.split_accepted,
+            "deferred": self.deferred,
             "deferral_rate": round(self.deferral_rate, 4),
             "ngram_hits_per_round": round(self.ngram_hits_per_round, 4),
             "ngram_table_size": self.ngram_table_size,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "new_tokens": self.new_tokens,
+            "target_calls": self.target_calls,
             "target_calls_per_token": round(self.target_calls_per_token, 4),
             "tokens_per_second": round(self.tokens_per_second, 2),
             "seconds": round(self.seconds, 4),
@@ -109,6 +119,7 @@ class GenerationStats:
             f"{self.new_tokens} new tokens in {self.seconds:.3f} s ({self.tokens_per_second:.1f} tok/s), "
             f"{self.rounds} rounds, acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposed}), "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
+            f"drafted per round {self.drafted_per_round:.2f}, "
             f"target calls per token {self.target_calls_per_token:.3f}"
             + (f", deferral rate {self.deferral_rate:.1%}" if self.deferred != self.proposed else "")
             + (

@@ -46,10 +46,18 @@ def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
     command = ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
                "--prompt", "w5 w9 w17", "--max-new-tokens", "16"]  # fmt: skip
     texts = []
-    for extra in ([], ["--cuda-graphs"], ["--cuda-graphs", "--rounds-per-sync", "3"]):
-        assert main(command + extra) == 0
-        texts.append(capsys.readouterr().out.split("--- stats")[0])
-    assert texts[0] == texts[1] == texts[2]
+    for extra in (
+        [],
+        ["--cuda-graphs"],
+        ["--cuda-graphs", "--rounds-per-sync", "3"],
+        ["--confidence-threshold", "1"],
+    ):
+        assert main(command + extra + ["--json"]) == 0
+        text, report = capsys.readouterr().out.split("--- stats")
+        texts.append(text)
+        stats = json.loads(report)
+    assert texts[0] == texts[1] == texts[2] == texts[3]
+    assert stats["drafted_per_round"] == 1.0  # threshold 1: one drafted token per round
 
 
 def test_generate_across_vocabularies_with_and_without_split_tokens(capsys):

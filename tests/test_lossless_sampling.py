@@ -65,10 +65,19 @@ def models():
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p", "k"),
-    [(1.0, 0, 1.0, 1), (1.0, 0, 1.0, 3), (0.7, 5, 1.0, 2), (1.3, 0, 0.8, 2), (0.9, 6, 0.85, 4)],
+    ("temperature", "top_k", "top_p", "k", "threshold"),
+    [
+        (1.0, 0, 1.0, 1, None),
+        (1.0, 0, 1.0, 3, None),
+        (0.7, 5, 1.0, 2, None),
+        (1.3, 0, 0.8, 2, None),
+        (0.9, 6, 0.85, 4, None),
+        # rows stop drafting where the drafter is unsure (assistant_confidence_threshold): still lossless
+        (1.0, 0, 1.0, 3, 0.6),
+        (0.9, 6, 0.85, 4, 0.8),
+    ],
 )
-def test_first_two_tokens_follow_the_target(models, temperature, top_k, top_p, k):
+def test_first_two_tokens_follow_the_target(models, temperature, top_k, top_p, k, threshold):
     target, drafter = models
     torch.manual_seed(1234)
     out = omnidraft_fast.generate(
@@ -81,8 +90,11 @@ def test_first_two_tokens_follow_the_target(models, temperature, top_k, top_p, k
         top_k=top_k,
         top_p=top_p,
         num_draft_tokens=k,
+        assistant_confidence_threshold=threshold,
         return_dict_in_generate=True,
     )
+    if threshold is not None:  # the rule stops some rows early and not others
+        assert 1 < out.stats.drafted_per_round < k, out.stats.summary()
     new = out.sequences[:, PROMPT.shape[1] :]
     empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / ROWS
     exact = _exact_joint(target, temperature, top_k, top_p).flatten().double()
