@@ -7,11 +7,17 @@ sampler at temperature ``T`` draws from: ``softmax(logits / T)``, no top-k/top-p
 
 If every ``x_t`` is drawn from ``p_t`` (lossless sampling, whatever the drafter proposed), each ``s_t`` has
 mean 0 and variance ``v_t`` given the prefix, so ``z = sum s_t / sqrt(sum v_t)`` is a martingale sum that is
-about standard normal over many tokens. A sampler that favours the tokens its drafter likes draws less
-likely tokens than the target would (``z`` well below 0); one that favours the target's likeliest tokens
-draws more likely ones (``z`` well above 0). ``|z| > 4`` is far outside what exact sampling produces (a
-chance of about 6e-5). One forward of the target per scored sequence: it checks the samples a benchmark
-already produced, in place of thousands of draws at one context.
+about standard normal over many tokens. ``|z| > 4`` is far outside what exact sampling produces (a chance
+of about 6e-5): the sampler draws tokens that are systematically less likely (``z < 0``: e.g. a drafter's
+own law, or transformers' TLI sampling on the embedded zoo) or more likely (``z > 0``: e.g. a lower
+temperature) than the target's. One forward of the target per scored sequence: it checks the samples a
+benchmark already produced, in place of thousands of draws at one context.
+
+It is one number, so it sees only biases that move the likelihood: a sampler that swaps mass between
+tokens the target finds about as likely can score near 0 (accepting the embedded zoo's drafts 1.5 or 3
+times as often as speculative sampling allows stayed within 2 over 576 tokens). A near-zero ``z`` is
+necessary for a lossless sampler, not proof of one; the exact checks are the total-variation tests on
+small vocabularies (``tests/test_lossless_sampling.py``).
 
 The same pass gives the figures of greedy decoding and of speculative cascades: the target's mean
 log-likelihood per produced token and the share of produced tokens that are its greedy choice.
