@@ -207,6 +207,7 @@ class SpeculativeEngine:
 
         request = resolve_request(
             model_generation_config=getattr(self.target.model, "generation_config", None),
+            drafter_generation_config=getattr(self.drafter.model, "generation_config", None),
             vocab_size=self.target.vocab_size,
             position_limit=self.target.position_limit,
             device=self.device,

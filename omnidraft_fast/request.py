@@ -6,6 +6,11 @@ transformers' documented defaults (greedy; when sampling, temperature 1,
 top-k 50, top-p 1; 20 new tokens when no length is set). Every GenerationConfig field is either
 honoured, known to leave the output unchanged, or refused with an error: none is
 ignored silently.
+
+The draft settings transformers reads from the *assistant's* ``generation_config``
+(``num_assistant_tokens``, ``assistant_confidence_threshold``) are read from the drafter's
+too, below the call and the ``generation_config`` argument and above the target's own; unset
+everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of 20 tokens and 0.4).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 from .config import CascadeConfig, SamplingParams, check_confidence_threshold
 
 __all__ = ["Request", "resolve_request"]
+
+# Fields transformers takes from the assistant model's generation_config (candidate_generator.py).
+_ASSISTANT_FIELDS = ("num_assistant_tokens", "assistant_confidence_threshold")
 
 # transformers' defaults for the fields we honour, used when neither the caller nor the model sets them.
 _DEFAULT_NEW_TOKENS = 20  # when no length is set at all
@@ -105,9 +113,12 @@ def resolve_request(
     streamer,
     default_confidence_threshold: float | None = None,
     cascade: CascadeConfig | None = None,
+    drafter_generation_config=None,
 ) -> Request:
     """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset)."""
     fields = _generation_fields(model_generation_config)
+    drafter_fields = _generation_fields(drafter_generation_config)
+    fields.update({key: drafter_fields[key] for key in _ASSISTANT_FIELDS if key in drafter_fields})
     fields.update(_generation_fields(generation_config))
     fields.update({key: value for key, value in explicit.items() if value is not None})
 

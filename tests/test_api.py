@@ -169,6 +169,35 @@ def test_generation_config_overrides_model_sampling_defaults(target, drafter, ba
     assert_equal(out, expected)
 
 
+def test_draft_settings_from_the_drafters_generation_config(target, drafter, batch):
+    """As in transformers, ``num_assistant_tokens`` and ``assistant_confidence_threshold`` set on the
+    assistant's generation_config apply, above the target's own and below the call and the
+    generation_config argument; unset, the engine's config decides."""
+    ids, mask = batch
+    expected = reference(target, ids, mask, max_new_tokens=NEW)
+    model, small = copy.deepcopy(target), copy.deepcopy(drafter)
+    model.generation_config.num_assistant_tokens = 5
+    config = EngineConfig(num_draft_tokens=3)
+
+    def drafted(**kwargs) -> float:
+        out = omnidraft_fast.generate(model, ids, attention_mask=mask, assistant_model=small, max_new_tokens=NEW,
+                                      engine_config=config, return_dict_in_generate=True, **kwargs)  # fmt: skip
+        assert_equal(out.sequences, expected)
+        return out.stats.drafted_per_round
+
+    assert drafted() == 5  # the target's generation_config over the engine's default
+    small.generation_config.num_assistant_tokens = 2
+    assert drafted() == 2  # the drafter's over the target's
+    assert drafted(num_assistant_tokens=4) == 4
+    assert drafted(generation_config=GenerationConfig(num_assistant_tokens=6)) == 6
+    small.generation_config.assistant_confidence_threshold = 1.0
+    assert drafted() == 1
+    assert drafted(assistant_confidence_threshold=0.0) == 2  # 0: off for this call
+    small.generation_config.num_assistant_tokens = 0
+    with pytest.raises(ValueError, match=r"`num_assistant_tokens`.* must be an int >= 1, got 0"):
+        drafted()
+
+
 @pytest.mark.parametrize("how", ["kwarg", "generation_config", "model generation_config"])
 def test_max_length_when_max_new_tokens_unset(target, drafter, batch, how):
     ids, mask = batch
