@@ -5,8 +5,10 @@
 
 ``syncs`` runs whole requests on the embedded zoo (shared and cross vocabulary, greedy and sampled, a
 cascade rule) with every round inside sync-debug "error" mode: a host synchronisation inside a round
-raises. The one allowed read per round (done / invalid / table size) happens between rounds, outside it.
-Engines that learn in flight (``EngineConfig(in_flight_rounds=...)``) have their learning step checked too.
+raises. The one allowed read per round (done / invalid / table size) happens between rounds, outside it;
+with an adaptive draft length (an acceptance head, a confidence threshold) each draft step and the rest of
+the round are checked, the stop-flag read between them allowed. Engines that learn in flight
+(``EngineConfig(in_flight_rounds=...)``) have their learning step checked too.
 """
 
 from __future__ import annotations
@@ -86,21 +88,30 @@ def syncs() -> None:
             ["rounds.run", "_learn_in_flight"],
             _REQUESTS[:2],
         ),
-        # With an acceptance head a round reads the stop flags between draft steps (SPEC §5), so only the
-        # learning step is checked here.
+        # With an adaptive draft length a round reads the stop flags between draft steps (SPEC §5): each
+        # draft step and the rest of the round are checked instead of the whole round.
         "shared, adaptive + learning in flight": (
             SpeculativeEngine(
                 zoo.target,
                 copy.deepcopy(zoo.drafter_shared),
                 config=EngineConfig(**learning, adaptive=AdaptiveConfig(interval=1)),
             ),
-            ["_learn_in_flight"],
+            ["rounds._draft_step", "rounds._finish", "_learn_in_flight"],
             _REQUESTS[:2],
+        ),
+        "cross, confidence threshold": (
+            SpeculativeEngine(
+                zoo.target, zoo.drafter_cross, config=EngineConfig(confidence_threshold=0.4), **cross
+            ),
+            ["rounds._draft_step", "rounds._finish"],
+            _REQUESTS,
         ),
     }
     for name, (engine, methods, requests) in cases.items():
         for method in methods:
-            owner, attribute = (engine.rounds, "run") if method == "rounds.run" else (engine, method)
+            owner, attribute = (
+                (engine.rounds, method[7:]) if method.startswith("rounds.") else (engine, method)
+            )
             setattr(owner, attribute, _sync_checked(getattr(owner, attribute)))
         for kwargs in requests:
             engine.generate(**ids, max_new_tokens=24, **kwargs)
@@ -113,10 +124,10 @@ _REQUESTS = ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("to
 def _sync_checked(function):
     """``function`` run under ``torch.cuda.set_sync_debug_mode("error")``: a host sync inside raises."""
 
-    def checked(*args):
+    def checked(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return function(*args)
+            return function(*args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
