@@ -72,17 +72,17 @@ def translate_ngram_reference(
     device = draft_ids.device
     mapped = d2t[draft_ids].long()  # [batch, k]
 
-    # Longest table match starting at each drafter position: one batched lookup of every (start, n).
-    longest = torch.zeros(batch, k, dtype=torch.int64, device=device)
-    merged = torch.full((batch, k), -1, dtype=torch.int64, device=device)
-    for n in range(2, min(n_max, k) + 1):
-        starts = k - n + 1
-        windows = draft_ids.unfold(1, n, 1)  # [batch, starts, n]
-        queries = torch.nn.functional.pad(windows, (0, n_max - n), value=-1).reshape(-1, n_max)
-        found = ngram_lookup_reference(key_ids, values, queries).view(batch, starts)
-        hit = found >= 0
-        longest[:, :starts] = torch.where(hit, n, longest[:, :starts])
-        merged[:, :starts] = torch.where(hit, found, merged[:, :starts])
+    # Longest table match starting at each drafter position: one lookup of every window (start i, length n),
+    # windows running past the draft's end cut short (a key of fewer ids, which never stands for n).
+    lengths = torch.arange(2, max(n_max, 2) + 1, device=device)  # [L] candidate n
+    columns = torch.arange(n_max, device=device)
+    at = torch.arange(k, device=device)[:, None, None] + columns  # [k, 1, N] drafter position of each id
+    inside = (columns < lengths[:, None]) & (at < k)  # [k, L, N]
+    queries = torch.where(inside, draft_ids[:, at.clamp_max(k - 1)], -1)  # [batch, k, L, N]
+    found = ngram_lookup_reference(key_ids, values, queries.reshape(-1, n_max)).view(batch, k, -1)
+    hit = (found >= 0) & (at[:, :, 0] + lengths <= k)  # [batch, k, L]: the window fits in the draft
+    longest = torch.where(hit, lengths, 0).amax(-1)  # [batch, k] (0: no merge)
+    merged = found.gather(2, (longest - 2).clamp_min(0)[..., None])[..., 0]
 
     # Left-to-right scan, all rows at once: k steps over fixed shapes.
     target_ids = torch.full((batch, k), -1, dtype=torch.int64, device=device)
