@@ -259,8 +259,8 @@ class EngineConfig:
         cascade: the deferral rule used when a request does not give one (``None``: exact speculative
             sampling). Needs verification against ``q`` (not ``translation="exact"``).
         distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).
-        adaptive: adaptive draft length from a learned acceptance head (``AdaptiveConfig``; ``None``: every
-            round drafts ``num_draft_tokens``).
+        adaptive: adaptive draft length from a learned acceptance head (``AdaptiveConfig``; ``None``: no head;
+            without a ``confidence_threshold`` either, every round drafts ``num_draft_tokens``).
         confidence_threshold: adaptive draft length from the drafter's confidence, with no head to train: a
             row stops drafting after a token its drafter gave a probability below this (at the request's
             sampling law; at T=1 when greedy); the token is still proposed. transformers'
