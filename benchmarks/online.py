@@ -15,12 +15,15 @@ The acceptance of every served request is kept too: the curve over the request s
 configuration, is plotted (with matplotlib) beside the JSON and Markdown.
 
 Configurations: ``static`` (no learning), ``distill`` (LoRA, SPEC §4), ``adaptive`` (acceptance head,
-SPEC §5), both together in the ``alternating`` and ``joint`` modes, and alternating with the learners fed
-every ``--in-flight-rounds`` rounds of a request too (``EngineConfig.in_flight_rounds``). Every greedy output is checked
-against plain greedy decoding. Prompts are the zoo's held-out code, arithmetic and prose
+SPEC §5), ``confidence 0.4`` (no learning: rows stop drafting below that drafter confidence, the rule
+without a head that transformers uses, ``EngineConfig.confidence_threshold``; what a head must beat), the
+two learners together in the ``alternating`` and ``joint`` modes, and alternating with the learners fed
+every ``--in-flight-rounds`` rounds of a request too (``EngineConfig.in_flight_rounds``). Every greedy
+output is checked against plain greedy decoding. Prompts are the zoo's held-out code, arithmetic and prose
 (``omnidraft_fast.zoo.data``): even-numbered ones are served, odd-numbered ones evaluate.
 
-    python benchmarks/online.py [--pair DIR] [--prompts-per-task 8] [--passes 2] [--lr 1e-4] [--tag NAME]
+    python benchmarks/online.py [--pair DIR] [--prompts-per-task 8] [--passes 2] [--lr 1e-4] [--confidence 0.4]
+                                [--configs NAME ...] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def configurations(args) -> dict[str, EngineConfig]:
         "static": EngineConfig(num_draft_tokens=args.k),
         "distill": EngineConfig(num_draft_tokens=args.k, distill=distill),
         "adaptive": EngineConfig(num_draft_tokens=args.k, adaptive=AdaptiveConfig(**adaptive)),
+        f"confidence {args.confidence}": EngineConfig(
+            num_draft_tokens=args.k, confidence_threshold=args.confidence
+        ),
         "distill+adaptive (alternating)": EngineConfig(
             num_draft_tokens=args.k, distill=distill, adaptive=AdaptiveConfig(mode="alternating", **adaptive)
         ),
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=DistillConfig.interval)
     parser.add_argument("--gamma", type=float, default=AdaptiveConfig.gamma)
     parser.add_argument(
+        "--confidence", type=float, default=0.4, help="the confidence-threshold configuration's threshold"
+    )
+    parser.add_argument(
         "--in-flight-rounds", type=int, default=4, help="the in-flight configuration's cadence"
     )
     parser.add_argument("--repeats", type=int, default=2, help="timings per evaluation (the fastest counts)")
@@ -177,8 +186,7 @@ def main() -> None:
                 {
                     "sampled": bool(n % 2),
                     "acceptance": engine.last_stats.acceptance_rate,
-                    "drafter_tokens_per_round": engine.last_stats.drafter_proposed
-                    / max(1, engine.last_stats.row_rounds),
+                    "drafter_tokens_per_round": engine.last_stats.drafted_per_round,
                 }
             )
         after = evaluate(engine, evaluated, references, tokenizer, new, device, args.repeats, args.seed)
