@@ -44,10 +44,15 @@ class GenerateOutput:
 
     sequences: torch.Tensor  # [batch, prompt + new]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    # With output_scores / output_logits, as transformers: one [batch, V_t] fp32 tensor per new token, the
+    # target's scores (its logits processed as sampling processes them: temperature, top-k, top-p) or raw
+    # logits at that token, whichever rule chose it; NaN past a row's end.
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, key: str):
         """``out["sequences"]`` works as on transformers' outputs."""
-        if key not in ("sequences", "stats"):
+        if key not in ("sequences", "stats", "scores", "logits"):
             raise KeyError(key)
         return getattr(self, key)
 
@@ -227,15 +232,16 @@ class SpeculativeEngine:
             )
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-            sequences, stats = self._run(request)
+            sequences, stats, logits = self._run(request)
         self.last_stats = stats
         self.stats.add(stats)
         if request.return_dict_in_generate:
-            return GenerateOutput(sequences=sequences, stats=stats)
+            return GenerateOutput(sequences=sequences, stats=stats, **self._scores(request, logits))
         return sequences
 
     # ---------------------------------------------------------------------------------------------
-    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats]:
+    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats, torch.Tensor | None]:
+        """Sequences, stats and, when the request keeps them, the target's logits [batch, new, V_t]."""
         device = self.device
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
@@ -278,7 +284,7 @@ class SpeculativeEngine:
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
-        return sequences, stats
+        return sequences, stats, None if state.logits is None else state.logits[:, :longest]
 
     def _decode(
         self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
@@ -357,6 +363,34 @@ class SpeculativeEngine:
                     request.sampling.temperature,
                 )
             )
+
+    @staticmethod
+    def _scores(request: Request, logits: torch.Tensor | None) -> dict[str, Any]:
+        """``scores`` and ``logits`` of the output from the target's logits [batch, new, V_t], as
+        ``request`` asks for them."""
+        if logits is None:
+            return {}
+        out = {"logits": tuple(logits.unbind(1))} if request.output_logits else {}
+        if request.output_scores:
+            sampling = request.sampling
+            processed = logits
+            if not sampling.greedy:  # transformers' warpers, in its order
+                from transformers.generation.logits_process import (
+                    TemperatureLogitsWarper,
+                    TopKLogitsWarper,
+                    TopPLogitsWarper,
+                )
+
+                flat = logits.flatten(0, 1)
+                if sampling.temperature != 1.0:
+                    flat = TemperatureLogitsWarper(sampling.temperature)(None, flat)
+                if sampling.top_k:
+                    flat = TopKLogitsWarper(sampling.top_k)(None, flat)
+                if sampling.top_p < 1.0:
+                    flat = TopPLogitsWarper(sampling.top_p)(None, flat)
+                processed = flat.view_as(logits)
+            out["scores"] = tuple(processed.unbind(1))
+        return out
 
     @staticmethod
     def _stream(streamer: Any, state: RequestState, before: torch.Tensor) -> None:

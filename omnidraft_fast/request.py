@@ -38,7 +38,7 @@ _DEFAULTS: dict[str, Any] = {
 _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
-    "assistant_confidence_threshold",
+    "assistant_confidence_threshold", "output_scores", "output_logits",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -54,8 +54,8 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "min_new_tokens": (0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
     "typical_p": (1.0,), "min_p": (0.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
-    "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_scores": (False,),
-    "output_logits": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
+    "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_attentions": (False,),
+    "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
 }  # fmt: skip
 
@@ -74,8 +74,15 @@ class Request:
     confidence_threshold: float | None  # rows stop drafting below this drafter confidence (None: off)
     streamer: Any
     return_dict_in_generate: bool
+    output_scores: bool = False  # return the target's processed scores per new token (needs the dict)
+    output_logits: bool = False  # return the target's raw logits per new token (needs the dict)
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
+
+    @property
+    def keeps_logits(self) -> bool:
+        """The target's logits at every new token are returned (as transformers, only in the dict)."""
+        return self.return_dict_in_generate and (self.output_scores or self.output_logits)
 
 
 def _generation_fields(config) -> dict[str, Any]:
@@ -219,6 +226,8 @@ def resolve_request(
         confidence_threshold=float(threshold) if threshold else None,
         streamer=streamer,
         return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
+        output_scores=bool(fields.get("output_scores", False)),
+        output_logits=bool(fields.get("output_logits", False)),
         cascade=cascade,
         alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )

@@ -90,6 +90,8 @@ class RequestState:
     alpha: torch.Tensor | None  # [batch] fp32
     counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read once, at the end)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
+    logits: torch.Tensor | None  # [batch, new + 1, V_t] fp32 the target's logits at each new token (the last
+    #                              row a spare for the writes of positions not kept); output_scores/logits
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
@@ -194,6 +196,9 @@ class Rounds:
             else self.learner.recorder(
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
             ),
+            logits=torch.full((batch, new + 1, self.target.vocab_size), torch.nan, device=device)
+            if request.keeps_logits
+            else None,
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=self._draft_length(request, batch),
@@ -409,6 +414,12 @@ class Rounds:
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
             )
+            if (
+                state.logits is not None
+            ):  # output_scores / output_logits: the target's logits at each kept token
+                j = torch.arange(steps + 1, device=device)
+                rows = torch.where(j < kept[:, None], generated[:, None] + j, request.max_new_tokens)
+                state.logits.scatter_(1, rows[..., None].expand_as(target_logits), target_logits.float())
             fed = self._feedback(
                 output_tokens, num_accepted, source, span_end, active, state.units is not None
             )

@@ -415,3 +415,62 @@ def test_engine_stage_timings(target, drafter, batch):
     out = untimed.generate(ids, attention_mask=mask, max_new_tokens=NEW, return_dict_in_generate=True)
     assert_equal(out.sequences, expected)
     assert out.stats.stage_seconds == {}
+
+
+# --------------------------------------------------------------------------------------------- scores
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, cuda_graphs):
+    """``output_scores``/``output_logits``: one [batch, V] tensor per new token, the target's logits there
+    (processed by the sampling warpers for ``scores``), equal to transformers' own up to float error;
+    NaN past a row's end (row 0 stops at its EOS); nothing extra without the dict."""
+    ids, mask = batch
+    kwargs = dict(max_new_tokens=12, eos_token_id=eos_case, pad_token_id=0 if eos_case else 1)
+    wanted = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    hf = reference(target, ids, mask, **kwargs, **wanted)
+    engine = SpeculativeEngine(
+        target, drafter, config=EngineConfig(num_draft_tokens=3, cuda_graphs=cuda_graphs)
+    )
+    for _ in range(2):  # with cuda_graphs, the second request replays
+        out = engine.generate(ids, attention_mask=mask, **kwargs, **wanted)
+    assert_equal(out.sequences, hf.sequences)
+    new = hf.sequences.shape[1] - ids.shape[1]
+    assert len(out.scores) == len(out.logits) == len(hf.scores) == new
+    is_eos = hf.sequences[:, ids.shape[1] :] == eos_case
+    length = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, new)  # row 0 ends at its EOS
+    assert length[0] < new and (length[1:] == new).all()
+    for step in range(new):
+        live = step < length
+        for ours, theirs in ((out.scores, hf.scores), (out.logits, hf.logits)):
+            assert ours[step].shape == theirs[step].shape and ours[step].dtype == torch.float32
+            torch.testing.assert_close(ours[step][live], theirs[step][live], atol=1e-4, rtol=1e-4)
+            assert torch.isnan(ours[step][~live]).all()
+    assert engine.generate(ids, attention_mask=mask, **kwargs, output_scores=True).shape == hf.sequences.shape
+    plain = engine.generate(ids, attention_mask=mask, **kwargs, return_dict_in_generate=True)
+    assert plain.scores is None and plain.logits is None and plain["scores"] is None
+
+
+def test_sampled_scores_are_the_warped_logits(target, drafter, batch):
+    """Sampling: ``logits`` are the target's logits at each token of the sampled output (its teacher-forced
+    forward), ``scores`` those logits through transformers' temperature, top-k and top-p warpers."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    ids, mask = batch
+    torch.manual_seed(0)
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=8, do_sample=True, temperature=0.7,
+        top_k=9, top_p=0.8, return_dict_in_generate=True, output_scores=True, output_logits=True,
+    )  # fmt: skip
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], 1)
+    with torch.no_grad():
+        forward = target(out.sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1].float()
+    for step, (score, logit) in enumerate(zip(out.scores, out.logits, strict=True)):
+        torch.testing.assert_close(logit, forward[:, step], atol=1e-4, rtol=1e-4)
+        expected = TopPLogitsWarper(0.8)(
+            None, TopKLogitsWarper(9)(None, TemperatureLogitsWarper(0.7)(None, logit))
+        )
+        assert torch.equal(score, expected)
+        assert (score > -torch.inf).sum(-1).le(9).all()

@@ -271,3 +271,17 @@ def test_cascades_across_vocabularies(pair, translation):
     assert lenient.stats.acceptance_rate == 1.0 and lenient.stats.deferral_rate == 0.0
     with pytest.raises(ValueError, match="translation='exact'"):
         _engine(pair, "exact").generate(**batch, max_new_tokens=4, cascade=CascadeConfig("chow", 0.5))
+
+
+def test_logits_are_the_targets_across_vocabularies(pair):
+    """``output_logits`` across vocabularies: the target's logits at each new token, as transformers gives them."""
+    target, _, tokenizer, _ = pair
+    engine = _engine(pair, "omnidraft", 4)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    wanted = dict(max_new_tokens=16, return_dict_in_generate=True, output_logits=True)
+    expected = target.generate(**batch, do_sample=False, **wanted)
+    out = engine.generate(**batch, **wanted)
+    assert torch.equal(out.sequences, expected.sequences) and out.scores is None
+    assert len(out.logits) == len(expected.logits) == 16
+    for ours, theirs in zip(out.logits, expected.logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
