@@ -45,8 +45,8 @@ class GenerateOutput:
     sequences: torch.Tensor  # [batch, prompt + new]
     stats: GenerationStats = field(default_factory=GenerationStats)
     # With output_scores / output_logits, as transformers: one [batch, V_t] fp32 tensor per new token, the
-    # target's scores (its logits processed as sampling processes them: temperature, top-k, top-p) or raw
-    # logits at that token, whichever rule chose it; NaN past a row's end.
+    # target's scores (its logits after the request's processors, processors.py, and sampling warpers:
+    # temperature, top-k, top-p) or raw logits at that token, whichever rule chose it; NaN past a row's end.
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
 
@@ -240,8 +240,8 @@ class SpeculativeEngine:
         return sequences
 
     # ---------------------------------------------------------------------------------------------
-    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats, torch.Tensor | None]:
-        """Sequences, stats and, when the request keeps them, the target's logits [batch, new, V_t]."""
+    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
+        """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each)."""
         device = self.device
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
@@ -284,7 +284,7 @@ class SpeculativeEngine:
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
-        return sequences, stats, None if state.logits is None else state.logits[:, :longest]
+        return sequences, stats, {name: kept[:, :longest] for name, kept in state.kept_logits.items()}
 
     def _decode(
         self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
@@ -365,31 +365,26 @@ class SpeculativeEngine:
             )
 
     @staticmethod
-    def _scores(request: Request, logits: torch.Tensor | None) -> dict[str, Any]:
-        """``scores`` and ``logits`` of the output from the target's logits [batch, new, V_t], as
-        ``request`` asks for them."""
-        if logits is None:
-            return {}
-        out = {"logits": tuple(logits.unbind(1))} if request.output_logits else {}
-        if request.output_scores:
-            sampling = request.sampling
-            processed = logits
-            if not sampling.greedy:  # transformers' warpers, in its order
-                from transformers.generation.logits_process import (
-                    TemperatureLogitsWarper,
-                    TopKLogitsWarper,
-                    TopPLogitsWarper,
-                )
+    def _scores(request: Request, kept: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``logits`` and ``scores`` as transformers returns them, from the target's logits kept by the rounds
+        (``scores``: processed there, then through transformers' sampling warpers in its order)."""
+        out = {name: tuple(values.unbind(1)) for name, values in kept.items()}
+        sampling = request.sampling
+        if "scores" in kept and not sampling.greedy:
+            from transformers.generation.logits_process import (
+                TemperatureLogitsWarper,
+                TopKLogitsWarper,
+                TopPLogitsWarper,
+            )
 
-                flat = logits.flatten(0, 1)
-                if sampling.temperature != 1.0:
-                    flat = TemperatureLogitsWarper(sampling.temperature)(None, flat)
-                if sampling.top_k:
-                    flat = TopKLogitsWarper(sampling.top_k)(None, flat)
-                if sampling.top_p < 1.0:
-                    flat = TopPLogitsWarper(sampling.top_p)(None, flat)
-                processed = flat.view_as(logits)
-            out["scores"] = tuple(processed.unbind(1))
+            scores = kept["scores"].flatten(0, 1)
+            if sampling.temperature != 1.0:
+                scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
+            if sampling.top_k:
+                scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+            if sampling.top_p < 1.0:
+                scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+            out["scores"] = tuple(scores.view_as(kept["scores"]).unbind(1))
         return out
 
     @staticmethod

@@ -15,6 +15,7 @@ everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,8 @@ _DEFAULTS: dict[str, Any] = {
 _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
-    "assistant_confidence_threshold", "output_scores", "output_logits",
+    "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
+    "min_new_tokens",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -50,8 +52,7 @@ _NO_EFFECT = {
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "min_length": (0,),
-    "min_new_tokens": (0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
+    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
     "typical_p": (1.0,), "min_p": (0.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
     "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_attentions": (False,),
@@ -76,13 +77,18 @@ class Request:
     return_dict_in_generate: bool
     output_scores: bool = False  # return the target's processed scores per new token (needs the dict)
     output_logits: bool = False  # return the target's raw logits per new token (needs the dict)
+    repetition_penalty: float = 1.0  # target-side logits processing (processors.py); 1: off
+    min_length: int = 0  # EOS masked while prompt (padded) + new tokens are fewer
+    min_new_tokens: int = 0  # EOS masked while new tokens are fewer
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
     @property
-    def keeps_logits(self) -> bool:
-        """The target's logits at every new token are returned (as transformers, only in the dict)."""
-        return self.return_dict_in_generate and (self.output_scores or self.output_logits)
+    def kept_logits(self) -> tuple[str, ...]:
+        """What of the target's logits at every new token is returned: "logits" (raw) and/or "scores"
+        (processed); as in transformers, only with ``return_dict_in_generate``."""
+        wanted = (("logits", self.output_logits), ("scores", self.output_scores))
+        return tuple(name for name, on in wanted if on and self.return_dict_in_generate)
 
 
 def _generation_fields(config) -> dict[str, Any]:
@@ -202,6 +208,14 @@ def resolve_request(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
 
+    penalty = fields.get("repetition_penalty", 1.0)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
+        raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
+    for name in ("min_length", "min_new_tokens"):
+        value = fields.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
+
     threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
     if threshold is not None:
         check_confidence_threshold("assistant_confidence_threshold", threshold)
@@ -228,6 +242,9 @@ def resolve_request(
         return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
         output_scores=bool(fields.get("output_scores", False)),
         output_logits=bool(fields.get("output_logits", False)),
+        repetition_penalty=float(penalty),
+        min_length=fields.get("min_length", 0),
+        min_new_tokens=fields.get("min_new_tokens", 0),
         cascade=cascade,
         alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )

@@ -39,6 +39,7 @@ from .kernels.verify import RULES
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
+from .processors import TargetProcessors
 from .request import Request
 from .stats import StageTimer
 
@@ -90,8 +91,11 @@ class RequestState:
     alpha: torch.Tensor | None  # [batch] fp32
     counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read once, at the end)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
-    logits: torch.Tensor | None  # [batch, new + 1, V_t] fp32 the target's logits at each new token (the last
-    #                              row a spare for the writes of positions not kept); output_scores/logits
+    processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
+    # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers),
+    # each [batch, new + 1, V_t] fp32, the target's at each new token, NaN where none (the last row a spare
+    # for the writes of positions not kept)
+    kept_logits: dict[str, torch.Tensor]
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
@@ -196,13 +200,35 @@ class Rounds:
             else self.learner.recorder(
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
             ),
-            logits=torch.full((batch, new + 1, self.target.vocab_size), torch.nan, device=device)
-            if request.keeps_logits
-            else None,
+            processors=self._processors(request, tokens, start),
+            kept_logits={
+                name: torch.full((batch, new + 1, self.target.vocab_size), torch.nan, device=device)
+                for name in request.kept_logits
+            },
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=self._draft_length(request, batch),
             graphs=StageGraphs(device, generator, self.config.cuda_graphs),
+        )
+
+    def _processors(
+        self, request: Request, tokens: torch.Tensor, start: torch.Tensor
+    ) -> TargetProcessors | None:
+        """The request's target-side logits processing (repetition penalty, minimum lengths); None if none."""
+        prompt = request.input_ids.shape[1]
+        if not TargetProcessors.needed(
+            request.repetition_penalty, request.min_length, request.min_new_tokens, prompt
+        ):
+            return None
+        return TargetProcessors(
+            repetition_penalty=request.repetition_penalty,
+            min_length=request.min_length,
+            min_new_tokens=request.min_new_tokens,
+            eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=tokens.device),
+            tokens=tokens,
+            start=start,
+            prompt=prompt,
+            vocab=self.target.vocab_size,
         )
 
     def _draft_length(self, request: Request, batch: int) -> DraftLength | None:
@@ -385,8 +411,13 @@ class Rounds:
             vocab = target_logits.shape[-1]
             noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)
             noise = None if sampling.greedy else _exponential(noise_shape, generator, device)
+            processed = (  # what transformers' logits processors make of them (processors.py)
+                target_logits
+                if state.processors is None
+                else state.processors(target_logits, proposal, state.generated)
+            )
             num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
-                target_logits,
+                processed,
                 proposal,
                 None if exact_match else draft_probs,
                 uniforms,
@@ -414,12 +445,14 @@ class Rounds:
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
             )
-            if (
-                state.logits is not None
-            ):  # output_scores / output_logits: the target's logits at each kept token
+            if state.processors is not None:
+                state.processors.observe(output_tokens, kept)
+            if state.kept_logits:  # output_logits / output_scores: the target's logits at the kept tokens
                 j = torch.arange(steps + 1, device=device)
                 rows = torch.where(j < kept[:, None], generated[:, None] + j, request.max_new_tokens)
-                state.logits.scatter_(1, rows[..., None].expand_as(target_logits), target_logits.float())
+                for name, values in (("logits", target_logits), ("scores", processed)):
+                    if name in state.kept_logits:
+                        state.kept_logits[name].scatter_(1, rows[..., None].expand_as(values), values.float())
             fed = self._feedback(
                 output_tokens, num_accepted, source, span_end, active, state.units is not None
             )

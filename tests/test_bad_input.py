@@ -384,9 +384,25 @@ def test_nan_from_one_token_of_the_target(models):
 
 
 # --------------------------------------------------------------------------------------------- options
-def test_unsupported_repetition_penalty(models, run):
-    with pytest.raises(ValueError, match=r"`repetition_penalty=1.3` is not supported"):
-        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, repetition_penalty=1.3)
+def test_unsupported_no_repeat_ngram_size(models, run):
+    with pytest.raises(ValueError, match=r"`no_repeat_ngram_size=3` is not supported"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, no_repeat_ngram_size=3)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("repetition_penalty", 0.0, r"`repetition_penalty` must be a number > 0 \(1.0: off\), got 0.0"),
+        ("repetition_penalty", -1.2, r"`repetition_penalty` must be a number > 0"),
+        ("repetition_penalty", "1.2", r"`repetition_penalty` must be a number > 0"),
+        ("min_new_tokens", -1, r"`min_new_tokens` must be an int >= 0 \(0: off\), got -1"),
+        ("min_length", 2.5, r"`min_length` must be an int >= 0"),
+    ],
+)
+def test_bad_logits_processing(models, run, option, value, match):
+    with pytest.raises(ValueError, match=match):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{option: value})
     assert_still_works(run, models)
 
 

@@ -1,0 +1,97 @@
+"""The logits processors a request applies to the target inside the round, as transformers applies them.
+
+transformers' ``generate()`` processes the target's logits at each new token before it samples or takes
+the argmax; speculative decoding stays exact when verification uses the target's *processed* logits at
+every drafted position, each with the context that position has (the committed tokens, then the block's
+drafted tokens before it). The drafter's logits are not processed: its proposal is whatever law it sampled
+from, and verification corrects for it. Supported, in transformers' order (``_get_logits_processor``):
+
+- ``repetition_penalty``: every token present in the context (the prompt without its left padding, as
+  transformers 5.24 skips it, the generated tokens, the drafted tokens before the position) has its logit
+  ``l`` replaced by ``l * penalty`` if ``l < 0`` else ``l / penalty``;
+- ``min_length``: EOS ids get ``-inf`` while the sequence (padded prompt and new tokens) is shorter;
+- ``min_new_tokens``: EOS ids get ``-inf`` while fewer new tokens precede the position.
+
+Fixed shapes, no host read: the round stays capturable. The tokens each row has seen are kept as a
+``[batch, V + 1]`` mask (the last column absorbs padding ids), updated in place at each commit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TargetProcessors"]
+
+
+class TargetProcessors:
+    """A request's target-side processing (``Request.repetition_penalty``, ``min_length``, ``min_new_tokens``).
+
+    Args:
+        tokens: [batch, slots + 1] the request's committed tokens by slot (``RequestState.tokens``).
+        start: [batch] each row's first prompt slot; prompt: the padded prompt width; vocab: V_t.
+    """
+
+    def __init__(
+        self,
+        *,
+        repetition_penalty: float,
+        min_length: int,
+        min_new_tokens: int,
+        eos_ids: torch.Tensor,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        prompt: int,
+        vocab: int,
+    ):
+        self.penalty, self.min_length, self.min_new_tokens = repetition_penalty, min_length, min_new_tokens
+        self.prompt, self.vocab = prompt, vocab
+        batch, device = tokens.shape[0], tokens.device
+        self.eos = None  # [V] bool the EOS ids, when a minimum length can mask them
+        if min_length > prompt or min_new_tokens > 0:
+            self.eos = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.eos[eos_ids[eos_ids < vocab]] = True
+        self.seen = None
+        if repetition_penalty != 1.0:
+            slots = torch.arange(1, 1 + prompt, device=device)
+            ids = torch.where(slots >= start[:, None], tokens[:, 1 : 1 + prompt], vocab).clamp(0, vocab)
+            self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, ids, True)
+
+    @staticmethod
+    def needed(repetition_penalty: float, min_length: int, min_new_tokens: int, prompt: int) -> bool:
+        """Whether a request with these settings and a ``prompt``-wide padded prompt processes anything."""
+        return repetition_penalty != 1.0 or min_length > prompt or min_new_tokens > 0
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [batch, n, V] the target's logits at the block's positions
+        proposal: torch.Tensor,  # [batch, n - 1] the drafted target ids at positions 1..n-1, -1 where none
+        generated: torch.Tensor,  # [batch] new tokens before the block's first position
+    ) -> torch.Tensor:  # [batch, n, V] processed (a new tensor)
+        batch, n, vocab = logits.shape
+        device = logits.device
+        j = torch.arange(n, device=device)
+        if self.seen is not None:
+            # Position j also sees the block's drafted tokens x_1..x_j (proposal[:, :j]).
+            drafted = torch.where(proposal >= 0, proposal, self.vocab)  # [batch, n - 1]
+            before = j[:, None] > torch.arange(
+                n - 1, device=device
+            )  # [n, n - 1]: x_(i+1) precedes position j
+            index = torch.where(before, drafted[:, None, :], self.vocab)  # [batch, n, n - 1]
+            present = self.seen[:, None, :].expand(batch, n, self.vocab + 1).clone()
+            present.scatter_(2, index, True)
+            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(present[..., :vocab], penalised, logits)
+        if self.eos is not None:
+            length = generated[:, None] + j  # [batch, n] new tokens before each position
+            short = (self.prompt + length < self.min_length) | (length < self.min_new_tokens)
+            logits = logits.masked_fill(short[..., None] & self.eos, -torch.inf)
+        return logits
+
+    def observe(self, output_tokens: torch.Tensor, kept: torch.Tensor) -> None:
+        """A round committed ``output_tokens[:, :kept]`` ([batch, n], [batch]): they are seen from now on."""
+        if self.seen is None:
+            return
+        j = torch.arange(output_tokens.shape[1], device=output_tokens.device)
+        ids = torch.where(j < kept[:, None], output_tokens.clamp_min(0), self.vocab)
+        self.seen.scatter_(1, ids, True)
