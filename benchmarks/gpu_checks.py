@@ -118,7 +118,12 @@ def syncs() -> None:
             print(f"syncs: {name} {kwargs or 'greedy'}: no host sync inside {' or '.join(methods)}")
 
 
-_REQUESTS = ({}, {"do_sample": True, "top_k": 20}, {"cascade": CascadeConfig("token_v3", 0.3)})
+_REQUESTS = (
+    {},
+    {"do_sample": True, "top_k": 20},
+    {"cascade": CascadeConfig("token_v3", 0.3)},
+    {"repetition_penalty": 1.2, "min_new_tokens": 8, "output_scores": True, "return_dict_in_generate": True},
+)
 
 
 def _sync_checked(function):
