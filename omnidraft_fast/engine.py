@@ -255,7 +255,7 @@ class SpeculativeEngine:
         serving = self.learner.serving() if self.learner is not None else nullcontext()
         try:
             with serving, torch.no_grad():
-                self._decode(state, request, generator, timer)
+                timed_out = self._decode(state, request, generator, timer)
         finally:
             state.graphs.close()
             self.target.end()
@@ -266,6 +266,9 @@ class SpeculativeEngine:
         if state.recorder is not None:
             self._learn(state, request, timer)  # the labels not handed over yet, between requests
 
+        if timed_out:  # as transformers stops every row at once: rows still going end at the shortest of them
+            going = ~state.done
+            state.generated.clamp_(max=int(state.generated[going].min()))
         generated = state.generated.cpu()
         longest = int(generated.max())
         sequences = state.tokens[:, 1 : 1 + prompt + longest].clone()
@@ -284,13 +287,20 @@ class SpeculativeEngine:
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
-        return sequences, stats, {name: kept[:, :longest] for name, kept in state.kept_logits.items()}
+        past_end = (torch.arange(longest, device=device) >= state.generated[:, None])[..., None]
+        kept = {
+            name: values[:, :longest].masked_fill(past_end, torch.nan)
+            for name, values in state.kept_logits.items()
+        }
+        return sequences, stats, kept
 
     def _decode(
         self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
-    ) -> None:
-        """Prefill both models, then run rounds until every row is done: ``rounds_per_sync`` rounds (and the
-        in-flight learning steps due among them) between two host reads."""
+    ) -> bool:
+        """Prefill both models, then run rounds until every row is done (or ``max_time`` has passed, as
+        transformers' MaxTimeCriteria, checked at each host read; then returns True): ``rounds_per_sync``
+        rounds (and the in-flight learning steps due among them) between two host reads."""
+        began = time.perf_counter()
         self.rounds.prefill(state, request, timer)
         per_sync = self.config.rounds_per_sync
         every = self.config.in_flight_rounds if state.recorder is not None else None
@@ -320,7 +330,9 @@ class SpeculativeEngine:
             if request.streamer is not None:
                 self._stream(request.streamer, state, before)
             if all_done:
-                return
+                return False
+            if request.max_time is not None and time.perf_counter() - began > request.max_time:
+                return True
 
     def _learn_in_flight(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """The in-flight learning step as a stage of its own (captured with ``cuda_graphs``, like the

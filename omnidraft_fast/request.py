@@ -40,7 +40,7 @@ _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
     "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
-    "min_new_tokens",
+    "min_new_tokens", "max_time",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -48,7 +48,7 @@ _NO_EFFECT = {
     "cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
     "is_assistant", "low_memory", "prefill_chunk_size", "num_assistant_tokens_schedule",
     "assistant_lookbehind", "target_lookbehind", "length_penalty",
-    "early_stopping", "max_time",
+    "early_stopping",
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -80,6 +80,7 @@ class Request:
     repetition_penalty: float = 1.0  # target-side logits processing (processors.py); 1: off
     min_length: int = 0  # EOS masked while prompt (padded) + new tokens are fewer
     min_new_tokens: int = 0  # EOS masked while new tokens are fewer
+    max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
@@ -216,6 +217,12 @@ def resolve_request(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
 
+    max_time = fields.get("max_time")
+    if max_time is not None and (
+        isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or not max_time > 0
+    ):
+        raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
+
     threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
     if threshold is not None:
         check_confidence_threshold("assistant_confidence_threshold", threshold)
@@ -245,6 +252,7 @@ def resolve_request(
         repetition_penalty=float(penalty),
         min_length=fields.get("min_length", 0),
         min_new_tokens=fields.get("min_new_tokens", 0),
+        max_time=None if max_time is None else float(max_time),
         cascade=cascade,
         alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )

@@ -474,3 +474,20 @@ def test_sampled_scores_are_the_warped_logits(target, drafter, batch):
         )
         assert torch.equal(score, expected)
         assert (score > -torch.inf).sum(-1).le(9).all()
+
+
+def test_max_time_stops_every_row_at_once(target, drafter, batch):
+    """``max_time``: no round starts once it has passed; as transformers stops every row at the same step,
+    rows still going end at the shortest of them, a prefix of the full output."""
+    ids, mask = batch
+    full = reference(target, ids, mask, max_new_tokens=NEW)
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW,
+                                  max_time=1e-9, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    new = out.sequences.shape[1] - ids.shape[1]
+    assert 1 <= new < NEW and out.stats.rounds == 1
+    assert_equal(out.sequences, full[:, : ids.shape[1] + new])
+    assert len(out.logits) == new and not torch.isnan(torch.stack(out.logits)).any()
+    assert_equal(omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=NEW,
+                                         max_time=60.0), full)  # fmt: skip
+    with pytest.raises(ValueError, match=r"`max_time` must be a number of seconds > 0, got 0"):
+        omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_time=0)
