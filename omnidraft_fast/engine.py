@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .bridge import VocabBridge
+from .bridge import VocabBridge, token_bytes
 from .config import CascadeConfig, EngineConfig
 from .learner import OnlineLearner
 from .models import CausalLM
@@ -31,6 +31,7 @@ from .request import Request, resolve_request
 from .rounds import COUNTERS, RequestState, Rounds
 from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
+from .stopping import StopStrings
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
 
@@ -105,6 +106,9 @@ class SpeculativeEngine:
             if config.ngram_preseed:
                 self.ngram.seed(self.bridge.t2ds, self.bridge.t2ds_len)
         self.target_tokenizer = target_tokenizer
+        self._token_bytes: dict[
+            int, tuple[Any, list[bytes | None]]
+        ] = {}  # id(tokenizer) -> (it, token bytes)
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
@@ -177,14 +181,17 @@ class SpeculativeEngine:
         streamer: Any = None,
         return_dict_in_generate: bool | None = None,
         cascade: CascadeConfig | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateOutput:
         """Generate like ``target.generate()``; unset arguments resolve as there (see ``request.py``).
 
         ``cascade`` (default: the engine config's) verifies against a speculative-cascade deferral rule
-        instead of the target exactly (``CascadeConfig``).
+        instead of the target exactly (``CascadeConfig``). ``tokenizer`` (default: the engine's target
+        tokenizer) is the target's, which ``stop_strings`` need, as in transformers.
 
-        Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` after a row's EOS, or a
+        Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a row's
+        end, or a
         :class:`GenerateOutput` when ``return_dict_in_generate=True``.
         """
         explicit = {
@@ -230,9 +237,10 @@ class SpeculativeEngine:
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
             )
+        stops = self._stop_strings(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-            sequences, stats, logits = self._run(request)
+            sequences, stats, logits = self._run(request, stops)
         self.last_stats = stats
         self.stats.add(stats)
         if request.return_dict_in_generate:
@@ -240,7 +248,28 @@ class SpeculativeEngine:
         return sequences
 
     # ---------------------------------------------------------------------------------------------
-    def _run(self, request: Request) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
+    def _stop_strings(self, request: Request, tokenizer: Any) -> StopStrings | None:
+        """The request's stop-string state (None without stop strings); the tokenizer's token bytes are
+        computed once per tokenizer."""
+        if not request.stop_strings:
+            return None
+        if tokenizer is None:
+            raise ValueError(
+                "`stop_strings` need the target's tokenizer to read tokens as text: pass tokenizer=... (as with "
+                "transformers' generate), or build the engine with target_tokenizer=..."
+            )
+        key = id(tokenizer)
+        if key not in self._token_bytes:
+            self._token_bytes[key] = (tokenizer, token_bytes(tokenizer, self.target.vocab_size).pieces)
+        prompts = [
+            row[row.shape[0] - int(length) :].tolist()
+            for row, length in zip(request.input_ids.cpu(), request.prompt_lengths, strict=True)
+        ]
+        return StopStrings(request.stop_strings, self._token_bytes[key][1], prompts)
+
+    def _run(
+        self, request: Request, stops: StopStrings | None = None
+    ) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
         """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each)."""
         device = self.device
         time_stages = self.config.time_stages
@@ -255,7 +284,7 @@ class SpeculativeEngine:
         serving = self.learner.serving() if self.learner is not None else nullcontext()
         try:
             with serving, torch.no_grad():
-                timed_out = self._decode(state, request, generator, timer)
+                timed_out = self._decode(state, request, generator, timer, stops)
         finally:
             state.graphs.close()
             self.target.end()
@@ -266,16 +295,19 @@ class SpeculativeEngine:
         if state.recorder is not None:
             self._learn(state, request, timer)  # the labels not handed over yet, between requests
 
+        if stops is not None:  # rows that ended at a stop string end there
+            for row, count in stops.cuts.items():
+                state.generated[row] = count
         if timed_out:  # as transformers stops every row at once: rows still going end at the shortest of them
             going = ~state.done
             state.generated.clamp_(max=int(state.generated[going].min()))
         generated = state.generated.cpu()
         longest = int(generated.max())
         sequences = state.tokens[:, 1 : 1 + prompt + longest].clone()
-        if request.pad_token_id is not None:
-            columns = torch.arange(longest, device=device)
-            tail = sequences[:, prompt:]
-            tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id)
+        # Past a row's end (EOS, a stop string, max_time): pad_token_id, or 0 when there is none.
+        columns = torch.arange(longest, device=device)
+        tail = sequences[:, prompt:]
+        tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id or 0)
         counters = dict(zip(COUNTERS, state.counters.tolist(), strict=True))
         del counters["invalid"]  # rounds with an active row: not those past the end (rounds_per_sync)
         stats = GenerationStats(
@@ -295,7 +327,12 @@ class SpeculativeEngine:
         return sequences, stats, kept
 
     def _decode(
-        self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
+        self,
+        state: RequestState,
+        request: Request,
+        generator: torch.Generator,
+        timer: StageTimer,
+        stops: StopStrings | None = None,
     ) -> bool:
         """Prefill both models, then run rounds until every row is done (or ``max_time`` has passed, as
         transformers' MaxTimeCriteria, checked at each host read; then returns True): ``rounds_per_sync``
@@ -306,7 +343,7 @@ class SpeculativeEngine:
         every = self.config.in_flight_rounds if state.recorder is not None else None
         rounds = 0
         while True:
-            before = state.lengths.clone() if request.streamer is not None else None
+            before = state.lengths.clone() if request.streamer is not None or stops is not None else None
             due = tuple(j for j in range(per_sync) if every is not None and (rounds + j + 1) % every == 0)
             if per_sync == 1:
                 self.rounds.run(state, request, generator, timer)
@@ -327,8 +364,10 @@ class SpeculativeEngine:
                     "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
                     "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
                 )
+            if stops is not None:
+                all_done = self._stop(stops, state, before) or all_done
             if request.streamer is not None:
-                self._stream(request.streamer, state, before)
+                self._stream(request.streamer, state, before, stops)
             if all_done:
                 return False
             if request.max_time is not None and time.perf_counter() - began > request.max_time:
@@ -400,8 +439,28 @@ class SpeculativeEngine:
         return out
 
     @staticmethod
-    def _stream(streamer: Any, state: RequestState, before: torch.Tensor) -> None:
+    def _stop(stops: StopStrings, state: RequestState, before: torch.Tensor) -> bool:
+        """Mark done every row whose tokens of this round complete a stop string, and note where it ends
+        (``stops.cuts``: its new tokens through that one; the output is cut there after the request, so
+        that what the rounds recorded stays whole); returns whether every row is done now (a host read of
+        the round's new tokens)."""
+        begin, end, generated = before.tolist(), state.lengths.tolist(), state.generated.tolist()
+        done = state.done.tolist()
+        for row, (first, last) in enumerate(zip(begin, end, strict=True)):
+            if last == first or row in stops.cuts:
+                continue
+            keep = stops.first_stop(row, state.tokens[row, first:last].tolist())
+            if keep is not None:
+                stops.cuts[row] = generated[row] - (last - first - keep)
+                state.done[row] = True
+                done[row] = True
+        return all(done)
+
+    @staticmethod
+    def _stream(streamer: Any, state: RequestState, before: torch.Tensor, stops: StopStrings | None) -> None:
         begin, end = int(before[0]), int(state.lengths[0])
+        if stops is not None and 0 in stops.cuts:  # the row ended at a stop string: stream through it
+            end = min(end, end - int(state.generated[0]) + stops.cuts[0])
         if end > begin:
             streamer.put(state.tokens[0, begin:end].cpu())
 

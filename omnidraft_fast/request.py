@@ -40,7 +40,7 @@ _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
     "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
-    "min_new_tokens", "max_time",
+    "min_new_tokens", "max_time", "stop_strings",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -81,6 +81,7 @@ class Request:
     min_length: int = 0  # EOS masked while prompt (padded) + new tokens are fewer
     min_new_tokens: int = 0  # EOS masked while new tokens are fewer
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
+    stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
@@ -223,6 +224,12 @@ def resolve_request(
     ):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
 
+    stop_strings = fields.get("stop_strings") or ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(t, str) and t for t in stop_strings):
+        raise ValueError(f"`stop_strings` must be a non-empty string or a list of them, got {stop_strings!r}")
+
     threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
     if threshold is not None:
         check_confidence_threshold("assistant_confidence_threshold", threshold)
@@ -253,6 +260,7 @@ def resolve_request(
         min_length=fields.get("min_length", 0),
         min_new_tokens=fields.get("min_new_tokens", 0),
         max_time=None if max_time is None else float(max_time),
+        stop_strings=tuple(stop_strings),
         cascade=cascade,
         alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )

@@ -1,0 +1,94 @@
+"""``stop_strings`` as transformers handles them: a row ends at the first new token that completes one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import omnidraft_fast
+from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast.bridge import token_bytes
+from omnidraft_fast.stopping import StopStrings
+from omnidraft_fast.zoo import load
+from omnidraft_fast.zoo.data import heldout_prompts
+
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return load("code-pair")
+
+
+@pytest.fixture(scope="module")
+def batch(zoo):
+    tokenizer = zoo.target_tokenizer
+    tokenizer.padding_side = "left"
+    return tokenizer([p for _, p in heldout_prompts(1)], return_tensors="pt", padding=True)
+
+
+def test_matching_by_hand(zoo):
+    """The token that completes a stop string ends the row, whether the string starts in an earlier token
+    (or in the prompt) or lies inside the token; an occurrence wholly before the new tokens does not."""
+    tokenizer = zoo.target_tokenizer
+    pieces = token_bytes(tokenizer, zoo.target.config.vocab_size).pieces
+    ids = tokenizer("x = compute(a)\\n    return x + 1", add_special_tokens=False).input_ids
+    text = [pieces[i] for i in ids]
+    at = next(n for n in range(1, len(ids) + 1) if b"return" in b"".join(text[:n]))  # the completing token
+    assert StopStrings(("return",), pieces, [ids[:2]]).first_stop(0, ids[2:]) == at - 2
+    assert StopStrings(("zzz", "return"), pieces, [[]]).first_stop(0, ids) == at
+    assert (
+        StopStrings(("return",), pieces, [ids[: at + 1]]).first_stop(0, ids[at + 1 :]) is None
+    )  # in the prompt
+    spanning = StopStrings(("e(a",), pieces, [ids[:1]])  # spans token boundaries
+    assert spanning.first_stop(0, ids[1:3]) is None  # fed in two calls: the state carries over
+    assert spanning.first_stop(0, ids[3:]) == next(
+        n for n in range(1, len(ids)) if b"e(a" in b"".join(text[: 3 + n])
+    )
+
+
+@pytest.mark.parametrize("config", [{}, {"cuda_graphs": True}, {"rounds_per_sync": 3}])
+@pytest.mark.parametrize("stops", [["\n"], ["return", "):"], [" = ", "\n\n"]])
+def test_greedy_equals_transformers(zoo, batch, stops, config):
+    tokenizer = zoo.target_tokenizer
+    kwargs = dict(max_new_tokens=NEW, stop_strings=stops, tokenizer=tokenizer)
+    expected = zoo.target.generate(**batch, do_sample=False, **kwargs)
+    plain = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW)
+    assert expected.shape[1] < plain.shape[1] or not torch.equal(expected, plain)  # the stops did stop rows
+    out = omnidraft_fast.generate(zoo.target, **batch, drafter=zoo.drafter_shared,
+                                  engine_config=EngineConfig(**config), **kwargs)  # fmt: skip
+    assert torch.equal(out, expected)
+
+
+def test_across_vocabularies_sampled_and_streamed(zoo, batch):
+    """Across vocabularies, sampled: every row's text ends with a stop string or runs to max_new_tokens;
+    a streamer gets the text through the stop and no further."""
+    from transformers import TextIteratorStreamer
+
+    tokenizer = zoo.target_tokenizer
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_cross, target_tokenizer=tokenizer,
+                               drafter_tokenizer=zoo.drafter_tokenizer)  # fmt: skip
+    torch.manual_seed(0)
+    out = engine.generate(**batch, max_new_tokens=NEW, do_sample=True, top_k=0, stop_strings=["\n"],
+                          return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    width = batch["input_ids"].shape[1]
+    for row, logits in zip(out.sequences[:, width:], torch.stack(out.logits, 1), strict=True):
+        n = int((~torch.isnan(logits[:, 0])).sum())  # the row's new tokens (NaN logits past its end)
+        assert not torch.isnan(logits[:n]).any() and torch.isnan(logits[n:]).all()
+        text, before = tokenizer.decode(row[:n]), tokenizer.decode(row[: n - 1])
+        assert ("\n" in text and "\n" not in before) or (n == NEW and "\n" not in text), repr(text)
+    ids = batch["input_ids"][:1, batch["attention_mask"][0].bool()]
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    streamed = engine.generate(ids, max_new_tokens=NEW, stop_strings=["\n"], streamer=streamer)
+    assert "".join(streamer) == tokenizer.decode(streamed[0, ids.shape[1] :])
+
+
+def test_bad_stop_strings(zoo, batch):
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    with pytest.raises(ValueError, match="`stop_strings` need the target's tokenizer"):
+        engine.generate(**batch, max_new_tokens=4, stop_strings=["\n"])
+    for bad in ([""], [3], 5):
+        with pytest.raises(ValueError, match="`stop_strings` must be a non-empty string or a list of them"):
+            engine.generate(**batch, max_new_tokens=4, stop_strings=bad, tokenizer=zoo.target_tokenizer)
+    out = engine.generate(**batch, max_new_tokens=4, stop_strings="\n", tokenizer=zoo.target_tokenizer)
+    assert out.shape[1] <= batch["input_ids"].shape[1] + 4  # the engine still works
