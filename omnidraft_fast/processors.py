@@ -1,4 +1,4 @@
-"""The logits processors a request applies to the target inside the round, as transformers applies them.
+"""The logits processors and min-p a request applies to the target inside the round, as transformers does.
 
 transformers' ``generate()`` processes the target's logits at each new token before it samples or takes
 the argmax; speculative decoding stays exact when verification uses the target's *processed* logits at
@@ -10,7 +10,12 @@ from, and verification corrects for it. Supported, in transformers' order (``_ge
   transformers 5.24 skips it, the generated tokens, the drafted tokens before the position) has its logit
   ``l`` replaced by ``l * penalty`` if ``l < 0`` else ``l / penalty``;
 - ``min_length``: EOS ids get ``-inf`` while the sequence (padded prompt and new tokens) is shorter;
-- ``min_new_tokens``: EOS ids get ``-inf`` while fewer new tokens precede the position.
+- ``min_new_tokens``: EOS ids get ``-inf`` while fewer new tokens precede the position;
+- ``min_p`` (sampling; transformers applies it after temperature, top-k and top-p): tokens whose
+  probability at the request's temperature is below ``min_p`` times the largest get ``-inf``. Masked
+  here, before verification applies temperature and top-k, it keeps the same tokens (the threshold is
+  relative to the largest probability, which top-k keeps); before top-p it would not, so a request may not
+  set both (``request.py``).
 
 Fixed shapes, no host read: the round stays capturable. The tokens each row has seen are kept as a
 ``[batch, V + 1]`` mask (the last column absorbs padding ids), updated in place at each commit.
@@ -37,6 +42,8 @@ class TargetProcessors:
         repetition_penalty: float,
         min_length: int,
         min_new_tokens: int,
+        min_p: float,
+        temperature: float,
         eos_ids: torch.Tensor,
         tokens: torch.Tensor,
         start: torch.Tensor,
@@ -45,6 +52,7 @@ class TargetProcessors:
     ):
         self.penalty, self.min_length, self.min_new_tokens = repetition_penalty, min_length, min_new_tokens
         self.prompt, self.vocab = prompt, vocab
+        self.min_p, self.temperature = min_p, temperature
         batch, device = tokens.shape[0], tokens.device
         self.eos = None  # [V] bool the EOS ids, when a minimum length can mask them
         if min_length > prompt or min_new_tokens > 0:
@@ -58,9 +66,11 @@ class TargetProcessors:
             self.seen.scatter_(1, ids, True)
 
     @staticmethod
-    def needed(repetition_penalty: float, min_length: int, min_new_tokens: int, prompt: int) -> bool:
+    def needed(
+        repetition_penalty: float, min_length: int, min_new_tokens: int, min_p: float, prompt: int
+    ) -> bool:
         """Whether a request with these settings and a ``prompt``-wide padded prompt processes anything."""
-        return repetition_penalty != 1.0 or min_length > prompt or min_new_tokens > 0
+        return repetition_penalty != 1.0 or min_length > prompt or min_new_tokens > 0 or min_p > 0
 
     def __call__(
         self,
@@ -86,6 +96,9 @@ class TargetProcessors:
             length = generated[:, None] + j  # [batch, n] new tokens before each position
             short = (self.prompt + length < self.min_length) | (length < self.min_new_tokens)
             logits = logits.masked_fill(short[..., None] & self.eos, -torch.inf)
+        if self.min_p > 0:  # as transformers' MinPLogitsWarper computes it, at the request's temperature
+            probs = (logits.float() / self.temperature).softmax(-1)
+            logits = logits.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), -torch.inf)
         return logits
 
     def observe(self, output_tokens: torch.Tensor, kept: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
     "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
-    "min_new_tokens", "max_time", "stop_strings",
+    "min_new_tokens", "max_time", "stop_strings", "min_p",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -53,7 +53,7 @@ _NO_EFFECT = {
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
-    "typical_p": (1.0,), "min_p": (0.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
     "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_attentions": (False,),
     "output_hidden_states": (False,),
@@ -82,6 +82,7 @@ class Request:
     min_new_tokens: int = 0  # EOS masked while new tokens are fewer
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
+    min_p: float = 0.0  # sampling: the target keeps tokens with p >= min_p * max p (processors.py); 0: off
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
@@ -224,6 +225,15 @@ def resolve_request(
     ):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
 
+    min_p = fields.get("min_p", 0.0)
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p!r}")
+    if min_p and not sampling.greedy and sampling.top_p < 1:
+        raise ValueError(
+            f"`min_p`={min_p} with `top_p`={sampling.top_p} is not supported: transformers applies top-p before "
+            "min-p, an order the engine's verification does not reproduce; use one of them (top_p=1.0 or min_p=0)"
+        )
+
     stop_strings = fields.get("stop_strings") or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
@@ -261,6 +271,7 @@ def resolve_request(
         min_new_tokens=fields.get("min_new_tokens", 0),
         max_time=None if max_time is None else float(max_time),
         stop_strings=tuple(stop_strings),
+        min_p=0.0 if sampling.greedy else float(min_p),
         cascade=cascade,
         alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
     )

@@ -132,3 +132,39 @@ def test_sampled_law_is_the_processed_targets(pair):
     bound = 0.5 * torch.sqrt(exact * (1 - exact) / ROWS).sum().item() + math.sqrt(math.log(1e6) / (2 * ROWS))
     assert 0.5 * (empirical - exact).abs().sum().item() < bound
     assert 0.5 * (joint(False) - exact).abs().sum().item() > 2 * bound  # the processing matters here
+
+
+def test_min_p_sampling_follows_transformers_law(pair):
+    """min_p (with top-k, at T=0.8): the first token's law is transformers' (temperature, top-k, min-p
+    warpers) within the total-variation bound, and far from the law without min-p; greedy ignores min_p as
+    transformers does; min_p with top_p < 1 is refused (transformers applies top-p first)."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    target, _ = pair
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        logits = target(prompt).logits[:, -1].float()
+    warped = TopKLogitsWarper(12)(None, TemperatureLogitsWarper(0.8)(None, logits))
+    exact = MinPLogitsWarper(0.2)(None, warped).softmax(-1)[0].double()
+    engine = _engine(pair)
+    torch.manual_seed(0)
+    out = engine.generate(prompt.expand(ROWS, -1), max_new_tokens=1, do_sample=True, temperature=0.8, top_k=12,
+                          min_p=0.2, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    empirical = torch.bincount(out[:, -1], minlength=VOCAB).double() / ROWS
+    bound = 0.5 * torch.sqrt(exact * (1 - exact) / ROWS).sum().item() + math.sqrt(math.log(1e6) / (2 * ROWS))
+    assert 0.5 * (empirical - exact).abs().sum().item() < bound
+    assert 0.5 * (warped.softmax(-1)[0].double() - exact).abs().sum().item() > 2 * bound
+    assert (empirical[exact == 0] == 0).all()  # nothing min-p removes is ever drawn
+    ids = torch.tensor([[5, 9, 13, 5]])
+    greedy = target.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0)
+    assert torch.equal(
+        engine.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, min_p=0.5), greedy
+    )
+    with pytest.raises(ValueError, match=r"`min_p`=0.2 with `top_p`=0.9 is not supported"):
+        engine.generate(ids, max_new_tokens=4, do_sample=True, top_p=0.9, min_p=0.2)
+    with pytest.raises(ValueError, match=r"`min_p` must be in \[0, 1\]"):
+        engine.generate(ids, max_new_tokens=4, do_sample=True, min_p=1.5)
