@@ -86,6 +86,17 @@ def perturbed_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch
     return drafter.eval()
 
 
+def peaked_pair(
+    vocab_size: int, *, seed: int, head_scale: float, noise: float, eos_token_id: int | None = None
+):
+    """A tiny llama target whose head is scaled by ``head_scale`` (next-token laws far from uniform, as a
+    trained model's are) and a drafter that is its ``perturbed_copy`` with ``noise``."""
+    target = tiny_model("llama", vocab_size, seed=seed, eos_token_id=eos_token_id)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(head_scale)
+    return target, perturbed_copy(target, noise, seed=seed + 1)
+
+
 def left_padded_prompts(
     vocab_size: int, lengths: list[int], seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from conftest import left_padded_prompts, peaked_pair
 
 from omnidraft_fast import AdaptiveConfig, EngineConfig, SpeculativeEngine
 from omnidraft_fast.adaptive import AcceptanceHead, DraftLength
@@ -17,11 +17,8 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", VOCAB, seed=31, eos_token_id=3)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(40)  # confident enough that the drafter's confidence varies
-    return target, perturbed_copy(target, 0.4, seed=32)
+def pair():  # confident enough that the drafter's confidence varies
+    return peaked_pair(VOCAB, seed=31, head_scale=40, noise=0.4, eos_token_id=3)
 
 
 def _engine(pair, **config):

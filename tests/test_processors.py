@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from conftest import left_padded_prompts, peaked_pair
 from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from omnidraft_fast import EngineConfig, SpeculativeEngine
@@ -18,11 +18,8 @@ NEW = 14
 
 
 @pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", VOCAB, seed=41, eos_token_id=2)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(8)  # peaked laws: greedy runs repeat tokens, so the penalty changes them
-    return target, perturbed_copy(target, 0.3, seed=42)
+def pair():  # peaked laws: greedy runs repeat tokens, so the penalty changes them
+    return peaked_pair(VOCAB, seed=41, head_scale=8, noise=0.3, eos_token_id=2)
 
 
 def _engine(pair, **config):
