@@ -446,10 +446,12 @@ class SpeculativeEngine:
         the round's new tokens)."""
         begin, end, generated = before.tolist(), state.lengths.tolist(), state.generated.tolist()
         done = state.done.tolist()
+        low, high = min(begin), max(end)
+        tokens = state.tokens[:, low:high].tolist()  # every row's new tokens in one copy
         for row, (first, last) in enumerate(zip(begin, end, strict=True)):
             if last == first or row in stops.cuts:
                 continue
-            keep = stops.first_stop(row, state.tokens[row, first:last].tolist())
+            keep = stops.first_stop(row, tokens[row][first - low : last - low])
             if keep is not None:
                 stops.cuts[row] = generated[row] - (last - first - keep)
                 state.done[row] = True
