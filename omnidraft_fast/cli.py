@@ -50,6 +50,10 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         num_draft_tokens=args.num_draft_tokens,
         assistant_confidence_threshold=args.confidence_threshold,
+        repetition_penalty=args.repetition_penalty,
+        min_p=args.min_p,
+        min_new_tokens=args.min_new_tokens,
+        stop_strings=args.stop,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
             translation=args.translation,
@@ -148,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float, help="sampling: keep tokens with p >= min_p * max p")
+    gen.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1: off)")
+    gen.add_argument("--min-new-tokens", type=int, help="no EOS before this many new tokens")
+    gen.add_argument("--stop", action="append", help="a stop string (repeat for more); the row ends after it")
     gen.add_argument("--num-draft-tokens", type=int, help="draft length k (default 4)")
     gen.add_argument(
         "--confidence-threshold",

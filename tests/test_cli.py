@@ -81,6 +81,29 @@ def test_generate_across_vocabularies_with_and_without_split_tokens(capsys):
     assert stats[0]["split_proposed"] > 0 and stats[1]["split_proposed"] == 0
 
 
+def test_generate_with_generation_options(capsys):
+    """--stop, --repetition-penalty and --min-new-tokens on the zoo's cross pair: the text transformers gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omnidraft_fast.zoo import ROOT
+    from omnidraft_fast.zoo.data import heldout_prompts
+
+    pair = ROOT / "code-pair"
+    prompt = heldout_prompts(1)[0][1]
+    command = ["generate", "--model", str(pair / "target"), "--drafter", str(pair / "drafter-cross"),
+               "--prompt", prompt, "--max-new-tokens", "32", "--dtype", "float32", "--device", "cpu",
+               "--stop", "):", "--stop", "\n\n", "--repetition-penalty", "1.2", "--min-new-tokens", "3"]  # fmt: skip
+    assert main(command) == 0
+    printed = capsys.readouterr().out.split("--- stats")[0].split("\n", 1)[1]
+    tokenizer = AutoTokenizer.from_pretrained(pair / "target")
+    target = AutoModelForCausalLM.from_pretrained(pair / "target", dtype=torch.float32)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = target.generate(ids, max_new_tokens=32, do_sample=False, stop_strings=["):", "\n\n"],
+                               tokenizer=tokenizer, repetition_penalty=1.2, min_new_tokens=3)  # fmt: skip
+    assert expected.shape[1] < ids.shape[1] + 32  # a stop string ended it
+    assert printed == prompt + tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+
+
 def test_generate_batch_and_json(folders, capsys):
     root, _, _ = folders
     code = main(
