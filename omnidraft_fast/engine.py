@@ -106,9 +106,8 @@ class SpeculativeEngine:
             if config.ngram_preseed:
                 self.ngram.seed(self.bridge.t2ds, self.bridge.t2ds_len)
         self.target_tokenizer = target_tokenizer
-        self._token_bytes: dict[
-            int, tuple[Any, list[bytes | None]]
-        ] = {}  # id(tokenizer) -> (it, token bytes)
+        # id(tokenizer) -> (the tokenizer, kept alive so that its id stays its own; its tokens' bytes)
+        self._token_bytes: dict[int, tuple[Any, list[bytes | None]]] = {}
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
@@ -319,7 +318,7 @@ class SpeculativeEngine:
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
-        past_end = (torch.arange(longest, device=device) >= state.generated[:, None])[..., None]
+        past_end = (columns >= state.generated[:, None])[..., None]
         kept = {
             name: values[:, :longest].masked_fill(past_end, torch.nan)
             for name, values in state.kept_logits.items()

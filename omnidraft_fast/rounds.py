@@ -214,7 +214,8 @@ class Rounds:
     def _processors(
         self, request: Request, tokens: torch.Tensor, start: torch.Tensor
     ) -> TargetProcessors | None:
-        """The request's target-side logits processing (repetition penalty, minimum lengths); None if none."""
+        """The request's target-side logits processing (repetition penalty, minimum lengths, min-p); None if
+        it has none."""
         prompt = request.input_ids.shape[1]
         if not TargetProcessors.needed(
             request.repetition_penalty, request.min_length, request.min_new_tokens, request.min_p, prompt
@@ -346,9 +347,8 @@ class Rounds:
             state.draft_ids[:, i] = ids
             state.draft_probs[:, i] = probs
 
-            def law_t1() -> (
-                torch.Tensor
-            ):  # [batch, V_d] the drafter's T=1 distribution over what it may draft
+            def law_t1() -> torch.Tensor:
+                """[batch, V_d] the drafter's T=1 distribution over what it may draft."""
                 z = logits.float()
                 return (z if shared_only is None else z.masked_fill(~shared_only, -torch.inf)).softmax(-1)
 
