@@ -10,6 +10,8 @@ from, and verification corrects for it. Supported, in transformers' order (``_ge
   transformers 5.24 skips it, the generated tokens, the drafted tokens before the position) has its logit
   ``l`` replaced by ``l * penalty`` if ``l < 0`` else ``l / penalty``;
 - ``min_length``: EOS ids get ``-inf`` while the sequence (padded prompt and new tokens) is shorter;
+- ``no_repeat_ngram_size`` n: a token that would complete an n-gram already present in the sequence
+  (padded prompt included, as transformers reads ``input_ids``) gets ``-inf``;
 - ``min_new_tokens``: EOS ids get ``-inf`` while fewer new tokens precede the position;
 - ``min_p`` (sampling; transformers applies it after temperature, top-k and top-p): tokens whose
   probability at the request's temperature is below ``min_p`` times the largest get ``-inf``. Masked
@@ -42,6 +44,7 @@ class TargetProcessors:
         repetition_penalty: float,
         min_length: int,
         min_new_tokens: int,
+        no_repeat_ngram_size: int,
         min_p: float,
         temperature: float,
         eos_ids: torch.Tensor,
@@ -53,6 +56,7 @@ class TargetProcessors:
         self.penalty, self.min_length, self.min_new_tokens = repetition_penalty, min_length, min_new_tokens
         self.prompt, self.vocab = prompt, vocab
         self.min_p, self.temperature = min_p, temperature
+        self.ngram, self.tokens = no_repeat_ngram_size, tokens
         batch, device = tokens.shape[0], tokens.device
         self.eos = None  # [V] bool the EOS ids, when a minimum length can mask them
         if min_length > prompt or min_new_tokens > 0:
@@ -67,10 +71,21 @@ class TargetProcessors:
 
     @staticmethod
     def needed(
-        repetition_penalty: float, min_length: int, min_new_tokens: int, min_p: float, prompt: int
+        repetition_penalty: float,
+        min_length: int,
+        min_new_tokens: int,
+        no_repeat: int,
+        min_p: float,
+        prompt: int,
     ) -> bool:
         """Whether a request with these settings and a ``prompt``-wide padded prompt processes anything."""
-        return repetition_penalty != 1.0 or min_length > prompt or min_new_tokens > 0 or min_p > 0
+        return (
+            repetition_penalty != 1.0
+            or min_length > prompt
+            or min_new_tokens > 0
+            or no_repeat > 0
+            or min_p > 0
+        )
 
     def __call__(
         self,
@@ -92,6 +107,8 @@ class TargetProcessors:
             present.scatter_(2, index, True)
             penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
             logits = torch.where(present[..., :vocab], penalised, logits)
+        if self.ngram:
+            logits = logits.masked_fill(self._repeats(proposal, generated, n)[..., :vocab], -torch.inf)
         if self.eos is not None:
             length = generated[:, None] + j  # [batch, n] new tokens before each position
             short = (self.prompt + length < self.min_length) | (length < self.min_new_tokens)
@@ -100,6 +117,26 @@ class TargetProcessors:
             probs = (logits.float() / self.temperature).softmax(-1)
             logits = logits.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), -torch.inf)
         return logits
+
+    def _repeats(self, proposal: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+        """[batch, n, V + 1] bool: the tokens that would repeat an n-gram at each of the block's n positions."""
+        size, batch = self.ngram, proposal.shape[0]
+        device = proposal.device
+        # The sequence as transformers' input_ids (padded prompt, new tokens), the block's drafts after it.
+        sequence = self.tokens[:, 1:].clone()
+        end = self.prompt + generated  # [batch] tokens before the block's first position
+        slots = (end[:, None] + torch.arange(n - 1, device=device)).clamp_max(sequence.shape[1] - 1)
+        sequence.scatter_(1, slots, proposal.clamp_min(0))
+        length = end[:, None] + torch.arange(n, device=device)  # [batch, n] tokens before each position
+        at = (length[..., None] - (size - 1) + torch.arange(size - 1, device=device)).clamp_min(0)
+        prefix = sequence.gather(1, at.flatten(1)).view(batch, n, size - 1)  # the last size - 1 tokens
+        windows = sequence.unfold(1, size, 1)  # [batch, W, size]
+        starts = torch.arange(windows.shape[1], device=device)
+        matches = (windows[:, None, :, :-1] == prefix[:, :, None, :]).all(-1)  # [batch, n, W]
+        matches &= (starts + size <= length[..., None]) & (length[..., None] >= size)
+        banned = torch.where(matches, windows[:, None, :, -1], self.vocab)  # the token each window bans
+        repeats = torch.zeros(batch, n, self.vocab + 1, dtype=torch.bool, device=device)
+        return repeats.scatter_(2, banned.clamp(0, self.vocab), True)
 
     def observe(self, output_tokens: torch.Tensor, kept: torch.Tensor) -> None:
         """A round committed ``output_tokens[:, :kept]`` ([batch, n], [batch]): they are seen from now on."""

@@ -40,7 +40,7 @@ _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
     "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
-    "min_new_tokens", "max_time", "stop_strings", "min_p",
+    "min_new_tokens", "max_time", "stop_strings", "min_p", "no_repeat_ngram_size",
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -54,7 +54,7 @@ _NO_EFFECT = {
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
     "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
-    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
+    "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
     "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_attentions": (False,),
     "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
@@ -80,6 +80,7 @@ class Request:
     repetition_penalty: float = 1.0  # target-side logits processing (processors.py); 1: off
     min_length: int = 0  # EOS masked while prompt (padded) + new tokens are fewer
     min_new_tokens: int = 0  # EOS masked while new tokens are fewer
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice (0: off)
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
     min_p: float = 0.0  # sampling: the target keeps tokens with p >= min_p * max p (processors.py); 0: off
@@ -214,7 +215,7 @@ def resolve_request(
     penalty = fields.get("repetition_penalty", 1.0)
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
         raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
-    for name in ("min_length", "min_new_tokens"):
+    for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
         value = fields.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
@@ -269,6 +270,7 @@ def resolve_request(
         repetition_penalty=float(penalty),
         min_length=fields.get("min_length", 0),
         min_new_tokens=fields.get("min_new_tokens", 0),
+        no_repeat_ngram_size=fields.get("no_repeat_ngram_size", 0),
         max_time=None if max_time is None else float(max_time),
         stop_strings=tuple(stop_strings),
         min_p=0.0 if sampling.greedy else float(min_p),

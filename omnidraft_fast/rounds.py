@@ -218,13 +218,19 @@ class Rounds:
         it has none."""
         prompt = request.input_ids.shape[1]
         if not TargetProcessors.needed(
-            request.repetition_penalty, request.min_length, request.min_new_tokens, request.min_p, prompt
+            request.repetition_penalty,
+            request.min_length,
+            request.min_new_tokens,
+            request.no_repeat_ngram_size,
+            request.min_p,
+            prompt,
         ):
             return None
         return TargetProcessors(
             repetition_penalty=request.repetition_penalty,
             min_length=request.min_length,
             min_new_tokens=request.min_new_tokens,
+            no_repeat_ngram_size=request.no_repeat_ngram_size,
             min_p=request.min_p,
             temperature=request.sampling.temperature,
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=tokens.device),

@@ -384,9 +384,9 @@ def test_nan_from_one_token_of_the_target(models):
 
 
 # --------------------------------------------------------------------------------------------- options
-def test_unsupported_no_repeat_ngram_size(models, run):
-    with pytest.raises(ValueError, match=r"`no_repeat_ngram_size=3` is not supported"):
-        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, no_repeat_ngram_size=3)
+def test_unsupported_typical_p(models, run):
+    with pytest.raises(ValueError, match=r"`typical_p=0.9` is not supported"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, typical_p=0.9)
     assert_still_works(run, models)
 
 
@@ -398,6 +398,7 @@ def test_unsupported_no_repeat_ngram_size(models, run):
         ("repetition_penalty", "1.2", r"`repetition_penalty` must be a number > 0"),
         ("min_new_tokens", -1, r"`min_new_tokens` must be an int >= 0 \(0: off\), got -1"),
         ("min_length", 2.5, r"`min_length` must be an int >= 0"),
+        ("no_repeat_ngram_size", -2, r"`no_repeat_ngram_size` must be an int >= 0"),
     ],
 )
 def test_bad_logits_processing(models, run, option, value, match):

@@ -1,4 +1,5 @@
-"""Target-side logits processing (repetition_penalty, min_length, min_new_tokens) as transformers applies it:
+"""Target-side logits processing (repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, min_p)
+as transformers applies it:
 greedy output equal to transformers', sampled output in the processed target's law, scores equal."""
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ _SKIPS_PADDING = "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLo
         {"min_new_tokens": 9},
         {"min_length": 15},
         {"repetition_penalty": 1.3, "min_new_tokens": 5},
+        {"no_repeat_ngram_size": 2},
+        {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+        {"no_repeat_ngram_size": 1},
     ],
 )
 def test_greedy_equals_transformers(pair, options, cuda_graphs):
