@@ -16,7 +16,8 @@ configuration, is plotted (with matplotlib) beside the JSON and Markdown.
 
 Configurations: ``static`` (no learning), ``distill`` (LoRA, SPEC §4), ``adaptive`` (acceptance head,
 SPEC §5), ``confidence 0.4`` (no learning: rows stop drafting below that drafter confidence, the rule
-without a head that transformers uses, ``EngineConfig.confidence_threshold``; what a head must beat), the
+without a head that transformers uses, ``EngineConfig.confidence_threshold``; what a head must beat),
+``adaptive (confidence input)`` (the head reading the drafter's confidence too, starting as that rule), the
 two learners together in the ``alternating`` and ``joint`` modes, and alternating with the learners fed
 every ``--in-flight-rounds`` rounds of a request too (``EngineConfig.in_flight_rounds``). Every greedy
 output is checked against plain greedy decoding. Prompts are the zoo's held-out code, arithmetic and prose
@@ -51,6 +52,9 @@ def configurations(args) -> dict[str, EngineConfig]:
         "adaptive": EngineConfig(num_draft_tokens=args.k, adaptive=AdaptiveConfig(**adaptive)),
         f"confidence {args.confidence}": EngineConfig(
             num_draft_tokens=args.k, confidence_threshold=args.confidence
+        ),
+        "adaptive (confidence input)": EngineConfig(
+            num_draft_tokens=args.k, adaptive=AdaptiveConfig(confidence_input=True, **adaptive)
         ),
         "distill+adaptive (alternating)": EngineConfig(
             num_draft_tokens=args.k, distill=distill, adaptive=AdaptiveConfig(mode="alternating", **adaptive)

@@ -5,6 +5,14 @@ The head reads the drafter's last hidden state ``h_i`` at the step that drafted 
 
     a_i = sigmoid(f(h_i)),     f = Linear o (x + SiLU(W_b x)) o ... o (x + SiLU(W_1 x))
 
+or, with ``AdaptiveConfig(confidence_input=True)`` (ours), also the drafter's own confidence in the token,
+its T=1 probability ``c_i = q(y_i)``:
+
+    a_i = sigmoid(f(h_i) + w logit(c_i)),     w = 1 and f = 0 at the start
+
+so that the untrained head predicts the drafter's confidence (the stopping rule then stops a row once
+the product of its confidences falls below ``1 - gamma``) and training corrects it from there.
+
 the probability that token ``i`` is accepted given that every token before it was. A row stops drafting
 after token ``i`` once the probability that some drafted token is rejected passes ``gamma``:
 
@@ -30,13 +38,21 @@ import torch.nn.functional as F
 
 from .kernels.proposal import fold_twins_
 
-__all__ = ["AcceptanceHead", "DraftLength", "acceptance_loss", "expected_acceptance", "stop_drafting"]
+__all__ = [
+    "AcceptanceHead",
+    "DraftLength",
+    "acceptance_loss",
+    "confidence_logit",
+    "expected_acceptance",
+    "stop_drafting",
+]
 
 
 class AcceptanceHead(torch.nn.Module):
-    """``a = sigmoid(f(h))`` of the module docstring; the untrained head predicts ``prior`` everywhere."""
+    """``a`` of the module docstring. The untrained head predicts ``prior`` everywhere, or with
+    ``confidence_input`` the drafter's confidence."""
 
-    def __init__(self, hidden_size: int, blocks: int = 2, prior: float = 0.8):
+    def __init__(self, hidden_size: int, blocks: int = 2, prior: float = 0.8, confidence_input: bool = False):
         super().__init__()
         self.blocks = torch.nn.ModuleList(torch.nn.Linear(hidden_size, hidden_size) for _ in range(blocks))
         self.out = torch.nn.Linear(hidden_size, 1)
@@ -44,16 +60,39 @@ class AcceptanceHead(torch.nn.Module):
             torch.nn.init.zeros_(block.weight)  # residual blocks start as the identity
             torch.nn.init.zeros_(block.bias)
         torch.nn.init.zeros_(self.out.weight)
-        torch.nn.init.constant_(self.out.bias, math.log(prior / (1 - prior)))
+        torch.nn.init.constant_(self.out.bias, 0.0 if confidence_input else math.log(prior / (1 - prior)))
+        self.confidence_weight = torch.nn.Parameter(torch.ones(())) if confidence_input else None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
+    @property
+    def confidence_input(self) -> bool:
+        return self.confidence_weight is not None
+
+    def logits(
+        self,
+        hidden: torch.Tensor,  # [..., H]
+        confidence: torch.Tensor
+        | None = None,  # [...] logit(c) (``confidence_logit``), with confidence_input
+    ) -> torch.Tensor:  # [...]
         x = hidden.float()
         for block in self.blocks:
             x = x + F.silu(block(x))
-        return self.out(x)[..., 0]
+        out = self.out(x)[..., 0]
+        if self.confidence_weight is not None:
+            out = out + self.confidence_weight * confidence.detach().float()
+        return out
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] acceptance probabilities
-        return self.logits(hidden).sigmoid()
+    def forward(self, hidden: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] (and [...] logit(c)) -> [...] acceptance probabilities."""
+        return self.logits(hidden, confidence).sigmoid()
+
+
+def confidence_logit(
+    logits: torch.Tensor,  # [..., V_d] the drafter's logits where it drafted (or predicted) a token
+    ids: torch.Tensor,  # [...] that token
+) -> torch.Tensor:  # [...] fp32 logit(q(y)) at T=1, kept finite
+    """The head's confidence input: ``logit(c)`` with ``c`` the drafter's T=1 probability of the token."""
+    log_c = logits.float().log_softmax(-1).gather(-1, ids[..., None])[..., 0].clamp(-30.0, -1e-6)
+    return log_c - torch.log(-torch.expm1(log_c))
 
 
 def stop_drafting(
@@ -101,13 +140,20 @@ class DraftLength:
         self.stopped.copy_(done)
         self.drafted.zero_()
 
-    def step(self, drafted: int, hidden: torch.Tensor | None, confidence: torch.Tensor | None) -> None:
+    def step(
+        self,
+        drafted: int,
+        hidden: torch.Tensor | None,
+        confidence: torch.Tensor | None,
+        head_input: torch.Tensor | None = None,
+    ) -> None:
         """Token number ``drafted`` (1-based) was drafted: ``hidden`` [batch, H] the states that drafted it
-        (with a head), ``confidence`` [batch] the drafter's probability of it (with a threshold)."""
+        (with a head), ``confidence`` [batch] the drafter's probability of it (with a threshold),
+        ``head_input`` [batch] its ``confidence_logit`` (with a head that reads it)."""
         drafting = ~self.stopped
         self.drafted += drafting
         if self.head is not None:
-            self.log_keep += torch.where(drafting, self.head(hidden).clamp_min(1e-6).log(), 0.0)
+            self.log_keep += torch.where(drafting, self.head(hidden, head_input).clamp_min(1e-6).log(), 0.0)
             self.stopped |= stop_drafting(self.log_keep, drafted, self.gamma, self.k_min)
         if self.confidence is not None:
             self.stopped |= confidence < self.confidence

@@ -170,7 +170,10 @@ class AdaptiveConfig:
         head_steps: optimiser steps of the head per training step in the alternating mode.
         lr, weight_decay: AdamW for the head.
         reject_weight: ``w``, the weight of the reject side of the cross-entropy.
-        prior: the acceptance the untrained head predicts (its output bias).
+        prior: the acceptance the untrained head predicts (its output bias), without ``confidence_input``.
+        confidence_input: the head also reads the drafter's T=1 probability of the drafted token
+            (``a = sigmoid(f(h) + w logit(q(y)))``, ours): untrained it predicts that confidence, so it starts
+            where ``EngineConfig(confidence_threshold=...)`` starts and learns from there.
     """
 
     gamma: float = 0.7
@@ -184,6 +187,7 @@ class AdaptiveConfig:
     weight_decay: float = 0.01
     reject_weight: float = 6.0
     prior: float = 0.8
+    confidence_input: bool = False
 
     def __post_init__(self):
         if not _number(self.gamma) or not 0 < self.gamma < 1:
@@ -205,6 +209,8 @@ class AdaptiveConfig:
             raise ValueError(f"`reject_weight` must be a number > 0, got {self.reject_weight!r}")
         if not _number(self.prior) or not 0 < self.prior < 1:
             raise ValueError(f"`prior` must be in (0, 1), got {self.prior!r}")
+        if self.confidence_input not in (True, False):
+            raise TypeError(f"`confidence_input` must be True or False, got {self.confidence_input!r}")
 
 
 def _number(value) -> bool:

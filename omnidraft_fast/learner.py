@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adaptive import AcceptanceHead, acceptance_loss, expected_acceptance
+from .adaptive import AcceptanceHead, acceptance_loss, confidence_logit, expected_acceptance
 from .bridge import VocabBridge
 from .config import AdaptiveConfig, DistillConfig
 from .distill import LoraAdapter, hybrid_distillation_loss
@@ -75,6 +75,7 @@ class _Pass:
     ce_logits: torch.Tensor  # [Q, V_d]
     ce_tokens: torch.Tensor  # [Q]
     head_hidden: torch.Tensor  # [R, H] hidden states predicting head-labelled slots
+    head_input: torch.Tensor | None  # [R] the head's confidence input there (None: a head without it)
     head_labels: torch.Tensor  # [R] verification's labels
     head_kl: torch.Tensor  # [R] index into the KL positions (-1: none), for recomputed labels
 
@@ -126,7 +127,9 @@ class OnlineLearner:
         self.head = None
         if adaptive is not None:
             hidden_size = drafter.model.get_output_embeddings().weight.shape[1]
-            self.head = AcceptanceHead(hidden_size, adaptive.blocks, adaptive.prior).to(device)
+            self.head = AcceptanceHead(
+                hidden_size, adaptive.blocks, adaptive.prior, adaptive.confidence_input
+            ).to(device)
             self.head_optimizer = AdamW(
                 self.head.parameters(), lr=adaptive.lr, weight_decay=adaptive.weight_decay
             )
@@ -227,7 +230,7 @@ class OnlineLearner:
                 distill_sum += loss.detach()
                 if with_head and part.head_labels.numel():
                     head = acceptance_loss(
-                        self.head.logits(part.head_hidden),
+                        self.head.logits(part.head_hidden, part.head_input),
                         part.head_labels,
                         self.adaptive_config.reject_weight,
                     ) * (part.head_labels.numel() / max(1, total_head))
@@ -265,7 +268,10 @@ class OnlineLearner:
             total = loss
             if with_head:
                 head = acceptance_loss(
-                    self.head.logits(hidden), window.head, self.adaptive_config.reject_weight, window.has_head
+                    self.head.logits(hidden, self._head_input(logits, window.tokens)),
+                    window.head,
+                    self.adaptive_config.reject_weight,
+                    window.has_head,
                 )
                 total = total + head
             total.backward()
@@ -289,11 +295,12 @@ class OnlineLearner:
                 torch.full((batch * width,), window.temperature, device=logits.device),
             )
             labels = torch.where(window.kl, fresh.view(batch, width), labels)
-        self._fit_head(hidden.float(), labels, window.has_head, recompute)
+        inputs = self._head_input(logits, window.tokens)
+        self._fit_head(hidden.float(), inputs, labels, window.has_head, recompute)
 
     def _head_step(self, rows: list[Example], recompute: bool) -> None:
         """The head alone, on hidden states of the current drafter (no gradient into the drafter)."""
-        hidden, labels = [], []
+        hidden, inputs, labels = [], [], []
         with self.adapter.active() if self.adapter is not None else nullcontext(), torch.no_grad():
             for chunk in self._passes(rows):
                 part = self._run(chunk, grad=False)
@@ -305,22 +312,30 @@ class OnlineLearner:
                     has = part.head_kl >= 0
                     label = torch.where(has, fresh[part.head_kl.clamp_min(0)], label)
                 hidden.append(part.head_hidden.float())
+                inputs.append(part.head_input)
                 labels.append(label)
         hidden, labels = torch.cat(hidden), torch.cat(labels)
+        inputs = None if inputs[0] is None else torch.cat(inputs)
         if labels.numel():
-            self._fit_head(hidden, labels, None, recompute)
+            self._fit_head(hidden, inputs, labels, None, recompute)
 
     def _fit_head(
-        self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, recompute: bool
+        self,
+        hidden: torch.Tensor,
+        inputs: torch.Tensor | None,
+        labels: torch.Tensor,
+        mask: torch.Tensor | None,
+        recompute: bool,
     ) -> None:
-        """The head's optimiser steps on fixed hidden states: ``head_steps`` of them on recomputed labels,
-        one on verification's; with a ``mask``, only where it is set (and no step when it is all off)."""
+        """The head's optimiser steps on fixed hidden states (and confidence inputs): ``head_steps`` of them
+        on recomputed labels, one on verification's; with a ``mask``, only where it is set (and no step when
+        it is all off)."""
         labelled = None if mask is None else mask.any()
         config = self.adaptive_config
         with torch.enable_grad():
             for _ in range(config.head_steps if recompute else 1):
                 self.head_optimizer.zero_grad()
-                loss = acceptance_loss(self.head.logits(hidden), labels, config.reject_weight, mask)
+                loss = acceptance_loss(self.head.logits(hidden, inputs), labels, config.reject_weight, mask)
                 loss.backward()
                 self._head_optimizer_step(loss.detach(), labelled)
 
@@ -380,9 +395,17 @@ class OnlineLearner:
             ce_logits=logits[at_ce],
             ce_tokens=ids[at_ce],
             head_hidden=hidden[at_head],
+            head_input=self._head_input(logits[at_head], ids[at_head]),
             head_labels=head[at_head],
             head_kl=kl_index[at_head],
         )
+
+    def _head_input(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The head's confidence input for the drafter's predictions ``logits`` [..., V_d] of ``tokens``
+        [...] (``AdaptiveConfig.confidence_input``); None for a head without it."""
+        if self.head is None or not self.head.confidence_input:
+            return None
+        return confidence_logit(logits.detach(), tokens)
 
     def _adapter_step(self, gate: torch.Tensor) -> torch.Tensor:
         """Clip the adapter's gradients and step it, unless ``gate`` (there are labels) is off or they are not finite

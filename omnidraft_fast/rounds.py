@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops
-from .adaptive import DraftLength
+from .adaptive import DraftLength, confidence_logit
 from .bridge import VocabBridge
 from .config import EngineConfig, SamplingParams
 from .experience import Recorder
@@ -364,7 +364,10 @@ class Rounds:
                 confidence = None
                 if length.confidence is not None:  # the drafted token's probability (T=1 when greedy)
                     confidence = (law_t1() if sampling.greedy else probs).gather(1, ids[:, None])[:, 0]
-                length.step(i + 1, hidden[:, -1] if head else None, confidence)
+                head_input = (  # the head's confidence input (AdaptiveConfig.confidence_input)
+                    confidence_logit(logits, ids) if head and length.head.confidence_input else None
+                )
+                length.step(i + 1, hidden[:, -1] if head else None, confidence, head_input)
 
     def _finish(
         self, state: RequestState, request: Request, generator: torch.Generator, steps: int, timer: StageTimer

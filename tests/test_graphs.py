@@ -314,15 +314,18 @@ def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
-@pytest.mark.parametrize("mode", ["alternating", "joint"])
-def test_in_flight_updates_replay_exactly(shared_pair, mode):
+@pytest.mark.parametrize(
+    ("mode", "confidence_input"), [("alternating", False), ("joint", False), ("alternating", True)]
+)
+def test_in_flight_updates_replay_exactly(shared_pair, mode, confidence_input):
     """The learning step in the middle of a request is a captured stage too (forward, backward, clipping,
     AdamW, the merge), and its updates reach the rounds captured before it (the merged LoRA weights and the
     head are rewritten in place): outputs and what was learned equal eager mode's."""
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 30, "do_sample": True}
     config = {"num_draft_tokens": 4, "in_flight_rounds": 2, "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
-              "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7, mode=mode)}  # fmt: skip
+              "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7, mode=mode,
+                                         confidence_input=confidence_input)}  # fmt: skip
     results = _learning_in_both_modes(shared_pair, config, request, 2)
     _assert_same(results, replayed_stage="draft")
     (eager, _), (captured, outs) = results

@@ -666,3 +666,51 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
         other_rank.generate(ids, attention_mask=mask, max_new_tokens=6),
         target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
     )  # still usable
+
+
+# ------------------------------------------------------------------------------ head with confidence input
+def test_untrained_head_with_confidence_input_predicts_the_confidence():
+    from omnidraft_fast.adaptive import DraftLength, confidence_logit
+
+    head = AcceptanceHead(16, blocks=2, confidence_input=True)
+    logits = torch.randn(5, 30) * 3
+    ids = torch.tensor([0, 4, 9, 29, 17])
+    confidence = logits.softmax(-1)[torch.arange(5), ids]
+    torch.testing.assert_close(head(torch.randn(5, 16), confidence_logit(logits, ids)), confidence)
+    # The stopping rule then stops a row once the product of its confidences falls below 1 - gamma.
+    length = DraftLength(head, 2, gamma=0.5, k_min=1, device=torch.device("cpu"))
+    length.reset(torch.tensor([False, False]))
+    for step, c in enumerate(([0.9, 0.6], [0.9, 0.8], [0.5, 0.9]), start=1):
+        c = torch.tensor(c)
+        length.step(step, torch.zeros(2, 16), None, torch.log(c) - torch.log1p(-c))
+    # products: row 0 0.9, 0.81, 0.405 (stops at 3); row 1 0.6, 0.48 (stops at 2)
+    assert length.stopped.tolist() == [True, True] and length.drafted.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"mode": "alternating"}, {"mode": "joint"}, {"mode": "alternating", "in_flight": True}],
+)
+def test_a_head_with_confidence_input_learns_in_every_mode(shared_pair, config, tmp_path):
+    """Every learner path feeds the head its confidence input: the head steps, its weight on the
+    confidence moves, the output stays the target's, and the state round-trips."""
+    target, drafter = shared_pair
+    adaptive = AdaptiveConfig(interval=1, mode=config["mode"], confidence_input=True, lr=1e-2, head_steps=2)
+    extra = {"in_flight_rounds": 2} if config.get("in_flight") else {}
+    engine = _engine(target, drafter, num_draft_tokens=4, distill=DistillConfig(interval=1, rank=8),
+                     adaptive=adaptive, **extra)  # fmt: skip
+    ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
+    for _ in range(3):
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+        assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    stats = engine.learner.stats
+    assert stats.head_steps > 0 and math.isfinite(stats.head_loss)
+    assert engine.learner.head.confidence_weight.item() != 1.0
+    engine.save_state(tmp_path / "state.safetensors")
+    restored = _engine(target, drafter, num_draft_tokens=4, distill=DistillConfig(interval=1, rank=8),
+                       adaptive=adaptive, **extra)  # fmt: skip
+    restored.load_state(tmp_path / "state.safetensors")
+    assert restored.learner.head.confidence_weight.item() == engine.learner.head.confidence_weight.item()
+    without = _engine(target, drafter, distill=DistillConfig(rank=8), adaptive=AdaptiveConfig())
+    with pytest.raises(ValueError, match=r"acceptance head .* does not fit"):
+        without.load_state(tmp_path / "state.safetensors")
