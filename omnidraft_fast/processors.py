@@ -31,7 +31,8 @@ __all__ = ["TargetProcessors"]
 
 
 class TargetProcessors:
-    """A request's target-side processing (``Request.repetition_penalty``, ``min_length``, ``min_new_tokens``).
+    """A request's target-side processing (``Request.repetition_penalty``, ``no_repeat_ngram_size``,
+    ``min_length``, ``min_new_tokens``, ``min_p``; the module docstring).
 
     Args:
         tokens: [batch, slots + 1] the request's committed tokens by slot (``RequestState.tokens``).
@@ -99,9 +100,8 @@ class TargetProcessors:
         if self.seen is not None:
             # Position j also sees the block's drafted tokens x_1..x_j (proposal[:, :j]).
             drafted = torch.where(proposal >= 0, proposal, self.vocab)  # [batch, n - 1]
-            before = j[:, None] > torch.arange(
-                n - 1, device=device
-            )  # [n, n - 1]: x_(i+1) precedes position j
+            # [n, n - 1]: whether x_(i+1) precedes position j
+            before = j[:, None] > torch.arange(n - 1, device=device)
             index = torch.where(before, drafted[:, None, :], self.vocab)  # [batch, n, n - 1]
             present = self.seen[:, None, :].expand(batch, n, self.vocab + 1).clone()
             present.scatter_(2, index, True)
