@@ -114,7 +114,7 @@ class DistillConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or not 8 <= self.rank <= 128:
             raise ValueError(f"`rank` must be an int in [8, 128], got {self.rank!r}")
-        if self.lora_alpha is not None and not (_positive(self.lora_alpha)):
+        if self.lora_alpha is not None and not (is_positive(self.lora_alpha)):
             raise ValueError(f"`lora_alpha` must be a number > 0 or None, got {self.lora_alpha!r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -126,16 +126,16 @@ class DistillConfig:
                 f"`target_modules` must be a string or a sequence of names, got {self.target_modules!r}"
             )
         _check_interval("interval", self.interval)
-        if not _positive(self.lr):
+        if not is_positive(self.lr):
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
-        if not _number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
         object.__setattr__(self, "betas", tuple(self.betas))
-        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
-        if not _number(self.ngram_weight) or self.ngram_weight < 0:
+        if not is_number(self.ngram_weight) or self.ngram_weight < 0:
             raise ValueError(f"`ngram_weight` must be a number >= 0, got {self.ngram_weight!r}")
-        if self.max_grad_norm is not None and not _positive(self.max_grad_norm):
+        if self.max_grad_norm is not None and not is_positive(self.max_grad_norm):
             raise ValueError(f"`max_grad_norm` must be a number > 0 or None, got {self.max_grad_norm!r}")
         if self.adapter_name is not None and (
             not isinstance(self.adapter_name, str) or not self.adapter_name
@@ -190,7 +190,7 @@ class AdaptiveConfig:
     confidence_input: bool = False
 
     def __post_init__(self):
-        if not _number(self.gamma) or not 0 < self.gamma < 1:
+        if not is_number(self.gamma) or not 0 < self.gamma < 1:
             raise ValueError(f"`gamma` must be in (0, 1), got {self.gamma!r}")
         if not isinstance(self.k_min, int) or self.k_min < 1:
             raise ValueError(f"`k_min` must be an int >= 1, got {self.k_min!r}")
@@ -201,29 +201,31 @@ class AdaptiveConfig:
         _check_interval("interval", self.interval)
         _check_interval("replay", self.replay)
         _check_interval("head_steps", self.head_steps)
-        if not _positive(self.lr):
+        if not is_positive(self.lr):
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
-        if not _number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
-        if not _positive(self.reject_weight):
+        if not is_positive(self.reject_weight):
             raise ValueError(f"`reject_weight` must be a number > 0, got {self.reject_weight!r}")
-        if not _number(self.prior) or not 0 < self.prior < 1:
+        if not is_number(self.prior) or not 0 < self.prior < 1:
             raise ValueError(f"`prior` must be in (0, 1), got {self.prior!r}")
         if self.confidence_input not in (True, False):
             raise TypeError(f"`confidence_input` must be True or False, got {self.confidence_input!r}")
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float (not a bool): what every numeric option must be."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _positive(value) -> bool:
-    return _number(value) and value > 0
+def is_positive(value) -> bool:
+    """A finite number > 0."""
+    return is_number(value) and value > 0
 
 
 def check_confidence_threshold(name: str, value) -> None:
     """A drafter-confidence threshold (``EngineConfig.confidence_threshold``): a probability."""
-    if not _number(value) or not 0 <= value <= 1:
+    if not is_number(value) or not 0 <= value <= 1:
         raise ValueError(
             f"`{name}` must be a probability in [0, 1] (0: never stop on confidence), got {value!r}"
         )

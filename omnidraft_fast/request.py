@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import CascadeConfig, SamplingParams, check_confidence_threshold
+from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_number, is_positive
 
 __all__ = ["Request", "resolve_request"]
 
@@ -213,7 +213,7 @@ def resolve_request(
         )
 
     penalty = fields.get("repetition_penalty", 1.0)
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
+    if not is_positive(penalty):
         raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
     for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
         value = fields.get(name, 0)
@@ -221,13 +221,11 @@ def resolve_request(
             raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
 
     max_time = fields.get("max_time")
-    if max_time is not None and (
-        isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or not max_time > 0
-    ):
+    if max_time is not None and not (is_positive(max_time) or max_time == math.inf):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
 
     min_p = fields.get("min_p", 0.0)
-    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+    if not is_number(min_p) or not 0 <= min_p <= 1:
         raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p!r}")
     if min_p and not sampling.greedy and sampling.top_p < 1:
         raise ValueError(
