@@ -67,12 +67,8 @@ class AcceptanceHead(torch.nn.Module):
     def confidence_input(self) -> bool:
         return self.confidence_weight is not None
 
-    def logits(
-        self,
-        hidden: torch.Tensor,  # [..., H]
-        confidence: torch.Tensor
-        | None = None,  # [...] logit(c) (``confidence_logit``), with confidence_input
-    ) -> torch.Tensor:  # [...]
+    def logits(self, hidden: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] (and [...] ``confidence_logit``, with ``confidence_input``) -> [...] pre-sigmoid outputs."""
         x = hidden.float()
         for block in self.blocks:
             x = x + F.silu(block(x))

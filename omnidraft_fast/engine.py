@@ -189,9 +189,8 @@ class SpeculativeEngine:
         instead of the target exactly (``CascadeConfig``). ``tokenizer`` (default: the engine's target
         tokenizer) is the target's, which ``stop_strings`` need, as in transformers.
 
-        Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a row's
-        end, or a
-        :class:`GenerateOutput` when ``return_dict_in_generate=True``.
+        Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
+        row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.
         """
         explicit = {
             "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
@@ -443,8 +442,9 @@ class SpeculativeEngine:
         (``stops.cuts``: its new tokens through that one; the output is cut there after the request, so
         that what the rounds recorded stays whole); returns whether every row is done now (a host read of
         the round's new tokens)."""
-        begin, end, generated = before.tolist(), state.lengths.tolist(), state.generated.tolist()
-        done = state.done.tolist()
+        begin, end, generated, done = torch.stack(  # one read of the rows' positions
+            [before, state.lengths, state.generated, state.done.long()]
+        ).tolist()
         low, high = min(begin), max(end)
         tokens = state.tokens[:, low:high].tolist()  # every row's new tokens in one copy
         for row, (first, last) in enumerate(zip(begin, end, strict=True)):
