@@ -405,7 +405,7 @@ class OnlineLearner:
         [...] (``AdaptiveConfig.confidence_input``); None for a head without it."""
         if self.head is None or not self.head.confidence_input:
             return None
-        return confidence_logit(logits, tokens)  # the head detaches it
+        return confidence_logit(logits.detach(), tokens)  # no autograd record of the [R, V] softmax
 
     def _adapter_step(self, gate: torch.Tensor) -> torch.Tensor:
         """Clip the adapter's gradients and step it, unless ``gate`` (there are labels) is off or they are not finite
