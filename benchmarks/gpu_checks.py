@@ -123,7 +123,9 @@ _REQUESTS = (
     {"do_sample": True, "top_k": 20},
     {"cascade": CascadeConfig("token_v3", 0.3)},
     {"repetition_penalty": 1.2, "min_new_tokens": 8, "output_scores": True, "return_dict_in_generate": True},
-)
+    {"do_sample": True, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95, "bad_words_ids": [[5, 6], [7]],
+     "sequence_bias": {(9,): 1.5}, "exponential_decay_length_penalty": (4, 1.2), "num_return_sequences": 2},
+)  # fmt: skip
 
 
 def _sync_checked(function):

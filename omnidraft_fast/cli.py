@@ -52,7 +52,13 @@ def _generate(args: argparse.Namespace) -> int:
         assistant_confidence_threshold=args.confidence_threshold,
         repetition_penalty=args.repetition_penalty,
         min_p=args.min_p,
+        typical_p=args.typical_p,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        bad_words_ids=[tokenizer(word, add_special_tokens=False).input_ids for word in args.bad_word]
+        if args.bad_word
+        else None,
         min_new_tokens=args.min_new_tokens,
+        num_return_sequences=args.num_return_sequences,
         stop_strings=args.stop,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
@@ -63,9 +69,12 @@ def _generate(args: argparse.Namespace) -> int:
         ),
     )
     width = batch["input_ids"].shape[1]
-    for row, prompt in enumerate(prompts):
-        text = tokenizer.decode(out.sequences[row, width:], skip_special_tokens=True)
-        print(f"--- prompt {row}: {prompt!r}\n{prompt}{text}")
+    copies = args.num_return_sequences or 1
+    for row, sequence in enumerate(out.sequences):
+        prompt = prompts[row // copies]
+        text = tokenizer.decode(sequence[width:], skip_special_tokens=True)
+        copy = f", sample {row % copies}" if copies > 1 else ""
+        print(f"--- prompt {row // copies}{copy}: {prompt!r}\n{prompt}{text}")
     print("--- stats")
     print(json.dumps(out.stats.as_dict(), indent=2) if args.json else out.stats.summary())
     return 0
@@ -153,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--min-p", type=float, help="sampling: keep tokens with p >= min_p * max p")
+    gen.add_argument("--typical-p", type=float, help="sampling: transformers' typical sampling mass (1: off)")
     gen.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1: off)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, help="no n-gram of this size twice (0: off)")
+    gen.add_argument(
+        "--bad-word",
+        action="append",
+        help="text the output must not contain as these target tokens (tokenized without special tokens; "
+        "repeat for more; mind a leading space)",
+    )
+    gen.add_argument("--num-return-sequences", type=int, help="sampling: outputs per prompt")
     gen.add_argument("--min-new-tokens", type=int, help="no EOS before this many new tokens")
     gen.add_argument("--stop", action="append", help="a stop string (repeat for more); the row ends after it")
     gen.add_argument("--num-draft-tokens", type=int, help="draft length k (default 4)")

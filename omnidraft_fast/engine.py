@@ -27,6 +27,7 @@ from .config import CascadeConfig, EngineConfig
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
+from .processors import sampling_warpers
 from .request import Request, resolve_request
 from .rounds import COUNTERS, RequestState, Rounds
 from .state import load_state, save_state
@@ -46,8 +47,9 @@ class GenerateOutput:
     sequences: torch.Tensor  # [batch, prompt + new]
     stats: GenerationStats = field(default_factory=GenerationStats)
     # With output_scores / output_logits, as transformers: one [batch, V_t] fp32 tensor per new token, the
-    # target's scores (its logits after the request's processors, processors.py, and sampling warpers:
-    # temperature, top-k, top-p) or raw logits at that token, whichever rule chose it; NaN past a row's end.
+    # target's scores (its logits after the request's processors and sampling warpers, processors.py;
+    # log-softmaxed with renormalize_logits) or raw logits at that token, whichever rule chose it; NaN past
+    # a row's end.
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
 
@@ -416,23 +418,15 @@ class SpeculativeEngine:
     @staticmethod
     def _scores(request: Request, kept: dict[str, torch.Tensor]) -> dict[str, Any]:
         """``logits`` and ``scores`` as transformers returns them, from the target's logits kept by the rounds
-        (``scores``: processed there, then through transformers' sampling warpers in its order)."""
+        (``scores``: processed there, then through transformers' remaining sampling warpers in its order,
+        log-softmaxed with ``renormalize_logits``)."""
         out = {name: tuple(values.unbind(1)) for name, values in kept.items()}
-        sampling = request.sampling
-        if "scores" in kept and not sampling.greedy:
-            from transformers.generation.logits_process import (
-                TemperatureLogitsWarper,
-                TopKLogitsWarper,
-                TopPLogitsWarper,
-            )
-
+        if "scores" in kept:
             scores = kept["scores"].flatten(0, 1)
-            if sampling.temperature != 1.0:
-                scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
-            if sampling.top_k:
-                scores = TopKLogitsWarper(sampling.top_k)(None, scores)
-            if sampling.top_p < 1.0:
-                scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+            if not request.processing.warps:  # else the rounds warped them already
+                scores = sampling_warpers(request.sampling)(None, scores)
+            if request.processing.renormalize_logits:
+                scores = scores.log_softmax(-1)
             out["scores"] = tuple(scores.view_as(kept["scores"]).unbind(1))
         return out
 

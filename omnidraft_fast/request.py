@@ -16,12 +16,13 @@ everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_number, is_positive
+from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_positive
+from .processors import Processing
 
 __all__ = ["Request", "resolve_request"]
 
@@ -39,8 +40,8 @@ _DEFAULTS: dict[str, Any] = {
 _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
-    "assistant_confidence_threshold", "output_scores", "output_logits", "repetition_penalty", "min_length",
-    "min_new_tokens", "max_time", "stop_strings", "min_p", "no_repeat_ngram_size",
+    "assistant_confidence_threshold", "output_scores", "output_logits", "max_time", "stop_strings",
+    "num_return_sequences", *Processing.field_names(),
 }  # fmt: skip
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
@@ -52,10 +53,8 @@ _NO_EFFECT = {
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
-    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
-    "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,),
-    "remove_invalid_values": (False,), "renormalize_logits": (False,), "output_attentions": (False,),
+    "num_beams": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
+    "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,), "output_attentions": (False,),
     "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
 }  # fmt: skip
@@ -77,13 +76,11 @@ class Request:
     return_dict_in_generate: bool
     output_scores: bool = False  # return the target's processed scores per new token (needs the dict)
     output_logits: bool = False  # return the target's raw logits per new token (needs the dict)
-    repetition_penalty: float = 1.0  # target-side logits processing (processors.py); 1: off
-    min_length: int = 0  # EOS masked while prompt (padded) + new tokens are fewer
-    min_new_tokens: int = 0  # EOS masked while new tokens are fewer
-    no_repeat_ngram_size: int = 0  # no n-gram of this size twice (0: off)
+    processing: Processing = field(
+        default_factory=Processing
+    )  # target-side logits processing and extra warpers (processors.py)
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
-    min_p: float = 0.0  # sampling: the target keeps tokens with p >= min_p * max p (processors.py); 0: off
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
@@ -206,32 +203,33 @@ def resolve_request(
         )
         sampling = SamplingParams()
 
+    copies = fields.get("num_return_sequences", 1)
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"`num_return_sequences` must be an int >= 1, got {copies!r}")
+    if copies > 1 and sampling.greedy:
+        raise ValueError(
+            f"`num_return_sequences`={copies} needs sampling (greedy copies would all be the same, and "
+            "transformers refuses them too): pass do_sample=True, or num_return_sequences=1"
+        )
+    rows = ids.shape[0]  # the caller's rows; each is generated `copies` times, the copies adjacent
+    ids, prompt_lengths = ids.repeat_interleave(copies, 0), prompt_lengths.repeat_interleave(copies, 0)
+
     draft = fields.get("num_assistant_tokens", default_draft_tokens)
     if not isinstance(draft, int) or isinstance(draft, bool) or draft < 1:
         raise ValueError(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
 
-    penalty = fields.get("repetition_penalty", 1.0)
-    if not is_positive(penalty):
-        raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
-    for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
-        value = fields.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
+    processing = Processing.resolve(fields, sampling=sampling, eos_ids=eos_ids, vocab=vocab_size)
+    if processing.warps and cascade is not None:
+        raise ValueError(
+            "`min_p`, `typical_p`, `epsilon_cutoff` and `eta_cutoff` are not supported with a `cascade`: its "
+            "deferral rules read the target's untempered law, which these warpers replace; drop one of them"
+        )
 
     max_time = fields.get("max_time")
     if max_time is not None and not (is_positive(max_time) or max_time == math.inf):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
-
-    min_p = fields.get("min_p", 0.0)
-    if not is_number(min_p) or not 0 <= min_p <= 1:
-        raise ValueError(f"`min_p` must be in [0, 1] (0: off), got {min_p!r}")
-    if min_p and not sampling.greedy and sampling.top_p < 1:
-        raise ValueError(
-            f"`min_p`={min_p} with `top_p`={sampling.top_p} is not supported: transformers applies top-p before "
-            "min-p, an order the engine's verification does not reproduce; use one of them (top_p=1.0 or min_p=0)"
-        )
 
     stop_strings = fields.get("stop_strings") or ()
     if isinstance(stop_strings, str):
@@ -245,7 +243,8 @@ def resolve_request(
 
     if streamer is not None and ids.shape[0] > 1:
         raise ValueError(
-            "`streamer` supports batch size 1 only (as in transformers); stream one prompt at a time."
+            "`streamer` supports one row only (batch size 1, num_return_sequences=1, as in transformers); "
+            "stream one prompt at a time."
         )
     if cascade is not None and not isinstance(cascade, CascadeConfig):
         raise TypeError(
@@ -265,15 +264,11 @@ def resolve_request(
         return_dict_in_generate=bool(fields.get("return_dict_in_generate", False)),
         output_scores=bool(fields.get("output_scores", False)),
         output_logits=bool(fields.get("output_logits", False)),
-        repetition_penalty=float(penalty),
-        min_length=fields.get("min_length", 0),
-        min_new_tokens=fields.get("min_new_tokens", 0),
-        no_repeat_ngram_size=fields.get("no_repeat_ngram_size", 0),
+        processing=processing,
         max_time=None if max_time is None else float(max_time),
         stop_strings=tuple(stop_strings),
-        min_p=0.0 if sampling.greedy else float(min_p),
         cascade=cascade,
-        alphas=() if cascade is None else cascade.alphas(ids.shape[0]),
+        alphas=() if cascade is None else tuple(a for a in cascade.alphas(rows) for _ in range(copies)),
     )
 
 

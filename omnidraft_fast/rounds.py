@@ -214,30 +214,19 @@ class Rounds:
     def _processors(
         self, request: Request, tokens: torch.Tensor, start: torch.Tensor
     ) -> TargetProcessors | None:
-        """The request's target-side logits processing (repetition penalty, minimum lengths, min-p); None if
-        it has none."""
+        """The request's target-side logits processing (``Request.processing``); None if it has none."""
         prompt = request.input_ids.shape[1]
-        if not TargetProcessors.needed(
-            request.repetition_penalty,
-            request.min_length,
-            request.min_new_tokens,
-            request.no_repeat_ngram_size,
-            request.min_p,
-            prompt,
-        ):
+        if not request.processing.needed(prompt):
             return None
         return TargetProcessors(
-            repetition_penalty=request.repetition_penalty,
-            min_length=request.min_length,
-            min_new_tokens=request.min_new_tokens,
-            no_repeat_ngram_size=request.no_repeat_ngram_size,
-            min_p=request.min_p,
-            temperature=request.sampling.temperature,
+            request.processing,
+            sampling=request.sampling,
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=tokens.device),
             tokens=tokens,
             start=start,
             prompt=prompt,
             vocab=self.target.vocab_size,
+            max_new_tokens=request.max_new_tokens,
         )
 
     def _draft_length(self, request: Request, batch: int) -> DraftLength | None:
@@ -427,15 +416,18 @@ class Rounds:
                 if state.processors is None
                 else state.processors(target_logits, proposal, state.generated)
             )
+            # Warped there (min-p and the like), the target's law is sampled as it is.
+            warped = state.processors is not None and state.processors.warpers is not None
+            target_sampling = SamplingParams(temperature=1.0) if warped else sampling
             num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
                 processed,
                 proposal,
                 None if exact_match else draft_probs,
                 uniforms,
                 noise,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
+                temperature=target_sampling.temperature,
+                top_k=target_sampling.top_k,
+                top_p=target_sampling.top_p,
                 rule=state.rule,
                 alpha=state.alpha,
                 draft_probs_t1=draft_probs_t1,

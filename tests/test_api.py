@@ -476,6 +476,35 @@ def test_sampled_scores_are_the_warped_logits(target, drafter, batch):
         assert (score > -torch.inf).sum(-1).le(9).all()
 
 
+def test_num_return_sequences(target, drafter, batch):
+    """Each prompt is sampled ``num_return_sequences`` times, its copies adjacent as in transformers (a copy
+    is a request row of its own: the same output as that prompt repeated by hand under the same seed);
+    per-row cascade alphas follow their prompt's copies."""
+    ids, mask = batch
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.9, pad_token_id=0)
+    engine = SpeculativeEngine(target, drafter)
+    torch.manual_seed(5)
+    out = engine.generate(ids, attention_mask=mask, num_return_sequences=3, **kwargs)
+    assert out.shape[0] == 9
+    torch.manual_seed(5)
+    by_hand = engine.generate(
+        ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0), **kwargs
+    )
+    assert torch.equal(out, by_hand)
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(3, 0))
+    assert len({tuple(row) for row in out[:3, ids.shape[1] :].tolist()}) > 1  # the copies are sampled apart
+    cascade = omnidraft_fast.CascadeConfig("chow", (0.0, 1.0, 0.0))  # the second prompt trusts the drafter
+    torch.manual_seed(6)
+    out = engine.generate(ids, attention_mask=mask, num_return_sequences=2, cascade=cascade, **kwargs)
+    torch.manual_seed(6)
+    by_hand = engine.generate(ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
+                              cascade=omnidraft_fast.CascadeConfig("chow", (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)),
+                              **kwargs)  # fmt: skip
+    assert torch.equal(out, by_hand)
+    with pytest.raises(ValueError, match=r"`cascade.alpha` has 3 values for a batch of 2 rows"):
+        engine.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, cascade=cascade, **kwargs)
+
+
 def test_max_time_stops_every_row_at_once(target, drafter, batch):
     """``max_time``: no round starts once it has passed; as transformers stops every row at the same step,
     rows still going end at the shortest of them, a prefix of the full output."""

@@ -384,9 +384,9 @@ def test_nan_from_one_token_of_the_target(models):
 
 
 # --------------------------------------------------------------------------------------------- options
-def test_unsupported_typical_p(models, run):
-    with pytest.raises(ValueError, match=r"`typical_p=0.9` is not supported"):
-        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, typical_p=0.9)
+def test_unsupported_guidance_scale(models, run):
+    with pytest.raises(ValueError, match=r"`guidance_scale=1.5` is not supported"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, guidance_scale=1.5)
     assert_still_works(run, models)
 
 
@@ -399,6 +399,40 @@ def test_unsupported_typical_p(models, run):
         ("min_new_tokens", -1, r"`min_new_tokens` must be an int >= 0 \(0: off\), got -1"),
         ("min_length", 2.5, r"`min_length` must be an int >= 0"),
         ("no_repeat_ngram_size", -2, r"`no_repeat_ngram_size` must be an int >= 0"),
+        (
+            "sequence_bias",
+            {(3, 4): "high"},
+            r"`sequence_bias` entries must be \(token ids, bias number\) pairs",
+        ),
+        ("sequence_bias", {}, r"`sequence_bias` must be a non-empty dict"),
+        ("sequence_bias", [[[3, 10**6], -1.0]], r"`sequence_bias` holds ids outside the target's vocabulary"),
+        ("bad_words_ids", [3, 4], r"`bad_words_ids` must be a non-empty list of lists of token ids"),
+        (
+            "bad_words_ids",
+            [[3], []],
+            r"`bad_words_ids` must be a token id or a non-empty list of them, got \[\]",
+        ),
+        (
+            "suppress_tokens",
+            [-1],
+            r"`suppress_tokens` holds ids outside the target's vocabulary \[0, \d+\): \[-1\]",
+        ),
+        ("begin_suppress_tokens", "4", r"`begin_suppress_tokens` must be a token id or a non-empty list"),
+        ("forced_bos_token_id", [1, 2], r"`forced_bos_token_id` must be one token id"),
+        ("forced_eos_token_id", 10**7, r"`forced_eos_token_id` holds ids outside the target's vocabulary"),
+        ("remove_invalid_values", 1, r"`remove_invalid_values` must be True or False, got 1"),
+        (
+            "exponential_decay_length_penalty",
+            (2, 0.0),
+            r"`exponential_decay_length_penalty` must be \(start_index",
+        ),
+        (
+            "exponential_decay_length_penalty",
+            1.5,
+            r"`exponential_decay_length_penalty` must be \(start_index",
+        ),
+        ("num_return_sequences", 0, r"`num_return_sequences` must be an int >= 1, got 0"),
+        ("num_return_sequences", 2, r"`num_return_sequences`=2 needs sampling"),
     ],
 )
 def test_bad_logits_processing(models, run, option, value, match):
@@ -469,7 +503,9 @@ def test_bad_special_token_ids(models, run, kwargs, match):
 
 def test_streamer_with_batch_of_two(models, run):
     streamer = RecordingStreamer()
-    with pytest.raises(ValueError, match="`streamer` supports batch size 1 only"):
+    with pytest.raises(
+        ValueError, match=r"`streamer` supports one row only \(batch size 1, num_return_sequences=1"
+    ):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, streamer=streamer)
     assert streamer.calls == []  # nothing was streamed before the error
     assert_still_works(run, models)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -102,6 +103,29 @@ def test_generate_with_generation_options(capsys):
                                tokenizer=tokenizer, repetition_penalty=1.2, min_new_tokens=3)  # fmt: skip
     assert expected.shape[1] < ids.shape[1] + 32  # a stop string ended it
     assert printed == prompt + tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+
+
+def test_generate_samples_per_prompt_with_bad_words(folders, capsys):
+    """--num-return-sequences prints each prompt's samples; --bad-word keeps a word out of every one."""
+    root, _, _ = folders
+    code = main(
+        ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"), "--prompt", "w5 w6",
+         "--prompt", "w7", "--max-new-tokens", "40", "--do-sample", "--temperature", "2.0", "--seed", "0",
+         "--num-return-sequences", "3", "--typical-p", "0.95", "--bad-word", "w9", "--bad-word", "w4 w4"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out.split("--- stats")[0]
+    blocks = out.split("--- prompt ")[1:]
+    assert [block.split(":")[0] for block in blocks] == [
+        f"{p}, sample {s}" for p in (0, 1) for s in (0, 1, 2)
+    ]
+    for block in blocks:
+        prompt = "w5 w6" if block.startswith("0") else "w7"
+        line = block.split("\n", 1)[1]
+        assert line.startswith(prompt)
+        words = line[len(prompt) :].split()
+        assert 0 < len(words) <= 40 and "w9" not in words  # EOS may end a sample early
+        assert ("w4", "w4") not in set(itertools.pairwise(words))
 
 
 def test_generate_batch_and_json(folders, capsys):

@@ -12,7 +12,7 @@ import torch
 from conftest import left_padded_prompts, peaked_pair
 from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
 
 VOCAB = 48
 NEW = 14
@@ -31,34 +31,74 @@ def _engine(pair, **config):
 _SKIPS_PADDING = "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters
 
 
+def _first_new(plain: torch.Tensor, prompt: int, row: int = 0, count: int = 1) -> list[int]:
+    return plain[row, prompt : prompt + count].tolist()
+
+
+# Each case builds its options from the unprocessed greedy output (so that they bear on it).
+CASES = {
+    "penalty 1.5": lambda plain, prompt: {"repetition_penalty": 1.5},
+    "penalty 0.7": lambda plain, prompt: {"repetition_penalty": 0.7},  # < 1 rewards repeats
+    "min_new_tokens": lambda plain, prompt: {"min_new_tokens": 9},
+    "min_length": lambda plain, prompt: {"min_length": 15},
+    "penalty, min_new_tokens": lambda plain, prompt: {"repetition_penalty": 1.3, "min_new_tokens": 5},
+    "no_repeat 2": lambda plain, prompt: {"no_repeat_ngram_size": 2},
+    "no_repeat 3, penalty": lambda plain, prompt: {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+    "no_repeat 1": lambda plain, prompt: {"no_repeat_ngram_size": 1},
+    # row 0's second new token is held back after its first; 7 is pushed up after row 1's third and fourth
+    "sequence_bias": lambda plain, prompt: {
+        "sequence_bias": {
+            tuple(_first_new(plain, prompt, count=2)): -30.0,
+            (plain[1, prompt + 2].item(), plain[1, prompt + 3].item(), 7): 40.0,
+            (11,): 2.5,
+        }
+    },
+    "bad_words_ids": lambda plain, prompt: {
+        "bad_words_ids": [_first_new(plain, prompt, count=2), _first_new(plain, prompt, row=2, count=3)],
+        "repetition_penalty": 1.1,
+    },
+    "suppress_tokens": lambda plain, prompt: {"suppress_tokens": _first_new(plain, prompt, row=1, count=2)},
+    "begin_suppress_tokens": lambda plain, prompt: {"begin_suppress_tokens": _first_new(plain, prompt)},
+    "forced_eos_token_id": lambda plain, prompt: {"forced_eos_token_id": [7, 9]},
+    "exponential_decay": lambda plain, prompt: {"exponential_decay_length_penalty": (3, 4.0)},
+    "remove_invalid_values": lambda plain, prompt: {"remove_invalid_values": True, "min_new_tokens": 6},
+}
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"repetition_penalty": 1.5},
-        {"repetition_penalty": 0.7},  # < 1 rewards repeats
-        {"min_new_tokens": 9},
-        {"min_length": 15},
-        {"repetition_penalty": 1.3, "min_new_tokens": 5},
-        {"no_repeat_ngram_size": 2},
-        {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
-        {"no_repeat_ngram_size": 1},
-    ],
-)
-def test_greedy_equals_transformers(pair, options, cuda_graphs):
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_transformers(pair, case, cuda_graphs):
     target, _ = pair
-    rows = [6, 6] if "repetition_penalty" in options and not _SKIPS_PADDING else [6, 4, 9]
+    rows = [6, 6] if "penalty" in case and not _SKIPS_PADDING else [6, 4, 9]
     ids, mask = left_padded_prompts(VOCAB, rows, seed=3)
     # EOS: the third token of row 0's greedy continuation, so that a minimum length holds it back.
     eos = int(target.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)[0, -1])
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, **options)
     plain = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    options = CASES[case](plain, ids.shape[1])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, **options)
     expected = target.generate(ids, do_sample=False, **kwargs)
     assert not torch.equal(expected, plain), "the option should change this output, or the test proves little"
     engine = _engine(pair, cuda_graphs=cuda_graphs)
     for _ in range(2):  # with cuda_graphs the second request replays the captured round
         assert torch.equal(engine.generate(ids, **kwargs), expected)
     assert engine.stats.accepted > 0
+
+
+def test_forced_bos_on_a_one_token_prompt(pair):
+    """forced_bos_token_id applies at a sequence of one token, and then begin_suppress_tokens applies one
+    token later (transformers' begin_index)."""
+    target, _ = pair
+    ids = torch.tensor([[17], [30]])
+    kwargs = dict(max_new_tokens=NEW, pad_token_id=0, forced_bos_token_id=5)
+    forced = target.generate(ids, **kwargs)
+    assert (forced[:, 1] == 5).all()
+    assert torch.equal(_engine(pair).generate(ids, **kwargs), forced)
+    kwargs["begin_suppress_tokens"] = forced[:, 2].tolist()  # what follows the forced BOS
+    expected = target.generate(ids, **kwargs)
+    assert not torch.equal(expected, forced)
+    assert torch.equal(_engine(pair).generate(ids, **kwargs), expected)
+    longer = torch.tensor([[17, 4]])
+    assert torch.equal(_engine(pair).generate(longer, **kwargs), target.generate(longer, **kwargs))
 
 
 def test_the_minimum_holds_back_an_early_eos(pair):
@@ -135,37 +175,115 @@ def test_sampled_law_is_the_processed_targets(pair):
     assert 0.5 * (joint(False) - exact).abs().sum().item() > 2 * bound  # the processing matters here
 
 
-def test_min_p_sampling_follows_transformers_law(pair):
-    """min_p (with top-k, at T=0.8): the first token's law is transformers' (temperature, top-k, min-p
-    warpers) within the total-variation bound, and far from the law without min-p; greedy ignores min_p as
-    transformers does; min_p with top_p < 1 is refused (transformers applies top-p first)."""
-    from transformers.generation.logits_process import (
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-    )
+def _transformers_warpers(temperature: float, top_k: int, top_p: float = 1.0, **extra) -> LogitsProcessorList:
+    """transformers' sampling warpers, in its order, built here independently of the engine's code."""
+    from transformers.generation import logits_process as lp
 
+    chain = [lp.TemperatureLogitsWarper(temperature), lp.TopKLogitsWarper(top_k)]
+    if top_p < 1:
+        chain.append(lp.TopPLogitsWarper(top_p))
+    for name, warper in (("min_p", lp.MinPLogitsWarper), ("typical_p", lp.TypicalLogitsWarper),
+                         ("epsilon_cutoff", lp.EpsilonLogitsWarper), ("eta_cutoff", lp.EtaLogitsWarper)):  # fmt: skip
+        if name in extra:
+            chain.append(warper(extra[name]))
+    return LogitsProcessorList(chain)
+
+
+@pytest.mark.parametrize(
+    "warpers",
+    [
+        {"min_p": 0.2},
+        {
+            "min_p": 0.3,
+            "top_p": 0.8,
+        },  # top-p first, then min-p on the renormalised law (the order matters here)
+        {"typical_p": 0.5},
+        {"epsilon_cutoff": 0.06, "top_p": 0.9},
+        {"eta_cutoff": 0.2},
+    ],
+)
+def test_sampling_warpers_follow_transformers_law(pair, warpers):
+    """The warpers transformers applies after top-p (min_p, typical_p, epsilon_cutoff, eta_cutoff; at T=0.8,
+    top-k 12): the first token's law is transformers' within the total-variation bound, and far from the law
+    without them; nothing they remove is drawn; greedy ignores them, as transformers does. The copies come
+    from num_return_sequences."""
     target, _ = pair
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         logits = target(prompt).logits[:, -1].float()
-    warped = TopKLogitsWarper(12)(None, TemperatureLogitsWarper(0.8)(None, logits))
-    exact = MinPLogitsWarper(0.2)(None, warped).softmax(-1)[0].double()
+    top_p = warpers.get("top_p", 1.0)
+    extra = {name: value for name, value in warpers.items() if name != "top_p"}
+    exact = _transformers_warpers(0.8, 12, top_p, **extra)(prompt, logits).softmax(-1)[0].double()
+    unwarped = _transformers_warpers(0.8, 12, top_p)(prompt, logits).softmax(-1)[0].double()
     engine = _engine(pair)
     torch.manual_seed(0)
-    out = engine.generate(prompt.expand(ROWS, -1), max_new_tokens=1, do_sample=True, temperature=0.8, top_k=12,
-                          min_p=0.2, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    out = engine.generate(prompt, max_new_tokens=1, do_sample=True, temperature=0.8, top_k=12, eos_token_id=2,
+                          pad_token_id=0, num_return_sequences=ROWS, **warpers)  # fmt: skip
+    assert out.shape == (ROWS, prompt.shape[1] + 1)
     empirical = torch.bincount(out[:, -1], minlength=VOCAB).double() / ROWS
     bound = 0.5 * torch.sqrt(exact * (1 - exact) / ROWS).sum().item() + math.sqrt(math.log(1e6) / (2 * ROWS))
     assert 0.5 * (empirical - exact).abs().sum().item() < bound
-    assert 0.5 * (warped.softmax(-1)[0].double() - exact).abs().sum().item() > 2 * bound
-    assert (empirical[exact == 0] == 0).all()  # nothing min-p removes is ever drawn
+    assert 0.5 * (unwarped - exact).abs().sum().item() > 2 * bound
+    assert (empirical[exact == 0] == 0).all()  # nothing the warpers remove is ever drawn
     ids = torch.tensor([[5, 9, 13, 5]])
     greedy = target.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0)
     assert torch.equal(
-        engine.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, min_p=0.5), greedy
+        engine.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, **warpers), greedy
     )
-    with pytest.raises(ValueError, match=r"`min_p`=0.2 with `top_p`=0.9 is not supported"):
-        engine.generate(ids, max_new_tokens=4, do_sample=True, top_p=0.9, min_p=0.2)
-    with pytest.raises(ValueError, match=r"`min_p` must be in \[0, 1\]"):
-        engine.generate(ids, max_new_tokens=4, do_sample=True, min_p=1.5)
+
+
+def test_warped_second_token_and_scores(pair):
+    """The warped law holds at a drafted position too (the second token, its context including the first;
+    min-p after top-p, then typical), and the returned scores are transformers' processed and warped scores
+    of the tokens produced (recomputed by teacher forcing)."""
+    target, _ = pair
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    warp = _transformers_warpers(0.7, 20, 0.95, min_p=0.05, typical_p=0.9)
+
+    @torch.no_grad()
+    def law(context: torch.Tensor) -> torch.Tensor:
+        return warp(context, target(context).logits[:, -1].float()).softmax(-1)
+
+    first = law(prompt)[0]
+    continued = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
+    exact = (first[:, None] * law(continued)).flatten().double()
+    options = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.95, min_p=0.05, typical_p=0.9,
+                   eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(1)
+    out = _engine(pair).generate(prompt, max_new_tokens=2, num_return_sequences=ROWS, **options)
+    new = out[:, prompt.shape[1] :]
+    empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / ROWS
+    bound = 0.5 * torch.sqrt(exact * (1 - exact) / ROWS).sum().item() + math.sqrt(math.log(1e6) / (2 * ROWS))
+    assert 0.5 * (empirical - exact).abs().sum().item() < bound
+
+    torch.manual_seed(2)
+    result = _engine(pair).generate(prompt.expand(3, -1), max_new_tokens=6, return_dict_in_generate=True,
+                                    output_scores=True, renormalize_logits=True, **options)  # fmt: skip
+    torch.manual_seed(2)  # the warped round captures as it runs eagerly
+    replayed = _engine(pair, cuda_graphs=True).generate(prompt.expand(3, -1), max_new_tokens=6, **options)
+    assert torch.equal(replayed, result.sequences)
+    for step, score in enumerate(result.scores):
+        context = result.sequences[:, : prompt.shape[1] + step]
+        with torch.no_grad():
+            expected = warp(context, target(context).logits[:, -1].float()).log_softmax(-1)
+        live = result.sequences[:, prompt.shape[1] + step] != 0  # NaN past a row's end (padded with 0)
+        assert live[0] or step > 0
+        torch.testing.assert_close(score[live], expected[live], atol=1e-4, rtol=1e-4)
+        assert score[~live].isnan().all()
+
+
+def test_warpers_checked(pair):
+    engine = _engine(pair)
+    ids = torch.tensor([[5, 9, 13, 5]])
+    for option, value, match in (
+        ("min_p", 1.5, r"`min_p` must be in \[0, 1\] \(0: off\), got 1.5"),
+        ("typical_p", 0.0, r"`typical_p` must be in \(0, 1\] \(1: off\), got 0.0"),
+        ("epsilon_cutoff", 1.0, r"`epsilon_cutoff` must be in \[0, 1\) \(0: off\), got 1.0"),
+        ("eta_cutoff", -0.1, r"`eta_cutoff` must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            engine.generate(ids, max_new_tokens=4, do_sample=True, **{option: value})
+    cascade = CascadeConfig("chow", 0.3)
+    with pytest.raises(ValueError, match=r"not supported with a `cascade`"):
+        engine.generate(ids, max_new_tokens=4, do_sample=True, typical_p=0.9, cascade=cascade)
+    assert engine.generate(ids, max_new_tokens=4, do_sample=True, cascade=cascade).shape == (1, 8)
