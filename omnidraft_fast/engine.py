@@ -32,7 +32,7 @@ from .request import Request, resolve_request
 from .rounds import COUNTERS, RequestState, Rounds
 from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
-from .stopping import StopStrings
+from .stopping import Criteria, Stops, StopStrings
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
 
@@ -183,13 +183,19 @@ class SpeculativeEngine:
         return_dict_in_generate: bool | None = None,
         cascade: CascadeConfig | None = None,
         tokenizer: Any = None,
+        logits_processor: Any = None,
+        stopping_criteria: Any = None,
+        prefix_allowed_tokens_fn: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateOutput:
         """Generate like ``target.generate()``; unset arguments resolve as there (see ``request.py``).
 
         ``cascade`` (default: the engine config's) verifies against a speculative-cascade deferral rule
         instead of the target exactly (``CascadeConfig``). ``tokenizer`` (default: the engine's target
-        tokenizer) is the target's, which ``stop_strings`` need, as in transformers.
+        tokenizer) is the target's, which ``stop_strings`` need, as in transformers. ``logits_processor``,
+        ``prefix_allowed_tokens_fn`` and ``stopping_criteria`` are called one row at a time
+        (``processors.py``, ``stopping.py``); the first two run inside the round, so not with
+        ``cuda_graphs``.
 
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
         row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.
@@ -231,13 +237,21 @@ class SpeculativeEngine:
             streamer=streamer,
             default_confidence_threshold=self.config.confidence_threshold,
             cascade=cascade if cascade is not None else self.config.cascade,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         )
+        if request.processing.calls_python and self.config.cuda_graphs:
+            raise ValueError(
+                "`logits_processor` and `prefix_allowed_tokens_fn` run Python at every drafted position, which a "
+                "captured round cannot: use an engine with EngineConfig(cuda_graphs=False) for such requests"
+            )
         if request.cascade is not None and self.bridge is not None and self.config.translation == "exact":
             raise ValueError(
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
             )
-        stops = self._stop_strings(request, tokenizer or self.target_tokenizer)
+        stops = self._stops(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             sequences, stats, logits = self._run(request, stops)
@@ -248,11 +262,18 @@ class SpeculativeEngine:
         return sequences
 
     # ---------------------------------------------------------------------------------------------
-    def _stop_strings(self, request: Request, tokenizer: Any) -> StopStrings | None:
-        """The request's stop-string state (None without stop strings); the tokenizer's token bytes are
-        computed once per tokenizer."""
-        if not request.stop_strings:
-            return None
+    def _stops(self, request: Request, tokenizer: Any) -> Stops | None:
+        """The request's host-side stop conditions (None without stop strings or stopping criteria)."""
+        checks = []
+        if request.stop_strings:
+            checks.append(self._stop_strings(request, tokenizer))
+        if request.stopping_criteria:
+            rows = request.input_ids.cpu().tolist()
+            checks.append(Criteria(request.stopping_criteria, rows, self.device))
+        return Stops(checks) if checks else None
+
+    def _stop_strings(self, request: Request, tokenizer: Any) -> StopStrings:
+        """The request's stop-string state; the tokenizer's token bytes are computed once per tokenizer."""
         if tokenizer is None:
             raise ValueError(
                 "`stop_strings` need the target's tokenizer to read tokens as text: pass tokenizer=... (as with "
@@ -268,7 +289,7 @@ class SpeculativeEngine:
         return StopStrings(request.stop_strings, self._token_bytes[key][1], prompts)
 
     def _run(
-        self, request: Request, stops: StopStrings | None = None
+        self, request: Request, stops: Stops | None = None
     ) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
         """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each)."""
         device = self.device
@@ -332,7 +353,7 @@ class SpeculativeEngine:
         request: Request,
         generator: torch.Generator,
         timer: StageTimer,
-        stops: StopStrings | None = None,
+        stops: Stops | None = None,
     ) -> bool:
         """Prefill both models, then run rounds until every row is done (or ``max_time`` has passed, as
         transformers' MaxTimeCriteria, checked at each host read; then returns True): ``rounds_per_sync``
@@ -365,7 +386,7 @@ class SpeculativeEngine:
                     "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
                 )
             if stops is not None:
-                all_done = self._stop(stops, state, before) or all_done
+                all_done = self._stop(stops, state, request, before) or all_done
             if request.streamer is not None:
                 self._stream(request.streamer, state, before, stops)
             if all_done:
@@ -417,21 +438,14 @@ class SpeculativeEngine:
 
     @staticmethod
     def _scores(request: Request, kept: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """``logits`` and ``scores`` as transformers returns them, from the target's logits kept by the rounds
-        (``scores``: processed there, then through transformers' remaining sampling warpers in its order,
-        log-softmaxed with ``renormalize_logits``)."""
+        """``logits`` and ``scores`` as transformers returns them, from the target's logits kept by the rounds."""
         out = {name: tuple(values.unbind(1)) for name, values in kept.items()}
         if "scores" in kept:
-            scores = kept["scores"].flatten(0, 1)
-            if not request.processing.warps:  # else the rounds warped them already
-                scores = sampling_warpers(request.sampling)(None, scores)
-            if request.processing.renormalize_logits:
-                scores = scores.log_softmax(-1)
-            out["scores"] = tuple(scores.view_as(kept["scores"]).unbind(1))
+            out["scores"] = tuple(_final_scores(request, kept["scores"]).unbind(1))
         return out
 
     @staticmethod
-    def _stop(stops: StopStrings, state: RequestState, before: torch.Tensor) -> bool:
+    def _stop(stops: Stops, state: RequestState, request: Request, before: torch.Tensor) -> bool:
         """Mark done every row whose tokens of this round complete a stop string, and note where it ends
         (``stops.cuts``: its new tokens through that one; the output is cut there after the request, so
         that what the rounds recorded stays whole); returns whether every row is done now (a host read of
@@ -444,7 +458,12 @@ class SpeculativeEngine:
         for row, (first, last) in enumerate(zip(begin, end, strict=True)):
             if last == first or row in stops.cuts:
                 continue
-            keep = stops.first_stop(row, tokens[row][first - low : last - low])
+            scores = None
+            if "scores" in state.kept_logits:  # the new tokens' scores, as output_scores returns them
+                count = last - first
+                kept = state.kept_logits["scores"][row, generated[row] - count : generated[row]]
+                scores = _final_scores(request, kept[None])[0]
+            keep = stops.first_stop(row, tokens[row][first - low : last - low], scores)
             if keep is not None:
                 stops.cuts[row] = generated[row] - (last - first - keep)
                 state.done[row] = True
@@ -452,12 +471,23 @@ class SpeculativeEngine:
         return all(done)
 
     @staticmethod
-    def _stream(streamer: Any, state: RequestState, before: torch.Tensor, stops: StopStrings | None) -> None:
+    def _stream(streamer: Any, state: RequestState, before: torch.Tensor, stops: Stops | None) -> None:
         begin, end = int(before[0]), int(state.lengths[0])
         if stops is not None and 0 in stops.cuts:  # the row ended at a stop string: stream through it
             end = min(end, end - int(state.generated[0]) + stops.cuts[0])
         if end > begin:
             streamer.put(state.tokens[0, begin:end].cpu())
+
+
+def _final_scores(request: Request, scores: torch.Tensor) -> torch.Tensor:
+    """[batch, new, V] the target's scores kept by the rounds (processed there) -> transformers' ``scores``:
+    through its remaining sampling warpers in its order, log-softmaxed with ``renormalize_logits``."""
+    flat = scores.flatten(0, 1)
+    if not request.processing.warps:  # else the rounds warped them already
+        flat = sampling_warpers(request.sampling)(None, flat)
+    if request.processing.renormalize_logits:
+        flat = flat.log_softmax(-1)
+    return flat.view_as(scores)
 
 
 def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:

@@ -18,6 +18,8 @@ tokens before the position) and "new tokens" counts those before the position:
 - ``bad_words_ids``: ``sequence_bias`` with ``-inf`` (a one-token bad word equal to an EOS id is dropped);
 - ``min_length`` / ``min_new_tokens``: EOS ids get ``-inf`` while the sequence / the new tokens are
   shorter;
+- ``prefix_allowed_tokens_fn(batch_id, sequence)``: every token it does not list gets ``-inf``
+  (``batch_id``: the caller's row, copies of a prompt sharing it);
 - ``forced_bos_token_id`` (at a sequence of one token) and ``forced_eos_token_id`` (at the last new token
   ``max_new_tokens`` allows): every other token gets ``-inf``, the forced ones 0;
 - ``remove_invalid_values``: NaN becomes 0 and +-inf the dtype's extremes;
@@ -25,18 +27,24 @@ tokens before the position) and "new tokens" counts those before the position:
   grow by ``|l| (factor^(new - start) - 1)``;
 - ``suppress_tokens`` (always) and ``begin_suppress_tokens`` (at the first new token; the second after a
   forced BOS on a one-token prompt): ``-inf``;
+- the caller's ``logits_processor`` list, after all of the above, called with ``input_ids`` of one row
+  (``[1, length]``) and that row's scores at one position;
 - sampling only, the warpers after top-p: ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``.
   transformers applies them after temperature, top-k and top-p, each on the law the previous ones left;
   a request with any of them warps the target's logits here with the whole chain (transformers' own
   warpers) and verification then samples that law as it is (temperature 1, no filters).
 
 ``renormalize_logits`` changes only the scores a request returns (a final log-softmax), never a token.
-Fixed shapes, no host read: the round stays capturable. The tokens each row has seen are kept as a
+Fixed shapes, no host read: the round stays capturable, except with the caller's Python
+(``prefix_allowed_tokens_fn``, ``logits_processor``), called for each live row at each position whose
+context is real (the drafted tokens before it exist), as transformers' assisted generation calls them at
+each candidate position; such a request runs eagerly. The tokens each row has seen are kept as a
 ``[batch, V + 1]`` mask (the last column absorbs padding ids), updated in place at each commit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import Any
@@ -115,19 +123,46 @@ class Processing:
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
     renormalize_logits: bool = False
+    # The caller's Python, given to generate() (not generation-config fields):
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None
+    logits_processor: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+    copies: int = 1  # num_return_sequences: rows per caller's row (prefix_allowed_tokens_fn's batch_id)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The generation-config fields resolved here (request.py honours them)."""
-        return tuple(field.name for field in dataclass_fields(cls))
+        caller = ("prefix_allowed_tokens_fn", "logits_processor", "copies")
+        return tuple(field.name for field in dataclass_fields(cls) if field.name not in caller)
 
     @classmethod
     def resolve(
-        cls, fields: dict[str, Any], *, sampling: SamplingParams, eos_ids: tuple[int, ...], vocab: int
+        cls,
+        fields: dict[str, Any],
+        *,
+        sampling: SamplingParams,
+        eos_ids: tuple[int, ...],
+        vocab: int,
+        copies: int = 1,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=None,
     ) -> Processing:
-        """Check the merged generation ``fields`` (request.py); greedy requests drop the sampling warpers, as
-        transformers does."""
-        out: dict[str, Any] = {}
+        """Check the merged generation ``fields`` and the caller's processors (request.py); greedy requests
+        drop the sampling warpers, as transformers does."""
+        out: dict[str, Any] = {"copies": copies}
+        if prefix_allowed_tokens_fn is not None:
+            if not callable(prefix_allowed_tokens_fn):
+                raise TypeError(
+                    "`prefix_allowed_tokens_fn` must be a function (batch_id, input_ids) -> list of allowed "
+                    f"token ids, got {type(prefix_allowed_tokens_fn).__name__}"
+                )
+            out["prefix_allowed_tokens_fn"] = prefix_allowed_tokens_fn
+        if logits_processor is not None:
+            if not isinstance(logits_processor, (list, tuple)) or not all(map(callable, logits_processor)):
+                raise TypeError(
+                    "`logits_processor` must be a list (e.g. a LogitsProcessorList) of logits processors, "
+                    f"callables (input_ids, scores) -> scores; got {logits_processor!r}"
+                )
+            out["logits_processor"] = tuple(logits_processor)
         penalty = fields.get("repetition_penalty", 1.0)
         if not is_positive(penalty):
             raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
@@ -205,7 +240,13 @@ class Processing:
                 if name not in ("min_length", "renormalize_logits")
             )
             or self.min_length > prompt
+            or self.calls_python
         )
+
+    @property
+    def calls_python(self) -> bool:
+        """Whether the round calls the caller's Python (which no CUDA graph can hold)."""
+        return self.prefix_allowed_tokens_fn is not None or bool(self.logits_processor)
 
     @property
     def warps(self) -> bool:
@@ -334,12 +375,14 @@ class TargetProcessors:
         logits: torch.Tensor,  # [batch, n, V] the target's logits at the block's positions
         proposal: torch.Tensor,  # [batch, n - 1] the drafted target ids at positions 1..n-1, -1 where none
         generated: torch.Tensor,  # [batch] new tokens before the block's first position
+        active: torch.Tensor,  # [batch] rows still generating (the caller's Python sees only those)
     ) -> torch.Tensor:  # [batch, n, V] processed, fp32 as transformers processes them (a new tensor)
         p = self.processing
         logits = logits.float()
         batch, n, vocab = logits.shape
         new = generated[:, None] + torch.arange(n, device=logits.device)  # [batch, n] new tokens before each
         sequence = self._sequence(proposal, generated, n) if self._reads_sequence else None
+        calls = self._calls(proposal, new, active) if p.calls_python else None
         if self.sequence_bias is not None:
             logits = logits + self._bias(self.sequence_bias, sequence, new)
         if self.seen is not None:
@@ -351,6 +394,8 @@ class TargetProcessors:
         if p.min_length > self.prompt or p.min_new_tokens:
             short = (self.prompt + new < p.min_length) | (new < p.min_new_tokens)
             logits = logits.masked_fill(short[..., None] & self.eos, -torch.inf)
+        if p.prefix_allowed_tokens_fn is not None:
+            logits = self._call_python(logits, sequence, calls, self._allowed)
         if self.forced_bos is not None:
             logits = torch.where((self.prompt + new == 1)[..., None], self.forced_bos, logits)
         if self.forced_eos is not None:
@@ -364,14 +409,51 @@ class TargetProcessors:
             logits = logits.masked_fill(self.suppress, -torch.inf)
         if self.begin_suppress is not None:
             logits = logits.masked_fill((new == self.begin)[..., None] & self.begin_suppress, -torch.inf)
+        for processor in p.logits_processor:
+            logits = self._call_python(
+                logits, sequence, calls, lambda row, ids, scores, processor=processor: processor(ids, scores)
+            )
         if self.warpers is not None:
             logits = self.warpers(None, logits.flatten(0, 1)).view(batch, n, vocab)
         return logits
 
     @property
     def _reads_sequence(self) -> bool:
-        tables = (self.sequence_bias, self.bad_words)
-        return bool(self.processing.no_repeat_ngram_size) or any(t is not None and t.width for t in tables)
+        p, tables = self.processing, (self.sequence_bias, self.bad_words)
+        return (
+            bool(p.no_repeat_ngram_size) or p.calls_python or any(t is not None and t.width for t in tables)
+        )
+
+    def _calls(
+        self, proposal: torch.Tensor, new: torch.Tensor, active: torch.Tensor
+    ) -> list[tuple[int, int, int]]:
+        """(row, position, context length) at every live row's positions whose context is real: the row is
+        active and the drafted tokens before the position exist (a host read)."""
+        real = torch.cat([torch.ones_like(proposal[:, :1]), (proposal >= 0).long().cumprod(1)], 1).bool()
+        real &= active[:, None]
+        rows, positions = real.nonzero(as_tuple=True)
+        lengths = self.prompt + new[rows, positions]
+        return list(zip(rows.tolist(), positions.tolist(), lengths.tolist(), strict=True))
+
+    def _call_python(self, logits: torch.Tensor, sequence: torch.Tensor, calls, function) -> torch.Tensor:
+        """``function(row, input_ids [1, length], scores [1, V]) -> scores`` at each of ``calls``."""
+        logits = logits.clone()
+        for row, j, length in calls:
+            logits[row, j] = function(row, sequence[row : row + 1, :length], logits[row : row + 1, j])[0]
+        return logits
+
+    def _allowed(self, row: int, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """prefix_allowed_tokens_fn at one row and position, as transformers' PrefixConstrainedLogitsProcessor."""
+        batch_id = row // self.processing.copies
+        allowed = self.processing.prefix_allowed_tokens_fn(batch_id, ids[0])
+        if len(allowed) == 0:
+            raise ValueError(
+                f"`prefix_allowed_tokens_fn` returned no allowed token for batch ID {batch_id}: the constraint "
+                "cannot be met; check the function"
+            )
+        mask = torch.full_like(scores, -torch.inf)
+        mask[:, torch.as_tensor(allowed, dtype=torch.int64, device=scores.device)] = 0
+        return scores + mask
 
     def _sequence(self, proposal: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
         """[batch, slots] transformers' input_ids (padded prompt, new tokens), the block's drafts after them."""

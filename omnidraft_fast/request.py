@@ -81,6 +81,7 @@ class Request:
     )  # target-side logits processing and extra warpers (processors.py)
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
+    stopping_criteria: tuple[Any, ...] = ()  # the caller's: a row ends at the first new token they stop at
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
 
@@ -128,8 +129,13 @@ def resolve_request(
     default_confidence_threshold: float | None = None,
     cascade: CascadeConfig | None = None,
     drafter_generation_config=None,
+    logits_processor=None,
+    stopping_criteria=None,
+    prefix_allowed_tokens_fn=None,
 ) -> Request:
-    """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset)."""
+    """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset);
+    ``logits_processor``, ``stopping_criteria``, ``prefix_allowed_tokens_fn``: the caller's Python, as
+    ``generate()`` takes it."""
     fields = _generation_fields(model_generation_config)
     drafter_fields = _generation_fields(drafter_generation_config)
     fields.update({key: drafter_fields[key] for key in _ASSISTANT_FIELDS if key in drafter_fields})
@@ -220,7 +226,22 @@ def resolve_request(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
 
-    processing = Processing.resolve(fields, sampling=sampling, eos_ids=eos_ids, vocab=vocab_size)
+    processing = Processing.resolve(
+        fields,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        vocab=vocab_size,
+        copies=copies,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        logits_processor=logits_processor,
+    )
+    if stopping_criteria is not None and (
+        not isinstance(stopping_criteria, (list, tuple)) or not all(map(callable, stopping_criteria))
+    ):
+        raise TypeError(
+            "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
+            f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
+        )
     if processing.warps and cascade is not None:
         raise ValueError(
             "`min_p`, `typical_p`, `epsilon_cutoff` and `eta_cutoff` are not supported with a `cascade`: its "
@@ -267,6 +288,7 @@ def resolve_request(
         processing=processing,
         max_time=None if max_time is None else float(max_time),
         stop_strings=tuple(stop_strings),
+        stopping_criteria=tuple(stopping_criteria or ()),
         cascade=cascade,
         alphas=() if cascade is None else tuple(a for a in cascade.alphas(rows) for _ in range(copies)),
     )

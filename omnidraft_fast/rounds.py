@@ -414,7 +414,7 @@ class Rounds:
             processed = (  # what transformers' logits processors make of them (processors.py)
                 target_logits
                 if state.processors is None
-                else state.processors(target_logits, proposal, state.generated)
+                else state.processors(target_logits, proposal, state.generated, active)
             )
             # Warped there (min-p and the like), the target's law is sampled as it is.
             warped = state.processors is not None and state.processors.warpers is not None

@@ -1,4 +1,8 @@
-"""Stop strings (transformers' ``stop_strings``): a row ends at the first new token that completes one.
+"""Host-side stop conditions: a row ends at the first new token that one of them stops at.
+
+``Stops`` holds a request's conditions and where each row ended. Two kinds:
+
+``StopStrings`` (transformers' ``stop_strings``): a row ends at the first new token that completes one.
 
 transformers' ``StopStringCriteria`` stops a row after the token whose string completes a stop string that
 overlaps it: the stop string occurs in the text of the sequence (prompt included), and removing the last
@@ -8,13 +12,37 @@ row keeps its tokens through that one and is done. Text is the bytes each token 
 (``bridge.token_bytes``, the same table the vocabulary bridge uses; special tokens stand for none), and
 stop strings are matched as UTF-8 bytes.
 
-The check runs on the host, so a request with stop strings reads each round's new tokens back (one small
-copy per round, beside the round's one flag read).
+``Criteria`` (the caller's ``stopping_criteria``): called after each new token, as transformers calls
+them after each step, with that row's ``input_ids`` through the token (``[1, length]``, its prompt padding
+included) and, as transformers passes them, its ``output_scores`` so far (a tuple of ``[1, V]``, one per
+new token) when the request keeps scores, else None.
+
+The checks run on the host, so such a request reads each round's new tokens back (one small copy per
+round, beside the round's one flag read).
 """
 
 from __future__ import annotations
 
-__all__ = ["StopStrings"]
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Criteria", "StopStrings", "Stops"]
+
+
+class Stops:
+    """A request's stop conditions (each with ``first_stop(row, ids, scores)``) and ``cuts``: row -> its
+    new tokens through the one that ended it."""
+
+    def __init__(self, checks: list):
+        self.checks = checks
+        self.cuts: dict[int, int] = {}
+
+    def first_stop(self, row: int, ids: list[int], scores: torch.Tensor | None) -> int | None:
+        """The count of ``row``'s newly committed ``ids`` to keep (through the first any check stops at), or
+        None (``scores``: [len(ids), V] the tokens' scores, or None)."""
+        counts = [count for check in self.checks if (count := check.first_stop(row, ids, scores)) is not None]
+        return min(counts, default=None)
 
 
 class StopStrings:
@@ -31,7 +59,6 @@ class StopStrings:
         self.pieces = pieces
         self.keep = max(len(stop) for stop in self.stops) - 1  # bytes of context a match can reach back into
         self.tails = [self._tail(b"", ids) for ids in prompts]
-        self.cuts: dict[int, int] = {}  # row -> its new tokens through the one that completed a stop string
 
     def _bytes(self, token: int) -> bytes:
         piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
@@ -42,7 +69,7 @@ class StopStrings:
             tail = (tail + self._bytes(token))[-self.keep :] if self.keep else b""
         return tail
 
-    def first_stop(self, row: int, ids: list[int]) -> int | None:
+    def first_stop(self, row: int, ids: list[int], scores: torch.Tensor | None = None) -> int | None:
         """Feed ``row``'s newly committed ``ids`` in order: the count of them to keep (through the first that
         completes a stop string), or None when none does (the row's state moves past them)."""
         tail = self.tails[row]
@@ -55,4 +82,31 @@ class StopStrings:
                     return count
             tail = text[-self.keep :] if self.keep else b""
         self.tails[row] = tail
+        return None
+
+
+class Criteria:
+    """The caller's stopping criteria over one request's rows.
+
+    Args:
+        criteria: callables ``(input_ids, scores) -> bool tensor`` (a StoppingCriteriaList's entries).
+        rows: each row's padded prompt ids (transformers' ``input_ids`` at the start).
+        device: where the ``input_ids`` handed to them live.
+    """
+
+    def __init__(self, criteria: tuple[Callable, ...], rows: list[list[int]], device: torch.device):
+        self.criteria, self.rows, self.device = criteria, rows, device
+        self.scores: list[list[torch.Tensor]] = [[] for _ in rows]  # each row's [1, V] scores so far
+
+    def first_stop(self, row: int, ids: list[int], scores: torch.Tensor | None = None) -> int | None:
+        """Feed ``row``'s newly committed ``ids`` one at a time (``scores``: their [len(ids), V] scores, or
+        None): the count through the first at which a criterion says stop, or None."""
+        for count, token in enumerate(ids, start=1):
+            self.rows[row].append(token)
+            input_ids = torch.tensor([self.rows[row]], device=self.device)
+            if scores is not None:
+                self.scores[row].append(scores[count - 1 : count])
+            so_far = None if scores is None else tuple(self.scores[row])
+            if any(bool(torch.as_tensor(stop(input_ids, so_far)).reshape(-1)[0]) for stop in self.criteria):
+                return count
         return None

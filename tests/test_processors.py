@@ -10,7 +10,12 @@ import math
 import pytest
 import torch
 from conftest import left_padded_prompts, peaked_pair
-from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
 
@@ -287,3 +292,65 @@ def test_warpers_checked(pair):
     with pytest.raises(ValueError, match=r"not supported with a `cascade`"):
         engine.generate(ids, max_new_tokens=4, do_sample=True, typical_p=0.9, cascade=cascade)
     assert engine.generate(ids, max_new_tokens=4, do_sample=True, cascade=cascade).shape == (1, 8)
+
+
+class _NoSuccessor(LogitsProcessor):
+    """A caller's processor that reads the context: the token after the last one (id + 1) is banned."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        banned = (input_ids[:, -1:] + 1) % scores.shape[-1]
+        return scores.scatter(1, banned, -torch.inf)
+
+
+def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
+    """The caller's ``logits_processor`` list and ``prefix_allowed_tokens_fn`` (both reading the context at
+    each drafted position; the list after the built-in processors, the function among them): greedy output
+    is transformers'. A captured engine refuses them and stays usable."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+
+    def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:  # a third of the vocabulary, by context
+        return [t for t in range(VOCAB) if (t + int(sent[-1]) + batch_id) % 3 != 0]
+
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, repetition_penalty=1.2
+    )
+    plain = target.generate(ids, **kwargs)
+    engine = _engine(pair)
+    for extra in (
+        {"logits_processor": LogitsProcessorList([_NoSuccessor(), NoRepeatNGramLogitsProcessor(2)])},
+        {"prefix_allowed_tokens_fn": allowed},
+    ):
+        expected = target.generate(ids, **kwargs, **extra)
+        assert not torch.equal(expected, plain)
+        assert torch.equal(engine.generate(ids, **kwargs, **extra), expected)
+    captured = _engine(pair, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"run Python at every drafted position.*cuda_graphs=False"):
+        captured.generate(ids, **kwargs, logits_processor=[_NoSuccessor()])
+    assert torch.equal(captured.generate(ids, **kwargs), plain)
+    with pytest.raises(TypeError, match=r"`logits_processor` must be a list"):
+        engine.generate(ids, **kwargs, logits_processor=_NoSuccessor())
+    with pytest.raises(
+        ValueError, match=r"`prefix_allowed_tokens_fn` returned no allowed token for batch ID 0"
+    ):
+        engine.generate(ids, **kwargs, prefix_allowed_tokens_fn=lambda batch_id, sent: [])
+    assert torch.equal(engine.generate(ids, **kwargs), plain)
+
+
+def test_prefix_fn_batch_ids_with_copies(pair):
+    """With num_return_sequences, a prompt's copies share its batch ID (as transformers' num_beams rows
+    do), and the function sees the row's padded sequence."""
+    ids, mask = left_padded_prompts(VOCAB, [5, 3], seed=8)
+    seen = []
+
+    def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
+        assert torch.equal(sent[: ids.shape[1]], ids[batch_id])
+        seen.append(batch_id)
+        return list(range(batch_id, VOCAB, 2))  # prompt 0: even ids, prompt 1: odd ids
+
+    out = _engine(pair).generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=1,
+                                 num_return_sequences=3, prefix_allowed_tokens_fn=allowed)  # fmt: skip
+    for row, tokens in enumerate(out[:, ids.shape[1] :].tolist()):
+        tokens = tokens[: tokens.index(2) + 1] if 2 in tokens else tokens  # through EOS (2), then padding
+        assert all(t % 2 == row // 3 for t in tokens), (row, tokens)
+    assert set(seen) == {0, 1}

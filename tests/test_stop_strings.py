@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import omnidraft_fast
 from omnidraft_fast import EngineConfig, SpeculativeEngine
@@ -92,3 +93,64 @@ def test_bad_stop_strings(zoo, batch):
             engine.generate(**batch, max_new_tokens=4, stop_strings=bad, tokenizer=zoo.target_tokenizer)
     out = engine.generate(**batch, max_new_tokens=4, stop_strings="\n", tokenizer=zoo.target_tokenizer)
     assert out.shape[1] <= batch["input_ids"].shape[1] + 4  # the engine still works
+
+
+class _StopAt(StoppingCriteria):
+    """A caller's criterion: stop a row once its last token is ``token`` (it reads input_ids only)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return input_ids[:, -1] == self.token
+
+
+class _Unsure(StoppingCriteria):
+    """A criterion that reads the scores (transformers passes its output_scores tuple so far): stop a row
+    at a token where the target was unsure."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: tuple[torch.Tensor, ...], **kwargs) -> torch.Tensor:
+        return scores[-1].softmax(-1).amax(-1) < 0.5
+
+
+@pytest.mark.parametrize("config", [{}, {"cuda_graphs": True}, {"rounds_per_sync": 3}])
+def test_stopping_criteria_as_transformers(zoo, batch, config):
+    """The caller's ``stopping_criteria``, checked after each new token as transformers checks them (one
+    row at a time here): greedy output equals transformers', with stop strings too; criteria reading the
+    scores get them with ``output_scores``."""
+    tokenizer = zoo.target_tokenizer
+    plain = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW)
+    width = batch["input_ids"].shape[1]
+    stop_at = _StopAt(int(plain[0, width + 5]))  # row 0's sixth new token (maybe other rows' too)
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared, config=EngineConfig(**config))
+    for kwargs in (
+        {"stopping_criteria": StoppingCriteriaList([stop_at])},
+        {"stopping_criteria": [stop_at], "stop_strings": ["):"], "tokenizer": tokenizer},
+        {"stopping_criteria": [_Unsure()], "return_dict_in_generate": True, "output_scores": True},
+    ):
+        expected = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW, **kwargs)
+        out = engine.generate(**batch, max_new_tokens=NEW, **kwargs)
+        if "output_scores" in kwargs:
+            expected, out = expected.sequences, out.sequences
+        assert expected.shape[1] < plain.shape[1] or not torch.equal(expected, plain)
+        assert torch.equal(out, expected)
+    with pytest.raises(TypeError, match=r"`stopping_criteria` must be a list"):
+        engine.generate(**batch, max_new_tokens=4, stopping_criteria=stop_at)
+
+
+def test_criteria_see_each_token_with_its_scores(zoo, batch):
+    """A criterion is called once per new token with the sequence through it and the output scores so far."""
+    calls = []
+
+    def record(input_ids, scores, **kwargs):
+        calls.append((input_ids.clone(), scores))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = batch["input_ids"][:1, batch["attention_mask"][0].bool()]
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    out = engine.generate(ids, max_new_tokens=12, do_sample=True, temperature=0.8, stopping_criteria=[record],
+                          return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    assert len(calls) == len(out.scores) == 12
+    for step, (input_ids, scores) in enumerate(calls):
+        assert torch.equal(input_ids, out.sequences[:, : ids.shape[1] + step + 1])
+        assert len(scores) == step + 1 and torch.equal(scores[-1], out.scores[step])
