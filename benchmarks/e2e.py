@@ -12,6 +12,8 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
 - ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact,
   and ``omnidraft (no splits)`` with the paper's stop at a drafted token with no target twin
   (``EngineConfig(split_tokens=False)``);
+- ``... (transformers forward)``: the shared and omnidraft engines with ``EngineConfig(lean_forward=False)``,
+  both models run through transformers' forward instead of ``lean.py``'s (what the lean forward adds);
 - ``... (confidence 0.4)``: the shared and omnidraft engines with ``EngineConfig(confidence_threshold=0.4)``,
   rows stopping their draft after a token the drafter gave less than 0.4, as transformers' assisted
   methods do by default (``assistant_confidence_threshold``; ``--confidence``);
@@ -117,6 +119,8 @@ def main() -> None:
     engines = {"omnidraft_fast shared": engine(zoo.drafter_shared)} if shared else {}
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
     engines["omnidraft_fast omnidraft (no splits)"] = engine(zoo.drafter_cross, split_tokens=False)
+    for name, drafter in (("shared", zoo.drafter_shared), ("omnidraft", zoo.drafter_cross))[not shared :]:
+        engines[f"omnidraft_fast {name} (transformers forward)"] = engine(drafter, lean_forward=False)
     if args.confidence:
         confident = {"confidence_threshold": args.confidence}
         if shared:

@@ -298,6 +298,9 @@ class EngineConfig:
             request); on other devices a recorder with the same replay semantics, which is slower than
             eager and serves to check capture safety without a GPU. Outputs equal eager mode's. Python
             inside a captured stage runs only at capture: forward hooks on the models do not see replays.
+        lean_forward: run Llama, Mistral and Qwen2 models (target and drafter) through ``lean.py``'s
+            forward on their own modules, without transformers' per-call Python (the same logits up to
+            float rounding); ``False``: transformers' forward for every model.
     """
 
     num_draft_tokens: int = 4
@@ -315,6 +318,7 @@ class EngineConfig:
     in_flight_rounds: int | None = None
     rounds_per_sync: int = 1
     cuda_graphs: bool = False
+    lean_forward: bool = True
 
     def __post_init__(self):
         if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
@@ -325,8 +329,9 @@ class EngineConfig:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
         if not isinstance(self.ngram_max_len, int) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
-        if self.split_tokens not in (True, False):
-            raise TypeError(f"`split_tokens` must be True or False, got {self.split_tokens!r}")
+        for name in ("split_tokens", "lean_forward"):
+            if getattr(self, name) not in (True, False):
+                raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.max_spelling, int) or self.max_spelling < 1:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.cascade is not None and not isinstance(self.cascade, CascadeConfig):

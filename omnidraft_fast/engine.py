@@ -93,8 +93,8 @@ class SpeculativeEngine:
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"`config` must be an EngineConfig, got {type(config).__name__}")
-        self.target = CausalLM(target, "model")
-        self.drafter = CausalLM(drafter, "drafter")
+        self.target = CausalLM(target, "model", lean=config.lean_forward)
+        self.drafter = CausalLM(drafter, "drafter", lean=config.lean_forward)
         if self.target.device != self.drafter.device:
             raise ValueError(
                 f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "

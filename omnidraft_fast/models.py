@@ -34,6 +34,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers.cache_utils import Cache
 
+from . import lean as _lean
+
 __all__ = ["CausalLM", "SlotKVCache", "head_inputs"]
 
 
@@ -125,9 +127,10 @@ class CausalLM:
     Args:
         model: a decoder-only ``PreTrainedModel`` with a language-modelling head.
         name: how error messages call it (``"model"`` or ``"drafter"``).
+        lean: run the model through ``lean.py``'s forward where it supports the model.
     """
 
-    def __init__(self, model: torch.nn.Module, name: str):
+    def __init__(self, model: torch.nn.Module, name: str, lean: bool = True):
         config = getattr(model, "config", None)
         if config is None or not callable(getattr(model, "forward", None)):
             raise TypeError(
@@ -160,6 +163,7 @@ class CausalLM:
         )
         self.cache: SlotKVCache | None = None
         self.start: torch.Tensor | None = None  # [batch] first slot of each row's sequence
+        self.lean = lean and _lean.supports(model)  # Llama family: the lean forward on its modules
 
     @property
     def device(self) -> torch.device:
@@ -226,6 +230,9 @@ class CausalLM:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=slots.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # [batch, 1, n, max_slots]
         cache.write_slots = slots
+        if self.lean and not _lean.hooked(self.model):
+            logits, states = _lean.forward(self.model, input_ids, positions, mask, cache, last_only)
+            return (logits, states) if hidden else logits
         with head_inputs(self.model) if hidden else nullcontext() as captured:
             out = self.model(
                 input_ids=input_ids,

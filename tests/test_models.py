@@ -15,12 +15,15 @@ from omnidraft_fast.models import CausalLM
 VOCAB = 64
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_rollback_then_rewrite_matches_a_fresh_forward(arch):
+def test_rollback_then_rewrite_matches_a_fresh_forward(arch, lean):
+    """Both forwards (lean.py's for the Llama family, transformers' for every model)."""
     model = tiny_model(arch, VOCAB, seed=5, dtype=torch.float64)
     if arch == "mistral":
         model.config.sliding_window = 6  # shorter than the sequence: the window is in the mask
-    runner = CausalLM(model, "model")
+    runner = CausalLM(model, "model", lean=lean)
+    assert runner.lean == (lean and arch != "gpt2")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 14), generator=generator)
     start = torch.tensor([1, 4])  # row 1 has three slots of left padding
@@ -44,3 +47,58 @@ def test_engines_do_not_travel_with_copies_of_the_model():
     assert len(target._omnidraft_engines) == 1
     assert len(copy.deepcopy(target)._omnidraft_engines) == 0
     assert len(pickle.loads(pickle.dumps(target))._omnidraft_engines) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_lean_forward_is_transformers_forward(arch, dtype):
+    """lean.py's forward gives transformers' logits and hidden states, step by step with rollbacks, with a
+    LoRA adapter injected into the projections, and in the teacher-forced read-only pass under autograd."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = tiny_model(arch, VOCAB, seed=7, dtype=dtype)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)  # peft starts B at zero: make the adapter count
+    runners = {lean: CausalLM(model, "model", lean=lean) for lean in (True, False)}
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=generator)
+    steps = [
+        (ids[:, :6], torch.arange(6).expand(2, 6), False),  # prefill
+        (ids[:, 6:9], torch.arange(6, 9).expand(2, 3), True),  # a block
+        (ids[:, 7:8], torch.tensor([[7], [7]]), True),  # a rollback
+        (ids[:, 8:12], torch.tensor([[8, 9, 10, 11], [8, 9, 10, 11]]), False),
+    ]
+    for runner in runners.values():
+        runner.begin(torch.tensor([1, 3]), max_slots=16)
+    for tokens, slots, last_only in steps:
+        (lean_logits, lean_hidden), (logits, hidden) = (
+            runners[lean].forward(tokens, slots, last_only=last_only, hidden=True) for lean in (True, False)
+        )
+        torch.testing.assert_close(lean_logits, logits, **tolerance)
+        torch.testing.assert_close(lean_hidden, hidden, **tolerance)
+    with torch.enable_grad():
+        scored = [
+            runners[lean].score(ids[:, 10:12], torch.tensor([[10, 11], [10, 11]])) for lean in (True, False)
+        ]
+        torch.testing.assert_close(scored[0][0], scored[1][0], **tolerance)
+        lora = next(p for name, p in model.named_parameters() if "lora_A" in name)
+        grads = [torch.autograd.grad(logits.float().square().sum(), lora)[0] for logits, _ in scored]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3 if dtype == torch.float32 else 5e-2, atol=1e-4)
+
+
+def test_forward_hooks_run_transformers_forward():
+    """A model with forward hooks on it runs transformers' forward, which runs them."""
+    model = tiny_model("llama", VOCAB, seed=3)
+    runner = CausalLM(model, "model")
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, out: calls.append(out.logits.shape))
+    runner.begin(torch.tensor([1]), max_slots=8)
+    runner.forward(torch.tensor([[5, 6]]), torch.tensor([[1, 2]]))
+    assert calls == [(1, 2, VOCAB)]
+    handle.remove()
+    runner.forward(torch.tensor([[7]]), torch.tensor([[3]]))
+    assert len(calls) == 1
