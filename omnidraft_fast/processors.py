@@ -96,8 +96,7 @@ def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], flo
     for pair in pairs:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not is_number(pair[1]):
             raise ValueError(f"`{name}` entries must be (token ids, bias number) pairs, got {pair!r}")
-        out.append((_token_ids(list(pair[0]) if isinstance(pair[0], tuple) else pair[0], name, vocab),
-                    float(pair[1])))  # fmt: skip
+        out.append((_token_ids(pair[0], name, vocab), float(pair[1])))
     return tuple(out)
 
 
