@@ -163,6 +163,7 @@ class CausalLM:
         )
         self.cache: SlotKVCache | None = None
         self.start: torch.Tensor | None = None  # [batch] first slot of each row's sequence
+        self._mask_dtype: torch.dtype | None = None  # the model's dtype during a request (``begin``)
         self.lean = lean and _lean.supports(model)  # Llama family: the lean forward on its modules
 
     @property
@@ -185,6 +186,7 @@ class CausalLM:
         """Start a request: a fresh cache of ``max_slots`` slots; ``start`` [batch] per-row first slot."""
         self.cache = SlotKVCache(max_slots)
         self.start = start
+        self._mask_dtype = self.dtype  # read once: a parameter lookup per forward costs
 
     def end(self) -> None:
         """Release the request's cache."""
@@ -227,8 +229,8 @@ class CausalLM:
         if self.sliding_window is not None:
             visible &= keys > q - self.sliding_window
         visible |= keys == q
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=slots.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)  # [batch, 1, n, max_slots]
+        mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=slots.device)
+        mask.masked_fill_(~visible, torch.finfo(self._mask_dtype).min)  # [batch, 1, n, max_slots]
         cache.write_slots = slots
         if self.lean and not _lean.hooked(self.model):
             logits, states = _lean.forward(self.model, input_ids, positions, mask, cache, last_only)
