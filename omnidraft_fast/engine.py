@@ -446,7 +446,7 @@ class SpeculativeEngine:
 
     @staticmethod
     def _stop(stops: Stops, state: RequestState, request: Request, before: torch.Tensor) -> bool:
-        """Mark done every row whose tokens of this round complete a stop string, and note where it ends
+        """Mark done every row that a stop condition ends with a token of this round, and note where it ends
         (``stops.cuts``: its new tokens through that one; the output is cut there after the request, so
         that what the rounds recorded stays whole); returns whether every row is done now (a host read of
         the round's new tokens)."""

@@ -76,9 +76,8 @@ class Request:
     return_dict_in_generate: bool
     output_scores: bool = False  # return the target's processed scores per new token (needs the dict)
     output_logits: bool = False  # return the target's raw logits per new token (needs the dict)
-    processing: Processing = field(
-        default_factory=Processing
-    )  # target-side logits processing and extra warpers (processors.py)
+    # target-side logits processing, extra warpers and the caller's processors (processors.py)
+    processing: Processing = field(default_factory=Processing)
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
     stopping_criteria: tuple[Any, ...] = ()  # the caller's: a row ends at the first new token they stop at

@@ -417,8 +417,7 @@ class Rounds:
                 else state.processors(target_logits, proposal, state.generated, active)
             )
             # Warped there (min-p and the like), the target's law is sampled as it is.
-            warped = state.processors is not None and state.processors.warpers is not None
-            target_sampling = SamplingParams(temperature=1.0) if warped else sampling
+            target_sampling = SamplingParams(temperature=1.0) if request.processing.warps else sampling
             num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
                 processed,
                 proposal,
