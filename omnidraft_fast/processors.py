@@ -32,7 +32,8 @@ tokens before the position) and "new tokens" counts those before the position:
 - sampling only, the warpers after top-p: ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``.
   transformers applies them after temperature, top-k and top-p, each on the law the previous ones left;
   a request with any of them warps the target's logits here with the whole chain (transformers' own
-  warpers) and verification then samples that law as it is (temperature 1, no filters).
+  warpers; eta as :class:`EtaWarper`, without the host read of transformers') and verification then
+  samples that law as it is (temperature 1, no filters).
 
 ``renormalize_logits`` changes only the scores a request returns (a final log-softmax), never a token.
 Fixed shapes, no host read: the round stays capturable, except with the caller's Python
@@ -52,7 +53,7 @@ from typing import Any
 import torch
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
-    EtaLogitsWarper,
+    LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
@@ -63,7 +64,7 @@ from transformers.generation.logits_process import (
 
 from .config import SamplingParams, is_number, is_positive
 
-__all__ = ["Processing", "TargetProcessors", "sampling_warpers"]
+__all__ = ["EtaWarper", "Processing", "TargetProcessors", "sampling_warpers"]
 
 
 def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
@@ -274,8 +275,25 @@ def sampling_warpers(
             if processing.epsilon_cutoff > 0:
                 chain.append(EpsilonLogitsWarper(processing.epsilon_cutoff))
             if processing.eta_cutoff > 0:
-                chain.append(EtaLogitsWarper(processing.eta_cutoff, device=device or "cpu"))
+                chain.append(EtaWarper(processing.eta_cutoff, device or torch.device("cpu")))
     return LogitsProcessorList(chain)
+
+
+class EtaWarper(LogitsProcessor):
+    """transformers' ``EtaLogitsWarper`` (one token kept at least) without its host read: it takes the
+    entropy from a ``torch.distributions.Categorical``, which checks its argument on the host, a sync
+    inside the round that no CUDA graph can hold. The same arithmetic, written out."""
+
+    def __init__(self, epsilon: float, device: torch.device):
+        self.epsilon = torch.tensor(epsilon, device=device)
+
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        probabilities = scores.softmax(-1)
+        normalised = (scores - scores.logsumexp(-1, keepdim=True)).clamp(min=torch.finfo(scores.dtype).min)
+        entropy = -(normalised * probabilities).sum(-1)
+        eta = torch.min(self.epsilon, torch.sqrt(self.epsilon) * torch.exp(-entropy))[..., None]
+        remove = (probabilities < eta) & (scores < scores.amax(-1, keepdim=True))
+        return scores.masked_fill(remove, -torch.inf)
 
 
 @dataclass(frozen=True)

@@ -194,19 +194,16 @@ def _transformers_warpers(temperature: float, top_k: int, top_p: float = 1.0, **
     return LogitsProcessorList(chain)
 
 
-@pytest.mark.parametrize(
-    "warpers",
-    [
-        {"min_p": 0.2},
-        {
-            "min_p": 0.3,
-            "top_p": 0.8,
-        },  # top-p first, then min-p on the renormalised law (the order matters here)
-        {"typical_p": 0.5},
-        {"epsilon_cutoff": 0.06, "top_p": 0.9},
-        {"eta_cutoff": 0.2},
-    ],
-)
+WARPERS = [
+    {"min_p": 0.2},
+    {"min_p": 0.3, "top_p": 0.8},  # top-p first, then min-p on the renormalised law (the order matters here)
+    {"typical_p": 0.5},
+    {"epsilon_cutoff": 0.06, "top_p": 0.9},
+    {"eta_cutoff": 0.2},
+]
+
+
+@pytest.mark.parametrize("warpers", WARPERS)
 def test_sampling_warpers_follow_transformers_law(pair, warpers):
     """The warpers transformers applies after top-p (min_p, typical_p, epsilon_cutoff, eta_cutoff; at T=0.8,
     top-k 12): the first token's law is transformers' within the total-variation bound, and far from the law
@@ -235,6 +232,34 @@ def test_sampling_warpers_follow_transformers_law(pair, warpers):
     assert torch.equal(
         engine.generate(ids, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, **warpers), greedy
     )
+
+
+@pytest.mark.parametrize("warpers", WARPERS)
+def test_warped_rounds_capture(pair, warpers):
+    """Every warper runs without a host read: captured rounds give the eager rounds' output."""
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [7, 7, 1, 20, 9]])
+    outputs = []
+    for cuda_graphs in (False, True):
+        torch.manual_seed(3)
+        engine = _engine(pair, cuda_graphs=cuda_graphs)
+        outputs.append(engine.generate(prompt, max_new_tokens=10, do_sample=True, temperature=0.9, **warpers))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_eta_warper_is_transformers():
+    """processors.EtaWarper (no host read) computes what transformers' EtaLogitsWarper does."""
+    from transformers.generation.logits_process import EtaLogitsWarper
+
+    from omnidraft_fast.processors import EtaWarper
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50, generator=generator) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    scores[1, :20] = -torch.inf
+    scores[2, 1:] = -torch.inf  # one token left
+    for epsilon in (1e-4, 0.02, 0.3):
+        expected = EtaLogitsWarper(epsilon)(None, scores)
+        assert torch.equal(EtaWarper(epsilon, scores.device)(None, scores), expected)
+    assert (expected == -torch.inf).sum() > 20  # it removed tokens
 
 
 def test_warped_second_token_and_scores(pair):
