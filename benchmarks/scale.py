@@ -5,7 +5,8 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
 - plain ``model.generate()`` (greedy), ms per token: ``(t(N tokens) - t(1 token)) / (N - 1)``, so the
   prefill is left out;
 - the target's forward over ``k + 1`` tokens and over 1 token, and the drafter's one-token step, each at
-  the prompt's context length in the engine's slot cache (median of ``--reps``);
+  the prompt's context length in the engine's slot cache (median of ``--reps``), through ``lean.py``'s
+  forward (what the engine runs) and through transformers' forward;
 - this engine (``SpeculativeEngine``), per drafter: ``shared`` (Llama-68M shape, the target's 128k
   vocabulary) and, when ``../shared/tokenizers`` is there, ``cross`` (Mistral's 32k vocabulary, real
   Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
@@ -96,9 +97,10 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _forward_ms(model, ids: torch.Tensor, n: int, reps: int) -> float:
-    """One forward of ``n`` tokens written after ``ids`` [1, prompt] in the slot cache (rewritten each rep)."""
-    lm, prompt = CausalLM(model, "model"), ids.shape[1]
+def _forward_ms(model, ids: torch.Tensor, n: int, reps: int, lean: bool = True) -> float:
+    """One forward of ``n`` tokens written after ``ids`` [1, prompt] in the slot cache (rewritten each rep);
+    ``lean=False``: through transformers' forward rather than ``lean.py``'s."""
+    lm, prompt = CausalLM(model, "model", lean=lean), ids.shape[1]
     lm.begin(torch.zeros(1, dtype=torch.int64, device=ids.device), prompt + n)
     slots = torch.arange(prompt + n, device=ids.device)[None]  # [1, prompt + n]
     lm.forward(ids, slots[:, :prompt], last_only=True)
@@ -155,6 +157,7 @@ def _engine(
         "drafter_params": sum(p.numel() for p in drafter.parameters()),
         "drafter_vocab": drafter.config.vocab_size,
         "drafter_step_ms": _forward_ms(drafter, _ids(drafter, ids), 1, 5),
+        "drafter_step_ms_transformers_forward": _forward_ms(drafter, _ids(drafter, ids), 1, 5, lean=False),
         "rounds": untimed.rounds,
         "measured_acceptance": untimed.acceptance_rate,
         "stage_ms_per_round": stage_ms,
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         "target_forward_ms": {
             f"{k + 1} tokens": _forward_ms(target, ids, k + 1, reps),
             "1 token": _forward_ms(target, ids, 1, reps),
+            f"{k + 1} tokens, transformers forward": _forward_ms(target, ids, k + 1, reps, lean=False),
+            "1 token, transformers forward": _forward_ms(target, ids, 1, reps, lean=False),
         },
         "projection_formula": "speedup(a) = E(a) / round_ms * plain_ms_per_token, E(a) = (1 - a^(k+1)) / (1 - a)",
         "pairs": {},
@@ -321,7 +326,8 @@ def _markdown(result: dict) -> str:
             "",
             f"## Drafter `{pair}` (vocabulary {row['drafter_vocab']}, {row['drafter_params'] / 1e6:.0f} M parameters)",
             "",
-            f"Drafter step {row['drafter_step_ms']:.2f} ms. Round {row['round_ms']:.2f} ms untimed "
+            f"Drafter step {row['drafter_step_ms']:.2f} ms ({row['drafter_step_ms_transformers_forward']:.2f} ms "
+            "through transformers' forward). Round {row['round_ms']:.2f} ms untimed "
             f"({row['timed_round_ms']:.2f} ms with stage timing); the engine's own overhead "
             f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target). With "
             f"`cuda_graphs=True`: {row['graph_round_ms']:.2f} ms per round.",
