@@ -298,7 +298,7 @@ class EngineConfig:
             request); on other devices a recorder with the same replay semantics, which is slower than
             eager and serves to check capture safety without a GPU. Outputs equal eager mode's. Python
             inside a captured stage runs only at capture: forward hooks on the models do not see replays.
-        lean_forward: run Llama, Mistral and Qwen2 models (target and drafter) through ``lean.py``'s
+        lean_forward: run Llama, Mistral, Qwen2 and GPT-2 models (target and drafter) through ``lean.py``'s
             forward on their own modules, without transformers' per-call Python (the same logits up to
             float rounding); ``False``: transformers' forward for every model.
     """

@@ -1,14 +1,17 @@
-"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2), run on the model's own modules.
+"""A lean forward for the common decoder families, run on the model's own modules.
 
 transformers' forward wraps every call in Python the engine does not use: output recording, mask
 preprocessing, cache bookkeeping, attention-backend dispatch. For a drafter's one-token steps, and for
 small models generally, that Python costs as much as the arithmetic (on the zoo's models, on a CPU: the
 drafter's step 1.5x, the target's 1.2x faster this way). This forward calls the same modules in the same
-order (embedding, norms, projections with any LoRA layers peft injected into them, rotary embedding, MLP,
-head), writes keys and values through the same cache (``SlotKVCache.update``), and attends with SDPA under
-the engine's additive mask, so its logits are transformers' up to float rounding. Every other model, and
-one with forward hooks on it or on its decoder (which this forward would skip), runs transformers'
-forward (``models.py``).
+order (embeddings, norms, projections with any LoRA layers peft injected into them, rotary embedding,
+MLP, dropouts, head), writes keys and values through the same cache (``SlotKVCache.update``), and attends
+with SDPA under the engine's additive mask, so its logits are transformers' up to float rounding.
+
+Families: Llama, Mistral and Qwen2 (pre-norm, rotary embedding over the whole head, grouped-query
+attention, no soft-capping or query/key norms) and GPT-2 (learned positions, fused QKV projection). Every
+other model, and one with forward hooks on it or on its decoder (which this forward would skip), runs
+transformers' forward (``models.py``).
 """
 
 from __future__ import annotations
@@ -18,38 +21,50 @@ import torch.nn.functional as F
 
 __all__ = ["forward", "hooked", "supports"]
 
-# model_type -> the causal-LM class whose forward this one replaces (attention without soft-capping or
-# query/key norms, rotary embedding over the whole head, unscaled embeddings).
-_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_LAYER = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")
+# model_type -> the causal-LM class whose forward this one replaces
+_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+# model_type -> (the decoder's attribute, its modules, each layer's modules, each attention's attributes)
+_PARTS = {
+    "llama": (
+        "model",
+        ("embed_tokens", "layers", "norm", "rotary_emb"),
+        ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
+    ),
+    "gpt2": ("transformer", ("wte", "wpe", "drop", "h", "ln_f"), ("ln_1", "attn", "ln_2", "mlp"),
+             ("c_attn", "c_proj", "split_size", "head_dim", "attn_dropout", "resid_dropout")),
+}  # fmt: skip
+_PARTS["mistral"] = _PARTS["qwen2"] = _PARTS["llama"]
 
 
 def supports(model: torch.nn.Module) -> bool:
     """Whether :func:`forward` can stand in for ``model``'s forward (checked once per model)."""
     config = getattr(model, "config", None)
-    if _CLASSES.get(getattr(config, "model_type", None)) != type(model).__name__:
+    kind = getattr(config, "model_type", None)
+    if _CLASSES.get(kind) != type(model).__name__ or getattr(config, "add_cross_attention", False):
         return False
-    decoder = getattr(model, "model", None)
-    if decoder is None or not all(
-        hasattr(decoder, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")
-    ):
+    name, modules, layer_modules, attention_parts = _PARTS[kind]
+    decoder = getattr(model, name, None)
+    if decoder is None or not all(hasattr(decoder, part) for part in modules):
         return False
+    layers = decoder.layers if kind != "gpt2" else decoder.h
+    attention = "self_attn" if kind != "gpt2" else "attn"
     return all(
-        all(hasattr(layer, name) for name in _LAYER)
-        and all(hasattr(layer.self_attn, name) for name in _ATTENTION)
-        for layer in decoder.layers
+        all(hasattr(layer, part) for part in layer_modules)
+        and all(hasattr(getattr(layer, attention), part) for part in attention_parts)
+        for layer in layers
     )
 
 
 def hooked(model: torch.nn.Module) -> bool:
     """Whether ``model`` or its decoder has forward hooks, which only transformers' forward runs."""
-    return any(module._forward_hooks or module._forward_pre_hooks for module in (model, model.model))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    decoder = getattr(model, _PARTS[model.config.model_type][0])
+    return any(module._forward_hooks or module._forward_pre_hooks for module in (model, decoder))
 
 
 def forward(
@@ -61,6 +76,29 @@ def forward(
     last_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [batch, n or 1, V] and the last hidden states they came from [batch, n or 1, H]."""
+    run = _gpt2 if model.config.model_type == "gpt2" else _llama
+    hidden = run(model, input_ids, positions, mask, cache, last_only)
+    return model.lm_head(hidden), hidden
+
+
+def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: float) -> torch.Tensor:
+    """Write k, v at the forward's slots and attend: [batch, n, heads * head_dim]."""
+    keys, values = cache.update(k, v, index)
+    groups = q.shape[1] // keys.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, dropout_p=dropout if attention.training else 0.0, scale=scale
+    )
+    return out.transpose(1, 2).flatten(2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
     decoder = model.model
     batch, n = input_ids.shape
     x = decoder.embed_tokens(input_ids)
@@ -73,13 +111,30 @@ def forward(
         q = _rotate(attention.q_proj(h).view(shape).transpose(1, 2), cos, sin)
         k = _rotate(attention.k_proj(h).view(shape).transpose(1, 2), cos, sin)
         v = attention.v_proj(h).view(shape).transpose(1, 2)
-        keys, values = cache.update(k, v, index)
-        groups = q.shape[1] // keys.shape[1]
-        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-            keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-        x = x + attention.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        dropout = getattr(attention, "attention_dropout", 0.0)
+        x = x + attention.o_proj(_attend(attention, q, k, v, mask, cache, index, scale, dropout))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    hidden = decoder.norm(x[:, -1:] if last_only else x)
-    return model.lm_head(hidden), hidden
+    return decoder.norm(x[:, -1:] if last_only else x)
+
+
+def _gpt2(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
+    decoder = model.transformer
+    batch, n = input_ids.shape
+    x = decoder.drop(decoder.wte(input_ids) + decoder.wpe(positions))
+    for index, block in enumerate(decoder.h):
+        attention = block.attn
+        shape = (batch, n, -1, attention.head_dim)
+        q, k, v = (
+            t.view(shape).transpose(1, 2)
+            for t in attention.c_attn(block.ln_1(x)).split(attention.split_size, dim=2)
+        )
+        scale = getattr(attention, "scaling", None)
+        if scale is None:  # transformers before the attribute: the same two settings
+            scale = attention.head_dim**-0.5 if model.config.scale_attn_weights else 1.0
+            if model.config.scale_attn_by_inverse_layer_idx:
+                scale /= float(index + 1)
+        out = _attend(attention, q, k, v, mask, cache, index, scale, attention.attn_dropout.p)
+        x = x + attention.resid_dropout(attention.c_proj(out))
+        x = x + block.mlp(block.ln_2(x))
+    return decoder.ln_f(x[:, -1:] if last_only else x)

@@ -18,12 +18,12 @@ VOCAB = 64
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_rollback_then_rewrite_matches_a_fresh_forward(arch, lean):
-    """Both forwards (lean.py's for the Llama family, transformers' for every model)."""
+    """Both forwards (lean.py's and transformers')."""
     model = tiny_model(arch, VOCAB, seed=5, dtype=torch.float64)
     if arch == "mistral":
         model.config.sliding_window = 6  # shorter than the sequence: the window is in the mask
     runner = CausalLM(model, "model", lean=lean)
-    assert runner.lean == (lean and arch != "gpt2")
+    assert runner.lean == lean
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 14), generator=generator)
     start = torch.tensor([1, 4])  # row 1 has three slots of left padding
@@ -50,14 +50,15 @@ def test_engines_do_not_travel_with_copies_of_the_model():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_lean_forward_is_transformers_forward(arch, dtype):
     """lean.py's forward gives transformers' logits and hidden states, step by step with rollbacks, with a
     LoRA adapter injected into the projections, and in the teacher-forced read-only pass under autograd."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model = tiny_model(arch, VOCAB, seed=7, dtype=dtype)
-    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), model)
+    modules = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=modules, fan_in_fan_out=arch == "gpt2"), model)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
