@@ -29,11 +29,12 @@ tokens before the position) and "new tokens" counts those before the position:
   forced BOS on a one-token prompt): ``-inf``;
 - the caller's ``logits_processor`` list, after all of the above, called with ``input_ids`` of one row
   (``[1, length]``) and that row's scores at one position;
-- sampling only, the warpers after top-p: ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``.
-  transformers applies them after temperature, top-k and top-p, each on the law the previous ones left;
-  a request with any of them warps the target's logits here with the whole chain (transformers' own
-  warpers; eta as :class:`EtaWarper`, without the host read of transformers') and verification then
-  samples that law as it is (temperature 1, no filters).
+- sampling only, the warpers besides temperature, top-k and top-p: ``top_h`` (after temperature, before
+  top-k), ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff`` (after top-p), each on the law the
+  previous ones left, as transformers applies them. A request with any of them warps the target's logits
+  here with the whole chain (transformers' own warpers; top-h and eta as :class:`TopHWarper` and
+  :class:`EtaWarper`, without transformers' host reads) and verification then samples that law as it is
+  (temperature 1, no filters).
 
 ``renormalize_logits`` changes only the scores a request returns (a final log-softmax), never a token.
 Fixed shapes, no host read: the round stays capturable, except with the caller's Python
@@ -64,7 +65,7 @@ from transformers.generation.logits_process import (
 
 from .config import SamplingParams, is_number, is_positive
 
-__all__ = ["EtaWarper", "Processing", "TargetProcessors", "sampling_warpers"]
+__all__ = ["EtaWarper", "Processing", "TargetProcessors", "TopHWarper", "sampling_warpers"]
 
 
 def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
@@ -118,6 +119,7 @@ class Processing:
     exponential_decay_length_penalty: tuple[int, float] | None = None
     suppress_tokens: tuple[int, ...] = ()
     begin_suppress_tokens: tuple[int, ...] = ()
+    top_h: float = 0.0
     min_p: float = 0.0
     typical_p: float = 1.0
     epsilon_cutoff: float = 0.0
@@ -218,6 +220,7 @@ class Processing:
             out["exponential_decay_length_penalty"] = (decay[0], float(decay[1]))
         # The sampling warpers: (name, off value, whether the value lies in range, the range in words).
         warpers = (
+            ("top_h", 0.0, lambda v: 0 <= v <= 1, "(0, 1] (0 or unset: off)"),
             ("min_p", 0.0, lambda v: 0 <= v <= 1, "[0, 1] (0: off)"),
             ("typical_p", 1.0, lambda v: 0 < v <= 1, "(0, 1] (1: off)"),
             ("epsilon_cutoff", 0.0, lambda v: 0 <= v < 1, "[0, 1) (0: off)"),
@@ -251,18 +254,26 @@ class Processing:
     @property
     def warps(self) -> bool:
         """Whether the target's logits go through the sampling warpers here (then verified at T=1, unfiltered)."""
-        return self.min_p > 0 or self.typical_p < 1 or self.epsilon_cutoff > 0 or self.eta_cutoff > 0
+        return (
+            self.top_h > 0
+            or self.min_p > 0
+            or self.typical_p < 1
+            or self.epsilon_cutoff > 0
+            or self.eta_cutoff > 0
+        )
 
 
 def sampling_warpers(
     sampling: SamplingParams, processing: Processing | None = None, device: torch.device | None = None
 ) -> LogitsProcessorList:
-    """transformers' sampling warpers for a request, in its order: temperature, top-k, top-p, then (with
-    ``processing``) min-p, typical, epsilon and eta. Greedy: none."""
+    """transformers' sampling warpers for a request, in its order: temperature, (with ``processing``) top-h,
+    top-k, top-p, then (with ``processing``) min-p, typical, epsilon and eta. Greedy: none."""
     chain = []
     if not sampling.greedy:
         if sampling.temperature != 1.0:
             chain.append(TemperatureLogitsWarper(sampling.temperature))
+        if processing is not None and processing.top_h > 0:
+            chain.append(TopHWarper(processing.top_h))
         if sampling.top_k:
             chain.append(TopKLogitsWarper(sampling.top_k))
         if sampling.top_p < 1.0:
@@ -277,6 +288,26 @@ def sampling_warpers(
             if processing.eta_cutoff > 0:
                 chain.append(EtaWarper(processing.eta_cutoff, device or torch.device("cpu")))
     return LogitsProcessorList(chain)
+
+
+class TopHWarper(LogitsProcessor):
+    """transformers' ``TopHLogitsWarper`` (top-H sampling: of the 100 likeliest tokens, those in order of
+    probability while their cumulative entropy stays within ``top_h`` times the entropy of those 100,
+    at least one) without its host reads (a ``torch.distributions.Categorical``, which checks its
+    argument on the host, and a boolean-mask assignment). The same arithmetic, written out."""
+
+    def __init__(self, top_h: float):
+        self.top_h = top_h
+
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        top_logits, top_ids = scores.topk(min(100, scores.shape[-1]), dim=-1)
+        normalised = top_logits - top_logits.logsumexp(-1, keepdim=True)
+        probs = normalised.softmax(-1)
+        entropy = -(normalised.clamp(min=torch.finfo(normalised.dtype).min) * probs).sum(-1, keepdim=True)
+        selected = torch.cumsum(-probs * torch.log(probs), -1) <= entropy * self.top_h
+        selected[..., 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top_ids, selected)
+        return scores.masked_fill(~keep, -torch.inf)
 
 
 class EtaWarper(LogitsProcessor):

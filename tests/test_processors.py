@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import left_padded_prompts, peaked_pair
+from transformers.generation import logits_process
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -184,7 +185,10 @@ def _transformers_warpers(temperature: float, top_k: int, top_p: float = 1.0, **
     """transformers' sampling warpers, in its order, built here independently of the engine's code."""
     from transformers.generation import logits_process as lp
 
-    chain = [lp.TemperatureLogitsWarper(temperature), lp.TopKLogitsWarper(top_k)]
+    chain = [lp.TemperatureLogitsWarper(temperature)]
+    if "top_h" in extra:  # after temperature, before top-k
+        chain.append(lp.TopHLogitsWarper(extra["top_h"]))
+    chain.append(lp.TopKLogitsWarper(top_k))
     if top_p < 1:
         chain.append(lp.TopPLogitsWarper(top_p))
     for name, warper in (("min_p", lp.MinPLogitsWarper), ("typical_p", lp.TypicalLogitsWarper),
@@ -200,6 +204,10 @@ WARPERS = [
     {"typical_p": 0.5},
     {"epsilon_cutoff": 0.06, "top_p": 0.9},
     {"eta_cutoff": 0.2},
+    pytest.param(
+        {"top_h": 0.4},  # after temperature, before top-k
+        marks=pytest.mark.skipif(not hasattr(logits_process, "TopHLogitsWarper"), reason="no top_h here"),
+    ),
 ]
 
 
@@ -244,6 +252,23 @@ def test_warped_rounds_capture(pair, warpers):
         engine = _engine(pair, cuda_graphs=cuda_graphs)
         outputs.append(engine.generate(prompt, max_new_tokens=10, do_sample=True, temperature=0.9, **warpers))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_top_h_warper_is_transformers():
+    """processors.TopHWarper (no host read) computes what transformers' TopHLogitsWarper does."""
+    from transformers.generation import logits_process
+
+    from omnidraft_fast.processors import TopHWarper
+
+    if not hasattr(logits_process, "TopHLogitsWarper"):
+        pytest.skip("this transformers has no TopHLogitsWarper (top_h came later)")
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, 160, generator=generator) * torch.tensor([0.3, 1, 2, 5, 12])[:, None]
+    scores[1, :150] = -torch.inf  # fewer than 100 tokens left
+    for top_h in (0.1, 0.5, 0.9, 1.0):
+        expected = logits_process.TopHLogitsWarper(top_h)(None, scores)
+        assert torch.equal(TopHWarper(top_h)(None, scores), expected)
+    assert (expected > -torch.inf).sum() < 5 * 100  # it removed tokens
 
 
 def test_eta_warper_is_transformers():
@@ -310,6 +335,7 @@ def test_warpers_checked(pair):
         ("typical_p", 0.0, r"`typical_p` must be in \(0, 1\] \(1: off\), got 0.0"),
         ("epsilon_cutoff", 1.0, r"`epsilon_cutoff` must be in \[0, 1\) \(0: off\), got 1.0"),
         ("eta_cutoff", -0.1, r"`eta_cutoff` must be in \[0, 1\)"),
+        ("top_h", 1.5, r"`top_h` must be in \(0, 1\] \(0 or unset: off\), got 1.5"),
     ):
         with pytest.raises(ValueError, match=match):
             engine.generate(ids, max_new_tokens=4, do_sample=True, **{option: value})
