@@ -139,8 +139,8 @@ def verify_reference(
     uniforms: torch.Tensor,  # [batch, k] U[0, 1)
     noise: torch.Tensor | None,  # Exp(1): [batch, V_t] for the one residual/bonus draw, or
     #                              [batch, k+1, V_t] with exact_match; unused when greedy
-    rule: torch.Tensor,  # [batch] int64 rule ids
-    alpha: torch.Tensor,  # [batch] fp32
+    rule: torch.Tensor | None,  # [batch] int64 rule ids; None: "exact" for every row
+    alpha: torch.Tensor | None,  # [batch] fp32; None with rule None
     temperature: float,
     top_k: int,
     top_p: float,
@@ -153,6 +153,20 @@ def verify_reference(
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
     invalid = nonfinite_rows_reference(target_logits).any(-1)
+    if rule is None and temperature == 0.0 and not exact_match:
+        # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
+        # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
+        # the exact rule defers every proposed position: what the general path below computes, from one
+        # read of the logits.
+        z = target_logits.argmax(-1)  # [batch, k+1]
+        q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)
+        accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
+        num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
+        final = z.gather(1, num_accepted[:, None])[:, 0]
+        return num_accepted, _output_tokens(draft_ids, num_accepted, final), accept_probs, proposed, invalid
+    if rule is None:
+        rule = torch.zeros(batch, dtype=torch.int64, device=draft_ids.device)
+        alpha = torch.zeros(batch, dtype=torch.float32, device=draft_ids.device)
     if exact_match:
         if temperature == 0.0:  # p is one-hot at the argmax: one read of the logits
             z = target_logits.argmax(-1)  # [batch, k+1]

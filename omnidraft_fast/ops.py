@@ -179,13 +179,11 @@ def verify(
         )
     if (rule is None) != (alpha is None):
         raise ValueError("`rule` and `alpha` go together: give both (a deferral rule) or neither (exact)")
-    if rule is None:
-        rule = torch.zeros(batch, dtype=torch.int64, device=device)
-        alpha = torch.zeros(batch, dtype=torch.float32, device=device)
-    _check("rule", rule, 1, dtypes=(torch.int64,), device=device)
-    _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
-    if rule.shape[0] != batch or alpha.shape[0] != batch:
-        raise ValueError(f"`rule` and `alpha` must have one entry per row ({batch})")
+    if rule is not None:
+        _check("rule", rule, 1, dtypes=(torch.int64,), device=device)
+        _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
+        if rule.shape[0] != batch or alpha.shape[0] != batch:
+            raise ValueError(f"`rule` and `alpha` must have one entry per row ({batch})")
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0:
         shape = (batch, width, vocab) if exact_match else (batch, vocab)
@@ -195,6 +193,9 @@ def verify(
         if noise.shape != shape:
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
     if runs_kernels(target_logits) and not exact_match:  # q' is read through `cross` inside the kernel
+        if rule is None:
+            rule = torch.zeros(batch, dtype=torch.int64, device=device)
+            alpha = torch.zeros(batch, dtype=torch.float32, device=device)
         return verify_triton(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
             top_k, top_p, cross,
