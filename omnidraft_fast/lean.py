@@ -10,8 +10,9 @@ with SDPA under the engine's additive mask, so its logits are transformers' up t
 
 Families: Llama, Mistral and Qwen2 (pre-norm, rotary embedding over the whole head, grouped-query
 attention, no soft-capping or query/key norms) and GPT-2 (learned positions, fused QKV projection). Every
-other model, and one with forward hooks on it or on its decoder (which this forward would skip), runs
-transformers' forward (``models.py``).
+other model runs transformers' forward (``models.py``), and so does one with forward hooks on it or on
+its decoder (which this forward would skip) or with accelerate's hooks on any module (a model dispatched
+over devices: its attention inputs would not follow its layers).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def supports(model: torch.nn.Module) -> bool:
     name, modules, layer_modules, attention_parts = _PARTS[kind]
     decoder = getattr(model, name, None)
     if decoder is None or not all(hasattr(decoder, part) for part in modules):
+        return False
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):  # accelerate's dispatch hooks
         return False
     layers = decoder.layers if kind != "gpt2" else decoder.h
     attention = "self_attn" if kind != "gpt2" else "attn"

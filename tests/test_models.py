@@ -92,7 +92,8 @@ def test_lean_forward_is_transformers_forward(arch, dtype):
 
 
 def test_forward_hooks_run_transformers_forward():
-    """A model with forward hooks on it runs transformers' forward, which runs them."""
+    """A model with forward hooks on it runs transformers' forward, which runs them; a model with
+    accelerate's hooks never runs the lean forward."""
     model = tiny_model("llama", VOCAB, seed=3)
     runner = CausalLM(model, "model")
     calls = []
@@ -103,3 +104,5 @@ def test_forward_hooks_run_transformers_forward():
     handle.remove()
     runner.forward(torch.tensor([[7]]), torch.tensor([[3]]))
     assert len(calls) == 1
+    model.model.layers[0]._hf_hook = object()  # what accelerate leaves on a module it dispatched
+    assert not CausalLM(model, "model").lean
