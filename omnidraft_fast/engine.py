@@ -243,8 +243,9 @@ class SpeculativeEngine:
         )
         if request.processing.calls_python and self.config.cuda_graphs:
             raise ValueError(
-                "`logits_processor` and `prefix_allowed_tokens_fn` run Python at every drafted position, which a "
-                "captured round cannot: use an engine with EngineConfig(cuda_graphs=False) for such requests"
+                "`logits_processor`, `prefix_allowed_tokens_fn` and `watermarking_config` run Python at every "
+                "drafted position, which a captured round cannot: use an engine with "
+                "EngineConfig(cuda_graphs=False) for such requests"
             )
         if request.cascade is not None and self.bridge is not None and self.config.translation == "exact":
             raise ValueError(

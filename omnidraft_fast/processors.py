@@ -34,13 +34,16 @@ tokens before the position) and "new tokens" counts those before the position:
   previous ones left, as transformers applies them. A request with any of them warps the target's logits
   here with the whole chain (transformers' own warpers; top-h and eta as :class:`TopHWarper` and
   :class:`EtaWarper`, without transformers' host reads) and verification then samples that law as it is
-  (temperature 1, no filters).
+  (temperature 1, no filters);
+- ``watermarking_config`` (green-list watermarking, ``WatermarkingConfig``): after everything, the
+  sampling warpers included (a sampled request with it warps here), transformers' processor called per
+  row and position like the caller's.
 
 ``renormalize_logits`` changes only the scores a request returns (a final log-softmax), never a token.
-Fixed shapes, no host read: the round stays capturable, except with the caller's Python
-(``prefix_allowed_tokens_fn``, ``logits_processor``), called for each live row at each position whose
-context is real (the drafted tokens before it exist), as transformers' assisted generation calls them at
-each candidate position; such a request runs eagerly. The tokens each row has seen are kept as a
+Fixed shapes, no host read: the round stays capturable, except with Python per row (the caller's
+``prefix_allowed_tokens_fn`` and ``logits_processor``, the watermark), called for each live row at each
+position whose context is real (the drafted tokens before it exist), as transformers' assisted generation
+calls them at each candidate position; such a request runs eagerly. The tokens each row has seen are kept as a
 ``[batch, V + 1]`` mask (the last column absorbs padding ids), updated in place at each commit.
 """
 
@@ -85,6 +88,23 @@ def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _watermark(value):
+    """``watermarking_config`` -> a transformers ``WatermarkingConfig`` (a dict is read as one, as
+    ``GenerationConfig`` reads it). SynthID's processor keeps state across calls that assumes one call per
+    new token, which verifying drafted positions breaks: refused."""
+    from transformers.generation import WatermarkingConfig
+
+    if isinstance(value, dict):
+        value = WatermarkingConfig.from_dict(value)
+    if not isinstance(value, WatermarkingConfig):
+        raise ValueError(
+            f"`watermarking_config` must be a transformers WatermarkingConfig (green-list watermarking), got "
+            f"{type(value).__name__}; SynthID watermarking keeps per-step state that speculative decoding cannot "
+            "replay"
+        )
+    return value
+
+
 def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], float], ...]:
     """``sequence_bias`` as transformers takes it (a dict of id tuples to floats, or a list of [[ids], bias]
     pairs) -> ((ids, bias), ...)."""
@@ -125,15 +145,17 @@ class Processing:
     epsilon_cutoff: float = 0.0
     eta_cutoff: float = 0.0
     renormalize_logits: bool = False
-    # The caller's Python, given to generate() (not generation-config fields):
+    watermarking_config: Any = None  # a transformers WatermarkingConfig (the green-list scheme)
+    # The caller's Python, given to generate() (not generation-config fields), and the request's mode:
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None
     logits_processor: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
     copies: int = 1  # num_return_sequences: rows per caller's row (prefix_allowed_tokens_fn's batch_id)
+    sampled: bool = False  # the request samples (the watermark then follows the sampling warpers)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The generation-config fields resolved here (request.py honours them)."""
-        caller = ("prefix_allowed_tokens_fn", "logits_processor", "copies")
+        caller = ("prefix_allowed_tokens_fn", "logits_processor", "copies", "sampled")
         return tuple(field.name for field in dataclass_fields(cls) if field.name not in caller)
 
     @classmethod
@@ -150,7 +172,7 @@ class Processing:
     ) -> Processing:
         """Check the merged generation ``fields`` and the caller's processors (request.py); greedy requests
         drop the sampling warpers, as transformers does."""
-        out: dict[str, Any] = {"copies": copies}
+        out: dict[str, Any] = {"copies": copies, "sampled": not sampling.greedy}
         if prefix_allowed_tokens_fn is not None:
             if not callable(prefix_allowed_tokens_fn):
                 raise TypeError(
@@ -198,6 +220,9 @@ class Processing:
             if isinstance(bos, bool) or not isinstance(bos, int):
                 raise ValueError(f"`forced_bos_token_id` must be one token id, got {bos!r}")
             out["forced_bos_token_id"] = _token_ids(bos, "forced_bos_token_id", vocab)[0]
+        watermark = fields.get("watermarking_config")
+        if watermark is not None:
+            out["watermarking_config"] = _watermark(watermark)
         for name in ("remove_invalid_values", "renormalize_logits"):
             value = fields.get(name, False)
             if not isinstance(value, bool):
@@ -248,14 +273,20 @@ class Processing:
 
     @property
     def calls_python(self) -> bool:
-        """Whether the round calls the caller's Python (which no CUDA graph can hold)."""
-        return self.prefix_allowed_tokens_fn is not None or bool(self.logits_processor)
+        """Whether the round calls Python per row and position (which no CUDA graph can hold): the
+        caller's processors, or transformers' watermarking."""
+        return (
+            self.prefix_allowed_tokens_fn is not None
+            or bool(self.logits_processor)
+            or self.watermarking_config is not None
+        )
 
     @property
     def warps(self) -> bool:
         """Whether the target's logits go through the sampling warpers here (then verified at T=1, unfiltered)."""
         return (
-            self.top_h > 0
+            (self.sampled and self.watermarking_config is not None)  # it comes after every warper
+            or self.top_h > 0
             or self.min_p > 0
             or self.typical_p < 1
             or self.epsilon_cutoff > 0
@@ -411,6 +442,11 @@ class TargetProcessors:
         # new tokens before the position where begin_suppress_tokens applies (transformers' begin_index)
         self.begin = 1 if prompt == 1 and p.forced_bos_token_id is not None else 0
         self.warpers = sampling_warpers(sampling, p, device) if p.warps else None
+        self.watermark = (
+            None
+            if p.watermarking_config is None
+            else p.watermarking_config.construct_processor(vocab, device)
+        )
         self.seen = None
         if p.repetition_penalty != 1.0:
             slots = torch.arange(1, 1 + prompt, device=device)
@@ -463,6 +499,10 @@ class TargetProcessors:
             )
         if self.warpers is not None:
             logits = self.warpers(None, logits.flatten(0, 1)).view(batch, n, vocab)
+        if self.watermark is not None:  # after every warper, as transformers places it
+            logits = self._call_python(
+                logits, sequence, calls, lambda row, ids, scores: self.watermark(ids, scores)
+            )
         return logits
 
     @property

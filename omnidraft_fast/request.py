@@ -243,7 +243,8 @@ def resolve_request(
         )
     if processing.warps and cascade is not None:
         raise ValueError(
-            "`top_h`, `min_p`, `typical_p`, `epsilon_cutoff` and `eta_cutoff` are not supported with a `cascade`: its "
+            "`top_h`, `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff` and sampled `watermarking_config` are "
+            "not supported with a `cascade`: its "
             "deferral rules read the target's untempered law, which these warpers replace; drop one of them"
         )
 

@@ -405,3 +405,42 @@ def test_prefix_fn_batch_ids_with_copies(pair):
         tokens = tokens[: tokens.index(2) + 1] if 2 in tokens else tokens  # through EOS (2), then padding
         assert all(t % 2 == row // 3 for t in tokens), (row, tokens)
     assert set(seen) == {0, 1}
+
+
+def test_watermarking_as_transformers(pair):
+    """Green-list watermarking (``WatermarkingConfig``) after every other processor and warper: greedy
+    output is transformers', the first sampled token follows transformers' law (its warpers, then the
+    watermark); SynthID's per-step state is refused, and so is a captured engine."""
+    from transformers.generation import SynthIDTextWatermarkingConfig, WatermarkingConfig
+
+    target, _ = pair
+    watermark = WatermarkingConfig(bias=4.0, greenlist_ratio=0.3)
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0)
+    expected = target.generate(ids, watermarking_config=watermark, **kwargs)
+    assert not torch.equal(expected, target.generate(ids, **kwargs))
+    engine = _engine(pair)
+    assert torch.equal(engine.generate(ids, watermarking_config=watermark, **kwargs), expected)
+
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        logits = target(prompt).logits[:, -1].float()
+    processor = watermark.construct_processor(VOCAB, "cpu")
+    warped = _transformers_warpers(0.8, 12)(prompt, logits)
+    exact = processor(prompt, warped).softmax(-1)[0].double()
+    torch.manual_seed(0)
+    out = engine.generate(prompt, max_new_tokens=1, do_sample=True, temperature=0.8, top_k=12, eos_token_id=2,
+                          pad_token_id=0, num_return_sequences=ROWS, watermarking_config=watermark)  # fmt: skip
+    empirical = torch.bincount(out[:, -1], minlength=VOCAB).double() / ROWS
+    bound = 0.5 * torch.sqrt(exact * (1 - exact) / ROWS).sum().item() + math.sqrt(math.log(1e6) / (2 * ROWS))
+    assert 0.5 * (empirical - exact).abs().sum().item() < bound
+    assert 0.5 * (warped.softmax(-1)[0].double() - exact).abs().sum().item() > 2 * bound
+
+    with pytest.raises(ValueError, match=r"`watermarking_config` must be a transformers WatermarkingConfig"):
+        engine.generate(
+            prompt,
+            max_new_tokens=4,
+            watermarking_config=SynthIDTextWatermarkingConfig(keys=[1, 2], ngram_len=2),
+        )
+    with pytest.raises(ValueError, match=r"`watermarking_config` run Python at every drafted position"):
+        _engine(pair, cuda_graphs=True).generate(prompt, max_new_tokens=4, watermarking_config=watermark)
