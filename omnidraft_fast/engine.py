@@ -38,6 +38,16 @@ __all__ = ["GenerateOutput", "SpeculativeEngine"]
 
 # Keyword names of transformers' generate() that mean the same as ours.
 _ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
+# Keywords transformers' generate() takes that this engine does not, and why (None or False: accepted).
+_UNSUPPORTED = {
+    "inputs_embeds": "the engine drafts and verifies token ids: pass `input_ids`",
+    "past_key_values": "each request builds its own caches from the prompt: pass the whole prompt as `input_ids`",
+    "cache": "each request builds its own caches from the prompt: pass the whole prompt as `input_ids`",
+    "negative_prompt_ids": "classifier-free guidance is not supported",
+    "negative_prompt_attention_mask": "classifier-free guidance is not supported",
+    "synced_gpus": "the engine runs on one device",
+    "custom_generate": "the engine is its own decoding loop",
+}
 
 
 @dataclass
@@ -220,7 +230,9 @@ class SpeculativeEngine:
                     raise ValueError("non-zero `token_type_ids` are not supported by causal LM generation")
             elif name in _generation_config_fields():
                 explicit[name] = value
-            else:
+            elif name in _UNSUPPORTED and value is not None and value is not False:
+                raise TypeError(f"`{name}` is not supported by omnidraft_fast: {_UNSUPPORTED[name]}")
+            elif name not in _UNSUPPORTED:
                 raise TypeError(f"generate() got an unexpected keyword argument `{name}`")
 
         request = resolve_request(

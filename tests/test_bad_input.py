@@ -476,6 +476,24 @@ def test_unknown_keyword(models, run):
     assert_still_works(run, models)
 
 
+@pytest.mark.parametrize(
+    ("keyword", "match"),
+    [
+        ("inputs_embeds", r"`inputs_embeds` is not supported by omnidraft_fast: .* pass `input_ids`"),
+        ("past_key_values", r"`past_key_values` is not supported by omnidraft_fast: .* whole prompt"),
+        ("synced_gpus", r"`synced_gpus` is not supported by omnidraft_fast: the engine runs on one device"),
+    ],
+)
+def test_generate_keywords_the_engine_does_not_take(models, run, keyword, match):
+    """transformers' generate() keywords without a counterpart here: an error that says why (None and False
+    are accepted: they ask for nothing)."""
+    with pytest.raises(TypeError, match=match):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{keyword: torch.zeros(1)})
+    out = run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{keyword: None})
+    assert torch.equal(out, models.reference)
+    assert_still_works(run, models)
+
+
 def test_non_zero_token_type_ids(models, run):
     with pytest.raises(ValueError, match="`token_type_ids`"):
         run(
