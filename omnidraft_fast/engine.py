@@ -27,12 +27,12 @@ from .config import CascadeConfig, EngineConfig
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
-from .processors import sampling_warpers
 from .request import Request, resolve_request
 from .rounds import COUNTERS, RequestState, Rounds
 from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
 from .stopping import Criteria, Stops, StopStrings
+from .warpers import sampling_warpers
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
 

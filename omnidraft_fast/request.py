@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_positive
-from .processors import Processing
+from .processing import Processing
 
 __all__ = ["Request", "resolve_request"]
 

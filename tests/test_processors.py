@@ -258,7 +258,7 @@ def test_top_h_warper_is_transformers():
     """processors.TopHWarper (no host read) computes what transformers' TopHLogitsWarper does."""
     from transformers.generation import logits_process
 
-    from omnidraft_fast.processors import TopHWarper
+    from omnidraft_fast.warpers import TopHWarper
 
     if not hasattr(logits_process, "TopHLogitsWarper"):
         pytest.skip("this transformers has no TopHLogitsWarper (top_h came later)")
@@ -275,7 +275,7 @@ def test_eta_warper_is_transformers():
     """processors.EtaWarper (no host read) computes what transformers' EtaLogitsWarper does."""
     from transformers.generation.logits_process import EtaLogitsWarper
 
-    from omnidraft_fast.processors import EtaWarper
+    from omnidraft_fast.warpers import EtaWarper
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(6, 50, generator=generator) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
