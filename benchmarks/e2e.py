@@ -13,7 +13,8 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
   and ``omnidraft (no splits)`` with the paper's stop at a drafted token with no target twin
   (``EngineConfig(split_tokens=False)``);
 - ``... (transformers forward)``: the shared and omnidraft engines with ``EngineConfig(lean_forward=False)``,
-  both models run through transformers' forward instead of ``lean.py``'s (what the lean forward adds);
+  both models run through transformers' forward instead of ``lean.py``'s (what the lean forward adds;
+  ``--no-transformers-forward`` leaves them out);
 - ``... (confidence 0.4)``: the shared and omnidraft engines with ``EngineConfig(confidence_threshold=0.4)``,
   rows stopping their draft after a token the drafter gave less than 0.4, as transformers' assisted
   methods do by default (``assistant_confidence_threshold``; ``--confidence``);
@@ -35,7 +36,7 @@ folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; resul
 name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
-                             [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off]
+                             [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off] [--no-transformers-forward]
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def main() -> None:
     parser.add_argument(
         "--graphs", choices=("auto", "on", "off"), default="auto", help="CUDA-graph engines (auto: on CUDA)"
     )
+    parser.add_argument(
+        "--transformers-forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the shared and omnidraft engines through transformers' forward (lean_forward=False)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
@@ -120,7 +127,8 @@ def main() -> None:
     engines.update({f"omnidraft_fast {mode}": engine(zoo.drafter_cross, mode) for mode in ENGINE_MODES})
     engines["omnidraft_fast omnidraft (no splits)"] = engine(zoo.drafter_cross, split_tokens=False)
     for name, drafter in (("shared", zoo.drafter_shared), ("omnidraft", zoo.drafter_cross))[not shared :]:
-        engines[f"omnidraft_fast {name} (transformers forward)"] = engine(drafter, lean_forward=False)
+        if args.transformers_forward:
+            engines[f"omnidraft_fast {name} (transformers forward)"] = engine(drafter, lean_forward=False)
     if args.confidence:
         confident = {"confidence_threshold": args.confidence}
         if shared:

@@ -77,8 +77,8 @@ step syncs 60 $PY benchmarks/gpu_checks.py syncs
 bench verify 100 "${select_verify[@]}"
 bench sampling 120 "${select_sampling[@]}"
 # 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes
-#    (with learning in flight, eager and captured).
-step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --out "$WORK"
+#    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
+step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
 step scale 150 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
