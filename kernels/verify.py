@@ -153,20 +153,6 @@ def verify_reference(
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
     invalid = nonfinite_rows_reference(target_logits).any(-1)
-    if rule is None and temperature == 0.0 and not exact_match:
-        # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
-        # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
-        # the exact rule defers every proposed position: what the general path below computes, from one
-        # read of the logits.
-        z = target_logits.argmax(-1)  # [batch, k+1]
-        q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)
-        accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
-        num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
-        final = z.gather(1, num_accepted[:, None])[:, 0]
-        return num_accepted, _output_tokens(draft_ids, num_accepted, final), accept_probs, proposed, invalid
-    if rule is None:
-        rule = torch.zeros(batch, dtype=torch.int64, device=draft_ids.device)
-        alpha = torch.zeros(batch, dtype=torch.float32, device=draft_ids.device)
     if exact_match:
         if temperature == 0.0:  # p is one-hot at the argmax: one read of the logits
             z = target_logits.argmax(-1)  # [batch, k+1]
@@ -179,23 +165,36 @@ def verify_reference(
         final = z.gather(1, num_accepted[:, None])[:, 0]
         deferred = torch.ones_like(proposed)
         return num_accepted, _output_tokens(draft_ids, num_accepted, final), p_y, deferred, invalid
+    if rule is None and temperature == 0.0:
+        # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
+        # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
+        # the exact rule defers every proposed position: what the general path below computes, from one
+        # read of the logits.
+        z = target_logits.argmax(-1)  # [batch, k+1]
+        q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)
+        accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
+        num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
+        final = z.gather(1, num_accepted[:, None])[:, 0]
+        return num_accepted, _output_tokens(draft_ids, num_accepted, final), accept_probs, proposed, invalid
 
     p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
-    p1 = target_logits[:, :k].float().softmax(-1)
-    pi, keep = cascade_target_reference(
-        q,
-        p[:, :k],
-        q if q1 is None else q1,
-        p1,
-        rule[:, None].expand(batch, k),
-        alpha[:, None].expand(batch, k),
-    )  # [batch, k, V_t]
+    if rule is None:  # exact for every row: pi = p, and every proposed position defers to the target
+        pi, deferred = p[:, :k], proposed
+    else:
+        pi, keep = cascade_target_reference(
+            q,
+            p[:, :k],
+            q if q1 is None else q1,
+            target_logits[:, :k].float().softmax(-1),
+            rule[:, None].expand(batch, k),
+            alpha[:, None].expand(batch, k),
+        )  # [batch, k, V_t]
+        deferred = ~keep.gather(-1, safe_ids)[..., 0] & proposed
     q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)  # [batch, k]
     pi_y = torch.where(proposed, pi.gather(-1, safe_ids)[..., 0], 0.0)
     ratio = pi_y / q_y.clamp_min(torch.finfo(torch.float32).tiny)
     accept_probs = torch.where(q_y > 0, ratio, 0.0).clamp(max=1.0)
     num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)  # [batch]
-    deferred = ~keep.gather(-1, safe_ids)[..., 0] & proposed
 
     rows = torch.arange(batch, device=draft_ids.device)
     pi_stop = torch.cat([pi, p[:, k:]], 1)[rows, num_accepted]  # [batch, V_t]: pi_j*, or p_{k+1}

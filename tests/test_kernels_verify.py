@@ -230,24 +230,26 @@ def test_zero_mass_residual(temperature):
     assert got[1].tolist() == [[123, -1, -1], [123, 123, -1], [123, 123, got[1][2, 2].item()]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("vocab_d", [None, 200])
-def test_greedy_exact_reference_shortcut(vocab_d):
-    """Greedy with no deferral rule (``rule=None``), the reference reads the argmax only: the same outputs
-    as its general path with every row's rule "exact", drafts the proposal gave no mass included."""
+def test_exact_reference_shortcuts(vocab_d, temperature):
+    """With no deferral rule (``rule=None``) the reference skips the cascade machinery (pi = p; greedy, it
+    reads the argmax only): the same outputs as its general path with every row's rule "exact", drafts
+    the proposal gave no mass included."""
     for seed in range(6):
-        case = _case(5, 4, 300, 0.0, seed=seed, vocab_d=vocab_d)
+        case = _case(5, 4, 300, temperature, seed=seed, vocab_d=vocab_d)
         q = case["draft_probs"]
         if case["cross"] is not None:
             q = target_proposal_reference(q, case["draft_ids"], case["cross"])
         q[1, 0] = 0.0  # row 1's first draft has no proposal mass: rejected whatever p says
         case["target_logits"][2, 1, 5] = float("nan")  # an invalid row
-        args = (case["target_logits"], case["draft_ids"], q, None, case["uniforms"], None)
-        shortcut = verify_reference(*args, None, None, 0.0, 0, 1.0)
+        args = (case["target_logits"], case["draft_ids"], q, None, case["uniforms"], case["noise"])
+        shortcut = verify_reference(*args, None, None, temperature, 0, 1.0)
         exact = torch.zeros(5, dtype=torch.int64), torch.zeros(5)
-        general = verify_reference(*args, *exact, 0.0, 0, 1.0)
+        general = verify_reference(*args, *exact, temperature, 0, 1.0)
         for name, a, b in zip(("num_accepted", "output", "accept_probs", "deferred", "invalid"), shortcut,
                               general, strict=True):  # fmt: skip
-            assert torch.equal(a, b), (seed, name, a, b)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"seed {seed}: {name}")
         assert shortcut[0][1] == 0
 
 
