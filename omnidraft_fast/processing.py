@@ -50,6 +50,11 @@ def _watermark(value):
     return value
 
 
+def _is_bias(value) -> bool:
+    """A number, infinite allowed (``-inf`` bans, as ``bad_words_ids`` does), not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], float], ...]:
     """``sequence_bias`` as transformers takes it (a dict of id tuples to floats, or a list of [[ids], bias]
     pairs) -> ((ids, bias), ...)."""
@@ -61,7 +66,7 @@ def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], flo
         )
     out = []
     for pair in pairs:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not is_number(pair[1]):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_bias(pair[1]):
             raise ValueError(f"`{name}` entries must be (token ids, bias number) pairs, got {pair!r}")
         out.append((_token_ids(pair[0], name, vocab), float(pair[1])))
     return tuple(out)

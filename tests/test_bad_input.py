@@ -405,6 +405,11 @@ def test_unsupported_guidance_scale(models, run):
             r"`sequence_bias` entries must be \(token ids, bias number\) pairs",
         ),
         ("sequence_bias", {}, r"`sequence_bias` must be a non-empty dict"),
+        (
+            "sequence_bias",
+            {(3,): float("nan")},
+            r"`sequence_bias` entries must be \(token ids, bias number\)",
+        ),
         ("sequence_bias", [[[3, 10**6], -1.0]], r"`sequence_bias` holds ids outside the target's vocabulary"),
         ("bad_words_ids", [3, 4], r"`bad_words_ids` must be a non-empty list of lists of token ids"),
         (

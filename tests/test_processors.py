@@ -59,6 +59,9 @@ CASES = {
             (11,): 2.5,
         }
     },
+    "sequence_bias -inf": lambda plain, prompt: {
+        "sequence_bias": [[_first_new(plain, prompt, row=2, count=2), -math.inf]],
+    },
     "bad_words_ids": lambda plain, prompt: {
         "bad_words_ids": [_first_new(plain, prompt, count=2), _first_new(plain, prompt, row=2, count=3)],
         "repetition_penalty": 1.1,
