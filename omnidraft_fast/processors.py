@@ -23,8 +23,8 @@ tokens before the position) and "new tokens" counts those before the position:
 - ``forced_bos_token_id`` (at a sequence of one token) and ``forced_eos_token_id`` (at the last new token
   ``max_new_tokens`` allows): every other token gets ``-inf``, the forced ones 0;
 - ``remove_invalid_values``: NaN becomes 0 and +-inf the dtype's extremes;
-- ``exponential_decay_length_penalty`` (start, factor): from ``start`` new tokens on, EOS logits ``l``
-  grow by ``|l| (factor^(new - start) - 1)``;
+- ``exponential_decay_length_penalty`` (start, factor): from ``start`` new tokens on, finite EOS logits
+  ``l`` grow by ``|l| (factor^(new - start) - 1)``;
 - ``suppress_tokens`` (always) and ``begin_suppress_tokens`` (at the first new token; the second after a
   forced BOS on a one-token prompt): ``-inf``;
 - the caller's ``logits_processor`` list, after all of the above, called with ``input_ids`` of one row
@@ -304,7 +304,8 @@ class TargetProcessors:
         steps = new - start  # [batch, n]
         growth = (factor ** steps.double() - 1).float()  # computed as transformers' Python float, then fp32
         eos = logits[..., self.eos_ids]
-        penalty = torch.where((steps > 0)[..., None], eos.abs() * growth[..., None], 0.0)
+        # An EOS logit already at -inf (a minimum length) stays there, as transformers 5.24 keeps it.
+        penalty = torch.where((steps > 0)[..., None] & eos.isfinite(), eos.abs() * growth[..., None], 0.0)
         return logits.index_add(2, self.eos_ids, penalty)
 
     def observe(self, output_tokens: torch.Tensor, kept: torch.Tensor) -> None:

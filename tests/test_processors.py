@@ -12,6 +12,7 @@ import torch
 from conftest import left_padded_prompts, peaked_pair
 from transformers.generation import logits_process
 from transformers.generation.logits_process import (
+    ExponentialDecayLengthPenalty,
     LogitsProcessor,
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -70,13 +71,24 @@ CASES = {
     "begin_suppress_tokens": lambda plain, prompt: {"begin_suppress_tokens": _first_new(plain, prompt)},
     "forced_eos_token_id": lambda plain, prompt: {"forced_eos_token_id": [7, 9]},
     "exponential_decay": lambda plain, prompt: {"exponential_decay_length_penalty": (3, 4.0)},
+    # EOS held at -inf by the minimum past the decay's start stays there (no NaN)
+    "exponential_decay, min_new_tokens": lambda plain, prompt: {
+        "exponential_decay_length_penalty": (2, 4.0),
+        "min_new_tokens": 7,
+    },
     "remove_invalid_values": lambda plain, prompt: {"remove_invalid_values": True, "min_new_tokens": 6},
 }
+
+
+# transformers 5.24 keeps a -inf EOS logit out of the length decay (older releases make it NaN).
+_DECAY_KEEPS_INF = "isfinite" in inspect.getsource(ExponentialDecayLengthPenalty.__call__)
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_equals_transformers(pair, case, cuda_graphs):
+    if case == "exponential_decay, min_new_tokens" and not _DECAY_KEEPS_INF:
+        pytest.skip("this transformers turns a -inf EOS logit into NaN in the length decay")
     target, _ = pair
     rows = [6, 6] if "penalty" in case and not _SKIPS_PADDING else [6, 4, 9]
     ids, mask = left_padded_prompts(VOCAB, rows, seed=3)
