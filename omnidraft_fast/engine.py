@@ -394,9 +394,15 @@ class SpeculativeEngine:
             if self.ngram is not None and table_size > self.ngram.capacity // 2:
                 self.ngram.evict()
             if invalid:
+                processed = (
+                    ", or the request's logits processing left a position no token (e.g. every token "
+                    "suppressed or banned)"
+                    if state.processors is not None
+                    else ""
+                )
                 raise ValueError(
                     "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
-                    "their weights and dtype (fp16 overflow is a common cause); nothing was returned"
+                    f"their weights and dtype (fp16 overflow is a common cause){processed}; nothing was returned"
                 )
             if stops is not None:
                 all_done = self._stop(stops, state, request, before) or all_done

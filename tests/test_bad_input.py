@@ -446,6 +446,13 @@ def test_bad_logits_processing(models, run, option, value, match):
     assert_still_works(run, models)
 
 
+def test_processing_that_leaves_no_token(models, run):
+    """Options that leave a position no possible token: the invalid-logits error names them as a cause."""
+    with pytest.raises(ValueError, match=r"or the request's logits processing left a position no token"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, suppress_tokens=list(range(VOCAB)))
+    assert_still_works(run, models)
+
+
 def test_unsupported_num_beams_in_generation_config(models, run):
     with pytest.raises(ValueError, match=r"`num_beams=2` is not supported"):
         run(
