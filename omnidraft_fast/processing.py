@@ -146,6 +146,8 @@ class Processing:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
             out[name] = value
+        if "min_new_tokens" in fields:  # transformers then sets min_length to prompt + min_new_tokens
+            out["min_length"] = 0
         if fields.get("sequence_bias") is not None:
             out["sequence_bias"] = _sequences(fields["sequence_bias"], "sequence_bias", vocab)
         if fields.get("bad_words_ids") is not None:

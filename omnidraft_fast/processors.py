@@ -17,7 +17,7 @@ tokens before the position) and "new tokens" counts those before the position:
   ``-inf``;
 - ``bad_words_ids``: ``sequence_bias`` with ``-inf`` (a one-token bad word equal to an EOS id is dropped);
 - ``min_length`` / ``min_new_tokens``: EOS ids get ``-inf`` while the sequence / the new tokens are
-  shorter;
+  shorter (with ``min_new_tokens`` set, ``min_length`` is not used, as transformers replaces it);
 - ``prefix_allowed_tokens_fn(batch_id, sequence)``: every token it does not list gets ``-inf``
   (``batch_id``: the caller's row, copies of a prompt sharing it);
 - ``forced_bos_token_id`` (at a sequence of one token) and ``forced_eos_token_id`` (at the last new token

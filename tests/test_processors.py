@@ -122,6 +122,20 @@ def test_forced_bos_on_a_one_token_prompt(pair):
     assert torch.equal(_engine(pair).generate(longer, **kwargs), target.generate(longer, **kwargs))
 
 
+def test_min_new_tokens_replaces_min_length(pair):
+    """With min_new_tokens set, transformers replaces min_length by prompt + min_new_tokens: so does the
+    engine (min_length alone would hold row 0's EOS back)."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    plain = target.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=None, pad_token_id=0)
+    # EOS: a row's second new token (its first another): min_length 17 holds it back, min_new_tokens 1 not
+    eos = next(int(row[-2]) for row in plain if row[-3] != row[-2])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, min_length=17)
+    expected = target.generate(ids, min_new_tokens=1, **kwargs)
+    assert not torch.equal(expected, target.generate(ids, **kwargs))
+    assert torch.equal(_engine(pair).generate(ids, min_new_tokens=1, **kwargs), expected)
+
+
 def test_the_minimum_holds_back_an_early_eos(pair):
     """A row whose greedy continuation emits EOS early runs to min_new_tokens first (EOS masked before)."""
     target, _ = pair
