@@ -478,7 +478,7 @@ class SpeculativeEngine:
             if last == first or row in stops.cuts:
                 continue
             scores = None
-            if "scores" in state.kept_logits:  # the new tokens' scores, as output_scores returns them
+            if stops.reads_scores and "scores" in state.kept_logits:  # as output_scores returns them
                 count = last - first
                 kept = state.kept_logits["scores"][row, generated[row] - count : generated[row]]
                 scores = _final_scores(request, kept[None])[0]

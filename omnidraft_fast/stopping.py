@@ -37,6 +37,7 @@ class Stops:
     def __init__(self, checks: list):
         self.checks = checks
         self.cuts: dict[int, int] = {}
+        self.reads_scores = any(isinstance(check, Criteria) for check in checks)  # stop strings do not
 
     def first_stop(self, row: int, ids: list[int], scores: torch.Tensor | None) -> int | None:
         """The count of ``row``'s newly committed ``ids`` to keep (through the first any check stops at), or
