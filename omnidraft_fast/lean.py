@@ -29,15 +29,18 @@ _CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
-# model_type -> (the decoder's attribute, its modules, each layer's modules, each attention's attributes)
+# model_type -> the decoder's attribute, its modules, its list of layers, each layer's modules, the
+# attention module's attribute in a layer, and that module's parts
 _PARTS = {
     "llama": (
         "model",
-        ("embed_tokens", "layers", "norm", "rotary_emb"),
-        ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+        ("embed_tokens", "norm", "rotary_emb"),
+        "layers",
+        ("input_layernorm", "post_attention_layernorm", "mlp"),
+        "self_attn",
         ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
     ),
-    "gpt2": ("transformer", ("wte", "wpe", "drop", "h", "ln_f"), ("ln_1", "attn", "ln_2", "mlp"),
+    "gpt2": ("transformer", ("wte", "wpe", "drop", "ln_f"), "h", ("ln_1", "ln_2", "mlp"), "attn",
              ("c_attn", "c_proj", "split_size", "head_dim", "attn_dropout", "resid_dropout")),
 }  # fmt: skip
 _PARTS["mistral"] = _PARTS["qwen2"] = _PARTS["llama"]
@@ -49,18 +52,16 @@ def supports(model: torch.nn.Module) -> bool:
     kind = getattr(config, "model_type", None)
     if _CLASSES.get(kind) != type(model).__name__ or getattr(config, "add_cross_attention", False):
         return False
-    name, modules, layer_modules, attention_parts = _PARTS[kind]
+    name, modules, layers, layer_modules, attention, attention_parts = _PARTS[kind]
     decoder = getattr(model, name, None)
-    if decoder is None or not all(hasattr(decoder, part) for part in modules):
+    if decoder is None or not all(hasattr(decoder, part) for part in (*modules, layers)):
         return False
     if any(hasattr(module, "_hf_hook") for module in model.modules()):  # accelerate's dispatch hooks
         return False
-    layers = decoder.layers if kind != "gpt2" else decoder.h
-    attention = "self_attn" if kind != "gpt2" else "attn"
     return all(
-        all(hasattr(layer, part) for part in layer_modules)
+        all(hasattr(layer, part) for part in (*layer_modules, attention))
         and all(hasattr(getattr(layer, attention), part) for part in attention_parts)
-        for layer in layers
+        for layer in getattr(decoder, layers)
     )
 
 
