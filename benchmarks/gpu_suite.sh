@@ -48,7 +48,8 @@ step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to 
     pack
 }
 
-$PY -m pip install --no-deps -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
+# No network: build with the setuptools already installed (no isolated build environment to download).
+$PY -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__)"
