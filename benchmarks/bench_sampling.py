@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _timing import synced
+from torch._inductor.exc import InductorError
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -20,6 +21,9 @@ ROWS = [1, 8, 72, 256]
 VOCABS = [32000, 128256, 151936]
 CONFIGS = {"greedy": (0.0, 0, 1.0), "temperature": (1.0, 0, 1.0), "top_k_top_p": (0.8, 50, 0.95)}
 IMPLS = ["eager", "compile", "triton"]
+# The top-p filter's cumsum of a softmax over a long row takes inductor's split-scan path, whose codegen
+# fails on a broadcast operand (pytorch/pytorch#180221; torch 2.11 on an H200 at [72, 128256]).
+_COMPILE_BUG = "inductor split-scan codegen, pytorch/pytorch#180221"
 
 
 def _inputs(rows: int, vocab: int):
@@ -62,7 +66,10 @@ def test_sample(benchmark, rows, vocab, config, impl):
         "compile": torch.compile(sample_reference, dynamic=False),
         "triton": sample_triton,
     }[impl]
-    fn(logits, noise, temperature, top_k, top_p)  # compile / warm up
+    try:
+        fn(logits, noise, temperature, top_k, top_p)  # compile / warm up
+    except InductorError as error:  # seen with torch 2.11: see _COMPILE_BUG
+        pytest.skip(f"torch.compile cannot build this case ({_COMPILE_BUG}): {str(error).splitlines()[0]}")
     benchmark.group = f"sample rows={rows} vocab={vocab}"
     noise_bytes = 0 if noise is None else noise.numel() * 4
     _record(benchmark, rows, vocab, logits.numel() * (logits.element_size() + 4) + noise_bytes)

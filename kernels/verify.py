@@ -53,7 +53,7 @@ position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1
 
 1. ``_stats_kernel`` (grid ``[batch (k+1), splits]``): online softmax of the logits per chunk, at ``T = 1``
    (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when greedy), plus a NaN/+inf
-   count. Top-k/top-p then run sampling.py's ``_threshold_kernel`` on these partials.
+   count. Top-k/top-p then run sampling.py's threshold passes (``launch_thresholds``) on these partials.
 2. ``_sums_kernel`` (grid ``[batch k, splits]``; returns at once for exact rows): the chunk's TV, ``q(V)``,
    ``q(A)``, ``sum min(q, p/s)``, ``sum (p - s q)+`` and ``max q1`` (logits read only where the rule needs
    ``p``, ``q1`` only where it needs ``q1``).
@@ -80,9 +80,8 @@ import triton.language as tl
 
 from .proposal import CrossProposal
 from .sampling import (
-    _BUCKETS,
     _target_programs,
-    _threshold_kernel,
+    launch_thresholds,
     nonfinite_rows_reference,
     sampling_probs_reference,
 )
@@ -794,15 +793,22 @@ def verify_triton(
         target_logits, part_m1, part_z1, part_m, part_aux, part_bad, vocab, width, stride_lb, stride_lj,
         1.0 if greedy else temperature, chunk, GREEDY=greedy, UNIT_T=temperature == 1.0, BLOCK=block,
     )  # fmt: skip
-    row_z = torch.empty(rows, dtype=torch.float32, device=device)
-    row_t = torch.empty(rows, dtype=torch.float32, device=device)
-    row_c = torch.empty(rows, dtype=torch.int64, device=device)
+    row_z = row_t = row_c = part_aux  # unused unless filtered
     if filtered:
-        _threshold_kernel[(rows,)](
-            target_logits, target_logits, part_m, part_aux, row_z, row_t, row_c, vocab, stride_lj, temperature,
-            top_k, top_p, splits, splits_p2, TOP_K=top_k_on, TOP_P=top_p < 1.0, HAS_MASK=False,
-            BLOCK=min(block, 256), BUCKETS=_BUCKETS, num_warps=8,
-        )  # fmt: skip
+        row_z, row_t, row_c = launch_thresholds(
+            target_logits,
+            None,
+            stride_lj,
+            part_m,
+            part_aux,
+            rows,
+            vocab,
+            temperature,
+            top_k,
+            top_p,
+            chunk,
+            block,
+        )
     sums = torch.empty(batch * k, splits, 6, dtype=torch.float32, device=device)
     if k:
         _sums_kernel[(batch * k, splits)](

@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KERNELS = {
-    "_stats_kernel", "_threshold_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
+    "_stats_kernel", "_threshold_pass_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
     "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
 }  # fmt: skip
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",

@@ -84,6 +84,26 @@ def test_ties_at_the_thresholds():
     assert (probs[0] > 0).nonzero()[:, 0].tolist() == [7]
 
 
+def test_thresholds_that_need_every_digit():
+    """Keys one ulp apart take all 8 digit passes of a search (top-k, then top-p), and a tie cut at the
+    last ids of a vocabulary of 4097 (13 bits: 4 id digits) all of its passes: the launch count suffices."""
+    vocab = 4097
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, vocab, generator=generator) - 10.0
+    one = torch.tensor(1.0)
+    logits[:, 100] = one
+    logits[:, 200] = torch.nextafter(one, torch.tensor(2.0))  # the top two differ in the last bit
+    logits[1, -40:] = 0.5  # row 1: a tie group at the end of the vocabulary, one ulp below another token
+    logits[1, 300] = torch.nextafter(torch.tensor(0.5), one)
+    noise = torch.empty(2, vocab).exponential_(generator=generator)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    _, probs = _check(to(logits), to(noise), 1.0, 1, 1.0, block=256)  # top-1: only the larger survives
+    assert (probs > 0).nonzero()[:, 1].tolist() == [200, 200]
+    _, probs = _check(to(logits), to(noise), 1.0, 0, 0.8, block=256)  # drops 8 of the 40 ties
+    kept = (probs[1] > 0).nonzero()[:, 0].tolist()
+    assert kept == [100, 200, 300, *range(vocab - 32, vocab)]  # the lowest ids of the group dropped
+
+
 def test_degenerate_filters():
     logits, noise, mask = _inputs(2, 100, torch.float32, seed=5, masked=True)
     _check(logits, noise, 1.0, 100, 1.0, mask, block=32)  # k >= vocab: no filter

@@ -94,11 +94,11 @@ def _case(
 
 
 def _cross(draft, cut, vocab, vocab_d, generator):
-    """A bridge between vocabularies of different sizes (60% of target ids mapped, a few drafter twins)
+    """A bridge between vocabularies of different sizes (60% of the smaller vocabulary mapped, a few drafter twins)
     and a translation of the drafts with spans of 1-3 drafter tokens (2-3: merged n-gram tokens) and
     split tokens (2-3 target pieces of one drafter token)."""
     batch, k = draft.shape
-    mapped = int(0.6 * vocab)
+    mapped = int(0.6 * min(vocab, vocab_d))  # a bridge is one-to-one: at most the smaller vocabulary
     targets = torch.randperm(vocab, generator=generator)[:mapped]
     drafters = torch.randperm(vocab_d, generator=generator)[:mapped]
     t2d = torch.full((vocab,), -1, dtype=torch.int32)
