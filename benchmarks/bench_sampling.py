@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _timing import synced
-from torch._inductor.exc import InductorError
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
+from torch._inductor.exc import InductorError
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
