@@ -327,7 +327,7 @@ def _markdown(result: dict) -> str:
             f"## Drafter `{pair}` (vocabulary {row['drafter_vocab']}, {row['drafter_params'] / 1e6:.0f} M parameters)",
             "",
             f"Drafter step {row['drafter_step_ms']:.2f} ms ({row['drafter_step_ms_transformers_forward']:.2f} ms "
-            "through transformers' forward). Round {row['round_ms']:.2f} ms untimed "
+            f"through transformers' forward). Round {row['round_ms']:.2f} ms untimed "
             f"({row['timed_round_ms']:.2f} ms with stage timing); the engine's own overhead "
             f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target). With "
             f"`cuda_graphs=True`: {row['graph_round_ms']:.2f} ms per round.",
@@ -336,6 +336,13 @@ def _markdown(result: dict) -> str:
             "|---|" + "---|" * len(stages),
             f"| stage timer | {' | '.join(f'{v:.3f}' for v in stages.values())} |",
         ]
+        if "profile" in row:
+            profiled = row["profile"]["stages"]
+            for column in ("cpu_ms_per_round", "device_ms_per_round"):
+                if not any(times[column] for times in profiled.values()):
+                    continue  # no device activity: a CPU run
+                cells = " | ".join(f"{profiled[s][column]:.3f}" if s in profiled else "-" for s in stages)
+                lines.append(f"| profiler, {column.removesuffix('_ms_per_round')} | {cells} |")
         learning = row["in_flight"]
         lines += [
             "",
@@ -345,13 +352,6 @@ def _markdown(result: dict) -> str:
             f"{learning['round_ms']:.2f} ms eager and {learning['graph_round_ms']:.2f} ms with CUDA graphs, the steps "
             f"included (without learning: {row['round_ms']:.2f} and {row['graph_round_ms']:.2f} ms).",
         ]
-        if "profile" in row:
-            profiled = row["profile"]["stages"]
-            for column in ("cpu_ms_per_round", "device_ms_per_round"):
-                if not any(times[column] for times in profiled.values()):
-                    continue  # no device activity: a CPU run
-                cells = " | ".join(f"{profiled[s][column]:.3f}" if s in profiled else "-" for s in stages)
-                lines.append(f"| profiler, {column.removesuffix('_ms_per_round')} | {cells} |")
         lines += [
             "",
             f"**Projection** (not a measurement: random weights accept nothing, measured acceptance "

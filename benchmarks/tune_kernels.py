@@ -1,0 +1,202 @@
+"""Tile sweep and per-kernel device times of the sampling and verification kernels at the goal shapes.
+
+One process, CUDA only (the next tuning step of ``benchmarks/TUNING.md``): for sampling at [72, 128256]
+bf16 (greedy, temperature, top-p, top-k + top-p) and verification at [8 x 9, 128256] bf16 (the rule mix
+of ``bench_verify.py``, with and without top-k/top-p), the median time of the Triton launcher at each
+``block`` (the vocabulary tile) beside the eager reference and a device-to-device copy of the logits, both
+replayed from a CUDA graph (device time) and launched one by one (host launch time included), every call
+on one of 4 input sets in turn (together larger than the L2 cache); then each kernel's device time per
+call under ``torch.profiler`` at the default tile.
+
+    python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+import triton
+from bench_verify import MIX, TEMPERATURE
+from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
+from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
+
+from omnidraft_fast.report import write_results
+
+ROWS, VOCAB = 72, 128256
+BATCH, K = 8, 8
+BLOCKS = (1024, 2048, 4096)
+SETS = 4  # input sets per case, 4 x 18.5 MB of logits > the 50 MB L2 of an H200
+SAMPLING = {  # name: (temperature, top_k, top_p)
+    "greedy": (0.0, 0, 1.0),
+    "temperature": (0.8, 0, 1.0),
+    "top_p": (0.8, 0, 0.9),
+    "top_k_top_p": (0.8, 50, 0.95),
+}
+VERIFY = {"rule mix": (0, 1.0), "rule mix, top-k 50 + top-p 0.95": (50, 0.95)}  # name: (top_k, top_p)
+
+
+def _times(fn, sets: list) -> dict[str, float | None]:
+    """Median microseconds per call of ``fn(*one of sets)``, the sets taken in turn: ``stream``, calls
+    launched one after another and timed with events (the host's launch time shows where it exceeds the
+    device's), and ``graph``, the same calls replayed from a CUDA graph (device time: what a captured round
+    pays); None where the calls cannot be captured."""
+    turn = itertools.cycle(sets)
+    stream = 1e3 * triton.testing.do_bench(lambda: fn(*next(turn)), warmup=25, rep=200, return_mode="median")
+    try:
+        graph = triton.testing.do_bench_cudagraph(
+            lambda: [fn(*s) for s in sets], rep=100, return_mode="median"
+        )
+        graph = 1e3 * graph / len(sets)
+    except Exception as error:  # e.g. a host sync in a reference: no graph time
+        print(f"no CUDA graph time: {error}", flush=True)
+        graph = None
+    return {"stream": round(stream, 2), "graph": None if graph is None else round(graph, 2)}
+
+
+def _sampling_sets(temperature: float) -> list:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    sets = []
+    for _ in range(SETS):
+        logits = torch.randn(ROWS, VOCAB, device="cuda", generator=generator).mul_(3).bfloat16()
+        noise = (
+            None
+            if temperature == 0.0
+            else torch.empty(ROWS, VOCAB, device="cuda").exponential_(generator=generator)
+        )
+        sets.append((logits, noise))
+    return sets
+
+
+def _verify_sets() -> list:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    rule = torch.tensor([RULES.index(MIX[b % len(MIX)]) for b in range(BATCH)], device="cuda")
+    alpha = torch.full((BATCH,), 0.3, device="cuda")
+    sets = []
+    for _ in range(SETS):
+        logits = torch.randn(BATCH, K + 1, VOCAB, generator=generator, device="cuda").bfloat16()
+        probs = torch.randn(BATCH, K, VOCAB, generator=generator, device="cuda").mul(3).softmax(-1)
+        draft = torch.multinomial(probs.view(-1, VOCAB), 1, generator=generator).view(BATCH, K)
+        uniforms = torch.rand(BATCH, K, generator=generator, device="cuda")
+        noise = torch.empty(BATCH, VOCAB, device="cuda").exponential_(generator=generator)
+        sets.append((logits, draft, probs, uniforms, noise, rule, alpha))
+    return sets
+
+
+def _kernel_times(fn, args: tuple, calls: int = 10) -> dict[str, float]:
+    """Device microseconds per call of each kernel ``fn(*args)`` launches (summed over its launches)."""
+    fn(*args)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            fn(*args)
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in profile.key_averages():
+        total = getattr(event, "self_device_time_total", None)
+        if total is None:
+            total = event.self_cuda_time_total
+        if total > 0:
+            times[event.key] = round(total / calls, 2)
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
+def _copy_times(sets: list) -> dict[str, float | None]:
+    """A device-to-device copy of the logits, the bandwidth yardstick."""
+    return _times(lambda x, o: o.copy_(x), [(s[0], torch.empty_like(s[0])) for s in sets])
+
+
+def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
+    sets = _sampling_sets(temperature)
+
+    def triton_(logits, noise, block=1024):
+        return sample_triton(logits, noise, temperature, top_k, top_p, block=block)
+
+    case = {
+        "copy": _copy_times(sets),
+        "eager": _times(lambda x, e: sample_reference(x, e, temperature, top_k, top_p), sets),
+    }
+    for block in BLOCKS:
+        case[f"triton {block}"] = _times(lambda x, e, b=block: triton_(x, e, b), sets)
+    case["per_kernel"] = _kernel_times(triton_, sets[0])
+    return case
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_kernels.py needs a CUDA device")
+    device = torch.cuda.get_device_name()
+    result: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
+
+    for name, (temperature, top_k, top_p) in SAMPLING.items():
+        case = _sampling_case(temperature, top_k, top_p)
+        result["cases"][f"sample {name} [{ROWS}, {VOCAB}]"] = case
+        print(name, {k: v for k, v in case.items() if k != "per_kernel"}, flush=True)
+
+    sets = _verify_sets()
+    copy = _copy_times(sets)
+    for name, (top_k, top_p) in VERIFY.items():
+
+        def verify(logits, draft, probs, uniforms, noise, rule, alpha, block=1024, top_k=top_k, top_p=top_p):
+            return verify_triton(
+                logits,
+                draft,
+                probs,
+                None,
+                uniforms,
+                noise,
+                rule,
+                alpha,
+                TEMPERATURE,
+                top_k,
+                top_p,
+                block=block,
+            )
+
+        def reference(logits, draft, probs, uniforms, noise, rule, alpha, top_k=top_k, top_p=top_p):
+            return verify_reference(
+                logits, draft, probs, None, uniforms, noise, rule, alpha, TEMPERATURE, top_k, top_p
+            )
+
+        case = {"copy": copy, "eager": _times(reference, sets)}
+        for block in BLOCKS:
+            case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
+        case["per_kernel"] = _kernel_times(verify, sets[0])
+        result["cases"][f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
+        print("verify", name, {k: v for k, v in case.items() if k != "per_kernel"}, flush=True)
+
+    slug = device.lower().replace(" ", "-")
+    write_results(args.out / f"tune-{slug}", result, _markdown(result))
+
+
+def _markdown(result: dict) -> str:
+    columns = ["copy", "eager", *(f"triton {b}" for b in BLOCKS)]
+    lines = [
+        f"# Tile sweep ({result['device']}, torch {result['torch']}, triton {result['triton']})",
+        "",
+        "Median microseconds per call over 4 input sets taken in turn (`benchmarks/tune_kernels.py`): replayed",
+        "from a CUDA graph (device time) / launched one by one (host launch time included).",
+        "",
+        f"| case | {' | '.join(columns)} |",
+        "|---|" + "---|" * len(columns),
+    ]
+
+    def cell(times: dict) -> str:
+        graph = "-" if times["graph"] is None else f"{times['graph']:.1f}"
+        return f"{graph} / {times['stream']:.1f}"
+
+    for name, case in result["cases"].items():
+        lines.append(f"| {name} | {' | '.join(cell(case[c]) for c in columns)} |")
+    for name, case in result["cases"].items():
+        lines += ["", f"Device time per call by kernel, {name}, block 1024 (us):", ""]
+        lines += [f"- `{kernel}`: {us}" for kernel, us in case["per_kernel"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
