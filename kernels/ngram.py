@@ -13,7 +13,7 @@ that no hash is EMPTY. Its probe sequence is ``(h + i(i+1)/2) mod C``, ``i = 0..
 (triangular probing). The first steps stay within the home slot's cache lines, the triangular numbers mod
 a power of two visit every slot, and unlike linear probing the chains of neighbouring homes do not merge
 into long runs (primary clustering): at load 1/2, linear probing within 16 slots left 0.1-0.3% of
-inserts without a slot (measured on an H200, ``benchmarks/results/README.md``); triangular probing
+inserts without a slot (measured on an H200, ``benchmarks/results/h200-2026-11-30/README.md``); triangular probing
 within 32 leaves none in simulations of 2^20 slots up to load 0.6.
 
 Lookup: the first slot of the sequence whose stored key equals the query, exactly, gives the value;
