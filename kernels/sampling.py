@@ -283,9 +283,8 @@ def _threshold_pass_kernel(
         bucket = tl.arange(0, BUCKETS)
         chunks = tl.arange(0, SPLITS_P2)[:, None]
         cells = (((1 - PARITY) * rows + row) * splits + chunks) * BUCKETS + bucket[None, :]
-        live = (chunks < splits) & (
-            bucket[None, :] < BUCKETS
-        )  # [SPLITS_P2, BUCKETS] (past the searches: unused)
+        # [SPLITS_P2, BUCKETS]; a row past its searches reads stale cells and ignores what it read
+        live = (chunks < splits) & (bucket[None, :] < BUCKETS)
         n_b = tl.sum(tl.load(hist_n_ptr + cells, mask=live, other=0), 0).to(tl.int64)
         s_b = tl.sum(tl.load(hist_s_ptr + cells, mask=live, other=0.0), 0)
         min_b = tl.min(tl.load(hist_lo_ptr + cells, mask=live, other=_INT32_MAX), 0)
