@@ -78,7 +78,7 @@ step syncs 60 $PY benchmarks/gpu_checks.py syncs
 bench verify 100 "${select_verify[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
-step tune 120 $PY benchmarks/tune_kernels.py --out "$WORK"
+step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"
 # 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes
 #    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
 step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
