@@ -33,6 +33,11 @@ def _inputs(rows: int, vocab: int):
     return logits, noise
 
 
+def sampling_bytes(logits: torch.Tensor, noise: torch.Tensor | None) -> int:
+    """What a draw must move at least: the logits read, the fp32 ``q`` written, the noise read (sampling)."""
+    return logits.numel() * (logits.element_size() + 4) + (0 if noise is None else noise.numel() * 4)
+
+
 def _record(benchmark, rows: int, vocab: int, moved: int) -> None:
     benchmark.extra_info.update(
         rows=rows,
@@ -71,6 +76,5 @@ def test_sample(benchmark, rows, vocab, config, impl):
     except InductorError as error:  # seen with torch 2.11: see _COMPILE_BUG
         pytest.skip(f"torch.compile cannot build this case ({_COMPILE_BUG}): {str(error).splitlines()[0]}")
     benchmark.group = f"sample rows={rows} vocab={vocab}"
-    noise_bytes = 0 if noise is None else noise.numel() * 4
-    _record(benchmark, rows, vocab, logits.numel() * (logits.element_size() + 4) + noise_bytes)
+    _record(benchmark, rows, vocab, sampling_bytes(logits, noise))
     benchmark(synced(lambda: fn(logits, noise, temperature, top_k, top_p)))

@@ -71,7 +71,9 @@ def _inputs(batch: int, k: int, vocab: int, cross_vocab: bool) -> tuple:
     return logits, draft_ids, probs, uniforms, noise, rule, alpha, cross
 
 
-def _bytes(batch: int, k: int, vocab: int, vocab_q: int, logits: torch.Tensor, rule: torch.Tensor) -> int:
+def verify_bytes(
+    batch: int, k: int, vocab: int, vocab_q: int, logits: torch.Tensor, rule: torch.Tensor
+) -> int:
     deferring = int((rule != 0).sum())  # rows whose rule reads all of q; exact rows read one row of it
     q_rows = deferring * k + (batch - deferring)
     return logits.numel() * logits.element_size() + q_rows * vocab_q * 4 + batch * vocab * 4 + batch * k * 14
@@ -97,7 +99,7 @@ def test_verify(benchmark, implementation, cross_vocab, vocab, k, batch):
 
         run = synced(lambda: verify(*args))
 
-        moved = _bytes(batch, k, vocab, args[2].shape[-1], logits, args[5])
+        moved = verify_bytes(batch, k, vocab, args[2].shape[-1], logits, args[5])
     benchmark(run)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(

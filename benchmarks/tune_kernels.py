@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_verify import MIX, TEMPERATURE
+from bench_sampling import sampling_bytes
+from bench_verify import MIX, TEMPERATURE, verify_bytes
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
 
@@ -114,7 +115,10 @@ def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
     def triton_(logits, noise, block=1024):
         return sample_triton(logits, noise, temperature, top_k, top_p, block=block)
 
+    logits, noise = sets[0]
     case = {
+        "bytes_moved": sampling_bytes(logits, noise),
+        "copy_bytes": 2 * logits.numel() * logits.element_size(),
         "copy": _copy_times(sets),
         "eager": _times(lambda x, e: sample_reference(x, e, temperature, top_k, top_p), sets),
     }
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (temperature, top_k, top_p) in SAMPLING.items():
         case = _sampling_case(temperature, top_k, top_p)
         result["cases"][f"sample {name} [{ROWS}, {VOCAB}]"] = case
-        print(name, {k: v for k, v in case.items() if k != "per_kernel"}, flush=True)
+        print(name, {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"}, flush=True)
 
     sets = _verify_sets()
     copy = _copy_times(sets)
@@ -163,12 +167,23 @@ def main(argv: list[str] | None = None) -> None:
                 logits, draft, probs, None, uniforms, noise, rule, alpha, TEMPERATURE, top_k, top_p
             )
 
-        case = {"copy": copy, "eager": _times(reference, sets)}
+        logits, rule = sets[0][0], sets[0][5]
+        case = {
+            "bytes_moved": verify_bytes(BATCH, K, VOCAB, VOCAB, logits, rule),
+            "copy_bytes": 2 * logits.numel() * logits.element_size(),
+            "copy": copy,
+            "eager": _times(reference, sets),
+        }
         for block in BLOCKS:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
         case["per_kernel"] = _kernel_times(verify, sets[0])
         result["cases"][f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
-        print("verify", name, {k: v for k, v in case.items() if k != "per_kernel"}, flush=True)
+        print(
+            "verify",
+            name,
+            {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"},
+            flush=True,
+        )
 
     slug = device.lower().replace(" ", "-")
     write_results(args.out / f"tune-{slug}", result, _markdown(result))

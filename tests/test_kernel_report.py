@@ -98,3 +98,39 @@ def test_translation_with_and_without_split_tokens(tmp_path, kernel_report):
 def test_an_empty_folder_is_an_error(tmp_path, kernel_report):
     with pytest.raises(SystemExit):
         kernel_report.main([str(tmp_path)])
+
+
+def test_device_times_of_the_tile_sweep(tmp_path, kernel_report):
+    """``tune_kernels.py``'s CUDA-graph times: the fastest tile against the copy and the eager reference."""
+    case = {
+        "bytes_moved": 3_000_000,
+        "copy_bytes": 4_000_000,
+        "copy": {"stream": 20.0, "graph": 5.0},  # 800 GB/s
+        "eager": {"stream": 300.0, "graph": 90.0},
+        "triton 1024": {"stream": 40.0, "graph": 6.0},
+        "triton 2048": {"stream": 41.0, "graph": 4.0},  # 750 GB/s: 94% of the copy's
+        "triton 4096": {"stream": 42.0, "graph": None},  # not captured: left out
+        "per_kernel": {"_stats_kernel": 3.0},
+    }
+    slow = {
+        **case,
+        "triton 1024": {"stream": 50.0, "graph": 10.0},
+        "triton 2048": {"stream": 50.0, "graph": 12.0},
+    }
+    uncaptured = {**case, "copy": {"stream": 20.0, "graph": None}}
+    tune = {
+        "device": DEVICE,
+        "torch": "2.11",
+        "triton": "3.6",
+        "cases": {"fast": case, "slow": slow, "x": uncaptured},
+    }
+    (tmp_path / "tune-nvidia-h100.json").write_text(json.dumps(tune))
+    kernel_report.main([str(tmp_path)])
+
+    result = json.loads((tmp_path / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
+    fast, slow = result["ops"]["device time"]["rows"]  # no copy time: no row
+    assert fast["block"] == 2048 and fast["copy_share"] == pytest.approx(0.9375)
+    assert fast["vs_eager"] == pytest.approx(22.5)
+    assert slow["block"] == 1024 and slow["copy_share"] == pytest.approx(0.375)
+    assert [goal["met"] for goal in result["ops"]["device time"]["goals"]] == [True, False]
+    assert "## device time" in (tmp_path / "kernels-nvidia-h100-80gb-hbm3.md").read_text()
