@@ -26,8 +26,9 @@ IMPLS = ["eager", "compile", "triton"]
 _COMPILE_BUG = "inductor split-scan codegen, pytorch/pytorch#180221"
 
 
-def _inputs(rows: int, vocab: int):
-    generator = torch.Generator(device="cuda").manual_seed(0)
+def sampling_inputs(rows: int, vocab: int, seed: int = 0):
+    """bf16 logits (standard normal x 3) and fp32 Exp(1) noise, both [rows, vocab] on CUDA."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(rows, vocab, device="cuda", generator=generator).mul_(3).to(torch.bfloat16)
     noise = torch.empty(rows, vocab, device="cuda").exponential_(generator=generator)
     return logits, noise
@@ -51,7 +52,7 @@ def _record(benchmark, rows: int, vocab: int, moved: int) -> None:
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("rows", ROWS)
 def test_copy(benchmark, rows, vocab):
-    logits, _ = _inputs(rows, vocab)
+    logits, _ = sampling_inputs(rows, vocab)
     out = torch.empty_like(logits)
     benchmark.group = f"sample rows={rows} vocab={vocab}"
     _record(benchmark, rows, vocab, 2 * logits.numel() * logits.element_size())
@@ -64,7 +65,7 @@ def test_copy(benchmark, rows, vocab):
 @pytest.mark.parametrize("rows", ROWS)
 def test_sample(benchmark, rows, vocab, config, impl):
     temperature, top_k, top_p = CONFIGS[config]
-    logits, noise = _inputs(rows, vocab)
+    logits, noise = sampling_inputs(rows, vocab)
     noise = None if temperature == 0.0 else noise
     fn = {
         "eager": sample_reference,

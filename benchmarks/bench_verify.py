@@ -45,8 +45,9 @@ IMPLEMENTATIONS = {
 }
 
 
-def _inputs(batch: int, k: int, vocab: int, cross_vocab: bool) -> tuple:
-    generator = torch.Generator(device="cuda").manual_seed(0)
+def verify_inputs(batch: int, k: int, vocab: int, cross_vocab: bool, seed: int = 0) -> tuple:
+    """(logits, draft_ids, probs, uniforms, noise, rule, alpha, cross) of one verification on CUDA."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
     vocab_q = DRAFTER_VOCAB if cross_vocab else vocab
     logits = torch.randn(batch, k + 1, vocab, generator=generator, device="cuda").bfloat16()
     probs = torch.randn(batch, k, vocab_q, generator=generator, device="cuda").mul(3).softmax(-1)
@@ -85,7 +86,7 @@ def verify_bytes(
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_verify(benchmark, implementation, cross_vocab, vocab, k, batch):
-    args = _inputs(batch, k, vocab, cross_vocab)
+    args = verify_inputs(batch, k, vocab, cross_vocab)
     logits = args[0]
     if implementation == "copy":
         out = torch.empty_like(logits)

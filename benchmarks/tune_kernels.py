@@ -2,7 +2,7 @@
 
 One process, CUDA only (the next tuning step of ``benchmarks/TUNING.md``): for sampling at [72, 128256]
 bf16 (greedy, temperature, top-p, top-k + top-p) and verification at [8 x 9, 128256] bf16 (the rule mix
-of ``bench_verify.py``, with and without top-k/top-p), the median time of the Triton launcher at each
+of ``bench_verify.py``, its inputs, with and without top-k/top-p), the median time of the Triton launcher at each
 ``block`` (the vocabulary tile) beside the eager reference and a device-to-device copy of the logits, both
 replayed from a CUDA graph (device time) and launched one by one (host launch time included), every call
 on one of 4 input sets in turn (together larger than the L2 cache); then each kernel's device time per
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_sampling import sampling_bytes
-from bench_verify import MIX, TEMPERATURE, verify_bytes
+from bench_sampling import sampling_bytes, sampling_inputs
+from bench_verify import TEMPERATURE, verify_bytes, verify_inputs
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
-from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
+from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
 from omnidraft_fast.report import write_results
 
@@ -58,32 +58,12 @@ def _times(fn, sets: list) -> dict[str, float | None]:
 
 
 def _sampling_sets(temperature: float) -> list:
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    sets = []
-    for _ in range(SETS):
-        logits = torch.randn(ROWS, VOCAB, device="cuda", generator=generator).mul_(3).bfloat16()
-        noise = (
-            None
-            if temperature == 0.0
-            else torch.empty(ROWS, VOCAB, device="cuda").exponential_(generator=generator)
-        )
-        sets.append((logits, noise))
-    return sets
+    sets = [sampling_inputs(ROWS, VOCAB, seed) for seed in range(SETS)]
+    return [(logits, None if temperature == 0.0 else noise) for logits, noise in sets]
 
 
-def _verify_sets() -> list:
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    rule = torch.tensor([RULES.index(MIX[b % len(MIX)]) for b in range(BATCH)], device="cuda")
-    alpha = torch.full((BATCH,), 0.3, device="cuda")
-    sets = []
-    for _ in range(SETS):
-        logits = torch.randn(BATCH, K + 1, VOCAB, generator=generator, device="cuda").bfloat16()
-        probs = torch.randn(BATCH, K, VOCAB, generator=generator, device="cuda").mul(3).softmax(-1)
-        draft = torch.multinomial(probs.view(-1, VOCAB), 1, generator=generator).view(BATCH, K)
-        uniforms = torch.rand(BATCH, K, generator=generator, device="cuda")
-        noise = torch.empty(BATCH, VOCAB, device="cuda").exponential_(generator=generator)
-        sets.append((logits, draft, probs, uniforms, noise, rule, alpha))
-    return sets
+def _verify_sets() -> list:  # (logits, draft_ids, probs, uniforms, noise, rule, alpha) per set
+    return [verify_inputs(BATCH, K, VOCAB, cross_vocab=False, seed=seed)[:7] for seed in range(SETS)]
 
 
 def _kernel_times(fn, args: tuple, calls: int = 10) -> dict[str, float]:

@@ -73,7 +73,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _offset(probe: int) -> int:
-    """Where probe ``probe`` lands, relative to the home slot (the Triton kernels spell it inline)."""
+    """Where probe ``probe`` lands, relative to the home slot (``_offset_tl`` in the kernels)."""
     return probe * (probe + 1) // 2
 
 
@@ -173,6 +173,11 @@ def _mix_tl(x):
 
 
 @triton.jit
+def _offset_tl(probe):  # _offset
+    return probe * (probe + 1) // 2
+
+
+@triton.jit
 def _hash_rows(keys, rows, live, N: tl.constexpr):  # keys [Q, N] int64; rows, live [BLOCK] -> h, length
     length = tl.zeros_like(rows)
     for column in tl.static_range(N):
@@ -202,7 +207,7 @@ def _lookup_rows(
     open_ = live
     for probe in range(MAX_PROBES):
         if tl.max(open_.to(tl.int32), axis=0) > 0:
-            slot = (h + probe * (probe + 1) // 2) & (C - 1)  # _offset(probe)
+            slot = (h + _offset_tl(probe)) & (C - 1)
             stored = tl.load(
                 key_ids + slot[:, None] * N + columns[None, :], mask=open_[:, None] & in_key, other=-1
             ).to(tl.int64)  # [BLOCK, N_POW2]
@@ -263,7 +268,7 @@ def _ngram_insert_kernel(
     never = tl.full([BLOCK], _EMPTY_TL - 1, tl.int64)  # a CAS comparand no hash word holds: no swap
     for probe in range(MAX_PROBES):
         if tl.max(pending.to(tl.int32), axis=0) > 0:
-            slot = (h + probe * (probe + 1) // 2) & (C - 1)  # _offset(probe)
+            slot = (h + _offset_tl(probe)) & (C - 1)
             word = tl.load(hashes + slot, mask=pending, other=_EMPTY_TL)  # a hash seen here is final
             free = pending & (word == _EMPTY_TL)
             if tl.max(free.to(tl.int32), axis=0) > 0:

@@ -796,19 +796,8 @@ def verify_triton(
     row_z = row_t = row_c = part_aux  # unused unless filtered
     if filtered:
         row_z, row_t, row_c = launch_thresholds(
-            target_logits,
-            None,
-            stride_lj,
-            part_m,
-            part_aux,
-            rows,
-            vocab,
-            temperature,
-            top_k,
-            top_p,
-            chunk,
-            block,
-        )
+            target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, chunk, block
+        )  # fmt: skip
     sums = torch.empty(batch * k, splits, 6, dtype=torch.float32, device=device)
     if k:
         _sums_kernel[(batch * k, splits)](
