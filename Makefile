@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint device-shared
 setup: $(BIN)/.installed
 
 demo: setup
@@ -26,3 +26,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The tokenizers a leased GPU machine needs (../shared does not travel there): run the suite with
+# carry [".shared"] (benchmarks/gpu_suite.sh).
+device-shared:
+	mkdir -p .shared
+	rm -rf .shared/tokenizers && cp -r ../shared/tokenizers .shared/tokenizers

@@ -3,6 +3,11 @@
 In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/top-p):
 
 - ``transformers``: plain ``model.generate()`` of the target;
+- ``transformers static+compile``: plain decoding with transformers' static cache, whose decoding forward
+  transformers compiles itself on CUDA (``torch.compile``, mode "reduce-overhead": CUDA graphs), the
+  baseline for the CUDA-graph engines (on CUDA by default, ``--compiled``; off CUDA transformers does not
+  compile, and the row is ``transformers static cache``). Every method is first warmed up on the longest
+  prompt, so the static cache is sized once and later prompts reuse its compiled graphs;
 - ``transformers assisted``: ``assistant_model=`` with the shared-vocabulary drafter;
 - ``transformers UAG``: universal assisted generation, ``assistant_model=`` with the cross-vocabulary
   drafter and ``tokenizer=``/``assistant_tokenizer=``. Greedy, transformers runs its text-level
@@ -38,7 +43,8 @@ folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; resul
 name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-vocabulary methods are left out.
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
-                             [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off] [--no-transformers-forward]
+                             [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off] [--compiled auto|on|off]
+                             [--no-transformers-forward]
 """
 
 from __future__ import annotations
@@ -98,6 +104,12 @@ def main() -> None:
         "--graphs", choices=("auto", "on", "off"), default="auto", help="CUDA-graph engines (auto: on CUDA)"
     )
     parser.add_argument(
+        "--compiled",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="transformers' static-cache decoding, compiled on CUDA (auto: on CUDA)",
+    )
+    parser.add_argument(
         "--transformers-forward",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -106,6 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
+    compiled = args.compiled == "on" or (args.compiled == "auto" and device.type == "cuda")
+    static = "transformers static+compile" if device.type == "cuda" else "transformers static cache"
     zoo = load(args.pair or "code-pair", device=device)
     target, tokenizer = zoo.target, zoo.target_tokenizer
     shared = zoo.drafter_shared is not None
@@ -161,6 +175,11 @@ def main() -> None:
         }
         return {
             "transformers": lambda ids: target.generate(ids, **decoding),
+            **(
+                {static: lambda ids: target.generate(ids, cache_implementation="static", **decoding)}
+                if compiled
+                else {}
+            ),
             **(assisted if shared else {}),
             "transformers UAG": lambda ids: target.generate(
                 ids, assistant_model=usd_drafter if sample else zoo.drafter_cross, **uag, **decoding
@@ -173,8 +192,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for mode in args.modes:
         runs = methods(mode == "sample")
-        for task in tasks:  # warm-up on a prompt of each task: caches, bridges, kernels and their variants
-            text = next(p for t, p in prompts if t == task)
+        # Warm-up on the longest prompt (the static cache's size), then on a prompt of each task: caches,
+        # bridges, kernels and their variants, compilations.
+        firsts = [next(p for t, p in prompts if t == task) for task in tasks]
+        for text in [max((p for _, p in prompts), key=lambda p: len(tokenizer(p).input_ids)), *firsts]:
             warm = tokenizer(text, return_tensors="pt").input_ids.to(device)
             for method in runs.values():
                 method(warm)

@@ -11,8 +11,15 @@
 #   SUITE_SECONDS=540   the deadline, from the start of the script
 #   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
 #   STEPS="..."         run only these steps (names as in steps.txt), in the order below
-#   FULL=1              add the benchmark zoo (training a drafter pair: tens of minutes) and its end-to-end runs
+#   ZOO_SECONDS=150     the benchmark zoo's training budget (its Llama-3 pair; train_bench.py --seconds)
+#   FULL=1              the whole benchmark zoo instead: both targets, every training step (not timed on a
+#                       GPU yet: allow half an hour), and its online-learning runs
+#   JOBS=8              pytest-xdist workers for the test steps (when xdist is installed; 0: none)
 #   PYTHON=python3      the interpreter that holds torch
+#
+# The benchmark zoo and the tests that read tokenizers need ../shared/tokenizers, which does not travel to a
+# leased machine: `make device-shared` copies it to .shared/ (ignored by git), the lease carries it
+# (`carry: [".shared"]`), and this script points OMNIDRAFT_SHARED there.
 #
 # The exit status is the number of failed steps (timed-out ones included).
 set -u
@@ -23,9 +30,14 @@ GRID=${GRID:-goal}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+if [ -z "${OMNIDRAFT_SHARED:-}" ] && [ -d .shared/tokenizers ]; then
+    export OMNIDRAFT_SHARED=$PWD/.shared
+fi
 failed=0
 
-pack() { tar czf "$OUT/gpu-results.tgz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null; }
+pack() {  # everything but the benchmark zoo's weights (hundreds of MB; its model cards are copied out)
+    tar czf "$OUT/gpu-results.tgz" -C "$(dirname "$WORK")" --exclude="$(basename "$WORK")/zoo" "$(basename "$WORK")" 2>/dev/null
+}
 note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
@@ -56,6 +68,12 @@ $PY -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1
     git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
 } >"$WORK/environment.txt" 2>&1
 cat "$WORK/environment.txt" >>"$OUT/steps.txt"
+[ -d "${OMNIDRAFT_SHARED:-../shared}/tokenizers" ] ||
+    note "no tokenizers (../shared/tokenizers, or OMNIDRAFT_SHARED): the benchmark zoo and the tests that read them skip; carry .shared (make device-shared)"
+jobs=()
+if [ "${JOBS:-8}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
+    jobs=(-n "${JOBS:-8}")
+fi
 
 if [ "$GRID" = full ]; then
     select_sampling=() select_verify=() select_ngram=() select_translate=()
@@ -71,7 +89,7 @@ bench() {  # bench OP LIMIT SELECTION...
 }
 
 # 1. Correctness on CUDA first: the gpu-marked cases (full vocabularies, bf16, concurrent inserts, CUDA graphs).
-step tests_gpu 180 $PY -m pytest -q -rs -m gpu --junitxml="$WORK/tests_gpu.xml"
+step tests_gpu 180 $PY -m pytest -q -rs -m gpu "${jobs[@]}" --junitxml="$WORK/tests_gpu.xml"
 # 2. No host sync inside a round (eager rounds under sync-debug "error").
 step syncs 60 $PY benchmarks/gpu_checks.py syncs
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
@@ -79,34 +97,44 @@ bench verify 100 "${select_verify[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
 step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"
-# 4. End to end against transformers on the zoo pair, eager and CUDA-graph engines; the scale shapes
-#    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
-step e2e 120 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
-step scale 150 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
 step kernel_report 30 $PY benchmarks/kernel_report.py "$WORK"  # the goals checked: kernels-<device>.{md,json}
-# 5. compute-sanitizer over every kernel on a small case.
+# 4. compute-sanitizer over every kernel on a small case.
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
     step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
-else
+elif wanted memcheck || wanted racecheck; then
     note "compute-sanitizer not found: memcheck/racecheck skipped"
 fi
-# 6. The rest of the test suite on CUDA; the cascade and online-learning benchmarks.
-step tests 300 $PY -m pytest -q -rs -m "not gpu" --junitxml="$WORK/tests.xml"
+# 5. The rest of the test suite on this machine (the tests that take a device use CUDA).
+step tests 300 $PY -m pytest -q -rs -m "not gpu" "${jobs[@]}" --junitxml="$WORK/tests.xml"
+# 6. The benchmark zoo (EVALUATION.md), trained here, end to end against transformers on each pair:
+#    by default its Llama-3 pair within ZOO_SECONDS of training; FULL=1 both pairs, every step, online learning.
+if [ "${FULL:-0}" = 1 ]; then
+    zoo_targets=(llama3 qwen3) zoo_budget=() zoo_limit=1800
+else
+    zoo_targets=(llama3) zoo_budget=(--seconds "${ZOO_SECONDS:-150}") zoo_limit=$((${ZOO_SECONDS:-150} + 150))
+fi
+step train_bench "$zoo_limit" $PY -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo" --targets "${zoo_targets[@]}" "${zoo_budget[@]}"
+for pair in "${zoo_targets[@]}"; do
+    if [ -d "$WORK/zoo/$pair/target" ]; then
+        cp "$WORK/zoo/$pair/MODEL_CARD.md" "$WORK/zoo-$pair-MODEL_CARD.md"  # the weights stay behind
+        cp "$WORK/zoo/$pair/card.json" "$WORK/zoo-$pair-card.json"
+        step "e2e_$pair" 300 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --prompts-per-task 1 --sample-seeds 2 \
+            --no-transformers-forward --out "$WORK"
+        [ "${FULL:-0}" = 1 ] && step "online_$pair" 600 $PY benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
+    elif wanted train_bench; then
+        note "no benchmark-zoo pair $pair: e2e_$pair skipped (see train_bench.log)"
+    fi
+done
+# 7. End to end against transformers on the embedded zoo pair, eager and CUDA-graph engines; the scale shapes
+#    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
+step e2e 200 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
+step scale 150 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
+# 8. The cascade and online-learning benchmarks on the embedded pair.
 step cascades 120 $PY -m omnidraft_fast.cli cascade-sweep --out "$WORK"
 step online 120 $PY benchmarks/online.py --out "$WORK"
-# 7. FULL=1: the benchmark zoo (EVALUATION.md; needs ../shared/tokenizers), end to end on each pair.
-if [ "${FULL:-0}" = 1 ]; then
-    step train_bench 3600 $PY -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo"
-    for pair in llama3 qwen3; do
-        if [ -d "$WORK/zoo/$pair/target" ]; then
-            step "e2e_$pair" 600 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --out "$WORK"
-            step "online_$pair" 600 $PY benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
-        fi
-    done
-fi
 note "failed steps: $failed; $((SECONDS))s in all (logs and results in gpu-results.tgz)"
 pack
 exit "$failed"

@@ -77,6 +77,20 @@ def test_train_bench_tiny_writes_a_loadable_pair(tmp_path):
     assert "distill_train_loss" in card[1]
 
 
+def test_train_bench_fits_a_time_budget(tmp_path):
+    from omnidraft_fast.zoo.train_bench import main
+
+    tokenizers = shared_path("tokenizers")
+    args = ["--tiny", "--targets", "llama3", "--tokenizers", str(tokenizers), "--out", str(tmp_path)]
+    main([*args, "--steps", "100000", "--seconds", "2"])
+    card = json.loads((tmp_path / "llama3" / "card.json").read_text())
+    assert 5 <= card[0]["steps"] < 100_000  # the probe's steps, then what fits a second
+    assert card[1]["steps"] == 4 and card[1]["distill_steps"] == 2  # short runs are not cut
+    assert "within a budget of 2 s" in (tmp_path / "llama3" / "MODEL_CARD.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--seconds", "0"])
+
+
 def test_train_bench_skips_without_tokenizers(tmp_path, capsys):
     from omnidraft_fast.zoo.train_bench import main
 

@@ -112,6 +112,10 @@ def spelled_stream(tokenizer, target_tokenizer, texts: list[str]) -> torch.Tenso
     return torch.cat(parts)
 
 
+# Steps timed before a time budget (train_lm's `seconds`) sets the step count.
+_PROBE = 5
+
+
 def train_lm(
     model,
     streams: list[torch.Tensor],
@@ -124,10 +128,15 @@ def train_lm(
     device,
     label,
     weights: list[float] | None = None,
+    seconds: float | None = None,
 ):
     """AdamW with warm-up and cosine decay on random windows of the streams (each window's stream drawn
-    with ``weights``); returns the final mean loss and the seconds taken. fp32 weights; on CUDA the
-    forward runs under bf16 autocast."""
+    with ``weights``); returns the final mean loss, the seconds taken and the steps run. fp32 weights; on
+    CUDA the forward runs under bf16 autocast.
+
+    With ``seconds``, a time budget: the first ``_PROBE`` steps are timed (the first one, which pays for
+    allocations and kernel choices, left out), and the run is cut to the steps that fit the budget, at
+    least ``_PROBE``; the schedule follows the new count from there."""
     device = torch.device(device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -135,7 +144,9 @@ def train_lm(
     warmup = max(1, steps // 20)
     losses: list[float] = []
     began = time.perf_counter()
-    for step in range(steps):
+    first_done = began
+    step = 0
+    while step < steps:
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
@@ -154,14 +165,26 @@ def train_lm(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # a host read: each step's time below is its own
         if step % 50 == 0 or step == steps - 1:
             print(
                 f"[{label}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - began:.0f} s)"
             )
+        step += 1
+        if seconds is not None and step == 1:
+            first_done = time.perf_counter()
+        elif seconds is not None and step == _PROBE:
+            now = time.perf_counter()
+            per_step = (now - first_done) / (_PROBE - 1)
+            fits = _PROBE + int(max(0.0, seconds - (now - began)) / per_step)
+            if fits < steps:
+                print(
+                    f"[{label}] {per_step * 1e3:.0f} ms per step: {fits} of {steps} steps fit {seconds:.0f} s"
+                )
+                steps, warmup = fits, max(1, fits // 20)
     model.eval()
     tail = losses[-max(1, steps // 10) :]
-    return sum(tail) / len(tail), time.perf_counter() - began
+    return sum(tail) / len(tail), time.perf_counter() - began, steps
 
 
 @torch.no_grad()
@@ -279,12 +302,13 @@ def _distill(args, models: dict, tokenizers: dict, card: list[dict], texts: list
 
 def pretrain(
     name: str, model, tokenizer, texts: list[str], args, *, steps: int, lr: float, seed: int, device,
-    module: str = "omnidraft_fast.zoo.train",
+    module: str = "omnidraft_fast.zoo.train", budget: float | None = None,
 ) -> dict:  # fmt: skip
-    """Train ``model`` on ``texts`` (windows of ``args.length`` tokens, batch ``args.batch``); its card row."""
-    loss, seconds = train_lm(
+    """Train ``model`` on ``texts`` (windows of ``args.length`` tokens, batch ``args.batch``; at most
+    ``budget`` seconds, ``train_lm``); its card row."""
+    loss, seconds, steps = train_lm(
         model, [token_stream(tokenizer, texts)], steps=steps, batch=args.batch, length=args.length, lr=lr,
-        seed=seed, device=device, label=name,
+        seed=seed, device=device, label=name, seconds=budget,
     )  # fmt: skip
     row = {
         "model": name, "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
@@ -308,9 +332,11 @@ def target_texts(target, tokenizer, texts: list[str], args, device) -> list[str]
 def distil(
     row: dict, model, tokenizer, kd_texts: list[str], texts: list[str], args, *, seed: int, device,
     data_seconds: float, target_tokenizer=None, module: str = "omnidraft_fast.zoo.train",
+    budget: float | None = None,
 ) -> None:  # fmt: skip
     """Fine-tune the drafter ``model`` on the target's ``kd_texts`` (3 parts) mixed with ``texts`` (1 part),
-    ``args.distill_steps`` steps at lr 1e-3; adds the figures to its card ``row``.
+    ``args.distill_steps`` steps at lr 1e-3 (at most ``budget`` seconds, ``train_lm``); adds the figures to
+    its card ``row``.
 
     A drafter with another vocabulary than the target's (``target_tokenizer``) takes half of the
     continuations' part in the form it serves them in: the target's tokenization spelled through the
@@ -320,12 +346,12 @@ def distil(
     if target_tokenizer is not None:
         streams.append(spelled_stream(tokenizer, target_tokenizer, kd_texts))
         weights = [1.5, 1.0, 1.5]
-    loss, seconds = train_lm(
+    loss, seconds, steps = train_lm(
         model, streams, weights=weights, steps=args.distill_steps, batch=args.batch, length=args.length,
-        lr=1e-3, seed=seed, device=device, label=f"{row['model']} distil",
+        lr=1e-3, seed=seed, device=device, label=f"{row['model']} distil", seconds=budget,
     )  # fmt: skip
     row.update(
-        distill_texts=args.distill_texts, distill_steps=args.distill_steps, distill_train_loss=round(loss, 3),
+        distill_texts=args.distill_texts, distill_steps=steps, distill_train_loss=round(loss, 3),
         distill_heldout_code_loss=round(heldout_loss(model, tokenizer, device, args.length), 3),
         distill_seconds=round(seconds + data_seconds), distill_command=_command(module),
     )  # fmt: skip

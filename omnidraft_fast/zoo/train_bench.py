@@ -11,6 +11,10 @@ the embedded zoo's corpus (``zoo/data.py``), with ``zoo/train.py``'s training lo
 It writes one pair folder per target, ``DIR/<llama3|qwen3>/{target,drafter-cross}`` with tokenizers, fp16
 weights and a model card, which ``omnidraft_fast.zoo.load(Path(...))`` and ``benchmarks/e2e.py --pair``
 load. Meant for a GPU (minutes); ``--tiny`` shrinks models, corpus and steps to a CPU check in seconds.
+``--seconds S`` fits the training into a time budget (a device lease): of S, the drafter's pretraining takes
+a fifth, the targets' pretraining a half and the distillations the rest, shared evenly between the targets;
+each run is cut to the steps that fit its share (``zoo/train.py``'s ``train_lm``), and the card records
+the steps it ran. The target's continuations for distillation are not counted (``--distill-texts``).
 Exits with a message, and status 0, when the tokenizers are absent.
 """
 
@@ -56,11 +60,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="tiny models, corpus and steps: a CPU check")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="time budget for the training (see above)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and corpus, few steps by default: a CPU check"
+    )
     args = parser.parse_args(argv)
-    if args.tiny:
-        args = argparse.Namespace(**{**vars(args), "steps": 4, "drafter_steps": 4, "distill_texts": 4,
-                                     "distill_steps": 2, "batch": 2, "length": 32})  # fmt: skip
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    if args.tiny:  # tiny defaults; values given on the command line stay
+        tiny = {
+            "steps": 4,
+            "drafter_steps": 4,
+            "distill_texts": 4,
+            "distill_steps": 2,
+            "batch": 2,
+            "length": 32,
+        }
+        for key, value in tiny.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     missing = [name for name in ("mistral", *args.targets) if not (args.tokenizers / name).is_dir()]
     if missing:
         print(f"benchmark zoo skipped: no tokenizer folder {', '.join(missing)} under {args.tokenizers} "
@@ -80,14 +100,15 @@ def main(argv: list[str] | None = None) -> None:
             TINY if args.tiny else spec, VOCABS[name], tokenizer.eos_token_id, tokenizer.bos_token_id, seed
         )
 
+    budget = _budget(args.seconds, len(args.targets))
     drafter = model("mistral", DRAFTER_68M, args.seed + 1)
-    drafter_row = pretrain("drafter-cross", drafter, tokenizers["mistral"], texts, args,
-                           steps=args.drafter_steps, lr=5e-3, seed=args.seed + 10, device=device, module=MODULE)  # fmt: skip
+    drafter_row = pretrain("drafter-cross", drafter, tokenizers["mistral"], texts, args, steps=args.drafter_steps,
+                           lr=5e-3, seed=args.seed + 10, device=device, module=MODULE, budget=budget["drafter"])  # fmt: skip
     for index, name in enumerate(args.targets):
         target = model(name, TARGET, args.seed + 2 + index)
         card = [
             pretrain("target", target, tokenizers[name], texts, args, steps=args.steps, lr=3e-3,
-                     seed=args.seed + 20 + index, device=device, module=MODULE),
+                     seed=args.seed + 20 + index, device=device, module=MODULE, budget=budget["target"]),
             copy.deepcopy(drafter_row),
         ]  # fmt: skip
         began = time.perf_counter()
@@ -95,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         distilled = copy.deepcopy(drafter)
         distil(card[1], distilled, tokenizers["mistral"], kd_texts, texts, args, seed=args.seed + 200 + index,
                device=device, data_seconds=time.perf_counter() - began, target_tokenizer=tokenizers[name],
-               module=MODULE)  # fmt: skip
+               module=MODULE, budget=budget["distil"])  # fmt: skip
         folder = args.out / name
         for part, part_model, tokenizer in (
             ("target", target, tokenizers[name]),
@@ -107,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         del target, distilled
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _budget(seconds: float | None, targets: int) -> dict[str, float | None]:
+    """Each training run's share of the time budget ``--seconds`` (module docstring); None: no budget."""
+    if seconds is None:
+        return dict.fromkeys(("drafter", "target", "distil"))
+    return {"drafter": seconds / 5, "target": seconds / 2 / targets, "distil": seconds * 3 / 10 / targets}
 
 
 def _write_card(folder: Path, name: str, args, device: torch.device, card: list[dict]) -> None:
@@ -123,7 +151,12 @@ def _write_card(folder: Path, name: str, args, device: torch.device, card: list[
         "- Data: the embedded zoo's corpus (`omnidraft_fast/zoo/data.py`); the drafter is distilled on "
         f"{args.distill_texts} continuations by this target.",
         f"- Training: windows of {args.length} tokens, batch {args.batch}, AdamW, fp32 weights (bf16 autocast "
-        "on CUDA), stored in fp16.",
+        "on CUDA), stored in fp16"
+        + (
+            f"; within a budget of {args.seconds:.0f} s (the steps below are those run)."
+            if args.seconds
+            else "."
+        ),
         f"- Shapes: target {json.dumps(asdict(spec or TARGET))}; drafter {json.dumps(asdict(spec or DRAFTER_68M))}"
         + (" (--tiny)." if args.tiny else "."),
         *card_tables(card),
