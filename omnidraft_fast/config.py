@@ -294,10 +294,24 @@ class EngineConfig:
             rounds, a streamer gets n rounds at a time, and with an acceptance head the per-step stop read
             is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
-            eagerly once, is captured on its second run and replayed from then on; graphs live for one
-            request); on other devices a recorder with the same replay semantics, which is slower than
-            eager and serves to check capture safety without a GPU. Outputs equal eager mode's. Python
-            inside a captured stage runs only at capture: forward hooks on the models do not see replays.
+            eagerly once, is captured on its second run and replayed from then on); on other devices a
+            recorder with the same replay semantics, which is slower than eager and serves to check capture
+            safety without a GPU. Outputs equal eager mode's. Python inside a captured stage runs only at
+            capture: forward hooks on the models do not see replays. The graphs, the request's device state
+            and both caches are kept (``kept_graphs``) for later requests of the same shapes and settings
+            (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, cascade,
+            kept logits), which replay them from their first round; requests with online learning or
+            target-side logits processing keep nothing, and ``SpeculativeEngine.release()`` frees what is
+            kept. Captured stages read the models' weights where they were at capture: call ``release()``
+            after moving the models or rebinding their parameters (in-place updates, ``load_state_dict``,
+            are seen).
+        prompt_bucket: with ``cuda_graphs``, prompts are left-padded (inside the engine: the output is as
+            without) to a multiple of this many tokens, the drafter's spelled prompt too, so that requests
+            whose prompts differ by less reuse one set of graphs; the padding costs a prefill that long at
+            most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths).
+        kept_graphs: with ``cuda_graphs``, how many sets of captured stages (each with its request state and
+            both caches: device memory) are kept for later requests, the least recently used released
+            first; ``0``: none (every request captures its own).
         lean_forward: run Llama, Mistral, Qwen2 and GPT-2 models (target and drafter) through ``lean.py``'s
             forward on their own modules, without transformers' per-call Python (the same logits up to
             float rounding); ``False``: transformers' forward for every model.
@@ -318,6 +332,8 @@ class EngineConfig:
     in_flight_rounds: int | None = None
     rounds_per_sync: int = 1
     cuda_graphs: bool = False
+    prompt_bucket: int = 64
+    kept_graphs: int = 8
     lean_forward: bool = True
 
     def __post_init__(self):
@@ -359,6 +375,13 @@ class EngineConfig:
         _check_interval("rounds_per_sync", self.rounds_per_sync)
         if self.cuda_graphs not in (True, False):
             raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
+        _check_interval("prompt_bucket", self.prompt_bucket)
+        if (
+            isinstance(self.kept_graphs, bool)
+            or not isinstance(self.kept_graphs, int)
+            or self.kept_graphs < 0
+        ):
+            raise ValueError(f"`kept_graphs` must be an int >= 0, got {self.kept_graphs!r}")
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,12 @@ class SpeculativeEngine:
         """Restore a state saved by an engine for the same tokenizer pair."""
         load_state(self, path)
 
+    def release(self) -> None:
+        """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
+        device states, both models' caches, the captured graphs and their memory). Call it after moving the
+        models or rebinding their parameters; the next request captures afresh."""
+        self.rounds.release()
+
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
         """The vocabulary bridge, or None when drafter and target share one vocabulary."""
         both = target_tokenizer is not None and drafter_tokenizer is not None
@@ -309,20 +315,19 @@ class SpeculativeEngine:
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
         seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG: torch.manual_seed reproduces runs
-        generator = torch.Generator(device).manual_seed(seed)
         began = time.perf_counter()
-        state = self.rounds.begin(request, generator)
+        state = self.rounds.begin(request, seed)
         batch, prompt = request.input_ids.shape
         if request.streamer is not None:
             request.streamer.put(request.input_ids.cpu())
         serving = self.learner.serving() if self.learner is not None else nullcontext()
+        failed = True
         try:
             with serving, torch.no_grad():
-                timed_out = self._decode(state, request, generator, timer, stops)
+                timed_out = self._decode(state, request, state.graphs.generator, timer, stops)
+            failed = False
         finally:
-            state.graphs.close()
-            self.target.end()
-            self.drafter.end()
+            self.rounds.end(state, failed)
             if request.streamer is not None:
                 request.streamer.end()
 
@@ -337,7 +342,7 @@ class SpeculativeEngine:
             state.generated.clamp_(max=int(state.generated[going].min()))
         generated = state.generated.cpu()
         longest = int(generated.max())
-        sequences = state.tokens[:, 1 : 1 + prompt + longest].clone()
+        sequences = state.tokens[:, 1 + state.pad : 1 + state.pad + prompt + longest].clone()
         # Past a row's end (EOS, a stop string, max_time): pad_token_id, or 0 when there is none.
         columns = torch.arange(longest, device=device)
         tail = sequences[:, prompt:]

@@ -6,7 +6,8 @@ one stage for the whole round, or, with an adaptive draft length, one per draft 
 rest (translate, target forward, verify, commit, learn), chosen by the host between them.
 :class:`StageGraphs` runs a stage the first time eagerly (the warm-up: Triton compiles, cuBLAS picks
 its kernels), captures it the second time and from then on replays it: no Python, no launch overhead,
-no host round-trip. Captured stages of one request share one memory pool and are released with it.
+no host round-trip. Captured stages share one memory pool and are released with it (``close``); the
+engine keeps them for the next request of the same shapes and settings (``Rounds.begin``).
 
 Replay semantics are what the engine must respect, on every device:
 
@@ -106,7 +107,7 @@ class ReplayGraph(TorchDispatchMode):
 
 
 class StageGraphs:
-    """The captured stages of one request (module docstring).
+    """The captured stages of a request, and of the requests after it that reuse them (module docstring).
 
     Args:
         device: the engine's device; CUDA captures CUDA graphs, other devices :class:`ReplayGraph`\\ s.

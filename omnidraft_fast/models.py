@@ -182,9 +182,17 @@ class CausalLM:
                 "Shorten the prompt or max_new_tokens."
             )
 
-    def begin(self, start: torch.Tensor, max_slots: int) -> None:
-        """Start a request: a fresh cache of ``max_slots`` slots; ``start`` [batch] per-row first slot."""
-        self.cache = SlotKVCache(max_slots)
+    def begin(self, start: torch.Tensor, max_slots: int, cache: SlotKVCache | None = None) -> None:
+        """Start a request: an empty cache of ``max_slots`` slots, or ``cache`` (an earlier request's, whose
+        buffers captured stages read) zeroed in place; ``start`` [batch] per-row first slot."""
+        if cache is None:
+            cache = SlotKVCache(max_slots)
+        elif cache.max_slots != max_slots:
+            raise ValueError(f"a kept cache of {cache.max_slots} slots cannot serve {max_slots}")
+        else:
+            for buffer in (*cache.keys, *cache.values):
+                buffer.zero_()
+        self.cache = cache
         self.start = start
         self._mask_dtype = self.dtype  # read once: a parameter lookup per forward costs
 

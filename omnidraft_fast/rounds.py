@@ -37,7 +37,7 @@ from .kernels.proposal import CrossProposal, fold_twins_
 from .kernels.ragged import ragged_layout
 from .kernels.verify import RULES
 from .learner import OnlineLearner
-from .models import CausalLM
+from .models import CausalLM, SlotKVCache
 from .ngram import NGramTable
 from .processors import TargetProcessors
 from .request import Request
@@ -74,6 +74,7 @@ class RequestState:
     """Device state of one request (fixed shapes for the whole request; see docs/architecture.md)."""
 
     tokens: torch.Tensor  # [batch, slots + 1] committed target tokens by slot
+    pad: int  # columns of left padding added to the prompt (EngineConfig.prompt_bucket)
     lengths: torch.Tensor  # [batch] committed slots (dummy slot and padding included)
     start: torch.Tensor  # [batch] first slot of each row's prompt
     generated: torch.Tensor  # [batch] new tokens so far
@@ -99,7 +100,15 @@ class RequestState:
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
-    graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs)
+    graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs), with its generator
+
+
+class _Kept(NamedTuple):
+    """A request's state, captured stages and both models' caches, kept for later requests (``Rounds.begin``)."""
+
+    key: tuple  # the request's shapes and every setting its stages read as a Python value
+    state: RequestState
+    caches: tuple[SlotKVCache, SlotKVCache]  # target, drafter
 
 
 class Rounds:
@@ -116,6 +125,8 @@ class Rounds:
     ):
         self.target, self.drafter, self.bridge, self.ngram = target, drafter, bridge, ngram
         self.learner, self.config = learner, config
+        # the states (with their caches and graphs) of recent requests, for later ones with the same key
+        self._kept: list[_Kept] = []
 
     @property
     def mode(self) -> str:
@@ -140,13 +151,84 @@ class Rounds:
         lengths = self.bridge.t2ds_len[target_ids].long()
         return self.bridge.t2ds[target_ids, :width].long(), torch.where(lengths <= width, lengths, 0)
 
-    def begin(self, request: Request, generator: torch.Generator) -> RequestState:
-        """Allocate the request's buffers and caches; lay out both prompts by slot (see docs/architecture.md)."""
+    def begin(self, request: Request, seed: int) -> RequestState:
+        """The request's device state, caches and random generator (seeded with ``seed``), both prompts laid
+        out by slot (see docs/architecture.md). With ``cuda_graphs``, the state, caches and captured stages
+        kept from an earlier request with the same shapes and settings (``EngineConfig.cuda_graphs``),
+        refilled in place so that its graphs replay from the first round; else fresh ones, kept in turn
+        (the least recently used of more than ``EngineConfig.kept_graphs`` released)."""
+        device, prompt = self.target.device, request.input_ids.shape[1]
+        reusable = (
+            self.config.cuda_graphs
+            and self.learner is None
+            and not request.processing.needed(prompt)
+            and self.target.mixed_window is None  # padding could take such a model past its window
+            and self.drafter.mixed_window is None
+        )
+        bucket = self.config.prompt_bucket if reusable else 1
+        state = self._layout(request, bucket)
+        key = None
+        if reusable:  # everything the captured stages take from the request as Python values or shapes
+            key = (tuple(state.tokens.shape), tuple(state.d_tokens.shape), request.max_new_tokens,
+                   request.num_draft_tokens, request.sampling, request.eos_token_ids, request.confidence_threshold,
+                   request.cascade, request.alphas, request.kept_logits, request.processing)  # fmt: skip
+        entry = next((e for e in self._kept if e.key == key), None) if key is not None else None
+        if entry is not None:
+            self._kept.remove(entry)
+            _refill(entry.state, state)
+            state = entry.state
+            state.graphs.generator.manual_seed(seed)
+        else:
+            generator = torch.Generator(device).manual_seed(seed)
+            state.graphs = StageGraphs(device, generator, self.config.cuda_graphs)
+        caches = []
+        for model, first, width, cache in (  # the cache widths `_layout` sized the token buffers for
+            (self.target, state.start, state.tokens.shape[1] - 1, entry and entry.caches[0]),
+            (
+                self.drafter,
+                state.d_start,
+                state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
+                entry and entry.caches[1],
+            ),
+        ):
+            model.check_window(width)
+            model.begin(first, width, cache)
+            caches.append(model.cache)
+        if key is not None and self.config.kept_graphs > 0:
+            self._kept.append(_Kept(key, state, (caches[0], caches[1])))  # the most recently used last
+            while len(self._kept) > self.config.kept_graphs:
+                self._kept.pop(0).state.graphs.close()
+        return state
+
+    def end(self, state: RequestState, failed: bool) -> None:
+        """After a request: release its graphs unless they are kept for later requests (``begin``); a
+        request that failed keeps nothing. The models let go of their caches (kept ones live on in
+        ``_kept``)."""
+        entry = next((e for e in self._kept if e.state is state), None)
+        if failed and entry is not None:
+            self._kept.remove(entry)
+            entry = None
+        if entry is None:
+            state.graphs.close()
+        self.target.end()
+        self.drafter.end()
+
+    def release(self) -> None:
+        """Free the states, caches and graphs kept for later requests (``begin``)."""
+        for entry in self._kept:
+            entry.state.graphs.close()
+        self._kept.clear()
+
+    def _layout(self, request: Request, bucket: int) -> RequestState:
+        """Fresh device state for ``request`` (its ``graphs`` still to be set): the prompt left-padded to a
+        multiple of ``bucket`` tokens, the drafter's spelled prompt too (``EngineConfig.prompt_bucket``)."""
         device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
-        batch, prompt = request.input_ids.shape
+        batch, width = request.input_ids.shape
+        pad = -width % bucket
+        prompt = width + pad
         slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
         tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
-        tokens[:, 1 : 1 + prompt] = request.input_ids
+        tokens[:, 1 + pad : 1 + prompt] = request.input_ids
         start = 1 + prompt - request.prompt_lengths.to(device)
 
         # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
@@ -155,24 +237,22 @@ class Rounds:
         window = spelling_width + 1
         rows = []
         for row in range(batch):
-            ids = request.input_ids[row, prompt - int(request.prompt_lengths[row]) :]
+            ids = request.input_ids[row, width - int(request.prompt_lengths[row]) :]
             rows.append(ids if self.bridge is None else self.bridge.spell_for_drafter(ids))
         d_prompt = max(1, max(len(r) for r in rows))
+        d_prompt += -d_prompt % bucket
         # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
         # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.
         d_slots = (window - 1) + d_prompt + spelling_width * (new + k) + k
-        d_tokens = torch.zeros(batch, d_slots + k + spelling_width, dtype=torch.int64, device=device)
+        d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
         d_start = torch.empty(batch, dtype=torch.int64, device=device)
         for row, ids in enumerate(rows):
             d_start[row] = window - 1 + d_prompt - len(ids)
             d_tokens[row, window - 1 + d_prompt - len(ids) : window - 1 + d_prompt] = ids
         d_lengths = torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device)
-
-        for model, width, first in ((self.target, slots, start), (self.drafter, d_slots, d_start)):
-            model.check_window(width)
-            model.begin(first, width)
         return RequestState(
             tokens=tokens,
+            pad=pad,
             lengths=torch.full((batch,), 1 + prompt, dtype=torch.int64, device=device),
             start=start,
             generated=torch.zeros(batch, dtype=torch.int64, device=device),
@@ -208,7 +288,7 @@ class Rounds:
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=self._draft_length(request, batch),
-            graphs=StageGraphs(device, generator, self.config.cuda_graphs),
+            graphs=None,  # set by begin
         )
 
     def _processors(
@@ -243,7 +323,7 @@ class Rounds:
     def prefill(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """Both models over the prompt: each cache gets every committed slot below the ones its first round
         rewrites."""
-        batch, prompt = request.input_ids.shape
+        batch, prompt = request.input_ids.shape[0], request.input_ids.shape[1] + state.pad
         with timer("prefill"):
             for model, tokens, end in (
                 (self.target, state.tokens, prompt),
@@ -591,6 +671,24 @@ class Rounds:
                 invalid.sum(),
             ]
         )
+
+
+def _refill(kept, fresh) -> None:
+    """Copy a fresh request state's tensors into the kept one's, in place: captured stages read those
+    (``Rounds.begin``). Tensors both share (the bridge's maps) stay as they are; numbers are taken over
+    (the prompt's padding; the others are equal by the reuse key)."""
+    if isinstance(fresh, torch.Tensor):
+        if fresh is not kept:
+            kept.copy_(fresh)
+    elif isinstance(fresh, dict):
+        for name, value in fresh.items():
+            _refill(kept[name], value)
+    elif isinstance(fresh, (RequestState, DraftLength)):
+        for name, value in vars(fresh).items():
+            if isinstance(value, (int, float)):
+                setattr(kept, name, value)
+            elif name != "graphs":
+                _refill(getattr(kept, name), value)
 
 
 def _drafted(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:

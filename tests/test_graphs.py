@@ -273,6 +273,90 @@ def test_short_requests_and_failures_leave_the_engine_usable(shared_pair):
     assert torch.equal(engine.generate(ids, max_new_tokens=20), eager.generate(ids, max_new_tokens=20))
 
 
+def _replayed_from_the_start(out) -> bool:
+    """Whether a request ran every round as a replay: no capture, no eager stage (the target's forward is
+    timed on its own only in eager rounds)."""
+    stages = set(out.stats.stage_seconds)
+    captured = any(stage.startswith("capture:") for stage in stages)
+    return bool({"round", "rounds", "finish"} & stages) and not captured and "target" not in stages
+
+
+def test_later_requests_replay_the_kept_graphs_from_their_first_round(shared_pair):
+    """Requests of the same batch size, prompt bucket and settings reuse the last one's state, caches and
+    graphs (other prompts, other lengths within the bucket); any other request, or ``release()``, captures
+    afresh. Every output equals an eager engine's."""
+    target, drafter = shared_pair
+    base = {"max_new_tokens": 16, "eos_token_id": 5, "pad_token_id": 0}
+
+    def prompts(lengths, seed):
+        ids, mask = left_padded_prompts(VOCAB, lengths, seed=seed)
+        return {"input_ids": ids, "attention_mask": mask, **base}
+
+    requests = [
+        prompts([6, 3, 5], 1),
+        prompts([2, 7, 4], 2),  # other prompts, wider, in the same bucket of 64: replayed
+        prompts([3, 3, 3], 3),  # narrower: replayed
+        {**prompts([3, 3, 3], 3), "do_sample": True},  # other settings: captured
+        {**prompts([5, 2, 6], 4), "do_sample": True},  # replayed
+        prompts([70, 4, 9], 5),  # the next bucket: captured
+        {**prompts([4, 6, 2], 6), "repetition_penalty": 1.3},  # target-side processing: not kept
+        prompts([4, 6], 7),  # another batch size: captured
+        prompts([5, 1], 8),  # replayed
+        {**prompts([3, 6], 9), "assistant_confidence_threshold": 0.4},  # adaptive draft length: captured
+        {**prompts([6, 2], 10), "assistant_confidence_threshold": 0.4},  # replayed
+        prompts([1, 4, 6], 11),  # the first request's key: still kept, replayed
+    ]
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)), requests
+    )
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        assert a.stats.accepted == b.stats.accepted and a.stats.rounds == b.stats.rounds
+    replayed = [_replayed_from_the_start(out) for out in results[1][1]]
+    assert replayed == [False, True, True, False, True, False, False, False, True, False, True, True]
+
+    engine = results[1][0]
+    engine.release()
+    torch.manual_seed(len(requests) - 1)
+    again = engine.generate(**requests[-1], return_dict_in_generate=True)
+    assert torch.equal(again.sequences, results[1][1][-1].sequences)
+    assert not _replayed_from_the_start(again)  # captured afresh
+
+
+@pytest.mark.parametrize(
+    "config, replayed",
+    [
+        ({"prompt_bucket": 1}, [False, True, False, True, True]),  # widths 3 and 4 are two keys
+        ({"prompt_bucket": 1, "kept_graphs": 1}, [False, True, False, False, False]),  # one kept: they evict
+        ({"kept_graphs": 0}, [False] * 5),  # nothing kept
+        ({}, [False, True, True, True, True]),  # one bucket
+    ],
+)
+def test_prompt_buckets_and_the_number_of_kept_graphs(shared_pair, config, replayed):
+    target, drafter = shared_pair
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True, **config))
+    prompts = ([[7, 8, 9]], [[10, 11, 12]], [[7, 8, 9, 10]], [[3, 4, 5]], [[4, 5, 6, 7]])
+    outs = [
+        engine.generate(torch.tensor(ids), max_new_tokens=12, return_dict_in_generate=True) for ids in prompts
+    ]
+    assert [_replayed_from_the_start(out) for out in outs] == replayed
+
+
+@pytest.mark.parametrize("name, value", [("prompt_bucket", 0), ("kept_graphs", -1), ("kept_graphs", 1.5)])
+def test_graph_reuse_settings_are_checked(name, value):
+    with pytest.raises(ValueError, match=name):
+        EngineConfig(**{name: value})
+
+
+def test_kept_graphs_across_vocabularies(cross_pair):
+    """The drafter's spelled prompt is bucketed too: other prompts replay the kept graphs."""
+    prompts = (["def parse(text):\n    return", "x = [i for"], ["import os\n", "while True:\n    y ="])
+    requests = [_cross_request(cross_pair, p, max_new_tokens=12, do_sample=True) for p in prompts]
+    results = _both_modes(lambda graphs: _cross_engine(cross_pair, cuda_graphs=graphs), requests)
+    _assert_same(results)
+    assert [_replayed_from_the_start(out) for out in results[1][1]] == [False, True]
+
+
 def test_cascade_rounds_replay_exactly(shared_pair):
     target, drafter = shared_pair
     ids, mask = left_padded_prompts(VOCAB, [4, 6], seed=2)
@@ -500,12 +584,15 @@ def test_graph_mode_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_on_the_zoo_pair():
     """Real CUDA graphs: greedy and sampled outputs equal eager mode's on the embedded pair, every
-    configuration of the round (shared, cross, cascade, adaptive, several rounds per host read)."""
+    configuration of the round (shared, cross, cascade, adaptive, several rounds per host read); the second
+    request, on other prompts, replays the graphs kept from the first (reseeded generator included)."""
     from omnidraft_fast.zoo import load
 
     zoo = load("code-pair", device="cuda")
-    prompts = zoo.target_tokenizer(["def parse(text):\n", "Question: Tom has 3 apples"], return_tensors="pt",
-                                   padding=True).to("cuda")  # fmt: skip
+    prompts, others = (
+        zoo.target_tokenizer(texts, return_tensors="pt", padding=True).to("cuda")
+        for texts in (["def parse(text):\n", "Question: Tom has 3 apples"], ["import os\n", "The river"])
+    )
     cross = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
     cases = [
         (zoo.drafter_shared, {}, {}),
@@ -516,7 +603,7 @@ def test_cuda_graphs_on_the_zoo_pair():
     ]
     for drafter, tokenizers, config in cases:
         for sampling in ({}, {"do_sample": True, "top_k": 20}):
-            request = {**prompts, "max_new_tokens": 48, **sampling}
+            request = {"max_new_tokens": 48, **sampling}
             results = _both_modes(
                 lambda graphs, d=drafter, t=tokenizers, c=config: SpeculativeEngine(
                     zoo.target,
@@ -524,12 +611,14 @@ def test_cuda_graphs_on_the_zoo_pair():
                     **t,
                     config=EngineConfig(**c, cuda_graphs=graphs, time_stages=True),
                 ),
-                [request] * 2,
+                [{**prompts, **request}, {**others, **request}],
             )
             replayed = (
                 "draft" if "adaptive" in config else "rounds" if "rounds_per_sync" in config else "round"
             )
             _assert_same(results, replayed_stage=replayed)
+            if "adaptive" not in config:  # a learner's engine keeps no graphs
+                assert _replayed_from_the_start(results[1][1][1])
 
 
 @pytest.mark.gpu
