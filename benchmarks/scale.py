@@ -3,7 +3,9 @@
 Random bf16 weights (``--preset tiny``: float32), built from configs directly on the device. Measured in one process, batch 1:
 
 - plain ``model.generate()`` (greedy), ms per token: ``(t(N tokens) - t(1 token)) / (N - 1)``, so the
-  prefill is left out;
+  prefill is left out; and the same with transformers' static cache, whose decoding forward transformers
+  compiles on CUDA (``torch.compile`` "reduce-overhead": CUDA graphs), the fair baseline for the captured
+  engine (``--compiled``, on CUDA by default; off CUDA transformers does not compile it);
 - the target's forward over ``k + 1`` tokens and over 1 token, and the drafter's one-token step, each at
   the prompt's context length in the engine's slot cache (median of ``--reps``), through ``lean.py``'s
   forward (what the engine runs) and through transformers' forward;
@@ -30,6 +32,7 @@ acceptance rate ``a`` and ``k`` drafts per round is
 
     tokens per round E(a) = (1 - a^(k+1)) / (1 - a)        (k + 1 when a = 1)
     projected speed-up    = E(a) / round_ms * plain_ms_per_token
+    (with kept CUDA graphs: kept_graph_round_ms; against compiled plain decoding: plain_static_ms_per_token)
 
 Written as ``scale-<device>.json`` and ``.md`` under ``--out``.
 
@@ -112,7 +115,18 @@ def _forward_ms(model, ids: torch.Tensor, n: int, reps: int, lean: bool = True) 
 
 
 def _engine(
-    target, drafter, ids, *, k: int, new: int, tokenizers, acceptance, plain_ms, profile, in_flight: int
+    target,
+    drafter,
+    ids,
+    *,
+    k: int,
+    new: int,
+    tokenizers,
+    acceptance,
+    plain_ms,
+    static_ms,
+    profile,
+    in_flight: int,
 ) -> dict:
     """Stage times per round, round time, overhead, the projection, learning in flight and (``profile``)
     the profiler summary."""
@@ -183,7 +197,9 @@ def _engine(
             {"acceptance": a, "tokens_per_round": tokens_per_round(a, k),
              "ms_per_token": round_ms / tokens_per_round(a, k),
              "speedup": tokens_per_round(a, k) / round_ms * plain_ms,
-             "speedup_graphs": tokens_per_round(a, k) / kept_graph_round_ms * plain_ms}
+             "speedup_graphs": tokens_per_round(a, k) / kept_graph_round_ms * plain_ms,
+             **({} if static_ms is None else
+                {"speedup_graphs_vs_static": tokens_per_round(a, k) / kept_graph_round_ms * static_ms})}
             for a in acceptance
         ],
     }  # fmt: skip
@@ -240,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--in-flight-rounds", type=int, default=4, help="rounds between in-flight learning steps"
     )
+    parser.add_argument(
+        "--compiled", choices=("auto", "on", "off"), default="auto",
+        help="also time plain decoding with transformers' static cache, compiled on CUDA (auto: on CUDA)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -277,6 +297,13 @@ def main(argv: list[str] | None = None) -> None:
                                                            max_new_tokens=n, do_sample=False), device, reps)
              for n in (1, new)}  # fmt: skip
     plain_ms = (plain[new] - plain[1]) / (new - 1)
+    static_ms = None
+    if args.compiled == "on" or (args.compiled == "auto" and device.type == "cuda"):
+        # The longest request first: transformers sizes the static cache once for both (no recompilation).
+        static = {n: _median_ms(lambda n=n: target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                             do_sample=False, cache_implementation="static"), device, reps)
+                  for n in (new, 1)}  # fmt: skip
+        static_ms = (static[new] - static[1]) / (new - 1)
     result = {
         **environment(device),
         "preset": args.preset,
@@ -290,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         "reps": reps,
         "k": k,
         "plain_ms_per_token": plain_ms,
+        "plain_static_ms_per_token": static_ms,
+        "plain_static_compiled": static_ms is not None and device.type == "cuda",
         "target_forward_ms": {
             f"{k + 1} tokens": _forward_ms(target, ids, k + 1, reps),
             "1 token": _forward_ms(target, ids, 1, reps),
@@ -305,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                                   args.seed + 1 + index, preset.dtype).eval()  # fmt: skip
         result["pairs"][pair] = _engine(
             target, drafter, ids, k=k, new=new, tokenizers=pair_tokenizers, acceptance=args.acceptance,
-            plain_ms=plain_ms, profile={"trace": args.trace, "pair": pair} if profile else None,
+            plain_ms=plain_ms, static_ms=static_ms, profile={"trace": args.trace, "pair": pair} if profile else None,
             in_flight=args.in_flight_rounds,
         )  # fmt: skip
         del drafter
@@ -324,8 +353,22 @@ def _markdown(result: dict) -> str:
         f"({result['shapes']['target']}, vocabulary {result['target_vocab']}); drafter {result['shapes']['drafter']}.",
         "",
         f"- plain `model.generate()`: **{result['plain_ms_per_token']:.2f} ms per token** (prefill excluded)",
+        *(
+            [
+                f'- plain `model.generate(cache_implementation="static")`'
+                f"{', compiled by transformers' if result['plain_static_compiled'] else ' (not compiled off CUDA)'}: "
+                f"**{result['plain_static_ms_per_token']:.2f} ms per token**"
+            ]
+            if result["plain_static_ms_per_token"] is not None
+            else []
+        ),
         f"- target forward at the prompt's length: {forward}",
     ]
+    static_column = (
+        ""
+        if result["plain_static_ms_per_token"] is None
+        else " with kept CUDA graphs, over static-cache plain decoding |"
+    )
     for pair, row in result["pairs"].items():
         stages = row["stage_ms_per_round"]
         lines += [
@@ -364,10 +407,12 @@ def _markdown(result: dict) -> str:
             f"**Projection** (not a measurement: random weights accept nothing, measured acceptance "
             f"{row['measured_acceptance']:.3f}): {result['projection_formula']}, i.i.d. acceptance a, k = {k}.",
             "",
-            "| acceptance a | tokens per round E(a) | ms per token | projected speed-up | with kept CUDA graphs |",
-            "|---|---|---|---|---|",
+            "| acceptance a | tokens per round E(a) | ms per token | projected speed-up | with kept CUDA graphs "
+            f"|{static_column}",
+            "|---|---|---|---|---|" + ("---|" if static_column else ""),
             *(f"| {p['acceptance']} | {p['tokens_per_round']:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}x "
-              f"| {p['speedup_graphs']:.2f}x |" for p in row["projection"]),
+              f"| {p['speedup_graphs']:.2f}x |"
+              + (f" {p['speedup_graphs_vs_static']:.2f}x |" if static_column else "") for p in row["projection"]),
         ]  # fmt: skip
         if "profile" in row:
             lines += ["", "Top ops under the profiler:", "", "```", row["profile"]["top_ops"], "```"]

@@ -24,11 +24,12 @@ def _scale_module():
 
 def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
     scale = _scale_module()
-    scale.main(["--preset", "tiny", "--acceptance", "0.5", "0.9", "--profile", "--tokenizers",
+    scale.main(["--preset", "tiny", "--acceptance", "0.5", "0.9", "--profile", "--compiled", "on", "--tokenizers",
                 str(SHARED / "tokenizers"), "--out", str(tmp_path)])  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = json.loads((tmp_path / f"scale-{device}.json").read_text())
     assert (tmp_path / f"scale-{device}.md").read_text().startswith("# Scale shapes, preset tiny")
+    assert result["plain_static_ms_per_token"] > 0 and result["plain_static_compiled"] == (device == "cuda")
     for field in ("device", "torch", "transformers", "commit", "plain_ms_per_token", "target_forward_ms",
                   "projection_formula", "target_params"):  # fmt: skip
         assert field in result
@@ -50,6 +51,9 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
             assert point["speedup"] == pytest.approx(tokens / row["round_ms"] * result["plain_ms_per_token"])
             assert point["speedup_graphs"] == pytest.approx(
                 tokens / row["kept_graph_round_ms"] * result["plain_ms_per_token"]
+            )
+            assert point["speedup_graphs_vs_static"] == pytest.approx(
+                tokens / row["kept_graph_round_ms"] * result["plain_static_ms_per_token"]
             )
         assert {"draft", "target", "verify"} <= set(row["profile"]["stages"])
         learning = row["in_flight"]  # LoRA rank 32 on the drafter, a step every 4 rounds
