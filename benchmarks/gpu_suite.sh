@@ -131,7 +131,7 @@ done
 # 7. End to end against transformers on the embedded zoo pair, eager and CUDA-graph engines; the scale shapes
 #    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
 step e2e 200 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
-step scale 150 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
+step scale 300 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
 # 8. The cascade and online-learning benchmarks on the embedded pair.
 step cascades 120 $PY -m omnidraft_fast.cli cascade-sweep --out "$WORK"
 step online 120 $PY benchmarks/online.py --out "$WORK"
