@@ -5,8 +5,9 @@
 #
 # Sized for a short lease: the steps run in priority order, each under its own time limit and all under one
 # deadline (SUITE_SECONDS, default 540), and a step that would start with under 20 s left is skipped and
-# said so. After every step the result folder (less the benchmark zoo's weights) is packed into $OUT/gpu-results.tgz, beside
-# $OUT/steps.txt, so a run cut short still returns everything it measured in two files.
+# said so. After every step the result folder (less the benchmark zoo's weights) is packed into
+# $OUT/gpu-results.tgz, beside $OUT/steps.txt, so a run cut short still returns everything it measured in
+# two files.
 #
 #   SUITE_SECONDS=540   the deadline, from the start of the script
 #   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
