@@ -181,21 +181,19 @@ class Rounds:
         else:
             generator = torch.Generator(device).manual_seed(seed)
             state.graphs = StageGraphs(device, generator, self.config.cuda_graphs)
-        caches = []
-        for model, first, width, cache in (  # the cache widths `_layout` sized the token buffers for
-            (self.target, state.start, state.tokens.shape[1] - 1, entry and entry.caches[0]),
-            (
-                self.drafter,
-                state.d_start,
-                state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
-                entry and entry.caches[1],
-            ),
+        kept_caches = entry.caches if entry is not None else (None, None)
+        widths = (  # the cache widths `_layout` sized the token buffers for
+            state.tokens.shape[1] - 1,
+            state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
+        )
+        for model, first, width, cache in zip(
+            (self.target, self.drafter), (state.start, state.d_start), widths, kept_caches, strict=True
         ):
             model.check_window(width)
             model.begin(first, width, cache)
-            caches.append(model.cache)
         if key is not None and self.config.kept_graphs > 0:
-            self._kept.append(_Kept(key, state, (caches[0], caches[1])))  # the most recently used last
+            caches = (self.target.cache, self.drafter.cache)
+            self._kept.append(_Kept(key, state, caches))  # the most recently used last
             while len(self._kept) > self.config.kept_graphs:
                 self._kept.pop(0).state.graphs.close()
         return state
