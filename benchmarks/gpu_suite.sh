@@ -122,8 +122,8 @@ for pair in "${zoo_targets[@]}"; do
     if [ -d "$WORK/zoo/$pair/target" ]; then
         cp "$WORK/zoo/$pair/MODEL_CARD.md" "$WORK/zoo-$pair-MODEL_CARD.md"  # the weights stay behind
         cp "$WORK/zoo/$pair/card.json" "$WORK/zoo-$pair-card.json"
-        step "e2e_$pair" 300 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --prompts-per-task 1 --sample-seeds 2 \
-            --no-transformers-forward --out "$WORK"
+        step "e2e_$pair" 300 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --prompts-per-task 1 --sample-seeds 1 \
+            --confidence 0 --no-transformers-forward --out "$WORK"
         [ "${FULL:-0}" = 1 ] && step "online_$pair" 600 $PY benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
     elif wanted train_bench; then
         note "no benchmark-zoo pair $pair: e2e_$pair skipped (see train_bench.log)"
