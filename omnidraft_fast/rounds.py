@@ -157,21 +157,26 @@ class Rounds:
         kept from an earlier request with the same shapes and settings (``EngineConfig.cuda_graphs``),
         refilled in place so that its graphs replay from the first round; else fresh ones, kept in turn
         (the least recently used of more than ``EngineConfig.kept_graphs`` released)."""
-        device, prompt = self.target.device, request.input_ids.shape[1]
+        device, prompt, learner = self.target.device, request.input_ids.shape[1], self.learner
         reusable = (
             self.config.cuda_graphs
-            and self.learner is None
+            # Serving swaps the adapter's merged weights in: the same tensors at every request only when
+            # they are kept merged from the start (learning in flight).
+            and (learner is None or learner.adapter is None or learner.adapter.merge_always)
             and not request.processing.needed(prompt)
             and self.target.mixed_window is None  # padding could take such a model past its window
             and self.drafter.mixed_window is None
         )
-        bucket = self.config.prompt_bucket if reusable else 1
+        # Learners see padding in their attention widths (float rounding): they keep bit-identity with eager
+        # mode by reusing graphs for prompts of equal widths only.
+        bucket = self.config.prompt_bucket if reusable and learner is None else 1
         state = self._layout(request, bucket)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes
             key = (tuple(state.tokens.shape), tuple(state.d_tokens.shape), request.max_new_tokens,
                    request.num_draft_tokens, request.sampling, request.eos_token_ids, request.confidence_threshold,
-                   request.cascade, request.alphas, request.kept_logits, request.processing)  # fmt: skip
+                   request.cascade, request.alphas, request.kept_logits, request.processing,
+                   learner is not None and learner.enabled)  # fmt: skip
         entry = next((e for e in self._kept if e.key == key), None) if key is not None else None
         if entry is not None:
             self._kept.remove(entry)
@@ -681,7 +686,7 @@ def _refill(kept, fresh) -> None:
     elif isinstance(fresh, dict):
         for name, value in fresh.items():
             _refill(kept[name], value)
-    elif isinstance(fresh, (RequestState, DraftLength)):
+    elif isinstance(fresh, (RequestState, DraftLength, Recorder)):
         for name, value in vars(fresh).items():
             if isinstance(value, (int, float)):
                 setattr(kept, name, value)

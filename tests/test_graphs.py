@@ -453,6 +453,36 @@ def test_distillation_alone_trains_the_same_adapter(shared_pair):
     _assert_learned_alike(eager.learner, captured.learner)
 
 
+def test_learning_in_flight_replays_kept_graphs_for_prompts_of_equal_width(shared_pair):
+    """An engine that learns in flight keeps its graphs too (the merged LoRA weights it serves are the same
+    tensors at every request): a later request whose prompt has the same width (learners do not pad, so
+    their attention widths, and what they learn, stay bit-identical to eager mode's) replays from its first
+    round, learning step included; another width captures afresh. Outputs and the learned adapter equal
+    eager mode's."""
+    target, drafter = shared_pair
+    config = {
+        "num_draft_tokens": 3,
+        "in_flight_rounds": 2,
+        "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
+    }
+    requests = []
+    for lengths, seed in (([5, 7], 8), ([7, 3], 9), ([6, 7], 10), ([8, 2], 11)):
+        ids, mask = left_padded_prompts(VOCAB, lengths, seed=seed)
+        requests.append({"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": True})
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(
+            target, copy.deepcopy(drafter), config=EngineConfig(**config, cuda_graphs=graphs)
+        ),
+        requests,
+    )
+    _assert_same(results)
+    (eager, _), (captured, outs) = results
+    assert [_replayed_from_the_start(out) for out in outs] == [False, True, True, False]
+    assert "update" in outs[1].stats.stage_seconds  # the kept learning step replayed
+    assert eager.learner.stats.distill_steps >= 8
+    _assert_learned_alike(eager.learner, captured.learner)
+
+
 # ------------------------------------------------------------------------- several rounds per host read
 def _per_sync(make_engine, requests, per_sync):
     """``requests`` on engines reading the host once per round (eager) and once per ``per_sync`` rounds
@@ -626,7 +656,8 @@ def test_cuda_graphs_on_the_zoo_pair():
 def test_cuda_graphs_with_in_flight_learning():
     """Real CUDA graphs replayed across LoRA and head updates made in the middle of the request, the
     updates themselves a captured stage (backward and AdamW included): the target's greedy output is
-    unchanged, the learners stepped, the draft and learning stages were captured."""
+    unchanged, the learners stepped, the draft and learning stages were captured, and the next request
+    replays the kept ones."""
     from omnidraft_fast.zoo import load
 
     zoo = load("code-pair", device="cuda")
@@ -639,3 +670,7 @@ def test_cuda_graphs_with_in_flight_learning():
     assert torch.equal(out.sequences, zoo.target.generate(**prompts, max_new_tokens=48, do_sample=False))
     assert engine.learner.stats.distill_steps >= 3 and "draft" in out.stats.stage_seconds
     assert "capture:update" in out.stats.stage_seconds  # the learning step itself was captured
+    # A second request of the same width replays the kept graphs, the learning step's among them.
+    again = engine.generate(**prompts, max_new_tokens=48, return_dict_in_generate=True)
+    assert torch.equal(again.sequences, out.sequences)
+    assert "update" in again.stats.stage_seconds and "capture:update" not in again.stats.stage_seconds
