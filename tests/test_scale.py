@@ -59,7 +59,10 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
         learning = row["in_flight"]  # LoRA rank 32 on the drafter, a step every 4 rounds
         assert learning["rounds_per_step"] == 4 and learning["lora_parameters"] > 0
         assert (
-            learning["update_ms_per_step"] > 0 and learning["round_ms"] > 0 and learning["graph_round_ms"] > 0
+            learning["update_ms_per_step"] > 0
+            and learning["round_ms"] > 0
+            and learning["graph_round_ms"] > 0
+            and learning["kept_graph_round_ms"] > 0
         )
     assert result["pairs"]["shared"]["in_flight"]["window_slots"] == 4 * (k + 1)  # one drafter slot per token
     assert scale.tokens_per_round(1.0, k) == k + 1
