@@ -310,7 +310,8 @@ class EngineConfig:
         prompt_bucket: with ``cuda_graphs``, prompts are left-padded (inside the engine: the output is as
             without) to a multiple of this many tokens, the drafter's spelled prompt too, so that requests
             whose prompts differ by less reuse one set of graphs; the padding costs a prefill that long at
-            most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths).
+            most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths), as for
+            engines that learn and for models mixing sliding-window and full-attention layers.
         kept_graphs: with ``cuda_graphs``, how many sets of captured stages (each with its request state and
             both caches: device memory) are kept for later requests, the least recently used released
             first; ``0``: none (every request captures its own).

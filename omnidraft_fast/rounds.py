@@ -164,12 +164,12 @@ class Rounds:
             # they are kept merged from the start (learning in flight).
             and (learner is None or learner.adapter is None or learner.adapter.merge_always)
             and not request.processing.needed(prompt)
-            and self.target.mixed_window is None  # padding could take such a model past its window
-            and self.drafter.mixed_window is None
         )
-        # Learners see padding in their attention widths (float rounding): they keep bit-identity with eager
-        # mode by reusing graphs for prompts of equal widths only.
-        bucket = self.config.prompt_bucket if reusable and learner is None else 1
+        # Padding widens the attention: a learner would learn otherwise than in eager mode (float rounding),
+        # and a model mixing sliding-window and full layers could be taken past its window. They reuse
+        # graphs for prompts of equal width only.
+        pads = learner is None and self.target.mixed_window is None and self.drafter.mixed_window is None
+        bucket = self.config.prompt_bucket if reusable and pads else 1
         state = self._layout(request, bucket)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes

@@ -342,6 +342,28 @@ def test_prompt_buckets_and_the_number_of_kept_graphs(shared_pair, config, repla
     assert [_replayed_from_the_start(out) for out in outs] == replayed
 
 
+def test_models_mixing_window_kinds_reuse_graphs_without_padding():
+    """A model mixing sliding-window and full-attention layers serves only within its window, which padding
+    could overrun: its engine keeps graphs for prompts of equal width only."""
+    target = tiny_model("qwen2", VOCAB, seed=15)
+    drafter = perturbed_copy(target, 0.3, seed=16)
+    for model in (target, drafter):  # within the window both kinds of layer attend alike
+        model.config.use_sliding_window, model.config.sliding_window = True, 40
+        model.config.layer_types = ["sliding_attention", "full_attention"]
+    prompts = ([[7, 8, 9]], [[10, 11, 12]], [[7, 8, 9, 10]])
+    outs = {}
+    for graphs in (False, True):
+        engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs))
+        assert engine.target.mixed_window == 40
+        outs[graphs] = [
+            engine.generate(torch.tensor(ids), max_new_tokens=12, return_dict_in_generate=True)
+            for ids in prompts
+        ]
+    for eager, captured in zip(outs[False], outs[True], strict=True):
+        assert torch.equal(eager.sequences, captured.sequences)
+    assert [_replayed_from_the_start(out) for out in outs[True]] == [False, True, False]
+
+
 @pytest.mark.parametrize("name, value", [("prompt_bucket", 0), ("kept_graphs", -1), ("kept_graphs", 1.5)])
 def test_graph_reuse_settings_are_checked(name, value):
     with pytest.raises(ValueError, match=name):
