@@ -303,15 +303,16 @@ class EngineConfig:
             kept logits), which replay them from their first round. With online learning they are kept
             only when it learns in flight (``in_flight_rounds``: the merged LoRA weights it serves are the
             same tensors at every request), for prompts of equal width (no padding: what it learns stays
-            bit-identical to eager mode's); requests with target-side logits processing keep nothing.
-            ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models' weights where they were at capture: call ``release()``
+            bit-identical to eager mode's), as with target-side logits processing (which counts the
+            prompt's columns). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models' weights where they were at capture: call ``release()``
             after moving the models or rebinding their parameters (in-place updates, ``load_state_dict``,
             are seen).
         prompt_bucket: with ``cuda_graphs``, prompts are left-padded (inside the engine: the output is as
             without) to a multiple of this many tokens, the drafter's spelled prompt too, so that requests
             whose prompts differ by less reuse one set of graphs; the padding costs a prefill that long at
             most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths), as for
-            engines that learn and for models mixing sliding-window and full-attention layers.
+            engines that learn, requests with target-side logits processing, and models mixing
+            sliding-window and full-attention layers.
         kept_graphs: with ``cuda_graphs``, how many sets of captured stages (each with its request state and
             both caches: device memory) are kept for later requests, the least recently used released
             first; ``0``: none (every request captures its own).

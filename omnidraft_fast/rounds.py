@@ -163,12 +163,17 @@ class Rounds:
             # Serving swaps the adapter's merged weights in: the same tensors at every request only when
             # they are kept merged from the start (learning in flight).
             and (learner is None or learner.adapter is None or learner.adapter.merge_always)
-            and not request.processing.needed(prompt)
         )
         # Padding widens the attention: a learner would learn otherwise than in eager mode (float rounding),
-        # and a model mixing sliding-window and full layers could be taken past its window. They reuse
-        # graphs for prompts of equal width only.
-        pads = learner is None and self.target.mixed_window is None and self.drafter.mixed_window is None
+        # and a model mixing sliding-window and full layers could be taken past its window; logits
+        # processors count the prompt's columns (min_length, forced BOS). They reuse graphs for prompts of
+        # equal width only.
+        pads = (
+            learner is None
+            and self.target.mixed_window is None
+            and self.drafter.mixed_window is None
+            and not request.processing.needed(prompt)
+        )
         bucket = self.config.prompt_bucket if reusable and pads else 1
         state = self._layout(request, bucket)
         key = None
@@ -686,7 +691,7 @@ def _refill(kept, fresh) -> None:
     elif isinstance(fresh, dict):
         for name, value in fresh.items():
             _refill(kept[name], value)
-    elif isinstance(fresh, (RequestState, DraftLength, Recorder)):
+    elif isinstance(fresh, (RequestState, DraftLength, Recorder, TargetProcessors)):
         for name, value in vars(fresh).items():
             if isinstance(value, (int, float)):
                 setattr(kept, name, value)

@@ -105,6 +105,22 @@ def test_greedy_equals_transformers(pair, case, cuda_graphs):
     assert engine.stats.accepted > 0
 
 
+def test_processing_requests_replay_kept_graphs_on_other_prompts(pair):
+    """With logits processing the engine keeps its graphs for prompts of the same width: a request on other
+    prompts refills the processors' state (the tokens each row has seen) and replays from its first round,
+    with transformers' output."""
+    target, _ = pair
+    options = {"max_new_tokens": NEW, "repetition_penalty": 1.8, "no_repeat_ngram_size": 2, "pad_token_id": 0}
+    engine = _engine(pair, cuda_graphs=True)
+    for seed in (3, 4):
+        ids, mask = left_padded_prompts(VOCAB, [6, 4, 6], seed=seed)
+        expected = target.generate(ids, attention_mask=mask, do_sample=False, **options)
+        out = engine.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
+        assert torch.equal(out.sequences, expected)
+    stages = set(out.stats.stage_seconds)  # the second request: replays only
+    assert "round" in stages and "target" not in stages and not any(s.startswith("capture:") for s in stages)
+
+
 def test_forced_bos_on_a_one_token_prompt(pair):
     """forced_bos_token_id applies at a sequence of one token, and then begin_suppress_tokens applies one
     token later (transformers' begin_index)."""
