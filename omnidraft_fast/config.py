@@ -313,9 +313,12 @@ class EngineConfig:
             most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths), as for
             engines that learn, requests with target-side logits processing, and models mixing
             sliding-window and full-attention layers.
-        kept_graphs: with ``cuda_graphs``, how many sets of captured stages (each with its request state and
-            both caches: device memory) are kept for later requests, the least recently used released
-            first; ``0``: none (every request captures its own).
+        kept_graphs: with ``cuda_graphs``, how many sets of captured stages are kept for later requests, the
+            least recently used released first; ``0``: none (every request captures its own). Each set holds
+            what one request holds on the device: both models' KV caches (batch x slots x layers x 2 x
+            kv_heads x head_dim elements each: about 270 MB for a Llama-3-8B-shaped target at batch 1 and
+            2048 slots in bf16, 32x that at batch 32) and its graphs' memory pool; lower it for large
+            batches or long contexts.
         lean_forward: run Llama, Mistral, Qwen2 and GPT-2 models (target and drafter) through ``lean.py``'s
             forward on their own modules, without transformers' per-call Python (the same logits up to
             float rounding); ``False``: transformers' forward for every model.
@@ -337,7 +340,7 @@ class EngineConfig:
     rounds_per_sync: int = 1
     cuda_graphs: bool = False
     prompt_bucket: int = 64
-    kept_graphs: int = 8
+    kept_graphs: int = 4
     lean_forward: bool = True
 
     def __post_init__(self):

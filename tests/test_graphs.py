@@ -299,15 +299,18 @@ def test_later_requests_replay_the_kept_graphs_from_their_first_round(shared_pai
         {**prompts([3, 3, 3], 3), "do_sample": True},  # other settings: captured
         {**prompts([5, 2, 6], 4), "do_sample": True},  # replayed
         prompts([70, 4, 9], 5),  # the next bucket: captured
-        {**prompts([4, 6, 2], 6), "repetition_penalty": 1.3},  # target-side processing: not kept
+        {**prompts([4, 6, 2], 6), "repetition_penalty": 1.3},  # target-side processing: a key of its own
         prompts([4, 6], 7),  # another batch size: captured
         prompts([5, 1], 8),  # replayed
         {**prompts([3, 6], 9), "assistant_confidence_threshold": 0.4},  # adaptive draft length: captured
         {**prompts([6, 2], 10), "assistant_confidence_threshold": 0.4},  # replayed
-        prompts([1, 4, 6], 11),  # the first request's key: still kept, replayed
+        prompts([1, 4, 6], 11),  # the first request's key: still kept (one of 8), replayed
     ]
     results = _both_modes(
-        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)), requests
+        lambda graphs: SpeculativeEngine(
+            target, drafter, config=EngineConfig(cuda_graphs=graphs, kept_graphs=8)
+        ),
+        requests,
     )
     for a, b in zip(results[0][1], results[1][1], strict=True):
         assert torch.equal(a.sequences, b.sequences)
