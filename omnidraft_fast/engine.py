@@ -273,7 +273,11 @@ class SpeculativeEngine:
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-            sequences, stats, logits = self._run(request, stops)
+            try:
+                sequences, stats, logits = self._run(request, stops)
+            except torch.cuda.OutOfMemoryError:
+                self.release()  # what the kept graphs hold is the caller's to retry with
+                raise
         self.last_stats = stats
         self.stats.add(stats)
         if request.return_dict_in_generate:

@@ -326,6 +326,25 @@ def test_later_requests_replay_the_kept_graphs_from_their_first_round(shared_pai
     assert not _replayed_from_the_start(again)  # captured afresh
 
 
+def test_running_out_of_device_memory_releases_the_kept_graphs(shared_pair, monkeypatch):
+    """A request that runs out of device memory releases every kept set (the caller may retry)."""
+    target, drafter = shared_pair
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    ids = torch.tensor([[7, 8, 9]])
+    first = engine.generate(ids, max_new_tokens=12)
+    prefill = engine.rounds.prefill
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.rounds, "prefill", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_new_tokens=10)  # a key of its own
+    monkeypatch.setattr(engine.rounds, "prefill", prefill)
+    again = engine.generate(ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(again.sequences, first) and not _replayed_from_the_start(again)  # captured afresh
+
+
 @pytest.mark.parametrize(
     "config, replayed",
     [
