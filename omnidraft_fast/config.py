@@ -300,11 +300,10 @@ class EngineConfig:
             capture: forward hooks on the models do not see replays. The graphs, the request's device state
             and both caches are kept (``kept_graphs``) for later requests of the same shapes and settings
             (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, cascade,
-            kept logits), which replay them from their first round. With online learning they are kept
-            only when it learns in flight (``in_flight_rounds``: the merged LoRA weights it serves are the
-            same tensors at every request), for prompts of equal width (no padding: what it learns stays
-            bit-identical to eager mode's), as with target-side logits processing (which counts the
-            prompt's columns). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models' weights where they were at capture: call ``release()``
+            kept logits), which replay them from their first round. With online learning (the drafter then
+            serves merged LoRA weights rewritten in place, the same tensors at every request) they are kept
+            for prompts of equal width (no padding: what it learns stays bit-identical to eager mode's), as
+            with target-side logits processing (which counts the prompt's columns). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models' weights where they were at capture: call ``release()``
             after moving the models or rebinding their parameters (in-place updates, ``load_state_dict``,
             are seen).
         prompt_bucket: with ``cuda_graphs``, prompts are left-padded (inside the engine: the output is as

@@ -87,8 +87,8 @@ class LoraAdapter:
         self._merged_version = 0
         self._pristine: list[torch.Tensor] = []  # the base weights while the merged ones serve
         self._serving = False
-        # Serve from merged copies even untrained, so that an update in the middle of a request reaches
-        # rounds captured before it (EngineConfig.in_flight_rounds).
+        # Serve from merged copies even untrained, so that an update reaches rounds captured before it: in
+        # the middle of a request (EngineConfig.in_flight_rounds), or between requests (graphs kept).
         self.merge_always = merge_always
         self._switch(None)
 

@@ -130,7 +130,8 @@ class SpeculativeEngine:
                 config.distill,
                 config.adaptive,
                 adapter_name=_adapter_name(target, drafter),
-                in_flight=config.in_flight_rounds is not None,
+                # captured stages read the served weights where they were at capture
+                merge_always=config.in_flight_rounds is not None or config.cuda_graphs,
             )
         self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()

@@ -99,7 +99,7 @@ class OnlineLearner:
         distill: DistillConfig | None,
         adaptive: AdaptiveConfig | None,
         adapter_name: str,
-        in_flight: bool = False,
+        merge_always: bool = False,
     ):
         device, vocab = drafter.device, drafter.vocab_size
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
@@ -117,9 +117,10 @@ class OnlineLearner:
             self.direct = t2d >= 0
         self.adapter = None
         if distill is not None:
-            # merge_always: updates made during a request reach the rounds it captured before them
+            # merge_always: the drafter serves the same merged tensors from the first request on, so that
+            # captured rounds see every update (made in the middle of a request, or between requests)
             self.adapter = LoraAdapter(
-                drafter.model, distill, distill.adapter_name or adapter_name, merge_always=in_flight
+                drafter.model, distill, distill.adapter_name or adapter_name, merge_always=merge_always
             )
             self.optimizer = AdamW(
                 self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay

@@ -486,15 +486,19 @@ def _assert_learning_replayed(outs):
 
 
 def test_distillation_alone_trains_the_same_adapter(shared_pair):
-    """Without a head the round is one stage; what it records trains the same adapter as eager rounds."""
+    """Without a head the round is one stage; what it records trains the same adapter as eager rounds, and
+    later requests replay the graphs kept from the first across the steps between requests."""
     ids, mask = left_padded_prompts(VOCAB, [6, 4], seed=5)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 16, "do_sample": True}
     config = {"distill": DistillConfig(rank=8, interval=2, lr=1e-2)}
     results = _learning_in_both_modes(shared_pair, config, request, 3)
     _assert_same(results)
-    (eager, _), (captured, _) = results
+    (eager, _), (captured, outs) = results
     assert eager.learner.stats.distill_steps >= 2
     _assert_learned_alike(eager.learner, captured.learner)
+    # The adapter serves merged tensors rewritten in place after each step between requests: the later
+    # requests replay the graphs kept from the first.
+    assert [_replayed_from_the_start(out) for out in outs] == [False, True, True]
 
 
 def test_learning_in_flight_replays_kept_graphs_for_prompts_of_equal_width(shared_pair):
