@@ -160,8 +160,8 @@ class Rounds:
         device, prompt, learner = self.target.device, request.input_ids.shape[1], self.learner
         reusable = (
             self.config.cuda_graphs
-            # Serving swaps the adapter's merged weights in: the same tensors at every request only when
-            # they are kept merged from the start (learning in flight).
+            # Serving swaps the adapter's merged weights in: the same tensors at every request when they are
+            # kept merged from the start (the engine asks for that with cuda_graphs).
             and (learner is None or learner.adapter is None or learner.adapter.merge_always)
         )
         # Padding widens the attention: a learner would learn otherwise than in eager mode (float rounding),
