@@ -301,13 +301,16 @@ def main(argv: list[str] | None = None) -> None:
                                                            max_new_tokens=n, do_sample=False), device, reps)
              for n in (1, new)}  # fmt: skip
     plain_ms = (plain[new] - plain[1]) / (new - 1)
-    static_ms = None
+    static_ms, static_error = None, None
     if args.compiled == "on" or (args.compiled == "auto" and device.type == "cuda"):
         # The longest request first: transformers sizes the static cache once for both (no recompilation).
-        static = {n: _median_ms(lambda n=n: target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                             do_sample=False, cache_implementation="static"), device, reps)
-                  for n in (new, 1)}  # fmt: skip
-        static_ms = (static[new] - static[1]) / (new - 1)
+        try:
+            static = {n: _median_ms(lambda n=n: target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                                 do_sample=False, cache_implementation="static"), device, reps)
+                      for n in (new, 1)}  # fmt: skip
+            static_ms = (static[new] - static[1]) / (new - 1)
+        except Exception as error:  # torch.compile fails in many ways: say so, go on without the baseline
+            static_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
     result = {
         **environment(device),
         "preset": args.preset,
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         "plain_ms_per_token": plain_ms,
         "plain_static_ms_per_token": static_ms,
         "plain_static_compiled": static_ms is not None and device.type == "cuda",
+        "plain_static_error": static_error,
         "target_forward_ms": {
             f"{k + 1} tokens": _forward_ms(target, ids, k + 1, reps),
             "1 token": _forward_ms(target, ids, 1, reps),
@@ -364,6 +368,11 @@ def _markdown(result: dict) -> str:
                 f"**{result['plain_static_ms_per_token']:.2f} ms per token**"
             ]
             if result["plain_static_ms_per_token"] is not None
+            else []
+        ),
+        *(
+            [f"- plain decoding with the static cache failed: {result['plain_static_error']}"]
+            if result.get("plain_static_error")
             else []
         ),
         f"- target forward at the prompt's length: {forward}",
