@@ -300,18 +300,19 @@ class EngineConfig:
             capture: forward hooks on the models do not see replays. The graphs, the request's device state
             and both caches are kept (``kept_graphs``) for later requests of the same shapes and settings
             (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, cascade,
-            kept logits), which replay them from their first round. With online learning (the drafter then
-            serves merged LoRA weights rewritten in place, the same tensors at every request) they are kept
-            for prompts of equal width (no padding: what it learns stays bit-identical to eager mode's), as
-            with target-side logits processing (which counts the prompt's columns). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models' weights where they were at capture: call ``release()``
-            after moving the models or rebinding their parameters (in-place updates, ``load_state_dict``,
-            are seen).
-        prompt_bucket: with ``cuda_graphs``, prompts are left-padded (inside the engine: the output is as
-            without) to a multiple of this many tokens, the drafter's spelled prompt too, so that requests
-            whose prompts differ by less reuse one set of graphs; the padding costs a prefill that long at
-            most and is masked everywhere. ``1``: no padding (reuse then needs equal prompt widths), as for
-            engines that learn, requests with target-side logits processing, and models mixing
-            sliding-window and full-attention layers.
+            kept logits, logits processing), which replay them from their first round; with online learning
+            too (the drafter then serves merged LoRA weights rewritten in place, the same tensors at every
+            request). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models'
+            weights where they were at capture: call ``release()`` after moving the models or rebinding
+            their parameters (in-place updates, ``load_state_dict``, are seen).
+        prompt_bucket: prompts are left-padded inside the engine (the output is as without) to a multiple of
+            this many tokens, the drafter's spelled prompt too, so that with ``cuda_graphs`` requests whose
+            prompts differ by less share one set of graphs; eager engines pad alike, so that both modes
+            compute the same (the attention's width changes float rounding). The padding costs a prefill
+            that long at most and is masked everywhere. ``1``: no padding (graphs are then shared by equal
+            prompt widths only), as for requests with target-side logits processing (which counts the
+            prompt's columns) and for models mixing sliding-window and full-attention layers (which serve
+            within their window only).
         kept_graphs: with ``cuda_graphs``, how many sets of captured stages are kept for later requests, the
             least recently used released first; ``0``: none (every request captures its own). Each set holds
             what one request holds on the device: both models' KV caches (batch x slots x layers x 2 x

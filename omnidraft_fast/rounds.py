@@ -164,17 +164,16 @@ class Rounds:
             # kept merged from the start (the engine asks for that with cuda_graphs).
             and (learner is None or learner.adapter is None or learner.adapter.merge_always)
         )
-        # Padding widens the attention: a learner would learn otherwise than in eager mode (float rounding),
-        # and a model mixing sliding-window and full layers could be taken past its window; logits
-        # processors count the prompt's columns (min_length, forced BOS). They reuse graphs for prompts of
-        # equal width only.
+        # Prompts are padded to the bucket in both modes, so that eager and captured rounds compute alike (the
+        # attention's width changes float rounding). Not for a model mixing sliding-window and full layers
+        # (padding could take it past its window) nor under logits processors (they count the prompt's
+        # columns: min_length, forced BOS): those reuse graphs for prompts of equal width only.
         pads = (
-            learner is None
-            and self.target.mixed_window is None
+            self.target.mixed_window is None
             and self.drafter.mixed_window is None
             and not request.processing.needed(prompt)
         )
-        bucket = self.config.prompt_bucket if reusable and pads else 1
+        bucket = self.config.prompt_bucket if pads else 1
         state = self._layout(request, bucket)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes

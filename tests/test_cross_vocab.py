@@ -66,8 +66,10 @@ def test_drafter_context_stays_in_step(pair, monkeypatch):
     engine.generate(ids, max_new_tokens=16, eos_token_id=[])
     state = states[0]
     target_pieces, drafter_pieces = token_bytes(tokenizer).pieces, token_bytes(drafter_tokenizer).pieces
-    target_text = b"".join(target_pieces[i] for i in state.tokens[0, 1 : int(state.lengths[0])].tolist())
-    drafter_ids = state.d_tokens[0, state.window - 1 : int(state.d_lengths[0])].tolist()
+    target_text = b"".join(
+        target_pieces[i] for i in state.tokens[0, int(state.start[0]) : int(state.lengths[0])].tolist()
+    )
+    drafter_ids = state.d_tokens[0, int(state.d_start[0]) : int(state.d_lengths[0])].tolist()
     assert b"".join(drafter_pieces[i] for i in drafter_ids) == target_text
 
 

@@ -392,6 +392,26 @@ def test_graph_reuse_settings_are_checked(name, value):
         EngineConfig(**{name: value})
 
 
+def test_kept_graphs_return_each_request_its_own_logits(shared_pair):
+    """The target's logits kept for output_logits / output_scores are refilled (NaN) for each request on
+    the kept graphs: a shorter second request returns its own, as an eager engine does."""
+    target, drafter = shared_pair
+    requests = []
+    for lengths, seed, eos in (([6, 3], 21, None), ([2, 5], 22, 5)):  # the second stops early at EOS
+        ids, mask = left_padded_prompts(VOCAB, lengths, seed=seed)
+        requests.append({"input_ids": ids, "attention_mask": mask, "max_new_tokens": 10, "eos_token_id": eos,
+                         "pad_token_id": 0, "output_logits": True, "output_scores": True})  # fmt: skip
+    results = _both_modes(
+        lambda graphs: SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs)), requests
+    )
+    _assert_same(results)
+    for eager, captured in zip(results[0][1], results[1][1], strict=True):
+        for name in ("logits", "scores"):
+            a, b = torch.stack(getattr(eager, name)), torch.stack(getattr(captured, name))
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    assert _replayed_from_the_start(results[1][1][1])
+
+
 def test_kept_graphs_across_vocabularies(cross_pair):
     """The drafter's spelled prompt is bucketed too: other prompts replay the kept graphs."""
     prompts = (["def parse(text):\n    return", "x = [i for"], ["import os\n", "while True:\n    y ="])
@@ -501,12 +521,10 @@ def test_distillation_alone_trains_the_same_adapter(shared_pair):
     assert [_replayed_from_the_start(out) for out in outs] == [False, True, True]
 
 
-def test_learning_in_flight_replays_kept_graphs_for_prompts_of_equal_width(shared_pair):
+def test_learning_in_flight_replays_kept_graphs(shared_pair):
     """An engine that learns in flight keeps its graphs too (the merged LoRA weights it serves are the same
-    tensors at every request): a later request whose prompt has the same width (learners do not pad, so
-    their attention widths, and what they learn, stay bit-identical to eager mode's) replays from its first
-    round, learning step included; another width captures afresh. Outputs and the learned adapter equal
-    eager mode's."""
+    tensors at every request): later requests of the same bucket replay from their first round, learning
+    step included. Both modes pad prompts alike, so outputs and the learned adapter equal eager mode's."""
     target, drafter = shared_pair
     config = {
         "num_draft_tokens": 3,
@@ -525,7 +543,7 @@ def test_learning_in_flight_replays_kept_graphs_for_prompts_of_equal_width(share
     )
     _assert_same(results)
     (eager, _), (captured, outs) = results
-    assert [_replayed_from_the_start(out) for out in outs] == [False, True, True, False]
+    assert [_replayed_from_the_start(out) for out in outs] == [False, True, True, True]
     assert "update" in outs[1].stats.stage_seconds  # the kept learning step replayed
     assert eager.learner.stats.distill_steps >= 8
     _assert_learned_alike(eager.learner, captured.learner)
