@@ -158,12 +158,9 @@ class Rounds:
         refilled in place so that its graphs replay from the first round; else fresh ones, kept in turn
         (the least recently used of more than ``EngineConfig.kept_graphs`` released)."""
         device, prompt, learner = self.target.device, request.input_ids.shape[1], self.learner
-        reusable = (
-            self.config.cuda_graphs
-            # Serving swaps the adapter's merged weights in: the same tensors at every request when they are
-            # kept merged from the start (the engine asks for that with cuda_graphs).
-            and (learner is None or learner.adapter is None or learner.adapter.merge_always)
-        )
+        # With cuda_graphs a learner's adapter serves merged weights rewritten in place from the first
+        # request on (the engine builds it with merge_always): kept graphs see every update.
+        reusable = self.config.cuda_graphs
         # Prompts are padded to the bucket in both modes, so that eager and captured rounds compute alike (the
         # attention's width changes float rounding). Not for a model mixing sliding-window and full layers
         # (padding could take it past its window) nor under logits processors (they count the prompt's
