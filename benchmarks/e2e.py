@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
 from omnidraft_fast.fidelity import TargetScore, score_against_target
-from omnidraft_fast.report import environment, synchronize, write_results
+from omnidraft_fast.report import environment, error_line, synchronize, write_results
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
@@ -205,9 +205,7 @@ def main() -> None:
                     if name != static:
                         raise
                     # The compiled baseline depends on torch.compile working here: say so, go on without it.
-                    failures[f"{name} ({mode})"] = (
-                        f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                    )
+                    failures[f"{name} ({mode})"] = error_line(error)
                     del runs[name]
         seconds = {(name, task): 0.0 for name in runs for task in tasks}
         tokens = dict.fromkeys(seconds, 0)

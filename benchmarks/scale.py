@@ -54,7 +54,7 @@ import torch
 
 from omnidraft_fast import DistillConfig, EngineConfig, GenerationStats, SpeculativeEngine
 from omnidraft_fast.models import CausalLM
-from omnidraft_fast.report import environment, synchronize, write_results
+from omnidraft_fast.report import environment, error_line, synchronize, write_results
 from omnidraft_fast.zoo.train import ModelSpec, llama_model
 from omnidraft_fast.zoo.train_bench import DRAFTER_68M, TOKENIZERS, VOCABS
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                       for n in (new, 1)}  # fmt: skip
             static_ms = (static[new] - static[1]) / (new - 1)
         except Exception as error:  # torch.compile fails in many ways: say so, go on without the baseline
-            static_error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            static_error = error_line(error)
     result = {
         **environment(device),
         "preset": args.preset,

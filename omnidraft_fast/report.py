@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_name", "environment", "synchronize", "write_results"]
+__all__ = ["device_name", "environment", "error_line", "synchronize", "write_results"]
 
 
 def device_name(device: torch.device) -> str:
@@ -49,6 +49,12 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda or "unknown"
     return env
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """An exception in one line for a results file: its type and the first line of its message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
 
 
 def synchronize(device: torch.device) -> None:

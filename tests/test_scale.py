@@ -104,3 +104,11 @@ def test_train_bench_skips_without_tokenizers(tmp_path, capsys):
     main(["--tiny", "--tokenizers", str(tmp_path / "absent"), "--out", str(tmp_path / "zoo")])
     assert "benchmark zoo skipped" in capsys.readouterr().out
     assert not (tmp_path / "zoo").exists()
+
+
+def test_error_line_names_the_error_in_one_line():
+    from omnidraft_fast.report import error_line
+
+    assert error_line(RuntimeError("inductor failed\ntraceback...")) == "RuntimeError: inductor failed"
+    assert error_line(RuntimeError()) == "RuntimeError"  # no message: no index error
+    assert error_line(ValueError("x" * 500), limit=10) == "ValueError: " + "x" * 10
