@@ -407,7 +407,7 @@ class SamplingParams:
             raise ValueError(
                 f"`temperature` must be a number >= 0, got {self.temperature!r}; use do_sample=False for greedy"
             )
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"`top_k` must be an int >= 0 (0 switches top-k off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"`top_p` must be in (0, 1] (1 switches top-p off), got {self.top_p!r}")

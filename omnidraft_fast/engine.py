@@ -16,11 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .bridge import VocabBridge, token_bytes
 from .config import CascadeConfig, EngineConfig
@@ -51,23 +52,17 @@ _UNSUPPORTED = {
 
 
 @dataclass
-class GenerateOutput:
-    """What ``generate(..., return_dict_in_generate=True)`` returns."""
+class GenerateOutput(GenerateDecoderOnlyOutput):
+    """What ``generate(..., return_dict_in_generate=True)`` returns: transformers' ``GenerateDecoderOnlyOutput``
+    (a ``ModelOutput``: ``out.sequences``, ``out["sequences"]``, ``out[0]``, ``"scores" in out``, ``keys()``,
+    ``to_tuple()``; ``attentions``, ``hidden_states`` and ``cache`` stay None) plus ``stats``.
 
-    sequences: torch.Tensor  # [batch, prompt + new]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    # With output_scores / output_logits, as transformers: one [batch, V_t] fp32 tensor per new token, the
-    # target's scores (its logits after the request's processors and sampling warpers, processors.py;
-    # log-softmaxed with renormalize_logits) or raw logits at that token, whichever rule chose it; NaN past
-    # a row's end.
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
+    With output_scores / output_logits, as transformers: one [batch, V_t] fp32 tensor per new token, the
+    target's scores (its logits after the request's processors and sampling warpers, processors.py;
+    log-softmaxed with renormalize_logits) or raw logits at that token, whichever rule chose it; NaN past
+    a row's end."""
 
-    def __getitem__(self, key: str):
-        """``out["sequences"]`` works as on transformers' outputs."""
-        if key not in ("sequences", "stats", "scores", "logits"):
-            raise KeyError(key)
-        return getattr(self, key)
+    stats: GenerationStats | None = None
 
 
 class SpeculativeEngine:
@@ -217,6 +212,13 @@ class SpeculativeEngine:
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
         row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.
         """
+        for model in (self.target, self.drafter):
+            if model.current_vocab_size() != model.vocab_size:
+                raise ValueError(
+                    f"the {model.name}'s vocabulary changed from {model.vocab_size} to {model.current_vocab_size()} ids "
+                    "since this engine was built (resize_token_embeddings?): build a new SpeculativeEngine "
+                    "(omnidraft_fast.generate() does so itself)"
+                )
         explicit = {
             "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
             "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
@@ -319,7 +321,9 @@ class SpeculativeEngine:
         device = self.device
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
-        seed = int(torch.randint(2**62, (1,)))  # from torch's global RNG: torch.manual_seed reproduces runs
+        # From torch's global RNG when sampling (torch.manual_seed reproduces runs); a greedy request leaves
+        # that RNG untouched, as transformers' greedy generate() does.
+        seed = 0 if request.sampling.greedy else int(torch.randint(2**62, (1,)))
         began = time.perf_counter()
         state = self.rounds.begin(request, seed)
         batch, prompt = request.input_ids.shape

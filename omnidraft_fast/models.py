@@ -166,6 +166,10 @@ class CausalLM:
         self._mask_dtype: torch.dtype | None = None  # the model's dtype during a request (``begin``)
         self.lean = lean and _lean.supports(model)  # Llama family: the lean forward on its modules
 
+    def current_vocab_size(self) -> int:
+        """The vocabulary size of the model as it is now (``resize_token_embeddings`` changes it)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -229,7 +229,15 @@ class TargetProcessors:
         """``function(row, input_ids [1, length], scores [1, V]) -> scores`` at each of ``calls``."""
         logits = logits.clone()
         for row, j, length in calls:
-            logits[row, j] = function(row, sequence[row : row + 1, :length], logits[row : row + 1, j])[0]
+            scores = logits[row : row + 1, j]
+            out = function(row, sequence[row : row + 1, :length], scores)
+            if not isinstance(out, torch.Tensor) or out.shape != scores.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise TypeError(
+                    f"a `logits_processor` (or `prefix_allowed_tokens_fn`) must return the scores as a tensor of the "
+                    f"shape it was given, {tuple(scores.shape)} (one row here); got {got}"
+                )
+            logits[row, j] = out[0]
         return logits
 
     def _allowed(self, row: int, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -156,16 +156,35 @@ def resolve_request(
     eos_ids = _as_id_tuple(fields.get("eos_token_id"), "eos_token_id")
     if pad_token_id is None and eos_ids:
         pad_token_id = eos_ids[0]  # as transformers does
-    if pad_token_id is not None and not isinstance(pad_token_id, int):
+    if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1 and not pad_token_id.is_meta:
+        pad_token_id = int(pad_token_id.item())  # as eos_token_id, transformers takes a tensor too
+    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
         raise TypeError(f"`pad_token_id` must be an int, got {pad_token_id!r}")
-    if attention_mask is None and pad_token_id is not None and ids.shape[0] > 1:
-        leading_pad = ids[:, 0] == pad_token_id
-        if leading_pad.any() and not leading_pad.all():
-            raise ValueError(
-                f"`input_ids` look left-padded (some rows start with pad_token_id={pad_token_id}) but no "
-                "`attention_mask` was given; pass the tokenizer's attention_mask (e.g. **tokenizer(texts, "
-                "padding=True, padding_side='left', return_tensors='pt'))."
-            )
+    if attention_mask is None and pad_token_id is not None:
+        fix = (
+            "pass the tokenizer's attention_mask (e.g. **tokenizer(texts, padding=True, padding_side='left', "
+            "return_tensors='pt'))"
+        )
+        if pad_token_id not in eos_ids:
+            if bool((ids == pad_token_id).any()):
+                # As model.generate(): a pad id that is no EOS id masks every one of its tokens out.
+                try:
+                    ids, prompt_lengths = _check_inputs(ids, ids != pad_token_id, vocab_size, device)
+                except ValueError as error:
+                    raise ValueError(
+                        f"no `attention_mask` was given, so it is inferred as model.generate() does, "
+                        f"`input_ids != pad_token_id` ({pad_token_id}), and that mask is unusable: {error}. "
+                        f"{fix}, or attention_mask=torch.ones_like(input_ids) if those are real tokens."
+                    ) from None
+        else:
+            # model.generate() attends to every token then; left padding would be read as prompt.
+            leading_pad = ids[:, 0] == pad_token_id
+            if leading_pad.any() and not leading_pad.all():
+                raise ValueError(
+                    f"`input_ids` look left-padded (some rows start with pad_token_id={pad_token_id}) but no "
+                    f"`attention_mask` was given; {fix}. If those rows really begin with token {pad_token_id}, "
+                    "pass attention_mask=torch.ones_like(input_ids)."
+                )
 
     max_new_tokens = fields.get("max_new_tokens")
     if max_new_tokens is None and "max_length" in fields:
@@ -192,8 +211,13 @@ def resolve_request(
     do_sample = fields.get("do_sample", _DEFAULTS["do_sample"])
     if do_sample:
         temperature = fields.get("temperature", _DEFAULTS["temperature"])
-        if isinstance(temperature, (int, float)) and temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {temperature}")
+        # transformers refuses temperature <= 0 (and NaN) when sampling; here 0 would mean greedy and NaN
+        # would sample garbage, so both are refused rather than silently changing the request.
+        if not (is_positive(temperature) or temperature == math.inf):
+            raise ValueError(
+                f"`temperature` must be a number > 0 when sampling (do_sample=True), got {temperature!r}; "
+                "for greedy decoding pass do_sample=False"
+            )
         sampling = SamplingParams(
             temperature=float(temperature),
             top_k=fields.get("top_k", _DEFAULTS["top_k"]),
@@ -313,6 +337,11 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, device: torch.devi
         raise ValueError(
             f"`input_ids` is empty (shape {tuple(input_ids.shape)}); give at least one prompt token"
         )
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise ValueError(
+                f"`{name}` is on the meta device (no data); pass a tensor with values, e.g. on {device}"
+            )
     ids_host = input_ids.detach().to("cpu", torch.int64)
     low, high = int(ids_host.min()), int(ids_host.max())
     if low < 0 or high >= vocab_size:

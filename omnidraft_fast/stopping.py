@@ -108,6 +108,17 @@ class Criteria:
             if scores is not None:
                 self.scores[row].append(scores[count - 1 : count])
             so_far = None if scores is None else tuple(self.scores[row])
-            if any(bool(torch.as_tensor(stop(input_ids, so_far)).reshape(-1)[0]) for stop in self.criteria):
+            if any(self._says_stop(stop, input_ids, so_far) for stop in self.criteria):
                 return count
         return None
+
+    @staticmethod
+    def _says_stop(stop: Callable, input_ids: torch.Tensor, scores) -> bool:
+        """One criterion's answer for one row: a bool or a one-element bool tensor."""
+        answer = torch.as_tensor(stop(input_ids, scores))
+        if answer.numel() != 1:
+            raise ValueError(
+                f"a stopping criterion must return one bool per row of `input_ids` ({input_ids.shape[0]} row here: "
+                f"the engine calls it one row at a time), got {answer.numel()} values"
+            )
+        return bool(answer.reshape(()))

@@ -446,7 +446,9 @@ def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, cud
             assert torch.isnan(ours[step][~live]).all()
     assert engine.generate(ids, attention_mask=mask, **kwargs, output_scores=True).shape == hf.sequences.shape
     plain = engine.generate(ids, attention_mask=mask, **kwargs, return_dict_in_generate=True)
-    assert plain.scores is None and plain.logits is None and plain["scores"] is None
+    # a transformers ModelOutput, as model.generate() returns: unset fields are None and not among its keys
+    assert plain.scores is None and plain.logits is None and "scores" not in plain
+    assert plain[0] is plain.sequences and plain.attentions is None and plain.hidden_states is None
 
 
 def test_sampled_scores_are_the_warped_logits(target, drafter, batch):
@@ -520,3 +522,45 @@ def test_max_time_stops_every_row_at_once(target, drafter, batch):
                                          max_time=60.0), full)  # fmt: skip
     with pytest.raises(ValueError, match=r"`max_time` must be a number of seconds > 0, got 0"):
         omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_time=0)
+
+
+def test_output_is_a_transformers_generate_output(target, drafter, batch):
+    """return_dict_in_generate gives what model.generate() gives: a GenerateDecoderOnlyOutput (plus stats)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    ids, mask = batch
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=6, return_dict_in_generate=True
+    )
+    assert isinstance(out, GenerateDecoderOnlyOutput)
+    assert out[0] is out["sequences"] is out.sequences and out.to_tuple()[0] is out.sequences
+    assert "sequences" in out and "scores" not in out and out.stats.requests == 1
+
+
+def test_greedy_leaves_the_global_rng_alone(target, drafter, batch):
+    """As transformers' greedy generate(): a seeded script's later random draws do not move."""
+    ids, mask = batch
+    torch.manual_seed(0)
+    omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4))
+
+
+def test_vocabulary_resized_after_first_call(batch):
+    """resize_token_embeddings() after a call: the engine kept on the model is rebuilt, as generate() works on."""
+    target = tiny_model("llama", VOCAB, seed=0)
+    drafter = perturbed_copy(target, 0.3, seed=1)
+    ids, mask = batch
+    omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
+    target.resize_token_embeddings(VOCAB + 4)
+    drafter.resize_token_embeddings(VOCAB + 4)
+    ids = torch.cat([ids, torch.full_like(ids[:, :1], VOCAB + 3)], 1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=8)
+    assert torch.equal(out, expected)
+    engine = SpeculativeEngine(target, drafter)
+    target.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(ValueError, match=r"vocabulary changed from .*resize_token_embeddings"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=4)

@@ -205,13 +205,32 @@ def test_empty_prompt(models, run, shape):
 
 
 def test_left_padding_without_attention_mask(models, run):
+    """With pad_token_id an EOS id, model.generate() attends to every token: left padding is refused."""
     pad = 0
     ids = torch.tensor([[pad, pad, 5, 6], [3, 4, 5, 6], [pad, 9, 9, 9]])
-    with pytest.raises(ValueError, match=r"`input_ids` look left-padded.*`attention_mask`"):
-        run(ids, pad_token_id=pad, max_new_tokens=NEW)
+    with pytest.raises(ValueError, match=r"`input_ids` look left-padded.*`attention_mask`.*torch.ones_like"):
+        run(ids, pad_token_id=pad, eos_token_id=[7, pad], max_new_tokens=NEW)
     # pad_token_id can also come in as the fallback from eos_token_id (as in transformers)
     with pytest.raises(ValueError, match=r"look left-padded.*`attention_mask`"):
         run(ids, eos_token_id=pad, max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("rows", [[[0, 0, 5, 6]], [[0, 4, 5, 6], [0, 0, 9, 9]], [[0, 0, 5, 6], [3, 4, 5, 6]]])
+def test_attention_mask_inferred_from_pad_tokens(models, run, rows):
+    """With pad_token_id no EOS id, model.generate() masks its tokens out: so does the engine."""
+    ids = torch.tensor(rows)
+    expected = models.target.generate(
+        ids, pad_token_id=0, eos_token_id=1, do_sample=False, max_new_tokens=NEW
+    )
+    assert torch.equal(run(ids, pad_token_id=0, eos_token_id=1, max_new_tokens=NEW), expected)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(("rows", "match"), [([[5, 0, 6, 7]], "left-padded"), ([[0, 0, 0]], "all zeros")])
+def test_inferred_attention_mask_unusable(models, run, rows, match):
+    with pytest.raises(ValueError, match=rf"inferred as model.generate\(\) does.*{match}.*attention_mask"):
+        run(torch.tensor(rows), pad_token_id=0, eos_token_id=1, max_new_tokens=NEW)
     assert_still_works(run, models)
 
 
@@ -306,8 +325,42 @@ def test_conflicting_draft_lengths(models, run):
 
 # --------------------------------------------------------------------------------------------- sampling knobs
 def test_negative_temperature_when_sampling(models, run):
-    with pytest.raises(ValueError, match=r"`temperature` must be >= 0, got -0.5"):
+    with pytest.raises(ValueError, match=r"`temperature` must be a number > 0 when sampling.*got -0.5"):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=-0.5)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_zero_or_nan_temperature_when_sampling(models, run, value):
+    """transformers refuses these when sampling; 0 would silently decode greedily here, NaN emit garbage."""
+    with pytest.raises(
+        ValueError, match=r"`temperature` must be a number > 0 when sampling.*do_sample=False"
+    ):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=value)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("returned", ["narrow", "none"])
+def test_logits_processor_returns_the_wrong_thing(models, run, returned):
+    processor = (lambda ids, scores: scores[:, :3]) if returned == "narrow" else (lambda ids, scores: None)
+    with pytest.raises(TypeError, match=r"`logits_processor`.*must return the scores"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, logits_processor=[processor])
+    assert_still_works(run, models)
+
+
+def test_stopping_criterion_returns_several_values(models, run):
+    with pytest.raises(ValueError, match=r"stopping criterion must return one bool per row"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW,
+            stopping_criteria=[lambda ids, scores: torch.tensor([True, False, True])])  # fmt: skip
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("which", ["input_ids", "attention_mask"])
+def test_meta_tensors(models, run, which):
+    kwargs = {"input_ids": models.ids, "attention_mask": models.mask}
+    kwargs[which] = kwargs[which].to("meta")
+    with pytest.raises(ValueError, match=rf"`{which}` is on the meta device"):
+        run(kwargs.pop("input_ids"), max_new_tokens=NEW, **kwargs)
     assert_still_works(run, models)
 
 
