@@ -262,6 +262,7 @@ class SpeculativeEngine:
             stopping_criteria=stopping_criteria,
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         )
+        self.target.check_rope_switch(int(request.prompt_lengths.max()), request.max_new_tokens)
         if request.processing.calls_python and self.config.cuda_graphs:
             raise ValueError(
                 "`logits_processor`, `prefix_allowed_tokens_fn` and `watermarking_config` run Python at every "

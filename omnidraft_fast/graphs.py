@@ -144,16 +144,27 @@ class StageGraphs:
             return
         untimed = StageTimer(False, timer.device)
         with timer(f"capture:{name}"):
-            if self.cuda:
-                graph = torch.cuda.CUDAGraph()
-                graph.register_generator_state(self.generator)
-                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                    stage(untimed)
-                graph.replay()  # a capture records the work without doing it
-            else:
-                graph = ReplayGraph()
-                with graph:  # a recording does the work
-                    stage(untimed)
+            try:
+                if self.cuda:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.register_generator_state(self.generator)
+                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                        stage(untimed)
+                    graph.replay()  # a capture records the work without doing it
+                else:
+                    graph = ReplayGraph()
+                    with graph:  # a recording does the work
+                        stage(untimed)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                # The engine's stages are capturable (tests/test_graphs.py): what fails is a model's forward
+                # that reads values on the host or sizes tensors by them (mixture-of-experts routing, ...).
+                raise CaptureError(
+                    f"the round's `{name}` stage could not be captured as a CUDA graph ({type(error).__name__}: "
+                    f"{error}); a model whose forward reads values back to the host or has data-dependent shapes "
+                    "(e.g. mixture-of-experts routing) cannot run captured: use EngineConfig(cuda_graphs=False)"
+                ) from error
         self.graphs[key] = graph
         self.captures += 1
 

@@ -101,11 +101,60 @@ class SlotKVCache(Cache):
 
 
 def _position_limit(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for name in (
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+        "seq_length",
+        "max_seq_len",
+    ):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# Layer kinds whose state is keys and values, written by cache slot (anything else: a recurrent or convolution
+# state that a rollback cannot rewind).
+_ATTENTION_KINDS = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def _unsupported(model, config) -> str | None:
+    """Why ``model`` cannot run at explicit cache slots, or None."""
+    kinds = set(getattr(config, "layer_types", None) or ()) - _ATTENTION_KINDS
+    if getattr(model, "_is_stateful", False) or kinds:
+        what = f"layers of type {sorted(kinds)}" if kinds else "a recurrent (state-space) state"
+        return (
+            f"it keeps {what} besides keys and values, which a rejected draft cannot be rolled back out of "
+            "(only attention models are supported)"
+        )
+    if config.model_type == "bloom" or (config.model_type == "falcon" and getattr(config, "alibi", False)):
+        return "its ALiBi bias is built from a 2-D attention mask, and the engine passes a 4-D slot mask"
+    return None
+
+
+def _width_limit(config) -> tuple[int | None, str]:
+    """(most cache slots a request may use, why), for models whose attention is right only within a width:
+    layers that do not all share one sliding window (the engine builds one mask for every layer), chunked
+    attention, and attention with buffers sized and indexed by the key length (GPT-Neo, MPT)."""
+    limits = []
+    window, every_layer = _sliding_window(config)
+    if window is not None and not every_layer:
+        limits.append((window, f"mixes sliding-window (window {window}) and full attention layers"))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or ()):
+        limits.append((int(chunk), f"has chunked attention layers (chunks of {chunk})"))
+    if config.model_type == "gpt_neo":
+        if "local" in getattr(config, "attention_layers", ()):
+            limits.append((config.window_size, f"has local attention layers (window {config.window_size})"))
+        limits.append(
+            (config.max_position_embeddings, "sizes its causal-mask buffer by max_position_embeddings")
+        )
+    if config.model_type == "mpt":
+        limits.append((config.max_seq_len, "sizes its ALiBi buffer by max_seq_len"))
+    if not limits:
+        return None, ""
+    return min(limits, key=lambda item: item[0])
 
 
 def _sliding_window(config) -> tuple[int | None, bool]:
@@ -147,6 +196,11 @@ class CausalLM:
                 f"`{name}` ({type(model).__name__}) has no language-modelling head; load it with "
                 "AutoModelForCausalLM."
             )
+        reason = _unsupported(model, config)
+        if reason is not None:
+            raise ValueError(
+                f"`{name}` ({type(model).__name__}) is not supported by omnidraft_fast: {reason}"
+            )
         self.model = model
         self.name = name
         self.config = config
@@ -156,7 +210,14 @@ class CausalLM:
         # A window used by every layer goes into the mask; a window used by only some layers would
         # need one mask per layer type, so such models are limited to sequences within the window.
         self.sliding_window = window if every_layer else None
-        self.mixed_window = None if every_layer else window
+        # The most cache slots a request may use (None: any), and why.
+        self.width_limit, self._width_reason = _width_limit(config)
+        # Long RoPE switches every position's frequencies once a forward reaches past this position, and
+        # transformers (Phi3ForCausalLM.prepare_inputs_for_generation) then recomputes the whole cache.
+        rope = getattr(config, "rope_parameters", None) or {}
+        self.rope_switch = (
+            rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+        )
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns until 5.40)
         self._cache_argument = (
             "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -178,12 +239,24 @@ class CausalLM:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def check_window(self, max_slots: int) -> None:
-        if self.mixed_window is not None and max_slots > self.mixed_window:
+    def check_width(self, max_slots: int) -> None:
+        if self.width_limit is not None and max_slots > self.width_limit:
             raise ValueError(
-                f"`{self.name}` mixes sliding-window (window {self.mixed_window}) and full attention layers, and "
-                f"this request needs {max_slots} cache slots; such models are supported within the window only. "
+                f"`{self.name}` {self._width_reason}, and this request needs {max_slots} cache slots (prompt, "
+                f"new tokens, one slot and the draft's overrun); such models are supported within "
+                f"{self.width_limit} slots only. "
                 "Shorten the prompt or max_new_tokens."
+            )
+
+    def check_rope_switch(self, longest_prompt: int, max_new_tokens: int) -> None:
+        """Refuse a request whose positions cross the long-RoPE switch (:attr:`rope_switch`)."""
+        switch = self.rope_switch
+        if switch is not None and longest_prompt <= switch < longest_prompt + max_new_tokens:
+            raise ValueError(
+                f"`{self.name}`'s long RoPE switches to its long factors past position {switch} "
+                "(original_max_position_embeddings), where transformers recomputes the whole cache; this request "
+                f"crosses it ({longest_prompt}-token prompt + {max_new_tokens} new tokens), which omnidraft_fast "
+                "does not reproduce. Keep the request within the switch, or start past it."
             )
 
     def begin(self, start: torch.Tensor, max_slots: int, cache: SlotKVCache | None = None) -> None:

@@ -166,8 +166,8 @@ class Rounds:
         # (padding could take it past its window) nor under logits processors (they count the prompt's
         # columns: min_length, forced BOS): those reuse graphs for prompts of equal width only.
         pads = (
-            self.target.mixed_window is None
-            and self.drafter.mixed_window is None
+            self.target.width_limit is None
+            and self.drafter.width_limit is None
             and not request.processing.needed(prompt)
         )
         bucket = self.config.prompt_bucket if pads else 1
@@ -195,7 +195,7 @@ class Rounds:
         for model, first, width, cache in zip(
             (self.target, self.drafter), (state.start, state.d_start), widths, kept_caches, strict=True
         ):
-            model.check_window(width)
+            model.check_width(width)
             model.begin(first, width, cache)
         if key is not None and self.config.kept_graphs > 0:
             caches = (self.target.cache, self.drafter.cache)

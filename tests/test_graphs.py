@@ -376,7 +376,7 @@ def test_models_mixing_window_kinds_reuse_graphs_without_padding():
     outs = {}
     for graphs in (False, True):
         engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=graphs))
-        assert engine.target.mixed_window == 40
+        assert engine.target.width_limit == 40
         outs[graphs] = [
             engine.generate(torch.tensor(ids), max_new_tokens=12, return_dict_in_generate=True)
             for ids in prompts

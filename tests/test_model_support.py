@@ -1,0 +1,145 @@
+"""Architectures beyond the Llama family: exact where the engine supports them, refused by name where not.
+
+Each refusal is a model whose forward the engine's slot cache cannot reproduce (a recurrent state, an ALiBi
+bias built from a 2-D mask, attention right only within a width, long RoPE switching factors mid-request,
+a forward that cannot be captured): without it the output would silently differ from ``model.generate()``
+or fail deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import omnidraft_fast
+from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast.graphs import CaptureError
+
+VOCAB = 96
+
+
+def model(arch: str, seed: int = 0, **fields) -> torch.nn.Module:
+    """A tiny randomly initialised ``arch`` model (hidden 32, 2 layers) in float32 eval mode."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    gpt = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    sizes = {
+        "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+        "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=128),
+        "mpt": dict(d_model=32, n_layers=2, n_heads=4),
+        "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=4),
+        "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                    max_position_embeddings=128),
+        "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128),
+        "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128),
+        "gpt_bigcode": gpt,
+        "gptj": dict(gpt, rotary_dim=4),
+        "codegen": dict(gpt, rotary_dim=4, n_ctx=128),
+    }.get(
+        arch,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128),
+    )  # fmt: skip
+    config = AutoConfig.for_model(arch, **{**common, **sizes, **fields})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def greedy_pair(target, drafter, lengths, new, **kwargs):
+    ids, mask = left_padded_prompts(VOCAB, lengths, seed=2)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new)
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=new, **kwargs
+    )
+    return out, expected
+
+
+SUPPORTED = ("qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt", "falcon", "olmo2", "starcoder2",
+             "stablelm", "granite", "cohere", "gpt_bigcode", "gptj", "codegen", "mpt")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_greedy_is_transformers_across_architectures(arch):
+    """Batched, eager and captured (two requests replaying one set of stages): model.generate()'s tokens."""
+    fields = {"head_dim": 8} if arch.startswith("gemma") else {}
+    target = model(arch, **fields)
+    drafter = perturbed_copy(target, 0.2, seed=1)
+    engines = [SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=g)) for g in (False, True)]
+    for seed, lengths in ((2, [7, 3, 5]), (3, [4, 6, 2])):
+        ids, mask = left_padded_prompts(VOCAB, lengths, seed=seed)
+        expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16)
+        for engine in engines:
+            assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=16), expected)
+    assert engines[1].stats.acceptance_rate > 0  # drafts were accepted, not only corrected
+
+
+@pytest.mark.parametrize(
+    ("arch", "fields", "match"),
+    [
+        ("bloom", {}, "ALiBi"),
+        ("falcon", {"alibi": True, "hidden_size": 32, "num_attention_heads": 4}, "ALiBi"),
+        ("mamba", {}, "rolled back"),
+        ("lfm2", {"layer_types": ["conv", "full_attention"]}, r"layers of type \['conv'\]"),
+    ],
+)
+@pytest.mark.parametrize("role", ["model", "drafter"])
+def test_unsupported_models_refused_by_name(arch, fields, match, role):
+    odd, llama = model(arch, **fields), tiny_model("llama", VOCAB, seed=1)
+    target, drafter = (odd, llama) if role == "model" else (llama, odd)
+    with pytest.raises(ValueError, match=rf"`{role}` \(\w+\) is not supported by omnidraft_fast: .*{match}"):
+        SpeculativeEngine(target, drafter)
+
+
+@pytest.mark.parametrize(
+    ("arch", "fields", "limit", "why"),
+    [
+        ("gpt_neo", {"attention_types": [[["global", "local"], 1]], "window_size": 24}, 24, "local attention"),
+        ("gpt_neo", {"attention_types": [[["global"], 2]], "max_position_embeddings": 40}, 40, "causal-mask buffer"),
+        ("mpt", {"max_seq_len": 40}, 40, "ALiBi buffer"),
+        ("llama4_text", {"attention_chunk_size": 24, "intermediate_size_mlp": 64, "num_local_experts": 1,
+                         "no_rope_layers": [1, 1]}, 24, "chunked attention"),
+    ],
+)  # fmt: skip
+def test_attention_right_within_a_width(arch, fields, limit, why):
+    """Exact up to the width (no prompt padding takes it past), refused with the reason beyond it."""
+    target = model(arch, **fields)
+    drafter = copy.deepcopy(target)
+    assert SpeculativeEngine(target, drafter).target.width_limit == limit
+    # the drafter's cache is the widest: prompt, new tokens, one slot and the draft's overrun (k = 4)
+    out, expected = greedy_pair(target, drafter, [9, 4, 6], limit - 9 - 9)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=rf"`model` [a-z ]*{why}.*supported within {limit} slots only"):
+        omnidraft_fast.generate(target, torch.tensor([[5] * 9]), drafter=drafter, max_new_tokens=limit - 9)
+    out, expected = greedy_pair(target, drafter, [5], 8)  # the engine is still usable
+    assert torch.equal(out, expected)
+
+
+def test_long_rope_switch_refused_when_crossed():
+    """Phi-3 long RoPE: transformers recomputes the cache with the long factors once past the switch."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+            "long_factor": [3.0**i for i in range(8)], "original_max_position_embeddings": 16}  # fmt: skip
+    target = model("phi3", rope_parameters=rope, original_max_position_embeddings=16, num_attention_heads=2)
+    drafter = copy.deepcopy(target)
+    assert SpeculativeEngine(target, drafter).target.rope_switch == 16
+    with pytest.raises(ValueError, match=r"long RoPE switches .* past position 16.*9-token prompt \+ 10 new"):
+        greedy_pair(target, drafter, [9, 4], 10)
+    for lengths, new in (([9, 4], 7), ([20, 17], 10)):  # within the switch, and started past it
+        out, expected = greedy_pair(target, drafter, lengths, new)
+        assert torch.equal(out, expected)
+
+
+def test_a_forward_that_cannot_be_captured_names_the_fix():
+    """Mixture-of-experts routing sizes tensors by values: eager is exact, capture says to turn graphs off."""
+    target = model("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    drafter = tiny_model("llama", VOCAB, seed=1)
+    ids, mask = left_padded_prompts(VOCAB, [6, 3], seed=2)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    with pytest.raises(CaptureError, match=r"could not be captured.*EngineConfig\(cuda_graphs=False\)"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
+    assert torch.equal(SpeculativeEngine(target, drafter).generate(ids, attention_mask=mask, max_new_tokens=12),
+                       expected)  # fmt: skip
