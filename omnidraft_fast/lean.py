@@ -75,7 +75,8 @@ def forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # [batch, n]
     positions: torch.Tensor,  # [batch, n]
-    mask: torch.Tensor,  # [batch, 1, n, slots] additive, the model's dtype
+    mask: torch.Tensor
+    | list[torch.Tensor],  # [batch, 1, n, slots] additive, the model's dtype; or one per layer
     cache,  # models.SlotKVCache
     last_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +118,8 @@ def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
         v = attention.v_proj(h).view(shape).transpose(1, 2)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
         dropout = getattr(attention, "attention_dropout", 0.0)
-        x = x + attention.o_proj(_attend(attention, q, k, v, mask, cache, index, scale, dropout))
+        layer_mask = mask[index] if isinstance(mask, list) else mask
+        x = x + attention.o_proj(_attend(attention, q, k, v, layer_mask, cache, index, scale, dropout))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return decoder.norm(x[:, -1:] if last_only else x)
 

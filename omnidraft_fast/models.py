@@ -133,13 +133,14 @@ def _unsupported(model, config) -> str | None:
     return None
 
 
-def _width_limit(config) -> tuple[int | None, str]:
+def _width_limit(config, layer_masks: bool) -> tuple[int | None, str]:
     """(most cache slots a request may use, why), for models whose attention is right only within a width:
-    layers that do not all share one sliding window (the engine builds one mask for every layer), chunked
-    attention, and attention with buffers sized and indexed by the key length (GPT-Neo, MPT)."""
+    layers that do not all share one sliding window when the model takes no mask per layer type
+    (``layer_masks``), chunked attention, and attention with buffers sized and indexed by the key length
+    (GPT-Neo, MPT)."""
     limits = []
     window, every_layer = _sliding_window(config)
-    if window is not None and not every_layer:
+    if window is not None and not every_layer and not layer_masks:
         limits.append((window, f"mixes sliding-window (window {window}) and full attention layers"))
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or ()):
@@ -155,6 +156,17 @@ def _width_limit(config) -> tuple[int | None, str]:
     if not limits:
         return None, ""
     return min(limits, key=lambda item: item[0])
+
+
+def _takes_layer_masks(model) -> bool:
+    """Whether the model's decoder takes transformers' per-layer-type mask mapping as its attention mask
+    (``{"full_attention": ..., "sliding_attention": ...}``, as ``generate`` prepares it)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    try:
+        source = inspect.getsource(type(decoder).forward)
+    except (TypeError, OSError):
+        return False
+    return "isinstance(causal_mask_mapping := attention_mask, dict)" in source
 
 
 def _sliding_window(config) -> tuple[int | None, bool]:
@@ -207,11 +219,15 @@ class CausalLM:
         self.vocab_size = int(head.weight.shape[0])
         self.position_limit = _position_limit(config)
         window, every_layer = _sliding_window(config)
-        # A window used by every layer goes into the mask; a window used by only some layers would
-        # need one mask per layer type, so such models are limited to sequences within the window.
+        # A window used by every layer goes into the mask. A window used by some layers only gets a mask of
+        # its own, passed in transformers' mask mapping where the model takes one (else such a model serves
+        # within its window only, where both masks agree).
         self.sliding_window = window if every_layer else None
+        mixed = window is not None and not every_layer and _takes_layer_masks(model)
+        self.layer_window = window if mixed else None
+        self.layer_types = tuple(config.layer_types) if mixed else ()
         # The most cache slots a request may use (None: any), and why.
-        self.width_limit, self._width_reason = _width_limit(config)
+        self.width_limit, self._width_reason = _width_limit(config, layer_masks=mixed)
         # Long RoPE switches every position's frequencies once a forward reaches past this position, and
         # transformers (Phi3ForCausalLM.prepare_inputs_for_generation) then recomputes the whole cache.
         rope = getattr(config, "rope_parameters", None) or {}
@@ -301,6 +317,11 @@ class CausalLM:
         finally:
             self.cache.read_only = False
 
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """The additive attention mask (the model's dtype) of a boolean one."""
+        mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=visible.device)
+        return mask.masked_fill_(~visible, torch.finfo(self._mask_dtype).min)
+
     def _run(self, input_ids, slots, last_only, hidden):
         cache, start = self.cache, self.start
         positions = slots - start[:, None]
@@ -313,12 +334,15 @@ class CausalLM:
         visible = (keys >= start[:, None, None, None]) & (keys <= q)
         if self.sliding_window is not None:
             visible &= keys > q - self.sliding_window
-        visible |= keys == q
-        mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=slots.device)
-        mask.masked_fill_(~visible, torch.finfo(self._mask_dtype).min)  # [batch, 1, n, max_slots]
+        itself = keys == q  # a padding row's query sees at least its own slot (no all-masked row)
+        mask = self._additive(visible | itself)  # [batch, 1, n, max_slots]
+        if self.layer_window is not None:
+            sliding = self._additive((visible & (keys > q - self.layer_window)) | itself)
+            mask = {"full_attention": mask, "sliding_attention": sliding}
         cache.write_slots = slots
         if self.lean and not _lean.hooked(self.model):
-            logits, states = _lean.forward(self.model, input_ids, positions, mask, cache, last_only)
+            per_layer = [mask[kind] for kind in self.layer_types] if self.layer_types else mask
+            logits, states = _lean.forward(self.model, input_ids, positions, per_layer, cache, last_only)
             return (logits, states) if hidden else logits
         with head_inputs(self.model) if hidden else nullcontext() as captured:
             out = self.model(

@@ -77,6 +77,25 @@ def test_greedy_is_transformers_across_architectures(arch):
     assert engines[1].stats.acceptance_rate > 0  # drafts were accepted, not only corrected
 
 
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3_text"])
+def test_layers_mixing_sliding_and_full_attention_beyond_the_window(arch, lean):
+    """One mask per layer type (transformers' mask mapping): exact far past the window, eager and captured."""
+    fields = {"head_dim": 8} if arch.startswith("gemma") else {}
+    target = model(arch, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                   use_sliding_window=True, **fields)  # fmt: skip
+    drafter = perturbed_copy(target, 0.2, seed=1)
+    for graphs in (False, True):
+        engine = SpeculativeEngine(
+            target, drafter, config=EngineConfig(cuda_graphs=graphs, lean_forward=lean)
+        )
+        assert engine.target.layer_window == 6 and engine.target.width_limit is None
+        for seed, lengths in ((2, [9, 4, 6]), (3, [5, 8])):
+            ids, mask = left_padded_prompts(VOCAB, lengths, seed=seed)
+            expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+            assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=24), expected)
+
+
 @pytest.mark.parametrize(
     ("arch", "fields", "match"),
     [
