@@ -163,7 +163,8 @@ class StageGraphs:
                 raise CaptureError(
                     f"the round's `{name}` stage could not be captured as a CUDA graph ({type(error).__name__}: "
                     f"{error}); a model whose forward reads values back to the host or has data-dependent shapes "
-                    "(e.g. mixture-of-experts routing) cannot run captured: use EngineConfig(cuda_graphs=False)"
+                    "cannot run captured: use EngineConfig(cuda_graphs=False) or, for mixture-of-experts "
+                    "routing, load the model with experts_implementation='batched_mm' (fixed shapes)"
                 ) from error
         self.graphs[key] = graph
         self.captures += 1

@@ -152,13 +152,21 @@ def test_long_rope_switch_refused_when_crossed():
 
 
 def test_a_forward_that_cannot_be_captured_names_the_fix():
-    """Mixture-of-experts routing sizes tensors by values: eager is exact, capture says to turn graphs off."""
+    """Mixture-of-experts routing sizes tensors by values: eager is exact, capture names both fixes, and the
+    fixed-shape experts implementation it names captures."""
     target = model("mixtral", num_local_experts=4, num_experts_per_tok=2)
     drafter = tiny_model("llama", VOCAB, seed=1)
     ids, mask = left_padded_prompts(VOCAB, [6, 3], seed=2)
-    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
-    with pytest.raises(CaptureError, match=r"could not be captured.*EngineConfig\(cuda_graphs=False\)"):
-        engine.generate(ids, attention_mask=mask, max_new_tokens=12)
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    with pytest.raises(CaptureError, match=r"could not be captured.*cuda_graphs=False.*'batched_mm'"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=12)
     assert torch.equal(SpeculativeEngine(target, drafter).generate(ids, attention_mask=mask, max_new_tokens=12),
                        expected)  # fmt: skip
+    target.set_experts_implementation("batched_mm")
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    for _ in range(2):  # captured, then replayed
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected)
+    stages = set(out.stats.stage_seconds)  # the second request replays every stage: none runs eagerly
+    assert "target" not in stages and not any(stage.startswith("capture:") for stage in stages)
