@@ -109,9 +109,11 @@ class SpeculativeEngine:
         self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
         self.ngram: NGramTable | None = None
         if self.bridge is not None and config.translation != "tli":
-            self.ngram = NGramTable(config.ngram_capacity, config.ngram_max_len, device=self.device)
             if config.ngram_preseed:
-                self.ngram.seed(self.bridge.t2ds, self.bridge.t2ds_len)
+                self.ngram = NGramTable.seeded(config.ngram_capacity, config.ngram_max_len, self.bridge.t2ds,
+                                               self.bridge.t2ds_len, device=self.device)  # fmt: skip
+            else:
+                self.ngram = NGramTable(config.ngram_capacity, config.ngram_max_len, device=self.device)
         self.target_tokenizer = target_tokenizer
         # id(tokenizer) -> (the tokenizer, kept alive so that its id stays its own; its tokens' bytes)
         self._token_bytes: dict[int, tuple[Any, list[bytes | None]]] = {}

@@ -77,10 +77,23 @@ class NGramTable:
         self.counts.zero_()
         self.insert(keys, values, torch.clamp_min(counts.long() // 2, 1))
 
-    def seed(self, t2ds: torch.Tensor, t2ds_len: torch.Tensor) -> None:
-        """Pre-seed with the drafter spelling of every target token spelled by 2..max_len drafter ids."""
-        ids = torch.nonzero((t2ds_len >= 2) & (t2ds_len <= self.max_len))[:, 0]
-        self.insert(self.keys_of(t2ds[ids], t2ds_len[ids]), ids.long())
+    @classmethod
+    def seeded(
+        cls,
+        capacity: int,
+        max_len: int,
+        t2ds: torch.Tensor,
+        t2ds_len: torch.Tensor,
+        device: torch.device | str,
+    ) -> NGramTable:
+        """A table pre-seeded with the drafter spelling of every target token spelled by 2..max_len drafter ids
+        (``VocabBridge.t2ds``), with at least ``capacity`` slots and at least 4 per seed: the seeds then fill
+        under a quarter of it, which every eviction keeps, where a smaller table would drop seeds at the
+        first eviction by hash order alone (all start at one hit; 117k of them for a Qwen target)."""
+        ids = torch.nonzero((t2ds_len >= 2) & (t2ds_len <= max_len))[:, 0]
+        table = cls(max(capacity, 4 * len(ids)), max_len, device)
+        table.insert(table.keys_of(t2ds[ids], t2ds_len[ids]), ids.long())
+        return table
 
     def keys_of(self, spellings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[Q, max_len] keys from spellings [Q, width] (-1 padded); spellings longer than max_len give -1 rows."""

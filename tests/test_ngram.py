@@ -53,6 +53,23 @@ def test_eviction_keeps_the_most_used():
     assert int(table.counts.max()) == 2  # 4 hits, halved
 
 
+def test_a_seeded_table_keeps_every_seed_through_eviction():
+    """More seeds than a quarter of the asked capacity: the table grows so that eviction keeps them all."""
+    generator = torch.Generator().manual_seed(1)
+    t2ds = torch.randint(0, 30000, (5000, 5), generator=generator)
+    t2ds_len = torch.randint(1, 6, (5000,), generator=generator)  # lengths 1 and 5 are not seeded
+    t2ds = torch.where(torch.arange(5)[None, :] < t2ds_len[:, None], t2ds, -1)
+    seeded = ((t2ds_len >= 2) & (t2ds_len <= 4)).nonzero()[:, 0]
+    keys = t2ds[seeded, :4]
+    assert torch.unique(keys, dim=0).shape[0] == len(seeded)
+    table = NGramTable.seeded(1024, 4, t2ds, t2ds_len, "cpu")
+    assert table.capacity >= 4 * len(seeded) and int(table.size()) == len(seeded) and int(table.dropped) == 0
+    table.insert(keys[:100], seeded[:100])  # some seeds get used
+    table.evict()
+    assert torch.equal(table.lookup(keys), seeded)
+    assert int(NGramTable.seeded(1 << 16, 4, t2ds, t2ds_len, "cpu").capacity) == 1 << 16  # enough already
+
+
 def test_save_and_load(tmp_path):
     table = NGramTable(32, 3)
     table.insert(_keys((1, 2), (3, 4, 5), n=3), torch.tensor([7, 8]))
