@@ -11,11 +11,52 @@ import torch
 _DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _load(path: str, dtype: str, device: str):
+def _local_missing(path: str) -> bool:
+    """A path meant as a local folder (absolute, relative with ./ or ../, ~, or deeper than org/name)
+    that does not exist: not worth asking the hub about."""
+    from pathlib import Path
+
+    if Path(path).expanduser().exists():
+        return False
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def _from_pretrained(loader, path: str, flag: str, **kwargs):
+    """``loader.from_pretrained(path)``, its failures named by the command-line flag that gave ``path``."""
+    if _local_missing(path):
+        raise ValueError(f"{flag}: no such folder {path!r}")
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{flag} {path!r}: {str(error).splitlines()[0]}") from error
+
+
+def _load(path: str, dtype: str, device: str, flag: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    model = _from_pretrained(AutoModelForCausalLM, path, flag, dtype=_DTYPES[dtype])
     return model.to(device).eval()
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device``, checked: a torch device string whose backend this torch has."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -24,11 +65,17 @@ def _generate(args: argparse.Namespace) -> int:
     from .api import generate
     from .config import EngineConfig
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    target = _load(args.model, args.dtype, device)
-    drafter = _load(args.drafter, args.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    drafter_tokenizer = AutoTokenizer.from_pretrained(args.drafter_tokenizer or args.drafter)
+    device = _device(args.device)
+    target = _load(args.model, args.dtype, device, "--model")
+    drafter = _load(args.drafter, args.dtype, device, "--drafter")
+    tokenizer = _from_pretrained(
+        AutoTokenizer, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model"
+    )
+    drafter_tokenizer = _from_pretrained(
+        AutoTokenizer,
+        args.drafter_tokenizer or args.drafter,
+        "--drafter-tokenizer" if args.drafter_tokenizer else "--drafter",
+    )
     if args.seed is not None:
         torch.manual_seed(args.seed)
     prompts = args.prompt
@@ -101,7 +148,8 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
     from .zoo import load
     from .zoo.data import heldout_prompts
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before the sweep, not after it
     zoo = load("code-pair", device=device)
     tokenizer = zoo.target_tokenizer
     prompts = [
@@ -214,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
-    demo.add_argument("--prompts-per-task", type=int, default=1, help="held-out prompts per task")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--num-draft-tokens", type=int, default=4)
+    demo.add_argument("--prompts-per-task", type=_positive_int, default=1, help="held-out prompts per task")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    demo.add_argument("--num-draft-tokens", type=_positive_int, default=4)
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
     demo.set_defaults(run=_demo)
 
@@ -224,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cascade-sweep",
         help="quality against speed of every cascade deferral rule on the embedded model pairs",
     )
-    sweep.add_argument("--prompts-per-task", type=int, default=2, help="held-out prompts per task")
-    sweep.add_argument("--max-new-tokens", type=int, default=48)
-    sweep.add_argument("--num-draft-tokens", type=int, default=4)
+    sweep.add_argument("--prompts-per-task", type=_positive_int, default=2, help="held-out prompts per task")
+    sweep.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    sweep.add_argument("--num-draft-tokens", type=_positive_int, default=4)
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
     sweep.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")

@@ -80,7 +80,7 @@ def run_demo(*, prompts_per_task: int = 1, max_new_tokens: int = 48, num_draft_t
                 f"{stats.mean_accepted_length:.2f}",
                 f"{stats.target_calls_per_token:.3f}",
             )
-            figures[name] = {"tokens_per_second": speed, "speedup": plain / spent, **stats.as_dict()}
+            figures[name] = {**stats.as_dict(), "tokens_per_second": speed, "speedup": plain / spent}
         else:
             speed = plain_tokens / spent
             row = ("-", "-", "1.000")

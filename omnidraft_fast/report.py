@@ -22,7 +22,10 @@ def device_name(device: torch.device) -> str:
 def _commit() -> str:
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+            ["git", "rev-parse", "--short", "HEAD"],
+            text=True,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parent,  # this checkout's commit, wherever the script runs from
         ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -149,6 +149,34 @@ def test_bad_option_is_reported_not_raised(folders, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "extra", "named"),
+    [
+        ("--model", [], "--model"),
+        ("--drafter", [], "--drafter"),
+        ("--tokenizer", ["--tokenizer", "{missing}"], "--tokenizer"),
+        ("--device", ["--device", "bogus"], "--device"),
+    ],
+)
+def test_bad_paths_and_devices_name_their_flag(folders, capsys, tmp_path, flag, extra, named):
+    root, _, _ = folders
+    missing = str(tmp_path / "no-such-folder")
+    model = missing if flag == "--model" else str(root / "target")
+    drafter = missing if flag == "--drafter" else str(root / "drafter")
+    extra = [arg.format(missing=missing) for arg in extra]
+    code = main(["generate", "--model", model, "--drafter", drafter, "--prompt", "w5", *extra])
+    assert code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "cascade-sweep"])
+def test_non_positive_counts_are_refused_by_the_parser(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--prompts-per-task", "0"])
+    assert exit_.value.code == 2
+    assert "--prompts-per-task" in capsys.readouterr().err
+
+
 def test_demo_runs_and_matches_the_target(capsys):
     torch.manual_seed(0)
     assert main(["demo", "--prompts-per-task", "1", "--max-new-tokens", "8"]) == 0

@@ -67,6 +67,8 @@ def training_texts(problems: int = 20_000) -> list[str]:
 
 def heldout_prompts(per_task: int = 4) -> list[tuple[str, str]]:
     """(task, prompt) pairs never trained on: code cut after a ``def`` line, math questions, prose openings."""
+    if per_task < 1:
+        raise ValueError(f"prompts per task must be an int >= 1, got {per_task}")
     prompts: list[tuple[str, str]] = []
     code, prose = [], []
     for _, source in stdlib_sources(heldout=True):
