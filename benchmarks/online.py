@@ -269,7 +269,7 @@ def plot_stream(result: dict, path: Path, window: int = 4) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return
     drafters = list(dict.fromkeys(row["drafter"] for row in result["rows"]))
     figure, axes = plt.subplots(1, len(drafters), figsize=(6.5 * len(drafters), 4.2), squeeze=False)

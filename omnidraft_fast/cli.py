@@ -51,11 +51,23 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
     return value
 
 
@@ -262,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
-    demo.add_argument("--prompts-per-task", type=_positive_int, default=1, help="held-out prompts per task")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    demo.add_argument("--num-draft-tokens", type=_positive_int, default=4)
+    demo.add_argument("--prompts-per-task", type=positive_int, default=1, help="held-out prompts per task")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
+    demo.add_argument("--num-draft-tokens", type=positive_int, default=4)
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
     demo.set_defaults(run=_demo)
 
@@ -272,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cascade-sweep",
         help="quality against speed of every cascade deferral rule on the embedded model pairs",
     )
-    sweep.add_argument("--prompts-per-task", type=_positive_int, default=2, help="held-out prompts per task")
-    sweep.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    sweep.add_argument("--num-draft-tokens", type=_positive_int, default=4)
+    sweep.add_argument("--prompts-per-task", type=positive_int, default=2, help="held-out prompts per task")
+    sweep.add_argument("--max-new-tokens", type=positive_int, default=48)
+    sweep.add_argument("--num-draft-tokens", type=positive_int, default=4)
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
     sweep.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")

@@ -35,6 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ..bridge import VocabBridge
+from ..cli import non_negative_int, positive_int
 from .data import HELDOUT_MODULES, HELDOUT_SEED, stdlib_sources, training_texts
 from .tokenizers import byte_level, sentencepiece_style
 
@@ -226,18 +227,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
-        "--steps", type=int, default=None, help="target steps (default 600 on CPU, 3000 on GPU)"
+        "--steps", type=positive_int, default=None, help="target steps (default 600 on CPU, 3000 on GPU)"
     )
-    parser.add_argument("--drafter-steps", type=int, default=None, help="default: as --steps")
-    parser.add_argument("--distill-texts", type=int, default=1024, help="target continuations to distil on")
-    parser.add_argument("--distill-steps", type=int, default=600, help="drafter fine-tuning steps (0: none)")
+    parser.add_argument("--drafter-steps", type=positive_int, default=None, help="default: as --steps")
+    parser.add_argument(
+        "--distill-texts", type=positive_int, default=1024, help="target continuations to distil on"
+    )
+    parser.add_argument(
+        "--distill-steps", type=non_negative_int, default=600, help="drafter fine-tuning steps (0: none)"
+    )
     parser.add_argument("--resume", action="store_true", help="load the models in --out; distil only")
     parser.add_argument(
         "--distill-only", action="append", choices=("drafter-shared", "drafter-cross"),
         help="distil only this drafter (repeatable; default: both)",
     )  # fmt: skip
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

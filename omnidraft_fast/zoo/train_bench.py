@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import non_negative_int, positive_int
 from .data import training_texts
 from .train import ModelSpec, card_tables, distil, llama_model, pretrain, target_texts
 
@@ -53,12 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizers", type=Path, default=TOKENIZERS)
     parser.add_argument("--targets", nargs="+", choices=("llama3", "qwen3"), default=["llama3", "qwen3"])
-    parser.add_argument("--steps", type=int, default=1000, help="target training steps")
-    parser.add_argument("--drafter-steps", type=int, default=1500)
-    parser.add_argument("--distill-texts", type=int, default=1024, help="target continuations to distil on")
-    parser.add_argument("--distill-steps", type=int, default=600, help="drafter fine-tuning steps per target")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=1000, help="target training steps")
+    parser.add_argument("--drafter-steps", type=positive_int, default=1500)
+    parser.add_argument(
+        "--distill-texts", type=positive_int, default=1024, help="target continuations to distil on"
+    )
+    parser.add_argument(
+        "--distill-steps", type=non_negative_int, default=600, help="drafter fine-tuning steps per target"
+    )
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--length", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--seconds", type=float, default=None, help="time budget for the training (see above)"
