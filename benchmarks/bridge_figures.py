@@ -10,9 +10,6 @@ of the drafter's tokens, and of the text's bytes, that map directly onto one tar
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sysconfig
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 import transformers
 
 from omnidraft_fast.bridge import VocabBridge, token_bytes
+from omnidraft_fast.report import environment, provenance, write_results
 
 PAIRS = [("mistral", "llama3"), ("mistral", "qwen3"), ("gpt2", "llama3"), ("llama3", "qwen3")]
 
@@ -33,8 +31,10 @@ def main() -> None:
     parser.add_argument("--tokenizers", type=Path, default=root.parent / "shared" / "tokenizers")
     parser.add_argument("--out", type=Path, default=root / "benchmarks" / "results")
     args = parser.parse_args()
-    if not args.tokenizers.exists():
-        raise SystemExit(f"no tokenizers at {args.tokenizers}; pass --tokenizers")
+    missing = sorted({name for pair in PAIRS for name in pair if not (args.tokenizers / name).is_dir()})
+    if missing:
+        raise SystemExit(f"--tokenizers {args.tokenizers}: no folder for {', '.join(missing)}; pass the folder "
+                         "that holds gpt2, llama3, mistral and qwen3 (../shared/tokenizers)")  # fmt: skip
     sample_path = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
     sample = sample_path.read_text(encoding="utf-8")
     tokenizers = {}
@@ -68,19 +68,12 @@ def main() -> None:
         )
         print(rows[-1])
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **environment(torch.device("cpu")),
         "sample": f"{sample_path.name} ({len(sample.encode())} bytes)",
         "pairs": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bridge.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Vocabulary bridge figures ({result['date']}, CPU: {result['machine']}, torch {result['torch']}, "
-        f"transformers {result['transformers']})",
+        f"# Vocabulary bridge figures ({provenance(result)})",
         "",
         f"Code sample: `{result['sample']}`. Intersection = target ids reachable by the byte-exact direct map "
         "(EOS mapped by role included).",
@@ -94,7 +87,7 @@ def main() -> None:
             f"{row['intersection']:,} | {row['build_seconds']} | {row['max_spelling']} | "
             f"{row['sample_tokens_direct']:.1%} | {row['sample_bytes_direct']:.1%} |"
         )
-    (args.out / "bridge.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out / "bridge", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from omnidraft_fast import EngineConfig, GenerationStats, SpeculativeEngine
 from omnidraft_fast.fidelity import TargetScore, score_against_target
-from omnidraft_fast.report import environment, error_line, synchronize, write_results
+from omnidraft_fast.report import environment, error_line, provenance, synchronize, write_results
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
@@ -296,8 +296,7 @@ def _rows(runs, tasks, seconds, tokens, identical, stats, *, check: bool) -> lis
 
 def _markdown(result: dict, tasks: list[str]) -> str:
     lines = [
-        f"# End-to-end decoding, zoo pair {result['pair']} ({result['date']}, {result['device']}, "
-        f"torch {result['torch']}, transformers {result['transformers']}, commit {result['commit']})",
+        f"# End-to-end decoding, zoo pair {result['pair']} ({provenance(result)})",
         "",
         f"Prompts per task: {', '.join(f'{t} {n}' for t, n in result['prompts'].items())}; "
         f"{result['max_new_tokens']} new tokens each; k = {result['k']}. HumanEval: {result['humaneval']}.",

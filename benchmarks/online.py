@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, GenerationStats, SpeculativeEngine
-from omnidraft_fast.report import environment, synchronize, write_results
+from omnidraft_fast.report import environment, provenance, synchronize, write_results
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
@@ -224,9 +224,7 @@ def main() -> None:
         "rows": rows,
     }
     lines = [
-        f"# Online learning while serving ({env['device']})",
-        "",
-        ", ".join(f"{k} {v}" for k, v in env.items()),
+        f"# Online learning while serving ({provenance(env)})",
         "",
         f"Pair `{args.pair or 'code-pair'}`; {len(served)} served prompts x {args.passes} passes (alternately "
         f"greedy and T=1), {len(evaluated)} other prompts evaluated greedily before and after; "

@@ -54,7 +54,7 @@ import torch
 
 from omnidraft_fast import DistillConfig, EngineConfig, GenerationStats, SpeculativeEngine
 from omnidraft_fast.models import CausalLM
-from omnidraft_fast.report import environment, error_line, synchronize, write_results
+from omnidraft_fast.report import environment, error_line, provenance, synchronize, write_results
 from omnidraft_fast.zoo.train import ModelSpec, llama_model
 from omnidraft_fast.zoo.train_bench import DRAFTER_68M, TOKENIZERS, VOCABS
 
@@ -353,8 +353,7 @@ def _markdown(result: dict) -> str:
     k = result["k"]
     forward = ", ".join(f"{n} {ms:.2f} ms" for n, ms in result["target_forward_ms"].items())
     lines = [
-        f"# Scale shapes, preset {result['preset']} ({result['date']}, {result['device']}, torch {result['torch']}, "
-        f"transformers {result['transformers']}, commit {result['commit']})",
+        f"# Scale shapes, preset {result['preset']} ({provenance(result)})",
         "",
         f"Random {result['dtype']} weights, batch 1, prompt {result['prompt_tokens']} tokens, "
         f"{result['new_tokens']} new tokens, k = {k}. Target {result['target_params'] / 1e9:.2f} B parameters "

@@ -33,7 +33,7 @@ import torch
 from .config import CascadeConfig, EngineConfig
 from .engine import SpeculativeEngine
 from .fidelity import TargetScore, score_against_target
-from .report import synchronize
+from .report import provenance, synchronize
 
 __all__ = ["ALPHAS", "run_sweep"]
 
@@ -145,8 +145,7 @@ def write_results(results: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     meta = results["meta"]
     lines = [
-        f"# Speculative cascades: quality against speed ({meta['date']}, {meta['device']}, torch {meta['torch']}, "
-        f"commit {meta['commit']})",
+        f"# Speculative cascades: quality against speed ({provenance(meta)})",
         "",
         f"Model pair: {meta['models']}; {meta['prompts']} held-out prompts, {meta['max_new_tokens']} new tokens, "
         f"k = {meta['k']}, {meta.get('decoding', 'greedy')}. Agreement: share of produced tokens that are the target's greedy choice "

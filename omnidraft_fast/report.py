@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_name", "environment", "error_line", "synchronize", "write_results"]
+__all__ = ["device_name", "environment", "error_line", "provenance", "synchronize", "write_results"]
 
 
 def device_name(device: torch.device) -> str:
@@ -52,6 +52,15 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda or "unknown"
     return env
+
+
+def provenance(env: dict[str, str]) -> str:
+    """One line for a results file's Markdown title: an :func:`environment`'s every field."""
+    cuda = f", CUDA {env['cuda']}" if "cuda" in env else ""
+    return (
+        f"{env['date']}, {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+        f"transformers {env['transformers']}{cuda}, commit {env['commit']}"
+    )
 
 
 def error_line(error: BaseException, limit: int = 300) -> str:

@@ -112,3 +112,14 @@ def test_error_line_names_the_error_in_one_line():
     assert error_line(RuntimeError("inductor failed\ntraceback...")) == "RuntimeError: inductor failed"
     assert error_line(RuntimeError()) == "RuntimeError"  # no message: no index error
     assert error_line(ValueError("x" * 500), limit=10) == "ValueError: " + "x" * 10
+
+
+def test_provenance_names_every_field_of_the_environment():
+    import torch
+
+    from omnidraft_fast.report import environment, provenance
+
+    env = environment(torch.device("cpu"))
+    line = provenance(env)
+    assert all(str(value) in line for value in env.values())
+    assert "CUDA 12.8" in provenance({**env, "cuda": "12.8"})
