@@ -112,7 +112,7 @@ class DistillConfig:
     adapter_name: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or not 8 <= self.rank <= 128:
+        if not _is_int(self.rank) or not 8 <= self.rank <= 128:
             raise ValueError(f"`rank` must be an int in [8, 128], got {self.rank!r}")
         if self.lora_alpha is not None and not (is_positive(self.lora_alpha)):
             raise ValueError(f"`lora_alpha` must be a number > 0 or None, got {self.lora_alpha!r}")
@@ -130,8 +130,13 @@ class DistillConfig:
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
-        object.__setattr__(self, "betas", tuple(self.betas))
-        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
+        if isinstance(self.betas, (list, tuple)):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}")
         if not is_number(self.ngram_weight) or self.ngram_weight < 0:
             raise ValueError(f"`ngram_weight` must be a number >= 0, got {self.ngram_weight!r}")
@@ -192,11 +197,11 @@ class AdaptiveConfig:
     def __post_init__(self):
         if not is_number(self.gamma) or not 0 < self.gamma < 1:
             raise ValueError(f"`gamma` must be in (0, 1), got {self.gamma!r}")
-        if not isinstance(self.k_min, int) or self.k_min < 1:
+        if not _is_int(self.k_min) or self.k_min < 1:
             raise ValueError(f"`k_min` must be an int >= 1, got {self.k_min!r}")
         if self.mode not in ("alternating", "joint"):
             raise ValueError(f"`mode` must be 'alternating' or 'joint', got {self.mode!r}")
-        if not isinstance(self.blocks, int) or self.blocks < 0:
+        if not _is_int(self.blocks) or self.blocks < 0:
             raise ValueError(f"`blocks` must be an int >= 0, got {self.blocks!r}")
         _check_interval("interval", self.interval)
         _check_interval("replay", self.replay)
@@ -211,6 +216,11 @@ class AdaptiveConfig:
             raise ValueError(f"`prior` must be in (0, 1), got {self.prior!r}")
         if self.confidence_input not in (True, False):
             raise TypeError(f"`confidence_input` must be True or False, got {self.confidence_input!r}")
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (True is no draft length)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value) -> bool:
@@ -346,18 +356,18 @@ class EngineConfig:
     lean_forward: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 1:
+        if not _is_int(self.num_draft_tokens) or self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
         if self.translation not in ("omnidraft", "tli", "exact"):
             raise ValueError(f"`translation` must be 'omnidraft', 'tli' or 'exact', got {self.translation!r}")
-        if not isinstance(self.ngram_capacity, int) or self.ngram_capacity < 1:
+        if not _is_int(self.ngram_capacity) or self.ngram_capacity < 1:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
-        if not isinstance(self.ngram_max_len, int) or self.ngram_max_len < 2:
+        if not _is_int(self.ngram_max_len) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
-        for name in ("split_tokens", "lean_forward"):
+        for name in ("ngram_preseed", "split_tokens", "lean_forward"):
             if getattr(self, name) not in (True, False):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.max_spelling, int) or self.max_spelling < 1:
+        if not _is_int(self.max_spelling) or self.max_spelling < 1:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.cascade is not None and not isinstance(self.cascade, CascadeConfig):
             raise TypeError(f"`cascade` must be a CascadeConfig or None, got {type(self.cascade).__name__}")

@@ -23,7 +23,8 @@ module is the base model, and several engines can share one drafter.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -32,21 +33,48 @@ import torch.nn.functional as F
 from .config import DistillConfig
 from .kernels.proposal import fold_twins_
 
-__all__ = ["LoraAdapter", "hybrid_distillation_loss", "reverse_kl"]
+__all__ = ["LoraAdapter", "adapter_names", "hybrid_distillation_loss", "reverse_kl"]
+
+
+# model -> {adapter name: the LoraAdapter (weakly)}: the names taken on a drafter by live engines
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adapter_names(model: torch.nn.Module) -> set[str]:
+    """The names of the live engines' adapters on ``model``."""
+    return {name for name, ref in _ADAPTERS.get(model, {}).items() if ref() is not None}
 
 
 class LoraAdapter:
-    """A named LoRA adapter on ``model`` (a Hugging Face causal LM), created with ``config``."""
+    """A named LoRA adapter on ``model`` (a Hugging Face causal LM), created with ``config``.
 
-    def __init__(self, model: torch.nn.Module, config: DistillConfig, name: str, merge_always: bool = False):
+    peft builds the LoRA layers around the drafter's projections, but they are put in the drafter only for
+    training (:meth:`active`): outside it the drafter's modules are its own again (its ``state_dict``,
+    ``save_pretrained``, ``load_state_dict``, ``.to()`` see the base model), and the layers go away with the
+    adapter. ``frozen``: parameters that must not be adapted (the target's: a drafter sharing weights with
+    its target would change the target's law when served merged)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: DistillConfig,
+        name: str,
+        merge_always: bool = False,
+        frozen: Iterable[torch.nn.Parameter] = (),
+    ):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
-        existing = getattr(model, "peft_config", {}) or {}
-        if name in existing:
+        if name in adapter_names(model) or name in (getattr(model, "peft_config", None) or {}):
             raise ValueError(
                 f"the drafter already carries an adapter named {name!r}; give `DistillConfig(adapter_name=...)` "
                 "another name"
+            )
+        foreign = next((n for n, m in model.named_modules() if isinstance(m, LoraLayer)), None)
+        if foreign is not None:
+            raise ValueError(
+                f"the drafter carries peft LoRA layers of its own (at `{foreign}`), which online distillation "
+                "would switch off: merge them into its weights first (peft's `merge_and_unload()`)"
             )
         lora = LoraConfig(
             r=config.rank,
@@ -57,19 +85,42 @@ class LoraAdapter:
             else config.target_modules,
         )
         training = [p for p in model.parameters() if p.requires_grad]
-        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: it is meant to
-            warnings.simplefilter("ignore")
-            try:
-                inject_adapter_in_model(lora, model, adapter_name=name)
-            except ValueError as error:
-                raise ValueError(
-                    f"cannot put a LoRA adapter on the drafter ({error}); check `DistillConfig.target_modules`"
-                ) from error
-        # peft freezes the base model; the base weights are not ours to change.
-        for parameter in training:
-            parameter.requires_grad_(True)
+        had_config = "peft_config" in vars(model)
+        peft_config = vars(model).get("peft_config")
+        try:
+            with warnings.catch_warnings():  # peft warns about Conv1D layers (GPT-2): handled
+                warnings.simplefilter("ignore")
+                try:
+                    inject_adapter_in_model(lora, model, adapter_name=name)
+                except ValueError as error:
+                    raise ValueError(
+                        f"cannot put a LoRA adapter on the drafter ({error}); check `DistillConfig.target_modules`"
+                    ) from error
+        finally:
+            # peft freezes the base model and leaves its config on it: the drafter is not ours to change.
+            for parameter in training:
+                parameter.requires_grad_(True)
+            if had_config:
+                model.peft_config = peft_config
+            else:
+                vars(model).pop("peft_config", None)
         self.model, self.name, self.config = model, name, config
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        # (parent module, attribute, LoRA layer, qualified name) of every layer peft put in
+        self._slots = [
+            (
+                model.get_submodule(qualified.rpartition(".")[0]),
+                qualified.rpartition(".")[2],
+                layer,
+                qualified,
+            )
+            for qualified, layer in model.named_modules()
+            if isinstance(layer, LoraLayer)
+        ]
+        self.layers = [layer for *_, layer, _ in self._slots]
+        try:
+            self._check(frozen)
+        finally:
+            self._detach()
         self.parameters: list[torch.nn.Parameter] = []
         for layer in self.layers:
             for table in (layer.lora_A, layer.lora_B):
@@ -82,15 +133,48 @@ class LoraAdapter:
             raise ValueError(
                 f"`target_modules`={config.target_modules!r} matched no linear layer of the drafter"
             )
+        _ADAPTERS.setdefault(model, {})[name] = weakref.ref(self)
         self.version = 0  # adapter updates so far (see `updated`)
         self._merged: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (base layer, W + delta)
         self._merged_version = 0
+        self._merged_from: list[int] = []  # the base weights' version counters at the merge
         self._pristine: list[torch.Tensor] = []  # the base weights while the merged ones serve
         self._serving = False
         # Serve from merged copies even untrained, so that an update reaches rounds captured before it: in
         # the middle of a request (EngineConfig.in_flight_rounds), or between requests (graphs kept).
         self.merge_always = merge_always
-        self._switch(None)
+
+    def _check(self, frozen: Iterable[torch.nn.Parameter]) -> None:
+        """Refuse layers whose weight is shared: with the target (``frozen``), or with another module of the
+        drafter (a tied LM head: serving its merged weight would change the tied embedding too)."""
+        frozen = list(frozen)
+        frozen_ids = {id(p) for p in frozen}
+        frozen_storage = {p.untyped_storage().data_ptr() for p in frozen if p.device.type != "meta"}
+        counts: dict[int, int] = {}
+        for _, parameter in self.model.named_parameters(remove_duplicate=False):
+            counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+        for *_, layer, qualified in self._slots:
+            weight = layer.get_base_layer().weight
+            if id(weight) in frozen_ids or (
+                weight.device.type != "meta" and weight.untyped_storage().data_ptr() in frozen_storage
+            ):
+                raise ValueError(
+                    f"the drafter's `{qualified}` shares its weight with the target: a LoRA adapter on it would "
+                    "change the target's output; distil a separate drafter (e.g. `copy.deepcopy(drafter)`)"
+                )
+            if counts.get(id(weight), 0) > 1:
+                raise ValueError(
+                    f"the drafter's `{qualified}` shares its weight with another of its modules (tied "
+                    "embeddings?): leave it out of `DistillConfig.target_modules`"
+                )
+
+    def _attach(self) -> None:
+        for parent, attribute, layer, _ in self._slots:
+            setattr(parent, attribute, layer)
+
+    def _detach(self) -> None:
+        for parent, attribute, layer, _ in self._slots:
+            setattr(parent, attribute, layer.base_layer)
 
     def updated(self) -> None:
         """Mark the adapter's weights as changed (after an optimiser step or a load)."""
@@ -98,11 +182,8 @@ class LoraAdapter:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """The drafter with this adapter merged into its weights, for the duration (a pointer swap).
-
-        The LoRA layers are bypassed altogether (each calls its base layer directly), so serving pays
-        nothing for the adapter's bookkeeping either."""
-        self._switch(None)
+        """The drafter with this adapter merged into its weights, for the duration (a pointer swap): the
+        drafter's own modules, so serving pays nothing for the adapter's bookkeeping."""
         self._serve(True)
         try:
             yield
@@ -111,8 +192,9 @@ class LoraAdapter:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Inside :meth:`serving`: the drafter as training sees it (base weights, LoRA layers live) for the
-        duration, then serving again with the merged weights rewritten in place (no-op outside serving)."""
+        """Inside :meth:`serving`: the drafter's base weights for the duration (training puts the LoRA layers
+        in, :meth:`active`), then serving again with the merged weights rewritten in place (no-op outside
+        serving)."""
         if not self._serving:
             yield
             return
@@ -123,66 +205,75 @@ class LoraAdapter:
             self._serve(True)
 
     def _serve(self, on: bool) -> None:
-        """Swap the merged weights in (and bypass the LoRA layers), or the base weights back."""
+        """Swap the merged weights in, or the base weights back."""
         self._serving = on
         if not on:
             for (base, _), weight in zip(self._merged, self._pristine, strict=True):
                 base.weight.data = weight
             self._pristine = []
-            for layer in self.layers:
-                del layer.forward
             return
-        for layer in self.layers:
-            layer.forward = layer.get_base_layer().forward  # an instance attribute shadows the method
         if self.version == 0 and not self.merge_always:  # untrained: W + delta = W
             return
-        if self._merged_version != self.version or not self._merged:
+        bases = [layer.get_base_layer() for layer in self.layers if self.name in layer.lora_A]
+        # The caller may have cast the drafter (merged copies of another dtype or device: new ones) or
+        # loaded weights into it in place (seen by their version counters: merged again, in place).
+        rebuild = not self._merged or any(
+            merged.dtype != base.weight.dtype or merged.device != base.weight.device
+            for base, merged in self._merged
+        )
+        stale = rebuild or self._merged_from != [base.weight._version for base in bases]
+        if self._merged_version != self.version or stale:
             # Written in place after the first merge: a captured round (graphs.py) that holds these
             # tensors sees every update, also one made in the middle of a request (``paused``).
-            first = not self._merged
             with torch.no_grad():
-                for index, layer in enumerate(layer for layer in self.layers if self.name in layer.lora_A):
-                    base = layer.get_base_layer()
-                    merged = base.weight.float() + layer.get_delta_weight(self.name).float()
-                    if first:
-                        self._merged.append((base, merged.to(base.weight.dtype)))
-                    else:
-                        self._merged[index][1].copy_(merged)
+                merged_weights = []
+                for layer, base in zip(
+                    (layer for layer in self.layers if self.name in layer.lora_A), bases, strict=True
+                ):
+                    delta = layer.get_delta_weight(self.name).to(base.weight.device)
+                    merged_weights.append(base.weight.float() + delta.float())
+                if rebuild:
+                    self._merged = [
+                        (base, merged.to(base.weight.dtype))
+                        for base, merged in zip(bases, merged_weights, strict=True)
+                    ]
+                else:
+                    for (_, kept), merged in zip(self._merged, merged_weights, strict=True):
+                        kept.copy_(merged)
             self._merged_version = self.version
+            self._merged_from = [base.weight._version for base in bases]
         self._pristine = [base.weight.data for base, _ in self._merged]
         for base, merged in self._merged:
             base.weight.data = merged
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Switch this adapter on (and the drafter's other adapters off) for the duration."""
-        self._switch(self.name)
+        """Put the LoRA layers in the drafter with this adapter on, for the duration."""
+        self._attach()
+        for layer in self.layers:
+            layer.set_adapter(self.name)
+            layer.enable_adapters(True)
         try:
             yield
         finally:
-            self._switch(None)
-
-    def _switch(self, name: str | None) -> None:
-        for layer in self.layers:
-            if name is None:
+            for layer in self.layers:
                 layer.enable_adapters(False)
-            elif name in layer.lora_A:
-                layer.set_adapter(name)
-                layer.enable_adapters(True)
-            else:
-                layer.enable_adapters(False)
+            self._detach()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights under peft's key names (``...q_proj.lora_A.weight``)."""
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model, adapter_name=self.name)
+        tensors = {}
+        for *_, layer, qualified in self._slots:
+            if self.name in layer.lora_A:
+                tensors[f"{qualified}.lora_A.weight"] = layer.lora_A[self.name].weight
+                tensors[f"{qualified}.lora_B.weight"] = layer.lora_B[self.name].weight
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict`'s tensors (same keys and shapes: ``state.py`` checks them)."""
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, tensors, adapter_name=self.name)
+        """Restore :meth:`state_dict`'s tensors (same keys and shapes: ``state.py`` checks them), in place."""
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                tensor.copy_(tensors[name])
         self.updated()
 
 

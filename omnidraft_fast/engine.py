@@ -25,6 +25,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .bridge import VocabBridge, token_bytes
 from .config import CascadeConfig, EngineConfig
+from .distill import adapter_names
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
@@ -129,6 +130,7 @@ class SpeculativeEngine:
                 adapter_name=_adapter_name(target, drafter),
                 # captured stages read the served weights where they were at capture
                 merge_always=config.in_flight_rounds is not None or config.cuda_graphs,
+                frozen=list(target.parameters()),
             )
         self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()
@@ -530,7 +532,7 @@ def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:
     """A LoRA adapter name for this target, unused on the drafter (one adapter per target)."""
     vocab = target.get_output_embeddings().weight.shape[0]
     base = f"omnidraft_{type(target).__name__}_{vocab}"
-    taken = getattr(drafter, "peft_config", None) or {}
+    taken = adapter_names(drafter) | set(getattr(drafter, "peft_config", None) or {})
     name, n = base, 1
     while name in taken:
         n += 1

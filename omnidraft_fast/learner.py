@@ -89,6 +89,7 @@ class OnlineLearner:
         target_vocab_size: ids of the target's vocabulary.
         distill, adaptive: the configurations (at least one given).
         adapter_name: the LoRA adapter's name when ``distill`` does not set one.
+        frozen: parameters the adapter must not touch (the target's).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class OnlineLearner:
         adaptive: AdaptiveConfig | None,
         adapter_name: str,
         merge_always: bool = False,
+        frozen: list[torch.nn.Parameter] = (),
     ):
         device, vocab = drafter.device, drafter.vocab_size
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
@@ -120,7 +122,11 @@ class OnlineLearner:
             # merge_always: the drafter serves the same merged tensors from the first request on, so that
             # captured rounds see every update (made in the middle of a request, or between requests)
             self.adapter = LoraAdapter(
-                drafter.model, distill, distill.adapter_name or adapter_name, merge_always=merge_always
+                drafter.model,
+                distill,
+                distill.adapter_name or adapter_name,
+                merge_always=merge_always,
+                frozen=frozen,
             )
             self.optimizer = AdamW(
                 self.adapter.parameters, lr=distill.lr, betas=distill.betas, weight_decay=distill.weight_decay

@@ -174,6 +174,14 @@ def test_untrained_head_predicts_its_prior():
         (lambda: EngineConfig(distill="yes"), "distill"),
         (lambda: EngineConfig(in_flight_rounds=2), "in_flight_rounds"),
         (lambda: EngineConfig(distill=DistillConfig(), in_flight_rounds=0), "in_flight_rounds"),
+        (lambda: DistillConfig(betas=None), "betas"),
+        (lambda: DistillConfig(betas=0.9), "betas"),
+        (lambda: AdaptiveConfig(k_min=True), "k_min"),
+        (lambda: AdaptiveConfig(blocks=True), "blocks"),
+        (lambda: EngineConfig(num_draft_tokens=True), "num_draft_tokens"),
+        (lambda: EngineConfig(ngram_capacity=True), "ngram_capacity"),
+        (lambda: EngineConfig(max_spelling=True), "max_spelling"),
+        (lambda: EngineConfig(ngram_preseed="no"), "ngram_preseed"),
     ],
 )
 def test_bad_configs_name_the_argument(make, match):
@@ -540,10 +548,9 @@ def test_in_flight_updates_reach_the_running_request(shared_pair):
     (in place), and the target's greedy output does not."""
     target, drafter = shared_pair
     engine = _engine(target, drafter, distill=DistillConfig(interval=1, rank=8, lr=1e-2), in_flight_rounds=2)
-    wrapper = engine.learner.adapter.layers[0]  # a LoRA layer: serving calls its base layer's forward
-    layer = wrapper.get_base_layer()
+    layer = engine.learner.adapter.layers[0].get_base_layer()  # the drafter's own module, serving
     seen = []
-    handle = wrapper.register_forward_pre_hook(
+    handle = layer.register_forward_pre_hook(
         lambda module, args: seen.append((layer.weight.data_ptr(), float(layer.weight.sum())))
     )
     ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=11)
@@ -714,3 +721,130 @@ def test_a_head_with_confidence_input_learns_in_every_mode(shared_pair, config, 
     without = _engine(target, drafter, distill=DistillConfig(rank=8), adaptive=AdaptiveConfig())
     with pytest.raises(ValueError, match=r"acceptance head .* does not fit"):
         without.load_state(tmp_path / "state.safetensors")
+
+
+# ------------------------------------------------------------------- the caller's drafter, left as it was
+def test_the_drafter_stays_the_callers_model(shared_pair, tmp_path):
+    """While an engine learns on it and after, the drafter is the caller's model: its own modules and
+    state_dict keys (save_pretrained / from_pretrained / load_state_dict round-trip), no peft config, and
+    no adapter left behind by engines that are gone."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    keys = list(drafter.state_dict())
+    modules = [type(m) for m in drafter.modules()]
+    checkpoint = {name: t.clone() for name, t in drafter.state_dict().items()}
+    probe = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        reference = drafter(probe).logits
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    for cuda_graphs in (False, True):
+        engine = SpeculativeEngine(target, drafter, config=EngineConfig(
+            distill=DistillConfig(interval=1, rank=8, lr=1e-2), in_flight_rounds=2, cuda_graphs=cuda_graphs))  # fmt: skip
+        for _ in range(2):
+            engine.generate(ids, attention_mask=mask, max_new_tokens=12)
+        assert engine.learner.stats.distill_steps > 0
+        assert list(drafter.state_dict()) == keys and [type(m) for m in drafter.modules()] == modules
+        assert not getattr(drafter, "peft_config", None)
+        drafter.save_pretrained(tmp_path / "drafter")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "drafter").eval()
+        drafter.load_state_dict(checkpoint)
+        with torch.no_grad():
+            assert torch.equal(reloaded(probe).logits, reference)
+            assert torch.equal(drafter(probe).logits, reference)
+        del engine
+        gc.collect()
+    assert drafter.num_parameters() == sum(t.numel() for t in checkpoint.values() if t.dim())  # nothing added
+
+
+def test_a_drafter_with_lora_layers_of_its_own_is_refused(shared_pair):
+    """Online distillation would switch the caller's own adapter off: refused, the drafter untouched."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    inject_adapter_in_model(
+        LoraConfig(r=8, target_modules=["q_proj"], init_lora_weights=False), drafter, adapter_name="mine"
+    )
+    probe = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        reference = drafter(probe).logits
+    with pytest.raises(ValueError, match=r"LoRA layers of its own.*merge_and_unload"):
+        SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(rank=8)))
+    with torch.no_grad():
+        assert torch.equal(drafter(probe).logits, reference)
+    SpeculativeEngine(target, drafter, config=EngineConfig(adaptive=AdaptiveConfig()))  # no adapter: fine
+
+
+def test_an_adapter_on_the_targets_weights_is_refused(shared_pair):
+    """A drafter that is the target, or shares a layer with it, would serve its merged LoRA weights to the
+    target too (the target's law would change): refused; without distillation it drafts as before."""
+    target, drafter = shared_pair
+    sharing = copy.deepcopy(drafter)
+    sharing.model.layers[0] = target.model.layers[0]
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for model in (target, sharing):
+        keys = list(model.state_dict())
+        with pytest.raises(ValueError, match="shares its weight with the target"):
+            SpeculativeEngine(target, model, config=EngineConfig(distill=DistillConfig(rank=8)))
+        assert list(model.state_dict()) == keys
+        engine = SpeculativeEngine(target, model, config=EngineConfig(adaptive=AdaptiveConfig(interval=1)))
+        for _ in range(2):
+            assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=10), expected)
+
+
+def test_an_adapter_on_a_tied_weight_is_refused():
+    """GPT-2's LM head is its embedding: a merged LoRA head served would change the embedding too."""
+    target = tiny_model("llama", VOCAB, seed=5)
+    drafter = tiny_model("gpt2", VOCAB, seed=6, tied=True)
+    assert drafter.lm_head.weight is drafter.transformer.wte.weight
+    keys = list(drafter.state_dict())
+    for modules in (("lm_head", "c_attn"), ("wte",)):
+        with pytest.raises(ValueError, match="shares its weight with another of its modules"):
+            SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(rank=8, target_modules=modules)))  # fmt: skip
+        assert list(drafter.state_dict()) == keys
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_drafter_cast_after_learning_serves_on(shared_pair, cuda_graphs):
+    """The caller casts the drafter of a trained engine (and releases, as documented): it serves and
+    learns on, the adapter in fp32, the merged copies rebuilt in the new dtype."""
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(
+        distill=DistillConfig(interval=1, rank=8, lr=1e-2), cuda_graphs=cuda_graphs))  # fmt: skip
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=10)
+    drafter.to(torch.bfloat16)
+    engine.release()
+    for _ in range(2):
+        assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=10), expected)
+    assert engine.learner.stats.distill_steps == 3
+    assert all(p.dtype == torch.float32 for p in engine.learner.adapter.parameters)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "falcon", "gpt_bigcode", "phi3", "qwen3"])
+def test_learning_on_drafters_of_other_architectures(arch):
+    """Distillation, the head and in-flight steps on a drafter of another family: the adapter finds its
+    projections, the output is the target's, the drafter's weights and modules are as they were."""
+    from test_model_support import model
+
+    target = tiny_model("llama", VOCAB, seed=5)
+    drafter = model(arch, seed=4)
+    state = {name: t.clone() for name, t in drafter.state_dict().items()}
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(
+        distill=DistillConfig(interval=1, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=1),
+        in_flight_rounds=2))  # fmt: skip
+    assert len(engine.learner.adapter.layers) >= 4
+    for _ in range(2):
+        assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=10), expected)
+    assert engine.learner.stats.distill_steps > 2
+    after = drafter.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
