@@ -10,8 +10,8 @@ tokens before the position) and "new tokens" counts those before the position:
 
 - ``sequence_bias``: a biased sequence's last token gets the bias when the sequence ends with the rest of
   it (one-token sequences: always);
-- ``repetition_penalty``: every token present in the context (the sequence without the prompt's left
-  padding, as transformers 5.24 skips it) has its logit ``l`` replaced by ``l * penalty`` if ``l < 0``
+- ``repetition_penalty``: every token present in the context (the sequence, without the prompt's left
+  padding where the installed transformers skips it, as 5.24 does and 5.17 does not) has its logit ``l`` replaced by ``l * penalty`` if ``l < 0``
   else ``l / penalty``;
 - ``no_repeat_ngram_size`` n: a token that would complete an n-gram already present in the sequence gets
   ``-inf``;
@@ -49,6 +49,8 @@ calls them at each candidate position; such a request runs eagerly. The tokens e
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,15 @@ from .processing import Processing
 from .warpers import sampling_warpers
 
 __all__ = ["TargetProcessors"]
+
+
+@functools.cache
+def _penalty_skips_padding() -> bool:
+    """Whether this transformers' ``generate()`` leaves the prompt's left padding out of the repetition
+    penalty (its ``prompt_ignore_length``, passed since 5.2x); 5.17 penalises the padding ids too."""
+    from transformers.generation.utils import GenerationMixin
+
+    return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
 
 
 @dataclass(frozen=True)
@@ -151,8 +162,11 @@ class TargetProcessors:
         )
         self.seen = None
         if p.repetition_penalty != 1.0:
-            slots = torch.arange(1, 1 + prompt, device=device)
-            ids = torch.where(slots >= start[:, None], tokens[:, 1 : 1 + prompt], vocab).clamp(0, vocab)
+            ids = tokens[:, 1 : 1 + prompt]
+            if _penalty_skips_padding():
+                slots = torch.arange(1, 1 + prompt, device=device)
+                ids = torch.where(slots >= start[:, None], ids, vocab)
+            ids = ids.clamp(0, vocab)
             self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
             self.seen.scatter_(1, ids, True)
 
