@@ -14,7 +14,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup demo test lint device-shared
+# The floors of pyproject.toml, which are the GPU machine's stack (triton 3.6, transformers 5.17, peft 0.18),
+# with the CPU torch: the suite there proves that no API newer than the device's is used. numpy < 2.4:
+# triton 3.6's interpreter cannot convert its loop bounds under a newer one (tests/conftest.py).
+FLOOR := .venv-floor
+$(FLOOR)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/pip install -q torch==2.13.0
+	$(FLOOR)/bin/pip install -q triton==3.6.0 transformers==5.17.0 peft==0.18.0 safetensors 'numpy<2.4' \
+		pytest pytest-benchmark pytest-xdist setuptools
+	$(FLOOR)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+.PHONY: setup demo test test-floor lint device-shared
 setup: $(BIN)/.installed
 
 demo: setup
@@ -22,6 +34,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-floor: $(FLOOR)/bin/.installed
+	$(FLOOR)/bin/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -38,6 +38,50 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def _interpreter_problem() -> str | None:
+    """Why this triton's interpreter cannot run the kernels' loops over program-id bounds, or None.
+
+    triton 3.6's interpreter turns such a bound into a one-element array, which numpy >= 2.4 no longer
+    converts to an int; the compiled kernels are not concerned."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(out_ptr, BLOCK: tl.constexpr):
+        begin = tl.program_id(0) * BLOCK
+        for start in range(begin, tl.minimum(begin + BLOCK, 4), 2):
+            tl.store(out_ptr + start + tl.arange(0, 2), tl.full((2,), 1, tl.int32))
+
+    try:
+        _probe[(1,)](torch.zeros(4, dtype=torch.int32), BLOCK=4)
+    except Exception as error:  # the interpreter's own failure, whatever its type
+        return (
+            f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy {numpy.__version__} "
+            f"({type(error).__name__}); install numpy<2.4 or a newer triton to run them on the CPU"
+        )
+    return None
+
+
+# the modules whose kernels loop over program-id bounds (the n-gram kernels do not)
+_KERNEL_MODULES = (
+    "test_kernels_sampling",
+    "test_kernels_translate",
+    "test_kernels_verify",
+    "test_engine_kernels",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    selected = [item for item in items if item.module.__name__ in _KERNEL_MODULES]
+    problem = _interpreter_problem() if selected else None
+    if problem is not None:
+        for item in selected:
+            item.add_marker(pytest.mark.skip(reason=problem))
+
+
 def tiny_model(
     arch: str,
     vocab_size: int = 96,
