@@ -61,6 +61,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
@@ -289,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-draft-tokens", type=positive_int, default=4)
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
-    sweep.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    sweep.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy; > 0: sampling"
+    )
     sweep.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     sweep.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     sweep.set_defaults(run=_cascade_sweep)

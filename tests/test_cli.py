@@ -169,12 +169,16 @@ def test_bad_paths_and_devices_name_their_flag(folders, capsys, tmp_path, flag, 
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "cascade-sweep"])
-def test_non_positive_counts_are_refused_by_the_parser(command, capsys):
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [("demo", "--prompts-per-task", "0"), ("cascade-sweep", "--prompts-per-task", "-1"),
+     ("cascade-sweep", "--temperature", "-1"), ("cascade-sweep", "--temperature", "nan")],
+)  # fmt: skip
+def test_bad_counts_and_numbers_are_refused_by_the_parser(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([command, "--prompts-per-task", "0"])
+        main([command, flag, value])
     assert exit_.value.code == 2
-    assert "--prompts-per-task" in capsys.readouterr().err
+    assert f"argument {flag}: must be" in capsys.readouterr().err
 
 
 def test_demo_runs_and_matches_the_target(capsys):
