@@ -112,7 +112,7 @@ class DistillConfig:
     adapter_name: str | None = None
 
     def __post_init__(self):
-        if not _is_int(self.rank) or not 8 <= self.rank <= 128:
+        if not is_int(self.rank) or not 8 <= self.rank <= 128:
             raise ValueError(f"`rank` must be an int in [8, 128], got {self.rank!r}")
         if self.lora_alpha is not None and not (is_positive(self.lora_alpha)):
             raise ValueError(f"`lora_alpha` must be a number > 0 or None, got {self.lora_alpha!r}")
@@ -197,11 +197,11 @@ class AdaptiveConfig:
     def __post_init__(self):
         if not is_number(self.gamma) or not 0 < self.gamma < 1:
             raise ValueError(f"`gamma` must be in (0, 1), got {self.gamma!r}")
-        if not _is_int(self.k_min) or self.k_min < 1:
+        if not is_int(self.k_min) or self.k_min < 1:
             raise ValueError(f"`k_min` must be an int >= 1, got {self.k_min!r}")
         if self.mode not in ("alternating", "joint"):
             raise ValueError(f"`mode` must be 'alternating' or 'joint', got {self.mode!r}")
-        if not _is_int(self.blocks) or self.blocks < 0:
+        if not is_int(self.blocks) or self.blocks < 0:
             raise ValueError(f"`blocks` must be an int >= 0, got {self.blocks!r}")
         _check_interval("interval", self.interval)
         _check_interval("replay", self.replay)
@@ -218,7 +218,7 @@ class AdaptiveConfig:
             raise TypeError(f"`confidence_input` must be True or False, got {self.confidence_input!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """An int that is not a bool (True is no draft length)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -242,7 +242,7 @@ def check_confidence_threshold(name: str, value) -> None:
 
 
 def _check_interval(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
 
 
@@ -356,18 +356,18 @@ class EngineConfig:
     lean_forward: bool = True
 
     def __post_init__(self):
-        if not _is_int(self.num_draft_tokens) or self.num_draft_tokens < 1:
+        if not is_int(self.num_draft_tokens) or self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
         if self.translation not in ("omnidraft", "tli", "exact"):
             raise ValueError(f"`translation` must be 'omnidraft', 'tli' or 'exact', got {self.translation!r}")
-        if not _is_int(self.ngram_capacity) or self.ngram_capacity < 1:
+        if not is_int(self.ngram_capacity) or self.ngram_capacity < 1:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {self.ngram_capacity!r}")
-        if not _is_int(self.ngram_max_len) or self.ngram_max_len < 2:
+        if not is_int(self.ngram_max_len) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
         for name in ("ngram_preseed", "split_tokens", "lean_forward"):
             if getattr(self, name) not in (True, False):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        if not _is_int(self.max_spelling) or self.max_spelling < 1:
+        if not is_int(self.max_spelling) or self.max_spelling < 1:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
         if self.cascade is not None and not isinstance(self.cascade, CascadeConfig):
             raise TypeError(f"`cascade` must be a CascadeConfig or None, got {type(self.cascade).__name__}")
@@ -395,11 +395,7 @@ class EngineConfig:
         if self.cuda_graphs not in (True, False):
             raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
         _check_interval("prompt_bucket", self.prompt_bucket)
-        if (
-            isinstance(self.kept_graphs, bool)
-            or not isinstance(self.kept_graphs, int)
-            or self.kept_graphs < 0
-        ):
+        if not is_int(self.kept_graphs) or self.kept_graphs < 0:
             raise ValueError(f"`kept_graphs` must be an int >= 0, got {self.kept_graphs!r}")
 
 
@@ -419,7 +415,7 @@ class SamplingParams:
             raise ValueError(
                 f"`temperature` must be a number >= 0, got {self.temperature!r}; use do_sample=False for greedy"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"`top_k` must be an int >= 0 (0 switches top-k off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"`top_p` must be in (0, 1] (1 switches top-p off), got {self.top_p!r}")

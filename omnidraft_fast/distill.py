@@ -13,11 +13,11 @@ sub-tokens ``d`` adds ``lambda * -log q(d)``. The loss is the mean over the labe
 Reverse KL is mode-seeking: the drafter spends its small capacity on the target's likely tokens, which
 is what acceptance rewards.
 
-The adapter is a peft LoRA adapter injected into the drafter in place (one per target, by name), in
-fp32 whatever the drafter's dtype. Training runs it unmerged. Serving runs it merged: each adapted
-layer's weight tensor is swapped for ``W + delta`` (kept beside ``W``, recomputed only after an update),
-so drafting costs what the base drafter costs. Outside its engine's requests and training the drafter
-module is the base model, and several engines can share one drafter.
+The adapter is a peft LoRA adapter built on the drafter (one per target, by name), in fp32 whatever the
+drafter's dtype. Training runs it unmerged, its LoRA layers put into the drafter for the step only.
+Serving runs it merged: each adapted layer's weight tensor is swapped for ``W + delta`` (kept beside
+``W``, recomputed only after an update), so drafting costs what the base drafter costs. Outside a
+training step the drafter's modules are its own, and several engines can share one drafter.
 """
 
 from __future__ import annotations

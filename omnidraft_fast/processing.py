@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import SamplingParams, is_number, is_positive
+from .config import SamplingParams, is_int, is_number, is_positive
 
 __all__ = ["Processing"]
 
@@ -20,12 +20,8 @@ def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
     """A non-empty list of token ids of the target's vocabulary (one int allowed too)."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
-    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(values, (list, tuple))
-        or not values
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    ):
+    values = [value] if is_int(value) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(is_int(v) for v in values):
         raise ValueError(f"`{name}` must be a token id or a non-empty list of them, got {value!r}")
     outside = sorted({v for v in values if not 0 <= v < vocab})
     if outside:
@@ -143,7 +139,7 @@ class Processing:
         out["repetition_penalty"] = float(penalty)
         for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
             value = fields.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")
             out[name] = value
         if "min_new_tokens" in fields:  # transformers then sets min_length to prompt + min_new_tokens
@@ -169,7 +165,7 @@ class Processing:
                 out[name] = _token_ids(fields[name], name, vocab)
         bos = fields.get("forced_bos_token_id")
         if bos is not None:
-            if isinstance(bos, bool) or not isinstance(bos, int):
+            if not is_int(bos):
                 raise ValueError(f"`forced_bos_token_id` must be one token id, got {bos!r}")
             out["forced_bos_token_id"] = _token_ids(bos, "forced_bos_token_id", vocab)[0]
         watermark = fields.get("watermarking_config")

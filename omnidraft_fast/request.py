@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_positive
+from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_int, is_positive
 from .processing import Processing
 
 __all__ = ["Request", "resolve_request"]
@@ -108,7 +108,7 @@ def _as_id_tuple(value, name: str) -> tuple[int, ...]:
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     values = [value] if isinstance(value, int) else list(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not all(is_int(v) for v in values):
         raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
     return tuple(values)
 
@@ -158,7 +158,7 @@ def resolve_request(
         pad_token_id = eos_ids[0]  # as transformers does
     if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1 and not pad_token_id.is_meta:
         pad_token_id = int(pad_token_id.item())  # as eos_token_id, transformers takes a tensor too
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+    if pad_token_id is not None and not is_int(pad_token_id):
         raise TypeError(f"`pad_token_id` must be an int, got {pad_token_id!r}")
     if attention_mask is None and pad_token_id is not None:
         fix = (
@@ -199,7 +199,7 @@ def resolve_request(
         max_new_tokens = _DEFAULT_NEW_TOKENS
         if position_limit is not None:
             max_new_tokens = min(max_new_tokens, position_limit - ids.shape[1])
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
     longest = int(prompt_lengths.max())
     if position_limit is not None and longest + max_new_tokens > position_limit:
@@ -233,7 +233,7 @@ def resolve_request(
         sampling = SamplingParams()
 
     copies = fields.get("num_return_sequences", 1)
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+    if not is_int(copies) or copies < 1:
         raise ValueError(f"`num_return_sequences` must be an int >= 1, got {copies!r}")
     if copies > 1 and sampling.greedy:
         raise ValueError(
@@ -244,7 +244,7 @@ def resolve_request(
     ids, prompt_lengths = ids.repeat_interleave(copies, 0), prompt_lengths.repeat_interleave(copies, 0)
 
     draft = fields.get("num_assistant_tokens", default_draft_tokens)
-    if not isinstance(draft, int) or isinstance(draft, bool) or draft < 1:
+    if not is_int(draft) or draft < 1:
         raise ValueError(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
