@@ -110,11 +110,7 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
         engines = _EngineList()
         object.__setattr__(model, _ENGINES_ATTR, engines)
     # An engine built before the model's vocabulary changed (resize_token_embeddings) no longer fits it.
-    engines[:] = [
-        engine
-        for engine in engines
-        if all(m.current_vocab_size() == m.vocab_size for m in (engine.target, engine.drafter))
-    ]
+    engines[:] = [engine for engine in engines if not engine.resized_models()]
     for engine in engines:
         if (
             engine.drafter.model is drafter

@@ -149,6 +149,12 @@ class SpeculativeEngine:
         """Restore a state saved by an engine for the same tokenizer pair."""
         load_state(self, path)
 
+    def resized_models(self) -> list[CausalLM]:
+        """The models whose vocabulary changed since this engine was built (``resize_token_embeddings``)."""
+        return [
+            model for model in (self.target, self.drafter) if model.current_vocab_size() != model.vocab_size
+        ]
+
     def release(self) -> None:
         """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
         device states, both models' caches, the captured graphs and their memory). Call it after moving the
@@ -216,13 +222,13 @@ class SpeculativeEngine:
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
         row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.
         """
-        for model in (self.target, self.drafter):
-            if model.current_vocab_size() != model.vocab_size:
-                raise ValueError(
-                    f"the {model.name}'s vocabulary changed from {model.vocab_size} to {model.current_vocab_size()} ids "
-                    "since this engine was built (resize_token_embeddings?): build a new SpeculativeEngine "
-                    "(omnidraft_fast.generate() does so itself)"
-                )
+        if resized := self.resized_models():
+            model = resized[0]
+            raise ValueError(
+                f"the {model.name}'s vocabulary changed from {model.vocab_size} to {model.current_vocab_size()} ids "
+                "since this engine was built (resize_token_embeddings?): build a new SpeculativeEngine "
+                "(omnidraft_fast.generate() does so itself)"
+            )
         explicit = {
             "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
             "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
