@@ -133,15 +133,15 @@ def _unsupported(model, config) -> str | None:
     return None
 
 
-def _width_limit(config, layer_masks: bool) -> tuple[int | None, str]:
+def _width_limit(config, unmasked_window: int | None) -> tuple[int | None, str]:
     """(most cache slots a request may use, why), for models whose attention is right only within a width:
-    layers that do not all share one sliding window when the model takes no mask per layer type
-    (``layer_masks``), chunked attention, and attention with buffers sized and indexed by the key length
-    (GPT-Neo, MPT)."""
+    a sliding window on some layers only that gets no mask of its own (``unmasked_window``), chunked
+    attention, and attention with buffers sized and indexed by the key length (GPT-Neo, MPT)."""
     limits = []
-    window, every_layer = _sliding_window(config)
-    if window is not None and not every_layer and not layer_masks:
-        limits.append((window, f"mixes sliding-window (window {window}) and full attention layers"))
+    if unmasked_window is not None:
+        limits.append(
+            (unmasked_window, f"mixes sliding-window (window {unmasked_window}) and full attention layers")
+        )
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or ()):
         limits.append((int(chunk), f"has chunked attention layers (chunks of {chunk})"))
@@ -223,11 +223,12 @@ class CausalLM:
         # its own, passed in transformers' mask mapping where the model takes one (else such a model serves
         # within its window only, where both masks agree).
         self.sliding_window = window if every_layer else None
-        mixed = window is not None and not every_layer and _takes_layer_masks(model)
-        self.layer_window = window if mixed else None
+        some_layers = window if window is not None and not every_layer else None
+        mixed = some_layers is not None and _takes_layer_masks(model)
+        self.layer_window = some_layers if mixed else None
         self.layer_types = tuple(config.layer_types) if mixed else ()
         # The most cache slots a request may use (None: any), and why.
-        self.width_limit, self._width_reason = _width_limit(config, layer_masks=mixed)
+        self.width_limit, self._width_reason = _width_limit(config, None if mixed else some_layers)
         # Long RoPE switches every position's frequencies once a forward reaches past this position, and
         # transformers (Phi3ForCausalLM.prepare_inputs_for_generation) then recomputes the whole cache.
         rope = getattr(config, "rope_parameters", None) or {}

@@ -170,3 +170,19 @@ def test_a_forward_that_cannot_be_captured_names_the_fix():
         assert torch.equal(out.sequences, expected)
     stages = set(out.stats.stage_seconds)  # the second request replays every stage: none runs eagerly
     assert "target" not in stages and not any(stage.startswith("capture:") for stage in stages)
+
+
+def test_mixed_windows_without_a_mask_mapping_serve_within_the_window(monkeypatch):
+    """A decoder that takes no per-layer-type masks gets one mask for every layer: right within the window."""
+    import omnidraft_fast.models as models
+
+    monkeypatch.setattr(models, "_takes_layer_masks", lambda model: False)
+    target = model("qwen2", sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                   use_sliding_window=True)  # fmt: skip
+    drafter = perturbed_copy(target, 0.2, seed=1)
+    engine = SpeculativeEngine(target, drafter)
+    assert engine.target.layer_window is None and engine.target.width_limit == 24
+    out, expected = greedy_pair(target, drafter, [9, 4, 6], 24 - 9 - 9)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"`model` mixes sliding-window \(window 24\).*within 24 slots only"):
+        omnidraft_fast.generate(target, torch.tensor([[5] * 9]), drafter=drafter, max_new_tokens=15)
