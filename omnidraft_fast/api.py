@@ -12,8 +12,11 @@ from .engine import GenerateOutput, SpeculativeEngine
 __all__ = ["generate"]
 
 # Engines built for a target live on the target (attribute below), so repeated calls reuse an engine and
-# what it learned, and the engines go away with the model.
+# what it learned, and the engines go away with the model. One per (drafter, tokenizers, EngineConfig), by
+# identity; the least recently used beyond _KEPT_ENGINES go (a fresh tokenizer or drafter object per call
+# would otherwise pile them up). Hold a SpeculativeEngine to keep one for good.
 _ENGINES_ATTR = "_omnidraft_engines"
+_KEPT_ENGINES = 4
 
 
 class _EngineList(list):
@@ -37,17 +40,9 @@ def generate(
     tokenizer: Any = None,
     drafter_tokenizer: Any = None,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int | None = None,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
     num_draft_tokens: int | None = None,
     generation_config: Any = None,
     streamer: Any = None,
-    return_dict_in_generate: bool | None = None,
     assistant_model: torch.nn.Module | None = None,
     assistant_tokenizer: Any = None,
     engine_config: EngineConfig | None = None,
@@ -57,9 +52,11 @@ def generate(
     """Speculative decoding of ``model`` with a small ``drafter``, called like ``model.generate()``.
 
     Greedy output is token-for-token that of ``model.generate(do_sample=False)``; sampled output follows
-    the target's distribution exactly (temperature, top-k, top-p). Arguments left unset resolve as in
-    ``model.generate()``: the model's generation_config, then transformers' defaults (so sampling without
-    ``top_k`` uses top-k 50; pass ``top_k=0`` to switch it off).
+    the target's distribution exactly (temperature, top-k, top-p). ``kwargs`` are ``GenerationConfig``
+    fields, as ``model.generate()`` takes them (``max_new_tokens``, ``do_sample``, ``temperature``,
+    ``eos_token_id``, ...; ``None`` overrides too); those left unset resolve as there: the model's
+    generation_config, then transformers' defaults (so sampling without ``top_k`` uses top-k 50; pass
+    ``top_k=0`` to switch it off).
 
     ``cascade=CascadeConfig(rule, alpha)`` trades fidelity to the target for speed with a
     speculative-cascade deferral rule (``None``, the default: exact).
@@ -81,17 +78,9 @@ def generate(
     return engine.generate(
         input_ids,
         attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
         num_draft_tokens=num_draft_tokens,
         generation_config=generation_config,
         streamer=streamer,
-        return_dict_in_generate=return_dict_in_generate,
         cascade=cascade,
         **kwargs,
     )
@@ -111,16 +100,19 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
         object.__setattr__(model, _ENGINES_ATTR, engines)
     # An engine built before the model's vocabulary changed (resize_token_embeddings) no longer fits it.
     engines[:] = [engine for engine in engines if not engine.resized_models()]
-    for engine in engines:
+    for index, engine in enumerate(engines):
         if (
             engine.drafter.model is drafter
             and engine.target_tokenizer is tokenizer
             and engine.drafter_tokenizer is drafter_tokenizer
             and engine.config == config
         ):
+            engines.append(engines.pop(index))  # the most recently used last
             return engine
     engine = SpeculativeEngine(
         model, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer, config=config
     )
     engines.append(engine)
+    while len(engines) > _KEPT_ENGINES:
+        engines.pop(0).release()
     return engine

@@ -107,29 +107,31 @@ def _generate(args: argparse.Namespace) -> int:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=len(prompts) > 1).to(device)
+    options = {  # the flags given: an option passed as None would override the model's generation_config
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,  # greedy unless --do-sample, whatever the model's config says
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "assistant_confidence_threshold": args.confidence_threshold,
+        "repetition_penalty": args.repetition_penalty,
+        "min_p": args.min_p,
+        "typical_p": args.typical_p,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "bad_words_ids": [tokenizer(word, add_special_tokens=False).input_ids for word in args.bad_word]
+        if args.bad_word
+        else None,
+        "min_new_tokens": args.min_new_tokens,
+        "num_return_sequences": args.num_return_sequences,
+        "stop_strings": args.stop,
+    }
     out = generate(
         target,
         **batch,
         drafter=drafter,
         tokenizer=tokenizer,
         drafter_tokenizer=drafter_tokenizer,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
         num_draft_tokens=args.num_draft_tokens,
-        assistant_confidence_threshold=args.confidence_threshold,
-        repetition_penalty=args.repetition_penalty,
-        min_p=args.min_p,
-        typical_p=args.typical_p,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        bad_words_ids=[tokenizer(word, add_special_tokens=False).input_ids for word in args.bad_word]
-        if args.bad_word
-        else None,
-        min_new_tokens=args.min_new_tokens,
-        num_return_sequences=args.num_return_sequences,
-        stop_strings=args.stop,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
             translation=args.translation,
@@ -137,6 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
             cuda_graphs=args.cuda_graphs,
             rounds_per_sync=args.rounds_per_sync,
         ),
+        **{name: value for name, value in options.items() if value is not None},
     )
     width = batch["input_ids"].shape[1]
     copies = args.num_return_sequences or 1

@@ -331,8 +331,8 @@ class EngineConfig:
             kv_heads x head_dim elements each: about 270 MB for a Llama-3-8B-shaped target at batch 1 and
             2048 slots in bf16, 32x that at batch 32) and its graphs' memory pool; lower it for large
             batches or long contexts.
-        lean_forward: run Llama, Mistral, Qwen2 and GPT-2 models (target and drafter) through ``lean.py``'s
-            forward on their own modules, without transformers' per-call Python (the same logits up to
+        lean_forward: run the families ``lean.py`` names (Llama, Mistral, Qwen2, Qwen3, GPT-2; target and
+            drafter) through its forward on their own modules, without transformers' per-call Python (the same logits up to
             float rounding); ``False``: transformers' forward for every model.
     """
 

@@ -13,6 +13,7 @@ stage of fixed shapes (captured too), so that the request's next rounds draft wi
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -49,6 +50,9 @@ _UNSUPPORTED = {
     "negative_prompt_attention_mask": "classifier-free guidance is not supported",
     "synced_gpus": "the engine runs on one device",
     "custom_generate": "the engine is its own decoding loop",
+    "position_ids": "positions follow from `attention_mask` (each row's first real token is position 0, as "
+    "model.generate() computes them for left padding): drop `position_ids`",
+    "cache_position": "the engine places every token in its own caches: drop `cache_position`",
 }
 
 
@@ -192,17 +196,9 @@ class SpeculativeEngine:
         input_ids: torch.Tensor | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
         num_draft_tokens: int | None = None,
         generation_config: Any = None,
         streamer: Any = None,
-        return_dict_in_generate: bool | None = None,
         cascade: CascadeConfig | None = None,
         tokenizer: Any = None,
         logits_processor: Any = None,
@@ -210,7 +206,11 @@ class SpeculativeEngine:
         prefix_allowed_tokens_fn: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateOutput:
-        """Generate like ``target.generate()``; unset arguments resolve as there (see ``request.py``).
+        """Generate like ``target.generate()``: ``kwargs`` are ``GenerationConfig`` fields (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``pad_token_id``,
+        ``return_dict_in_generate``, ``stop_strings``, the logits processors' options, ...). As there, they
+        override ``generation_config`` and the model's own, ``None`` included (``eos_token_id=None``: no
+        EOS); unset ones resolve as there (see ``request.py``).
 
         ``cascade`` (default: the engine config's) verifies against a speculative-cascade deferral rule
         instead of the target exactly (``CascadeConfig``). ``tokenizer`` (default: the engine's target
@@ -229,11 +229,8 @@ class SpeculativeEngine:
                 "since this engine was built (resize_token_embeddings?): build a new SpeculativeEngine "
                 "(omnidraft_fast.generate() does so itself)"
             )
-        explicit = {
-            "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
-            "num_assistant_tokens": num_draft_tokens, "return_dict_in_generate": return_dict_in_generate,
-        }  # fmt: skip
+        # the GenerationConfig fields passed, None included (it overrides, as in transformers)
+        explicit = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
         for name, value in kwargs.items():
             ours = _ALIASES.get(name)
             if ours == "input_ids":
@@ -243,8 +240,16 @@ class SpeculativeEngine:
             elif ours == "num_draft_tokens":
                 if num_draft_tokens is not None and value is not None and value != num_draft_tokens:
                     raise ValueError(f"`num_draft_tokens`={num_draft_tokens} and `{name}`={value} disagree")
-                explicit["num_assistant_tokens"] = num_draft_tokens if value is None else value
+                if value is not None:
+                    explicit["num_assistant_tokens"] = value
             elif name == "token_type_ids":
+                if value is not None and "token_type_ids" in inspect.signature(self.target.model.forward).parameters:
+                    raise ValueError(
+                        f"`token_type_ids` are not fed to the model by omnidraft_fast, and "
+                        f"{type(self.target.model).__name__} embeds them even when they are all zero, so its output "
+                        "would differ from model.generate()'s with them; drop them (e.g. "
+                        "tokenizer(..., return_token_type_ids=False)) to generate as without them"
+                    )
                 if value is not None and bool((torch.as_tensor(value) != 0).any()):
                     raise ValueError("non-zero `token_type_ids` are not supported by causal LM generation")
             elif name in _generation_config_fields():
@@ -318,7 +323,12 @@ class SpeculativeEngine:
             )
         key = id(tokenizer)
         if key not in self._token_bytes:
-            self._token_bytes[key] = (tokenizer, token_bytes(tokenizer, self.target.vocab_size).pieces)
+            table = token_bytes(tokenizer, self.target.vocab_size)
+            pieces = list(table.pieces)
+            for index, content in table.special.items():  # read as their text, as transformers' stop strings
+                if index < len(pieces):
+                    pieces[index] = content.encode()
+            self._token_bytes[key] = (tokenizer, pieces)
         prompts = [
             row[row.shape[0] - int(length) :].tolist()
             for row, length in zip(request.input_ids.cpu(), request.prompt_lengths, strict=True)
@@ -354,9 +364,11 @@ class SpeculativeEngine:
         if state.recorder is not None:
             self._learn(state, request, timer)  # the labels not handed over yet, between requests
 
-        if stops is not None:  # rows that ended at a stop string end there
+        if stops is not None and request.eos_token_ids:  # rows that ended at a stop end there
             for row, count in stops.cuts.items():
                 state.generated[row] = count
+        elif stops is not None and len(stops.cuts) == batch:  # no EOS: every row ends with the last to stop
+            state.generated.clamp_(max=max(stops.cuts.values()))
         if timed_out:  # as transformers stops every row at once: rows still going end at the shortest of them
             going = ~state.done
             state.generated.clamp_(max=int(state.generated[going].min()))
@@ -490,10 +502,15 @@ class SpeculativeEngine:
 
     @staticmethod
     def _stop(stops: Stops, state: RequestState, request: Request, before: torch.Tensor) -> bool:
-        """Mark done every row that a stop condition ends with a token of this round, and note where it ends
-        (``stops.cuts``: its new tokens through that one; the output is cut there after the request, so
-        that what the rounds recorded stays whole); returns whether every row is done now (a host read of
-        the round's new tokens)."""
+        """Note where a stop condition ends a row with a token of this round (``stops.cuts``: its new
+        tokens through that one; the output is cut after the request, so that what the rounds recorded
+        stays whole) and mark it done; returns whether every row is done now (a host read of the round's
+        new tokens).
+
+        As transformers, which pads a stopped row only when an EOS id is set: without one, a stopped row
+        goes on generating until every row has stopped, and then all of them end at the longest cut (rows
+        short of it go on to it); a row reaching ``max_new_tokens`` first ends them all there."""
+        pads = bool(request.eos_token_ids)
         begin, end, generated, done = torch.stack(  # one read of the rows' positions
             [before, state.lengths, state.generated, state.done.long()]
         ).tolist()
@@ -510,8 +527,15 @@ class SpeculativeEngine:
             keep = stops.first_stop(row, tokens[row][first - low : last - low], scores)
             if keep is not None:
                 stops.cuts[row] = generated[row] - (last - first - keep)
-                state.done[row] = True
-                done[row] = True
+                if pads:
+                    state.done[row] = True
+                    done[row] = True
+        if not pads and len(stops.cuts) == len(done):
+            end = max(stops.cuts.values())
+            for row, count in enumerate(generated):
+                if count >= end and not done[row]:
+                    state.done[row] = True
+                    done[row] = True
         return all(done)
 
     @staticmethod

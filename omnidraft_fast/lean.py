@@ -8,9 +8,9 @@ order (embeddings, norms, projections with any LoRA layers peft injected into th
 MLP, dropouts, head), writes keys and values through the same cache (``SlotKVCache.update``), and attends
 with SDPA under the engine's additive mask, so its logits are transformers' up to float rounding.
 
-Families: Llama, Mistral and Qwen2 (pre-norm, rotary embedding over the whole head, grouped-query
-attention, no soft-capping or query/key norms) and GPT-2 (learned positions, fused QKV projection). Every
-other model runs transformers' forward (``models.py``), and so does one with forward hooks on it or on
+Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, rotary embedding over the whole head, grouped-query
+attention, no soft-capping; Qwen3 adds per-head query/key RMS norms) and GPT-2 (learned positions, fused
+QKV projection). Every other model runs transformers' forward (``models.py``), and so does one with forward hooks on it or on
 its decoder (which this forward would skip) or with accelerate's hooks on any module (a model dispatched
 over devices: its attention inputs would not follow its layers).
 """
@@ -27,6 +27,7 @@ _CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 # model_type -> the decoder's attribute, its modules, its list of layers, each layer's modules, the
@@ -38,12 +39,13 @@ _PARTS = {
         "layers",
         ("input_layernorm", "post_attention_layernorm", "mlp"),
         "self_attn",
-        ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"),
     ),
     "gpt2": ("transformer", ("wte", "wpe", "drop", "ln_f"), "h", ("ln_1", "ln_2", "mlp"), "attn",
              ("c_attn", "c_proj", "split_size", "head_dim", "attn_dropout", "resid_dropout")),
 }  # fmt: skip
 _PARTS["mistral"] = _PARTS["qwen2"] = _PARTS["llama"]
+_PARTS["qwen3"] = (*_PARTS["llama"][:-1], (*_PARTS["llama"][-1], "q_norm", "k_norm"))  # RMSNorm per head
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -87,15 +89,28 @@ def forward(
 
 
 def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: float) -> torch.Tensor:
-    """Write k, v at the forward's slots and attend: [batch, n, heads * head_dim]."""
+    """Write k, v at the forward's slots and attend: [batch, n, heads * head_dim].
+
+    Grouped-query attention folds each key/value head's query heads into the query axis
+    (``[batch, kv_heads, groups * n, head_dim]``, ``mask`` folded alike by :func:`_fold`) instead of
+    repeating the cached keys and values per query head: no copy of the cache per layer and forward."""
     keys, values = cache.update(k, v, index)
-    groups = q.shape[1] // keys.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    batch, heads, n, _ = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads * n, q.shape[-1])
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, dropout_p=dropout if attention.training else 0.0, scale=scale
     )
-    return out.transpose(1, 2).flatten(2)
+    return out.view(batch, heads, n, out.shape[-1]).transpose(1, 2).flatten(2)
+
+
+def _fold(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``mask`` [batch, 1, n, slots] for queries folded ``groups`` to a key/value head: [batch, 1, groups * n,
+    slots], query head ``g``'s rows at ``g * n .. g * n + n - 1`` (a view when ``n`` is 1)."""
+    if groups == 1:
+        return mask
+    batch, _, n, slots = mask.shape
+    return mask[:, :, None].expand(batch, 1, groups, n, slots).reshape(batch, 1, groups * n, slots)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -109,16 +124,25 @@ def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
     x = decoder.embed_tokens(input_ids)
     cos, sin = decoder.rotary_emb(x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, n, head_dim]
+    head_norms = model.config.model_type == "qwen3"  # queries and keys RMS-normed per head before rotation
+    folded: dict[tuple[int, int], torch.Tensor] = {}  # (id(mask), groups) -> the mask folded once
     for index, layer in enumerate(decoder.layers):
         attention = layer.self_attn
         h = layer.input_layernorm(x)
         shape = (batch, n, -1, attention.head_dim)
-        q = _rotate(attention.q_proj(h).view(shape).transpose(1, 2), cos, sin)
-        k = _rotate(attention.k_proj(h).view(shape).transpose(1, 2), cos, sin)
+        q, k = attention.q_proj(h).view(shape), attention.k_proj(h).view(shape)
+        if head_norms:
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
         v = attention.v_proj(h).view(shape).transpose(1, 2)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
         dropout = getattr(attention, "attention_dropout", 0.0)
         layer_mask = mask[index] if isinstance(mask, list) else mask
+        groups = attention.num_key_value_groups
+        key = (id(layer_mask), groups)
+        if key not in folded:
+            folded[key] = _fold(layer_mask, groups)
+        layer_mask = folded[key]
         x = x + attention.o_proj(_attend(attention, q, k, v, layer_mask, cache, index, scale, dropout))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return decoder.norm(x[:, -1:] if last_only else x)

@@ -16,6 +16,7 @@ everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ _DEFAULTS: dict[str, Any] = {
     "top_k": 50,
     "top_p": 1.0,
 }
+# What transformers makes of these fields set to None: no warper, greedy (unlike unset: top-k 50).
+_NONE_MEANS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
@@ -102,6 +105,17 @@ def _generation_fields(config) -> dict[str, Any]:
     )
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (which transformers takes as numbers) as Python ints and floats, in lists too."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, bool) or type(value).__module__ != "numpy":
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
 def _as_id_tuple(value, name: str) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -139,7 +153,14 @@ def resolve_request(
     drafter_fields = _generation_fields(drafter_generation_config)
     fields.update({key: drafter_fields[key] for key in _ASSISTANT_FIELDS if key in drafter_fields})
     fields.update(_generation_fields(generation_config))
-    fields.update({key: value for key, value in explicit.items() if value is not None})
+    for key, value in explicit.items():  # an explicit None overrides, as transformers' update() applies it
+        if value is not None:
+            fields[key] = value
+        elif key in _NONE_MEANS:
+            fields[key] = _NONE_MEANS[key]
+        else:
+            fields.pop(key, None)
+    fields = {key: _plain(value) for key, value in fields.items()}
 
     for key, value in fields.items():
         if key in _HONOURED or key in _NO_EFFECT:
@@ -199,6 +220,11 @@ def resolve_request(
         max_new_tokens = _DEFAULT_NEW_TOKENS
         if position_limit is not None:
             max_new_tokens = min(max_new_tokens, position_limit - ids.shape[1])
+            if max_new_tokens <= 0:
+                raise ValueError(
+                    f"the {ids.shape[1]}-token prompt leaves no room for a new token within the model's position "
+                    f"limit of {position_limit}; shorten the prompt."
+                )
     if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
     longest = int(prompt_lengths.max())

@@ -8,9 +8,10 @@ transformers' ``StopStringCriteria`` stops a row after the token whose string co
 overlaps it: the stop string occurs in the text of the sequence (prompt included), and removing the last
 token would break that occurrence. Checked after every token there; here after every round (or unit of
 ``rounds_per_sync`` rounds) on the tokens the round committed, in order, which finds the same token: the
-row keeps its tokens through that one and is done. Text is the bytes each token stands for
-(``bridge.token_bytes``, the same table the vocabulary bridge uses; special tokens stand for none), and
-stop strings are matched as UTF-8 bytes.
+row keeps its tokens through that one and is done (without an EOS id it goes on, as there, until every
+row has stopped: ``SpeculativeEngine._stop``). Text is the bytes each token stands for
+(``bridge.token_bytes``, the table the vocabulary bridge uses, with special tokens read as their text, as
+transformers reads them), and stop strings are matched as UTF-8 bytes.
 
 ``Criteria`` (the caller's ``stopping_criteria``): called after each new token, as transformers calls
 them after each step, with that row's ``input_ids`` through the token (``[1, length]``, its prompt padding
@@ -51,7 +52,7 @@ class StopStrings:
 
     Args:
         stop_strings: the strings, non-empty.
-        pieces: the bytes of every target token id (None for special tokens).
+        pieces: the bytes of every target token id (None: an unused id).
         prompts: each row's prompt ids, without padding.
     """
 

@@ -24,11 +24,13 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from omnidraft_fast.bridge import VocabBridge
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 SHARED = Path(os.environ.get("OMNIDRAFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
@@ -105,6 +107,7 @@ def tiny_model(
             "llama": (LlamaConfig, LlamaForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         }[arch]
         config = config_class(
             hidden_size=hidden,

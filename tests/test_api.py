@@ -169,6 +169,36 @@ def test_generation_config_overrides_model_sampling_defaults(target, drafter, ba
     assert_equal(out, expected)
 
 
+def test_explicit_none_overrides_as_in_transformers(target, drafter, batch):
+    """transformers' ``generate(eos_token_id=None)`` (any field passed as None) overrides the generation
+    configs with None: no EOS, the default length, no top-k filter."""
+    ids, mask = batch
+    model = copy.deepcopy(target)
+    plain = reference(model, ids, mask, max_new_tokens=12)
+    model.generation_config.eos_token_id = int(plain[0, ids.shape[1] + 2])  # ends row 0 early
+    model.generation_config.max_new_tokens = 7
+    for kwargs in ({"eos_token_id": None, "pad_token_id": 0, "max_new_tokens": 12}, {"max_new_tokens": None}):
+        expected = reference(model, ids, mask, **kwargs)
+        out = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, **kwargs)
+        assert_equal(out, expected)
+    sampled = {}
+    for top_k in (None, 0, 50):
+        torch.manual_seed(3)
+        sampled[top_k] = omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, do_sample=True,
+                                                 top_k=top_k, temperature=2.0, max_new_tokens=12)  # fmt: skip
+    assert torch.equal(sampled[None], sampled[0]) and not torch.equal(sampled[0], sampled[50])
+
+
+def test_numpy_scalars_as_transformers_takes_them(target, drafter, batch):
+    np = pytest.importorskip("numpy")
+    ids, mask = batch
+    eos = int(reference(target, ids, mask, max_new_tokens=6)[1, -3])
+    expected = reference(target, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter,
+                                  max_new_tokens=np.int64(6), eos_token_id=np.int64(eos))  # fmt: skip
+    assert_equal(out, expected)
+
+
 def test_draft_settings_from_the_drafters_generation_config(target, drafter, batch):
     """As in transformers, ``num_assistant_tokens`` and ``assistant_confidence_threshold`` set on the
     assistant's generation_config apply, above the target's own and below the call and the
@@ -327,6 +357,12 @@ def test_engine_reused_and_stats_accumulate(batch):
     )
     assert len(model._omnidraft_engines) == 3
     assert engine.stats.requests == 2
+    # a fresh drafter object per call does not pile engines up: the least recently used go
+    for seed in range(4):
+        omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=perturbed_copy(model, 0.5, seed),
+                                max_new_tokens=2)  # fmt: skip
+    assert len(model._omnidraft_engines) == 4
+    assert engine not in model._omnidraft_engines
 
 
 # --------------------------------------------------------------------------------------------- streamers

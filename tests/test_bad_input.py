@@ -287,6 +287,8 @@ def test_position_limit(models, short_models):
             call(ids, attention_mask=mask, max_new_tokens=13)
         with pytest.raises(ValueError, match=r"position limit of 32"):
             call(ids, attention_mask=mask, max_length=33)
+        with pytest.raises(ValueError, match=r"the 32-token prompt leaves no room .* position limit of 32"):
+            call(torch.ones(1, 32, dtype=torch.int64))  # no length set: nothing fits
         # exactly at the limit: 20 + 12 = 32 positions
         out = call(ids, attention_mask=mask, max_new_tokens=12)
         expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
@@ -547,6 +549,10 @@ def test_unknown_keyword(models, run):
         ("inputs_embeds", r"`inputs_embeds` is not supported by omnidraft_fast: .* pass `input_ids`"),
         ("past_key_values", r"`past_key_values` is not supported by omnidraft_fast: .* whole prompt"),
         ("synced_gpus", r"`synced_gpus` is not supported by omnidraft_fast: the engine runs on one device"),
+        (
+            "position_ids",
+            r"`position_ids` is not supported by omnidraft_fast: positions follow from `attention_mask`",
+        ),
     ],
 )
 def test_generate_keywords_the_engine_does_not_take(models, run, keyword, match):
@@ -557,6 +563,18 @@ def test_generate_keywords_the_engine_does_not_take(models, run, keyword, match)
     out = run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{keyword: None})
     assert torch.equal(out, models.reference)
     assert_still_works(run, models)
+
+
+def test_token_type_ids_of_a_model_that_embeds_them():
+    """GPT-2 adds an embedding of token_type_ids even when they are all zero; they are not fed, so refused."""
+    target = tiny_model("gpt2", VOCAB, seed=8)
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel embeds them even when they are all zero"):
+        omnidraft_fast.generate(
+            target, ids, drafter=target, max_new_tokens=3, token_type_ids=torch.zeros_like(ids)
+        )
+    out = omnidraft_fast.generate(target, ids, drafter=target, max_new_tokens=3)
+    assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=3))
 
 
 def test_non_zero_token_type_ids(models, run):

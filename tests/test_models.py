@@ -88,7 +88,10 @@ def test_lean_forward_is_transformers_forward(arch, dtype):
         torch.testing.assert_close(scored[0][0], scored[1][0], **tolerance)
         lora = next(p for name, p in model.named_parameters() if "lora_A" in name)
         grads = [torch.autograd.grad(logits.float().square().sum(), lora)[0] for logits, _ in scored]
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3 if dtype == torch.float32 else 5e-2, atol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+    else:  # bf16 rounds both paths: each lies about 2% (in norm) from the float64 gradient
+        assert (grads[0] - grads[1]).norm() <= 0.05 * grads[1].norm()
 
 
 def test_forward_hooks_run_transformers_forward():

@@ -154,3 +154,44 @@ def test_criteria_see_each_token_with_its_scores(zoo, batch):
     for step, (input_ids, scores) in enumerate(calls):
         assert torch.equal(input_ids, out.sequences[:, : ids.shape[1] + step + 1])
         assert len(scores) == step + 1 and torch.equal(scores[-1], out.scores[step])
+
+
+@pytest.mark.parametrize("config", [{}, {"cuda_graphs": True}, {"rounds_per_sync": 3}])
+def test_without_eos_stopped_rows_go_on_until_every_row_stops(zoo, batch, config):
+    """transformers pads a row a stop ended only when an EOS id is set; without one the row keeps generating
+    until every row has stopped, and all end with the last to stop (or at max_new_tokens)."""
+    tokenizer = zoo.target_tokenizer
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared, config=EngineConfig(**config))
+    plain = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW, eos_token_id=None)
+    width = batch["input_ids"].shape[1]
+    for kwargs in (
+        {"stop_strings": ["\n"], "tokenizer": tokenizer},  # stops every row, at different tokens
+        {"stopping_criteria": [_StopAt(int(plain[0, width + 3]))]},  # may leave rows going to the end
+        {"stop_strings": ["("], "tokenizer": tokenizer, "max_new_tokens": 6},
+    ):
+        kwargs = {"max_new_tokens": NEW, **kwargs}
+        expected = zoo.target.generate(**batch, do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
+        out = engine.generate(**batch, eos_token_id=None, pad_token_id=0, **kwargs)
+        assert torch.equal(out, expected), (kwargs, out[:, width:], expected[:, width:])
+    ends = expected[:, width:] == 0
+    assert not ends.any()  # nothing padded
+
+
+def test_special_tokens_read_as_their_text(zoo, batch):
+    """A special token that is no EOS id (``<|im_end|>`` here) reads as its text, as transformers' stop
+    strings read it: a stop string naming it stops there, and text does not match across it."""
+    tokenizer = zoo.target_tokenizer
+    special = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (
+        tokenizer.added_tokens_decoder[special].special
+        and special != zoo.target.generation_config.eos_token_id
+    )
+    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
+    after = {(newline, special): 60.0, (special, newline): 60.0}  # "\n<|im_end|>\n" at every line end
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    for stops in (["<|im_end|>"], ["\n\n"]):
+        kwargs = dict(max_new_tokens=NEW, stop_strings=stops, tokenizer=tokenizer, sequence_bias=after)
+        expected = zoo.target.generate(**batch, do_sample=False, **kwargs)
+        assert (expected == special).any()  # the biases put the special token in
+        out = engine.generate(**batch, **kwargs)
+        assert torch.equal(out, expected)
