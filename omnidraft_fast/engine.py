@@ -243,7 +243,10 @@ class SpeculativeEngine:
                 if value is not None:
                     explicit["num_assistant_tokens"] = value
             elif name == "token_type_ids":
-                if value is not None and "token_type_ids" in inspect.signature(self.target.model.forward).parameters:
+                if (
+                    value is not None
+                    and "token_type_ids" in inspect.signature(self.target.model.forward).parameters
+                ):
                     raise ValueError(
                         f"`token_type_ids` are not fed to the model by omnidraft_fast, and "
                         f"{type(self.target.model).__name__} embeds them even when they are all zero, so its output "
