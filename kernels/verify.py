@@ -20,7 +20,8 @@ the mixture, TV, acceptance ratio and residual use the sampled-from ``q``, ``p``
 ``r_j in {0, 1}`` (1 = defer to the target) and set ``pi = (1 - r) q + r p``:
 
     exact     r = 1                                       pi = p: exact speculative sampling
-    chow      r = [max q1 < 1 - alpha]                    alpha in [0, 1]
+    chow      r = [max q1 < 1 - alpha]                    alpha in [0, 1] (r = 1 at alpha 0, even
+                                                          where max q1 rounds to 1 in fp32)
     diff      r = [max q1 < max p1 - alpha]               alpha in [-1, 1]
     opt       r = [max q1 < max p1 - alpha * TV(q, p)]    alpha >= 0, TV = sum max(0, q - p)
 
@@ -107,7 +108,7 @@ def cascade_target_reference(
     no_defer = torch.stack(
         [
             torch.zeros_like(max_q1, dtype=torch.bool),  # exact
-            max_q1 >= 1 - a,  # chow
+            (a > 0) & (max_q1 >= 1 - a),  # chow (alpha 0 exact even where max q1 rounds to 1)
             max_q1 >= max_p1 - a,  # diff
             max_q1 >= max_p1 - a * tv,  # opt
         ]
@@ -327,7 +328,7 @@ def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, kind, CROSS: tl.co
 @triton.jit
 def _no_defer(rule, alpha, max_q1, max_p1, tv):
     """Mixture rules: r = 0 (the drafter is kept)."""
-    chow = (rule == 1) & (max_q1 >= 1 - alpha)
+    chow = (rule == 1) & (alpha > 0) & (max_q1 >= 1 - alpha)
     diff = (rule == 2) & (max_q1 >= max_p1 - alpha)
     return chow | diff | ((rule == 3) & (max_q1 >= max_p1 - alpha * tv))
 

@@ -424,7 +424,11 @@ class Rounds:
                 mask=shared_only,
             )
             state.draft_ids[:, i] = ids
-            state.draft_probs[:, i] = probs
+            # A row that stopped drafting (draft-length control) proposes nothing here: q = 0, so that
+            # verification draws a token at this position from the target's own law (kernels/verify.py).
+            state.draft_probs[:, i] = (
+                probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
+            )
 
             def law_t1() -> torch.Tensor:
                 """[batch, V_d] the drafter's T=1 distribution over what it may draft."""

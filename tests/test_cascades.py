@@ -30,7 +30,7 @@ def _hand_pi(rule: str, alpha: float, q: list[float], p: list[float]) -> tuple[l
         ] * len(q)
     defer = {
         "exact": True,
-        "chow": max_q < 1 - alpha,
+        "chow": alpha <= 0 or max_q < 1 - alpha,
         "diff": max_q < max_p - alpha,
         "opt": max_q < max_p - alpha * tv,
     }
@@ -94,6 +94,20 @@ def test_rule_statistics_use_the_t1_distributions():
             rule=torch.tensor([RULES.index("chow")]), alpha=torch.tensor([alpha]), draft_probs_t1=q1,
         )  # fmt: skip
         assert out[0].tolist() == expected, alpha
+
+
+def test_chow_at_alpha_0_is_exact_where_the_drafter_is_certain():
+    """A drafter softmax that rounds to exactly 1 in fp32 (a 30-nat lead) must not switch verification off at
+    alpha 0, the exact end of chow's range: the target's argmax comes out, not the draft."""
+    q1 = torch.tensor([[[0.0, 30.0, 0.0, 0.0]]]).softmax(-1)
+    assert q1.max() == 1.0
+    target_logits = torch.tensor([[[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]])
+    drafts = torch.tensor([[1]])
+    _, out, *_ = ops.verify(
+        target_logits, drafts, q1, torch.zeros(1, 1), None, temperature=0.0,
+        rule=torch.tensor([RULES.index("chow")]), alpha=torch.tensor([0.0]), draft_probs_t1=q1,
+    )  # fmt: skip
+    assert out[0].tolist() == [0, -1]
 
 
 def test_zero_mass_residual_falls_back_to_pi():

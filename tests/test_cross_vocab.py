@@ -135,8 +135,8 @@ VOCAB_ROWS = 6000
 @pytest.mark.parametrize("translation", ["tli", "exact", "omnidraft"])
 def test_sampling_is_lossless_across_vocabularies(pair, translation):
     """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling).
-    OmniDraft's proposal is exact where nothing merges: with an empty n-gram table, split tokens included
-    (their mass counted at their first piece)."""
+    OmniDraft's proposal is exact where nothing merges and every drafted token has a target token or splits:
+    with an empty n-gram table, split tokens included (their mass counted at their first piece)."""
     target, drafter, tokenizer, drafter_tokenizer = pair
     drafter = copy.deepcopy(drafter)
     if translation == "omnidraft":  # draft split tokens most of the time, so that their law matters

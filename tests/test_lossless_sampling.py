@@ -106,3 +106,33 @@ def test_first_two_tokens_follow_the_target(models, temperature, top_k, top_p, k
     # Negative control: the drafter's own law is far outside the bound, so a sampler that leaked it would fail.
     drafter_joint = _exact_joint(drafter, temperature, top_k, top_p).flatten().double()
     assert 0.5 * (drafter_joint - exact).abs().sum().item() > 2 * bound
+
+
+@pytest.mark.parametrize("stopping", ["confidence", "head"])
+def test_rows_that_stop_drafting_propose_nothing_after(stopping):
+    """A row that stops drafting early (confidence threshold, acceptance head) proposes nothing at the later
+    positions: the token there comes from the target's law, not from a residual against the drafter's
+    unused distribution. A drafter of middling confidence stops rows at every step."""
+    from omnidraft_fast import AdaptiveConfig, EngineConfig, SpeculativeEngine
+
+    target = tiny_model("llama", VOCAB, seed=11, hidden=32, layers=1)
+    drafter = tiny_model("gpt2", VOCAB, seed=13, hidden=32, layers=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3.0)
+        drafter.lm_head.weight.mul_(2.0)  # (had the later positions' q been left in: TV 0.26)
+    rows = 2 * ROWS
+    config = (
+        EngineConfig(num_draft_tokens=4, confidence_threshold=0.3)
+        if stopping == "confidence"
+        else EngineConfig(num_draft_tokens=4, adaptive=AdaptiveConfig(gamma=0.75, confidence_input=True))
+    )
+    torch.manual_seed(2)
+    out = SpeculativeEngine(target, drafter, config=config).generate(
+        PROMPT.expand(rows, -1), max_new_tokens=2, do_sample=True, top_k=0, return_dict_in_generate=True
+    )
+    assert 1 < out.stats.drafted_per_round < 3, out.stats.summary()
+    new = out.sequences[:, PROMPT.shape[1] :]
+    empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / rows
+    exact = _exact_joint(target, 1.0, 0, 1.0).flatten().double()
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv < _tv_bound(exact, rows), f"TV {tv:.4f} >= bound {_tv_bound(exact, rows):.4f}"
