@@ -562,7 +562,7 @@ def sample_triton(
     splits = triton.cdiv(vocab, chunk)
     splits_p2 = triton.next_power_of_2(splits)
     has_mask = mask is not None
-    mask_arg = mask.view(torch.uint8) if has_mask else logits
+    mask_arg = mask.contiguous().view(torch.uint8) if has_mask else logits
     grid = (rows, splits)
 
     part_m = torch.empty(rows, splits, dtype=torch.float32, device=device)

@@ -760,8 +760,7 @@ def verify_triton(
     probs = draft_probs.contiguous()
     probs1 = probs if draft_probs_t1 is None else draft_probs_t1.contiguous()
     vocab_q = probs.shape[-1]
-    uniforms = uniforms.contiguous()
-    draft_ids = draft_ids.contiguous()
+    uniforms, draft_ids, rule, alpha = (t.contiguous() for t in (uniforms, draft_ids, rule, alpha))
     if greedy:
         noise = uniforms  # unused
     elif noise.stride(-1) != 1:
@@ -769,7 +768,7 @@ def verify_triton(
     if cross is None:
         spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids)  # unused
     else:
-        spans = (*(t.contiguous() for t in cross[:3]), cross.d2t, cross.t2d)
+        spans = tuple(t.contiguous() for t in (*cross[:3], cross.d2t, cross.t2d))
     rows = batch * width
     blocks = triton.cdiv(vocab, block)
     programs = _target_programs(device)

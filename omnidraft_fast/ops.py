@@ -8,6 +8,8 @@ synchronise a GPU) and then runs its implementation from
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kernels.commit import commit_drafter_reference, commit_reference
@@ -105,7 +107,7 @@ def sample(
             raise ValueError(
                 f"`mask` must have one entry per vocabulary id ({logits.shape[1]}), got {mask.shape[0]}"
             )
-    if runs_kernels(logits):
+    if runs_kernels(logits) and math.isfinite(temperature):  # as verify(): T = inf on the reference
         return sample_triton(logits, noise, temperature, top_k, top_p, mask)
     return sample_reference(logits, noise, temperature, top_k, top_p, mask)
 
@@ -192,7 +194,9 @@ def verify(
         _check("noise", noise, len(shape), dtypes=(torch.float32,), device=device)
         if noise.shape != shape:
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
-    if runs_kernels(target_logits) and not exact_match:  # q' is read through `cross` inside the kernel
+    # q' is read through `cross` inside the kernel. An infinite temperature (uniform draws) stays on the
+    # reference: the kernels' -inf padding lanes divided by it would be NaN.
+    if runs_kernels(target_logits) and not exact_match and math.isfinite(temperature):
         if rule is None:
             rule = torch.zeros(batch, dtype=torch.int64, device=device)
             alpha = torch.zeros(batch, dtype=torch.float32, device=device)

@@ -117,6 +117,14 @@ def test_strided_logits_and_noise():
     _check(logits[:, :150], noise[:, :150], 0.9, 0, 0.95)
 
 
+def test_strided_mask():
+    """A mask that is a strided view (every other entry of a longer one) is read as its values."""
+    logits, noise, mask = _inputs(2, 100, torch.float32, seed=7, masked=True)
+    wide = torch.stack([mask, ~mask], 1).flatten()  # mask at the even entries
+    _check(logits, noise, 0.8, 0, 1.0, wide[::2], block=32)
+    _check(logits, noise, 0.0, 0, 1.0, wide[::2], block=32)
+
+
 def test_race_frequencies():
     """Empirical frequencies of ``rows`` draws from one row of logits, each with its own noise.
 
