@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/omnidraft-fast demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-floor: $(FLOOR)/bin/.installed
 	$(FLOOR)/bin/python -m pytest -q -n 2
