@@ -534,9 +534,9 @@ class SpeculativeEngine:
                     state.done[row] = True
                     done[row] = True
         if not pads and len(stops.cuts) == len(done):
-            end = max(stops.cuts.values())
+            last_cut = max(stops.cuts.values())
             for row, count in enumerate(generated):
-                if count >= end and not done[row]:
+                if count >= last_cut and not done[row]:
                     state.done[row] = True
                     done[row] = True
         return all(done)
