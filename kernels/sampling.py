@@ -557,6 +557,8 @@ def sample_triton(
         noise = noise.contiguous()
     probs = torch.empty(rows, vocab, dtype=torch.float32, device=device)
     ids = torch.empty(rows, dtype=torch.int64, device=device)
+    if rows == 0:
+        return ids, probs
     blocks = triton.cdiv(vocab, block)
     chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(_target_programs(device), rows)))) * block
     splits = triton.cdiv(vocab, chunk)

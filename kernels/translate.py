@@ -22,15 +22,23 @@ spell its bytes (``d2ts[y]``), cut at ``k`` positions. The pieces of ``y_u`` all
 ``span_end`` counts the drafter tokens consumed through each position, so it is ``u`` at every piece
 but the last, ``u + 1`` at the last. Their proposal probabilities are in ``kernels/proposal.py``.
 
+The stop. ``drafted`` (optional, per row) is how many drafted tokens a row may translate: a row whose
+draft-length control stopped it early translates only those, and no merge reaches past them. Past the
+last proposed position ``m``, every position has ``source = c``, the drafter position the draft stopped
+at (clamped to ``k - 1``), and ``span_end = c``, except position ``m`` itself when the draft stopped at a
+drafted token that does not translate (``c < drafted``): there ``span_end = c + 1``, for verification
+draws that position's token against the drafter's law at ``c`` (``kernels/proposal.py``). A draft that
+ran out (``c = drafted``) proposed nothing more.
+
 ``translate_triton`` computes either op in one launch, one program (one warp) per row, with no host sync;
 k <= 16 and N <= 8 keep the whole row in registers. The program reads the row's ids and their direct
 map, puts each window ``y_i..y_{i+n-1}`` (every start i, every 2 <= n <= N) in a lane of its own, hashes
 it as ``kernels/ngram.py`` does and probes the table for all windows at once with the lookup kernel's
 ``_lookup_rows`` (one probe loop, not one per n); the longest hit per start is a max over
 ``(n << 32) + value``. The left-to-right scan is then k register steps, each picking the entry at the
-pointer by a masked reduction, and the four outputs are written once. GPU timings (eager reference,
-``torch.compile`` of it, the kernel; ``benchmarks/bench_translate.py``) are pending: written without a GPU,
-checked against the references under ``TRITON_INTERPRET=1`` and compiled for sm_90.
+pointer by a masked reduction, and the four outputs are written once. On an H200, batch 64 and k = 8
+take 48 us, 100x the eager reference and 1.8x ``torch.compile`` of it (``benchmarks/bench_translate.py``,
+``benchmarks/results/h200-2026-11-30``).
 """
 
 from __future__ import annotations
@@ -48,14 +56,39 @@ __all__ = ["split_reference", "translate_ngram_reference", "translate_reference"
 def translate_reference(
     draft_ids: torch.Tensor,  # [batch, k] int64 drafter ids
     d2t: torch.Tensor,  # [V_d] int32
+    drafted: torch.Tensor | None = None,  # [batch] int64 each row's draft length (None: k)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns target ids [batch, k] (-1 from position m on), lengths m [batch], source and span ends
-    [batch, k] int64."""
+    [batch, k] int64 (past position m: the stop, see the module docstring)."""
     batch, k = draft_ids.shape
+    positions = torch.arange(k, device=draft_ids.device)
+    row_end = _row_end(drafted, batch, k, draft_ids.device)
     mapped = d2t[draft_ids].long()  # [batch, k]
-    proposed = (mapped >= 0).long().cumprod(-1).bool()  # leading mappable positions
-    source = torch.arange(k, device=draft_ids.device).expand(batch, k)
-    return torch.where(proposed, mapped, -1), proposed.sum(-1), source, source + 1
+    proposed = ((mapped >= 0) & (positions < row_end[:, None])).long().cumprod(-1).bool()  # leading ones
+    m = proposed.sum(-1)
+    stop = _stop(positions.expand(batch, k), positions + 1, m, m.clamp_max(k - 1), m < row_end)
+    return torch.where(proposed, mapped, -1), m, *stop
+
+
+def _row_end(drafted: torch.Tensor | None, batch: int, k: int, device: torch.device) -> torch.Tensor:
+    """[batch] int64: the drafter positions each row may translate."""
+    return (
+        torch.full((batch,), k, dtype=torch.int64, device=device) if drafted is None else drafted.clamp(0, k)
+    )
+
+
+def _stop(
+    source: torch.Tensor,  # [batch, k] int64, valid before position m
+    span_end: torch.Tensor,  # [batch, k] int64, valid before position m
+    m: torch.Tensor,  # [batch] int64 target positions proposed
+    at: torch.Tensor,  # [batch] int64 the drafter position the draft stopped at (clamped to k - 1)
+    unmapped: torch.Tensor,  # [batch] bool it stopped at a drafted token that does not translate
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and span ends with the stop written past position m (module docstring)."""
+    j = torch.arange(source.shape[1], device=source.device)
+    past = j >= m[:, None]
+    width = ((j == m[:, None]) & unmapped[:, None]).long()
+    return torch.where(past, at[:, None], source), torch.where(past, at[:, None] + width, span_end)
 
 
 def translate_ngram_reference(
@@ -63,13 +96,15 @@ def translate_ngram_reference(
     d2t: torch.Tensor,  # [V_d] int32
     key_ids: torch.Tensor,  # [C, N] int32  n-gram table (kernels/ngram.py)
     values: torch.Tensor,  # [C] int32
+    drafted: torch.Tensor | None = None,  # [batch] int64 each row's draft length (None: k)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct map plus longest-match n-gram merges (module docstring). Returns target ids [batch, k]
     (-1 padded), lengths [batch], source and span ends [batch, k] int64 (``span_end - source >= 2`` at a
-    merge; ``== 0`` past the draft's end)."""
+    merge; the stop past the last proposed position)."""
     batch, k = draft_ids.shape
     n_max = key_ids.shape[1]
     device = draft_ids.device
+    row_end = _row_end(drafted, batch, k, device)
     mapped = d2t[draft_ids].long()  # [batch, k]
 
     # Longest table match starting at each drafter position: one lookup of every window (start i, length n),
@@ -80,7 +115,8 @@ def translate_ngram_reference(
     inside = (columns < lengths[:, None]) & (at < k)  # [k, L, N]
     queries = torch.where(inside, draft_ids[:, at.clamp_max(k - 1)], -1)  # [batch, k, L, N]
     found = ngram_lookup_reference(key_ids, values, queries.reshape(-1, n_max)).view(batch, k, -1)
-    hit = (found >= 0) & (at[:, :, 0] + lengths <= k)  # [batch, k, L]: the window fits in the draft
+    ends = at[:, :, 0] + lengths  # [k, L] one past each window
+    hit = (found >= 0) & (ends <= row_end[:, None, None])  # [batch, k, L]: the window fits in the row's draft
     longest = torch.where(hit, lengths, 0).amax(-1)  # [batch, k] (0: no merge)
     merged = found.gather(2, (longest - 2).clamp_min(0)[..., None])[..., 0]
 
@@ -95,13 +131,14 @@ def translate_ngram_reference(
         n = longest.gather(1, at)[:, 0]
         direct = mapped.gather(1, at)[:, 0]
         token = torch.where(n >= 2, merged.gather(1, at)[:, 0], direct)
-        going &= (pointer < k) & (token >= 0)
+        going &= (pointer < row_end) & (token >= 0)
         step = torch.where(n >= 2, n, 1)
         target_ids[:, j] = torch.where(going, token, -1)
         source[:, j] = pointer.clamp_max(k - 1)
         width[:, j] = torch.where(going, step, 0)
         pointer = pointer + torch.where(going, step, 0)
-    return target_ids, (target_ids >= 0).sum(-1), source, source + width
+    m = (target_ids >= 0).sum(-1)
+    return target_ids, m, *_stop(source, source + width, m, pointer.clamp_max(k - 1), pointer < row_end)
 
 
 def split_reference(
@@ -125,7 +162,12 @@ def split_reference(
     first = source.gather(1, unit)
     last_piece = ~at_split | (piece == count.gather(1, unit) - 1)
     end = torch.where(valid & last_piece, span_end.gather(1, unit), first)
-    return ids, valid.sum(-1), first, end
+    # The translation's stop (at its first -1 position) moves to the first position past the pieces.
+    stopped = (target_ids >= 0).sum(-1).clamp_max(k - 1)[:, None]
+    at = source.gather(1, stopped)[:, 0]
+    unmapped = (target_ids.gather(1, stopped)[:, 0] < 0) & (span_end.gather(1, stopped)[:, 0] > at)
+    m = valid.sum(-1)
+    return ids, m, *_stop(first, end, m, at, unmapped)
 
 
 # -- Triton kernel ----------------------------------------------------------------------------------------
@@ -144,9 +186,11 @@ def _translate_kernel(
     lengths,  # [batch] int64 out
     source,  # [batch, k] int64 out
     span_end,  # [batch, k] int64 out
+    drafted,  # [batch] int64 each row's draft length (HAS_DRAFTED)
     k,
     C,
     HAS_TABLE: tl.constexpr,
+    HAS_DRAFTED: tl.constexpr,
     N: tl.constexpr,
     N_POW2: tl.constexpr,
     K_POW2: tl.constexpr,
@@ -157,6 +201,9 @@ def _translate_kernel(
     draft = draft_ids + row * k
     positions = tl.arange(0, K_POW2).to(tl.int64)  # [K_POW2] drafter positions
     in_draft = positions < k
+    row_end = k
+    if HAS_DRAFTED:
+        row_end = tl.minimum(tl.maximum(tl.load(drafted + row), 0), k)
     mapped = tl.load(d2t + tl.load(draft + positions, mask=in_draft, other=0), mask=in_draft, other=-1)
     mapped = mapped.to(tl.int64)  # [K_POW2]
     out = row * k + positions
@@ -165,7 +212,7 @@ def _translate_kernel(
         lanes = tl.arange(0, SIZES * K_POW2)  # lane (n - 2) * K_POW2 + i
         start = (lanes % K_POW2).to(tl.int64)
         n = (lanes // K_POW2 + 2).to(tl.int64)
-        fits = (n <= N) & (start + n <= k)  # [SIZES * K_POW2]
+        fits = (n <= N) & (start + n <= row_end)  # [SIZES * K_POW2]
         columns = tl.arange(0, N_POW2)
         window = tl.load(
             draft + start[:, None] + columns[None, :],
@@ -191,19 +238,26 @@ def _translate_kernel(
             at = tl.minimum(pointer, k - 1)
             span = _pick(longest, positions, at)  # 0 or 2..N
             token = tl.where(span >= 2, _pick(merged, positions, at), _pick(mapped, positions, at))
-            step = tl.where((pointer < k) & (token >= 0), tl.maximum(span, 1), 0)
+            step = tl.where((pointer < row_end) & (token >= 0), tl.maximum(span, 1), 0)
             ids = tl.where(positions == j, tl.where(step > 0, token, -1), ids)
             first = tl.where(positions == j, at, first)
             width = tl.where(positions == j, step, width)
             pointer += step
-        tl.store(lengths + row, tl.sum((ids >= 0).to(tl.int64), axis=0))
+        m = tl.sum((ids >= 0).to(tl.int64), axis=0)
     else:
         # Direct map: the leading positions that map.
-        stop = tl.min(tl.where(in_draft & (mapped < 0), positions, k), axis=0)
-        ids = tl.where(positions < stop, mapped, -1)
+        pointer = tl.min(tl.where((positions < row_end) & (mapped < 0), positions, row_end), axis=0)
+        m = pointer
+        ids = tl.where(positions < m, mapped, -1)
         first = positions
         width = tl.full([K_POW2], 1, tl.int64)
-        tl.store(lengths + row, stop)
+    tl.store(lengths + row, m)
+    # Past position m, the stop (module docstring): where the draft stopped, one drafter token wide at m
+    # when it stopped at a drafted token that does not translate.
+    at = tl.minimum(pointer, k - 1)
+    past = positions >= m
+    first = tl.where(past, at, first)
+    width = tl.where(past, ((positions == m) & (pointer < row_end)).to(tl.int64), width)
     tl.store(target_ids + out, ids, mask=in_draft)
     tl.store(source + out, first, mask=in_draft)
     tl.store(span_end + out, first + width, mask=in_draft)
@@ -214,11 +268,13 @@ def translate_triton(
     d2t: torch.Tensor,  # [V_d] int32
     key_ids: torch.Tensor | None = None,  # [C, N] int32 n-gram table, contiguous
     values: torch.Tensor | None = None,  # [C] int32
+    drafted: torch.Tensor | None = None,  # [batch] int64 each row's draft length (None: k)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``translate_ngram_reference`` with a table, ``translate_reference`` without: one launch, one program
     per row, no host sync."""
     batch, k = draft_ids.shape
     draft_ids, d2t = draft_ids.contiguous(), d2t.contiguous()
+    drafted = None if drafted is None else drafted.contiguous()
     target_ids = torch.empty_like(draft_ids)
     source, span_end = torch.empty_like(draft_ids), torch.empty_like(draft_ids)
     lengths = torch.zeros(batch, dtype=torch.int64, device=draft_ids.device)
@@ -226,8 +282,8 @@ def translate_triton(
         return target_ids, lengths, source, span_end
     capacity, n = (1, 1) if key_ids is None else key_ids.shape
     _translate_kernel[(batch,)](
-        draft_ids, d2t, key_ids, values, target_ids, lengths, source, span_end, k, capacity,
-        HAS_TABLE=key_ids is not None, N=n, N_POW2=triton.next_power_of_2(n),
+        draft_ids, d2t, key_ids, values, target_ids, lengths, source, span_end, drafted, k, capacity,
+        HAS_TABLE=key_ids is not None, HAS_DRAFTED=drafted is not None, N=n, N_POW2=triton.next_power_of_2(n),
         K_POW2=triton.next_power_of_2(k), SIZES=triton.next_power_of_2(max(n - 1, 1)), MAX_PROBES=MAX_PROBES,
         num_warps=1,
     )  # fmt: skip

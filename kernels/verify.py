@@ -41,7 +41,10 @@ and the lossy speculative decoding baseline (Leviathan et al., appendix A.5), ``
 Larger ``alpha`` is more lenient (faster, further from ``p``); chow 0, diff -1, token_v1-3 -1 (any
 alpha < 0 for v2/v3) and lossy 0 are exact speculative sampling. A position is *deferred* when ``r = 1``
 or ``y_j`` is not in ``A`` (always, for exact and lossy). A position with nothing proposed
-(``y_j = -1``, ``q_j = 0``) is a rejection whose residual is ``pi_j = p_j``.
+(``y_j = -1``) is a rejection. Where the draft ended, ``q_j = 0``, so its residual is ``pi_j``. Where
+it stopped at a drafted token with no target token, ``q_j`` is the drafter's law there
+(``kernels/proposal.py``), whose missing mass is that of the drafter's tokens with no target token: the
+residual against it keeps speculative sampling exact.
 
 Exact-match verification (``exact_match=True``; lossless for *any* proposal, used when the proposal
 probabilities are not exact, e.g. after n-gram merges): draw ``z_j ~ p_j`` at every position, accept
@@ -294,7 +297,9 @@ def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x
           K_P2: tl.constexpr):  # fmt: skip
     """Where target positions ``j`` [N] of row ``b`` come from (kernels/proposal.py): the source drafter
     position, d2t of its drafted token, the path mass of the span under ``probs`` and its kind: 0 direct
-    (or a split token's first piece), 1 merged, 2 a later piece of a split token (same source as j - 1)."""
+    (or a split token's first piece), 1 merged, 2 a later piece of a split token (same source as j - 1),
+    3 the stop at a drafted token that does not translate (nothing proposed, one drafter token wide), 0
+    where nothing was proposed otherwise."""
     src = tl.load(source_ptr + b * k + j, mask=valid, other=0)
     end = tl.load(span_end_ptr + b * k + j, mask=valid, other=1)
     u = tl.arange(0, K_P2)
@@ -307,7 +312,7 @@ def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x
     first = tl.load(d2t_ptr + tl.maximum(y_s, 0), mask=valid & (y_s >= 0), other=-1)
     previous = tl.load(source_ptr + b * k + j - 1, mask=valid & (j > 0), other=-1)
     kind = tl.where(previous == src, 2, tl.where(end - src >= 2, 1, 0))
-    return src, first, mass, tl.where(x_id >= 0, kind, 0)
+    return src, first, mass, tl.where(x_id >= 0, kind, tl.where(end - src == 1, 3, 0))
 
 
 @triton.jit
@@ -316,7 +321,8 @@ def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, kind, CROSS: tl.co
     adjustments, or the point mass of a split token's later piece, when CROSS (kernels/proposal.py); 0
     outside ``inside``."""
     if CROSS:
-        d = tl.where((x_id >= 0) & (kind != 2), tl.load(t2d_ptr + t, mask=inside, other=-1), -1)
+        through = ((x_id >= 0) & (kind != 2)) | (kind == 3)
+        d = tl.where(through, tl.load(t2d_ptr + t, mask=inside, other=-1), -1)
         q = tl.load(row_ptr + d, mask=inside & (d >= 0), other=0.0)
         q = tl.where((kind == 1) & (t == first), tl.maximum(q - mass, 0.0), q)
         q = tl.where((kind == 1) & (t == x_id), mass, q)
@@ -769,6 +775,15 @@ def verify_triton(
         spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids)  # unused
     else:
         spans = tuple(t.contiguous() for t in (*cross[:3], cross.d2t, cross.t2d))
+    if batch == 0:
+        new = dict(device=device)
+        return (
+            torch.empty(0, dtype=torch.int64, **new),
+            torch.empty(0, width, dtype=torch.int64, **new),
+            torch.empty(0, k, dtype=torch.float32, **new),
+            torch.empty(0, k, dtype=torch.bool, **new),
+            torch.empty(0, dtype=torch.bool, **new),
+        )
     rows = batch * width
     blocks = triton.cdiv(vocab, block)
     programs = _target_programs(device)

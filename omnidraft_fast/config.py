@@ -411,7 +411,7 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:  # NaN too
             raise ValueError(
                 f"`temperature` must be a number >= 0, got {self.temperature!r}; use do_sample=False for greedy"
             )

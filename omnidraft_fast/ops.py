@@ -59,7 +59,7 @@ def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=No
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"`top_k` must be >= 0 (0 = off), got {top_k}")
@@ -181,6 +181,8 @@ def verify(
         )
     if (rule is None) != (alpha is None):
         raise ValueError("`rule` and `alpha` go together: give both (a deferral rule) or neither (exact)")
+    if exact_match and rule is not None:
+        raise ValueError("exact_match=True verifies by the exact rule only: pass `rule=None, alpha=None`")
     if rule is not None:
         _check("rule", rule, 1, dtypes=(torch.int64,), device=device)
         _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
@@ -239,6 +241,10 @@ def commit(
         if tensor.shape[0] != batch:
             raise ValueError(f"`{name}` must be [batch] = [{batch}], got {tuple(tensor.shape)}")
     _check("output_tokens", output_tokens, 2, dtypes=(torch.int64,), device=device)
+    if output_tokens.shape[0] != batch:
+        raise ValueError(
+            f"`output_tokens` must be [batch, k+1] with batch = {batch}, got {tuple(output_tokens.shape)}"
+        )
     _check("eos_ids", eos_ids, 1, dtypes=(torch.int64,), device=device)
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
@@ -260,22 +266,30 @@ def translate(
     *,
     table: tuple[torch.Tensor, ...] | None = None,  # the n-gram table's tensors (ngram_lookup's)
     splits: tuple[torch.Tensor, torch.Tensor, int] | None = None,  # (d2ts, d2ts_len, V_t)
+    drafted: torch.Tensor | None = None,  # [batch] int64 each row's draft length (None: k)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drafted block -> target ids [batch, k] (-1 after the first token that neither maps nor merges),
-    lengths [batch], source and span ends [batch, k] (the drafter tokens behind each target position;
-    see ``kernels/translate.py``). With ``table``, runs of drafter tokens merge into one target token
-    (longest match). With ``splits``, ``d2t`` is the bridge's ``units`` map and a drafted token with no
-    target twin becomes the target tokens that spell it."""
+    lengths [batch], source and span ends [batch, k] (the drafter tokens behind each target position, and
+    past the last the stop; see ``kernels/translate.py``). With ``table``, runs of drafter tokens merge into
+    one target token (longest match). With ``splits``, ``d2t`` is the bridge's ``units`` map and a drafted
+    token with no target twin becomes the target tokens that spell it. With ``drafted``, a row translates
+    only its first ``drafted`` tokens."""
     _check("draft_ids", draft_ids, 2, dtypes=(torch.int64,))
     _check("d2t", d2t, 1, dtypes=(torch.int32,), device=draft_ids.device)
+    if drafted is not None:
+        _check("drafted", drafted, 1, dtypes=(torch.int64,), device=draft_ids.device)
+        if drafted.shape[0] != draft_ids.shape[0]:
+            raise ValueError(f"`drafted` must have {draft_ids.shape[0]} rows, got {tuple(drafted.shape)}")
     if table is None:
-        out = (translate_triton if runs_kernels(draft_ids) else translate_reference)(draft_ids, d2t)
+        out = (translate_triton if runs_kernels(draft_ids) else translate_reference)(
+            draft_ids, d2t, drafted=drafted
+        )
     else:
         _check_table(*table)
         if table[0].device != draft_ids.device:
             raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
         out = (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(
-            draft_ids, d2t, *table
+            draft_ids, d2t, *table, drafted=drafted
         )
     if splits is None:
         return out

@@ -465,9 +465,14 @@ class Rounds:
         with timer("translate"):
             cross = None
             if self.bridge is None:
-                proposal = draft_ids
                 source = torch.arange(steps, device=device).expand(batch, steps)
                 span_end = source + 1
+                # A row proposes only its own draft.
+                proposal = (
+                    draft_ids
+                    if length is None
+                    else torch.where(source < length.drafted[:, None], draft_ids, -1)
+                )
             else:
                 bridge, splits = self.bridge, state.units is not None
                 proposal, _, source, span_end = ops.translate(
@@ -475,6 +480,7 @@ class Rounds:
                     state.units if splits else bridge.d2t,
                     table=None if self.ngram is None else self.ngram.tensors,
                     splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if splits else None,
+                    drafted=None if length is None else length.drafted,  # nothing past a row's own draft
                 )
                 cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d)
                 for probs in (draft_probs, draft_probs_t1):
@@ -482,9 +488,6 @@ class Rounds:
                         fold_twins_(probs, bridge.twins)
                         if splits:  # a split token's mass goes to its first piece (kernels/proposal.py)
                             fold_twins_(probs, bridge.split_twins)
-            if length is not None:  # a row proposes only the target tokens wholly inside its own draft
-                last = torch.maximum(source, span_end - 1)  # the last drafter token behind each position
-                proposal = torch.where(last < length.drafted[:, None], proposal, -1)
 
         with timer("target"):
             slots = state.lengths[:, None] - 1 + torch.arange(steps + 1, device=device)  # [batch, steps+1]
@@ -558,7 +561,7 @@ class Rounds:
             )
             drafter_proposed = length.drafted * active if length is not None else active.long() * steps
             split = (
-                self._split(draft_ids, source, span_end)
+                self._split(draft_ids, proposal, source, span_end)
                 if state.units is not None
                 else torch.zeros_like(draft_ids, dtype=torch.bool)
             )
@@ -649,9 +652,11 @@ class Rounds:
             return None
         return bridge.units if self.mode == "exact" or request.sampling.greedy else bridge.sampled_units
 
-    def _split(self, draft_ids: torch.Tensor, source: torch.Tensor, span_end: torch.Tensor) -> torch.Tensor:
+    def _split(
+        self, draft_ids: torch.Tensor, proposal: torch.Tensor, source: torch.Tensor, span_end: torch.Tensor
+    ) -> torch.Tensor:
         """[batch, k] bool: target positions that are pieces of a split drafted token."""
-        return (self.bridge.d2t[draft_ids.gather(1, source)] < 0) & (span_end - source <= 1)
+        return (proposal >= 0) & (self.bridge.d2t[draft_ids.gather(1, source)] < 0) & (span_end - source <= 1)
 
     @staticmethod
     def _count(

@@ -52,7 +52,7 @@ def main(archs: list[int]) -> int:
                     if i < len(args)
                     else param.default
                 )
-                if param.is_constexpr:
+                if param.is_constexpr or value is None:  # a None argument is specialised as a constant
                     signature[param.name], constexprs[param.name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
                     signature[param.name] = "*" + _TYPES[value.dtype]
@@ -106,10 +106,10 @@ def _launches():
         logits, noise = torch.randn(3, 300), torch.rand(3, 300)
         yield lambda a=(logits, noise, temperature, top_k, top_p, allowed): sampling.sample_triton(*a)
     drafts, d2t = _drafts(4, 5, seed=1), _d2t(seed=2)
-    yield lambda: translate.translate_triton(drafts, d2t)
-    yield lambda: translate.translate_triton(
-        drafts, d2t, *_table(drafts, 4, 64, windows=10, random=10, seed=3)
-    )
+    table = _table(drafts, 4, 64, windows=10, random=10, seed=3)
+    for drafted in (None, torch.tensor([5, 2, 0, 3])):
+        yield lambda d=drafted: translate.translate_triton(drafts, d2t, drafted=d)
+        yield lambda d=drafted: translate.translate_triton(drafts, d2t, *table, drafted=d)
     table = (torch.full((64,), -1), torch.full((64, 4), -1, dtype=torch.int32),
              torch.full((64,), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.int32))  # fmt: skip
     keys, values = torch.randint(0, 9, (10, 4)), torch.randint(0, 9, (10,))

@@ -136,7 +136,8 @@ VOCAB_ROWS = 6000
 def test_sampling_is_lossless_across_vocabularies(pair, translation):
     """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling).
     OmniDraft's proposal is exact where nothing merges and every drafted token has a target token or splits:
-    with an empty n-gram table, split tokens included (their mass counted at their first piece)."""
+    with an empty n-gram table, split tokens included (their mass counted at their first piece); for the stop
+    at a token with no target token, see ``test_a_stop_at_a_token_with_no_target_token_stays_exact``."""
     target, drafter, tokenizer, drafter_tokenizer = pair
     drafter = copy.deepcopy(drafter)
     if translation == "omnidraft":  # draft split tokens most of the time, so that their law matters
@@ -165,6 +166,51 @@ def test_sampling_is_lossless_across_vocabularies(pair, translation):
     if translation == "omnidraft":
         stats = engine.last_stats
         assert stats.merged_proposed == 0 and stats.split_proposed > stats.proposed / 2, stats.summary()
+
+
+def _words_tokenizer(pieces: list[str]):
+    """A word-level tokenizer of ``pieces`` (id = index; piece 0 is ``<unk>``)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(
+        tokenizer_models.WordLevel({piece: i for i, piece in enumerate(pieces)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_a_stop_at_a_token_with_no_target_token_stays_exact():
+    """Splits off (the paper's stop), the drafter drafts a token with no target token ('bc', 'cab', 'ca',
+    'bb', 'aa') with probability m of about 0.4 at the first step. Verification must then draw from the
+    residual against the drafter's sub-stochastic law over the target's tokens (kernels/proposal.py), not
+    from the target's law (a TV bias of about 0.14 here). The first new token's law against the target's
+    exact law, with the McDiarmid bound of test_lossless_sampling (8 cells: tight)."""
+    target_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ab", "ba", "abc", "cc"])
+    drafter_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ab", "bc", "cab", "ca", "bb", "aa"])
+    target = tiny_model("llama", 8, seed=11, layers=1)
+    drafter = tiny_model("gpt2", 10, seed=12, layers=1)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(3.0)
+        drafter.lm_head.weight.mul_(2.0)
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=3, translation="omnidraft", ngram_preseed=False, split_tokens=False),
+    )  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4, 5, 3]])
+    with torch.no_grad():
+        p = target(ids).logits[0, -1].double().softmax(-1)
+        q = drafter(engine.bridge.spell_for_drafter(ids[0])[None]).logits[0, -1].softmax(-1)
+    assert q[engine.bridge.d2t < 0].sum() > 0.3
+    rows = 8000
+    torch.manual_seed(5)
+    out = engine.generate(ids.expand(rows, -1), max_new_tokens=1, do_sample=True, top_k=0)
+    empirical = torch.bincount(out[:, -1], minlength=8).double() / rows
+    bound = 0.5 * torch.sqrt(p * (1 - p) / rows).sum().item() + math.sqrt(math.log(1e6) / (2 * rows))
+    tv = 0.5 * (empirical - p).abs().sum().item()
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f}"
+    assert engine.last_stats.merged_proposed == engine.last_stats.split_proposed == 0
 
 
 def test_bad_pairs(pair, trained_tokenizers):

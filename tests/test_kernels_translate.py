@@ -117,7 +117,9 @@ def test_hand_written():
         torch.tensor([[0, 1, -1, -1, -1], [3, 0, 4, -1, -1], [-1] * 5]),
         torch.tensor([2, 3, 0]),
         torch.tensor([[0, 1, 4, 4, 4], [0, 2, 3, 4, 4], [0] * 5]),
-        torch.tensor([[1, 4, 4, 4, 4], [2, 3, 5, 4, 4], [0] * 5]),
+        # Past the proposals, the stop: one drafter token wide where a drafted token does not translate
+        # ('s' at 4 in row 0, 'la' at 0 in row 2), none where the draft ran out (row 1).
+        torch.tensor([[1, 4, 5, 4, 4], [2, 3, 5, 4, 4], [1, 0, 0, 0, 0]]),
     )
     for translate in (translate_triton, translate_ngram_reference):
         _assert_same(translate(drafts, d2t, *table), expected)
@@ -125,8 +127,8 @@ def test_hand_written():
     direct = (
         torch.tensor([[0, 2, -1, -1, -1], [2, -1, -1, -1, -1], [-1] * 5]),
         torch.tensor([2, 1, 0]),
-        torch.arange(5).expand(3, 5),
-        torch.arange(1, 6).expand(3, 5),
+        torch.tensor([[0, 1, 2, 2, 2], [0, 1, 1, 1, 1], [0] * 5]),
+        torch.tensor([[1, 2, 3, 2, 2], [1, 2, 1, 1, 1], [1, 0, 0, 0, 0]]),
     )
     _assert_same(translate_triton(drafts, d2t), direct)
     _assert_same(ops.translate(drafts, d2t), direct)
@@ -149,7 +151,7 @@ def test_split_tokens_hand_written():
         torch.tensor([[0, 1, -1, -1, -1], [5, 6, 0, 7, 8], [5, 6, 5, 6, 5], [-1] * 5]),
         torch.tensor([2, 5, 5, 0]),
         torch.tensor([[0, 1, 4, 4, 4], [0, 0, 1, 2, 2], [0, 0, 1, 1, 2], [0] * 5]),
-        torch.tensor([[1, 4, 4, 4, 4], [0, 1, 2, 2, 3], [0, 1, 1, 2, 2], [0] * 5]),
+        torch.tensor([[1, 4, 5, 4, 4], [0, 1, 2, 2, 3], [0, 1, 1, 2, 2], [1, 0, 0, 0, 0]]),
     )
     for translate in (translate_triton, translate_ngram_reference):
         ids, _, source, span_end = translate(drafts, units, *table)
@@ -159,6 +161,49 @@ def test_split_tokens_hand_written():
     ids, _, source, span_end = translate_reference(drafts[1:2], units)
     got = split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t)
     _assert_same(got, tuple(t[1:2] for t in expected))
+
+
+def test_a_row_translates_only_its_own_draft():
+    """``drafted``: row 0 drafted 2 of 4 tokens, so the merge [1, 2] (it would end past them) gives way to
+    the direct map of 1, and the draft runs out after it; row 1 stops at 'la' inside its 3 tokens; row 2
+    drafted nothing. The snowflake vocabularies of ``test_hand_written``."""
+    d2t = torch.tensor([0, 2, -1, -1, -1], dtype=torch.int32)
+    full = _empty(16, 3)
+    ngram_insert_reference(
+        *full, torch.tensor([[1, 2, -1]]), torch.tensor([3]), torch.ones(1, dtype=torch.int64)
+    )
+    table = full[1:3]
+    drafts = torch.tensor([[0, 1, 2, 0], [0, 0, 2, 0], [0, 1, 2, 0]])
+    drafted = torch.tensor([2, 3, 0])
+    expected = (
+        torch.tensor([[0, 2, -1, -1], [0, 0, -1, -1], [-1] * 4]),
+        torch.tensor([2, 2, 0]),
+        torch.tensor([[0, 1, 2, 2], [0, 1, 2, 2], [0] * 4]),
+        torch.tensor([[1, 2, 2, 2], [1, 2, 3, 2], [0] * 4]),
+    )
+    for translate in (translate_triton, translate_ngram_reference):
+        _assert_same(translate(drafts, d2t, *table, drafted=drafted), expected)
+    for translate in (translate_triton, translate_reference):
+        _assert_same(translate(drafts, d2t, drafted=drafted), expected)
+    _assert_same(ops.translate(drafts, d2t, table=table, drafted=drafted), expected)
+    # A whole draft is the default.
+    full_length = torch.full((3,), 4)
+    _assert_same(
+        translate_triton(drafts, d2t, *table, drafted=full_length), translate_triton(drafts, d2t, *table)
+    )
+
+
+@pytest.mark.parametrize(("batch", "k", "n_max"), [(5, 3, 4), (4, 8, 4), (3, 8, 6)])
+def test_draft_lengths_match_reference(batch, k, n_max):
+    drafts, d2t = _drafts(batch, k, seed=k + 1), _d2t(seed=batch + 1, unmapped=0.15)
+    table = _table(drafts, n_max, capacity=64, windows=12, random=12, seed=batch + k + 1)
+    drafted = torch.randint(0, k + 1, (batch,), generator=torch.Generator().manual_seed(k))
+    got = translate_triton(drafts, d2t, *table, drafted=drafted)
+    _assert_same(got, translate_ngram_reference(drafts, d2t, *table, drafted=drafted))
+    _assert_same(
+        translate_triton(drafts, d2t, drafted=drafted), translate_reference(drafts, d2t, drafted=drafted)
+    )
+    assert (torch.maximum(got[2], got[3] - 1)[got[0] >= 0] < drafted.repeat_interleave(got[1])).all()
 
 
 # -- GPU: a realistic table (2^16 slots at load 1/2), batch 256 ------------------------------------------

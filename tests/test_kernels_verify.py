@@ -96,7 +96,8 @@ def _case(
 def _cross(draft, cut, vocab, vocab_d, generator):
     """A bridge between vocabularies of different sizes (60% of the smaller vocabulary mapped, a few drafter twins)
     and a translation of the drafts with spans of 1-3 drafter tokens (2-3: merged n-gram tokens) and
-    split tokens (2-3 target pieces of one drafter token)."""
+    split tokens (2-3 target pieces of one drafter token). About half the rows with room stop at a drafted
+    token that does not translate (kernels/translate.py's stop), the others run out at their cut."""
     batch, k = draft.shape
     mapped = int(0.6 * min(vocab, vocab_d))  # a bridge is one-to-one: at most the smaller vocabulary
     targets = torch.randperm(vocab, generator=generator)[:mapped]
@@ -109,11 +110,17 @@ def _cross(draft, cut, vocab, vocab_d, generator):
     twins = torch.stack([unmapped[:4], drafters[:4]])  # fold 4 unmapped ids onto mapped ones
     draft = torch.where(d2t[draft] >= 0, draft, drafters[draft % mapped])  # drafts the bridge can read
     draft_ids = torch.full((batch, k), -1)
-    source = torch.full((batch, k), k - 1)
-    span_end = torch.full((batch, k), k)
+    source = torch.zeros(batch, k, dtype=torch.int64)
+    span_end = torch.zeros(batch, k, dtype=torch.int64)
     for b in range(batch):
+        end = int((~cut[b]).sum())  # the row's draft length
+        stop = (
+            int(torch.randint(0, end, (), generator=generator))
+            if end and torch.rand((), generator=generator) < 0.5
+            else end
+        )
         u = j = 0
-        while u < k and j < k and not cut[b, u]:
+        while u < stop and j < k:
             size = int(torch.randint(0, 4, (), generator=generator))  # 0: a split token, 2-3 pieces
             if size == 0:
                 pieces = min(int(torch.randint(2, 4, (), generator=generator)), k - j)
@@ -123,12 +130,18 @@ def _cross(draft, cut, vocab, vocab_d, generator):
                     j += 1
                 u += 1
                 continue
-            size = min(size, k - u, int((~cut[b, u:]).sum()))
+            size = min(size, stop - u)
             source[b, j], span_end[b, j] = u, u + size
             draft_ids[b, j] = (
                 d2t[draft[b, u]] if size == 1 else int(torch.randint(0, vocab, (), generator=generator))
             )
             u, j = u + size, j + 1
+        if j < k:  # the stop
+            source[b, j:] = min(u, k - 1)
+            span_end[b, j:] = min(u, k - 1)
+            if u < end:  # at a drafted token with no target token
+                draft[b, u] = unmapped[4 + u % (len(unmapped) - 4)]
+                span_end[b, j] = u + 1
     target_logits = torch.randn(batch, k + 1, vocab, generator=generator)
     return CrossProposal(draft, source, span_end, d2t, t2d), twins, draft_ids, target_logits
 

@@ -7,7 +7,7 @@ import torch
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from omnidraft_fast import ops
+from omnidraft_fast import SamplingParams, ops
 
 
 @pytest.mark.parametrize(
@@ -133,6 +133,21 @@ def test_commit_applies_eos_and_limits():
     assert done.tolist() == [False, True, True, True]
 
 
+def test_empty_batches_on_kernels_and_references(monkeypatch):
+    """A batch of no rows gives empty outputs of the right shapes on both paths."""
+    for kernels in (False, True):
+        monkeypatch.setattr(ops, "runs_kernels", lambda tensor, _on=kernels: _on)
+        ids, q = ops.sample(torch.zeros(0, 5), torch.ones(0, 5), temperature=1.0)
+        assert ids.shape == (0,) and q.shape == (0, 5)
+        out = ops.verify(torch.zeros(0, 3, 5), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2, 5),
+                         torch.zeros(0, 2), torch.ones(0, 5), temperature=1.0)  # fmt: skip
+        assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0, 2), (0, 2), (0,)]
+        assert [t.dtype for t in out] == [torch.int64, torch.int64, torch.float32, torch.bool, torch.bool]
+        assert ops.translate(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(4, dtype=torch.int32))[
+            0
+        ].shape == (0, 3)
+
+
 def test_ops_check_metadata():
     with pytest.raises(ValueError, match="draft_ids"):
         ops.verify(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, 5),
@@ -144,3 +159,14 @@ def test_ops_check_metadata():
         ops.sample(torch.zeros(2, 5), None, temperature=1.0)
     with pytest.raises(ValueError, match="top_p"):
         ops.sample(torch.zeros(2, 5), None, temperature=0.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.sample(torch.zeros(2, 5), torch.ones(2, 5), temperature=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("nan"))
+    with pytest.raises(ValueError, match="exact_match"):
+        ops.verify(torch.zeros(1, 2, 5), torch.zeros(1, 1, dtype=torch.int64), None, torch.zeros(1, 1), None,
+                   temperature=0.0, rule=torch.tensor([1]), alpha=torch.tensor([1.0]), exact_match=True)  # fmt: skip
+    with pytest.raises(ValueError, match="output_tokens"):  # one row for three would broadcast
+        ops.commit(torch.zeros(3, 8, dtype=torch.int64), torch.full((3,), 2), torch.zeros(3, dtype=torch.int64),
+                   torch.zeros(3, dtype=torch.bool), torch.tensor([[7, 8, 9]]), torch.full((3,), 2),
+                   torch.zeros(0, dtype=torch.int64), max_new_tokens=4)  # fmt: skip
