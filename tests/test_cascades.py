@@ -56,6 +56,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.law
 @pytest.mark.parametrize(("rule", "alpha", "pair"), CASES)
 def test_first_token_follows_the_cascade_target(rule, alpha, pair):
     q, p = (torch.tensor(x) for x in PAIRS[pair])
@@ -144,7 +145,7 @@ def test_exact_limits_reproduce_the_target_greedy(pair, rule, alpha):
         assert out.stats.deferral_rate == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.law
 @pytest.mark.parametrize(("rule", "alpha"), [("chow", 0.0), ("token_v3", -0.5)])
 def test_exact_limit_samples_the_target(rule, alpha):
     """At their exact limits the rules are speculative sampling: two sampled tokens follow the target."""

@@ -132,6 +132,7 @@ def test_split_tokens_only_add_proposals(pair, translation):
 VOCAB_ROWS = 6000
 
 
+@pytest.mark.law
 @pytest.mark.parametrize("translation", ["tli", "exact", "omnidraft"])
 def test_sampling_is_lossless_across_vocabularies(pair, translation):
     """The first new token's law equals the target's (TV within a McDiarmid bound, see test_lossless_sampling).
@@ -181,6 +182,7 @@ def _words_tokenizer(pieces: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
+@pytest.mark.law
 def test_a_stop_at_a_token_with_no_target_token_stays_exact():
     """Splits off (the paper's stop), the drafter drafts a token with no target token ('bc', 'cab', 'ca',
     'bb', 'aa') with probability m of about 0.4 at the first step. Verification must then draw from the

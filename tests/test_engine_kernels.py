@@ -62,7 +62,7 @@ def test_shared_vocabulary(monkeypatch):
     target = tiny_model("llama", VOCAB, seed=31, eos_token_id=4)
     drafter = perturbed_copy(target, 0.3, seed=32)
     ids, mask = left_padded_prompts(VOCAB, [5, 3], seed=6)
-    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 10, "eos_token_id": 4}
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "eos_token_id": 4}
     _, launches = _with_and_without_kernels(
         monkeypatch,
         lambda: SpeculativeEngine(target, drafter),

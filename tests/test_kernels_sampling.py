@@ -125,6 +125,7 @@ def test_strided_mask():
     _check(logits, noise, 0.0, 0, 1.0, wide[::2], block=32)
 
 
+@pytest.mark.law
 def test_race_frequencies():
     """Empirical frequencies of ``rows`` draws from one row of logits, each with its own noise.
 

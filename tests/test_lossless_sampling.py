@@ -24,6 +24,8 @@ from transformers.generation.logits_process import (
 
 import omnidraft_fast
 
+pytestmark = pytest.mark.law
+
 VOCAB = 8
 ROWS = 8000
 PROMPT = torch.tensor([[3, 1, 4, 1, 5]])

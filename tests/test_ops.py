@@ -39,6 +39,7 @@ def test_sample_maximises_the_race_objective_and_reports_q():
     assert (q.gather(1, ids[:, None]) > 0).all()
 
 
+@pytest.mark.law
 def test_sample_frequencies():
     q = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0])
     rows = 40_000
@@ -71,6 +72,7 @@ def test_verify_greedy_accepts_the_matching_prefix():
     assert not invalid.any()
 
 
+@pytest.mark.law
 def test_verify_output_follows_p_for_any_q():
     """One drafted position: the emitted token is distributed as p whatever q was (the theorem)."""
     rows, vocab = 200_000, 5

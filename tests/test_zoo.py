@@ -118,6 +118,7 @@ def test_split_tokens_on_the_trained_cross_pair(zoo):
     assert tokens[True] > tokens[False], (stats[True].summary(), stats[False].summary())
 
 
+@pytest.mark.law
 def test_sampling_on_the_trained_pairs_keeps_the_target_law(zoo):
     """On the trained pairs, every sampler of the engine draws what the target would (the likelihood score
     of omnidraft_fast.fidelity within 4 standard deviations over 576 tokens), while the cross drafter's own
