@@ -24,6 +24,10 @@ The kept set is a threshold: ``{v : z_v > t} ∪ {v : z_v == t, v >= c}``. With
 the group ``z == t`` the sort then drops the ``d`` tokens (the kernel: the ``d``
 lowest ids) whose cumulative mass, one tie at a time, stays <= ``(1 - top_p) Z_k``
 (``c`` is the id after the d-th). ``q_v = w_v / Z`` on the kept set, ``Z`` its mass.
+The reference decides top-p as transformers does, on an fp32 cumulative sum in sorted order; the kernel
+compares partial sums taken in another order, against ``top_p`` in fp32. Where the boundary falls exactly
+on a rounding point the two can keep one token more or less (10 equal logits at ``top_p = 0.1``:
+transformers keeps 2 of them, the kernel 1); away from such points they keep the same set.
 
 The Triton kernel (``sample_triton``) splits each row over ``splits`` programs
 (grid ``[rows, splits]``, ``splits = min(blocks, ceil(4 SMs / rows))``, each a

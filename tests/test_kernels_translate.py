@@ -216,12 +216,17 @@ def test_large_batch_on_cuda(k, n_max):
         drafts, n_max, 1 << 16, 4096, (1 << 15) - 2048, seed=12, vocab=1 << 20, insert=ngram_insert_triton
     )
     assert 0.45 < float((table[0][:, 0] >= 0).float().mean()) < 0.55  # load factor about 1/2
+    drafted = torch.randint(0, k + 1, (256,), generator=torch.Generator().manual_seed(13)).cuda()
     torch.cuda.set_sync_debug_mode("error")  # the kernel must not synchronise
     try:
         got = ops.translate(drafts, d2t, table=table)
         direct = ops.translate(drafts, d2t)
+        got_own = ops.translate(drafts, d2t, table=table, drafted=drafted)
+        direct_own = ops.translate(drafts, d2t, drafted=drafted)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     _assert_same(got, translate_ngram_reference(drafts, d2t, *table))
     _assert_same(direct, translate_reference(drafts, d2t))
+    _assert_same(got_own, translate_ngram_reference(drafts, d2t, *table, drafted=drafted))
+    _assert_same(direct_own, translate_reference(drafts, d2t, drafted=drafted))
     assert ((got[3] - got[2]) >= 2).any()
