@@ -371,7 +371,9 @@ def ngram_insert(
     hits: torch.Tensor,  # [Q] int64
 ) -> torch.Tensor:  # [] int64 rows not placed
     """Insert keys (or add hits to present ones) in place; returns how many rows found no slot, on the
-    table's device (see ``kernels/ngram.py``; Triton on CUDA)."""
+    table's device (see ``kernels/ngram.py``; Triton on CUDA). A key is its leading ids in ``[0, 2^31)``,
+    then -1 padding; a -1 before an id, or an id outside that range, is not checked (that would read
+    the device from the host) and makes keys that differ look equal."""
     _check_table(key_ids, values)
     for name, tensor, dtype in (("hashes", hashes, torch.int64), ("counts", counts, torch.int32)):
         _check(name, tensor, 1, dtypes=(dtype,), device=key_ids.device)
