@@ -301,7 +301,7 @@ def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x
     3 the stop at a drafted token that does not translate (nothing proposed, one drafter token wide), 0
     where nothing was proposed otherwise."""
     src = tl.load(source_ptr + b * k + j, mask=valid, other=0)
-    end = tl.load(span_end_ptr + b * k + j, mask=valid, other=1)
+    end = tl.load(span_end_ptr + b * k + j, mask=valid, other=0)  # kind 0 past the draft (the bonus)
     u = tl.arange(0, K_P2)
     drafted = tl.load(drafter_ids_ptr + b * k + u, mask=u < k, other=0)
     path = tl.load(probs_ptr + (b * k + u) * vocab_q + tl.maximum(drafted, 0), mask=u < k, other=1.0)
