@@ -393,12 +393,7 @@ class SpeculativeEngine:
             seconds=time.perf_counter() - began,
             stage_seconds=timer.seconds,
         )
-        past_end = (columns >= state.generated[:, None])[..., None]
-        kept = {
-            name: values[:, :longest].masked_fill(past_end, torch.nan)
-            for name, values in state.kept_logits.items()
-        }
-        return sequences, stats, kept
+        return sequences, stats, state.kept_logits.result(longest, state.generated)
 
     def _decode(
         self,
@@ -429,8 +424,11 @@ class SpeculativeEngine:
             rounds += per_sync
             with timer("host"):
                 table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
-                flags = torch.stack([state.done.all().long(), state.counters[-1], table_size])
-                all_done, invalid, table_size = flags.tolist()  # the one read per round (per sync)
+                flags = torch.stack(
+                    [state.done.all().long(), state.counters[-1], table_size, state.generated.max()]
+                )
+                all_done, invalid, table_size, most = flags.tolist()  # the one read per round (per sync)
+                state.kept_logits.flush(state.generated, most)
             if self.ngram is not None and table_size > self.ngram.capacity // 2:
                 self.ngram.evict()
             if invalid:
@@ -523,9 +521,9 @@ class SpeculativeEngine:
             if last == first or row in stops.cuts:
                 continue
             scores = None
-            if stops.reads_scores and "scores" in state.kept_logits:  # as output_scores returns them
+            if stops.reads_scores and "scores" in state.kept_logits.out:  # as output_scores returns them
                 count = last - first
-                kept = state.kept_logits["scores"][row, generated[row] - count : generated[row]]
+                kept = state.kept_logits.out["scores"][row, generated[row] - count : generated[row]]
                 scores = _final_scores(request, kept[None])[0]
             keep = stops.first_stop(row, tokens[row][first - low : last - low], scores)
             if keep is not None:

@@ -33,6 +33,7 @@ from .bridge import VocabBridge
 from .config import EngineConfig, SamplingParams
 from .experience import Recorder
 from .graphs import StageGraphs
+from .kept_logits import KeptLogits
 from .kernels.proposal import CrossProposal, fold_twins_
 from .kernels.ragged import ragged_layout
 from .kernels.verify import RULES
@@ -94,9 +95,8 @@ class RequestState:
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
     processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
     # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers),
-    # each [batch, new + 1, V_t] fp32, the target's at each new token, NaN where none (the last row a spare
-    # for the writes of positions not kept)
-    kept_logits: dict[str, torch.Tensor]
+    # the target's at each new token (kept_logits.py)
+    kept_logits: KeptLogits
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
@@ -285,10 +285,15 @@ class Rounds:
                 batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
             ),
             processors=self._processors(request, tokens, start),
-            kept_logits={
-                name: torch.full((batch, new + 1, self.target.vocab_size), torch.nan, device=device)
-                for name in request.kept_logits
-            },
+            # the rounds between two host reads commit at most rounds_per_sync * (k + 1) tokens a row
+            kept_logits=KeptLogits(
+                request.kept_logits,
+                batch,
+                self.config.rounds_per_sync * (k + 1),
+                self.target.vocab_size,
+                new,
+                device,
+            ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=self._draft_length(request, batch),
@@ -540,12 +545,9 @@ class Rounds:
             )
             if state.processors is not None:
                 state.processors.observe(output_tokens, kept)
-            if state.kept_logits:  # output_logits / output_scores: the target's logits at the kept tokens
-                j = torch.arange(steps + 1, device=device)
-                rows = torch.where(j < kept[:, None], generated[:, None] + j, request.max_new_tokens)
-                for name, values in (("logits", target_logits), ("scores", processed)):
-                    if name in state.kept_logits:
-                        state.kept_logits[name].scatter_(1, rows[..., None].expand_as(values), values.float())
+            # output_logits / output_scores: the target's logits at the kept tokens
+            for name, values in (("logits", target_logits), ("scores", processed)):
+                state.kept_logits.record(name, values, generated, kept)
             fed = self._feedback(
                 output_tokens, num_accepted, source, span_end, active, state.units is not None
             )
@@ -693,6 +695,8 @@ def _refill(kept, fresh) -> None:
     if isinstance(fresh, torch.Tensor):
         if fresh is not kept:
             kept.copy_(fresh)
+    elif isinstance(fresh, KeptLogits):
+        kept.refill(fresh)
     elif isinstance(fresh, dict):
         for name, value in fresh.items():
             _refill(kept[name], value)

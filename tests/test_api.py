@@ -454,8 +454,8 @@ def test_engine_stage_timings(target, drafter, batch):
 
 
 # --------------------------------------------------------------------------------------------- scores
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, cuda_graphs):
+@pytest.mark.parametrize("config", [{}, {"cuda_graphs": True}, {"rounds_per_sync": 3}])
+def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, config):
     """``output_scores``/``output_logits``: one [batch, V] tensor per new token, the target's logits there
     (processed by the sampling warpers for ``scores``), equal to transformers' own up to float error;
     NaN past a row's end (row 0 stops at its EOS); nothing extra without the dict."""
@@ -463,9 +463,7 @@ def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, cud
     kwargs = dict(max_new_tokens=12, eos_token_id=eos_case, pad_token_id=0 if eos_case else 1)
     wanted = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
     hf = reference(target, ids, mask, **kwargs, **wanted)
-    engine = SpeculativeEngine(
-        target, drafter, config=EngineConfig(num_draft_tokens=3, cuda_graphs=cuda_graphs)
-    )
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(num_draft_tokens=3, **config))
     for _ in range(2):  # with cuda_graphs, the second request replays
         out = engine.generate(ids, attention_mask=mask, **kwargs, **wanted)
     assert_equal(out.sequences, hf.sequences)
@@ -485,6 +483,29 @@ def test_scores_and_logits_as_transformers(target, drafter, batch, eos_case, cud
     # a transformers ModelOutput, as model.generate() returns: unset fields are None and not among its keys
     assert plain.scores is None and plain.logits is None and "scores" not in plain
     assert plain[0] is plain.sequences and plain.attentions is None and plain.hidden_states is None
+
+
+def test_kept_logits_grow_with_the_output(target, drafter, batch, eos_case, monkeypatch):
+    """The logits kept for ``output_scores`` take memory for the tokens made, not ``max_new_tokens``: a
+    request that ends early (EOS) never holds more than twice its output, and its scores are still
+    transformers' own."""
+    from omnidraft_fast.kept_logits import KeptLogits
+
+    capacities = []
+    grow = KeptLogits._grow
+    monkeypatch.setattr(
+        KeptLogits, "_grow", lambda self, capacity: (capacities.append(capacity), grow(self, capacity))
+    )
+    ids, mask = batch
+    row = slice(0, 1)  # row 0 ends at its EOS within 5 tokens
+    kwargs = dict(max_new_tokens=200, eos_token_id=eos_case, pad_token_id=0)
+    hf = reference(target, ids[row], mask[row], **kwargs, return_dict_in_generate=True, output_scores=True)
+    out = omnidraft_fast.generate(target, ids[row], attention_mask=mask[row], drafter=drafter, **kwargs,
+                                  num_assistant_tokens=3, return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    assert_equal(out.sequences, hf.sequences)
+    new = len(hf.scores)
+    assert new <= 5 and capacities and max(capacities) <= 2 * new, (new, capacities)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(hf.scores), atol=1e-4, rtol=1e-4)
 
 
 def test_sampled_scores_are_the_warped_logits(target, drafter, batch):
