@@ -309,7 +309,14 @@ _CACHE: dict[tuple, VocabBridge] = {}
 
 
 def _fingerprint(tokenizer) -> str:
-    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """Everything of a tokenizer a bridge is built from: its backend (vocabulary, merges, normalisation,
+    pre-tokenisation, added tokens) and the settings outside it (the EOS id, the special tokens)."""
+    parts = (
+        tokenizer.backend_tokenizer.to_str(),
+        repr(tokenizer.eos_token_id),
+        repr(sorted(tokenizer.all_special_tokens)),
+    )
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
 
 def _build(drafter_tokenizer, target_tokenizer, drafter_size: int, target_size: int) -> VocabBridge:

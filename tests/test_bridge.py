@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import shared_path
@@ -96,6 +98,20 @@ def test_cached_and_saved(trained_tokenizers, tmp_path):
 
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         VocabBridge.load(tmp_path / "other.safetensors")
+
+
+def test_the_cache_tells_apart_tokenizers_with_other_special_tokens(trained_tokenizers):
+    """Two tokenizers with one backend (the same tokenizer.json) but another EOS, as a base model's and
+    its chat model's: each gets its own bridge, whose EOS maps by its own role."""
+    drafter, target = trained_tokenizers
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    chat = copy.deepcopy(drafter)
+    chat.eos_token = "<unk>"
+    assert chat.backend_tokenizer.to_str() == drafter.backend_tokenizer.to_str()
+    other = VocabBridge.from_tokenizers(chat, target)
+    assert other is not bridge
+    unk, eos = chat.convert_tokens_to_ids("<unk>"), target.eos_token_id
+    assert int(bridge.d2t[unk]) == -1 and int(other.d2t[unk]) == eos
 
 
 def test_vocab_size_smaller_than_tokenizer(trained_tokenizers):
