@@ -274,6 +274,9 @@ def resolve_request(
         raise ValueError(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
+    # A round emits at most k + 1 tokens: drafting more than max_new_tokens - 1 cannot pay (transformers'
+    # assisted generation caps its candidates the same way).
+    draft = max(1, min(draft, max_new_tokens - 1))
 
     processing = Processing.resolve(
         fields,
@@ -302,7 +305,8 @@ def resolve_request(
     if max_time is not None and not (is_positive(max_time) or max_time == math.inf):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
 
-    stop_strings = fields.get("stop_strings") or ()
+    stop_strings = fields.get("stop_strings")
+    stop_strings = () if stop_strings is None else stop_strings
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
     if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(t, str) and t for t in stop_strings):

@@ -88,7 +88,7 @@ def test_bad_stop_strings(zoo, batch):
     engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
     with pytest.raises(ValueError, match="`stop_strings` need the target's tokenizer"):
         engine.generate(**batch, max_new_tokens=4, stop_strings=["\n"])
-    for bad in ([""], [3], 5):
+    for bad in ([""], "", [3], 5):
         with pytest.raises(ValueError, match="`stop_strings` must be a non-empty string or a list of them"):
             engine.generate(**batch, max_new_tokens=4, stop_strings=bad, tokenizer=zoo.target_tokenizer)
     out = engine.generate(**batch, max_new_tokens=4, stop_strings="\n", tokenizer=zoo.target_tokenizer)
