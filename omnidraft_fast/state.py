@@ -3,8 +3,13 @@
 It holds the n-gram table (with the vocabulary bridge it belongs to, so a state is never loaded into an
 engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + peft's own key names), the
 acceptance head (``head.``) and their optimisers' step counts and moments (``optimizer.adapter.``,
-``optimizer.head.``), each when the engine has one: a restored engine goes on learning as the saved one
-would have. (A state saved without optimiser moments restores with fresh ones.)
+``optimizer.head.``), each when the engine has one: a restored engine serves and goes on learning from
+the saved weights, table and moments. (A state saved without optimiser moments restores with fresh ones.)
+Not saved: the rows waiting for the learners' next step (fewer than ``interval``) and the acceptance
+head's replay of recent rows (``AdaptiveConfig.replay``; the target's logits at every token of up to that
+many rows, which would make the file as large as the learner's memory): the restored learners fill both
+afresh from the requests they serve, so their next steps differ from those the saved engine would have
+taken.
 """
 
 from __future__ import annotations
@@ -55,9 +60,14 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
 
 
 def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
-    """Restore a state written by :func:`save_state` into an engine built for the same model pair."""
+    """Restore a state written by :func:`save_state` into an engine built for the same model pair. Every
+    part is checked to fit before any is written: a state that does not fit leaves the engine as it was."""
     tensors = load_file(str(path), device=str(engine.device))
-    bridge = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("bridge.")}
+
+    def saved(prefix: str) -> dict[str, torch.Tensor]:
+        return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+    bridge = saved("bridge.")
     if (engine.bridge is None) != (not bridge) or (
         engine.bridge is not None
         and not all(torch.equal(getattr(engine.bridge, name), tensor) for name, tensor in bridge.items())
@@ -65,45 +75,36 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         raise ValueError(
             f"{path} was saved by an engine for another tokenizer pair; build the matching engine first"
         )
-    ngram = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith("ngram.")}
-    if ngram:
-        if engine.ngram is None:
-            raise ValueError(f"{path} holds an n-gram table but this engine has none (translation='tli'?)")
-        engine.ngram.load_state_dict(ngram)
     learner = engine.learner
-    for prefix, part, what in (
-        (
-            "adapter.",
-            learner.adapter if learner is not None else None,
-            "a LoRA adapter (EngineConfig.distill)",
-        ),
-        (
-            "head.",
-            learner.head if learner is not None else None,
-            "an acceptance head (EngineConfig.adaptive)",
-        ),
-    ):
-        saved = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if saved and part is None:
-            raise ValueError(f"{path} holds {what} but this engine has none; build it with that config")
-        if saved:
-            _load(part, saved, path, what)
+    # (key prefix, the engine's part or None, what it is, what a part that does not fit differs in)
+    parts = [
+        ("ngram.", engine.ngram, "n-gram table (translation='omnidraft' or 'exact')", "ngram_capacity, ngram_max_len"),
+        ("adapter.", learner.adapter if learner is not None else None, "LoRA adapter (EngineConfig.distill)",
+         "rank or target modules"),
+        ("head.", learner.head if learner is not None else None, "acceptance head (EngineConfig.adaptive)",
+         "head size"),
+    ]  # fmt: skip
     # The optimisers' moments follow their parameters (absent from states that were saved without them).
-    for prefix, optimizer in _optimizers(learner):
-        saved = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if saved:
-            _load(optimizer, saved, path, f"optimiser state ({prefix.removesuffix('.')})")
-
-
-def _load(part, saved: dict[str, torch.Tensor], path, what: str) -> None:
-    """``part.load_state_dict(saved)`` once the saved tensors are checked to fit it, key for key."""
-    ours = part.state_dict()
-    if set(saved) != set(ours) or any(saved[name].shape != ours[name].shape for name in ours):
-        raise ValueError(
-            f"{path}: its {what} does not fit this engine's (another rank, target modules or head size); "
-            "build the engine with the configuration it was saved with"
-        )
-    part.load_state_dict(saved)
+    parts += [
+        (prefix, optimizer, f"{prefix.removesuffix('.')} state", "rank, target modules or head size")
+        for prefix, optimizer in _optimizers(learner)
+    ]
+    loads = []
+    for prefix, part, what, differs in parts:
+        state = saved(prefix)
+        if not state:
+            continue
+        if part is None:
+            raise ValueError(f"{path} holds a {what} but this engine has none; build it with one")
+        ours = part.state_dict()
+        if set(state) != set(ours) or any(state[name].shape != ours[name].shape for name in ours):
+            raise ValueError(
+                f"{path}: its {what} does not fit this engine's (another {differs}); build the engine with "
+                "the configuration it was saved with"
+            )
+        loads.append((part, state))
+    for part, state in loads:
+        part.load_state_dict(state)
 
 
 def _optimizers(learner) -> list[tuple[str, AdamW]]:

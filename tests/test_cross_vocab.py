@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import CROSS_TARGET_VOCAB as TARGET_VOCAB
 from conftest import tiny_model
 
 import omnidraft_fast
-from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
+from omnidraft_fast import CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine
 from omnidraft_fast.bridge import VocabBridge, token_bytes
 
 PROMPTS = ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]
@@ -303,6 +304,13 @@ def test_learned_state_survives_a_restart(pair, tmp_path):
     shared = SpeculativeEngine(target, target)
     with pytest.raises(ValueError, match="another tokenizer pair"):
         shared.load_state(tmp_path / "state.safetensors")
+    # A state whose table fits but whose LoRA adapter has no place here loads nothing, the table neither.
+    learning = SpeculativeEngine(target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
+                                 config=replace(config, distill=DistillConfig()))  # fmt: skip
+    learning.save_state(tmp_path / "learning.safetensors")
+    with pytest.raises(ValueError, match="holds a LoRA adapter"):
+        restarted.load_state(tmp_path / "learning.safetensors")
+    assert torch.equal(restarted.ngram.key_ids, engine.ngram.key_ids)
 
 
 @pytest.mark.parametrize("translation", ["omnidraft", "tli"])

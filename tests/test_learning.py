@@ -667,8 +667,11 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
     with pytest.raises(ValueError, match="rank"):
         other_rank.load_state(tmp_path / "state.safetensors")
     other_head = _engine(target, drafter, distill=DistillConfig(rank=8), adaptive=AdaptiveConfig(blocks=1))
+    fresh = [p.clone() for p in other_head.learner.adapter.parameters]
     with pytest.raises(ValueError, match=r"acceptance head .* does not fit"):
         other_head.load_state(tmp_path / "state.safetensors")
+    # a state that does not fit is not loaded in part: the adapter, which would fit, is untouched
+    assert all(torch.equal(a, b) for a, b in zip(fresh, other_head.learner.adapter.parameters, strict=True))
     assert torch.equal(
         other_rank.generate(ids, attention_mask=mask, max_new_tokens=6),
         target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
