@@ -274,9 +274,9 @@ def resolve_request(
         raise ValueError(
             f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
         )
-    # A round emits at most k + 1 tokens: drafting more than max_new_tokens - 1 cannot pay (transformers'
-    # assisted generation caps its candidates the same way).
-    draft = max(1, min(draft, max_new_tokens - 1))
+    # A round emits at most k + 1 tokens: a draft longer than max_new_tokens cannot pay (transformers'
+    # assisted generation caps its candidates likewise, at one fewer).
+    draft = min(draft, max_new_tokens)
 
     processing = Processing.resolve(
         fields,

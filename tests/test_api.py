@@ -434,10 +434,10 @@ def test_engine_with_config(target, drafter, batch):
     assert_equal(engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_draft_tokens=3), expected)
     assert engine.last_stats.proposed == 3 * engine.last_stats.row_rounds
     assert engine.stats.requests == 2
-    # a draft longer than the request can use is cut to max_new_tokens - 1, as transformers cuts it
+    # a draft longer than the request can use is cut to max_new_tokens, as transformers cuts it
     short = reference(target, ids, mask, max_new_tokens=4)
     assert_equal(engine.generate(ids, attention_mask=mask, max_new_tokens=4, num_draft_tokens=10_000), short)
-    assert engine.last_stats.proposed == 3 * engine.last_stats.row_rounds
+    assert engine.last_stats.proposed == 4 * engine.last_stats.row_rounds
     assert_equal(
         engine.generate(ids, attention_mask=mask, max_new_tokens=1, num_draft_tokens=5), short[:, :-3]
     )
