@@ -50,14 +50,15 @@ def commit_drafter_reference(
     draft_ids: torch.Tensor,  # [batch, k] int64 drafter ids of this round
     span_end: torch.Tensor,  # [batch, k] int64: drafter tokens consumed by target positions 1..j+1
     num_accepted: torch.Tensor,  # [batch] int64 accepted target positions
-    spelling: torch.Tensor,  # [batch, width] int64 drafter spelling of the recovered/bonus token, -1 padded
+    spelling: torch.Tensor,  # [batch, width] int64 drafter spelling of the emitted, undrafted tokens, -1 padded
     spelling_len: torch.Tensor,  # [batch] int64
     active: torch.Tensor,  # [batch] bool: rows that were generating this round
 ) -> None:
     """Keep the drafter's context in step with the target's (SPEC §2.4).
 
     A row appends the drafter tokens behind its accepted target tokens (``draft_ids[:span_end]``), then
-    the drafter spelling of the recovered or bonus token. Rows that were already done append nothing.
+    the drafter spelling of the target tokens it emitted but did not draft (the recovered or bonus token,
+    after any accepted pieces of a split token a rejection cut). Rows that were already done append nothing.
     """
     _batch, k = draft_ids.shape
     width = spelling.shape[1]

@@ -3,9 +3,10 @@ and the drafter's own confidence as a rule that needs no head (``DraftLength``).
 
 The head reads the drafter's last hidden state ``h_i`` at the step that drafted token ``i`` and gives
 
-    a_i = sigmoid(f(h_i)),     f = Linear o (x + SiLU(W_b x)) o ... o (x + SiLU(W_1 x))
+    a_i = sigmoid(f(h_i)),     f = Linear o (x + SiLU(W_b x)) o ... o (x + SiLU(W_1 x)),
 
-or, with ``AdaptiveConfig(confidence_input=True)`` (ours), also the drafter's own confidence in the token,
+the probability that token ``i`` is accepted given that every token before it was; or, with
+``AdaptiveConfig(confidence_input=True)`` (ours), also from the drafter's own confidence in the token,
 its T=1 probability ``c_i = q(y_i)``:
 
     a_i = sigmoid(f(h_i) + w logit(c_i)),     w = 1 and f = 0 at the start
@@ -13,8 +14,8 @@ its T=1 probability ``c_i = q(y_i)``:
 so that the untrained head predicts the drafter's confidence (the stopping rule then stops a row once
 the product of its confidences falls below ``1 - gamma``) and training corrects it from there.
 
-the probability that token ``i`` is accepted given that every token before it was. A row stops drafting
-after token ``i`` once the probability that some drafted token is rejected passes ``gamma``:
+A row stops drafting after token ``i`` once the probability that some drafted token is rejected passes
+``gamma``:
 
     1 - prod_{j <= i} a_j > gamma          (only from i >= k_min; never past k_max)
 

@@ -177,7 +177,8 @@ class _Speller:
         return ids if b"".join(self.table.pieces[i] or b"\x00\x00" for i in ids) == data else None
 
     def spell(self, data: bytes) -> list[int] | None:
-        """Drafter ids whose bytes concatenate to ``data``, or None if some byte cannot be spelled."""
+        """Ids of this speller's vocabulary (the drafter's, or the target's for ``d2ts``) whose bytes
+        concatenate to ``data``, or None if some byte cannot be spelled."""
         ids = self._bpe(data)
         if ids is not None:
             return ids

@@ -303,16 +303,17 @@ class EngineConfig:
             stage, so with ``cuda_graphs`` one CUDA graph covers drafting, verification and the updates of
             n rounds without the host; finished rows idle through the up to ``n - 1`` rounds past the end
             (they change nothing and are not counted), the n-gram table's eviction is checked once per n
-            rounds, a streamer gets n rounds at a time, and with an acceptance head the per-step stop read
-            is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps).
+            rounds, a streamer gets n rounds at a time, and with an acceptance head or a confidence
+            threshold the per-step stop read is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on); on other devices a
             recorder with the same replay semantics, which is slower than eager and serves to check capture
             safety without a GPU. Outputs equal eager mode's. Python inside a captured stage runs only at
             capture: forward hooks on the models do not see replays. The graphs, the request's device state
             and both caches are kept (``kept_graphs``) for later requests of the same shapes and settings
-            (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, cascade,
-            kept logits, logits processing), which replay them from their first round; with online learning
+            (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, confidence
+            threshold, cascade and its per-row alphas, kept logits, logits processing, whether the learners
+            are enabled), which replay them from their first round; with online learning
             too (the drafter then serves merged LoRA weights rewritten in place, the same tensors at every
             request). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models'
             weights where they were at capture: call ``release()`` after moving the models or rebinding
@@ -323,8 +324,9 @@ class EngineConfig:
             compute the same (the attention's width changes float rounding). The padding costs a prefill
             that long at most and is masked everywhere. ``1``: no padding (graphs are then shared by equal
             prompt widths only), as for requests with target-side logits processing (which counts the
-            prompt's columns) and for models mixing sliding-window and full-attention layers (which serve
-            within their window only).
+            prompt's columns) and for models right only within a width (chunked or local attention,
+            position-sized buffers, mixed sliding-window and full layers without transformers' mask
+            mapping: they serve within that width, which padding could overrun).
         kept_graphs: with ``cuda_graphs``, how many sets of captured stages are kept for later requests, the
             least recently used released first; ``0``: none (every request captures its own). Each set holds
             what one request holds on the device: both models' KV caches (batch x slots x layers x 2 x

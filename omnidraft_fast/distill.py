@@ -104,7 +104,7 @@ class LoraAdapter:
                 model.peft_config = peft_config
             else:
                 vars(model).pop("peft_config", None)
-        self.model, self.name, self.config = model, name, config
+        self.model, self.name = model, name
         # (parent module, attribute, LoRA layer, qualified name) of every layer peft put in
         self._slots = [
             (

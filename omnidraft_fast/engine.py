@@ -383,7 +383,7 @@ class SpeculativeEngine:
         tail = sequences[:, prompt:]
         tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id or 0)
         counters = dict(zip(COUNTERS, state.counters.tolist(), strict=True))
-        del counters["invalid"]  # rounds with an active row: not those past the end (rounds_per_sync)
+        del counters["invalid"]  # rows with bad logits: an error at the host read, not a statistic
         stats = GenerationStats(
             requests=1,
             **counters,

@@ -38,7 +38,7 @@ class Example:
 
     ids: torch.Tensor  # [L] int64 the drafter's committed context (prompt spelling + what was emitted)
     kl: torch.Tensor  # [L] int64 row of `logits` for the KL term at each slot, -1 where none
-    ce: torch.Tensor  # [L] bool n-gram sub-token slots (cross-entropy term)
+    ce: torch.Tensor  # [L] bool n-gram sub-token and split-token slots (cross-entropy term)
     head: torch.Tensor  # [L] fp32 acceptance-head label, NaN where none
     logits: torch.Tensor  # [n, V_d] the target's logits at each emitted token, in drafter ids
     temperature: float  # the request's sampling temperature (0: greedy)

@@ -40,9 +40,6 @@ class KeptLogits:
         # [batch, capacity + 1, V] per name: the output so far (NaN where a row has none), a spare column last
         self.out = {name: torch.full((batch, 1, vocab), torch.nan, device=device) for name in names}
 
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
     @property
     def capacity(self) -> int:
         """New tokens the output holds now."""

@@ -89,6 +89,8 @@ class OnlineLearner:
         target_vocab_size: ids of the target's vocabulary.
         distill, adaptive: the configurations (at least one given).
         adapter_name: the LoRA adapter's name when ``distill`` does not set one.
+        merge_always: serve merged LoRA weights from the first request on, rewritten in place after
+            each update (captured rounds, in-flight learning: the tensors they read stay the same).
         frozen: parameters the adapter must not touch (the target's).
     """
 

@@ -1,4 +1,4 @@
-"""Public ops: every piece of numeric work in a decoding round goes through here.
+"""Public ops: the numeric work of a decoding round that has a kernel, or a reference beside one.
 
 Each op checks metadata (shape, dtype, device; never values, which would
 synchronise a GPU) and then runs its implementation from
@@ -310,8 +310,9 @@ def commit_drafter(
     spelling_len: torch.Tensor,  # [batch]
     active: torch.Tensor,  # [batch]
 ) -> None:
-    """Append, in place, each active row's accepted drafter tokens and the drafter spelling of its
-    recovered/bonus token to the drafter's context (see ``kernels/commit.py``)."""
+    """Append, in place, each active row's accepted drafter tokens and the drafter spelling of the target
+    tokens the round emitted but did not draft (the recovered/bonus token, after any accepted pieces of a
+    split token a rejection cut) to the drafter's context (see ``kernels/commit.py``)."""
     _check("tokens", tokens, 2, dtypes=(torch.int64,))
     device, batch = tokens.device, tokens.shape[0]
     for name, tensor, ndim, dtype in (

@@ -65,7 +65,7 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 
 @dataclass(frozen=True)
 class Request:
-    """A checked request. Tensors are on the target's device."""
+    """A checked request. ``input_ids`` is on the target's device, ``prompt_lengths`` on the host."""
 
     input_ids: torch.Tensor  # [batch, prompt] int64, left padded
     prompt_lengths: torch.Tensor  # [batch] int64, tokens per row without padding (host)

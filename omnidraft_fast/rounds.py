@@ -3,7 +3,8 @@
 One round (``k`` = draft length)::
 
     1 draft      the drafter proposes y_1..y_k          k forwards of 1 token (the first re-feeds a window);
-                                                        with an acceptance head, rows stop early (SPEC §5)
+                                                        with an acceptance head or a confidence
+                                                        threshold, rows stop early (SPEC §5)
     2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
     3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
     4 verify     speculative sampling or a cascade      accepted count + recovered/bonus token per row
@@ -12,7 +13,8 @@ One round (``k`` = draft length)::
 
 Per-row state is a handful of fixed-shape device tensors (:class:`RequestState`). A row's committed
 tokens sit in ``tokens[b, :lengths[b]]`` by cache slot (see ``models.py``): the target's cache holds all
-of them but the last (the *pending* token), the drafter's cache holds at least all but the last two. So a
+of them but the last (the *pending* token), the drafter's cache at least all of its own but the last
+``window``, which the first draft step re-feeds. So a
 rejection needs no cache work at all: the next round simply writes at the row's new length, over the
 rejected slots. Every stage reads and writes only tensors allocated by :meth:`Rounds.begin`, in place, with
 no host read inside, so that ``graphs.py`` can capture and replay it.
@@ -162,9 +164,11 @@ class Rounds:
         # request on (the engine builds it with merge_always): kept graphs see every update.
         reusable = self.config.cuda_graphs
         # Prompts are padded to the bucket in both modes, so that eager and captured rounds compute alike (the
-        # attention's width changes float rounding). Not for a model mixing sliding-window and full layers
-        # (padding could take it past its window) nor under logits processors (they count the prompt's
-        # columns: min_length, forced BOS): those reuse graphs for prompts of equal width only.
+        # attention's width changes float rounding). Not for a model right only within a width (width_limit:
+        # chunked or local attention, position-sized buffers, mixed sliding-window and full layers in a model
+        # that takes no mask mapping; padding could take it past that width) nor under logits processors
+        # (they count the prompt's columns: min_length, forced BOS): those reuse graphs for prompts of equal
+        # width only.
         pads = (
             self.target.width_limit is None
             and self.drafter.width_limit is None
