@@ -357,7 +357,7 @@ class SpeculativeEngine:
         failed = True
         try:
             with serving, torch.no_grad():
-                timed_out = self._decode(state, request, state.graphs.generator, timer, stops)
+                timed_out = self._decode(state, request, timer, stops)
             failed = False
         finally:
             self.rounds.end(state, failed)
@@ -399,7 +399,6 @@ class SpeculativeEngine:
         self,
         state: RequestState,
         request: Request,
-        generator: torch.Generator,
         timer: StageTimer,
         stops: Stops | None = None,
     ) -> bool:
@@ -415,12 +414,12 @@ class SpeculativeEngine:
             before = state.lengths.clone() if request.streamer is not None or stops is not None else None
             due = tuple(j for j in range(per_sync) if every is not None and (rounds + j + 1) % every == 0)
             if per_sync == 1:
-                self.rounds.run(state, request, generator, timer)
+                self.rounds.run(state, request, timer)
                 if due:  # the next round drafts with the update
                     self._learn_in_flight(state, request, timer)
             else:
                 learn = self._in_flight_step(state, request) if due else None
-                self.rounds.run_unit(state, request, generator, timer, per_sync, learn, due)
+                self.rounds.run_unit(state, request, timer, per_sync, learn, due)
             rounds += per_sync
             with timer("host"):
                 table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())

@@ -345,33 +345,30 @@ class Rounds:
                 slots = torch.arange(end, device=tokens.device).expand(batch, end)
                 model.forward(tokens[:, :end], slots, last_only=True)
 
-    def run(
-        self, state: RequestState, request: Request, generator: torch.Generator, timer: StageTimer
-    ) -> None:
+    def run(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """One round over fixed-shape device tensors: k draft steps, then ``_finish`` (translate, target
         forward, verify, commit, learn). ``state.graphs`` runs them as captured stages (``graphs.py``): the
         whole round as one, or with an adaptive draft length each draft step and the rest."""
         k = request.num_draft_tokens
         length = state.draft_length
         if length is None:
-            self.run_unit(state, request, generator, timer, 1)
+            self.run_unit(state, request, timer, 1)
             return
         steps = k
         for i in range(k):
-            step = partial(self._draft_step, state, request, generator, i)
+            step = partial(self._draft_step, state, request, i)
             state.graphs.run(("draft", i), step, timer, "draft")
             # Adaptive drafting's own read, once per draft step (SPEC §5): stop when every row has.
             if i + 1 < k and bool(length.stopped.all()):
                 steps = i + 1
                 break
-        finish = partial(self._finish, state, request, generator, steps)
+        finish = partial(self._finish, state, request, steps)
         state.graphs.run(("finish", steps), finish, timer, "finish")
 
     def run_unit(
         self,
         state: RequestState,
         request: Request,
-        generator: torch.Generator,
         timer: StageTimer,
         count: int,
         learn: Callable[[StageTimer], None] | None = None,
@@ -385,17 +382,15 @@ class Rounds:
         def unit(timer: StageTimer) -> None:
             for r in range(count):
                 for i in range(k):
-                    self._draft_step(state, request, generator, i, timer)
-                self._finish(state, request, generator, k, timer)
+                    self._draft_step(state, request, i, timer)
+                self._finish(state, request, k, timer)
                 if r in learn_after:
                     learn(timer)
 
         key = "round" if count == 1 and not learn_after else ("rounds", count, learn_after)
         state.graphs.run(key, unit, timer, "round" if count == 1 else "rounds")
 
-    def _draft_step(
-        self, state: RequestState, request: Request, generator: torch.Generator, i: int, timer: StageTimer
-    ) -> None:
+    def _draft_step(self, state: RequestState, request: Request, i: int, timer: StageTimer) -> None:
         """Draft token ``i`` of the round for every row: ``state.draft_ids[:, i]`` and its distribution."""
         sampling = request.sampling
         device = state.tokens.device
@@ -423,7 +418,7 @@ class Rounds:
             else:
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
             state.invalid |= ops.nonfinite_rows(logits)
-            noise = None if sampling.greedy else _exponential(logits.shape, generator, device)
+            noise = None if sampling.greedy else _exponential(logits.shape, state.graphs.generator, device)
             ids, probs = ops.sample(
                 logits,
                 noise,
@@ -455,9 +450,7 @@ class Rounds:
                 )
                 length.step(i + 1, hidden[:, -1] if head else None, confidence, head_input)
 
-    def _finish(
-        self, state: RequestState, request: Request, generator: torch.Generator, steps: int, timer: StageTimer
-    ) -> None:
+    def _finish(self, state: RequestState, request: Request, steps: int, timer: StageTimer) -> None:
         """The rest of a round whose rows drafted ``steps`` tokens (at most): translate, target forward,
         verify, commit, learn."""
         sampling = request.sampling
@@ -507,6 +500,7 @@ class Rounds:
             # Greedy requests split tokens whose first piece has no proposal probability too (bridge.units):
             # they verify by exact match, which greedy speculative sampling equals.
             exact_match = mode == "exact" or (state.units is not None and sampling.greedy)
+            generator = state.graphs.generator  # the request's (registered with its captured stages)
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
             noise_shape = (batch, steps + 1, vocab) if exact_match else (batch, vocab)

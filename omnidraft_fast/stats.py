@@ -70,8 +70,8 @@ class GenerationStats:
 
     @property
     def ngram_hits_per_round(self) -> float:
-        """Target tokens proposed from n-gram merges, per round."""
-        return self.merged_proposed / self.rounds if self.rounds else 0.0
+        """Target tokens proposed from n-gram merges, per row per round (as ``drafted_per_round``)."""
+        return self.merged_proposed / self.row_rounds if self.row_rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
