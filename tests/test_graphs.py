@@ -684,9 +684,10 @@ def test_graph_mode_is_checked():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_on_the_zoo_pair():
-    """Real CUDA graphs: greedy and sampled outputs equal eager mode's on the embedded pair, every
-    configuration of the round (shared, cross, cascade, adaptive, several rounds per host read); the second
-    request, on other prompts, replays the graphs kept from the first (reseeded generator included)."""
+    """Real CUDA graphs: greedy and sampled outputs, and the target's logits kept for ``output_logits``
+    (staged inside the captured rounds), equal eager mode's on the embedded pair, every configuration of
+    the round (shared, cross, cascade, adaptive, several rounds per host read); the second request, on
+    other prompts, replays the graphs kept from the first (reseeded generator included)."""
     from omnidraft_fast.zoo import load
 
     zoo = load("code-pair", device="cuda")
@@ -704,7 +705,7 @@ def test_cuda_graphs_on_the_zoo_pair():
     ]
     for drafter, tokenizers, config in cases:
         for sampling in ({}, {"do_sample": True, "top_k": 20}):
-            request = {"max_new_tokens": 48, **sampling}
+            request = {"max_new_tokens": 48, "output_logits": True, **sampling}
             results = _both_modes(
                 lambda graphs, d=drafter, t=tokenizers, c=config: SpeculativeEngine(
                     zoo.target,
@@ -718,6 +719,9 @@ def test_cuda_graphs_on_the_zoo_pair():
                 "draft" if "adaptive" in config else "rounds" if "rounds_per_sync" in config else "round"
             )
             _assert_same(results, replayed_stage=replayed)
+            for eager, captured in zip(results[0][1], results[1][1], strict=True):
+                a, b = torch.stack(eager.logits), torch.stack(captured.logits)
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
             if "adaptive" not in config:  # a learner's engine keeps no graphs
                 assert _replayed_from_the_start(results[1][1][1])
 
