@@ -98,8 +98,9 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
     if engines is None:
         engines = _EngineList()
         object.__setattr__(model, _ENGINES_ATTR, engines)
-    # An engine built before the model's vocabulary changed (resize_token_embeddings) no longer fits it.
-    engines[:] = [engine for engine in engines if not engine.resized_models()]
+    # An engine built before the model's vocabulary changed (resize_token_embeddings), or before the models
+    # moved to another device, no longer fits them.
+    engines[:] = [engine for engine in engines if not engine.resized_models() and not engine.moved_models()]
     for index, engine in enumerate(engines):
         if (
             engine.drafter.model is drafter

@@ -111,6 +111,7 @@ class SpeculativeEngine:
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
             )
         self.config = config
+        self.built_on = self.device  # the bridge, the table, the learners and kept graphs live there
         self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
         self.ngram: NGramTable | None = None
         if self.bridge is not None and config.translation != "tli":
@@ -159,10 +160,15 @@ class SpeculativeEngine:
             model for model in (self.target, self.drafter) if model.current_vocab_size() != model.vocab_size
         ]
 
+    def moved_models(self) -> list[CausalLM]:
+        """The models moved to another device since this engine was built (``model.to(...)``)."""
+        return [model for model in (self.target, self.drafter) if model.device != self.built_on]
+
     def release(self) -> None:
         """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
-        device states, both models' caches, the captured graphs and their memory). Call it after moving the
-        models or rebinding their parameters; the next request captures afresh."""
+        device states, both models' caches, the captured graphs and their memory). Call it after casting the
+        models or rebinding their parameters (moving them to another device needs a new engine); the next
+        request captures afresh."""
         self.rounds.release()
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
@@ -228,6 +234,14 @@ class SpeculativeEngine:
                 f"the {model.name}'s vocabulary changed from {model.vocab_size} to {model.current_vocab_size()} ids "
                 "since this engine was built (resize_token_embeddings?): build a new SpeculativeEngine "
                 "(omnidraft_fast.generate() does so itself)"
+            )
+        if moved := self.moved_models():
+            model = moved[0]
+            raise ValueError(
+                f"the {model.name} moved from {self.built_on} to {model.device} since this engine was built, and the "
+                "engine's vocabulary bridge, n-gram table, learners and kept graphs did not: build a new "
+                "SpeculativeEngine after moving the models (omnidraft_fast.generate() does so itself), and "
+                "save_state/load_state to take what it learned along"
             )
         # the GenerationConfig fields passed, None included (it overrides, as in transformers)
         explicit = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}

@@ -612,6 +612,25 @@ def test_greedy_leaves_the_global_rng_alone(target, drafter, batch):
     assert torch.equal(drawn, torch.rand(4))
 
 
+def test_models_moved_after_the_engine_was_built(batch):
+    """``model.to(...)`` after an engine was built: its bridge, table, learners and graphs stayed, so it says
+    to build a new one; ``generate()`` drops the engine it kept for the model and builds one where the
+    models are now. (This machine has one device; the meta device stands in for another.)"""
+    from omnidraft_fast.api import _engine_for
+
+    target = tiny_model("llama", VOCAB, seed=0)
+    drafter = perturbed_copy(target, 0.3, seed=1)
+    ids, mask = batch
+    omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
+    kept = _engine_for(target, drafter, None, None, None)
+    assert kept.moved_models() == []
+    target.to("meta"), drafter.to("meta")
+    with pytest.raises(ValueError, match=r"the model moved from cpu to meta .*build a new SpeculativeEngine"):
+        kept.generate(ids, attention_mask=mask, max_new_tokens=4)
+    rebuilt = _engine_for(target, drafter, None, None, None)
+    assert rebuilt is not kept and rebuilt.built_on == torch.device("meta") and not rebuilt.moved_models()
+
+
 def test_vocabulary_resized_after_first_call(batch):
     """resize_token_embeddings() after a call: the engine kept on the model is rebuilt, as generate() works on."""
     target = tiny_model("llama", VOCAB, seed=0)
