@@ -34,9 +34,8 @@ class KeptLogits:
         self.staging = {
             name: torch.full((batch, tokens_per_sync + 1, vocab), torch.nan, device=device) for name in names
         }
-        self.base = torch.zeros(
-            batch, dtype=torch.int64, device=device
-        )  # [batch] new tokens at the last flush
+        # [batch] each row's new tokens at the last flush
+        self.base = torch.zeros(batch, dtype=torch.int64, device=device)
         # [batch, capacity + 1, V] per name: the output so far (NaN where a row has none), a spare column last
         self.out = {name: torch.full((batch, 1, vocab), torch.nan, device=device) for name in names}
 
