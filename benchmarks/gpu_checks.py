@@ -50,6 +50,12 @@ def kernels() -> None:
             noise, temperature=1.0, rule=torch.full((batch,), RULES.index(rule), device=device),
             alpha=torch.full((batch,), 0.3, device=device), cross=CrossProposal(draft, source, span_end, d2t, t2d),
         )  # fmt: skip
+    uniforms = torch.rand(batch, k, device=device, generator=generator)
+    # Verification by exact match.
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 0.9)):
+        match_noise = torch.empty_like(target_logits, dtype=torch.float32).exponential_(generator=generator)
+        ops.verify(target_logits, target_ids, None, uniforms, None if temperature == 0 else match_noise,
+                   temperature=temperature, top_k=top_k, top_p=top_p, exact_match=True)  # fmt: skip
     torch.cuda.synchronize()
     print("kernels: all ran")
 

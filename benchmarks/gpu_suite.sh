@@ -77,9 +77,10 @@ if [ "${JOBS:-8}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
 fi
 
 if [ "$GRID" = full ]; then
-    select_sampling=() select_verify=() select_ngram=() select_translate=()
+    select_sampling=() select_verify=() select_match=() select_ngram=() select_translate=()
 else  # the goals' shapes: [72, 128256] bf16 (sampling: 72 rows; verification: 8 rows x 9 positions)
-    select_sampling=(-k "72-128256") select_verify=(-k "8-8-128256") select_ngram=(-k "524288-131072")
+    select_sampling=(-k "72-128256") select_verify=(-k "8-8-128256") select_match=(-k "8-8-128256")
+    select_ngram=(-k "524288-131072")
     select_translate=(-k "64-8")
 fi
 bench() {  # bench OP LIMIT SELECTION...
@@ -95,6 +96,7 @@ step tests_gpu 180 $PY -m pytest -q -rs -m gpu "${jobs[@]}" --junitxml="$WORK/te
 step syncs 60 $PY benchmarks/gpu_checks.py syncs
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
 bench verify 100 "${select_verify[@]}"
+bench match 60 "${select_match[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
 step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"

@@ -7,8 +7,8 @@ times; for the Triton kernel its bandwidth, the share of the copy's, and its spe
 compiled references) and checks the goals:
 
 - sampling at ``[72, 128256]`` bf16 logits and verification at 8 rows x 9 positions x 128256 (the same
-  72 rows): the Triton kernel at >= 80% of the copy's bandwidth, >= 3x the eager reference, >= 1.5x its
-  ``torch.compile``;
+  72 rows), speculative sampling and by exact match (``bench_match.py``, per configuration): the Triton
+  kernel at >= 80% of the copy's bandwidth, >= 3x the eager reference, >= 1.5x its ``torch.compile``;
 - the n-gram table: lookups >= 500M keys/s, inserts >= 200M keys/s (Triton, at every measured size).
 
 Those timings include the host's launches and a sync. Where ``DIR`` also holds ``tune-<device>.json``
@@ -101,15 +101,26 @@ def sampling(cases: list[dict]) -> dict:
     return {"rows": rows, "goals": [_bandwidth_goal(r) for r in goal_rows]}
 
 
-def verify(cases: list[dict]) -> dict:
+def _verification(cases: list[dict], variant: str) -> dict:
+    """A verification op's table, per (batch, k, vocab, ``variant``), and its goals at 8 x 9 x 128256."""
+
     def key(p):
-        return ("batch", p["batch"]), ("k", p["k"]), ("vocab", p["vocab"]), ("cross_vocab", p["cross_vocab"])
+        return ("batch", p["batch"]), ("k", p["k"]), ("vocab", p["vocab"]), (variant, p[variant])
 
     rows = _compare(cases, key=key, implementation=lambda c: c["params"]["implementation"], copy_key=key)
     goal_rows = [
         r for r in rows if (r["shape"]["batch"], r["shape"]["k"], r["shape"]["vocab"]) == (8, 8, 128256)
     ]
     return {"rows": rows, "goals": [_bandwidth_goal(r) for r in goal_rows]}
+
+
+def verify(cases: list[dict]) -> dict:
+    return _verification(cases, "cross_vocab")
+
+
+def match(cases: list[dict]) -> dict:
+    """Verification by exact match, per configuration (greedy, sampled, top-p)."""
+    return _verification(cases, "config")
 
 
 def ngram(cases: list[dict]) -> dict:
@@ -153,7 +164,7 @@ def translate(cases: list[dict]) -> dict:
     return {"rows": rows}
 
 
-OPS = {"sampling": sampling, "verify": verify, "ngram": ngram, "translate": translate}
+OPS = {"sampling": sampling, "verify": verify, "match": match, "ngram": ngram, "translate": translate}
 
 
 def device_time(tune: dict) -> dict:

@@ -46,11 +46,9 @@ it stopped at a drafted token with no target token, ``q_j`` is the drafter's law
 (``kernels/proposal.py``), whose missing mass is that of the drafter's tokens with no target token: the
 residual against it keeps speculative sampling exact.
 
-Exact-match verification (``exact_match=True``; lossless for *any* proposal, used when the proposal
-probabilities are not exact, e.g. after n-gram merges): draw ``z_j ~ p_j`` at every position, accept
-``y_j`` iff ``z_j == y_j``, and at the first mismatch emit ``z_j``. Only the exact rule applies.
+Verification by exact match, which needs no ``q`` (lossless for any proposal), is ``match.py``.
 
-The Triton kernel (``verify_triton``; exact match stays on the reference) never builds ``q'`` densely: it
+The Triton kernel (``verify_triton``) never builds ``q'`` densely: it
 reads the drafter's rows through ``t2d`` with the merge adjustments and split pieces of
 ``kernels/proposal.py``. Each
 position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1))`` chunks of whole blocks):
@@ -137,37 +135,23 @@ def cascade_target_reference(
 def verify_reference(
     target_logits: torch.Tensor,  # [batch, k+1, V_t]
     draft_ids: torch.Tensor,  # [batch, k] int64 target ids, -1 where nothing was proposed
-    q: torch.Tensor | None,  # [batch, k, V_t] fp32 proposal q' (0 where none); None with exact_match
+    q: torch.Tensor,  # [batch, k, V_t] fp32 proposal q' (0 where none)
     q1: torch.Tensor | None,  # [batch, k, V_t] fp32 T=1 proposal for the rules; None: q
     uniforms: torch.Tensor,  # [batch, k] U[0, 1)
-    noise: torch.Tensor | None,  # Exp(1): [batch, V_t] for the one residual/bonus draw, or
-    #                              [batch, k+1, V_t] with exact_match; unused when greedy
+    noise: torch.Tensor | None,  # [batch, V_t] Exp(1) for the one residual/bonus draw; unused when greedy
     rule: torch.Tensor | None,  # [batch] int64 rule ids; None: "exact" for every row
     alpha: torch.Tensor | None,  # [batch] fp32; None with rule None
     temperature: float,
     top_k: int,
     top_p: float,
-    exact_match: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``num_accepted`` [batch], ``output_tokens`` [batch, k+1] (-1 padded), ``accept_probs``
-    [batch, k] (the ``a_j``; ``p_j(y_j)`` under exact match), ``deferred`` [batch, k] bool and
-    ``invalid`` [batch] (rows with unusable target logits)."""
+    [batch, k] (the ``a_j``), ``deferred`` [batch, k] bool and ``invalid`` [batch] (rows with unusable
+    target logits)."""
     batch, k = draft_ids.shape
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
     invalid = nonfinite_rows_reference(target_logits).any(-1)
-    if exact_match:
-        if temperature == 0.0:  # p is one-hot at the argmax: one read of the logits
-            z = target_logits.argmax(-1)  # [batch, k+1]
-            p_y = (z[:, :k] == draft_ids).float()
-        else:
-            p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
-            p_y = torch.where(proposed, p[:, :k].gather(-1, safe_ids)[..., 0], 0.0)
-            z = (p / noise).argmax(-1)  # [batch, k+1] draws from p
-        num_accepted = (z[:, :k] == draft_ids).long().cumprod(-1).sum(-1)
-        final = z.gather(1, num_accepted[:, None])[:, 0]
-        deferred = torch.ones_like(proposed)
-        return num_accepted, _output_tokens(draft_ids, num_accepted, final), p_y, deferred, invalid
     if rule is None and temperature == 0.0:
         # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
         # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
@@ -750,7 +734,7 @@ def verify_triton(
     block: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``verify_reference`` in Triton, reading ``q'`` through ``cross`` on the fly (module docstring);
-    ``block`` is the tile of the vocabulary. Exact-match verification stays on the reference."""
+    ``block`` is the tile of the vocabulary."""
     batch, width, vocab = target_logits.shape
     k = width - 1
     device = target_logits.device

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .kernels.commit import commit_drafter_reference, commit_reference
+from .kernels.match import match_reference, match_triton
 from .kernels.ngram import (
     ngram_insert_reference,
     ngram_insert_triton,
@@ -136,7 +137,8 @@ def verify(
     proposed (ragged drafts). ``rule``/``alpha`` pick a deferral rule per row (``kernels/verify.py``'s
     ``RULES``; None: exact speculative sampling); the rules read ``draft_probs_t1``, the drafter's
     ``T = 1`` distribution (None: ``draft_probs``). ``exact_match=True`` verifies by exact match against
-    draws from ``p`` (lossless for any proposal; ``draft_probs`` unused, ``noise`` [batch, k+1, V_t]).
+    draws from ``p`` (``kernels/match.py``: lossless for any proposal; ``draft_probs`` and ``uniforms``
+    unused, ``noise`` [batch, k+1, V_t], ``accept_probs`` the target's ``p_j(y_j)``, every draft deferred).
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
@@ -198,7 +200,20 @@ def verify(
             raise ValueError(f"`noise` must be {list(shape)}, got {list(noise.shape)}")
     # q' is read through `cross` inside the kernel. An infinite temperature (uniform draws) stays on the
     # reference: the kernels' -inf padding lanes divided by it would be NaN.
-    if runs_kernels(target_logits) and not exact_match and math.isfinite(temperature):
+    kernel = runs_kernels(target_logits) and math.isfinite(temperature)
+    if exact_match:
+        match = match_triton if kernel else match_reference
+        num_accepted, output_tokens, target_probs, invalid = match(
+            target_logits, draft_ids, noise, temperature, top_k, top_p
+        )
+        return (
+            num_accepted,
+            output_tokens,
+            target_probs,
+            torch.ones_like(draft_ids, dtype=torch.bool),
+            invalid,
+        )
+    if kernel:
         if rule is None:
             rule = torch.zeros(batch, dtype=torch.int64, device=device)
             alpha = torch.zeros(batch, dtype=torch.float32, device=device)
@@ -206,13 +221,12 @@ def verify(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
             top_k, top_p, cross,
         )  # fmt: skip
-    q = q1 = None
-    if draft_probs is not None:
-        q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)
+    q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)
+    q1 = None
     if draft_probs_t1 is not None:
         q1 = draft_probs_t1 if cross is None else target_proposal_reference(draft_probs_t1, draft_ids, cross)
     return verify_reference(
-        target_logits, draft_ids, q, q1, uniforms, noise, rule, alpha, temperature, top_k, top_p, exact_match
+        target_logits, draft_ids, q, q1, uniforms, noise, rule, alpha, temperature, top_k, top_p
     )
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KERNELS = {
     "_stats_kernel", "_threshold_pass_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
-    "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
+    "_race_kernel", "_match_kernel", "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
 }  # fmt: skip
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
@@ -92,7 +92,8 @@ def main(archs: list[int]) -> int:
 def _launches():
     """Calls of every launcher over the variants the engine uses: greedy and sampled, filters, masks,
     vocabulary bridges, fp16/bf16 logits, with and without an n-gram table."""
-    from omnidraft_fast.kernels import ngram, sampling, translate, verify
+    from omnidraft_fast.kernels import match, ngram, sampling, translate, verify
+    from test_kernels_match import _case as _match_case
     from test_kernels_translate import _d2t, _drafts, _table
     from test_kernels_verify import _case
 
@@ -100,6 +101,9 @@ def _launches():
         for options in ({}, {"vocab_d": 257}, {"vocab_d": 257, "separate_t1": True}, {"top_k": 5, "top_p": 0.9},
                         {"dtype": torch.bfloat16}, {"dtype": torch.float16}):  # fmt: skip
             yield lambda t=temperature, o=options: verify.verify_triton(**_case(4, 3, 300, t, **o))
+    for temperature in (0.0, 0.7):
+        for options in ({}, {"top_k": 5, "top_p": 0.9}, {"dtype": torch.bfloat16}, {"dtype": torch.float16}):
+            yield lambda t=temperature, o=options: match.match_triton(**_match_case(4, 3, 300, t, **o))
     mask = torch.rand(300) < 0.7
     for temperature, top_k, top_p, allowed in ((0.0, 0, 1.0, None), (1.0, 0, 1.0, None), (0.7, 5, 0.9, mask),
                                                (1.0, 0, 0.8, None), (0.0, 0, 1.0, mask)):  # fmt: skip

@@ -23,6 +23,7 @@ VOCAB = 96
 LAUNCHERS = (
     "sample_triton",
     "verify_triton",
+    "match_triton",
     "translate_triton",
     "ngram_insert_triton",
     "ngram_lookup_triton",
@@ -94,3 +95,4 @@ def test_cross_vocabulary(monkeypatch, cross_pair, translation):
     )
     if translation == "omnidraft":  # the n-gram table: seeded, read by translation, written by the rounds
         assert launches["ngram_insert_triton"] > 0
+        assert launches["match_triton"] > 0  # greedy with split tokens verifies by exact match

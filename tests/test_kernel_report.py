@@ -84,6 +84,34 @@ def test_ngram_rates_against_their_goals(tmp_path, kernel_report):
     assert insert["eager_keys_per_s"] == pytest.approx(1.31072e7)
 
 
+def test_exact_match_goals_per_configuration(tmp_path, kernel_report):
+    """Each configuration at the goal shape is checked against its own copy; other shapes only tabled."""
+    cases = []
+    for config, triton_seconds in (("greedy", 5e-6), ("top_p", 40e-6)):
+        shape = {"batch": 8, "k": 8, "vocab": 128256, "config": config}
+        for name, seconds in (
+            ("copy", 5e-6),
+            ("eager", 60e-6),
+            ("compile", 30e-6),
+            ("triton", triton_seconds),
+        ):
+            cases.append(
+                _case("test_match", {**shape, "implementation": name}, seconds, bytes_moved=2_000_000)
+            )
+    cases.append(_case("test_match", {"batch": 1, "k": 4, "vocab": 32000, "config": "greedy",
+                                      "implementation": "triton"}, 3e-6))  # fmt: skip
+    _write(tmp_path, "match", cases)
+    summary = kernel_report.report(tmp_path)["ops"]["match"]
+    assert len(summary["rows"]) == 3
+    greedy, top_p = summary["goals"]
+    assert greedy["shape"]["config"] == "greedy" and greedy["met"]
+    assert top_p["checks"] == {
+        "copy share >= 80%": False,
+        ">= 3x eager": False,
+        ">= 1.5x torch.compile": False,
+    }
+
+
 def test_translation_with_and_without_split_tokens(tmp_path, kernel_report):
     cases = []
     for test, name, seconds in (("test_translate", "eager", 90e-6), ("test_translate", "compile", 30e-6),
