@@ -4,7 +4,7 @@ Row ``b`` holds runs ``0..n-1`` of ``lengths[b, i]`` items each. Written back to
 output position ``o`` falls in run ``i`` when ``ends[b, i - 1] <= o < ends[b, i]`` (``ends`` the inclusive
 cumulative sum of the lengths), at offset ``o - ends[b, i - 1]`` inside it, and past the last run it is
 padding. Translation writes split tokens out this way (``translate.split_reference``), and the commit
-stage the drafter spellings of the target tokens it feeds back (``omnidraft_fast/rounds.py``).
+stage the drafter spellings of the target tokens it feeds back (``omnidraft_fast/feedback.py``).
 """
 
 from __future__ import annotations

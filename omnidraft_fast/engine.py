@@ -31,7 +31,8 @@ from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
-from .rounds import COUNTERS, RequestState, Rounds
+from .request_state import COUNTERS, RequestState
+from .rounds import Rounds
 from .state import load_state, save_state
 from .stats import GenerationStats, StageTimer
 from .stopping import Criteria, Stops, StopStrings

@@ -115,7 +115,7 @@ class Recorder:
         d_lengths: torch.Tensor,  # [batch] int64 drafter slots committed before this round
     ) -> None:
         """Label the drafter slots a round committed. ``slots`` lays the round's target positions out in
-        the drafter's context (``Rounds._feedback``): drafted positions take their span of drafted tokens
+        the drafter's context (``feedback.py``): drafted positions take their span of drafted tokens
         (none for the pieces of a split token but the last), the others their spelling."""
         batch, k = proposal.shape
         device = proposal.device

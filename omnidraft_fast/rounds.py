@@ -23,9 +23,7 @@ no host read inside, so that ``graphs.py`` can capture and replay it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 
@@ -33,84 +31,20 @@ from . import ops
 from .adaptive import DraftLength, confidence_logit
 from .bridge import VocabBridge
 from .config import EngineConfig, SamplingParams
-from .experience import Recorder
+from .feedback import feedback, kept_drafts
 from .graphs import StageGraphs
 from .kept_logits import KeptLogits
 from .kernels.proposal import CrossProposal, fold_twins_
-from .kernels.ragged import ragged_layout
 from .kernels.verify import RULES
 from .learner import OnlineLearner
-from .models import CausalLM, SlotKVCache
+from .models import CausalLM
 from .ngram import NGramTable
 from .processors import TargetProcessors
 from .request import Request
+from .request_state import COUNTERS, KeptStates, RequestState, refill
 from .stats import StageTimer
 
-__all__ = ["COUNTERS", "RequestState", "Rounds"]
-
-# Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
-COUNTERS = (
-    "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
-    "merged_accepted", "split_proposed", "split_accepted", "deferred", "invalid",
-)  # fmt: skip
-
-
-class Feedback(NamedTuple):
-    """The target tokens of a round spelled into the drafter's context (``Rounds._feedback``)."""
-
-    spelling: torch.Tensor  # [batch, spelling_width] their drafter spellings end to end, -1 padded
-    lengths: torch.Tensor  # [batch, k+1] drafter tokens spelled for each target position (0: not fed)
-    mask: torch.Tensor  # [batch, k+1] bool the positions fed (spelled) rather than drafted
-
-    def slots(self, num_accepted: torch.Tensor, span_end: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """[batch, k+1] drafter slots each target position of the round takes in the committed context:
-        its span of drafted tokens if accepted, its spelling if fed."""
-        batch, width = self.mask.shape
-        accepted = torch.arange(width - 1, device=span_end.device) < num_accepted[:, None]
-        previous = torch.cat([span_end.new_zeros(batch, 1), span_end[:, :-1]], 1)
-        drafted = torch.where(accepted & active[:, None], span_end - previous, 0)
-        return torch.where(self.mask, self.lengths, torch.cat([drafted, drafted.new_zeros(batch, 1)], 1))
-
-
-@dataclass
-class RequestState:
-    """Device state of one request (fixed shapes for the whole request; see docs/architecture.md)."""
-
-    tokens: torch.Tensor  # [batch, slots + 1] committed target tokens by slot
-    pad: int  # columns of left padding added to the prompt (EngineConfig.prompt_bucket)
-    lengths: torch.Tensor  # [batch] committed slots (dummy slot and padding included)
-    start: torch.Tensor  # [batch] first slot of each row's prompt
-    generated: torch.Tensor  # [batch] new tokens so far
-    done: torch.Tensor  # [batch] bool
-    eos_ids: torch.Tensor  # [num_eos]
-    d_tokens: torch.Tensor  # [batch, drafter slots + margin] the drafter's context by slot, in drafter ids
-    d_start: torch.Tensor  # [batch] first slot of each row's drafter context
-    d_lengths: torch.Tensor  # [batch] committed drafter slots
-    window: int  # drafter tokens re-fed by the first draft step of a round
-    units: torch.Tensor | None  # [V_d] drafted tokens before merges, with split tokens (None: d2t)
-    draft_ids: torch.Tensor  # [batch, k] drafter ids
-    draft_probs: torch.Tensor  # [batch, k, V_d] fp32
-    draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
-    rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
-    alpha: torch.Tensor | None  # [batch] fp32
-    counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read once, at the end)
-    recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
-    processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
-    # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers),
-    # the target's at each new token (kept_logits.py)
-    kept_logits: KeptLogits
-    invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
-    ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
-    draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
-    graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs), with its generator
-
-
-class _Kept(NamedTuple):
-    """A request's state, captured stages and both models' caches, kept for later requests (``Rounds.begin``)."""
-
-    key: tuple  # the request's shapes and every setting its stages read as a Python value
-    state: RequestState
-    caches: tuple[SlotKVCache, SlotKVCache]  # target, drafter
+__all__ = ["Rounds"]
 
 
 class Rounds:
@@ -127,8 +61,7 @@ class Rounds:
     ):
         self.target, self.drafter, self.bridge, self.ngram = target, drafter, bridge, ngram
         self.learner, self.config = learner, config
-        # the states (with their caches and graphs) of recent requests, for later ones with the same key
-        self._kept: list[_Kept] = []
+        self._kept = KeptStates(config.kept_graphs)  # recent requests' states, caches and graphs
 
     @property
     def mode(self) -> str:
@@ -142,7 +75,7 @@ class Rounds:
 
     def slots_per_round(self, k: int) -> int:
         """Most drafter slots one round commits to a row: up to ``k`` drafted tokens, then the spelling of
-        the target tokens it did not draft (``_feedback``)."""
+        the target tokens it did not draft (``feedback.py``)."""
         return k + self.spelling_width
 
     def spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,16 +115,15 @@ class Rounds:
                    request.num_draft_tokens, request.sampling, request.eos_token_ids, request.confidence_threshold,
                    request.cascade, request.alphas, request.kept_logits, request.processing,
                    learner is not None and learner.enabled)  # fmt: skip
-        entry = next((e for e in self._kept if e.key == key), None) if key is not None else None
-        if entry is not None:
-            self._kept.remove(entry)
-            _refill(entry.state, state)
-            state = entry.state
+        kept = self._kept.take(key) if key is not None else None
+        kept_caches = (None, None)
+        if kept is not None:
+            refill(kept[0], state)
+            state, kept_caches = kept
             state.graphs.generator.manual_seed(seed)
         else:
             generator = torch.Generator(device).manual_seed(seed)
             state.graphs = StageGraphs(device, generator, self.config.cuda_graphs)
-        kept_caches = entry.caches if entry is not None else (None, None)
         widths = (  # the cache widths `_layout` sized the token buffers for
             state.tokens.shape[1] - 1,
             state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
@@ -201,31 +133,24 @@ class Rounds:
         ):
             model.check_width(width)
             model.begin(first, width, cache)
-        if key is not None and self.config.kept_graphs > 0:
-            caches = (self.target.cache, self.drafter.cache)
-            self._kept.append(_Kept(key, state, caches))  # the most recently used last
-            while len(self._kept) > self.config.kept_graphs:
-                self._kept.pop(0).state.graphs.close()
+        if key is not None:
+            self._kept.keep(key, state, (self.target.cache, self.drafter.cache))
         return state
 
     def end(self, state: RequestState, failed: bool) -> None:
         """After a request: release its graphs unless they are kept for later requests (``begin``); a
         request that failed keeps nothing. The models let go of their caches (kept ones live on in
-        ``_kept``)."""
-        entry = next((e for e in self._kept if e.state is state), None)
-        if failed and entry is not None:
-            self._kept.remove(entry)
-            entry = None
-        if entry is None:
+        ``KeptStates``)."""
+        if failed:
+            self._kept.drop(state)
+        if not self._kept.holds(state):
             state.graphs.close()
         self.target.end()
         self.drafter.end()
 
     def release(self) -> None:
         """Free the states, caches and graphs kept for later requests (``begin``)."""
-        for entry in self._kept:
-            entry.state.graphs.close()
-        self._kept.clear()
+        self._kept.release()
 
     def _layout(self, request: Request, bucket: int) -> RequestState:
         """Fresh device state for ``request`` (its ``graphs`` still to be set): the prompt left-padded to a
@@ -546,9 +471,10 @@ class Rounds:
             # output_logits / output_scores: the target's logits at the kept tokens
             for name, values in (("logits", target_logits), ("scores", processed)):
                 state.kept_logits.record(name, values, generated, kept)
-            fed = self._feedback(
-                output_tokens, num_accepted, source, span_end, active, state.units is not None
-            )
+            fed = feedback(
+                output_tokens, num_accepted, source, span_end, active, self.spell, self.spelling_width,
+                splits=state.units is not None,
+            )  # fmt: skip
             ops.commit_drafter(
                 state.d_tokens,
                 state.d_lengths,
@@ -604,38 +530,6 @@ class Rounds:
                     d_lengths=d_lengths,
                 )
 
-    def _feedback(
-        self,
-        output_tokens: torch.Tensor,  # [batch, k+1] emitted this round, -1 padded
-        num_accepted: torch.Tensor,  # [batch]
-        source: torch.Tensor,  # [batch, k]
-        span_end: torch.Tensor,  # [batch, k]
-        active: torch.Tensor,  # [batch]
-        splits: bool,  # the request splits tokens (RequestState.units)
-    ) -> Feedback:
-        """What the drafter's context gets for the target tokens a round emitted but did not draft: the
-        recovered/bonus token and, before it, the accepted pieces of a split token that a rejection cut
-        (their drafter token was not kept), each spelled through the bridge (SPEC §2.4). They go in
-        order while their spellings fit in ``spelling_width``; a token that does not fit is left out of
-        the drafter's context with the ones after it."""
-        batch, width = output_tokens.shape
-        j = torch.arange(width, device=output_tokens.device)
-        mask = (j == num_accepted[:, None]) & active[:, None]
-        if not splits:  # the recovered/bonus token alone
-            spelling, length = self.spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
-            return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
-        drafted = _drafted(span_end, num_accepted)
-        behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
-        mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
-        spellings, lengths = self.spell(output_tokens.clamp_min(0).flatten())
-        lengths = torch.where(mask, lengths.view(batch, width), 0)
-        lengths = torch.where(lengths.cumsum(1) <= self.spelling_width, lengths, 0)
-        run, offset, valid = ragged_layout(lengths, self.spelling_width)
-        spellings = spellings.view(batch, width, -1)
-        rows = torch.arange(batch, device=output_tokens.device)[:, None]
-        spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)
-        return Feedback(spelling, lengths, mask)
-
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target
         twin (``EngineConfig.split_tokens``; None: the paper's stop at such a token). Greedy requests and
@@ -667,7 +561,7 @@ class Rounds:
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
         )
         merged = span_end - source >= 2
-        drafter_accepted = _drafted(span_end, num_accepted)
+        drafter_accepted = kept_drafts(span_end, num_accepted)
         state.counters += torch.stack(
             [
                 active.any().long(),
@@ -684,32 +578,6 @@ class Rounds:
                 invalid.sum(),
             ]
         )
-
-
-def _refill(kept, fresh) -> None:
-    """Copy a fresh request state's tensors into the kept one's, in place: captured stages read those
-    (``Rounds.begin``). Tensors both share (the bridge's maps) stay as they are; numbers are taken over
-    (the prompt's padding; the others are equal by the reuse key)."""
-    if isinstance(fresh, torch.Tensor):
-        if fresh is not kept:
-            kept.copy_(fresh)
-    elif isinstance(fresh, KeptLogits):
-        kept.refill(fresh)
-    elif isinstance(fresh, dict):
-        for name, value in fresh.items():
-            _refill(kept[name], value)
-    elif isinstance(fresh, (RequestState, DraftLength, Recorder, TargetProcessors)):
-        for name, value in vars(fresh).items():
-            if isinstance(value, (int, float)):
-                setattr(kept, name, value)
-            elif name != "graphs":
-                _refill(getattr(kept, name), value)
-
-
-def _drafted(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
-    """[batch] the drafted tokens a row keeps: those its accepted target positions consumed whole."""
-    at = (num_accepted - 1).clamp_min(0)[:, None]
-    return torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""What a round gives the drafter's context for the target tokens it emitted but did not draft (SPEC §2.4).
+
+The drafter's context holds, by drafter cache slot, the drafted tokens a row kept and, for every committed
+target token the drafter did not propose itself, that token's drafter spelling through the bridge: the
+recovered or bonus token of each round and, with split tokens, the accepted pieces of a split token that a
+rejection cut (their drafter token was not kept). :func:`feedback` lays those spellings out in fixed-shape
+rows for ``ops.commit_drafter``; :meth:`Feedback.slots` gives the drafter slots each target position of the
+round takes, which the online learner's labels are written by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .kernels.ragged import ragged_layout
+
+__all__ = ["Feedback", "feedback", "kept_drafts"]
+
+
+class Feedback(NamedTuple):
+    """The target tokens of a round spelled into the drafter's context (:func:`feedback`)."""
+
+    spelling: torch.Tensor  # [batch, spelling_width] their drafter spellings end to end, -1 padded
+    lengths: torch.Tensor  # [batch, k+1] drafter tokens spelled for each target position (0: not fed)
+    mask: torch.Tensor  # [batch, k+1] bool the positions fed (spelled) rather than drafted
+
+    def slots(self, num_accepted: torch.Tensor, span_end: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """[batch, k+1] drafter slots each target position of the round takes in the committed context:
+        its span of drafted tokens if accepted, its spelling if fed."""
+        batch, width = self.mask.shape
+        accepted = torch.arange(width - 1, device=span_end.device) < num_accepted[:, None]
+        previous = torch.cat([span_end.new_zeros(batch, 1), span_end[:, :-1]], 1)
+        drafted = torch.where(accepted & active[:, None], span_end - previous, 0)
+        return torch.where(self.mask, self.lengths, torch.cat([drafted, drafted.new_zeros(batch, 1)], 1))
+
+
+def feedback(
+    output_tokens: torch.Tensor,  # [batch, k+1] emitted this round, -1 padded
+    num_accepted: torch.Tensor,  # [batch]
+    source: torch.Tensor,  # [batch, k] the drafter position each target position came from
+    span_end: torch.Tensor,  # [batch, k] the end of its span of drafter positions
+    active: torch.Tensor,  # [batch]
+    spell: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],  # target ids [n] -> ids, lengths
+    spelling_width: int,
+    *,
+    splits: bool,  # the request splits tokens (RequestState.units)
+) -> Feedback:
+    """The spellings the drafter's context gets this round: they go in order while they fit in
+    ``spelling_width``; a token that does not fit is left out of the drafter's context with the ones after
+    it."""
+    batch, width = output_tokens.shape
+    j = torch.arange(width, device=output_tokens.device)
+    mask = (j == num_accepted[:, None]) & active[:, None]
+    if not splits:  # the recovered/bonus token alone
+        spelling, length = spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
+        return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
+    drafted = kept_drafts(span_end, num_accepted)
+    behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
+    mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
+    spellings, lengths = spell(output_tokens.clamp_min(0).flatten())
+    lengths = torch.where(mask, lengths.view(batch, width), 0)
+    lengths = torch.where(lengths.cumsum(1) <= spelling_width, lengths, 0)
+    run, offset, valid = ragged_layout(lengths, spelling_width)
+    spellings = spellings.view(batch, width, -1)
+    rows = torch.arange(batch, device=output_tokens.device)[:, None]
+    spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)
+    return Feedback(spelling, lengths, mask)
+
+
+def kept_drafts(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+    """[batch] the drafted tokens a row keeps: those its accepted target positions consumed whole."""
+    at = (num_accepted - 1).clamp_min(0)[:, None]
+    return torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)
