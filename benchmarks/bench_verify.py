@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _timing import synced
+from omnidraft_fast.kernels.cascade import RULES
 from omnidraft_fast.kernels.proposal import CrossProposal, target_proposal_reference
-from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
+from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 torch._dynamo.config.recompile_limit = 64  # one compilation per shape (dynamic=False)

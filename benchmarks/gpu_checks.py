@@ -17,8 +17,8 @@ import copy
 import sys
 
 import torch
+from omnidraft_fast.kernels.cascade import RULES
 from omnidraft_fast.kernels.proposal import CrossProposal
-from omnidraft_fast.kernels.verify import RULES
 
 from omnidraft_fast import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine, ops
 from omnidraft_fast.ngram import NGramTable

@@ -2,8 +2,9 @@
 
 Each module holds one op's maths: the torch reference ``<op>_reference`` that defines it and, for the
 ops with a kernel (sampling, verification, translation, the n-gram table), the launcher ``<op>_triton``
-with its Triton kernels (``_<op>_kernel``, or one per pass). ``commit``, ``proposal`` and ``ragged`` are
-references only.
+with its Triton kernels (``_<op>_kernel``, or one per pass); ``match`` is verification by exact match.
+``commit``, ``proposal`` and ``ragged`` are references only. ``cascade`` (the deferral rules) and
+``target_stats`` (the statistics pass over the target's logits) are the parts both verifications share.
 Kernels know nothing of models or tokenizers: tensors in, tensors out. The
 public, checked entry points are in ``omnidraft_fast.ops``.
 """

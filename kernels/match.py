@@ -20,9 +20,9 @@ where nothing was proposed; ``[z_j == y_j]`` when greedy), the probability the t
 
 The Triton kernel (``match_triton``) reads the logits once, plus once more where top-k/top-p filter:
 
-1. ``verify.py``'s ``_stats_kernel`` (grid ``[batch (k+1), splits]``): per vocabulary chunk, the online
-   softmax at ``T`` (or the first argmax when greedy), the ``T = 1`` max and the NaN/+inf count; top-k/top-p
-   then run sampling.py's threshold passes (``launch_thresholds``) on those partials.
+1. ``target_stats.py``'s statistics pass (grid ``[batch (k+1), splits]``): per vocabulary chunk, the online
+   softmax at ``T`` (or the first argmax when greedy), the ``T = 1`` max and the NaN/+inf count; with
+   top-k/top-p, sampling.py's threshold passes on those partials.
 2. ``_race_kernel`` (same grid; sampling only): each chunk's winner of ``p / E``, first id on ties.
 3. ``_match_kernel`` (one program per row): the winners over the chunks at all ``k+1`` positions at once,
    the match scan, the output tokens, ``p_j(y_j)`` from one logit each, and the invalid flag (a NaN/+inf
@@ -37,14 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import (
-    _row_max_sum,
-    _target_programs,
-    launch_thresholds,
-    nonfinite_rows_reference,
-    sampling_probs_reference,
-)
-from .verify import _combine, _output_tokens, _stats_kernel, _target_prob
+from .sampling import _row_max_sum, nonfinite_rows_reference, sampling_probs_reference
+from .target_stats import combine_partials, target_prob, target_stats
+from .verify import join_output
 
 __all__ = ["match_reference", "match_triton"]
 
@@ -73,7 +68,7 @@ def match_reference(
         z = (p / noise).argmax(-1)  # [batch, k+1] draws from p
     num_accepted = (z[:, :k] == draft_ids).long().cumprod(-1).sum(-1)
     final = z.gather(1, num_accepted[:, None])[:, 0]
-    return num_accepted, _output_tokens(draft_ids, num_accepted, final), target_probs, invalid
+    return num_accepted, join_output(draft_ids, num_accepted, final), target_probs, invalid
 
 
 # ---------------------------------------------------------------------------------------------- Triton
@@ -123,7 +118,7 @@ def _race_kernel(
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
         x = tl.load(row_logits + offs, mask=inside, other=float("-inf")).to(tl.float32)
-        p = _target_prob(x, offs, inside, m, norm, t, cut, temperature, False, FILTERED)
+        p = target_prob(x, offs, inside, m, norm, t, cut, temperature, False, FILTERED)
         noise = tl.load(row_noise + offs, mask=inside, other=1.0)
         race = tl.where(inside & (p == p), p / noise, -1.0)  # NaN only in invalid rows: no NaN winners
         block_best = tl.max(race, 0)
@@ -167,7 +162,7 @@ def _match_kernel(
     s = tl.arange(0, SPLITS_P2)
     offs = rows[:, None] * splits + s[None, :]
     mask = valid[:, None] & (s < splits)[None, :]
-    m, aux = _combine(part_m_ptr, part_aux_ptr, rows, valid, splits, SPLITS_P2, GREEDY)
+    m, aux = combine_partials(part_m_ptr, part_aux_ptr, rows, valid, splits, SPLITS_P2, GREEDY)
     if GREEDY:
         z = aux  # the first argmax
     else:
@@ -192,7 +187,7 @@ def _match_kernel(
         aux = tl.load(row_z_ptr + rows, mask=valid, other=1.0)
         thr = tl.load(row_t_ptr + rows, mask=valid, other=0.0)
         cut = tl.load(row_c_ptr + rows, mask=valid, other=0)
-    p_y = _target_prob(x.to(tl.float32), y, proposed, m, aux, thr, cut, temperature, GREEDY, FILTERED)
+    p_y = target_prob(x.to(tl.float32), y, proposed, m, aux, thr, cut, temperature, GREEDY, FILTERED)
     tl.store(target_probs_ptr + b * k + j, p_y, mask=drafted)
     bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
     empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
@@ -215,16 +210,8 @@ def match_triton(
     device = target_logits.device
     greedy = temperature == 0.0
     filtered = not greedy and (0 < top_k < vocab or top_p < 1.0)
-    if target_logits.stride(-1) != 1 or (
-        filtered and target_logits.stride(0) != width * target_logits.stride(1)
-    ):
-        target_logits = (
-            target_logits.contiguous()
-        )  # the threshold search reads rows of a [batch * (k+1), V_t] view
     draft_ids = draft_ids.contiguous()
-    if greedy:
-        noise = target_logits  # unused
-    elif noise.stride(-1) != 1:
+    if not greedy and noise.stride(-1) != 1:
         noise = noise.contiguous()
     num_accepted = torch.empty(batch, dtype=torch.int64, device=device)
     output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
@@ -232,39 +219,23 @@ def match_triton(
     invalid = torch.empty(batch, dtype=torch.uint8, device=device)
     if batch == 0:
         return num_accepted, output_tokens, target_probs, invalid.view(torch.bool)
-    rows = batch * width
-    blocks = triton.cdiv(vocab, block)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(_target_programs(device), rows)))) * block
-    splits = triton.cdiv(vocab, chunk)
+    stats = target_stats(target_logits, temperature, top_k, top_p, block)
+    target_logits, splits = stats.logits, stats.splits
     splits_p2 = triton.next_power_of_2(splits)
     stride_lb, stride_lj = target_logits.stride(0), target_logits.stride(1)
-
-    part_m1, part_z1, part_m = (
-        torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(3)
-    )
-    part_aux = torch.empty(rows, splits, dtype=torch.int64 if greedy else torch.float32, device=device)
-    part_bad = torch.empty(rows, splits, dtype=torch.int32, device=device)
-    _stats_kernel[(rows, splits)](
-        target_logits, part_m1, part_z1, part_m, part_aux, part_bad, vocab, width, stride_lb, stride_lj,
-        1.0 if greedy else temperature, chunk, GREEDY=greedy, UNIT_T=temperature == 1.0, BLOCK=block,
-    )  # fmt: skip
-    row_z = row_t = row_c = part_aux  # unused unless filtered
-    if filtered:
-        row_z, row_t, row_c = launch_thresholds(
-            target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, chunk, block
-        )  # fmt: skip
-    win_val, win_id = part_m, part_aux  # unused when greedy
+    thresholds = (stats.row_z, stats.row_t, stats.row_c)
+    win_val, win_id = stats.part_m, stats.part_aux  # unused when greedy
     if not greedy:
-        win_val = torch.empty(rows, splits, dtype=torch.float32, device=device)
-        win_id = torch.empty(rows, splits, dtype=torch.int64, device=device)
-        _race_kernel[(rows, splits)](
-            target_logits, noise, part_m, part_aux, row_z, row_t, row_c, win_val, win_id, vocab, width, stride_lb,
-            stride_lj, noise.stride(0), noise.stride(1), temperature, chunk, SPLITS_P2=splits_p2,
+        win_val = torch.empty(batch * width, splits, dtype=torch.float32, device=device)
+        win_id = torch.empty(batch * width, splits, dtype=torch.int64, device=device)
+        _race_kernel[(batch * width, splits)](
+            target_logits, noise, stats.part_m, stats.part_aux, *thresholds, win_val, win_id, vocab, width,
+            stride_lb, stride_lj, noise.stride(0), noise.stride(1), temperature, stats.chunk, SPLITS_P2=splits_p2,
             FILTERED=filtered, BLOCK=block,
         )  # fmt: skip
     _match_kernel[(batch,)](
-        target_logits, draft_ids, part_m1, part_bad, part_m, part_aux, row_z, row_t, row_c, win_val, win_id,
-        num_accepted, output_tokens, target_probs, invalid, k, stride_lb, stride_lj,
+        target_logits, draft_ids, stats.part_m1, stats.part_bad, stats.part_m, stats.part_aux, *thresholds,
+        win_val, win_id, num_accepted, output_tokens, target_probs, invalid, k, stride_lb, stride_lj,
         1.0 if greedy else temperature, splits, W_P2=triton.next_power_of_2(width), SPLITS_P2=splits_p2,
         GREEDY=greedy, FILTERED=filtered,
     )  # fmt: skip

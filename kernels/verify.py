@@ -15,32 +15,10 @@ position ``j`` builds a target ``pi_j`` from ``q_j``, ``p_j`` and the row's rule
 
 The output then follows the token-level cascade ``pi`` exactly (``pi = p``: the target exactly).
 
-Rules (``RULES``; ``q1``, ``p1`` are the unfiltered ``T = 1`` softmaxes, used only inside the decisions;
-the mixture, TV, acceptance ratio and residual use the sampled-from ``q``, ``p``). Mixture rules decide
-``r_j in {0, 1}`` (1 = defer to the target) and set ``pi = (1 - r) q + r p``:
-
-    exact     r = 1                                       pi = p: exact speculative sampling
-    chow      r = [max q1 < 1 - alpha]                    alpha in [0, 1] (r = 1 at alpha 0, even
-                                                          where max q1 rounds to 1 in fp32)
-    diff      r = [max q1 < max p1 - alpha]               alpha in [-1, 1]
-    opt       r = [max q1 < max p1 - alpha * TV(q, p)]    alpha >= 0, TV = sum max(0, q - p)
-
-Token-specific rules keep the set ``A`` of tokens the drafter may keep and set
-``pi(v) = q(v) [v in A] + q(V \\ A) p(v)``, with ``q(V \\ A) = 1 - q(A)`` (so that a position with
-nothing proposed, ``q = 0``, gets ``pi = p``):
-
-    token_v1  v in A iff q1(v) >= max p1 - alpha          alpha in [-1, 1]
-    token_v2  v in A iff p1(v) >= max p1 - alpha          alpha in [-1, 1]
-    token_v3  v in A iff p1(v) >= (1 - alpha) max p1      alpha in [-1, 1]
-
-and the lossy speculative decoding baseline (Leviathan et al., appendix A.5), ``alpha in [0, 1)``:
-
-    lossy     pi(v) = min(q(v), p(v) / (1 - alpha)) + (1 - sum_u min(q(u), p(u) / (1 - alpha))) rho(v),
-              rho = norm(max(0, p - (1 - alpha) q))   i.e. accept with min(1, p / ((1 - alpha) q)).
-
-Larger ``alpha`` is more lenient (faster, further from ``p``); chow 0, diff -1, token_v1-3 -1 (any
-alpha < 0 for v2/v3) and lossy 0 are exact speculative sampling. A position is *deferred* when ``r = 1``
-or ``y_j`` is not in ``A`` (always, for exact and lossy). A position with nothing proposed
+The rules (``cascade.py``: exact, chow, diff, opt, token_v1-3, lossy) set ``pi`` from ``q``, ``p``, their
+``T = 1`` softmaxes ``q1``, ``p1`` and ``alpha``; mixture rules defer (``r = 1``) or keep the drafter's
+``q``, token-specific ones keep a set ``A`` of tokens. A position is *deferred* when ``r = 1`` or ``y_j`` is
+not in ``A`` (always, for exact and lossy). A position with nothing proposed
 (``y_j = -1``) is a rejection. Where the draft ended, ``q_j = 0``, so its residual is ``pi_j``. Where
 it stopped at a drafted token with no target token, ``q_j`` is the drafter's law there
 (``kernels/proposal.py``), whose missing mass is that of the drafter's tokens with no target token: the
@@ -53,9 +31,9 @@ reads the drafter's rows through ``t2d`` with the merge adjustments and split pi
 ``kernels/proposal.py``. Each
 position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1))`` chunks of whole blocks):
 
-1. ``_stats_kernel`` (grid ``[batch (k+1), splits]``): online softmax of the logits per chunk, at ``T = 1``
-   (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when greedy), plus a NaN/+inf
-   count. Top-k/top-p then run sampling.py's threshold passes (``launch_thresholds``) on these partials.
+1. ``target_stats.py``'s statistics pass (grid ``[batch (k+1), splits]``): online softmax of the logits per
+   chunk, at ``T = 1`` (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when
+   greedy), plus a NaN/+inf count; with top-k/top-p, sampling.py's threshold passes on these partials.
 2. ``_sums_kernel`` (grid ``[batch k, splits]``; returns at once for exact rows): the chunk's TV, ``q(V)``,
    ``q(A)``, ``sum min(q, p/s)``, ``sum (p - s q)+`` and ``max q1`` (logits read only where the rule needs
    ``p``, ``q1`` only where it needs ``q1``).
@@ -80,56 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps
 from .proposal import CrossProposal
-from .sampling import (
-    _target_programs,
-    launch_thresholds,
-    nonfinite_rows_reference,
-    sampling_probs_reference,
-)
+from .sampling import _target_programs, nonfinite_rows_reference, sampling_probs_reference
+from .target_stats import combine_partials, target_prob, target_stats
 
-__all__ = ["RULES", "cascade_target_reference", "verify_reference", "verify_triton"]
-
-RULES = ("exact", "chow", "diff", "opt", "token_v1", "token_v2", "token_v3", "lossy")  # rule id = index
-
-
-def cascade_target_reference(
-    q: torch.Tensor,  # [..., V] fp32 sampled-from proposal
-    p: torch.Tensor,  # [..., V] fp32 sampled-from target
-    q1: torch.Tensor,  # [..., V] fp32 T=1 proposal
-    p1: torch.Tensor,  # [..., V] fp32 T=1 target
-    rule: torch.Tensor,  # [...] int64 rule ids
-    alpha: torch.Tensor,  # [...] fp32
-) -> tuple[torch.Tensor, torch.Tensor]:  # pi [..., V], keep [..., V] bool (the drafter's set A)
-    """``pi`` of every rule (module docstring), chosen per position; ``keep`` marks the tokens the drafter
-    keeps without deferring (all or none for mixture rules; none for exact and lossy)."""
-    a = alpha[..., None]
-    max_q1, max_p1 = q1.amax(-1, keepdim=True), p1.amax(-1, keepdim=True)
-    tv = (q - p).clamp_min(0).sum(-1, keepdim=True)
-    no_defer = torch.stack(
-        [
-            torch.zeros_like(max_q1, dtype=torch.bool),  # exact
-            (a > 0) & (max_q1 >= 1 - a),  # chow (alpha 0 exact even where max q1 rounds to 1)
-            max_q1 >= max_p1 - a,  # diff
-            max_q1 >= max_p1 - a * tv,  # opt
-        ]
-    )  # [4, ..., 1]
-    kept = torch.stack(
-        [q1 >= max_p1 - a, p1 >= max_p1 - a, p1 >= (1 - a) * max_p1]
-    )  # [3, ..., V]: token_v1..v3
-    r = rule[..., None]
-    keep = torch.where(r < 4, no_defer.gather(0, r.clamp_max(3)[None].expand(1, *r.shape))[0], False)
-    keep = keep.expand_as(q) | torch.where(
-        (r >= 4) & (r <= 6), kept.gather(0, (r - 4).clamp(0, 2)[None].expand(1, *q.shape))[0], False
-    )
-    kept_mass = torch.where(keep, q, 0.0)
-    pi = kept_mass + (1 - kept_mass.sum(-1, keepdim=True)).clamp_min(0) * p  # q(V \ A) = 1 - q(A)
-    scale = (1 - a).clamp_min(torch.finfo(torch.float32).tiny)
-    capped = torch.minimum(q, p / scale)
-    rho = (p - scale * q).clamp_min(0)
-    rho = rho / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    lossy = capped + (1 - capped.sum(-1, keepdim=True)).clamp_min(0) * rho
-    return torch.where(r == 7, lossy, pi), keep
+__all__ = ["join_output", "verify_reference", "verify_triton"]
 
 
 def verify_reference(
@@ -162,7 +96,7 @@ def verify_reference(
         accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
         num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
         final = z.gather(1, num_accepted[:, None])[:, 0]
-        return num_accepted, _output_tokens(draft_ids, num_accepted, final), accept_probs, proposed, invalid
+        return num_accepted, join_output(draft_ids, num_accepted, final), accept_probs, proposed, invalid
 
     p = sampling_probs_reference(target_logits, temperature, top_k, top_p)  # [batch, k+1, V_t]
     if rule is None:  # exact for every row: pi = p, and every proposed position defers to the target
@@ -190,10 +124,10 @@ def verify_reference(
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_stop)
     # Exponential race; the residual needs no normalising.
     final = residual.argmax(-1) if temperature == 0.0 else (residual / noise).argmax(-1)
-    return num_accepted, _output_tokens(draft_ids, num_accepted, final), accept_probs, deferred, invalid
+    return num_accepted, join_output(draft_ids, num_accepted, final), accept_probs, deferred, invalid
 
 
-def _output_tokens(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     """[batch, k+1]: the accepted drafts, then the recovered/bonus token, then -1."""
     batch, k = draft_ids.shape
     positions = torch.arange(k + 1, device=draft_ids.device)
@@ -203,51 +137,6 @@ def _output_tokens(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: t
 
 
 # ---------------------------------------------------------------------------------------------- Triton
-
-_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
-
-
-@triton.jit
-def _online(m, total, x):
-    """One online-softmax step: running max ``m`` and ``total`` = sum exp(. - m), updated with block ``x``."""
-    new_m = tl.maximum(m, tl.max(x, 0))
-    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-    return new_m, total * tl.exp(m - safe_m) + tl.sum(tl.exp(x - safe_m), 0)
-
-
-@triton.jit
-def _combine(part_m_ptr, part_aux_ptr, rows, valid, splits, SPLITS_P2: tl.constexpr, GREEDY: tl.constexpr):
-    """Merge the chunk partials of ``rows`` [N]: (max, sum of exp(. - max)), or (max, first argmax) if GREEDY."""
-    s = tl.arange(0, SPLITS_P2)
-    mask = valid[:, None] & (s < splits)[None, :]
-    offs = rows[:, None] * splits + s[None, :]
-    chunk_m = tl.load(part_m_ptr + offs, mask=mask, other=float("-inf"))
-    m = tl.max(chunk_m, 1)
-    # One return after a static if/else: Triton 3.9 types a return inside a constexpr branch against the
-    # code after it.
-    if GREEDY:
-        chunk_arg = tl.load(part_aux_ptr + offs, mask=mask, other=0)
-        first = tl.min(tl.where(chunk_m == m[:, None], s[None, :], SPLITS_P2), 1)
-        aux = tl.sum(tl.where(s[None, :] == first[:, None], chunk_arg, 0), 1)
-    else:
-        chunk_z = tl.load(part_aux_ptr + offs, mask=mask, other=0.0)
-        scale = tl.where(chunk_m == float("-inf"), 0.0, tl.exp(chunk_m - m[:, None]))
-        aux = tl.sum(chunk_z * scale, 1)
-    return m, aux
-
-
-@triton.jit
-def _target_prob(x, t, inside, m, aux, thr, cut, temperature, GREEDY: tl.constexpr, FILTERED: tl.constexpr):
-    """p(t) from the logit ``x`` of token ``t``: one-hot at ``aux`` (the argmax) when GREEDY, else the
-    softmax of x / T over the kept set, ``aux`` its normaliser relative to exp(m); 0 outside ``inside``."""
-    if GREEDY:
-        p = (t == aux).to(tl.float32)
-    else:
-        z = tl.math.div_rn(x, temperature)
-        p = tl.exp(z - m) / aux
-        if FILTERED:
-            p = tl.where((z > thr) | ((z == thr) & (t >= cut)), p, 0.0)
-    return tl.where(inside, p, 0.0)
 
 
 @triton.jit
@@ -316,89 +205,6 @@ def _gather_q(row_ptr, t, inside, t2d_ptr, x_id, first, mass, kind, CROSS: tl.co
 
 
 @triton.jit
-def _no_defer(rule, alpha, max_q1, max_p1, tv):
-    """Mixture rules: r = 0 (the drafter is kept)."""
-    chow = (rule == 1) & (alpha > 0) & (max_q1 >= 1 - alpha)
-    diff = (rule == 2) & (max_q1 >= max_p1 - alpha)
-    return chow | diff | ((rule == 3) & (max_q1 >= max_p1 - alpha * tv))
-
-
-@triton.jit
-def _kept(rule, alpha, no_defer, q1, p1, max_p1):
-    """Whether the drafter keeps each token (the set A; all or none for mixture rules, none for exact/lossy)."""
-    kept = (rule < 4) & no_defer
-    kept = kept | ((rule == 4) & (q1 >= max_p1 - alpha))
-    kept = kept | ((rule == 5) & (p1 >= max_p1 - alpha))
-    return kept | ((rule == 6) & (p1 >= (1 - alpha) * max_p1))
-
-
-@triton.jit
-def _pi(q, p, kept, rule, alpha, kept_sum, capped_sum, rho_sum):
-    """pi of the rule (module docstring) from q, p and the row sums of pass 2."""
-    mixture = tl.where(kept, q, 0.0) + tl.maximum(1 - kept_sum, 0.0) * p
-    scale = tl.maximum(1 - alpha, _TINY)
-    rho = tl.maximum(p - scale * q, 0.0) / tl.maximum(rho_sum, _TINY)
-    lossy = tl.minimum(q, p / scale) + tl.maximum(1 - capped_sum, 0.0) * rho
-    return tl.where(rule == 7, lossy, mixture)
-
-
-@triton.jit
-def _stats_kernel(
-    logits_ptr,  # [batch, k+1, vocab] fp32/bf16/fp16
-    part_m1_ptr,  # [batch * (k+1), splits] fp32 out: chunk max of the logits (T = 1)
-    part_z1_ptr,  # [batch * (k+1), splits] fp32 out: sum of exp(logit - chunk max)
-    part_m_ptr,  # [batch * (k+1), splits] fp32 out: chunk max of z = logits / T
-    part_aux_ptr,  # [batch * (k+1), splits] out: sum of exp(z - chunk max) fp32, or chunk argmax int64 (GREEDY)
-    part_bad_ptr,  # [batch * (k+1), splits] int32 out: NaN/+inf count
-    vocab,
-    width,
-    stride_lb,
-    stride_lj,
-    temperature,
-    chunk,
-    GREEDY: tl.constexpr,
-    UNIT_T: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    row_logits = logits_ptr + (row // width) * stride_lb + (row % width) * stride_lj
-    begin = split * chunk
-    end = tl.minimum(begin + chunk, vocab)
-    m1 = tl.full((), float("-inf"), tl.float32)
-    z1 = tl.zeros((), tl.float32)
-    bad = tl.zeros((), tl.int32)
-    if GREEDY:
-        best = begin.to(tl.int64)
-        for start in range(begin, end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(row_logits + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
-            bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
-            best = tl.where(tl.max(x, 0) > m1, start + tl.argmax(x, 0).to(tl.int64), best)
-            m1, z1 = _online(m1, z1, x)
-        tl.store(part_m_ptr + row * splits + split, m1)
-        tl.store(part_aux_ptr + row * splits + split, best)
-    else:
-        m = tl.full((), float("-inf"), tl.float32)
-        total = tl.zeros((), tl.float32)
-        for start in range(begin, end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(row_logits + offs, mask=offs < end, other=float("-inf")).to(tl.float32)
-            bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
-            m1, z1 = _online(m1, z1, x)
-            if not UNIT_T:
-                m, total = _online(m, total, tl.math.div_rn(x, temperature))
-        if UNIT_T:
-            m, total = m1, z1
-        tl.store(part_m_ptr + row * splits + split, m)
-        tl.store(part_aux_ptr + row * splits + split, total)
-    tl.store(part_m1_ptr + row * splits + split, m1)
-    tl.store(part_z1_ptr + row * splits + split, z1)
-    tl.store(part_bad_ptr + row * splits + split, bad)
-
-
-@triton.jit
 def _sums_kernel(
     logits_ptr,  # [batch, k+1, vocab]
     draft_ids_ptr,  # [batch, k] int64 target ids
@@ -450,8 +256,8 @@ def _sums_kernel(
         j = tl.full((1,), pos % k, tl.int64)  # [1]: this program's position
         row = b * (k + 1) + j
         valid = j >= 0
-        m1, z1 = _combine(part_m1_ptr, part_z1_ptr, row, valid, splits, SPLITS_P2, False)
-        m, aux = _combine(part_m_ptr, part_aux_ptr, row, valid, splits, SPLITS_P2, GREEDY)
+        m1, z1 = combine_partials(part_m1_ptr, part_z1_ptr, row, valid, splits, SPLITS_P2, False)
+        m, aux = combine_partials(part_m_ptr, part_aux_ptr, row, valid, splits, SPLITS_P2, GREEDY)
         m1, z1, m = tl.sum(m1, 0), tl.sum(z1, 0), tl.sum(m, 0)
         aux = tl.sum(aux, 0)  # the argmax (GREEDY) or the normaliser
         thr = tl.zeros((), tl.float32)
@@ -476,18 +282,18 @@ def _sums_kernel(
         end_p = tl.where((rule == 3) | (rule >= 5), end, begin)  # loads past end_p are skipped: p unused
         end_q1 = tl.where(rule <= 4, end, begin)
         max_p1 = 1.0 / z1
-        scale = tl.maximum(1 - alpha, _TINY)
+        scale = tl.maximum(1 - alpha, TINY)
         for start in range(begin, end, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inside = offs < end
             x = tl.load(row_logits + offs, mask=offs < end_p, other=float("-inf")).to(tl.float32)
-            p = _target_prob(x, offs, inside, m, aux, thr, cut, temperature, GREEDY, FILTERED)
+            p = target_prob(x, offs, inside, m, aux, thr, cut, temperature, GREEDY, FILTERED)
             p1 = tl.exp(x - m1) / z1
             q = _gather_q(q_row, offs, inside, t2d_ptr, x_id, first, mass, kind, CROSS)
             q1 = q
             if SEPARATE_Q1:
                 q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_id, first, mass1, kind, CROSS)
-            kept = _kept(rule, alpha, False, q1, p1, max_p1)
+            kept = kept_set(rule, alpha, False, q1, p1, max_p1)
             tv += tl.sum(tl.maximum(q - p, 0.0), 0)
             sum_q += tl.sum(q, 0)
             kept_q += tl.sum(tl.where(kept, q, 0.0), 0)
@@ -558,8 +364,8 @@ def _draw_kernel(
     in_row = j <= k
     drafted = j < k
     rows = b * (k + 1) + j
-    m1, z1 = _combine(part_m1_ptr, part_z1_ptr, rows, in_row, splits, SPLITS_P2, False)
-    m, aux = _combine(part_m_ptr, part_aux_ptr, rows, in_row, splits, SPLITS_P2, GREEDY)
+    m1, z1 = combine_partials(part_m1_ptr, part_z1_ptr, rows, in_row, splits, SPLITS_P2, False)
+    m, aux = combine_partials(part_m_ptr, part_aux_ptr, rows, in_row, splits, SPLITS_P2, GREEDY)
     thr = tl.zeros((W_P2,), tl.float32)
     cut = tl.zeros((W_P2,), tl.int64)
     if FILTERED:
@@ -585,7 +391,7 @@ def _draw_kernel(
         q1_row = probs1_ptr + (b * k + src) * vocab_q
         q1_y = _gather_q(q1_row, y, drafted, t2d_ptr, x_id, first, mass1, kind, CROSS)
     x_y = tl.load(logits_ptr + b * stride_lb + j * stride_lj + y, mask=drafted, other=0.0).to(tl.float32)
-    p_y = _target_prob(x_y, y, drafted, m, aux, thr, cut, temperature, GREEDY, FILTERED)
+    p_y = target_prob(x_y, y, drafted, m, aux, thr, cut, temperature, GREEDY, FILTERED)
     p1_y = tl.exp(x_y - m1) / z1
     max_p1 = 1.0 / z1
     s = tl.arange(0, SPLITS_P2)
@@ -597,12 +403,12 @@ def _draw_kernel(
     capped = tl.sum(tl.load(part + 3, mask=mask, other=0.0), 1)
     rho = tl.sum(tl.load(part + 4, mask=mask, other=0.0), 1)
     max_q1 = tl.max(tl.load(part + 5, mask=mask, other=0.0), 1)
-    no_defer = _no_defer(rule, alpha, max_q1, max_p1, tv)
+    no_defer = mixture_keeps(rule, alpha, max_q1, max_p1, tv)
     kept_sum = tl.where(rule < 4, tl.where(no_defer, sum_q, 0.0), kept_q)
-    kept_y = _kept(rule, alpha, no_defer, q1_y, p1_y, max_p1)
-    pi_y = tl.where(proposed, _pi(q_y, p_y, kept_y, rule, alpha, kept_sum, capped, rho), 0.0)
+    kept_y = kept_set(rule, alpha, no_defer, q1_y, p1_y, max_p1)
+    pi_y = tl.where(proposed, cascade_pi(q_y, p_y, kept_y, rule, alpha, kept_sum, capped, rho), 0.0)
     q_y = tl.where(proposed, q_y, 0.0)
-    accept = tl.where(q_y > 0, tl.minimum(pi_y / tl.maximum(q_y, _TINY), 1.0), 0.0)
+    accept = tl.where(q_y > 0, tl.minimum(pi_y / tl.maximum(q_y, TINY), 1.0), 0.0)
     u = tl.load(uniforms_ptr + b * k + j, mask=drafted, other=2.0)
     num = tl.min(tl.where(drafted & (u < accept), W_P2, j), 0)  # the first rejection, k if none
     if split == 0:
@@ -646,13 +452,13 @@ def _draw_kernel(
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
         x = tl.load(stop_logits + offs, mask=inside, other=float("-inf")).to(tl.float32)
-        p = _target_prob(x, offs, inside, m_s, aux_s, thr_s, cut_s, temperature, GREEDY, FILTERED)
+        p = target_prob(x, offs, inside, m_s, aux_s, thr_s, cut_s, temperature, GREEDY, FILTERED)
         q = _gather_q(q_row, offs, offs < end_q, t2d_ptr, x_s, first_s, mass_s, kind_s, CROSS)
         q1 = q
         if SEPARATE_Q1:
             q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_s, first_s, mass1_s, kind_s, CROSS)
-        kept = _kept(stop_rule, alpha, no_defer_s, q1, tl.exp(x - m1_s) / z1_s, max_p1_s)
-        pi = _pi(q, p, kept, stop_rule, alpha, kept_sum_s, capped_s, rho_s)
+        kept = kept_set(stop_rule, alpha, no_defer_s, q1, tl.exp(x - m1_s) / z1_s, max_p1_s)
+        pi = cascade_pi(q, p, kept, stop_rule, alpha, kept_sum_s, capped_s, rho_s)
         residual = tl.maximum(pi - q, 0.0)
         if GREEDY:
             race_r = residual
@@ -739,14 +545,7 @@ def verify_triton(
     k = width - 1
     device = target_logits.device
     greedy = temperature == 0.0
-    top_k_on = 0 < top_k < vocab
-    filtered = not greedy and (top_k_on or top_p < 1.0)
-    if target_logits.stride(-1) != 1 or (
-        filtered and target_logits.stride(0) != width * target_logits.stride(1)
-    ):
-        target_logits = (
-            target_logits.contiguous()
-        )  # the threshold search reads rows of a [batch * (k+1), V_t] view
+    filtered = not greedy and (0 < top_k < vocab or top_p < 1.0)
     probs = draft_probs.contiguous()
     probs1 = probs if draft_probs_t1 is None else draft_probs_t1.contiguous()
     vocab_q = probs.shape[-1]
@@ -768,12 +567,12 @@ def verify_triton(
             torch.empty(0, k, dtype=torch.bool, **new),
             torch.empty(0, dtype=torch.bool, **new),
         )
-    rows = batch * width
+    stats = target_stats(target_logits, temperature, top_k, top_p, block)
+    target_logits, chunk, splits = stats.logits, stats.chunk, stats.splits
     blocks = triton.cdiv(vocab, block)
-    programs = _target_programs(device)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, rows)))) * block
-    splits = triton.cdiv(vocab, chunk)
-    draw_chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, batch)))) * block
+    draw_chunk = (
+        triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(_target_programs(device), batch)))) * block
+    )
     draws = triton.cdiv(vocab, draw_chunk)
     splits_p2, w_p2, k_p2 = (
         triton.next_power_of_2(splits),
@@ -782,26 +581,20 @@ def verify_triton(
     )
     stride_lb, stride_lj = target_logits.stride(0), target_logits.stride(1)
     flags = dict(GREEDY=greedy, FILTERED=filtered, CROSS=cross is not None, SEPARATE_Q1=probs1 is not probs)
-
-    part_m1, part_z1, part_m = (
-        torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(3)
+    partials = (
+        stats.part_m1,
+        stats.part_z1,
+        stats.part_m,
+        stats.part_aux,
+        stats.row_z,
+        stats.row_t,
+        stats.row_c,
     )
-    part_aux = torch.empty(rows, splits, dtype=torch.int64 if greedy else torch.float32, device=device)
-    part_bad = torch.empty(rows, splits, dtype=torch.int32, device=device)
-    _stats_kernel[(rows, splits)](
-        target_logits, part_m1, part_z1, part_m, part_aux, part_bad, vocab, width, stride_lb, stride_lj,
-        1.0 if greedy else temperature, chunk, GREEDY=greedy, UNIT_T=temperature == 1.0, BLOCK=block,
-    )  # fmt: skip
-    row_z = row_t = row_c = part_aux  # unused unless filtered
-    if filtered:
-        row_z, row_t, row_c = launch_thresholds(
-            target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, chunk, block
-        )  # fmt: skip
     sums = torch.empty(batch * k, splits, 6, dtype=torch.float32, device=device)
     if k:
         _sums_kernel[(batch * k, splits)](
-            target_logits, draft_ids, probs, probs1, rule, alpha, *spans, part_m1, part_z1, part_m, part_aux,
-            row_z, row_t, row_c, sums, k, vocab, vocab_q, stride_lb, stride_lj, temperature, chunk, splits,
+            target_logits, draft_ids, probs, probs1, rule, alpha, *spans, *partials, sums, k, vocab, vocab_q,
+            stride_lb, stride_lj, temperature, chunk, splits,
             SPLITS_P2=splits_p2, K_P2=k_p2, BLOCK=block, **flags,
         )  # fmt: skip
     num_accepted = torch.empty(batch, dtype=torch.int64, device=device)
@@ -811,15 +604,14 @@ def verify_triton(
     win_id = torch.empty(batch, draws, 2, dtype=torch.int64, device=device)
     win_any = torch.empty(batch, draws, dtype=torch.int32, device=device)
     _draw_kernel[(batch, draws)](
-        target_logits, draft_ids, probs, probs1, uniforms, noise, rule, alpha, *spans, part_m1, part_z1, part_m,
-        part_aux, row_z, row_t, row_c, sums, num_accepted, accept_probs, deferred, win_val, win_id, win_any, k,
+        target_logits, draft_ids, probs, probs1, uniforms, noise, rule, alpha, *spans, *partials, sums, num_accepted, accept_probs, deferred, win_val, win_id, win_any, k,
         vocab, vocab_q, stride_lb, stride_lj, noise.stride(0), temperature, splits, draw_chunk, W_P2=w_p2,
         K_P2=k_p2, SPLITS_P2=splits_p2, BLOCK=block, **flags,
     )  # fmt: skip
     output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
     invalid = torch.empty(batch, dtype=torch.uint8, device=device)
     _finish_kernel[(batch,)](
-        draft_ids, num_accepted, part_m1, part_bad, win_val, win_id, win_any, output_tokens, invalid, k, splits,
+        draft_ids, num_accepted, stats.part_m1, stats.part_bad, win_val, win_id, win_any, output_tokens, invalid, k, splits,
         draws, W_P2=w_p2, SPLITS_P2=splits_p2, DRAWS_P2=triton.next_power_of_2(draws),
     )  # fmt: skip
     return num_accepted, output_tokens, accept_probs, deferred.view(torch.bool), invalid.view(torch.bool)

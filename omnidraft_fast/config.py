@@ -8,7 +8,7 @@ from typing import Literal
 
 __all__ = ["AdaptiveConfig", "CascadeConfig", "DistillConfig", "EngineConfig", "SamplingParams"]
 
-# rule -> (lowest alpha, highest alpha, highest included); ids follow kernels/verify.py's RULES
+# rule -> (lowest alpha, highest alpha, highest included); ids follow kernels/cascade.py's RULES
 _ALPHA_RANGES = {
     "chow": (0.0, 1.0, True),
     "diff": (-1.0, 1.0, True),
@@ -22,7 +22,7 @@ _ALPHA_RANGES = {
 
 @dataclass(frozen=True)
 class CascadeConfig:
-    """A speculative-cascade deferral rule (SPEC §3; the maths is in ``kernels/verify.py``).
+    """A speculative-cascade deferral rule (SPEC §3; the maths is in ``kernels/cascade.py``).
 
     The verifier accepts drafted tokens against a mixture ``pi`` of drafter and target chosen by the rule,
     trading fidelity to the target for speed; ``cascade=None`` is exact speculative sampling.

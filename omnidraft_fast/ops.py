@@ -134,7 +134,7 @@ def verify(
     ``draft_probs`` is the distribution each draft was sampled from: over the target vocabulary
     (``V_q = V_t``), or, with ``cross``, over the drafter's (``V_q = V_d``, twins folded) and read into
     the target vocabulary as ``kernels/proposal.py`` defines. ``draft_ids`` may hold -1 where nothing was
-    proposed (ragged drafts). ``rule``/``alpha`` pick a deferral rule per row (``kernels/verify.py``'s
+    proposed (ragged drafts). ``rule``/``alpha`` pick a deferral rule per row (``kernels/cascade.py``'s
     ``RULES``; None: exact speculative sampling); the rules read ``draft_probs_t1``, the drafter's
     ``T = 1`` distribution (None: ``draft_probs``). ``exact_match=True`` verifies by exact match against
     draws from ``p`` (``kernels/match.py``: lossless for any proposal; ``draft_probs`` and ``uniforms``

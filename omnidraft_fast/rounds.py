@@ -34,8 +34,8 @@ from .config import EngineConfig, SamplingParams
 from .feedback import feedback, kept_drafts
 from .graphs import StageGraphs
 from .kept_logits import KeptLogits
+from .kernels.cascade import RULES
 from .kernels.proposal import CrossProposal, fold_twins_
-from .kernels.verify import RULES
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import left_padded_prompts, tiny_model
-from omnidraft_fast.kernels.verify import RULES
+from omnidraft_fast.kernels.cascade import RULES
 from test_lossless_sampling import PROMPT, ROWS, VOCAB, _exact_joint, _tv_bound
 
 import omnidraft_fast

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omnidraft_fast.kernels.cascade import RULES
 from omnidraft_fast.kernels.proposal import CrossProposal, fold_twins_, target_proposal_reference
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
-from omnidraft_fast.kernels.verify import RULES, verify_reference, verify_triton
+from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
 from omnidraft_fast import ops
 
