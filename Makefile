@@ -36,9 +36,11 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2
 
 # The statistical tests of sampled laws (marker `law`) test this package's algorithms, not the stack's APIs,
-# whose every path the other tests take too: they run once, in `make test`.
+# whose every path the other tests take too: they run once, in `make test`. So do the kernels' tests under the
+# Triton interpreter (marker `kernels`): a GPU runs the compiler, not the interpreter, and the floor's Triton
+# compiles every kernel variant for sm_90 and sm_80 here (tests/test_kernels_compile.py).
 test-floor: $(FLOOR)/bin/.installed
-	$(FLOOR)/bin/python -m pytest -q -n 2 -m "not law"
+	$(FLOOR)/bin/python -m pytest -q -n 2 -m "not law and not kernels"
 
 lint: setup
 	$(BIN)/ruff check .

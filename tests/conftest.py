@@ -72,6 +72,7 @@ _KERNEL_MODULES = (
     "test_kernels_sampling",
     "test_kernels_translate",
     "test_kernels_verify",
+    "test_kernels_match",
     "test_engine_kernels",
 )
 

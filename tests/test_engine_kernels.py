@@ -13,10 +13,13 @@ from conftest import left_padded_prompts, perturbed_copy, tiny_model
 
 from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine, ops
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
-    reason="runs the kernels on CPU tensors: needs TRITON_INTERPRET=1",
-)
+pytestmark = [
+    pytest.mark.kernels,
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="runs the kernels on CPU tensors: needs TRITON_INTERPRET=1",
+    ),
+]
 VOCAB = 96
 
 

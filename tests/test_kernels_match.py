@@ -16,6 +16,7 @@ from omnidraft_fast.kernels.sampling import sampling_probs_reference
 
 from omnidraft_fast import ops
 
+pytestmark = pytest.mark.kernels
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -17,6 +17,7 @@ from omnidraft_fast.kernels.ngram import (
 from omnidraft_fast import ops
 from omnidraft_fast.ngram import NGramTable
 
+pytestmark = pytest.mark.kernels
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,7 +9,9 @@ import torch
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.kernels
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (temperature, top_k, top_p)
 CONFIGS = {
@@ -146,6 +148,7 @@ def test_race_frequencies():
 
 @pytest.mark.gpu
 @gpu
+@needs_cuda
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936, 262144])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("rows", [1, 72])
@@ -156,6 +159,7 @@ def test_full_vocabularies_bf16(vocab, config, rows):
 
 @pytest.mark.gpu
 @gpu
+@needs_cuda
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_many_rows(config):
     logits, noise, _ = _inputs(256, 32000, torch.float16, seed=1, masked=False)

@@ -15,6 +15,7 @@ from omnidraft_fast.kernels.translate import (
 
 from omnidraft_fast import ops
 
+pytestmark = pytest.mark.kernels
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 V_D, V_T = 12, 40  # drafter ids are drawn from a small vocabulary, so that drafted runs repeat

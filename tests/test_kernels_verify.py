@@ -17,6 +17,7 @@ from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
 from omnidraft_fast import ops
 
+pytestmark = pytest.mark.kernels
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
