@@ -91,7 +91,7 @@ bench() {  # bench OP LIMIT SELECTION...
 }
 
 # 1. Correctness on CUDA first: the gpu-marked cases (full vocabularies, bf16, concurrent inserts, CUDA graphs).
-step tests_gpu 180 $PY -m pytest -q -rs -m gpu "${jobs[@]}" --junitxml="$WORK/tests_gpu.xml"
+step tests_gpu 240 $PY -m pytest -q -rs -m gpu "${jobs[@]}" --junitxml="$WORK/tests_gpu.xml"
 # 2. No host sync inside a round (eager rounds under sync-debug "error").
 step syncs 60 $PY benchmarks/gpu_checks.py syncs
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
