@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import _row_max_sum, nonfinite_rows_reference, sampling_probs_reference
+from .sampling import nonfinite_rows_reference, race_step, row_max_sum, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
 from .verify import join_output
 
@@ -103,7 +103,7 @@ def _race_kernel(
     b, j = row // width, row % width
     row_logits = logits_ptr + b * stride_lb + j * stride_lj
     row_noise = noise_ptr + b * stride_nb + j * stride_nj
-    m, norm = _row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
+    m, norm = row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
     t = m  # unused unless FILTERED
     cut = row  # unused unless FILTERED
     if FILTERED:
@@ -121,9 +121,7 @@ def _race_kernel(
         p = target_prob(x, offs, inside, m, norm, t, cut, temperature, False, FILTERED)
         noise = tl.load(row_noise + offs, mask=inside, other=1.0)
         race = tl.where(inside & (p == p), p / noise, -1.0)  # NaN only in invalid rows: no NaN winners
-        block_best = tl.max(race, 0)
-        best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
-        best = tl.maximum(best, block_best)
+        best, best_id = race_step(best, best_id, race, start)
     tl.store(win_val_ptr + row * splits + split, best)
     tl.store(win_id_ptr + row * splits + split, best_id)
 

@@ -151,7 +151,7 @@ def _load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK: tl.constex
 
 
 @triton.jit
-def _row_max_sum(part_m, part_z, row, splits, SPLITS_P2: tl.constexpr):
+def row_max_sum(part_m, part_z, row, splits, SPLITS_P2: tl.constexpr):
     """Combine the chunks' online-softmax partials of one row: (max, sum of exp(z - max))."""
     offs = tl.arange(0, SPLITS_P2)
     inside = offs < splits
@@ -252,7 +252,7 @@ def _threshold_pass_kernel(
     previous pass's digit histograms, then histogram this program's chunk for the next digit."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    m, total = _row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
+    m, total = row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
     src_i = state_i_ptr + ((1 - PARITY) * rows + row) * _NI
     src_f = state_f_ptr + ((1 - PARITY) * rows + row) * _NF
     if FIRST:
@@ -458,6 +458,15 @@ def launch_thresholds(
 
 
 @triton.jit
+def race_step(best, best_id, race, start):
+    """The exponential race over one tile: the running best value and its id, updated with ``race``, the
+    tile's values from id ``start`` (the first id wins ties, within the tile and against earlier ones)."""
+    block_best = tl.max(race, 0)
+    best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
+    return tl.maximum(best, block_best), best_id
+
+
+@triton.jit
 def _probs_kernel(
     logits_ptr,  # [rows, vocab]
     mask_ptr,  # [vocab] uint8 (HAS_MASK)
@@ -485,7 +494,7 @@ def _probs_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_logits = logits_ptr + row * stride_logits
-    m, norm = _row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
+    m, norm = row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
     if FILTERED:
         norm = tl.load(row_z_ptr + row)
         t = tl.load(row_t_ptr + row)
@@ -504,10 +513,7 @@ def _probs_kernel(
             q = tl.where((z > t) | ((z == t) & (offs >= cut)), q, 0.0)
         tl.store(probs_ptr + row * stride_probs + offs, q, mask=inside)
         noise = tl.load(noise_ptr + row * stride_noise + offs, mask=inside, other=1.0)
-        race = tl.where(inside, q / noise, -1.0)
-        block_best = tl.max(race, 0)
-        best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
-        best = tl.maximum(best, block_best)
+        best, best_id = race_step(best, best_id, tl.where(inside, q / noise, -1.0), start)
     tl.store(win_val_ptr + row * splits + split, best)
     tl.store(win_id_ptr + row * splits + split, best_id)
 

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps
 from .proposal import CrossProposal
-from .sampling import _target_programs, nonfinite_rows_reference, sampling_probs_reference
+from .sampling import _target_programs, nonfinite_rows_reference, race_step, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
 
 __all__ = ["join_output", "verify_reference", "verify_triton"]
@@ -469,12 +469,8 @@ def _draw_kernel(
             race_pi = pi / e
         race_r = tl.where(inside & (race_r == race_r), race_r, -1.0)  # NaN (invalid rows) never wins
         race_pi = tl.where(inside & (race_pi == race_pi), race_pi, -1.0)
-        block_r = tl.max(race_r, 0)
-        id_r = tl.where(block_r > best_r, start + tl.argmax(race_r, 0).to(tl.int64), id_r)
-        best_r = tl.maximum(best_r, block_r)
-        block_pi = tl.max(race_pi, 0)
-        id_pi = tl.where(block_pi > best_pi, start + tl.argmax(race_pi, 0).to(tl.int64), id_pi)
-        best_pi = tl.maximum(best_pi, block_pi)
+        best_r, id_r = race_step(best_r, id_r, race_r, start)
+        best_pi, id_pi = race_step(best_pi, id_pi, race_pi, start)
         any_mass = tl.maximum(any_mass, tl.max((residual > 0).to(tl.int32), 0))
     win = (b * draws + split) * 2
     tl.store(win_val_ptr + win, best_r)
