@@ -80,7 +80,7 @@ def test_shared_vocabulary(monkeypatch):
     assert launches["sample_triton"] > 0 and launches["verify_triton"] > 0
 
 
-@pytest.mark.parametrize("translation", ["omnidraft", "tli"])
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
 def test_cross_vocabulary(monkeypatch, cross_pair, translation):
     target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
     prompts = target_tokenizer(["def parse(text):\n    return", "x = [i"], return_tensors="pt", padding=True)
@@ -93,9 +93,11 @@ def test_cross_vocabulary(monkeypatch, cross_pair, translation):
         ),
         [request, {**request, "do_sample": True, "top_k": 0}],
     )  # fmt: skip
-    assert (
-        launches["sample_triton"] > 0 and launches["verify_triton"] > 0 and launches["translate_triton"] > 0
-    )
+    assert launches["sample_triton"] > 0 and launches["translate_triton"] > 0
+    if translation != "exact":
+        assert launches["verify_triton"] > 0
     if translation == "omnidraft":  # the n-gram table: seeded, read by translation, written by the rounds
         assert launches["ngram_insert_triton"] > 0
         assert launches["match_triton"] > 0  # greedy with split tokens verifies by exact match
+    if translation == "exact":  # every request, sampled too, verifies by exact match
+        assert launches["match_triton"] >= 2 and launches["verify_triton"] == 0
