@@ -1,8 +1,9 @@
 """Tile sweep and per-kernel device times of the sampling and verification kernels at the goal shapes.
 
 One process, CUDA only (the next tuning step of ``benchmarks/TUNING.md``): for sampling at [72, 128256]
-bf16 (greedy, temperature, top-p, top-k + top-p) and verification at [8 x 9, 128256] bf16 (the rule mix
-of ``bench_verify.py``, its inputs, with and without top-k/top-p), the median time of the Triton launcher at each
+bf16 (greedy, temperature, top-p, top-k + top-p), verification at [8 x 9, 128256] bf16 (the rule mix
+of ``bench_verify.py``, its inputs, with and without top-k/top-p) and verification by exact match at the
+same shape (``bench_match.py``'s inputs, greedy and at T = 0.8), the median time of the Triton launcher at each
 ``block`` (the vocabulary tile) beside the eager reference and a device-to-device copy of the logits, both
 replayed from a CUDA graph (device time) and launched one by one (host launch time included), every call
 on one of 4 input sets in turn (together larger than the L2 cache); then each kernel's device time per
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_match import match_bytes, match_inputs
 from bench_sampling import sampling_bytes, sampling_inputs
 from bench_verify import TEMPERATURE, verify_bytes, verify_inputs
+from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
@@ -37,6 +40,7 @@ SAMPLING = {  # name: (temperature, top_k, top_p)
     "top_k_top_p": (0.8, 50, 0.95),
 }
 VERIFY = {"rule mix": (0, 1.0), "rule mix, top-k 50 + top-p 0.95": (50, 0.95)}  # name: (top_k, top_p)
+MATCH = {"greedy": 0.0, "temperature": 0.8}  # verification by exact match; name: temperature
 
 
 def _times(fn, sets: list) -> dict[str, float | None]:
@@ -108,6 +112,25 @@ def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
     return case
 
 
+def _match_case(temperature: float) -> dict:
+    sets = [match_inputs(BATCH, K, VOCAB, temperature, seed) for seed in range(SETS)]
+
+    def triton_(logits, draft_ids, noise, block=1024):
+        return match_triton(logits, draft_ids, noise, temperature, 0, 1.0, block=block)
+
+    logits, _, noise = sets[0]
+    case = {
+        "bytes_moved": match_bytes(logits, noise),
+        "copy_bytes": 2 * logits.numel() * logits.element_size(),
+        "copy": _copy_times(sets),
+        "eager": _times(lambda x, d, e: match_reference(x, d, e, temperature, 0, 1.0), sets),
+    }
+    for block in BLOCKS:
+        case[f"triton {block}"] = _times(lambda x, d, e, b=block: triton_(x, d, e, b), sets)
+    case["per_kernel"] = _kernel_times(triton_, sets[0])
+    return case
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -160,6 +183,16 @@ def main(argv: list[str] | None = None) -> None:
         result["cases"][f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
         print(
             "verify",
+            name,
+            {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"},
+            flush=True,
+        )
+
+    for name, temperature in MATCH.items():
+        case = _match_case(temperature)
+        result["cases"][f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
+        print(
+            "match",
             name,
             {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"},
             flush=True,

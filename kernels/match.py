@@ -25,8 +25,8 @@ The Triton kernel (``match_triton``) reads the logits once, plus once more where
    top-k/top-p, sampling.py's threshold passes on those partials.
 2. ``_race_kernel`` (same grid; sampling only): each chunk's winner of ``p / E``, first id on ties.
 3. ``_match_kernel`` (one program per row): the winners over the chunks at all ``k+1`` positions at once,
-   the match scan, the output tokens, ``p_j(y_j)`` from one logit each, and the invalid flag (a NaN/+inf
-   anywhere in the row's logits, or a position whose logits are all -inf).
+   the match scan, the output tokens, ``p_j(y_j)`` from one logit each, and the invalid flags (positions
+   whose logits hold a NaN/+inf or are all -inf).
 
 Greedy rows skip step 2: the argmax partials of step 1 are the draws.
 """
@@ -53,9 +53,9 @@ def match_reference(
     top_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``num_accepted`` [batch], ``output_tokens`` [batch, k+1] (-1 padded), ``target_probs``
-    [batch, k] (``p_j(y_j)``) and ``invalid`` [batch] (rows with unusable target logits)."""
+    [batch, k] (``p_j(y_j)``) and ``invalid`` [batch, k+1] (positions with unusable target logits)."""
     k = draft_ids.shape[1]
-    invalid = nonfinite_rows_reference(target_logits).any(-1)
+    invalid = nonfinite_rows_reference(target_logits)
     if temperature == 0.0:  # p is one-hot at the argmax: one read of the logits
         z = target_logits.argmax(-1)  # [batch, k+1]
         target_probs = (z[:, :k] == draft_ids).float()
@@ -142,7 +142,7 @@ def _match_kernel(
     num_accepted_ptr,  # [batch] int64 out
     output_ptr,  # [batch, k+1] int64 out
     target_probs_ptr,  # [batch, k] fp32 out
-    invalid_ptr,  # [batch] uint8 out
+    invalid_ptr,  # [batch, k+1] uint8 out
     k,
     stride_lb,
     stride_lj,
@@ -189,7 +189,7 @@ def _match_kernel(
     tl.store(target_probs_ptr + b * k + j, p_y, mask=drafted)
     bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
     empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
-    tl.store(invalid_ptr + b, tl.max((bad | empty).to(tl.uint8), 0))
+    tl.store(invalid_ptr + b * (k + 1) + j, (bad | empty).to(tl.uint8), mask=valid)
 
 
 def match_triton(
@@ -214,7 +214,7 @@ def match_triton(
     num_accepted = torch.empty(batch, dtype=torch.int64, device=device)
     output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
     target_probs = torch.empty(batch, k, dtype=torch.float32, device=device)
-    invalid = torch.empty(batch, dtype=torch.uint8, device=device)
+    invalid = torch.empty(batch, width, dtype=torch.uint8, device=device)
     if batch == 0:
         return num_accepted, output_tokens, target_probs, invalid.view(torch.bool)
     stats = target_stats(target_logits, temperature, top_k, top_p, block)

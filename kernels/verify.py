@@ -42,7 +42,7 @@ position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1
    accept scan (program 0 writes them), then races ``max(0, pi_j* - q_j*)`` and ``pi_j*`` over its chunk of
    the stop position (``p_{k+1}`` for the bonus) with the noise, keeping the first winner of each.
 4. ``_finish_kernel`` (one program per row): the first winner over the chunks (``pi``'s when the residual
-   has no mass anywhere), the output tokens and the invalid flag.
+   has no mass anywhere), the output tokens and the invalid flags.
 
 So exact rows read the logits once plus one row of logits, ``q`` and noise at the stop position; deferral
 rules add one read of their ``k`` rows of logits (mostly from L2) and of ``q`` (and ``q1``).
@@ -80,12 +80,12 @@ def verify_reference(
     top_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``num_accepted`` [batch], ``output_tokens`` [batch, k+1] (-1 padded), ``accept_probs``
-    [batch, k] (the ``a_j``), ``deferred`` [batch, k] bool and ``invalid`` [batch] (rows with unusable
+    [batch, k] (the ``a_j``), ``deferred`` [batch, k] bool and ``invalid`` [batch, k+1] (positions with unusable
     target logits)."""
     batch, k = draft_ids.shape
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
-    invalid = nonfinite_rows_reference(target_logits).any(-1)
+    invalid = nonfinite_rows_reference(target_logits)
     if rule is None and temperature == 0.0:
         # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
         # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
@@ -490,7 +490,7 @@ def _finish_kernel(
     win_id_ptr,  # [batch, draws, 2] int64
     win_any_ptr,  # [batch, draws] int32
     output_ptr,  # [batch, k+1] int64 out
-    invalid_ptr,  # [batch] uint8 out
+    invalid_ptr,  # [batch, k+1] uint8 out
     k,
     splits,
     draws,
@@ -506,14 +506,14 @@ def _finish_kernel(
     val = tl.load(win_val_ptr + (b * draws + d) * 2 + which, mask=in_draws, other=float("-inf"))
     ids = tl.load(win_id_ptr + (b * draws + d) * 2 + which, mask=in_draws, other=0)
     final = tl.sum(tl.where(d == tl.argmax(val, 0), ids, 0), 0)
-    # Invalid: a NaN/+inf anywhere in the row's logits, or a position whose logits are all -inf.
+    # Invalid positions: a NaN/+inf in the logits, or logits all -inf.
     j = tl.arange(0, W_P2)
     s = tl.arange(0, SPLITS_P2)
     offs = (b * (k + 1) + j)[:, None] * splits + s[None, :]
     mask = (j <= k)[:, None] & (s < splits)[None, :]
     bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
     empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
-    tl.store(invalid_ptr + b, tl.max((bad | empty).to(tl.uint8), 0))
+    tl.store(invalid_ptr + b * (k + 1) + j, (bad | empty).to(tl.uint8), mask=j <= k)
     num = tl.load(num_accepted_ptr + b)
     drafted = tl.load(draft_ids_ptr + b * k + j, mask=j < num, other=-1)
     tl.store(output_ptr + b * (k + 1) + j, tl.where(j == num, final, drafted), mask=j <= k)
@@ -561,7 +561,7 @@ def verify_triton(
             torch.empty(0, width, dtype=torch.int64, **new),
             torch.empty(0, k, dtype=torch.float32, **new),
             torch.empty(0, k, dtype=torch.bool, **new),
-            torch.empty(0, dtype=torch.bool, **new),
+            torch.empty(0, width, dtype=torch.bool, **new),
         )
     stats = target_stats(target_logits, temperature, top_k, top_p, block)
     target_logits, chunk, splits = stats.logits, stats.chunk, stats.splits
@@ -605,7 +605,7 @@ def verify_triton(
         K_P2=k_p2, SPLITS_P2=splits_p2, BLOCK=block, **flags,
     )  # fmt: skip
     output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
-    invalid = torch.empty(batch, dtype=torch.uint8, device=device)
+    invalid = torch.empty(batch, width, dtype=torch.uint8, device=device)
     _finish_kernel[(batch,)](
         draft_ids, num_accepted, stats.part_m1, stats.part_bad, win_val, win_id, win_any, output_tokens, invalid, k, splits,
         draws, W_P2=w_p2, SPLITS_P2=splits_p2, DRAWS_P2=triton.next_power_of_2(draws),

@@ -142,7 +142,9 @@ def verify(
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
-    [batch, k] bool and ``invalid`` [batch] bool (rows whose target logits hold NaN/+inf or are all -inf).
+    [batch, k] bool and ``invalid`` [batch, k+1] bool (positions whose target logits hold NaN/+inf or are all
+    -inf; what they emit is not a draw from anything, so a position that counts must be valid: the rounds
+    count those whose token they keep).
     """
     _check("target_logits", target_logits, 3, dtypes=_FLOATS)
     device = target_logits.device

@@ -454,7 +454,6 @@ class Rounds:
             )
 
         with timer("commit"):
-            invalid = (state.invalid | target_invalid) & active
             generated, d_lengths = state.generated.clone(), state.d_lengths.clone()  # before this round
             kept = ops.commit(
                 state.tokens,
@@ -466,6 +465,10 @@ class Rounds:
                 state.eos_ids,
                 max_new_tokens=request.max_new_tokens,
             )
+            # Unusable target logits count where a kept token came from: positions past the row's budget, an
+            # EOS or the first rejection are never emitted (there, a drafted context can leave no token allowed).
+            kept_positions = torch.arange(steps + 1, device=device) < kept[:, None]
+            invalid = (state.invalid | (target_invalid & kept_positions).any(1)) & active
             if state.processors is not None:
                 state.processors.observe(output_tokens, kept)
             # output_logits / output_scores: the target's logits at the kept tokens

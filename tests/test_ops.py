@@ -107,7 +107,7 @@ def test_verify_residual_falls_back_to_p_when_p_equals_q():
     assert a.tolist() == [[1.0]]
 
 
-def test_verify_flags_nonfinite_rows():
+def test_verify_flags_nonfinite_positions():
     logits = torch.zeros(3, 2, 4)
     logits[1, 1, 2] = float("nan")
     logits[2, 0] = float("-inf")
@@ -115,7 +115,7 @@ def test_verify_flags_nonfinite_rows():
         logits, torch.zeros(3, 1, dtype=torch.int64), torch.full((3, 1, 4), 0.25), torch.rand(3, 1), None,
         temperature=0.0,
     )  # fmt: skip
-    assert invalid.tolist() == [False, True, True]
+    assert invalid.tolist() == [[False, False], [False, True], [True, False]]
 
 
 def test_commit_applies_eos_and_limits():
@@ -143,8 +143,13 @@ def test_empty_batches_on_kernels_and_references(monkeypatch):
         assert ids.shape == (0,) and q.shape == (0, 5)
         out = ops.verify(torch.zeros(0, 3, 5), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2, 5),
                          torch.zeros(0, 2), torch.ones(0, 5), temperature=1.0)  # fmt: skip
-        assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0, 2), (0, 2), (0,)]
+        assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0, 2), (0, 2), (0, 3)]
         assert [t.dtype for t in out] == [torch.int64, torch.int64, torch.float32, torch.bool, torch.bool]
+        for noise in (None, torch.ones(0, 3, 5)):  # by exact match, greedy and sampled
+            out = ops.verify(torch.zeros(0, 3, 5), torch.zeros(0, 2, dtype=torch.int64), None, torch.zeros(0, 2),
+                             noise, temperature=0.0 if noise is None else 1.0, exact_match=True)  # fmt: skip
+            assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0, 2), (0, 2), (0, 3)]
+            assert [t.dtype for t in out] == [torch.int64, torch.int64, torch.float32, torch.bool, torch.bool]
         assert ops.translate(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(4, dtype=torch.int32))[
             0
         ].shape == (0, 3)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded_prompts, peaked_pair
+from conftest import left_padded_prompts, peaked_pair, tiny_model
 from transformers.generation import logits_process
 from transformers.generation.logits_process import (
     ExponentialDecayLengthPenalty,
@@ -489,3 +489,19 @@ def test_watermarking_as_transformers(pair):
         )
     with pytest.raises(ValueError, match=r"`watermarking_config` run Python at every drafted position"):
         _engine(pair, cuda_graphs=True).generate(prompt, max_new_tokens=4, watermarking_config=watermark)
+
+
+@pytest.mark.parametrize("draft", [2, 3, 5])
+def test_no_token_left_where_no_token_is_emitted(draft):
+    """A drafted context can leave a position no allowed token (no_repeat_ngram_size=1 on 8 ids, 5 of them in
+    the prompt) where the row never emits: past its last new token, or after a rejection. Transformers
+    never computes such a position, so the request is served, and every row keeps the rule."""
+    target = tiny_model("llama", 8, seed=3)
+    drafter = tiny_model("gpt2", 8, seed=5, layers=1)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 3]]).expand(64, -1)  # 0, 6 and 7 left: three, then two, then one
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(num_draft_tokens=draft))
+    torch.manual_seed(1)
+    out = engine.generate(prompt, max_new_tokens=2, do_sample=True, top_k=0, no_repeat_ngram_size=1)
+    new = out[:, prompt.shape[1] :]
+    assert new.shape == (64, 2) and torch.isin(new, torch.tensor([0, 6, 7])).all()
+    assert (new[:, 0] != new[:, 1]).all()
