@@ -19,7 +19,10 @@ tokens before the position) and "new tokens" counts those before the position:
 - ``min_length`` / ``min_new_tokens``: EOS ids get ``-inf`` while the sequence / the new tokens are
   shorter (with ``min_new_tokens`` set, ``min_length`` is not used, as transformers replaces it);
 - ``prefix_allowed_tokens_fn(batch_id, sequence)``: every token it does not list gets ``-inf``
-  (``batch_id``: the caller's row, copies of a prompt sharing it);
+  (``batch_id``: the caller's row, copies of a prompt sharing it). An empty list is refused as transformers
+  refuses it at a committed context (the block's first position); after a drafted token (a grammar's dead
+  state once a draft broke it) the position gets ``-inf`` everywhere instead: verification never emits from
+  it unless the drafts before it were accepted, which makes it a context transformers reaches too;
 - ``forced_bos_token_id`` (at a sequence of one token) and ``forced_eos_token_id`` (at the last new token
   ``max_new_tokens`` allows): every other token gets ``-inf``, the forced ones 0;
 - ``remove_invalid_values``: NaN becomes 0 and +-inf the dtype's extremes;
@@ -195,7 +198,7 @@ class TargetProcessors:
             short = (self.prompt + new < p.min_length) | (new < p.min_new_tokens)
             logits = logits.masked_fill(short[..., None] & self.eos, -torch.inf)
         if p.prefix_allowed_tokens_fn is not None:
-            logits = self._call_python(logits, sequence, calls, self._allowed)
+            logits = self._call_python(logits, sequence, calls, self._allowed, with_position=True)
         if self.forced_bos is not None:
             logits = torch.where((self.prompt + new == 1)[..., None], self.forced_bos, logits)
         if self.forced_eos is not None:
@@ -239,12 +242,16 @@ class TargetProcessors:
         lengths = self.prompt + new[rows, positions]
         return list(zip(rows.tolist(), positions.tolist(), lengths.tolist(), strict=True))
 
-    def _call_python(self, logits: torch.Tensor, sequence: torch.Tensor, calls, function) -> torch.Tensor:
-        """``function(row, input_ids [1, length], scores [1, V]) -> scores`` at each of ``calls``."""
+    def _call_python(
+        self, logits: torch.Tensor, sequence: torch.Tensor, calls, function, with_position: bool = False
+    ) -> torch.Tensor:
+        """``function(row, input_ids [1, length], scores [1, V]) -> scores`` at each of ``calls`` (with
+        ``with_position``, ``function(row, position in the block, input_ids, scores)``)."""
         logits = logits.clone()
         for row, j, length in calls:
             scores = logits[row : row + 1, j]
-            out = function(row, sequence[row : row + 1, :length], scores)
+            args = (row, j) if with_position else (row,)
+            out = function(*args, sequence[row : row + 1, :length], scores)
             if not isinstance(out, torch.Tensor) or out.shape != scores.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise TypeError(
@@ -254,11 +261,14 @@ class TargetProcessors:
             logits[row, j] = out[0]
         return logits
 
-    def _allowed(self, row: int, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """prefix_allowed_tokens_fn at one row and position, as transformers' PrefixConstrainedLogitsProcessor."""
+    def _allowed(self, row: int, position: int, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """prefix_allowed_tokens_fn at one row and position, as transformers' PrefixConstrainedLogitsProcessor;
+        nothing allowed after a drafted token leaves the position nothing (module docstring)."""
         batch_id = row // self.processing.copies
         allowed = self.processing.prefix_allowed_tokens_fn(batch_id, ids[0])
         if len(allowed) == 0:
+            if position > 0:
+                return torch.full_like(scores, -torch.inf)
             raise ValueError(
                 f"`prefix_allowed_tokens_fn` returned no allowed token for batch ID {batch_id}: the constraint "
                 "cannot be met; check the function"

@@ -505,3 +505,35 @@ def test_no_token_left_where_no_token_is_emitted(draft):
     new = out[:, prompt.shape[1] :]
     assert new.shape == (64, 2) and torch.isin(new, torch.tensor([0, 6, 7])).all()
     assert (new[:, 0] != new[:, 1]).all()
+
+
+def test_a_grammar_with_dead_states():
+    """A ``prefix_allowed_tokens_fn`` that allows nothing once a context broke its grammar (a dead state, as
+    grammar engines return): only drafted contexts reach one, transformers' generate never does, so the
+    request is served; greedy output is transformers', sampled output keeps the grammar. A dead state at a
+    committed context is refused as transformers refuses it."""
+    prompt_length = 6
+
+    def grammar(batch_id, input_ids):  # new tokens alternate between {1, 2} and {6, 7}
+        new = input_ids[prompt_length:].tolist()
+        if any(t not in ((1, 2) if i % 2 == 0 else (6, 7)) for i, t in enumerate(new)):
+            return []
+        return [1, 2] if len(new) % 2 == 0 else [6, 7]
+
+    target = tiny_model("llama", 8, seed=3)
+    engine = SpeculativeEngine(
+        target, tiny_model("gpt2", 8, seed=5, layers=1), config=EngineConfig(num_draft_tokens=3)
+    )
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 3]]).expand(8, -1)
+    options = {"max_new_tokens": 6, "prefix_allowed_tokens_fn": grammar}
+    reference = target.generate(prompt, do_sample=False, pad_token_id=0, **options)
+    assert torch.equal(engine.generate(prompt, do_sample=False, **options), reference)
+    torch.manual_seed(0)
+    new = engine.generate(prompt, do_sample=True, top_k=0, **options)[:, prompt_length:]
+    assert (
+        torch.isin(new[:, 0::2], torch.tensor([1, 2])).all()
+        and torch.isin(new[:, 1::2], torch.tensor([6, 7])).all()
+    )
+    with pytest.raises(ValueError, match="returned no allowed token for batch ID 0"):
+        engine.generate(prompt, max_new_tokens=2, prefix_allowed_tokens_fn=lambda batch_id, ids: [])
+    assert torch.equal(engine.generate(prompt, do_sample=False, **options), reference)
