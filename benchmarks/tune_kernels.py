@@ -93,6 +93,10 @@ def _copy_times(sets: list) -> dict[str, float | None]:
     return _times(lambda x, o: o.copy_(x), [(s[0], torch.empty_like(s[0])) for s in sets])
 
 
+def _print_case(op: str, name: str, case: dict) -> None:
+    print(op, name, {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"}, flush=True)
+
+
 def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
     sets = _sampling_sets(temperature)
 
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (temperature, top_k, top_p) in SAMPLING.items():
         case = _sampling_case(temperature, top_k, top_p)
         result["cases"][f"sample {name} [{ROWS}, {VOCAB}]"] = case
-        print(name, {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"}, flush=True)
+        _print_case("sample", name, case)
 
     sets = _verify_sets()
     copy = _copy_times(sets)
@@ -181,22 +185,12 @@ def main(argv: list[str] | None = None) -> None:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
         case["per_kernel"] = _kernel_times(verify, sets[0])
         result["cases"][f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
-        print(
-            "verify",
-            name,
-            {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"},
-            flush=True,
-        )
+        _print_case("verify", name, case)
 
     for name, temperature in MATCH.items():
         case = _match_case(temperature)
         result["cases"][f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
-        print(
-            "match",
-            name,
-            {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"},
-            flush=True,
-        )
+        _print_case("match", name, case)
 
     slug = device.lower().replace(" ", "-")
     write_results(args.out / f"tune-{slug}", result, _markdown(result))
