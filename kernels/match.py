@@ -18,7 +18,8 @@ Draws use the exponential race, ``z_j = argmax_v p_j(v) / E_v`` with ``E ~ Exp(1
 implementations draw the same tokens from the same noise. The reference also returns ``p_j(y_j)`` (0
 where nothing was proposed; ``[z_j == y_j]`` when greedy), the probability the target gave each draft.
 
-The Triton kernel (``match_triton``) reads the logits once, plus once more where top-k/top-p filter:
+The Triton kernel (``match_triton``) reads the logits once when greedy, twice when sampling (plus the
+threshold passes' re-reads with top-k/top-p):
 
 1. ``target_stats.py``'s statistics pass (grid ``[batch (k+1), splits]``): per vocabulary chunk, the online
    softmax at ``T`` (or the first argmax when greedy), the ``T = 1`` max and the NaN/+inf count; with
