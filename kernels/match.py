@@ -208,7 +208,6 @@ def match_triton(
     k = width - 1
     device = target_logits.device
     greedy = temperature == 0.0
-    filtered = not greedy and (0 < top_k < vocab or top_p < 1.0)
     draft_ids = draft_ids.contiguous()
     if not greedy and noise.stride(-1) != 1:
         noise = noise.contiguous()
@@ -230,12 +229,12 @@ def match_triton(
         _race_kernel[(batch * width, splits)](
             target_logits, noise, stats.part_m, stats.part_aux, *thresholds, win_val, win_id, vocab, width,
             stride_lb, stride_lj, noise.stride(0), noise.stride(1), temperature, stats.chunk, SPLITS_P2=splits_p2,
-            FILTERED=filtered, BLOCK=block,
+            FILTERED=stats.filtered, BLOCK=block,
         )  # fmt: skip
     _match_kernel[(batch,)](
         target_logits, draft_ids, stats.part_m1, stats.part_bad, stats.part_m, stats.part_aux, *thresholds,
         win_val, win_id, num_accepted, output_tokens, target_probs, invalid, k, stride_lb, stride_lj,
         1.0 if greedy else temperature, splits, W_P2=triton.next_power_of_2(width), SPLITS_P2=splits_p2,
-        GREEDY=greedy, FILTERED=filtered,
+        GREEDY=greedy, FILTERED=stats.filtered,
     )  # fmt: skip
     return num_accepted, output_tokens, target_probs, invalid.view(torch.bool)

@@ -142,6 +142,7 @@ class TargetStats(NamedTuple):
     row_z: torch.Tensor  # [batch (k+1)] fp32 the kept set's normaliser relative to exp(max z) (filtered)
     row_t: torch.Tensor  # [batch (k+1)] fp32 the threshold on z (filtered)
     row_c: torch.Tensor  # [batch (k+1)] int64 the first kept id at the threshold (filtered)
+    filtered: bool  # top-k/top-p filter the law (never when greedy): the row_* fields are the search's
 
 
 def target_stats(
@@ -151,7 +152,7 @@ def target_stats(
     top_p: float,
     block: int,
 ) -> TargetStats:
-    """The statistics pass (module docstring); without top-k/top-p the ``row_*`` fields are placeholders."""
+    """The statistics pass (module docstring); unless ``filtered`` the ``row_*`` fields are placeholders."""
     batch, width, vocab = target_logits.shape
     device = target_logits.device
     greedy = temperature == 0.0
@@ -182,5 +183,16 @@ def target_stats(
             target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, chunk, block
         )  # fmt: skip
     return TargetStats(
-        target_logits, chunk, splits, part_m1, part_z1, part_m, part_aux, part_bad, row_z, row_t, row_c
+        target_logits,
+        chunk,
+        splits,
+        part_m1,
+        part_z1,
+        part_m,
+        part_aux,
+        part_bad,
+        row_z,
+        row_t,
+        row_c,
+        filtered,
     )

@@ -541,7 +541,6 @@ def verify_triton(
     k = width - 1
     device = target_logits.device
     greedy = temperature == 0.0
-    filtered = not greedy and (0 < top_k < vocab or top_p < 1.0)
     probs = draft_probs.contiguous()
     probs1 = probs if draft_probs_t1 is None else draft_probs_t1.contiguous()
     vocab_q = probs.shape[-1]
@@ -576,7 +575,9 @@ def verify_triton(
         triton.next_power_of_2(k),
     )
     stride_lb, stride_lj = target_logits.stride(0), target_logits.stride(1)
-    flags = dict(GREEDY=greedy, FILTERED=filtered, CROSS=cross is not None, SEPARATE_Q1=probs1 is not probs)
+    flags = dict(
+        GREEDY=greedy, FILTERED=stats.filtered, CROSS=cross is not None, SEPARATE_Q1=probs1 is not probs
+    )
     partials = (
         stats.part_m1,
         stats.part_z1,
