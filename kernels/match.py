@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import nonfinite_rows_reference, race_step, row_max_sum, sampling_probs_reference
+from .rows import race_step, row_max_sum
+from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
 from .verify import join_output
 

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import _target_programs, launch_thresholds
+from .rows import chunking
+from .thresholds import launch_thresholds
 
 __all__ = ["TargetStats", "combine_partials", "online_step", "target_prob", "target_stats"]
 
@@ -164,9 +165,7 @@ def target_stats(
             target_logits.contiguous()
         )  # the threshold search reads rows of a [batch (k+1), V_t] view
     rows = batch * width
-    blocks = triton.cdiv(vocab, block)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(_target_programs(device), rows)))) * block
-    splits = triton.cdiv(vocab, chunk)
+    chunk, splits = chunking(vocab, rows, block, device)
     part_m1, part_z1, part_m = (
         torch.empty(rows, splits, dtype=torch.float32, device=device) for _ in range(3)
     )

@@ -60,7 +60,8 @@ import triton.language as tl
 
 from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps
 from .proposal import CrossProposal
-from .sampling import _target_programs, nonfinite_rows_reference, race_step, sampling_probs_reference
+from .rows import chunking, race_step
+from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
 
 __all__ = ["join_output", "verify_reference", "verify_triton"]
@@ -564,11 +565,7 @@ def verify_triton(
         )
     stats = target_stats(target_logits, temperature, top_k, top_p, block)
     target_logits, chunk, splits = stats.logits, stats.chunk, stats.splits
-    blocks = triton.cdiv(vocab, block)
-    draw_chunk = (
-        triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(_target_programs(device), batch)))) * block
-    )
-    draws = triton.cdiv(vocab, draw_chunk)
+    draw_chunk, draws = chunking(vocab, batch, block, device)
     splits_p2, w_p2, k_p2 = (
         triton.next_power_of_2(splits),
         triton.next_power_of_2(width),

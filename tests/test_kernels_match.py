@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omnidraft_fast.kernels import target_stats
+from omnidraft_fast.kernels import rows
 from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
 
@@ -103,7 +103,7 @@ def test_sampled_draws_follow_the_target():
 def programs(request, monkeypatch):
     """The kernel's target program count: 4 (this CPU's) puts each position's vocabulary in one chunk at
     these sizes; 256 (a GPU's) splits it over several, whose winners the last kernel combines."""
-    monkeypatch.setattr(target_stats, "_target_programs", lambda device: request.param)
+    monkeypatch.setattr(rows, "target_programs", lambda device: request.param)
     return request.param
 
 

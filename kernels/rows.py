@@ -1,0 +1,65 @@
+"""What every pass over rows of a vocabulary shares: how a row is split into chunks over programs, and
+the Triton helpers over one tile of a row (the sampling, statistics, threshold and race passes).
+
+A row of ``vocab`` entries is cut into ``splits`` chunks of whole ``block``-wide tiles, so that a grid of
+``[rows, splits]`` programs fills about four programs per SM (``target_programs``) however few the rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["chunking", "load_z", "race_step", "row_max_sum", "target_programs"]
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """Programs a pass over rows aims at: four per SM on a GPU (4 under the interpreter)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def chunking(vocab: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(chunk, splits): the chunk of whole ``block`` tiles each program of a row takes, and how many
+    programs a row has, for about ``target_programs`` programs over ``rows`` rows."""
+    blocks = triton.cdiv(vocab, block)
+    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(target_programs(device), rows)))) * block
+    return chunk, triton.cdiv(vocab, chunk)
+
+
+@triton.jit
+def load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK: tl.constexpr):
+    """z = logits / T (IEEE division, as torch), -inf past the row and where the mask disallows."""
+    inside = offs < vocab
+    x = tl.load(row_logits + offs, mask=inside, other=float("-inf")).to(tl.float32)
+    z = tl.math.div_rn(x, temperature)
+    if HAS_MASK:
+        allowed = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+        z = tl.where(allowed, z, float("-inf"))
+    return z
+
+
+@triton.jit
+def row_max_sum(part_m, part_z, row, splits, SPLITS_P2: tl.constexpr):
+    """Combine the chunks' online-softmax partials of one row: (max, sum of exp(z - max))."""
+    offs = tl.arange(0, SPLITS_P2)
+    inside = offs < splits
+    chunk_m = tl.load(part_m + row * splits + offs, mask=inside, other=float("-inf"))
+    chunk_z = tl.load(part_z + row * splits + offs, mask=inside, other=0.0)
+    m = tl.max(chunk_m, 0)
+    scale = tl.where(chunk_m == float("-inf"), 0.0, tl.exp(chunk_m - m))
+    return m, tl.sum(chunk_z * scale, 0)
+
+
+@triton.jit
+def race_step(best, best_id, race, start):
+    """The exponential race over one tile: the running best value and its id, updated with ``race``, the
+    tile's values from id ``start`` (the first id wins ties, within the tile and against earlier ones)."""
+    block_best = tl.max(race, 0)
+    best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
+    return tl.maximum(best, block_best), best_id
