@@ -190,7 +190,7 @@ def _match_kernel(
     p_y = target_prob(x.to(tl.float32), y, proposed, m, aux, thr, cut, temperature, GREEDY, FILTERED)
     tl.store(target_probs_ptr + b * k + j, p_y, mask=drafted)
     bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
-    empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
+    empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=float("-inf")), 1) == float("-inf")
     tl.store(invalid_ptr + b * (k + 1) + j, (bad | empty).to(tl.uint8), mask=valid)
 
 

@@ -513,7 +513,7 @@ def _finish_kernel(
     offs = (b * (k + 1) + j)[:, None] * splits + s[None, :]
     mask = (j <= k)[:, None] & (s < splits)[None, :]
     bad = tl.sum(tl.load(part_bad_ptr + offs, mask=mask, other=0), 1) > 0
-    empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=0.0), 1) == float("-inf")
+    empty = tl.max(tl.load(part_m1_ptr + offs, mask=mask, other=float("-inf")), 1) == float("-inf")
     tl.store(invalid_ptr + b * (k + 1) + j, (bad | empty).to(tl.uint8), mask=j <= k)
     num = tl.load(num_accepted_ptr + b)
     drafted = tl.load(draft_ids_ptr + b * k + j, mask=j < num, other=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omnidraft_fast.kernels import rows
 from omnidraft_fast.kernels.cascade import RULES
 from omnidraft_fast.kernels.proposal import CrossProposal, fold_twins_, target_proposal_reference
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
@@ -220,8 +221,12 @@ def test_fp16_logits_and_separate_t1():
     _check(_case(4, 3, 300, 1.3, seed=5, offset=2, dtype=torch.float16, separate_t1=True))
 
 
-def test_invalid_rows():
-    """NaN, +inf and all -inf positions are flagged where they are; the other rows are unaffected."""
+@pytest.mark.parametrize("programs", [4, 256], ids=["one_chunk", "chunks"])
+def test_invalid_rows(programs, monkeypatch):
+    """NaN, +inf and all -inf positions are flagged where they are; the other rows are unaffected. At 256
+    programs (a GPU's count) each position's vocabulary is split over 3 chunks, a count that is not a power
+    of two (the kernel pads the chunk axis)."""
+    monkeypatch.setattr(rows, "target_programs", lambda device: programs)
     for top_p in (1.0, 0.9):
         case = _case(4, 2, 300, 0.7, seed=7, top_p=top_p)
         logits = case["target_logits"]
