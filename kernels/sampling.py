@@ -20,12 +20,14 @@ Greedy decoding (``T == 0``) is ``argmax z`` (first maximum) with ``q`` one-hot 
 The kept set is a threshold: ``{v : z_v > t} ∪ {v : z_v == t, v >= c}``. With
 ``m = max z``, ``w_v = exp(z_v - m)`` and ``Z_k`` the mass of the top-k set,
 ``t_k`` is the largest ``x`` with ``#{z >= x} >= k``; top-p keeps ``v`` iff
-``sum_{u: z_u > z_v} w_u < top_p Z_k`` (tie-inclusive), which gives ``t``; of
-the group ``z == t`` the sort then drops the ``d`` tokens (the kernel: the ``d``
+``sum_{u: z_u <= z_v} w_u > (1 - top_p) Z_k`` (tie-inclusive), and always the largest ``z``, which gives
+``t``; of the group ``z == t`` the sort then drops the ``d`` tokens (the kernel: the ``d``
 lowest ids) whose cumulative mass, one tie at a time, stays <= ``(1 - top_p) Z_k``
 (``c`` is the id after the d-th). ``q_v = w_v / Z`` on the kept set, ``Z`` its mass.
 The reference decides top-p as transformers does, on an fp32 cumulative sum in sorted order; the kernel
-compares partial sums taken in another order, against ``top_p`` in fp32. Where the boundary falls exactly
+sums the same masses upwards from the smallest, in another order, against ``1 - top_p`` in fp32 (so a
+``top_p`` within rounding of 1 keeps the tail, and one whose ``top_p Z`` underflows keeps the most likely
+token, as transformers' do). Where the boundary falls exactly
 on a rounding point the two can keep one token more or less (10 equal logits at ``top_p = 0.1``:
 transformers keeps 2 of them, the kernel 1); away from such points they keep the same set.
 

@@ -42,9 +42,10 @@ _GOAL_N = tl.constexpr(7)  # top-k: k; tie cut: the number dropped
 _NI = tl.constexpr(8)
 _MASS_ABOVE = tl.constexpr(0)  # mass above the keys matching the prefix
 _NORM = tl.constexpr(1)  # mass the top-p goal is relative to (Z_k)
-_GOAL_S = tl.constexpr(2)  # top-p: top_p Z_k
+_GOAL_S = tl.constexpr(2)  # top-p: (1 - top_p) Z_k, the mass the dropped tokens stay within
 _NORM_OUT = tl.constexpr(3)  # mass of the kept set
-_NF = tl.constexpr(4)
+_MASS_BELOW = tl.constexpr(4)  # mass below the keys matching the prefix (and >= the floor)
+_NF = tl.constexpr(5)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _threshold_pass_kernel(
     stride_logits,
     temperature,
     top_k,
-    top_p,
+    top_p_rest,  # 1 - top_p, taken in double precision on the host
     chunk,
     splits,
     id_shift,  # the id search's first digit: ids need id_shift + 4 bits
@@ -106,8 +107,9 @@ def _threshold_pass_kernel(
         cut = tl.zeros((), tl.int64)
         goal_n = tl.zeros((), tl.int64) + top_k
         mass_above = tl.zeros((), tl.float32)
+        mass_below = tl.zeros((), tl.float32)
         norm = total
-        goal_s = top_p * total
+        goal_s = top_p_rest * total
         norm_out = total
     else:
         phase = tl.load(src_i + _PHASE)
@@ -119,6 +121,7 @@ def _threshold_pass_kernel(
         cut = tl.load(src_i + _CUT)
         goal_n = tl.load(src_i + _GOAL_N)
         mass_above = tl.load(src_f + _MASS_ABOVE)
+        mass_below = tl.load(src_f + _MASS_BELOW)
         norm = tl.load(src_f + _NORM)
         goal_s = tl.load(src_f + _GOAL_S)
         norm_out = tl.load(src_f + _NORM_OUT)
@@ -133,20 +136,26 @@ def _threshold_pass_kernel(
         min_b = tl.min(tl.load(hist_lo_ptr + cells, mask=live, other=_INT32_MAX), 0)
         max_b = tl.max(tl.load(hist_hi_ptr + cells, mask=live, other=_INT32_MIN), 0)
         n_prefix = tl.cumsum(n_b, 0)
-        s_prefix = tl.cumsum(s_b, 0)
         n_gt = n_above + tl.sum(tl.where(bucket == BUCKETS - 1, n_prefix, 0), 0) - n_prefix  # above the digit
-        s_gt = mass_above + tl.sum(tl.where(bucket == BUCKETS - 1, s_prefix, 0.0), 0) - s_prefix
-        # top-k and ties: the largest digit with #{key >= it} >= goal; top-p: the smallest with mass above < goal
+        # The mass at or below each digit, summed upwards from the smallest keys as transformers' cumulative
+        # sum is, so that a top_p within fp32 rounding of 1 keeps the tail it keeps.
+        s_le = mass_below + tl.cumsum(s_b, 0)
+        # top-k and ties: the largest digit with #{key >= it} >= goal; top-p: the smallest whose mass at or
+        # below exceeds (1 - p) Z, and at least the largest (the most likely token is always kept, also
+        # where p Z underflows)
         pick_n = tl.max(tl.where((n_b > 0) & (n_gt + n_b >= goal_n), bucket, -1), 0)
-        pick_p = tl.min(tl.where((n_b > 0) & (s_gt < goal_s), bucket, BUCKETS), 0)
-        picked = bucket == tl.where(phase == 1, pick_p, pick_n)
+        pick_p = tl.min(tl.where((n_b > 0) & ((s_le > goal_s) | (n_gt == 0)), bucket, BUCKETS), 0)
+        pick = tl.where(phase == 1, pick_p, pick_n)
+        picked = bucket == pick
         lo = tl.sum(tl.where(picked, min_b, 0), 0).to(tl.int64)
         hi = tl.sum(tl.where(picked, max_b, 0), 0).to(tl.int64)
         n = tl.sum(tl.where(picked, n_b, 0), 0)
         s = tl.sum(tl.where(picked, s_b, 0.0), 0)
         n_above_new = tl.sum(tl.where(picked, n_gt, 0), 0)
-        mass_above_new = tl.sum(tl.where(picked, s_gt, 0.0), 0)
-        pick = tl.sum(tl.where(picked, bucket, 0), 0).to(tl.int64)
+        # the masses beside the picked digit, each summed directly (no difference of large sums)
+        mass_above_new = mass_above + tl.sum(tl.where(bucket > pick, s_b, 0.0), 0)
+        mass_below_new = mass_below + tl.sum(tl.where(bucket < pick, s_b, 0.0), 0)
+        pick = tl.sum(tl.where(picked, bucket, 0), 0).to(tl.int64)  # 0 when none (a row past its searches)
         searching = phase < 3
         found = searching & (lo == hi)  # one key left in the picked digit: the answer
         # Narrow (the search goes on) or end the phase.
@@ -155,17 +164,15 @@ def _threshold_pass_kernel(
         shift = tl.where(go_on, shift - 4, shift)
         n_above = tl.where(go_on, n_above_new, n_above)
         mass_above = tl.where(go_on, mass_above_new, mass_above)
+        mass_below = tl.where(go_on, mass_below_new, mass_below)
         # top-k found: t_k = lo keeps the keys >= it, of mass Z_k; top-p (if on) searches above t_k.
         end_k = found & (phase == 0)
         z_k = mass_above_new + s
         # top-p found: of the n tokens at t, the sort drops d (the lowest ids) while their mass stays
         # <= (1 - p) Z; d > 0 starts the search for the d-th lowest id among them.
         end_p = found & (phase == 1)
-        below = norm - mass_above_new - s
         each = s / tl.maximum(n, 1).to(tl.float32)
-        spare = tl.where(
-            end_p & (each > 0), ((1.0 - top_p) * norm - below) / tl.where(each > 0, each, 1.0), 0.0
-        )
+        spare = tl.where(end_p & (each > 0), (goal_s - mass_below_new) / tl.where(each > 0, each, 1.0), 0.0)
         drop = tl.minimum(tl.maximum(tl.floor(spare).to(tl.int64), 0), n - 1)
         end_tie = found & (phase == 2)
         after_k = tl.full((), 3, tl.int64)  # top-k alone: done
@@ -174,7 +181,7 @@ def _threshold_pass_kernel(
         restart = (end_k & (after_k == 1)) | (end_p & (drop > 0))
         tie = tl.where(end_k | end_p, lo, tie)  # the threshold key so far
         floor = tl.where(end_k, lo, floor)
-        goal_s = tl.where(end_k, top_p * z_k, goal_s)
+        goal_s = tl.where(end_k, top_p_rest * z_k, goal_s)
         norm = tl.where(end_k, z_k, norm)
         norm_out = tl.where(end_k, z_k, norm_out)
         kept = (n - drop).to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
@@ -188,6 +195,7 @@ def _threshold_pass_kernel(
         prefix = tl.where(restart, 0, prefix)
         n_above = tl.where(restart, 0, n_above)
         mass_above = tl.where(restart, 0.0, mass_above)
+        mass_below = tl.where(restart, 0.0, mass_below)
     dst_i = state_i_ptr + (PARITY * rows + row) * _NI
     dst_f = state_f_ptr + (PARITY * rows + row) * _NF
     if split == 0:
@@ -200,6 +208,7 @@ def _threshold_pass_kernel(
         tl.store(dst_i + _CUT, cut)
         tl.store(dst_i + _GOAL_N, goal_n)
         tl.store(dst_f + _MASS_ABOVE, mass_above)
+        tl.store(dst_f + _MASS_BELOW, mass_below)
         tl.store(dst_f + _NORM, norm)
         tl.store(dst_f + _GOAL_S, goal_s)
         tl.store(dst_f + _NORM_OUT, norm_out)
@@ -289,7 +298,7 @@ def launch_thresholds(
     for step in range(passes + 1):  # the last launch only reads the last histograms
         _threshold_pass_kernel[(rows, splits)](
             logits, mask_arg, part_m, part_z, state_i, state_f, hist_n, hist_s, hist_lo, hist_hi, row_z, row_t,
-            row_c, rows, vocab, stride, temperature, top_k, top_p, chunk, splits, id_shift,
+            row_c, rows, vocab, stride, temperature, top_k, 1.0 - top_p, chunk, splits, id_shift,
             SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on, TOP_P=top_p_on, HAS_MASK=mask is not None,
             FIRST=step == 0, PARITY=step % 2, BLOCK=min(block, 128), BUCKETS=_BUCKETS, num_warps=4,
         )  # fmt: skip

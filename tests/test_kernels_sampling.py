@@ -114,6 +114,21 @@ def test_degenerate_filters():
     _check(logits, noise, 0.7, 0, 1e-6, mask, block=32)  # top-p keeps only the most likely
 
 
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_top_p_at_the_ends_of_its_range(top_k):
+    """A top_p whose ``top_p Z`` underflows fp32 (1e-50) keeps the most likely token, as transformers' does;
+    one within fp32 rounding of 1 keeps the tail token of mass ~5e-9 that transformers' cumulative sum keeps
+    (the kernel sums the masses upwards from the smallest, against ``1 - top_p``)."""
+    logits, noise, _ = _inputs(3, 100, torch.float32, seed=8, masked=False)
+    logits[:, 7] = logits.max(1).values - 16.0  # about 5e-9 of the row's mass
+    for top_p in (1e-50, 1e-40, 1e-9, 1 - 1e-9, 1 - 3e-8):
+        _, probs = _check(logits, noise, 1.0, top_k, top_p, block=32)
+        if top_p < 1e-30:
+            assert ((probs > 0).sum(1) == 1).all() and (probs.max(1).values == 1.0).all()
+        elif top_p == 1 - 1e-9 and top_k == 0:
+            assert (probs[:, 7] > 0).all()
+
+
 def test_strided_logits_and_noise():
     logits, noise, _ = _inputs(2, 200, torch.float32, seed=6, masked=False)
     _check(logits[:, :150], noise[:, :150], 0.9, 0, 0.95)
