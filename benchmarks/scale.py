@@ -8,7 +8,10 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
   engine (``--compiled``, on CUDA by default; off CUDA transformers does not compile it);
 - the target's forward over ``k + 1`` tokens and over 1 token, and the drafter's one-token step, each at
   the prompt's context length in the engine's slot cache (median of ``--reps``), through ``lean.py``'s
-  forward (what the engine runs) and through transformers' forward;
+  forward (what the engine runs) and through transformers' forward; the lean forward's also with each
+  SDPA backend forced in turn (``torch.nn.attention.sdpa_kernel``; a backend that cannot take the engine's
+  additive mask records its error): which backend torch picks is a fixed priority, and on the 2026-11-30
+  H200 run it picked cuDNN, whose host time per call was the largest of any op in the eager round's profile;
 - this engine (``SpeculativeEngine``), per drafter: ``shared`` (Llama-68M shape, the target's 128k
   vocabulary) and, when ``../shared/tokenizers`` is there, ``cross`` (Mistral's 32k vocabulary, real
   Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
@@ -102,6 +105,24 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+_SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def _per_sdpa_backend(timed) -> dict[str, float | str]:
+    """``timed()`` (ms) with each SDPA backend forced in turn, by backend name; an error line where the
+    backend cannot run the call (no kernel for the device, the dtype or the mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    result = {}
+    for name in _SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                result[name.lower()] = timed()
+        except RuntimeError as error:
+            result[name.lower()] = error_line(error)
+    return result
+
+
 def _forward_ms(model, ids: torch.Tensor, n: int, reps: int, lean: bool = True) -> float:
     """One forward of ``n`` tokens written after ``ids`` [1, prompt] in the slot cache (rewritten each rep);
     ``lean=False``: through transformers' forward rather than ``lean.py``'s."""
@@ -180,6 +201,7 @@ def _engine(
         "drafter_vocab": drafter.config.vocab_size,
         "drafter_step_ms": _forward_ms(drafter, _ids(drafter, ids), 1, 5),
         "drafter_step_ms_transformers_forward": _forward_ms(drafter, _ids(drafter, ids), 1, 5, lean=False),
+        "drafter_step_ms_per_sdpa_backend": _per_sdpa_backend(lambda: _forward_ms(drafter, _ids(drafter, ids), 1, 5)),
         "rounds": untimed.rounds,
         "measured_acceptance": untimed.acceptance_rate,
         "stage_ms_per_round": stage_ms,
@@ -333,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{k + 1} tokens, transformers forward": _forward_ms(target, ids, k + 1, reps, lean=False),
             "1 token, transformers forward": _forward_ms(target, ids, 1, reps, lean=False),
         },
+        "target_forward_ms_per_sdpa_backend": {
+            f"{k + 1} tokens": _per_sdpa_backend(lambda: _forward_ms(target, ids, k + 1, reps)),
+            "1 token": _per_sdpa_backend(lambda: _forward_ms(target, ids, 1, reps)),
+        },
         "projection_formula": "speedup(a) = E(a) / round_ms * plain_ms_per_token, E(a) = (1 - a^(k+1)) / (1 - a)",
         "pairs": {},
     }
@@ -347,6 +373,12 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         del drafter
     write_results(args.out / f"scale-{device.type}", result, _markdown(result))
+
+
+def _backends(times: dict[str, float | str]) -> str:
+    return ", ".join(
+        f"{name} {ms:.2f} ms" if isinstance(ms, float) else f"{name} n/a" for name, ms in times.items()
+    )
 
 
 def _markdown(result: dict) -> str:
@@ -375,6 +407,10 @@ def _markdown(result: dict) -> str:
             else []
         ),
         f"- target forward at the prompt's length: {forward}",
+        *(
+            f"- the same, {n}, with one SDPA backend forced: {_backends(times)}"
+            for n, times in result["target_forward_ms_per_sdpa_backend"].items()
+        ),
     ]
     static_column = (
         ""
@@ -388,7 +424,8 @@ def _markdown(result: dict) -> str:
             f"## Drafter `{pair}` (vocabulary {row['drafter_vocab']}, {row['drafter_params'] / 1e6:.0f} M parameters)",
             "",
             f"Drafter step {row['drafter_step_ms']:.2f} ms ({row['drafter_step_ms_transformers_forward']:.2f} ms "
-            f"through transformers' forward). Round {row['round_ms']:.2f} ms untimed "
+            f"through transformers' forward; with one SDPA backend forced: "
+            f"{_backends(row['drafter_step_ms_per_sdpa_backend'])}). Round {row['round_ms']:.2f} ms untimed "
             f"({row['timed_round_ms']:.2f} ms with stage timing); the engine's own overhead "
             f"{row['overhead_ms_per_round']:.2f} ms per round (every stage but draft and target). With "
             f"`cuda_graphs=True`: {row['graph_round_ms']:.2f} ms per round, capture included; "

@@ -34,6 +34,11 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
                   "projection_formula", "target_params"):  # fmt: skip
         assert field in result
     k = result["k"]
+    backends = {"cudnn_attention", "flash_attention", "efficient_attention", "math"}
+    for times in (*result["target_forward_ms_per_sdpa_backend"].values(),
+                  *(row["drafter_step_ms_per_sdpa_backend"] for row in result["pairs"].values())):  # fmt: skip
+        assert set(times) == backends and isinstance(times["math"], float) and times["math"] > 0
+        assert all(isinstance(ms, float) or ms.startswith("RuntimeError") for ms in times.values())
     expected_pairs = {"shared", "cross"} if (SHARED / "tokenizers" / "llama3").is_dir() else {"shared"}
     assert set(result["pairs"]) == expected_pairs
     for row in result["pairs"].values():
