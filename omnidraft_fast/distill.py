@@ -87,6 +87,21 @@ class LoraAdapter:
         training = [p for p in model.parameters() if p.requires_grad]
         had_config = "peft_config" in vars(model)
         peft_config = vars(model).get("peft_config")
+        self.model, self.name = model, name
+
+        def lora_slots() -> list[tuple[torch.nn.Module, str, LoraLayer, str]]:
+            """(parent module, attribute, LoRA layer, qualified name) of every layer peft put in."""
+            return [
+                (
+                    model.get_submodule(qualified.rpartition(".")[0]),
+                    qualified.rpartition(".")[2],
+                    layer,
+                    qualified,
+                )
+                for qualified, layer in model.named_modules()
+                if isinstance(layer, LoraLayer)
+            ]
+
         try:
             with warnings.catch_warnings():  # peft warns about Conv1D layers (GPT-2): handled
                 warnings.simplefilter("ignore")
@@ -96,6 +111,8 @@ class LoraAdapter:
                     raise ValueError(
                         f"cannot put a LoRA adapter on the drafter ({error}); check `DistillConfig.target_modules`"
                     ) from error
+            self._slots = lora_slots()
+            self._check(frozen)
         finally:
             # peft freezes the base model and leaves its config on it: the drafter is not ours to change.
             for parameter in training:
@@ -104,23 +121,11 @@ class LoraAdapter:
                 model.peft_config = peft_config
             else:
                 vars(model).pop("peft_config", None)
-        self.model, self.name = model, name
-        # (parent module, attribute, LoRA layer, qualified name) of every layer peft put in
-        self._slots = [
-            (
-                model.get_submodule(qualified.rpartition(".")[0]),
-                qualified.rpartition(".")[2],
-                layer,
-                qualified,
-            )
-            for qualified, layer in model.named_modules()
-            if isinstance(layer, LoraLayer)
-        ]
-        self.layers = [layer for *_, layer, _ in self._slots]
-        try:
-            self._check(frozen)
-        finally:
+            # The layers out of the drafter until `active`, also those peft put in before failing on a
+            # later module (the drafter is left as it was).
+            self._slots = lora_slots()
             self._detach()
+        self.layers = [layer for *_, layer, _ in self._slots]
         self.parameters: list[torch.nn.Parameter] = []
         for layer in self.layers:
             for table in (layer.lora_A, layer.lora_B):

@@ -581,12 +581,21 @@ def test_paused_learning_records_nothing(shared_pair):
 
 
 def test_adapter_on_no_layer_is_refused(shared_pair):
+    """Modules LoRA cannot adapt are refused, and the drafter is left as it was: also where peft had put
+    its layers into earlier matches (q_proj) before failing on a later one (an RMSNorm)."""
     target, drafter = shared_pair
     drafter = copy.deepcopy(drafter)
-    with pytest.raises(ValueError, match="target_modules"):
-        SpeculativeEngine(
-            target, drafter, config=EngineConfig(distill=DistillConfig(target_modules=("no_such_proj",)))
-        )
+    keys = list(drafter.state_dict())
+    for modules in (("no_such_proj",), ("q_proj", "input_layernorm")):
+        with pytest.raises(ValueError, match="target_modules"):
+            SpeculativeEngine(
+                target, drafter, config=EngineConfig(distill=DistillConfig(target_modules=modules))
+            )
+        assert list(drafter.state_dict()) == keys
+        assert type(drafter.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    SpeculativeEngine(
+        target, drafter, config=EngineConfig(distill=DistillConfig(rank=8))
+    )  # nothing left over
     assert torch.equal(SpeculativeEngine(target, drafter).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
                        target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False))  # fmt: skip
 
