@@ -58,7 +58,7 @@ def _empty(capacity: int) -> tuple[torch.Tensor, ...]:
         torch.full((capacity,), EMPTY, dtype=torch.int64, device="cuda"),
         torch.full((capacity, N), -1, dtype=torch.int32, device="cuda"),
         torch.full((capacity,), -1, dtype=torch.int32, device="cuda"),
-        torch.zeros(capacity, dtype=torch.int32, device="cuda"),
+        torch.zeros(capacity, dtype=torch.int64, device="cuda"),
     )
 
 

@@ -61,7 +61,7 @@ def _case(batch: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     hashes = torch.full((CAPACITY,), EMPTY, dtype=torch.int64, device="cuda")
     key_ids = torch.full((CAPACITY, N), -1, dtype=torch.int32, device="cuda")
     values = torch.full((CAPACITY,), -1, dtype=torch.int32, device="cuda")
-    counts = torch.zeros(CAPACITY, dtype=torch.int32, device="cuda")
+    counts = torch.zeros(CAPACITY, dtype=torch.int64, device="cuda")
     new_values = torch.randint(0, V_T, (keys.shape[0],), generator=generator, device="cuda")
     ngram_insert_triton(hashes, key_ids, values, counts, keys, new_values, torch.ones_like(new_values))
     return drafts, key_ids, values

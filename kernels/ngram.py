@@ -5,7 +5,8 @@ Layout (capacity ``C``, a power of two; ``N`` = the longest key):
     hashes  [C]    int64   the claim word: the stored key's hash, or EMPTY (-1) for a free slot
     key_ids [C, N] int32   the stored key, -1 padded (key_ids[s, 0] == -1 exactly when slot s is free)
     values  [C]    int32   the target id whose bytes are the concatenation of the key's tokens
-    counts  [C]    int32   hits: how often the target emitted this token (least-frequently-used eviction)
+    counts  [C]    int64   hits: how often the target emitted this token (least-frequently-used eviction;
+                           64 bits, so that no count wraps in a server's lifetime)
 
 A key of ``n`` ids (2 <= n <= N) hashes to ``h = mix(... mix(mix(n) * P + a_1 + 1) * P + a_2 + 1 ...)``
 (64-bit wrap-around arithmetic, ``mix`` a xor-shift-multiply finaliser), with the sign bit cleared so
@@ -111,7 +112,7 @@ def ngram_insert_reference(
     hashes: torch.Tensor,  # [C] int64, updated in place
     key_ids: torch.Tensor,  # [C, N] int32, updated in place
     values: torch.Tensor,  # [C] int32, updated in place
-    counts: torch.Tensor,  # [C] int32, updated in place
+    counts: torch.Tensor,  # [C] int64, updated in place
     keys: torch.Tensor,  # [Q, N] int64, -1 padded; rows shorter than 2 ids are ignored
     new_values: torch.Tensor,  # [Q] int64, >= 0
     hits: torch.Tensor,  # [Q] int64 hits each row adds
@@ -246,7 +247,7 @@ def _ngram_insert_kernel(
     hashes,  # [C] int64
     key_ids,  # [C, N] int32
     values,  # [C] int32
-    counts,  # [C] int32
+    counts,  # [C] int64
     keys,  # [Q, N] int64
     new_values,  # [Q] int64
     hits,  # [Q] int64
@@ -283,9 +284,7 @@ def _ngram_insert_kernel(
                 tl.store(values + slot, tl.load(new_values + rows, mask=won).to(tl.int32), mask=won)
                 word = tl.where(won, h, tl.where(free, old, word))
             settled = pending & (word == h)
-            tl.atomic_add(
-                counts + slot, tl.load(hits + rows, mask=settled).to(tl.int32), mask=settled, sem="relaxed"
-            )
+            tl.atomic_add(counts + slot, tl.load(hits + rows, mask=settled), mask=settled, sem="relaxed")
             pending = pending & ~settled
     unplaced = tl.sum(pending.to(tl.int64), axis=0)
     if unplaced > 0:
@@ -314,7 +313,7 @@ def ngram_insert_triton(
     hashes: torch.Tensor,  # [C] int64, updated in place
     key_ids: torch.Tensor,  # [C, N] int32, contiguous, updated in place
     values: torch.Tensor,  # [C] int32, updated in place
-    counts: torch.Tensor,  # [C] int32, updated in place
+    counts: torch.Tensor,  # [C] int64, updated in place
     keys: torch.Tensor,  # [Q, N] int64, -1 padded
     new_values: torch.Tensor,  # [Q] int64
     hits: torch.Tensor,  # [Q] int64

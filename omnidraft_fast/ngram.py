@@ -39,7 +39,7 @@ class NGramTable:
         self.hashes = torch.full((capacity,), EMPTY, dtype=torch.int64, device=device)  # insert claim words
         self.key_ids = torch.full((capacity, max_len), -1, dtype=torch.int32, device=device)
         self.values = torch.full((capacity,), -1, dtype=torch.int32, device=device)
-        self.counts = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.dropped = torch.zeros((), dtype=torch.int64, device=device)  # inserts that found no slot
 
     @property
@@ -67,9 +67,12 @@ class NGramTable:
         return ops.ngram_lookup(*self.tensors, queries)
 
     def evict(self) -> None:
-        """Keep the most used half of the entries (counts halved), rehashed into a cleared table."""
+        """Keep the most used entries, a quarter of the capacity and at least one (about half of them when
+        the engine evicts, past half full), counts halved, rehashed into a cleared table."""
         used = torch.nonzero(self.key_ids[:, 0] >= 0)[:, 0]
-        keep = used[torch.argsort(self.counts[used], descending=True, stable=True)[: self.capacity // 4]]
+        keep = used[
+            torch.argsort(self.counts[used], descending=True, stable=True)[: max(1, self.capacity // 4)]
+        ]
         keys, values, counts = self.key_ids[keep].long(), self.values[keep].long(), self.counts[keep]
         self.hashes.fill_(EMPTY)
         self.key_ids.fill_(-1)
@@ -96,12 +99,16 @@ class NGramTable:
         return table
 
     def keys_of(self, spellings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[Q, max_len] keys from spellings [Q, width] (-1 padded); spellings longer than max_len give -1 rows."""
+        """[Q, max_len] keys from spellings [Q, width] of ``lengths`` [Q] ids each: a row's first ``length``
+        ids, -1 after them; a length outside 2..max_len (0: nothing to learn, or a spelling cut to its
+        width) gives a -1 row, which inserts skip."""
         width = spellings.shape[1]
         if width < self.max_len:
             spellings = torch.nn.functional.pad(spellings, (0, self.max_len - width), value=-1)
         keys = spellings[:, : self.max_len].long()
-        return torch.where((lengths <= self.max_len)[:, None], keys, -1)
+        learnable = (lengths >= 2) & (lengths <= self.max_len)
+        inside = torch.arange(self.max_len, device=keys.device) < lengths[:, None]
+        return torch.where(learnable[:, None] & inside, keys, -1)
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -296,22 +296,37 @@ def translate(
         _check("drafted", drafted, 1, dtypes=(torch.int64,), device=draft_ids.device)
         if drafted.shape[0] != draft_ids.shape[0]:
             raise ValueError(f"`drafted` must have {draft_ids.shape[0]} rows, got {tuple(drafted.shape)}")
+    if table is not None:
+        if not isinstance(table, tuple | list) or len(table) != 2:
+            raise ValueError(
+                "`table` must be the n-gram table's `(key_ids, values)`, as `NGramTable.tensors` gives"
+            )
+        _check_table(*table)
+        if table[0].device != draft_ids.device:
+            raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
+    if splits is not None:
+        d2ts, d2ts_len, vocab_t = splits
+        _check("d2ts", d2ts, 2, dtypes=(torch.int32,), device=draft_ids.device)
+        _check("d2ts_len", d2ts_len, 1, dtypes=(torch.int32,), device=draft_ids.device)
+        if d2ts.shape[0] != d2t.shape[0] or d2ts_len.shape[0] != d2t.shape[0]:
+            raise ValueError(
+                f"`d2ts` and `d2ts_len` must have one row per drafter id ({d2t.shape[0]}, as `d2t`), got "
+                f"{d2ts.shape[0]} and {d2ts_len.shape[0]}"
+            )
+    batch, k = draft_ids.shape
+    if batch == 0 or k == 0:  # nothing drafted: every path's answer, with no block to index
+        blank = torch.zeros(batch, k, dtype=torch.int64, device=draft_ids.device)
+        return blank - 1, torch.zeros(batch, dtype=torch.int64, device=draft_ids.device), blank, blank.clone()
     if table is None:
         out = (translate_triton if runs_kernels(draft_ids) else translate_reference)(
             draft_ids, d2t, drafted=drafted
         )
     else:
-        _check_table(*table)
-        if table[0].device != draft_ids.device:
-            raise ValueError(f"the n-gram table is on {table[0].device}, the drafts on {draft_ids.device}")
         out = (translate_triton if runs_kernels(draft_ids) else translate_ngram_reference)(
             draft_ids, d2t, *table, drafted=drafted
         )
     if splits is None:
         return out
-    d2ts, d2ts_len, vocab_t = splits
-    _check("d2ts", d2ts, 2, dtypes=(torch.int32,), device=draft_ids.device)
-    _check("d2ts_len", d2ts_len, 1, dtypes=(torch.int32,), device=draft_ids.device)
     ids, _, source, span_end = out
     return split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t)
 
@@ -354,7 +369,7 @@ def _check_table(key_ids: torch.Tensor, values: torch.Tensor) -> None:
     _check("key_ids", key_ids, 2, dtypes=(torch.int32,))
     _check("values", values, 1, dtypes=(torch.int32,), device=key_ids.device)
     capacity = key_ids.shape[0]
-    if capacity & (capacity - 1) or values.shape[0] != capacity:
+    if capacity < 1 or capacity & (capacity - 1) or values.shape[0] != capacity:
         raise ValueError(
             f"the table's capacity must be a power of two shared by `key_ids` and `values`, got {capacity}"
         )
@@ -382,7 +397,7 @@ def ngram_insert(
     hashes: torch.Tensor,  # [C] int64
     key_ids: torch.Tensor,  # [C, N] int32
     values: torch.Tensor,  # [C] int32
-    counts: torch.Tensor,  # [C] int32
+    counts: torch.Tensor,  # [C] int64
     keys: torch.Tensor,  # [Q, N] int64
     new_values: torch.Tensor,  # [Q] int64
     hits: torch.Tensor,  # [Q] int64
@@ -392,7 +407,7 @@ def ngram_insert(
     then -1 padding; a -1 before an id, or an id outside that range, is not checked (that would read
     the device from the host) and makes keys that differ look equal."""
     _check_table(key_ids, values)
-    for name, tensor, dtype in (("hashes", hashes, torch.int64), ("counts", counts, torch.int32)):
+    for name, tensor, dtype in (("hashes", hashes, torch.int64), ("counts", counts, torch.int64)):
         _check(name, tensor, 1, dtypes=(dtype,), device=key_ids.device)
         if tensor.shape[0] != key_ids.shape[0] or not tensor.is_contiguous():
             raise ValueError(f"`{name}` must be contiguous with one entry per slot ({key_ids.shape[0]})")

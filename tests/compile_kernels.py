@@ -115,7 +115,7 @@ def _launches():
         yield lambda d=drafted: translate.translate_triton(drafts, d2t, drafted=d)
         yield lambda d=drafted: translate.translate_triton(drafts, d2t, *table, drafted=d)
     table = (torch.full((64,), -1), torch.full((64, 4), -1, dtype=torch.int32),
-             torch.full((64,), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.int32))  # fmt: skip
+             torch.full((64,), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.int64))  # fmt: skip
     keys, values = torch.randint(0, 9, (10, 4)), torch.randint(0, 9, (10,))
     yield lambda: ngram.ngram_insert_triton(*table, keys, values, torch.ones(10, dtype=torch.int64))
     yield lambda: ngram.ngram_lookup_triton(table[1], table[2], keys)

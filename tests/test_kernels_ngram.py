@@ -28,7 +28,7 @@ def _table(capacity: int, n: int = 4, device: str = "cpu") -> tuple[torch.Tensor
         torch.full((capacity,), EMPTY, dtype=torch.int64, device=device),
         torch.full((capacity, n), -1, dtype=torch.int32, device=device),
         torch.full((capacity,), -1, dtype=torch.int32, device=device),
-        torch.zeros(capacity, dtype=torch.int32, device=device),
+        torch.zeros(capacity, dtype=torch.int64, device=device),
     )
 
 

@@ -81,6 +81,37 @@ def test_save_and_load(tmp_path):
         NGramTable(64, 3).load(tmp_path / "t.safetensors")
 
 
+def test_keys_of_learns_only_whole_spellings_of_2_to_n_ids():
+    """The learning step's keys: a spelling of 2..N ids, -1 after its length; length 0 (a position the round
+    did not keep, or a spelling cut to its width) and lengths 1 or above N give -1 rows, which inserts skip."""
+    table = NGramTable(16, 4)
+    spellings = torch.tensor([[1, 2, -1, -1, -1], [3, -1, -1, -1, -1], [1, 1, 1, 1, 1], [5, 6, 7, 8, 9],
+                              [4, 4, 4, 9, 9], [1, 2, -1, -1, -1]])  # fmt: skip
+    lengths = torch.tensor([2, 1, 0, 5, 3, 0])
+    keys = table.keys_of(spellings, lengths)
+    assert keys.tolist() == [[1, 2, -1, -1], [-1] * 4, [-1] * 4, [-1] * 4, [4, 4, 4, -1], [-1] * 4]
+    table.insert(keys, torch.tensor([10, 11, 12, 13, 14, -1]))
+    assert int(table.size()) == 2 and int(table.counts.sum()) == 2
+    assert table.lookup(_keys((1, 2), (1, 1, 1, 1), (4, 4, 4))).tolist() == [10, -1, 14]
+
+
+def test_counts_do_not_wrap_and_tiny_tables_keep_their_most_used_entry():
+    table = NGramTable(4, 2)  # eviction keeps one entry: the hottest, whose count is past int32's range
+    table.insert(_keys((1, 2), (3, 4), n=2), torch.tensor([7, 8]), torch.tensor([2**31 - 1, 5]))
+    table.insert(_keys((1, 2), n=2), torch.tensor([7]), torch.tensor([2**32 + 3]))
+    assert int(table.counts.max()) == 2**31 - 1 + 2**32 + 3
+    table.evict()
+    assert table.lookup(_keys((1, 2), (3, 4), n=2)).tolist() == [7, -1]
+    for capacity in (1, 2):  # the engine evicts past half full: the most used entry stays
+        table = NGramTable(capacity, 2)
+        table.insert(_keys(*[(i, i + 1) for i in range(capacity)], n=2), torch.arange(capacity),
+                     torch.arange(capacity) + 1)  # fmt: skip
+        table.evict()
+        assert int(table.size()) == 1 and table.lookup(_keys((capacity - 1, capacity), n=2)).tolist() == [
+            capacity - 1
+        ]
+
+
 def test_bad_table_arguments():
     with pytest.raises(ValueError, match="ngram_capacity"):
         NGramTable(0)

@@ -150,12 +150,30 @@ def test_empty_batches_on_kernels_and_references(monkeypatch):
                              noise, temperature=0.0 if noise is None else 1.0, exact_match=True)  # fmt: skip
             assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0, 2), (0, 2), (0, 3)]
             assert [t.dtype for t in out] == [torch.int64, torch.int64, torch.float32, torch.bool, torch.bool]
-        assert ops.translate(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(4, dtype=torch.int32))[
-            0
-        ].shape == (0, 3)
+        d2t = torch.zeros(4, dtype=torch.int32)
+        table = (torch.full((8, 3), -1, dtype=torch.int32), torch.full((8,), -1, dtype=torch.int32))
+        splits = (torch.full((4, 2), -1, dtype=torch.int32), torch.ones(4, dtype=torch.int32), 4)
+        for shape in ((0, 3), (2, 0)):  # no rows, and rows that drafted nothing
+            drafts = torch.zeros(shape, dtype=torch.int64)
+            for options in ({}, {"table": table}, {"splits": splits}, {"table": table, "splits": splits}):
+                out = ops.translate(drafts, d2t, **options)
+                assert [tuple(t.shape) for t in out] == [shape, shape[:1], shape, shape]
+                assert (out[1] == 0).all() and all(t.dtype == torch.int64 for t in out)
 
 
 def test_ops_check_metadata():
+    d2t = torch.zeros(5, dtype=torch.int32)
+    drafts = torch.zeros(1, 2, dtype=torch.int64)
+    table = (torch.full((8, 3), -1, dtype=torch.int32), torch.full((8,), -1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"`table` must be the n-gram table's `\(key_ids, values\)`"):
+        ops.translate(drafts, d2t, table=(table[0], table[0], table[1], table[1]))
+    with pytest.raises(ValueError, match="capacity must be a power of two"):
+        ops.ngram_lookup(torch.zeros(0, 3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                         torch.zeros(1, 3, dtype=torch.int64))  # fmt: skip
+    for rows, lengths in ((2, 5), (5, 2)):
+        with pytest.raises(ValueError, match="one row per drafter id"):
+            splits = (torch.full((rows, 2), -1, dtype=torch.int32), torch.ones(lengths, dtype=torch.int32), 4)
+            ops.translate(drafts, d2t, splits=splits)
     with pytest.raises(ValueError, match="draft_ids"):
         ops.verify(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, 5),
                    torch.zeros(2, 3), None, temperature=0.0)  # fmt: skip
