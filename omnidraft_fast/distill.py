@@ -149,6 +149,11 @@ class LoraAdapter:
         # the middle of a request (EngineConfig.in_flight_rounds), or between requests (graphs kept).
         self.merge_always = merge_always
 
+    @property
+    def scaling(self) -> float:
+        """The factor of the adapter's update ``B A`` (LoRA's ``lora_alpha / r``)."""
+        return float(self.layers[0].scaling[self.name])
+
     def _check(self, frozen: Iterable[torch.nn.Parameter]) -> None:
         """Refuse layers whose weight is shared: with the target (``frozen``), or with another module of the
         drafter (a tied LM head: serving its merged weight would change the tied embedding too)."""

@@ -5,6 +5,8 @@ engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + p
 acceptance head (``head.``) and their optimisers' step counts and moments (``optimizer.adapter.``,
 ``optimizer.head.``), each when the engine has one: a restored engine serves and goes on learning from
 the saved weights, table and moments. (A state saved without optimiser moments restores with fresh ones.)
+The file's metadata records the adapter's scale (``lora_alpha / rank``), without which its tensors do not
+say what the drafter served: an engine with another scale refuses the state.
 Not saved: the rows waiting for the learners' next step (fewer than ``interval``) and the acceptance
 head's replay of recent rows (``AdaptiveConfig.replay``; the target's logits at every token of up to that
 many rows, which would make the file as large as the learner's memory): the restored learners fill both
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .optim import AdamW
@@ -46,13 +49,18 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
         tensors.update({f"head.{name}": tensor for name, tensor in learner.head.state_dict().items()})
     for prefix, optimizer in _optimizers(learner):
         tensors.update({f"{prefix}{name}": tensor for name, tensor in optimizer.state_dict().items()})
+    metadata = {"format": FORMAT}
+    if (
+        learner is not None and learner.adapter is not None
+    ):  # the adapter's tensors mean this only at its scale
+        metadata["adapter.scaling"] = repr(learner.adapter.scaling)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata={"format": FORMAT})
+        save_file(tensors, temporary, metadata=metadata)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -63,6 +71,8 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
     """Restore a state written by :func:`save_state` into an engine built for the same model pair. Every
     part is checked to fit before any is written: a state that does not fit leaves the engine as it was."""
     tensors = load_file(str(path), device=str(engine.device))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
 
     def saved(prefix: str) -> dict[str, torch.Tensor]:
         return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
@@ -101,6 +111,15 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
             raise ValueError(
                 f"{path}: its {what} does not fit this engine's (another {differs}); build the engine with "
                 "the configuration it was saved with"
+            )
+        if (
+            prefix == "adapter."
+            and "adapter.scaling" in metadata
+            and float(metadata["adapter.scaling"]) != part.scaling
+        ):
+            raise ValueError(
+                f"{path}: its LoRA adapter was trained at scale lora_alpha / rank = {metadata['adapter.scaling']}, "
+                f"this engine's is {part.scaling!r}; build the engine with the DistillConfig it was saved with"
             )
         loads.append((part, state))
     for part, state in loads:

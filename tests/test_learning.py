@@ -675,6 +675,11 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
     other_rank = _engine(target, drafter, distill=DistillConfig(rank=16), adaptive=AdaptiveConfig())
     with pytest.raises(ValueError, match="rank"):
         other_rank.load_state(tmp_path / "state.safetensors")
+    other_alpha = _engine(
+        target, drafter, distill=DistillConfig(rank=8, lora_alpha=32), adaptive=AdaptiveConfig()
+    )
+    with pytest.raises(ValueError, match=r"lora_alpha / rank = 1\.0, this engine's is 4\.0"):
+        other_alpha.load_state(tmp_path / "state.safetensors")  # the same tensors at 4x their saved effect
     other_head = _engine(target, drafter, distill=DistillConfig(rank=8), adaptive=AdaptiveConfig(blocks=1))
     fresh = [p.clone() for p in other_head.learner.adapter.parameters]
     with pytest.raises(ValueError, match=r"acceptance head .* does not fit"):
