@@ -143,9 +143,12 @@ class DistillConfig:
         if self.max_grad_norm is not None and not is_positive(self.max_grad_norm):
             raise ValueError(f"`max_grad_norm` must be a number > 0 or None, got {self.max_grad_norm!r}")
         if self.adapter_name is not None and (
-            not isinstance(self.adapter_name, str) or not self.adapter_name
+            not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name
         ):
-            raise ValueError(f"`adapter_name` must be a non-empty string or None, got {self.adapter_name!r}")
+            raise ValueError(
+                f"`adapter_name` must be a non-empty string without '.' (it names modules) or None, got "
+                f"{self.adapter_name!r}"
+            )
 
 
 @dataclass(frozen=True)

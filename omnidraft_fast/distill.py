@@ -177,6 +177,11 @@ class LoraAdapter:
                     f"the drafter's `{qualified}` shares its weight with another of its modules (tied "
                     "embeddings?): leave it out of `DistillConfig.target_modules`"
                 )
+            if self.name not in layer.lora_A:  # peft LoRA on an embedding (lora_embedding_*): never trained
+                raise ValueError(
+                    f"the drafter's `{qualified}` is not a linear layer: leave it out of "
+                    "`DistillConfig.target_modules`"
+                )
 
     def _attach(self) -> None:
         for parent, attribute, layer, _ in self._slots:

@@ -586,7 +586,7 @@ def test_adapter_on_no_layer_is_refused(shared_pair):
     target, drafter = shared_pair
     drafter = copy.deepcopy(drafter)
     keys = list(drafter.state_dict())
-    for modules in (("no_such_proj",), ("q_proj", "input_layernorm")):
+    for modules in (("no_such_proj",), ("q_proj", "input_layernorm"), ("q_proj", "embed_tokens")):
         with pytest.raises(ValueError, match="target_modules"):
             SpeculativeEngine(
                 target, drafter, config=EngineConfig(distill=DistillConfig(target_modules=modules))
@@ -596,6 +596,8 @@ def test_adapter_on_no_layer_is_refused(shared_pair):
     SpeculativeEngine(
         target, drafter, config=EngineConfig(distill=DistillConfig(rank=8))
     )  # nothing left over
+    with pytest.raises(ValueError, match="adapter_name"):
+        DistillConfig(adapter_name="a.b")  # peft would fail on it as a module name
     assert torch.equal(SpeculativeEngine(target, drafter).generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4),
                        target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False))  # fmt: skip
 
