@@ -121,7 +121,7 @@ def test_top_p_at_the_ends_of_its_range(top_k):
     (the kernel sums the masses upwards from the smallest, against ``1 - top_p``)."""
     logits, noise, _ = _inputs(3, 100, torch.float32, seed=8, masked=False)
     logits[:, 7] = logits.max(1).values - 16.0  # about 5e-9 of the row's mass
-    for top_p in (1e-50, 1e-40, 1e-9, 1 - 1e-9, 1 - 3e-8):
+    for top_p in (1e-50, 1 - 1e-9, *((1e-9, 1 - 3e-8) if top_k == 0 else ())):
         _, probs = _check(logits, noise, 1.0, top_k, top_p, block=32)
         if top_p < 1e-30:
             assert ((probs > 0).sum(1) == 1).all() and (probs.max(1).values == 1.0).all()
