@@ -88,20 +88,6 @@ class LoraAdapter:
         had_config = "peft_config" in vars(model)
         peft_config = vars(model).get("peft_config")
         self.model, self.name = model, name
-
-        def lora_slots() -> list[tuple[torch.nn.Module, str, LoraLayer, str]]:
-            """(parent module, attribute, LoRA layer, qualified name) of every layer peft put in."""
-            return [
-                (
-                    model.get_submodule(qualified.rpartition(".")[0]),
-                    qualified.rpartition(".")[2],
-                    layer,
-                    qualified,
-                )
-                for qualified, layer in model.named_modules()
-                if isinstance(layer, LoraLayer)
-            ]
-
         try:
             with warnings.catch_warnings():  # peft warns about Conv1D layers (GPT-2): handled
                 warnings.simplefilter("ignore")
@@ -111,8 +97,6 @@ class LoraAdapter:
                     raise ValueError(
                         f"cannot put a LoRA adapter on the drafter ({error}); check `DistillConfig.target_modules`"
                     ) from error
-            self._slots = lora_slots()
-            self._check(frozen)
         finally:
             # peft freezes the base model and leaves its config on it: the drafter is not ours to change.
             for parameter in training:
@@ -121,10 +105,20 @@ class LoraAdapter:
                 model.peft_config = peft_config
             else:
                 vars(model).pop("peft_config", None)
-            # The layers out of the drafter until `active`, also those peft put in before failing on a
-            # later module (the drafter is left as it was).
-            self._slots = lora_slots()
+            # (parent module, attribute, LoRA layer, qualified name) of every layer peft put in, also before
+            # failing on a later module: all out of the drafter until `active` (it is left as it was)
+            self._slots = [
+                (
+                    model.get_submodule(qualified.rpartition(".")[0]),
+                    qualified.rpartition(".")[2],
+                    layer,
+                    qualified,
+                )
+                for qualified, layer in model.named_modules()
+                if isinstance(layer, LoraLayer)
+            ]
             self._detach()
+        self._check(frozen)
         self.layers = [layer for *_, layer, _ in self._slots]
         self.parameters: list[torch.nn.Parameter] = []
         for layer in self.layers:

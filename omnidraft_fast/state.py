@@ -50,9 +50,7 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
     for prefix, optimizer in _optimizers(learner):
         tensors.update({f"{prefix}{name}": tensor for name, tensor in optimizer.state_dict().items()})
     metadata = {"format": FORMAT}
-    if (
-        learner is not None and learner.adapter is not None
-    ):  # the adapter's tensors mean this only at its scale
+    if learner is not None and learner.adapter is not None:  # its tensors mean what they did at this scale
         metadata["adapter.scaling"] = repr(learner.adapter.scaling)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     path = Path(path)
@@ -86,11 +84,17 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
             f"{path} was saved by an engine for another tokenizer pair; build the matching engine first"
         )
     learner = engine.learner
+    adapter = learner.adapter if learner is not None else None
+    scale = metadata.get("adapter.scaling")  # absent from states saved before it was recorded
+    if scale is not None and adapter is not None and float(scale) != adapter.scaling:
+        raise ValueError(
+            f"{path}: its LoRA adapter was trained at scale lora_alpha / rank = {scale}, this engine's is "
+            f"{adapter.scaling!r}; build the engine with the DistillConfig it was saved with"
+        )
     # (key prefix, the engine's part or None, what it is, what a part that does not fit differs in)
     parts = [
         ("ngram.", engine.ngram, "n-gram table (translation='omnidraft' or 'exact')", "ngram_capacity, ngram_max_len"),
-        ("adapter.", learner.adapter if learner is not None else None, "LoRA adapter (EngineConfig.distill)",
-         "rank or target modules"),
+        ("adapter.", adapter, "LoRA adapter (EngineConfig.distill)", "rank or target modules"),
         ("head.", learner.head if learner is not None else None, "acceptance head (EngineConfig.adaptive)",
          "head size"),
     ]  # fmt: skip
@@ -111,15 +115,6 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
             raise ValueError(
                 f"{path}: its {what} does not fit this engine's (another {differs}); build the engine with "
                 "the configuration it was saved with"
-            )
-        if (
-            prefix == "adapter."
-            and "adapter.scaling" in metadata
-            and float(metadata["adapter.scaling"]) != part.scaling
-        ):
-            raise ValueError(
-                f"{path}: its LoRA adapter was trained at scale lora_alpha / rank = {metadata['adapter.scaling']}, "
-                f"this engine's is {part.scaling!r}; build the engine with the DistillConfig it was saved with"
             )
         loads.append((part, state))
     for part, state in loads:
