@@ -116,13 +116,23 @@ class NGramTable:
         return {"key_ids": self.key_ids, "values": self.values, "counts": self.counts}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["key_ids"].shape != self.key_ids.shape:
+        """Load ``state_dict()``'s entries, all checked before any is copied (a refused state leaves the table
+        as it was)."""
+        own = self.state_dict()
+        if set(state) != set(own):
             raise ValueError(
-                f"saved n-gram table has shape {tuple(state['key_ids'].shape)}, this one "
-                f"{tuple(self.key_ids.shape)}: build the engine with the same ngram_capacity and ngram_max_len"
+                f"saved n-gram table has entries {sorted(state)}, expected {sorted(own)}: load a file "
+                "written by NGramTable.save or the engine's save_state"
             )
         for name, tensor in state.items():
-            getattr(self, name).copy_(tensor)
+            if tensor.shape != own[name].shape or tensor.dtype.is_floating_point or tensor.is_complex():
+                raise ValueError(
+                    f"saved n-gram table's `{name}` is {tensor.dtype} {tuple(tensor.shape)}, this table's "
+                    f"{own[name].dtype} {tuple(own[name].shape)}: build the engine with the same "
+                    "ngram_capacity and ngram_max_len"
+                )
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
         used = self.key_ids[:, 0] >= 0
         self.hashes.copy_(torch.where(used, hash_keys_reference(self.key_ids.long()), EMPTY))
 

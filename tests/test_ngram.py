@@ -79,6 +79,17 @@ def test_save_and_load(tmp_path):
     assert other.lookup(_keys((1, 2), (3, 4, 5), n=3)).tolist() == [7, 8]
     with pytest.raises(ValueError, match="ngram_capacity"):
         NGramTable(64, 3).load(tmp_path / "t.safetensors")
+    state = other.state_dict()
+    for bad, message in (
+        ({**state, "values": torch.tensor([5], dtype=torch.int32)}, "`values` is torch.int32 \\(1,\\)"),
+        ({**state, "counts": state["counts"].double()}, "`counts` is torch.float64"),
+        ({"key_ids": state["key_ids"], "values": state["values"]}, "expected \\['counts'"),
+        ({**state, "hashes": torch.zeros(32, dtype=torch.int64)}, "'hashes'"),
+    ):  # refused whole, before anything is copied
+        with pytest.raises(ValueError, match=message):
+            other.load_state_dict({name: tensor.clone() for name, tensor in bad.items()})
+        assert other.lookup(_keys((1, 2), (3, 4, 5), (1, 3), n=3)).tolist() == [7, 8, -1]
+        assert other.counts.sum() == 2
 
 
 def test_keys_of_learns_only_whole_spellings_of_2_to_n_ids():
