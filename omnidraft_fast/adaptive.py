@@ -27,7 +27,12 @@ token (``1[y = argmax p]`` when greedy), with the reject side of the cross-entro
 Recomputed under the current drafter (the alternating mode's replay), the label at a position with the
 target's distribution at hand is the expected acceptance of a fresh draft, ``sum_v min(q(v), p~(v))``
 over the directly mapped vocabulary (``q`` folded over twins, ``p~`` renormalised there, both at the
-request's temperature), or ``1[argmax q = argmax p~]`` when greedy.
+request's temperature and filtered by its top-k and top-p, as drafting and verification filter them),
+which is ``1[argmax q = argmax p~]`` when greedy. A head with the confidence input reads the drafted token
+``y``, so its label is that token's acceptance, ``min(1, p~(y)/q(y))`` (``1[y = argmax p~]`` when greedy).
+The target's logits kept for learning are the model's own: a request's logits processors (repetition
+penalty, min-p, ...) are not replayed, and across vocabularies ``p~`` is filtered over the directly mapped
+ids only, so the recomputed labels approximate verification's there.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import SamplingParams
 from .kernels.proposal import fold_twins_
+from .kernels.sampling import sampling_probs_reference
 
 __all__ = [
     "AcceptanceHead",
@@ -177,13 +184,16 @@ def expected_acceptance(
     target_logits: torch.Tensor,  # [n, V_d] the target's logits in drafter ids
     support: torch.Tensor,  # [V_d] bool directly mapped drafter ids
     twins: torch.Tensor,  # [2, D] int64
-    temperature: torch.Tensor,  # [n] fp32, 0 for greedy
+    sampling: SamplingParams,
+    tokens: torch.Tensor | None = None,  # [n] int64 canonical drafter ids of drafted tokens
 ) -> torch.Tensor:  # [n] fp32
-    """The recomputed label of the module docstring."""
-    greedy = temperature == 0
-    scale = torch.where(greedy, 1.0, temperature).float()[:, None]
-    q = fold_twins_((logits.float() / scale).softmax(-1), twins)
-    p = (target_logits.float() / scale).masked_fill(~support, -torch.inf).softmax(-1)
-    sampled = torch.minimum(q.masked_fill(~support, 0.0), p).sum(-1)
-    matched = (q.argmax(-1) == p.argmax(-1)).float()
-    return torch.where(greedy, matched, sampled)
+    """The recomputed label of the module docstring: ``q`` and ``p~`` filtered as the request samples them,
+    one-hot when greedy; with ``tokens``, the acceptance of those drafted tokens instead of a fresh draft's."""
+    law = sampling.temperature, sampling.top_k, sampling.top_p
+    q = fold_twins_(sampling_probs_reference(logits, *law), twins).masked_fill(~support, 0.0)
+    p = sampling_probs_reference(target_logits.float().masked_fill(~support, -torch.inf), *law)
+    if tokens is None:
+        return torch.minimum(q, p).sum(-1)
+    q_y, p_y = q.gather(1, tokens[:, None])[:, 0], p.gather(1, tokens[:, None])[:, 0]
+    # min(1, p/q); where the current drafter would not draft y (q = 0), whether the target would keep it
+    return torch.where(q_y > 0, (p_y / q_y.clamp_min(1e-30)).clamp(max=1.0), (p_y > 0).float())

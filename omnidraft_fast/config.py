@@ -120,7 +120,11 @@ class DistillConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not (
             isinstance(self.target_modules, str)
-            or (self.target_modules and all(isinstance(m, str) for m in self.target_modules))
+            or (
+                isinstance(self.target_modules, tuple)
+                and self.target_modules
+                and all(isinstance(m, str) for m in self.target_modules)
+            )
         ):
             raise TypeError(
                 f"`target_modules` must be a string or a sequence of names, got {self.target_modules!r}"

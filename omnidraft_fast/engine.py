@@ -485,7 +485,7 @@ class SpeculativeEngine:
                     state.d_lengths,
                     width,
                     self.drafter.cache.max_slots,
-                    request.sampling.temperature,
+                    request.sampling,
                     # After a round past the end (rounds_per_sync), no step: the labels of the last rounds
                     # go to the learners with the request's rows, as with a read after every round.
                     take=state.ran,
@@ -503,7 +503,7 @@ class SpeculativeEngine:
                     state.d_start,
                     state.d_lengths,
                     state.generated,
-                    request.sampling.temperature,
+                    request.sampling,
                 )
             )
 

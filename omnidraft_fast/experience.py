@@ -15,6 +15,8 @@ drafter's prediction *of* the token at slot ``u`` (made from the hidden state at
                     position whose span starts at u (the drafted token there, accepted or rejected: its
                     context is the committed one; for a split token, the product over its verified
                     pieces), 1 at the other slots of an accepted merged span
+    drafted[u]      the drafter token ``head[u]`` is about: the one drafted at u, which differs from the
+                    committed one where verification rejected it (the head's confidence input reads it)
 
 Everything is written with fixed shapes (rows that write nothing aim at a spare column), so recording
 adds no host sync to a round. The labels leave in one of two forms, each label once: as ragged
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SamplingParams
+
 __all__ = ["Example", "Recorder", "Window"]
 
 
@@ -41,7 +45,8 @@ class Example:
     ce: torch.Tensor  # [L] bool n-gram sub-token and split-token slots (cross-entropy term)
     head: torch.Tensor  # [L] fp32 acceptance-head label, NaN where none
     logits: torch.Tensor  # [n, V_d] the target's logits at each emitted token, in drafter ids
-    temperature: float  # the request's sampling temperature (0: greedy)
+    drafted: torch.Tensor  # [L] int64 the drafter token the head label at each slot is about
+    sampling: SamplingParams  # the request's (temperature, top-k, top-p)
 
 
 @dataclass
@@ -58,7 +63,8 @@ class Window:
     ce: torch.Tensor  # [batch, width] bool a cross-entropy label at u (n-gram sub-token or split token)
     head: torch.Tensor  # [batch, width] fp32 acceptance-head labels (0 where none)
     has_head: torch.Tensor  # [batch, width] bool
-    temperature: float  # the request's sampling temperature (0: greedy)
+    drafted: torch.Tensor  # [batch, width] int64 the drafter token the head label at u is about
+    sampling: SamplingParams  # the request's (temperature, top-k, top-p)
 
 
 class Recorder:
@@ -95,6 +101,7 @@ class Recorder:
         self.kl = torch.full((batch, drafter_slots + 1), -1, dtype=torch.int64, device=device)
         self.ce = torch.zeros(batch, drafter_slots + 1, dtype=torch.bool, device=device)
         self.head = torch.full((batch, drafter_slots + 1), torch.nan, dtype=torch.float32, device=device)
+        self.drafted = torch.full((batch, drafter_slots + 1), -1, dtype=torch.int64, device=device)
         self.logits = torch.empty(batch, emitted + 1, label_map.shape[0], dtype=dtype, device=device)
         self.handed = handed  # [batch] per row, the drafter slot up to which labels were handed over
 
@@ -102,6 +109,7 @@ class Recorder:
         self,
         *,
         target_logits: torch.Tensor,  # [batch, k+1, V_t]
+        draft_ids: torch.Tensor,  # [batch, k] int64 the drafter tokens drafted
         proposal: torch.Tensor,  # [batch, k] int64 target ids proposed, -1 where none
         output_tokens: torch.Tensor,  # [batch, k+1] int64 emitted (accepted + recovered/bonus), -1 padded
         num_accepted: torch.Tensor,  # [batch] int64
@@ -150,7 +158,9 @@ class Recorder:
         same = source[:, :, None] == source[:, None, :]  # [batch, k, k]: positions of one drafted token
         chance = torch.where(same & verified[:, None, :], accept_probs[:, None, :], 1.0).prod(-1)
         leads = verified & (source != torch.cat([source.new_full((batch, 1), -1), source[:, :-1]], 1))
-        self.head.scatter_(1, torch.where(leads, first[:, :k], spare), torch.where(leads, chance, torch.nan))
+        at_leads = torch.where(leads, first[:, :k], spare)
+        self.head.scatter_(1, at_leads, torch.where(leads, chance, torch.nan))
+        self.drafted.scatter_(1, at_leads, torch.where(leads, draft_ids.gather(1, source), -1))
         accepted = (j[:k] < num_accepted[:, None]) & kept_j[:, :k] & (span_end - source >= 2)
         inner = (offsets[1:] < length[:, :k, None]) & accepted[..., None]  # [batch, k, W - 1]
         inner_slots = torch.where(inner, first[:, :k, None] + offsets[1:], spare).flatten(1)
@@ -162,7 +172,7 @@ class Recorder:
         d_start: torch.Tensor,  # [batch] first slot of each row's drafter context
         d_lengths: torch.Tensor,  # [batch] committed drafter slots
         generated: torch.Tensor,  # [batch] emitted target tokens
-        temperature: float,
+        sampling: SamplingParams,
     ) -> list[Example]:
         """The rows as training examples, each with the labels recorded since the last hand-over (one
         host read of the lengths; outside the rounds). An example holds the row's whole context, its
@@ -173,14 +183,16 @@ class Recorder:
             starts, ends, since, emitted, range(d_tokens.shape[0]), strict=True
         ):
             new = torch.arange(start, end, device=d_tokens.device) >= first  # slots labelled since then
+            ids, drafted = d_tokens[row, start:end].clone(), self.drafted[row, start:end]
             out.append(
                 Example(
-                    ids=d_tokens[row, start:end].clone(),
+                    ids=ids,
                     kl=torch.where(new, self.kl[row, start:end], -1),
                     ce=self.ce[row, start:end] & new,
                     head=torch.where(new, self.head[row, start:end], torch.nan),
                     logits=self.logits[row, :n].clone(),
-                    temperature=temperature,
+                    drafted=torch.where(new & (drafted >= 0), drafted, ids),
+                    sampling=sampling,
                 )
             )
         self.handed.copy_(d_lengths)
@@ -193,7 +205,7 @@ class Recorder:
         d_lengths: torch.Tensor,  # [batch] committed drafter slots
         width: int,
         cache_slots: int,
-        temperature: float,
+        sampling: SamplingParams,
         take: torch.Tensor,  # [] bool: False hands nothing over (an empty window; the labels stay)
     ) -> Window:
         """The labels recorded since the last hand-over as a :class:`Window` of ``width`` slots per row,
@@ -211,16 +223,21 @@ class Recorder:
         # Rows of the logits buffer never written are uninitialised memory: keep them out of the loss.
         targets = targets.masked_fill(~has_kl[..., None], 0.0)
         before = (slot - 1).clamp(max=cache_slots - 1)
+        tokens, drafted = (
+            d_tokens.gather(1, slot.clamp(max=d_tokens.shape[1] - 1)),
+            self.drafted.gather(1, slot),
+        )
         window = Window(
             inputs=d_tokens.gather(1, before),
             slots=before,
-            tokens=d_tokens.gather(1, slot.clamp(max=d_tokens.shape[1] - 1)),
+            tokens=tokens,
             kl=has_kl,
             targets=targets,
             ce=valid & self.ce.gather(1, slot),
             head=torch.where(has_head, head, 0.0),
             has_head=has_head,
-            temperature=temperature,
+            drafted=torch.where(has_head & (drafted >= 0), drafted, tokens),
+            sampling=sampling,
         )
         self.handed.copy_(torch.where(take, d_lengths, self.handed))
         return window

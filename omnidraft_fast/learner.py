@@ -40,7 +40,7 @@ import torch
 
 from .adaptive import AcceptanceHead, acceptance_loss, confidence_logit, expected_acceptance
 from .bridge import VocabBridge
-from .config import AdaptiveConfig, DistillConfig
+from .config import AdaptiveConfig, DistillConfig, SamplingParams
 from .distill import LoraAdapter, hybrid_distillation_loss
 from .experience import Example, Recorder, Window
 from .models import CausalLM, head_inputs
@@ -71,11 +71,12 @@ class _Pass:
 
     kl_logits: torch.Tensor  # [P, V_d] drafter logits predicting KL slots
     kl_targets: torch.Tensor  # [P, V_d] target logits there
-    kl_temperature: torch.Tensor  # [P]
+    kl_rows: torch.Tensor  # [P] int64 the row (of the pass's) each comes from
     ce_logits: torch.Tensor  # [Q, V_d]
     ce_tokens: torch.Tensor  # [Q]
     head_hidden: torch.Tensor  # [R, H] hidden states predicting head-labelled slots
     head_input: torch.Tensor | None  # [R] the head's confidence input there (None: a head without it)
+    head_tokens: torch.Tensor  # [R] int64 the drafted tokens the labels are about
     head_labels: torch.Tensor  # [R] verification's labels
     head_kl: torch.Tensor  # [R] index into the KL positions (-1: none), for recomputed labels
 
@@ -112,6 +113,7 @@ class OnlineLearner:
             self.twins = torch.empty(2, 0, dtype=torch.int64, device=device)
             self.label_map = torch.arange(vocab, device=device)
             self.direct = torch.ones(target_vocab_size, dtype=torch.bool, device=device)
+            self.canonical = torch.arange(vocab, device=device)
         else:
             d2t, t2d = bridge.d2t.long(), bridge.t2d.long()
             # Canonical drafter ids with a target twin: S of distill.py.
@@ -119,6 +121,8 @@ class OnlineLearner:
             self.twins = bridge.twins
             self.label_map = d2t.clamp_min(0)
             self.direct = t2d >= 0
+            # each drafter id, or the canonical twin its probability is folded onto
+            self.canonical = torch.arange(vocab, device=device).index_copy(0, self.twins[0], self.twins[1])
         self.adapter = None
         if distill is not None:
             # merge_always: the drafter serves the same merged tensors from the first request on, so that
@@ -277,7 +281,7 @@ class OnlineLearner:
             total = loss
             if with_head:
                 head = acceptance_loss(
-                    self.head.logits(hidden, self._head_input(logits, window.tokens)),
+                    self.head.logits(hidden, self._head_input(logits, window.drafted)),
                     window.head,
                     self.adaptive_config.reject_weight,
                     window.has_head,
@@ -295,16 +299,11 @@ class OnlineLearner:
             logits, hidden = self.drafter.score(window.inputs, window.slots)
         labels = window.head
         if recompute:
-            batch, width, vocab = logits.shape
-            fresh = expected_acceptance(
-                logits.reshape(-1, vocab),
-                window.targets.reshape(-1, vocab),
-                self.support,
-                self.twins,
-                torch.full((batch * width,), window.temperature, device=logits.device),
+            fresh = self._relabel(
+                logits.flatten(0, 1), window.targets.flatten(0, 1), window.drafted.flatten(), window.sampling
             )
-            labels = torch.where(window.kl, fresh.view(batch, width), labels)
-        inputs = self._head_input(logits, window.tokens)
+            labels = torch.where(window.kl, fresh.view_as(labels), labels)
+        inputs = self._head_input(logits, window.drafted)
         self._fit_head(hidden.float(), inputs, labels, window.has_head, recompute)
 
     def _head_step(self, rows: list[Example], recompute: bool) -> None:
@@ -315,11 +314,19 @@ class OnlineLearner:
                 part = self._run(chunk, grad=False)
                 label = part.head_labels
                 if recompute and part.kl_logits.shape[0]:
-                    fresh = expected_acceptance(
-                        part.kl_logits, part.kl_targets, self.support, self.twins, part.kl_temperature
-                    )
-                    has = part.head_kl >= 0
-                    label = torch.where(has, fresh[part.head_kl.clamp_min(0)], label)
+                    at = part.head_kl.clamp_min(0)
+                    fresh = torch.zeros_like(label)
+                    rows = part.kl_rows[at]
+                    for sampling in {row.sampling for row in chunk}:  # positions sampled alike, together
+                        same = torch.tensor([row.sampling == sampling for row in chunk], device=rows.device)
+                        group = torch.nonzero(same[rows])[:, 0]
+                        fresh[group] = self._relabel(
+                            part.kl_logits[at[group]],
+                            part.kl_targets[at[group]],
+                            part.head_tokens[group],
+                            sampling,
+                        )
+                    label = torch.where(part.head_kl >= 0, fresh, label)
                 hidden.append(part.head_hidden.float())
                 inputs.append(part.head_input)
                 labels.append(label)
@@ -376,23 +383,24 @@ class OnlineLearner:
         kl = torch.full((len(rows), length), -1, dtype=torch.int64, device=device)
         ce = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
         head = torch.full((len(rows), length), torch.nan, dtype=torch.float32, device=device)
-        offsets, temperature = [], []
+        drafted = torch.zeros(len(rows), length, dtype=torch.int64, device=device)
+        row_of = []
         offset = 0
         for i, row in enumerate(rows):
             n = row.ids.numel()
             ids[i, :n], mask[i, :n], ce[i, :n], head[i, :n] = row.ids, 1, row.ce, row.head
+            drafted[i, :n] = row.drafted
             kl[i, :n] = torch.where(row.kl >= 0, row.kl + offset, -1)
-            offsets.append(offset)
-            temperature.append(torch.full((row.logits.shape[0],), row.temperature, device=device))
+            row_of.append(torch.full((row.logits.shape[0],), i, device=device))
             offset += row.logits.shape[0]
         targets = torch.cat([r.logits for r in rows])  # [sum n, V_d]
-        temperature = torch.cat(temperature)
+        row_of = torch.cat(row_of)
 
         with head_inputs(self.drafter.model) as captured, torch.set_grad_enabled(grad):
             logits = self.drafter.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         hidden = captured[-1]  # [rows, length, H]
         # The prediction of slot u comes from position u - 1; slot 0 (the first token) has none.
-        kl, ce, head = kl[:, 1:], ce[:, 1:], head[:, 1:]
+        kl, ce, head, drafted = kl[:, 1:], ce[:, 1:], head[:, 1:], drafted[:, 1:]
         logits, hidden, ids = logits[:, :-1], hidden[:, :-1], ids[:, 1:]
         at_kl, at_ce, at_head = kl >= 0, ce, ~head.isnan()
         kl_index = torch.full_like(kl, -1)
@@ -400,14 +408,24 @@ class OnlineLearner:
         return _Pass(
             kl_logits=logits[at_kl],
             kl_targets=targets[kl[at_kl]],
-            kl_temperature=temperature[kl[at_kl]],
+            kl_rows=row_of[kl[at_kl]],
             ce_logits=logits[at_ce],
             ce_tokens=ids[at_ce],
             head_hidden=hidden[at_head],
-            head_input=self._head_input(logits[at_head], ids[at_head]),
+            head_input=self._head_input(logits[at_head], drafted[at_head]),
+            head_tokens=drafted[at_head],
             head_labels=head[at_head],
             head_kl=kl_index[at_head],
         )
+
+    def _relabel(
+        self, logits: torch.Tensor, targets: torch.Tensor, drafted: torch.Tensor, sampling: SamplingParams
+    ) -> torch.Tensor:
+        """The labels of positions under the current drafter (``adaptive.expected_acceptance``): its ``logits``
+        [n, V_d], the target's ``targets`` [n, V_d], the ``drafted`` tokens [n] (read by a head with the
+        confidence input) of a request sampled by ``sampling``."""
+        tokens = self.canonical[drafted] if self.head.confidence_input else None
+        return expected_acceptance(logits, targets, self.support, self.twins, sampling, tokens)
 
     def _head_input(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """The head's confidence input for the drafter's predictions ``logits`` [..., V_d] of ``tokens``

@@ -520,6 +520,7 @@ class Rounds:
             with timer("learn"):
                 state.recorder.record(
                     target_logits=target_logits,
+                    draft_ids=draft_ids,
                     proposal=proposal,
                     output_tokens=output_tokens,
                     num_accepted=num_accepted,

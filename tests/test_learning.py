@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import left_padded_prompts, perturbed_copy, tiny_model
 
-from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, SpeculativeEngine
+from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, SamplingParams, SpeculativeEngine
 from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_acceptance, stop_drafting
 from omnidraft_fast.bridge import token_bytes
 from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
@@ -142,16 +142,95 @@ def test_acceptance_loss_and_stopping_rule():
     assert stop_drafting(log_keep, 1, gamma=0.3, k_min=2).tolist() == [False, False, False]
 
 
+def _filtered(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """What a request samples from, computed by sorting (one-hot when greedy): an independent check of the
+    filters the recomputed labels apply."""
+    if sampling.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    z = logits / sampling.temperature
+    if sampling.top_k:
+        z = z.masked_fill(
+            z < z.sort(-1, descending=True).values[..., sampling.top_k - 1 : sampling.top_k], -math.inf
+        )
+    probs = z.softmax(-1)
+    ordered, order = probs.sort(-1, descending=True)
+    keep = (ordered.cumsum(-1) - ordered < sampling.top_p).scatter(
+        -1, order, (ordered.cumsum(-1) - ordered < sampling.top_p)
+    )
+    return torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum(-1, keepdim=True)
+
+
 def test_expected_acceptance():
+    """A fresh draft's expected acceptance over the mapped ids, with the request's filters on both sides; or,
+    given the drafted tokens, theirs."""
     support = torch.tensor([True, True, True, False])
     twins = torch.empty(2, 0, dtype=torch.int64)
     logits = torch.tensor([[2.0, 1.0, 0.0, -9.0], [2.0, 1.0, 0.0, 3.0]])
-    sampled = expected_acceptance(logits, logits.clone(), support, twins, torch.tensor([1.0, 1.0]))
-    q = logits.softmax(-1)
-    p = logits[:, :3].softmax(-1)
+    target = torch.tensor([[0.0, 1.0, 2.0, 5.0], [1.0, 0.5, 0.0, 0.0]])
+    q, p = logits.softmax(-1), target[:, :3].softmax(-1)
+    sampled = expected_acceptance(logits, target, support, twins, SamplingParams(1.0))
     assert torch.allclose(sampled, torch.minimum(q[:, :3], p).sum(-1))
-    greedy = expected_acceptance(logits, logits.clone(), support, twins, torch.tensor([0.0, 0.0]))
+    # top-k 2: the drafter keeps ids {0, 1} and {3, 0}, the target (over the mapped ids) {1, 2} and {0, 1}
+    e = math.e
+    top2 = expected_acceptance(logits, target, support, twins, SamplingParams(1.0, top_k=2))
+    assert torch.allclose(top2, torch.tensor([1 / (e + 1), 1 / (e + 1)]))
+    drafted = torch.tensor(
+        [0, 1]
+    )  # row 0: q = e/(e+1), p = 0; row 1: the drafter would not draft 1 now, p > 0
+    assert expected_acceptance(
+        logits, target, support, twins, SamplingParams(1.0, top_k=2), drafted
+    ).tolist() == [0, 1]
+    ratio = expected_acceptance(logits, target, support, twins, SamplingParams(1.0), torch.tensor([0, 2]))
+    assert torch.allclose(ratio, torch.stack([p[0, 0] / q[0, 0], torch.tensor(1.0)]))
+    greedy = expected_acceptance(logits, logits.clone(), support, twins, SamplingParams())
     assert greedy.tolist() == [1.0, 0.0]  # row 1's drafter prefers an unmapped id
+
+
+def test_recomputed_labels_follow_each_rows_sampling(shared_pair):
+    """The alternating mode's replay labels rows sampled differently in one pass, each under its own
+    request's temperature, top-k and top-p (what verification's labels measure), and a head with the
+    confidence input on the drafted token's confidence and acceptance."""
+    target, drafter = shared_pair
+    samplings = [
+        SamplingParams(1.0, top_k=3),
+        SamplingParams(0.7, top_p=0.8),
+        SamplingParams(1.0),
+        SamplingParams(),
+    ]
+    generator = torch.Generator().manual_seed(4)
+    rows = []
+    for sampling in samplings:
+        ids = torch.randint(VOCAB, (10,), generator=generator)
+        labelled = torch.arange(10) >= 4
+        rows.append(Example(ids=ids, kl=torch.where(labelled, torch.arange(10) - 4, -1), ce=torch.zeros(10, dtype=torch.bool),
+                            head=torch.where(labelled, 0.5, torch.nan), logits=3 * torch.randn(6, VOCAB, generator=generator),
+                            drafted=torch.where(labelled, torch.randint(VOCAB, (10,), generator=generator), ids),
+                            sampling=sampling))  # fmt: skip
+    for confidence in (False, True):
+        engine = _engine(
+            target, drafter, adaptive=AdaptiveConfig(interval=NO_STEP, confidence_input=confidence)
+        )
+        seen = {}
+        engine.learner._fit_head = lambda hidden, inputs, labels, mask, recompute, seen=seen: seen.update(
+            inputs=inputs, labels=labels
+        )
+        engine.learner._head_step(rows, recompute=True)
+        labels, inputs = [], []
+        for row in rows:
+            with torch.no_grad():
+                logits = drafter(row.ids[None]).logits[0, 3:9]  # predicting slots 4..9
+            q, p = _filtered(logits, row.sampling), _filtered(row.logits.float(), row.sampling)
+            y = row.drafted[4:, None]
+            c = logits.softmax(-1).gather(1, y)[:, 0]
+            inputs.append(torch.log(c / (1 - c)))
+            q_y, p_y = q.gather(1, y)[:, 0], p.gather(1, y)[:, 0]
+            mine = torch.where(q_y > 0, (p_y / q_y).clamp(max=1), (p_y > 0).float())
+            labels.append(mine if confidence else torch.minimum(q, p).sum(-1))
+        torch.testing.assert_close(seen["labels"], torch.cat(labels), atol=2e-5, rtol=1e-4)
+        if confidence:
+            torch.testing.assert_close(seen["inputs"], torch.cat(inputs), atol=1e-4, rtol=1e-4)
+        else:
+            assert seen["inputs"] is None
 
 
 def test_untrained_head_predicts_its_prior():
@@ -167,6 +246,8 @@ def test_untrained_head_predicts_its_prior():
         (lambda: DistillConfig(lr=-1.0), "lr"),
         (lambda: DistillConfig(betas=(0.9, 1.5)), "betas"),
         (lambda: DistillConfig(target_modules=()), "target_modules"),
+        (lambda: DistillConfig(target_modules=5), "target_modules"),
+        (lambda: DistillConfig(target_modules=True), "target_modules"),
         (lambda: AdaptiveConfig(gamma=1.0), "gamma"),
         (lambda: AdaptiveConfig(mode="both"), "mode"),
         (lambda: AdaptiveConfig(prior=0.0), "prior"),
@@ -218,6 +299,10 @@ def test_recorded_rows_are_what_was_served(shared_pair):
         for slot in labelled.tolist():
             held = bool(drafter_choice[slot - 1] == example.ids[slot])
             assert example.head[slot].item() == float(held), slot
+        # the token each label is about: the one drafted there (the committed one where it was not rejected)
+        assert torch.equal(example.drafted[labelled], drafter_choice[labelled - 1])
+        others = torch.ones(example.ids.numel(), dtype=torch.bool).index_fill(0, labelled, False)
+        assert torch.equal(example.drafted[others], example.ids[others])
 
 
 def test_cross_vocabulary_rows(cross_pair):
@@ -455,7 +540,8 @@ def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypa
                 kl[slot[window.kl[row]] - start] = torch.arange(int(window.kl[row].sum()))
                 ce[slot[window.ce[row]] - start] = True
                 rows.append(Example(ids=ids, kl=kl, ce=ce, head=torch.full(ids.shape, torch.nan),
-                                    logits=window.targets[row][window.kl[row]], temperature=0.0))  # fmt: skip
+                                    logits=window.targets[row][window.kl[row]], drafted=ids,
+                                    sampling=SamplingParams()))  # fmt: skip
                 assert first > start  # the window starts after the context it reads from the cache
             with learner.adapter.active(), torch.no_grad():
                 part = learner._run(rows, grad=False)
@@ -529,7 +615,8 @@ def test_a_step_on_non_finite_labels_between_requests_is_skipped(shared_pair):
         ids_row = torch.randint(VOCAB, (12,))
         labels = torch.arange(12) >= 6
         rows.append(Example(ids=ids_row, kl=torch.where(labels, torch.arange(12) - 6, -1), ce=torch.zeros(12, dtype=torch.bool),
-                            head=torch.full((12,), torch.nan), logits=torch.full((6, VOCAB), torch.nan), temperature=0.0))  # fmt: skip
+                            head=torch.full((12,), torch.nan), logits=torch.full((6, VOCAB), torch.nan), drafted=ids_row,
+                            sampling=SamplingParams()))  # fmt: skip
     learner.observe(rows)
     stats = learner.stats
     assert stats.rows == 2 and stats.distill_steps == 0 and stats.head_steps == 0
