@@ -168,21 +168,25 @@ class Rounds:
         # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
         spelling_width = self.spelling_width
         window = spelling_width + 1
-        rows = []
-        for row in range(batch):
-            ids = request.input_ids[row, width - int(request.prompt_lengths[row]) :]
-            rows.append(ids if self.bridge is None else self.bridge.spell_for_drafter(ids))
-        d_prompt = max(1, max(len(r) for r in rows))
+        # Every row at once: the pieces of its prompt tokens ([batch, width * pieces], -1 where none) ...
+        in_prompt = torch.arange(width, device=device) >= width - request.prompt_lengths.to(device)[:, None]
+        pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
+        pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
+        spelled = pieces >= 0
+        d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
         d_prompt += -d_prompt % bucket
         # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
         # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.
         d_slots = (window - 1) + d_prompt + spelling_width * (new + k) + k
         d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
-        d_start = torch.empty(batch, dtype=torch.int64, device=device)
-        for row, ids in enumerate(rows):
-            d_start[row] = window - 1 + d_prompt - len(ids)
-            d_tokens[row, window - 1 + d_prompt - len(ids) : window - 1 + d_prompt] = ids
-        d_lengths = torch.full((batch,), window - 1 + d_prompt, dtype=torch.int64, device=device)
+        # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
+        # goes n + 1 slots before the end.
+        end = window - 1 + d_prompt
+        after = spelled.flip(1).cumsum(1).flip(1)  # pieces at or after each column
+        rows = torch.arange(batch, device=device)[:, None].expand_as(pieces)
+        d_tokens[rows[spelled], end - after[spelled]] = pieces[spelled].long()
+        d_start = end - spelled.sum(1)
+        d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
         return RequestState(
             tokens=tokens,
             pad=pad,
