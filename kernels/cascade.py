@@ -19,6 +19,7 @@ nothing proposed, ``q = 0``, gets ``pi = p``):
     token_v1  v in A iff q1(v) >= max p1 - alpha          alpha in [-1, 1]
     token_v2  v in A iff p1(v) >= max p1 - alpha          alpha in [-1, 1]
     token_v3  v in A iff p1(v) >= (1 - alpha) max p1      alpha in [-1, 1]
+              (both keep nothing at alpha < 0, also where the bound rounds back to max p1 in fp32)
 
 and the lossy speculative decoding baseline (Leviathan et al., appendix A.5), ``alpha in [0, 1)``:
 
@@ -63,8 +64,9 @@ def cascade_target_reference(
             max_q1 >= max_p1 - a * tv,  # opt
         ]
     )  # [4, ..., 1]
+    # token_v2/v3 keep nothing at any alpha < 0, also where max p1 - alpha or 1 - alpha rounds back
     kept = torch.stack(
-        [q1 >= max_p1 - a, p1 >= max_p1 - a, p1 >= (1 - a) * max_p1]
+        [q1 >= max_p1 - a, (a >= 0) & (p1 >= max_p1 - a), (a >= 0) & (p1 >= (1 - a) * max_p1)]
     )  # [3, ..., V]: token_v1..v3
     r = rule[..., None]
     keep = torch.where(r < 4, no_defer.gather(0, r.clamp_max(3)[None].expand(1, *r.shape))[0], False)
@@ -97,8 +99,8 @@ def kept_set(rule, alpha, no_defer, q1, p1, max_p1):
     """Whether the drafter keeps each token (the set A; all or none for mixture rules, none for exact/lossy)."""
     kept = (rule < 4) & no_defer
     kept = kept | ((rule == 4) & (q1 >= max_p1 - alpha))
-    kept = kept | ((rule == 5) & (p1 >= max_p1 - alpha))
-    return kept | ((rule == 6) & (p1 >= (1 - alpha) * max_p1))
+    kept = kept | ((rule == 5) & (alpha >= 0) & (p1 >= max_p1 - alpha))
+    return kept | ((rule == 6) & (alpha >= 0) & (p1 >= (1 - alpha) * max_p1))
 
 
 @triton.jit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import left_padded_prompts, tiny_model
-from omnidraft_fast.kernels.cascade import RULES
+from omnidraft_fast.kernels.cascade import RULES, cascade_target_reference
 from test_lossless_sampling import PROMPT, ROWS, VOCAB, _exact_joint, _tv_bound
 
 import omnidraft_fast
@@ -109,6 +109,31 @@ def test_chow_at_alpha_0_is_exact_where_the_drafter_is_certain():
         rule=torch.tensor([RULES.index("chow")]), alpha=torch.tensor([0.0]), draft_probs_t1=q1,
     )  # fmt: skip
     assert out[0].tolist() == [0, -1]
+
+
+def test_token_rules_at_a_negative_alpha_defer_everything():
+    """token_v2/v3 at alpha < 0 keep no token (pi = p, exact speculative sampling), also at an alpha whose
+    bound rounds back to max p1 in fp32 (max p1 + 1e-9, (1 + 5e-8) max p1)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(2, 4, 50, generator=generator)
+    q = q1 = logits[0].softmax(-1)
+    p = p1 = logits[1].softmax(-1)
+    for rule in ("token_v2", "token_v3"):
+        for alpha in (-1e-9, -5e-8, -0.5):
+            pi, keep = cascade_target_reference(
+                q, p, q1, p1, torch.full((4,), RULES.index(rule)), torch.full((4,), alpha)
+            )
+            assert not keep.any() and torch.equal(pi, p), (rule, alpha)
+    # the engine's verification: the target's argmax, drafted, is accepted with p / q, and deferred
+    target_logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    p_first = target_logits[0, 0].softmax(-1)
+    draft = torch.tensor([[0.9, 0.05, 0.05]])
+    for rule, alpha in (("token_v2", -1e-9), ("token_v3", -5e-8)):
+        _, _, accept, deferred, _ = ops.verify(
+            target_logits, torch.tensor([[0]]), draft[None], torch.tensor([[1.0]]), torch.ones(1, 3),
+            temperature=1.0, rule=torch.tensor([RULES.index(rule)]), alpha=torch.tensor([alpha]),
+        )  # fmt: skip
+        assert deferred.tolist() == [[True]] and torch.allclose(accept, p_first[0] / 0.9), (rule, accept)
 
 
 def test_zero_mass_residual_falls_back_to_pi():

@@ -25,7 +25,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # (rule, alpha) on both sides of each decision: exact at one end, lenient at the other.
 RULE_ALPHAS = [
     ("exact", 0.0), ("chow", 0.0), ("chow", 0.6), ("chow", 1.0), ("diff", -1.0), ("diff", 0.1),
-    ("diff", 0.8), ("opt", 0.0), ("opt", 3.0), ("token_v1", -1.0), ("token_v1", 0.05), ("token_v2", -0.5),
+    ("diff", 0.8), ("opt", 0.0), ("opt", 3.0), ("token_v1", -1.0), ("token_v1", 0.05), ("token_v2", -1e-9),
     ("token_v2", 0.4), ("token_v3", 0.0), ("token_v3", 0.9), ("lossy", 0.0), ("lossy", 0.6),
 ]  # fmt: skip
 
