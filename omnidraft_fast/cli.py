@@ -174,6 +174,9 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
     from .zoo import load
     from .zoo.data import heldout_prompts
 
+    unknown = set(args.rules) - set(ALPHAS)
+    if unknown:  # before anything is loaded or created
+        raise ValueError(f"`--rules`: unknown {sorted(unknown)}; choose from {', '.join(ALPHAS)}")
     device = _device(args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before the sweep, not after it
     zoo = load("code-pair", device=device)
@@ -182,9 +185,6 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
         tokenizer(text, return_tensors="pt").input_ids.to(device)
         for _, text in heldout_prompts(args.prompts_per_task)
     ]
-    unknown = set(args.rules) - set(ALPHAS)
-    if unknown:
-        raise ValueError(f"`--rules`: unknown {sorted(unknown)}; choose from {', '.join(ALPHAS)}")
     rules = {rule: ALPHAS[rule] for rule in args.rules}
     pairs = {
         "shared vocabulary (drafter-shared)": (zoo.drafter_shared, {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,14 +54,16 @@ class CascadeConfig:
         else:
             values = (self.alpha,)
         low, high, closed = _ALPHA_RANGES[self.rule]
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        for value in values:  # numpy's numbers too
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
                 raise TypeError(f"`alpha` must be a number or a sequence of numbers, got {self.alpha!r}")
             if not (low <= value <= high if closed else low <= value < high):
                 bracket = "]" if closed else ")"
                 raise ValueError(
                     f"`alpha` for rule {self.rule!r} must be in [{low:g}, {high:g}{bracket}, got {value!r}"
                 )
+        floats = tuple(float(value) for value in values)
+        object.__setattr__(self, "alpha", floats if isinstance(self.alpha, tuple) else floats[0])
 
     def alphas(self, batch: int) -> tuple[float, ...]:
         """One alpha per row of a batch of ``batch`` rows."""

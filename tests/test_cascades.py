@@ -242,3 +242,12 @@ def test_every_rule_has_an_alpha_range():
     from omnidraft_fast.config import _ALPHA_RANGES
 
     assert set(_ALPHA_RANGES) | {"exact"} == set(RULES) and RULES[0] == "exact"
+
+
+def test_alpha_takes_numpy_numbers_as_floats():
+    import numpy as np
+
+    assert CascadeConfig("chow", np.float32(0.5)).alpha == 0.5
+    assert CascadeConfig("diff", [np.float64(0.1), np.int64(1)]).alphas(2) == (0.1, 1.0)
+    with pytest.raises(TypeError, match="alpha"):
+        CascadeConfig("chow", np.bool_(True))

@@ -211,8 +211,10 @@ def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
             assert points[exact]["sequence_agreement"] == 1.0 and points[exact]["deferral_rate"] == 1.0
             assert points[exact]["agreement"] >= 0.9  # teacher-forced: a full forward may break near-ties
         assert points["chow", 1.0]["acceptance"] == 1.0 and points["chow", 1.0]["deferral_rate"] == 0.0
-    assert main(["cascade-sweep", "--rules", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown" in capsys.readouterr().err
+    assert main(["cascade-sweep", "--rules", "nope", "--out", str(tmp_path / "typo")]) == 2
+    assert (
+        "unknown" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    )  # refused before anything
 
 
 def test_cascade_sweep_samples_with_a_temperature(tmp_path):
@@ -228,3 +230,25 @@ def test_cascade_sweep_samples_with_a_temperature(tmp_path):
         assert all(0 <= p["agreement"] <= 1 and p["deferral_rate"] == 1.0 for p in sweep["points"])
         assert all(math.isfinite(p["z"]) for p in sweep["points"])  # sampled: how far from the target's law
     assert "| z |" in (tmp_path / "cascades-cpu-T1.md").read_text()
+
+
+def test_the_sweep_summary_lists_every_rule_that_reaches_95_percent(tmp_path):
+    """A rule with points at >= 95% agreement but none at >= 99% still gets its 95% columns."""
+    from omnidraft_fast.cascade_sweep import write_results
+    from omnidraft_fast.report import environment
+
+    def point(rule, alpha, agreement, speedup):
+        return dict(rule=rule, alpha=alpha, agreement=agreement, speedup=speedup, deferral_rate=0.5, acceptance=0.5,
+                    mean_accepted_length=2.0, tokens_per_second=10.0, sequence_agreement=agreement,
+                    target_log_likelihood=-1.0)  # fmt: skip
+
+    points = [point("exact", None, 1.0, 1.0), point("chow", 0.5, 0.995, 1.2), point("chow", 0.9, 0.96, 1.5),
+              point("diff", 0.3, 0.97, 1.3), point("opt", 1.0, 0.9, 2.0)]  # fmt: skip
+    meta = {**environment(torch.device("cpu")), "models": "m", "prompts": 1, "max_new_tokens": 4, "k": 2}
+    results = {"meta": meta, "pairs": {"pair": {"plain_tokens_per_second": 8.0, "plain_target_log_likelihood": -1.0,
+                                                "points": points}}}  # fmt: skip
+    write_results(results, tmp_path, "sweep")
+    summary = (tmp_path / "sweep.md").read_text().split("| rule | alpha | deferral")[0]
+    assert "| chow | 0.5 | 1.20x | 0.500 | 0.9 | 1.50x | 0.960 | 0.500 |" in summary
+    assert "| diff | none | - | - | 0.3 | 1.30x | 0.970 | 0.500 |" in summary
+    assert "| opt |" not in summary
