@@ -224,7 +224,7 @@ class AdaptiveConfig:
             raise ValueError(f"`reject_weight` must be a number > 0, got {self.reject_weight!r}")
         if not is_number(self.prior) or not 0 < self.prior < 1:
             raise ValueError(f"`prior` must be in (0, 1), got {self.prior!r}")
-        if self.confidence_input not in (True, False):
+        if not isinstance(self.confidence_input, bool):
             raise TypeError(f"`confidence_input` must be True or False, got {self.confidence_input!r}")
 
 

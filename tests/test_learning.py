@@ -248,6 +248,7 @@ def test_untrained_head_predicts_its_prior():
         (lambda: DistillConfig(target_modules=()), "target_modules"),
         (lambda: DistillConfig(target_modules=5), "target_modules"),
         (lambda: DistillConfig(target_modules=True), "target_modules"),
+        (lambda: AdaptiveConfig(confidence_input=1), "confidence_input"),
         (lambda: AdaptiveConfig(gamma=1.0), "gamma"),
         (lambda: AdaptiveConfig(mode="both"), "mode"),
         (lambda: AdaptiveConfig(prior=0.0), "prior"),
