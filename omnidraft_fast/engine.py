@@ -114,6 +114,7 @@ class SpeculativeEngine:
         self.config = config
         self.built_on = self.device  # the bridge, the table, the learners and kept graphs live there
         self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
+        self._check_cascade(config.cascade)  # the engine's default, refused when built
         self.ngram: NGramTable | None = None
         if self.bridge is not None and config.translation != "tli":
             if config.ngram_preseed:
@@ -171,6 +172,14 @@ class SpeculativeEngine:
         models or rebinding their parameters (moving them to another device needs a new engine); the next
         request captures afresh."""
         self.rounds.release()
+
+    def _check_cascade(self, cascade: CascadeConfig | None) -> None:
+        """Refuse a cascade this engine cannot verify."""
+        if cascade is not None and self.bridge is not None and self.config.translation == "exact":
+            raise ValueError(
+                "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
+                "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
+            )
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
         """The vocabulary bridge, or None when drafter and target share one vocabulary."""
@@ -302,11 +311,7 @@ class SpeculativeEngine:
                 "drafted position, which a captured round cannot: use an engine with "
                 "EngineConfig(cuda_graphs=False) for such requests"
             )
-        if request.cascade is not None and self.bridge is not None and self.config.translation == "exact":
-            raise ValueError(
-                "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
-                "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
-            )
+        self._check_cascade(request.cascade)
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():

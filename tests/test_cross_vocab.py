@@ -329,6 +329,10 @@ def test_cascades_across_vocabularies(pair, translation):
     assert lenient.stats.acceptance_rate == 1.0 and lenient.stats.deferral_rate == 0.0
     with pytest.raises(ValueError, match="translation='exact'"):
         _engine(pair, "exact").generate(**batch, max_new_tokens=4, cascade=CascadeConfig("chow", 0.5))
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    with pytest.raises(ValueError, match="translation='exact'"):  # as the engine's default: when it is built
+        SpeculativeEngine(target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+                          config=EngineConfig(translation="exact", cascade=CascadeConfig("chow", 0.5)))  # fmt: skip
 
 
 def test_logits_are_the_targets_across_vocabularies(pair):
