@@ -66,13 +66,14 @@ class CascadeConfig:
         object.__setattr__(self, "alpha", floats if isinstance(self.alpha, tuple) else floats[0])
 
     def alphas(self, batch: int) -> tuple[float, ...]:
-        """One alpha per row of a batch of ``batch`` rows."""
+        """One alpha per row of a batch of ``batch`` rows (prompts: ``num_return_sequences`` copies of a
+        prompt share its alpha)."""
         if not isinstance(self.alpha, tuple):
             return (float(self.alpha),) * batch
         if len(self.alpha) != batch:
             raise ValueError(
-                f"`cascade.alpha` has {len(self.alpha)} values for a batch of {batch} rows; give one number "
-                "or one per row"
+                f"`cascade.alpha` has {len(self.alpha)} values for a batch of {batch} prompts; give one number "
+                "or one per prompt (the num_return_sequences copies of a prompt share its alpha)"
             )
         return tuple(float(a) for a in self.alpha)
 

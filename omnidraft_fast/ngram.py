@@ -51,10 +51,25 @@ class NGramTable:
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, hits: torch.Tensor | None = None) -> None:
         """Insert runs ``keys`` [Q, max_len] (-1 padded; rows of fewer than 2 ids are skipped) -> ``values``
-        [Q], adding ``hits`` [Q] (default 1 each) to their counts."""
+        [Q], adding ``hits`` [Q] (default 1 each) to their counts. Integer tensors of any width."""
+        for name, tensor, ndim in (("keys", keys, 2), ("values", values, 1), ("hits", hits, 1)):
+            if tensor is None and name == "hits":
+                continue
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim or tensor.is_floating_point():
+                got = (
+                    f"{tensor.dtype} {tuple(tensor.shape)}"
+                    if isinstance(tensor, torch.Tensor)
+                    else type(tensor)
+                )
+                raise TypeError(f"`{name}` must be a {ndim}-D integer tensor, got {got}")
+        if values.shape[0] != keys.shape[0] or (hits is not None and hits.shape != values.shape):
+            raise ValueError(
+                f"`values` and `hits` must have one entry per key ({keys.shape[0]}), got {values.shape[0]} "
+                f"and {None if hits is None else hits.shape[0]}"
+            )
         hits = torch.ones_like(values, dtype=torch.int64) if hits is None else hits.long()
         self.dropped += ops.ngram_insert(
-            self.hashes, self.key_ids, self.values, self.counts, keys, values.long(), hits
+            self.hashes, self.key_ids, self.values, self.counts, keys.long(), values.long(), hits
         )
 
     @property
@@ -78,7 +93,7 @@ class NGramTable:
         self.key_ids.fill_(-1)
         self.values.fill_(-1)
         self.counts.zero_()
-        self.insert(keys, values, torch.clamp_min(counts.long() // 2, 1))
+        self.insert(keys, values, torch.clamp_min(counts // 2, 1))
 
     @classmethod
     def seeded(

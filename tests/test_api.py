@@ -568,7 +568,10 @@ def test_num_return_sequences(target, drafter, batch):
                               cascade=omnidraft_fast.CascadeConfig("chow", (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)),
                               **kwargs)  # fmt: skip
     assert torch.equal(out, by_hand)
-    with pytest.raises(ValueError, match=r"`cascade.alpha` has 3 values for a batch of 2 rows"):
+    with pytest.raises(
+        ValueError,
+        match=r"`cascade.alpha` has 3 values for a batch of 2 prompts.*copies of a prompt share its alpha",
+    ):
         engine.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, cascade=cascade, **kwargs)
 
 

@@ -182,3 +182,23 @@ def test_merges_raise_acceptance_where_the_target_wants_the_merged_token():
         accepted[name] = int(n[0])
         assert out[0, int(n[0])] == wanted[0, int(n[0])]
     assert accepted == {"direct": 1, "merged": 2}
+
+
+def test_insert_refuses_what_it_would_truncate_and_names_its_own_arguments():
+    """Float values would be cut to ints and a short ``values`` misread: refused under the table's own names,
+    and the table is unchanged; integer tensors of any width are taken."""
+    table = NGramTable(16, 2)
+    keys = _keys((1, 2), (3, 4), n=2)
+    for values, hits, error, match in (
+        (torch.tensor([7.5, 8.0]), None, TypeError, "`values` must be a 1-D integer tensor"),
+        (torch.tensor([7]), None, ValueError, r"`values` and `hits` must have one entry per key \(2\)"),
+        (torch.tensor([7, 8]), torch.tensor([1]), ValueError, "one entry per key"),
+        ([7, 8], None, TypeError, "`values` must be a 1-D integer tensor"),
+    ):
+        with pytest.raises(error, match=match):
+            table.insert(keys, values, hits)
+    with pytest.raises(TypeError, match="`keys` must be a 2-D integer tensor"):
+        table.insert(keys.float(), torch.tensor([7, 8]))
+    assert int(table.size()) == 0
+    table.insert(keys.int(), torch.tensor([7, 8], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int16))
+    assert table.lookup(keys).tolist() == [7, 8] and table.counts.sum().item() == 3
