@@ -306,7 +306,8 @@ class EngineConfig:
             request, on the labels its rows recorded since the last one (whatever ``interval`` says), so
             that the request's next rounds draft with the update. The step has fixed shapes and no host
             read; with ``cuda_graphs`` it is captured like the rounds, and the merged LoRA weights and the
-            head are rewritten in place. The labels left at a request's end go to the learners as usual.
+            head are rewritten in place. The labels left at a request's end go to the learners as usual
+            (a row with none left is not handed over: ``interval`` counts rows that still teach).
             ``None``: between requests only (SPEC §4).
         rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the
             one read of the loop). ``1``: a read after every round, so a request stops as soon as its rows

@@ -184,9 +184,13 @@ class OnlineLearner:
         )
 
     def observe(self, examples: list[Example]) -> None:
-        """Take a finished request's rows; train once ``interval`` rows are waiting."""
-        self.pending.extend(examples)
+        """Take a finished request's rows; train once ``interval`` rows with labels are waiting. A row with
+        none left (the in-flight steps took them all) is dropped: it would cost a training pass for nothing
+        and push labelled rows out of the head's replay (one host read)."""
         self.rows += len(examples)
+        if examples:
+            labelled = torch.stack([_labelled(row).any() for row in examples]).tolist()
+            self.pending.extend(row for row, keep in zip(examples, labelled, strict=True) if keep)
         if len(self.pending) >= self.interval:
             self.step()
 
@@ -457,6 +461,11 @@ def _counts(rows: list[Example]) -> tuple[int, int]:
     labels = sum(int(((r.kl[1:] >= 0) | r.ce[1:]).sum()) for r in rows)
     heads = sum(int((~r.head[1:].isnan()).sum()) for r in rows)
     return labels, heads
+
+
+def _labelled(row: Example) -> torch.Tensor:
+    """[L - 1] bool: the row's slots with any label (KL, CE or the head's), slot 0 excluded (``_counts``)."""
+    return (row.kl[1:] >= 0) | row.ce[1:] | ~row.head[1:].isnan()
 
 
 @contextmanager

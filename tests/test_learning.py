@@ -15,6 +15,7 @@ from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_ac
 from omnidraft_fast.bridge import token_bytes
 from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
 from omnidraft_fast.experience import Example
+from omnidraft_fast.learner import OnlineLearner
 
 VOCAB = 96
 NO_STEP = 10_000  # an interval no test reaches: rows are recorded, never trained on
@@ -460,6 +461,11 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
     drafter slots per row: the window's width must hold them all). A row's first slot is predicted by
     nothing: a label there (a prompt with no drafter spelling) is left out, as in a whole-context pass."""
     spy = _Windows(monkeypatch)
+    tail = []  # the rows handed over at the request's end, as the recorder cut them (one per row)
+    original = OnlineLearner.observe
+    monkeypatch.setattr(
+        OnlineLearner, "observe", lambda learner, rows: (tail.extend(rows), original(learner, rows))
+    )
     config = dict(num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8, lr=1e-3),
                   adaptive=AdaptiveConfig(interval=NO_STEP), in_flight_rounds=2)  # fmt: skip
     if vocabulary == "shared":
@@ -482,7 +488,7 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
         ids[-1, -1], mask[-1, -1] = target.config.vocab_size - 1, 1
         assert not engine.bridge.spell_for_drafter(ids[-1, -1:]).numel()
         engine.generate(ids, attention_mask=mask, max_new_tokens=24)
-    recorder, tail = spy.recorder, engine.learner.pending
+    recorder = spy.recorder
     assert len(spy.windows) >= 3 and len(tail) == (2 if vocabulary == "shared" else 3)
     ends = recorder.handed  # where the rows ended: the hand-over at the end moved it there
     for row, example in enumerate(tail):
@@ -515,6 +521,29 @@ def test_in_flight_windows_hand_each_label_over_once(shared_pair, cross_pair, mo
             assert seen[name].max() <= 1, name  # never twice
             assert torch.equal(seen[name].bool(), recorded[name]), name  # every label once
         assert recorded["kl"].any() and recorded["head"].any()
+
+
+def test_rows_with_no_label_left_are_not_trained_on_again(shared_pair, monkeypatch):
+    """With a window every round, the in-flight steps take every label: the request's rows, handed over at
+    its end with none left, cost no training pass and stay out of the head's replay (where they would push
+    labelled rows out). Without in-flight steps the same rows are trained on, then replayed."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=10)
+    passes = []
+    original = OnlineLearner._run
+    monkeypatch.setattr(
+        OnlineLearner, "_run", lambda learner, *a, **k: passes.append(1) or original(learner, *a, **k)
+    )
+    for in_flight_rounds, trained in ((1, False), (None, True)):
+        passes.clear()
+        engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=1, rank=8, lr=1e-2),
+                         adaptive=AdaptiveConfig(interval=1), in_flight_rounds=in_flight_rounds)  # fmt: skip
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=20)
+        assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False))
+        learner = engine.learner
+        assert learner.stats.rows == 2 and not learner.pending
+        assert bool(passes) == trained and len(learner.replay) == (2 if trained else 0)
+        assert learner.stats.distill_steps >= 1 and learner.stats.head_steps >= 1
 
 
 def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypatch):
