@@ -122,6 +122,10 @@ class LoraAdapter:
         self.layers = [layer for *_, layer, _ in self._slots]
         self.parameters: list[torch.nn.Parameter] = []
         for layer in self.layers:
+            # The layers are this adapter's alone (peft built them around the drafter's own modules), so
+            # it is on in them for good: `active` only puts them in the drafter and takes them out.
+            layer.set_adapter(name)
+            layer.enable_adapters(True)
             for table in (layer.lora_A, layer.lora_B):
                 if name in table:
                     for parameter in table[name].parameters():
@@ -257,16 +261,11 @@ class LoraAdapter:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Put the LoRA layers in the drafter with this adapter on, for the duration."""
+        """Put the LoRA layers, this adapter on in them, in the drafter for the duration."""
         self._attach()
-        for layer in self.layers:
-            layer.set_adapter(self.name)
-            layer.enable_adapters(True)
         try:
             yield
         finally:
-            for layer in self.layers:
-                layer.enable_adapters(False)
             self._detach()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
