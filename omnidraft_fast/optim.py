@@ -64,13 +64,17 @@ class AdamW:
         step_size = self.lr / (1 - beta1**t) * on  # 0-d tensors: no host read
         root_correction = (1 - beta2**t).sqrt()
         decay = 1 - self.lr * self.weight_decay * on
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            grad = p.grad if gate is None else torch.where(gate, p.grad, 0.0)
-            p.mul_(decay)
-            m.lerp_(grad, (1 - beta1) * on)
-            v.mul_(1 - (1 - beta2) * on).addcmul_(grad, grad * ((1 - beta2) * on))
-            denom = (v.sqrt() / root_correction).add_(self.eps)
-            p.addcdiv_(m * step_size, denom, value=-1.0)
+        # Multi-tensor ops: a few launches for all the parameters, not eight per parameter.
+        grads = [p.grad if gate is None else torch.where(gate, p.grad, 0.0) for p in self.params]
+        torch._foreach_mul_(self.params, decay)
+        torch._foreach_mul_(self.exp_avg, 1 - (1 - beta1) * on)
+        torch._foreach_add_(self.exp_avg, torch._foreach_mul(grads, (1 - beta1) * on))
+        torch._foreach_mul_(self.exp_avg_sq, 1 - (1 - beta2) * on)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, torch._foreach_mul(grads, (1 - beta2) * on))
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, root_correction)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, torch._foreach_mul(self.exp_avg, step_size), denom, value=-1.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The step count and the moments: ``steps``, ``exp_avg.<i>`` and ``exp_avg_sq.<i>`` in parameter order."""
