@@ -4,7 +4,8 @@ Maths (speculative sampling, Leviathan et al. 2023, arXiv 2211.17192; the
 filters follow transformers' logits warpers so that "top-k/top-p applied to both
 models as the papers do" means exactly what ``model.generate`` samples from):
 
-    z      = logits / T, and -inf where ``mask`` is False   (T > 0)
+    z      = logits / T, and -inf where ``mask`` is False   (T >= MIN_TEMPERATURE, 1e-30: below it
+                                                            fp32 logits / T overflow where |logits| > 3.4e8)
     top-k: keep z_v >= the k-th largest z                  (ties kept; k = 0 keeps all)
     top-p: sort softmax(z) ascending, drop the tokens whose cumulative mass is
            <= 1 - top_p, always keeping the most likely one (as transformers:
@@ -59,7 +60,17 @@ import triton.language as tl
 from .rows import chunking, load_z, race_step, row_max_sum
 from .thresholds import launch_thresholds
 
-__all__ = ["nonfinite_rows_reference", "sample_reference", "sample_triton", "sampling_probs_reference"]
+__all__ = [
+    "MIN_TEMPERATURE",
+    "nonfinite_rows_reference",
+    "sample_reference",
+    "sample_triton",
+    "sampling_probs_reference",
+]
+
+# The smallest sampling temperature taken: z = logits / T stays finite in fp32 for |logits| up to 3.4e8
+# (at T = 1e-45 every logit overflows, and softmax(z) is NaN).
+MIN_TEMPERATURE = 1e-30
 
 
 def sampling_probs_reference(

@@ -21,7 +21,7 @@ from .kernels.ngram import (
     ngram_lookup_triton,
 )
 from .kernels.proposal import CrossProposal, target_proposal_reference
-from .kernels.sampling import nonfinite_rows_reference, sample_reference, sample_triton
+from .kernels.sampling import MIN_TEMPERATURE, nonfinite_rows_reference, sample_reference, sample_triton
 from .kernels.translate import (
     split_reference,
     translate_ngram_reference,
@@ -60,8 +60,11 @@ def _check(name: str, tensor: torch.Tensor, ndim: int, *, dtypes=None, device=No
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature >= 0:  # NaN too
-        raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature == 0 or temperature >= MIN_TEMPERATURE):  # NaN too
+        raise ValueError(
+            f"`temperature` must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (logits / temperature overflows fp32 "
+            f"below it), got {temperature}"
+        )
     if top_k < 0:
         raise ValueError(f"`top_k` must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:

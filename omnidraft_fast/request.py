@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_int, is_positive
+from .kernels.sampling import MIN_TEMPERATURE
 from .processing import Processing
 
 __all__ = ["Request", "resolve_request"]
@@ -243,6 +244,11 @@ def resolve_request(
             raise ValueError(
                 f"`temperature` must be a number > 0 when sampling (do_sample=True), got {temperature!r}; "
                 "for greedy decoding pass do_sample=False"
+            )
+        if temperature < MIN_TEMPERATURE:  # transformers' sampling fails there too (NaN probabilities)
+            raise ValueError(
+                f"`temperature`={temperature!r} is too small to sample with: logits / temperature overflows "
+                f"float32 below {MIN_TEMPERATURE:g}; for its limit, greedy decoding, pass do_sample=False"
             )
         sampling = SamplingParams(
             temperature=float(temperature),

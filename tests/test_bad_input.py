@@ -16,7 +16,7 @@ from conftest import left_padded_prompts, perturbed_copy, tiny_model
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
 import omnidraft_fast
-from omnidraft_fast import EngineConfig, SpeculativeEngine
+from omnidraft_fast import EngineConfig, SpeculativeEngine, ops
 
 VOCAB = 80
 NEW = 10  # max_new_tokens of the good request
@@ -339,6 +339,19 @@ def test_zero_or_nan_temperature_when_sampling(models, run, value):
         ValueError, match=r"`temperature` must be a number > 0 when sampling.*do_sample=False"
     ):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=value)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("value", [1e-45, 9e-31])
+def test_a_temperature_too_small_to_sample_with(models, run, value):
+    """logits / T overflows float32 (at 1e-45 for every logit, NaN probabilities: transformers' sampling
+    fails, and the draws here were token 0): refused, greedy named as the limit; 1e-30 samples, greedily."""
+    with pytest.raises(ValueError, match=r"`temperature`=.* is too small to sample with.*do_sample=False"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=value)
+    with pytest.raises(ValueError, match=r"`temperature` must be 0 \(greedy\) or >= 1e-30"):
+        ops.sample(torch.zeros(1, 4), torch.ones(1, 4), temperature=value)
+    out = run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, do_sample=True, temperature=1e-30)
+    assert torch.equal(out, api_call(models)(models.ids, attention_mask=models.mask, max_new_tokens=NEW))
     assert_still_works(run, models)
 
 
