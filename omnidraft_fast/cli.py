@@ -88,6 +88,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .api import generate
     from .config import EngineConfig
 
+    sampling_flags = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "min_p", "typical_p")
+                      if getattr(args, name) is not None]  # fmt: skip
+    if sampling_flags and not args.do_sample:  # greedy decoding would ignore them
+        raise ValueError(
+            f"{', '.join(sampling_flags)} shape sampling: add --do-sample, or leave them out for greedy"
+        )
     device = _device(args.device)
     target = _load(args.model, args.dtype, device, "--model")
     drafter = _load(args.drafter, args.dtype, device, "--drafter")

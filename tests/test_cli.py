@@ -149,6 +149,24 @@ def test_bad_option_is_reported_not_raised(folders, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
 
 
+def test_sampling_flags_without_do_sample_are_refused(folders, capsys):
+    """Greedy decoding ignores them: refused before any model loads, rather than dropped without a word."""
+    root, _, _ = folders
+    common = [
+        "generate",
+        "--model",
+        str(root / "missing"),
+        "--drafter",
+        str(root / "drafter"),
+        "--prompt",
+        "w5",
+    ]
+    assert main([*common, "--temperature", "0.7", "--top-k", "5"]) == 2
+    assert "--temperature, --top-k shape sampling: add --do-sample" in capsys.readouterr().err
+    assert main([*common, "--min-p", "0.1"]) == 2
+    assert "--min-p shape sampling" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flag", "extra", "named"),
     [
