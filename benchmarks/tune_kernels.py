@@ -10,6 +10,8 @@ on one of 4 input sets in turn (together larger than the L2 cache); then each ke
 call under ``torch.profiler`` at the default tile.
 
     python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
+
+The two files are written after each case too, marked partial, so that a run cut short keeps its cases.
 """
 
 from __future__ import annotations
@@ -143,11 +145,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("tune_kernels.py needs a CUDA device")
     device = torch.cuda.get_device_name()
     result: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
+    stem = args.out / f"tune-{device.lower().replace(' ', '-')}"
+
+    def add(op: str, name: str, key: str, case: dict) -> None:
+        """Keep ``case`` and write the results so far: a run cut short keeps the cases it measured."""
+        result["cases"][key] = case
+        _print_case(op, name, case)
+        write_results(stem, result, _markdown(result), complete=False)
 
     for name, (temperature, top_k, top_p) in SAMPLING.items():
         case = _sampling_case(temperature, top_k, top_p)
-        result["cases"][f"sample {name} [{ROWS}, {VOCAB}]"] = case
-        _print_case("sample", name, case)
+        add("sample", name, f"sample {name} [{ROWS}, {VOCAB}]", case)
 
     sets = _verify_sets()
     copy = _copy_times(sets)
@@ -184,16 +192,13 @@ def main(argv: list[str] | None = None) -> None:
         for block in BLOCKS:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
         case["per_kernel"] = _kernel_times(verify, sets[0])
-        result["cases"][f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
-        _print_case("verify", name, case)
+        add("verify", name, f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
 
     for name, temperature in MATCH.items():
         case = _match_case(temperature)
-        result["cases"][f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"] = case
-        _print_case("match", name, case)
+        add("match", name, f"match {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
 
-    slug = device.lower().replace(" ", "-")
-    write_results(args.out / f"tune-{slug}", result, _markdown(result))
+    write_results(stem, result, _markdown(result), complete=True)
 
 
 def _markdown(result: dict) -> str:

@@ -75,9 +75,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_results(stem: Path, result: dict, markdown: str) -> None:
-    """``stem``.json and ``stem``.md (creating the folder), and the Markdown on stdout."""
+PARTIAL = (
+    "**Partial results**: written while the run went on, which stopped before its end or is still running; "
+    "what is missing was not measured."
+)
+
+
+def write_results(stem: Path, result: dict, markdown: str, complete: bool | None = None) -> None:
+    """``stem``.json and ``stem``.md (creating the folder), and the Markdown on stdout.
+
+    A benchmark that writes after each unit of work, so that a run killed by a time limit keeps what it
+    measured, passes ``complete``: it becomes the JSON's ``"complete"`` field; a partial write also gets
+    ``PARTIAL`` under the Markdown's title and is not printed (one line says where it went)."""
+    if complete is not None:
+        result = {**result, "complete": complete}
+    if complete is False:
+        title, _, rest = markdown.partition("\n")
+        markdown = f"{title}\n\n{PARTIAL}\n{rest}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown)):
+        # Written aside, then renamed over the last write: a run killed while writing keeps a whole file.
+        aside = stem.with_suffix(f"{suffix}.tmp")
+        aside.write_text(text)
+        aside.replace(stem.with_suffix(suffix))
+    print(f"partial results written to {stem}.json and .md" if complete is False else markdown, flush=True)

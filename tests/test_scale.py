@@ -111,6 +111,19 @@ def test_train_bench_skips_without_tokenizers(tmp_path, capsys):
     assert not (tmp_path / "zoo").exists()
 
 
+def test_write_results_marks_partial_writes(tmp_path):
+    from omnidraft_fast.report import PARTIAL, write_results
+
+    stem = tmp_path / "out" / "bench-cpu"
+    write_results(stem, {"rows": [1]}, "# Title\n\nbody\n", complete=False)
+    assert json.loads(stem.with_suffix(".json").read_text()) == {"rows": [1], "complete": False}
+    assert stem.with_suffix(".md").read_text() == f"# Title\n\n{PARTIAL}\n\nbody\n"
+    write_results(stem, {"rows": [1, 2]}, "# Title\n\nbody\n", complete=True)  # overwrites the partial files
+    assert json.loads(stem.with_suffix(".json").read_text()) == {"rows": [1, 2], "complete": True}
+    assert stem.with_suffix(".md").read_text() == "# Title\n\nbody\n"
+    assert sorted(path.name for path in stem.parent.iterdir()) == ["bench-cpu.json", "bench-cpu.md"]
+
+
 def test_error_line_names_the_error_in_one_line():
     from omnidraft_fast.report import error_line
 
