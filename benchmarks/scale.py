@@ -241,7 +241,8 @@ def _ids(model, like: torch.Tensor) -> torch.Tensor:
 
 
 def _profile(engine: SpeculativeEngine, ids: torch.Tensor, new: int, options: dict) -> dict:
-    """One request under ``torch.profiler``: time per round of every ``stage:<name>`` range, the top ops."""
+    """One request under ``torch.profiler``: time per round of every ``stage:<name>`` range, their sums
+    beside the request's own round time (its wall time less its prefill, per round), the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ids.device.type == "cuda"
@@ -250,19 +251,40 @@ def _profile(engine: SpeculativeEngine, ids: torch.Tensor, new: int, options: di
         engine.generate(ids, max_new_tokens=new, do_sample=False)
     if options["trace"] is not None:
         prof.export_chrome_trace(str(options["trace"].with_suffix(f".{options['pair']}.json")))
-    rounds = engine.stats.rounds
+    stats = engine.stats
     averages = prof.key_averages()
-    stages = {
+    stages = _stage_times(averages, stats.rounds)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return {
+        "rounds": stats.rounds,
+        "round_ms": 1e3 * (stats.seconds - stats.stage_seconds["prefill"]) / stats.rounds,
+        "stages": stages,
+        "stage_sum_ms_per_round": {  # every stage of a round: the prefill is not one
+            column: sum(
+                times[f"{column}_ms_per_round"] for stage, times in stages.items() if stage != "prefill"
+            )
+            for column in ("cpu", "device")
+        },
+        "top_ops": averages.table(sort_by=sort, row_limit=25),
+    }
+
+
+def _stage_times(averages, rounds: int) -> dict[str, dict]:
+    """Calls and ms per round of each ``stage:<name>`` range in ``key_averages()``. On CUDA a range has two
+    entries under its name: the host's (device type CPU), whose ``cpu_time_total`` is the range's host time
+    and ``device_time_total`` the time of the kernels launched inside it, and a GPU annotation spanning its
+    first kernel's start to its last one's end, idle gaps included; only the host's is kept."""
+    from torch.autograd import DeviceType
+
+    return {
         event.key.removeprefix("stage:"): {
             "calls": event.count,
             "cpu_ms_per_round": event.cpu_time_total / 1e3 / rounds,
-            "device_ms_per_round": getattr(event, "device_time_total", 0.0) / 1e3 / rounds,
+            "device_ms_per_round": event.device_time_total / 1e3 / rounds,
         }
         for event in averages
-        if event.key.startswith("stage:")
+        if event.key.startswith("stage:") and event.device_type == DeviceType.CPU
     }
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return {"rounds": rounds, "stages": stages, "top_ops": averages.table(sort_by=sort, row_limit=25)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,17 +457,28 @@ def _markdown(result: dict) -> str:
             f"`cuda_graphs=True`: {row['graph_round_ms']:.2f} ms per round, capture included; "
             f"{row['kept_graph_round_ms']:.2f} ms for the next request, replaying the kept graphs.",
             "",
-            f"| ms per round | {' | '.join(stages)} |",
-            "|---|" + "---|" * len(stages),
-            f"| stage timer | {' | '.join(f'{v:.3f}' for v in stages.values())} |",
+            f"| ms per round | {' | '.join(stages)} | sum |",
+            "|---|" + "---|" * (len(stages) + 1),
+            f"| stage timer (synchronising) | {' | '.join(f'{v:.3f}' for v in stages.values())} "
+            f"| {row['timed_round_ms']:.3f} |",
         ]
         if "profile" in row:
-            profiled = row["profile"]["stages"]
-            for column in ("cpu_ms_per_round", "device_ms_per_round"):
-                if not any(times[column] for times in profiled.values()):
+            profile = row["profile"]
+            for column in ("cpu", "device"):
+                times = {s: t[f"{column}_ms_per_round"] for s, t in profile["stages"].items()}
+                if not any(times.values()):
                     continue  # no device activity: a CPU run
-                cells = " | ".join(f"{profiled[s][column]:.3f}" if s in profiled else "-" for s in stages)
-                lines.append(f"| profiler, {column.removesuffix('_ms_per_round')} | {cells} |")
+                cells = " | ".join(f"{times[s]:.3f}" if s in times else "-" for s in stages)
+                lines.append(
+                    f"| profiler, {column} | {cells} | {profile['stage_sum_ms_per_round'][column]:.3f} |"
+                )
+            sums = profile["stage_sum_ms_per_round"]
+            device = f", their kernels' device time to {sums['device']:.2f} ms" if sums["device"] else ""
+            lines += [
+                "",
+                f"Under the profiler a round took {profile['round_ms']:.2f} ms (wall, prefill excluded; "
+                f"{profile['rounds']} rounds); its stages' host time sums to {sums['cpu']:.2f} ms{device}.",
+            ]
         learning = row["in_flight"]
         lines += [
             "",

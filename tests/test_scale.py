@@ -29,6 +29,7 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = json.loads((tmp_path / f"scale-{device}.json").read_text())
     assert (tmp_path / f"scale-{device}.md").read_text().startswith("# Scale shapes, preset tiny")
+    assert result["complete"] is True
     assert result["plain_static_ms_per_token"] > 0 and result["plain_static_compiled"] == (device == "cuda")
     for field in ("device", "torch", "transformers", "commit", "plain_ms_per_token", "target_forward_ms",
                   "projection_formula", "target_params"):  # fmt: skip
@@ -60,7 +61,12 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
             assert point["speedup_graphs_vs_static"] == pytest.approx(
                 tokens / row["kept_graph_round_ms"] * result["plain_static_ms_per_token"]
             )
-        assert {"draft", "target", "verify"} <= set(row["profile"]["stages"])
+        profile = row["profile"]
+        assert {"draft", "target", "verify"} <= set(profile["stages"]) and profile["round_ms"] > 0
+        assert all(times["cpu_ms_per_round"] > 0 for times in profile["stages"].values())
+        assert profile["stage_sum_ms_per_round"]["cpu"] == pytest.approx(
+            sum(t["cpu_ms_per_round"] for s, t in profile["stages"].items() if s != "prefill")
+        )
         learning = row["in_flight"]  # LoRA rank 32 on the drafter, a step every 4 rounds
         assert learning["rounds_per_step"] == 4 and learning["lora_parameters"] > 0
         assert (
@@ -72,6 +78,33 @@ def test_scale_tiny_writes_the_figures_and_follows_the_projection(tmp_path):
     assert result["pairs"]["shared"]["in_flight"]["window_slots"] == 4 * (k + 1)  # one drafter slot per token
     assert scale.tokens_per_round(1.0, k) == k + 1
     assert scale.tokens_per_round(0.0, k) == 1
+
+
+def test_profile_stage_times_keep_the_host_ranges():
+    """On CUDA ``key_averages()`` lists a ``stage:<name>`` range twice: the host's range (its CPU time and
+    its kernels' device time) and a GPU annotation (no CPU time, the span of its kernels). The host's is
+    kept, whatever the order."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, cpu_us, device_us):
+        return SimpleNamespace(
+            key=key, count=4, device_type=device_type, cpu_time_total=cpu_us, device_time_total=device_us
+        )
+
+    averages = [
+        event("stage:draft", DeviceType.CPU, 800.0, 400.0),
+        event("stage:draft", DeviceType.CUDA, 0.0, 1200.0),
+        event("stage:target", DeviceType.CUDA, 0.0, 3000.0),
+        event("stage:target", DeviceType.CPU, 1000.0, 2000.0),
+        event("aten::mm", DeviceType.CPU, 50.0, 20.0),
+    ]
+    stages = _scale_module()._stage_times(averages, rounds=4)
+    assert stages == {
+        "draft": {"calls": 4, "cpu_ms_per_round": 0.2, "device_ms_per_round": 0.1},
+        "target": {"calls": 4, "cpu_ms_per_round": 0.25, "device_ms_per_round": 0.5},
+    }
 
 
 def test_train_bench_tiny_writes_a_loadable_pair(tmp_path):
