@@ -5,9 +5,10 @@ bf16 (greedy, temperature, top-p, top-k + top-p), verification at [8 x 9, 128256
 of ``bench_verify.py``, its inputs, with and without top-k/top-p) and verification by exact match at the
 same shape (``bench_match.py``'s inputs, greedy and at T = 0.8), the median time of the Triton launcher at each
 ``block`` (the vocabulary tile) beside the eager reference and a device-to-device copy of the logits, both
-replayed from a CUDA graph (device time) and launched one by one (host launch time included), every call
-on one of 4 input sets in turn (together larger than the L2 cache); then each kernel's device time per
-call under ``torch.profiler`` at the default tile.
+replayed from a CUDA graph (device time) and launched back to back with no cache flush between calls (the
+host's launch time shows where it exceeds the device's), every call on one of 4 input sets in turn
+(together larger than the L2 cache); then each kernel's device time per call under ``torch.profiler`` at
+the default tile, the sets in turn too.
 
     python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
 
@@ -17,7 +18,7 @@ The two files are written after each case too, marked partial, so that a run cut
 from __future__ import annotations
 
 import argparse
-import itertools
+import statistics
 from pathlib import Path
 
 import torch
@@ -47,11 +48,10 @@ MATCH = {"greedy": 0.0, "temperature": 0.8}  # verification by exact match; name
 
 def _times(fn, sets: list) -> dict[str, float | None]:
     """Median microseconds per call of ``fn(*one of sets)``, the sets taken in turn: ``stream``, calls
-    launched one after another and timed with events (the host's launch time shows where it exceeds the
-    device's), and ``graph``, the same calls replayed from a CUDA graph (device time: what a captured round
-    pays); None where the calls cannot be captured."""
-    turn = itertools.cycle(sets)
-    stream = 1e3 * triton.testing.do_bench(lambda: fn(*next(turn)), warmup=25, rep=200, return_mode="median")
+    launched back to back (``_stream_us``: the host's launch time shows where it exceeds the device's), and
+    ``graph``, the same calls replayed from a CUDA graph (device time: what a captured round pays); None
+    where the calls cannot be captured."""
+    stream = _stream_us(fn, sets)
     try:
         graph = triton.testing.do_bench_cudagraph(
             lambda: [fn(*s) for s in sets], rep=100, return_mode="median"
@@ -63,6 +63,26 @@ def _times(fn, sets: list) -> dict[str, float | None]:
     return {"stream": round(stream, 2), "graph": None if graph is None else round(graph, 2)}
 
 
+def _stream_us(fn, sets: list, calls: int = 4 * SETS, reps: int = 10) -> float:
+    """Median over ``reps`` timings of microseconds per call of ``calls`` calls launched back to back, the
+    sets taken in turn, between two events. No cache flush between calls (``triton.testing.do_bench``
+    flushes a 256 MB buffer before each, which hides the next call's launches behind the memset): where the
+    host launches slower than the device runs, the device waits and the time is the host's."""
+    for args in sets:  # warm-up: compilation, the caching allocator
+        fn(*args)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for call in range(calls):
+            fn(*sets[call % len(sets)])
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def _sampling_sets(temperature: float) -> list:
     sets = [sampling_inputs(ROWS, VOCAB, seed) for seed in range(SETS)]
     return [(logits, None if temperature == 0.0 else noise) for logits, noise in sets]
@@ -72,13 +92,14 @@ def _verify_sets() -> list:  # (logits, draft_ids, probs, uniforms, noise, rule,
     return [verify_inputs(BATCH, K, VOCAB, cross_vocab=False, seed=seed)[:7] for seed in range(SETS)]
 
 
-def _kernel_times(fn, args: tuple, calls: int = 10) -> dict[str, float]:
-    """Device microseconds per call of each kernel ``fn(*args)`` launches (summed over its launches)."""
-    fn(*args)
+def _kernel_times(fn, sets: list, calls: int = 3 * SETS) -> dict[str, float]:
+    """Device microseconds per call of each kernel ``fn(*one of sets)`` launches (summed over its launches),
+    the sets taken in turn as in ``_times``, so that the inputs are not left in the L2 cache."""
+    fn(*sets[0])
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(calls):
-            fn(*args)
+        for call in range(calls):
+            fn(*sets[call % len(sets)])
         torch.cuda.synchronize()
     times: dict[str, float] = {}
     for event in profile.key_averages():
@@ -114,7 +135,7 @@ def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, e, b=block: triton_(x, e, b), sets)
-    case["per_kernel"] = _kernel_times(triton_, sets[0])
+    case["per_kernel"] = _kernel_times(triton_, sets)
     return case
 
 
@@ -133,7 +154,7 @@ def _match_case(temperature: float) -> dict:
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, d, e, b=block: triton_(x, d, e, b), sets)
-    case["per_kernel"] = _kernel_times(triton_, sets[0])
+    case["per_kernel"] = _kernel_times(triton_, sets)
     return case
 
 
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for block in BLOCKS:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
-        case["per_kernel"] = _kernel_times(verify, sets[0])
+        case["per_kernel"] = _kernel_times(verify, sets)
         add("verify", name, f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
 
     for name, temperature in MATCH.items():
@@ -207,7 +228,8 @@ def _markdown(result: dict) -> str:
         f"# Tile sweep ({result['device']}, torch {result['torch']}, triton {result['triton']})",
         "",
         "Median microseconds per call over 4 input sets taken in turn (`benchmarks/tune_kernels.py`): replayed",
-        "from a CUDA graph (device time) / launched one by one (host launch time included).",
+        "from a CUDA graph (device time) / launched back to back with no cache flush (the host's launch time",
+        "shows where it exceeds the device's).",
         "",
         f"| case | {' | '.join(columns)} |",
         "|---|" + "---|" * len(columns),
@@ -220,7 +242,7 @@ def _markdown(result: dict) -> str:
     for name, case in result["cases"].items():
         lines.append(f"| {name} | {' | '.join(cell(case[c]) for c in columns)} |")
     for name, case in result["cases"].items():
-        lines += ["", f"Device time per call by kernel, {name}, block 1024 (us):", ""]
+        lines += ["", f"Device time per call by kernel, {name}, block 1024, the 4 sets in turn (us):", ""]
         lines += [f"- `{kernel}`: {us}" for kernel, us in case["per_kernel"].items()]
     return "\n".join(lines) + "\n"
 
