@@ -17,7 +17,8 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
   Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
   ms per round of each stage (draft, translate, target, verify, commit, learn, host); the engine's own
   overhead per round is the round minus the drafter's and the target's stages. ``round_ms`` is from an
-  untimed request: (its wall time - the timed request's prefill) / rounds; ``graph_round_ms`` the same
+  untimed request, as plain decoding is measured: (its wall time - that of a one-token request of the same
+  engine) / (its rounds - that request's rounds), so its prefill is left out; ``graph_round_ms`` the same
   with ``EngineConfig(cuda_graphs=True)`` (its first round eager and its second captured included);
   ``kept_graph_round_ms`` the same for the next request of the same shapes, which replays the graphs the
   engine kept from its first round, the projection's second speed-up column;
@@ -176,10 +177,19 @@ def _engine(
                                 target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1])
         for mode, (config, model) in configs.items()
     }  # fmt: skip
-    for engine in engines.values():
+    one = {}  # a one-token request per engine: its prefill and fixed costs, left out of its round time
+    for mode, engine in engines.items():
         engine.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: bridge, kernels
+        engine.generate(ids, max_new_tokens=1, do_sample=False)
+        one[mode] = engine.last_stats
         engine.stats = GenerationStats()
         engine.generate(ids, max_new_tokens=new, do_sample=False)
+
+    def per_round(stats: GenerationStats, mode: str) -> float:
+        """ms per round of a request of ``mode``'s engine, as plain decoding is measured: (t(N) - t(1)) /
+        (rounds(N) - rounds(1)), t(1) that engine's one-token request."""
+        return 1e3 * (stats.seconds - one[mode].seconds) / (stats.rounds - one[mode].rounds)
+
     timed, untimed, graphs = (engines[mode].stats for mode in ("timed", "untimed", "graphs"))
     learning_timed, learning, learning_graphs = (
         engines[mode].stats for mode in ("learning timed", "learning", "learning graphs")
@@ -193,10 +203,9 @@ def _engine(
     stage_ms = {
         stage: 1e3 * s / timed.rounds for stage, s in timed.stage_seconds.items() if stage != "prefill"
     }
-    prefill_ms = 1e3 * timed.stage_seconds["prefill"]
-    round_ms = (1e3 * untimed.seconds - prefill_ms) / untimed.rounds
-    graph_round_ms = (1e3 * graphs.seconds - prefill_ms) / graphs.rounds
-    kept_graph_round_ms = (1e3 * kept["graphs"].seconds - prefill_ms) / kept["graphs"].rounds
+    round_ms = per_round(untimed, "untimed")
+    graph_round_ms = per_round(graphs, "graphs")
+    kept_graph_round_ms = per_round(kept["graphs"], "graphs")
     result = {
         "drafter_params": sum(p.numel() for p in drafter.parameters()),
         "drafter_vocab": drafter.config.vocab_size,
@@ -216,9 +225,9 @@ def _engine(
             "lora_parameters": sum(p.numel() for p in engines["learning"].learner.adapter.parameters),
             "window_slots": in_flight * engines["learning"].rounds.slots_per_round(k),
             "update_ms_per_step": 1e3 * learning_timed.stage_seconds.get("update", 0.0) / max(1, steps),
-            "round_ms": (1e3 * learning.seconds - prefill_ms) / learning.rounds,
-            "graph_round_ms": (1e3 * learning_graphs.seconds - prefill_ms) / learning_graphs.rounds,
-            "kept_graph_round_ms": (1e3 * kept["learning graphs"].seconds - prefill_ms) / kept["learning graphs"].rounds,
+            "round_ms": per_round(learning, "learning"),
+            "graph_round_ms": per_round(learning_graphs, "learning graphs"),
+            "kept_graph_round_ms": per_round(kept["learning graphs"], "learning graphs"),
         },
         "projection": [
             {"acceptance": a, "tokens_per_round": tokens_per_round(a, k),
