@@ -202,7 +202,12 @@ def device_time(tune: dict) -> dict:
         row["best_block"] = best = min(tiles, key=tiles.get)
         row["best_block_us"] = tiles[best]
         rows.append(row)
-    return {"rows": rows, "goals": [_bandwidth_goal(row, compiled=False) for row in rows]}
+    summary = {"rows": rows, "goals": [_bandwidth_goal(row, compiled=False) for row in rows]}
+    if tune.get("complete") is False:  # tune_kernels.py stopped before its last case (a time limit)
+        summary["note"] = (
+            "Partial sweep: the tuning run stopped before its end; the cases missing were not measured."
+        )
+    return summary
 
 
 def report(folder: Path) -> dict:
@@ -243,6 +248,8 @@ def markdown(result: dict) -> str:
         lines += ["```", result["environment"], "```", ""]
     for op, summary in result["ops"].items():
         lines += [f"## {op}", ""]
+        if "note" in summary:
+            lines += [summary["note"], ""]
         for goal in summary.get("goals", []):
             checks = ", ".join(f"{name}: {_cell(ok)}" for name, ok in goal["checks"].items())
             lines.append(f"- goal at {goal['shape']}: {checks}")
