@@ -64,6 +64,11 @@ def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], flo
     for pair in pairs:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not _is_bias(pair[1]):
             raise ValueError(f"`{name}` entries must be (token ids, bias number) pairs, got {pair!r}")
+        if pair[1] == float("inf"):  # a +inf logit is what a broken model gives: the rounds refuse it
+            raise ValueError(
+                f"`{name}` bias +inf for {pair[0]!r}: give a large finite bias (e.g. 1e4) to force the sequence "
+                "(-inf bans it)"
+            )
         out.append((_token_ids(pair[0], name, vocab), float(pair[1])))
     return tuple(out)
 

@@ -479,6 +479,11 @@ def test_unsupported_guidance_scale(models, run):
             r"`sequence_bias` entries must be \(token ids, bias number\)",
         ),
         ("sequence_bias", [[[3, 10**6], -1.0]], r"`sequence_bias` holds ids outside the target's vocabulary"),
+        (
+            "sequence_bias",
+            {(5,): float("inf")},
+            r"`sequence_bias` bias \+inf for \(5,\): give a large finite",
+        ),
         ("bad_words_ids", [3, 4], r"`bad_words_ids` must be a non-empty list of lists of token ids"),
         (
             "bad_words_ids",
