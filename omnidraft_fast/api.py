@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .bridge import check_tokenizer
 from .config import CascadeConfig, EngineConfig
 from .engine import GenerateOutput, SpeculativeEngine
 
@@ -71,6 +72,9 @@ def generate(
                                       drafter=small, max_new_tokens=32)
     """
     drafter = _one_of("drafter", drafter, "assistant_model", assistant_model)
+    check_tokenizer(tokenizer, "tokenizer")
+    check_tokenizer(drafter_tokenizer, "drafter_tokenizer")
+    check_tokenizer(assistant_tokenizer, "assistant_tokenizer")
     drafter_tokenizer = _one_of(
         "drafter_tokenizer", drafter_tokenizer, "assistant_tokenizer", assistant_tokenizer
     )

@@ -43,7 +43,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["VocabBridge", "token_bytes"]
+__all__ = ["VocabBridge", "check_tokenizer", "token_bytes"]
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse by ``name`` what is not a tokenizer object (a path or hub name, most often); None passes."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "get_vocab", None)):
+        raise TypeError(
+            f"`{name}` must be a tokenizer object (e.g. AutoTokenizer.from_pretrained(path)), got "
+            f"{type(tokenizer).__name__} {tokenizer!r:.60}"
+        )
+
 
 EOS_NAMES = frozenset(
     {"</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>", "<eos>", "<|eos|>", "<|end|>"}

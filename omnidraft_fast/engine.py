@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .bridge import VocabBridge, token_bytes
+from .bridge import VocabBridge, check_tokenizer, token_bytes
 from .config import CascadeConfig, EngineConfig
 from .distill import adapter_names
 from .learner import OnlineLearner
@@ -113,6 +113,8 @@ class SpeculativeEngine:
             )
         self.config = config
         self.built_on = self.device  # the bridge, the table, the learners and kept graphs live there
+        check_tokenizer(target_tokenizer, "target_tokenizer")
+        check_tokenizer(drafter_tokenizer, "drafter_tokenizer")
         self.bridge = self._bridge(target_tokenizer, drafter_tokenizer)
         self._check_cascade(config.cascade)  # the engine's default, refused when built
         self.ngram: NGramTable | None = None
@@ -312,6 +314,7 @@ class SpeculativeEngine:
                 "EngineConfig(cuda_graphs=False) for such requests"
             )
         self._check_cascade(request.cascade)
+        check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .optim import AdamW
@@ -37,6 +37,10 @@ FORMAT = "omnidraft_fast.state/1"
 
 def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
     """Write the engine's learned state to ``path`` (a ``.safetensors`` file), atomically."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(
+            f"`path` {str(path)!r} is a folder: give a file name, e.g. {str(Path(path) / 'state.safetensors')!r}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     if engine.bridge is not None:
         tensors.update({f"bridge.{name}": getattr(engine.bridge, name) for name in engine.bridge._TENSORS})
@@ -68,9 +72,21 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
 def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
     """Restore a state written by :func:`save_state` into an engine built for the same model pair. Every
     part is checked to fit before any is written: a state that does not fit leaves the engine as it was."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"`path` {str(path)!r} is not a file: give the file save_state wrote")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(
+            f"`path` {str(path)!r} is not a safetensors file ({error}): give the file save_state wrote"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"`path` {str(path)!r} holds no engine state (format {metadata.get('format')!r}, expected {FORMAT!r}): "
+            "give the file save_state wrote"
+        )
     tensors = load_file(str(path), device=str(engine.device))
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
 
     def saved(prefix: str) -> dict[str, torch.Tensor]:
         return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}

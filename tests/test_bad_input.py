@@ -139,10 +139,30 @@ def test_vocabulary_sizes_differ_without_tokenizers(models):
     with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
         omnidraft_fast.generate(models.target, models.ids, attention_mask=models.mask, drafter=other)
     with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
-        SpeculativeEngine(models.target, other, target_tokenizer=object())  # one tokenizer is not enough
+        SpeculativeEngine(models.target, other, target_tokenizer=_Tokenizer())  # one is not enough
     with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
-        SpeculativeEngine(other, models.drafter, drafter_tokenizer=object())
+        SpeculativeEngine(other, models.drafter, drafter_tokenizer=_Tokenizer())
     assert_still_works(api_call(models), models)
+
+
+class _Tokenizer:
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "drafter_tokenizer", "assistant_tokenizer"])
+def test_a_tokenizer_given_by_name_is_refused_by_name(models, name):
+    """A hub name or path where a tokenizer object goes: refused naming the argument and the fix, not an
+    AttributeError from inside the bridge (nor a misleading one about fast tokenizers)."""
+    fix = r"must be a tokenizer object \(e.g. AutoTokenizer.from_pretrained\(path\)\), got str 'gpt2'"
+    with pytest.raises(TypeError, match=rf"`{name}` {fix}"):
+        api_call(models)(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{name: "gpt2"})
+    with pytest.raises(TypeError, match=rf"`target_tokenizer` {fix}"):
+        SpeculativeEngine(models.target, models.drafter, target_tokenizer="gpt2")
+    with pytest.raises(TypeError, match=rf"`tokenizer` {fix}"):
+        models.engine.generate(models.ids, attention_mask=models.mask, tokenizer="gpt2", stop_strings=["x"])
+    assert_still_works(api_call(models), models)
+    assert_still_works(models.engine.generate, models)
 
 
 @pytest.mark.parametrize("role", ["target", "drafter"])

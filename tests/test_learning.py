@@ -805,6 +805,26 @@ def test_learned_state_survives_a_restart(shared_pair, tmp_path):
         other_head.load_state(tmp_path / "state.safetensors")
     # a state that does not fit is not loaded in part: the adapter, which would fit, is untouched
     assert all(torch.equal(a, b) for a, b in zip(fresh, other_head.learner.adapter.parameters, strict=True))
+    # paths that hold no state are named, with the fix; nothing is loaded from them either
+    from safetensors.torch import save_file
+
+    (tmp_path / "text.safetensors").write_text("not a state")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))  # a model's file, say
+    for path, error, match in (
+        (tmp_path / "text.safetensors", ValueError, "is not a safetensors file"),
+        (
+            tmp_path / "weights.safetensors",
+            ValueError,
+            "holds no engine state .*give the file save_state wrote",
+        ),
+        (tmp_path, FileNotFoundError, "is not a file: give the file save_state wrote"),
+        (tmp_path / "missing.safetensors", FileNotFoundError, "is not a file"),
+    ):
+        with pytest.raises(error, match=match):
+            other_head.load_state(path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, other_head.learner.adapter.parameters, strict=True))
+    with pytest.raises(IsADirectoryError, match=r"is a folder: give a file name, e.g. .*state.safetensors"):
+        engine.save_state(tmp_path)
     assert torch.equal(
         other_rank.generate(ids, attention_mask=mask, max_new_tokens=6),
         target.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
