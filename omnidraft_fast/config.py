@@ -307,7 +307,9 @@ class EngineConfig:
             that the request's next rounds draft with the update. The step has fixed shapes and no host
             read; with ``cuda_graphs`` it is captured like the rounds, and the merged LoRA weights and the
             head are rewritten in place. The labels left at a request's end go to the learners as usual
-            (a row with none left is not handed over: ``interval`` counts rows that still teach).
+            (a row with none left is not handed over: ``interval`` counts rows that still teach). Steps
+            taken before a request fails (a caller's processor raising, invalid logits) are kept: they
+            learned from rounds verified before the failure, and a non-finite gradient skips its step.
             ``None``: between requests only (SPEC §4).
         rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the
             one read of the loop). ``1``: a read after every round, so a request stops as soon as its rows
