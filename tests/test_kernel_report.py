@@ -72,13 +72,18 @@ def test_sampling_and_verification_against_the_copy(tmp_path, kernel_report):
 
 
 def test_ngram_rates_against_their_goals(tmp_path, kernel_report):
+    """Goals at the largest batch per table size; a smaller batch, whose rate the host's launch and sync
+    bound, is tabled without a verdict."""
     cases = []
     for op, triton_seconds in (("test_lookup", 1e-4), ("test_insert", 1e-3)):
         for name, seconds in (("eager", 1e-2), ("triton", triton_seconds)):
             cases.append(_case(op, {"capacity": 1 << 19, "batch": 1 << 17, "implementation": name}, seconds))
+        cases.append(_case(op, {"capacity": 1 << 19, "batch": 1 << 10, "implementation": "triton"}, 2e-5))
     _write(tmp_path, "ngram", cases)
     result = kernel_report.report(tmp_path)
-    lookup, insert = result["ops"]["ngram"]["rows"]
+    lookup, small_lookup, insert, small_insert = result["ops"]["ngram"]["rows"]
+    assert "met" not in small_lookup and "met" not in small_insert
+    assert small_lookup["triton_keys_per_s"] == pytest.approx(1024 / 2e-5)
     assert lookup["triton_keys_per_s"] == pytest.approx(1.31072e9) and lookup["met"]
     assert insert["triton_keys_per_s"] == pytest.approx(1.31072e8) and not insert["met"]
     assert insert["eager_keys_per_s"] == pytest.approx(1.31072e7)
