@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["AdaptiveConfig", "CascadeConfig", "DistillConfig", "EngineConfig", "SamplingParams"]
 
@@ -19,6 +20,23 @@ _ALPHA_RANGES = {
     "token_v3": (-1.0, 1.0, True),
     "lossy": (0.0, 1.0, False),
 }
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (which transformers takes as numbers) as Python ints and floats, in lists too."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, bool) or type(value).__module__ != "numpy":
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
+def _plain_fields(config) -> None:
+    """A frozen config's numpy numbers as Python ones, before its checks (``plain``)."""
+    for field in dataclasses.fields(config):
+        object.__setattr__(config, field.name, plain(getattr(config, field.name)))
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class CascadeConfig:
     alpha: float | tuple[float, ...]
 
     def __post_init__(self):
+        _plain_fields(self)
         if self.rule not in _ALPHA_RANGES:
             raise ValueError(f"`rule` must be one of {', '.join(_ALPHA_RANGES)}, got {self.rule!r}")
         if isinstance(self.alpha, (list, tuple)):
@@ -116,6 +135,7 @@ class DistillConfig:
     adapter_name: str | None = None
 
     def __post_init__(self):
+        _plain_fields(self)
         if not is_int(self.rank) or not 8 <= self.rank <= 128:
             raise ValueError(f"`rank` must be an int in [8, 128], got {self.rank!r}")
         if self.lora_alpha is not None and not (is_positive(self.lora_alpha)):
@@ -206,6 +226,7 @@ class AdaptiveConfig:
     confidence_input: bool = False
 
     def __post_init__(self):
+        _plain_fields(self)
         if not is_number(self.gamma) or not 0 < self.gamma < 1:
             raise ValueError(f"`gamma` must be in (0, 1), got {self.gamma!r}")
         if not is_int(self.k_min) or self.k_min < 1:
@@ -373,6 +394,7 @@ class EngineConfig:
     lean_forward: bool = True
 
     def __post_init__(self):
+        _plain_fields(self)
         if not is_int(self.num_draft_tokens) or self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be an int >= 1, got {self.num_draft_tokens!r}")
         if self.translation not in ("omnidraft", "tli", "exact"):
@@ -428,6 +450,7 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
+        _plain_fields(self)
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:  # NaN too
             raise ValueError(
                 f"`temperature` must be a number >= 0, got {self.temperature!r}; use do_sample=False for greedy"

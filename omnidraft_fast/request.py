@@ -16,13 +16,12 @@ everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_int, is_positive
+from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_int, is_positive, plain
 from .kernels.sampling import MIN_TEMPERATURE
 from .processing import Processing
 
@@ -106,17 +105,6 @@ def _generation_fields(config) -> dict[str, Any]:
     )
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars (which transformers takes as numbers) as Python ints and floats, in lists too."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    if isinstance(value, bool) or type(value).__module__ != "numpy":
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return float(value) if isinstance(value, numbers.Real) else value
-
-
 def _as_id_tuple(value, name: str) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -161,7 +149,7 @@ def resolve_request(
             fields[key] = _NONE_MEANS[key]
         else:
             fields.pop(key, None)
-    fields = {key: _plain(value) for key, value in fields.items()}
+    fields = {key: plain(value) for key, value in fields.items()}
 
     for key, value in fields.items():
         if key in _HONOURED or key in _NO_EFFECT:

@@ -197,6 +197,16 @@ def test_numpy_scalars_as_transformers_takes_them(target, drafter, batch):
     out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter,
                                   max_new_tokens=np.int64(6), eos_token_id=np.int64(eos))  # fmt: skip
     assert_equal(out, expected)
+    # the configs take them too, as Python numbers (kept-graph keys, results files' JSON)
+    config = EngineConfig(num_draft_tokens=np.int64(3), confidence_threshold=np.float32(0.5),
+                          distill=omnidraft_fast.DistillConfig(rank=np.int32(8), lr=np.float64(1e-3)),
+                          adaptive=omnidraft_fast.AdaptiveConfig(k_min=np.int64(1)))  # fmt: skip
+    assert type(config.num_draft_tokens) is int and type(config.confidence_threshold) is float
+    assert type(config.distill.rank) is int and type(config.adaptive.k_min) is int
+    assert omnidraft_fast.SamplingParams(np.float32(0.5), np.int64(3)).top_k == 3
+    out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=6,
+                                  eos_token_id=eos, engine_config=EngineConfig(num_draft_tokens=np.int64(2)))  # fmt: skip
+    assert_equal(out, expected)
 
 
 def test_draft_settings_from_the_drafters_generation_config(target, drafter, batch):
