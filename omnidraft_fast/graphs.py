@@ -33,6 +33,7 @@ their torch references, which go through it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -70,9 +71,46 @@ class ReplayGraph(TorchDispatchMode):
     Use as a context manager around the stage once (it runs and is recorded), then :meth:`replay`.
     """
 
+    # Host reads that reach no dispatcher (on a CPU tensor they read its memory directly), refused while
+    # recording: a replay would reuse the values read once (JetMoE's router sizes its expert splits so).
+    _HOST_READS = ("tolist", "numpy", "__array__")
+
     def __init__(self):
         super().__init__()
         self.ops: list[tuple[Any, tuple, dict, Any, bool]] = []
+
+    def __enter__(self):
+        recording = threading.get_ident()  # other threads (a streamer's consumer) read as they like
+        self._methods = {name: getattr(torch.Tensor, name) for name in self._HOST_READS}
+
+        def refused(name: str, method: Callable) -> Callable:
+            def read(tensor, *args, **kwargs):
+                if threading.get_ident() != recording:
+                    return method(tensor, *args, **kwargs)
+                raise CaptureError(
+                    f"`.{name}()` reads a tensor back to the host inside a captured stage; read it after the "
+                    "stage instead"
+                )
+
+            return read
+
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, refused(name, method))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -96,11 +96,26 @@ def test_replay_draws_fresh_random_numbers_in_the_eager_sequence():
         (lambda x: x[x > 0], "data-dependent output shape"),
         (lambda x: torch.nonzero(x), "data-dependent output shape"),
         (lambda x: x.__setitem__(x > 0, 0.0), "data-dependent output shape"),  # x[x > 0] = 0
+        (lambda x: (x * 2).tolist(), r"`\.tolist\(\)` reads a tensor back"),  # no aten op on a CPU tensor
+        (lambda x: x.numpy(), r"`\.numpy\(\)` reads a tensor back"),
     ],
 )
 def test_host_reads_inside_a_capture_are_refused(stage, match):
     with pytest.raises(CaptureError, match=match), ReplayGraph():
         stage(torch.randn(5))
+    assert torch.ones(2).tolist() == [1.0, 1.0]  # the recording over, reads work again
+
+
+def test_other_threads_read_as_they_like_while_a_stage_records():
+    """Only the recording thread's reads are refused: a streamer's consumer thread is not recording."""
+    import threading
+
+    read = []
+    with ReplayGraph():
+        thread = threading.Thread(target=lambda: read.append(torch.arange(3).tolist()))
+        thread.start()
+        thread.join()
+    assert read == [[0, 1, 2]]
 
 
 def test_stage_graphs_warm_up_then_capture_then_replay():

@@ -172,6 +172,20 @@ def test_a_forward_that_cannot_be_captured_names_the_fix():
     assert "target" not in stages and not any(stage.startswith("capture:") for stage in stages)
 
 
+def test_a_host_read_outside_the_dispatcher_is_refused_when_captured():
+    """JetMoE's router sizes its expert splits with ``.tolist()``, which on a CPU tensor reaches no
+    dispatcher: the recorder refuses it (a replay would reuse the first round's sizes: wrong tokens)."""
+    target = model("jetmoe", kv_channels=8)
+    drafter = perturbed_copy(target, 0.2, seed=1)
+    ids, mask = left_padded_prompts(VOCAB, [7, 3, 5], seed=2)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16)
+    assert torch.equal(SpeculativeEngine(target, drafter).generate(ids, attention_mask=mask, max_new_tokens=16),
+                       expected)  # fmt: skip
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    with pytest.raises(CaptureError, match=r"could not be captured.*`\.tolist\(\)` reads a tensor back"):
+        engine.generate(ids, attention_mask=mask, max_new_tokens=16)
+
+
 def test_mixed_windows_without_a_mask_mapping_serve_within_the_window(monkeypatch):
     """A decoder that takes no per-layer-type masks gets one mask for every layer: right within the window."""
     import omnidraft_fast.models as models
