@@ -229,8 +229,10 @@ class CausalLM:
         self.layer_types = tuple(config.layer_types) if mixed else ()
         # The most cache slots a request may use (None: any), and why.
         self.width_limit, self._width_reason = _width_limit(config, None if mixed else some_layers)
-        # Long RoPE switches every position's frequencies once a forward reaches past this position, and
-        # transformers (Phi3ForCausalLM.prepare_inputs_for_generation) then recomputes the whole cache.
+        # Long RoPE switches every position's frequencies once a forward reaches past this position: a forward
+        # that straddles it rotates the positions below with the long factors, so the output depends on how
+        # positions are split into forwards (and Phi3ForCausalLM.prepare_inputs_for_generation then recomputes
+        # the whole cache).
         rope = getattr(config, "rope_parameters", None) or {}
         self.rope_switch = (
             rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
@@ -271,7 +273,9 @@ class CausalLM:
         if switch is not None and longest_prompt <= switch < longest_prompt + max_new_tokens:
             raise ValueError(
                 f"`{self.name}`'s long RoPE switches to its long factors past position {switch} "
-                "(original_max_position_embeddings), where transformers recomputes the whole cache; this request "
+                "(original_max_position_embeddings), and a forward that reaches past it rotates every position "
+                "it holds with them (Phi-3 then recomputes the whole cache), so the output depends on how a "
+                "request is cut into forwards; this request "
                 f"crosses it ({longest_prompt}-token prompt + {max_new_tokens} new tokens), which omnidraft_fast "
                 "does not reproduce. Keep the request within the switch, or start past it."
             )
