@@ -74,6 +74,29 @@ def _penalty_skips_padding() -> bool:
     return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
 
 
+@functools.cache
+def _prefix_batch_is_the_prompt() -> bool:
+    """Whether this transformers gives ``prefix_allowed_tokens_fn`` the prompt's index for each of its
+    ``num_return_sequences`` copies (5.2x: ``max(num_beams, num_return_sequences)`` rows per batch id); 5.17
+    gives each copy's row index."""
+    from transformers.generation.utils import GenerationMixin
+
+    source = inspect.getsource(GenerationMixin._get_logits_processor)
+    at = source.find("PrefixConstrainedLogitsProcessor(")
+    return "num_return_sequences" in source[at : source.find(")\n", at)]
+
+
+@functools.cache
+def _prefix_forces_banned_tokens() -> bool:
+    """Whether this transformers' ``PrefixConstrainedLogitsProcessor`` forces the allowed tokens where earlier
+    processors banned them all (5.2x, "so the constraint holds"; 5.17 leaves the row -inf): asked of it."""
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    processor = PrefixConstrainedLogitsProcessor(lambda batch_id, ids: [0], 1)
+    scores = processor(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[-torch.inf, 0.0]]))
+    return bool(scores[0, 0] == 0)
+
+
 @dataclass(frozen=True)
 class _Table:
     """Biased token sequences in fixed shapes: one-token biases as a [V] vector, longer ones as prefixes
@@ -264,7 +287,8 @@ class TargetProcessors:
     def _allowed(self, row: int, position: int, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """prefix_allowed_tokens_fn at one row and position, as transformers' PrefixConstrainedLogitsProcessor;
         nothing allowed after a drafted token leaves the position nothing (module docstring)."""
-        batch_id = row // self.processing.copies
+        copies = self.processing.copies if _prefix_batch_is_the_prompt() else 1  # rows per batch id
+        batch_id = row // copies
         allowed = self.processing.prefix_allowed_tokens_fn(batch_id, ids[0])
         if len(allowed) == 0:
             if position > 0:
@@ -275,7 +299,13 @@ class TargetProcessors:
             )
         mask = torch.full_like(scores, -torch.inf)
         mask[:, torch.as_tensor(allowed, dtype=torch.int64, device=scores.device)] = 0
-        return scores + mask
+        processed = scores + mask
+        if copies == 1 and _prefix_forces_banned_tokens():
+            # Earlier processors banned every allowed token: the allowed tokens are forced, as transformers
+            # forces them. It asks that of every row of a batch id at once; copies here run at their own
+            # lengths, so with several the position stays banned (and the request is refused).
+            processed = torch.where(processed.amax(-1, keepdim=True).isneginf(), mask, processed)
+        return processed
 
     def _sequence(self, proposal: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
         """[batch, slots] transformers' input_ids (padded prompt, new tokens), the block's drafts after them."""

@@ -434,22 +434,49 @@ def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
 
 
 def test_prefix_fn_batch_ids_with_copies(pair):
-    """With num_return_sequences, a prompt's copies share its batch ID (as transformers' num_beams rows
-    do), and the function sees the row's padded sequence."""
+    """With num_return_sequences, the batch ID is what the installed transformers passes: the prompt's for
+    each of its copies (5.2x), or each copy's row (5.17); the function sees the row's padded sequence."""
+    from omnidraft_fast.processors import _prefix_batch_is_the_prompt
+
+    per_prompt = _prefix_batch_is_the_prompt()
     ids, mask = left_padded_prompts(VOCAB, [5, 3], seed=8)
     seen = []
 
     def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
-        assert torch.equal(sent[: ids.shape[1]], ids[batch_id])
+        assert torch.equal(sent[: ids.shape[1]], ids[batch_id if per_prompt else batch_id // 3])
         seen.append(batch_id)
-        return list(range(batch_id, VOCAB, 2))  # prompt 0: even ids, prompt 1: odd ids
+        return list(range(batch_id % 2, VOCAB, 2))  # even batch IDs: even ids, odd ones: odd ids
 
     out = _engine(pair).generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=1,
                                  num_return_sequences=3, prefix_allowed_tokens_fn=allowed)  # fmt: skip
     for row, tokens in enumerate(out[:, ids.shape[1] :].tolist()):
         tokens = tokens[: tokens.index(2) + 1] if 2 in tokens else tokens  # through EOS (2), then padding
-        assert all(t % 2 == row // 3 for t in tokens), (row, tokens)
-    assert set(seen) == {0, 1}
+        assert all(t % 2 == (row // 3 if per_prompt else row) % 2 for t in tokens), (row, tokens)
+    assert set(seen) == ({0, 1} if per_prompt else set(range(6)))
+
+
+def test_prefix_fn_tokens_banned_by_earlier_processors(pair):
+    """Where bad_words_ids or min_new_tokens banned every token the function allows, the installed
+    transformers forces them (5.2x: greedy output is transformers') or leaves the row -inf (5.17), which the
+    engine refuses rather than emit what an all -inf row gives."""
+    from omnidraft_fast.processors import _prefix_forces_banned_tokens
+
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 3, 7], seed=1)
+
+    def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:  # after 3 new tokens, token 10 only
+        return [10] if sent.shape[-1] >= ids.shape[1] + 3 else list(range(VOCAB))
+
+    engine = _engine(pair)
+    for extra in ({"bad_words_ids": [[10]]}, {"eos_token_id": 10, "min_new_tokens": 6}):
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=0, prefix_allowed_tokens_fn=allowed)
+        if _prefix_forces_banned_tokens():
+            expected = target.generate(ids, do_sample=False, **kwargs, **extra)
+            assert (expected[:, ids.shape[1] + 3] == 10).all()
+            assert torch.equal(engine.generate(ids, **kwargs, **extra), expected)
+        else:
+            with pytest.raises(ValueError, match="all -inf"):
+                engine.generate(ids, **kwargs, **extra)
 
 
 def test_watermarking_as_transformers(pair):
