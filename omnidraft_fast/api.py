@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ __all__ = ["generate"]
 # would otherwise pile them up). Hold a SpeculativeEngine to keep one for good.
 _ENGINES_ATTR = "_omnidraft_engines"
 _KEPT_ENGINES = 4
+_ENGINES_LOCK = threading.Lock()  # calls from several threads find or build one engine per key
 
 
 class _EngineList(list):
@@ -97,7 +99,34 @@ def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
 
 
 def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> SpeculativeEngine:
+    """The model's engine for these arguments, built if it has none. The lock is held only to read and
+    change the list, never while an engine is built or released (both wait for the models' requests in
+    other threads, ``locks.py``, whose streamers may call this)."""
     config = EngineConfig() if config is None else config
+    key = (drafter, tokenizer, drafter_tokenizer, config)
+    with _ENGINES_LOCK:
+        engine = _kept_engine(model, *key)
+    if engine is not None:
+        return engine
+    built = SpeculativeEngine(
+        model, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer, config=config
+    )
+    dropped = []
+    with _ENGINES_LOCK:
+        engine = _kept_engine(model, *key)  # another thread's, built meanwhile
+        if engine is None:
+            engine = built
+            engines = getattr(model, _ENGINES_ATTR)
+            engines.append(engine)
+            dropped = engines[: max(0, len(engines) - _KEPT_ENGINES)]
+            del engines[: len(dropped)]
+    for old in dropped:
+        old.release()
+    return engine
+
+
+def _kept_engine(model, drafter, tokenizer, drafter_tokenizer, config) -> SpeculativeEngine | None:
+    """The model's engine for these arguments, made the most recently used, or None."""
     engines = getattr(model, _ENGINES_ATTR, None)
     if engines is None:
         engines = _EngineList()
@@ -114,10 +143,4 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
         ):
             engines.append(engines.pop(index))  # the most recently used last
             return engine
-    engine = SpeculativeEngine(
-        model, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer, config=config
-    )
-    engines.append(engine)
-    while len(engines) > _KEPT_ENGINES:
-        engines.pop(0).release()
-    return engine
+    return None

@@ -28,6 +28,7 @@ from .bridge import VocabBridge, check_tokenizer, token_bytes
 from .config import CascadeConfig, EngineConfig
 from .distill import adapter_names
 from .learner import OnlineLearner
+from .locks import holding
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
@@ -130,17 +131,18 @@ class SpeculativeEngine:
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
-            self.learner = OnlineLearner(
-                self.drafter,
-                self.bridge,
-                self.target.vocab_size,
-                config.distill,
-                config.adaptive,
-                adapter_name=_adapter_name(target, drafter),
-                # captured stages read the served weights where they were at capture
-                merge_always=config.in_flight_rounds is not None or config.cuda_graphs,
-                frozen=list(target.parameters()),
-            )
+            with self._holding("SpeculativeEngine()"):  # peft puts its layers in the drafter for a moment
+                self.learner = OnlineLearner(
+                    self.drafter,
+                    self.bridge,
+                    self.target.vocab_size,
+                    config.distill,
+                    config.adaptive,
+                    adapter_name=_adapter_name(target, drafter),
+                    # captured stages read the served weights where they were at capture
+                    merge_always=config.in_flight_rounds is not None or config.cuda_graphs,
+                    frozen=list(target.parameters()),
+                )
         self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()
         self.last_stats = GenerationStats()
@@ -152,11 +154,17 @@ class SpeculativeEngine:
     def save_state(self, path: str | Path) -> None:
         """Save what the engine learned (n-gram table with its bridge, LoRA adapter, acceptance head) to
         one safetensors file."""
-        save_state(self, path)
+        with self._holding("save_state()"):
+            save_state(self, path)
 
     def load_state(self, path: str | Path) -> None:
         """Restore a state saved by an engine for the same tokenizer pair."""
-        load_state(self, path)
+        with self._holding("load_state()"):
+            load_state(self, path)
+
+    def _holding(self, what: str):
+        """This engine's models to itself for the duration (``locks.py``): requests in other threads wait."""
+        return holding((self.target.model, self.drafter.model), what)
 
     def resized_models(self) -> list[CausalLM]:
         """The models whose vocabulary changed since this engine was built (``resize_token_embeddings``)."""
@@ -173,7 +181,8 @@ class SpeculativeEngine:
         device states, both models' caches, the captured graphs and their memory). Call it after casting the
         models or rebinding their parameters (moving them to another device needs a new engine); the next
         request captures afresh."""
-        self.rounds.release()
+        with self._holding("release()"):
+            self.rounds.release()
 
     def _check_cascade(self, cascade: CascadeConfig | None) -> None:
         """Refuse a cascade this engine cannot verify."""
@@ -317,14 +326,17 @@ class SpeculativeEngine:
         check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+        with (
+            self._holding("generate()"),
+            torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),
+        ):
             try:
                 sequences, stats, logits = self._run(request, stops)
             except torch.cuda.OutOfMemoryError:
-                self.release()  # what the kept graphs hold is the caller's to retry with
+                self.rounds.release()  # what the kept graphs hold is the caller's to retry with
                 raise
-        self.last_stats = stats
-        self.stats.add(stats)
+            self.last_stats = stats
+            self.stats.add(stats)
         if request.return_dict_in_generate:
             return GenerateOutput(sequences=sequences, stats=stats, **self._scores(request, logits))
         return sequences

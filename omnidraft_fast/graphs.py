@@ -34,7 +34,9 @@ their torch references, which go through it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -65,52 +67,74 @@ class CaptureError(RuntimeError):
     """A captured stage did something a CUDA graph cannot replay (a host read, a data-dependent shape)."""
 
 
+# Host reads that reach no dispatcher (on a CPU tensor they read its memory directly), refused while
+# recording: a replay would reuse the values read once (JetMoE's router sizes its expert splits so).
+_HOST_READS = ("tolist", "numpy", "__array__")
+# They are refused by replacing torch.Tensor's methods, which every thread shares: installed by the first
+# recording under way, restored by the last, refusing in the recording threads only (other threads, a
+# streamer's consumer or another engine's request, read as they like).
+_REFUSAL_GUARD = threading.Lock()
+_RECORDING: Counter[int] = Counter()  # thread -> its recordings under way
+_METHODS: dict[str, Callable] = {}  # torch.Tensor's own methods while they are replaced
+
+
+@contextmanager
+def _host_reads_refused() -> Iterator[None]:
+    """``.tolist()``, ``.numpy()`` and ``__array__`` raise :class:`CaptureError` in this thread meanwhile."""
+    thread = threading.get_ident()
+    with _REFUSAL_GUARD:
+        if not _RECORDING:
+            _METHODS.update({name: getattr(torch.Tensor, name) for name in _HOST_READS})
+            for name, method in _METHODS.items():
+                setattr(torch.Tensor, name, _refusing(name, method))
+        _RECORDING[thread] += 1
+    try:
+        yield
+    finally:
+        with _REFUSAL_GUARD:
+            _RECORDING[thread] -= 1
+            if not _RECORDING[thread]:
+                del _RECORDING[thread]
+            if not _RECORDING:
+                for name, method in _METHODS.items():
+                    setattr(torch.Tensor, name, method)
+
+
+def _refusing(name: str, method: Callable) -> Callable:
+    def read(tensor, *args, **kwargs):
+        if threading.get_ident() not in _RECORDING:
+            return method(tensor, *args, **kwargs)
+        raise CaptureError(
+            f"`.{name}()` reads a tensor back to the host inside a captured stage; read it after the stage instead"
+        )
+
+    return read
+
+
 class ReplayGraph(TorchDispatchMode):
     """A CPU stand-in for ``torch.cuda.CUDAGraph`` with the same replay semantics (module docstring).
 
     Use as a context manager around the stage once (it runs and is recorded), then :meth:`replay`.
     """
 
-    # Host reads that reach no dispatcher (on a CPU tensor they read its memory directly), refused while
-    # recording: a replay would reuse the values read once (JetMoE's router sizes its expert splits so).
-    _HOST_READS = ("tolist", "numpy", "__array__")
-
     def __init__(self):
         super().__init__()
         self.ops: list[tuple[Any, tuple, dict, Any, bool]] = []
+        self._refusal = ExitStack()
 
     def __enter__(self):
-        recording = threading.get_ident()  # other threads (a streamer's consumer) read as they like
-        self._methods = {name: getattr(torch.Tensor, name) for name in self._HOST_READS}
-
-        def refused(name: str, method: Callable) -> Callable:
-            def read(tensor, *args, **kwargs):
-                if threading.get_ident() != recording:
-                    return method(tensor, *args, **kwargs)
-                raise CaptureError(
-                    f"`.{name}()` reads a tensor back to the host inside a captured stage; read it after the "
-                    "stage instead"
-                )
-
-            return read
-
-        for name, method in self._methods.items():
-            setattr(torch.Tensor, name, refused(name, method))
+        self._refusal.enter_context(_host_reads_refused())
         try:
             return super().__enter__()
         except BaseException:
-            self._restore()
+            self._refusal.close()
             raise
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._restore()
-
-    def _restore(self) -> None:
-        for name, method in self._methods.items():
-            setattr(torch.Tensor, name, method)
+            self._refusal.close()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -187,7 +211,11 @@ class StageGraphs:
                 if self.cuda:
                     graph = torch.cuda.CUDAGraph()
                     graph.register_generator_state(self.generator)
-                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                    # thread_local: the CUDA calls of other threads (another engine's request, the
+                    # caller's own work) neither fail nor spoil this capture; this thread's still fail it.
+                    with torch.cuda.graph(
+                        graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"
+                    ):
                         stage(untimed)
                     graph.replay()  # a capture records the work without doing it
                 else:

@@ -1,0 +1,64 @@
+"""One request at a time per model: what lets several threads share engines and models.
+
+transformers' ``generate()`` keeps no state between the model's forwards, so servers call it from several
+threads on one model. A request here does keep state for its whole length: the engine's caches, device
+state and kept graphs, the n-gram table and the learners, and, with online distillation, the drafter's
+own weights (the merged adapter is swapped in, ``distill.py``). So a request holds a lock on each of its
+models (and so on its engine, whose models are fixed), and so do ``save_state``, ``load_state`` and
+``release``: callers in other threads wait their turn. The locks are taken in one global order, so
+engines that share a model (one drafter serving several targets) do not deadlock.
+
+A call made from inside a request, in its own thread (a streamer, stopping criterion or logits processor
+calling ``generate()`` again), on a model the request holds would wait for itself, and would find the
+drafter's weights swapped: it is refused with a :class:`RuntimeError` that says so, and the request goes
+on. Plain ``model.generate()`` of transformers takes no lock: called on the drafter while a distilling
+engine serves, it runs the drafter with the merged adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["holding"]
+
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_GUARD = threading.Lock()  # guards _LOCKS
+_HELD = threading.local()  # .ids: the ids of the models this thread's requests hold
+
+
+def _lock(model: torch.nn.Module) -> threading.Lock:
+    with _GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
+
+
+@contextmanager
+def holding(models: Iterable[torch.nn.Module], what: str) -> Iterator[None]:
+    """Hold every model's lock for the duration (``what``: the call, named in the refusal of a nested one)."""
+    distinct = {id(model): model for model in models}
+    held: set[int] = _HELD.__dict__.setdefault("ids", set())
+    if held & distinct.keys():
+        raise RuntimeError(
+            f"{what} was called, in the thread of a request in progress, on a model that request is using (from "
+            "a streamer, a stopping criterion or a logits processor?): it would wait for that request to end, "
+            "which waits for it. Make the call after the request returns, or from another thread"
+        )
+    taken: list[threading.Lock] = []
+    try:
+        for key in sorted(distinct):  # one global order: no two callers wait for each other
+            lock = _lock(distinct[key])
+            lock.acquire()
+            taken.append(lock)
+        held.update(distinct)
+        yield
+    finally:
+        held.difference_update(distinct)
+        for lock in reversed(taken):
+            lock.release()

@@ -1,0 +1,171 @@
+"""Several threads on shared engines and models (``locks.py``): as transformers' generate() allows."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+import omnidraft_fast
+from omnidraft_fast import DistillConfig, EngineConfig, SpeculativeEngine
+from omnidraft_fast.graphs import CaptureError, ReplayGraph
+
+VOCAB = 96
+
+
+def _in_threads(work, count: int) -> list:
+    """Run ``work(i)`` for i < count in threads started together; return their results (or raise the first
+    error)."""
+    start = threading.Barrier(count)
+    results, errors = [None] * count, []
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = work(i)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _prompts(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(1, VOCAB, (1, 5 + 3 * i), generator=generator) for i in range(count)]
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "captured"])
+def test_threads_share_one_engine(cuda_graphs):
+    target = tiny_model("llama", VOCAB)
+    engine = SpeculativeEngine(
+        target, perturbed_copy(target, 0.3), config=EngineConfig(num_draft_tokens=3, cuda_graphs=cuda_graphs)
+    )
+    prompts = _prompts(4)
+    expected = [target.generate(ids, max_new_tokens=20, do_sample=False) for ids in prompts]
+    outputs = _in_threads(lambda i: [engine.generate(prompts[i], max_new_tokens=20) for _ in range(3)], 4)
+    for i, runs in enumerate(outputs):
+        for out in runs:
+            assert torch.equal(out, expected[i])
+    assert engine.stats.requests == 12
+
+
+def test_engines_sharing_a_distilling_drafter_leave_it_as_it_was():
+    """One drafter serving two targets from two threads: each engine swaps its merged adapter into the
+    drafter's weights while it serves, so without a lock one engine restored the other's merged weights."""
+    drafter = tiny_model("llama", VOCAB, seed=9)
+    before = {name: tensor.clone() for name, tensor in drafter.state_dict().items()}
+    targets = [perturbed_copy(drafter, 0.3, seed=seed) for seed in (1, 2)]
+    config = EngineConfig(num_draft_tokens=3, distill=DistillConfig(interval=1))
+    engines = [SpeculativeEngine(target, drafter, config=config) for target in targets]
+    prompts = _prompts(2)
+    expected = [
+        target.generate(prompts[i], max_new_tokens=16, do_sample=False) for i, target in enumerate(targets)
+    ]
+    outputs = _in_threads(lambda i: [engines[i].generate(prompts[i], max_new_tokens=16) for _ in range(4)], 2)
+    for i, runs in enumerate(outputs):
+        assert all(torch.equal(out, expected[i]) for out in runs)
+    assert all(engine.learner.adapter.version > 0 for engine in engines)  # both trained and served merged
+    after = drafter.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_request_calling_generate_on_its_own_models_is_refused():
+    """A streamer (or stopping criterion, logits processor) calling generate() on a model of the request
+    it serves would wait for that request: refused by name, and the engine serves exactly afterwards."""
+    target = tiny_model("llama", VOCAB)
+    engine = SpeculativeEngine(target, perturbed_copy(target, 0.3))
+    ids = _prompts(1)[0]
+
+    class Nested:
+        def put(self, value):
+            engine.generate(ids, max_new_tokens=2)
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="in the thread of a request in progress"):
+        engine.generate(ids, max_new_tokens=8, streamer=Nested())
+    other = SpeculativeEngine(target, perturbed_copy(target, 0.3, seed=5))  # shares the target
+    Nested.put = lambda self, value: other.generate(ids, max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="in the thread of a request in progress"):
+        engine.generate(ids, max_new_tokens=8, streamer=Nested())
+    assert torch.equal(
+        engine.generate(ids, max_new_tokens=12), target.generate(ids, max_new_tokens=12, do_sample=False)
+    )
+
+
+def test_a_request_may_serve_another_model_pair_from_its_streamer():
+    target = tiny_model("llama", VOCAB)
+    engine = SpeculativeEngine(target, perturbed_copy(target, 0.3))
+    other_target = tiny_model("llama", VOCAB, seed=4)
+    other = SpeculativeEngine(other_target, perturbed_copy(other_target, 0.3))
+    ids = _prompts(1)[0]
+    nested = []
+
+    class Nested:
+        def put(self, value):
+            nested.append(other.generate(ids, max_new_tokens=3))
+
+        def end(self):
+            pass
+
+    out = engine.generate(ids, max_new_tokens=6, streamer=Nested())
+    assert torch.equal(out, target.generate(ids, max_new_tokens=6, do_sample=False))
+    assert nested and all(
+        torch.equal(n, other_target.generate(ids, max_new_tokens=3, do_sample=False)) for n in nested
+    )
+
+
+def test_threads_calling_generate_share_the_models_engine():
+    target = tiny_model("llama", VOCAB)
+    drafter = perturbed_copy(target, 0.3)
+    prompts = _prompts(4)
+    expected = [target.generate(ids, max_new_tokens=12, do_sample=False) for ids in prompts]
+    outputs = _in_threads(
+        lambda i: omnidraft_fast.generate(target, prompts[i], drafter=drafter, max_new_tokens=12), 4
+    )
+    assert all(torch.equal(out, expected[i]) for i, out in enumerate(outputs))
+    assert len(target._omnidraft_engines) == 1
+
+
+def test_recordings_in_two_threads_restore_the_tensor_methods():
+    """The host-read refusal replaces torch.Tensor's methods for every thread: two recordings that overlap
+    (two engines' captures) leave them as they were, whichever ends first, and refuse in their threads only."""
+    original = torch.Tensor.tolist
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    refused = []
+
+    def first():
+        with ReplayGraph():
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def second():
+        first_in.wait()
+        with ReplayGraph():
+            second_in.set()
+            first_out.wait()  # the first recording ends while this one is under way
+            try:
+                torch.arange(2).tolist()
+            except CaptureError:
+                refused.append(True)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == [True]
+    assert torch.Tensor.tolist is original
+    assert torch.arange(3).tolist() == [0, 1, 2]
