@@ -386,11 +386,11 @@ class SpeculativeEngine:
         began = time.perf_counter()
         state = self.rounds.begin(request, seed)
         batch, prompt = request.input_ids.shape
-        if request.streamer is not None:
-            request.streamer.put(request.input_ids.cpu())
         serving = self.learner.serving() if self.learner is not None else nullcontext()
         failed = True
         try:
+            if request.streamer is not None:
+                request.streamer.put(request.input_ids.cpu())
             with serving, torch.no_grad():
                 timed_out = self._decode(state, request, timer, stops)
             failed = False

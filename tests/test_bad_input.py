@@ -648,3 +648,21 @@ def test_streamer_with_batch_of_two(models, run):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, streamer=streamer)
     assert streamer.calls == []  # nothing was streamed before the error
     assert_still_works(run, models)
+
+
+def test_a_streamer_failing_on_the_prompt(models, run):
+    """A streamer whose first put() raises: the request ends as on any failure (caches released, the
+    streamer closed so that a consumer waiting on it stops) and the engine serves exactly afterwards."""
+
+    class Failing(RecordingStreamer):
+        def put(self, value):
+            raise OSError("the client went away")
+
+    streamer = Failing()
+    ids, mask = models.ids[:1], models.mask[:1]
+    with pytest.raises(OSError, match="the client went away"):
+        run(ids, attention_mask=mask, max_new_tokens=NEW, streamer=streamer)
+    assert streamer.calls == [("end", None)]
+    engine = models.engine if run.kind == "engine" else models.target._omnidraft_engines[-1]
+    assert engine.target.cache is None and engine.drafter.cache is None
+    assert_still_works(run, models)
