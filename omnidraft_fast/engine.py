@@ -522,7 +522,6 @@ class SpeculativeEngine:
                     state.d_tokens,
                     state.d_start,
                     state.d_lengths,
-                    state.generated,
                     request.sampling,
                 )
             )

@@ -44,7 +44,7 @@ class Example:
     kl: torch.Tensor  # [L] int64 row of `logits` for the KL term at each slot, -1 where none
     ce: torch.Tensor  # [L] bool n-gram sub-token and split-token slots (cross-entropy term)
     head: torch.Tensor  # [L] fp32 acceptance-head label, NaN where none
-    logits: torch.Tensor  # [n, V_d] the target's logits at each emitted token, in drafter ids
+    logits: torch.Tensor  # [m, V_d] the target's logits, in drafter ids, at the emitted tokens `kl` reads
     drafted: torch.Tensor  # [L] int64 the drafter token the head label at each slot is about
     sampling: SamplingParams  # the request's (temperature, top-k, top-p)
 
@@ -171,26 +171,30 @@ class Recorder:
         d_tokens: torch.Tensor,  # [batch, drafter slots]
         d_start: torch.Tensor,  # [batch] first slot of each row's drafter context
         d_lengths: torch.Tensor,  # [batch] committed drafter slots
-        generated: torch.Tensor,  # [batch] emitted target tokens
         sampling: SamplingParams,
     ) -> list[Example]:
         """The rows as training examples, each with the labels recorded since the last hand-over (one
         host read of the lengths; outside the rounds). An example holds the row's whole context, its
-        labels only once."""
+        labels only once, and of the target's logits only the rows those labels read (after in-flight
+        hand-overs, a few of the row's emitted tokens)."""
         out = []
-        starts, ends, since, emitted = torch.stack([d_start, d_lengths, self.handed, generated]).tolist()
-        for start, end, first, n, row in zip(
-            starts, ends, since, emitted, range(d_tokens.shape[0]), strict=True
-        ):
-            new = torch.arange(start, end, device=d_tokens.device) >= first  # slots labelled since then
+        slot = torch.arange(self.kl.shape[1], device=d_tokens.device)
+        labelled = (slot >= self.handed[:, None]) & (slot < d_lengths[:, None])  # slots labelled since then
+        kl = torch.where(labelled, self.kl, -1)
+        first_row = torch.where(kl >= 0, kl, self.spare_row).amin(1)
+        end_row = kl.amax(1) + 1
+        bounds = torch.stack([d_start, d_lengths, self.handed, first_row, end_row]).tolist()
+        for start, end, first, lo, hi, row in zip(*bounds, range(d_tokens.shape[0]), strict=True):
+            new = torch.arange(start, end, device=d_tokens.device) >= first
             ids, drafted = d_tokens[row, start:end].clone(), self.drafted[row, start:end]
+            lo = min(lo, hi)  # no KL label: no logits
             out.append(
                 Example(
                     ids=ids,
-                    kl=torch.where(new, self.kl[row, start:end], -1),
+                    kl=torch.where(kl[row, start:end] >= 0, kl[row, start:end] - lo, -1),
                     ce=self.ce[row, start:end] & new,
                     head=torch.where(new, self.head[row, start:end], torch.nan),
-                    logits=self.logits[row, :n].clone(),
+                    logits=self.logits[row, lo:hi].clone(),
                     drafted=torch.where(new & (drafted >= 0), drafted, ids),
                     sampling=sampling,
                 )

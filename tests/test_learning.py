@@ -546,6 +546,33 @@ def test_rows_with_no_label_left_are_not_trained_on_again(shared_pair, monkeypat
         assert learner.stats.distill_steps >= 1 and learner.stats.head_steps >= 1
 
 
+def test_handed_rows_keep_only_the_target_logits_their_labels_read(shared_pair, monkeypatch):
+    """A row handed over at a request's end holds the target's logits at the emitted tokens its KL labels
+    read, not at every token: after in-flight hand-overs, at those of the last few rounds only."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=11)
+    handed = []
+    original = OnlineLearner.observe
+    monkeypatch.setattr(
+        OnlineLearner, "observe", lambda learner, rows: handed.append(rows) or original(learner, rows)
+    )
+    for in_flight_rounds in (3, None):
+        handed.clear()
+        engine = _engine(target, drafter, num_draft_tokens=3, distill=DistillConfig(interval=NO_STEP, rank=8),
+                         in_flight_rounds=in_flight_rounds)  # fmt: skip
+        engine.generate(ids, attention_mask=mask, max_new_tokens=30)
+        (rows,) = handed
+        for row in rows:
+            read = row.kl[row.kl >= 0]
+            assert row.logits.shape[0] == (int(read.max()) + 1 if len(read) else 0)
+            assert len(read) == 0 or int(read.min()) == 0  # from the first row a label reads
+        kept = sum(row.logits.shape[0] for row in rows)
+        if in_flight_rounds is None:
+            assert kept >= 2 * 30 - 2  # every emitted token's (each row's KL labels read nearly all)
+        else:
+            assert kept <= 2 * 3 * 4  # the rounds since the last in-flight hand-over, at most
+
+
 def test_an_in_flight_window_scores_like_the_whole_context(shared_pair, monkeypatch):
     """The window's loss, from the drafter attending to its serving cache for the context, equals the
     loss of a teacher-forced pass over each row's whole context on the same labels (untrained adapter)."""
