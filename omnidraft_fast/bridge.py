@@ -37,6 +37,8 @@ import functools
 import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,10 +293,16 @@ class VocabBridge:
                 )
             sizes.append(needed if size is None else size)
         key = (_fingerprint(drafter_tokenizer), _fingerprint(target_tokenizer), *sizes)
-        bridge = _CACHE.get(key)
-        if bridge is None:
-            bridge = _build(drafter_tokenizer, target_tokenizer, *sizes)
+        with _CACHE_LOCK:
+            bridge = _CACHE.get(key)
+            if bridge is not None:
+                _CACHE.move_to_end(key)
+                return bridge
+        bridge = _build(drafter_tokenizer, target_tokenizer, *sizes)
+        with _CACHE_LOCK:
             _CACHE[key] = bridge
+            while len(_CACHE) > _CACHED_BRIDGES:
+                _CACHE.popitem(last=False)
         return bridge
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -316,7 +324,12 @@ class VocabBridge:
         return spellings[spellings >= 0].long()
 
 
-_CACHE: dict[tuple, VocabBridge] = {}
+# The bridges built last, by (tokenizer fingerprints, vocabulary sizes): an engine built again for a pair
+# (another EngineConfig, generate()'s engines) skips the build. A few only: a Llama-3 or Qwen pair's bridge
+# holds 20-35 MB, and a process serving many pairs would otherwise keep all of them for good.
+_CACHED_BRIDGES = 4
+_CACHE: OrderedDict[tuple, VocabBridge] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 def _fingerprint(tokenizer) -> str:

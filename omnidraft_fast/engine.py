@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -126,8 +127,9 @@ class SpeculativeEngine:
             else:
                 self.ngram = NGramTable(config.ngram_capacity, config.ngram_max_len, device=self.device)
         self.target_tokenizer = target_tokenizer
-        # id(tokenizer) -> (the tokenizer, kept alive so that its id stays its own; its tokens' bytes)
-        self._token_bytes: dict[int, tuple[Any, list[bytes | None]]] = {}
+        # tokenizer -> its tokens' bytes, for stop strings; an entry goes with its tokenizer (one loaded per
+        # request would otherwise be kept, with its table, for good)
+        self._token_bytes: weakref.WeakKeyDictionary[Any, list[bytes | None]] = weakref.WeakKeyDictionary()
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
@@ -359,19 +361,19 @@ class SpeculativeEngine:
                 "`stop_strings` need the target's tokenizer to read tokens as text: pass tokenizer=... (as with "
                 "transformers' generate), or build the engine with target_tokenizer=..."
             )
-        key = id(tokenizer)
-        if key not in self._token_bytes:
+        pieces = self._token_bytes.get(tokenizer)
+        if pieces is None:
             table = token_bytes(tokenizer, self.target.vocab_size)
             pieces = list(table.pieces)
             for index, content in table.special.items():  # read as their text, as transformers' stop strings
                 if index < len(pieces):
                     pieces[index] = content.encode()
-            self._token_bytes[key] = (tokenizer, pieces)
+            self._token_bytes[tokenizer] = pieces
         prompts = [
             row[row.shape[0] - int(length) :].tolist()
             for row, length in zip(request.input_ids.cpu(), request.prompt_lengths, strict=True)
         ]
-        return StopStrings(request.stop_strings, self._token_bytes[key][1], prompts)
+        return StopStrings(request.stop_strings, pieces, prompts)
 
     def _run(
         self, request: Request, stops: Stops | None = None

@@ -100,6 +100,23 @@ def test_cached_and_saved(trained_tokenizers, tmp_path):
         VocabBridge.load(tmp_path / "other.safetensors")
 
 
+def test_the_cache_keeps_the_last_bridges_only(trained_tokenizers):
+    """A process serving many pairs (here: one pair at many padded vocabulary sizes) keeps the last few
+    bridges, not all of them; the most recently used stays."""
+    from omnidraft_fast import bridge as module
+
+    drafter, target = trained_tokenizers
+    size = max(target.get_vocab().values()) + 1
+    first = VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + 1)
+    for extra in range(2, 2 + module._CACHED_BRIDGES):
+        VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + extra)
+        assert VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + 2) is not None
+    assert len(module._CACHE) == module._CACHED_BRIDGES
+    assert VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + 1) is not first  # dropped
+    kept = VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + 2)
+    assert VocabBridge.from_tokenizers(drafter, target, target_vocab_size=size + 2) is kept
+
+
 def test_the_cache_tells_apart_tokenizers_with_other_special_tokens(trained_tokenizers):
     """Two tokenizers with one backend (the same tokenizer.json) but another EOS, as a base model's and
     its chat model's: each gets its own bridge, whose EOS maps by its own role."""

@@ -195,3 +195,24 @@ def test_special_tokens_read_as_their_text(zoo, batch):
         assert (expected == special).any()  # the biases put the special token in
         out = engine.generate(**batch, **kwargs)
         assert torch.equal(out, expected)
+
+
+def test_a_tokenizer_per_request_is_not_kept(zoo, batch):
+    """A held engine reads each tokenizer's token bytes once and forgets them with the tokenizer: a server
+    that loads one per request does not pile tokenizers and tables up (about 40 MB each for Llama-3's)."""
+    import copy
+    import gc
+    import weakref
+
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    expected = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW, stop_strings=["\n"],
+                                   tokenizer=zoo.target_tokenizer)  # fmt: skip
+    gone = []
+    for _ in range(3):
+        tokenizer = copy.deepcopy(zoo.target_tokenizer)
+        out = engine.generate(**batch, max_new_tokens=NEW, stop_strings=["\n"], tokenizer=tokenizer)
+        assert torch.equal(out, expected)
+        gone.append(weakref.ref(tokenizer))
+        del tokenizer
+    gc.collect()
+    assert not any(ref() for ref in gone) and len(engine._token_bytes) == 0
