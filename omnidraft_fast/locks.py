@@ -4,14 +4,15 @@ transformers' ``generate()`` keeps no state between the model's forwards, so ser
 threads on one model. A request here does keep state for its whole length: the engine's caches, device
 state and kept graphs, the n-gram table and the learners, and, with online distillation, the drafter's
 own weights (the merged adapter is swapped in, ``distill.py``). So a request holds a lock on each of its
-models (and so on its engine, whose models are fixed), and so do ``save_state``, ``load_state`` and
-``release``: callers in other threads wait their turn. The locks are taken in one global order, so
-engines that share a model (one drafter serving several targets) do not deadlock.
+models (and so on its engine, whose models are fixed), and so do ``save_state``, ``load_state``,
+``release`` and the construction of a learning engine (peft puts its layers in the drafter for a
+moment): callers in other threads wait their turn. The locks are taken in one global order, so engines
+that share a model (one drafter serving several targets) do not deadlock.
 
 A call made from inside a request, in its own thread (a streamer, stopping criterion or logits processor
 calling ``generate()`` again), on a model the request holds would wait for itself, and would find the
-drafter's weights swapped: it is refused with a :class:`RuntimeError` that says so, and the request goes
-on. Plain ``model.generate()`` of transformers takes no lock: called on the drafter while a distilling
+drafter's weights swapped: it raises a :class:`RuntimeError` that says so, in the callback (which may
+catch it; otherwise the request fails with it and the engine serves the next one as usual). Plain ``model.generate()`` of transformers takes no lock: called on the drafter while a distilling
 engine serves, it runs the drafter with the merged adapter.
 """
 
