@@ -307,7 +307,8 @@ class EngineConfig:
             cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. The
             rare target tokens whose spelling does not fit (e.g. long runs of one character) are left
             out of the drafter's context, with what follows them in that round; the target's output is
-            unaffected.
+            unaffected. (A merge the n-gram table made keeps its whole drafted run, up to
+            ``ngram_max_len`` tokens, whatever this says.)
         cascade: the deferral rule used when a request does not give one (``None``: exact speculative
             sampling). Needs verification against ``q`` (not ``translation="exact"``).
         distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).

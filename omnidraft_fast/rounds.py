@@ -175,9 +175,12 @@ class Rounds:
         spelled = pieces >= 0
         d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
         d_prompt += -d_prompt % bucket
-        # Each round appends at most `spelling_width` drafter tokens per committed target token, and the last
-        # round may commit up to k + 1 of them; then drafting writes k - 1 slots past the end.
-        d_slots = (window - 1) + d_prompt + spelling_width * (new + k) + k
+        # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
+        # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
+        # shorter), and the last round may commit up to k + 1 of them; then drafting writes k - 1 slots past
+        # the end.
+        per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
+        d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
         d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
         # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
         # goes n + 1 slots before the end.

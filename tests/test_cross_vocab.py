@@ -216,6 +216,25 @@ def test_a_stop_at_a_token_with_no_target_token_stays_exact():
     assert engine.last_stats.merged_proposed == engine.last_stats.split_proposed == 0
 
 
+@pytest.mark.parametrize("translation", ["omnidraft", "exact"])
+def test_merges_longer_than_max_spelling(translation):
+    """An accepted n-gram merge commits its whole drafted run to the drafter's context (up to the table's
+    key length, 4), which a `max_spelling` of 1 does not bound: the context is sized for both (it ran past
+    the drafter's cache on the zoo pair's first held-out prompt)."""
+    from omnidraft_fast.zoo import load
+    from omnidraft_fast.zoo.data import heldout_prompts
+
+    zoo = load("code-pair")
+    engine = SpeculativeEngine(
+        zoo.target, zoo.drafter_cross, target_tokenizer=zoo.target_tokenizer, drafter_tokenizer=zoo.drafter_tokenizer,
+        config=EngineConfig(translation=translation, max_spelling=1, num_draft_tokens=8),
+    )  # fmt: skip
+    ids = zoo.target_tokenizer(heldout_prompts(1)[0][1], return_tensors="pt").input_ids
+    out = engine.generate(ids, max_new_tokens=64)
+    assert torch.equal(out, zoo.target.generate(ids, max_new_tokens=64, do_sample=False))
+    assert engine.last_stats.merged_accepted > 0
+
+
 def test_bad_pairs(pair, trained_tokenizers):
     target, drafter, tokenizer, drafter_tokenizer = pair
     with pytest.raises(ValueError, match="both tokenizers"):
