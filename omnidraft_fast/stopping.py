@@ -62,13 +62,19 @@ class StopStrings:
         self.keep = max(len(stop) for stop in self.stops) - 1  # bytes of context a match can reach back into
         self.tails = [self._tail(b"", ids) for ids in prompts]
 
-    def _bytes(self, token: int) -> bytes:
-        piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
-        return piece or b""
+    def _bytes(self, token: int) -> bytes | None:
+        """The token's bytes; None for an id the tokenizer does not have (a model's padded vocabulary)."""
+        return self.pieces[token] if 0 <= token < len(self.pieces) else None
+
+    def _next_tail(self, text: bytes, piece: bytes | None) -> bytes:
+        """The context a later match can reach back into. No match spans an id without bytes, as in
+        transformers' StopStringCriteria (such an id breaks every match)."""
+        return text[-self.keep :] if self.keep and piece is not None else b""
 
     def _tail(self, tail: bytes, ids: list[int]) -> bytes:
         for token in ids:
-            tail = (tail + self._bytes(token))[-self.keep :] if self.keep else b""
+            piece = self._bytes(token)
+            tail = self._next_tail(tail + (piece or b""), piece)
         return tail
 
     def first_stop(self, row: int, ids: list[int], scores: torch.Tensor | None = None) -> int | None:
@@ -77,12 +83,12 @@ class StopStrings:
         tail = self.tails[row]
         for count, token in enumerate(ids, start=1):
             piece = self._bytes(token)
-            text = tail + piece
+            text = tail + (piece or b"")
             # An occurrence must end inside this token's bytes: it starts after len(tail) - len(stop).
             for stop in self.stops:
                 if piece and text.find(stop, max(0, len(tail) - len(stop) + 1)) >= 0:
                     return count
-            tail = text[-self.keep :] if self.keep else b""
+            tail = self._next_tail(text, piece)
         self.tails[row] = tail
         return None
 

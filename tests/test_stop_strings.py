@@ -48,6 +48,26 @@ def test_matching_by_hand(zoo):
     )
 
 
+def test_no_match_spans_an_id_the_tokenizer_does_not_have(zoo):
+    """A model's padded vocabulary has ids its tokenizer lacks: transformers' StopStringCriteria lets no
+    match span one of them, and neither does the engine (it matched across their empty bytes)."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    tokenizer = zoo.target_tokenizer
+    unknown = len(tokenizer.get_vocab()) + 3
+    pieces = token_bytes(tokenizer, unknown + 8).pieces
+    assert pieces[unknown] is None
+    letters = tokenizer.convert_tokens_to_ids(list("return"))
+    transformers_stops = StopStringCriteria(tokenizer, ["return"])
+    for ids, stops in ((letters, True), ([*letters[:3], unknown, *letters[3:]], False)):
+        ours = StopStrings(("return",), pieces, [[]]).first_stop(0, ids)
+        assert ours == (len(ids) if stops else None)
+        assert bool(transformers_stops(torch.tensor([ids]), None)[0]) == stops
+    # in the prompt too: the prompt's tail ends at the unknown id
+    assert StopStrings(("return",), pieces, [[*letters[:3], unknown]]).first_stop(0, letters[3:]) is None
+    assert StopStrings(("return",), pieces, [letters[:3]]).first_stop(0, letters[3:]) == 3
+
+
 @pytest.mark.parametrize("config", [{}, {"cuda_graphs": True}, {"rounds_per_sync": 3}])
 @pytest.mark.parametrize("stops", [["\n"], ["return", "):"], [" = ", "\n\n"]])
 def test_greedy_equals_transformers(zoo, batch, stops, config):
