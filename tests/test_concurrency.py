@@ -169,3 +169,29 @@ def test_recordings_in_two_threads_restore_the_tensor_methods():
     assert refused == [True]
     assert torch.Tensor.tolist is original
     assert torch.arange(3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_captured_while_another_thread_runs_on_the_device():
+    """Two engines on other models capture their rounds while the other thread launches, allocates and
+    synchronises (``time_stages`` syncs at every stage boundary) on the device: thread_local capture mode,
+    both exact."""
+    pairs = []
+    for seed in (0, 7):
+        target = tiny_model("llama", VOCAB, seed=seed, hidden=64).cuda()
+        pairs.append((target, perturbed_copy(target, 0.3, seed=seed + 1).cuda()))
+    config = EngineConfig(num_draft_tokens=3, cuda_graphs=True, time_stages=True)
+    engines = [SpeculativeEngine(target, drafter, config=config) for target, drafter in pairs]
+    prompts = [ids.cuda() for ids in _prompts(2)]
+    expected = [pairs[i][0].generate(prompts[i], max_new_tokens=24, do_sample=False) for i in range(2)]
+
+    def serve(i):
+        outs = [
+            engines[i].generate(prompts[i], max_new_tokens=24, return_dict_in_generate=True) for _ in range(4)
+        ]
+        return [(out.sequences, set(out.stats.stage_seconds)) for out in outs]
+
+    for i, runs in enumerate(_in_threads(serve, 2)):
+        assert all(torch.equal(sequences, expected[i]) for sequences, _ in runs)
+        assert any("capture:round" in stages for _, stages in runs)
