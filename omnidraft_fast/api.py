@@ -120,8 +120,8 @@ def _engine_for(model, drafter, tokenizer, drafter_tokenizer, config) -> Specula
             engines.append(engine)
             dropped = engines[: max(0, len(engines) - _KEPT_ENGINES)]
             del engines[: len(dropped)]
-    for old in dropped:
-        old.release()
+    for old in dropped:  # what it keeps goes with it now, or with its request in another thread
+        old.release(wait=False)
     return engine
 
 

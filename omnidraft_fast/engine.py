@@ -29,7 +29,7 @@ from .bridge import VocabBridge, check_tokenizer, token_bytes
 from .config import CascadeConfig, EngineConfig
 from .distill import adapter_names
 from .learner import OnlineLearner
-from .locks import holding
+from .locks import ModelsBusy, holding
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
@@ -133,7 +133,10 @@ class SpeculativeEngine:
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
-            with self._holding("SpeculativeEngine()"):  # peft puts its layers in the drafter for a moment
+            # peft puts its layers in the drafter for a moment; their initial weights are drawn from torch's
+            # RNG without moving the caller's (a seeded first request samples as a seeded second one does)
+            devices = [self.device] if self.device.type == "cuda" else []
+            with self._holding("SpeculativeEngine()"), torch.random.fork_rng(devices=devices):
                 self.learner = OnlineLearner(
                     self.drafter,
                     self.bridge,
@@ -164,9 +167,9 @@ class SpeculativeEngine:
         with self._holding("load_state()"):
             load_state(self, path)
 
-    def _holding(self, what: str):
+    def _holding(self, what: str, wait: bool = True):
         """This engine's models to itself for the duration (``locks.py``): requests in other threads wait."""
-        return holding((self.target.model, self.drafter.model), what)
+        return holding((self.target.model, self.drafter.model), what, wait)
 
     def resized_models(self) -> list[CausalLM]:
         """The models whose vocabulary changed since this engine was built (``resize_token_embeddings``)."""
@@ -178,13 +181,18 @@ class SpeculativeEngine:
         """The models moved to another device since this engine was built (``model.to(...)``)."""
         return [model for model in (self.target, self.drafter) if model.device != self.built_on]
 
-    def release(self) -> None:
+    def release(self, wait: bool = True) -> None:
         """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
         device states, both models' caches, the captured graphs and their memory). Call it after casting the
         models or rebinding their parameters (moving them to another device needs a new engine); the next
-        request captures afresh."""
-        with self._holding("release()"):
-            self.rounds.release()
+        request captures afresh. ``wait=False``: release now if no request in another thread holds the
+        models, else leave it (what the engine keeps then goes with it, or with the next ``release()``)."""
+        try:
+            with self._holding("release()", wait):
+                self.rounds.release()
+        except ModelsBusy:
+            if wait:
+                raise
 
     def _check_cascade(self, cascade: CascadeConfig | None) -> None:
         """Refuse a cascade this engine cannot verify."""
@@ -327,13 +335,17 @@ class SpeculativeEngine:
         self._check_cascade(request.cascade)
         check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
+        # From torch's global RNG when sampling (torch.manual_seed reproduces runs), drawn before waiting for
+        # other threads' requests on these models (whose callers may seed it meanwhile); a greedy request
+        # leaves that RNG untouched, as transformers' greedy generate() does.
+        seed = 0 if request.sampling.greedy else int(torch.randint(2**62, (1,)))
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with (
             self._holding("generate()"),
             torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),
         ):
             try:
-                sequences, stats, logits = self._run(request, stops)
+                sequences, stats, logits = self._run(request, stops, seed)
             except torch.cuda.OutOfMemoryError:
                 self.rounds.release()  # what the kept graphs hold is the caller's to retry with
                 raise
@@ -376,15 +388,13 @@ class SpeculativeEngine:
         return StopStrings(request.stop_strings, pieces, prompts)
 
     def _run(
-        self, request: Request, stops: Stops | None = None
+        self, request: Request, stops: Stops | None, seed: int
     ) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
-        """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each)."""
+        """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each);
+        ``seed`` seeds the request's generator."""
         device = self.device
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
-        # From torch's global RNG when sampling (torch.manual_seed reproduces runs); a greedy request leaves
-        # that RNG untouched, as transformers' greedy generate() does.
-        seed = 0 if request.sampling.greedy else int(torch.randint(2**62, (1,)))
         began = time.perf_counter()
         state = self.rounds.begin(request, seed)
         batch, prompt = request.input_ids.shape

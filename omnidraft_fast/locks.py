@@ -11,9 +11,13 @@ that share a model (one drafter serving several targets) do not deadlock.
 
 A call made from inside a request, in its own thread (a streamer, stopping criterion or logits processor
 calling ``generate()`` again), on a model the request holds would wait for itself, and would find the
-drafter's weights swapped: it raises a :class:`RuntimeError` that says so, in the callback (which may
-catch it; otherwise the request fails with it and the engine serves the next one as usual). Plain ``model.generate()`` of transformers takes no lock: called on the drafter while a distilling
-engine serves, it runs the drafter with the merged adapter.
+drafter's weights swapped: it raises :class:`ModelsBusy` (a ``RuntimeError``) that says so, in the
+callback (which may catch it; otherwise the request fails with it and the engine serves the next one as
+usual). On other models it runs if they are free, and raises :class:`ModelsBusy` too if another thread's
+request holds them: waiting there could deadlock (that request may be calling into this thread's models
+from its own callback). A callback that hands the call to another thread and waits for it is not seen:
+it waits for the request it serves, for good. Plain ``model.generate()`` of transformers takes no lock:
+called on the drafter while a distilling engine serves, it runs the drafter with the merged adapter.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["holding"]
+__all__ = ["ModelsBusy", "holding"]
 
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()  # guards _LOCKS
 _HELD = threading.local()  # .ids: the ids of the models this thread's requests hold
+
+
+class ModelsBusy(RuntimeError):
+    """A model is in use by a request (this thread's, or another thread's while the call may not wait)."""
 
 
 def _lock(model: torch.nn.Module) -> threading.Lock:
@@ -41,21 +49,32 @@ def _lock(model: torch.nn.Module) -> threading.Lock:
 
 
 @contextmanager
-def holding(models: Iterable[torch.nn.Module], what: str) -> Iterator[None]:
-    """Hold every model's lock for the duration (``what``: the call, named in the refusal of a nested one)."""
+def holding(models: Iterable[torch.nn.Module], what: str, wait: bool = True) -> Iterator[None]:
+    """Hold every model's lock for the duration (``what``: the call, named in the refusals). ``wait=False``,
+    or a thread already holding models, raises :class:`ModelsBusy` instead of waiting for a busy one."""
     distinct = {id(model): model for model in models}
     held: set[int] = _HELD.__dict__.setdefault("ids", set())
     if held & distinct.keys():
-        raise RuntimeError(
+        raise ModelsBusy(
             f"{what} was called, in the thread of a request in progress, on a model that request is using (from "
             "a streamer, a stopping criterion or a logits processor?): it would wait for that request to end, "
             "which waits for it. Make the call after the request returns, or from another thread"
         )
+    wait = wait and not held  # two requests' callbacks calling each other's models would wait for good
     taken: list[threading.Lock] = []
     try:
         for key in sorted(distinct):  # one global order: no two callers wait for each other
             lock = _lock(distinct[key])
-            lock.acquire()
+            if not lock.acquire(blocking=wait):
+                raise ModelsBusy(
+                    f"{what}: a model it needs is in use by another thread's request"
+                    + (
+                        ", and this thread's own request may not wait for it (that request could be waiting "
+                        "for this one's models): make the call after this request returns, or from another thread"
+                        if held
+                        else ""
+                    )
+                )
             taken.append(lock)
         held.update(distinct)
         yield

@@ -28,6 +28,7 @@ is never read).
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -42,11 +43,16 @@ __all__ = ["CausalLM", "SlotKVCache", "head_inputs"]
 @contextmanager
 def head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect what ``model``'s language-modelling head is fed (its last hidden states, ``[batch, n, H]``)
-    during the forwards run inside."""
+    during the forwards this thread runs inside (another thread's, e.g. the caller's own
+    ``drafter.generate()``, are not the engine's)."""
     captured: list[torch.Tensor] = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: captured.append(args[0])
-    )
+    thread = threading.get_ident()
+
+    def collect(_module, args, _out):
+        if threading.get_ident() == thread:
+            captured.append(args[0])
+
+    handle = model.get_output_embeddings().register_forward_hook(collect)
     try:
         yield captured
     finally:

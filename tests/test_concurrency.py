@@ -195,3 +195,83 @@ def test_cuda_graphs_captured_while_another_thread_runs_on_the_device():
     for i, runs in enumerate(_in_threads(serve, 2)):
         assert all(torch.equal(sequences, expected[i]) for sequences, _ in runs)
         assert any("capture:round" in stages for _, stages in runs)
+
+
+def test_crossed_nested_calls_are_refused_instead_of_waiting_for_each_other():
+    """Two requests whose streamers call each other's engines (no model shared) would each wait for the
+    other for good: a thread already holding models waits for none, and says why."""
+    from omnidraft_fast.locks import ModelsBusy
+
+    models = [tiny_model("llama", VOCAB, seed=seed) for seed in (0, 4)]
+    engines = [SpeculativeEngine(target, perturbed_copy(target, 0.3)) for target in models]
+    ids = _prompts(1)[0]
+    inside = threading.Barrier(2)
+    refused = []
+
+    def serve(i):
+        other = engines[1 - i]
+        first = [True]
+
+        class Crossing:
+            def put(self, value):
+                if first[0]:
+                    first[0] = False
+                    inside.wait(timeout=30)  # both requests are in progress
+                    try:
+                        other.generate(ids, max_new_tokens=2)
+                    except ModelsBusy as error:
+                        refused.append(str(error))
+
+            def end(self):
+                pass
+
+        return engines[i].generate(ids, max_new_tokens=6, streamer=Crossing())
+
+    outputs = _in_threads(serve, 2)
+    for i, out in enumerate(outputs):
+        assert torch.equal(out, models[i].generate(ids, max_new_tokens=6, do_sample=False))
+    assert len(refused) >= 1 and all("may not wait" in message for message in refused)
+
+
+def test_an_engine_evicted_from_inside_a_request_on_its_drafter():
+    """generate() from a streamer, on another target whose engine list is full, drops the oldest engine,
+    whose drafter this thread's request holds: dropped unreleased (its memory goes with it), not refused."""
+    drafter = tiny_model("llama", VOCAB, seed=9)
+    target = perturbed_copy(drafter, 0.3, seed=1)
+    other = perturbed_copy(drafter, 0.3, seed=2)
+    ids = _prompts(1)[0]
+    omnidraft_fast.generate(other, ids, drafter=drafter, max_new_tokens=2)  # the oldest: drafter `drafter`
+    for seed in range(3, 6):
+        omnidraft_fast.generate(other, ids, drafter=perturbed_copy(drafter, 0.3, seed=seed), max_new_tokens=2)
+    nested = []
+
+    class Evicting:
+        def put(self, value):
+            if not nested:
+                extra = perturbed_copy(drafter, 0.3, seed=8)
+                nested.append(omnidraft_fast.generate(other, ids, drafter=extra, max_new_tokens=4))
+
+        def end(self):
+            pass
+
+    out = omnidraft_fast.generate(target, ids, drafter=drafter, max_new_tokens=6, streamer=Evicting())
+    assert torch.equal(out, target.generate(ids, max_new_tokens=6, do_sample=False))
+    assert torch.equal(nested[0], other.generate(ids, max_new_tokens=4, do_sample=False))
+    assert all(engine.drafter.model is not drafter for engine in other._omnidraft_engines)
+
+
+def test_building_a_learning_engine_leaves_torch_rng_alone():
+    """The adapter's and the head's initial weights come from torch's RNG without moving it: a seeded
+    sampled request is the same whether or not generate() built the engine first."""
+    from omnidraft_fast import AdaptiveConfig
+
+    target = tiny_model("llama", VOCAB)
+    drafter = perturbed_copy(target, 0.3)
+    ids = _prompts(1)[0]
+    config = EngineConfig(distill=DistillConfig(interval=10**6), adaptive=AdaptiveConfig(interval=10**6))
+    outs = []
+    for _ in range(2):  # the first call builds the engine, the second reuses it
+        torch.manual_seed(7)
+        outs.append(omnidraft_fast.generate(target, ids, drafter=drafter, engine_config=config, max_new_tokens=12,
+                                            do_sample=True))  # fmt: skip
+    assert torch.equal(outs[0], outs[1])
