@@ -47,6 +47,7 @@ class Example:
     logits: torch.Tensor  # [m, V_d] the target's logits, in drafter ids, at the emitted tokens `kl` reads
     drafted: torch.Tensor  # [L] int64 the drafter token the head label at each slot is about
     sampling: SamplingParams  # the request's (temperature, top-k, top-p)
+    first_logit: int = 0  # the new token `logits[0]` is at (`kl + first_logit` indexes the row's new tokens)
 
 
 @dataclass
@@ -197,6 +198,7 @@ class Recorder:
                     logits=self.logits[row, lo:hi].clone(),
                     drafted=torch.where(new & (drafted >= 0), drafted, ids),
                     sampling=sampling,
+                    first_logit=lo,
                 )
             )
         self.handed.copy_(d_lengths)

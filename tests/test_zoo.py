@@ -105,7 +105,7 @@ def test_split_tokens_on_the_trained_cross_pair(zoo):
             assert context.startswith(b"".join(target_pieces[i] or b"" for i in out[0].tolist()))
             slots = (example.kl >= 0).nonzero()[:, 0]
             twins = engine.bridge.d2t[example.ids[slots]].long()
-            assert torch.equal(twins, emitted[example.kl[slots]])
+            assert torch.equal(twins, emitted[example.kl[slots] + example.first_logit])
         torch.manual_seed(0)  # sampled requests split too (tokens whose first piece has a drafter twin)
         out = engine.generate(ids, max_new_tokens=48, eos_token_id=[], do_sample=True, temperature=0.7)
         context = b"".join(drafter_pieces[i] or b"" for i in engine.learner.pending[-1].ids.tolist())
