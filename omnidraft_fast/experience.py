@@ -184,9 +184,9 @@ class Recorder:
         kl = torch.where(labelled, self.kl, -1)
         first_row = torch.where(kl >= 0, kl, self.spare_row).amin(1)
         end_row = kl.amax(1) + 1
-        bounds = torch.stack([d_start, d_lengths, self.handed, first_row, end_row]).tolist()
-        for start, end, first, lo, hi, row in zip(*bounds, range(d_tokens.shape[0]), strict=True):
-            new = torch.arange(start, end, device=d_tokens.device) >= first
+        bounds = torch.stack([d_start, d_lengths, first_row, end_row]).tolist()
+        for start, end, lo, hi, row in zip(*bounds, range(d_tokens.shape[0]), strict=True):
+            new = labelled[row, start:end]
             ids, drafted = d_tokens[row, start:end].clone(), self.drafted[row, start:end]
             lo = min(lo, hi)  # no KL label: no logits
             out.append(
