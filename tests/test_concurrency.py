@@ -275,3 +275,18 @@ def test_building_a_learning_engine_leaves_torch_rng_alone():
         outs.append(omnidraft_fast.generate(target, ids, drafter=drafter, engine_config=config, max_new_tokens=12,
                                             do_sample=True))  # fmt: skip
     assert torch.equal(outs[0], outs[1])
+
+
+def test_the_learners_hidden_state_hook_keeps_its_own_threads_forwards():
+    """The learner reads the drafter's last hidden states through a hook on its head: a forward another
+    thread runs meanwhile (the caller's own drafter.generate()) is not collected."""
+    from omnidraft_fast.models import head_inputs
+
+    model = tiny_model("llama", VOCAB)
+    ids = _prompts(1)[0]
+    with torch.no_grad(), head_inputs(model) as captured:
+        other = threading.Thread(target=lambda: model(ids))
+        other.start()
+        other.join()
+        model(ids[:, :3])
+    assert len(captured) == 1 and captured[0].shape[1] == 3
