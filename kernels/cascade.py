@@ -4,7 +4,10 @@ row's rule and ``alpha`` (``verify.py`` runs speculative sampling against it).
 
 Rules (``RULES``; ``q1``, ``p1`` are the unfiltered ``T = 1`` softmaxes, used only inside the decisions;
 the mixture, TV, acceptance ratio and residual use the sampled-from ``q``, ``p``). Mixture rules decide
-``r_j in {0, 1}`` (1 = defer to the target) and set ``pi = (1 - r) q + r p``:
+``r_j in {0, 1}`` (1 = defer to the target) and set ``pi = (1 - r) q + r p``, computed as the
+token-specific form below with ``A`` all tokens or none, ``pi = q + (1 - q(V)) p`` when kept: the same
+where ``q`` sums to 1, and a distribution where it does not (a cross-vocabulary proposal ``q'`` whose draft
+stopped at a token with no target twin, kernels/proposal.py):
 
     exact     r = 1                                       pi = p: exact speculative sampling
     chow      r = [max q1 < 1 - alpha]                    alpha in [0, 1] (r = 1 at alpha 0, even
