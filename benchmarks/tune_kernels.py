@@ -30,7 +30,7 @@ from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
-from omnidraft_fast.report import write_results
+from omnidraft_fast.report import environment, provenance, write_results
 
 ROWS, VOCAB = 72, 128256
 BATCH, K = 8, 8
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py needs a CUDA device")
     device = torch.cuda.get_device_name()
-    result: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
+    # date, device, torch/triton/transformers/CUDA versions and the commit, as every other results file has
+    result: dict = {**environment(torch.device("cuda")), "cases": {}}
     stem = args.out / f"tune-{device.lower().replace(' ', '-')}"
 
     def add(op: str, name: str, key: str, case: dict) -> None:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
 def _markdown(result: dict) -> str:
     columns = ["copy", "eager", *(f"triton {b}" for b in BLOCKS)]
     lines = [
-        f"# Tile sweep ({result['device']}, torch {result['torch']}, triton {result['triton']})",
+        f"# Tile sweep ({provenance(result)})",
         "",
         "Median microseconds per call over 4 input sets taken in turn (`benchmarks/tune_kernels.py`): replayed",
         "from a CUDA graph (device time) / launched back to back with no cache flush (the host's launch time",

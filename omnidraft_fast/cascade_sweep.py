@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ import torch
 from .config import CascadeConfig, EngineConfig
 from .engine import SpeculativeEngine
 from .fidelity import TargetScore, score_against_target
-from .report import provenance, synchronize
+from .report import PARTIAL, provenance, synchronize
 
 __all__ = ["ALPHAS", "run_sweep"]
 
@@ -51,10 +52,12 @@ ALPHAS = {
 
 def run_sweep(
     target, drafter, prompts: list[torch.Tensor], *, max_new_tokens: int, num_draft_tokens: int,
-    rules: dict[str, tuple[float, ...]] = ALPHAS, temperature: float = 0.0, seed: int = 0, **engine_kwargs,
+    rules: dict[str, tuple[float, ...]] = ALPHAS, temperature: float = 0.0, seed: int = 0,
+    progress: Callable[[dict], None] | None = None, **engine_kwargs,
 ) -> dict:  # fmt: skip
     """Sweep every rule's alphas; ``prompts`` are [1, n] id tensors on the target's device; ``temperature``
-    0 is greedy."""
+    0 is greedy. ``progress`` is called with the sweep so far after each rule (the plain speed the one
+    measured before that rule), so that a caller can write it out before a time limit cuts the run."""
     device = prompts[0].device
     new = max_new_tokens
     decoding = {"do_sample": False}
@@ -81,6 +84,18 @@ def run_sweep(
         return target.generate(ids, max_new_tokens=new, **decoding)
 
     plain = [target.generate(ids, max_new_tokens=new, do_sample=False) for ids in prompts]  # the reference
+    own = TargetScore()
+    for out, ids in zip(plain, prompts, strict=True):
+        own += score_against_target(target, out, ids.shape[1])
+
+    def sweep(plain_speed: float) -> dict:
+        return {
+            "decoding": "greedy" if temperature == 0 else f"sampling at T={temperature}",
+            "plain_tokens_per_second": round(plain_speed, 2),
+            "plain_target_log_likelihood": round(own.mean_log_likelihood, 4),
+            "points": list(points),
+        }
+
     engine = SpeculativeEngine(
         target, drafter, config=EngineConfig(num_draft_tokens=num_draft_tokens), **engine_kwargs
     )
@@ -117,15 +132,9 @@ def run_sweep(
                     **({"z": round(score.z, 2)} if temperature > 0 else {}),
                 }
             )
-    own = TargetScore()
-    for out, ids in zip(plain, prompts, strict=True):
-        own += score_against_target(target, out, ids.shape[1])
-    return {
-        "decoding": "greedy" if temperature == 0 else f"sampling at T={temperature}",
-        "plain_tokens_per_second": round(timed(plain_run)[1], 2),
-        "plain_target_log_likelihood": round(own.mean_log_likelihood, 4),
-        "points": points,
-    }
+        if progress is not None:
+            progress(sweep(plain_speed))
+    return sweep(timed(plain_run)[1])
 
 
 def best_points(points: list[dict], agreement: float = 0.99) -> dict[str, dict]:
@@ -139,14 +148,16 @@ def best_points(points: list[dict], agreement: float = 0.99) -> dict[str, dict]:
     return best
 
 
-def write_results(results: dict, out: Path, stem: str) -> None:
-    """``results``: {"meta": {...}, "pairs": {pair name: run_sweep(...)}} -> JSON, Markdown, PNG."""
+def write_results(results: dict, out: Path, stem: str, complete: bool = True) -> None:
+    """``results``: {"meta": {...}, "pairs": {pair name: run_sweep(...)}} -> JSON, Markdown, PNG (the PNG only
+    when ``complete``; a partial write is marked so in both files)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({**results, "complete": complete}, indent=2) + "\n")
     meta = results["meta"]
     lines = [
         f"# Speculative cascades: quality against speed ({provenance(meta)})",
         "",
+        *([PARTIAL, ""] if not complete else []),
         f"Model pair: {meta['models']}; {meta['prompts']} held-out prompts, {meta['max_new_tokens']} new tokens, "
         f"k = {meta['k']}, {meta.get('decoding', 'greedy')}. Agreement: share of produced tokens that are the target's greedy choice "
         "after the same prefix; sequence agreement: share of positions equal to the target's own greedy output; "
@@ -193,7 +204,8 @@ def write_results(results: dict, out: Path, stem: str) -> None:
                 + (f" {p['z']} |" if sampled else "")
             )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    _plot(results, out / f"{stem}.png")
+    if complete:
+        _plot(results, out / f"{stem}.png")
 
 
 def _plot(results: dict, path: Path) -> None:

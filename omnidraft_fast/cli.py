@@ -212,13 +212,19 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
         },
         "pairs": {},
     }
+    stem = f"cascades-{device.type}" + (f"-T{args.temperature:g}" if args.temperature else "")
     for name, (drafter, kwargs) in pairs.items():
         print(f"sweeping {name} ...", flush=True)
+
+        def progress(sweep: dict, name: str = name) -> None:  # after each rule: a time limit keeps them
+            results["pairs"][name] = sweep
+            write_results(results, Path(args.out), stem, complete=False)
+
         results["pairs"][name] = run_sweep(
             zoo.target, drafter, prompts, max_new_tokens=args.max_new_tokens,
-            num_draft_tokens=args.num_draft_tokens, rules=rules, temperature=args.temperature, **kwargs,
+            num_draft_tokens=args.num_draft_tokens, rules=rules, temperature=args.temperature,
+            progress=progress, **kwargs,
         )  # fmt: skip
-    stem = f"cascades-{device.type}" + (f"-T{args.temperature:g}" if args.temperature else "")
     write_results(results, Path(args.out), stem)
     print((Path(args.out) / f"{stem}.md").read_text())
     return 0

@@ -235,6 +235,28 @@ def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
     )  # refused before anything
 
 
+def test_cascade_sweep_writes_after_each_rule(tmp_path, monkeypatch):
+    """A time limit that cuts the sweep short (the GPU suite gives it 120 s) keeps the rules swept so far:
+    the results are written, marked partial, after each rule of each pair, then once complete."""
+    import json
+
+    from omnidraft_fast import cascade_sweep
+
+    calls, real = [], cascade_sweep.write_results
+
+    def spy(results, out, stem, complete=True):
+        calls.append((complete, [len(sweep["points"]) for sweep in results["pairs"].values()]))
+        real(results, out, stem, complete)
+
+    monkeypatch.setattr(cascade_sweep, "write_results", spy)
+    args = ["cascade-sweep", "--prompts-per-task", "1", "--max-new-tokens", "4", "--rules", "lossy", "chow"]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    # exact, then lossy (4 alphas), then chow (8), for each pair in turn; then the complete write
+    assert calls == [(False, [1]), (False, [5]), (False, [13]),
+                     (False, [13, 1]), (False, [13, 5]), (False, [13, 13]), (True, [13, 13])]  # fmt: skip
+    assert json.loads((tmp_path / "cascades-cpu.json").read_text())["complete"] is True
+
+
 def test_cascade_sweep_samples_with_a_temperature(tmp_path):
     import json
 
