@@ -20,15 +20,17 @@ def device_name(device: torch.device) -> str:
 
 
 def _commit() -> str:
+    """This checkout's commit, wherever the script runs from, with ``-dirty`` where its Python code or
+    pyproject.toml differs from it (result files written by a run do not count)."""
+    where = {"cwd": Path(__file__).resolve().parent, "stderr": subprocess.DEVNULL}
     try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"],
-            text=True,
-            stderr=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parent,  # this checkout's commit, wherever the script runs from
-        ).strip()
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, **where).strip()
+        changed = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", ":(top,glob)**/*.py", ":(top)pyproject.toml"], **where
+        ).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if changed else "")
 
 
 def environment(device: torch.device) -> dict[str, str]:
