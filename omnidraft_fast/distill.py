@@ -141,7 +141,8 @@ class LoraAdapter:
         self._merged: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (base layer, W + delta)
         self._merged_version = 0
         self._merged_from: list[int] = []  # the base weights' version counters at the merge
-        self._pristine: list[torch.Tensor] = []  # the base weights while the merged ones serve
+        # (layer, its own weight) for each layer whose merged weight serves
+        self._pristine: list[tuple[torch.nn.Module, torch.Tensor]] = []
         self._serving = False
         # Serve from merged copies even untrained, so that an update reaches rounds captured before it: in
         # the middle of a request (EngineConfig.in_flight_rounds), or between requests (graphs kept).
@@ -197,11 +198,11 @@ class LoraAdapter:
     def serving(self) -> Iterator[None]:
         """The drafter with this adapter merged into its weights, for the duration (a pointer swap): the
         drafter's own modules, so serving pays nothing for the adapter's bookkeeping."""
-        self._serve(True)
-        try:
+        try:  # a swap cut short (an exception, Ctrl-C) is undone too: the drafter's own weights come back
+            self._serve(True)
             yield
         finally:
-            self._serve(False)
+            _cleanup(self._serve, False)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -218,12 +219,17 @@ class LoraAdapter:
             self._serve(True)
 
     def _serve(self, on: bool) -> None:
-        """Swap the merged weights in, or the base weights back."""
+        """Swap the merged weights in, or the base weights back. ``_pristine`` holds (layer, its own weight)
+        for every layer swapped, recorded before the swap and dropped one by one as each is restored, so a
+        swap or a restore cut short by an exception is completed by the next call instead of being lost."""
+        # First restore whatever is still swapped in (also the remains of an interrupted swap or restore):
+        # a merged tensor must never be taken for the drafter's own weight.
+        while self._pristine:
+            base, weight = self._pristine[-1]
+            base.weight.data = weight
+            self._pristine.pop()
         self._serving = on
         if not on:
-            for (base, _), weight in zip(self._merged, self._pristine, strict=True):
-                base.weight.data = weight
-            self._pristine = []
             return
         if self.version == 0 and not self.merge_always:  # untrained: W + delta = W
             return
@@ -255,18 +261,18 @@ class LoraAdapter:
                         kept.copy_(merged)
             self._merged_version = self.version
             self._merged_from = [base.weight._version for base in bases]
-        self._pristine = [base.weight.data for base, _ in self._merged]
+        self._pristine = [(base, base.weight.data) for base, _ in self._merged]
         for base, merged in self._merged:
             base.weight.data = merged
 
     @contextmanager
     def active(self) -> Iterator[None]:
         """Put the LoRA layers, this adapter on in them, in the drafter for the duration."""
-        self._attach()
         try:
+            self._attach()
             yield
         finally:
-            self._detach()
+            _cleanup(self._detach)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights under peft's key names (``...q_proj.lora_A.weight``)."""
@@ -283,6 +289,16 @@ class LoraAdapter:
             for name, tensor in self.state_dict().items():
                 tensor.copy_(tensors[name])
         self.updated()
+
+
+def _cleanup(restore, *args) -> None:
+    """``restore(*args)`` in a ``finally`` that gives the caller's drafter back: an exception landing in it (a
+    Ctrl-C) runs it once more, to the end, before going on (it is idempotent)."""
+    try:
+        restore(*args)
+    except BaseException:
+        restore(*args)
+        raise
 
 
 def reverse_kl(

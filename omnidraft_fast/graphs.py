@@ -40,7 +40,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _pop_mode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .stats import StageTimer
@@ -75,26 +75,32 @@ _HOST_READS = ("tolist", "numpy", "__array__")
 # streamer's consumer or another engine's request, read as they like).
 _REFUSAL_GUARD = threading.Lock()
 _RECORDING: Counter[int] = Counter()  # thread -> its recordings under way
-_METHODS: dict[str, Callable] = {}  # torch.Tensor's own methods while they are replaced
+_METHODS: dict[str, Callable] = {}  # torch.Tensor's own methods, read as the first recording installs ours
 
 
 @contextmanager
 def _host_reads_refused() -> Iterator[None]:
     """``.tolist()``, ``.numpy()`` and ``__array__`` raise :class:`CaptureError` in this thread meanwhile."""
     thread = threading.get_ident()
-    with _REFUSAL_GUARD:
-        if not _RECORDING:
-            _METHODS.update({name: getattr(torch.Tensor, name) for name in _HOST_READS})
-            for name, method in _METHODS.items():
-                setattr(torch.Tensor, name, _refusing(name, method))
-        _RECORDING[thread] += 1
+    counted = False
     try:
+        with _REFUSAL_GUARD:
+            _RECORDING[thread] += 1
+            counted = True
+            for name in _HOST_READS:
+                method = getattr(torch.Tensor, name)
+                # Ours, installed already (or left by an install or restore cut short): never taken for
+                # torch.Tensor's own, which _METHODS keeps.
+                if not getattr(method, "_refuses_host_reads", False):
+                    _METHODS[name] = method
+                    setattr(torch.Tensor, name, _refusing(name, method))
         yield
     finally:
         with _REFUSAL_GUARD:
-            _RECORDING[thread] -= 1
-            if not _RECORDING[thread]:
-                del _RECORDING[thread]
+            if counted:
+                _RECORDING[thread] -= 1
+                if not _RECORDING[thread]:
+                    del _RECORDING[thread]
             if not _RECORDING:
                 for name, method in _METHODS.items():
                     setattr(torch.Tensor, name, method)
@@ -108,6 +114,7 @@ def _refusing(name: str, method: Callable) -> Callable:
             f"`.{name}()` reads a tensor back to the host inside a captured stage; read it after the stage instead"
         )
 
+    read._refuses_host_reads = True
     return read
 
 
@@ -220,8 +227,14 @@ class StageGraphs:
                     graph.replay()  # a capture records the work without doing it
                 else:
                     graph = ReplayGraph()
-                    with graph:  # a recording does the work
-                        stage(untimed)
+                    depth = torch._C._len_torch_dispatch_stack()
+                    try:
+                        with graph:  # a recording does the work
+                            stage(untimed)
+                    finally:  # an exit cut short (Ctrl-C) must not leave the recorder on this thread
+                        while torch._C._len_torch_dispatch_stack() > depth:
+                            _pop_mode()
+                        graph._refusal.close()
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:
