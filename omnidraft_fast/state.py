@@ -5,6 +5,10 @@ engine for another tokenizer pair), the drafter's LoRA adapter (``adapter.`` + p
 acceptance head (``head.``) and their optimisers' step counts and moments (``optimizer.adapter.``,
 ``optimizer.head.``), each when the engine has one: a restored engine serves and goes on learning from
 the saved weights, table and moments. (A state saved without optimiser moments restores with fresh ones.)
+A state loads into an engine built with the configuration it was saved with: one that holds a part the engine
+lacks, lacks a part it has, does not fit it, or is damaged (non-finite values, n-gram entries outside the
+vocabularies) is refused whole, the engine unchanged; so is a load cut short (Ctrl-C): what it wrote is put
+back. The file is created with the permissions ``open()`` would give it.
 The file's metadata records the adapter's scale (``lora_alpha / rank``), without which its tensors do not
 say what the drafter served: an engine with another scale refuses the state.
 Not saved: the rows waiting for the learners' next step (fewer than ``interval``) and the acceptance
@@ -63,6 +67,9 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -102,7 +109,15 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
     learner = engine.learner
     adapter = learner.adapter if learner is not None else None
     scale = metadata.get("adapter.scaling")  # absent from states saved before it was recorded
-    if scale is not None and adapter is not None and float(scale) != adapter.scaling:
+    if scale is not None:
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise ValueError(
+                f"{path}: its metadata `adapter.scaling` is {scale!r}, not a number: the file is damaged; give the "
+                "file save_state wrote"
+            ) from None
+    if scale is not None and adapter is not None and scale != adapter.scaling:
         raise ValueError(
             f"{path}: its LoRA adapter was trained at scale lora_alpha / rank = {scale}, this engine's is "
             f"{adapter.scaling!r}; build the engine with the DistillConfig it was saved with"
@@ -120,9 +135,18 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         for prefix, optimizer in _optimizers(learner)
     ]
     loads = []
+    for prefix, part, what, _ in parts[:3]:  # the table, the adapter, the head
+        if part is not None and not saved(prefix):
+            raise ValueError(
+                f"{path} holds no {what} but this engine has one (the state was saved by an engine built with "
+                "another configuration); build the engine with the configuration it was saved with"
+            )
+    fresh = []  # optimisers whose parameters are loaded without their moments: they restart (module docstring)
     for prefix, part, what, differs in parts:
         state = saved(prefix)
         if not state:
+            if part is not None and prefix.startswith("optimizer."):
+                fresh.append(part)
             continue
         if part is None:
             raise ValueError(f"{path} holds a {what} but this engine has none; build it with one")
@@ -132,9 +156,49 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
                 f"{path}: its {what} does not fit this engine's (another {differs}); build the engine with "
                 "the configuration it was saved with"
             )
+        bad = [
+            name
+            for name, tensor in state.items()
+            if tensor.is_floating_point() and not tensor.isfinite().all()
+        ]
+        if bad:
+            raise ValueError(f"{path}: its {what} holds NaN or inf values (in {bad[0]}): the file is damaged")
         loads.append((part, state))
-    for part, state in loads:
-        part.load_state_dict(state)
+    if engine.ngram is not None and saved("ngram."):
+        _check_table(saved("ngram."), engine, path)
+    # Written part by part: an exception in the middle (a Ctrl-C) puts back what was written, so that the
+    # engine never serves an adapter with another state's moments, or a table without its hashes.
+    writes = loads + [(optimizer, {name: torch.zeros_like(t) for name, t in optimizer.state_dict().items()})
+                      for optimizer in fresh]  # fmt: skip
+    backup = [
+        (part, {name: t.detach().clone() for name, t in part.state_dict().items()}) for part, _ in writes
+    ]
+    try:
+        for part, state in writes:
+            part.load_state_dict(state)
+    except BaseException:
+        for part, state in backup:
+            part.load_state_dict(state)
+        raise
+
+
+def _check_table(table: dict[str, torch.Tensor], engine: SpeculativeEngine, path) -> None:
+    """Refuse an n-gram table whose entries are no ids of the two vocabularies (a damaged file): the rounds
+    would index the bridge with them."""
+    keys, values, counts = table["key_ids"], table["values"], table["counts"]
+    used = keys[:, 0] >= 0
+    drafter_vocab, target_vocab = engine.bridge.drafter_vocab_size, engine.bridge.target_vocab_size
+    if (
+        bool((keys < -1).any())
+        or bool((keys >= drafter_vocab).any())
+        or bool((values[used] < 0).any())
+        or bool((values >= target_vocab).any())
+        or bool((counts < 0).any())
+    ):
+        raise ValueError(
+            f"{path}: its n-gram table holds ids outside the vocabularies (drafter [0, {drafter_vocab}), target "
+            f"[0, {target_vocab})) or negative counts: the file is damaged; give the file save_state wrote"
+        )
 
 
 def _optimizers(learner) -> list[tuple[str, AdamW]]:

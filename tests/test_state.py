@@ -1,0 +1,166 @@
+"""load_state on states that do not fit or are damaged: refused whole with the reason, the engine unchanged;
+save_state's file readable as any file the caller writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from conftest import left_padded_prompts, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, SpeculativeEngine
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model("llama", VOCAB, seed=0), tiny_model("llama", VOCAB, seed=1, hidden=16, layers=1)
+
+
+def _engine(pair, **config):
+    torch.manual_seed(0)
+    return SpeculativeEngine(*pair, config=EngineConfig(**config))
+
+
+def _learned(engine):
+    parts = list(engine.learner.adapter.state_dict().values()) if engine.learner.adapter else []
+    parts += list(engine.learner.head.state_dict().values()) if engine.learner.head else []
+    parts += [
+        t
+        for o in (engine.learner.optimizer, engine.learner.head_optimizer)
+        if o
+        for t in o.state_dict().values()
+    ]
+    return [t.detach().clone() for t in parts]
+
+
+def _served(engine, seed):
+    ids, mask = left_padded_prompts(VOCAB, [6, 4], seed=seed)
+    torch.manual_seed(seed)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
+
+
+LEARNING = dict(distill=DistillConfig(interval=1, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=1))
+
+
+def test_a_state_missing_a_part_the_engine_has_is_refused(pair, tmp_path):
+    adapter_only = _engine(pair, distill=LEARNING["distill"])
+    _served(adapter_only, 0)
+    adapter_only.save_state(tmp_path / "adapter.safetensors")
+    engine = _engine(pair, **LEARNING)
+    for seed in (1, 2):
+        _served(engine, seed)
+    before = _learned(engine)
+    with pytest.raises(ValueError, match=r"holds no acceptance head .* but this engine has one"):
+        engine.load_state(tmp_path / "adapter.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, _learned(engine), strict=True))
+
+
+def test_a_damaged_state_is_refused(pair, tmp_path):
+    engine = _engine(pair, **LEARNING)
+    _served(engine, 0)
+    path = tmp_path / "state.safetensors"
+    engine.save_state(path)
+    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    name = next(n for n in tensors if n.startswith("adapter."))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    save_file(
+        load_file(str(path)),
+        str(tmp_path / "scale.safetensors"),
+        metadata={**metadata, "adapter.scaling": "x"},
+    )
+    before = _learned(engine)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        engine.load_state(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"adapter\.scaling"):
+        engine.load_state(tmp_path / "scale.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, _learned(engine), strict=True))
+    _served(engine, 1)  # still serves
+
+
+def test_a_state_without_moments_restarts_them(pair, tmp_path):
+    engine = _engine(pair, **LEARNING)
+    _served(engine, 0)
+    path = tmp_path / "state.safetensors"
+    engine.save_state(path)
+    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    save_file({n: t for n, t in tensors.items() if not n.startswith("optimizer.")}, str(tmp_path / "old.safetensors"),
+              metadata=metadata)  # fmt: skip
+    other = _engine(pair, **LEARNING)
+    for seed in (1, 2):
+        _served(other, seed)
+    other.load_state(tmp_path / "old.safetensors")
+    assert other.learner.stats.distill_steps == 0 and other.learner.stats.head_steps == 0
+    assert all(not t.any() for t in other.learner.optimizer.state_dict().values())
+
+
+def test_the_saved_file_is_as_readable_as_any_other(pair, tmp_path):
+    engine = _engine(pair)
+    engine.save_state(tmp_path / "state.safetensors")
+    (tmp_path / "plain").write_text("")
+    mode = stat.S_IMODE(os.stat(tmp_path / "state.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+@pytest.mark.parametrize("translation", ["tli", "damaged"])
+def test_a_cross_vocabulary_state_that_does_not_fit_its_table_is_refused(translation, tmp_path):
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair")
+    tokenizers = dict(target_tokenizer=zoo.target_tokenizer, drafter_tokenizer=zoo.drafter_tokenizer)
+    config = EngineConfig(ngram_preseed=False)
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_cross, config=config, **tokenizers)
+    batch = zoo.target_tokenizer(["def add(a, b):"], return_tensors="pt")
+    engine.generate(**batch, max_new_tokens=16)
+    path = tmp_path / "state.safetensors"
+    if translation == "tli":  # a table-less state: nothing of it would be loaded into this engine's table
+        SpeculativeEngine(zoo.target, zoo.drafter_cross, config=EngineConfig(translation="tli"), **tokenizers
+                          ).save_state(path)  # fmt: skip
+        match = "holds no n-gram table"
+    else:  # target ids past the vocabulary (a damaged file): the rounds would index the bridge with them
+        engine.save_state(path)
+        tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+        used = tensors["ngram.key_ids"][:, 0] >= 0
+        assert used.any()
+        tensors["ngram.values"][used] = 10**6
+        save_file(tensors, str(path), metadata=metadata)
+        match = "outside the vocabularies"
+    table = [t.clone() for t in engine.ngram.state_dict().values()]
+    with pytest.raises(ValueError, match=match):
+        engine.load_state(path)
+    assert all(torch.equal(a, b) for a, b in zip(table, engine.ngram.state_dict().values(), strict=True))
+    engine.generate(**batch, max_new_tokens=16)
+
+
+def test_an_interrupted_load_leaves_the_engine_as_it_was(pair, tmp_path, monkeypatch):
+    from omnidraft_fast import optim
+
+    source = _engine(pair, **LEARNING)
+    _served(source, 0)
+    source.save_state(tmp_path / "state.safetensors")
+    engine = _engine(pair, **LEARNING)
+    for seed in (1, 2):
+        _served(engine, seed)
+    before = _learned(engine)
+    original = optim.AdamW.load_state_dict
+    calls = []
+
+    def interrupted(
+        self, tensors
+    ):  # the second optimiser (the head's): the adapter's moments already written
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("Ctrl-C")
+        return original(self, tensors)
+
+    monkeypatch.setattr(optim.AdamW, "load_state_dict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.load_state(tmp_path / "state.safetensors")
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(before, _learned(engine), strict=True))
