@@ -16,6 +16,7 @@ everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +109,15 @@ def _generation_fields(config) -> dict[str, Any]:
 def _as_id_tuple(value, name: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":  # arrays and numpy scalars
         value = value.tolist()
-    values = [value] if isinstance(value, int) else list(value)
-    if not all(is_int(v) for v in values):
+    if is_int(value):
+        values = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        values = list(value)
+    else:
+        raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
+    if not all(is_int(v) and -(2**63) <= v < 2**63 for v in values):
         raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
     return tuple(values)
 
@@ -198,6 +204,10 @@ def resolve_request(
 
     max_new_tokens = fields.get("max_new_tokens")
     if max_new_tokens is None and "max_length" in fields:
+        if not is_int(fields["max_length"]):
+            raise ValueError(
+                f"`max_length` must be an int (prompt + new tokens), got {fields['max_length']!r}"
+            )
         max_new_tokens = fields["max_length"] - ids.shape[1]
         if max_new_tokens <= 0:
             raise ValueError(
@@ -241,14 +251,14 @@ def resolve_request(
         sampling = SamplingParams(
             temperature=float(temperature),
             top_k=fields.get("top_k", _DEFAULTS["top_k"]),
-            top_p=float(fields.get("top_p", _DEFAULTS["top_p"])),
+            top_p=_number(fields.get("top_p", _DEFAULTS["top_p"]), "top_p"),
         )
     else:
         # Greedy ignores the sampling knobs, as transformers does, but bad values are still an error.
         SamplingParams(
-            temperature=float(fields.get("temperature", 1.0)),
+            temperature=_number(fields.get("temperature", 1.0), "temperature"),
             top_k=fields.get("top_k", 0),
-            top_p=float(fields.get("top_p", 1.0)),
+            top_p=_number(fields.get("top_p", 1.0), "top_p"),
         )
         sampling = SamplingParams()
 
@@ -340,6 +350,14 @@ def resolve_request(
         cascade=cascade,
         alphas=() if cascade is None else tuple(a for a in cascade.alphas(rows) for _ in range(copies)),
     )
+
+
+def _number(value, name: str) -> float:
+    """A sampling knob as a float, or an error naming it (``float()``'s own names nothing)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a number, got {value!r}") from None
 
 
 def _check_inputs(input_ids, attention_mask, vocab_size: int, device: torch.device):

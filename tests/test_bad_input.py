@@ -288,6 +288,9 @@ def test_bad_max_new_tokens(models, run, value):
 def test_max_length_leaves_no_room(models, run):
     with pytest.raises(ValueError, match=r"`max_length`=6 leaves no room"):
         run(models.ids, attention_mask=models.mask, max_length=6)
+    for value in (12.0, "x"):  # named as itself, not as the max_new_tokens it would give
+        with pytest.raises(ValueError, match=r"`max_length` must be an int"):
+            run(models.ids, attention_mask=models.mask, max_length=value)
     assert_still_works(run, models)
 
 
@@ -362,6 +365,12 @@ def test_zero_or_nan_temperature_when_sampling(models, run, value):
     assert_still_works(run, models)
 
 
+def test_a_temperature_that_is_no_number_when_greedy(models, run):
+    with pytest.raises(ValueError, match=r"`temperature` must be a number, got \[1.0\]"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, temperature=[1.0])
+    assert_still_works(run, models)
+
+
 @pytest.mark.parametrize("value", [1e-45, 9e-31])
 def test_a_temperature_too_small_to_sample_with(models, run, value):
     """logits / T overflows float32 (at 1e-45 for every logit, NaN probabilities: transformers' sampling
@@ -405,6 +414,8 @@ def test_meta_tensors(models, run, which):
     [
         ("top_p", 0.0, r"`top_p` must be in \(0, 1\]"),
         ("top_p", 1.5, r"`top_p` must be in \(0, 1\]"),
+        ("top_p", "x", r"`top_p` must be a number"),  # not float()'s message, which names nothing
+        ("top_p", [0.9], r"`top_p` must be a number"),
         ("top_k", -1, r"`top_k` must be an int >= 0"),
     ],
 )
@@ -631,6 +642,8 @@ def test_non_zero_token_type_ids(models, run):
     [
         ({"eos_token_id": "</s>"}, r"`eos_token_id` must be an int or a list of ints"),
         ({"eos_token_id": [3, 4.0]}, r"`eos_token_id` must be an int or a list of ints"),
+        ({"eos_token_id": 1.5}, r"`eos_token_id` must be an int or a list of ints"),  # not list()'s message
+        ({"eos_token_id": 2**63}, r"`eos_token_id` must be an int or a list of ints"),  # nor torch's overflow
         ({"pad_token_id": 1.5}, r"`pad_token_id` must be an int"),
     ],
 )
