@@ -14,7 +14,8 @@ drafter's prediction *of* the token at slot ``u`` (made from the hidden state at
                     the acceptance head's label: verification's acceptance probability of the target
                     position whose span starts at u (the drafted token there, accepted or rejected: its
                     context is the committed one; for a split token, the product over its verified
-                    pieces), 1 at the other slots of an accepted merged span
+                    pieces; 0 for a drafted token with no target token, where the draft stopped), 1 at
+                    the other slots of an accepted merged span
     drafted[u]      the drafter token ``head[u]`` is about: the one drafted at u, which differs from the
                     committed one where verification rejected it (the head's confidence input reads it)
 
@@ -155,9 +156,13 @@ class Recorder:
         # Acceptance-head labels: at the first slot of each drafted token, the chance that verification
         # kept it (the product over its verified positions: the pieces of a split token share one); 1
         # at the other slots of an accepted merged span.
-        verified = (proposal >= 0) & (j[:k] <= num_accepted[:, None]) & kept_j[:, :k]
+        # The draft's stop at a drafted token with no target token (kernels/translate.py: proposal -1 with
+        # span_end = source + 1) is a drafted token verification always rejects: its label is 0.
+        stop = (proposal < 0) & (span_end - source == 1)
+        verified = ((proposal >= 0) | stop) & (j[:k] <= num_accepted[:, None]) & kept_j[:, :k]
+        probs = torch.where(stop, 0.0, accept_probs)
         same = source[:, :, None] == source[:, None, :]  # [batch, k, k]: positions of one drafted token
-        chance = torch.where(same & verified[:, None, :], accept_probs[:, None, :], 1.0).prod(-1)
+        chance = torch.where(same & verified[:, None, :], probs[:, None, :], 1.0).prod(-1)
         leads = verified & (source != torch.cat([source.new_full((batch, 1), -1), source[:, :-1]], 1))
         at_leads = torch.where(leads, first[:, :k], spare)
         self.head.scatter_(1, at_leads, torch.where(leads, chance, torch.nan))

@@ -14,7 +14,7 @@ from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, Sampling
 from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_acceptance, stop_drafting
 from omnidraft_fast.bridge import token_bytes
 from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
-from omnidraft_fast.experience import Example
+from omnidraft_fast.experience import Example, Recorder
 from omnidraft_fast.learner import OnlineLearner
 
 VOCAB = 96
@@ -1031,3 +1031,41 @@ def test_learning_on_drafters_of_other_architectures(arch):
     assert engine.learner.stats.distill_steps > 2
     after = drafter.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_a_drafted_token_with_no_target_token_is_labelled_rejected():
+    """A round drafts y0 y1 y2; y0 maps to target 5 and is accepted, y1 has no target token, so the draft
+    stops there (proposal -1, span_end = source + 1) and verification rejects that position and emits the
+    recovered token 6. The head drafted y1 from the committed context at slot 5: its label there is 0
+    (always rejected), not missing. Verification's accept_probs at the stop may be anything (the kernel
+    leaves positions it does not score unwritten)."""
+    vocab_d, vocab_t, k = 12, 10, 3
+    recorder = Recorder(
+        batch=1,
+        drafter_slots=16,
+        spelling_width=2,
+        emitted=8,
+        label_map=torch.arange(vocab_d) % vocab_t,
+        direct=torch.ones(vocab_t, dtype=torch.bool),
+        dtype=torch.float32,
+        handed=torch.tensor([4]),
+    )
+    recorder.record(
+        target_logits=torch.randn(1, k + 1, vocab_t),
+        draft_ids=torch.tensor([[7, 9, 4]]),
+        proposal=torch.tensor([[5, -1, -1]]),
+        output_tokens=torch.tensor([[5, 6, -1, -1]]),
+        num_accepted=torch.tensor([1]),
+        accept_probs=torch.tensor([[1.0, 0.7, 0.3]]),
+        source=torch.tensor([[0, 1, 1]]),
+        span_end=torch.tensor([[1, 2, 1]]),
+        slots=torch.tensor([[1, 1, 0, 0]]),  # y0 kept in slot 4, the recovered token spelled into slot 5
+        split=torch.zeros(1, k, dtype=torch.bool),
+        kept=torch.tensor([2]),
+        generated=torch.tensor([0]),
+        d_lengths=torch.tensor([4]),
+    )
+    assert recorder.head[0, 4].item() == 1.0  # y0: accepted
+    assert recorder.head[0, 5].item() == 0.0  # y1: the stop, always rejected
+    assert recorder.drafted[0, 5].item() == 9  # the label is about the drafted y1
+    assert recorder.head[0, 6:16].isnan().all()  # nothing past the round's committed slots
