@@ -237,7 +237,8 @@ class StageGraphs:
                         graph._refusal.close()
             except torch.OutOfMemoryError:
                 raise
-            except Exception as error:
+            except RuntimeError as error:  # what a capture raises (CUDA's errors, CaptureError); the rest,
+                # a caller's hook's ValueError say, reaches the caller as itself.
                 # The engine's stages are capturable (tests/test_graphs.py): what fails is a model's forward
                 # that reads values on the host or sizes tensors by them (mixture-of-experts routing, ...).
                 raise CaptureError(

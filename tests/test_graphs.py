@@ -141,6 +141,19 @@ def test_stage_graphs_warm_up_then_capture_then_replay():
     assert runs == [True, False, True, True, True] and y.tolist() == [7.0, 7.0]
 
 
+def test_an_error_in_a_stage_being_captured_that_is_no_capture_failure_reaches_the_caller_as_itself():
+    def failing(timer):
+        raise ValueError("a hook of the caller's")
+
+    graphs = StageGraphs(CPU, torch.Generator(), enabled=True)
+    graphs.warm.add("key")  # its next run captures
+    with pytest.raises(ValueError, match="a hook of the caller's"):
+        graphs.run("key", failing, StageTimer(False, CPU), "round")
+    with pytest.raises(CaptureError, match=r"could not be captured.*reads a value back to the host"):
+        graphs.run("key", lambda timer: torch.ones(1).item(), StageTimer(False, CPU), "round")
+    assert torch.ones(2).tolist() == [1.0, 1.0]
+
+
 # ------------------------------------------------------------------------------------------ the engine
 @pytest.fixture(scope="module")
 def shared_pair():
