@@ -63,7 +63,7 @@ class CascadeConfig:
 
     def __post_init__(self):
         _plain_fields(self)
-        if self.rule not in _ALPHA_RANGES:
+        if not isinstance(self.rule, str) or self.rule not in _ALPHA_RANGES:
             raise ValueError(f"`rule` must be one of {', '.join(_ALPHA_RANGES)}, got {self.rule!r}")
         if isinstance(self.alpha, (list, tuple)):
             object.__setattr__(self, "alpha", tuple(self.alpha))
@@ -334,7 +334,7 @@ class EngineConfig:
             learned from rounds verified before the failure, and a non-finite gradient skips its step.
             ``None``: between requests only (SPEC §4).
         rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the
-            one read of the loop). ``1``: a read after every round, so a request stops as soon as its rows
+            one read of the loop; at most a request's ``max_new_tokens``, by which every row is done). ``1``: a read after every round, so a request stops as soon as its rows
             are done. ``n > 1``: n rounds, with the in-flight learning steps due among them, run as one
             stage, so with ``cuda_graphs`` one CUDA graph covers drafting, verification and the updates of
             n rounds without the host; finished rows idle through the up to ``n - 1`` rounds past the end

@@ -454,7 +454,7 @@ class SpeculativeEngine:
         rounds (and the in-flight learning steps due among them) between two host reads."""
         began = time.perf_counter()
         self.rounds.prefill(state, request, timer)
-        per_sync = self.config.rounds_per_sync
+        per_sync = self.rounds.rounds_per_sync(request)
         every = self.config.in_flight_rounds if state.recorder is not None else None
         rounds = 0
         while True:

@@ -152,6 +152,11 @@ class Rounds:
         """Free the states, caches and graphs kept for later requests (``begin``)."""
         self._kept.release()
 
+    def rounds_per_sync(self, request: Request) -> int:
+        """Rounds between two host reads for ``request``: ``EngineConfig.rounds_per_sync``, at most
+        ``max_new_tokens`` (a round emits a token or more per running row, so every row is done by then)."""
+        return min(self.config.rounds_per_sync, request.max_new_tokens)
+
     def _layout(self, request: Request, bucket: int) -> RequestState:
         """Fresh device state for ``request`` (its ``graphs`` still to be set): the prompt left-padded to a
         multiple of ``bucket`` tokens, the drafter's spelled prompt too (``EngineConfig.prompt_bucket``)."""
@@ -225,7 +230,7 @@ class Rounds:
             kept_logits=KeptLogits(
                 request.kept_logits,
                 batch,
-                self.config.rounds_per_sync * (k + 1),
+                self.rounds_per_sync(request) * (k + 1),
                 self.target.vocab_size,
                 new,
                 device,

@@ -218,8 +218,9 @@ def test_alpha_per_row(pair):
 def test_bad_cascades_are_refused_and_the_engine_still_works(pair):
     target, drafter = pair
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="rule"):
-        CascadeConfig("chaw", 0.1)
+    for rule in ("chaw", ["chow"]):  # a list: not `unhashable type`
+        with pytest.raises(ValueError, match="`rule` must be one of"):
+            CascadeConfig(rule, 0.1)
     with pytest.raises(ValueError, match=r"alpha.*chow.*\[0, 1\]"):
         CascadeConfig("chow", 1.5)
     with pytest.raises(ValueError, match=r"lossy.*\[0, 1\)"):

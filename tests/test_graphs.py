@@ -702,6 +702,25 @@ def test_a_streamer_sees_every_round_when_captured(shared_pair, rounds_per_sync)
     assert streamed == out[0, 4:].tolist() and streamer.chunks[-1] is None
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_rounds_per_sync_past_what_a_request_can_use(shared_pair, cuda_graphs):
+    """No request needs more rounds than max_new_tokens (each emits a token or more per running row): a
+    larger rounds_per_sync runs that many (it hung at 2**63, and staged logits for every round it named)."""
+    target, drafter = shared_pair
+    ids, mask = left_padded_prompts(VOCAB, [5, 3], seed=4)
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, output_logits=True,
+                               return_dict_in_generate=True)  # fmt: skip
+    engine = SpeculativeEngine(
+        target, drafter, config=EngineConfig(rounds_per_sync=2**63, cuda_graphs=cuda_graphs)
+    )
+    for _ in range(2):  # captured, then replayed
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=6, output_logits=True,
+                              return_dict_in_generate=True)  # fmt: skip
+        assert torch.equal(out.sequences, expected.sequences)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.logits, expected.logits, strict=True))
+    assert out.stats.rounds <= 6
+
+
 def test_graph_mode_is_checked():
     with pytest.raises(TypeError, match="cuda_graphs"):
         EngineConfig(cuda_graphs="yes")
