@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,8 +15,6 @@ _DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "
 def _local_missing(path: str) -> bool:
     """A path meant as a local folder (absolute, relative with ./ or ../, ~, or deeper than org/name)
     that does not exist: not worth asking the hub about."""
-    from pathlib import Path
-
     if Path(path).expanduser().exists():
         return False
     return path.startswith(("/", ".", "~")) or path.count("/") > 1
@@ -25,6 +24,8 @@ def _from_pretrained(loader, path: str, flag: str, **kwargs):
     """``loader.from_pretrained(path)``, its failures named by the command-line flag that gave ``path``."""
     if _local_missing(path):
         raise ValueError(f"{flag}: no such folder {path!r}")
+    if Path(path).expanduser().is_file():
+        raise ValueError(f"{flag} {path!r} is a file: give the folder that holds it (save_pretrained's)")
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
@@ -46,8 +47,15 @@ def _device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+    if device.type == "meta":
+        raise ValueError(
+            f"--device {name}: the meta device holds no weights to generate with (cpu, cuda, ...)"
+        )
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(
+            f"--device {name}: {device.type} is not available to this torch ({torch.__version__})"
+        )
     return device
 
 
@@ -72,13 +80,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def _int_at_least(text: str, low: int) -> int:
+def seed(text: str) -> int:
+    """argparse type: a seed torch takes, an int in [0, 2**64)."""
+    return _int_at_least(text, 0, 2**64)
+
+
+def _int_at_least(text: str, low: int, end: int | None = None) -> int:
+    within = f">= {low}" if end is None else f"in [{low}, {end})"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an int {within}, got {text!r}") from None
+    if value < low or (end is not None and value >= end):
+        raise argparse.ArgumentTypeError(f"must be an int {within}, got {value}")
     return value
 
 
@@ -293,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    gen.add_argument("--seed", type=int, help="seed torch's RNG (sampling is then reproducible)")
+    gen.add_argument("--seed", type=seed, help="seed torch's RNG (sampling is then reproducible)")
     gen.add_argument("--json", action="store_true", help="print the stats as JSON")
     gen.set_defaults(run=_generate)
 

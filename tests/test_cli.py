@@ -174,14 +174,18 @@ def test_sampling_flags_without_do_sample_are_refused(folders, capsys):
         ("--drafter", [], "--drafter"),
         ("--tokenizer", ["--tokenizer", "{missing}"], "--tokenizer"),
         ("--device", ["--device", "bogus"], "--device"),
+        ("--device", ["--device", "meta"], "--device meta: the meta device holds no weights"),
+        ("--device", ["--device", "hpu"], "--device hpu: hpu is not available"),  # not a traceback
+        ("--model", ["--model", "{file}"], "is a file: give the folder"),
     ],
 )
 def test_bad_paths_and_devices_name_their_flag(folders, capsys, tmp_path, flag, extra, named):
     root, _, _ = folders
     missing = str(tmp_path / "no-such-folder")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
     model = missing if flag == "--model" else str(root / "target")
     drafter = missing if flag == "--drafter" else str(root / "drafter")
-    extra = [arg.format(missing=missing) for arg in extra]
+    extra = [arg.format(missing=missing, file=tmp_path / "weights.safetensors") for arg in extra]
     code = main(["generate", "--model", model, "--drafter", drafter, "--prompt", "w5", *extra])
     assert code == 2
     assert named in capsys.readouterr().err
@@ -190,7 +194,8 @@ def test_bad_paths_and_devices_name_their_flag(folders, capsys, tmp_path, flag, 
 @pytest.mark.parametrize(
     ("command", "flag", "value"),
     [("demo", "--prompts-per-task", "0"), ("cascade-sweep", "--prompts-per-task", "-1"),
-     ("cascade-sweep", "--temperature", "-1"), ("cascade-sweep", "--temperature", "nan")],
+     ("cascade-sweep", "--temperature", "-1"), ("cascade-sweep", "--temperature", "nan"),
+     ("generate", "--seed", str(2**64)), ("generate", "--seed", "-1")],
 )  # fmt: skip
 def test_bad_counts_and_numbers_are_refused_by_the_parser(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:

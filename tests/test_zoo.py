@@ -31,6 +31,18 @@ def test_data_splits_are_fixed_and_disjoint():
         assert all(prompt not in text for text in texts), (task, prompt[:40])
 
 
+def test_held_out_prompts_come_as_many_per_task_as_asked_or_not_at_all():
+    for per_task in (1, 5):
+        tasks = [task for task, _ in heldout_prompts(per_task)]
+        assert {task: tasks.count(task) for task in tasks} == {
+            "code": per_task,
+            "math": per_task,
+            "prose": per_task,
+        }
+    with pytest.raises(ValueError, match="prompts per task must be at most"):  # not fewer, silently
+        heldout_prompts(100_000)
+
+
 def test_zoo_fits_the_budget():
     size = sum(path.stat().st_size for path in Path(ROOT).rglob("*") if path.is_file())
     assert size <= 30 * 2**20, f"the zoo is {size / 2**20:.1f} MiB; the budget is 30 MiB"

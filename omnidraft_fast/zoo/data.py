@@ -76,6 +76,11 @@ def heldout_prompts(per_task: int = 4) -> list[tuple[str, str]]:
             code.append(source[max(0, match.start() - 200) : match.end()].lstrip("\n"))
         for match in re.finditer(r'"""([A-Z][^"\n]{40,})', source):
             prose.append(match.group(1)[:60])
+    if per_task > min(len(code), len(prose)):  # none made up, none dropped: as many of each task
+        raise ValueError(
+            f"prompts per task must be at most {min(len(code), len(prose))} (the held-out modules' "
+            f"{len(code)} code and {len(prose)} prose prompts), got {per_task}"
+        )
     prompts += [("code", text) for text in code[:: max(1, len(code) // per_task)][:per_task]]
     for seed in range(HELDOUT_SEED, HELDOUT_SEED + per_task):
         problem = word_problem(seed)
