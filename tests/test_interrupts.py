@@ -34,14 +34,17 @@ def _interrupting(monkeypatch, when):
     return lambda: monkeypatch.setattr(distill.LoraAdapter, "_serve", original)
 
 
-def test_an_interrupted_restore_does_not_leave_merged_weights_in_the_drafter(monkeypatch):
+def _distilling(**config):
+    """A distilling engine on a fresh pair: (engine, the drafter, its own weights, prompt ids, mask)."""
     target, drafter = _pair()
     own = {name: p.detach().clone() for name, p in drafter.named_parameters()}
-    ids, mask = left_padded_prompts(96, [7, 5])
     torch.manual_seed(0)
-    engine = SpeculativeEngine(
-        target, drafter, config=EngineConfig(distill=DistillConfig(interval=1, rank=8, lr=1e-2))
-    )
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(**config))
+    return engine, drafter, own, *left_padded_prompts(96, [7, 5])
+
+
+def test_an_interrupted_restore_does_not_leave_merged_weights_in_the_drafter(monkeypatch):
+    engine, drafter, own, ids, mask = _distilling(distill=DistillConfig(interval=1, rank=8, lr=1e-2))
     for _ in range(3):  # the adapter learns: its merge differs from the drafter's own weights
         expected = engine.generate(ids, attention_mask=mask, **GREEDY)
     restore = _interrupting(monkeypatch, lambda on, n: not on)  # as the request ends
@@ -55,12 +58,8 @@ def test_an_interrupted_restore_does_not_leave_merged_weights_in_the_drafter(mon
 
 
 def test_an_interrupt_in_the_in_flight_re_merge_reaches_the_caller_as_itself(monkeypatch):
-    target, drafter = _pair()
-    own = {name: p.detach().clone() for name, p in drafter.named_parameters()}
-    ids, mask = left_padded_prompts(96, [7, 5])
-    torch.manual_seed(0)
-    engine = SpeculativeEngine(
-        target, drafter, config=EngineConfig(distill=DistillConfig(interval=1, rank=8), in_flight_rounds=2)
+    engine, drafter, own, ids, mask = _distilling(
+        distill=DistillConfig(interval=1, rank=8), in_flight_rounds=2
     )
     expected = engine.generate(ids, attention_mask=mask, **GREEDY)
     # calls: serving (True), the first in-flight step's pause (False) and re-merge (True): interrupt the latter
@@ -75,12 +74,7 @@ def test_an_interrupt_in_the_in_flight_re_merge_reaches_the_caller_as_itself(mon
 def test_an_interrupt_as_a_training_step_ends_leaves_no_lora_layer_in_the_drafter(monkeypatch):
     from peft.tuners.lora import LoraLayer
 
-    target, drafter = _pair()
-    ids, mask = left_padded_prompts(96, [7, 5])
-    torch.manual_seed(0)
-    engine = SpeculativeEngine(
-        target, drafter, config=EngineConfig(distill=DistillConfig(interval=1, rank=8))
-    )
+    engine, drafter, _, ids, mask = _distilling(distill=DistillConfig(interval=1, rank=8))
     expected = engine.generate(ids, attention_mask=mask, **GREEDY)
     original = distill.LoraAdapter._detach
     fired = []

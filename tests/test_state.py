@@ -48,25 +48,36 @@ def _served(engine, seed):
 LEARNING = dict(distill=DistillConfig(interval=1, rank=8, lr=1e-2), adaptive=AdaptiveConfig(interval=1))
 
 
-def test_a_state_missing_a_part_the_engine_has_is_refused(pair, tmp_path):
-    adapter_only = _engine(pair, distill=LEARNING["distill"])
-    _served(adapter_only, 0)
-    adapter_only.save_state(tmp_path / "adapter.safetensors")
+def _saved_then_learning(pair, path, **source_config):
+    """An engine with ``source_config`` serves once and saves to ``path``; then a learning engine that has
+    served twice, and its learned tensors: (engine, before)."""
+    source = _engine(pair, **source_config)
+    _served(source, 0)
+    source.save_state(path)
     engine = _engine(pair, **LEARNING)
     for seed in (1, 2):
         _served(engine, seed)
-    before = _learned(engine)
+    return engine, _learned(engine)
+
+
+def test_a_state_missing_a_part_the_engine_has_is_refused(pair, tmp_path):
+    engine, before = _saved_then_learning(pair, tmp_path / "adapter.safetensors", distill=LEARNING["distill"])
     with pytest.raises(ValueError, match=r"holds no acceptance head .* but this engine has one"):
         engine.load_state(tmp_path / "adapter.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(before, _learned(engine), strict=True))
 
 
+def _saved_file(engine, path):
+    """Serve once, save to ``path``; the file's tensors and metadata."""
+    _served(engine, 0)
+    engine.save_state(path)
+    return load_file(str(path)), safe_open(str(path), "pt").metadata()
+
+
 def test_a_damaged_state_is_refused(pair, tmp_path):
     engine = _engine(pair, **LEARNING)
-    _served(engine, 0)
     path = tmp_path / "state.safetensors"
-    engine.save_state(path)
-    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    tensors, metadata = _saved_file(engine, path)
     name = next(n for n in tensors if n.startswith("adapter."))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
@@ -85,11 +96,7 @@ def test_a_damaged_state_is_refused(pair, tmp_path):
 
 
 def test_a_state_without_moments_restarts_them(pair, tmp_path):
-    engine = _engine(pair, **LEARNING)
-    _served(engine, 0)
-    path = tmp_path / "state.safetensors"
-    engine.save_state(path)
-    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    tensors, metadata = _saved_file(_engine(pair, **LEARNING), tmp_path / "state.safetensors")
     save_file({n: t for n, t in tensors.items() if not n.startswith("optimizer.")}, str(tmp_path / "old.safetensors"),
               metadata=metadata)  # fmt: skip
     other = _engine(pair, **LEARNING)
@@ -141,13 +148,7 @@ def test_a_cross_vocabulary_state_that_does_not_fit_its_table_is_refused(transla
 def test_an_interrupted_load_leaves_the_engine_as_it_was(pair, tmp_path, monkeypatch):
     from omnidraft_fast import optim
 
-    source = _engine(pair, **LEARNING)
-    _served(source, 0)
-    source.save_state(tmp_path / "state.safetensors")
-    engine = _engine(pair, **LEARNING)
-    for seed in (1, 2):
-        _served(engine, seed)
-    before = _learned(engine)
+    engine, before = _saved_then_learning(pair, tmp_path / "state.safetensors", **LEARNING)
     original = optim.AdamW.load_state_dict
     calls = []
 
