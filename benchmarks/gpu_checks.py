@@ -148,4 +148,9 @@ def _sync_checked(function):
 
 
 if __name__ == "__main__":
-    {"kernels": kernels, "syncs": syncs}[sys.argv[1]]()
+    checks = {"kernels": kernels, "syncs": syncs}
+    if len(sys.argv) != 2 or sys.argv[1] not in checks:
+        sys.exit(
+            f"usage: python {sys.argv[0]} {{{'|'.join(checks)}}}  (each check's docstring says what it runs)"
+        )
+    checks[sys.argv[1]]()

@@ -55,7 +55,10 @@ def generate(
     """Speculative decoding of ``model`` with a small ``drafter``, called like ``model.generate()``.
 
     Greedy output is token-for-token that of ``model.generate(do_sample=False)``; sampled output follows
-    the target's distribution exactly (temperature, top-k, top-p). ``kwargs`` are ``GenerationConfig``
+    the target's distribution exactly (temperature, top-k, top-p), except where asked otherwise: a
+    ``cascade`` verifies against its deferral rule, and a drafter with another vocabulary under
+    ``translation="omnidraft"`` (the default) is approximately lossless where the n-gram table merged
+    (``EngineConfig.translation``). ``kwargs`` are ``GenerationConfig``
     fields, as ``model.generate()`` takes them (``max_new_tokens``, ``do_sample``, ``temperature``,
     ``eos_token_id``, ...; ``None`` overrides too); those left unset resolve as there: the model's
     generation_config, then transformers' defaults (so sampling without ``top_k`` uses top-k 50; pass

@@ -53,7 +53,8 @@ class CascadeConfig:
             ``q(v) >= max p - alpha`` / ``p(v) >= max p - alpha`` / ``p(v) >= (1 - alpha) max p``; [-1, 1])
             or ``"lossy"`` (lossy speculative decoding: accept with ``min(1, p / ((1 - alpha) q))``;
             [0, 1)).
-        alpha: the rule's leniency, one number or one per row of the batch. Larger is more lenient
+        alpha: the rule's leniency, one number or one per prompt of the batch (its ``num_return_sequences``
+            copies share it). Larger is more lenient
             (faster, further from the target). chow 0, diff -1, token_v1..v3 -1 and lossy 0 are exact
             speculative sampling; chow 1, diff 1 and token_v1..v3 1 accept every drafted token.
     """
