@@ -21,7 +21,7 @@ taken.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,13 +63,14 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
+    # Written aside and renamed, with the permissions open() gives a new file (0o666 less the umask, which
+    # can only be read by setting it: a race with other threads' files); safetensors writes 0o600.
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        save_file(tensors, temporary, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
+        mode = os.stat(temporary).st_mode
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
