@@ -143,6 +143,19 @@ class ReplayGraph(TorchDispatchMode):
         finally:
             self._refusal.close()
 
+    def record(self, stage: Callable[..., Any], *args: Any) -> None:
+        """``with self: stage(*args)``, leaving the thread as it was however that ends: an exit cut short (a
+        Ctrl-C as ``__exit__`` begins) would leave this recorder on the thread's dispatch stack, refusing
+        every later host read there."""
+        depth = torch._C._len_torch_dispatch_stack()
+        try:
+            with self:
+                stage(*args)
+        finally:
+            while torch._C._len_torch_dispatch_stack() > depth:
+                _pop_mode()
+            self._refusal.close()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
@@ -227,14 +240,7 @@ class StageGraphs:
                     graph.replay()  # a capture records the work without doing it
                 else:
                     graph = ReplayGraph()
-                    depth = torch._C._len_torch_dispatch_stack()
-                    try:
-                        with graph:  # a recording does the work
-                            stage(untimed)
-                    finally:  # an exit cut short (Ctrl-C) must not leave the recorder on this thread
-                        while torch._C._len_torch_dispatch_stack() > depth:
-                            _pop_mode()
-                        graph._refusal.close()
+                    graph.record(stage, untimed)  # a recording does the work
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:  # what a capture raises (CUDA's errors, CaptureError); the rest,
