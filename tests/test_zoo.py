@@ -48,6 +48,22 @@ def test_zoo_fits_the_budget():
     assert size <= 30 * 2**20, f"the zoo is {size / 2**20:.1f} MiB; the budget is 30 MiB"
 
 
+def test_sentencepiece_style_cuts_words_where_sentencepiece_does(trained_tokenizers):
+    """No token of the SentencePiece-style tokenizer spans a word boundary, and a run of spaces is cut as
+    Mistral cuts it: its own tokens, but for the space that begins the next word (so indentation has tokens
+    of its own instead of one per space)."""
+    tokenizer = trained_tokenizers[0]
+    text = "def f(x):\n        return x  \n    y = 1\tz   "
+    pieces = tokenizer.tokenize(text)
+    for piece in pieces:  # a space run, or a word with at most its one leading space
+        assert set(piece) == {"▁"} or "▁" not in piece[1:], pieces
+    before = pieces[next(i for i, piece in enumerate(pieces) if piece.startswith("▁r")) - 1]
+    assert len(before) > 1 and set(before) == {"▁"}, pieces  # 7 of the 8 spaces: not seven tokens
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+    runs = [piece for piece in tokenizer.get_vocab() if len(piece) > 1 and set(piece) == {"▁"}]
+    assert runs, "the corpus's indentation should give space-run tokens"
+
+
 @pytest.fixture(scope="module")
 def zoo():
     return load("code-pair")

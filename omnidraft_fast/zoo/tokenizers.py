@@ -1,7 +1,10 @@
 """Training the zoo's two tokenizer styles with the `tokenizers` library (no download).
 
 - ``sentencepiece_style``: metaspace (``▁`` for spaces, a dummy prefix) with the 256 byte-fallback
-  tokens ``<0xNN>``, like Llama-2/Mistral; BOS ``<s>``, EOS ``</s>``.
+  tokens ``<0xNN>``, like Llama-2/Mistral; BOS ``<s>``, EOS ``</s>``. Words are cut where SentencePiece
+  cuts them: before a space, and a run of spaces is a piece of its own but for the space that begins the
+  next word (Mistral: ``"\n        return"`` is ``<0x0A> ▁▁▁▁▁▁▁ ▁return``), so code's indentation gets
+  tokens of its own.
 - ``byte_level``: GPT-2-style byte-level BPE (``Ġ``/``Ċ``), like Llama-3/Qwen; EOS ``<|endoftext|>``.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
@@ -21,8 +24,14 @@ def sentencepiece_style(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     """A metaspace BPE with byte fallback of exactly ``vocab_size`` ids (256 of them byte tokens)."""
     if vocab_size <= 256 + 3:
         raise ValueError(f"`vocab_size` must exceed 259 (256 byte tokens + 3 specials), got {vocab_size}")
-    # Words are split at spaces before BPE, so no token spans a word boundary (as in SentencePiece).
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Pieces before BPE, so that no token spans a word boundary: a word with the space before it, a run of
+    # spaces less the one that begins the next word, a run of spaces at the end.
+    metaspace = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            pre_tokenizers.Split(Regex("▁?[^▁]+|▁+(?=▁[^▁])|▁+"), behavior="isolated"),
+        ]
+    )
     draft = Tokenizer(BPE(unk_token="<unk>"))
     draft.pre_tokenizer = metaspace
     trainer = trainers.BpeTrainer(

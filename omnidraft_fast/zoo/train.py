@@ -14,7 +14,8 @@ With fixed seeds, on ``zoo/data.py``'s corpus, it trains:
    spelled through the vocabulary bridge (``spelled_stream``).
 
 ``--resume`` loads the models already in ``--out`` and runs only step 3 (the card keeps the earlier
-figures and adds the distillation's).
+figures and adds the distillation's); ``--retrain NAME`` with it first builds that drafter anew (its
+tokenizer too, steps 1-2, ``--drafter-steps``) and keeps the other models.
 
 It uses a GPU when one is available (then larger models and more steps are worth it: pass them), else the
 CPU. Weights are written as fp16 safetensors with their tokenizers and a model card (``MODEL_CARD.md``).
@@ -60,6 +61,8 @@ class ModelSpec:
 TARGET = ModelSpec(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768, tied=False)
 DRAFTER = ModelSpec(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384, tied=True)
 TARGET_VOCAB, DRAFTER_VOCAB = 3072, 2048
+DRAFTERS = ("drafter-shared", "drafter-cross")
+MODELS = ("target", *DRAFTERS)
 
 
 def llama_model(
@@ -238,13 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="load the models in --out; distil only")
     parser.add_argument(
-        "--distill-only", action="append", choices=("drafter-shared", "drafter-cross"),
+        "--retrain", action="append", choices=DRAFTERS, default=[],
+        help="with --resume: train this drafter and its tokenizer anew first (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-only", action="append", choices=DRAFTERS,
         help="distil only this drafter (repeatable; default: both)",
     )  # fmt: skip
     parser.add_argument("--batch", type=positive_int, default=16)
     parser.add_argument("--length", type=positive_int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.retrain and not args.resume:
+        parser.error("--retrain needs --resume (without it every model is trained anew)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or (3000 if device.type == "cuda" else 600)
     drafter_steps = args.drafter_steps or steps
@@ -254,24 +263,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {len(texts)} texts, {sum(map(len, texts)) / 1e6:.1f} M characters; device {device}")
     if args.resume:
         models, tokenizers, card = _load(args.out, device)
+        fresh = list(dict.fromkeys(args.retrain))
     else:
-        tokenizers = {"target": byte_level(texts, TARGET_VOCAB)}
-        tokenizers["drafter-shared"] = tokenizers["target"]
-        tokenizers["drafter-cross"] = sentencepiece_style(texts, DRAFTER_VOCAB)
-        eos_t = tokenizers["target"].eos_token_id
-        eos_d, bos_d = tokenizers["drafter-cross"].eos_token_id, tokenizers["drafter-cross"].bos_token_id
-        models = {
-            "target": llama_model(TARGET, TARGET_VOCAB, eos_t, None, args.seed),
-            "drafter-shared": llama_model(DRAFTER, TARGET_VOCAB, eos_t, None, args.seed + 1),
-            "drafter-cross": llama_model(DRAFTER, DRAFTER_VOCAB, eos_d, bos_d, args.seed + 2),
-        }
-        card = []
-        for index, name in enumerate(models):
-            n, lr = (steps, 3e-3) if name == "target" else (drafter_steps, 5e-3)
-            card.append(
-                pretrain(name, models[name], tokenizers[name], texts, args, steps=n, lr=lr,
-                         seed=args.seed + 10 * index, device=device)
-            )  # fmt: skip
+        tokenizers, models, card = {"target": byte_level(texts, TARGET_VOCAB)}, {}, []
+        fresh = MODELS
+    for index, name in enumerate(MODELS):
+        if name not in fresh:
+            continue
+        cross = name == "drafter-cross"
+        tokenizer = tokenizers[name] = (
+            sentencepiece_style(texts, DRAFTER_VOCAB) if cross else tokenizers["target"]
+        )
+        models[name] = llama_model(
+            TARGET if name == "target" else DRAFTER, DRAFTER_VOCAB if cross else TARGET_VOCAB,
+            tokenizer.eos_token_id, tokenizer.bos_token_id if cross else None, args.seed + index,
+        )  # fmt: skip
+        n, lr = (steps, 3e-3) if name == "target" else (drafter_steps, 5e-3)
+        row = pretrain(name, models[name], tokenizer, texts, args, steps=n, lr=lr, seed=args.seed + 10 * index,
+                       device=device)  # fmt: skip
+        card = sorted([r for r in card if r["model"] != name] + [row], key=lambda r: MODELS.index(r["model"]))
+    models = {name: models[name] for name in MODELS}
     if args.distill_steps:
         _distill(args, models, tokenizers, card, texts, device)
     for name, model in models.items():
@@ -284,9 +295,9 @@ def main(argv: list[str] | None = None) -> None:
 def _load(out: Path, device) -> tuple[dict, dict, list[dict]]:
     from transformers import AutoTokenizer
 
-    names = ("target", "drafter-shared", "drafter-cross")
-    models = {n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32).to(device) for n in names}
-    tokenizers = {n: AutoTokenizer.from_pretrained(out / n) for n in names}
+    models = {n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32).to(device) for n in MODELS}
+    tokenizers = {n: AutoTokenizer.from_pretrained(out / n) for n in ("target", "drafter-cross")}
+    tokenizers["drafter-shared"] = tokenizers["target"]  # one object: _distill tells a cross drafter by it
     card = json.loads((out / "card.json").read_text())
     return models, tokenizers, card
 
@@ -382,7 +393,7 @@ def _write_card(args, device, card: list[dict]) -> None:
         f"{', '.join(HELDOUT_MODULES)} (held out), plus generated arithmetic word problems (seeds < {HELDOUT_SEED};",
         "  higher seeds are held out). See `omnidraft_fast/zoo/data.py`.",
         f"- Tokenizers: target and drafter-shared: byte-level BPE, {TARGET_VOCAB} ids; drafter-cross: "
-        f"SentencePiece-style (metaspace, byte fallback), {DRAFTER_VOCAB} ids.",
+        f"SentencePiece-style (metaspace, byte fallback, runs of spaces as tokens), {DRAFTER_VOCAB} ids.",
         f"- Training: windows of {args.length} tokens, batch {args.batch}, AdamW (0.9, 0.95), weight decay 0.1,",
         "  warm-up then cosine decay; fp32 weights (bf16 autocast on CUDA), stored in fp16.",
         f"- Shapes: target {json.dumps(asdict(TARGET))}; drafters {json.dumps(asdict(DRAFTER))}.",
