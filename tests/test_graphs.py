@@ -649,7 +649,7 @@ def test_several_rounds_per_host_read_with_learning_in_flight(shared_pair):
 
 
 def test_several_rounds_per_host_read_across_vocabularies(cross_pair):
-    request = _cross_request(cross_pair, ["def parse(text):\n    return", "x = [i for"], max_new_tokens=12,
+    request = _cross_request(cross_pair, ["def parse(text):\n    return", "x = [i for"], max_new_tokens=24,
                              do_sample=True)  # fmt: skip
     results = _per_sync(
         lambda graphs, sync: _cross_engine(cross_pair, rounds_per_sync=sync, cuda_graphs=graphs),
