@@ -28,6 +28,7 @@ from .processing import Processing
 
 __all__ = ["Request", "resolve_request"]
 
+_INT64 = (-(2**63), 2**63 - 1)  # token ids are held as int64 tensors, as in transformers
 # Fields transformers takes from the assistant model's generation_config (candidate_generator.py).
 _ASSISTANT_FIELDS = ("num_assistant_tokens", "assistant_confidence_threshold")
 
@@ -117,9 +118,24 @@ def _as_id_tuple(value, name: str) -> tuple[int, ...]:
         values = list(value)
     else:
         raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
-    if not all(is_int(v) and -(2**63) <= v < 2**63 for v in values):
+    if not all(is_int(v) and _INT64[0] <= v <= _INT64[1] for v in values):
         raise TypeError(f"`{name}` must be an int or a list of ints, got {value!r}")
     return tuple(values)
+
+
+def _check_unused_id(value, name: str) -> None:
+    """A token id that changes nothing here (``bos_token_id``, ``decoder_start_token_id``: no prompt is
+    made from them) is still refused where ``model.generate()`` refuses it: it makes an int64 tensor of
+    every one, which a string or an int beyond int64 fails."""
+    if value is None or isinstance(value, torch.Tensor):
+        return
+    try:
+        torch.tensor(value, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TypeError(
+            f"`{name}` must be a token id (an int within int64) or a list of them, got {value!r}; "
+            "model.generate() refuses it too"
+        ) from None
 
 
 def resolve_request(
@@ -172,10 +188,19 @@ def resolve_request(
     eos_ids = _as_id_tuple(fields.get("eos_token_id"), "eos_token_id")
     if pad_token_id is None and eos_ids:
         pad_token_id = eos_ids[0]  # as transformers does
-    if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1 and not pad_token_id.is_meta:
+    if (
+        isinstance(pad_token_id, torch.Tensor)
+        and pad_token_id.numel() == 1
+        and not pad_token_id.is_meta
+        and not (
+            pad_token_id.is_floating_point() or pad_token_id.is_complex() or pad_token_id.dtype == torch.bool
+        )
+    ):
         pad_token_id = int(pad_token_id.item())  # as eos_token_id, transformers takes a tensor too
-    if pad_token_id is not None and not is_int(pad_token_id):
-        raise TypeError(f"`pad_token_id` must be an int, got {pad_token_id!r}")
+    if pad_token_id is not None and not (is_int(pad_token_id) and _INT64[0] <= pad_token_id <= _INT64[1]):
+        raise TypeError(f"`pad_token_id` must be an int (a token id, within int64), got {pad_token_id!r}")
+    for name in ("bos_token_id", "decoder_start_token_id"):
+        _check_unused_id(fields.get(name), name)
     if attention_mask is None and pad_token_id is not None:
         fix = (
             "pass the tokenizer's attention_mask (e.g. **tokenizer(texts, padding=True, padding_side='left', "
@@ -315,6 +340,19 @@ def resolve_request(
         stop_strings = (stop_strings,)
     if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(t, str) and t for t in stop_strings):
         raise ValueError(f"`stop_strings` must be a non-empty string or a list of them, got {stop_strings!r}")
+
+    # Rows of a batch that end before the others are padded with pad_token_id: rows ending at an EOS id of
+    # the vocabulary, or at a stop (which ends a row only when an EOS id is set, as in transformers).
+    ends_early = any(0 <= eos < vocab_size for eos in eos_ids) or bool(
+        eos_ids and (stop_strings or stopping_criteria)
+    )
+    if pad_token_id is not None and not 0 <= pad_token_id < vocab_size and ids.shape[0] > 1 and ends_early:
+        source = "" if "pad_token_id" in fields else " (eos_token_id[0], as no pad_token_id is set)"
+        raise ValueError(
+            f"`pad_token_id`={pad_token_id}{source} lies outside the target's vocabulary [0, {vocab_size}), "
+            "and a batch's rows that end before the others are padded with it (model.generate() then feeds it "
+            "to the model, which fails); pass a token id of the vocabulary, e.g. the tokenizer's pad_token_id"
+        )
 
     threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
     if threshold is not None:

@@ -645,12 +645,63 @@ def test_non_zero_token_type_ids(models, run):
         ({"eos_token_id": 1.5}, r"`eos_token_id` must be an int or a list of ints"),  # not list()'s message
         ({"eos_token_id": 2**63}, r"`eos_token_id` must be an int or a list of ints"),  # nor torch's overflow
         ({"pad_token_id": 1.5}, r"`pad_token_id` must be an int"),
+        ({"pad_token_id": 2**63}, r"`pad_token_id` must be an int \(a token id, within int64\), got 9223"),
+        ({"pad_token_id": -(2**63) - 1}, r"`pad_token_id` must be an int \(a token id, within int64\)"),
+        ({"pad_token_id": torch.tensor(1.5), "eos_token_id": 5}, r"`pad_token_id` must be an int"),  # not 1
+        # no effect here, but model.generate() refuses what no int64 tensor holds: so does the engine
+        ({"bos_token_id": 2**63}, r"`bos_token_id` must be a token id \(an int within int64\)"),
+        ({"bos_token_id": "<s>"}, r"`bos_token_id` must be a token id"),
+        ({"decoder_start_token_id": -(2**63) - 1}, r"`decoder_start_token_id` must be a token id"),
     ],
 )
 def test_bad_special_token_ids(models, run, kwargs, match):
     with pytest.raises(TypeError, match=match):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **kwargs)
     assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pad_token_id": -1, "eos_token_id": 5}, r"`pad_token_id`=-1 lies outside the target's vocabulary"),
+        ({"pad_token_id": VOCAB, "eos_token_id": [99, 5]}, rf"`pad_token_id`={VOCAB} lies outside"),
+        (
+            {"eos_token_id": [-1, 5]},
+            r"`pad_token_id`=-1 \(eos_token_id\[0\], as no pad_token_id is set\) lies",
+        ),
+        # an EOS id no token can match, but a stop string ends a row: padded too
+        (
+            {"pad_token_id": -1, "eos_token_id": 99, "stopping_criteria": [lambda ids, scores: True]},
+            "`pad_token_id`",
+        ),
+    ],
+)
+def test_pad_token_id_outside_the_vocabulary_in_a_batch(models, run, kwargs, match):
+    """A pad id that no token has pads the rows that end early (model.generate() feeds it to the model
+    then: an IndexError): refused by name."""
+    with pytest.raises(ValueError, match=match):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, **kwargs)
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pad_token_id": -1, "eos_token_id": 5, "rows": 1},  # a row alone is never padded
+        {"pad_token_id": -1, "eos_token_id": 99},  # no row can end early
+        {"pad_token_id": 10**7},  # no EOS: no padding
+        {"eos_token_id": -1},  # transformers warns, and generates to the length
+        {"bos_token_id": -1, "decoder_start_token_id": 1.5},  # no effect, made into tensors by transformers
+        {"pad_token_id": torch.tensor(3), "eos_token_id": 5},
+    ],
+)
+def test_special_token_ids_transformers_takes(models, run, kwargs):
+    """Special token ids model.generate() runs with (out of the vocabulary, negative, ...): the same output."""
+    kwargs = dict(kwargs)
+    rows = kwargs.pop("rows", 2)
+    ids, mask = models.ids[-rows:], models.mask[-rows:]  # the last row ends at id 5
+    expected = models.target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, **kwargs)
+    assert torch.equal(run(ids, attention_mask=mask, max_new_tokens=NEW, **kwargs), expected)
 
 
 def test_streamer_with_batch_of_two(models, run):
