@@ -200,7 +200,8 @@ class AdaptiveConfig:
             rows with labels recomputed under the current drafter) or ``"joint"`` (head and drafter in one
             backward pass on the same rows, with verification's labels; the head's loss also trains the
             drafter's adapter).
-        blocks: residual ``x + SiLU(W x)`` blocks before the final linear layer.
+        blocks: residual ``x + SiLU(W x)`` blocks before the final linear layer (an engine whose device
+            cannot hold them, with their gradients and AdamW moments, refuses them).
         interval: served rows between two training steps of the head (the distiller's when distillation
             is on, so that both learn from the same rows).
         replay: rows kept for the alternating mode's replay.
@@ -294,7 +295,7 @@ class EngineConfig:
             for any proposal).
         ngram_capacity: slots of the n-gram table (rounded up to a power of two); with ``ngram_preseed``
             at least 4 per seed (``NGramTable.seeded``: 512k slots, about 16 MB, for a Qwen target and a
-            Mistral drafter).
+            Mistral drafter). A table larger than the device's memory is refused when the engine is built.
         ngram_max_len: the longest run of drafter tokens merged into one target token (N).
         ngram_preseed: fill the table with the drafter spelling of every target token at start.
         split_tokens: a drafted token with no target twin is proposed as the target tokens that spell its

@@ -43,6 +43,7 @@ from .bridge import VocabBridge
 from .config import AdaptiveConfig, DistillConfig, SamplingParams
 from .distill import LoraAdapter, hybrid_distillation_loss
 from .experience import Example, Recorder, Window
+from .memory import check_fits
 from .models import CausalLM, head_inputs
 from .optim import AdamW
 
@@ -107,6 +108,16 @@ class OnlineLearner:
         frozen: list[torch.nn.Parameter] = (),
     ):
         device, vocab = drafter.device, drafter.vocab_size
+        if adaptive is not None:  # before the drafter gets an adapter
+            hidden_size = drafter.model.get_output_embeddings().weight.shape[1]
+            # the head is built on the CPU, then moved: its blocks' weights, their gradients, AdamW's moments
+            check_fits(
+                f"`AdaptiveConfig.blocks`={adaptive.blocks}",
+                4 * 4 * adaptive.blocks * (hidden_size * hidden_size + hidden_size),
+                f"the acceptance head ({adaptive.blocks:,} blocks of {hidden_size}x{hidden_size} float32 weights, "
+                "their gradients and AdamW moments)",
+                ("cpu", device),
+            )
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
         if bridge is None:
             self.support = torch.ones(vocab, dtype=torch.bool, device=device)
@@ -139,7 +150,6 @@ class OnlineLearner:
             )
         self.head = None
         if adaptive is not None:
-            hidden_size = drafter.model.get_output_embeddings().weight.shape[1]
             self.head = AcceptanceHead(
                 hidden_size, adaptive.blocks, adaptive.prior, adaptive.confidence_input
             ).to(device)

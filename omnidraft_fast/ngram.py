@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from . import ops
 from .kernels.ngram import EMPTY, hash_keys_reference
+from .memory import check_fits
 
 __all__ = ["NGramTable"]
 
@@ -34,7 +35,14 @@ class NGramTable:
             raise ValueError(f"`ngram_capacity` must be an int >= 1, got {capacity!r}")
         if not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2 (runs of 2+ drafter ids), got {max_len!r}")
-        capacity = 1 << (capacity - 1).bit_length()
+        slots = 1 << (capacity - 1).bit_length()
+        check_fits(
+            f"`ngram_capacity`={capacity} with `ngram_max_len`={max_len}",
+            slots * (8 + 4 * max_len + 4 + 8),  # the four tensors below, per slot
+            f"the n-gram table ({slots:,} slots of {max_len} int32 ids, a value, a hash and a count)",
+            (device,),
+        )
+        capacity = slots
         self.max_len = max_len
         self.hashes = torch.full((capacity,), EMPTY, dtype=torch.int64, device=device)  # insert claim words
         self.key_ids = torch.full((capacity, max_len), -1, dtype=torch.int32, device=device)

@@ -272,6 +272,27 @@ def test_bad_configs_name_the_argument(make, match):
         make()
 
 
+@pytest.mark.parametrize("distill", [None, DistillConfig(rank=8, interval=1)])
+def test_an_acceptance_head_larger_than_the_device_is_refused_before_anything_is_built(shared_pair, distill):
+    """`blocks` whose weights alone outgrow the device's memory: refused at once by name (they were built one
+    by one, for hours), before the drafter gets an adapter; a head that fits serves."""
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    modules = [type(m) for m in drafter.modules()]
+    with pytest.raises(
+        ValueError, match=r"`AdaptiveConfig.blocks`=1000000000000 needs [\d,]+ bytes for the acc"
+    ):
+        SpeculativeEngine(
+            target, drafter, config=EngineConfig(distill=distill, adaptive=AdaptiveConfig(blocks=10**12))
+        )
+    assert [type(m) for m in drafter.modules()] == modules and not getattr(drafter, "peft_config", None)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(
+        distill=distill, adaptive=AdaptiveConfig(blocks=3, interval=1)))  # fmt: skip
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert engine.learner.stats.head_steps > 0
+
+
 # ------------------------------------------------------------------------------------------ recording
 def test_recorded_rows_are_what_was_served(shared_pair):
     """Shared vocabulary, greedy: a row's context is prompt + output, its KL labels are the target's

@@ -202,3 +202,12 @@ def test_insert_refuses_what_it_would_truncate_and_names_its_own_arguments():
     assert int(table.size()) == 0
     table.insert(keys.int(), torch.tensor([7, 8], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int16))
     assert table.lookup(keys).tolist() == [7, 8] and table.counts.sum().item() == 3
+
+
+@pytest.mark.parametrize(("capacity", "max_len"), [(10**12, 4), (2**70, 2), (16, 10**12)])
+def test_a_table_larger_than_the_device_is_refused_by_name(capacity, max_len):
+    """Sizes whose tensors outgrow the device's memory: an error naming both settings, not the allocator's."""
+    with pytest.raises(
+        ValueError, match=rf"`ngram_capacity`={capacity} with `ngram_max_len`={max_len} needs"
+    ):
+        NGramTable(capacity, max_len)
