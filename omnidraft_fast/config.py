@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,7 +155,7 @@ class DistillConfig:
             raise TypeError(
                 f"`target_modules` must be a string or a sequence of names, got {self.target_modules!r}"
             )
-        _check_interval("interval", self.interval)
+        _check_interval("interval", self.interval, sys.maxsize, _ROWS_HELD)
         if not is_positive(self.lr):
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -204,8 +205,9 @@ class AdaptiveConfig:
             cannot hold them, with their gradients and AdamW moments, refuses them).
         interval: served rows between two training steps of the head (the distiller's when distillation
             is on, so that both learn from the same rows).
-        replay: rows kept for the alternating mode's replay.
-        head_steps: optimiser steps of the head per training step in the alternating mode.
+        replay: rows kept for the alternating mode's replay (at most ``sys.maxsize``, a deque's limit).
+        head_steps: optimiser steps of the head per training step in the alternating mode (at most 2**24,
+            what AdamW's float32 step count counts exactly).
         lr, weight_decay: AdamW for the head.
         reject_weight: ``w``, the weight of the reject side of the cross-entropy.
         prior: the acceptance the untrained head predicts (its output bias), without ``confidence_input``.
@@ -237,9 +239,9 @@ class AdaptiveConfig:
             raise ValueError(f"`mode` must be 'alternating' or 'joint', got {self.mode!r}")
         if not is_int(self.blocks) or self.blocks < 0:
             raise ValueError(f"`blocks` must be an int >= 0, got {self.blocks!r}")
-        _check_interval("interval", self.interval)
-        _check_interval("replay", self.replay)
-        _check_interval("head_steps", self.head_steps)
+        _check_interval("interval", self.interval, sys.maxsize, _ROWS_HELD)
+        _check_interval("replay", self.replay, sys.maxsize, _ROWS_HELD)
+        _check_interval("head_steps", self.head_steps, 2**24, _STEPS_COUNTED)
         if not is_positive(self.lr):
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -275,9 +277,20 @@ def check_confidence_threshold(name: str, value) -> None:
         )
 
 
-def _check_interval(name: str, value) -> None:
+def _check_interval(name: str, value, most: int | None = None, why: str = "") -> None:
+    """An int >= 1, and <= ``most`` when given (``why``: the reason, shown with the limit)."""
     if not is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"`{name}` must be at most {most} ({why}), got {value!r}")
+
+
+# A count of rows the learners keep waiting or replay lives in a Python list or deque, which holds at most
+# sys.maxsize items (a deque's maxlen is a C ssize_t): an `interval` past it would never be reached.
+_ROWS_HELD = "the most rows a Python list or deque can hold (sys.maxsize)"
+# AdamW's step count is a float32 tensor (optim.py), which counts exactly up to 2**24: the steps of one
+# training step of more head steps could not all be counted (LearnerStats.head_steps, the saved state).
+_STEPS_COUNTED = "the most optimiser steps AdamW's float32 step count counts exactly (2**24)"
 
 
 @dataclass(frozen=True)

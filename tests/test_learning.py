@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -265,6 +266,15 @@ def test_untrained_head_predicts_its_prior():
         (lambda: EngineConfig(ngram_capacity=True), "ngram_capacity"),
         (lambda: EngineConfig(max_spelling=True), "max_spelling"),
         (lambda: EngineConfig(ngram_preseed="no"), "ngram_preseed"),
+        # counts past what holds them: a deque's maxlen, a list's length, AdamW's float32 step count
+        (lambda: AdaptiveConfig(replay=2**63), r"`replay` must be at most \d+ \(the most rows a Python list"),
+        (lambda: AdaptiveConfig(interval=sys.maxsize + 1), r"`interval` must be at most"),
+        (lambda: DistillConfig(interval=2**63), r"`interval` must be at most \d+ \(the most rows"),
+        (
+            lambda: AdaptiveConfig(head_steps=10**12),
+            r"`head_steps` must be at most 16777216 \(the most optim",
+        ),
+        (lambda: AdaptiveConfig(head_steps=2**24 + 1), r"`head_steps` must be at most 16777216"),
     ],
 )
 def test_bad_configs_name_the_argument(make, match):
@@ -272,10 +282,16 @@ def test_bad_configs_name_the_argument(make, match):
         make()
 
 
+def test_large_workable_configs_are_accepted():
+    """Up to the limits above, large values are taken: the config does not know the device."""
+    AdaptiveConfig(replay=sys.maxsize, interval=sys.maxsize, head_steps=2**24, blocks=10**12)
+    DistillConfig(interval=sys.maxsize)
+
+
 @pytest.mark.parametrize("distill", [None, DistillConfig(rank=8, interval=1)])
 def test_an_acceptance_head_larger_than_the_device_is_refused_before_anything_is_built(shared_pair, distill):
     """`blocks` whose weights alone outgrow the device's memory: refused at once by name (they were built one
-    by one, for hours), before the drafter gets an adapter; a head that fits serves."""
+    by one, for hours), before the drafter gets an adapter; a head that fits with a long replay serves."""
     target, drafter = shared_pair
     drafter = copy.deepcopy(drafter)
     modules = [type(m) for m in drafter.modules()]
@@ -287,7 +303,7 @@ def test_an_acceptance_head_larger_than_the_device_is_refused_before_anything_is
         )
     assert [type(m) for m in drafter.modules()] == modules and not getattr(drafter, "peft_config", None)
     engine = SpeculativeEngine(target, drafter, config=EngineConfig(
-        distill=distill, adaptive=AdaptiveConfig(blocks=3, interval=1)))  # fmt: skip
+        distill=distill, adaptive=AdaptiveConfig(blocks=3, replay=sys.maxsize, interval=1)))  # fmt: skip
     ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
     engine.generate(ids, attention_mask=mask, max_new_tokens=6)
     assert engine.learner.stats.head_steps > 0
