@@ -32,6 +32,37 @@ def _from_pretrained(loader, path: str, flag: str, **kwargs):
         raise ValueError(f"{flag} {path!r}: {str(error).splitlines()[0]}") from error
 
 
+# What a saved tokenizer's vocabulary lives in (fast tokenizers, SentencePiece, BPE, WordPiece, tiktoken).
+_VOCABULARY_FILES = ("tokenizer.json", "*.model", "vocab.*", "merges.txt", "*.tiktoken", "tekken.json")
+
+
+def _load_tokenizer(path: str, flag: str, instead: str | None):
+    """The tokenizer saved at ``path`` (given by ``flag``; ``instead``: the flag that names another folder
+    for it). A folder with no tokenizer in it is refused naming ``flag``: transformers then builds one from
+    the model's config alone, with no vocabulary but its special tokens, or fails to build one."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    missing = folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in _VOCABULARY_FILES)
+    files = f"the folder holds no tokenizer files ({', '.join(_VOCABULARY_FILES)})"
+    fix = "save the tokenizer into it (tokenizer.save_pretrained(folder))" + (
+        f", or give the tokenizer's folder with {instead}" if instead else ""
+    )
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, path, flag)
+    except ValueError as error:
+        if missing:
+            raise ValueError(f"{flag} {path!r}: {files}; {fix}") from error
+        raise
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        where = f" ({files})" if missing else ""
+        raise ValueError(
+            f"{flag} {path!r}: its tokenizer has no vocabulary, only the special tokens "
+            f"{tokenizer.all_special_tokens}{where}; {fix}"
+        )
+    return tokenizer
+
+
 def _load(path: str, dtype: str, device: str, flag: str):
     from transformers import AutoModelForCausalLM
 
@@ -97,8 +128,6 @@ def _int_at_least(text: str, low: int, end: int | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from .api import generate
     from .config import EngineConfig
 
@@ -109,16 +138,17 @@ def _generate(args: argparse.Namespace) -> int:
             f"{', '.join(sampling_flags)} shape sampling: add --do-sample, or leave them out for greedy"
         )
     device = _device(args.device)
+    # the tokenizers first: a folder without one is refused before the models load
+    if args.tokenizer:
+        tokenizer = _load_tokenizer(args.tokenizer, "--tokenizer", None)
+    else:
+        tokenizer = _load_tokenizer(args.model, "--model", "--tokenizer")
+    if args.drafter_tokenizer:
+        drafter_tokenizer = _load_tokenizer(args.drafter_tokenizer, "--drafter-tokenizer", None)
+    else:
+        drafter_tokenizer = _load_tokenizer(args.drafter, "--drafter", "--drafter-tokenizer")
     target = _load(args.model, args.dtype, device, "--model")
     drafter = _load(args.drafter, args.dtype, device, "--drafter")
-    tokenizer = _from_pretrained(
-        AutoTokenizer, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model"
-    )
-    drafter_tokenizer = _from_pretrained(
-        AutoTokenizer,
-        args.drafter_tokenizer or args.drafter,
-        "--drafter-tokenizer" if args.drafter_tokenizer else "--drafter",
-    )
     if args.seed is not None:
         torch.manual_seed(args.seed)
     prompts = args.prompt
@@ -253,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt with a target and a drafter")
     gen.add_argument("--model", required=True, help="target model: local folder or hub id")
     gen.add_argument("--drafter", required=True, help="drafter model: local folder or hub id")
-    gen.add_argument("--tokenizer", help="target tokenizer (default: --model)")
-    gen.add_argument("--drafter-tokenizer", help="drafter tokenizer (default: --drafter)")
+    gen.add_argument("--tokenizer", help="target tokenizer (default: --model, when that folder holds one)")
+    gen.add_argument(
+        "--drafter-tokenizer", help="drafter tokenizer (default: --drafter, when that folder holds one)"
+    )
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -189,6 +190,49 @@ def test_bad_paths_and_devices_name_their_flag(folders, capsys, tmp_path, flag, 
     code = main(["generate", "--model", model, "--drafter", drafter, "--prompt", "w5", *extra])
     assert code == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bare(folders):
+    """Model folders holding no tokenizer: a llama one (transformers fails to build its tokenizer) and a
+    qwen2 one (transformers builds a tokenizer with no vocabulary but <|endoftext|>)."""
+    root, target, _ = folders
+    perturbed_copy(target, 0.2).save_pretrained(root / "bare-llama")
+    tiny_model("qwen2", VOCAB, seed=4).save_pretrained(root / "bare-qwen2")
+    return root
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--model", "{bare}", "--drafter", "{drafter}"], r"--model '\S+': .*; save the tokenizer into it .*--tokenizer"),
+        (["--model", "{target}", "--drafter", "{bare}"], r"--drafter '\S+': .*, or give the tokenizer's folder with --drafter-tokenizer"),
+        (["--model", "{target}", "--drafter", "{drafter}", "--drafter-tokenizer", "{bare}"], r"--drafter-tokenizer '\S+': .*into it \(tokenizer.save_pretrained\(folder\)\)$"),
+        (["--model", "{target}", "--drafter", "{drafter}", "--tokenizer", "{bare}"], r"--tokenizer '\S+': .*into it \(tokenizer.save_pretrained\(folder\)\)$"),
+    ],
+)  # fmt: skip
+def test_a_folder_without_a_tokenizer_is_refused_naming_its_flag(bare, capsys, arch, flags, named):
+    """Not the engine's later complaint about `tokenizer`/`drafter_tokenizer`, nor transformers' first line:
+    the flag, and what the folder lacks."""
+    folders = {"bare": bare / f"bare-{arch}", "target": bare / "target", "drafter": bare / "drafter"}
+    code = main(
+        ["generate", *[flag.format(**folders) for flag in flags], "--prompt", "w5", "--max-new-tokens", "2"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(named, err), err
+    assert "holds no tokenizer files (tokenizer.json, *.model, vocab.*, merges.txt" in err
+    if arch == "qwen2":
+        assert "its tokenizer has no vocabulary, only the special tokens ['<|endoftext|>']" in err
+
+
+def test_a_folder_without_a_tokenizer_serves_with_the_tokenizer_flag(bare, capsys):
+    root = bare
+    code = main(["generate", "--model", str(root / "target"), "--drafter", str(root / "bare-llama"),
+                 "--drafter-tokenizer", str(root / "target"), "--prompt", "w5 w9", "--max-new-tokens", "4"])  # fmt: skip
+    assert code == 0
+    assert "w5 w9" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
