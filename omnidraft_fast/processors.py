@@ -298,7 +298,7 @@ class TargetProcessors:
                 "cannot be met; check the function"
             )
         mask = torch.full_like(scores, -torch.inf)
-        mask[:, torch.as_tensor(allowed, dtype=torch.int64, device=scores.device)] = 0
+        mask[:, _allowed_ids(allowed, batch_id, scores.shape[-1]).to(scores.device)] = 0
         processed = scores + mask
         if copies == 1 and _prefix_forces_banned_tokens():
             # Earlier processors banned every allowed token: the allowed tokens are forced, as transformers
@@ -377,3 +377,25 @@ class TargetProcessors:
         j = torch.arange(output_tokens.shape[1], device=output_tokens.device)
         ids = torch.where(j < kept[:, None], output_tokens.clamp_min(0), self.vocab)
         self.seen.scatter_(1, ids, True)
+
+
+def _allowed_ids(allowed, batch_id: int, vocab: int) -> torch.Tensor:
+    """What ``prefix_allowed_tokens_fn`` returned, as the int64 index transformers makes of it: ids that index
+    a score row of ``vocab`` ids (negative ones from its end, as there), else an error naming the function."""
+    try:
+        ids = torch.as_tensor(allowed)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        ids = None
+    if ids is None or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(
+            f"`prefix_allowed_tokens_fn` must return a list of token ids (ints within int64), got {allowed!r} "
+            f"for batch ID {batch_id}"
+        )
+    ids = ids.to("cpu", torch.int64)
+    outside = ids[(ids < -vocab) | (ids >= vocab)]
+    if outside.numel():
+        raise ValueError(
+            f"`prefix_allowed_tokens_fn` returned ids beyond the target's vocabulary of {vocab} for batch ID "
+            f"{batch_id}: {sorted(set(outside.tolist()))}"
+        )
+    return ids

@@ -704,6 +704,44 @@ def test_special_token_ids_transformers_takes(models, run, kwargs):
     assert torch.equal(run(ids, attention_mask=mask, max_new_tokens=NEW, **kwargs), expected)
 
 
+@pytest.mark.parametrize(
+    ("returned", "match"),
+    [
+        (
+            [2**63],
+            r"must return a list of token ids \(ints within int64\), got \[9223372036854775808\] for batch",
+        ),
+        ([3, 10**7], rf"returned ids beyond the target's vocabulary of {VOCAB} for batch ID 0: \[10000000\]"),
+        (
+            [-VOCAB - 1],
+            rf"returned ids beyond the target's vocabulary of {VOCAB} for batch ID 0: \[-{VOCAB + 1}\]",
+        ),
+        ([3, 1.5], r"must return a list of token ids"),  # not cut to 1
+        (["w3"], r"must return a list of token ids"),
+    ],
+)
+def test_prefix_allowed_tokens_fn_returning_what_indexes_no_score(models, run, returned, match):
+    """Ids transformers fails on (an overflow, an IndexError) or would truncate: an error naming the function."""
+    with pytest.raises(ValueError, match=rf"`prefix_allowed_tokens_fn` {match}"):
+        run(
+            models.ids,
+            attention_mask=models.mask,
+            max_new_tokens=NEW,
+            prefix_allowed_tokens_fn=lambda b, ids: returned,
+        )
+    assert_still_works(run, models)
+
+
+def test_prefix_allowed_tokens_fn_negative_ids_count_from_the_end(models, run):
+    """transformers indexes the scores with the ids, so -1 is the last token: the same here."""
+    kwargs = dict(
+        attention_mask=models.mask, max_new_tokens=NEW, prefix_allowed_tokens_fn=lambda b, ids: [3, -1]
+    )
+    expected = models.target.generate(models.ids, do_sample=False, **kwargs)
+    assert torch.equal(run(models.ids, **kwargs), expected)
+    assert set(expected[:, models.ids.shape[1] :].flatten().tolist()) <= {3, VOCAB - 1}
+
+
 def test_streamer_with_batch_of_two(models, run):
     streamer = RecordingStreamer()
     with pytest.raises(
