@@ -374,7 +374,8 @@ class EngineConfig:
             this many tokens, the drafter's spelled prompt too, so that with ``cuda_graphs`` requests whose
             prompts differ by less share one set of graphs; eager engines pad alike, so that both modes
             compute the same (the attention's width changes float rounding). The padding costs a prefill
-            that long at most and is masked everywhere. ``1``: no padding (graphs are then shared by equal
+            that long at most and is masked everywhere; that prefill's attention mask holds a bucket squared
+            entries a row at least, and an engine whose device cannot hold them refuses the bucket. ``1``: no padding (graphs are then shared by equal
             prompt widths only), as for requests with target-side logits processing (which counts the
             prompt's columns) and for models right only within a width (chunked or local attention,
             position-sized buffers, mixed sliding-window and full layers without transformers' mask

@@ -30,6 +30,7 @@ from .config import CascadeConfig, EngineConfig
 from .distill import adapter_names
 from .learner import OnlineLearner
 from .locks import ModelsBusy, holding
+from .memory import check_fits
 from .models import CausalLM
 from .ngram import NGramTable
 from .request import Request, resolve_request
@@ -112,6 +113,18 @@ class SpeculativeEngine:
             raise ValueError(
                 f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
+            )
+        if self.target.width_limit is None and self.drafter.width_limit is None:  # prompts are padded
+            # A padded prompt is at least a bucket wide, and the target's prefill builds its additive attention
+            # mask for it: [batch, 1, prompt, slots], at least a bucket squared a row.
+            dtype = self.target.dtype
+            check_fits(
+                f"`prompt_bucket`={config.prompt_bucket}",
+                config.prompt_bucket**2 * dtype.itemsize,
+                f"the target's prefill attention mask (prompts are padded to a multiple of the bucket: at least "
+                f"{config.prompt_bucket:,} x {config.prompt_bucket:,} {str(dtype).removeprefix('torch.')} entries "
+                "a row)",
+                (self.device,),
             )
         self.config = config
         self.built_on = self.device  # the bridge, the table, the learners and kept graphs live there

@@ -342,6 +342,15 @@ def test_zero_draft_tokens_in_engine_config(models):
     assert_still_works(api_call(models), models)
 
 
+def test_a_prompt_bucket_whose_prefill_outgrows_the_device(models):
+    """Every padded prompt is at least a bucket wide, and its prefill mask a bucket squared: a bucket whose
+    mask the device cannot hold is refused when the engine is built, by name (not in the first request)."""
+    with pytest.raises(ValueError, match=r"`prompt_bucket`=10000000 needs 400,000,000,000,000 bytes"):
+        SpeculativeEngine(models.target, models.drafter, config=EngineConfig(prompt_bucket=10**7))
+    engine = SpeculativeEngine(models.target, models.drafter, config=EngineConfig(prompt_bucket=512))
+    assert_still_works(engine.generate, models)  # a large bucket that fits serves as any
+
+
 def test_conflicting_draft_lengths(models, run):
     with pytest.raises(ValueError, match=r"`num_draft_tokens`=2 and `num_assistant_tokens`=3 disagree"):
         run(models.ids, attention_mask=models.mask, num_draft_tokens=2, num_assistant_tokens=3)
