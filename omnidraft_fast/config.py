@@ -206,8 +206,7 @@ class AdaptiveConfig:
         interval: served rows between two training steps of the head (the distiller's when distillation
             is on, so that both learn from the same rows).
         replay: rows kept for the alternating mode's replay (at most ``sys.maxsize``, a deque's limit).
-        head_steps: optimiser steps of the head per training step in the alternating mode (at most 2**24,
-            what AdamW's float32 step count counts exactly).
+        head_steps: optimiser steps of the head per training step in the alternating mode.
         lr, weight_decay: AdamW for the head.
         reject_weight: ``w``, the weight of the reject side of the cross-entropy.
         prior: the acceptance the untrained head predicts (its output bias), without ``confidence_input``.
@@ -241,7 +240,7 @@ class AdaptiveConfig:
             raise ValueError(f"`blocks` must be an int >= 0, got {self.blocks!r}")
         _check_interval("interval", self.interval, sys.maxsize, _ROWS_HELD)
         _check_interval("replay", self.replay, sys.maxsize, _ROWS_HELD)
-        _check_interval("head_steps", self.head_steps, 2**24, _STEPS_COUNTED)
+        _check_interval("head_steps", self.head_steps)
         if not is_positive(self.lr):
             raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -288,9 +287,6 @@ def _check_interval(name: str, value, most: int | None = None, why: str = "") ->
 # A count of rows the learners keep waiting or replay lives in a Python list or deque, which holds at most
 # sys.maxsize items (a deque's maxlen is a C ssize_t): an `interval` past it would never be reached.
 _ROWS_HELD = "the most rows a Python list or deque can hold (sys.maxsize)"
-# AdamW's step count is a float32 tensor (optim.py), which counts exactly up to 2**24: the steps of one
-# training step of more head steps could not all be counted (LearnerStats.head_steps, the saved state).
-_STEPS_COUNTED = "the most optimiser steps AdamW's float32 step count counts exactly (2**24)"
 
 
 @dataclass(frozen=True)
@@ -375,11 +371,11 @@ class EngineConfig:
             prompts differ by less share one set of graphs; eager engines pad alike, so that both modes
             compute the same (the attention's width changes float rounding). The padding costs a prefill
             that long at most and is masked everywhere; that prefill's attention mask holds a bucket squared
-            entries a row at least, and an engine whose device cannot hold them refuses the bucket. ``1``: no padding (graphs are then shared by equal
-            prompt widths only), as for requests with target-side logits processing (which counts the
-            prompt's columns) and for models right only within a width (chunked or local attention,
-            position-sized buffers, mixed sliding-window and full layers without transformers' mask
-            mapping: they serve within that width, which padding could overrun).
+            entries a row at least, and an engine whose device cannot hold them refuses the bucket. ``1``: no
+            padding (graphs are then shared by equal prompt widths only), as for requests with target-side
+            logits processing (which counts the prompt's columns) and for models right only within a width
+            (chunked or local attention, position-sized buffers, mixed sliding-window and full layers without
+            transformers' mask mapping: they serve within that width, which padding could overrun).
         kept_graphs: with ``cuda_graphs``, how many sets of captured stages are kept for later requests, the
             least recently used released first; ``0``: none (every request captures its own). Each set holds
             what one request holds on the device: both models' KV caches (batch x slots x layers x 2 x
