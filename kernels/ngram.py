@@ -123,19 +123,32 @@ def ngram_insert_reference(
     ``amax`` of -1 for the rows that do not write, since a free slot holds -1 in hashes, key ids and values.
     """
     capacity, rows = key_ids.shape[0], keys.shape[0]
-    h = hash_keys_reference(keys)
     pending = (keys >= 0).sum(-1) >= 2
+    if not _more(pending):  # nothing to insert (the CPU's early exit, as in the probe loop)
+        return pending.sum()
+    h = hash_keys_reference(keys)
     order = torch.arange(rows, device=keys.device)
-    claimant = torch.full((capacity,), rows, dtype=torch.int64, device=keys.device)  # reset after each use
+    # Which row claims a free slot: for a few rows, each row against the rows before it ([Q, Q]); for
+    # many, a slot-indexed scratch buffer of the lowest row (reset after each use), as a [Q, Q] would
+    # outgrow the table. The same winners either way.
+    pairwise = _pairwise(rows, capacity)
+    if pairwise:
+        before = order[None, :] < order[:, None]  # [Q, Q]: row j comes before row i
+    else:
+        claimant = torch.full((capacity,), rows, dtype=torch.int64, device=keys.device)
     new_keys = keys.to(key_ids.dtype)
     new_values = new_values.to(values.dtype)
     for probe in range(MAX_PROBES):
         slot = (h + _offset(probe)) & (capacity - 1)
         # A free slot goes to the lowest pending row aiming at it.
         free = pending & (hashes[slot] == EMPTY)
-        claimant.scatter_reduce_(0, slot, torch.where(free, order, rows), reduce="amin")
-        won = free & (claimant[slot] == order)
-        claimant.index_fill_(0, slot, rows)
+        if pairwise:
+            earlier = (slot[:, None] == slot[None, :]) & free[None, :] & before
+            won = free & ~earlier.any(1)
+        else:
+            claimant.scatter_reduce_(0, slot, torch.where(free, order, rows), reduce="amin")
+            won = free & (claimant[slot] == order)
+            claimant.index_fill_(0, slot, rows)
         hashes.scatter_reduce_(0, slot, torch.where(won, h, EMPTY), reduce="amax")
         key_ids.scatter_reduce_(
             0, slot[:, None].expand_as(new_keys), torch.where(won[:, None], new_keys, -1), reduce="amax"
@@ -148,6 +161,12 @@ def ngram_insert_reference(
         if not _more(pending):
             break
     return pending.sum()
+
+
+def _pairwise(rows: int, capacity: int) -> bool:
+    """Whether an insert of ``rows`` keys finds each free slot's claimant row against row ([Q, Q]) rather
+    than through a scratch buffer of ``capacity`` slots (what a round inserts: a few keys into a large table)."""
+    return rows * rows <= capacity
 
 
 def _more(pending: torch.Tensor) -> bool:

@@ -200,3 +200,25 @@ def test_ngram_table_on_cuda_matches_cpu():
         _entries(tuple(getattr(tables["cpu"], n) for n in ("hashes", "key_ids", "values", "counts")))
     )
     assert torch.equal(tables["cuda"].lookup(keys.cuda()).cpu(), tables["cpu"].lookup(keys))
+
+
+@pytest.mark.parametrize("rows", [6, 80])
+def test_insert_reference_claims_alike_row_against_row_and_through_a_buffer(monkeypatch, rows):
+    """The insert reference finds which row claims a free slot row against row for a few keys and through
+    a slot-indexed buffer for many: the same tables either way, slots included (crowded keys, duplicates,
+    a table that already holds some of them, a chain that runs out)."""
+    from omnidraft_fast.kernels import ngram
+
+    crowded = min(rows // 2, MAX_PROBES + 2)
+    keys = torch.cat([_colliding_keys(64, crowded), _random_keys(rows - crowded, seed=5)])
+    keys = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
+    values, hits = _value_of(keys), torch.arange(1, rows + 1)
+    tables = []
+    for pairwise in (True, False):
+        monkeypatch.setattr(ngram, "_pairwise", lambda _rows, _capacity, pairwise=pairwise: pairwise)
+        table = _table(64)
+        ngram_insert_reference(*table, keys[::3], values[::3], hits[::3])
+        dropped = ngram_insert_reference(*table, keys, values, hits)
+        tables.append((*table, dropped))
+    assert (int(tables[0][-1]) > 0) == (rows > 2 * MAX_PROBES)
+    assert all(torch.equal(a, b) for a, b in zip(*tables, strict=True))
