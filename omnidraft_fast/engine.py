@@ -470,6 +470,12 @@ class SpeculativeEngine:
         per_sync = self.rounds.rounds_per_sync(request)
         every = self.config.in_flight_rounds if state.recorder is not None else None
         rounds = 0
+        # The n-gram table's size is read only while it may be past half full: between two reads it grows by
+        # at most a slot per token the rounds emit (batch x (k + 1) a round), so from a size read, the reads
+        # until that bound passes half the capacity leave it out (the table's scan costs as much as a round's
+        # bookkeeping). It evicts at the same reads as with a size read at each.
+        table_bound = None  # an upper bound on the table's size at the next read (None: read it)
+        growth = state.tokens.shape[0] * (request.num_draft_tokens + 1) * per_sync
         while True:
             before = state.lengths.clone() if request.streamer is not None or stops is not None else None
             due = tuple(j for j in range(per_sync) if every is not None and (rounds + j + 1) % every == 0)
@@ -482,14 +488,21 @@ class SpeculativeEngine:
                 self.rounds.run_unit(state, request, timer, per_sync, learn, due)
             rounds += per_sync
             with timer("host"):
-                table_size = self.ngram.size() if self.ngram is not None else state.counters.new_zeros(())
+                half = None if self.ngram is None else self.ngram.capacity // 2
+                sized = half is not None and (table_bound is None or table_bound > half)
+                table_size = self.ngram.size() if sized else state.counters.new_zeros(())
                 flags = torch.stack(
                     [state.done.all().long(), state.counters[-1], table_size, state.generated.max()]
                 )
                 all_done, invalid, table_size, most = flags.tolist()  # the one read per round (per sync)
                 state.kept_logits.flush(state.generated, most)
-            if self.ngram is not None and table_size > self.ngram.capacity // 2:
-                self.ngram.evict()
+            if sized:
+                table_bound = table_size
+                if table_size > half:
+                    self.ngram.evict()
+                    table_bound = None
+            if table_bound is not None:
+                table_bound += growth
             if invalid:
                 processed = (
                     ", or the request's logits processing left a position no token (e.g. every token "

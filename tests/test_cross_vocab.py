@@ -366,3 +366,31 @@ def test_logits_are_the_targets_across_vocabularies(pair):
     assert len(out.logits) == len(expected.logits) == 16
     for ours, theirs in zip(out.logits, expected.logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rounds_per_sync", [1, 2])
+def test_the_table_evicts_at_every_read_that_finds_it_past_half_full(pair, monkeypatch, rounds_per_sync):
+    """The engine reads the table's size only while it may be past half full (a bound on its growth since
+    the last read): it evicts after exactly the reads where the table is past half full."""
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=1, ngram_preseed=False, ngram_capacity=8,
+                            rounds_per_sync=rounds_per_sync),
+    )  # fmt: skip
+    table, reads, evicted, sized = engine.ngram, [], [], []
+    size = table.size
+    run_unit = engine.rounds.run_unit  # the rounds between two reads (Rounds.run's too)
+
+    def rounds(*args, **kwargs):
+        run_unit(*args, **kwargs)
+        reads.append(int(size()))  # the table's size at the read after them
+
+    monkeypatch.setattr(engine.rounds, "run_unit", rounds)
+    evict = table.evict
+    monkeypatch.setattr(table, "evict", lambda: evicted.append(len(reads) - 1) or evict())
+    monkeypatch.setattr(table, "size", lambda: sized.append(len(reads)) or size())
+    for prompt in PROMPTS * 2:  # one row, one drafted token: the table grows by at most 2 a round
+        engine.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=24)
+    assert len(sized) - len(PROMPTS * 2) < len(reads)  # some reads leave it out (the stats read it too)
+    assert evicted and evicted == [i for i, read in enumerate(reads) if read > table.capacity // 2]
