@@ -109,16 +109,21 @@ def sample_reference(
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [rows] int64, probs [rows, vocab] fp32
     """Sample one token per row from ``sampling_probs_reference``; returns the ids and the distribution."""
+    if temperature == 0.0:  # the one-hot's argmax is the logits' (sampling_probs_reference): taken once
+        z = logits.float() if mask is None else logits.float().masked_fill(~mask, float("-inf"))
+        ids = z.argmax(-1, keepdim=True)
+        return ids[..., 0], torch.zeros_like(z).scatter_(-1, ids, 1.0)
     probs = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
-    if temperature == 0.0:
-        return probs.argmax(-1), probs
     return (probs / noise).argmax(-1), probs
 
 
 def nonfinite_rows_reference(logits: torch.Tensor) -> torch.Tensor:  # logits [..., vocab] -> [...] bool
     """Rows a sampler cannot use: any NaN or +inf, or every entry -inf."""
-    bad = torch.isnan(logits) | torch.isposinf(logits)
-    return bad.any(-1) | torch.isneginf(logits).all(-1)
+    if logits.shape[-1] == 0:  # all of nothing is -inf
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    # The row's max is NaN where it holds a NaN (max propagates it), else +inf where it holds a +inf, and -inf
+    # where every entry is -inf: one reduction instead of three.
+    return ~logits.amax(-1).isfinite()
 
 
 # ---------------------------------------------------------------------------------------------- Triton
