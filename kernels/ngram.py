@@ -73,6 +73,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 29)
 
 
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` in place (``x`` a temporary)."""
+    x ^= x >> 31
+    x *= _M
+    x ^= x >> 29
+    return x
+
+
 def _offset(probe: int) -> int:
     """Where probe ``probe`` lands, relative to the home slot (``_offset_tl`` in the kernels)."""
     return probe * (probe + 1) // 2
@@ -80,12 +88,15 @@ def _offset(probe: int) -> int:
 
 def hash_keys_reference(keys: torch.Tensor) -> torch.Tensor:  # keys [Q, N] int64, -1 padded -> [Q] int64
     """The 63-bit hash of each key (its length and ids), >= 0."""
-    lengths = (keys >= 0).sum(-1)
-    h = _mix(lengths.long())
+    present = keys >= 0
+    h = _mix_(present.sum(-1))
+    shifted = keys + 1  # h * P + (id + 1): the same sum, wrapping alike
     for column in range(keys.shape[1]):
-        step = _mix(h * _P + keys[:, column] + 1)
-        h = torch.where(keys[:, column] >= 0, step, h)
-    return h & _SIGN_OFF
+        step = h * _P
+        step += shifted[:, column]
+        h = torch.where(present[:, column], _mix_(step), h)
+    h &= _SIGN_OFF
+    return h
 
 
 def ngram_lookup_reference(
