@@ -120,25 +120,26 @@ def translate_ngram_reference(
     longest = torch.where(hit, lengths, 0).amax(-1)  # [batch, k] (0: no merge)
     merged = found.gather(2, (longest - 2).clamp_min(0)[..., None])[..., 0]
 
-    # Left-to-right scan, all rows at once: k steps over fixed shapes.
-    target_ids = torch.full((batch, k), -1, dtype=torch.int64, device=device)
-    source = torch.zeros(batch, k, dtype=torch.int64, device=device)  # first drafter position of token j
-    width = torch.zeros(batch, k, dtype=torch.int64, device=device)  # drafter tokens it spans
-    pointer = torch.zeros(batch, dtype=torch.int64, device=device)
-    going = torch.ones(batch, dtype=torch.bool, device=device)
-    for j in range(k):
-        at = pointer.clamp_max(k - 1)[:, None]
-        n = longest.gather(1, at)[:, 0]
-        direct = mapped.gather(1, at)[:, 0]
-        token = torch.where(n >= 2, merged.gather(1, at)[:, 0], direct)
-        going &= (pointer < row_end) & (token >= 0)
-        step = torch.where(n >= 2, n, 1)
-        target_ids[:, j] = torch.where(going, token, -1)
-        source[:, j] = pointer.clamp_max(k - 1)
-        width[:, j] = torch.where(going, step, 0)
-        pointer = pointer + torch.where(going, step, 0)
+    # Left-to-right scan, all rows at once. From drafter position i the scan emits `token` and moves on by
+    # `step` while it may (`ok`); where it may not, it stops there for good. So the positions it visits are
+    # a chain through `after` (k steps of one gather each, position k standing for the end of the draft),
+    # and what it emits at each is read off them at once.
+    token = torch.where(longest >= 2, merged, mapped)  # [batch, k]
+    step = torch.where(longest >= 2, longest, 1)
+    ok = (at[:, 0, 0] < row_end[:, None]) & (token >= 0)
+    ok = torch.cat([ok, ok.new_zeros(batch, 1)], 1)  # [batch, k + 1]: nothing past the end
+    after = torch.where(ok[:, :k], at[:, 0, 0] + step, at[:, 0, 0])
+    after = torch.cat([after, after.new_full((batch, 1), k)], 1)  # [batch, k + 1]
+    visited = [torch.zeros(batch, 1, dtype=torch.int64, device=device)]  # the pointer before each step
+    for _ in range(k):
+        visited.append(after.gather(1, visited[-1]))
+    pointer, last = torch.cat(visited[:k], 1), visited[k][:, 0]  # [batch, k], [batch]
+    going = ok.gather(1, pointer)
+    source = pointer.clamp_max(k - 1)  # first drafter position of token j
+    target_ids = torch.where(going, token.gather(1, source), -1)
+    width = torch.where(going, step.gather(1, source), 0)  # drafter tokens it spans
     m = (target_ids >= 0).sum(-1)
-    return target_ids, m, *_stop(source, source + width, m, pointer.clamp_max(k - 1), pointer < row_end)
+    return target_ids, m, *_stop(source, source + width, m, last.clamp_max(k - 1), last < row_end)
 
 
 def split_reference(
@@ -154,10 +155,10 @@ def split_reference(
     k = target_ids.shape[1]
     split = target_ids >= vocab_t
     drafter_id = (target_ids - vocab_t).clamp_min(0)
-    count = torch.where(target_ids < 0, 0, torch.where(split, d2ts_len.long()[drafter_id], 1))  # [batch, k]
+    count = torch.where(target_ids < 0, 0, torch.where(split, d2ts_len[drafter_id].long(), 1))  # [batch, k]
     unit, piece, valid = ragged_layout(count, k)  # [batch, k] each
     at_split = split.gather(1, unit)
-    pieces = d2ts.long()[drafter_id.gather(1, unit), piece.clamp(0, d2ts.shape[1] - 1)]
+    pieces = d2ts[drafter_id.gather(1, unit), piece.clamp(0, d2ts.shape[1] - 1)].long()
     ids = torch.where(valid, torch.where(at_split, pieces, target_ids.gather(1, unit)), -1)
     first = source.gather(1, unit)
     last_piece = ~at_split | (piece == count.gather(1, unit) - 1)
