@@ -367,9 +367,11 @@ class Rounds:
             state.draft_ids[:, i] = ids
             # A row that stopped drafting (draft-length control) proposes nothing here: q = 0, so that
             # verification draws a token at this position from the target's own law (kernels/verify.py).
-            state.draft_probs[:, i] = (
-                probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
-            )
+            # Verification by exact match reads no q.
+            if not self._exact_match(state, request):
+                state.draft_probs[:, i] = (
+                    probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
+                )
 
             def law_t1() -> torch.Tensor:
                 """[batch, V_d] the drafter's T=1 distribution over what it may draft."""
@@ -395,7 +397,6 @@ class Rounds:
         device = state.tokens.device
         active = ~state.done
         state.ran.copy_(active.any())
-        mode = self.mode
         length = state.draft_length
         draft_ids = state.draft_ids[:, :steps]
         draft_probs = state.draft_probs[:, :steps]
@@ -422,7 +423,8 @@ class Rounds:
                     drafted=None if length is None else length.drafted,  # nothing past a row's own draft
                 )
                 cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d)
-                for probs in (draft_probs, draft_probs_t1):
+                # (verification by exact match reads no q)
+                for probs in (None if self._exact_match(state, request) else draft_probs, draft_probs_t1):
                     if probs is not None:
                         fold_twins_(probs, bridge.twins)
                         if splits:  # a split token's mass goes to its first piece (kernels/proposal.py)
@@ -436,7 +438,7 @@ class Rounds:
         with timer("verify"):
             # Greedy requests split tokens whose first piece has no proposal probability too (bridge.units):
             # they verify by exact match, which greedy speculative sampling equals.
-            exact_match = mode == "exact" or (state.units is not None and sampling.greedy)
+            exact_match = self._exact_match(state, request)
             generator = state.graphs.generator  # the request's (registered with its captured stages)
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
@@ -466,7 +468,11 @@ class Rounds:
             )
 
         with timer("commit"):
-            generated, d_lengths = state.generated.clone(), state.d_lengths.clone()  # before this round
+            # before this round: what the recorder and the kept logits (if any) index by
+            generated = (
+                state.generated.clone() if state.recorder is not None or state.kept_logits.names else None
+            )
+            d_lengths = state.d_lengths.clone() if state.recorder is not None else None
             kept = ops.commit(
                 state.tokens,
                 state.lengths,
@@ -479,16 +485,20 @@ class Rounds:
             )
             # Unusable target logits count where a kept token came from: positions past the row's budget, an
             # EOS or the first rejection are never emitted (there, a drafted context can leave no token allowed).
-            kept_positions = torch.arange(steps + 1, device=device) < kept[:, None]
+            kept_positions = torch.arange(steps + 1, device=device) < kept[:, None]  # [batch, steps + 1]
             invalid = (state.invalid | (target_invalid & kept_positions).any(1)) & active
             if state.processors is not None:
                 state.processors.observe(output_tokens, kept)
             # output_logits / output_scores: the target's logits at the kept tokens
             for name, values in (("logits", target_logits), ("scores", processed)):
                 state.kept_logits.record(name, values, generated, kept)
+            splits = state.units is not None
+            drafter_accepted = kept_drafts(span_end, num_accepted)
+            # With splits, every output token's spelling: the feedback's, and the n-gram keys' (learn)
+            spelled = self.spell(output_tokens.clamp_min(0).flatten()) if splits else None
             fed = feedback(
                 output_tokens, num_accepted, source, span_end, active, self.spell, self.spelling_width,
-                splits=state.units is not None,
+                splits=splits, drafted=drafter_accepted, spelled=spelled,
             )  # fmt: skip
             ops.commit_drafter(
                 state.d_tokens,
@@ -517,16 +527,15 @@ class Rounds:
                 num_accepted,
                 deferred,
                 drafter_proposed,
+                drafter_accepted,
             )
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
-                emitted = torch.where(
-                    torch.arange(steps + 1, device=device) < kept[:, None], output_tokens, -1
-                )
-                emitted = emitted.flatten()
-                spelled, spelled_len = self.spell(emitted.clamp_min(0))
-                keys = self.ngram.keys_of(spelled, torch.where(emitted >= 0, spelled_len, 0))
+                emitted = torch.where(kept_positions, output_tokens, -1).flatten()
+                # the spelling of a position not emitted is never read: its length is 0 (keys_of: no key)
+                spelling, spelled_len = self.spell(emitted.clamp_min(0)) if spelled is None else spelled
+                keys = self.ngram.keys_of(spelling, torch.where(emitted >= 0, spelled_len, 0))
                 self.ngram.insert(keys, emitted)
         if state.recorder is not None:
             with timer("learn"):
@@ -545,6 +554,11 @@ class Rounds:
                     generated=generated,
                     d_lengths=d_lengths,
                 )
+
+    def _exact_match(self, state: RequestState, request: Request) -> bool:
+        """Whether the request verifies by exact match (``ops.verify(exact_match=True)``, which reads no
+        proposal probabilities): ``translation="exact"``, or a greedy request with split tokens."""
+        return self.mode == "exact" or (state.units is not None and request.sampling.greedy)
 
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target
@@ -570,14 +584,23 @@ class Rounds:
 
     @staticmethod
     def _count(
-        state, active, invalid, proposal, source, span_end, split, num_accepted, deferred, drafter_proposed
+        state,
+        active,
+        invalid,
+        proposal,
+        source,
+        span_end,
+        split,
+        num_accepted,
+        deferred,
+        drafter_proposed,
+        drafter_accepted,
     ) -> None:
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
         )
         merged = span_end - source >= 2
-        drafter_accepted = kept_drafts(span_end, num_accepted)
         state.counters += torch.stack(
             [
                 active.any().long(),
