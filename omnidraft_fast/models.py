@@ -77,6 +77,9 @@ class SlotKVCache(Cache):
         self.values: list[torch.Tensor] = []
         self.write_slots: torch.Tensor | None = None  # [batch, n]: where this forward writes
         self.read_only = False  # True: a forward sees its keys/values at write_slots but writes nothing
+        # Per request (CausalLM.begin), in place: what every forward's mask starts from, read by captured stages
+        self.slot_ids: torch.Tensor | None = None  # [max_slots] 0 .. max_slots - 1
+        self.from_start: torch.Tensor | None = None  # [batch, 1, 1, max_slots] slot >= the row's start
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers <= 5.23 passes `cache_kwargs`, 5.24 `kwargs=`; neither carries anything needed here.
@@ -296,6 +299,12 @@ class CausalLM:
         else:
             for buffer in (*cache.keys, *cache.values):
                 buffer.zero_()
+        from_start = cache.slot_ids is not None and cache.from_start.shape[0] == start.shape[0]
+        if from_start and cache.slot_ids.device == start.device:  # a kept cache: its tensors, rewritten
+            torch.ge(cache.slot_ids, start[:, None, None, None], out=cache.from_start)
+        else:
+            cache.slot_ids = torch.arange(max_slots, device=start.device)
+            cache.from_start = cache.slot_ids >= start[:, None, None, None]
         self.cache = cache
         self.start = start
         self._mask_dtype = self.dtype  # read once: a parameter lookup per forward costs
@@ -330,8 +339,10 @@ class CausalLM:
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """The additive attention mask (the model's dtype) of a boolean one."""
-        mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=visible.device)
-        return mask.masked_fill_(~visible, torch.finfo(self._mask_dtype).min)
+        mask = torch.full(
+            visible.shape, torch.finfo(self._mask_dtype).min, dtype=self._mask_dtype, device=visible.device
+        )
+        return mask.masked_fill_(visible, 0.0)
 
     def _run(self, input_ids, slots, last_only, hidden):
         cache, start = self.cache, self.start
@@ -340,9 +351,9 @@ class CausalLM:
             positions = positions.clamp(0, self.position_limit - 1)
         else:
             positions = positions.clamp_min(0)
-        keys = torch.arange(cache.max_slots, device=slots.device)  # [max_slots]
+        keys = cache.slot_ids  # [max_slots]
         q = slots[:, None, :, None]  # [batch, 1, n, 1]
-        visible = (keys >= start[:, None, None, None]) & (keys <= q)
+        visible = cache.from_start & (keys <= q)  # from_start: keys >= start[:, None, None, None]
         if self.sliding_window is not None:
             visible &= keys > q - self.sliding_window
         itself = keys == q  # a padding row's query sees at least its own slot (no all-masked row)
