@@ -77,6 +77,8 @@ class SlotKVCache(Cache):
         self.values: list[torch.Tensor] = []
         self.write_slots: torch.Tensor | None = None  # [batch, n]: where this forward writes
         self.read_only = False  # True: a forward sees its keys/values at write_slots but writes nothing
+        self._indexed: torch.Tensor | None = None  # the write_slots that _indices expand
+        self._indices: dict[tuple[int, int], torch.Tensor] = {}
         # Per request (CausalLM.begin), in place: what every forward's mask starts from, read by captured stages
         self.slot_ids: torch.Tensor | None = None  # [max_slots] 0 .. max_slots - 1
         self.from_start: torch.Tensor | None = None  # [batch, 1, 1, max_slots] slot >= the row's start
@@ -89,14 +91,25 @@ class SlotKVCache(Cache):
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros((*shape[:3], value_states.shape[-1])))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        slots = self.write_slots[:, None, :, None]
-        key_slots = slots.expand(-1, keys.shape[1], -1, keys.shape[3])
-        value_slots = slots.expand(-1, values.shape[1], -1, values.shape[3])
+        key_slots, value_slots = self._index(keys), self._index(values)
         if self.read_only:  # the cache as it is, plus this forward's keys/values, in copies
             return keys.scatter(2, key_slots, key_states), values.scatter(2, value_slots, value_states)
         keys.scatter_(2, key_slots, key_states)
         values.scatter_(2, value_slots, value_states)
         return keys, values
+
+    def _index(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``write_slots`` expanded over ``buffer``'s heads and head dim (the scatter index), made once per
+        forward and shape (every layer's keys and values of one shape share it)."""
+        if self._indexed is not self.write_slots:
+            self._indexed, self._indices = self.write_slots, {}
+        shape = (buffer.shape[1], buffer.shape[3])
+        index = self._indices.get(shape)
+        if index is None:
+            index = self._indices[shape] = self.write_slots[:, None, :, None].expand(
+                -1, shape[0], -1, shape[1]
+            )
+        return index
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Only consulted by models when position_ids are not passed; the runner always passes them.
