@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -156,18 +155,37 @@ class StageTimer:
         self.sync = enabled and device.type == "cuda"
         self.seconds: dict[str, float] = {}
 
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        if self.sync:
+    def __call__(self, stage: str) -> AbstractContextManager[None]:
+        return _Timed(self, stage) if self.enabled else _UNTIMED
+
+
+_UNTIMED = nullcontext()
+
+
+class _Timed:
+    """One timed stage of a :class:`StageTimer` (a class, not a generator: a round enters about ten)."""
+
+    __slots__ = ("begin", "range", "stage", "timer")
+
+    def __init__(self, timer: StageTimer, stage: str):
+        self.timer, self.stage = timer, stage
+
+    def __enter__(self) -> None:
+        if self.timer.sync:
             torch.cuda.synchronize()
-        begin = time.perf_counter()
+        self.begin = time.perf_counter()
+        # The profiler range only while a profiler records: entering one costs about as much as the rest
+        self.range = None
+        if torch.autograd._profiler_enabled():
+            self.range = torch.profiler.record_function(f"stage:{self.stage}")
+            self.range.__enter__()
+
+    def __exit__(self, *exc) -> None:
         try:
-            with torch.profiler.record_function(f"stage:{stage}"):
-                yield
+            if self.range is not None:
+                self.range.__exit__(*exc)
         finally:
-            if self.sync:
+            timer = self.timer
+            if timer.sync:
                 torch.cuda.synchronize()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - begin
+            timer.seconds[self.stage] = timer.seconds.get(self.stage, 0.0) + time.perf_counter() - self.begin
