@@ -91,10 +91,10 @@ def hash_keys_reference(keys: torch.Tensor) -> torch.Tensor:  # keys [Q, N] int6
     present = keys >= 0
     h = _mix_(present.sum(-1))
     shifted = keys + 1  # h * P + (id + 1): the same sum, wrapping alike
-    for column in range(keys.shape[1]):
+    for ids, here in zip(shifted.unbind(1), present.unbind(1), strict=True):
         step = h * _P
-        step += shifted[:, column]
-        h = torch.where(present[:, column], _mix_(step), h)
+        step += ids
+        h = torch.where(here, _mix_(step), h)
     h &= _SIGN_OFF
     return h
 
