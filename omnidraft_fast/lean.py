@@ -60,10 +60,27 @@ def supports(model: torch.nn.Module) -> bool:
         return False
     if any(hasattr(module, "_hf_hook") for module in model.modules()):  # accelerate's dispatch hooks
         return False
+    if "lm_head" not in model._modules or (kind != "gpt2" and not _submodules(model, decoder)):
+        return False
     return all(
         all(hasattr(layer, part) for part in (*layer_modules, attention))
         and all(hasattr(getattr(layer, attention), part) for part in attention_parts)
         for layer in getattr(decoder, layers)
+    )
+
+
+def _submodules(model: torch.nn.Module, decoder: torch.nn.Module) -> bool:
+    """Whether the modules :func:`_llama` reads from ``_modules`` are there (not attributes of another kind)."""
+    name, modules, layers, layer_modules, attention, attention_parts = _PARTS[model.config.model_type]
+    projections = [part for part in attention_parts if part.endswith(("_proj", "_norm"))]
+    return (
+        name in model._modules
+        and all(part in decoder._modules for part in (*modules, layers))
+        and all(
+            all(part in layer._modules for part in (*layer_modules, attention))
+            and all(part in layer._modules[attention]._modules for part in projections)
+            for layer in decoder._modules[layers]
+        )
     )
 
 
@@ -85,7 +102,7 @@ def forward(
     """Logits [batch, n or 1, V] and the last hidden states they came from [batch, n or 1, H]."""
     run = _gpt2 if model.config.model_type == "gpt2" else _llama
     hidden = run(model, input_ids, positions, mask, cache, last_only)
-    return model.lm_head(hidden), hidden
+    return model._modules["lm_head"](hidden), hidden
 
 
 def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: float) -> torch.Tensor:
@@ -119,22 +136,27 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
-    decoder = model.model
+    # Submodules are read from each module's `_modules` (what `module.name` returns for them, without
+    # nn.Module.__getattr__'s Python fallback: ~1 us an access, ~15 a layer)
+    decoder = model._modules["model"]
+    parts = decoder._modules
     batch, n = input_ids.shape
-    x = decoder.embed_tokens(input_ids)
-    cos, sin = decoder.rotary_emb(x, positions)
+    x = parts["embed_tokens"](input_ids)
+    cos, sin = parts["rotary_emb"](x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, n, head_dim]
     head_norms = model.config.model_type == "qwen3"  # queries and keys RMS-normed per head before rotation
     folded: dict[tuple[int, int], torch.Tensor] = {}  # (id(mask), groups) -> the mask folded once
-    for index, layer in enumerate(decoder.layers):
-        attention = layer.self_attn
-        h = layer.input_layernorm(x)
+    for index, layer in enumerate(parts["layers"]):
+        modules = layer._modules
+        attention = modules["self_attn"]
+        projections = attention._modules
+        h = modules["input_layernorm"](x)
         shape = (batch, n, -1, attention.head_dim)
-        q, k = attention.q_proj(h).view(shape), attention.k_proj(h).view(shape)
+        q, k = projections["q_proj"](h).view(shape), projections["k_proj"](h).view(shape)
         if head_norms:
-            q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = projections["q_norm"](q), projections["k_norm"](k)
         q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-        v = attention.v_proj(h).view(shape).transpose(1, 2)
+        v = projections["v_proj"](h).view(shape).transpose(1, 2)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
         dropout = getattr(attention, "attention_dropout", 0.0)
         layer_mask = mask[index] if isinstance(mask, list) else mask
@@ -143,9 +165,9 @@ def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
         if key not in folded:
             folded[key] = _fold(layer_mask, groups)
         layer_mask = folded[key]
-        x = x + attention.o_proj(_attend(attention, q, k, v, layer_mask, cache, index, scale, dropout))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return decoder.norm(x[:, -1:] if last_only else x)
+        x = x + projections["o_proj"](_attend(attention, q, k, v, layer_mask, cache, index, scale, dropout))
+        x = x + modules["mlp"](modules["post_attention_layernorm"](x))
+    return parts["norm"](x[:, -1:] if last_only else x)
 
 
 def _gpt2(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
