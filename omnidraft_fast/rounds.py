@@ -516,19 +516,8 @@ class Rounds:
                 if state.units is not None
                 else torch.zeros_like(draft_ids, dtype=torch.bool)
             )
-            self._count(
-                state,
-                active,
-                invalid,
-                proposal,
-                source,
-                span_end,
-                split,
-                num_accepted,
-                deferred,
-                drafter_proposed,
-                drafter_accepted,
-            )
+            self._count(state, active, invalid, proposal, source, span_end, split, num_accepted, deferred,
+                        drafter_proposed, drafter_accepted)  # fmt: skip
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
@@ -584,18 +573,9 @@ class Rounds:
 
     @staticmethod
     def _count(
-        state,
-        active,
-        invalid,
-        proposal,
-        source,
-        span_end,
-        split,
-        num_accepted,
-        deferred,
-        drafter_proposed,
+        state, active, invalid, proposal, source, span_end, split, num_accepted, deferred, drafter_proposed,
         drafter_accepted,
-    ) -> None:
+    ) -> None:  # fmt: skip
         proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
         accepted_mask = proposed_mask & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
