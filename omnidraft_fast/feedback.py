@@ -41,30 +41,27 @@ def feedback(
     output_tokens: torch.Tensor,  # [batch, k+1] emitted this round, -1 padded
     num_accepted: torch.Tensor,  # [batch]
     source: torch.Tensor,  # [batch, k] the drafter position each target position came from
-    span_end: torch.Tensor,  # [batch, k] the end of its span of drafter positions
     active: torch.Tensor,  # [batch]
     spell: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],  # target ids [n] -> ids, lengths
     spelling_width: int,
     *,
-    splits: bool,  # the request splits tokens (RequestState.units)
-    drafted: torch.Tensor | None = None,  # [batch] kept_drafts(span_end, num_accepted), if the caller has it
-    spelled: tuple[torch.Tensor, torch.Tensor] | None = None,  # spell(output_tokens.clamp_min(0).flatten())
+    drafted: torch.Tensor,  # [batch] the drafted tokens the row keeps (kept_drafts)
+    spelled: tuple[torch.Tensor, torch.Tensor] | None,  # spell(output_tokens.clamp_min(0).flatten()), or None
 ) -> Feedback:
     """The spellings the drafter's context gets this round: they go in order while they fit in
     ``spelling_width``; a token that does not fit is left out of the drafter's context with the ones after
-    it. With splits, ``drafted`` and ``spelled`` (what this computes from the others otherwise) save the
-    work where the caller has them."""
+    it. ``spelled`` is every output token's spelling when the request splits tokens (RequestState.units:
+    the accepted pieces of a split token that a rejection cut are fed too), else None (the recovered/bonus
+    token alone is fed, spelled here)."""
     batch, width = output_tokens.shape
     j = torch.arange(width, device=output_tokens.device)
     mask = (j == num_accepted[:, None]) & active[:, None]
-    if not splits:  # the recovered/bonus token alone
+    if spelled is None:  # the recovered/bonus token alone
         spelling, length = spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
         return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
-    if drafted is None:
-        drafted = kept_drafts(span_end, num_accepted)
     behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
     mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
-    spellings, lengths = spell(output_tokens.clamp_min(0).flatten()) if spelled is None else spelled
+    spellings, lengths = spelled
     lengths = torch.where(mask, lengths.view(batch, width), 0)
     lengths = torch.where(lengths.cumsum(1) <= spelling_width, lengths, 0)
     run, offset, valid = ragged_layout(lengths, spelling_width)

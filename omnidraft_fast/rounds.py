@@ -492,13 +492,12 @@ class Rounds:
             # output_logits / output_scores: the target's logits at the kept tokens
             for name, values in (("logits", target_logits), ("scores", processed)):
                 state.kept_logits.record(name, values, generated, kept)
-            splits = state.units is not None
             drafter_accepted = kept_drafts(span_end, num_accepted)
-            # With splits, every output token's spelling: the feedback's, and the n-gram keys' (learn)
-            spelled = self.spell(output_tokens.clamp_min(0).flatten()) if splits else None
+            # With split tokens, every output token's spelling: the feedback's, and the n-gram keys' (learn)
+            spelled = self.spell(output_tokens.clamp_min(0).flatten()) if state.units is not None else None
             fed = feedback(
-                output_tokens, num_accepted, source, span_end, active, self.spell, self.spelling_width,
-                splits=splits, drafted=drafter_accepted, spelled=spelled,
+                output_tokens, num_accepted, source, active, self.spell, self.spelling_width,
+                drafted=drafter_accepted, spelled=spelled,
             )  # fmt: skip
             ops.commit_drafter(
                 state.d_tokens,
