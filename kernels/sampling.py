@@ -109,11 +109,9 @@ def sample_reference(
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [rows] int64, probs [rows, vocab] fp32
     """Sample one token per row from ``sampling_probs_reference``; returns the ids and the distribution."""
-    if temperature == 0.0:  # the one-hot's argmax is the logits' (sampling_probs_reference): taken once
-        z = logits.float() if mask is None else logits.float().masked_fill(~mask, float("-inf"))
-        ids = z.argmax(-1, keepdim=True)
-        return ids[..., 0], torch.zeros_like(z).scatter_(-1, ids, 1.0)
     probs = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
+    if temperature == 0.0:
+        return probs.argmax(-1), probs
     return (probs / noise).argmax(-1), probs
 
 
