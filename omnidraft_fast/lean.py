@@ -55,32 +55,24 @@ def supports(model: torch.nn.Module) -> bool:
     if _CLASSES.get(kind) != type(model).__name__ or getattr(config, "add_cross_attention", False):
         return False
     name, modules, layers, layer_modules, attention, attention_parts = _PARTS[kind]
-    decoder = getattr(model, name, None)
-    if decoder is None or not all(hasattr(decoder, part) for part in (*modules, layers)):
+    decoder = model._modules.get(name)
+    if decoder is None or "lm_head" not in model._modules or not _holds(decoder, (*modules, layers)):
         return False
     if any(hasattr(module, "_hf_hook") for module in model.modules()):  # accelerate's dispatch hooks
         return False
-    if "lm_head" not in model._modules or (kind != "gpt2" and not _submodules(model, decoder)):
-        return False
     return all(
-        all(hasattr(layer, part) for part in (*layer_modules, attention))
-        and all(hasattr(getattr(layer, attention), part) for part in attention_parts)
-        for layer in getattr(decoder, layers)
+        _holds(layer, (*layer_modules, attention)) and _holds(layer._modules[attention], attention_parts)
+        for layer in decoder._modules[layers]
     )
 
 
-def _submodules(model: torch.nn.Module, decoder: torch.nn.Module) -> bool:
-    """Whether the modules :func:`_llama` reads from ``_modules`` are there (not attributes of another kind)."""
-    name, modules, layers, layer_modules, attention, attention_parts = _PARTS[model.config.model_type]
-    projections = [part for part in attention_parts if part.endswith(("_proj", "_norm"))]
-    return (
-        name in model._modules
-        and all(part in decoder._modules for part in (*modules, layers))
-        and all(
-            all(part in layer._modules for part in (*layer_modules, attention))
-            and all(part in layer._modules[attention]._modules for part in projections)
-            for layer in decoder._modules[layers]
-        )
+def _holds(module: torch.nn.Module, parts: tuple[str, ...]) -> bool:
+    """Whether ``module`` has each of ``parts``: a submodule in its ``_modules``, where :func:`forward` reads
+    it (without nn.Module.__getattr__'s Python fallback), or a plain attribute (``head_dim``)."""
+    return all(
+        part in module._modules
+        or (hasattr(module, part) and not isinstance(getattr(module, part), torch.nn.Module))
+        for part in parts
     )
 
 
