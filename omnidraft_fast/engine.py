@@ -115,15 +115,13 @@ class SpeculativeEngine:
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
             )
         if self.target.width_limit is None and self.drafter.width_limit is None:  # prompts are padded
-            # A padded prompt is at least a bucket wide, and the target's prefill builds its additive attention
-            # mask for it: [batch, 1, prompt, slots], at least a bucket squared a row.
-            dtype = self.target.dtype
+            # A padded prompt is at least a bucket wide, and so is the cache its prefill attends over
+            bucket = config.prompt_bucket
             check_fits(
-                f"`prompt_bucket`={config.prompt_bucket}",
-                config.prompt_bucket**2 * dtype.itemsize,
-                f"the target's prefill attention mask (prompts are padded to a multiple of the bucket: at least "
-                f"{config.prompt_bucket:,} x {config.prompt_bucket:,} {str(dtype).removeprefix('torch.')} entries "
-                "a row)",
+                f"`prompt_bucket`={bucket}",
+                self.target.mask_bytes(bucket, bucket),
+                "the target's prefill attention mask (prompts are padded to a multiple of the bucket: at least "
+                f"{bucket:,} x {bucket:,} entries a row)",
                 (self.device,),
             )
         self.config = config

@@ -280,6 +280,11 @@ class CausalLM:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def mask_bytes(self, queries: int, slots: int) -> int:
+        """Bytes of the additive attention mask one row of a forward of ``queries`` tokens over a cache of
+        ``slots`` builds (``_additive``: the model's dtype)."""
+        return queries * slots * self.dtype.itemsize
+
     def check_width(self, max_slots: int) -> None:
         if self.width_limit is not None and max_slots > self.width_limit:
             raise ValueError(
