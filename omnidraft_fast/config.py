@@ -315,11 +315,12 @@ class EngineConfig:
             requests and ``translation="exact"`` every token; requests with a deferral rule none.
         max_spelling: the most drafter tokens a round spells into the drafter's context for the target
             tokens it did not draft (the recovered/bonus token, after the accepted pieces of a split token
-            cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. The
-            rare target tokens whose spelling does not fit (e.g. long runs of one character) are left
-            out of the drafter's context, with what follows them in that round; the target's output is
-            unaffected. (A merge the n-gram table made keeps its whole drafted run, up to
-            ``ngram_max_len`` tokens, whatever this says.)
+            cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. Of a
+            round's spellings that do not fit (rare target tokens such as long runs of one character: GPT-2
+            spells the runs of spaces of Llama-3 or Qwen in up to 128 tokens), the drafter's context keeps
+            the last ``max_spelling`` tokens, the end of the text; the target's output is unaffected. (A
+            merge the n-gram table made keeps its whole drafted run, up to ``ngram_max_len`` tokens,
+            whatever this says.)
         cascade: the deferral rule used when a request does not give one (``None``: exact speculative
             sampling). Needs verification against ``q`` (not ``translation="exact"``).
         distill: online distillation of the drafter into a LoRA adapter (``DistillConfig``; ``None``: off).

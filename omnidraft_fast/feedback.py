@@ -24,7 +24,7 @@ class Feedback(NamedTuple):
     """The target tokens of a round spelled into the drafter's context (:func:`feedback`)."""
 
     spelling: torch.Tensor  # [batch, spelling_width] their drafter spellings end to end, -1 padded
-    lengths: torch.Tensor  # [batch, k+1] drafter tokens spelled for each target position (0: not fed)
+    lengths: torch.Tensor  # [batch, k+1] drafter tokens the context keeps of each target position's spelling
     mask: torch.Tensor  # [batch, k+1] bool the positions fed (spelled) rather than drafted
 
     def slots(self, num_accepted: torch.Tensor, span_end: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -48,27 +48,33 @@ def feedback(
     drafted: torch.Tensor,  # [batch] the drafted tokens the row keeps (kept_drafts)
     spelled: tuple[torch.Tensor, torch.Tensor] | None,  # spell(output_tokens.clamp_min(0).flatten()), or None
 ) -> Feedback:
-    """The spellings the drafter's context gets this round: they go in order while they fit in
-    ``spelling_width``; a token that does not fit is left out of the drafter's context with the ones after
-    it. ``spelled`` is every output token's spelling when the request splits tokens (RequestState.units:
-    the accepted pieces of a split token that a rejection cut are fed too), else None (the recovered/bonus
-    token alone is fed, spelled here)."""
+    """The spellings the drafter's context gets this round, end to end in order: of those, the drafter's
+    context keeps the last ``spelling_width`` tokens (``spell`` gives a spelling longer than that as its
+    end), so a spelling that does not fit whole loses its beginning, or the spellings before it. ``spelled``
+    is every output token's spelling when the request splits tokens (RequestState.units: the accepted
+    pieces of a split token that a rejection cut are fed too), else None (the recovered/bonus token alone
+    is fed, spelled here)."""
     batch, width = output_tokens.shape
     j = torch.arange(width, device=output_tokens.device)
     mask = (j == num_accepted[:, None]) & active[:, None]
     if spelled is None:  # the recovered/bonus token alone
         spelling, length = spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
-        return Feedback(spelling, torch.where(mask, length[:, None], 0), mask)
+        return Feedback(spelling, torch.where(mask, length.clamp_max(spelling_width)[:, None], 0), mask)
     behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
     mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
     spellings, lengths = spelled
-    lengths = torch.where(mask, lengths.view(batch, width), 0)
-    lengths = torch.where(lengths.cumsum(1) <= spelling_width, lengths, 0)
-    run, offset, valid = ragged_layout(lengths, spelling_width)
+    lengths = torch.where(mask, lengths.view(batch, width).clamp_max(spelling_width), 0)
+    # Keep the last `spelling_width` tokens: each position loses the ones before the cut from its start.
+    ends = lengths.cumsum(1)
+    cut = (ends[:, -1:] - spelling_width).clamp_min(0)
+    lost = (cut - (ends - lengths)).clamp(0, None).minimum(lengths)
+    kept = lengths - lost
+    run, offset, valid = ragged_layout(kept, spelling_width)
+    offset = offset + lost.gather(1, run)
     spellings = spellings.view(batch, width, -1)
     rows = torch.arange(batch, device=output_tokens.device)[:, None]
     spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)
-    return Feedback(spelling, lengths, mask)
+    return Feedback(spelling, kept, mask)
 
 
 def kept_drafts(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:

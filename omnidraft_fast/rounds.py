@@ -79,12 +79,15 @@ class Rounds:
         return k + self.spelling_width
 
     def spell(self, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafter spelling of target ids [n]: ids [n, width] (-1 padded) and lengths [n] (0 if longer)."""
+        """Drafter spelling of target ids [n]: the last ``spelling_width`` ids of each ([n, width], -1
+        padded: the whole spelling where it fits) and the whole spelling's length [n], which is larger
+        than the width where the ids are its end only."""
         if self.bridge is None:
             return target_ids[:, None], torch.ones_like(target_ids)
         width = self.spelling_width
         lengths = self.bridge.t2ds_len[target_ids].long()
-        return self.bridge.t2ds[target_ids, :width].long(), torch.where(lengths <= width, lengths, 0)
+        columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=target_ids.device)
+        return self.bridge.t2ds[target_ids[:, None], columns].long(), lengths
 
     def begin(self, request: Request, seed: int) -> RequestState:
         """The request's device state, caches and random generator (seeded with ``seed``), both prompts laid
@@ -523,7 +526,9 @@ class Rounds:
                 emitted = torch.where(kept_positions, output_tokens, -1).flatten()
                 # the spelling of a position not emitted is never read: its length is 0 (keys_of: no key)
                 spelling, spelled_len = self.spell(emitted.clamp_min(0)) if spelled is None else spelled
-                keys = self.ngram.keys_of(spelling, torch.where(emitted >= 0, spelled_len, 0))
+                # a spelling cut to its end is no key (keys_of: length 0)
+                whole = (emitted >= 0) & (spelled_len <= self.spelling_width)
+                keys = self.ngram.keys_of(spelling, torch.where(whole, spelled_len, 0))
                 self.ngram.insert(keys, emitted)
         if state.recorder is not None:
             with timer("learn"):

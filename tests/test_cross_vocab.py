@@ -394,3 +394,102 @@ def test_the_table_evicts_at_every_read_that_finds_it_past_half_full(pair, monke
         engine.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=24)
     assert len(sized) - len(PROMPTS * 2) < len(reads)  # some reads leave it out (the stats read it too)
     assert evicted and evicted == [i for i, read in enumerate(reads) if read > table.capacity // 2]
+
+
+def _feedback_by_hand(output_tokens, num_accepted, source, active, drafted, spellings, width):
+    """feedback's rule written out row by row: the fed positions' whole spellings end to end, of which
+    the drafter's context keeps the last `width` tokens."""
+    batch, positions = output_tokens.shape
+    rows = []
+    for b in range(batch):
+        fed, pieces = [0] * positions, []
+        for j in range(positions):
+            accepted_piece = j < num_accepted[b] and source[b, j] >= drafted[b]  # a cut split token's
+            if active[b] and (j == num_accepted[b] or accepted_piece):
+                fed[j] = len(spellings[int(output_tokens[b, j])])
+                pieces += [(j, piece) for piece in spellings[int(output_tokens[b, j])]]
+        for j, _ in pieces[: max(0, len(pieces) - width)]:
+            fed[j] -= 1
+        rows.append((fed, [piece for _, piece in pieces[-width:]], len(pieces) > width))
+    return rows
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_feedback_keeps_the_end_of_spellings_that_do_not_fit(split):
+    """The spellings a round feeds the drafter's context that exceed the spelling width lose their
+    beginning, not their end: the context keeps the last `width` drafter tokens of the text (it used to
+    drop a spelling that did not fit with every one after it, so the drafter lost the latest text)."""
+    from omnidraft_fast.feedback import feedback
+
+    width, k, vocab = 4, 3, 12
+    generator = torch.Generator().manual_seed(0)
+    # target id t is spelled as t % 7 drafter tokens (0: no spelling), ids 100 t + i
+    spellings = [[100 * t + i for i in range(t % 7)] for t in range(vocab)]
+    table = torch.full((vocab, 6), -1, dtype=torch.int64)
+    for t, spelling in enumerate(spellings):
+        table[t, : len(spelling)] = torch.tensor(spelling, dtype=torch.int64)
+    lengths = torch.tensor([len(s) for s in spellings])
+
+    def spell(ids):  # Rounds.spell's contract: the last `width` ids and the whole length
+        columns = (lengths[ids] - width).clamp_min(0)[:, None] + torch.arange(width)
+        return table[ids[:, None], columns], lengths[ids]
+
+    cut = 0
+    for _ in range(200):
+        batch = 3
+        output_tokens = torch.randint(0, vocab, (batch, k + 1), generator=generator)
+        num_accepted = torch.randint(0, k + 1, (batch,), generator=generator)
+        output_tokens[torch.arange(k + 1) > num_accepted[:, None]] = -1
+        source = torch.randint(0, k, (batch, k), generator=generator).sort(1).values
+        active = torch.rand(batch, generator=generator) < 0.8
+        drafted = torch.randint(0, k + 1, (batch,), generator=generator)
+        spelled = spell(output_tokens.clamp_min(0).flatten()) if split else None
+        fed = feedback(
+            output_tokens, num_accepted, source, active, spell, width, drafted=drafted, spelled=spelled
+        )
+        # without splits the recovered/bonus token alone is fed: no drafter token is behind the others
+        behind = drafted if split else torch.full_like(drafted, k)
+        expected = _feedback_by_hand(output_tokens, num_accepted, source, active, behind, spellings, width)
+        for b, (lengths_b, pieces, lost) in enumerate(expected):
+            assert fed.lengths[b].tolist() == lengths_b
+            assert fed.spelling[b, : len(pieces)].tolist() == pieces  # commit_drafter writes sum(lengths)
+            cut += lost
+    assert cut > 0  # some rounds did not fit
+
+
+def test_spell_gives_the_end_of_a_long_spelling_and_its_whole_length(pair):
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(max_spelling=2),
+    )  # fmt: skip
+    bridge = engine.bridge
+    ids = torch.arange(bridge.target_vocab_size)
+    pieces, lengths = engine.rounds.spell(ids)
+    assert torch.equal(lengths, bridge.t2ds_len.long())
+    assert (lengths > 2).any() and pieces.shape == (len(ids), 2)
+    for t in ids[lengths > 0].tolist():
+        whole = bridge.t2ds[t, : lengths[t]].tolist()
+        assert pieces[t].tolist() == [*whole[-2:], -1, -1][:2]
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "exact"])
+def test_ngram_table_learns_no_key_from_a_cut_spelling(pair, translation):
+    """With `max_spelling` below the table's key length, a target token spelled in more drafter tokens
+    than the width is fed by its end only: that end is no key of it (a key of its last two pieces would
+    merge them into the whole token). Every key the table learned spells its token whole."""
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(translation=translation, max_spelling=2, ngram_preseed=False, num_draft_tokens=4),
+    )  # fmt: skip
+    batch = target_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    out = engine.generate(**batch, max_new_tokens=40)
+    assert torch.equal(out, target.generate(**batch, max_new_tokens=40, do_sample=False))
+    key_ids, values = engine.ngram.tensors
+    used = key_ids[:, 0] >= 0
+    assert used.any()
+    bridge = engine.bridge
+    for key, value in zip(key_ids[used].tolist(), values[used].tolist(), strict=True):
+        key = [i for i in key if i >= 0]
+        assert len(key) <= 2 and bridge.t2ds[value, : bridge.t2ds_len[value]].tolist() == key
