@@ -1,8 +1,11 @@
 """Vocabulary-bridge figures for the real tokenizer pairs in ../shared/tokenizers.
 
 For each (drafter, target) pair: the size of the byte-exact intersection, the bridge build time, the
-longest drafter spelling of a target token, and on a code sample (a standard-library module) the share
-of the drafter's tokens, and of the text's bytes, that map directly onto one target token.
+longest drafter spelling of a target token and how many target tokens are spelled in more drafter tokens
+than ``EngineConfig.max_spelling`` (a round feeds the drafter's context the end of those only), and on a
+code sample (a standard-library module) the share of the drafter's tokens, and of the text's bytes, that
+map directly onto one target token, and how many of the sample's target tokens are spelled past
+``max_spelling``.
 
     python benchmarks/bridge_figures.py [--tokenizers ../shared/tokenizers] [--out benchmarks/results]
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from omnidraft_fast import EngineConfig
 from omnidraft_fast.bridge import VocabBridge, token_bytes
 from omnidraft_fast.report import environment, provenance, write_results
 
@@ -52,6 +56,8 @@ def main() -> None:
         direct_bytes = sum(len(pieces[i]) for i in ids[direct].tolist())
         total_bytes = sum(len(pieces[i]) for i in ids.tolist())
         spellable = bridge.t2ds_len[: len(tokenizers[target])] > 0
+        long = bridge.t2ds_len > EngineConfig.max_spelling
+        target_ids = torch.tensor(tokenizers[target].encode(sample, add_special_tokens=False))
         rows.append(
             {
                 "drafter": drafter,
@@ -61,6 +67,9 @@ def main() -> None:
                 "intersection": bridge.num_direct,
                 "build_seconds": round(seconds, 2),
                 "max_spelling": bridge.max_spelling,
+                "target_tokens_past_max_spelling": int(long.sum()),
+                "sample_target_tokens": len(target_ids),
+                "sample_target_tokens_past_max_spelling": int(long[target_ids].sum()),
                 "target_tokens_spellable": round(spellable.float().mean().item(), 4),
                 "sample_tokens_direct": round(direct.float().mean().item(), 4),
                 "sample_bytes_direct": round(direct_bytes / total_bytes, 4),
@@ -76,16 +85,20 @@ def main() -> None:
         f"# Vocabulary bridge figures ({provenance(result)})",
         "",
         f"Code sample: `{result['sample']}`. Intersection = target ids reachable by the byte-exact direct map "
-        "(EOS mapped by role included).",
+        "(EOS mapped by role included). Past max_spelling: target tokens whose drafter spelling is longer than "
+        f"`EngineConfig.max_spelling` ({EngineConfig.max_spelling}), in the vocabulary and in the sample's "
+        "target tokenization.",
         "",
-        "| drafter | target | intersection | build (s) | longest spelling | sample tokens direct | sample bytes direct |",
-        "|---|---|---|---|---|---|---|",
+        "| drafter | target | intersection | build (s) | longest spelling | past max_spelling (vocabulary) | "
+        "past max_spelling (sample) | sample tokens direct | sample bytes direct |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['drafter']} ({row['drafter_vocab']}) | {row['target']} ({row['target_vocab']}) | "
             f"{row['intersection']:,} | {row['build_seconds']} | {row['max_spelling']} | "
-            f"{row['sample_tokens_direct']:.1%} | {row['sample_bytes_direct']:.1%} |"
+            f"{row['target_tokens_past_max_spelling']} | {row['sample_target_tokens_past_max_spelling']} of "
+            f"{row['sample_target_tokens']:,} | {row['sample_tokens_direct']:.1%} | {row['sample_bytes_direct']:.1%} |"
         )
     write_results(args.out / "bridge", result, "\n".join(lines) + "\n")
 
