@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import CROSS_TARGET_VOCAB as TARGET_VOCAB
-from conftest import tiny_model
+from conftest import shared_path, tiny_model
 
 import omnidraft_fast
 from omnidraft_fast import CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine
@@ -493,3 +493,38 @@ def test_ngram_table_learns_no_key_from_a_cut_spelling(pair, translation):
     for key, value in zip(key_ids[used].tolist(), values[used].tolist(), strict=True):
         key = [i for i in key if i >= 0]
         assert len(key) <= 2 and bridge.t2ds[value, : bridge.t2ds_len[value]].tolist() == key
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "exact"])
+def test_gpt2_drafter_keeps_the_end_of_llama3_runs_of_spaces(translation):
+    """GPT-2 spells Llama-3's runs of spaces one space a token, past `max_spelling` from 17 spaces on.
+    A target that emits a 20-space token every step (`sequence_bias`): the output is the target's, and
+    every round feeds the drafter's context the last 16 drafter tokens of that token's spelling (the
+    whole round's text used to be left out)."""
+    from transformers import AutoTokenizer
+
+    drafter_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", "gpt2"))
+    target_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", "llama3"))
+    target = tiny_model("llama", len(target_tokenizer), hidden=16, layers=1, seed=3)
+    drafter = tiny_model("gpt2", len(drafter_tokenizer), hidden=16, layers=1, seed=4)
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(translation=translation, num_draft_tokens=3),
+    )  # fmt: skip
+    run = target_tokenizer.convert_tokens_to_ids("Ġ" * 20)
+    width = engine.config.max_spelling
+    spelling = engine.bridge.t2ds[run, : engine.bridge.t2ds_len[run]].tolist()
+    assert len(spelling) > width
+    states = []
+    begin = engine.rounds.begin
+    engine.rounds.begin = lambda *args: states.append(begin(*args)) or states[-1]
+    ids = target_tokenizer("def f(x):\n    if x:\n", return_tensors="pt").input_ids
+    bias = {(run,): 50.0}
+    new = 6
+    out = engine.generate(ids, max_new_tokens=new, sequence_bias=bias)
+    assert torch.equal(out, target.generate(ids, max_new_tokens=new, do_sample=False, sequence_bias=bias))
+    assert out[0, ids.shape[1] :].tolist() == [run] * new
+    state = states[0]
+    prompt = engine.bridge.spell_for_drafter(ids[0]).tolist()
+    context = state.d_tokens[0, int(state.d_start[0]) : int(state.d_lengths[0])].tolist()
+    assert context == prompt + spelling[-width:] * new
