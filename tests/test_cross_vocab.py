@@ -528,3 +528,41 @@ def test_gpt2_drafter_keeps_the_end_of_llama3_runs_of_spaces(translation):
     prompt = engine.bridge.spell_for_drafter(ids[0]).tolist()
     context = state.d_tokens[0, int(state.d_start[0]) : int(state.d_lengths[0])].tolist()
     assert context == prompt + spelling[-width:] * new
+
+
+@pytest.mark.parametrize(
+    ("drafter_name", "target_name", "translation"),
+    [("mistral", "qwen3", "omnidraft"), ("gpt2", "llama3", "exact"), ("llama3", "mistral", "tli")],
+)
+def test_real_tokenizer_pairs_decode_the_targets_text(drafter_name, target_name, translation):
+    """Random tiny models behind real tokenizers (byte-level BPE and SentencePiece with byte fallback, both
+    ways): a batch's greedy output is the target's, and the drafter's context spells the target's text
+    byte for byte, whatever tokens the random target emits (reserved specials, partial UTF-8 bytes)."""
+    from transformers import AutoTokenizer
+
+    drafter_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", drafter_name))
+    target_tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", target_name))
+    target_tokenizer.pad_token, target_tokenizer.padding_side = target_tokenizer.eos_token, "left"
+    target = tiny_model("llama", len(target_tokenizer), hidden=16, layers=1, seed=5)
+    drafter = tiny_model("llama", len(drafter_tokenizer), hidden=16, layers=1, seed=6)
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(translation=translation, num_draft_tokens=3, max_spelling=128),
+    )  # fmt: skip
+    states = []
+    begin = engine.rounds.begin
+    engine.rounds.begin = lambda *args: states.append(begin(*args)) or states[-1]
+    prompts = ["def f(x):\n        return x  # café, 東京", "Ünïcödé ✓ and\ttabs"]
+    batch = target_tokenizer(prompts, return_tensors="pt", padding=True)
+    settings = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=target_tokenizer.pad_token_id)
+    out = engine.generate(**batch, **settings)
+    assert torch.equal(out, target.generate(**batch, do_sample=False, **settings))
+    state = states[0]
+    target_pieces = token_bytes(target_tokenizer, len(target_tokenizer)).pieces
+    drafter_pieces = token_bytes(drafter_tokenizer, len(drafter_tokenizer)).pieces
+    for row in range(len(prompts)):
+        target_ids = state.tokens[row, int(state.start[row]) : int(state.lengths[row])].tolist()
+        drafter_ids = state.d_tokens[row, int(state.d_start[row]) : int(state.d_lengths[row])].tolist()
+        drafter_text = b"".join(drafter_pieces[i] or b"" for i in drafter_ids)
+        # The last round may leave in the drafter's context what max_new_tokens cut from the output.
+        assert drafter_text.startswith(b"".join(target_pieces[i] or b"" for i in target_ids)), row
