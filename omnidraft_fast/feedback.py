@@ -67,7 +67,7 @@ def feedback(
     # Keep the last `spelling_width` tokens: each position loses the ones before the cut from its start.
     ends = lengths.cumsum(1)
     cut = (ends[:, -1:] - spelling_width).clamp_min(0)
-    lost = (cut - (ends - lengths)).clamp(0, None).minimum(lengths)
+    lost = (cut - (ends - lengths)).clamp_min(0).minimum(lengths)
     kept = lengths - lost
     run, offset, valid = ragged_layout(kept, spelling_width)
     offset = offset + lost.gather(1, run)
