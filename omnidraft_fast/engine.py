@@ -36,7 +36,7 @@ from .ngram import NGramTable
 from .request import Request, resolve_request
 from .request_state import COUNTERS, RequestState
 from .rounds import Rounds
-from .state import load_state, save_state
+from .state import StateParts, load_state, save_state
 from .stats import GenerationStats, StageTimer
 from .stopping import Criteria, Stops, StopStrings
 from .warpers import sampling_warpers
@@ -173,10 +173,11 @@ class SpeculativeEngine:
         with self._holding("save_state()"):
             save_state(self, path)
 
-    def load_state(self, path: str | Path) -> None:
-        """Restore a state saved by an engine for the same tokenizer pair."""
+    def load_state(self, path: str | Path, strict: bool = True) -> StateParts:
+        """Restore a state saved by an engine for the same tokenizer pair and configuration; with
+        ``strict=False``, the parts the file and this engine have in common (``state.py``)."""
         with self._holding("load_state()"):
-            load_state(self, path)
+            return load_state(self, path, strict)
 
     def _holding(self, what: str, wait: bool = True):
         """This engine's models to itself for the duration (``locks.py``): requests in other threads wait."""

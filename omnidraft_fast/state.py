@@ -8,7 +8,11 @@ the saved weights, table and moments. (A state saved without optimiser moments r
 A state loads into an engine built with the configuration it was saved with: one that holds a part the engine
 lacks, lacks a part it has, does not fit it, or is damaged (non-finite values, n-gram entries outside the
 vocabularies) is refused whole, the engine unchanged; so is a load cut short (Ctrl-C): what it wrote is put
-back. The file is created with the permissions ``open()`` would give it.
+back. With ``strict=False`` (as ``torch.nn.Module.load_state_dict`` takes it) the parts the two have in
+common load, the engine's others stay as they are and the file's others are not read; which ones, the
+returned :class:`StateParts` says (a state saved without learning gives a learning engine its n-gram
+table). A part both have must still fit, and the tokenizer pair must be the same.
+The file is created with the permissions ``open()`` would give it.
 The file's metadata records the adapter's scale (``lora_alpha / rank``), without which its tensors do not
 say what the drafter served: an engine with another scale refuses the state.
 Not saved: the rows waiting for the learners' next step (fewer than ``interval``) and the acceptance
@@ -23,7 +27,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,9 +38,17 @@ from .optim import AdamW
 if TYPE_CHECKING:
     from .engine import SpeculativeEngine
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["StateParts", "load_state", "save_state"]
 
 FORMAT = "omnidraft_fast.state/1"
+
+
+class StateParts(NamedTuple):
+    """What :func:`load_state` left out, by part (``"ngram"``, ``"adapter"``, ``"head"``): both empty
+    unless ``strict=False``."""
+
+    missing: list[str]  # the engine's parts the file does not hold: they stay as they were
+    unexpected: list[str]  # the file's parts the engine does not have: not read
 
 
 def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
@@ -77,9 +89,12 @@ def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
         raise
 
 
-def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
+def load_state(engine: SpeculativeEngine, path: str | Path, strict: bool = True) -> StateParts:
     """Restore a state written by :func:`save_state` into an engine built for the same model pair. Every
-    part is checked to fit before any is written: a state that does not fit leaves the engine as it was."""
+    part is checked to fit before any is written: a state that does not fit leaves the engine as it was.
+    ``strict=False``: load the parts the file and the engine have in common (module docstring)."""
+    if not isinstance(strict, bool):
+        raise TypeError(f"`strict` must be True or False, got {strict!r}")
     if not Path(path).is_file():
         raise FileNotFoundError(f"`path` {str(path)!r} is not a file: give the file save_state wrote")
     try:
@@ -136,20 +151,37 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         for prefix, optimizer in _optimizers(learner)
     ]
     loads = []
+    missing, unexpected = [], []
     for prefix, part, what, _ in parts[:3]:  # the table, the adapter, the head
+        name = prefix.removesuffix(".")
         if part is not None and not saved(prefix):
+            if not strict:
+                missing.append(name)
+                continue
             raise ValueError(
                 f"{path} holds no {what} but this engine has one (the state was saved by an engine built with "
-                "another configuration); build the engine with the configuration it was saved with"
+                "another configuration); build the engine with the configuration it was saved with, or load "
+                "the parts the two have with strict=False"
+            )
+        if part is None and saved(prefix):
+            if not strict:
+                unexpected.append(name)
+                continue
+            raise ValueError(
+                f"{path} holds a {what} but this engine has none; build it with one, or load the parts the two "
+                "have with strict=False"
             )
     fresh = []  # optimisers whose parameters are loaded without their moments: they restart (module docstring)
     for prefix, part, what, differs in parts:
         state = saved(prefix)
+        owner = prefix.removeprefix("optimizer.").removesuffix(".")  # the part an optimiser's moments follow
+        if owner in missing or owner in unexpected:
+            continue  # an optimiser whose parameters are not loaded keeps its moments
         if not state:
             if part is not None and prefix.startswith("optimizer."):
                 fresh.append(part)
             continue
-        if part is None:
+        if part is None:  # moments of a part the engine has without an optimiser: none has one without
             raise ValueError(f"{path} holds a {what} but this engine has none; build it with one")
         ours = part.state_dict()
         if set(state) != set(ours) or any(state[name].shape != ours[name].shape for name in ours):
@@ -181,6 +213,7 @@ def load_state(engine: SpeculativeEngine, path: str | Path) -> None:
         for part, state in backup:
             part.load_state_dict(state)
         raise
+    return StateParts(missing, unexpected)
 
 
 def _check_table(table: dict[str, torch.Tensor], engine: SpeculativeEngine, path) -> None:

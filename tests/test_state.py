@@ -3,6 +3,7 @@ save_state's file readable as any file the caller writes."""
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 
@@ -65,6 +66,67 @@ def test_a_state_missing_a_part_the_engine_has_is_refused(pair, tmp_path):
     with pytest.raises(ValueError, match=r"holds no acceptance head .* but this engine has one"):
         engine.load_state(tmp_path / "adapter.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(before, _learned(engine), strict=True))
+
+
+def _tensors(part):
+    return [t.detach().clone() for t in part.state_dict().values()]
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_strict_false_loads_the_parts_both_have(pair, tmp_path):
+    """As torch's load_state_dict(strict=False): an adapter-only state gives a learning engine its adapter
+    and moments, its head and head moments stay; the other way the file's head is not read. The returned
+    parts say which were left out."""
+    from omnidraft_fast.state import StateParts
+
+    source = _engine(pair, distill=LEARNING["distill"])
+    _served(source, 0)
+    source.save_state(tmp_path / "adapter.safetensors")
+    engine, _ = _saved_then_learning(pair, tmp_path / "both.safetensors", **LEARNING)
+    head, head_moments = _tensors(engine.learner.head), _tensors(engine.learner.head_optimizer)
+    parts = engine.load_state(tmp_path / "adapter.safetensors", strict=False)
+    assert parts == StateParts(missing=["head"], unexpected=[])
+    assert _equal(_tensors(engine.learner.adapter), _tensors(source.learner.adapter))
+    assert _equal(_tensors(engine.learner.optimizer), _tensors(source.learner.optimizer))
+    assert _equal(head, _tensors(engine.learner.head))
+    assert _equal(head_moments, _tensors(engine.learner.head_optimizer))
+    _served(engine, 3)  # serves and learns on
+
+    saved = SpeculativeEngine(*pair, config=EngineConfig(**LEARNING))
+    saved.load_state(tmp_path / "both.safetensors")
+    assert source.load_state(tmp_path / "both.safetensors", strict=False) == StateParts([], ["head"])
+    assert _equal(_tensors(source.learner.adapter), _tensors(saved.learner.adapter))
+    # strict (the default) refuses both, naming strict=False
+    for path, engine_ in (("adapter", engine), ("both", source)):
+        with pytest.raises(ValueError, match="strict=False"):
+            engine_.load_state(tmp_path / f"{path}.safetensors")
+    assert engine.load_state(tmp_path / "both.safetensors") == StateParts([], [])
+    with pytest.raises(TypeError, match="`strict` must be True or False"):
+        engine.load_state(tmp_path / "both.safetensors", strict="no")
+
+
+def test_strict_false_gives_a_learning_engine_a_saved_ngram_table(tmp_path):
+    """A cross-vocabulary state saved without learning (its n-gram table) loads into an engine that
+    distils, with strict=False: the table is the saved one, the adapter stays fresh."""
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair")
+    tokenizers = dict(target_tokenizer=zoo.target_tokenizer, drafter_tokenizer=zoo.drafter_tokenizer)
+    plain = SpeculativeEngine(
+        zoo.target, zoo.drafter_cross, config=EngineConfig(ngram_preseed=False), **tokenizers
+    )
+    plain.generate(**zoo.target_tokenizer(["def add(a, b):"], return_tensors="pt"), max_new_tokens=16)
+    plain.save_state(tmp_path / "table.safetensors")
+    config = EngineConfig(ngram_preseed=False, distill=DistillConfig(rank=8))
+    learning = SpeculativeEngine(zoo.target, copy.deepcopy(zoo.drafter_cross), config=config, **tokenizers)
+    adapter = _tensors(learning.learner.adapter)
+    assert learning.load_state(tmp_path / "table.safetensors", strict=False).missing == ["adapter"]
+    assert int(learning.ngram.size()) == int(plain.ngram.size()) > 0
+    assert _equal(_tensors(learning.ngram), _tensors(plain.ngram))
+    assert _equal(adapter, _tensors(learning.learner.adapter))
 
 
 def _saved_file(engine, path):
