@@ -92,12 +92,38 @@ def sampling_probs_reference(
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=False)
-        cumulative = sorted_z.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[..., -1] = False
-        z = z.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        z = _top_p(z, top_p)
     return z.softmax(-1)
+
+
+def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``z`` with -inf where top-p drops a token (module docstring): as transformers' ``TopPLogitsWarper``."""
+    if z.device.type == "cpu" and z.is_contiguous():
+        # The same set without torch.sort, which sorts (value, index) pairs ~20x slower than numpy sorts values
+        # on the CPU (~0.9 ms for 5 rows of 3072 ids). numpy's ascending values are torch.sort's (up to the
+        # order of -0.0 and +0.0, of equal mass), so ``drop_sorted`` is the sort's, bit for bit. Where it is
+        # the first ``n`` positions (the sums only grow) and exactly ``n`` tokens lie below the first kept
+        # value, those are the ``n`` tokens the sort drops, whatever its order among equal values; otherwise
+        # equal logits straddle the boundary, and which of them go is torch.sort's order: the sort decides.
+        sorted_z = z.detach().clone()
+        sorted_z.numpy().sort(-1)
+        drop_sorted = _drop_sorted(sorted_z, top_p)
+        n = drop_sorted.sum(-1, keepdim=True)  # < vocab: the last is kept
+        drop = z < sorted_z.gather(-1, n)
+        prefix = torch.arange(z.shape[-1]) < n
+        if torch.equal(drop_sorted, prefix) and torch.equal(drop.sum(-1, keepdim=True), n):
+            return z.masked_fill(drop, float("-inf"))
+    sorted_z, order = torch.sort(z, dim=-1, descending=False)
+    drop_sorted = _drop_sorted(sorted_z, top_p)
+    return z.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+def _drop_sorted(sorted_z: torch.Tensor, top_p: float) -> torch.Tensor:  # [..., vocab] ascending -> bool
+    """Top-p's dropped positions of ascending ``sorted_z``: an fp32 cumulative mass <= 1 - top_p, never the last."""
+    cumulative = sorted_z.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative <= 1 - top_p
+    drop_sorted[..., -1] = False
+    return drop_sorted
 
 
 def sample_reference(

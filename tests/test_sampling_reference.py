@@ -1,0 +1,109 @@
+"""sampling_probs_reference's CPU shortcuts against the plain formula they replace (bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omnidraft_fast.kernels.sampling import sampling_probs_reference
+
+
+def _full_sort(logits, temperature, top_k, top_p, mask=None):
+    """The filters as written before the shortcuts: torch.topk's k-th value and a full torch.sort for top-p."""
+    z = logits.float()
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf"))
+    z = z / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=False)
+        cumulative = sorted_z.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -1] = False
+        z = z.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return z.softmax(-1)
+
+
+def _same(logits, temperature, top_k, top_p, mask=None):
+    expected = _full_sort(logits, temperature, top_k, top_p, mask)
+    got = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    return got
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, 40])
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.8, 0.95, 1 - 1e-7])
+def test_random_logits_with_ties(top_k, top_p):
+    """Logits on a coarse grid (many ties, also at the top-k and top-p boundaries), masked or not, 2-D and
+    3-D, at several temperatures."""
+    generator = torch.Generator().manual_seed(top_k + int(top_p * 1000))
+    for trial in range(40):
+        vocab = (7, 64, 300, 1000)[trial % 4]
+        step = (0.0, 0.5, 0.25, 1.0)[trial // 4 % 4]  # 0: no grid (few ties)
+        logits = torch.randn(3, 2, vocab, generator=generator) * (1 + trial % 3)
+        if step:
+            logits = (logits / step).round() * step
+        mask = torch.rand(vocab, generator=generator) > 0.3 if trial % 5 == 0 else None
+        if mask is not None:
+            mask[0] = True
+        temperature = (1.0, 0.7, 1.6)[trial % 3]
+        _same(logits, temperature, top_k, top_p, mask)
+        _same(logits[0], temperature, top_k, top_p, mask)
+        _same(logits.half(), temperature, top_k, top_p, mask)
+
+
+def test_a_tie_across_the_top_p_boundary_is_torch_sorts(monkeypatch):
+    """The shortcut decides without torch.sort unless equal logits straddle the top-p boundary, where which
+    of them are dropped is torch.sort's order: then it sorts (and only then)."""
+    calls = []
+    sort = torch.sort
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sort(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "sort", counted)
+    distinct = torch.tensor([[1.0, 1.5, 1.25, 3.0, 0.0, 0.75, 1.1, -2.0]])
+    probs = _same(distinct, 1.0, 0, 0.6)
+    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [1, 3]
+    assert len(calls) == 1  # _full_sort's only
+    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 1.0, -2.0]])  # 4 of the five 1.0 dropped
+    probs = _same(tied, 1.0, 0, 0.6)
+    assert (probs[0] > 0).sum() == 2
+    assert len(calls) == 3
+    # -0.0 and +0.0 are equal logits: a tie, though they differ in sign.
+    zeros = torch.tensor([[-0.0, 0.0, -5.0, 0.0, -0.0]])  # -5 and one of the zeros dropped
+    probs = _same(zeros, 1.0, 0, 0.5)
+    assert (probs[0] > 0).sum() == 3
+    assert len(calls) == 5
+    # Equal logits wholly on one side of the boundary are no tie across it.
+    below = torch.tensor([[0.0, 0.0, 0.0, 4.0, 3.9, -1.0]])
+    probs = _same(below, 1.0, 0, 0.9)
+    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [3, 4]
+    assert len(calls) == 6
+
+
+def test_rows_that_cannot_be_sampled_and_extreme_top_p():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    logits[0, 7] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 1:] = float("-inf")  # one token left
+    logits[4, :25] = float("-inf")
+    logits[5] = -1e30
+    for top_k in (0, 3):
+        for top_p in (1e-6, 0.5, 0.999999):
+            _same(logits, 1.0, top_k, top_p)
+    _same(logits[:0], 1.0, 0, 0.5)  # no rows
+
+
+def test_strided_and_grad_logits():
+    logits = torch.randn(4, 2, 300, generator=torch.Generator().manual_seed(4))
+    _same(logits[:, 1], 0.8, 0, 0.7)  # rows a stride apart
+    _same(logits.transpose(0, 1), 0.8, 10, 0.7)
+    _same(logits.transpose(1, 2), 1.0, 0, 0.7)  # the vocabulary not contiguous: the sort path
+    leaf = logits.clone().requires_grad_()
+    with torch.no_grad():
+        expected = _full_sort(leaf, 1.0, 5, 0.7)
+    torch.testing.assert_close(sampling_probs_reference(leaf, 1.0, 5, 0.7).detach(), expected, rtol=0, atol=0)
