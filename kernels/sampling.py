@@ -89,11 +89,20 @@ def sampling_probs_reference(
         return torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
     z = z / temperature
     if 0 < top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
+        z = z.masked_fill(z < _kth_largest(z, top_k), float("-inf"))
     if top_p < 1.0:
         z = _top_p(z, top_p)
     return z.softmax(-1)
+
+
+def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [..., 1]
+    """The ``k``-th largest value of each row, ties counted: torch.topk's last value, which numpy's partition
+    finds ~8x faster on the CPU (a value, so the same one; -0.0 and +0.0 compare equal)."""
+    if z.device.type == "cpu":
+        partitioned = z.detach().clone()
+        partitioned.numpy().partition(z.shape[-1] - k, -1)
+        return partitioned[..., z.shape[-1] - k, None]
+    return torch.topk(z, k, dim=-1).values[..., -1:]
 
 
 def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -84,6 +84,23 @@ def test_a_tie_across_the_top_p_boundary_is_torch_sorts(monkeypatch):
     assert len(calls) == 6
 
 
+def test_top_k_needs_no_topk_on_the_cpu(monkeypatch):
+    """The k-th largest value, ties counted, is a value: numpy's partition finds the one torch.topk does."""
+    logits = torch.tensor(
+        [[0.0, 2.0, 1.0, 1.0, 1.0, -1.0, 1.0, 0.5], [-0.0, 3.0, 0.0, 0.0, -1.0, 2.0, 9.0, -0.0]]
+    )
+    expected = {k: _full_sort(logits, 1.0, k, 1.0) for k in range(1, 8)}
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch.topk called")
+
+    monkeypatch.setattr(torch, "topk", refused)
+    for k, probs in expected.items():
+        torch.testing.assert_close(sampling_probs_reference(logits, 1.0, k, 1.0), probs, rtol=0, atol=0)
+    assert ((expected[3] > 0).sum(-1) == torch.tensor([5, 3])).all()  # ties at the k-th kept
+    assert ((expected[4] > 0).sum(-1) == torch.tensor([5, 7])).all()  # -0.0 == +0.0
+
+
 def test_rows_that_cannot_be_sampled_and_extreme_top_p():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
     logits[0, 7] = float("nan")
