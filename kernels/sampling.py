@@ -95,10 +95,16 @@ def sampling_probs_reference(
     return z.softmax(-1)
 
 
+def _numpy_shares(z: torch.Tensor) -> bool:
+    """Whether ``z.numpy()`` is ``z``'s memory, for the CPU shortcuts below: a CPU tensor, outside torch.compile
+    (which traces numpy calls as torch ops, and has no partition)."""
+    return z.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [..., 1]
     """The ``k``-th largest value of each row, ties counted: torch.topk's last value, which numpy's partition
     finds ~8x faster on the CPU (a value, so the same one; -0.0 and +0.0 compare equal)."""
-    if z.device.type == "cpu":
+    if _numpy_shares(z):
         partitioned = z.detach().clone()
         partitioned.numpy().partition(z.shape[-1] - k, -1)
         return partitioned[..., z.shape[-1] - k, None]
@@ -107,7 +113,7 @@ def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [.
 
 def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """``z`` with -inf where top-p drops a token (module docstring): as transformers' ``TopPLogitsWarper``."""
-    if z.device.type == "cpu" and z.is_contiguous():
+    if _numpy_shares(z) and z.is_contiguous():
         # The same set without torch.sort, which sorts (value, index) pairs ~20x slower than numpy sorts values
         # on the CPU (~0.9 ms for 5 rows of 3072 ids). numpy's ascending values are torch.sort's (up to the
         # order of -0.0 and +0.0, of equal mass), so ``drop_sorted`` is the sort's, bit for bit. Where it is

@@ -124,3 +124,12 @@ def test_strided_and_grad_logits():
     with torch.no_grad():
         expected = _full_sort(leaf, 1.0, 5, 0.7)
     torch.testing.assert_close(sampling_probs_reference(leaf, 1.0, 5, 0.7).detach(), expected, rtol=0, atol=0)
+
+
+def test_under_torch_compile():
+    """torch.compile traces numpy calls as torch ops (and has no partition): the shortcuts step aside there."""
+    compiled = torch.compile(sampling_probs_reference, backend="eager", dynamic=False)
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(5)) * 3
+    for top_k, top_p in ((0, 0.8), (20, 1.0), (20, 0.7)):
+        expected = _full_sort(logits, 1.0, top_k, top_p)
+        torch.testing.assert_close(compiled(logits, 1.0, top_k, top_p), expected, rtol=0, atol=0)
