@@ -113,24 +113,32 @@ def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [.
 
 def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """``z`` with -inf where top-p drops a token (module docstring): as transformers' ``TopPLogitsWarper``."""
-    if _numpy_shares(z) and z.is_contiguous():
-        # The same set without torch.sort, which sorts (value, index) pairs ~20x slower than numpy sorts values
-        # on the CPU (~0.9 ms for 5 rows of 3072 ids). numpy's ascending values are torch.sort's (up to the
-        # order of -0.0 and +0.0, of equal mass), so ``drop_sorted`` is the sort's, bit for bit. Where it is
-        # the first ``n`` positions (the sums only grow) and exactly ``n`` tokens lie below the first kept
-        # value, those are the ``n`` tokens the sort drops, whatever its order among equal values; otherwise
-        # equal logits straddle the boundary, and which of them go is torch.sort's order: the sort decides.
-        sorted_z = z.detach().clone()
-        sorted_z.numpy().sort(-1)
-        drop_sorted = _drop_sorted(sorted_z, top_p)
-        n = drop_sorted.sum(-1, keepdim=True)  # < vocab: the last is kept
-        drop = z < sorted_z.gather(-1, n)
-        prefix = torch.arange(z.shape[-1]) < n
-        if torch.equal(drop_sorted, prefix) and torch.equal(drop.sum(-1, keepdim=True), n):
-            return z.masked_fill(drop, float("-inf"))
+    if not (_numpy_shares(z) and z.is_contiguous()):
+        return z.masked_fill(_sort_drop(z, top_p), float("-inf"))
+    # The same set without torch.sort, which sorts (value, index) pairs ~20x slower than numpy sorts values on
+    # the CPU (~0.9 ms for 5 rows of 3072 ids). numpy's ascending values are torch.sort's (up to the order of
+    # -0.0 and +0.0, of equal mass), so ``drop_sorted`` is the sort's, bit for bit. Where it marks exactly the
+    # positions of the values below the first kept value, the sort drops exactly the tokens below that value,
+    # whatever its order among equal values. In the other rows equal logits straddle the boundary (which of
+    # them go is torch.sort's order), or the sums did not only grow: those rows are sorted (torch.sort orders
+    # each row on its own, so as it orders them among all the rows).
+    sorted_z = z.detach().clone()
+    sorted_z.numpy().sort(-1)
+    drop_sorted = _drop_sorted(sorted_z, top_p)
+    first_kept = sorted_z.gather(-1, drop_sorted.sum(-1, keepdim=True))  # the last is kept: an index < vocab
+    below = sorted_z < first_kept
+    drop = z < first_kept
+    if not torch.equal(drop_sorted, below):
+        undecided = (drop_sorted != below).any(-1)
+        drop[undecided] = _sort_drop(z[undecided], top_p)
+    return z.masked_fill(drop, float("-inf"))
+
+
+def _sort_drop(z: torch.Tensor, top_p: float) -> torch.Tensor:  # [..., vocab] -> bool, True = dropped
+    """Top-p's dropped tokens by a full torch.sort, as transformers' ``TopPLogitsWarper`` finds them."""
     sorted_z, order = torch.sort(z, dim=-1, descending=False)
     drop_sorted = _drop_sorted(sorted_z, top_p)
-    return z.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return drop_sorted.scatter(-1, order, drop_sorted)
 
 
 def _drop_sorted(sorted_z: torch.Tensor, top_p: float) -> torch.Tensor:  # [..., vocab] ascending -> bool

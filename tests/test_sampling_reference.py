@@ -55,33 +55,32 @@ def test_random_logits_with_ties(top_k, top_p):
 
 def test_a_tie_across_the_top_p_boundary_is_torch_sorts(monkeypatch):
     """The shortcut decides without torch.sort unless equal logits straddle the top-p boundary, where which
-    of them are dropped is torch.sort's order: then it sorts (and only then)."""
-    calls = []
+    of them are dropped is torch.sort's order: then it sorts that row (and only that row)."""
+    rows_sorted = []
     sort = torch.sort
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return sort(*args, **kwargs)
+    def counted(input, *args, **kwargs):
+        rows_sorted.append(input.shape[:-1].numel())
+        return sort(input, *args, **kwargs)
+
+    def check(logits, top_p, kept, sorted_rows):
+        expected = _full_sort(logits, 1.0, 0, top_p)
+        rows_sorted.clear()
+        probs = sampling_probs_reference(logits, 1.0, 0, top_p)
+        torch.testing.assert_close(probs, expected, rtol=0, atol=0)
+        assert (probs > 0).sum(-1).tolist() == kept
+        assert sum(rows_sorted) == sorted_rows
 
     monkeypatch.setattr(torch, "sort", counted)
-    distinct = torch.tensor([[1.0, 1.5, 1.25, 3.0, 0.0, 0.75, 1.1, -2.0]])
-    probs = _same(distinct, 1.0, 0, 0.6)
-    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [1, 3]
-    assert len(calls) == 1  # _full_sort's only
-    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 1.0, -2.0]])  # 4 of the five 1.0 dropped
-    probs = _same(tied, 1.0, 0, 0.6)
-    assert (probs[0] > 0).sum() == 2
-    assert len(calls) == 3
+    distinct = [1.0, 1.5, 1.25, 3.0, 0.0, 0.75, 1.1, -2.0]
+    tied = [1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 1.0, -2.0]  # 4 of the five 1.0 dropped
+    below = [0.0, 0.0, 0.0, 4.0, 3.9, -1.0, -1.0, 0.0]  # equal logits wholly below the boundary
+    check(torch.tensor([distinct]), 0.6, [2], 0)
+    check(torch.tensor([tied]), 0.6, [2], 1)
+    check(torch.tensor([below]), 0.9, [2], 0)
+    check(torch.tensor([[distinct, tied], [tied, below]]), 0.6, [[2, 2], [2, 2]], 2)
     # -0.0 and +0.0 are equal logits: a tie, though they differ in sign.
-    zeros = torch.tensor([[-0.0, 0.0, -5.0, 0.0, -0.0]])  # -5 and one of the zeros dropped
-    probs = _same(zeros, 1.0, 0, 0.5)
-    assert (probs[0] > 0).sum() == 3
-    assert len(calls) == 5
-    # Equal logits wholly on one side of the boundary are no tie across it.
-    below = torch.tensor([[0.0, 0.0, 0.0, 4.0, 3.9, -1.0]])
-    probs = _same(below, 1.0, 0, 0.9)
-    assert (probs[0] > 0).nonzero()[:, 0].tolist() == [3, 4]
-    assert len(calls) == 6
+    check(torch.tensor([[-0.0, 0.0, -5.0, 0.0, -0.0]]), 0.5, [3], 1)  # -5 and one of the zeros dropped
 
 
 def test_top_k_needs_no_topk_on_the_cpu(monkeypatch):
