@@ -97,8 +97,14 @@ def sampling_probs_reference(
 
 def _numpy_shares(z: torch.Tensor) -> bool:
     """Whether ``z.numpy()`` is ``z``'s memory, for the CPU shortcuts below: a CPU tensor, outside torch.compile
-    (which traces numpy calls as torch ops, and has no partition)."""
-    return z.device.type == "cpu" and not torch.compiler.is_compiling()
+    (which traces numpy calls as torch ops, and has no partition) and outside any dispatch mode (one that
+    records ops to replay them, as the CPU stand-in for CUDA graphs does, sees torch's ops only: numpy's
+    work would escape the replay)."""
+    return (
+        z.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [..., 1]
