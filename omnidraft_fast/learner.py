@@ -410,8 +410,16 @@ class OnlineLearner:
         targets = torch.cat([r.logits for r in rows])  # [sum n, V_d]
         row_of = torch.cat(row_of)
 
+        # Positions as the rounds give them (CausalLM: clamped to the drafter's position limit): a row's
+        # context can run past the limit (the drafts a finished row accepted past its end, a spelling longer
+        # than the target's tokens), where a table of absolute positions has no row for it.
+        positions = torch.arange(length, device=device).expand(len(rows), length)
+        if self.drafter.position_limit is not None:
+            positions = positions.clamp(max=self.drafter.position_limit - 1)
         with head_inputs(self.drafter.model) as captured, torch.set_grad_enabled(grad):
-            logits = self.drafter.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = self.drafter.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
         hidden = captured[-1]  # [rows, length, H]
         # The prediction of slot u comes from position u - 1; slot 0 (the first token) has none.
         kl, ce, head, drafted = kl[:, 1:], ce[:, 1:], head[:, 1:], drafted[:, 1:]

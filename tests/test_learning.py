@@ -1065,6 +1065,22 @@ def test_learning_on_drafters_of_other_architectures(arch):
     assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
 
 
+def test_learning_from_requests_that_reach_the_drafters_position_limit():
+    """Requests up to the position limit of a drafter with a table of absolute positions (GPT-2): the
+    learner's teacher-forced pass positions a row's context as the rounds do, clamped to the limit (a
+    finished row's context also holds the drafts its last round accepted past its end), instead of indexing
+    past the table (an IndexError after the request, its output lost)."""
+    target = tiny_model("gpt2", VOCAB, seed=31, max_positions=48)
+    drafter = perturbed_copy(target, 0.3, seed=32)
+    engine = _engine(target, drafter, num_draft_tokens=3,
+                     distill=DistillConfig(interval=1, rank=8), adaptive=AdaptiveConfig(interval=1))  # fmt: skip
+    ids, mask = left_padded_prompts(VOCAB, [10, 7], seed=0)
+    for new in (38, 37):
+        expected = target.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=new), expected)
+    assert engine.learner.stats.distill_steps == 2 and engine.learner.stats.head_steps > 0
+
+
 def test_a_drafted_token_with_no_target_token_is_labelled_rejected():
     """A round drafts y0 y1 y2; y0 maps to target 5 and is accepted, y1 has no target token, so the draft
     stops there (proposal -1, span_end = source + 1) and verification rejects that position and emits the
