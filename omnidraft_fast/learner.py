@@ -63,6 +63,9 @@ class LearnerStats:
     head_steps: int = 0
     distill_loss: float = float("nan")
     head_loss: float = float("nan")
+    # wall time spent training: the steps between requests, and in flight those run as a stage of their own
+    # (rounds_per_sync=1); with rounds_per_sync > 1 an in-flight step runs inside the unit of rounds (one
+    # captured graph) and its time counts as the rounds' (the engine's stage "rounds")
     seconds: float = 0.0
 
 
