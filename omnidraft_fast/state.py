@@ -181,7 +181,7 @@ def load_state(engine: SpeculativeEngine, path: str | Path, strict: bool = True)
             if part is not None and prefix.startswith("optimizer."):
                 fresh.append(part)
             continue
-        if part is None:  # moments of a part the engine has without an optimiser: none has one without
+        if part is None:  # moments whose part neither the file nor the engine holds: a damaged file
             raise ValueError(f"{path} holds a {what} but this engine has none; build it with one")
         ours = part.state_dict()
         if set(state) != set(ours) or any(state[name].shape != ours[name].shape for name in ours):
