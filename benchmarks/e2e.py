@@ -13,6 +13,9 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
   drafter and ``tokenizer=``/``assistant_tokenizer=``. Greedy, transformers runs its text-level
   re-tokenising generator; sampling, its token-level-intersection generator (universal speculative
   decoding), which prunes the drafter's LM head in place, so it gets its own copy of the drafter;
+- ``transformers prompt lookup``: ``prompt_lookup_num_tokens=--lookup-tokens`` (no drafter; transformers'
+  default ``max_matching_ngram_size`` of 2), and ``omnidraft_fast prompt lookup``, this engine without a
+  drafter doing the same (``--lookup-tokens 0`` leaves both out);
 - ``omnidraft_fast shared``: this engine with the shared-vocabulary drafter;
 - ``omnidraft_fast <mode>``: this engine with the cross-vocabulary drafter, translation omnidraft/tli/exact,
   and ``omnidraft (no splits)`` with the paper's stop at a drafted token with no target twin
@@ -23,7 +26,7 @@ In one process, on the same held-out prompts, greedy and sampled (T=1, no top-k/
 - ``... (confidence 0.4)``: the shared and omnidraft engines with ``EngineConfig(confidence_threshold=0.4)``,
   rows stopping their draft after a token the drafter gave less than 0.4, as transformers' assisted
   methods do by default (``assistant_confidence_threshold``; ``--confidence``);
-- ``... (CUDA graphs)``: the shared and omnidraft engines again with ``EngineConfig(cuda_graphs=True)``,
+- ``... (CUDA graphs)``: the shared, omnidraft and prompt-lookup engines again with ``EngineConfig(cuda_graphs=True)``,
   and ``... (CUDA graphs, 4 rounds per sync)`` with ``rounds_per_sync=4`` too (on CUDA by default;
   ``--graphs on`` adds them elsewhere too, where they check capture, not speed).
 
@@ -46,7 +49,7 @@ name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-voca
 
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
                              [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off] [--compiled auto|on|off]
-                             [--no-transformers-forward]
+                             [--no-transformers-forward] [--lookup-tokens 10]
 """
 
 from __future__ import annotations
@@ -118,6 +121,13 @@ def main() -> None:
         default=True,
         help="also run the shared and omnidraft engines through transformers' forward (lean_forward=False)",
     )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=10,
+        help="prompt lookup's draft length (prompt_lookup_num_tokens) for transformers and this engine, both "
+        "without a drafter (0: leave them out)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
@@ -157,7 +167,16 @@ def main() -> None:
         engines[f"omnidraft_fast omnidraft (confidence {args.confidence})"] = engine(
             zoo.drafter_cross, **confident
         )
+    lookup = {"num_draft_tokens": args.lookup_tokens}
+    if args.lookup_tokens:
+        engines["omnidraft_fast prompt lookup"] = SpeculativeEngine(
+            target, None, config=EngineConfig(**lookup)
+        )
     if graphs:
+        if args.lookup_tokens:
+            engines["omnidraft_fast prompt lookup (CUDA graphs)"] = SpeculativeEngine(
+                target, None, config=EngineConfig(cuda_graphs=True, **lookup)
+            )
         if shared:
             engines["omnidraft_fast shared (CUDA graphs)"] = engine(zoo.drafter_shared, cuda_graphs=True)
         engines["omnidraft_fast omnidraft (CUDA graphs)"] = engine(zoo.drafter_cross, cuda_graphs=True)
@@ -186,6 +205,15 @@ def main() -> None:
             **(assisted if shared else {}),
             "transformers UAG": lambda ids: target.generate(
                 ids, assistant_model=usd_drafter if sample else zoo.drafter_cross, **uag, **decoding
+            ),
+            **(
+                {
+                    "transformers prompt lookup": lambda ids: target.generate(
+                        ids, prompt_lookup_num_tokens=args.lookup_tokens, **decoding
+                    )
+                }
+                if args.lookup_tokens
+                else {}
             ),
             **{name: (lambda ids, e=e: e.generate(ids, **decoding)) for name, e in engines.items()},
         }

@@ -70,6 +70,10 @@ def generate(
     ``assistant_model``, ``assistant_tokenizer`` and ``num_assistant_tokens`` are accepted as the names
     transformers uses for ``drafter``, ``drafter_tokenizer`` and ``num_draft_tokens``.
 
+    Without a drafter, ``prompt_lookup_num_tokens=k`` (and ``max_matching_ngram_size``, default 2) drafts by
+    prompt lookup, as in transformers: up to ``k`` tokens copied from where the context's last tokens
+    occurred before (``lookup.py``), verified exactly.
+
     Example::
 
         import omnidraft_fast
@@ -77,6 +81,12 @@ def generate(
                                       drafter=small, max_new_tokens=32)
     """
     drafter = _one_of("drafter", drafter, "assistant_model", assistant_model)
+    if drafter is None and not _asks_prompt_lookup(model, generation_config, kwargs):
+        raise ValueError(
+            "no drafter: pass `drafter=` (or transformers' `assistant_model=`), a small causal LM that proposes "
+            "tokens for the target to verify, or `prompt_lookup_num_tokens=k` to draft by prompt lookup (copying "
+            "from the prompt, no drafter)"
+        )
     check_tokenizer(tokenizer, "tokenizer")
     check_tokenizer(drafter_tokenizer, "drafter_tokenizer")
     check_tokenizer(assistant_tokenizer, "assistant_tokenizer")
@@ -93,6 +103,18 @@ def generate(
         cascade=cascade,
         **kwargs,
     )
+
+
+def _asks_prompt_lookup(model: torch.nn.Module, generation_config: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the call asks for prompt lookup: ``prompt_lookup_num_tokens`` set by the call, else by the
+    ``generation_config`` argument, else by the model's, as transformers resolves it."""
+    if "prompt_lookup_num_tokens" in kwargs:
+        return kwargs["prompt_lookup_num_tokens"] is not None
+    for config in (generation_config, getattr(model, "generation_config", None)):
+        value = getattr(config, "prompt_lookup_num_tokens", None)
+        if value is not None:
+            return True
+    return False
 
 
 def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
@@ -139,7 +161,7 @@ def _kept_engine(model, drafter, tokenizer, drafter_tokenizer, config) -> Specul
     engines[:] = [engine for engine in engines if not engine.resized_models() and not engine.moved_models()]
     for index, engine in enumerate(engines):
         if (
-            engine.drafter.model is drafter
+            (None if engine.drafter is None else engine.drafter.model) is drafter
             and engine.target_tokenizer is tokenizer
             and engine.drafter_tokenizer is drafter_tokenizer
             and engine.config == config

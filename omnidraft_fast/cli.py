@@ -145,10 +145,12 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer = _load_tokenizer(args.model, "--model", "--tokenizer")
     if args.drafter_tokenizer:
         drafter_tokenizer = _load_tokenizer(args.drafter_tokenizer, "--drafter-tokenizer", None)
-    else:
+    elif args.drafter:
         drafter_tokenizer = _load_tokenizer(args.drafter, "--drafter", "--drafter-tokenizer")
+    else:  # prompt lookup
+        drafter_tokenizer = None
     target = _load(args.model, args.dtype, device, "--model")
-    drafter = _load(args.drafter, args.dtype, device, "--drafter")
+    drafter = _load(args.drafter, args.dtype, device, "--drafter") if args.drafter else None
     if args.seed is not None:
         torch.manual_seed(args.seed)
     prompts = args.prompt
@@ -174,6 +176,8 @@ def _generate(args: argparse.Namespace) -> int:
         "min_new_tokens": args.min_new_tokens,
         "num_return_sequences": args.num_return_sequences,
         "stop_strings": args.stop,
+        "prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,
+        "max_matching_ngram_size": args.max_matching_ngram_size,
     }
     out = generate(
         target,
@@ -280,9 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate text from a prompt with a target and a drafter")
+    gen = commands.add_parser(
+        "generate", help="generate text from a prompt with a target and a drafter (or prompt lookup)"
+    )
     gen.add_argument("--model", required=True, help="target model: local folder or hub id")
-    gen.add_argument("--drafter", required=True, help="drafter model: local folder or hub id")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--drafter", help="drafter model: local folder or hub id")
+    source.add_argument(
+        "--prompt-lookup-num-tokens",
+        type=int,
+        metavar="K",
+        help="no drafter: draft up to K tokens copied from where the context's last tokens occurred before "
+        "(transformers' prompt lookup decoding)",
+    )
+    gen.add_argument(
+        "--max-matching-ngram-size",
+        type=int,
+        help="prompt lookup: the longest suffix of the context matched (default 2)",
+    )
     gen.add_argument("--tokenizer", help="target tokenizer (default: --model, when that folder holds one)")
     gen.add_argument(
         "--drafter-tokenizer", help="drafter tokenizer (default: --drafter, when that folder holds one)"

@@ -79,7 +79,10 @@ class SpeculativeEngine:
 
     Args:
         target: the model whose output distribution is reproduced (a Hugging Face causal LM).
-        drafter: a smaller causal LM that proposes tokens. Same device as ``target``; any dtype.
+        drafter: a smaller causal LM that proposes tokens. Same device as ``target``; any dtype. None:
+            draft by prompt lookup, copying continuations from each row's own context (``lookup.py``;
+            transformers' ``prompt_lookup_num_tokens``); no tokenizers, learning, cascades or confidence
+            threshold then.
         target_tokenizer, drafter_tokenizer: needed only when the vocabularies differ.
         config: see :class:`EngineConfig`.
 
@@ -93,28 +96,25 @@ class SpeculativeEngine:
     def __init__(
         self,
         target: torch.nn.Module,
-        drafter: torch.nn.Module,
+        drafter: torch.nn.Module | None,
         *,
         target_tokenizer: Any = None,
         drafter_tokenizer: Any = None,
         config: EngineConfig | None = None,
     ):
-        if drafter is None:
-            raise ValueError(
-                "no drafter: pass `drafter=` (or transformers' `assistant_model=`), a small causal LM that "
-                "proposes tokens for the target to verify"
-            )
         config = EngineConfig() if config is None else config
         if not isinstance(config, EngineConfig):
             raise TypeError(f"`config` must be an EngineConfig, got {type(config).__name__}")
+        if drafter is None:
+            _check_lookup_config(config, drafter_tokenizer)
         self.target = CausalLM(target, "model", lean=config.lean_forward)
-        self.drafter = CausalLM(drafter, "drafter", lean=config.lean_forward)
-        if self.target.device != self.drafter.device:
+        self.drafter = None if drafter is None else CausalLM(drafter, "drafter", lean=config.lean_forward)
+        if self.drafter is not None and self.target.device != self.drafter.device:
             raise ValueError(
                 f"the target is on {self.target.device} and the drafter on {self.drafter.device}; put both on one "
                 "device (e.g. drafter.to(target.device)); their dtypes may differ"
             )
-        if self.target.width_limit is None and self.drafter.width_limit is None:  # prompts are padded
+        if all(model.width_limit is None for model in self._models):  # prompts are padded
             # A padded prompt is at least a bucket wide, and so is the cache its prefill attends over
             bucket = config.prompt_bucket
             check_fits(
@@ -181,17 +181,20 @@ class SpeculativeEngine:
 
     def _holding(self, what: str, wait: bool = True):
         """This engine's models to itself for the duration (``locks.py``): requests in other threads wait."""
-        return holding((self.target.model, self.drafter.model), what, wait)
+        return holding(tuple(model.model for model in self._models), what, wait)
+
+    @property
+    def _models(self) -> tuple[CausalLM, ...]:
+        """The target, then the drafter if there is one."""
+        return (self.target,) if self.drafter is None else (self.target, self.drafter)
 
     def resized_models(self) -> list[CausalLM]:
         """The models whose vocabulary changed since this engine was built (``resize_token_embeddings``)."""
-        return [
-            model for model in (self.target, self.drafter) if model.current_vocab_size() != model.vocab_size
-        ]
+        return [model for model in self._models if model.current_vocab_size() != model.vocab_size]
 
     def moved_models(self) -> list[CausalLM]:
         """The models moved to another device since this engine was built (``model.to(...)``)."""
-        return [model for model in (self.target, self.drafter) if model.device != self.built_on]
+        return [model for model in self._models if model.device != self.built_on]
 
     def release(self, wait: bool = True) -> None:
         """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
@@ -208,6 +211,11 @@ class SpeculativeEngine:
 
     def _check_cascade(self, cascade: CascadeConfig | None) -> None:
         """Refuse a cascade this engine cannot verify."""
+        if cascade is not None and self.drafter is None:
+            raise ValueError(
+                "`cascade` decides between the drafter's and the target's distributions, and prompt lookup has no "
+                "drafter: drop `cascade` (prompt lookup is verified exactly), or pass a drafter"
+            )
         if cascade is not None and self.bridge is not None and self.config.translation == "exact":
             raise ValueError(
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
@@ -215,7 +223,10 @@ class SpeculativeEngine:
             )
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
-        """The vocabulary bridge, or None when drafter and target share one vocabulary."""
+        """The vocabulary bridge, or None when drafter and target share one vocabulary (or there is no
+        drafter)."""
+        if self.drafter is None:
+            return None
         both = target_tokenizer is not None and drafter_tokenizer is not None
         if both and target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab():
             both = self.target.vocab_size != self.drafter.vocab_size  # same tokens, padded differently
@@ -321,7 +332,9 @@ class SpeculativeEngine:
 
         request = resolve_request(
             model_generation_config=getattr(self.target.model, "generation_config", None),
-            drafter_generation_config=getattr(self.drafter.model, "generation_config", None),
+            drafter_generation_config=None
+            if self.drafter is None
+            else getattr(self.drafter.model, "generation_config", None),
             vocab_size=self.target.vocab_size,
             position_limit=self.target.position_limit,
             device=self.device,
@@ -336,6 +349,7 @@ class SpeculativeEngine:
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            prompt_lookup=self.drafter is None,
         )
         self.target.check_rope_switch(int(request.prompt_lengths.max()), request.max_new_tokens)
         if request.processing.calls_python and self.config.cuda_graphs:
@@ -627,6 +641,22 @@ def _final_scores(request: Request, scores: torch.Tensor) -> torch.Tensor:
     if request.processing.renormalize_logits:
         flat = flat.log_softmax(-1)
     return flat.view_as(scores)
+
+
+def _check_lookup_config(config: EngineConfig, drafter_tokenizer: Any) -> None:
+    """Refuse what an engine without a drafter (prompt lookup) cannot do, naming the setting."""
+    if drafter_tokenizer is not None:
+        raise ValueError("`drafter_tokenizer` was given without a drafter: pass the drafter too, or drop it")
+    for name, value, what in (
+        ("distill", config.distill, "distils a drafter"),
+        ("adaptive", config.adaptive, "trains an acceptance head on a drafter's hidden states"),
+        ("confidence_threshold", config.confidence_threshold, "stops a drafter's draft where it is unsure"),
+    ):
+        if value is not None:
+            raise ValueError(
+                f"EngineConfig(`{name}`=...) {what}, and an engine without a drafter drafts by prompt lookup: pass a "
+                f"drafter, or leave `{name}` unset"
+            )
 
 
 def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:

@@ -11,6 +11,11 @@ The draft settings transformers reads from the *assistant's* ``generation_config
 (``num_assistant_tokens``, ``assistant_confidence_threshold``) are read from the drafter's
 too, below the call and the ``generation_config`` argument and above the target's own; unset
 everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of 20 tokens and 0.4).
+
+An engine without a drafter drafts by prompt lookup (``lookup.py``): ``prompt_lookup_num_tokens`` is its
+draft length (else ``num_assistant_tokens``, else the ``EngineConfig``'s) and ``max_matching_ngram_size``
+(default 2, as in transformers) the longest suffix it matches. An engine with a drafter refuses both
+fields, where transformers would quietly draft by prompt lookup and leave the assistant unused.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ _HONOURED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "num_assistant_tokens", "return_dict_in_generate",
     "assistant_confidence_threshold", "output_scores", "output_logits", "max_time", "stop_strings",
-    "num_return_sequences", *Processing.field_names(),
+    "num_return_sequences", "prompt_lookup_num_tokens", "max_matching_ngram_size", *Processing.field_names(),
 }  # fmt: skip
+_LOOKUP_FIELDS = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
+_DEFAULT_LOOKUP_NGRAM = 2  # transformers' max_matching_ngram_size when unset
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
     "transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
@@ -88,6 +95,7 @@ class Request:
     stopping_criteria: tuple[Any, ...] = ()  # the caller's: a row ends at the first new token they stop at
     cascade: CascadeConfig | None = None
     alphas: tuple[float, ...] = ()  # one per row when ``cascade`` is set
+    lookup_ngram: int | None = None  # prompt lookup's longest matched suffix (None: a drafter drafts)
 
     @property
     def kept_logits(self) -> tuple[str, ...]:
@@ -156,10 +164,11 @@ def resolve_request(
     logits_processor=None,
     stopping_criteria=None,
     prefix_allowed_tokens_fn=None,
+    prompt_lookup: bool = False,
 ) -> Request:
     """Merge and check everything a request says. ``explicit``: keyword arguments given (None = unset);
     ``logits_processor``, ``stopping_criteria``, ``prefix_allowed_tokens_fn``: the caller's Python, as
-    ``generate()`` takes it."""
+    ``generate()`` takes it; ``prompt_lookup``: the engine has no drafter and drafts by prompt lookup."""
     fields = _generation_fields(model_generation_config)
     drafter_fields = _generation_fields(drafter_generation_config)
     fields.update({key: drafter_fields[key] for key in _ASSISTANT_FIELDS if key in drafter_fields})
@@ -298,11 +307,7 @@ def resolve_request(
     rows = ids.shape[0]  # the caller's rows; each is generated `copies` times, the copies adjacent
     ids, prompt_lengths = ids.repeat_interleave(copies, 0), prompt_lengths.repeat_interleave(copies, 0)
 
-    draft = fields.get("num_assistant_tokens", default_draft_tokens)
-    if not is_int(draft) or draft < 1:
-        raise ValueError(
-            f"`num_draft_tokens`/`num_assistant_tokens` (draft length k) must be an int >= 1, got {draft!r}"
-        )
+    draft, lookup_ngram = _draft_settings(fields, default_draft_tokens, prompt_lookup)
     # A round emits at most k + 1 tokens: a draft longer than max_new_tokens cannot pay (transformers'
     # assisted generation caps its candidates likewise, at one fewer).
     draft = min(draft, max_new_tokens)
@@ -357,6 +362,12 @@ def resolve_request(
     threshold = fields.get("assistant_confidence_threshold", default_confidence_threshold)
     if threshold is not None:
         check_confidence_threshold("assistant_confidence_threshold", threshold)
+        if prompt_lookup:
+            raise ValueError(
+                f"`assistant_confidence_threshold`={threshold!r} stops a drafter's draft at a token it is unsure of, "
+                "and prompt lookup has no drafter: drop it (from the call and the generation_config), or pass a "
+                "drafter"
+            )
 
     if streamer is not None and ids.shape[0] > 1:
         raise ValueError(
@@ -387,7 +398,41 @@ def resolve_request(
         stopping_criteria=tuple(stopping_criteria or ()),
         cascade=cascade,
         alphas=() if cascade is None else tuple(a for a in cascade.alphas(rows) for _ in range(copies)),
+        lookup_ngram=lookup_ngram,
     )
+
+
+def _draft_settings(
+    fields: dict[str, Any], default_draft_tokens: int, prompt_lookup: bool
+) -> tuple[int, int | None]:
+    """The draft length k (before the cut to ``max_new_tokens``) and prompt lookup's longest matched suffix
+    (None when a drafter drafts), checked."""
+    if not prompt_lookup:
+        asked = [name for name in _LOOKUP_FIELDS if name in fields]
+        if asked:
+            raise ValueError(
+                f"`{asked[0]}`={fields[asked[0]]!r} asks for prompt lookup, which drafts without a drafter, and this "
+                "engine drafts with its drafter: drop it, or call omnidraft_fast.generate(model, ..., "
+                "prompt_lookup_num_tokens=k) without a drafter (or use SpeculativeEngine(model, drafter=None))"
+            )
+    if prompt_lookup and "prompt_lookup_num_tokens" in fields:
+        name, draft = "prompt_lookup_num_tokens", fields["prompt_lookup_num_tokens"]
+    else:
+        name, draft = (
+            "num_draft_tokens`/`num_assistant_tokens",
+            fields.get("num_assistant_tokens", default_draft_tokens),
+        )
+    if not is_int(draft) or draft < 1:
+        raise ValueError(f"`{name}` (draft length k) must be an int >= 1, got {draft!r}")
+    if not prompt_lookup:
+        return draft, None
+    ngram = fields.get("max_matching_ngram_size", _DEFAULT_LOOKUP_NGRAM)
+    if not is_int(ngram) or ngram < 1:
+        raise ValueError(
+            f"`max_matching_ngram_size` (the longest context suffix prompt lookup matches) must be an int >= 1, "
+            f"got {ngram!r}"
+        )
+    return draft, ngram
 
 
 def _number(value, name: str) -> float:

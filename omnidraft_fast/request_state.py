@@ -61,13 +61,16 @@ class RequestState:
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
+    # [batch] int64 tokens each row drafted this round where rows may draft fewer than k (draft_length's
+    # count, or prompt lookup's); None: every running row drafts k
+    drafted: torch.Tensor | None
     graphs: StageGraphs  # the request's captured round stages (EngineConfig.cuda_graphs), with its generator
 
 
 class _Kept(NamedTuple):
     key: tuple  # the request's shapes and every setting its stages read as a Python value
     state: RequestState
-    caches: tuple[SlotKVCache, SlotKVCache]  # target, drafter
+    caches: tuple[SlotKVCache, ...]  # target, then drafter (none with prompt lookup)
 
 
 class KeptStates:
@@ -78,7 +81,7 @@ class KeptStates:
         self.capacity = capacity
         self._entries: list[_Kept] = []  # the most recently used last
 
-    def take(self, key: tuple) -> tuple[RequestState, tuple[SlotKVCache, SlotKVCache]] | None:
+    def take(self, key: tuple) -> tuple[RequestState, tuple[SlotKVCache, ...]] | None:
         """The state and caches kept under ``key``, no longer kept (``keep`` them again); None if none."""
         entry = next((e for e in self._entries if e.key == key), None)
         if entry is None:
@@ -86,7 +89,7 @@ class KeptStates:
         self._entries.remove(entry)
         return entry.state, entry.caches
 
-    def keep(self, key: tuple, state: RequestState, caches: tuple[SlotKVCache, SlotKVCache]) -> None:
+    def keep(self, key: tuple, state: RequestState, caches: tuple[SlotKVCache, ...]) -> None:
         """Keep a request's state and caches under ``key`` (a capacity of 0 keeps nothing)."""
         if self.capacity == 0:
             return

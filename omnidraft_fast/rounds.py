@@ -4,7 +4,8 @@ One round (``k`` = draft length)::
 
     1 draft      the drafter proposes y_1..y_k          k forwards of 1 token (the first re-feeds a window);
                                                         with an acceptance head or a confidence
-                                                        threshold, rows stop early (SPEC §5)
+                                                        threshold, rows stop early (SPEC §5); without a
+                                                        drafter, copied from the context (lookup.py)
     2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
     3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
     4 verify     speculative sampling or a cascade      accepted count + recovered/bonus token per row
@@ -37,6 +38,7 @@ from .kept_logits import KeptLogits
 from .kernels.cascade import RULES
 from .kernels.proposal import CrossProposal, fold_twins_
 from .learner import OnlineLearner
+from .lookup import lookup_draft
 from .models import CausalLM
 from .ngram import NGramTable
 from .processors import TargetProcessors
@@ -53,7 +55,7 @@ class Rounds:
     def __init__(
         self,
         target: CausalLM,
-        drafter: CausalLM,
+        drafter: CausalLM | None,  # None: prompt lookup (lookup.py)
         bridge: VocabBridge | None,
         ngram: NGramTable | None,
         learner: OnlineLearner | None,
@@ -65,7 +67,10 @@ class Rounds:
 
     @property
     def mode(self) -> str:
-        """How drafts become target tokens: ``"shared"`` (one vocabulary) or the configured translation."""
+        """How drafts become target tokens: ``"shared"`` (one vocabulary), the configured translation, or
+        ``"lookup"`` (no drafter: prompt lookup, verified by exact match)."""
+        if self.drafter is None:
+            return "lookup"
         return self.config.translation if self.bridge is not None else "shared"
 
     @property
@@ -105,21 +110,18 @@ class Rounds:
         # that takes no mask mapping; padding could take it past that width) nor under logits processors
         # (they count the prompt's columns: min_length, forced BOS): those reuse graphs for prompts of equal
         # width only.
-        pads = (
-            self.target.width_limit is None
-            and self.drafter.width_limit is None
-            and not request.processing.needed(prompt)
-        )
+        unlimited = all(model.width_limit is None for model in self._models)
+        pads = unlimited and not request.processing.needed(prompt)
         bucket = self.config.prompt_bucket if pads else 1
         state = self._layout(request, bucket)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes
             key = (tuple(state.tokens.shape), tuple(state.d_tokens.shape), request.max_new_tokens,
                    request.num_draft_tokens, request.sampling, request.eos_token_ids, request.confidence_threshold,
-                   request.cascade, request.alphas, request.kept_logits, request.processing,
+                   request.cascade, request.alphas, request.kept_logits, request.processing, request.lookup_ngram,
                    learner is not None and learner.enabled)  # fmt: skip
         kept = self._kept.take(key) if key is not None else None
-        kept_caches = (None, None)
+        kept_caches = (None,) * len(self._models)
         if kept is not None:
             refill(kept[0], state)
             state, kept_caches = kept
@@ -132,12 +134,12 @@ class Rounds:
             state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
         )
         for model, first, width, cache in zip(
-            (self.target, self.drafter), (state.start, state.d_start), widths, kept_caches, strict=True
+            self._models, (state.start, state.d_start), widths, kept_caches, strict=False
         ):
             model.check_width(width)
             model.begin(first, width, cache)
         if key is not None:
-            self._kept.keep(key, state, (self.target.cache, self.drafter.cache))
+            self._kept.keep(key, state, tuple(model.cache for model in self._models))
         return state
 
     def end(self, state: RequestState, failed: bool) -> None:
@@ -148,8 +150,13 @@ class Rounds:
             self._kept.drop(state)
         if not self._kept.holds(state):
             state.graphs.close()
-        self.target.end()
-        self.drafter.end()
+        for model in self._models:
+            model.end()
+
+    @property
+    def _models(self) -> tuple[CausalLM, ...]:
+        """The target, then the drafter if there is one."""
+        return (self.target,) if self.drafter is None else (self.target, self.drafter)
 
     def release(self) -> None:
         """Free the states, caches and graphs kept for later requests (``begin``)."""
@@ -172,32 +179,15 @@ class Rounds:
         tokens[:, 1 + pad : 1 + prompt] = request.input_ids
         start = 1 + prompt - request.prompt_lengths.to(device)
 
-        # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
-        # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
+        if self.drafter is None:  # prompt lookup drafts from `tokens`: no drafter context
+            d_tokens = torch.zeros(batch, 0, dtype=torch.int64, device=device)
+            d_start, d_lengths = torch.zeros(2, batch, dtype=torch.int64, device=device)
+            window, vocab_q = 0, 0
+        else:
+            d_tokens, d_start, d_lengths, window = self._drafter_layout(request, bucket)
+            vocab_q = self.drafter.vocab_size
         spelling_width = self.spelling_width
-        window = spelling_width + 1
-        # Every row at once: the pieces of its prompt tokens ([batch, width * pieces], -1 where none) ...
-        in_prompt = torch.arange(width, device=device) >= width - request.prompt_lengths.to(device)[:, None]
-        pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
-        pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
-        spelled = pieces >= 0
-        d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
-        d_prompt += -d_prompt % bucket
-        # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
-        # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
-        # shorter), and the last round may commit up to k + 1 of them; then drafting writes k - 1 slots past
-        # the end.
-        per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
-        d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
-        d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
-        # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
-        # goes n + 1 slots before the end.
-        end = window - 1 + d_prompt
-        after = spelled.flip(1).cumsum(1).flip(1)  # pieces at or after each column
-        rows = torch.arange(batch, device=device)[:, None].expand_as(pieces)
-        d_tokens[rows[spelled], end - after[spelled]] = pieces[spelled].long()
-        d_start = end - spelled.sum(1)
-        d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
+        length = self._draft_length(request, batch)
         return RequestState(
             tokens=tokens,
             pad=pad,
@@ -212,8 +202,8 @@ class Rounds:
             window=window,
             units=self._units(request),
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
-            draft_probs=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device),
-            draft_probs_t1=torch.zeros(batch, k, self.drafter.vocab_size, dtype=torch.float32, device=device)
+            draft_probs=torch.zeros(batch, k, vocab_q, dtype=torch.float32, device=device),
+            draft_probs_t1=torch.zeros(batch, k, vocab_q, dtype=torch.float32, device=device)
             if request.cascade is not None and request.sampling != SamplingParams(temperature=1.0)
             else None,
             rule=None
@@ -240,9 +230,49 @@ class Rounds:
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
-            draft_length=self._draft_length(request, batch),
+            draft_length=length,
+            drafted=length.drafted
+            if length is not None
+            else torch.zeros(batch, dtype=torch.int64, device=device)
+            if self.drafter is None
+            else None,
             graphs=None,  # set by begin
         )
+
+    def _drafter_layout(
+        self, request: Request, bucket: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The drafter's context for ``request``: ``d_tokens``, ``d_start``, ``d_lengths`` and ``window``
+        (``RequestState``)."""
+        device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
+        batch, width = request.input_ids.shape
+        # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
+        # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
+        spelling_width = self.spelling_width
+        window = spelling_width + 1
+        # Every row at once: the pieces of its prompt tokens ([batch, width * pieces], -1 where none) ...
+        in_prompt = torch.arange(width, device=device) >= width - request.prompt_lengths.to(device)[:, None]
+        pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
+        pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
+        spelled = pieces >= 0
+        d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
+        d_prompt += -d_prompt % bucket
+        # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
+        # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
+        # shorter), and the last round may commit up to k + 1 of them; then drafting writes k - 1 slots past
+        # the end.
+        per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
+        d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
+        d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
+        # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
+        # goes n + 1 slots before the end.
+        end = window - 1 + d_prompt
+        after = spelled.flip(1).cumsum(1).flip(1)  # pieces at or after each column
+        rows = torch.arange(batch, device=device)[:, None].expand_as(pieces)
+        d_tokens[rows[spelled], end - after[spelled]] = pieces[spelled].long()
+        d_start = end - spelled.sum(1)
+        d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
+        return d_tokens, d_start, d_lengths, window
 
     def _processors(
         self, request: Request, tokens: torch.Tensor, start: torch.Tensor
@@ -278,10 +308,12 @@ class Rounds:
         rewrites."""
         batch, prompt = request.input_ids.shape[0], request.input_ids.shape[1] + state.pad
         with timer("prefill"):
-            for model, tokens, end in (
-                (self.target, state.tokens, prompt),
-                (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window)),
-            ):
+            contexts = [(self.target, state.tokens, prompt)]
+            if self.drafter is not None:
+                contexts.append(
+                    (self.drafter, state.d_tokens, max(1, int(state.d_lengths[0]) - state.window))
+                )
+            for model, tokens, end in contexts:
                 slots = torch.arange(end, device=tokens.device).expand(batch, end)
                 model.forward(tokens[:, :end], slots, last_only=True)
 
@@ -321,14 +353,28 @@ class Rounds:
 
         def unit(timer: StageTimer) -> None:
             for r in range(count):
-                for i in range(k):
-                    self._draft_step(state, request, i, timer)
+                if self.drafter is None:
+                    self._lookup(state, request, timer)
+                else:
+                    for i in range(k):
+                        self._draft_step(state, request, i, timer)
                 self._finish(state, request, k, timer)
                 if r in learn_after:
                     learn(timer)
 
         key = "round" if count == 1 and not learn_after else ("rounds", count, learn_after)
         state.graphs.run(key, unit, timer, "round" if count == 1 else "rounds")
+
+    def _lookup(self, state: RequestState, request: Request, timer: StageTimer) -> None:
+        """Without a drafter: every row's draft copied from its own context (``lookup.py``); rows that are
+        done propose nothing."""
+        with timer("draft"):
+            state.invalid.zero_()
+            ids, drafted = lookup_draft(
+                state.tokens, state.start, state.lengths, request.num_draft_tokens, request.lookup_ngram
+            )
+            state.draft_ids.copy_(ids)
+            state.drafted.copy_(torch.where(state.done, 0, drafted))
 
     def _draft_step(self, state: RequestState, request: Request, i: int, timer: StageTimer) -> None:
         """Draft token ``i`` of the round for every row: ``state.draft_ids[:, i]`` and its distribution."""
@@ -400,7 +446,7 @@ class Rounds:
         device = state.tokens.device
         active = ~state.done
         state.ran.copy_(active.any())
-        length = state.draft_length
+        drafted = state.drafted  # [batch] tokens each row drafted (None: k)
         draft_ids = state.draft_ids[:, :steps]
         draft_probs = state.draft_probs[:, :steps]
         draft_probs_t1 = None if state.draft_probs_t1 is None else state.draft_probs_t1[:, :steps]
@@ -412,9 +458,7 @@ class Rounds:
                 span_end = source + 1
                 # A row proposes only its own draft.
                 proposal = (
-                    draft_ids
-                    if length is None
-                    else torch.where(source < length.drafted[:, None], draft_ids, -1)
+                    draft_ids if drafted is None else torch.where(source < drafted[:, None], draft_ids, -1)
                 )
             else:
                 bridge, splits = self.bridge, state.units is not None
@@ -423,7 +467,7 @@ class Rounds:
                     state.units if splits else bridge.d2t,
                     table=None if self.ngram is None else self.ngram.tensors,
                     splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if splits else None,
-                    drafted=None if length is None else length.drafted,  # nothing past a row's own draft
+                    drafted=drafted,  # nothing past a row's own draft
                 )
                 cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d)
                 # (verification by exact match reads no q)
@@ -498,21 +542,22 @@ class Rounds:
             drafter_accepted = kept_drafts(span_end, num_accepted)
             # With split tokens, every output token's spelling: the feedback's, and the n-gram keys' (learn)
             spelled = self.spell(output_tokens.clamp_min(0).flatten()) if state.units is not None else None
-            fed = feedback(
-                output_tokens, num_accepted, source, active, self.spell, self.spelling_width,
-                drafted=drafter_accepted, spelled=spelled,
-            )  # fmt: skip
-            ops.commit_drafter(
-                state.d_tokens,
-                state.d_lengths,
-                draft_ids,
-                span_end,
-                num_accepted,
-                fed.spelling,
-                fed.lengths.sum(1),
-                active,
-            )
-            drafter_proposed = length.drafted * active if length is not None else active.long() * steps
+            if self.drafter is not None:  # the drafter's context follows the target's
+                fed = feedback(
+                    output_tokens, num_accepted, source, active, self.spell, self.spelling_width,
+                    drafted=drafter_accepted, spelled=spelled,
+                )  # fmt: skip
+                ops.commit_drafter(
+                    state.d_tokens,
+                    state.d_lengths,
+                    draft_ids,
+                    span_end,
+                    num_accepted,
+                    fed.spelling,
+                    fed.lengths.sum(1),
+                    active,
+                )
+            drafter_proposed = drafted * active if drafted is not None else active.long() * steps
             split = (
                 self._split(draft_ids, proposal, source, span_end)
                 if state.units is not None
@@ -550,8 +595,8 @@ class Rounds:
 
     def _exact_match(self, state: RequestState, request: Request) -> bool:
         """Whether the request verifies by exact match (``ops.verify(exact_match=True)``, which reads no
-        proposal probabilities): ``translation="exact"``, or a greedy request with split tokens."""
-        return self.mode == "exact" or (state.units is not None and request.sampling.greedy)
+        proposal probabilities): ``translation="exact"``, prompt lookup, or a greedy request with split tokens."""
+        return self.mode in ("exact", "lookup") or (state.units is not None and request.sampling.greedy)
 
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target

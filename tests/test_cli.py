@@ -43,6 +43,29 @@ def test_generate_prints_the_targets_greedy_text(folders, capsys):
     assert "acceptance" in out and "tok/s" in out
 
 
+def test_generate_by_prompt_lookup_prints_the_targets_greedy_text(folders, capsys):
+    """No drafter: --prompt-lookup-num-tokens drafts from the prompt; --drafter and it exclude each other."""
+    root, target, tokenizer = folders
+    prompt = "w5 w9 w17 w5 w9 w17 w5"
+    code = main(
+        ["generate", "--model", str(root / "target"), "--prompt-lookup-num-tokens", "3",
+         "--max-matching-ngram-size", "2", "--prompt", prompt, "--max-new-tokens", "12", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = target.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    text, report = capsys.readouterr().out.split("--- stats")
+    assert prompt + tokenizer.decode(expected, skip_special_tokens=True) in text
+    assert json.loads(report)["proposed"] > 0
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
+              "--prompt-lookup-num-tokens", "3", "--prompt", prompt])  # fmt: skip
+    assert "not allowed with argument" in capsys.readouterr().err
+    code = main(["generate", "--model", str(root / "target"), "--prompt-lookup-num-tokens", "3",
+                 "--drafter-tokenizer", str(root / "drafter"), "--prompt", prompt])  # fmt: skip
+    assert code == 2 and "`drafter_tokenizer` was given without a drafter" in capsys.readouterr().err
+
+
 def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
     root, _, _ = folders
     command = ["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),

@@ -43,10 +43,10 @@ def _warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) ->
 
 
 @torch.no_grad()
-def _exact_joint(model, temperature, top_k, top_p) -> torch.Tensor:
+def _exact_joint(model, temperature, top_k, top_p, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
     """[VOCAB, VOCAB]: P(first new token = a, second = b) under the warped model."""
-    first = _warp(model(PROMPT).logits[:, -1], temperature, top_k, top_p)[0]  # [V]
-    continued = torch.cat([PROMPT.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
+    first = _warp(model(prompt).logits[:, -1], temperature, top_k, top_p)[0]  # [V]
+    continued = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
     second = _warp(model(continued).logits[:, -1], temperature, top_k, top_p)  # [V, V]
     return first[:, None] * second
 
@@ -138,3 +138,25 @@ def test_rows_that_stop_drafting_propose_nothing_after(stopping):
     exact = _exact_joint(target, 1.0, 0, 1.0).flatten().double()
     tv = 0.5 * (empirical - exact).abs().sum().item()
     assert tv < _tv_bound(exact, rows), f"TV {tv:.4f} >= bound {_tv_bound(exact, rows):.4f}"
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.8, 5, 0.9)])
+def test_prompt_lookup_follows_the_target(temperature, top_k, top_p):
+    """Prompt lookup (no drafter) proposes copies of the context, certain proposals verified by exact match:
+    both tokens follow the target's law. The prompt ends with a token it holds earlier, so the first round
+    drafts too."""
+    target = tiny_model("llama", VOCAB, seed=11, hidden=32)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(2.0)
+    prompt = torch.tensor([[3, 1, 2, 1]])  # drafts 2, 1 first: 2 is in the top-k/top-p set
+    torch.manual_seed(7)
+    out = omnidraft_fast.generate(
+        target, prompt.expand(ROWS, -1), prompt_lookup_num_tokens=3, max_new_tokens=2, do_sample=True,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert out.stats.accepted > 0.05 * ROWS, out.stats.summary()
+    new = out.sequences[:, prompt.shape[1] :]
+    empirical = torch.bincount(new[:, 0] * VOCAB + new[:, 1], minlength=VOCAB * VOCAB).double() / ROWS
+    exact = _exact_joint(target, temperature, top_k, top_p, prompt).flatten().double()
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert tv < _tv_bound(exact, ROWS), f"TV {tv:.4f} >= bound {_tv_bound(exact, ROWS):.4f}"
