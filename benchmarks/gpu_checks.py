@@ -5,9 +5,9 @@
 
 ``syncs`` runs whole requests on the embedded zoo (shared and cross vocabulary, greedy and sampled, a
 cascade rule) with every round inside sync-debug "error" mode: a host synchronisation inside a round
-raises. The one allowed read per round (done / invalid / table size) happens between rounds, outside it;
-with an adaptive draft length (an acceptance head, a confidence threshold) each draft step and the rest of
-the round are checked, the stop-flag read between them allowed. Engines that learn in flight
+raises. The one allowed read per round (done / invalid / table size / longest row) happens between rounds,
+outside it; with an adaptive draft length (an acceptance head, a confidence threshold) each draft step and
+the rest of the round are checked, the stop-flag read between them allowed. Engines that learn in flight
 (``EngineConfig(in_flight_rounds=...)``) have their learning step checked too.
 """
 

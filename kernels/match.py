@@ -23,7 +23,7 @@ threshold passes' re-reads with top-k/top-p):
 
 1. ``target_stats.py``'s statistics pass (grid ``[batch (k+1), splits]``): per vocabulary chunk, the online
    softmax at ``T`` (or the first argmax when greedy), the ``T = 1`` max and the NaN/+inf count; with
-   top-k/top-p, sampling.py's threshold passes on those partials.
+   top-k/top-p, ``thresholds.py``'s threshold passes on those partials.
 2. ``_race_kernel`` (same grid; sampling only): each chunk's winner of ``p / E``, first id on ties.
 3. ``_match_kernel`` (one program per row): the winners over the chunks at all ``k+1`` positions at once,
    the match scan, the output tokens, ``p_j(y_j)`` from one logit each, and the invalid flags (positions

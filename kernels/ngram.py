@@ -67,14 +67,8 @@ _BLOCK = 256  # keys per program
 
 
 # -- torch references (the definition) -----------------------------------------------------------------
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 31)
-    x = x * _M
-    return x ^ (x >> 29)
-
-
 def _mix_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_mix` in place (``x`` a temporary)."""
+    """The hash's ``mix`` (module docstring), in place: ``x`` is a temporary."""
     x ^= x >> 31
     x *= _M
     x ^= x >> 29
@@ -197,7 +191,7 @@ _EMPTY_TL = tl.constexpr(EMPTY)
 
 
 @triton.jit
-def _mix_tl(x):
+def _mix_tl(x):  # _mix_
     x = x ^ (x >> 31)
     x = x * _M_TL
     return x ^ (x >> 29)

@@ -7,8 +7,8 @@ programs (``~ 4 SMs / (batch (k+1))`` chunks of whole blocks). :func:`target_sta
 1. ``_stats_kernel`` (grid ``[batch (k+1), splits]``): per chunk, the online softmax of the logits at
    ``T = 1`` (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when greedy), and a
    NaN/+inf count;
-2. with top-k/top-p, sampling.py's threshold passes (``launch_thresholds``) on those partials: per position
-   the threshold on ``z = logits / T``, the first kept id at it and the kept set's normaliser.
+2. with top-k/top-p, ``thresholds.py``'s threshold passes (``launch_thresholds``) on those partials: per
+   position the threshold on ``z = logits / T``, the first kept id at it and the kept set's normaliser.
 
 The verification kernels then merge a position's partials (:func:`combine_partials`) and read ``p(t)`` of
 any token from its one logit (:func:`target_prob`).

@@ -33,7 +33,7 @@ position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1
 
 1. ``target_stats.py``'s statistics pass (grid ``[batch (k+1), splits]``): online softmax of the logits per
    chunk, at ``T = 1`` (max, normaliser: ``max p1 = 1 / Z1``) and at ``T`` (or the first argmax when
-   greedy), plus a NaN/+inf count; with top-k/top-p, sampling.py's threshold passes on these partials.
+   greedy), plus a NaN/+inf count; with top-k/top-p, ``thresholds.py``'s threshold passes on these partials.
 2. ``_sums_kernel`` (grid ``[batch k, splits]``; returns at once for exact rows): the chunk's TV, ``q(V)``,
    ``q(A)``, ``sum min(q, p/s)``, ``sum (p - s q)+`` and ``max q1`` (logits read only where the rule needs
    ``p``, ``q1`` only where it needs ``q1``).

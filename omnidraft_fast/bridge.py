@@ -40,10 +40,8 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 __all__ = ["VocabBridge", "check_tokenizer", "token_bytes"]
 
@@ -304,18 +302,6 @@ class VocabBridge:
             while len(_CACHE) > _CACHED_BRIDGES:
                 _CACHE.popitem(last=False)
         return bridge
-
-    # -- persistence ---------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        save_file({name: getattr(self, name).contiguous().cpu() for name in self._TENSORS}, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> VocabBridge:
-        tensors = load_file(str(path), device=str(device))
-        missing = [name for name in cls._TENSORS if name not in tensors]
-        if missing:
-            raise ValueError(f"{path} is not a saved VocabBridge (missing {missing})")
-        return cls(**{name: tensors[name] for name in cls._TENSORS})
 
     # -- use -----------------------------------------------------------------------------------------
     def spell_for_drafter(self, target_ids: torch.Tensor) -> torch.Tensor:

@@ -303,7 +303,7 @@ class EngineConfig:
             merges allowed, every position verified by exact match against a draw from ``p`` (lossless
             for any proposal).
         ngram_capacity: slots of the n-gram table (rounded up to a power of two); with ``ngram_preseed``
-            at least 4 per seed (``NGramTable.seeded``: 512k slots, about 16 MB, for a Qwen target and a
+            at least 4 per seed (``NGramTable.seeded``: 512k slots, about 19 MB, for a Qwen target and a
             Mistral drafter). A table larger than the device's memory is refused when the engine is built.
         ngram_max_len: the longest run of drafter tokens merged into one target token (N).
         ngram_preseed: fill the table with the drafter spelling of every target token at start.

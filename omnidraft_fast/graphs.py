@@ -204,7 +204,6 @@ class StageGraphs:
         self.generator = generator
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph | ReplayGraph] = {}
         self.warm: set[Hashable] = set()
-        self.captures = 0
         self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
 
@@ -254,7 +253,6 @@ class StageGraphs:
                     "routing, load the model with experts_implementation='batched_mm' (fixed shapes)"
                 ) from error
         self.graphs[key] = graph
-        self.captures += 1
 
     def close(self) -> None:
         """Release the graphs and their memory."""

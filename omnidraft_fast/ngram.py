@@ -9,10 +9,7 @@ and the survivors' counts are halved (LFU with ageing), between rounds, so evict
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import ops
 from .kernels.ngram import EMPTY, hash_keys_reference
@@ -145,7 +142,7 @@ class NGramTable:
         if set(state) != set(own):
             raise ValueError(
                 f"saved n-gram table has entries {sorted(state)}, expected {sorted(own)}: load a file "
-                "written by NGramTable.save or the engine's save_state"
+                "written by the engine's save_state"
             )
         for name, tensor in state.items():
             if tensor.shape != own[name].shape or tensor.dtype.is_floating_point or tensor.is_complex():
@@ -158,9 +155,3 @@ class NGramTable:
             own[name].copy_(tensor)
         used = self.key_ids[:, 0] >= 0
         self.hashes.copy_(torch.where(used, hash_keys_reference(self.key_ids.long()), EMPTY))
-
-    def save(self, path: str | Path) -> None:
-        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
-
-    def load(self, path: str | Path) -> None:
-        self.load_state_dict(load_file(str(path), device=str(self.key_ids.device)))

@@ -145,13 +145,12 @@ def test_reference_has_fixed_shapes():
     assert ngram_lookup_reference(table[1], table[2], keys).shape == (10,)
 
 
-def test_saved_table_rebuilds_its_hashes(tmp_path):
+def test_loaded_table_rebuilds_its_hashes():
     table = NGramTable(32, 3)
     keys = torch.tensor([[1, 2, -1], [3, 4, 5]])
     table.insert(keys, torch.tensor([7, 8]))
-    table.save(tmp_path / "t.safetensors")
     other = NGramTable(32, 3)
-    other.load(tmp_path / "t.safetensors")
+    other.load_state_dict({name: tensor.clone() for name, tensor in table.state_dict().items()})
     assert torch.equal(other.hashes, table.hashes)
     other.insert(keys[:1], torch.tensor([7]))  # found, not stored twice
     assert int(other.size()) == 2 and int(other.counts.sum()) == 3
