@@ -77,9 +77,16 @@ def _holds(module: torch.nn.Module, parts: tuple[str, ...]) -> bool:
 
 
 def hooked(model: torch.nn.Module) -> bool:
-    """Whether ``model`` or its decoder has forward hooks, which only transformers' forward runs."""
-    decoder = getattr(model, _PARTS[model.config.model_type][0])
-    return any(module._forward_hooks or module._forward_pre_hooks for module in (model, decoder))
+    """Whether a module hook would run in transformers' forward: a forward or backward hook on any of
+    ``model``'s modules, or a global one (``torch.nn.modules.module.register_module_forward_hook`` and the
+    like). :func:`forward` calls the model, its decoder, the decoder layers and their attention modules as
+    plain code, not through ``nn.Module.__call__``, so their hooks would not run."""
+    from torch.nn.modules import module as nn_module
+
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(nn_module, f"_global{name}", None) for name in names):
+        return True
+    return any(getattr(module, name, None) for module in model.modules() for name in names)
 
 
 def forward(

@@ -326,6 +326,9 @@ class CausalLM:
         self.cache = cache
         self.start = start
         self._mask_dtype = self.dtype  # read once: a parameter lookup per forward costs
+        # A module hook (lean.hooked) selects transformers' forward for the request: looked for once here,
+        # a walk over every module being too slow for each forward
+        self._lean_now = self.lean and not _lean.hooked(self.model)
 
     def end(self) -> None:
         """Release the request's cache."""
@@ -380,7 +383,7 @@ class CausalLM:
             sliding = self._additive((visible & (keys > q - self.layer_window)) | itself)
             mask = {"full_attention": mask, "sliding_attention": sliding}
         cache.write_slots = slots
-        if self.lean and not _lean.hooked(self.model):
+        if self._lean_now:
             per_layer = [mask[kind] for kind in self.layer_types] if self.layer_types else mask
             logits, states = _lean.forward(self.model, input_ids, positions, per_layer, cache, last_only)
             return (logits, states) if hidden else logits

@@ -109,3 +109,38 @@ def test_forward_hooks_run_transformers_forward():
     assert len(calls) == 1
     model.model.layers[0]._hf_hook = object()  # what accelerate leaves on a module it dispatched
     assert not CausalLM(model, "model").lean
+
+
+@pytest.mark.parametrize("where", ["layer", "attention", "global"])
+def test_hooks_inside_the_model_run_as_in_transformers(where):
+    """A hook on a decoder layer or an attention module (activation steering, say), or a global module hook,
+    is run as transformers runs it: the lean forward calls those modules as plain code, so such a request
+    takes transformers' forward, and the output is the steered model's own."""
+    target = tiny_model("llama", VOCAB, seed=3)
+    drafter = tiny_model("llama", VOCAB, seed=4, layers=1)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    plain = target.generate(ids, max_new_tokens=16, do_sample=False)
+
+    def steer(module, args, out):
+        if where == "global" and module is not target.model.layers[1]:
+            return None
+        if isinstance(out, tuple):
+            return (out[0] + 0.8, *out[1:])
+        return out + 0.8
+
+    if where == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(steer)
+    else:
+        layer = target.model.layers[1]
+        handle = (layer if where == "layer" else layer.self_attn).register_forward_hook(steer)
+    try:
+        steered = target.generate(ids, max_new_tokens=16, do_sample=False)
+        out = omnidraft_fast.SpeculativeEngine(target, drafter).generate(ids, max_new_tokens=16)
+    finally:
+        handle.remove()
+    assert not torch.equal(steered, plain)  # the hook matters
+    assert torch.equal(out, steered)
+    # without the hook the next request runs the lean forward again
+    runner = CausalLM(target, "model")
+    runner.begin(torch.tensor([1]), max_slots=8)
+    assert runner.lean and runner._lean_now
