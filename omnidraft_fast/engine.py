@@ -3,7 +3,7 @@
 A request: resolve and check the arguments (``request.py``), lay out the device state and prefill
 (``rounds.py``), run rounds until every row is done with one small host read between rounds, or between
 units of ``EngineConfig(rounds_per_sync=n)`` rounds (are all rows done, did a model produce NaN/inf
-logits, is the n-gram table over half full), then cut the output
+logits, is the n-gram table over half full, how long is the longest row), then cut the output
 like ``model.generate()`` does. The rounds themselves live in ``rounds.py``; with
 ``EngineConfig(cuda_graphs=True)`` they run as captured stages (``graphs.py``). Between requests the
 online learners (``learner.py``) train the drafter's LoRA adapter and the acceptance head on what the

@@ -52,11 +52,11 @@ class RequestState:
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
     rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
     alpha: torch.Tensor | None  # [batch] fp32
-    counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read once, at the end)
+    counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read at the end; "invalid" at every host read)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
     processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
-    # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers),
-    # the target's at each new token (kept_logits.py)
+    # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers
+    # unless the rounds warp them, Processing.warps), the target's at each new token (kept_logits.py)
     kept_logits: KeptLogits
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)

@@ -8,7 +8,8 @@ One round (``k`` = draft length)::
                                                         drafter, copied from the context (lookup.py)
     2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
     3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
-    4 verify     speculative sampling or a cascade      accepted count + recovered/bonus token per row
+    4 verify     speculative sampling, a cascade or     accepted count + recovered/bonus token per row
+                 exact match (prompt lookup, ...)
     5 commit     append kept tokens per row            EOS / max_new_tokens; rollback is implicit
     6 learn      n-gram inserts; labels for the online learners
 
