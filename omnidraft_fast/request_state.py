@@ -52,7 +52,9 @@ class RequestState:
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
     rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
     alpha: torch.Tensor | None  # [batch] fp32
-    counters: torch.Tensor  # [len(COUNTERS)] int64, summed over rounds (read at the end; "invalid" at every host read)
+    counters: (
+        torch.Tensor
+    )  # [len(COUNTERS)] int64, summed over rounds (read at the end; "invalid" at every host read)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
     processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
     # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers
