@@ -189,6 +189,11 @@ class Rounds:
             vocab_q = self.drafter.vocab_size
         spelling_width = self.spelling_width
         length = self._draft_length(request, batch)
+        drafted = None  # rows drafting fewer than k: draft-length control's count, or prompt lookup's
+        if length is not None:
+            drafted = length.drafted
+        elif self.drafter is None:
+            drafted = torch.zeros(batch, dtype=torch.int64, device=device)
         return RequestState(
             tokens=tokens,
             pad=pad,
@@ -232,11 +237,7 @@ class Rounds:
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
             draft_length=length,
-            drafted=length.drafted
-            if length is not None
-            else torch.zeros(batch, dtype=torch.int64, device=device)
-            if self.drafter is None
-            else None,
+            drafted=drafted,
             graphs=None,  # set by begin
         )
 
@@ -321,9 +322,17 @@ class Rounds:
     def run(self, state: RequestState, request: Request, timer: StageTimer) -> None:
         """One round over fixed-shape device tensors: k draft steps, then ``_finish`` (translate, target
         forward, verify, commit, learn). ``state.graphs`` runs them as captured stages (``graphs.py``): the
-        whole round as one, or with an adaptive draft length each draft step and the rest."""
+        whole round as one, or with an adaptive draft length each draft step and the rest; without a
+        drafter, the lookup and the rest, as wide as the round's longest draft."""
         k = request.num_draft_tokens
         length = state.draft_length
+        if self.drafter is None:  # prompt lookup: the round as wide as its longest draft
+            state.graphs.run("lookup", partial(self._lookup, state, request), timer, "draft")
+            # Prompt lookup's own read: a round where no row found a match is one target step, not k + 1
+            # (as transformers' prompt lookup decodes one token then); at least one drafted position.
+            steps = max(1, int(state.drafted.max()))
+            state.graphs.run(("finish", steps), partial(self._finish, state, request, steps), timer, "finish")
+            return
         if length is None:
             self.run_unit(state, request, timer, 1)
             return

@@ -115,9 +115,18 @@ def test_greedy_output_is_the_targets(target, k, ngram):
 
 
 def test_rows_without_a_match_propose_nothing(target):
-    """A prompt of distinct ids and one token to generate: nothing to copy, so nothing proposed."""
-    engine = SpeculativeEngine(target, None)
-    out = engine.generate(torch.arange(10, 20)[None], max_new_tokens=1, return_dict_in_generate=True)
+    """A prompt of distinct ids and one token to generate: nothing to copy, so nothing proposed, and the
+    round's target forward is two positions wide (the pending token and one unproposed), not k + 1."""
+    engine = SpeculativeEngine(target, None, config=EngineConfig(num_draft_tokens=6))
+    widths = []
+    handle = target.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        out = engine.generate(torch.arange(10, 20)[None], max_new_tokens=1, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert widths[1:] == [2], widths  # after the prefill
     assert out.stats.proposed == 0 and out.stats.drafted_per_round == 0
     assert torch.equal(
         out.sequences, target.generate(torch.arange(10, 20)[None], max_new_tokens=1, do_sample=False)
@@ -127,9 +136,13 @@ def test_rows_without_a_match_propose_nothing(target):
 @pytest.mark.parametrize("rounds_per_sync", [1, 3])
 def test_captured_rounds_equal_eager_ones(target, rounds_per_sync):
     """The lookup stage has fixed shapes and no host read: the CPU graph recorder captures and replays it,
-    sampled too, with the same outputs as eager rounds; a second request replays the kept graphs."""
+    sampled too, with the same outputs as eager rounds; a second request replays the kept graphs. (A round
+    is as wide as its longest draft, read between the stages, except inside a unit of rounds_per_sync
+    rounds: there every round verifies k positions, so sampled draws differ from rounds read one by one.)"""
     ids, mask = _prompts(1)
-    eager = SpeculativeEngine(target, None, config=EngineConfig(num_draft_tokens=5))
+    eager = SpeculativeEngine(
+        target, None, config=EngineConfig(num_draft_tokens=5, rounds_per_sync=rounds_per_sync)
+    )
     captured = SpeculativeEngine(
         target,
         None,
