@@ -20,7 +20,7 @@ from .kernels.ngram import (
     ngram_lookup_reference,
     ngram_lookup_triton,
 )
-from .kernels.proposal import CrossProposal, target_proposal_reference
+from .kernels.proposal import CrossProposal
 from .kernels.sampling import MIN_TEMPERATURE, nonfinite_rows_reference, sample_reference, sample_triton
 from .kernels.translate import (
     split_reference,
@@ -226,13 +226,12 @@ def verify(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
             top_k, top_p, cross,
         )  # fmt: skip
-    q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)
-    q1 = None
-    if draft_probs_t1 is not None:
-        q1 = draft_probs_t1 if cross is None else target_proposal_reference(draft_probs_t1, draft_ids, cross)
+    # The reference reads q' through `cross` too, densely only where a deferral rule reads whole rows, and
+    # computes only the rules `rule` holds (read off a CPU tensor outside captures: kernels/verify.py).
     return verify_reference(
-        target_logits, draft_ids, q, q1, uniforms, noise, rule, alpha, temperature, top_k, top_p
-    )
+        target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature, top_k,
+        top_p, cross,
+    )  # fmt: skip
 
 
 def commit(
