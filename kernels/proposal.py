@@ -78,16 +78,21 @@ def target_proposal_reference(
     if positions is not None:
         span = _Span(*(t.gather(1, positions) for t in span))
     source, at, mass, merged, first, piece, live = span
+    batch, m = source.shape
     t2d = cross.t2d.long()
-    rows = probs.gather(1, source[..., None].expand(-1, -1, vocab_d))  # [batch, m, V_d]: q_s
-    q = torch.where(t2d >= 0, rows[..., t2d.clamp_min(0)], 0.0)  # [batch, m, V_t]
+    # q_s(t2d[t]): the source rows, then their columns through t2d (index_select, not advanced indexing:
+    # the same copies, ~1.7x faster on the CPU), 0 where t2d[t] = -1
+    index = (torch.arange(batch, device=probs.device)[:, None] * probs.shape[1] + source).reshape(-1)
+    q = probs.reshape(-1, vocab_d).index_select(0, index).index_select(1, t2d.clamp_min(0))
+    q = q.view(batch, m, -1).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
     take = torch.where(merged & (first >= 0), mass, 0.0)
     q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
     q.clamp_min_(0.0)
     at = at[..., None]
-    q.scatter_(2, at, torch.where(merged, mass, q.gather(2, at)[..., 0])[..., None])
-    q = torch.where(piece[..., None], torch.zeros_like(q).scatter_(2, at, 1.0), q)
-    return q * live[..., None]
+    x = torch.where(merged, mass, q.gather(2, at)[..., 0])  # the merged token: its path probability
+    q.masked_fill_(piece[..., None], 0.0)  # a split token's later piece: a point mass at x_j
+    q.scatter_(2, at, torch.where(piece, 1.0, x)[..., None])
+    return q.mul_(live[..., None])
 
 
 def target_proposal_at_drafts(
