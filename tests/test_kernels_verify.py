@@ -339,6 +339,19 @@ def test_t1_softmax_is_the_unwarped_target(dtype):
     assert torch.equal(p[:, :4], logits[:, :4].float().softmax(-1))
 
 
+def test_exact_rows_of_float64_greedy_stay_on_the_general_path():
+    """The greedy shortcut takes the argmax of float64 logits in float64, the general path in fp32: where
+    they differ (a near-tie fp32 merges) exact rows given as a rule tensor keep the general path's token."""
+    logits = torch.full((1, 2, 8), -5.0, dtype=torch.float64)
+    logits[0, :, 2], logits[0, :, 4] = 1.0, 1.0 + 1e-12  # float64 argmax 4, fp32 argmax 2
+    q = torch.full((1, 1, 8), 1 / 8)
+    args = (logits, torch.tensor([[4]]), q, None, torch.zeros(1, 1), None)
+    exact = torch.zeros(1, dtype=torch.int64), torch.zeros(1)
+    general = verify_reference(*args, *exact, 0.0, 0, 1.0, rules=RULE_IDS)
+    _equal(verify_reference(*args, *exact, 0.0, 0, 1.0), general, "read off")
+    assert general[1].tolist() == [[2, -1]]
+
+
 def test_proposal_at_drafts_and_at_positions():
     """q' at each position's own draft, and whole rows at chosen positions, without the dense tensor: the
     dense tensor's entries, bit for bit (merged spans, split pieces, stops, nothing proposed)."""
