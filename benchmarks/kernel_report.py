@@ -111,11 +111,13 @@ def sampling(cases: list[dict]) -> dict:
     return {"rows": rows, "goals": [_bandwidth_goal(r) for r in goal_rows]}
 
 
-def _verification(cases: list[dict], variant: str) -> dict:
-    """A verification op's table, per (batch, k, vocab, ``variant``), and its goals at 8 x 9 x 128256."""
+def _verification(cases: list[dict], *variants: tuple[str, object]) -> dict:
+    """A verification op's table, per (batch, k, vocab, each ``variants`` parameter), and its goals at
+    8 x 9 x 128256. A variant is (parameter, its value where a case lacks it: JSON of older runs)."""
 
     def key(p):
-        return ("batch", p["batch"]), ("k", p["k"]), ("vocab", p["vocab"]), (variant, p[variant])
+        shape = ("batch", p["batch"]), ("k", p["k"]), ("vocab", p["vocab"])
+        return (*shape, *((name, p.get(name, default)) for name, default in variants))
 
     rows = _compare(cases, key=key, implementation=lambda c: c["params"]["implementation"], copy_key=key)
     goal_rows = [
@@ -125,12 +127,13 @@ def _verification(cases: list[dict], variant: str) -> dict:
 
 
 def verify(cases: list[dict]) -> dict:
-    return _verification(cases, "cross_vocab")
+    """Speculative sampling, per vocabulary pair and rules (runs before 2026-12-02: the rule mix only)."""
+    return _verification(cases, ("cross_vocab", None), ("rules", "mix"))
 
 
 def match(cases: list[dict]) -> dict:
     """Verification by exact match, per configuration (greedy, sampled, top-p)."""
-    return _verification(cases, "config")
+    return _verification(cases, ("config", None))
 
 
 def ngram(cases: list[dict]) -> dict:

@@ -25,7 +25,7 @@ import torch
 import triton
 from bench_match import match_bytes, match_inputs
 from bench_sampling import sampling_bytes, sampling_inputs
-from bench_verify import TEMPERATURE, verify_bytes, verify_inputs
+from bench_verify import TEMPERATURE, held_rules, verify_bytes, verify_inputs
 from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         def reference(logits, draft, probs, uniforms, noise, rule, alpha, top_k=top_k, top_p=top_p):
-            return verify_reference(
-                logits, draft, probs, None, uniforms, noise, rule, alpha, TEMPERATURE, top_k, top_p
-            )
+            return verify_reference(  # told the rows' rules, as bench_verify's reference is
+                logits, draft, probs, None, uniforms, noise, rule, alpha, TEMPERATURE, top_k, top_p,
+                rules=held_rules("mix", BATCH),
+            )  # fmt: skip
 
         logits, rule = sets[0][0], sets[0][5]
         case = {

@@ -35,55 +35,95 @@ alpha < 0 for v2/v3) and lossy 0 are exact speculative sampling.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["RULES", "TINY", "cascade_pi", "cascade_target_reference", "kept_set", "mixture_keeps"]
+__all__ = [
+    "RULES",
+    "RULE_IDS",
+    "TINY",
+    "cascade_pi",
+    "cascade_target_reference",
+    "kept_set",
+    "mixture_keeps",
+    "rules_held",
+]
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
 RULES = ("exact", "chow", "diff", "opt", "token_v1", "token_v2", "token_v3", "lossy")  # rule id = index
+RULE_IDS = frozenset(range(len(RULES)))
 
 
 def cascade_target_reference(
     q: torch.Tensor,  # [..., V] fp32 sampled-from proposal
     p: torch.Tensor,  # [..., V] fp32 sampled-from target
-    q1: torch.Tensor,  # [..., V] fp32 T=1 proposal
-    p1: torch.Tensor,  # [..., V] fp32 T=1 target
+    q1: torch.Tensor | None,  # [..., V] fp32 T=1 proposal; None allowed when no rule in ``rules`` reads it
+    p1: torch.Tensor | None,  # [..., V] fp32 T=1 target; None allowed when no rule in ``rules`` reads it
     rule: torch.Tensor,  # [...] int64 rule ids
     alpha: torch.Tensor,  # [...] fp32
+    rules: Collection[int] | None = None,  # the rule ids ``rule`` holds (a promise); None: any
 ) -> tuple[torch.Tensor, torch.Tensor]:  # pi [..., V], keep [..., V] bool (the drafter's set A)
-    """``pi`` of every rule (module docstring), chosen per position; ``keep`` marks the tokens the drafter
-    keeps without deferring (all or none for mixture rules; none for exact and lossy)."""
+    """``pi`` of each position's rule (module docstring); ``keep`` marks the tokens the drafter keeps without
+    deferring (all or none for mixture rules; none for exact and lossy; it may be a broadcast view).
+
+    Only the quantities of the rules in ``rules`` are computed (chow reads ``max q1`` only, lossy neither
+    ``q1`` nor ``p1``, exact nothing: ``pi = p``), and with one rule there is no selection per position:
+    ``pi`` and ``keep`` are bit for bit those of ``rules=None``, which computes every rule. A position
+    whose rule is not in ``rules`` gets exact's ``pi = p``."""
+    present = RULE_IDS if rules is None else frozenset(rules)
+    single = len(present) == 1
     a = alpha[..., None]
-    max_q1, max_p1 = q1.amax(-1, keepdim=True), p1.amax(-1, keepdim=True)
-    tv = (q - p).clamp_min(0).sum(-1, keepdim=True)
-    no_defer = torch.stack(
-        [
-            torch.zeros_like(max_q1, dtype=torch.bool),  # exact
-            (a > 0) & (max_q1 >= 1 - a),  # chow (alpha 0 exact even where max q1 rounds to 1)
-            max_q1 >= max_p1 - a,  # diff
-            max_q1 >= max_p1 - a * tv,  # opt
-        ]
-    )  # [4, ..., 1]
-    # token_v2/v3 keep nothing at any alpha < 0, also where max p1 - alpha or 1 - alpha rounds back
-    kept = torch.stack(
-        [q1 >= max_p1 - a, (a >= 0) & (p1 >= max_p1 - a), (a >= 0) & (p1 >= (1 - a) * max_p1)]
-    )  # [3, ..., V]: token_v1..v3
     r = rule[..., None]
-    keep = torch.where(r < 4, no_defer.gather(0, r.clamp_max(3)[None].expand(1, *r.shape))[0], False)
-    keep = keep.expand_as(q) | torch.where(
-        (r >= 4) & (r <= 6), kept.gather(0, (r - 4).clamp(0, 2)[None].expand(1, *q.shape))[0], False
-    )
-    kept_mass = torch.where(keep, q, 0.0)
-    pi = kept_mass + (1 - kept_mass.sum(-1, keepdim=True)).clamp_min(0) * p  # q(V \ A) = 1 - q(A)
+
+    def where_rule(rule_id: int, value: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return value if single else torch.where(r == rule_id, value, other)
+
+    max_q1 = q1.amax(-1, keepdim=True) if present & {1, 2, 3} else None
+    max_p1 = p1.amax(-1, keepdim=True) if present & {2, 3, 4, 5, 6} else None
+    # Mixture rules: r = 0 (keep the drafter's q) per position; token-specific rules: the set A.
+    no_defer = torch.zeros((), dtype=torch.bool, device=q.device).expand(*q.shape[:-1], 1)  # exact, lossy
+    if 1 in present:  # chow (alpha 0 exact even where max q1 rounds to 1)
+        no_defer = where_rule(1, (a > 0) & (max_q1 >= 1 - a), no_defer)
+    if 2 in present:  # diff
+        no_defer = where_rule(2, max_q1 >= max_p1 - a, no_defer)
+    if 3 in present:  # opt
+        tv = (q - p).clamp_min(0).sum(-1, keepdim=True)
+        no_defer = where_rule(3, max_q1 >= max_p1 - a * tv, no_defer)
+    keep = no_defer.expand_as(q)
+    # token_v2/v3 keep nothing at any alpha < 0, also where max p1 - alpha or 1 - alpha rounds back
+    if 4 in present:
+        keep = where_rule(4, q1 >= max_p1 - a, keep)
+    if 5 in present:
+        keep = where_rule(5, (a >= 0) & (p1 >= max_p1 - a), keep)
+    if 6 in present:
+        keep = where_rule(6, (a >= 0) & (p1 >= (1 - a) * max_p1), keep)
+    if present == {0}:
+        return p, keep  # nothing kept: pi = 0 + (1 - 0) p, that is p
+    pi = None
+    if present - {7}:
+        kept_mass = torch.where(keep, q, 0.0)
+        pi = kept_mass + (1 - kept_mass.sum(-1, keepdim=True)).clamp_min(0) * p  # q(V \\ A) = 1 - q(A)
+    if 7 not in present:
+        return pi, keep
     scale = (1 - a).clamp_min(torch.finfo(torch.float32).tiny)
     capped = torch.minimum(q, p / scale)
     rho = (p - scale * q).clamp_min(0)
     rho = rho / rho.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     lossy = capped + (1 - capped.sum(-1, keepdim=True)).clamp_min(0) * rho
-    return torch.where(r == 7, lossy, pi), keep
+    return (lossy if pi is None else torch.where(r == 7, lossy, pi)), keep
+
+
+def rules_held(rule: torch.Tensor) -> frozenset[int] | None:
+    """The rule ids ``rule`` holds, where reading them costs nothing: a CPU tensor outside ``torch.compile`` and
+    outside any dispatch mode (a recording to replay or a tracer, where a value read would become a
+    constant, and the engine's CPU stand-in for CUDA graphs refuses host reads); else None (any rule)."""
+    if rule.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    return frozenset(rule.tolist())
 
 
 # ---------------------------------------------------------------------------------------------- Triton

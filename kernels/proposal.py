@@ -32,8 +32,10 @@ that splits onto the drafter twin of its first piece (``VocabBridge.split_twins`
 ``fold_twins_``), so ``q'_j`` there is the law of the first target token the drafted token becomes. The
 later pieces are verified against a point mass, which accepts ``x_j`` with probability ``p_j(x_j)`` and
 otherwise draws from ``p_j`` without it: the exact-match rule, lossless whatever the proposal. The
-reference builds the dense ``[batch, k, V_t]`` tensor; the verification kernel gathers ``q'_j(t)`` on the
-fly and never materialises it.
+reference builds the dense ``[batch, k, V_t]`` tensor (or the rows of chosen positions only), and
+``target_proposal_at_drafts`` each position's entry at its own draft alone; the verification reference reads
+whole rows only where a deferral rule needs them (exact verification: the drafts' entries and the stop
+position's row), and the verification kernel gathers ``q'_j(t)`` on the fly and never materialises it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["CrossProposal", "fold_twins_", "target_proposal_reference"]
+__all__ = ["CrossProposal", "fold_twins_", "target_proposal_at_drafts", "target_proposal_reference"]
 
 
 class CrossProposal(NamedTuple):
@@ -67,25 +69,72 @@ def target_proposal_reference(
     probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
     target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
     cross: CrossProposal,
-) -> torch.Tensor:  # [batch, k, V_t] fp32
-    """``q'`` of the module docstring, dense."""
-    batch, _, vocab_d = probs.shape
+    positions: torch.Tensor | None = None,  # [batch, m] int64 target positions; None: all k
+) -> torch.Tensor:  # [batch, k, V_t] fp32 ([batch, m, V_t] at ``positions``)
+    """``q'`` of the module docstring, dense: every position's row, or only those at ``positions`` (the
+    same values: the rows are built alike, each from its own position's span)."""
+    vocab_d = probs.shape[-1]
+    span = _span_terms(probs, target_ids, cross)
+    if positions is not None:
+        span = _Span(*(t.gather(1, positions) for t in span))
+    source, at, mass, merged, first, piece, live = span
+    batch, m = source.shape
     t2d = cross.t2d.long()
-    rows = probs.gather(1, cross.source[..., None].expand(-1, -1, vocab_d))  # [batch, k, V_d]: q_s
-    q = torch.where(t2d >= 0, rows[..., t2d.clamp_min(0)], 0.0)  # [batch, k, V_t]
+    # q_s(t2d[t]): the source rows, then their columns through t2d (index_select, not advanced indexing:
+    # the same copies, ~1.7x faster on the CPU), 0 where t2d[t] = -1
+    index = (torch.arange(batch, device=probs.device)[:, None] * probs.shape[1] + source).reshape(-1)
+    q = probs.reshape(-1, vocab_d).index_select(0, index).index_select(1, t2d.clamp_min(0))
+    q = q.view(batch, m, -1).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
+    take = torch.where(merged & (first >= 0), mass, 0.0)
+    q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
+    q.clamp_min_(0.0)
+    at = at[..., None]
+    x = torch.where(merged, mass, q.gather(2, at)[..., 0])  # the merged token: its path probability
+    q.masked_fill_(piece[..., None], 0.0)  # a split token's later piece: a point mass at x_j
+    q.scatter_(2, at, torch.where(piece, 1.0, x)[..., None])
+    return q.mul_(live[..., None])
+
+
+def target_proposal_at_drafts(
+    probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
+    target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
+    cross: CrossProposal,
+) -> torch.Tensor:  # [batch, k] fp32
+    """``q'_j(x_j)`` (``x_j`` clamped to 0 where nothing was proposed) without the dense rows: each position's
+    entry of ``target_proposal_reference`` at its own token, by the same operations, so bit for bit."""
+    source, at, mass, merged, first, piece, live = _span_terms(probs, target_ids, cross)
+    d = cross.t2d[at].long()  # [batch, k]
+    rows = torch.arange(probs.shape[0], device=probs.device)[:, None]
+    q = torch.where(d >= 0, probs[rows, source, d.clamp_min(0)], 0.0)  # q_s(t2d[x_j])
+    take = torch.where(merged & (first >= 0), mass, 0.0)
+    q = torch.where(at == first.clamp_min(0), q + -take, q).clamp_min(0.0)  # the scatter_add at d2t[y_s]
+    q = torch.where(merged, mass, q)
+    q = torch.where(piece, 1.0, q)
+    return q * live
+
+
+class _Span(NamedTuple):
+    """Per target position (each [batch, k]): what its row of ``q'`` is built from."""
+
+    source: torch.Tensor  # int64: the drafter position whose row it reads
+    at: torch.Tensor  # int64: x_j, 0 where nothing was proposed
+    mass: torch.Tensor  # fp32: the span's path probability
+    merged: torch.Tensor  # bool: an n-gram merge (proposed)
+    first: torch.Tensor  # int64: d2t[y_s]
+    piece: torch.Tensor  # bool: a split token's later piece (proposed)
+    live: torch.Tensor  # fp32: 1 where proposed or at the stop at an untranslatable token, else 0
+
+
+def _span_terms(probs: torch.Tensor, target_ids: torch.Tensor, cross: CrossProposal) -> _Span:
+    batch = probs.shape[0]
     # Path probability of each span: a difference of cumulative log-probabilities along the draft.
     path = probs.gather(2, cross.drafter_ids.clamp_min(0)[..., None])[..., 0]  # [batch, k]: q_u(y_u)
     cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
     mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
     merged = (cross.span_end - cross.source >= 2) & (target_ids >= 0)
     first = cross.d2t[cross.drafter_ids.gather(1, cross.source)].long()  # d2t[y_s]
-    take = torch.where(merged & (first >= 0), mass, 0.0)
-    q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
-    q.clamp_min_(0.0)
-    at = target_ids.clamp_min(0)[..., None]
-    q.scatter_(2, at, torch.where(merged, mass, q.gather(2, at)[..., 0])[..., None])
     previous = torch.cat([cross.source.new_full((batch, 1), -1), cross.source[:, :-1]], 1)
     piece = (cross.source == previous) & (target_ids >= 0)  # [batch, k]
-    q = torch.where(piece[..., None], torch.zeros_like(q).scatter_(2, at, 1.0), q)
     stop = (target_ids < 0) & (cross.span_end - cross.source == 1)  # stopped at a token with no translation
-    return q * ((target_ids >= 0) | stop)[..., None]
+    live = ((target_ids >= 0) | stop).to(probs.dtype)
+    return _Span(cross.source, target_ids.clamp_min(0), mass, merged, first, piece, live)

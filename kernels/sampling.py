@@ -81,18 +81,29 @@ def sampling_probs_reference(
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
 ) -> torch.Tensor:  # [rows, vocab] fp32
     """The normalised distribution sampled from: mask, temperature, top-k, top-p (one-hot if T == 0)."""
+    if temperature == 0.0:
+        return _greedy(logits, mask)[1]
     z = logits.float()
     if mask is not None:
         z = z.masked_fill(~mask, float("-inf"))
-    if temperature == 0.0:
-        # scatter, not one_hot: one_hot checks its indices on the host
-        return torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
     z = z / temperature
     if 0 < top_k < z.shape[-1]:
         z = z.masked_fill(z < _kth_largest(z, top_k), float("-inf"))
     if top_p < 1.0:
         z = _top_p(z, top_p)
     return z.softmax(-1)
+
+
+def _greedy(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first argmax of the fp32 logits ([..., 1] int64) and the one-hot ``q`` there, so that a draw needs
+    no second argmax, over the one-hot. (bf16/fp16 logits are converted first, though exactly and so to the
+    same argmax: torch's CPU argmax of half types is slower than the conversion and an fp32 argmax.)"""
+    z = logits.float()
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf"))
+    ids = z.argmax(-1, keepdim=True)
+    # scatter, not one_hot: one_hot checks its indices on the host
+    return ids, torch.zeros_like(z).scatter_(-1, ids, 1.0)
 
 
 def _numpy_shares(z: torch.Tensor) -> bool:
@@ -164,9 +175,10 @@ def sample_reference(
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [rows] int64, probs [rows, vocab] fp32
     """Sample one token per row from ``sampling_probs_reference``; returns the ids and the distribution."""
+    if temperature == 0.0:  # the argmax the one-hot is built at (the one-hot's own argmax, without a re-read)
+        ids, probs = _greedy(logits, mask)
+        return ids[..., 0], probs
     probs = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
-    if temperature == 0.0:
-        return probs.argmax(-1), probs
     return (probs / noise).argmax(-1), probs
 
 

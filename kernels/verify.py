@@ -54,12 +54,14 @@ Glossary (as in vLLM's rejection sampler): *accepted* tokens are drafted tokens 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import triton
 import triton.language as tl
 
-from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps
-from .proposal import CrossProposal
+from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps, rules_held
+from .proposal import CrossProposal, target_proposal_at_drafts, target_proposal_reference
 from .rows import chunking, race_step
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
@@ -70,8 +72,8 @@ __all__ = ["join_output", "verify_reference", "verify_triton"]
 def verify_reference(
     target_logits: torch.Tensor,  # [batch, k+1, V_t]
     draft_ids: torch.Tensor,  # [batch, k] int64 target ids, -1 where nothing was proposed
-    q: torch.Tensor,  # [batch, k, V_t] fp32 proposal q' (0 where none)
-    q1: torch.Tensor | None,  # [batch, k, V_t] fp32 T=1 proposal for the rules; None: q
+    q: torch.Tensor,  # [batch, k, V_t] fp32 proposal q' (0 where none); [batch, k, V_d] with ``cross``
+    q1: torch.Tensor | None,  # like q: the T=1 proposal for the rules; None: q
     uniforms: torch.Tensor,  # [batch, k] U[0, 1)
     noise: torch.Tensor | None,  # [batch, V_t] Exp(1) for the one residual/bonus draw; unused when greedy
     rule: torch.Tensor | None,  # [batch] int64 rule ids; None: "exact" for every row
@@ -79,21 +81,42 @@ def verify_reference(
     temperature: float,
     top_k: int,
     top_p: float,
+    cross: CrossProposal | None = None,
+    *,
+    rules: Collection[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``num_accepted`` [batch], ``output_tokens`` [batch, k+1] (-1 padded), ``accept_probs``
     [batch, k] (the ``a_j``), ``deferred`` [batch, k] bool and ``invalid`` [batch, k+1] (positions with unusable
-    target logits)."""
+    target logits).
+
+    With ``cross``, ``q`` and ``q1`` are the drafter's rows, read into the target vocabulary as
+    ``kernels/proposal.py`` defines: densely where a deferral rule reads whole rows, else (exact) only at the
+    drafts and at the stop position, as the kernel reads them. ``rules`` is the set of rule ids ``rule`` holds
+    (a promise, as in ``cascade_target_reference``; only their quantities are computed); None: read off
+    ``rule`` where that costs nothing (``rules_held``), else any. Neither changes a bit of the outputs."""
     batch, k = draft_ids.shape
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
     invalid = nonfinite_rows_reference(target_logits)
+    if rule is not None:
+        rules = rules_held(rule) if rules is None else frozenset(rules)
+        # Exact for every row: the shortcuts below, bit for bit the general path; but for greedy float64
+        # logits, whose argmax the shortcut takes in float64 and the general path in fp32 (near-ties).
+        if rules == {0} and not (temperature == 0.0 and target_logits.dtype == torch.float64):
+            rule = alpha = None
+    dense = cross is None or rule is not None  # deferral rules read whole rows of q'
+    if not dense:
+        q_y = torch.where(proposed, target_proposal_at_drafts(q, draft_ids, cross), 0.0)
+    else:
+        if cross is not None:
+            q = target_proposal_reference(q, draft_ids, cross)
+        q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)  # [batch, k]
     if rule is None and temperature == 0.0:
         # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
         # (else 0), the residual at the stop position has its mass at z only (or none, and pi = p), and
         # the exact rule defers every proposed position: what the general path below computes, from one
         # read of the logits.
         z = target_logits.argmax(-1)  # [batch, k+1]
-        q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)
         accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
         num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
         final = z.gather(1, num_accepted[:, None])[:, 0]
@@ -103,29 +126,53 @@ def verify_reference(
     if rule is None:  # exact for every row: pi = p, and every proposed position defers to the target
         pi, deferred = p[:, :k], proposed
     else:
+        if q1 is not None and rules is not None and not rules & _READ_Q1:
+            q1 = None  # no rule reads it
+        elif q1 is not None and cross is not None:
+            q1 = target_proposal_reference(q1, draft_ids, cross)
+        p1 = None
+        if rules is None or rules & _READ_P1:
+            unwarped = temperature == 1.0 and not 0 < top_k < p.shape[-1] and top_p >= 1.0
+            # At T = 1 unfiltered, p is softmax(logits / 1): the T = 1 softmax, bit for bit.
+            p1 = p[:, :k] if unwarped else target_logits[:, :k].float().softmax(-1)
         pi, keep = cascade_target_reference(
             q,
             p[:, :k],
             q if q1 is None else q1,
-            target_logits[:, :k].float().softmax(-1),
+            p1,
             rule[:, None].expand(batch, k),
             alpha[:, None].expand(batch, k),
+            rules,
         )  # [batch, k, V_t]
         deferred = ~keep.gather(-1, safe_ids)[..., 0] & proposed
-    q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)  # [batch, k]
     pi_y = torch.where(proposed, pi.gather(-1, safe_ids)[..., 0], 0.0)
     ratio = pi_y / q_y.clamp_min(torch.finfo(torch.float32).tiny)
     accept_probs = torch.where(q_y > 0, ratio, 0.0).clamp(max=1.0)
     num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)  # [batch]
 
-    rows = torch.arange(batch, device=draft_ids.device)
-    pi_stop = torch.cat([pi, p[:, k:]], 1)[rows, num_accepted]  # [batch, V_t]: pi_j*, or p_{k+1}
-    q_pad = torch.cat([q, q.new_zeros(batch, 1, q.shape[-1])], 1)
-    residual = (pi_stop - q_pad[rows, num_accepted]).clamp_min(0.0)
+    # The stop position's rows (pi_j* and q_j*, or p_{k+1} and 0 at the bonus), gathered, not concatenated.
+    bonus = (num_accepted == k)[:, None]
+    stop = num_accepted.clamp_max(max(k - 1, 0))[:, None]  # [batch, 1]
+    if k == 0:
+        pi_stop, q_stop = p[:, k], torch.zeros_like(p[:, k])
+    else:
+        pi_stop = torch.where(
+            bonus, p[:, k], pi.gather(1, stop[..., None].expand(-1, -1, pi.shape[-1]))[:, 0]
+        )
+        if dense:
+            q_stop = q.gather(1, stop[..., None].expand(-1, -1, q.shape[-1]))[:, 0]
+        else:
+            q_stop = target_proposal_reference(q, draft_ids, cross, stop)[:, 0]
+        q_stop = torch.where(bonus, 0.0, q_stop)
+    residual = (pi_stop - q_stop).clamp_min(0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_stop)
     # Exponential race; the residual needs no normalising.
     final = residual.argmax(-1) if temperature == 0.0 else (residual / noise).argmax(-1)
     return num_accepted, join_output(draft_ids, num_accepted, final), accept_probs, deferred, invalid
+
+
+_READ_Q1 = frozenset({1, 2, 3, 4})  # chow, diff, opt (max q1), token_v1 (q1)
+_READ_P1 = frozenset({2, 3, 4, 5, 6})  # diff, opt, token_v1 (max p1), token_v2/v3 (p1)
 
 
 def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,11 @@ synchronise a GPU) and then runs its implementation from
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
+from .kernels.cascade import RULE_IDS
 from .kernels.commit import commit_drafter_reference, commit_reference
 from .kernels.match import match_reference, match_triton
 from .kernels.ngram import (
@@ -20,7 +22,7 @@ from .kernels.ngram import (
     ngram_lookup_reference,
     ngram_lookup_triton,
 )
-from .kernels.proposal import CrossProposal, target_proposal_reference
+from .kernels.proposal import CrossProposal
 from .kernels.sampling import MIN_TEMPERATURE, nonfinite_rows_reference, sample_reference, sample_triton
 from .kernels.translate import (
     split_reference,
@@ -131,6 +133,7 @@ def verify(
     draft_probs_t1: torch.Tensor | None = None,  # [batch, k, V_q]
     cross: CrossProposal | None = None,
     exact_match: bool = False,
+    rules: Collection[int] | None = None,  # the rule ids `rule` holds
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculative sampling of a drafted block against a deferral rule (maths in ``kernels/verify.py``).
 
@@ -142,6 +145,9 @@ def verify(
     ``T = 1`` distribution (None: ``draft_probs``). ``exact_match=True`` verifies by exact match against
     draws from ``p`` (``kernels/match.py``: lossless for any proposal; ``draft_probs`` and ``uniforms``
     unused, ``noise`` [batch, k+1, V_t], ``accept_probs`` the target's ``p_j(y_j)``, every draft deferred).
+    ``rules``, with ``rule``, promises the rule ids ``rule`` holds (a request's one rule, say): the torch
+    reference then computes only those, also where it cannot read them off ``rule`` (a CUDA tensor, a
+    captured stage); the kernel computes each row's own rule anyway. The outputs do not depend on it.
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
@@ -195,6 +201,13 @@ def verify(
         _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
         if rule.shape[0] != batch or alpha.shape[0] != batch:
             raise ValueError(f"`rule` and `alpha` must have one entry per row ({batch})")
+    if rules is not None:
+        if rule is None:
+            raise ValueError("`rules` names the rule ids `rule` holds: give it with `rule` only")
+        rules = frozenset(rules)
+        if not rules or not rules <= RULE_IDS:
+            raise ValueError(f"`rules` must be rule ids of kernels/cascade.py's RULES (0..{len(RULE_IDS) - 1}), got "
+                             f"{sorted(rules)}")  # fmt: skip
     _check_sampling(temperature, top_k, top_p)
     if temperature > 0:
         shape = (batch, width, vocab) if exact_match else (batch, vocab)
@@ -226,13 +239,12 @@ def verify(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
             top_k, top_p, cross,
         )  # fmt: skip
-    q = draft_probs if cross is None else target_proposal_reference(draft_probs, draft_ids, cross)
-    q1 = None
-    if draft_probs_t1 is not None:
-        q1 = draft_probs_t1 if cross is None else target_proposal_reference(draft_probs_t1, draft_ids, cross)
+    # The reference reads q' through `cross` too, densely only where a deferral rule reads whole rows, and
+    # computes only the rules `rule` holds (read off a CPU tensor outside captures: kernels/verify.py).
     return verify_reference(
-        target_logits, draft_ids, q, q1, uniforms, noise, rule, alpha, temperature, top_k, top_p
-    )
+        target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature, top_k,
+        top_p, cross, rules=rules,
+    )  # fmt: skip
 
 
 def commit(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import left_padded_prompts, tiny_model
-from omnidraft_fast.kernels.cascade import RULES, cascade_target_reference
+from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, cascade_target_reference
 from test_lossless_sampling import PROMPT, ROWS, VOCAB, _exact_joint, _tv_bound
 
 import omnidraft_fast
@@ -134,6 +134,36 @@ def test_token_rules_at_a_negative_alpha_defer_everything():
             temperature=1.0, rule=torch.tensor([RULES.index(rule)]), alpha=torch.tensor([alpha]),
         )  # fmt: skip
         assert deferred.tolist() == [[True]] and torch.allclose(accept, p_first[0] / 0.9), (rule, accept)
+
+
+# Alphas on both sides of every rule's decisions, and past its range (the fast path must agree anywhere).
+ALPHAS = [-1.0, -5e-8, -1e-9, 0.0, 0.05, 0.3, 0.6, 0.9, 1.0, 3.0]
+
+
+@pytest.mark.parametrize("held", [[r] for r in RULES] + [["exact", "chow", "token_v2", "lossy"],
+                                                          ["diff", "opt"], ["token_v1", "token_v3", "lossy"]])  # fmt: skip
+def test_rules_held_compute_only_theirs(held):
+    """Told the rules its positions hold, cascade_target_reference computes only theirs (one rule: no
+    selection per position, and no q1/p1 where the rule reads none): bit for bit the pi and keep of the
+    general path, which computes every rule and selects per position; positions with nothing proposed
+    (q = 0) and a proposal certain of one token included."""
+    generator = torch.Generator().manual_seed(len(held) * 10 + RULES.index(held[0]))
+    rows = len(ALPHAS) * len(held)
+    logits = 3 * torch.randn(4, rows, 40, generator=generator)
+    q, p, q1, p1 = (x.softmax(-1) for x in logits)
+    q[0], q1[0] = 0.0, 0.0  # nothing proposed
+    q1[1] = torch.nn.functional.one_hot(torch.tensor(3), 40).float()  # max q1 = 1
+    rule = torch.tensor([RULES.index(held[i % len(held)]) for i in range(rows)])
+    alpha = torch.tensor([ALPHAS[i // len(held)] for i in range(rows)])
+    want_pi, want_keep = cascade_target_reference(q, p, q1, p1, rule, alpha)
+    ids = {RULES.index(r) for r in held}
+    read_q1, read_p1 = ids & {1, 2, 3, 4}, ids & {2, 3, 4, 5, 6}
+    pi, keep = cascade_target_reference(
+        q, p, q1 if read_q1 else None, p1 if read_p1 else None, rule, alpha, rules=ids
+    )
+    torch.testing.assert_close(pi, want_pi, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(keep, want_keep)
+    assert cascade_target_reference(q, p, q1, p1, rule, alpha, rules=RULE_IDS)[0].equal(want_pi)
 
 
 def test_zero_mass_residual_falls_back_to_pi():

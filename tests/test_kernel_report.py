@@ -71,6 +71,27 @@ def test_sampling_and_verification_against_the_copy(tmp_path, kernel_report):
     assert "copy share >= 80%: **no**" in text and "torch 2.11.0" in text
 
 
+def test_verification_goals_per_rule_set(tmp_path, kernel_report):
+    """bench_verify's ``rules`` parameter (the rule mix, exact, one rule) keeps its cases apart, one goal each;
+    a case without it (runs before it existed) is the mix."""
+    shape = {"batch": 8, "k": 8, "vocab": 128256, "cross_vocab": False}
+    cases = [_case("test_verify", {**shape, "implementation": "copy"}, 10e-6, bytes_moved=4_000_000)]
+    for rules, eager in ((None, 50e-6), ("exact", 20e-6), ("token_v2", 40e-6)):
+        params = shape if rules is None else {**shape, "rules": rules}
+        cases.append(
+            _case("test_verify", {**params, "implementation": "eager"}, eager, bytes_moved=3_800_000)
+        )
+        cases.append(
+            _case("test_verify", {**params, "implementation": "triton"}, 10e-6, bytes_moved=3_800_000)
+        )
+    _write(tmp_path, "verify", cases)
+    kernel_report.main([str(tmp_path)])
+
+    result = json.loads((tmp_path / "kernels-nvidia-h100-80gb-hbm3.json").read_text())
+    goals = {g["shape"]["rules"]: g["checks"][">= 3x eager"] for g in result["ops"]["verify"]["goals"]}
+    assert goals == {"mix": True, "exact": False, "token_v2": True}
+
+
 def test_ngram_rates_against_their_goals(tmp_path, kernel_report):
     """Goals at the largest batch per table size; a smaller batch, whose rate the host's launch and sync
     bound, is tabled without a verdict."""

@@ -11,12 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 from omnidraft_fast.kernels import rows
-from omnidraft_fast.kernels.cascade import RULES
-from omnidraft_fast.kernels.proposal import CrossProposal, fold_twins_, target_proposal_reference
+from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, rules_held
+from omnidraft_fast.kernels.proposal import (
+    CrossProposal,
+    fold_twins_,
+    target_proposal_at_drafts,
+    target_proposal_reference,
+)
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
 
 from omnidraft_fast import ops
+from omnidraft_fast.graphs import ReplayGraph
 
 pytestmark = pytest.mark.kernels
 gpu = pytest.mark.gpu
@@ -273,11 +279,115 @@ def test_exact_reference_shortcuts(vocab_d, temperature):
         args = (case["target_logits"], case["draft_ids"], q, None, case["uniforms"], case["noise"])
         shortcut = verify_reference(*args, None, None, temperature, 0, 1.0)
         exact = torch.zeros(5, dtype=torch.int64), torch.zeros(5)
-        general = verify_reference(*args, *exact, temperature, 0, 1.0)
+        general = verify_reference(*args, *exact, temperature, 0, 1.0, rules=RULE_IDS)  # no rule read off
         for name, a, b in zip(("num_accepted", "output", "accept_probs", "deferred", "invalid"), shortcut,
                               general, strict=True):  # fmt: skip
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"seed {seed}: {name}")
         assert shortcut[0][1] == 0
+
+
+def _equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], msg: str) -> None:
+    names = ("num_accepted", "output_tokens", "accept_probs", "deferred", "invalid")
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"{msg}: {name}")
+
+
+@pytest.mark.parametrize("vocab_d", [None, 200], ids=["shared", "cross"])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 0, 1.0), (1.0, 20, 0.9)]
+)
+def test_reference_computes_only_the_rules_held(vocab_d, temperature, top_k, top_p):
+    """The reference computes only the rules its rows hold (told, or read off the CPU rule tensor: exact rows
+    take the shortcuts, T = 1 unfiltered reuses p as p1) and reads q' through ``cross`` (densely only where a
+    deferral rule reads whole rows): bit for bit its general path (every rule computed and selected per row,
+    q' built densely first), for each (rule, alpha) of RULE_ALPHAS on every row, the mix of rules, and no
+    rule; greedy and sampled, shared and cross vocabularies, with and without a separate T = 1 proposal."""
+    cases = [*((r, a) for r, a in RULE_ALPHAS), ("mix", None), (None, None)]
+    for i, (name, alpha) in enumerate(cases):
+        for separate_t1 in (False, True):
+            case = _case(5, 3, 300, temperature, seed=i, offset=i, vocab_d=vocab_d, separate_t1=separate_t1,
+                         top_k=top_k, top_p=top_p)  # fmt: skip
+            rule, alphas, held = case["rule"], case["alpha"], set(case["rule"].tolist())
+            if name is None:
+                rule = alphas = held = None
+            elif name != "mix":
+                rule, alphas, held = (
+                    torch.full((5,), RULES.index(name)),
+                    torch.full((5,), alpha),
+                    {RULES.index(name)},
+                )
+            q, q1, cross, ids = case["draft_probs"], case["draft_probs_t1"], case["cross"], case["draft_ids"]
+            dense, dense1 = q, q1
+            if cross is not None:
+                dense = target_proposal_reference(q, ids, cross)
+                dense1 = None if q1 is None else target_proposal_reference(q1, ids, cross)
+            head = (case["target_logits"], ids)
+            tail = (case["uniforms"], case["noise"], rule, alphas, temperature, top_k, top_p)
+            general = verify_reference(*head, dense, dense1, *tail, rules=RULE_IDS)
+            msg = f"{name} {alpha} separate_t1={separate_t1}"
+            _equal(verify_reference(*head, q, q1, *tail, cross), general, f"{msg}, read off")
+            _equal(verify_reference(*head, q, q1, *tail, cross, rules=held), general, f"{msg}, told")
+            _equal(verify_reference(*head, dense, dense1, *tail, rules=held), general, f"{msg}, q' dense")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_t1_softmax_is_the_unwarped_target(dtype):
+    """At T = 1 with no top-k/top-p the reference takes the rules' T = 1 softmax p1 from the sampled-from p:
+    softmax(logits / 1) is softmax(logits) bit for bit, also sliced from the k + 1 positions."""
+    logits = (4 * torch.randn(3, 5, 3072, generator=torch.Generator().manual_seed(0))).to(dtype)
+    p = sampling_probs_reference(logits, 1.0, 0, 1.0)
+    assert torch.equal(p[:, :4], logits[:, :4].float().softmax(-1))
+
+
+def test_exact_rows_of_float64_greedy_stay_on_the_general_path():
+    """The greedy shortcut takes the argmax of float64 logits in float64, the general path in fp32: where
+    they differ (a near-tie fp32 merges) exact rows given as a rule tensor keep the general path's token."""
+    logits = torch.full((1, 2, 8), -5.0, dtype=torch.float64)
+    logits[0, :, 2], logits[0, :, 4] = 1.0, 1.0 + 1e-12  # float64 argmax 4, fp32 argmax 2
+    q = torch.full((1, 1, 8), 1 / 8)
+    args = (logits, torch.tensor([[4]]), q, None, torch.zeros(1, 1), None)
+    exact = torch.zeros(1, dtype=torch.int64), torch.zeros(1)
+    general = verify_reference(*args, *exact, 0.0, 0, 1.0, rules=RULE_IDS)
+    _equal(verify_reference(*args, *exact, 0.0, 0, 1.0), general, "read off")
+    assert general[1].tolist() == [[2, -1]]
+
+
+def test_proposal_at_drafts_and_at_positions():
+    """q' at each position's own draft, and whole rows at chosen positions, without the dense tensor: the
+    dense tensor's entries, bit for bit (merged spans, split pieces, stops, nothing proposed)."""
+    for seed in range(4):
+        case = _case(8, 4, 300, 0.9, seed=seed, vocab_d=257)
+        q, ids, cross = case["draft_probs"], case["draft_ids"], case["cross"]
+        dense = target_proposal_reference(q, ids, cross)
+        want = dense.gather(2, ids.clamp_min(0)[..., None])[..., 0]
+        assert torch.equal(target_proposal_at_drafts(q, ids, cross), want)
+        positions = torch.randint(0, 4, (8, 2), generator=torch.Generator().manual_seed(seed))
+        rows = target_proposal_reference(q, ids, cross, positions)
+        assert torch.equal(rows, dense.gather(1, positions[..., None].expand(-1, -1, 300)))
+
+
+def test_rules_are_read_off_outside_captures_only():
+    """In a captured stage (the CPU stand-in for CUDA graphs refuses host reads) ops.verify's reference takes
+    the general path, reading nothing; the replay gives what the eager call gave."""
+    case = _case(4, 3, 300, 0.8, seed=1, vocab_d=200, separate_t1=True)
+    case["rule"].fill_(RULES.index("token_v2"))
+    names = ("target_logits", "draft_ids", "draft_probs", "uniforms", "noise")
+    kwargs = dict(temperature=0.8, rule=case["rule"], alpha=case["alpha"], draft_probs_t1=case["draft_probs_t1"],
+                  cross=case["cross"])  # fmt: skip
+    eager = ops.verify(*(case[n] for n in names), **kwargs)
+    assert rules_held(case["rule"]) == {RULES.index("token_v2")}
+    out, inside = [], []
+
+    def stage() -> None:
+        inside.append(rules_held(case["rule"]))  # None: the general path, no read
+        out.append(ops.verify(*(case[n] for n in names), **kwargs))
+
+    graph = ReplayGraph()
+    graph.record(stage)
+    assert inside == [None]
+    _equal(out[0], eager, "captured")
+    graph.replay()
+    _equal(out[0], eager, "replayed")
 
 
 # ---------------------------------------------------------------------------------------------- GPU

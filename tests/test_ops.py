@@ -195,3 +195,27 @@ def test_ops_check_metadata():
         ops.commit(torch.zeros(3, 8, dtype=torch.int64), torch.full((3,), 2), torch.zeros(3, dtype=torch.int64),
                    torch.zeros(3, dtype=torch.bool), torch.tensor([[7, 8, 9]]), torch.full((3,), 2),
                    torch.zeros(0, dtype=torch.int64), max_new_tokens=4)  # fmt: skip
+
+
+def test_verify_told_the_rules_held():
+    """``rules`` promises the rule ids of ``rule``: the reference computes only those, with the outputs of
+    every rule computed (``rules`` all of them); a bad promise is refused."""
+    generator = torch.Generator().manual_seed(8)
+    target = torch.randn(3, 4, 50, generator=generator)
+    q = torch.randn(3, 3, 50, generator=generator).softmax(-1)
+    drafts = torch.multinomial(q.view(-1, 50), 1, generator=generator).view(3, 3)
+    uniforms, noise = (
+        torch.rand(3, 3, generator=generator),
+        torch.empty(3, 50).exponential_(generator=generator),
+    )
+    for rule in (torch.tensor([5, 5, 5]), torch.tensor([1, 7, 1])):
+        args = (target, drafts, q, uniforms, noise)
+        kwargs = dict(temperature=0.9, rule=rule, alpha=torch.full((3,), 0.3))
+        want = ops.verify(*args, **kwargs, rules=range(8))
+        got = ops.verify(*args, **kwargs, rules=set(rule.tolist()))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`rules` must be rule ids"):
+        ops.verify(*args, **kwargs, rules=[8])
+    with pytest.raises(ValueError, match="with `rule` only"):
+        ops.verify(*args, temperature=0.9, rules=[0])

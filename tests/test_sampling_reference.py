@@ -132,3 +132,28 @@ def test_under_torch_compile():
     for top_k, top_p in ((0, 0.8), (20, 1.0), (20, 0.7)):
         expected = _full_sort(logits, 1.0, top_k, top_p)
         torch.testing.assert_close(compiled(logits, 1.0, top_k, top_p), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_greedy_takes_the_argmax_once(dtype):
+    """sample_reference returns the argmax the greedy one-hot is built at, not the one-hot's argmax: the
+    one-hot and ids of the formula before, bit for bit (ties, NaN/+inf rows, rows all -inf, a mask, strided
+    rows; float64 near-ties that fp32 merges)."""
+    from omnidraft_fast.kernels.sampling import sample_reference
+
+    logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    logits[0, 3] = logits[0, 9] = logits[0].max() + 1  # a tie: the first
+    logits[1, 7] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3] = float("-inf")
+    logits[4] = -10.0
+    logits[4, 2], logits[4, 4] = 1.0, 1.0 + 1e-12  # distinct in float64 (argmax 4), equal in fp32 (2)
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(7)) < 0.7
+    for x in (logits, logits.t().contiguous().t(), logits[:, ::2]):
+        for m in (None, mask[: x.shape[-1]]):
+            z = x.float() if m is None else x.float().masked_fill(~m, float("-inf"))
+            want = torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+            assert torch.equal(sampling_probs_reference(x, 0.0, 0, 1.0, m), want)
+            ids, probs = sample_reference(x, None, 0.0, 0, 1.0, m)
+            assert torch.equal(probs, want) and torch.equal(ids, want.argmax(-1))
+    assert sample_reference(logits, None, 0.0, 0, 1.0)[0][4] == 2
