@@ -7,7 +7,8 @@
 cascade rule) with every round inside sync-debug "error" mode: a host synchronisation inside a round
 raises. The one allowed read per round (done / invalid / table size / longest row) happens between rounds,
 outside it; with an adaptive draft length (an acceptance head, a confidence threshold) each draft step and
-the rest of the round are checked, the stop-flag read between them allowed. Engines that learn in flight
+the rest of the round are checked, the stop-flag read between them allowed, and so is prompt lookup's read
+of the round's longest draft between the lookup and the rest. Engines that learn in flight
 (``EngineConfig(in_flight_rounds=...)``) have their learning step checked too.
 """
 
@@ -111,6 +112,12 @@ def syncs() -> None:
             ),
             ["rounds._draft_step", "rounds._finish"],
             _REQUESTS,
+        ),
+        # Prompt lookup reads the round's longest draft between the lookup and the rest (its width).
+        "prompt lookup": (
+            SpeculativeEngine(zoo.target, None, config=EngineConfig(num_draft_tokens=8)),
+            ["rounds._lookup", "rounds._finish"],
+            [kwargs for kwargs in _REQUESTS if "cascade" not in kwargs],
         ),
     }
     for name, (engine, methods, requests) in cases.items():

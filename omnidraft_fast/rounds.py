@@ -519,6 +519,8 @@ class Rounds:
                 top_p=target_sampling.top_p,
                 rule=state.rule,
                 alpha=state.alpha,
+                # a request's one rule (part of the kept graphs' key): the reference computes only it
+                rules=None if request.cascade is None else (RULES.index(request.cascade.rule),),
                 draft_probs_t1=draft_probs_t1,
                 cross=cross,
                 exact_match=exact_match,
