@@ -44,7 +44,7 @@ def lookup_draft(
             & (at >= start[:, None])
             & (at + n < lengths[:, None])  # inside the context, the continuation too
         )
-        first = hit.long().argmax(1)  # the leftmost hit (argmax takes the first of equal maxima)
+        first = torch.where(hit, at, slots).amin(1)  # the leftmost hit
         new = hit.any(1) & ~found
         begin = torch.where(new, first + n, begin)
         found |= new
