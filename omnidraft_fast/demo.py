@@ -2,8 +2,8 @@
 
 It loads the zoo's ``code-pair`` (a small trained target, a drafter sharing its vocabulary and a drafter
 with a different, SentencePiece-style vocabulary), generates greedily for held-out prompts (code, math,
-prose) and prints the cross-vocabulary text and a table of the three ways of decoding, timed side by
-side in one process on this machine.
+prose) and prints the cross-vocabulary text and a table of the four ways of decoding (plain, each
+drafter, and prompt lookup without a drafter), timed side by side in one process on this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def run_demo(*, prompts_per_task: int = 1, max_new_tokens: int = 48, num_draft_t
             target, zoo.drafter_cross, target_tokenizer=tokenizer, drafter_tokenizer=zoo.drafter_tokenizer,
             config=config,
         ),
+        "omnidraft_fast, prompt lookup (no drafter)": SpeculativeEngine(target, None, config=config),
     }  # fmt: skip
     prompts = heldout_prompts(prompts_per_task)
     params = sum(p.numel() for p in target.parameters()) / 1e6
