@@ -5,8 +5,8 @@ For a row whose committed tokens are ``c_0..c_{L-1}`` (its prompt, then its new 
 found as transformers' ``PromptLookupCandidateGenerator`` finds it: for ``n`` from ``N``
 (``max_matching_ngram_size``) down to 1, the first (leftmost) ``j`` with ``c_j..c_{j+n-1} = c_{L-n}..c_{L-1}``
 and ``j + n < L``; the largest ``n`` that has one wins, and the draft is ``c_{j+n}..c_{j+n+k-1}`` cut at the
-context's end (``min(k, L - j - n)`` tokens). A row with no match drafts nothing: its round is one step of
-the target. A draft is certain (no distribution), so the rounds verify it by exact match against draws from
+context's end (``min(k, L - j - n)`` tokens). A row with no match drafts nothing, and a round is as wide as
+its longest draft (``Rounds.run``): one where no row found a match is one step of the target. A draft is certain (no distribution), so the rounds verify it by exact match against draws from
 the target (``kernels/match.py``), lossless for any proposal, as transformers' assisted generation does
 with candidates that come without logits. Unlike transformers, a draft is not cut before an EOS id or a
 token the request's processors forbid: verification rejects what the target would not emit, and an
