@@ -523,9 +523,10 @@ class SpeculativeEngine:
                     if state.processors is not None
                     else ""
                 )
+                models = "the model" if self.drafter is None else "the model or the drafter"
                 raise ValueError(
-                    "the model or the drafter produced NaN or +inf logits (or a row of all -inf): check "
-                    f"their weights and dtype (fp16 overflow is a common cause){processed}; nothing was returned"
+                    f"{models} produced NaN or +inf logits (or a row of all -inf): check its weights and dtype "
+                    f"(fp16 overflow is a common cause){processed}; nothing was returned"
                 )
             if stops is not None:
                 all_done = self._stop(stops, state, request, before) or all_done

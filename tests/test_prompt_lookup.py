@@ -221,3 +221,20 @@ def test_what_prompt_lookup_cannot_do_is_refused(target):
             SpeculativeEngine(target, None, config=config)
     with pytest.raises(ValueError, match="drafter_tokenizer"):
         SpeculativeEngine(target, None, drafter_tokenizer=object())
+
+
+def test_bad_logits_name_the_model_alone():
+    """Without a drafter, the error for NaN logits names the model only, and the engine serves on."""
+    model = tiny_model("llama", VOCAB, seed=8)
+    engine = SpeculativeEngine(model, None)
+    ids = torch.tensor([[11, 12, 11, 12]])
+    weight = model.lm_head.weight.data.clone()
+    model.lm_head.weight.data.fill_(float("nan"))
+    try:
+        with pytest.raises(ValueError, match=r"^the model produced NaN"):
+            engine.generate(ids, max_new_tokens=4)
+    finally:
+        model.lm_head.weight.data.copy_(weight)
+    assert torch.equal(
+        engine.generate(ids, max_new_tokens=4), model.generate(ids, max_new_tokens=4, do_sample=False)
+    )
