@@ -41,7 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import eager_cpu
+
 __all__ = [
+    "READ_P1",
+    "READ_Q1",
     "RULES",
     "RULE_IDS",
     "TINY",
@@ -56,6 +60,8 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
 RULES = ("exact", "chow", "diff", "opt", "token_v1", "token_v2", "token_v3", "lossy")  # rule id = index
 RULE_IDS = frozenset(range(len(RULES)))
+READ_Q1 = frozenset({1, 2, 3, 4})  # the rules that read q1: chow, diff, opt (max q1), token_v1 (q1)
+READ_P1 = frozenset({2, 3, 4, 5, 6})  # the rules that read p1: diff, opt, token_v1 (max p1), token_v2/v3 (p1)
 
 
 def cascade_target_reference(
@@ -82,8 +88,8 @@ def cascade_target_reference(
     def where_rule(rule_id: int, value: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return value if single else torch.where(r == rule_id, value, other)
 
-    max_q1 = q1.amax(-1, keepdim=True) if present & {1, 2, 3} else None
-    max_p1 = p1.amax(-1, keepdim=True) if present & {2, 3, 4, 5, 6} else None
+    max_q1 = q1.amax(-1, keepdim=True) if present & {1, 2, 3} else None  # chow, diff, opt
+    max_p1 = p1.amax(-1, keepdim=True) if present & READ_P1 else None
     # Mixture rules: r = 0 (keep the drafter's q) per position; token-specific rules: the set A.
     no_defer = torch.zeros((), dtype=torch.bool, device=q.device).expand(*q.shape[:-1], 1)  # exact, lossy
     if 1 in present:  # chow (alpha 0 exact even where max q1 rounds to 1)
@@ -118,10 +124,9 @@ def cascade_target_reference(
 
 
 def rules_held(rule: torch.Tensor) -> frozenset[int] | None:
-    """The rule ids ``rule`` holds, where reading them costs nothing: a CPU tensor outside ``torch.compile`` and
-    outside any dispatch mode (a recording to replay or a tracer, where a value read would become a
-    constant, and the engine's CPU stand-in for CUDA graphs refuses host reads); else None (any rule)."""
-    if rule.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    """The rule ids ``rule`` holds, where reading them costs nothing (``host.eager_cpu``); else None (any
+    rule)."""
+    if not eager_cpu(rule):
         return None
     return frozenset(rule.tolist())
 

@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import eager_cpu
 from .rows import chunking, load_z, race_step, row_max_sum
 from .thresholds import launch_thresholds
 
@@ -106,22 +107,10 @@ def _greedy(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     return ids, torch.zeros_like(z).scatter_(-1, ids, 1.0)
 
 
-def _numpy_shares(z: torch.Tensor) -> bool:
-    """Whether ``z.numpy()`` is ``z``'s memory, for the CPU shortcuts below: a CPU tensor, outside torch.compile
-    (which traces numpy calls as torch ops, and has no partition) and outside any dispatch mode (one that
-    records ops to replay them, as the CPU stand-in for CUDA graphs does, sees torch's ops only: numpy's
-    work would escape the replay)."""
-    return (
-        z.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
-
-
 def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [..., 1]
     """The ``k``-th largest value of each row, ties counted: torch.topk's last value, which numpy's partition
     finds ~8x faster on the CPU (a value, so the same one; -0.0 and +0.0 compare equal)."""
-    if _numpy_shares(z):
+    if eager_cpu(z):
         partitioned = z.detach().clone()
         partitioned.numpy().partition(z.shape[-1] - k, -1)
         return partitioned[..., z.shape[-1] - k, None]
@@ -130,7 +119,7 @@ def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [.
 
 def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """``z`` with -inf where top-p drops a token (module docstring): as transformers' ``TopPLogitsWarper``."""
-    if not (_numpy_shares(z) and z.is_contiguous()):
+    if not (eager_cpu(z) and z.is_contiguous()):
         return z.masked_fill(_sort_drop(z, top_p), float("-inf"))
     # The same set without torch.sort, which sorts (value, index) pairs ~20x slower than numpy sorts values on
     # the CPU (~0.9 ms for 5 rows of 3072 ids). numpy's ascending values are torch.sort's (up to the order of

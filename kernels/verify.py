@@ -60,7 +60,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .cascade import TINY, cascade_pi, cascade_target_reference, kept_set, mixture_keeps, rules_held
+from .cascade import (
+    READ_P1,
+    READ_Q1,
+    TINY,
+    cascade_pi,
+    cascade_target_reference,
+    kept_set,
+    mixture_keeps,
+    rules_held,
+)
 from .proposal import CrossProposal, target_proposal_at_drafts, target_proposal_reference
 from .rows import chunking, race_step
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
@@ -126,12 +135,12 @@ def verify_reference(
     if rule is None:  # exact for every row: pi = p, and every proposed position defers to the target
         pi, deferred = p[:, :k], proposed
     else:
-        if q1 is not None and rules is not None and not rules & _READ_Q1:
+        if q1 is not None and rules is not None and not rules & READ_Q1:
             q1 = None  # no rule reads it
         elif q1 is not None and cross is not None:
             q1 = target_proposal_reference(q1, draft_ids, cross)
         p1 = None
-        if rules is None or rules & _READ_P1:
+        if rules is None or rules & READ_P1:
             unwarped = temperature == 1.0 and not 0 < top_k < p.shape[-1] and top_p >= 1.0
             # At T = 1 unfiltered, p is softmax(logits / 1): the T = 1 softmax, bit for bit.
             p1 = p[:, :k] if unwarped else target_logits[:, :k].float().softmax(-1)
@@ -169,10 +178,6 @@ def verify_reference(
     # Exponential race; the residual needs no normalising.
     final = residual.argmax(-1) if temperature == 0.0 else (residual / noise).argmax(-1)
     return num_accepted, join_output(draft_ids, num_accepted, final), accept_probs, deferred, invalid
-
-
-_READ_Q1 = frozenset({1, 2, 3, 4})  # chow, diff, opt (max q1), token_v1 (q1)
-_READ_P1 = frozenset({2, 3, 4, 5, 6})  # diff, opt, token_v1 (max p1), token_v2/v3 (p1)
 
 
 def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
