@@ -57,6 +57,10 @@ def kernels() -> None:
         match_noise = torch.empty_like(target_logits, dtype=torch.float32).exponential_(generator=generator)
         ops.verify(target_logits, target_ids, None, uniforms, None if temperature == 0 else match_noise,
                    temperature=temperature, top_k=top_k, top_p=top_p, exact_match=True)  # fmt: skip
+    # Prompt lookup's draft: rows of a few ids (matches of every length), left padding, one empty row.
+    tokens = torch.randint(0, 3, (batch, 64), device=device, generator=generator)
+    start = torch.tensor([0, 5, 9], device=device)
+    ops.lookup(tokens, start, torch.tensor([64, 40, 9], device=device), k, 3)
     torch.cuda.synchronize()
     print("kernels: all ran")
 

@@ -39,7 +39,7 @@ if [ -z "${OMNIDRAFT_SHARED:-}" ] && [ -d .shared/tokenizers ]; then
     export OMNIDRAFT_SHARED=$PWD/.shared
 fi
 failed=0
-KNOWN="tests_gpu syncs bench_verify bench_match bench_sampling tune bench_ngram bench_translate kernel_report e2e scale
+KNOWN="tests_gpu syncs bench_verify bench_match bench_sampling tune bench_ngram bench_translate bench_lookup kernel_report e2e scale
        memcheck racecheck train_bench e2e_llama3 e2e_qwen3 online_llama3 online_qwen3 cascades online tests"
 for name in ${STEPS:-}; do
     if [[ " $(echo $KNOWN) " != *" $name "* ]]; then
@@ -106,11 +106,12 @@ if [ "${JOBS:-8}" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
 fi
 
 if [ "$GRID" = full ]; then
-    select_sampling=() select_verify=() select_match=() select_ngram=() select_translate=()
+    select_sampling=() select_verify=() select_match=() select_ngram=() select_translate=() select_lookup=()
 else  # the goals' shapes: [72, 128256] bf16 (sampling: 72 rows; verification: 8 rows x 9 positions)
     select_sampling=(-k "72-128256") select_verify=(-k "8-8-128256") select_match=(-k "8-8-128256")
     select_ngram=(-k "524288-131072")
     select_translate=(-k "64-8")
+    select_lookup=(-k "lookup[8-")  # 8 rows, every context length and suffix
 fi
 bench() {  # bench OP LIMIT SELECTION...
     local op=$1 limit=$2
@@ -131,6 +132,7 @@ bench sampling 120 "${select_sampling[@]}"
 step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"
 bench ngram 60 "${select_ngram[@]}"
 bench translate 60 "${select_translate[@]}"
+bench lookup 90 "${select_lookup[@]}"
 step kernel_report 30 $PY benchmarks/kernel_report.py "$WORK"  # the goals checked: kernels-<device>.{md,json}
 # 4. End to end against transformers on the embedded zoo pair, eager and CUDA-graph engines; the scale shapes
 #    (with learning in flight, eager and captured). The lean forward against transformers': scale.py's forwards.

@@ -13,6 +13,8 @@ compiled references) and checks the goals:
   per table size: a smaller one's host launch and sync, some 10-20 us, bound its rate below the goal
   however fast the kernel; those rows are tabled only).
 
+Translation and prompt lookup's draft have no goal: their tables compare the three implementations.
+
 Those timings include the host's launches and a sync. Where ``DIR`` also holds ``tune-<device>.json``
 (``benchmarks/tune_kernels.py``), a section ``device time`` checks the bandwidth goals again on device
 time (CUDA-graph replays), at the vocabulary tile the engine runs (the launchers' default ``block``; the
@@ -180,7 +182,25 @@ def translate(cases: list[dict]) -> dict:
     return {"rows": rows}
 
 
-OPS = {"sampling": sampling, "verify": verify, "match": match, "ngram": ngram, "translate": translate}
+def lookup(cases: list[dict]) -> dict:
+    """Prompt lookup's draft, per batch, context length and longest suffix (no goal set)."""
+    return {
+        "rows": _compare(
+            cases,
+            key=lambda p: (("batch", p["batch"]), ("context", p["context"]), ("ngram", p["ngram"])),
+            implementation=lambda c: c["params"]["implementation"],
+        )
+    }
+
+
+OPS = {
+    "sampling": sampling,
+    "verify": verify,
+    "match": match,
+    "ngram": ngram,
+    "translate": translate,
+    "lookup": lookup,
+}
 
 
 def device_time(tune: dict) -> dict:

@@ -72,7 +72,7 @@ def generate(
 
     Without a drafter, ``prompt_lookup_num_tokens=k`` (and ``max_matching_ngram_size``, default 2) drafts by
     prompt lookup, as in transformers: up to ``k`` tokens copied from where the context's last tokens
-    occurred before (``lookup.py``), verified exactly.
+    occurred before (``kernels/lookup.py``), verified exactly.
 
     Example::
 

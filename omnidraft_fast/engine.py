@@ -80,7 +80,7 @@ class SpeculativeEngine:
     Args:
         target: the model whose output distribution is reproduced (a Hugging Face causal LM).
         drafter: a smaller causal LM that proposes tokens. Same device as ``target``; any dtype. None:
-            draft by prompt lookup, copying continuations from each row's own context (``lookup.py``;
+            draft by prompt lookup, copying continuations from each row's own context (``kernels/lookup.py``;
             transformers' ``prompt_lookup_num_tokens``); no tokenizers, learning, cascades or confidence
             threshold then.
         target_tokenizer, drafter_tokenizer: needed only when the vocabularies differ.

@@ -15,6 +15,7 @@ import torch
 
 from .kernels.cascade import RULE_IDS
 from .kernels.commit import commit_drafter_reference, commit_reference
+from .kernels.lookup import lookup_reference, lookup_triton
 from .kernels.match import match_reference, match_triton
 from .kernels.ngram import (
     ngram_insert_reference,
@@ -35,6 +36,7 @@ from .kernels.verify import verify_reference, verify_triton
 __all__ = [
     "commit",
     "commit_drafter",
+    "lookup",
     "ngram_insert",
     "ngram_lookup",
     "nonfinite_rows",
@@ -378,6 +380,29 @@ def commit_drafter(
     commit_drafter_reference(
         tokens, lengths, draft_ids, span_end, num_accepted, spelling, spelling_len, active
     )
+
+
+def lookup(
+    tokens: torch.Tensor,  # [batch, slots] int64 committed token ids by slot
+    start: torch.Tensor,  # [batch] int64 each row's first slot
+    lengths: torch.Tensor,  # [batch] int64 one past each row's last committed slot
+    k: int,
+    max_ngram: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ids [batch, k] int64, drafted [batch] int64
+    """Prompt lookup's draft for every row: up to ``k`` tokens continuing the leftmost earlier occurrence of
+    the row's longest matching suffix of at most ``max_ngram`` tokens (see ``kernels/lookup.py``; Triton on
+    CUDA)."""
+    _check("tokens", tokens, 2, dtypes=(torch.int64,))
+    for name, tensor in (("start", start), ("lengths", lengths)):
+        _check(name, tensor, 1, dtypes=(torch.int64,), device=tokens.device)
+        if tensor.shape[0] != tokens.shape[0]:
+            raise ValueError(f"`{name}` must be [batch] = [{tokens.shape[0]}], got {tuple(tensor.shape)}")
+    for name, value in (("k", k), ("max_ngram", max_ngram)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    if tokens.shape[1] < 1:
+        raise ValueError("`tokens` must have at least one slot")
+    return (lookup_triton if runs_kernels(tokens) else lookup_reference)(tokens, start, lengths, k, max_ngram)
 
 
 def _check_table(key_ids: torch.Tensor, values: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ The draft settings transformers reads from the *assistant's* ``generation_config
 too, below the call and the ``generation_config`` argument and above the target's own; unset
 everywhere, the engine's ``EngineConfig`` decides (not transformers' defaults of 20 tokens and 0.4).
 
-An engine without a drafter drafts by prompt lookup (``lookup.py``): ``prompt_lookup_num_tokens`` is its
+An engine without a drafter drafts by prompt lookup (``kernels/lookup.py``): ``prompt_lookup_num_tokens`` is its
 draft length (else ``num_assistant_tokens``, else the ``EngineConfig``'s) and ``max_matching_ngram_size``
 (default 2, as in transformers) the longest suffix it matches. An engine with a drafter refuses both
 fields, where transformers would quietly draft by prompt lookup and leave the assistant unused.
@@ -54,7 +54,7 @@ _HONOURED = {
     "num_return_sequences", "prompt_lookup_num_tokens", "max_matching_ngram_size", *Processing.field_names(),
 }  # fmt: skip
 _LOOKUP_FIELDS = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
-_DEFAULT_LOOKUP_NGRAM = 2  # transformers' max_matching_ngram_size when unset
+_DEFAULT_LOOKUP_NGRAM = 2  # transformers' max_matching_ngram_size when unset or 0
 # Fields that change how transformers runs, never which tokens come out (or only apply to other models).
 _NO_EFFECT = {
     "transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache",
@@ -427,9 +427,12 @@ def _draft_settings(
     if not prompt_lookup:
         return draft, None
     ngram = fields.get("max_matching_ngram_size", _DEFAULT_LOOKUP_NGRAM)
+    if is_int(ngram) and ngram == 0:  # transformers reads `max_matching_ngram_size or 2`
+        ngram = _DEFAULT_LOOKUP_NGRAM
     if not is_int(ngram) or ngram < 1:
         raise ValueError(
-            f"`max_matching_ngram_size` (the longest context suffix prompt lookup matches) must be an int >= 1, "
+            f"`max_matching_ngram_size` (the longest context suffix prompt lookup matches) must be an int >= 1 "
+            "(0: the default, 2), "
             f"got {ngram!r}"
         )
     return draft, ngram

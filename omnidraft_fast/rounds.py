@@ -5,7 +5,7 @@ One round (``k`` = draft length)::
     1 draft      the drafter proposes y_1..y_k          k forwards of 1 token (the first re-feeds a window);
                                                         with an acceptance head or a confidence
                                                         threshold, rows stop early (SPEC §5); without a
-                                                        drafter, copied from the context (lookup.py)
+                                                        drafter, copied from the context (kernels/lookup.py)
     2 translate  drafter ids -> target ids              bridge + n-gram table (cross-vocabulary only)
     3 target     one forward over [pending, x_1..x_k]  logits p_1..p_{k+1}
     4 verify     speculative sampling, a cascade or     accepted count + recovered/bonus token per row
@@ -39,7 +39,6 @@ from .kept_logits import KeptLogits
 from .kernels.cascade import RULES
 from .kernels.proposal import CrossProposal, fold_twins_
 from .learner import OnlineLearner
-from .lookup import lookup_draft
 from .models import CausalLM
 from .ngram import NGramTable
 from .processors import TargetProcessors
@@ -56,7 +55,7 @@ class Rounds:
     def __init__(
         self,
         target: CausalLM,
-        drafter: CausalLM | None,  # None: prompt lookup (lookup.py)
+        drafter: CausalLM | None,  # None: prompt lookup (kernels/lookup.py)
         bridge: VocabBridge | None,
         ngram: NGramTable | None,
         learner: OnlineLearner | None,
@@ -376,11 +375,11 @@ class Rounds:
         state.graphs.run(key, unit, timer, "round" if count == 1 else "rounds")
 
     def _lookup(self, state: RequestState, request: Request, timer: StageTimer) -> None:
-        """Without a drafter: every row's draft copied from its own context (``lookup.py``); rows that are
+        """Without a drafter: every row's draft copied from its own context (``kernels/lookup.py``); rows that are
         done propose nothing."""
         with timer("draft"):
             state.invalid.zero_()
-            ids, drafted = lookup_draft(
+            ids, drafted = ops.lookup(
                 state.tokens, state.start, state.lengths, request.num_draft_tokens, request.lookup_ngram
             )
             state.draft_ids.copy_(ids)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KERNELS = {
     "_stats_kernel", "_threshold_pass_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
     "_race_kernel", "_match_kernel", "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
+    "_lookup_kernel",
 }  # fmt: skip
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
@@ -91,8 +92,8 @@ def main(archs: list[int]) -> int:
 
 def _launches():
     """Calls of every launcher over the variants the engine uses: greedy and sampled, filters, masks,
-    vocabulary bridges, fp16/bf16 logits, with and without an n-gram table."""
-    from omnidraft_fast.kernels import match, ngram, sampling, translate, verify
+    vocabulary bridges, fp16/bf16 logits, with and without an n-gram table, prompt lookup's settings."""
+    from omnidraft_fast.kernels import lookup, match, ngram, sampling, translate, verify
     from test_kernels_match import _case as _match_case
     from test_kernels_translate import _d2t, _drafts, _table
     from test_kernels_verify import _case
@@ -119,6 +120,9 @@ def _launches():
     keys, values = torch.randint(0, 9, (10, 4)), torch.randint(0, 9, (10,))
     yield lambda: ngram.ngram_insert_triton(*table, keys, values, torch.ones(10, dtype=torch.int64))
     yield lambda: ngram.ngram_lookup_triton(table[1], table[2], keys)
+    tokens, start, lengths = torch.randint(0, 3, (3, 40)), torch.tensor([0, 4, 9]), torch.tensor([40, 30, 9])
+    for k, max_ngram in ((1, 1), (10, 2), (5, 4)):  # prompt lookup's k and max_matching_ngram_size
+        yield lambda a=(tokens, start, lengths, k, max_ngram): lookup.lookup_triton(*a)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ _KERNEL_MODULES = (
     "test_kernels_translate",
     "test_kernels_verify",
     "test_kernels_match",
+    "test_kernels_lookup",
     "test_engine_kernels",
 )
 

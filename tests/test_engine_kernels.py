@@ -1,6 +1,6 @@
 """The engine with its Triton kernels instead of the torch references, on CPU tensors under the Triton
 interpreter: every kernel the rounds launch gets the engine's real arguments (shared and cross
-vocabularies, n-gram merges, cascade rules, sampling filters), and the outputs equal the references'.
+vocabularies, n-gram merges, cascade rules, sampling filters, prompt lookup), and the outputs equal the references'.
 On a GPU the kernels run anyway; this catches plumbing mistakes before a GPU session does."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LAUNCHERS = (
     "translate_triton",
     "ngram_insert_triton",
     "ngram_lookup_triton",
+    "lookup_triton",
 )
 
 
@@ -101,3 +102,19 @@ def test_cross_vocabulary(monkeypatch, cross_pair, translation):
         assert launches["match_triton"] > 0  # greedy with split tokens verifies by exact match
     if translation == "exact":  # every request, sampled too, verifies by exact match
         assert launches["match_triton"] >= 2 and launches["verify_triton"] == 0
+
+
+def test_prompt_lookup(monkeypatch):
+    """No drafter: the lookup kernel drafts from the rows' contexts (repeating prompts, so drafts occur),
+    verified by exact match."""
+    target = tiny_model("llama", VOCAB, seed=33, eos_token_id=4)
+    ids = torch.tensor([[9, 10, 11, 12, 9, 10, 11, 12, 9, 10], [0, 0, 21, 22, 23, 21, 22, 23, 21, 22]])
+    mask = (torch.arange(10) >= torch.tensor([[0], [2]])).long()
+    request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 8, "prompt_lookup_num_tokens": 3}
+    outputs, launches = _with_and_without_kernels(
+        monkeypatch,
+        lambda: SpeculativeEngine(target, None),
+        [request, {**request, "do_sample": True, "top_k": 0}],
+    )
+    assert launches["lookup_triton"] > 0 and launches["match_triton"] > 0
+    assert outputs[1][0].stats.proposed > 0  # the kernel's drafts reached verification

@@ -149,6 +149,20 @@ def test_translation_with_and_without_split_tokens(tmp_path, kernel_report):
     assert row["triton_with_splits_us"] == pytest.approx(25.0) and "eager_with_splits_us" not in row
 
 
+def test_prompt_lookup_table(tmp_path, kernel_report):
+    """Per (batch, context, ngram): the three implementations, the kernel's bandwidth; no goal."""
+    params = {"batch": 8, "context": 8192, "ngram": 2}
+    cases = [_case("test_lookup", {**params, "implementation": name}, seconds, bytes_moved=5.0e5)
+             for name, seconds in (("eager", 80e-6), ("compile", 40e-6), ("triton", 5e-6))]  # fmt: skip
+    _write(tmp_path, "lookup", cases)
+    summary = kernel_report.report(tmp_path)["ops"]["lookup"]
+    (row,) = summary["rows"]
+    assert row["shape"] == params and "goals" not in summary
+    assert row["vs_eager"] == pytest.approx(16.0) and row["vs_compile"] == pytest.approx(8.0)
+    assert row["triton_gb_per_s"] == pytest.approx(100.0)
+    assert "## lookup" in kernel_report.markdown(kernel_report.report(tmp_path))
+
+
 def test_an_empty_folder_is_an_error(tmp_path, kernel_report):
     with pytest.raises(SystemExit):
         kernel_report.main([str(tmp_path)])

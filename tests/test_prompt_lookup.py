@@ -1,4 +1,4 @@
-"""Prompt lookup (``omnidraft_fast/lookup.py``): drafts copied from the context, no drafter model.
+"""Prompt lookup (``kernels/lookup.py``): drafts copied from the context, no drafter model.
 
 The drafts are transformers' own (its ``PromptLookupCandidateGenerator`` is the oracle), greedy output is
 the target's, the engine runs them batched, captured and with the request options, and what cannot be done
@@ -14,8 +14,7 @@ from transformers import GenerationConfig
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 import omnidraft_fast
-from omnidraft_fast import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine
-from omnidraft_fast.lookup import lookup_draft
+from omnidraft_fast import AdaptiveConfig, CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine, ops
 
 VOCAB = 48
 
@@ -47,7 +46,7 @@ def test_drafts_are_transformers_prompt_lookup_candidates(k, ngram):
         context = torch.randint(0, alphabet, (n,), generator=gen)
         tokens[row, start[row] : lengths[row]] = context
         contexts.append(context.tolist())
-    ids, drafted = lookup_draft(tokens, start, lengths, k, ngram)
+    ids, drafted = ops.lookup(tokens, start, lengths, k, ngram)
     assert ids.shape == (batch, k) and drafted.dtype == torch.int64
     lengths_seen = set()
     for row, context in enumerate(contexts):
@@ -63,15 +62,15 @@ def test_longest_suffix_wins_and_the_leftmost_match():
     tokens = torch.tensor([[0, 7, 1, 2, 3, 9, 2, 3, 8, 5, 1, 2, 3]])  # slot 0 is the dummy slot
     start, lengths = torch.tensor([1]), torch.tensor([13])
     # suffix (1, 2, 3) occurs at slot 2: its continuation 9, 2, 3, 8
-    ids, drafted = lookup_draft(tokens, start, lengths, 4, 3)
+    ids, drafted = ops.lookup(tokens, start, lengths, 4, 3)
     assert ids[0, : drafted[0]].tolist() == [9, 2, 3, 8]
     # suffix (2, 3) occurs first at slot 3 too: the same continuation; with n = 1, "3" first at slot 4
-    assert lookup_draft(tokens, start, lengths, 4, 2)[0][0].tolist() == [9, 2, 3, 8]
-    assert lookup_draft(tokens, start, lengths, 2, 1)[0][0].tolist() == [9, 2]
+    assert ops.lookup(tokens, start, lengths, 4, 2)[0][0].tolist() == [9, 2, 3, 8]
+    assert ops.lookup(tokens, start, lengths, 2, 1)[0][0].tolist() == [9, 2]
     # the prompt's left padding and the dummy slot are not context
     padded = torch.tensor([[0, 3, 4, 6, 3]])
-    assert lookup_draft(padded, torch.tensor([3]), torch.tensor([5]), 2, 1)[1].tolist() == [0]
-    assert lookup_draft(padded, torch.tensor([1]), torch.tensor([5]), 2, 1)[0][0].tolist() == [4, 6]
+    assert ops.lookup(padded, torch.tensor([3]), torch.tensor([5]), 2, 1)[1].tolist() == [0]
+    assert ops.lookup(padded, torch.tensor([1]), torch.tensor([5]), 2, 1)[0][0].tolist() == [4, 6]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +188,19 @@ def test_the_draft_length_comes_from_prompt_lookup_num_tokens(target):
     assert torch.equal(
         omnidraft_fast.generate(target, ids[:1], generation_config=config, pad_token_id=0), expected
     )
+    # max_matching_ngram_size=0 is transformers' default, 2 (its generate() reads `... or 2`)
+    config = GenerationConfig(prompt_lookup_num_tokens=3, max_matching_ngram_size=0, max_new_tokens=8)
+    expected = target.generate(ids[:1], do_sample=False, generation_config=config, pad_token_id=0)
+    out = omnidraft_fast.generate(target, ids[:1], generation_config=config, pad_token_id=0,
+                                  return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    two = omnidraft_fast.generate(target, ids[:1], generation_config=config, pad_token_id=0,
+                                  max_matching_ngram_size=2, return_dict_in_generate=True)  # fmt: skip
+    assert out.stats.proposed == two.stats.proposed and out.stats.accepted == two.stats.accepted
+    # any longest suffix transformers takes, longer than every context too
+    big = omnidraft_fast.generate(target, ids[:1], generation_config=config, pad_token_id=0,
+                                  max_matching_ngram_size=10**6)  # fmt: skip
+    assert torch.equal(big, expected)
 
 
 def test_what_prompt_lookup_cannot_do_is_refused(target):
@@ -203,7 +215,7 @@ def test_what_prompt_lookup_cannot_do_is_refused(target):
     engine = SpeculativeEngine(target, None)
     for kwargs, match in (
         ({"prompt_lookup_num_tokens": 0}, "prompt_lookup_num_tokens"),
-        ({"max_matching_ngram_size": 0}, "max_matching_ngram_size"),
+        ({"max_matching_ngram_size": -1}, "max_matching_ngram_size"),
         ({"max_matching_ngram_size": 1.5}, "max_matching_ngram_size"),
         ({"assistant_confidence_threshold": 0.4}, "assistant_confidence_threshold.*no drafter"),
         ({"cascade": CascadeConfig("chow", 0.2)}, "cascade.*no drafter"),
