@@ -16,12 +16,13 @@ Random bf16 weights (``--preset tiny``: float32), built from configs directly on
   vocabulary) and, when ``../shared/tokenizers`` is there, ``cross`` (Mistral's 32k vocabulary, real
   Llama-3 and Mistral tokenizers, so translation runs for real). With ``EngineConfig(time_stages=True)``:
   ms per round of each stage (draft, translate, target, verify, commit, learn, host); the engine's own
-  overhead per round is the round minus the drafter's and the target's stages. ``round_ms`` is from an
-  untimed request, as plain decoding is measured: (its wall time - that of a one-token request of the same
-  engine) / (its rounds - that request's rounds), so its prefill is left out; ``graph_round_ms`` the same
-  with ``EngineConfig(cuda_graphs=True)`` (its first round eager and its second captured included);
-  ``kept_graph_round_ms`` the same for the next request of the same shapes, which replays the graphs the
-  engine kept from its first round, the projection's second speed-up column;
+  overhead per round is the round minus the drafter's and the target's stages. ``round_ms`` is from
+  untimed requests, as plain decoding is measured: (a request's wall time - that of a one-token request of
+  the same engine) / (its rounds - that request's rounds), so its prefill is left out, the least over
+  ``ENGINE_REPS`` requests of each kind (load on the machine only adds time); ``graph_round_ms`` the same
+  for the first request with ``EngineConfig(cuda_graphs=True)`` (its first round eager and its second
+  captured included); ``kept_graph_round_ms`` the same for the next requests of the same shapes, which
+  replay the graphs the engine kept from its first, the projection's second speed-up column;
 - online learning in flight (``DistillConfig()``: LoRA rank 32 on every projection of the drafter, and
   ``EngineConfig(in_flight_rounds=--in-flight-rounds)``), on a copy of the drafter: the learning step's
   time (``update`` stage, stage timing on, per step) and the round time with learning included, eager and
@@ -107,6 +108,8 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+ENGINE_REPS = 3  # each engine's round time is the least over this many requests: load only adds time
+
 _SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
@@ -177,34 +180,31 @@ def _engine(
                                 target_tokenizer=tokenizers[0], drafter_tokenizer=tokenizers[1])
         for mode, (config, model) in configs.items()
     }  # fmt: skip
-    one = {}  # a one-token request per engine: its prefill and fixed costs, left out of its round time
+    one, first, kept = {}, {}, {}  # per engine: one-token requests, the first request of N, the next ones
     for mode, engine in engines.items():
         engine.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: bridge, kernels
-        engine.generate(ids, max_new_tokens=1, do_sample=False)
-        one[mode] = engine.last_stats
+        one[mode] = min(_requests(engine, ids, 1, ENGINE_REPS), key=lambda stats: stats.seconds)
         engine.stats = GenerationStats()
         engine.generate(ids, max_new_tokens=new, do_sample=False)
+        first[mode] = engine.stats
+    for mode in ("untimed", "graphs", "learning", "learning graphs"):  # the same shapes again: graphs replay
+        kept[mode] = _requests(engines[mode], ids, new, ENGINE_REPS)
 
-    def per_round(stats: GenerationStats, mode: str) -> float:
-        """ms per round of a request of ``mode``'s engine, as plain decoding is measured: (t(N) - t(1)) /
-        (rounds(N) - rounds(1)), t(1) that engine's one-token request."""
-        return 1e3 * (stats.seconds - one[mode].seconds) / (stats.rounds - one[mode].rounds)
+    def per_round(requests: list[GenerationStats], mode: str) -> float:
+        """ms per round of ``mode``'s engine, as plain decoding is measured: (t(N) - t(1)) / (rounds(N) -
+        rounds(1)), t(1) the least of that engine's one-token requests; the least over ``requests``."""
+        return min(
+            1e3 * (stats.seconds - one[mode].seconds) / (stats.rounds - one[mode].rounds)
+            for stats in requests
+        )
 
-    timed, untimed, graphs = (engines[mode].stats for mode in ("timed", "untimed", "graphs"))
-    learning_timed, learning, learning_graphs = (
-        engines[mode].stats for mode in ("learning timed", "learning", "learning graphs")
-    )
-    kept = {}
-    for mode in ("graphs", "learning graphs"):  # a request of the same shapes: the kept graphs replay
-        engines[mode].stats = GenerationStats()
-        engines[mode].generate(ids, max_new_tokens=new, do_sample=False)
-        kept[mode] = engines[mode].stats
+    timed, learning_timed = first["timed"], first["learning timed"]
     steps = learning_timed.rounds // in_flight  # in-flight steps of the timed request
     stage_ms = {
         stage: 1e3 * s / timed.rounds for stage, s in timed.stage_seconds.items() if stage != "prefill"
     }
-    round_ms = per_round(untimed, "untimed")
-    graph_round_ms = per_round(graphs, "graphs")
+    round_ms = per_round([first["untimed"], *kept["untimed"]], "untimed")
+    graph_round_ms = per_round([first["graphs"]], "graphs")  # its capture included
     kept_graph_round_ms = per_round(kept["graphs"], "graphs")
     result = {
         "drafter_params": sum(p.numel() for p in drafter.parameters()),
@@ -212,8 +212,8 @@ def _engine(
         "drafter_step_ms": _forward_ms(drafter, _ids(drafter, ids), 1, 5),
         "drafter_step_ms_transformers_forward": _forward_ms(drafter, _ids(drafter, ids), 1, 5, lean=False),
         "drafter_step_ms_per_sdpa_backend": _per_sdpa_backend(lambda: _forward_ms(drafter, _ids(drafter, ids), 1, 5)),
-        "rounds": untimed.rounds,
-        "measured_acceptance": untimed.acceptance_rate,
+        "rounds": first["untimed"].rounds,
+        "measured_acceptance": first["untimed"].acceptance_rate,
         "stage_ms_per_round": stage_ms,
         "timed_round_ms": sum(stage_ms.values()),
         "overhead_ms_per_round": sum(v for s, v in stage_ms.items() if s not in ("draft", "target")),
@@ -225,8 +225,8 @@ def _engine(
             "lora_parameters": sum(p.numel() for p in engines["learning"].learner.adapter.parameters),
             "window_slots": in_flight * engines["learning"].rounds.slots_per_round(k),
             "update_ms_per_step": 1e3 * learning_timed.stage_seconds.get("update", 0.0) / max(1, steps),
-            "round_ms": per_round(learning, "learning"),
-            "graph_round_ms": per_round(learning_graphs, "learning graphs"),
+            "round_ms": per_round([first["learning"], *kept["learning"]], "learning"),
+            "graph_round_ms": per_round([first["learning graphs"]], "learning graphs"),
             "kept_graph_round_ms": per_round(kept["learning graphs"], "learning graphs"),
         },
         "projection": [
@@ -242,6 +242,15 @@ def _engine(
     if profile:
         result["profile"] = _profile(engines["timed"], ids, min(new, 16), profile)
     return result
+
+
+def _requests(engine: SpeculativeEngine, ids: torch.Tensor, new: int, n: int) -> list[GenerationStats]:
+    """The statistics of ``n`` greedy requests of ``new`` tokens, one by one."""
+    requests = []
+    for _ in range(n):
+        engine.generate(ids, max_new_tokens=new, do_sample=False)
+        requests.append(engine.last_stats)
+    return requests
 
 
 def _ids(model, like: torch.Tensor) -> torch.Tensor:

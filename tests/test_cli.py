@@ -121,7 +121,7 @@ def test_generate_with_generation_options(capsys):
     assert main(command) == 0
     printed = capsys.readouterr().out.split("--- stats")[0].split("\n", 1)[1]
     tokenizer = AutoTokenizer.from_pretrained(pair / "target")
-    target = AutoModelForCausalLM.from_pretrained(pair / "target", dtype=torch.float32)
+    target = AutoModelForCausalLM.from_pretrained(pair / "target", dtype=torch.float32, use_kernels=False)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     expected = target.generate(ids, max_new_tokens=32, do_sample=False, stop_strings=["):", "\n\n"],
                                tokenizer=tokenizer, repetition_penalty=1.2, min_new_tokens=3)  # fmt: skip

@@ -53,7 +53,12 @@ def load(
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
 
     def model(part: str) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(folder / part, dtype=dtype).to(device).eval()
+        # use_kernels=False: transformers >= 5.25 would otherwise fetch layers from the Hub (no network here)
+        return (
+            AutoModelForCausalLM.from_pretrained(folder / part, dtype=dtype, use_kernels=False)
+            .to(device)
+            .eval()
+        )
 
     return ZooPair(
         target=model("target"),

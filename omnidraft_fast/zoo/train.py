@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
 def _load(out: Path, device) -> tuple[dict, dict, list[dict]]:
     from transformers import AutoTokenizer
 
-    models = {n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32).to(device) for n in MODELS}
+    models = {
+        n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32, use_kernels=False).to(device)
+        for n in MODELS
+    }  # use_kernels=False: as zoo.load
     tokenizers = {n: AutoTokenizer.from_pretrained(out / n) for n in ("target", "drafter-cross")}
     tokenizers["drafter-shared"] = tokenizers["target"]  # one object: _distill tells a cross drafter by it
     card = json.loads((out / "card.json").read_text())
