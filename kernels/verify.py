@@ -70,7 +70,7 @@ from .cascade import (
     mixture_keeps,
     rules_held,
 )
-from .proposal import CrossProposal, target_proposal_at_drafts, target_proposal_reference
+from .proposal import CrossProposal, TargetProposal, target_proposal_reference
 from .rows import chunking, race_step
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
@@ -114,8 +114,9 @@ def verify_reference(
         if rules == {0} and not (temperature == 0.0 and target_logits.dtype == torch.float64):
             rule = alpha = None
     dense = cross is None or rule is not None  # deferral rules read whole rows of q'
-    if not dense:
-        q_y = torch.where(proposed, target_proposal_at_drafts(q, draft_ids, cross), 0.0)
+    if not dense:  # q' read at the drafts, then at the stop position, from one set of span terms
+        proposal = TargetProposal(q, draft_ids, cross)
+        q_y = torch.where(proposed, proposal.at_drafts(), 0.0)
     else:
         if cross is not None:
             q = target_proposal_reference(q, draft_ids, cross)
@@ -171,7 +172,7 @@ def verify_reference(
         if dense:
             q_stop = q.gather(1, stop[..., None].expand(-1, -1, q.shape[-1]))[:, 0]
         else:
-            q_stop = target_proposal_reference(q, draft_ids, cross, stop)[:, 0]
+            q_stop = proposal.rows(stop)[:, 0]
         q_stop = torch.where(bonus, 0.0, q_stop)
     residual = (pi_stop - q_stop).clamp_min(0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_stop)
