@@ -65,7 +65,7 @@ def translate_reference(
     positions = torch.arange(k, device=draft_ids.device)
     row_end = _row_end(drafted, batch, k, draft_ids.device)
     mapped = d2t[draft_ids].long()  # [batch, k]
-    proposed = ((mapped >= 0) & (positions < row_end[:, None])).long().cumprod(-1).bool()  # leading ones
+    proposed = ((mapped >= 0) & (positions < row_end[:, None])).cumprod(-1).bool()  # leading ones
     m = proposed.sum(-1)
     stop = _stop(positions.expand(batch, k), positions + 1, m, m.clamp_max(k - 1), m < row_end)
     return torch.where(proposed, mapped, -1), m, *stop
