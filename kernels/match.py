@@ -68,7 +68,7 @@ def match_reference(
             proposed, p[:, :k].gather(-1, draft_ids.clamp_min(0)[..., None])[..., 0], 0.0
         )
         z = (p / noise).argmax(-1)  # [batch, k+1] draws from p
-    num_accepted = (z[:, :k] == draft_ids).long().cumprod(-1).sum(-1)
+    num_accepted = (z[:, :k] == draft_ids).cumprod(-1).sum(-1)  # bool cumprod: int64
     final = z.gather(1, num_accepted[:, None])[:, 0]
     return num_accepted, join_output(draft_ids, num_accepted, final), target_probs, invalid
 

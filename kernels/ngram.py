@@ -46,7 +46,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .host import eager_cpu
 
 __all__ = [
     "EMPTY",
@@ -175,12 +176,10 @@ def _pairwise(rows: int, capacity: int) -> bool:
 
 
 def _more(pending: torch.Tensor) -> bool:
-    """Whether probing must go on. On the CPU, stop as soon as every key is resolved (a free check there);
-    on a GPU the check would synchronise, and under a dispatch mode (a recording that will be replayed,
-    a tracer) it would fix the probe count, so all MAX_PROBES steps run (the results are the same)."""
-    if pending.device.type != "cpu" or _get_current_dispatch_mode() is not None:
-        return True
-    return bool(pending.any())
+    """Whether probing must go on. On an eager CPU tensor (``host.eager_cpu``), stop as soon as every key is
+    resolved (a free check there); elsewhere the check would synchronise a GPU, or fix the probe count of a
+    recording or a trace, so all MAX_PROBES steps run (the results are the same)."""
+    return not eager_cpu(pending) or bool(pending.any())
 
 
 # -- Triton kernels ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ that splits onto the drafter twin of its first piece (``VocabBridge.split_twins`
 later pieces are verified against a point mass, which accepts ``x_j`` with probability ``p_j(x_j)`` and
 otherwise draws from ``p_j`` without it: the exact-match rule, lossless whatever the proposal. The
 reference builds the dense ``[batch, k, V_t]`` tensor (or the rows of chosen positions only), and
-``target_proposal_at_drafts`` each position's entry at its own draft alone; the verification reference reads
+``TargetProposal.at_drafts`` each position's entry at its own draft alone; the verification reference reads
 whole rows only where a deferral rule needs them (exact verification: the drafts' entries and the stop
 position's row), and the verification kernel gathers ``q'_j(t)`` on the fly and never materialises it.
 """
@@ -44,7 +44,12 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["CrossProposal", "fold_twins_", "target_proposal_at_drafts", "target_proposal_reference"]
+__all__ = [
+    "CrossProposal",
+    "TargetProposal",
+    "fold_twins_",
+    "target_proposal_reference",
+]
 
 
 class CrossProposal(NamedTuple):
@@ -65,52 +70,71 @@ def fold_twins_(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
     return probs
 
 
+class TargetProposal:
+    """``q'`` of the module docstring for one drafted block, its span terms (what each position's row is built
+    from) computed once for every read: :meth:`rows` (dense) and :meth:`at_drafts` (each position's entry at
+    its own draft), which read the same ``q'``."""
+
+    def __init__(
+        self,
+        probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
+        target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
+        cross: CrossProposal,
+    ):
+        self.probs, self.cross = probs, cross
+        self.span = _span_terms(probs, target_ids, cross)
+
+    def rows(
+        self,
+        positions: torch.Tensor | None = None,  # [batch, m] int64 target positions; None: all k
+    ) -> torch.Tensor:  # [batch, k, V_t] fp32 ([batch, m, V_t] at ``positions``)
+        """Every position's row of ``q'`` (None), or only those at ``positions`` (the same values: the rows are
+        built alike, each from its own position's span)."""
+        probs, span = self.probs, self.span
+        vocab_d = probs.shape[-1]
+        if positions is not None:
+            span = _Span(*(t.gather(1, positions) for t in span))
+        source, at, mass, merged, first, piece, live = span
+        batch, m = source.shape
+        t2d = self.cross.t2d.long()
+        # q_s(t2d[t]): the source rows, then their columns through t2d (index_select, not advanced indexing:
+        # the same copies, ~1.7x faster on the CPU), 0 where t2d[t] = -1
+        index = (torch.arange(batch, device=probs.device)[:, None] * probs.shape[1] + source).reshape(-1)
+        q = probs.reshape(-1, vocab_d).index_select(0, index).index_select(1, t2d.clamp_min(0))
+        q = q.view(batch, m, -1).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
+        take = torch.where(merged & (first >= 0), mass, 0.0)
+        q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
+        q.clamp_min_(0.0)
+        at = at[..., None]
+        x = torch.where(merged, mass, q.gather(2, at)[..., 0])  # the merged token: its path probability
+        q.masked_fill_(piece[..., None], 0.0)  # a split token's later piece: a point mass at x_j
+        q.scatter_(2, at, torch.where(piece, 1.0, x)[..., None])
+        return q.mul_(live[..., None])
+
+    def at_drafts(self) -> torch.Tensor:  # [batch, k] fp32
+        """``q'_j(x_j)`` (``x_j`` clamped to 0 where nothing was proposed) without the dense rows: each
+        position's entry of :meth:`rows` at its own token, by the same operations, so bit for bit."""
+        probs = self.probs
+        source, at, mass, merged, first, piece, live = self.span
+        d = self.cross.t2d[at].long()  # [batch, k]
+        rows = torch.arange(probs.shape[0], device=probs.device)[:, None]
+        q = torch.where(d >= 0, probs[rows, source, d.clamp_min(0)], 0.0)  # q_s(t2d[x_j])
+        take = torch.where(merged & (first >= 0), mass, 0.0)
+        q = torch.where(at == first.clamp_min(0), q + -take, q).clamp_min(0.0)  # the scatter_add at d2t[y_s]
+        q = torch.where(merged, mass, q)
+        q = torch.where(piece, 1.0, q)
+        return q * live
+
+
 def target_proposal_reference(
     probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
     target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
     cross: CrossProposal,
     positions: torch.Tensor | None = None,  # [batch, m] int64 target positions; None: all k
 ) -> torch.Tensor:  # [batch, k, V_t] fp32 ([batch, m, V_t] at ``positions``)
-    """``q'`` of the module docstring, dense: every position's row, or only those at ``positions`` (the
-    same values: the rows are built alike, each from its own position's span)."""
-    vocab_d = probs.shape[-1]
-    span = _span_terms(probs, target_ids, cross)
-    if positions is not None:
-        span = _Span(*(t.gather(1, positions) for t in span))
-    source, at, mass, merged, first, piece, live = span
-    batch, m = source.shape
-    t2d = cross.t2d.long()
-    # q_s(t2d[t]): the source rows, then their columns through t2d (index_select, not advanced indexing:
-    # the same copies, ~1.7x faster on the CPU), 0 where t2d[t] = -1
-    index = (torch.arange(batch, device=probs.device)[:, None] * probs.shape[1] + source).reshape(-1)
-    q = probs.reshape(-1, vocab_d).index_select(0, index).index_select(1, t2d.clamp_min(0))
-    q = q.view(batch, m, -1).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
-    take = torch.where(merged & (first >= 0), mass, 0.0)
-    q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
-    q.clamp_min_(0.0)
-    at = at[..., None]
-    x = torch.where(merged, mass, q.gather(2, at)[..., 0])  # the merged token: its path probability
-    q.masked_fill_(piece[..., None], 0.0)  # a split token's later piece: a point mass at x_j
-    q.scatter_(2, at, torch.where(piece, 1.0, x)[..., None])
-    return q.mul_(live[..., None])
-
-
-def target_proposal_at_drafts(
-    probs: torch.Tensor,  # [batch, k, V_d] fp32, twins folded
-    target_ids: torch.Tensor,  # [batch, k] int64, -1 where nothing was proposed
-    cross: CrossProposal,
-) -> torch.Tensor:  # [batch, k] fp32
-    """``q'_j(x_j)`` (``x_j`` clamped to 0 where nothing was proposed) without the dense rows: each position's
-    entry of ``target_proposal_reference`` at its own token, by the same operations, so bit for bit."""
-    source, at, mass, merged, first, piece, live = _span_terms(probs, target_ids, cross)
-    d = cross.t2d[at].long()  # [batch, k]
-    rows = torch.arange(probs.shape[0], device=probs.device)[:, None]
-    q = torch.where(d >= 0, probs[rows, source, d.clamp_min(0)], 0.0)  # q_s(t2d[x_j])
-    take = torch.where(merged & (first >= 0), mass, 0.0)
-    q = torch.where(at == first.clamp_min(0), q + -take, q).clamp_min(0.0)  # the scatter_add at d2t[y_s]
-    q = torch.where(merged, mass, q)
-    q = torch.where(piece, 1.0, q)
-    return q * live
+    """``q'`` of the module docstring, dense: every position's row, or only those at ``positions``
+    (:meth:`TargetProposal.rows`)."""
+    return TargetProposal(probs, target_ids, cross).rows(positions)
 
 
 class _Span(NamedTuple):

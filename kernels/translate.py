@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import eager_cpu
 from .ngram import _P_TL, _SIGN_OFF_TL, MAX_PROBES, _lookup_rows, _mix_tl, ngram_lookup_reference
 from .ragged import ragged_layout
 
@@ -64,7 +65,7 @@ def translate_reference(
     positions = torch.arange(k, device=draft_ids.device)
     row_end = _row_end(drafted, batch, k, draft_ids.device)
     mapped = d2t[draft_ids].long()  # [batch, k]
-    proposed = ((mapped >= 0) & (positions < row_end[:, None])).long().cumprod(-1).bool()  # leading ones
+    proposed = ((mapped >= 0) & (positions < row_end[:, None])).cumprod(-1).bool()  # leading ones
     m = proposed.sum(-1)
     stop = _stop(positions.expand(batch, k), positions + 1, m, m.clamp_max(k - 1), m < row_end)
     return torch.where(proposed, mapped, -1), m, *stop
@@ -151,7 +152,13 @@ def split_reference(
     vocab_t: int,  # V_t
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each split marker ``V_t + y`` written out as ``d2ts[y]`` (module docstring), cut at ``k`` target
-    positions; fixed shapes, no host read. Returns target ids (-1 padded), lengths, source, span_end."""
+    positions; fixed shapes, no host read. Returns target ids (-1 padded), lengths, source, span_end.
+
+    A block with no marker is its own write-out (the translation's ids, source and span ends, its stop
+    included): on an eager CPU tensor (``host.eager_cpu``), where checking that costs nothing, such a block is
+    returned as it is, without the layout."""
+    if eager_cpu(target_ids) and not bool((target_ids >= vocab_t).any()):
+        return target_ids, (target_ids >= 0).sum(-1), source, span_end
     k = target_ids.shape[1]
     split = target_ids >= vocab_t
     drafter_id = (target_ids - vocab_t).clamp_min(0)

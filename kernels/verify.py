@@ -70,7 +70,7 @@ from .cascade import (
     mixture_keeps,
     rules_held,
 )
-from .proposal import CrossProposal, target_proposal_at_drafts, target_proposal_reference
+from .proposal import CrossProposal, TargetProposal, target_proposal_reference
 from .rows import chunking, race_step
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
@@ -114,8 +114,9 @@ def verify_reference(
         if rules == {0} and not (temperature == 0.0 and target_logits.dtype == torch.float64):
             rule = alpha = None
     dense = cross is None or rule is not None  # deferral rules read whole rows of q'
-    if not dense:
-        q_y = torch.where(proposed, target_proposal_at_drafts(q, draft_ids, cross), 0.0)
+    if not dense:  # q' read at the drafts, then at the stop position, from one set of span terms
+        proposal = TargetProposal(q, draft_ids, cross)
+        q_y = torch.where(proposed, proposal.at_drafts(), 0.0)
     else:
         if cross is not None:
             q = target_proposal_reference(q, draft_ids, cross)
@@ -127,7 +128,7 @@ def verify_reference(
         # read of the logits.
         z = target_logits.argmax(-1)  # [batch, k+1]
         accept_probs = ((z[:, :k] == draft_ids) & (q_y > 0)).float()
-        num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)
+        num_accepted = (uniforms < accept_probs).cumprod(-1).sum(-1)
         final = z.gather(1, num_accepted[:, None])[:, 0]
         return num_accepted, join_output(draft_ids, num_accepted, final), accept_probs, proposed, invalid
 
@@ -157,7 +158,7 @@ def verify_reference(
     pi_y = torch.where(proposed, pi.gather(-1, safe_ids)[..., 0], 0.0)
     ratio = pi_y / q_y.clamp_min(torch.finfo(torch.float32).tiny)
     accept_probs = torch.where(q_y > 0, ratio, 0.0).clamp(max=1.0)
-    num_accepted = (uniforms < accept_probs).long().cumprod(-1).sum(-1)  # [batch]
+    num_accepted = (uniforms < accept_probs).cumprod(-1).sum(-1)  # [batch]
 
     # The stop position's rows (pi_j* and q_j*, or p_{k+1} and 0 at the bonus), gathered, not concatenated.
     bonus = (num_accepted == k)[:, None]
@@ -171,7 +172,7 @@ def verify_reference(
         if dense:
             q_stop = q.gather(1, stop[..., None].expand(-1, -1, q.shape[-1]))[:, 0]
         else:
-            q_stop = target_proposal_reference(q, draft_ids, cross, stop)[:, 0]
+            q_stop = proposal.rows(stop)[:, 0]
         q_stop = torch.where(bonus, 0.0, q_stop)
     residual = (pi_stop - q_stop).clamp_min(0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_stop)
@@ -182,9 +183,9 @@ def verify_reference(
 
 def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     """[batch, k+1]: the accepted drafts, then the recovered/bonus token, then -1."""
-    batch, k = draft_ids.shape
+    k = draft_ids.shape[1]
     positions = torch.arange(k + 1, device=draft_ids.device)
-    drafted = torch.cat([draft_ids, draft_ids.new_full((batch, 1), -1)], 1)
+    drafted = torch.nn.functional.pad(draft_ids, (0, 1), value=-1)  # [batch, k+1]
     output_tokens = torch.where(positions < num_accepted[:, None], drafted, -1)
     return output_tokens.scatter_(1, num_accepted[:, None], final[:, None])
 

@@ -164,6 +164,33 @@ def test_split_tokens_hand_written():
     _assert_same(got, tuple(t[1:2] for t in expected))
 
 
+def test_a_block_without_split_markers_is_its_own_write_out(monkeypatch):
+    """split_reference on a translation with no marker (no split drafted: most rounds) returns the
+    translation as it is, stops included; its CPU shortcut, which skips the layout for such a block, gives
+    the general path's outputs bit for bit."""
+    import omnidraft_fast.kernels.translate as translate_module
+
+    d2ts = torch.randint(0, V_T, (V_D, 3), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    d2ts_len = torch.randint(1, 4, (V_D,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    cases = []
+    for seed in range(60):
+        batch, k, n_max = 1 + seed % 4, 1 + seed % 7, 2 + seed % 3
+        drafts, d2t = _drafts(batch, k, seed=seed), _d2t(seed=seed, unmapped=0.2)
+        drafted = torch.randint(0, k + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+        drafted = drafted if seed % 2 else None
+        if seed % 3:
+            table = _table(drafts, n_max, capacity=64, windows=6, random=6, seed=seed)
+            cases.append(translate_ngram_reference(drafts, d2t, *table, drafted=drafted))
+        else:
+            cases.append(translate_reference(drafts, d2t, drafted=drafted))
+    shortcut = [split_reference(ids, source, end, d2ts, d2ts_len, V_T) for ids, _, source, end in cases]
+    monkeypatch.setattr(translate_module, "eager_cpu", lambda tensor: False)
+    for case, got in zip(cases, shortcut, strict=True):
+        ids, _, source, end = case
+        _assert_same(got, case)
+        _assert_same(split_reference(ids, source, end, d2ts, d2ts_len, V_T), case)
+
+
 def test_a_row_translates_only_its_own_draft():
     """``drafted``: row 0 drafted 2 of 4 tokens, so the merge [1, 2] (it would end past them) gives way to
     the direct map of 1, and the draft runs out after it; row 1 stops at 'la' inside its 3 tokens; row 2

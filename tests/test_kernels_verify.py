@@ -14,8 +14,8 @@ from omnidraft_fast.kernels import rows
 from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, rules_held
 from omnidraft_fast.kernels.proposal import (
     CrossProposal,
+    TargetProposal,
     fold_twins_,
-    target_proposal_at_drafts,
     target_proposal_reference,
 )
 from omnidraft_fast.kernels.sampling import sampling_probs_reference
@@ -360,10 +360,12 @@ def test_proposal_at_drafts_and_at_positions():
         q, ids, cross = case["draft_probs"], case["draft_ids"], case["cross"]
         dense = target_proposal_reference(q, ids, cross)
         want = dense.gather(2, ids.clamp_min(0)[..., None])[..., 0]
-        assert torch.equal(target_proposal_at_drafts(q, ids, cross), want)
+        proposal = TargetProposal(q, ids, cross)  # one set of span terms for both reads, as verification
+        assert torch.equal(proposal.at_drafts(), want)
         positions = torch.randint(0, 4, (8, 2), generator=torch.Generator().manual_seed(seed))
-        rows = target_proposal_reference(q, ids, cross, positions)
-        assert torch.equal(rows, dense.gather(1, positions[..., None].expand(-1, -1, 300)))
+        rows = dense.gather(1, positions[..., None].expand(-1, -1, 300))
+        assert torch.equal(target_proposal_reference(q, ids, cross, positions), rows)
+        assert torch.equal(proposal.rows(positions), rows)
 
 
 def test_rules_are_read_off_outside_captures_only():
