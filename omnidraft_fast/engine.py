@@ -43,6 +43,7 @@ from .warpers import sampling_warpers
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
 
+_INVALID = COUNTERS.index("invalid")  # the counter read at every host read
 # Keyword names of transformers' generate() that mean the same as ours.
 _ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
 # Keywords transformers' generate() takes that this engine does not, and why (None or False: accepted).
@@ -505,7 +506,7 @@ class SpeculativeEngine:
                 sized = half is not None and (table_bound is None or table_bound > half)
                 table_size = self.ngram.size() if sized else state.counters.new_zeros(())
                 flags = torch.stack(
-                    [state.done.all().long(), state.counters[-1], table_size, state.generated.max()]
+                    [state.done.all().long(), state.counters[_INVALID], table_size, state.generated.max()]
                 )
                 all_done, invalid, table_size, most = flags.tolist()  # the one read per round (per sync)
                 state.kept_logits.flush(state.generated, most)

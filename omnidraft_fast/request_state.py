@@ -25,9 +25,10 @@ from .processors import TargetProcessors
 __all__ = ["COUNTERS", "KeptStates", "RequestState", "refill"]
 
 # Per-request device counters (see GenerationStats for their meaning); "invalid" counts rows with bad logits.
+# The order is the one Rounds._count sums them in: the per-row counts, then the per-position ones.
 COUNTERS = (
-    "rounds", "row_rounds", "proposed", "accepted", "drafter_proposed", "drafter_accepted", "merged_proposed",
-    "merged_accepted", "split_proposed", "split_accepted", "deferred", "invalid",
+    "rounds", "row_rounds", "drafter_proposed", "drafter_accepted", "invalid", "proposed", "accepted",
+    "merged_proposed", "merged_accepted", "split_proposed", "split_accepted", "deferred",
 )  # fmt: skip
 
 

@@ -636,27 +636,18 @@ class Rounds:
         state, active, invalid, proposal, source, span_end, split, num_accepted, deferred, drafter_proposed,
         drafter_accepted,
     ) -> None:  # fmt: skip
-        proposed_mask = (proposal >= 0) & active[:, None]  # [batch, k]
-        accepted_mask = proposed_mask & (
+        proposed = (proposal >= 0) & active[:, None]  # [batch, k]
+        accepted = proposed & (
             torch.arange(proposal.shape[1], device=proposal.device) < num_accepted[:, None]
         )
-        merged = span_end - source >= 2
-        state.counters += torch.stack(
-            [
-                active.any().long(),
-                active.sum(),
-                proposed_mask.sum(),
-                accepted_mask.sum(),
-                drafter_proposed.sum(),
-                (drafter_accepted * active).sum(),
-                (merged & proposed_mask).sum(),
-                (merged & accepted_mask).sum(),
-                (split & proposed_mask).sum(),
-                (split & accepted_mask).sum(),
-                (deferred & proposed_mask).sum(),
-                invalid.sum(),
-            ]
-        )
+        # Two reductions where a sum per counter took a dozen (each op of a round's bookkeeping costs its
+        # dispatch): the per-row counts, then each kind of position (proposed, merged, split, deferred) among
+        # the proposed and among the accepted ones ([4, 2], the deferred accepted ones not counted), in
+        # COUNTERS' order.
+        rows = torch.stack([active, drafter_proposed, drafter_accepted * active, invalid]).sum(1)  # [4] int64
+        kinds = torch.stack([proposed, span_end - source >= 2, split, deferred])[:, None]  # [4, 1, batch, k]
+        positions = (kinds & torch.stack([proposed, accepted])).sum((2, 3)).flatten()  # [8]
+        state.counters += torch.cat([active.any()[None], rows, positions[:7]])
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
