@@ -146,20 +146,22 @@ def ngram_insert_reference(
     new_values = new_values.to(values.dtype)
     for probe in range(MAX_PROBES):
         slot = (h + _offset(probe)) & (capacity - 1)
-        # A free slot goes to the lowest pending row aiming at it.
+        # A free slot goes to the lowest pending row aiming at it (no claim where no row sees one: the writes
+        # would change nothing, and most rounds' keys are in the table already).
         free = pending & (hashes[slot] == EMPTY)
-        if pairwise:
-            earlier = (slot[:, None] == slot[None, :]) & free[None, :] & before
-            won = free & ~earlier.any(1)
-        else:
-            claimant.scatter_reduce_(0, slot, torch.where(free, order, rows), reduce="amin")
-            won = free & (claimant[slot] == order)
-            claimant.index_fill_(0, slot, rows)
-        hashes.scatter_reduce_(0, slot, torch.where(won, h, EMPTY), reduce="amax")
-        key_ids.scatter_reduce_(
-            0, slot[:, None].expand_as(new_keys), torch.where(won[:, None], new_keys, -1), reduce="amax"
-        )
-        values.scatter_reduce_(0, slot, torch.where(won, new_values, -1), reduce="amax")
+        if _more(free):
+            if pairwise:
+                earlier = (slot[:, None] == slot[None, :]) & free[None, :] & before
+                won = free & ~earlier.any(1)
+            else:
+                claimant.scatter_reduce_(0, slot, torch.where(free, order, rows), reduce="amin")
+                won = free & (claimant[slot] == order)
+                claimant.index_fill_(0, slot, rows)
+            hashes.scatter_reduce_(0, slot, torch.where(won, h, EMPTY), reduce="amax")
+            key_ids.scatter_reduce_(
+                0, slot[:, None].expand_as(new_keys), torch.where(won[:, None], new_keys, -1), reduce="amax"
+            )
+            values.scatter_reduce_(0, slot, torch.where(won, new_values, -1), reduce="amax")
         # Every row whose slot now holds its hash (claimed just now, by a duplicate, or earlier) settles.
         settled = pending & (hashes[slot] == h)
         counts.index_add_(0, slot, torch.where(settled, hits, 0).to(counts.dtype))
@@ -176,9 +178,11 @@ def _pairwise(rows: int, capacity: int) -> bool:
 
 
 def _more(pending: torch.Tensor) -> bool:
-    """Whether probing must go on. On an eager CPU tensor (``host.eager_cpu``), stop as soon as every key is
-    resolved (a free check there); elsewhere the check would synchronise a GPU, or fix the probe count of a
-    recording or a trace, so all MAX_PROBES steps run (the results are the same)."""
+    """Whether any row is ``pending``: whether probing must go on, or a probe has a free slot to claim. On an
+    eager CPU tensor (``host.eager_cpu``) the answer (a free check there) stops the probes as soon as every key
+    is resolved and skips a claim no row makes; elsewhere the check would synchronise a GPU, or fix the
+    probe count of a recording or a trace, so all MAX_PROBES steps run, each with its claim (the results are
+    the same)."""
     return not eager_cpu(pending) or bool(pending.any())
 
 

@@ -221,3 +221,24 @@ def test_insert_reference_claims_alike_row_against_row_and_through_a_buffer(monk
         tables.append((*table, dropped))
     assert (int(tables[0][-1]) > 0) == (rows > 2 * MAX_PROBES)
     assert all(torch.equal(a, b) for a, b in zip(*tables, strict=True))
+
+
+@pytest.mark.parametrize("rows", [6, 80])
+def test_insert_reference_early_exits_change_nothing(monkeypatch, rows):
+    """On an eager CPU tensor the insert reference stops probing once every key settled and skips the
+    claims of a probe where no key sees a free slot (host.eager_cpu); forced to run every probe and claim, it
+    builds the same tables, slots included, over batches of keys present, new, duplicated and crowded."""
+    from omnidraft_fast.kernels import ngram
+
+    crowded = min(rows // 2, MAX_PROBES + 2)
+    keys = torch.cat([_colliding_keys(64, crowded), _random_keys(rows - crowded, seed=6)])
+    keys = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
+    values, hits = _value_of(keys), torch.arange(1, rows + 1)
+    tables = []
+    for eager in (True, False):
+        monkeypatch.setattr(ngram, "eager_cpu", lambda tensor, eager=eager: eager)
+        table, dropped = _table(64), []
+        for batch in (slice(0, rows, 3), slice(0, rows // 2), slice(rows // 3, rows), slice(0, rows // 2)):
+            dropped.append(ngram_insert_reference(*table, keys[batch], values[batch], hits[batch]))
+        tables.append((*table, *dropped))
+    assert all(torch.equal(a, b) for a, b in zip(*tables, strict=True))
