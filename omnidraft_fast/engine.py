@@ -239,6 +239,9 @@ class SpeculativeEngine:
                     "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
                 )
             return None
+        _check_tokenizer_fits(
+            target_tokenizer, drafter_tokenizer, self.target.vocab_size, self.drafter.vocab_size
+        )
         bridge = VocabBridge.from_tokenizers(
             drafter_tokenizer,
             target_tokenizer,
@@ -659,6 +662,35 @@ def _check_lookup_config(config: EngineConfig, drafter_tokenizer: Any) -> None:
                 f"EngineConfig(`{name}`=...) {what}, and an engine without a drafter drafts by prompt lookup: pass a "
                 f"drafter, or leave `{name}` unset"
             )
+
+
+def _check_tokenizer_fits(
+    target_tokenizer: Any, drafter_tokenizer: Any, target_vocab: int, drafter_vocab: int
+) -> None:
+    """Refuse, by the argument's name, a tokenizer whose ids run past its model's vocabulary (``config.vocab_size``:
+    the rows of its logits), which is not that model's tokenizer; say so when the two look swapped."""
+    highest = [max(tokenizer.get_vocab().values()) for tokenizer in (target_tokenizer, drafter_tokenizer)]
+    vocabs = (target_vocab, drafter_vocab)
+    for index, (name, alias, role) in enumerate(
+        (
+            ("target_tokenizer", "`tokenizer`", "target"),
+            ("drafter_tokenizer", "`drafter_tokenizer`/`assistant_tokenizer`", "drafter"),
+        )
+    ):
+        if highest[index] < vocabs[index]:
+            continue
+        swapped = highest[1 - index] < vocabs[index] and highest[index] < vocabs[1 - index]
+        raise ValueError(
+            f"`{name}` (generate()'s {alias}) has ids up to {highest[index]}, but the {role}'s vocabulary "
+            f"(config.vocab_size) has {vocabs[index]} ids: it is not the {role}'s tokenizer; pass the {role} model's "
+            "own tokenizer"
+            + (
+                " (the two tokenizers look swapped: the target's goes to `target_tokenizer`, generate()'s "
+                "`tokenizer`, the drafter's to `drafter_tokenizer`)"
+                if swapped
+                else ""
+            )
+        )
 
 
 def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:

@@ -239,11 +239,42 @@ def test_bad_pairs(pair, trained_tokenizers):
     target, drafter, tokenizer, drafter_tokenizer = pair
     with pytest.raises(ValueError, match="both tokenizers"):
         SpeculativeEngine(target, drafter)
-    with pytest.raises(ValueError, match="drafter_vocab_size"):
+    with pytest.raises(ValueError, match=r"`drafter_tokenizer`.*not the drafter's tokenizer"):
         small = tiny_model("llama", 300, seed=1)  # smaller than its claimed tokenizer
         SpeculativeEngine(target, small, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
     with pytest.raises(ValueError, match="translation"):
         EngineConfig(translation="omni")
+
+
+def test_a_tokenizer_past_its_models_vocabulary_is_refused_by_its_argument():
+    """Real tokenizers: a tokenizer whose ids run past its model's vocabulary is named by the argument the
+    caller passed (not the bridge's internal `drafter_vocab_size`), with the fix, and swapped tokenizers are
+    called swapped; the model keeps serving afterwards."""
+    from transformers import AutoTokenizer
+
+    llama3 = AutoTokenizer.from_pretrained(shared_path("tokenizers", "llama3"))
+    mistral = AutoTokenizer.from_pretrained(shared_path("tokenizers", "mistral"))
+    target = tiny_model("llama", len(llama3), hidden=16, layers=1, seed=3)
+    drafter = tiny_model("llama", len(mistral), hidden=16, layers=1, seed=4)
+    ids = torch.tensor([[9906, 1917]])
+    with pytest.raises(
+        ValueError, match=r"`drafter_tokenizer` \(generate\(\)'s .*`assistant_tokenizer`\).*look swapped"
+    ):
+        omnidraft_fast.generate(
+            target, ids, assistant_model=drafter, tokenizer=mistral, assistant_tokenizer=llama3
+        )
+    with pytest.raises(
+        ValueError, match=r"`target_tokenizer` \(generate\(\)'s `tokenizer`\) has ids up to 128255"
+    ):
+        SpeculativeEngine(drafter, target, target_tokenizer=llama3, drafter_tokenizer=llama3)
+    with pytest.raises(
+        ValueError, match=r"pass the drafter model's own tokenizer$"
+    ):  # not swapped: no such hint
+        SpeculativeEngine(target, drafter, target_tokenizer=llama3, drafter_tokenizer=llama3)
+    out = omnidraft_fast.generate(
+        target, ids, assistant_model=drafter, tokenizer=llama3, assistant_tokenizer=mistral, max_new_tokens=4
+    )
+    assert torch.equal(out, target.generate(ids, max_new_tokens=4, do_sample=False))
 
 
 def test_omnidraft_mode_keeps_a_table(pair):
