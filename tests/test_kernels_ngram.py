@@ -201,6 +201,15 @@ def test_ngram_table_on_cuda_matches_cpu():
     assert torch.equal(tables["cuda"].lookup(keys.cuda()).cpu(), tables["cpu"].lookup(keys))
 
 
+def _crowded_batch(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` keys for a 64-slot table, shuffled: up to MAX_PROBES + 2 colliding in one chain, the rest
+    random; their values and hits."""
+    crowded = min(rows // 2, MAX_PROBES + 2)
+    keys = torch.cat([_colliding_keys(64, crowded), _random_keys(rows - crowded, seed=seed)])
+    keys = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
+    return keys, _value_of(keys), torch.arange(1, rows + 1)
+
+
 @pytest.mark.parametrize("rows", [6, 80])
 def test_insert_reference_claims_alike_row_against_row_and_through_a_buffer(monkeypatch, rows):
     """The insert reference finds which row claims a free slot row against row for a few keys and through
@@ -208,10 +217,7 @@ def test_insert_reference_claims_alike_row_against_row_and_through_a_buffer(monk
     a table that already holds some of them, a chain that runs out)."""
     from omnidraft_fast.kernels import ngram
 
-    crowded = min(rows // 2, MAX_PROBES + 2)
-    keys = torch.cat([_colliding_keys(64, crowded), _random_keys(rows - crowded, seed=5)])
-    keys = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
-    values, hits = _value_of(keys), torch.arange(1, rows + 1)
+    keys, values, hits = _crowded_batch(rows, seed=5)
     tables = []
     for pairwise in (True, False):
         monkeypatch.setattr(ngram, "_pairwise", lambda _rows, _capacity, pairwise=pairwise: pairwise)
@@ -230,10 +236,7 @@ def test_insert_reference_early_exits_change_nothing(monkeypatch, rows):
     builds the same tables, slots included, over batches of keys present, new, duplicated and crowded."""
     from omnidraft_fast.kernels import ngram
 
-    crowded = min(rows // 2, MAX_PROBES + 2)
-    keys = torch.cat([_colliding_keys(64, crowded), _random_keys(rows - crowded, seed=6)])
-    keys = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(rows))]
-    values, hits = _value_of(keys), torch.arange(1, rows + 1)
+    keys, values, hits = _crowded_batch(rows, seed=6)
     tables = []
     for eager in (True, False):
         monkeypatch.setattr(ngram, "eager_cpu", lambda tensor, eager=eager: eager)
