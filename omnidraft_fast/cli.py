@@ -66,9 +66,9 @@ def _load_tokenizer(path: str, flag: str, instead: str | None):
 def _load(path: str, dtype: str, device: str, flag: str):
     from transformers import AutoModelForCausalLM
 
-    # transformers' own layers: from 5.25 its loader swaps some for kernels fetched from the Hub by default,
-    # which needs a network and is not what the engine was checked against
-    model = _from_pretrained(AutoModelForCausalLM, path, flag, dtype=_DTYPES[dtype], use_kernels=False)
+    from .models import LOAD_OPTIONS
+
+    model = _from_pretrained(AutoModelForCausalLM, path, flag, dtype=_DTYPES[dtype], **LOAD_OPTIONS)
     return model.to(device).eval()
 
 

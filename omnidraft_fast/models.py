@@ -37,7 +37,12 @@ from transformers.cache_utils import Cache
 
 from . import lean as _lean
 
-__all__ = ["CausalLM", "SlotKVCache", "head_inputs"]
+__all__ = ["LOAD_OPTIONS", "CausalLM", "SlotKVCache", "head_inputs"]
+
+# What the project's own loads (the zoo, the CLI) pass to `from_pretrained`: transformers' own layers. From
+# 5.25 its loader swaps some for kernels fetched from the Hub by default, which needs a network (and the
+# `kernels` package) and is not what the engine was checked against.
+LOAD_OPTIONS = {"use_kernels": False}
 
 
 @contextmanager

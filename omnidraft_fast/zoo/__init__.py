@@ -37,6 +37,8 @@ def load(
     and float16 elsewhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..models import LOAD_OPTIONS
+
     if isinstance(name, Path):
         folder = name
     elif name in NAMES:
@@ -53,11 +55,8 @@ def load(
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
 
     def model(part: str) -> torch.nn.Module:
-        # use_kernels=False: transformers >= 5.25 would otherwise fetch layers from the Hub (no network here)
         return (
-            AutoModelForCausalLM.from_pretrained(folder / part, dtype=dtype, use_kernels=False)
-            .to(device)
-            .eval()
+            AutoModelForCausalLM.from_pretrained(folder / part, dtype=dtype, **LOAD_OPTIONS).to(device).eval()
         )
 
     return ZooPair(

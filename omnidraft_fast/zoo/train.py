@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ..bridge import VocabBridge
 from ..cli import non_negative_int, positive_int
+from ..models import LOAD_OPTIONS
 from .data import HELDOUT_MODULES, HELDOUT_SEED, stdlib_sources, training_texts
 from .tokenizers import byte_level, sentencepiece_style
 
@@ -296,9 +297,9 @@ def _load(out: Path, device) -> tuple[dict, dict, list[dict]]:
     from transformers import AutoTokenizer
 
     models = {
-        n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32, use_kernels=False).to(device)
+        n: LlamaForCausalLM.from_pretrained(out / n, dtype=torch.float32, **LOAD_OPTIONS).to(device)
         for n in MODELS
-    }  # use_kernels=False: as zoo.load
+    }
     tokenizers = {n: AutoTokenizer.from_pretrained(out / n) for n in ("target", "drafter-cross")}
     tokenizers["drafter-shared"] = tokenizers["target"]  # one object: _distill tells a cross drafter by it
     card = json.loads((out / "card.json").read_text())
