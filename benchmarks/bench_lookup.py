@@ -1,6 +1,7 @@
 """Prompt lookup's draft (``kernels/lookup.py``; the draft stage of an engine without a drafter): the eager
 torch reference, ``torch.compile`` of it and the Triton kernel, per batch, context length and longest
-suffix matched (``max_matching_ngram_size``), drafting ``k = 10`` tokens as transformers' examples do.
+suffix matched (``max_matching_ngram_size``), drafting ``k = 10`` tokens as transformers' examples do;
+the kernel as shipped (a row's slots over several programs) and with one program a row.
 
     python -m pytest benchmarks/bench_lookup.py --benchmark-only [--benchmark-json out.json]
 
@@ -12,6 +13,8 @@ context once (its shifted re-reads hit the same cache lines).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -28,7 +31,8 @@ NGRAMS = [2, 4]
 IMPLEMENTATIONS = {
     "eager": lookup_reference,
     "compile": torch.compile(lookup_reference, dynamic=False),
-    "triton": lookup_triton,
+    "triton": lookup_triton,  # a row's slots over several programs (about 4 per SM in all)
+    "triton_row": partial(lookup_triton, splits=1),  # one program a row (lookup v1): the A/B of TUNING.md
 }
 
 

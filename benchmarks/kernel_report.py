@@ -183,14 +183,23 @@ def translate(cases: list[dict]) -> dict:
 
 
 def lookup(cases: list[dict]) -> dict:
-    """Prompt lookup's draft, per batch, context length and longest suffix (no goal set)."""
-    return {
-        "rows": _compare(
-            cases,
-            key=lambda p: (("batch", p["batch"]), ("context", p["context"]), ("ngram", p["ngram"])),
-            implementation=lambda c: c["params"]["implementation"],
-        )
+    """Prompt lookup's draft, per batch, context length and longest suffix (no goal set), with the kernel's
+    time at one program a row beside it (``triton_row``)."""
+
+    def shape(params: dict) -> tuple:
+        return ("batch", params["batch"]), ("context", params["context"]), ("ngram", params["ngram"])
+
+    rows = _compare(cases, key=shape, implementation=lambda c: c["params"]["implementation"])
+    one_program = {
+        shape(c["params"]): c["median"] for c in cases if c["params"]["implementation"] == "triton_row"
     }
+    for row in rows:
+        seconds = one_program.get(tuple(row["shape"].items()))
+        if seconds is not None:
+            row["triton_row_us"] = 1e6 * seconds
+            if "triton_us" in row:
+                row["vs_triton_row"] = 1e6 * seconds / row["triton_us"]
+    return {"rows": rows}
 
 
 OPS = {

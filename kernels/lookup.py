@@ -19,9 +19,12 @@ Fixed shapes and no host read, so the stage is captured with the rest of a round
 
 - ``lookup_reference``: up to ``N`` shifted comparisons of ``[batch, slots]`` (on an eager CPU tensor, only
   while some match goes on) and one max;
-- ``lookup_triton``: one program per row, which reads only that row's context ``c_start..c_{L-2}``, tile by
-  tile, with shifted loads (the same cache lines) while some match in the tile goes on, at most ``N``, and
-  writes the draft: one launch for the stage, whatever ``N``.
+- ``lookup_triton``: a row's slots cut into chunks of whole tiles over ``splits`` programs (about
+  ``rows.target_programs`` programs in all, so that one long row fills the GPU too). Each program reads
+  only the row's context ``c_start..c_{L-2}`` within its chunk, tile by tile, with shifted loads (the same
+  cache lines) while some match in the tile goes on, at most ``N``. The row's programs meet in two
+  atomics: each takes the maximum of its key into the row's, and the last one done writes the draft.
+  One launch for the stage (and a zeroed scratch of two words a row), whatever ``N``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .host import eager_cpu
+from .rows import chunking
 
 __all__ = ["lookup_reference", "lookup_triton"]
 
@@ -79,23 +83,29 @@ def _lookup_kernel(
     lengths_ptr,  # [batch] int64
     ids_ptr,  # [batch, k] int64 out
     drafted_ptr,  # [batch] int64 out
+    scratch_ptr,  # [2, batch] int64 zeros: each row's best key so far, and its programs that are done
+    batch,
     slots,
     stride_b,
     k,
     max_ngram,
+    chunk,  # slots a program covers (whole tiles)
+    splits,  # programs a row has
     BLOCK: tl.constexpr,
     K_P2: tl.constexpr,
+    SPLIT: tl.constexpr,  # splits > 1
 ):
     b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
     row = tokens_ptr + b * stride_b
     first = tl.load(start_ptr + b)
     length = tl.load(lengths_ptr + b)
     longest = tl.minimum(length - 1 - first, max_ngram)  # no match is longer than the context less one token
     span = slots + 1  # the key's base: m(e) * span + (slots - e)
     best = tl.full((), 0, tl.int64)
-    for tile in range(first, length - 1, BLOCK):
+    for tile in range(tl.maximum(first, s * chunk), tl.minimum(length - 1, (s + 1) * chunk), BLOCK):
         e = tile + tl.arange(0, BLOCK)
-        alive = e < length - 1
+        alive = e < tl.minimum(length - 1, (s + 1) * chunk)
         matched = tl.zeros((BLOCK,), tl.int64)
         t = tl.full((), 0, tl.int64)
         while (t < longest) & (tl.max(alive.to(tl.int32), 0) > 0):  # until no match in the tile goes on
@@ -108,13 +118,26 @@ def _lookup_kernel(
             t += 1
         key = tl.where(matched > 0, matched * span + (slots - e), 0)
         best = tl.maximum(best, tl.max(key, 0))
+    if SPLIT:  # the row's programs meet: the last one done writes the draft from their maximum
+        tl.atomic_max(scratch_ptr + b, best)
+        done = tl.atomic_add(scratch_ptr + batch + b, 1)  # acq_rel: the last one sees the others' maxima
+        if done == splits - 1:
+            best = tl.atomic_max(scratch_ptr + b, 0)  # the row's maximum (an atomic read)
+            _write_draft(row, ids_ptr + b * k, drafted_ptr + b, best, length, slots, k, K_P2)
+    else:
+        _write_draft(row, ids_ptr + b * k, drafted_ptr + b, best, length, slots, k, K_P2)
+
+
+@triton.jit
+def _write_draft(row, ids_ptr, drafted_ptr, best, length, slots, k, K_P2: tl.constexpr):
+    """A row's draft from its best key (0: no match), as the reference reads it."""
     found = best > 0
-    begin = tl.where(found, slots - best % span + 1, 0)
+    begin = tl.where(found, slots - best % (slots + 1) + 1, 0)
     drafted = tl.where(found, tl.minimum(tl.maximum(length - begin, 0), k), 0)
     j = tl.arange(0, K_P2)
     ids = tl.load(row + tl.minimum(begin + j, slots - 1), mask=j < k)
-    tl.store(ids_ptr + b * k + j, ids, mask=j < k)
-    tl.store(drafted_ptr + b, drafted)
+    tl.store(ids_ptr + j, ids, mask=j < k)
+    tl.store(drafted_ptr, drafted)
 
 
 def lookup_triton(
@@ -125,8 +148,10 @@ def lookup_triton(
     max_ngram: int,
     *,
     block: int = 1024,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lookup_reference`` in Triton (module docstring); ``block`` is the tile of a row's context."""
+    """``lookup_reference`` in Triton (module docstring); ``block`` is the tile of a row's context,
+    ``splits`` the programs a row's slots are cut over (default: about ``rows.target_programs`` in all)."""
     batch, slots = tokens.shape
     if tokens.stride(1) != 1:
         tokens = tokens.contiguous()
@@ -134,8 +159,15 @@ def lookup_triton(
     drafted = torch.empty(batch, dtype=torch.int64, device=tokens.device)
     if batch == 0:
         return ids, drafted
-    _lookup_kernel[(batch,)](
-        tokens, start.contiguous(), lengths.contiguous(), ids, drafted, slots, tokens.stride(0), k, max_ngram,
-        BLOCK=block, K_P2=triton.next_power_of_2(k),
+    if splits is None:
+        chunk, splits = chunking(slots, batch, block, tokens.device)
+    else:
+        chunk = triton.cdiv(triton.cdiv(slots, block), splits) * block
+        splits = triton.cdiv(slots, chunk)
+    # the rows' best keys and finished programs; one program a row needs none (any pointer will do)
+    scratch = torch.zeros(2 * batch, dtype=torch.int64, device=tokens.device) if splits > 1 else drafted
+    _lookup_kernel[(batch, splits)](
+        tokens, start.contiguous(), lengths.contiguous(), ids, drafted, scratch, batch, slots, tokens.stride(0), k,
+        max_ngram, chunk, splits, BLOCK=block, K_P2=triton.next_power_of_2(k), SPLIT=splits > 1,
     )  # fmt: skip
     return ids, drafted

@@ -24,12 +24,13 @@ def target_programs(device: torch.device) -> int:
     return 4
 
 
-def chunking(vocab: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
-    """(chunk, splits): the chunk of whole ``block`` tiles each program of a row takes, and how many
-    programs a row has, for about ``target_programs`` programs over ``rows`` rows."""
-    blocks = triton.cdiv(vocab, block)
+def chunking(width: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(chunk, splits): the chunk of whole ``block`` tiles each program of a row of ``width`` (a vocabulary,
+    or prompt lookup's slots) takes, and how many programs a row has, for about ``target_programs``
+    programs over ``rows`` rows."""
+    blocks = triton.cdiv(width, block)
     chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(target_programs(device), rows)))) * block
-    return chunk, triton.cdiv(vocab, chunk)
+    return chunk, triton.cdiv(width, chunk)
 
 
 @triton.jit

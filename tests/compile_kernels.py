@@ -122,7 +122,10 @@ def _launches():
     yield lambda: ngram.ngram_lookup_triton(table[1], table[2], keys)
     tokens, start, lengths = torch.randint(0, 3, (3, 40)), torch.tensor([0, 4, 9]), torch.tensor([40, 30, 9])
     for k, max_ngram in ((1, 1), (10, 2), (5, 4)):  # prompt lookup's k and max_matching_ngram_size
-        yield lambda a=(tokens, start, lengths, k, max_ngram): lookup.lookup_triton(*a)
+        for splits in (1, 3):  # one program a row, or a row's programs meeting in atomics
+            yield lambda a=(tokens, start, lengths, k, max_ngram), s=splits: lookup.lookup_triton(
+                *a, block=16, splits=s
+            )
 
 
 if __name__ == "__main__":

@@ -150,16 +150,18 @@ def test_translation_with_and_without_split_tokens(tmp_path, kernel_report):
 
 
 def test_prompt_lookup_table(tmp_path, kernel_report):
-    """Per (batch, context, ngram): the three implementations, the kernel's bandwidth; no goal."""
+    """Per (batch, context, ngram): the three implementations, the kernel's bandwidth, the kernel at one
+    program a row beside it; no goal."""
     params = {"batch": 8, "context": 8192, "ngram": 2}
     cases = [_case("test_lookup", {**params, "implementation": name}, seconds, bytes_moved=5.0e5)
-             for name, seconds in (("eager", 80e-6), ("compile", 40e-6), ("triton", 5e-6))]  # fmt: skip
+             for name, seconds in (("eager", 80e-6), ("compile", 40e-6), ("triton", 5e-6), ("triton_row", 15e-6))]  # fmt: skip
     _write(tmp_path, "lookup", cases)
     summary = kernel_report.report(tmp_path)["ops"]["lookup"]
     (row,) = summary["rows"]
     assert row["shape"] == params and "goals" not in summary
     assert row["vs_eager"] == pytest.approx(16.0) and row["vs_compile"] == pytest.approx(8.0)
     assert row["triton_gb_per_s"] == pytest.approx(100.0)
+    assert row["triton_row_us"] == pytest.approx(15.0) and row["vs_triton_row"] == pytest.approx(3.0)
     assert "## lookup" in kernel_report.markdown(kernel_report.report(tmp_path))
 
 

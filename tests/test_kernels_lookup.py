@@ -57,17 +57,35 @@ def test_reference_is_the_definition(k, max_ngram):
         assert torch.equal(got[0], want[0]), seed
 
 
+@pytest.mark.parametrize("splits", [1, 3, None])
 @pytest.mark.parametrize(
     ("k", "max_ngram", "block"), [(1, 1, 4), (3, 2, 8), (6, 3, 4), (4, 5, 64), (2, 1000, 8)]
 )
-def test_kernel_equals_reference(k, max_ngram, block):
-    """Tiles smaller than a row put matches across tile edges; the winner may sit in any tile."""
+def test_kernel_equals_reference(k, max_ngram, block, splits):
+    """Tiles smaller than a row put matches across tile edges, and chunks of tiles across programs: the
+    winner may sit in any tile of any program (one program a row, three, or the launcher's choice)."""
     for seed in range(12):
         case = _layout(seed, 5, 37, 2 + seed % 3)
-        got = lookup_triton(*case, k, max_ngram, block=block)
+        got = lookup_triton(*case, k, max_ngram, block=block, splits=splits)
         want = lookup_reference(*case, k, max_ngram)
         assert torch.equal(got[1], want[1]), seed
         assert torch.equal(got[0], want[0]), seed
+
+
+def test_programs_of_one_row_meet_whatever_their_number():
+    """One long row cut over 1 to more programs than it has tiles (the launcher caps them at one a tile),
+    the winning window in the first program's chunk, a middle one's, the last one's, or nowhere."""
+    for where in (0, 30, 60, None):  # the suffix (7, 8) planted at slot `where`, or nowhere
+        tokens = torch.arange(100, 164)[None].clone()
+        tokens[0, -2:] = torch.tensor([7, 8])
+        if where is not None:
+            tokens[0, where : where + 2] = torch.tensor([7, 8])
+        case = (tokens, torch.tensor([0]), torch.tensor([64]), 4, 2)
+        want = _definition(*case)
+        assert want[1].item() == (0 if where is None else min(4, 62 - where))
+        for splits in (1, 2, 5, 16, 40):
+            got = lookup_triton(*case, block=4, splits=splits)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (where, splits)
 
 
 def test_longest_match_beats_an_earlier_shorter_one_in_another_tile():
