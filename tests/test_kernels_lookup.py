@@ -148,5 +148,6 @@ def test_kernel_at_long_contexts_on_cuda():
     tokens[:, 9000:9003] = tokens.gather(1, (lengths[:, None] - 3 + torch.arange(3)).clamp_min(0))
     for max_ngram in (1, 2, 3, 4):
         want = lookup_reference(tokens, start, lengths, 10, max_ngram)
-        got = lookup_triton(tokens.cuda(), start.cuda(), lengths.cuda(), 10, max_ngram)
-        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        for splits in (None, 1):  # a row's programs meeting in atomics, concurrently; one program a row
+            got = lookup_triton(tokens.cuda(), start.cuda(), lengths.cuda(), 10, max_ngram, splits=splits)
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
