@@ -651,4 +651,10 @@ class Rounds:
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise (float32) for the exponential race of ``kernels/sampling.py``. On the CPU as ``-log(U)``
+    with ``U`` uniform in float64: 2.7x less time than torch's ``exponential_`` there (a [1, 16384] draw
+    102 against 272 us, one thread), and as fine near 0, where the race's rare tokens are decided (a float32
+    ``U`` would stop at 6e-8 and starve tokens less likely than that)."""
+    if device.type == "cpu":
+        return torch.rand(shape, dtype=torch.float64, generator=generator).log_().neg_().float()
     return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
