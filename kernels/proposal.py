@@ -10,14 +10,21 @@ at position ``j`` is:
 
     q'_j(t)            = q_s(t2d[t])                        (0 where t2d[t] = -1)
     merged (e - s >= 2):
-      q'_j(x_j)        = prod_{u=s}^{e-1} q_u(y_u)            the merged token: its parts' path probability
-      q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} q_u(y_u)            taken from the first part's direct token (>= 0)
+      q'_j(x_j)        = prod_{u=s}^{e-1} r_u(y_u)            the merged token: its parts' path probability
+      q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} r_u(y_u)            taken from the first part's direct token (>= 0)
     q'_j               = 0                                    where nothing was proposed (x_j = -1)...
     q'_j(t)            = q_c(t2d[t])                          ...but the draft stopped at drafter token y_c
                                                               that does not translate (c = source_j,
                                                               span_end_j = c + 1: kernels/translate.py)
     piece (s = source_{j-1}, a split token's second or later piece, kernels/translate.py):
       q'_j             = one-hot(x_j)                         the rest of the drafted token's spelling
+
+where ``r_u(y_u)`` is the probability the drafter gave its drafted token ``y_u`` itself (``CrossProposal.path``),
+read before any folding: a folded ``q_u(y_u)`` also holds the mass of the twins and split tokens folded onto
+``y_u``, drafter tokens that are not on the path (a GPT-2 drafter's ``Ġ1``, ``Ġ2``, ... all fold onto ``Ġ``
+for a Mistral target, which spells them ``▁``, ``1``), and would overstate the merged token's proposal
+probability (and understate its first part's). Without ``path``, ``r_u`` is read from ``probs``: the same
+where nothing was folded onto the drafted tokens.
 
 At the stop, ``q'_j`` is sub-stochastic: its missing mass is that of the drafter tokens with no target
 token, the chance that the drafter proposes nothing there. Verification rejects ``x_j = -1`` and draws
@@ -60,11 +67,16 @@ class CrossProposal(NamedTuple):
     span_end: torch.Tensor  # [batch, k] int64: one past its last
     d2t: torch.Tensor  # [V_d] int32
     t2d: torch.Tensor  # [V_t] int32
+    # [batch, k] fp32: r_u(y_u), each drafted token's own probability before twins were folded (None: read
+    # from the probabilities the proposal is built from); ``path_t1`` the same under the T=1 law (the rules')
+    path: torch.Tensor | None = None
+    path_t1: torch.Tensor | None = None
 
 
 def fold_twins_(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
     """Add the mass of each drafter id onto its canonical twin in place: ``probs`` [..., V_d],
-    ``twins`` [2, D] int64 (row 0 the folded ids, row 1 their canonical ids); returns ``probs``."""
+    ``twins`` [2, D] int64 (row 0 the folded ids, row 1 their canonical ids); returns ``probs``. Read the
+    drafted tokens' own probabilities (``CrossProposal.path``) before folding."""
     if twins.shape[1]:
         probs.index_add_(-1, twins[1], probs.index_select(-1, twins[0]))
     return probs
@@ -152,7 +164,9 @@ class _Span(NamedTuple):
 def _span_terms(probs: torch.Tensor, target_ids: torch.Tensor, cross: CrossProposal) -> _Span:
     batch = probs.shape[0]
     # Path probability of each span: a difference of cumulative log-probabilities along the draft.
-    path = probs.gather(2, cross.drafter_ids.clamp_min(0)[..., None])[..., 0]  # [batch, k]: q_u(y_u)
+    path = cross.path  # [batch, k]: r_u(y_u)
+    if path is None:
+        path = probs.gather(2, cross.drafter_ids.clamp_min(0)[..., None])[..., 0]
     cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
     mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
     merged = (cross.span_end - cross.source >= 2) & (target_ids >= 0)

@@ -139,7 +139,7 @@ def verify_reference(
         if q1 is not None and rules is not None and not rules & READ_Q1:
             q1 = None  # no rule reads it
         elif q1 is not None and cross is not None:
-            q1 = target_proposal_reference(q1, draft_ids, cross)
+            q1 = target_proposal_reference(q1, draft_ids, cross._replace(path=cross.path_t1))
         p1 = None
         if rules is None or rules & READ_P1:
             unwarped = temperature == 1.0 and not 0 < top_k < p.shape[-1] and top_p >= 1.0
@@ -194,44 +194,33 @@ def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torc
 
 
 @triton.jit
-def _spans(probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q,
-           valid, K_P2: tl.constexpr, SEPARATE_Q1: tl.constexpr):  # fmt: skip
+def _spans(path_ptr, path1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, valid,
+           K_P2: tl.constexpr, SEPARATE_Q1: tl.constexpr):  # fmt: skip
     """``_span`` under ``q``, plus the span mass under ``q1`` (the same unless SEPARATE_Q1)."""
     src, first, mass, kind = _span(
-        probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid, K_P2
+        path_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, valid, K_P2
     )
     mass1 = mass
     if SEPARATE_Q1:
         mass1 = _span(
-            probs1_ptr,
-            drafter_ids_ptr,
-            source_ptr,
-            span_end_ptr,
-            d2t_ptr,
-            b,
-            j,
-            x_id,
-            k,
-            vocab_q,
-            valid,
-            K_P2,
+            path1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, valid, K_P2
         )[2]
     return src, first, mass, mass1, kind
 
 
 @triton.jit
-def _span(probs_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, vocab_q, valid,
+def _span(path_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, valid,
           K_P2: tl.constexpr):  # fmt: skip
     """Where target positions ``j`` [N] of row ``b`` come from (kernels/proposal.py): the source drafter
-    position, d2t of its drafted token, the path mass of the span under ``probs`` and its kind: 0 direct
+    position, d2t of its drafted token, the path mass of the span under ``path`` (each drafted token's own
+    probability, [batch, k]) and its kind: 0 direct
     (or a split token's first piece), 1 merged, 2 a later piece of a split token (same source as j - 1),
     3 the stop at a drafted token that does not translate (nothing proposed, one drafter token wide), 0
     where nothing was proposed otherwise."""
     src = tl.load(source_ptr + b * k + j, mask=valid, other=0)
     end = tl.load(span_end_ptr + b * k + j, mask=valid, other=0)  # kind 0 past the draft (the bonus)
     u = tl.arange(0, K_P2)
-    drafted = tl.load(drafter_ids_ptr + b * k + u, mask=u < k, other=0)
-    path = tl.load(probs_ptr + (b * k + u) * vocab_q + tl.maximum(drafted, 0), mask=u < k, other=1.0)
+    path = tl.load(path_ptr + b * k + u, mask=u < k, other=1.0)
     log_q = tl.log(tl.maximum(path, 1e-30))[None, :]
     before = tl.sum(tl.where(u[None, :] < src[:, None], log_q, 0.0), 1)
     mass = tl.exp(tl.sum(tl.where(u[None, :] < end[:, None], log_q, 0.0), 1) - before)
@@ -271,6 +260,8 @@ def _sums_kernel(
     span_end_ptr,  # [batch, k] int64 (CROSS)
     d2t_ptr,  # [vocab_q] int32 (CROSS)
     t2d_ptr,  # [vocab] int32 (CROSS)
+    path_ptr,  # [batch, k] fp32 (CROSS): each drafted token's own probability (kernels/proposal.py)
+    path1_ptr,  # [batch, k] fp32 (CROSS and SEPARATE_Q1): the same under q1
     part_m1_ptr,  # [batch * (k+1), splits] fp32
     part_z1_ptr,  # [batch * (k+1), splits] fp32
     part_m_ptr,  # [batch * (k+1), splits] fp32
@@ -323,8 +314,8 @@ def _sums_kernel(
         x_id = tl.load(draft_ids_ptr + pos + tl.zeros((1,), tl.int64))
         if CROSS:
             src, first, mass, mass1, kind = _spans(
-                probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
-                vocab_q, valid, K_P2, SEPARATE_Q1,
+                path_ptr, path1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, valid,
+                K_P2, SEPARATE_Q1,
             )  # fmt: skip
         else:
             src, first, mass, mass1, kind = j, j * 0 - 1, 0.0, 0.0, j * 0
@@ -378,6 +369,8 @@ def _draw_kernel(
     span_end_ptr,  # [batch, k] int64 (CROSS)
     d2t_ptr,  # [vocab_q] int32 (CROSS)
     t2d_ptr,  # [vocab] int32 (CROSS)
+    path_ptr,  # [batch, k] fp32 (CROSS): each drafted token's own probability (kernels/proposal.py)
+    path1_ptr,  # [batch, k] fp32 (CROSS and SEPARATE_Q1): the same under q1
     part_m1_ptr,  # [batch * (k+1), splits] fp32
     part_z1_ptr,  # [batch * (k+1), splits] fp32
     part_m_ptr,  # [batch * (k+1), splits] fp32
@@ -433,8 +426,8 @@ def _draw_kernel(
     y = tl.maximum(x_id, 0)
     if CROSS:
         src, first, mass, mass1, kind = _spans(
-            probs_ptr, probs1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k,
-            vocab_q, drafted, K_P2, SEPARATE_Q1,
+            path_ptr, path1_ptr, drafter_ids_ptr, source_ptr, span_end_ptr, d2t_ptr, b, j, x_id, k, drafted,
+            K_P2, SEPARATE_Q1,
         )  # fmt: skip
     else:
         mass = tl.zeros((W_P2,), tl.float32)
@@ -604,9 +597,15 @@ def verify_triton(
     elif noise.stride(-1) != 1:
         noise = noise.contiguous()
     if cross is None:
-        spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids)  # unused
+        spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids, uniforms, uniforms)  # unused
     else:
-        spans = tuple(t.contiguous() for t in (*cross[:3], cross.d2t, cross.t2d))
+        # each drafted token's own probability (kernels/proposal.py), under q and q1 (read only if SEPARATE_Q1)
+        drafted = cross.drafter_ids.clamp_min(0)[..., None]
+        path = probs.gather(2, drafted)[..., 0] if cross.path is None else cross.path
+        path1 = cross.path_t1
+        if path1 is None:
+            path1 = path if probs1 is probs else probs1.gather(2, drafted)[..., 0]
+        spans = tuple(t.contiguous() for t in (*cross[:3], cross.d2t, cross.t2d, path, path1))
     if batch == 0:
         new = dict(device=device)
         return (

@@ -170,9 +170,14 @@ def verify(
         _check("cross.d2t", cross.d2t, 1, dtypes=(torch.int32,), device=device)
         if cross.t2d.shape[0] != vocab:
             raise ValueError(f"`cross.t2d` must have the target's {vocab} ids, got {cross.t2d.shape[0]}")
-        for name in ("drafter_ids", "source", "span_end"):
+        for name, dtype in (
+            ("drafter_ids", torch.int64), ("source", torch.int64), ("span_end", torch.int64),
+            ("path", torch.float32), ("path_t1", torch.float32),
+        ):  # fmt: skip
             tensor = getattr(cross, name)
-            _check(f"cross.{name}", tensor, 2, dtypes=(torch.int64,), device=device)
+            if tensor is None:  # path, path_t1: optional
+                continue
+            _check(f"cross.{name}", tensor, 2, dtypes=(dtype,), device=device)
             if tensor.shape != (batch, k):
                 raise ValueError(
                     f"`cross.{name}` must be [batch, k] = {(batch, k)}, got {tuple(tensor.shape)}"

@@ -478,9 +478,15 @@ class Rounds:
                     splits=(bridge.d2ts, bridge.d2ts_len, bridge.target_vocab_size) if splits else None,
                     drafted=drafted,  # nothing past a row's own draft
                 )
-                cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d)
                 # (verification by exact match reads no q)
-                for probs in (None if self._exact_match(state, request) else draft_probs, draft_probs_t1):
+                laws = (None if self._exact_match(state, request) else draft_probs, draft_probs_t1)
+                # Each drafted token's own probability, read before folding: an n-gram merge's proposal
+                # probability is the product of these along its span (kernels/proposal.py).
+                paths = [
+                    None if probs is None else probs.gather(2, draft_ids[..., None])[..., 0] for probs in laws
+                ]
+                cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d, *paths)
+                for probs in laws:
                     if probs is not None:
                         fold_twins_(probs, bridge.twins)
                         if splits:  # a split token's mass goes to its first piece (kernels/proposal.py)

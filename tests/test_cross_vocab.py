@@ -216,6 +216,58 @@ def test_a_stop_at_a_token_with_no_target_token_stays_exact():
     assert engine.last_stats.merged_proposed == engine.last_stats.split_proposed == 0
 
 
+def _constant_model(probs: torch.Tensor) -> torch.nn.Module:
+    """A GPT-2 whose next-token law is ``probs`` whatever the context: its final layer norm outputs its bias
+    (weight 0), a unit vector, which the LM head reads as the log-probabilities."""
+    model = tiny_model("gpt2", probs.shape[0], seed=0, layers=1)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, 0] = probs.log()
+    return model
+
+
+def test_a_merges_proposal_probability_is_its_drafted_path(monkeypatch):
+    """An n-gram merge's proposal probability is the product of the probabilities the drafter gave its
+    drafted tokens (SPEC §2.3), not of their folded mass: the drafter token 'ac' has no target twin and
+    splits as 'a', 'c', so its mass is folded onto 'a' for the direct read of 'a' (kernels/proposal.py),
+    and a merge 'a' 'b' -> 'ab' read from the folded rows had q'(ab) = (q(a) + q(ac)) q(b) = 0.14 instead
+    of q(a) q(b) = 0.06 (acceptance 0.21 instead of 0.5 at p(ab) = 0.03). Context-free laws, so every
+    acceptance probability is known exactly."""
+    target_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ab", "cc"])
+    drafter_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ac"])
+    q = torch.tensor([0.05, 0.3, 0.2, 0.05, 0.4])  # <unk> a b c ac
+    p = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.03, 0.07])  # <unk> a b c ab cc
+    engine = SpeculativeEngine(
+        _constant_model(p), _constant_model(q), target_tokenizer=target_tokenizer,
+        drafter_tokenizer=drafter_tokenizer, config=EngineConfig(num_draft_tokens=2, translation="omnidraft"),
+    )  # fmt: skip
+    assert engine.bridge.split_twins.tolist() == [[4], [1]]  # 'ac' -> 'a', 'c': its mass folds onto 'a'
+    rounds = []
+    verify = omnidraft_fast.ops.verify
+
+    def spy(*args, **kwargs):
+        out = verify(*args, **kwargs)
+        rounds.append((kwargs["cross"].drafter_ids.clone(), args[1].clone(), out[2].clone()))
+        return out
+
+    monkeypatch.setattr(omnidraft_fast.ops, "verify", spy)
+    torch.manual_seed(0)
+    engine.generate(torch.tensor([[1, 2, 3]]).expand(200, -1), max_new_tokens=3, do_sample=True, top_k=0)
+    drafted, proposal, accept = (torch.cat(parts) for parts in zip(*rounds, strict=True))
+    merged = (drafted == torch.tensor([1, 2])).all(1)  # 'a' 'b' drafted: proposed as 'ab'
+    assert merged.sum() >= 5 and (proposal[merged, 0] == 4).all()
+    want = (p[4] / (q[1] * q[2])).clamp(max=1.0)
+    torch.testing.assert_close(accept[merged, 0], want.expand(int(merged.sum())), rtol=1e-4, atol=1e-6)
+    # 'a' (not merged) and the split 'ac' propose 'a' with the folded mass q(a) + q(ac)
+    first_a = (drafted[:, 0] == 4) | ((drafted[:, 0] == 1) & ~merged)
+    assert first_a.sum() >= 5 and (proposal[first_a, 0] == 1).all()
+    want = (p[1] / (q[1] + q[4])).clamp(max=1.0)
+    torch.testing.assert_close(accept[first_a, 0], want.expand(int(first_a.sum())), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
 def test_merges_longer_than_max_spelling(translation):
     """An accepted n-gram merge commits its whole drafted run to the drafter's context (up to the table's

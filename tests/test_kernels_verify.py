@@ -79,6 +79,9 @@ def _case(
         probs, probs1 = probs.masked_fill(cut[..., None], 0.0), probs1.masked_fill(cut[..., None], 0.0)
     else:
         cross, twins, draft_ids, target_logits = _cross(draft, cut, vocab, vocab_d, generator)
+        # the drafted tokens' own probabilities, read before folding (as the rounds do)
+        path, path1 = (p.gather(2, cross.drafter_ids[..., None])[..., 0] for p in (probs, probs1))
+        cross = cross._replace(path=path, path_t1=path1 if separate_t1 else None)
         for p in (probs, probs1):
             fold_twins_(p, twins)
     target_logits = target_logits + torch.randn(batch, k + 1, vocab, generator=generator) * 1.5
@@ -98,7 +101,7 @@ def _case(
         cross=cross,
     )
     if cross is not None:
-        case["cross"] = CrossProposal(*(t.to(device) for t in cross))
+        case["cross"] = CrossProposal(*(None if t is None else t.to(device) for t in cross))
     return {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in case.items()}
 
 
@@ -159,7 +162,11 @@ def _reference(case: dict) -> tuple[torch.Tensor, ...]:
     q, q1, cross = case["draft_probs"], case["draft_probs_t1"], case["cross"]
     if cross is not None:
         q = target_proposal_reference(q, case["draft_ids"], cross)
-        q1 = None if q1 is None else target_proposal_reference(q1, case["draft_ids"], cross)
+        q1 = (
+            None
+            if q1 is None
+            else target_proposal_reference(q1, case["draft_ids"], cross._replace(path=cross.path_t1))
+        )
     return verify_reference(
         case["target_logits"], case["draft_ids"], q, q1, case["uniforms"], case["noise"], case["rule"],
         case["alpha"], case["temperature"], case["top_k"], case["top_p"],
@@ -320,7 +327,11 @@ def test_reference_computes_only_the_rules_held(vocab_d, temperature, top_k, top
             dense, dense1 = q, q1
             if cross is not None:
                 dense = target_proposal_reference(q, ids, cross)
-                dense1 = None if q1 is None else target_proposal_reference(q1, ids, cross)
+                dense1 = (
+                    None
+                    if q1 is None
+                    else target_proposal_reference(q1, ids, cross._replace(path=cross.path_t1))
+                )
             head = (case["target_logits"], ids)
             tail = (case["uniforms"], case["noise"], rule, alphas, temperature, top_k, top_p)
             general = verify_reference(*head, dense, dense1, *tail, rules=RULE_IDS)
