@@ -366,7 +366,8 @@ def test_warped_second_token_and_scores(pair):
         context = result.sequences[:, : prompt.shape[1] + step]
         with torch.no_grad():
             expected = warp(context, target(context).logits[:, -1].float()).log_softmax(-1)
-        live = result.sequences[:, prompt.shape[1] + step] != 0  # NaN past a row's end (padded with 0)
+        # NaN past a row's end: after its EOS (2); a sampled 0, the pad id, is a token like any other
+        live = ~(result.sequences[:, prompt.shape[1] : prompt.shape[1] + step] == 2).any(1)
         assert live[0] or step > 0
         torch.testing.assert_close(score[live], expected[live], atol=1e-4, rtol=1e-4)
         assert score[~live].isnan().all()
