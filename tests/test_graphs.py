@@ -95,7 +95,7 @@ def test_replay_draws_fresh_random_numbers_in_the_eager_sequence():
         (lambda x: x.max().item(), "reads a value back to the host"),
         (lambda x: x[x > 0], "data-dependent output shape"),
         (lambda x: torch.nonzero(x), "data-dependent output shape"),
-        (lambda x: x.__setitem__(x > 0, 0.0), "data-dependent output shape"),  # x[x > 0] = 0
+        (lambda x: x.index_put_((x > 0,), torch.tensor(0.0)), "data-dependent output shape"),
         (lambda x: (x * 2).tolist(), r"`\.tolist\(\)` reads a tensor back"),  # no aten op on a CPU tensor
         (lambda x: x.numpy(), r"`\.numpy\(\)` reads a tensor back"),
     ],
@@ -104,6 +104,26 @@ def test_host_reads_inside_a_capture_are_refused(stage, match):
     with pytest.raises(CaptureError, match=match), ReplayGraph():
         stage(torch.randn(5))
     assert torch.ones(2).tolist() == [1.0, 1.0]  # the recording over, reads work again
+
+
+def test_a_masked_scalar_assignment_is_refused_or_replays_as_a_masked_fill():
+    """``x[mask] = 0.0`` is a boolean ``index_put_`` before torch 2.15 (a ``nonzero`` inside: refused) and a
+    ``masked_fill_`` from 2.15 on (fixed shapes, as a CUDA graph captures it): recorded as that, it replays
+    on the mask's new values."""
+    x, mask = torch.arange(4.0), torch.tensor([True, False, True, False])
+    graph = ReplayGraph()
+    try:
+        with graph:
+            x[mask] = -1.0
+    except CaptureError as error:
+        assert "`index_put_` has a data-dependent output shape" in str(error)
+        return
+    assert [func.overloadpacket.__name__ for func, *_ in graph.ops] == ["masked_fill_"]
+    assert x.tolist() == [-1.0, 1.0, -1.0, 3.0]
+    x.copy_(torch.arange(4.0))
+    mask.copy_(torch.tensor([False, True, False, True]))
+    graph.replay()
+    assert x.tolist() == [0.0, -1.0, 2.0, -1.0]
 
 
 def test_other_threads_read_as_they_like_while_a_stage_records():
