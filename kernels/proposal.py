@@ -54,6 +54,7 @@ import torch
 __all__ = [
     "CrossProposal",
     "TargetProposal",
+    "drafted_path",
     "fold_twins_",
     "target_proposal_reference",
 ]
@@ -71,6 +72,12 @@ class CrossProposal(NamedTuple):
     # from the probabilities the proposal is built from); ``path_t1`` the same under the T=1 law (the rules')
     path: torch.Tensor | None = None
     path_t1: torch.Tensor | None = None
+
+
+def drafted_path(probs: torch.Tensor, drafter_ids: torch.Tensor) -> torch.Tensor:
+    """``r_u(y_u)`` [batch, k]: the probability ``probs`` [batch, k, V_d] gives each drafted token
+    (``drafter_ids`` [batch, k], -1 read as 0); ``CrossProposal.path`` when read before folding."""
+    return probs.gather(2, drafter_ids.clamp_min(0)[..., None])[..., 0]
 
 
 def fold_twins_(probs: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
@@ -164,9 +171,9 @@ class _Span(NamedTuple):
 def _span_terms(probs: torch.Tensor, target_ids: torch.Tensor, cross: CrossProposal) -> _Span:
     batch = probs.shape[0]
     # Path probability of each span: a difference of cumulative log-probabilities along the draft.
-    path = cross.path  # [batch, k]: r_u(y_u)
-    if path is None:
-        path = probs.gather(2, cross.drafter_ids.clamp_min(0)[..., None])[..., 0]
+    path = (
+        drafted_path(probs, cross.drafter_ids) if cross.path is None else cross.path
+    )  # [batch, k]: r_u(y_u)
     cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
     mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
     merged = (cross.span_end - cross.source >= 2) & (target_ids >= 0)

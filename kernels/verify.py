@@ -70,7 +70,7 @@ from .cascade import (
     mixture_keeps,
     rules_held,
 )
-from .proposal import CrossProposal, TargetProposal, target_proposal_reference
+from .proposal import CrossProposal, TargetProposal, drafted_path, target_proposal_reference
 from .rows import chunking, race_step
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
@@ -600,11 +600,10 @@ def verify_triton(
         spans = (draft_ids, draft_ids, draft_ids, draft_ids, draft_ids, uniforms, uniforms)  # unused
     else:
         # each drafted token's own probability (kernels/proposal.py), under q and q1 (read only if SEPARATE_Q1)
-        drafted = cross.drafter_ids.clamp_min(0)[..., None]
-        path = probs.gather(2, drafted)[..., 0] if cross.path is None else cross.path
+        path = drafted_path(probs, cross.drafter_ids) if cross.path is None else cross.path
         path1 = cross.path_t1
         if path1 is None:
-            path1 = path if probs1 is probs else probs1.gather(2, drafted)[..., 0]
+            path1 = path if probs1 is probs else drafted_path(probs1, cross.drafter_ids)
         spans = tuple(t.contiguous() for t in (*cross[:3], cross.d2t, cross.t2d, path, path1))
     if batch == 0:
         new = dict(device=device)

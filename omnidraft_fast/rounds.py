@@ -37,7 +37,7 @@ from .feedback import feedback, kept_drafts
 from .graphs import StageGraphs
 from .kept_logits import KeptLogits
 from .kernels.cascade import RULES
-from .kernels.proposal import CrossProposal, fold_twins_
+from .kernels.proposal import CrossProposal, drafted_path, fold_twins_
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
@@ -482,9 +482,7 @@ class Rounds:
                 laws = (None if self._exact_match(state, request) else draft_probs, draft_probs_t1)
                 # Each drafted token's own probability, read before folding: an n-gram merge's proposal
                 # probability is the product of these along its span (kernels/proposal.py).
-                paths = [
-                    None if probs is None else probs.gather(2, draft_ids[..., None])[..., 0] for probs in laws
-                ]
+                paths = [None if probs is None else drafted_path(probs, draft_ids) for probs in laws]
                 cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d, *paths)
                 for probs in laws:
                     if probs is not None:
