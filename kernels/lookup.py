@@ -119,6 +119,10 @@ def _lookup_kernel(
         key = tl.where(matched > 0, matched * span + (slots - e), 0)
         best = tl.maximum(best, tl.max(key, 0))
     if SPLIT:  # the row's programs meet: the last one done writes the draft from their maximum
+        # Scalar atomics: one thread runs each and Triton hands its result to every thread through shared
+        # memory (st.shared, bar.sync, ld.shared after each atom in the sm_90 PTX of triton 3.6 and 3.9),
+        # so every thread of the last program sees `done` and the maximum. Keep them scalar: triton 3.3 left
+        # a [1]-shaped atomic's result on one thread only (triton-lang/triton#7402).
         tl.atomic_max(scratch_ptr + b, best)
         done = tl.atomic_add(scratch_ptr + batch + b, 1)  # acq_rel: the last one sees the others' maxima
         if done == splits - 1:
