@@ -777,3 +777,43 @@ def test_a_streamer_failing_on_the_prompt(models, run):
     engine = models.engine if run.kind == "engine" else models.target._omnidraft_engines[-1]
     assert engine.target.cache is None and engine.drafter.cache is None
     assert_still_works(run, models)
+
+
+# ------------------------------------------------------------------------ objects of the wrong kind
+def test_an_engine_config_of_another_type_is_refused_by_its_name(models):
+    """``generate(engine_config=...)`` names ``engine_config`` (the caller's word), not the engine's ``config``."""
+    with pytest.raises(
+        TypeError, match=r"`engine_config` must be an omnidraft_fast.EngineConfig or None, got dict"
+    ):
+        api_call(models)(
+            models.ids, attention_mask=models.mask, max_new_tokens=NEW, engine_config={"num_draft_tokens": 2}
+        )
+    assert_still_works(api_call(models), models)
+
+
+class _PutOnly:
+    """A streamer missing ``end()``."""
+
+    def __init__(self):
+        self.values = []
+
+    def put(self, value):
+        self.values.append(value)
+
+
+@pytest.mark.parametrize("streamer", [object(), _PutOnly()], ids=["no methods", "no end"])
+def test_a_streamer_without_put_and_end_is_refused_before_anything_runs(models, run, streamer):
+    """Refused naming `streamer` and what it must have, not an AttributeError from inside the request."""
+    prompt, mask = models.ids[:1], models.mask[:1]
+    with pytest.raises(TypeError, match=r"`streamer` must have the methods `put\(token_ids\)` and `end\(\)`"):
+        run(prompt, attention_mask=mask, max_new_tokens=NEW, streamer=streamer)
+    assert getattr(streamer, "values", []) == []  # nothing was streamed
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_a_state_path_that_is_no_file_name_is_refused_by_name(models, path):
+    for method in (models.engine.save_state, models.engine.load_state):
+        with pytest.raises(TypeError, match=r"`path` must be a file name \(a str or a pathlib.Path\)"):
+            method(path)
+    assert_still_works(models.engine.generate, models)
