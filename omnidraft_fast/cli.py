@@ -309,11 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--drafter-tokenizer", help="drafter tokenizer (default: --drafter, when that folder holds one)"
     )
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)"
+    )
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=float, help="sampling: temperature (default: the model's, else 1)")
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        help="sampling: keep the k likeliest tokens (0: off; default: the model's, else 50)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        help="sampling: keep the likeliest tokens up to this mass (1: off; default: the model's, else 1)",
+    )
     gen.add_argument("--min-p", type=float, help="sampling: keep tokens with p >= min_p * max p")
     gen.add_argument("--typical-p", type=float, help="sampling: transformers' typical sampling mass (1: off)")
     gen.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1: off)")
@@ -358,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rounds run between two host reads; >1 with --cuda-graphs replays them as one graph "
         "(EngineConfig.rounds_per_sync)",
     )
-    gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    gen.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="auto", help="both models' dtype (default auto: as saved)"
+    )
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--seed", type=seed, help="seed torch's RNG (sampling is then reproducible)")
     gen.add_argument("--json", action="store_true", help="print the stats as JSON")
@@ -368,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
     demo.add_argument("--prompts-per-task", type=positive_int, default=1, help="held-out prompts per task")
-    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
-    demo.add_argument("--num-draft-tokens", type=positive_int, default=4)
+    demo.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)"
+    )
+    demo.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft length k (default 4)")
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
     demo.set_defaults(run=_demo)
 
@@ -378,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality against speed of every cascade deferral rule on the embedded model pairs",
     )
     sweep.add_argument("--prompts-per-task", type=positive_int, default=2, help="held-out prompts per task")
-    sweep.add_argument("--max-new-tokens", type=positive_int, default=48)
-    sweep.add_argument("--num-draft-tokens", type=positive_int, default=4)
+    sweep.add_argument(
+        "--max-new-tokens", type=positive_int, default=48, help="new tokens per prompt (default 48)"
+    )
+    sweep.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft length k (default 4)")
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
     sweep.add_argument(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import perturbed_copy, tiny_model, word_tokenizer
 
-from omnidraft_fast.cli import main
+from omnidraft_fast.cli import build_parser, main
 
 VOCAB = 64
 
@@ -364,3 +364,16 @@ def test_the_sweep_summary_lists_every_rule_that_reaches_95_percent(tmp_path):
     assert "| chow | 0.5 | 1.20x | 0.500 | 0.9 | 1.50x | 0.960 | 0.500 |" in summary
     assert "| diff | none | - | - | 0.3 | 1.30x | 0.970 | 0.500 |" in summary
     assert "| opt |" not in summary
+
+
+@pytest.mark.parametrize("command", ["generate", "demo", "cascade-sweep"])
+def test_help_says_what_every_flag_does(command):
+    """docs/usage.md: `--help` says what each flag does, so none is listed bare."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    bare = [
+        action.option_strings[0]
+        for action in commands.choices[command]._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
