@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import left_padded_prompts, perturbed_copy, tiny_model
@@ -817,3 +818,19 @@ def test_a_state_path_that_is_no_file_name_is_refused_by_name(models, path):
         with pytest.raises(TypeError, match=r"`path` must be a file name \(a str or a pathlib.Path\)"):
             method(path)
     assert_still_works(models.engine.generate, models)
+
+
+@pytest.mark.parametrize(
+    "name", ["ngram_preseed", "split_tokens", "lean_forward", "cuda_graphs", "time_stages"]
+)
+def test_engine_switches_take_bools_only(models, name):
+    """A switch is True or False, as its message says (1 == True, but 1 is no switch); numpy's bools are
+    bools, as numpy's ints are ints."""
+    for value in (1, 0, "yes"):
+        with pytest.raises(TypeError, match=rf"`{name}` must be True,? (or )?False"):
+            EngineConfig(**{name: value})
+    for value in (np.True_, np.False_):
+        config = EngineConfig(**{name: value})
+        assert type(getattr(config, name)) is bool and getattr(config, name) == bool(value)
+        assert config == EngineConfig(**{name: bool(value)})
+    assert_still_works(api_call(models), models)
