@@ -9,6 +9,7 @@ exactly the target's own greedy ``model.generate`` output for a good request (:f
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -597,9 +598,30 @@ def test_bad_generation_config_type(models, run):
 
 
 def test_unknown_keyword(models, run):
-    with pytest.raises(TypeError, match="unexpected keyword argument `not_a_generate_option`"):
+    with pytest.raises(
+        TypeError,
+        match=r"unexpected keyword argument `not_a_generate_option`: .* check its spelling, or drop it",
+    ):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, not_a_generate_option=3)
     assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "built"),
+    [("drafter", "SpeculativeEngine(target, drafter)"), ("assistant_model", "SpeculativeEngine(target, drafter)"),
+     ("assistant_tokenizer", "drafter_tokenizer=..."), ("drafter_tokenizer", "drafter_tokenizer=..."),
+     ("target_tokenizer", "target_tokenizer=..."), ("engine_config", "config=EngineConfig(...)"),
+     ("config", "config=EngineConfig(...)")],
+)  # fmt: skip
+def test_an_engine_refuses_per_call_what_it_takes_when_built(models, keyword, built):
+    """What generate() takes per call and an engine once, when built: the message says where it goes."""
+    with pytest.raises(
+        TypeError, match=rf"got `{keyword}`, which an engine takes when it is built: .*{re.escape(built)}"
+    ):
+        models.engine.generate(
+            models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{keyword: object()}
+        )
+    assert_still_works(models.engine.generate, models)
 
 
 @pytest.mark.parametrize(
