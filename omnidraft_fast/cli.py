@@ -139,6 +139,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(sampling_flags)} shape sampling: add --do-sample, or leave them out for greedy"
         )
+    if (args.num_return_sequences or 1) > 1 and not args.do_sample:  # greedy copies would all be the same
+        raise ValueError(
+            f"--num-return-sequences {args.num_return_sequences} samples each prompt that many times: add "
+            "--do-sample, or leave it out for greedy"
+        )
     device = _device(args.device)
     # the tokenizers first: a folder without one is refused before the models load
     if args.tokenizer:

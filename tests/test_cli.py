@@ -189,6 +189,12 @@ def test_sampling_flags_without_do_sample_are_refused(folders, capsys):
     assert "--temperature, --top-k shape sampling: add --do-sample" in capsys.readouterr().err
     assert main([*common, "--min-p", "0.1"]) == 2
     assert "--min-p shape sampling" in capsys.readouterr().err
+    # the engine's own message would name do_sample=True, a Python argument: the command names its flag
+    assert main([*common, "--num-return-sequences", "3"]) == 2
+    assert (
+        "--num-return-sequences 3 samples each prompt that many times: add --do-sample"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
