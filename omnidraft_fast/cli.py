@@ -139,6 +139,23 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(sampling_flags)} shape sampling: add --do-sample, or leave them out for greedy"
         )
+    # flags for the other way of drafting would be dropped without a word
+    if args.drafter is not None and args.max_matching_ngram_size is not None:
+        raise ValueError(
+            "--max-matching-ngram-size sets how prompt lookup (--prompt-lookup-num-tokens) matches, and --drafter "
+            "drafts with a model: drop it, or draft by prompt lookup instead of --drafter"
+        )
+    drafter_flags = [flag for flag, given in (
+        ("--drafter-tokenizer", args.drafter_tokenizer is not None),
+        ("--confidence-threshold", args.confidence_threshold is not None),
+        ("--translation", args.translation is not None),
+        ("--no-split-tokens", args.no_split_tokens),
+    ) if given]  # fmt: skip
+    if args.drafter is None and drafter_flags:
+        raise ValueError(
+            f"{', '.join(drafter_flags)}: for drafting with --drafter, and --prompt-lookup-num-tokens drafts without a "
+            "drafter: drop them, or pass --drafter instead"
+        )
     if (args.num_return_sequences or 1) > 1 and not args.do_sample:  # greedy copies would all be the same
         raise ValueError(
             f"--num-return-sequences {args.num_return_sequences} samples each prompt that many times: add "
@@ -195,7 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_draft_tokens=args.num_draft_tokens,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
-            translation=args.translation,
+            translation=args.translation or "omnidraft",
             split_tokens=not args.no_split_tokens,
             cuda_graphs=args.cuda_graphs,
             rounds_per_sync=args.rounds_per_sync,
@@ -352,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--translation",
         choices=("omnidraft", "tli", "exact"),
-        default="omnidraft",
-        help="how drafts cross vocabularies when they differ (EngineConfig.translation)",
+        help="how drafts cross vocabularies when they differ (EngineConfig.translation; default omnidraft)",
     )
     gen.add_argument(
         "--no-split-tokens",

@@ -61,9 +61,23 @@ def test_generate_by_prompt_lookup_prints_the_targets_greedy_text(folders, capsy
         main(["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
               "--prompt-lookup-num-tokens", "3", "--prompt", prompt])  # fmt: skip
     assert "not allowed with argument" in capsys.readouterr().err
-    code = main(["generate", "--model", str(root / "target"), "--prompt-lookup-num-tokens", "3",
-                 "--drafter-tokenizer", str(root / "drafter"), "--prompt", prompt])  # fmt: skip
-    assert code == 2 and "`drafter_tokenizer` was given without a drafter" in capsys.readouterr().err
+    # each way of drafting refuses the other's flags, by name, rather than dropping them without a word
+    lookup = [
+        "generate",
+        "--model",
+        str(root / "target"),
+        "--prompt-lookup-num-tokens",
+        "3",
+        "--prompt",
+        prompt,
+    ]
+    for flags in (["--drafter-tokenizer", str(root / "drafter")], ["--confidence-threshold", "0.4"],
+                  ["--translation", "tli"], ["--no-split-tokens"]):  # fmt: skip
+        assert main([*lookup, *flags]) == 2
+        assert f"{flags[0]}: for drafting with --drafter" in capsys.readouterr().err
+    code = main(["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
+                 "--max-matching-ngram-size", "2", "--prompt", prompt])  # fmt: skip
+    assert code == 2 and "--max-matching-ngram-size sets how prompt lookup" in capsys.readouterr().err
 
 
 def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
