@@ -80,6 +80,11 @@ def generate(
         ids = omnidraft_fast.generate(target, **tokenizer(["Hello"], return_tensors="pt"),
                                       drafter=small, max_new_tokens=32)
     """
+    if engine_config is not None and not isinstance(engine_config, EngineConfig):
+        raise TypeError(
+            f"`engine_config` must be an omnidraft_fast.EngineConfig or None, got {type(engine_config).__name__}: "
+            "pass EngineConfig(...) (e.g. engine_config=omnidraft_fast.EngineConfig(num_draft_tokens=5))"
+        )
     drafter = _one_of("drafter", drafter, "assistant_model", assistant_model)
     if drafter is None and not _asks_prompt_lookup(model, generation_config, kwargs):
         raise ValueError(

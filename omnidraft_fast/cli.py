@@ -139,6 +139,28 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(sampling_flags)} shape sampling: add --do-sample, or leave them out for greedy"
         )
+    # flags for the other way of drafting would be dropped without a word
+    if args.drafter is not None and args.max_matching_ngram_size is not None:
+        raise ValueError(
+            "--max-matching-ngram-size sets how prompt lookup (--prompt-lookup-num-tokens) matches, and --drafter "
+            "drafts with a model: drop it, or draft by prompt lookup instead of --drafter"
+        )
+    drafter_flags = [flag for flag, given in (
+        ("--drafter-tokenizer", args.drafter_tokenizer is not None),
+        ("--confidence-threshold", args.confidence_threshold is not None),
+        ("--translation", args.translation is not None),
+        ("--no-split-tokens", args.no_split_tokens),
+    ) if given]  # fmt: skip
+    if args.drafter is None and drafter_flags:
+        raise ValueError(
+            f"{', '.join(drafter_flags)}: for drafting with --drafter, and --prompt-lookup-num-tokens drafts without a "
+            "drafter: drop them, or pass --drafter instead"
+        )
+    if (args.num_return_sequences or 1) > 1 and not args.do_sample:  # greedy copies would all be the same
+        raise ValueError(
+            f"--num-return-sequences {args.num_return_sequences} samples each prompt that many times: add "
+            "--do-sample, or leave it out for greedy"
+        )
     device = _device(args.device)
     # the tokenizers first: a folder without one is refused before the models load
     if args.tokenizer:
@@ -190,7 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_draft_tokens=args.num_draft_tokens,
         return_dict_in_generate=True,
         engine_config=EngineConfig(
-            translation=args.translation,
+            translation=args.translation or "omnidraft",
             split_tokens=not args.no_split_tokens,
             cuda_graphs=args.cuda_graphs,
             rounds_per_sync=args.rounds_per_sync,
@@ -309,11 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--drafter-tokenizer", help="drafter tokenizer (default: --drafter, when that folder holds one)"
     )
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)"
+    )
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=float, help="sampling: temperature (default: the model's, else 1)")
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        help="sampling: keep the k likeliest tokens (0: off; default: the model's, else 50)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        help="sampling: keep the likeliest tokens up to this mass (1: off; default: the model's, else 1)",
+    )
     gen.add_argument("--min-p", type=float, help="sampling: keep tokens with p >= min_p * max p")
     gen.add_argument("--typical-p", type=float, help="sampling: transformers' typical sampling mass (1: off)")
     gen.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1: off)")
@@ -337,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--translation",
         choices=("omnidraft", "tli", "exact"),
-        default="omnidraft",
-        help="how drafts cross vocabularies when they differ (EngineConfig.translation)",
+        help="how drafts cross vocabularies when they differ (EngineConfig.translation; default omnidraft)",
     )
     gen.add_argument(
         "--no-split-tokens",
@@ -358,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rounds run between two host reads; >1 with --cuda-graphs replays them as one graph "
         "(EngineConfig.rounds_per_sync)",
     )
-    gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    gen.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="auto", help="both models' dtype (default auto: as saved)"
+    )
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--seed", type=seed, help="seed torch's RNG (sampling is then reproducible)")
     gen.add_argument("--json", action="store_true", help="print the stats as JSON")
@@ -368,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
     demo.add_argument("--prompts-per-task", type=positive_int, default=1, help="held-out prompts per task")
-    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
-    demo.add_argument("--num-draft-tokens", type=positive_int, default=4)
+    demo.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)"
+    )
+    demo.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft length k (default 4)")
     demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
     demo.set_defaults(run=_demo)
 
@@ -378,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality against speed of every cascade deferral rule on the embedded model pairs",
     )
     sweep.add_argument("--prompts-per-task", type=positive_int, default=2, help="held-out prompts per task")
-    sweep.add_argument("--max-new-tokens", type=positive_int, default=48)
-    sweep.add_argument("--num-draft-tokens", type=positive_int, default=4)
+    sweep.add_argument(
+        "--max-new-tokens", type=positive_int, default=48, help="new tokens per prompt (default 48)"
+    )
+    sweep.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft length k (default 4)")
     sweep.add_argument("--rules", nargs="+", default=["chow", "diff", "opt", "token_v1", "token_v2", "token_v3",
                        "lossy"], help="rules to sweep (default: all)")  # fmt: skip
     sweep.add_argument(

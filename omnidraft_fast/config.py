@@ -24,11 +24,13 @@ _ALPHA_RANGES = {
 
 
 def plain(value: Any) -> Any:
-    """numpy scalars (which transformers takes as numbers) as Python ints and floats, in lists too."""
+    """numpy scalars (which transformers takes as numbers) as Python bools, ints and floats, in lists too."""
     if isinstance(value, (list, tuple)):
         return type(value)(plain(v) for v in value)
     if isinstance(value, bool) or type(value).__module__ != "numpy":
         return value
+    if getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy.bool_, not a numbers.Integral
+        return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     return float(value) if isinstance(value, numbers.Real) else value
@@ -418,7 +420,7 @@ class EngineConfig:
         if not is_int(self.ngram_max_len) or self.ngram_max_len < 2:
             raise ValueError(f"`ngram_max_len` must be an int >= 2, got {self.ngram_max_len!r}")
         for name in ("ngram_preseed", "split_tokens", "lean_forward"):
-            if getattr(self, name) not in (True, False):
+            if not isinstance(getattr(self, name), bool):  # 1 == True, but 1 is no switch
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if not is_int(self.max_spelling) or self.max_spelling < 1:
             raise ValueError(f"`max_spelling` must be an int >= 1, got {self.max_spelling!r}")
@@ -436,7 +438,7 @@ class EngineConfig:
             )
         if self.confidence_threshold is not None:
             check_confidence_threshold("confidence_threshold", self.confidence_threshold)
-        if self.time_stages not in (None, True, False):
+        if self.time_stages is not None and not isinstance(self.time_stages, bool):
             raise TypeError(f"`time_stages` must be True, False or None, got {self.time_stages!r}")
         if self.in_flight_rounds is not None:
             _check_interval("in_flight_rounds", self.in_flight_rounds)
@@ -445,7 +447,7 @@ class EngineConfig:
                     "`in_flight_rounds` hands labels to the online learners: set `distill=` and/or `adaptive=`"
                 )
         _check_interval("rounds_per_sync", self.rounds_per_sync)
-        if self.cuda_graphs not in (True, False):
+        if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"`cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
         _check_interval("prompt_bucket", self.prompt_bucket)
         if not is_int(self.kept_graphs) or self.kept_graphs < 0:

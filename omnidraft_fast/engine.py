@@ -60,6 +60,17 @@ _UNSUPPORTED = {
     "cache_position": "the engine places every token in its own caches: drop `cache_position`",
 }
 
+# generate()'s per-call arguments that a SpeculativeEngine takes once, when it is built.
+_BUILT_WITH = {
+    "drafter": "SpeculativeEngine(target, drafter)",
+    "assistant_model": "SpeculativeEngine(target, drafter)",
+    "drafter_tokenizer": "SpeculativeEngine(target, drafter, drafter_tokenizer=...)",
+    "assistant_tokenizer": "SpeculativeEngine(target, drafter, drafter_tokenizer=...)",
+    "target_tokenizer": "SpeculativeEngine(target, drafter, target_tokenizer=...)",
+    "engine_config": "SpeculativeEngine(target, drafter, config=EngineConfig(...))",
+    "config": "SpeculativeEngine(target, drafter, config=EngineConfig(...))",
+}
+
 
 @dataclass
 class GenerateOutput(GenerateDecoderOnlyOutput):
@@ -331,8 +342,16 @@ class SpeculativeEngine:
                 explicit[name] = value
             elif name in _UNSUPPORTED and value is not None and value is not False:
                 raise TypeError(f"`{name}` is not supported by omnidraft_fast: {_UNSUPPORTED[name]}")
+            elif name in _BUILT_WITH:
+                raise TypeError(
+                    f"SpeculativeEngine.generate() got `{name}`, which an engine takes when it is built: "
+                    f"{_BUILT_WITH[name]} (omnidraft_fast.generate() takes it per call)"
+                )
             elif name not in _UNSUPPORTED:
-                raise TypeError(f"generate() got an unexpected keyword argument `{name}`")
+                raise TypeError(
+                    f"generate() got an unexpected keyword argument `{name}`: it is no argument of generate() and "
+                    "no transformers GenerationConfig field; check its spelling, or drop it"
+                )
 
         request = resolve_request(
             model_generation_config=getattr(self.target.model, "generation_config", None),

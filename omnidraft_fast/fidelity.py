@@ -77,7 +77,9 @@ def score_against_target(
     temperature: float = 1.0,
 ) -> TargetScore:
     """Teacher-force ``target`` (a Hugging Face causal LM) over ``sequences`` and score the produced tokens
-    against ``softmax(logits / temperature)`` at each prefix (the log-likelihood against the target's own law)."""
+    against ``softmax(logits / temperature)`` at each prefix (the log-likelihood against the target's own law).
+    Rows are read whole, with no attention mask: pass them as produced, without padding (a batch's left
+    padding would join the context, and the padding after a row's end would be scored as produced tokens)."""
     if not 0 < prompt < sequences.shape[1]:
         raise ValueError(
             f"`prompt` must be in [1, {sequences.shape[1]}) (sequences are [batch, n] with at least one prompt "

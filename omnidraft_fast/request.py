@@ -369,6 +369,11 @@ def resolve_request(
                 "drafter"
             )
 
+    if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+        raise TypeError(
+            f"`streamer` must have the methods `put(token_ids)` and `end()` of transformers' streamers, got "
+            f"{type(streamer).__name__}: pass e.g. transformers.TextStreamer(tokenizer), or a BaseStreamer subclass"
+        )
     if streamer is not None and ids.shape[0] > 1:
         raise ValueError(
             "`streamer` supports one row only (batch size 1, num_return_sequences=1, as in transformers); "

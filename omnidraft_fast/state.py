@@ -51,8 +51,18 @@ class StateParts(NamedTuple):
     unexpected: list[str]  # the file's parts the engine does not have: not read
 
 
+def _check_path(path) -> None:
+    """``path`` names a file (a str or an ``os.PathLike``), or a TypeError names it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"`path` must be a file name (a str or a pathlib.Path), got {type(path).__name__}: "
+            "e.g. engine.save_state('state.safetensors')"
+        )
+
+
 def save_state(engine: SpeculativeEngine, path: str | Path) -> None:
     """Write the engine's learned state to ``path`` (a ``.safetensors`` file), atomically."""
+    _check_path(path)
     if Path(path).is_dir():
         raise IsADirectoryError(
             f"`path` {str(path)!r} is a folder: give a file name, e.g. {str(Path(path) / 'state.safetensors')!r}"
@@ -93,6 +103,7 @@ def load_state(engine: SpeculativeEngine, path: str | Path, strict: bool = True)
     """Restore a state written by :func:`save_state` into an engine built for the same model pair. Every
     part is checked to fit before any is written: a state that does not fit leaves the engine as it was.
     ``strict=False``: load the parts the file and the engine have in common (module docstring)."""
+    _check_path(path)
     if not isinstance(strict, bool):
         raise TypeError(f"`strict` must be True or False, got {strict!r}")
     if not Path(path).is_file():

@@ -9,7 +9,9 @@ exactly the target's own greedy ``model.generate`` output for a good request (:f
 from __future__ import annotations
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import left_padded_prompts, perturbed_copy, tiny_model
@@ -596,9 +598,30 @@ def test_bad_generation_config_type(models, run):
 
 
 def test_unknown_keyword(models, run):
-    with pytest.raises(TypeError, match="unexpected keyword argument `not_a_generate_option`"):
+    with pytest.raises(
+        TypeError,
+        match=r"unexpected keyword argument `not_a_generate_option`: .* check its spelling, or drop it",
+    ):
         run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, not_a_generate_option=3)
     assert_still_works(run, models)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "built"),
+    [("drafter", "SpeculativeEngine(target, drafter)"), ("assistant_model", "SpeculativeEngine(target, drafter)"),
+     ("assistant_tokenizer", "drafter_tokenizer=..."), ("drafter_tokenizer", "drafter_tokenizer=..."),
+     ("target_tokenizer", "target_tokenizer=..."), ("engine_config", "config=EngineConfig(...)"),
+     ("config", "config=EngineConfig(...)")],
+)  # fmt: skip
+def test_an_engine_refuses_per_call_what_it_takes_when_built(models, keyword, built):
+    """What generate() takes per call and an engine once, when built: the message says where it goes."""
+    with pytest.raises(
+        TypeError, match=rf"got `{keyword}`, which an engine takes when it is built: .*{re.escape(built)}"
+    ):
+        models.engine.generate(
+            models.ids, attention_mask=models.mask, max_new_tokens=NEW, **{keyword: object()}
+        )
+    assert_still_works(models.engine.generate, models)
 
 
 @pytest.mark.parametrize(
@@ -777,3 +800,59 @@ def test_a_streamer_failing_on_the_prompt(models, run):
     engine = models.engine if run.kind == "engine" else models.target._omnidraft_engines[-1]
     assert engine.target.cache is None and engine.drafter.cache is None
     assert_still_works(run, models)
+
+
+# ------------------------------------------------------------------------ objects of the wrong kind
+def test_an_engine_config_of_another_type_is_refused_by_its_name(models):
+    """``generate(engine_config=...)`` names ``engine_config`` (the caller's word), not the engine's ``config``."""
+    with pytest.raises(
+        TypeError, match=r"`engine_config` must be an omnidraft_fast.EngineConfig or None, got dict"
+    ):
+        api_call(models)(
+            models.ids, attention_mask=models.mask, max_new_tokens=NEW, engine_config={"num_draft_tokens": 2}
+        )
+    assert_still_works(api_call(models), models)
+
+
+class _PutOnly:
+    """A streamer missing ``end()``."""
+
+    def __init__(self):
+        self.values = []
+
+    def put(self, value):
+        self.values.append(value)
+
+
+@pytest.mark.parametrize("streamer", [object(), _PutOnly()], ids=["no methods", "no end"])
+def test_a_streamer_without_put_and_end_is_refused_before_anything_runs(models, run, streamer):
+    """Refused naming `streamer` and what it must have, not an AttributeError from inside the request."""
+    prompt, mask = models.ids[:1], models.mask[:1]
+    with pytest.raises(TypeError, match=r"`streamer` must have the methods `put\(token_ids\)` and `end\(\)`"):
+        run(prompt, attention_mask=mask, max_new_tokens=NEW, streamer=streamer)
+    assert getattr(streamer, "values", []) == []  # nothing was streamed
+    assert_still_works(run, models)
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_a_state_path_that_is_no_file_name_is_refused_by_name(models, path):
+    for method in (models.engine.save_state, models.engine.load_state):
+        with pytest.raises(TypeError, match=r"`path` must be a file name \(a str or a pathlib.Path\)"):
+            method(path)
+    assert_still_works(models.engine.generate, models)
+
+
+@pytest.mark.parametrize(
+    "name", ["ngram_preseed", "split_tokens", "lean_forward", "cuda_graphs", "time_stages"]
+)
+def test_engine_switches_take_bools_only(models, name):
+    """A switch is True or False, as its message says (1 == True, but 1 is no switch); numpy's bools are
+    bools, as numpy's ints are ints."""
+    for value in (1, 0, "yes"):
+        with pytest.raises(TypeError, match=rf"`{name}` must be True,? (or )?False"):
+            EngineConfig(**{name: value})
+    for value in (np.True_, np.False_):
+        config = EngineConfig(**{name: value})
+        assert type(getattr(config, name)) is bool and getattr(config, name) == bool(value)
+        assert config == EngineConfig(**{name: bool(value)})
+    assert_still_works(api_call(models), models)

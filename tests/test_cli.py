@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import perturbed_copy, tiny_model, word_tokenizer
 
-from omnidraft_fast.cli import main
+from omnidraft_fast.cli import build_parser, main
 
 VOCAB = 64
 
@@ -61,9 +61,23 @@ def test_generate_by_prompt_lookup_prints_the_targets_greedy_text(folders, capsy
         main(["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
               "--prompt-lookup-num-tokens", "3", "--prompt", prompt])  # fmt: skip
     assert "not allowed with argument" in capsys.readouterr().err
-    code = main(["generate", "--model", str(root / "target"), "--prompt-lookup-num-tokens", "3",
-                 "--drafter-tokenizer", str(root / "drafter"), "--prompt", prompt])  # fmt: skip
-    assert code == 2 and "`drafter_tokenizer` was given without a drafter" in capsys.readouterr().err
+    # each way of drafting refuses the other's flags, by name, rather than dropping them without a word
+    lookup = [
+        "generate",
+        "--model",
+        str(root / "target"),
+        "--prompt-lookup-num-tokens",
+        "3",
+        "--prompt",
+        prompt,
+    ]
+    for flags in (["--drafter-tokenizer", str(root / "drafter")], ["--confidence-threshold", "0.4"],
+                  ["--translation", "tli"], ["--no-split-tokens"]):  # fmt: skip
+        assert main([*lookup, *flags]) == 2
+        assert f"{flags[0]}: for drafting with --drafter" in capsys.readouterr().err
+    code = main(["generate", "--model", str(root / "target"), "--drafter", str(root / "drafter"),
+                 "--max-matching-ngram-size", "2", "--prompt", prompt])  # fmt: skip
+    assert code == 2 and "--max-matching-ngram-size sets how prompt lookup" in capsys.readouterr().err
 
 
 def test_generate_with_captured_rounds_prints_the_same_text(folders, capsys):
@@ -189,6 +203,12 @@ def test_sampling_flags_without_do_sample_are_refused(folders, capsys):
     assert "--temperature, --top-k shape sampling: add --do-sample" in capsys.readouterr().err
     assert main([*common, "--min-p", "0.1"]) == 2
     assert "--min-p shape sampling" in capsys.readouterr().err
+    # the engine's own message would name do_sample=True, a Python argument: the command names its flag
+    assert main([*common, "--num-return-sequences", "3"]) == 2
+    assert (
+        "--num-return-sequences 3 samples each prompt that many times: add --do-sample"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
@@ -364,3 +384,16 @@ def test_the_sweep_summary_lists_every_rule_that_reaches_95_percent(tmp_path):
     assert "| chow | 0.5 | 1.20x | 0.500 | 0.9 | 1.50x | 0.960 | 0.500 |" in summary
     assert "| diff | none | - | - | 0.3 | 1.30x | 0.970 | 0.500 |" in summary
     assert "| opt |" not in summary
+
+
+@pytest.mark.parametrize("command", ["generate", "demo", "cascade-sweep"])
+def test_help_says_what_every_flag_does(command):
+    """docs/usage.md: `--help` says what each flag does, so none is listed bare."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    bare = [
+        action.option_strings[0]
+        for action in commands.choices[command]._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
