@@ -48,22 +48,19 @@ def commit_drafter_reference(
     tokens: torch.Tensor,  # [batch, slots] int64 drafter context by slot, updated in place
     lengths: torch.Tensor,  # [batch] int64, updated in place; slots >= max(lengths) + k + spelling width
     draft_ids: torch.Tensor,  # [batch, k] int64 drafter ids of this round
-    span_end: torch.Tensor,  # [batch, k] int64: drafter tokens consumed by target positions 1..j+1
-    num_accepted: torch.Tensor,  # [batch] int64 accepted target positions
+    drafted: torch.Tensor,  # [batch] int64 how many of them the row keeps (those its accepted positions consumed)
     spelling: torch.Tensor,  # [batch, width] int64 drafter spelling of the emitted, undrafted tokens, -1 padded
     spelling_len: torch.Tensor,  # [batch] int64
     active: torch.Tensor,  # [batch] bool: rows that were generating this round
 ) -> None:
     """Keep the drafter's context in step with the target's (SPEC §2.4).
 
-    A row appends the drafter tokens behind its accepted target tokens (``draft_ids[:span_end]``), then
+    A row appends the drafter tokens behind its accepted target tokens (``draft_ids[:drafted]``), then
     the drafter spelling of the target tokens it emitted but did not draft (the recovered or bonus token,
     after any accepted pieces of a split token a rejection cut). Rows that were already done append nothing.
     """
     _batch, k = draft_ids.shape
     width = spelling.shape[1]
-    index = (num_accepted - 1).clamp_min(0)[:, None]
-    drafted = torch.where(num_accepted > 0, span_end.gather(1, index)[:, 0], 0)  # [batch]
     total = torch.where(active, drafted + spelling_len, 0)
     positions = torch.arange(k + width, device=tokens.device)  # [k + width]
     from_spelling = spelling.gather(1, (positions - drafted[:, None]).clamp(0, width - 1))

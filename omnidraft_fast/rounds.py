@@ -554,7 +554,8 @@ class Rounds:
             # output_logits / output_scores: the target's logits at the kept tokens
             for name, values in (("logits", target_logits), ("scores", processed)):
                 state.kept_logits.record(name, values, generated, kept)
-            drafter_accepted = kept_drafts(span_end, num_accepted)
+            # The drafted tokens each row keeps (with one vocabulary, one per accepted position)
+            drafter_accepted = num_accepted if self.bridge is None else kept_drafts(span_end, num_accepted)
             # With split tokens, every output token's spelling: the feedback's, and the n-gram keys' (learn)
             spelled = self.spell(output_tokens.clamp_min(0).flatten()) if state.units is not None else None
             if self.drafter is not None:  # the drafter's context follows the target's
@@ -566,8 +567,7 @@ class Rounds:
                     state.d_tokens,
                     state.d_lengths,
                     draft_ids,
-                    span_end,
-                    num_accepted,
+                    drafter_accepted,
                     fed.spelling,
                     fed.lengths.sum(1),
                     active,
