@@ -426,7 +426,7 @@ class Rounds:
             # A row that stopped drafting (draft-length control) proposes nothing here: q = 0, so that
             # verification draws a token at this position from the target's own law (kernels/verify.py).
             # Verification by exact match reads no q.
-            if not self._exact_match(state, request):
+            if not self._exact_match(request):
                 state.draft_probs[:, i] = (
                     probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
                 )
@@ -479,7 +479,7 @@ class Rounds:
                     drafted=drafted,  # nothing past a row's own draft
                 )
                 # (verification by exact match reads no q)
-                laws = (None if self._exact_match(state, request) else draft_probs, draft_probs_t1)
+                laws = (None if self._exact_match(request) else draft_probs, draft_probs_t1)
                 # Each drafted token's own probability, read before folding: an n-gram merge's proposal
                 # probability is the product of these along its span (kernels/proposal.py).
                 paths = [None if probs is None else drafted_path(probs, draft_ids) for probs in laws]
@@ -496,9 +496,7 @@ class Rounds:
             target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
 
         with timer("verify"):
-            # Greedy requests split tokens whose first piece has no proposal probability too (bridge.units):
-            # they verify by exact match, which greedy speculative sampling equals.
-            exact_match = self._exact_match(state, request)
+            exact_match = self._exact_match(request)
             generator = state.graphs.generator  # the request's (registered with its captured stages)
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
@@ -608,10 +606,12 @@ class Rounds:
                     d_lengths=d_lengths,
                 )
 
-    def _exact_match(self, state: RequestState, request: Request) -> bool:
+    def _exact_match(self, request: Request) -> bool:
         """Whether the request verifies by exact match (``ops.verify(exact_match=True)``, which reads no
-        proposal probabilities): ``translation="exact"``, prompt lookup, or a greedy request with split tokens."""
-        return self.mode in ("exact", "lookup") or (state.units is not None and request.sampling.greedy)
+        proposal probabilities): ``translation="exact"``, prompt lookup, or a greedy request without a deferral
+        rule. Greedy speculative sampling equals exact match (p and q one-hot), in fewer ops and no q to keep;
+        greedy requests also split tokens whose first piece has no proposal probability (bridge.units)."""
+        return self.mode in ("exact", "lookup") or (request.sampling.greedy and request.cascade is None)
 
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target
