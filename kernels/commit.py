@@ -29,11 +29,12 @@ def commit_reference(
 ) -> torch.Tensor:  # [batch] int64 tokens kept this round
     width = output_tokens.shape[1]
     positions = torch.arange(width, device=tokens.device)  # [k+1]
-    is_eos = (output_tokens[..., None] == eos_ids).any(-1) & (positions < num_accepted[:, None] + 1)
+    # An EOS id matched past the e_b emitted tokens (in the -1 padding, were -1 an EOS id) comes after every
+    # kept token: it changes neither n_b nor whether the row kept an EOS, so no mask keeps it out.
+    is_eos = (output_tokens[..., None] == eos_ids).any(-1)
     first_eos = torch.where(is_eos, positions, width).amin(-1)  # [batch]; width if none
     kept = torch.minimum(num_accepted + 1, max_new_tokens - generated)
-    kept = torch.minimum(kept, first_eos + 1)
-    kept = torch.where(done, 0, kept)
+    kept = torch.minimum(kept, first_eos + 1).masked_fill_(done, 0)
 
     write = positions < kept[:, None]  # [batch, k+1]
     slots = lengths[:, None] + positions
