@@ -651,7 +651,8 @@ class Rounds:
         rows = torch.stack([active, drafter_proposed, drafter_accepted * active, invalid]).sum(1)  # [4] int64
         kinds = torch.stack([proposed, span_end - source >= 2, split, deferred])[:, None]  # [4, 1, batch, k]
         positions = (kinds & torch.stack([proposed, accepted])).sum((2, 3)).flatten()  # [8]
-        state.counters += torch.cat([active.any()[None], rows, positions[:7]])
+        # state.ran: whether the round had an active row (set as it began)
+        state.counters += torch.cat([state.ran[None], rows, positions[:7]])
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
