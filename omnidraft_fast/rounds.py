@@ -182,10 +182,11 @@ class Rounds:
         if self.drafter is None:  # prompt lookup drafts from `tokens`: no drafter context
             d_tokens = torch.zeros(batch, 0, dtype=torch.int64, device=device)
             d_start, d_lengths = torch.zeros(2, batch, dtype=torch.int64, device=device)
-            window, vocab_q = 0, 0
+            window = 0
         else:
             d_tokens, d_start, d_lengths, window = self._drafter_layout(request, bucket)
-            vocab_q = self.drafter.vocab_size
+        # q as each draft was sampled, for speculative sampling (verification by exact match reads none)
+        vocab_q = 0 if self._exact_match(request) else self.drafter.vocab_size
         spelling_width = self.spelling_width
         length = self._draft_length(request, batch)
         drafted = None  # rows drafting fewer than k: draft-length control's count, or prompt lookup's
