@@ -1,6 +1,6 @@
-"""Verification by exact match (``kernels/match.py``; the engine's path for greedy cross-vocabulary drafts
-with split tokens and for ``translation="exact"``), against the verification goals on an H100 at [8 rows x
-9 positions, 128256] bf16 logits: >= 80% of the device-to-device copy bandwidth, >= 3x the eager
+"""Verification by exact match (``kernels/match.py``; the engine's path for greedy requests without a
+deferral rule, ``translation="exact"`` and prompt lookup), against the verification goals on an H100 at
+[8 rows x 9 positions, 128256] bf16 logits: >= 80% of the device-to-device copy bandwidth, >= 3x the eager
 reference, >= 1.5x its ``torch.compile``.
 
     python -m pytest benchmarks/bench_match.py --benchmark-only [--benchmark-json out.json]

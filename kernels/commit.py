@@ -29,11 +29,12 @@ def commit_reference(
 ) -> torch.Tensor:  # [batch] int64 tokens kept this round
     width = output_tokens.shape[1]
     positions = torch.arange(width, device=tokens.device)  # [k+1]
-    is_eos = (output_tokens[..., None] == eos_ids).any(-1) & (positions < num_accepted[:, None] + 1)
+    # An EOS id matched past the e_b emitted tokens (in the -1 padding, were -1 an EOS id) comes after every
+    # kept token: it changes neither n_b nor whether the row kept an EOS, so no mask keeps it out.
+    is_eos = (output_tokens[..., None] == eos_ids).any(-1)
     first_eos = torch.where(is_eos, positions, width).amin(-1)  # [batch]; width if none
     kept = torch.minimum(num_accepted + 1, max_new_tokens - generated)
-    kept = torch.minimum(kept, first_eos + 1)
-    kept = torch.where(done, 0, kept)
+    kept = torch.minimum(kept, first_eos + 1).masked_fill_(done, 0)
 
     write = positions < kept[:, None]  # [batch, k+1]
     slots = lengths[:, None] + positions
@@ -48,22 +49,19 @@ def commit_drafter_reference(
     tokens: torch.Tensor,  # [batch, slots] int64 drafter context by slot, updated in place
     lengths: torch.Tensor,  # [batch] int64, updated in place; slots >= max(lengths) + k + spelling width
     draft_ids: torch.Tensor,  # [batch, k] int64 drafter ids of this round
-    span_end: torch.Tensor,  # [batch, k] int64: drafter tokens consumed by target positions 1..j+1
-    num_accepted: torch.Tensor,  # [batch] int64 accepted target positions
+    drafted: torch.Tensor,  # [batch] int64 how many of them the row keeps (those its accepted positions consumed)
     spelling: torch.Tensor,  # [batch, width] int64 drafter spelling of the emitted, undrafted tokens, -1 padded
     spelling_len: torch.Tensor,  # [batch] int64
     active: torch.Tensor,  # [batch] bool: rows that were generating this round
 ) -> None:
     """Keep the drafter's context in step with the target's (SPEC §2.4).
 
-    A row appends the drafter tokens behind its accepted target tokens (``draft_ids[:span_end]``), then
+    A row appends the drafter tokens behind its accepted target tokens (``draft_ids[:drafted]``), then
     the drafter spelling of the target tokens it emitted but did not draft (the recovered or bonus token,
     after any accepted pieces of a split token a rejection cut). Rows that were already done append nothing.
     """
     _batch, k = draft_ids.shape
     width = spelling.shape[1]
-    index = (num_accepted - 1).clamp_min(0)[:, None]
-    drafted = torch.where(num_accepted > 0, span_end.gather(1, index)[:, 0], 0)  # [batch]
     total = torch.where(active, drafted + spelling_len, 0)
     positions = torch.arange(k + width, device=tokens.device)  # [k + width]
     from_spelling = spelling.gather(1, (positions - drafted[:, None]).clamp(0, width - 1))

@@ -85,10 +85,9 @@ def hash_keys_reference(keys: torch.Tensor) -> torch.Tensor:  # keys [Q, N] int6
     """The 63-bit hash of each key (its length and ids), >= 0."""
     present = keys >= 0
     h = _mix_(present.sum(-1))
-    shifted = keys + 1  # h * P + (id + 1): the same sum, wrapping alike
+    shifted = keys + 1
     for ids, here in zip(shifted.unbind(1), present.unbind(1), strict=True):
-        step = h * _P
-        step += ids
+        step = torch.add(ids, h, alpha=_P)  # h * P + (id + 1) in one op, wrapping alike
         h = torch.where(here, _mix_(step), h)
     h &= _SIGN_OFF
     return h

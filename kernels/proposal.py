@@ -176,10 +176,12 @@ def _span_terms(probs: torch.Tensor, target_ids: torch.Tensor, cross: CrossPropo
     )  # [batch, k]: r_u(y_u)
     cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
     mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
-    merged = (cross.span_end - cross.source >= 2) & (target_ids >= 0)
+    proposed = target_ids >= 0
+    width = cross.span_end - cross.source  # drafter tokens behind each position
+    merged = (width >= 2) & proposed
     first = cross.d2t[cross.drafter_ids.gather(1, cross.source)].long()  # d2t[y_s]
     previous = torch.cat([cross.source.new_full((batch, 1), -1), cross.source[:, :-1]], 1)
-    piece = (cross.source == previous) & (target_ids >= 0)  # [batch, k]
-    stop = (target_ids < 0) & (cross.span_end - cross.source == 1)  # stopped at a token with no translation
-    live = ((target_ids >= 0) | stop).to(probs.dtype)
+    piece = (cross.source == previous) & proposed  # [batch, k]
+    # Not proposed, a position is one drafter token wide only at the stop at a token with no translation.
+    live = (proposed | (width == 1)).to(probs.dtype)
     return _Span(cross.source, target_ids.clamp_min(0), mass, merged, first, piece, live)

@@ -87,7 +87,8 @@ def sampling_probs_reference(
     z = logits.float()
     if mask is not None:
         z = z.masked_fill(~mask, float("-inf"))
-    z = z / temperature
+    if temperature != 1.0:  # z / 1 is z: an op less at T = 1 (z is only read from here on)
+        z = z / temperature
     if 0 < top_k < z.shape[-1]:
         z = z.masked_fill(z < _kth_largest(z, top_k), float("-inf"))
     if top_p < 1.0:

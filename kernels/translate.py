@@ -87,9 +87,10 @@ def _stop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and span ends with the stop written past position m (module docstring)."""
     j = torch.arange(source.shape[1], device=source.device)
-    past = j >= m[:, None]
-    width = ((j == m[:, None]) & unmapped[:, None]).long()
-    return torch.where(past, at[:, None], source), torch.where(past, at[:, None] + width, span_end)
+    m, at = m[:, None], at[:, None]
+    past = j >= m
+    width = (j == m) & unmapped[:, None]  # one drafter token where True (a bool adds as 0 or 1)
+    return torch.where(past, at, source), torch.where(past, at + width, span_end)
 
 
 def translate_ngram_reference(

@@ -64,13 +64,11 @@ def feedback(
     mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
     spellings, lengths = spelled
     lengths = torch.where(mask, lengths.view(batch, width).clamp_max(spelling_width), 0)
-    # Keep the last `spelling_width` tokens: each position loses the ones before the cut from its start.
-    ends = lengths.cumsum(1)
-    cut = (ends[:, -1:] - spelling_width).clamp_min(0)
-    lost = (cut - (ends - lengths)).clamp_min(0).minimum(lengths)
-    kept = lengths - lost
-    run, offset, valid = ragged_layout(kept, spelling_width)
-    offset = offset + lost.gather(1, run)
+    # Keep the last `spelling_width` tokens: the layout starts `cut` tokens in, and each position keeps the
+    # tokens of its spelling the layout holds.
+    cut = (lengths.sum(1, keepdim=True) - spelling_width).clamp_min(0)
+    run, offset, valid = ragged_layout(lengths, spelling_width, skip=cut)
+    kept = torch.zeros_like(lengths).scatter_add_(1, run, valid.long())
     spellings = spellings.view(batch, width, -1)
     rows = torch.arange(batch, device=output_tokens.device)[:, None]
     spelling = torch.where(valid, spellings[rows, run, offset.clamp(0, spellings.shape[2] - 1)], -1)

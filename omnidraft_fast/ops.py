@@ -357,22 +357,21 @@ def commit_drafter(
     tokens: torch.Tensor,  # [batch, slots]
     lengths: torch.Tensor,  # [batch]
     draft_ids: torch.Tensor,  # [batch, k]
-    span_end: torch.Tensor,  # [batch, k]
-    num_accepted: torch.Tensor,  # [batch]
+    drafted: torch.Tensor,  # [batch]
     spelling: torch.Tensor,  # [batch, width]
     spelling_len: torch.Tensor,  # [batch]
     active: torch.Tensor,  # [batch]
 ) -> None:
-    """Append, in place, each active row's accepted drafter tokens and the drafter spelling of the target
-    tokens the round emitted but did not draft (the recovered/bonus token, after any accepted pieces of a
-    split token a rejection cut) to the drafter's context (see ``kernels/commit.py``)."""
+    """Append, in place, each active row's first ``drafted`` drafter tokens (those its accepted target positions
+    consumed: ``feedback.kept_drafts``) and the drafter spelling of the target tokens the round emitted but did
+    not draft (the recovered/bonus token, after any accepted pieces of a split token a rejection cut) to the
+    drafter's context (see ``kernels/commit.py``)."""
     _check("tokens", tokens, 2, dtypes=(torch.int64,))
     device, batch = tokens.device, tokens.shape[0]
     for name, tensor, ndim, dtype in (
         ("lengths", lengths, 1, torch.int64),
         ("draft_ids", draft_ids, 2, torch.int64),
-        ("span_end", span_end, 2, torch.int64),
-        ("num_accepted", num_accepted, 1, torch.int64),
+        ("drafted", drafted, 1, torch.int64),
         ("spelling", spelling, 2, torch.int64),
         ("spelling_len", spelling_len, 1, torch.int64),
         ("active", active, 1, torch.bool),
@@ -380,11 +379,7 @@ def commit_drafter(
         _check(name, tensor, ndim, dtypes=(dtype,), device=device)
         if tensor.shape[0] != batch:
             raise ValueError(f"`{name}` must have {batch} rows, got {tuple(tensor.shape)}")
-    if span_end.shape != draft_ids.shape:
-        raise ValueError(f"`span_end` must be shaped like `draft_ids` {tuple(draft_ids.shape)}")
-    commit_drafter_reference(
-        tokens, lengths, draft_ids, span_end, num_accepted, spelling, spelling_len, active
-    )
+    commit_drafter_reference(tokens, lengths, draft_ids, drafted, spelling, spelling_len, active)
 
 
 def lookup(

@@ -49,7 +49,7 @@ class RequestState:
     window: int  # drafter tokens re-fed by the first draft step of a round
     units: torch.Tensor | None  # [V_d] drafted tokens before merges, with split tokens (None: d2t)
     draft_ids: torch.Tensor  # [batch, k] drafter ids
-    draft_probs: torch.Tensor  # [batch, k, V_d] fp32
+    draft_probs: torch.Tensor  # [batch, k, V_d] fp32 ([batch, k, 0] verifying by exact match: no q read)
     draft_probs_t1: torch.Tensor | None  # [batch, k, V_d] fp32 T=1 drafter probabilities, for cascade rules
     rule: torch.Tensor | None  # [batch] int64 deferral rule ids (None: exact speculative sampling)
     alpha: torch.Tensor | None  # [batch] fp32

@@ -182,10 +182,11 @@ class Rounds:
         if self.drafter is None:  # prompt lookup drafts from `tokens`: no drafter context
             d_tokens = torch.zeros(batch, 0, dtype=torch.int64, device=device)
             d_start, d_lengths = torch.zeros(2, batch, dtype=torch.int64, device=device)
-            window, vocab_q = 0, 0
+            window = 0
         else:
             d_tokens, d_start, d_lengths, window = self._drafter_layout(request, bucket)
-            vocab_q = self.drafter.vocab_size
+        # q as each draft was sampled, for speculative sampling (verification by exact match reads none)
+        vocab_q = 0 if self._exact_match(request) else self.drafter.vocab_size
         spelling_width = self.spelling_width
         length = self._draft_length(request, batch)
         drafted = None  # rows drafting fewer than k: draft-length control's count, or prompt lookup's
@@ -426,7 +427,7 @@ class Rounds:
             # A row that stopped drafting (draft-length control) proposes nothing here: q = 0, so that
             # verification draws a token at this position from the target's own law (kernels/verify.py).
             # Verification by exact match reads no q.
-            if not self._exact_match(state, request):
+            if not self._exact_match(request):
                 state.draft_probs[:, i] = (
                     probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
                 )
@@ -479,7 +480,7 @@ class Rounds:
                     drafted=drafted,  # nothing past a row's own draft
                 )
                 # (verification by exact match reads no q)
-                laws = (None if self._exact_match(state, request) else draft_probs, draft_probs_t1)
+                laws = (None if self._exact_match(request) else draft_probs, draft_probs_t1)
                 # Each drafted token's own probability, read before folding: an n-gram merge's proposal
                 # probability is the product of these along its span (kernels/proposal.py).
                 paths = [None if probs is None else drafted_path(probs, draft_ids) for probs in laws]
@@ -496,9 +497,7 @@ class Rounds:
             target_logits = self.target.forward(inputs, slots)  # [batch, steps+1, V_t]
 
         with timer("verify"):
-            # Greedy requests split tokens whose first piece has no proposal probability too (bridge.units):
-            # they verify by exact match, which greedy speculative sampling equals.
-            exact_match = self._exact_match(state, request)
+            exact_match = self._exact_match(request)
             generator = state.graphs.generator  # the request's (registered with its captured stages)
             uniforms = torch.rand(batch, steps, generator=generator, device=device)
             vocab = target_logits.shape[-1]
@@ -554,7 +553,8 @@ class Rounds:
             # output_logits / output_scores: the target's logits at the kept tokens
             for name, values in (("logits", target_logits), ("scores", processed)):
                 state.kept_logits.record(name, values, generated, kept)
-            drafter_accepted = kept_drafts(span_end, num_accepted)
+            # The drafted tokens each row keeps (with one vocabulary, one per accepted position)
+            drafter_accepted = num_accepted if self.bridge is None else kept_drafts(span_end, num_accepted)
             # With split tokens, every output token's spelling: the feedback's, and the n-gram keys' (learn)
             spelled = self.spell(output_tokens.clamp_min(0).flatten()) if state.units is not None else None
             if self.drafter is not None:  # the drafter's context follows the target's
@@ -566,8 +566,7 @@ class Rounds:
                     state.d_tokens,
                     state.d_lengths,
                     draft_ids,
-                    span_end,
-                    num_accepted,
+                    drafter_accepted,
                     fed.spelling,
                     fed.lengths.sum(1),
                     active,
@@ -608,10 +607,12 @@ class Rounds:
                     d_lengths=d_lengths,
                 )
 
-    def _exact_match(self, state: RequestState, request: Request) -> bool:
+    def _exact_match(self, request: Request) -> bool:
         """Whether the request verifies by exact match (``ops.verify(exact_match=True)``, which reads no
-        proposal probabilities): ``translation="exact"``, prompt lookup, or a greedy request with split tokens."""
-        return self.mode in ("exact", "lookup") or (state.units is not None and request.sampling.greedy)
+        proposal probabilities): ``translation="exact"``, prompt lookup, or a greedy request without a deferral
+        rule. Greedy speculative sampling equals exact match (p and q one-hot), in fewer ops and no q to keep;
+        greedy requests also split tokens whose first piece has no proposal probability (bridge.units)."""
+        return self.mode in ("exact", "lookup") or (request.sampling.greedy and request.cascade is None)
 
     def _units(self, request: Request) -> torch.Tensor | None:
         """The map drafted tokens go through before merges when this request splits tokens with no target
@@ -651,7 +652,8 @@ class Rounds:
         rows = torch.stack([active, drafter_proposed, drafter_accepted * active, invalid]).sum(1)  # [4] int64
         kinds = torch.stack([proposed, span_end - source >= 2, split, deferred])[:, None]  # [4, 1, batch, k]
         positions = (kinds & torch.stack([proposed, accepted])).sum((2, 3)).flatten()  # [8]
-        state.counters += torch.cat([active.any()[None], rows, positions[:7]])
+        # state.ran: whether the round had an active row (set as it began)
+        state.counters += torch.cat([state.ran[None], rows, positions[:7]])
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
