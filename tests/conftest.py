@@ -40,6 +40,14 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, whichever tests ran before it in its worker: a
+    test's unseeded draws (a model's random weights, an engine's sampling) then do not hang on the order or
+    the split of ``pytest -n``."""
+    torch.manual_seed(0)
+
+
 def _interpreter_problem() -> str | None:
     """Why this triton's interpreter cannot run the kernels' loops over program-id bounds, or None.
 

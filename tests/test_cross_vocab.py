@@ -118,8 +118,14 @@ def test_split_tokens_only_add_proposals(pair, translation):
     with_splits, without = engines[True].stats, engines[False].stats
     assert without.split_proposed == 0 and with_splits.split_proposed > 0
     assert with_splits.proposed > without.proposed
-    engines[True].generate(**batch, max_new_tokens=16, do_sample=True, top_k=0)
-    assert engines[True].last_stats.split_proposed > 0
+    # Sampled requests split too. Seeded, over three requests: a single 16-token request proposes no split
+    # piece for 1 seed in 10 (omnidraft), so unseeded its outcome hung on the tests run before it.
+    split_proposed = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        engines[True].generate(**batch, max_new_tokens=16, do_sample=True, top_k=0)
+        split_proposed += engines[True].last_stats.split_proposed
+    assert split_proposed > 0
     if translation == "omnidraft":
         sampled = []
         for engine in engines.values():
