@@ -1,6 +1,7 @@
 """When a reference may use a tensor's values on the host (numpy's partition and sort, a read of the rule ids
 a batch holds, whether a translated block holds a split marker, the early exits of prompt lookup's scan and
-the n-gram table's probes): the one condition the references' CPU shortcuts share."""
+the n-gram table's probes, the rows a large insert still probes): the one condition the references' CPU
+shortcuts share."""
 
 from __future__ import annotations
 

@@ -126,6 +126,8 @@ def ngram_insert_reference(
 
     Fixed shapes only (no host sync on a GPU): a masked write to a free slot is a ``scatter_reduce`` with
     ``amax`` of -1 for the rows that do not write, since a free slot holds -1 in hashes, key ids and values.
+    On an eager CPU tensor (``host.eager_cpu``) a large insert probes on with its pending rows only (a table's
+    seeds: 0.23 -> 0.05 s for a Llama-3 target's 96k).
     """
     capacity, rows = key_ids.shape[0], keys.shape[0]
     pending = (keys >= 0).sum(-1) >= 2
@@ -167,6 +169,12 @@ def ngram_insert_reference(
         pending &= ~settled
         if not _more(pending):
             break
+        if not pairwise and eager_cpu(pending):  # the CPU's shortcut for a large insert (seeds, an eviction):
+            # the next probes see the rows still pending only (about 1 in 10 after the first probe of a table
+            # under a quarter full), in their order, so the same rows claim the same slots
+            left = pending.nonzero()[:, 0]
+            h, order, new_keys, new_values, hits = (t[left] for t in (h, order, new_keys, new_values, hits))
+            pending = pending[left]
     return pending.sum()
 
 

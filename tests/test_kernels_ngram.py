@@ -231,9 +231,10 @@ def test_insert_reference_claims_alike_row_against_row_and_through_a_buffer(monk
 
 @pytest.mark.parametrize("rows", [6, 80])
 def test_insert_reference_early_exits_change_nothing(monkeypatch, rows):
-    """On an eager CPU tensor the insert reference stops probing once every key settled and skips the
-    claims of a probe where no key sees a free slot (host.eager_cpu); forced to run every probe and claim, it
-    builds the same tables, slots included, over batches of keys present, new, duplicated and crowded."""
+    """On an eager CPU tensor the insert reference stops probing once every key settled, skips the claims
+    of a probe where no key sees a free slot and, for many keys, probes on with the pending ones only
+    (host.eager_cpu); forced to run every probe and claim on every key, it builds the same tables, slots
+    included, over batches of keys present, new, duplicated and crowded."""
     from omnidraft_fast.kernels import ngram
 
     keys, values, hits = _crowded_batch(rows, seed=6)
