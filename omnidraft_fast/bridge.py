@@ -34,14 +34,14 @@ target's EOS and back; BOS and other specials never map, so a BOS is never inser
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from .vocabulary import Vocabulary, backend
 
 __all__ = ["VocabBridge", "check_tokenizer", "token_bytes"]
 
@@ -78,16 +78,11 @@ def _byte_decoder() -> dict[str, int]:
 
 def _style(tokenizer) -> str:
     """'bytelevel', 'sentencepiece' or 'plain', read from the fast tokenizer's decoder."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(
-            f"the bridge needs a fast (Rust-backed) Hugging Face tokenizer, got {type(tokenizer).__name__}; "
-            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
-        )
-    decoder = json.dumps(json.loads(backend.to_str()).get("decoder"))
-    if '"ByteLevel"' in decoder:
+    decoder = backend(tokenizer).decoder
+    settings = "null" if decoder is None else decoder.__getstate__().decode()
+    if '"ByteLevel"' in settings:
         return "bytelevel"
-    if '"ByteFallback"' in decoder or '"Metaspace"' in decoder or "\\u2581" in decoder or "▁" in decoder:
+    if '"ByteFallback"' in settings or '"Metaspace"' in settings or "\\u2581" in settings or "▁" in settings:
         return "sentencepiece"
     return "plain"
 
@@ -104,10 +99,12 @@ class TokenTable:
 
 
 def token_bytes(tokenizer, vocab_size: int | None = None) -> TokenTable:
-    """The bytes each token id stands for, by tokenizer style (see the module docstring)."""
+    """The bytes each token id stands for, by tokenizer style (see the module docstring). ``tokenizer``: a
+    tokenizer, or a ``Vocabulary`` read of one (its vocabulary is not read again)."""
+    vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else Vocabulary.read(tokenizer)
+    tokenizer, vocab = vocabulary.tokenizer, vocabulary.ids  # str -> id, added tokens included
     style = _style(tokenizer)
-    vocab = tokenizer.get_vocab()  # str -> id, added tokens included
-    size = max(vocab_size or 0, max(vocab.values()) + 1)
+    size = max(vocab_size or 0, vocabulary.highest + 1)
     pieces: list[bytes | None] = [None] * size
     byte_tokens: set[int] = set()
     added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
@@ -278,25 +275,42 @@ class VocabBridge:
         ``*_vocab_size`` are the models' ``config.vocab_size`` (rows of their logits); they default to the
         tokenizers' sizes and must not be smaller than them.
         """
+        return cls.from_vocabularies(
+            Vocabulary.read(drafter_tokenizer),
+            Vocabulary.read(target_tokenizer),
+            drafter_vocab_size=drafter_vocab_size,
+            target_vocab_size=target_vocab_size,
+        )
+
+    @classmethod
+    def from_vocabularies(
+        cls,
+        drafter: Vocabulary,
+        target: Vocabulary,
+        *,
+        drafter_vocab_size: int | None = None,
+        target_vocab_size: int | None = None,
+    ) -> VocabBridge:
+        """``from_tokenizers`` on vocabularies read already (``vocabulary.py``): the engine reads each once."""
         sizes = []
-        for name, tokenizer, size in (
-            ("drafter_vocab_size", drafter_tokenizer, drafter_vocab_size),
-            ("target_vocab_size", target_tokenizer, target_vocab_size),
+        for name, vocabulary, size in (
+            ("drafter_vocab_size", drafter, drafter_vocab_size),
+            ("target_vocab_size", target, target_vocab_size),
         ):
-            needed = max(tokenizer.get_vocab().values()) + 1
+            needed = vocabulary.highest + 1
             if size is not None and size < needed:
                 raise ValueError(
                     f"`{name}`={size} is smaller than its tokenizer, whose ids reach {needed - 1}; is this the "
                     "tokenizer of that model?"
                 )
             sizes.append(needed if size is None else size)
-        key = (_fingerprint(drafter_tokenizer), _fingerprint(target_tokenizer), *sizes)
+        key = (drafter.fingerprint, target.fingerprint, *sizes)
         with _CACHE_LOCK:
             bridge = _CACHE.get(key)
             if bridge is not None:
                 _CACHE.move_to_end(key)
                 return bridge
-        bridge = _build(drafter_tokenizer, target_tokenizer, *sizes)
+        bridge = _build(drafter, target, *sizes)
         with _CACHE_LOCK:
             _CACHE[key] = bridge
             while len(_CACHE) > _CACHED_BRIDGES:
@@ -310,28 +324,20 @@ class VocabBridge:
         return spellings[spellings >= 0].long()
 
 
-# The bridges built last, by (tokenizer fingerprints, vocabulary sizes): an engine built again for a pair
-# (another EngineConfig, generate()'s engines) skips the build. A few only: a Llama-3 or Qwen pair's bridge
+# The bridges built last, by (the tokenizers' fingerprints, vocabulary.py; the vocabulary sizes): an engine built
+# again for a pair (another EngineConfig, generate()'s engines, tokenizers loaded again) skips the build. A few only: a Llama-3 or Qwen pair's bridge
 # holds 20-35 MB, and a process serving many pairs would otherwise keep all of them for good.
 _CACHED_BRIDGES = 4
 _CACHE: OrderedDict[tuple, VocabBridge] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def _fingerprint(tokenizer) -> str:
-    """Everything of a tokenizer a bridge is built from: its backend (vocabulary, merges, normalisation,
-    pre-tokenisation, added tokens) and the settings outside it (the EOS id, the special tokens)."""
-    parts = (
-        tokenizer.backend_tokenizer.to_str(),
-        repr(tokenizer.eos_token_id),
-        repr(sorted(tokenizer.all_special_tokens)),
-    )
-    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
-
-
-def _build(drafter_tokenizer, target_tokenizer, drafter_size: int, target_size: int) -> VocabBridge:
-    drafter = token_bytes(drafter_tokenizer, drafter_size)
-    target = token_bytes(target_tokenizer, target_size)
+def _build(
+    drafter_vocabulary: Vocabulary, target_vocabulary: Vocabulary, drafter_size: int, target_size: int
+) -> VocabBridge:
+    drafter_tokenizer, target_tokenizer = drafter_vocabulary.tokenizer, target_vocabulary.tokenizer
+    drafter = token_bytes(drafter_vocabulary, drafter_size)
+    target = token_bytes(target_vocabulary, target_size)
     drafter_canonical, target_canonical = _canonical(drafter), _canonical(target)
 
     d2t = torch.full((drafter_size,), -1, dtype=torch.int32)

@@ -39,6 +39,7 @@ from .rounds import Rounds
 from .state import StateParts, load_state, save_state
 from .stats import GenerationStats, StageTimer
 from .stopping import Criteria, Stops, StopStrings
+from .vocabulary import Vocabulary
 from .warpers import sampling_warpers
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
@@ -240,22 +241,32 @@ class SpeculativeEngine:
         if self.drafter is None:
             return None
         both = target_tokenizer is not None and drafter_tokenizer is not None
-        if both and target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab():
-            both = self.target.vocab_size != self.drafter.vocab_size  # same tokens, padded differently
+        padded_alike = self.target.vocab_size == self.drafter.vocab_size
+        vocabularies = None  # (target's, drafter's): each read once, and passed where it is needed
+        if both and target_tokenizer is drafter_tokenizer:
+            both = not padded_alike  # one vocabulary: no bridge unless padded differently
+        elif both:
+            vocabularies = Vocabulary.read(target_tokenizer), Vocabulary.read(drafter_tokenizer)
+            if vocabularies[0].ids == vocabularies[1].ids:
+                both = not padded_alike  # same tokens, padded differently
         if not both:
-            if self.target.vocab_size != self.drafter.vocab_size:
+            if not padded_alike:
                 raise ValueError(
                     f"the target's vocabulary has {self.target.vocab_size} ids and the drafter's "
                     f"{self.drafter.vocab_size}: cross-vocabulary drafting needs both tokenizers "
                     "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
                 )
             return None
+        target_vocabulary, drafter_vocabulary = vocabularies or (Vocabulary.read(target_tokenizer),) * 2
         _check_tokenizer_fits(
-            target_tokenizer, drafter_tokenizer, self.target.vocab_size, self.drafter.vocab_size
+            target_vocabulary.highest,
+            drafter_vocabulary.highest,
+            self.target.vocab_size,
+            self.drafter.vocab_size,
         )
-        bridge = VocabBridge.from_tokenizers(
-            drafter_tokenizer,
-            target_tokenizer,
+        bridge = VocabBridge.from_vocabularies(
+            drafter_vocabulary,
+            target_vocabulary,
             drafter_vocab_size=self.drafter.vocab_size,
             target_vocab_size=self.target.vocab_size,
         )
@@ -684,11 +695,12 @@ def _check_lookup_config(config: EngineConfig, drafter_tokenizer: Any) -> None:
 
 
 def _check_tokenizer_fits(
-    target_tokenizer: Any, drafter_tokenizer: Any, target_vocab: int, drafter_vocab: int
+    target_highest: int, drafter_highest: int, target_vocab: int, drafter_vocab: int
 ) -> None:
-    """Refuse, by the argument's name, a tokenizer whose ids run past its model's vocabulary (``config.vocab_size``:
-    the rows of its logits), which is not that model's tokenizer; say so when the two look swapped."""
-    highest = [max(tokenizer.get_vocab().values()) for tokenizer in (target_tokenizer, drafter_tokenizer)]
+    """Refuse, by the argument's name, a tokenizer whose ids (up to ``*_highest``) run past its model's vocabulary
+    (``config.vocab_size``: the rows of its logits), which is not that model's tokenizer; say so when the two
+    look swapped."""
+    highest = [target_highest, drafter_highest]
     vocabs = (target_vocab, drafter_vocab)
     for index, (name, alias, role) in enumerate(
         (

@@ -7,8 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import shared_path
+from tokenizers import decoders, normalizers, pre_tokenizers, trainers
 
+from omnidraft_fast import bridge as bridge_module
 from omnidraft_fast.bridge import VocabBridge, token_bytes
+from omnidraft_fast.vocabulary import Vocabulary
 
 TEXTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -120,6 +123,97 @@ def test_the_cache_tells_apart_tokenizers_with_other_special_tokens(trained_toke
     assert other is not bridge
     unk, eos = chat.convert_tokens_to_ids("<unk>"), target.eos_token_id
     assert int(bridge.d2t[unk]) == -1 and int(other.d2t[unk]) == eos
+
+
+# Past both trained tokenizers' ids (400 and 350), so that a token added in place leaves the cache key's sizes
+SIZES = {"drafter_vocab_size": 420, "target_vocab_size": 384}
+
+
+def _built_anew(drafter, target) -> VocabBridge:
+    """The pair's bridge as built now, past the cache."""
+    vocabularies = Vocabulary.read(drafter), Vocabulary.read(target)
+    return bridge_module._build(*vocabularies, SIZES["drafter_vocab_size"], SIZES["target_vocab_size"])
+
+
+def _equal(first: VocabBridge, second: VocabBridge) -> bool:
+    return all(torch.equal(getattr(first, name), getattr(second, name)) for name in VocabBridge._TENSORS)
+
+
+def _retrain(tokenizer) -> None:
+    """Train the byte-level tokenizer's model again, in place, on other text (another vocabulary)."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.backend_tokenizer.train_from_iterator(TEXTS * 4, trainer)
+
+
+CHANGES = {
+    "drafter token added": lambda drafter, target: drafter.add_tokens(["qqzz"]),
+    "target token added": lambda drafter, target: target.add_tokens(["qqzz"]),
+    "drafter EOS-like special token added": lambda drafter, target: drafter.add_special_tokens(
+        {"additional_special_tokens": ["<|im_end|>"]}
+    ),
+    "drafter decoder now byte-level": lambda drafter, target: setattr(
+        drafter.backend_tokenizer, "decoder", decoders.ByteLevel()
+    ),
+    "target decoder now SentencePiece's": lambda drafter, target: setattr(
+        target.backend_tokenizer, "decoder", decoders.Metaspace()
+    ),
+    "drafter model's option": lambda drafter, target: setattr(
+        drafter.backend_tokenizer.model, "end_of_word_suffix", "</w>"
+    ),
+    "target model retrained": lambda drafter, target: _retrain(target),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_tokenizer_changed_in_place_gets_the_bridge_of_what_it_is_now(trained_tokenizers, change):
+    """The cache's key follows a tokenizer changed after its bridge was built (tokens added, an EOS-like
+    special token, its decoder, its model's options or vocabulary), whose parts the key keeps digests of
+    (vocabulary.py): a cached bridge of what it was would map the wrong bytes, silently."""
+    drafter, target = (copy.deepcopy(tokenizer) for tokenizer in trained_tokenizers)
+    before = VocabBridge.from_tokenizers(drafter, target, **SIZES)
+    CHANGES[change](drafter, target)
+    anew = _built_anew(drafter, target)
+    assert not _equal(anew, before)  # the change matters to the bridge
+    assert _equal(VocabBridge.from_tokenizers(drafter, target, **SIZES), anew)
+
+
+def test_the_cache_key_is_what_the_bridge_reads(trained_tokenizers):
+    """Tokenizers equal in what the bridge reads share its cached bridge, whatever the object (a tokenizer
+    loaded again per request builds none) and whatever their normaliser and pre-tokeniser, which the bridge
+    does not read."""
+    drafter, target = trained_tokenizers
+    bridge = VocabBridge.from_tokenizers(drafter, target, **SIZES)
+    other = copy.deepcopy(target)
+    other.backend_tokenizer.normalizer = normalizers.Lowercase()
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert VocabBridge.from_tokenizers(copy.deepcopy(drafter), other, **SIZES) is bridge
+    assert _equal(bridge, _built_anew(drafter, other))
+
+
+def test_vocabulary_digests_tell_apart_what_joined_tokens_would_not():
+    """The vocabulary's digest in the cache key is its tokens in id order joined by NUL, whatever the dict's
+    order; vocabularies that join alike (a NUL inside a token, a hole, two strings for one id) differ."""
+    from omnidraft_fast.vocabulary import _vocabulary_digest
+
+    def digest(ids: dict[str, int]) -> str:
+        return _vocabulary_digest(ids, max(ids.values()))
+
+    assert digest({"a": 0, "b": 1}) == digest({"b": 1, "a": 0})
+    vocabularies = [
+        {"a": 0, "b": 1, "c": 2},
+        {"b": 0, "a": 1, "c": 2},
+        {"a\0b": 0, "c": 1},
+        {"a": 0, "b\0c": 1},
+        {"a": 0, "b": 1, "c": 3},
+        {"a": 0, "b": 1, "": 2, "c": 3},
+        {"a": 0, "b": 1, "B": 1, "c": 2},
+    ]
+    assert len({digest(ids) for ids in vocabularies}) == len(vocabularies)
 
 
 def test_vocab_size_smaller_than_tokenizer(trained_tokenizers):

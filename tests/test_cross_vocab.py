@@ -304,6 +304,25 @@ def test_bad_pairs(pair, trained_tokenizers):
         EngineConfig(translation="omni")
 
 
+def test_an_engine_reads_each_vocabulary_once(pair, monkeypatch):
+    """``get_vocab()`` builds a dict of every token at each call (0.1 s at Llama-3's 128k ids): an engine
+    reads each tokenizer's vocabulary once for its checks and its bridge, and none where one tokenizer
+    serves two models padded alike (one vocabulary, no bridge)."""
+    target, drafter, tokenizer, drafter_tokenizer = pair
+    reads = []
+    for each in (tokenizer, drafter_tokenizer):
+        monkeypatch.setattr(
+            each, "get_vocab", lambda each=each, read=each.get_vocab: reads.append(each) or read()
+        )
+    SpeculativeEngine(target, drafter, target_tokenizer=tokenizer, drafter_tokenizer=drafter_tokenizer)
+    assert sorted(map(id, reads)) == sorted([id(tokenizer), id(drafter_tokenizer)])
+    reads.clear()
+    engine = SpeculativeEngine(
+        target, copy.deepcopy(target), target_tokenizer=tokenizer, drafter_tokenizer=tokenizer
+    )
+    assert engine.bridge is None and not reads
+
+
 def test_a_tokenizer_past_its_models_vocabulary_is_refused_by_its_argument():
     """Real tokenizers: a tokenizer whose ids run past its model's vocabulary is named by the argument the
     caller passed (not the bridge's internal `drafter_vocab_size`), with the fix, and swapped tokenizers are
