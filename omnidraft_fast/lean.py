@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 
 __all__ = ["forward", "hooked", "supports"]
 
@@ -80,13 +81,28 @@ def hooked(model: torch.nn.Module) -> bool:
     """Whether a module hook would run in transformers' forward: a forward or backward hook on any of
     ``model``'s modules, or a global one (``torch.nn.modules.module.register_module_forward_hook`` and the
     like). :func:`forward` calls the model, its decoder, the decoder layers and their attention modules as
-    plain code, not through ``nn.Module.__call__``, so their hooks would not run."""
-    from torch.nn.modules import module as nn_module
-
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(nn_module, f"_global{name}", None) for name in names):
+    plain code, not through ``nn.Module.__call__``, so their hooks would not run. Looked for at every
+    request (``CausalLM.begin``): a walk over the modules' hook dicts, without ``named_modules``' names."""
+    if any(getattr(_nn_module, f"_global{name}", None) for name in _HOOKS):
         return True
-    return any(getattr(module, name, None) for module in model.modules() for name in names)
+    seen, stack = set(), [model]
+    while stack:
+        module = stack.pop()
+        if module is None or id(module) in seen:  # None: a submodule slot left empty
+            continue
+        seen.add(id(module))
+        if (
+            module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+        ):
+            return True
+        stack.extend(module._modules.values())
+    return False
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def forward(

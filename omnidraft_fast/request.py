@@ -109,10 +109,33 @@ def _generation_fields(config) -> dict[str, Any]:
     if config is None:
         return {}
     if hasattr(config, "to_diff_dict"):
-        return {key: value for key, value in config.to_diff_dict().items() if value is not None}
+        return {key: value for key, value in _diff_dict(config).items() if value is not None}
     raise TypeError(
         f"`generation_config` must be a transformers.GenerationConfig, got {type(config).__name__}"
     )
+
+
+def _diff_dict(config) -> dict[str, Any]:
+    """``config.to_diff_dict()``: its fields that differ from a default ``GenerationConfig``'s, and its
+    transformers version. transformers' own builds and copies a default config at each call, half its cost,
+    read here for every request from the model's and the drafter's configs: the default's fields are taken
+    once (a subclass with its own ``to_diff_dict`` or ``to_dict`` is asked)."""
+    from transformers import GenerationConfig
+
+    cls = type(config)
+    if cls.to_diff_dict is not GenerationConfig.to_diff_dict or cls.to_dict is not GenerationConfig.to_dict:
+        return config.to_diff_dict()
+    global _DEFAULT_FIELDS
+    if _DEFAULT_FIELDS is None:
+        _DEFAULT_FIELDS = GenerationConfig().to_dict()
+    return {
+        key: value
+        for key, value in config.to_dict().items()  # a deep copy, its dtypes as strings
+        if key not in _DEFAULT_FIELDS or key == "transformers_version" or value != _DEFAULT_FIELDS[key]
+    }
+
+
+_DEFAULT_FIELDS: dict[str, Any] | None = None  # GenerationConfig().to_dict(), on first use
 
 
 def _as_id_tuple(value, name: str) -> tuple[int, ...]:

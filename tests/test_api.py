@@ -156,6 +156,32 @@ def test_generation_config_honoured(target, drafter, batch):
     assert_equal(out, target.generate(ids, attention_mask=mask, generation_config=config))
 
 
+def test_a_request_builds_no_default_generation_config(target, drafter, batch, monkeypatch):
+    """A request reads the model's and the drafter's generation_config (and the one passed) as
+    ``to_diff_dict()`` gives them, without building a default GenerationConfig to compare with each time,
+    as transformers' ``to_diff_dict`` does (half its cost); its own subclass's ``to_diff_dict`` is asked."""
+    from omnidraft_fast.request import _diff_dict
+
+    class Custom(GenerationConfig):
+        def to_diff_dict(self):
+            return {"max_new_tokens": 3}
+
+    passed = GenerationConfig(
+        max_new_tokens=NEW, repetition_penalty=1.2, sequence_bias={(1, 2): 1.0}, bad_words_ids=[[3]]
+    )
+    for config in (target.generation_config, drafter.generation_config, passed, Custom(max_new_tokens=5)):
+        assert _diff_dict(config) == config.to_diff_dict()
+    ids, mask = batch
+    engine = SpeculativeEngine(target, drafter)
+    expected = engine.generate(ids, attention_mask=mask, generation_config=passed)
+    init, built = GenerationConfig.__init__, []
+    monkeypatch.setattr(
+        GenerationConfig, "__init__", lambda self, **kwargs: built.append(1) or init(self, **kwargs)
+    )
+    assert torch.equal(engine.generate(ids, attention_mask=mask, generation_config=passed), expected)
+    assert not built
+
+
 def test_generation_config_overrides_model_sampling_defaults(target, drafter, batch):
     # Many checkpoints ship do_sample=True in their generation_config; an explicit do_sample=False wins.
     ids, mask = batch
