@@ -1,8 +1,9 @@
 """Drafter sampling: torch reference (eager), torch.compile of it and the Triton kernel, on CUDA.
 
 Bytes moved (``extra_info["bytes_moved"]``; achieved bandwidth = bytes / time) count what the op must touch
-once: the logits read, the fp32 noise read (when sampling) and the fp32 ``q`` written. The yardstick is a
-device-to-device copy of the same logits (read + write). Run explicitly:
+once: the logits read, the fp32 noise read (when sampling) and the fp32 ``q`` written (not by ``greedy_ids``,
+the draw of ids alone, ``probs=False``, as the engine's draft steps verified by exact match take it). The
+yardstick is a device-to-device copy of the same logits (read + write). Run explicitly:
 
     python -m pytest benchmarks/bench_sampling.py --benchmark-only --benchmark-json=benchmarks/results/sampling.json
 """
@@ -22,7 +23,12 @@ torch._dynamo.config.recompile_limit = 64
 
 ROWS = [1, 8, 72, 256]
 VOCABS = [32000, 128256, 151936]
-CONFIGS = {"greedy": (0.0, 0, 1.0), "temperature": (1.0, 0, 1.0), "top_k_top_p": (0.8, 50, 0.95)}
+CONFIGS = {  # name: (temperature, top_k, top_p, probs)
+    "greedy": (0.0, 0, 1.0, True),
+    "greedy_ids": (0.0, 0, 1.0, False),
+    "temperature": (1.0, 0, 1.0, True),
+    "top_k_top_p": (0.8, 50, 0.95, True),
+}
 IMPLS = ["eager", "compile", "triton"]
 # The top-p filter's cumsum of a softmax over a long row takes inductor's split-scan path, whose codegen
 # fails on a broadcast operand (pytorch/pytorch#180221; torch 2.11 on an H200 at [72, 128256]).
@@ -37,9 +43,11 @@ def sampling_inputs(rows: int, vocab: int, seed: int = 0):
     return logits, noise
 
 
-def sampling_bytes(logits: torch.Tensor, noise: torch.Tensor | None) -> int:
-    """What a draw must move at least: the logits read, the fp32 ``q`` written, the noise read (sampling)."""
-    return logits.numel() * (logits.element_size() + 4) + (0 if noise is None else noise.numel() * 4)
+def sampling_bytes(logits: torch.Tensor, noise: torch.Tensor | None, probs: bool = True) -> int:
+    """What a draw must move at least: the logits read, the fp32 ``q`` written (``probs``), the noise read
+    (sampling)."""
+    q_bytes = 4 if probs else 0
+    return logits.numel() * (logits.element_size() + q_bytes) + (0 if noise is None else noise.numel() * 4)
 
 
 def _record(benchmark, rows: int, vocab: int, moved: int) -> None:
@@ -67,7 +75,7 @@ def test_copy(benchmark, rows, vocab):
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("rows", ROWS)
 def test_sample(benchmark, rows, vocab, config, impl):
-    temperature, top_k, top_p = CONFIGS[config]
+    temperature, top_k, top_p, probs = CONFIGS[config]
     logits, noise = sampling_inputs(rows, vocab)
     noise = None if temperature == 0.0 else noise
     fn = {
@@ -76,9 +84,9 @@ def test_sample(benchmark, rows, vocab, config, impl):
         "triton": sample_triton,
     }[impl]
     try:
-        fn(logits, noise, temperature, top_k, top_p)  # compile / warm up
+        fn(logits, noise, temperature, top_k, top_p, probs=probs)  # compile / warm up
     except InductorError as error:  # seen with torch 2.11: see _COMPILE_BUG
         pytest.skip(f"torch.compile cannot build this case ({_COMPILE_BUG}): {str(error).splitlines()[0]}")
     benchmark.group = f"sample rows={rows} vocab={vocab}"
-    _record(benchmark, rows, vocab, sampling_bytes(logits, noise))
-    benchmark(synced(lambda: fn(logits, noise, temperature, top_k, top_p)))
+    _record(benchmark, rows, vocab, sampling_bytes(logits, noise, probs))
+    benchmark(synced(lambda: fn(logits, noise, temperature, top_k, top_p, probs=probs)))

@@ -32,7 +32,8 @@ def kernels() -> None:
     logits = torch.randn(batch, vocab, device=device, generator=generator)
     noise = torch.empty_like(logits).exponential_(generator=generator)
     for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 0.9)):
-        ops.sample(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
+        for probs in (True, False):  # the distribution written, or the ids alone
+            ops.sample(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p, probs=probs)
     table = NGramTable(256, 4, device=device)
     keys = torch.randint(0, vocab_d, (300, 4), device=device, generator=generator)
     keys[:, 3] = -1

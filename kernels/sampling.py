@@ -17,6 +17,8 @@ One draw uses the exponential race: with ``E_v ~ Exp(1)`` i.i.d.,
 ``argmax_v q_v / E_v`` is distributed as ``q``. The noise is an argument, so a
 draw is reproducible and the same noise gives the same token on every backend.
 Greedy decoding (``T == 0``) is ``argmax z`` (first maximum) with ``q`` one-hot there.
+A caller that reads only the ids (``probs=False``) gets no ``q``: no ``[rows, vocab]`` buffer is
+allocated or written, and greedy is then the argmax alone.
 
 The kept set is a threshold: ``{v : z_v > t} ∪ {v : z_v == t, v >= c}``. With
 ``m = max z``, ``w_v = exp(z_v - m)`` and ``Z_k`` the mass of the top-k set,
@@ -37,16 +39,17 @@ The Triton kernel (``sample_triton``) splits each row over ``splits`` programs
 over the vocabulary:
 
 1. ``_stats_kernel``: an online softmax per chunk (running max, rescaled sum);
-   greedy instead writes the zero probabilities and the chunk's argmax.
+   greedy instead finds the chunk's argmax (and writes the zero probabilities, unless ids only).
 2. top-k/top-p only: ``thresholds.launch_thresholds``, the exact search for ``t``
    and ``c`` in a fixed number of passes over the same grid (no host sync).
-3. ``_probs_kernel``: writes ``q`` and each chunk's race winner (reads the logits
-   again, mostly from L2, and the noise).
+3. ``_probs_kernel``: writes ``q`` (unless ids only) and each chunk's race winner
+   (reads the logits again, mostly from L2, and the noise).
 4. ``_finish_kernel`` (one program per row): the first winner over the chunks;
-   greedy writes the 1 of the one-hot row.
+   greedy writes the 1 of the one-hot row (unless ids only).
 
 So greedy is one read of the logits plus the write of ``q``; temperature
-sampling reads the logits twice, the noise once and writes ``q``; the filters
+sampling reads the logits twice, the noise once and writes ``q``; ids only, neither
+writes ``q`` (greedy is then one read of the logits and nothing more); the filters
 add up to 8 + 8 + ceil(log16 V) + 1 launches over the whole grid, of which
 typically 6-10 read the logits (mostly from L2) and the rest return at once.
 """
@@ -100,12 +103,16 @@ def _greedy(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     """The first argmax of the fp32 logits ([..., 1] int64) and the one-hot ``q`` there, so that a draw needs
     no second argmax, over the one-hot. (bf16/fp16 logits are converted first, though exactly and so to the
     same argmax: torch's CPU argmax of half types is slower than the conversion and an fp32 argmax.)"""
-    z = logits.float()
-    if mask is not None:
-        z = z.masked_fill(~mask, float("-inf"))
+    z = _masked(logits, mask)
     ids = z.argmax(-1, keepdim=True)
     # scatter, not one_hot: one_hot checks its indices on the host
     return ids, torch.zeros_like(z).scatter_(-1, ids, 1.0)
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 logits, -inf where ``mask`` is False: what greedy takes the first argmax of."""
+    z = logits.float()
+    return z if mask is None else z.masked_fill(~mask, float("-inf"))
 
 
 def _kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:  # [..., vocab] -> [..., 1]
@@ -163,13 +170,19 @@ def sample_reference(
     top_k: int,
     top_p: float,
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
-) -> tuple[torch.Tensor, torch.Tensor]:  # ids [rows] int64, probs [rows, vocab] fp32
-    """Sample one token per row from ``sampling_probs_reference``; returns the ids and the distribution."""
-    if temperature == 0.0:  # the argmax the one-hot is built at (the one-hot's own argmax, without a re-read)
-        ids, probs = _greedy(logits, mask)
-        return ids[..., 0], probs
-    probs = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
-    return (probs / noise).argmax(-1), probs
+    *,
+    probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # ids [rows] int64, probs [rows, vocab] fp32 (None: ids only)
+    """Sample one token per row from ``sampling_probs_reference``; returns the ids and the distribution
+    (None with ``probs=False``: greedy is then the argmax alone, no one-hot built)."""
+    if temperature == 0.0:
+        if not probs:
+            return _masked(logits, mask).argmax(-1), None
+        # the argmax the one-hot is built at (the one-hot's own argmax, without a re-read)
+        ids, q = _greedy(logits, mask)
+        return ids[..., 0], q
+    q = sampling_probs_reference(logits, temperature, top_k, top_p, mask)
+    return (q / noise).argmax(-1), q if probs else None
 
 
 def nonfinite_rows_reference(logits: torch.Tensor) -> torch.Tensor:  # logits [..., vocab] -> [...] bool
@@ -190,7 +203,7 @@ def nonfinite_rows_reference(logits: torch.Tensor) -> torch.Tensor:  # logits [.
 def _stats_kernel(
     logits_ptr,  # [rows, vocab] fp32/bf16/fp16
     mask_ptr,  # [vocab] uint8 (HAS_MASK)
-    probs_ptr,  # [rows, vocab] fp32, zeroed here when GREEDY
+    probs_ptr,  # [rows, vocab] fp32, zeroed here when WRITE_PROBS (GREEDY only)
     part_m_ptr,  # [rows, splits] fp32: chunk max
     part_aux_ptr,  # [rows, splits]: sum of exp(z - chunk max) fp32, or the chunk argmax int64 (GREEDY)
     vocab,
@@ -199,6 +212,7 @@ def _stats_kernel(
     temperature,
     chunk,
     GREEDY: tl.constexpr,
+    WRITE_PROBS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -214,7 +228,10 @@ def _stats_kernel(
         for start in range(begin, end, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             z = load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK)
-            tl.store(probs_ptr + row * stride_probs + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < end)
+            if WRITE_PROBS:
+                tl.store(
+                    probs_ptr + row * stride_probs + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < end
+                )
             block_m = tl.max(z, 0)
             best = tl.where(block_m > m, start + tl.argmax(z, 0).to(tl.int64), best)
             m = tl.maximum(m, block_m)
@@ -237,7 +254,7 @@ def _probs_kernel(
     logits_ptr,  # [rows, vocab]
     mask_ptr,  # [vocab] uint8 (HAS_MASK)
     noise_ptr,  # [rows, vocab] fp32 Exp(1)
-    probs_ptr,  # [rows, vocab] fp32 out
+    probs_ptr,  # [rows, vocab] fp32 out (WRITE_PROBS)
     part_m_ptr,  # [rows, splits] fp32
     part_z_ptr,  # [rows, splits] fp32
     row_z_ptr,  # [rows] fp32 (FILTERED)
@@ -254,6 +271,7 @@ def _probs_kernel(
     splits,
     SPLITS_P2: tl.constexpr,
     FILTERED: tl.constexpr,
+    WRITE_PROBS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -277,7 +295,8 @@ def _probs_kernel(
         q = tl.exp(z - m) * inv_norm
         if FILTERED:
             q = tl.where((z > t) | ((z == t) & (offs >= cut)), q, 0.0)
-        tl.store(probs_ptr + row * stride_probs + offs, q, mask=inside)
+        if WRITE_PROBS:
+            tl.store(probs_ptr + row * stride_probs + offs, q, mask=inside)
         noise = tl.load(noise_ptr + row * stride_noise + offs, mask=inside, other=1.0)
         best, best_id = race_step(best, best_id, tl.where(inside, q / noise, -1.0), start)
     tl.store(win_val_ptr + row * splits + split, best)
@@ -314,9 +333,12 @@ def sample_triton(
     top_p: float,
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
     *,
+    probs: bool = True,
     block: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ids [rows] int64, probs [rows, vocab] fp32
-    """``sample_reference`` in Triton (see the module docstring); ``block`` is the tile of the vocabulary."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # ids [rows] int64, probs [rows, vocab] fp32 (None: ids only)
+    """``sample_reference`` in Triton (see the module docstring); ``block`` is the tile of the vocabulary.
+    With ``probs=False`` no distribution is allocated or written (the kernels' ``WRITE_PROBS``/``ONE_HOT``
+    off) and None is returned for it."""
     rows, vocab = logits.shape
     device = logits.device
     if logits.stride(-1) != 1:
@@ -324,27 +346,27 @@ def sample_triton(
     greedy = temperature == 0.0
     if not greedy and noise.stride(-1) != 1:
         noise = noise.contiguous()
-    probs = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    q = torch.empty(rows, vocab, dtype=torch.float32, device=device) if probs else None
     ids = torch.empty(rows, dtype=torch.int64, device=device)
     if rows == 0:
-        return ids, probs
+        return ids, q
     chunk, splits = chunking(vocab, rows, block, device)
     splits_p2 = triton.next_power_of_2(splits)
     has_mask = mask is not None
     mask_arg = mask.contiguous().view(torch.uint8) if has_mask else logits
     grid = (rows, splits)
+    q_arg, stride_q = (q, q.stride(0)) if probs else (ids, 0)  # not written to unless WRITE_PROBS
 
     part_m = torch.empty(rows, splits, dtype=torch.float32, device=device)
     part_aux = torch.empty(rows, splits, dtype=torch.int64 if greedy else torch.float32, device=device)
     _stats_kernel[grid](
-        logits, mask_arg, probs, part_m, part_aux, vocab, logits.stride(0), probs.stride(0),
-        1.0 if greedy else temperature, chunk, GREEDY=greedy, HAS_MASK=has_mask, BLOCK=block,
+        logits, mask_arg, q_arg, part_m, part_aux, vocab, logits.stride(0), stride_q,
+        1.0 if greedy else temperature, chunk, GREEDY=greedy, WRITE_PROBS=greedy and probs, HAS_MASK=has_mask,
+        BLOCK=block,
     )  # fmt: skip
     if greedy:
-        _finish_kernel[(rows,)](
-            part_m, part_aux, ids, probs, probs.stride(0), splits, splits_p2, ONE_HOT=True
-        )
-        return ids, probs
+        _finish_kernel[(rows,)](part_m, part_aux, ids, q_arg, stride_q, splits, splits_p2, ONE_HOT=probs)
+        return ids, q
 
     top_k_on = 0 < top_k < vocab
     filtered = top_k_on or top_p < 1.0
@@ -357,9 +379,9 @@ def sample_triton(
     win_val = torch.empty(rows, splits, dtype=torch.float32, device=device)
     win_id = torch.empty(rows, splits, dtype=torch.int64, device=device)
     _probs_kernel[grid](
-        logits, mask_arg, noise, probs, part_m, part_aux, row_z, row_t, row_c, win_val, win_id, vocab,
-        logits.stride(0), noise.stride(0), probs.stride(0), temperature, chunk, splits, splits_p2,
-        FILTERED=filtered, HAS_MASK=has_mask, BLOCK=block,
+        logits, mask_arg, noise, q_arg, part_m, part_aux, row_z, row_t, row_c, win_val, win_id, vocab,
+        logits.stride(0), noise.stride(0), stride_q, temperature, chunk, splits, splits_p2,
+        FILTERED=filtered, WRITE_PROBS=probs, HAS_MASK=has_mask, BLOCK=block,
     )  # fmt: skip
-    _finish_kernel[(rows,)](win_val, win_id, ids, probs, probs.stride(0), splits, splits_p2, ONE_HOT=False)
-    return ids, probs
+    _finish_kernel[(rows,)](win_val, win_id, ids, q_arg, stride_q, splits, splits_p2, ONE_HOT=False)
+    return ids, q

@@ -87,6 +87,8 @@ class SlotKVCache(Cache):
         # Per request (CausalLM.begin), in place: what every forward's mask starts from, read by captured stages
         self.slot_ids: torch.Tensor | None = None  # [max_slots] 0 .. max_slots - 1
         self.from_start: torch.Tensor | None = None  # [batch, 1, 1, max_slots] slot >= the row's start
+        # ([], []) the additive mask's values where a slot is visible (0) and where not (the lowest), model dtype
+        self.mask_values: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers <= 5.23 passes `cache_kwargs`, 5.24 `kwargs=`; neither carries anything needed here.
@@ -270,7 +272,6 @@ class CausalLM:
         )
         self.cache: SlotKVCache | None = None
         self.start: torch.Tensor | None = None  # [batch] first slot of each row's sequence
-        self._mask_dtype: torch.dtype | None = None  # the model's dtype during a request (``begin``)
         self.lean = lean and _lean.supports(model)  # Llama family: the lean forward on its modules
 
     def current_vocab_size(self) -> int:
@@ -322,15 +323,22 @@ class CausalLM:
         else:
             for buffer in (*cache.keys, *cache.values):
                 buffer.zero_()
+        dtype = self.dtype  # the mask's: read once, a parameter lookup per forward costs
         from_start = cache.slot_ids is not None and cache.from_start.shape[0] == start.shape[0]
         if from_start and cache.slot_ids.device == start.device:  # a kept cache: its tensors, rewritten
             torch.ge(cache.slot_ids, start[:, None, None, None], out=cache.from_start)
         else:
             cache.slot_ids = torch.arange(max_slots, device=start.device)
             cache.from_start = cache.slot_ids >= start[:, None, None, None]
+        values = cache.mask_values
+        if values is None or values[0].dtype != dtype or values[0].device != start.device:
+            options = {"dtype": dtype, "device": start.device}
+            cache.mask_values = (
+                torch.tensor(0.0, **options),
+                torch.tensor(torch.finfo(dtype).min, **options),
+            )
         self.cache = cache
         self.start = start
-        self._mask_dtype = self.dtype  # read once: a parameter lookup per forward costs
         # A module hook (lean.hooked) selects transformers' forward for the request: looked for once here,
         # a walk over every module being too slow for each forward
         self._lean_now = self.lean and not _lean.hooked(self.model)
@@ -364,11 +372,8 @@ class CausalLM:
             self.cache.read_only = False
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        """The additive attention mask (the model's dtype) of a boolean one."""
-        mask = torch.full(
-            visible.shape, torch.finfo(self._mask_dtype).min, dtype=self._mask_dtype, device=visible.device
-        )
-        return mask.masked_fill_(visible, 0.0)
+        """The additive attention mask (the model's dtype) of a boolean one, in one op."""
+        return torch.where(visible, *self.cache.mask_values)
 
     def _run(self, input_ids, slots, last_only, hidden):
         cache, start = self.cache, self.start
@@ -378,7 +383,7 @@ class CausalLM:
         else:
             positions = positions.clamp_min(0)
         keys = cache.slot_ids  # [max_slots]
-        q = slots[:, None, :, None]  # [batch, 1, n, 1]
+        q = slots.reshape(slots.shape[0], 1, slots.shape[1], 1)  # [batch, 1, n, 1] (one view op, not two)
         visible = cache.from_start & (keys <= q)  # from_start: keys >= start[:, None, None, None]
         if self.sliding_window is not None:
             visible &= keys > q - self.sliding_window

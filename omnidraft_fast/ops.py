@@ -86,11 +86,14 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     mask: torch.Tensor | None = None,  # [vocab] bool, True = may be sampled
-) -> tuple[torch.Tensor, torch.Tensor]:
+    probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw one token per row; returns ``ids`` [rows] int64 and the sampled-from distribution [rows, vocab] fp32.
 
     ``temperature == 0`` is greedy (argmax, one-hot distribution). ``mask`` restricts the draw to the
-    allowed tokens (as if the others' logits were -inf); at least one must be allowed.
+    allowed tokens (as if the others' logits were -inf); at least one must be allowed. ``probs=False``
+    draws the same ids and returns None for the distribution, which is then neither allocated nor written
+    (greedy: the argmax alone).
 
     Example::
 
@@ -98,6 +101,8 @@ def sample(
         >>> ids, q = sample(logits, None, temperature=0.0)
         >>> ids.tolist(), q.tolist()
         ([1], [[0.0, 1.0, 0.0]])
+        >>> sample(logits, None, temperature=0.0, probs=False)
+        (tensor([1]), None)
     """
     _check("logits", logits, 2, dtypes=_FLOATS)
     _check_sampling(temperature, top_k, top_p)
@@ -115,9 +120,11 @@ def sample(
             raise ValueError(
                 f"`mask` must have one entry per vocabulary id ({logits.shape[1]}), got {mask.shape[0]}"
             )
+    if not isinstance(probs, bool):
+        raise TypeError(f"`probs` must be a bool (False: ids only), got {type(probs).__name__}")
     if runs_kernels(logits) and math.isfinite(temperature):  # as verify(): T = inf on the reference
-        return sample_triton(logits, noise, temperature, top_k, top_p, mask)
-    return sample_reference(logits, noise, temperature, top_k, top_p, mask)
+        return sample_triton(logits, noise, temperature, top_k, top_p, mask, probs=probs)
+    return sample_reference(logits, noise, temperature, top_k, top_p, mask, probs=probs)
 
 
 def verify(

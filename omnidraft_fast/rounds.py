@@ -415,6 +415,10 @@ class Rounds:
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
             state.invalid |= ops.nonfinite_rows(logits)
             noise = None if sampling.greedy else _exponential(logits.shape, state.graphs.generator, device)
+            # Verification by exact match reads no q; a confidence threshold reads the drafted token's q when
+            # sampling (at T=1 from the logits when greedy). Without either, the draw is ids only.
+            exact_match = self._exact_match(request)
+            confident = length is not None and length.confidence is not None
             ids, probs = ops.sample(
                 logits,
                 noise,
@@ -422,12 +426,12 @@ class Rounds:
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
                 mask=shared_only,
+                probs=not exact_match or (confident and not sampling.greedy),
             )
             state.draft_ids[:, i] = ids
             # A row that stopped drafting (draft-length control) proposes nothing here: q = 0, so that
             # verification draws a token at this position from the target's own law (kernels/verify.py).
-            # Verification by exact match reads no q.
-            if not self._exact_match(request):
+            if not exact_match:
                 state.draft_probs[:, i] = (
                     probs if length is None else torch.where(length.stopped[:, None], 0.0, probs)
                 )
@@ -441,7 +445,7 @@ class Rounds:
                 state.draft_probs_t1[:, i] = law_t1()
             if length is not None:  # adaptive draft length: rows stop on the head's estimate or on confidence
                 confidence = None
-                if length.confidence is not None:  # the drafted token's probability (T=1 when greedy)
+                if confident:  # the drafted token's probability (T=1 when greedy)
                     confidence = (law_t1() if sampling.greedy else probs).gather(1, ids[:, None])[:, 0]
                 head_input = (  # the head's confidence input (AdaptiveConfig.confidence_input)
                     confidence_logit(logits, ids) if head and length.head.confidence_input else None

@@ -109,7 +109,9 @@ def _launches():
     for temperature, top_k, top_p, allowed in ((0.0, 0, 1.0, None), (1.0, 0, 1.0, None), (0.7, 5, 0.9, mask),
                                                (1.0, 0, 0.8, None), (0.0, 0, 1.0, mask)):  # fmt: skip
         logits, noise = torch.randn(3, 300), torch.rand(3, 300)
-        yield lambda a=(logits, noise, temperature, top_k, top_p, allowed): sampling.sample_triton(*a)
+        args = (logits, noise, temperature, top_k, top_p, allowed)
+        for probs in (True, False):  # the distribution written, or the ids alone
+            yield lambda a=args, p=probs: sampling.sample_triton(*a, probs=p)
     drafts, d2t = _drafts(4, 5, seed=1), _d2t(seed=2)
     table = _table(drafts, 4, 64, windows=10, random=10, seed=3)
     for drafted in (None, torch.tensor([5, 2, 0, 3])):

@@ -74,6 +74,38 @@ def test_drafter_context_stays_in_step(pair, monkeypatch):
     assert b"".join(drafter_pieces[i] for i in drafter_ids) == target_text
 
 
+@pytest.mark.parametrize(
+    ("translation", "settings", "reads_q"),
+    [
+        ("omnidraft", {}, False),  # greedy: verified by exact match
+        ("tli", {}, False),
+        ("omnidraft", {"assistant_confidence_threshold": 0.5}, False),  # greedy confidence: the T=1 law
+        ("omnidraft", {"do_sample": True}, True),  # speculative sampling reads q
+        ("omnidraft", {"cascade": CascadeConfig("chow", 0.5)}, True),  # a deferral rule reads q, greedy too
+        ("exact", {"do_sample": True}, False),  # exact match, whatever the sampling
+        ("exact", {"do_sample": True, "assistant_confidence_threshold": 0.5}, True),  # the drafted token's q
+    ],
+)
+def test_draft_steps_draw_ids_only_where_no_q_is_read(pair, monkeypatch, translation, settings, reads_q):
+    """The draft step asks ``ops.sample`` for the distribution only where the round reads it: no
+    ``[batch, V_d]`` q allocated and written per draft step otherwise (``probs=False``)."""
+    _, _, tokenizer, _ = pair
+    engine = _engine(pair, translation, 3)
+    asked = []
+    sample = omnidraft_fast.ops.sample
+
+    def spy(*args, probs=True, **kwargs):
+        asked.append(probs)
+        ids, q = sample(*args, probs=probs, **kwargs)
+        assert (q is not None) == probs
+        return ids, q
+
+    monkeypatch.setattr(omnidraft_fast.ops, "sample", spy)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    engine.generate(ids, max_new_tokens=8, **settings)
+    assert asked and set(asked) == {reads_q}
+
+
 @pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
 def test_drafter_context_stays_in_step_over_batches(pair, monkeypatch, translation):
     """After a request, the drafter's context spells exactly the bytes of the target's text: with split

@@ -53,6 +53,11 @@ def _check(logits, noise, temperature, top_k, top_p, mask=None, block=64):
     torch.testing.assert_close(objective.gather(1, ids[:, None])[:, 0], best, atol=0, rtol=1e-5)
     assert torch.equal(ids[same & (ids == ref_ids)], ref_ids[same & (ids == ref_ids)])
     assert (probs.gather(1, ids[:, None]) > 0).all()
+    # Ids only (probs=False): the same draws, no distribution.
+    only = sample_triton(logits, noise, temperature, top_k, top_p, mask, probs=False, block=block)
+    ref_only = sample_reference(logits, noise, temperature, top_k, top_p, mask, probs=False)
+    assert only[1] is None and ref_only[1] is None
+    assert torch.equal(only[0], ids) and torch.equal(ref_only[0], ref_ids)
     return ids, probs
 
 

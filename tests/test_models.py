@@ -8,8 +8,10 @@ import pickle
 import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import omnidraft_fast
+from omnidraft_fast import models
 from omnidraft_fast.models import CausalLM
 
 VOCAB = 64
@@ -38,6 +40,44 @@ def test_rollback_then_rewrite_matches_a_fresh_forward(arch, lean):
     for row in range(2):
         fresh = model(ids[row : row + 1, start[row] : slots[row, -1] + 1]).logits[0, -3:]
         torch.testing.assert_close(logits[row], fresh, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mask_is_one_where_over_constants_the_cache_keeps(monkeypatch, dtype):
+    """A forward's additive mask (0 where a query sees a slot: from its row's start, or from itself for a
+    padding query, up to itself; the dtype's lowest elsewhere) costs 9 ops with the positions: the slots
+    viewed once, and one ``where`` over two 0-d constants that the cache keeps, so that a kept cache's
+    captured stages read the same tensors in a later request."""
+    model = tiny_model("llama", VOCAB, seed=5, dtype=dtype)
+    runner = CausalLM(model, "model", lean=True)
+    start = torch.tensor([1, 4])
+    runner.begin(start, max_slots=8)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def lean_forward(model, ids, positions, mask, cache, last_only):
+        seen.append(("forward", mask, positions))
+        raise StopIteration
+
+    monkeypatch.setattr(models._lean, "forward", lean_forward)
+    slots = torch.tensor([[2, 3], [2, 5]])  # row 1's slot 2 is padding: it sees only itself
+    ids = torch.zeros(2, 2, dtype=torch.int64)
+    with Ops(), pytest.raises(StopIteration):
+        runner.forward(ids, slots)
+    *ops, (_, mask, positions) = seen
+    assert ops == ["unsqueeze", "sub", "clamp", "view", "le", "bitwise_and", "eq", "bitwise_or", "where"]
+    keys = torch.arange(8)
+    visible = ((keys >= start[:, None, None]) | (keys == slots[..., None])) & (keys <= slots[..., None])
+    expected = torch.full((2, 2, 8), torch.finfo(dtype).min, dtype=dtype).masked_fill(visible, 0.0)
+    assert mask.dtype == dtype and torch.equal(mask[:, 0], expected)
+    assert positions.tolist() == [[1, 2], [0, 1]]
+    values = runner.cache.mask_values
+    runner.begin(start, max_slots=8, cache=runner.cache)  # a kept cache: the same constants
+    assert all(a is b for a, b in zip(runner.cache.mask_values, values, strict=True))
 
 
 def test_engines_do_not_travel_with_copies_of_the_model():

@@ -186,6 +186,8 @@ def test_ops_check_metadata():
         ops.sample(torch.zeros(2, 5), None, temperature=0.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         ops.sample(torch.zeros(2, 5), torch.ones(2, 5), temperature=float("nan"))
+    with pytest.raises(TypeError, match="`probs` must be a bool"):  # a tensor's truth would sync the GPU
+        ops.sample(torch.zeros(2, 5), None, temperature=0.0, probs=torch.tensor(False))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=float("nan"))
     with pytest.raises(ValueError, match="exact_match"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omnidraft_fast.kernels.sampling import sampling_probs_reference
+from omnidraft_fast.kernels.sampling import sample_reference, sampling_probs_reference
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _full_sort(logits, temperature, top_k, top_p, mask=None):
@@ -139,8 +140,6 @@ def test_greedy_takes_the_argmax_once(dtype):
     """sample_reference returns the argmax the greedy one-hot is built at, not the one-hot's argmax: the
     one-hot and ids of the formula before, bit for bit (ties, NaN/+inf rows, rows all -inf, a mask, strided
     rows; float64 near-ties that fp32 merges)."""
-    from omnidraft_fast.kernels.sampling import sample_reference
-
     logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
     logits[0, 3] = logits[0, 9] = logits[0].max() + 1  # a tie: the first
     logits[1, 7] = float("nan")
@@ -156,4 +155,26 @@ def test_greedy_takes_the_argmax_once(dtype):
             assert torch.equal(sampling_probs_reference(x, 0.0, 0, 1.0, m), want)
             ids, probs = sample_reference(x, None, 0.0, 0, 1.0, m)
             assert torch.equal(probs, want) and torch.equal(ids, want.argmax(-1))
+            assert torch.equal(sample_reference(x, None, 0.0, 0, 1.0, m, probs=False)[0], ids)  # ids only
     assert sample_reference(logits, None, 0.0, 0, 1.0)[0][4] == 2
+
+
+def test_greedy_ids_only_build_no_distribution():
+    """``probs=False`` at T = 0 is the masked argmax alone: no one-hot row allocated or scattered into."""
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(8))
+    mask = torch.arange(50) % 3 > 0
+    for m, expected in ((None, ["argmax"]), (mask, ["bitwise_not", "masked_fill", "argmax"])):
+        with Ops() as ops:
+            ids, probs = sample_reference(logits, None, 0.0, 0, 1.0, m, probs=False)
+        assert probs is None and ops.names == expected
+        assert torch.equal(ids, sample_reference(logits, None, 0.0, 0, 1.0, m)[0])
