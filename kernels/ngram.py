@@ -81,10 +81,25 @@ def _offset(probe: int) -> int:
     return probe * (probe + 1) // 2
 
 
+def _slot(h: torch.Tensor, probe: int, capacity: int) -> torch.Tensor:
+    """[Q] the slot probe ``probe`` of hashes ``h`` reads (the home slot at probe 0, with no offset to add)."""
+    return (h + _offset(probe) if probe else h) & (capacity - 1)
+
+
 def hash_keys_reference(keys: torch.Tensor) -> torch.Tensor:  # keys [Q, N] int64, -1 padded -> [Q] int64
     """The 63-bit hash of each key (its length and ids), >= 0."""
     present = keys >= 0
-    h = _mix_(present.sum(-1))
+    return _hash(keys, present, present.sum(-1))
+
+
+def _hash(
+    keys: torch.Tensor,  # [Q, N] int64, -1 padded
+    present: torch.Tensor,  # [Q, N] bool: keys >= 0
+    length: torch.Tensor,  # [Q] int64: present ids per key
+) -> torch.Tensor:  # [Q] int64
+    """``hash_keys_reference`` given each key's present ids and their count (an insert has them already),
+    which it mixes in place."""
+    h = _mix_(length)
     shifted = keys + 1
     for ids, here in zip(shifted.unbind(1), present.unbind(1), strict=True):
         step = torch.add(ids, h, alpha=_P)  # h * P + (id + 1) in one op, wrapping alike
@@ -103,11 +118,12 @@ def ngram_lookup_reference(
     found = torch.full_like(h, -1)
     open_ = torch.ones_like(h, dtype=torch.bool)  # still probing
     for probe in range(MAX_PROBES):
-        slot = (h + _offset(probe)) & (capacity - 1)
-        stored = key_ids[slot].long()  # [Q, N]
+        slot = _slot(h, probe, capacity)
+        stored = key_ids[slot]  # [Q, N] int32, compared with the int64 queries as they are
         match = open_ & (stored == queries).all(-1)
-        found = torch.where(match, values[slot].long(), found)
-        open_ &= ~match & (stored[:, 0] >= 0)  # a free slot ends the chain
+        found = torch.where(match, values[slot], found)  # int32 values into the int64 result
+        open_ ^= match  # a match ends the chain (match is within open_)
+        open_ &= stored[:, 0] >= 0  # and so does a free slot
         if not _more(open_):
             break
     return found
@@ -130,27 +146,33 @@ def ngram_insert_reference(
     seeds: 0.23 -> 0.05 s for a Llama-3 target's 96k).
     """
     capacity, rows = key_ids.shape[0], keys.shape[0]
-    pending = (keys >= 0).sum(-1) >= 2
+    present = keys >= 0
+    length = present.sum(-1)
+    pending = length >= 2
     if not _more(pending):  # nothing to insert (the CPU's early exit, as in the probe loop)
         return pending.sum()
-    h = hash_keys_reference(keys)
-    order = torch.arange(rows, device=keys.device)
+    h = _hash(keys, present, length)
     # Which row claims a free slot: for a few rows, each row against the rows before it ([Q, Q]); for
     # many, a slot-indexed scratch buffer of the lowest row (reset after each use), as a [Q, Q] would
-    # outgrow the table. The same winners either way.
+    # outgrow the table. The same winners either way. What a claim needs is made at the first one (most
+    # rounds' keys are in the table already).
     pairwise = _pairwise(rows, capacity)
-    if pairwise:
-        before = order[None, :] < order[:, None]  # [Q, Q]: row j comes before row i
-    else:
-        claimant = torch.full((capacity,), rows, dtype=torch.int64, device=keys.device)
-    new_keys = keys.to(key_ids.dtype)
-    new_values = new_values.to(values.dtype)
+    claiming = None
     for probe in range(MAX_PROBES):
-        slot = (h + _offset(probe)) & (capacity - 1)
+        slot = _slot(h, probe, capacity)
         # A free slot goes to the lowest pending row aiming at it (no claim where no row sees one: the writes
-        # would change nothing, and most rounds' keys are in the table already).
-        free = pending & (hashes[slot] == EMPTY)
+        # would change nothing).
+        stored = hashes[slot]
+        free = pending & (stored == EMPTY)
         if _more(free):
+            if claiming is None:
+                order = torch.arange(rows, device=keys.device)
+                if pairwise:
+                    before, scratch = order[None, :] < order[:, None], None  # [Q, Q]: row j before row i
+                else:
+                    before, scratch = None, torch.full_like(hashes, rows)  # [C] int64
+                claiming = order, before, scratch, keys.to(key_ids.dtype), new_values.to(values.dtype)
+            order, before, claimant, new_keys, new_vals = claiming
             if pairwise:
                 earlier = (slot[:, None] == slot[None, :]) & free[None, :] & before
                 won = free & ~earlier.any(1)
@@ -162,11 +184,12 @@ def ngram_insert_reference(
             key_ids.scatter_reduce_(
                 0, slot[:, None].expand_as(new_keys), torch.where(won[:, None], new_keys, -1), reduce="amax"
             )
-            values.scatter_reduce_(0, slot, torch.where(won, new_values, -1), reduce="amax")
+            values.scatter_reduce_(0, slot, torch.where(won, new_vals, -1), reduce="amax")
+            stored = hashes[slot]
         # Every row whose slot now holds its hash (claimed just now, by a duplicate, or earlier) settles.
-        settled = pending & (hashes[slot] == h)
-        counts.index_add_(0, slot, torch.where(settled, hits, 0).to(counts.dtype))
-        pending &= ~settled
+        settled = pending & (stored == h)
+        counts.index_add_(0, slot, (hits * settled).to(counts.dtype))
+        pending ^= settled  # settled is within pending
         if not _more(pending):
             break
         if not pairwise and eager_cpu(pending):  # the CPU's shortcut for a large insert (seeds, an eviction):

@@ -110,17 +110,14 @@ class TargetProposal:
         """Every position's row of ``q'`` (None), or only those at ``positions`` (the same values: the rows are
         built alike, each from its own position's span)."""
         probs, span = self.probs, self.span
-        vocab_d = probs.shape[-1]
         if positions is not None:
             span = _Span(*(t.gather(1, positions) for t in span))
         source, at, mass, merged, first, piece, live = span
-        batch, m = source.shape
-        t2d = self.cross.t2d.long()
         # q_s(t2d[t]): the source rows, then their columns through t2d (index_select, not advanced indexing:
         # the same copies, ~1.7x faster on the CPU), 0 where t2d[t] = -1
-        index = (torch.arange(batch, device=probs.device)[:, None] * probs.shape[1] + source).reshape(-1)
-        q = probs.reshape(-1, vocab_d).index_select(0, index).index_select(1, t2d.clamp_min(0))
-        q = q.view(batch, m, -1).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
+        t2d = self.cross.t2d  # [V_t] int32
+        q = probs[torch.arange(probs.shape[0], device=probs.device)[:, None], source]  # [batch, m, V_d]
+        q = q.index_select(2, t2d.clamp_min(0)).masked_fill_(t2d < 0, 0.0)  # [batch, m, V_t]
         take = torch.where(merged & (first >= 0), mass, 0.0)
         q.scatter_add_(2, first.clamp_min(0)[..., None], -take[..., None])
         q.clamp_min_(0.0)
@@ -132,14 +129,14 @@ class TargetProposal:
 
     def at_drafts(self) -> torch.Tensor:  # [batch, k] fp32
         """``q'_j(x_j)`` (``x_j`` clamped to 0 where nothing was proposed) without the dense rows: each
-        position's entry of :meth:`rows` at its own token, by the same operations, so bit for bit."""
+        position's entry of :meth:`rows` at its own token, bit for bit. A merge's subtraction at ``d2t[y_s]``
+        is not needed here: at a merged position its own token's entry is the path probability, and elsewhere
+        it subtracts nothing."""
         probs = self.probs
-        source, at, mass, merged, first, piece, live = self.span
-        d = self.cross.t2d[at].long()  # [batch, k]
+        source, at, mass, merged, _first, piece, live = self.span
+        d = self.cross.t2d[at]  # [batch, k] int32
         rows = torch.arange(probs.shape[0], device=probs.device)[:, None]
         q = torch.where(d >= 0, probs[rows, source, d.clamp_min(0)], 0.0)  # q_s(t2d[x_j])
-        take = torch.where(merged & (first >= 0), mass, 0.0)
-        q = torch.where(at == first.clamp_min(0), q + -take, q).clamp_min(0.0)  # the scatter_add at d2t[y_s]
         q = torch.where(merged, mass, q)
         q = torch.where(piece, 1.0, q)
         return q * live
@@ -169,18 +166,17 @@ class _Span(NamedTuple):
 
 
 def _span_terms(probs: torch.Tensor, target_ids: torch.Tensor, cross: CrossProposal) -> _Span:
-    batch = probs.shape[0]
     # Path probability of each span: a difference of cumulative log-probabilities along the draft.
     path = (
         drafted_path(probs, cross.drafter_ids) if cross.path is None else cross.path
     )  # [batch, k]: r_u(y_u)
-    cumulative = torch.cat([path.new_zeros(batch, 1), path.clamp_min(1e-30).log().cumsum(1)], 1)
+    cumulative = torch.nn.functional.pad(path.clamp_min(1e-30).log().cumsum(1), (1, 0))  # [batch, k + 1]
     mass = (cumulative.gather(1, cross.span_end) - cumulative.gather(1, cross.source)).exp()  # [batch, k]
     proposed = target_ids >= 0
     width = cross.span_end - cross.source  # drafter tokens behind each position
     merged = (width >= 2) & proposed
     first = cross.d2t[cross.drafter_ids.gather(1, cross.source)].long()  # d2t[y_s]
-    previous = torch.cat([cross.source.new_full((batch, 1), -1), cross.source[:, :-1]], 1)
+    previous = torch.nn.functional.pad(cross.source[:, :-1], (1, 0), value=-1)
     piece = (cross.source == previous) & proposed  # [batch, k]
     # Not proposed, a position is one drafter token wide only at the stop at a token with no translation.
     live = (proposed | (width == 1)).to(probs.dtype)

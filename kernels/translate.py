@@ -106,42 +106,47 @@ def translate_ngram_reference(
     batch, k = draft_ids.shape
     n_max = key_ids.shape[1]
     device = draft_ids.device
-    row_end = _row_end(drafted, batch, k, device)
+    row_end = _row_end(drafted, batch, k, device)[:, None]  # [batch, 1]
     mapped = d2t[draft_ids].long()  # [batch, k]
 
     # Longest table match starting at each drafter position: one lookup of every window (start i, length n),
     # windows running past the draft's end cut short (a key of fewer ids, which never stands for n).
     lengths = torch.arange(2, max(n_max, 2) + 1, device=device)  # [L] candidate n
-    columns = torch.arange(n_max, device=device)
-    at = torch.arange(k, device=device)[:, None, None] + columns  # [k, 1, N] drafter position of each id
-    inside = (columns < lengths[:, None]) & (at < k)  # [k, L, N]
-    queries = torch.where(inside, draft_ids[:, at.clamp_max(k - 1)], -1)  # [batch, k, L, N]
+    positions = torch.arange(max(k + 1, n_max), device=device)  # drafter positions (k: the end), key columns
+    padded = torch.nn.functional.pad(draft_ids, (0, n_max - 1), value=-1)  # -1 past the draft's end
+    windows = padded.unfold(1, n_max, 1)  # [batch, k, N]: ids i..i+N-1
+    inside = positions[:n_max] < lengths[:, None]  # [L, N]
+    queries = torch.where(inside, windows[:, :, None], -1)  # [batch, k, L, N]
     found = ngram_lookup_reference(key_ids, values, queries.reshape(-1, n_max)).view(batch, k, -1)
-    ends = at[:, :, 0] + lengths  # [k, L] one past each window
-    hit = (found >= 0) & (ends <= row_end[:, None, None])  # [batch, k, L]: the window fits in the row's draft
+    ends = positions[:k, None] + lengths  # [k, L] one past each window
+    hit = (found >= 0) & (ends <= row_end[..., None])  # [batch, k, L]: the window fits in the row's draft
     longest = torch.where(hit, lengths, 0).amax(-1)  # [batch, k] (0: no merge)
     merged = found.gather(2, (longest - 2).clamp_min(0)[..., None])[..., 0]
 
     # Left-to-right scan, all rows at once. From drafter position i the scan emits `token` and moves on by
     # `step` while it may (`ok`); where it may not, it stops there for good. So the positions it visits are
-    # a chain through `after` (k steps of one gather each, position k standing for the end of the draft),
-    # and what it emits at each is read off them at once.
+    # a chain through `after` (k steps of one gather each, position k standing for the end of the draft):
+    # target position j is proposed where the pointer moved on from it, and what it emits is read off the
+    # chain at once.
     token = torch.where(longest >= 2, merged, mapped)  # [batch, k]
-    step = torch.where(longest >= 2, longest, 1)
-    ok = (at[:, 0, 0] < row_end[:, None]) & (token >= 0)
-    ok = torch.cat([ok, ok.new_zeros(batch, 1)], 1)  # [batch, k + 1]: nothing past the end
-    after = torch.where(ok[:, :k], at[:, 0, 0] + step, at[:, 0, 0])
-    after = torch.cat([after, after.new_full((batch, 1), k)], 1)  # [batch, k + 1]
+    step = longest.clamp_min(1)  # longest is 0 or 2..N
+    ok = (positions[:k] < row_end) & (token >= 0)
+    after = torch.where(ok, positions[:k] + step, positions[:k])
+    after = torch.nn.functional.pad(after, (0, 1), value=k)  # [batch, k + 1]: the end stays the end
     visited = [torch.zeros(batch, 1, dtype=torch.int64, device=device)]  # the pointer before each step
     for _ in range(k):
         visited.append(after.gather(1, visited[-1]))
-    pointer, last = torch.cat(visited[:k], 1), visited[k][:, 0]  # [batch, k], [batch]
-    going = ok.gather(1, pointer)
+    chain = torch.cat(visited, 1)  # [batch, k + 1]
+    pointer, following = chain[:, :k], chain[:, 1:]
+    going = following > pointer  # [batch, k] leading ones: the proposed positions
     source = pointer.clamp_max(k - 1)  # first drafter position of token j
     target_ids = torch.where(going, token.gather(1, source), -1)
-    width = torch.where(going, step.gather(1, source), 0)  # drafter tokens it spans
-    m = (target_ids >= 0).sum(-1)
-    return target_ids, m, *_stop(source, source + width, m, last.clamp_max(k - 1), last < row_end)
+    m = going.sum(-1)
+    # The stop (module docstring). Past position m the pointer stays where the scan stopped, so `source` is
+    # already the stop's drafter position there (clamped); it is one drafter token wide at m when the scan
+    # stopped at a drafted token that does not translate (before the row's end).
+    unmapped = (positions[:k] == m[:, None]) & (chain[:, k:] < row_end)
+    return target_ids, m, source, torch.where(going, following, source + unmapped)
 
 
 def split_reference(

@@ -155,7 +155,7 @@ def verify_reference(
             rules,
         )  # [batch, k, V_t]
         deferred = ~keep.gather(-1, safe_ids)[..., 0] & proposed
-    pi_y = torch.where(proposed, pi.gather(-1, safe_ids)[..., 0], 0.0)
+    pi_y = pi.gather(-1, safe_ids)[..., 0]  # read where q_y > 0 only: proposed positions
     ratio = pi_y / q_y.clamp_min(torch.finfo(torch.float32).tiny)
     accept_probs = torch.where(q_y > 0, ratio, 0.0).clamp(max=1.0)
     num_accepted = (uniforms < accept_probs).cumprod(-1).sum(-1)  # [batch]
@@ -166,9 +166,12 @@ def verify_reference(
     if k == 0:
         pi_stop, q_stop = p[:, k], torch.zeros_like(p[:, k])
     else:
-        pi_stop = torch.where(
-            bonus, p[:, k], pi.gather(1, stop[..., None].expand(-1, -1, pi.shape[-1]))[:, 0]
-        )
+        if rule is None:  # pi is p[:, :k], so the stop position's row is p's, the bonus's included
+            pi_stop = p[torch.arange(batch, device=p.device), num_accepted]
+        else:
+            pi_stop = torch.where(
+                bonus, p[:, k], pi.gather(1, stop[..., None].expand(-1, -1, pi.shape[-1]))[:, 0]
+            )
         if dense:
             q_stop = q.gather(1, stop[..., None].expand(-1, -1, q.shape[-1]))[:, 0]
         else:
