@@ -354,7 +354,9 @@ class EngineConfig:
             n rounds without the host; finished rows idle through the up to ``n - 1`` rounds past the end
             (they change nothing and are not counted), the n-gram table's eviction is checked once per n
             rounds, a streamer gets n rounds at a time, and with an acceptance head or a confidence
-            threshold the per-step stop read is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps).
+            threshold the per-step stop read is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps,
+            as prompt lookup's rounds are ``num_draft_tokens`` wide; those draw the noise of every step, so such a
+            sampled request follows the same law from other draws than with a read per round).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on); on other devices a
             recorder with the same replay semantics, which is slower than eager and serves to check capture
