@@ -166,7 +166,7 @@ def ngram_insert_reference(
         free = pending & (stored == EMPTY)
         if _more(free):
             if claiming is None:
-                order = torch.arange(rows, device=keys.device)
+                order = torch.arange(keys.shape[0], device=keys.device)  # the rows still in play
                 if pairwise:
                     before, scratch = order[None, :] < order[:, None], None  # [Q, Q]: row j before row i
                 else:
@@ -196,8 +196,10 @@ def ngram_insert_reference(
             # the next probes see the rows still pending only (about 1 in 10 after the first probe of a table
             # under a quarter full), in their order, so the same rows claim the same slots
             left = pending.nonzero()[:, 0]
-            h, order, new_keys, new_values, hits = (t[left] for t in (h, order, new_keys, new_values, hits))
-            pending = pending[left]
+            h, hits, keys, new_values, pending = (t[left] for t in (h, hits, keys, new_values, pending))
+            if claiming is not None:  # `rows` stays the claimants' sentinel: above every row's order
+                order, before, claimant, new_keys, new_vals = claiming
+                claiming = order[left], before, claimant, new_keys[left], new_vals[left]
     return pending.sum()
 
 
