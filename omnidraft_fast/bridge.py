@@ -324,9 +324,10 @@ class VocabBridge:
         return spellings[spellings >= 0].long()
 
 
-# The bridges built last, by (the tokenizers' fingerprints, vocabulary.py; the vocabulary sizes): an engine built
-# again for a pair (another EngineConfig, generate()'s engines, tokenizers loaded again) skips the build. A few only: a Llama-3 or Qwen pair's bridge
-# holds 20-35 MB, and a process serving many pairs would otherwise keep all of them for good.
+# The bridges built last, by (the tokenizers' fingerprints, vocabulary.py; the vocabulary sizes): an engine
+# built again for a pair (another EngineConfig, generate()'s engines, tokenizers loaded again) skips the build.
+# A few only: a Llama-3 or Qwen pair's bridge holds 20-35 MB, and a process serving many pairs would otherwise
+# keep all of them for good.
 _CACHED_BRIDGES = 4
 _CACHE: OrderedDict[tuple, VocabBridge] = OrderedDict()
 _CACHE_LOCK = threading.Lock()

@@ -347,16 +347,17 @@ class EngineConfig:
             taken before a request fails (a caller's processor raising, invalid logits) are kept: they
             learned from rounds verified before the failure, and a non-finite gradient skips its step.
             ``None``: between requests only (SPEC §4).
-        rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the
-            one read of the loop; at most a request's ``max_new_tokens``, by which every row is done). ``1``: a read after every round, so a request stops as soon as its rows
-            are done. ``n > 1``: n rounds, with the in-flight learning steps due among them, run as one
-            stage, so with ``cuda_graphs`` one CUDA graph covers drafting, verification and the updates of
-            n rounds without the host; finished rows idle through the up to ``n - 1`` rounds past the end
-            (they change nothing and are not counted), the n-gram table's eviction is checked once per n
-            rounds, a streamer gets n rounds at a time, and with an acceptance head or a confidence
-            threshold the per-step stop read is skipped (rows stop proposing as before, but every round runs ``num_draft_tokens`` steps,
-            as prompt lookup's rounds are ``num_draft_tokens`` wide; those draw the noise of every step, so such a
-            sampled request follows the same law from other draws than with a read per round).
+        rounds_per_sync: rounds run back to back between two host reads of the rows' done flags (the one read
+            of the loop; at most a request's ``max_new_tokens``, by which every row is done). ``1``: a read
+            after every round, so a request stops as soon as its rows are done. ``n > 1``: n rounds, with the
+            in-flight learning steps due among them, run as one stage, so with ``cuda_graphs`` one CUDA graph
+            covers drafting, verification and the updates of n rounds without the host; finished rows idle
+            through the up to ``n - 1`` rounds past the end (they change nothing and are not counted), the
+            n-gram table's eviction is checked once per n rounds, a streamer gets n rounds at a time, and with
+            an acceptance head or a confidence threshold the per-step stop read is skipped (rows stop
+            proposing as before, but every round runs ``num_draft_tokens`` steps, as prompt lookup's rounds
+            are ``num_draft_tokens`` wide; those draw the noise of every step, so such a sampled request
+            follows the same law from other draws than with a read per round).
         cuda_graphs: run each round as captured stages (``graphs.py``): on CUDA, CUDA graphs (a stage runs
             eagerly once, is captured on its second run and replayed from then on); on other devices a
             recorder with the same replay semantics, which is slower than eager and serves to check capture

@@ -697,9 +697,9 @@ def _check_lookup_config(config: EngineConfig, drafter_tokenizer: Any) -> None:
 def _check_tokenizer_fits(
     target_highest: int, drafter_highest: int, target_vocab: int, drafter_vocab: int
 ) -> None:
-    """Refuse, by the argument's name, a tokenizer whose ids (up to ``*_highest``) run past its model's vocabulary
-    (``config.vocab_size``: the rows of its logits), which is not that model's tokenizer; say so when the two
-    look swapped."""
+    """Refuse, by the argument's name, a tokenizer whose ids (up to ``*_highest``) run past its model's
+    vocabulary (``config.vocab_size``: the rows of its logits), which is not that model's tokenizer; say so
+    when the two look swapped."""
     highest = [target_highest, drafter_highest]
     vocabs = (target_vocab, drafter_vocab)
     for index, (name, alias, role) in enumerate(

@@ -87,7 +87,8 @@ class SlotKVCache(Cache):
         # Per request (CausalLM.begin), in place: what every forward's mask starts from, read by captured stages
         self.slot_ids: torch.Tensor | None = None  # [max_slots] 0 .. max_slots - 1
         self.from_start: torch.Tensor | None = None  # [batch, 1, 1, max_slots] slot >= the row's start
-        # ([], []) the additive mask's values where a slot is visible (0) and where not (the lowest), model dtype
+        # ([], []) the additive mask's values where a slot is visible (0) and where not (the lowest), in the
+        # model's dtype
         self.mask_values: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
