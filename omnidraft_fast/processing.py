@@ -69,6 +69,11 @@ def _sequences(value, name: str, vocab: int) -> tuple[tuple[tuple[int, ...], flo
                 f"`{name}` bias +inf for {pair[0]!r}: give a large finite bias (e.g. 1e4) to force the sequence "
                 "(-inf bans it)"
             )
+        if is_int(pair[0]):  # transformers refuses it too: a key is a sequence, not a token
+            raise ValueError(
+                f"`{name}` keys are sequences of token ids: write ({pair[0]},) for the one-token sequence, got "
+                f"{pair[0]!r}"
+            )
         out.append((_token_ids(pair[0], name, vocab), float(pair[1])))
     return tuple(out)
 

@@ -515,6 +515,8 @@ def test_unsupported_guidance_scale(models, run):
             r"`sequence_bias` entries must be \(token ids, bias number\) pairs",
         ),
         ("sequence_bias", {}, r"`sequence_bias` must be a non-empty dict"),
+        ("sequence_bias", {1: 2.0}, r"`sequence_bias` keys are sequences of token ids: write \(1,\) for"),
+        ("sequence_bias", [[1, 2.0]], r"`sequence_bias` keys are sequences of token ids: write \(1,\) for"),
         (
             "sequence_bias",
             {(3,): float("nan")},
