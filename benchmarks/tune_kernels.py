@@ -1,9 +1,10 @@
 """Tile sweep and per-kernel device times of the sampling and verification kernels at the goal shapes.
 
 One process, CUDA only (the next tuning step of ``benchmarks/TUNING.md``): for sampling at [72, 128256]
-bf16 (greedy, temperature, top-p, top-k + top-p), verification at [8 x 9, 128256] bf16 (the rule mix
-of ``bench_verify.py``, its inputs, with and without top-k/top-p) and verification by exact match at the
-same shape (``bench_match.py``'s inputs, greedy and at T = 0.8), the median time of the Triton launcher at each
+bf16 (greedy, temperature, top-p, top-k + top-p; greedy and temperature also drawing the ids alone, as
+draft steps verified by exact match do), verification at [8 x 9, 128256] bf16 (the rule mix of
+``bench_verify.py``, its inputs, with and without top-k/top-p) and verification by exact match at the same
+shape (``bench_match.py``'s inputs, greedy and at T = 0.8), the median time of the Triton launcher at each
 ``block`` (the vocabulary tile) beside the eager reference and a device-to-device copy of the logits, both
 replayed from a CUDA graph (device time) and launched back to back with no cache flush between calls (the
 host's launch time shows where it exceeds the device's), every call on one of 4 input sets in turn
@@ -36,11 +37,13 @@ ROWS, VOCAB = 72, 128256
 BATCH, K = 8, 8
 BLOCKS = (1024, 2048, 4096)
 SETS = 4  # input sets per case, 4 x 18.5 MB of logits > the 50 MB L2 of an H200
-SAMPLING = {  # name: (temperature, top_k, top_p)
-    "greedy": (0.0, 0, 1.0),
-    "temperature": (0.8, 0, 1.0),
-    "top_p": (0.8, 0, 0.9),
-    "top_k_top_p": (0.8, 50, 0.95),
+SAMPLING = {  # name: (temperature, top_k, top_p, probs); probs False: the ids alone (exact-match draft steps)
+    "greedy": (0.0, 0, 1.0, True),
+    "greedy_ids": (0.0, 0, 1.0, False),
+    "temperature": (0.8, 0, 1.0, True),
+    "temperature_ids": (0.8, 0, 1.0, False),
+    "top_p": (0.8, 0, 0.9, True),
+    "top_k_top_p": (0.8, 50, 0.95, True),
 }
 VERIFY = {"rule mix": (0, 1.0), "rule mix, top-k 50 + top-p 0.95": (50, 0.95)}  # name: (top_k, top_p)
 MATCH = {"greedy": 0.0, "temperature": 0.8}  # verification by exact match; name: temperature
@@ -120,18 +123,18 @@ def _print_case(op: str, name: str, case: dict) -> None:
     print(op, name, {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"}, flush=True)
 
 
-def _sampling_case(temperature: float, top_k: int, top_p: float) -> dict:
+def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) -> dict:
     sets = _sampling_sets(temperature)
 
     def triton_(logits, noise, block=1024):
-        return sample_triton(logits, noise, temperature, top_k, top_p, block=block)
+        return sample_triton(logits, noise, temperature, top_k, top_p, probs=probs, block=block)
 
     logits, noise = sets[0]
     case = {
-        "bytes_moved": sampling_bytes(logits, noise),
+        "bytes_moved": sampling_bytes(logits, noise, probs),
         "copy_bytes": 2 * logits.numel() * logits.element_size(),
         "copy": _copy_times(sets),
-        "eager": _times(lambda x, e: sample_reference(x, e, temperature, top_k, top_p), sets),
+        "eager": _times(lambda x, e: sample_reference(x, e, temperature, top_k, top_p, probs=probs), sets),
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, e, b=block: triton_(x, e, b), sets)
@@ -175,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         _print_case(op, name, case)
         write_results(stem, result, _markdown(result), complete=False)
 
-    for name, (temperature, top_k, top_p) in SAMPLING.items():
-        case = _sampling_case(temperature, top_k, top_p)
+    for name, (temperature, top_k, top_p, probs) in SAMPLING.items():
+        case = _sampling_case(temperature, top_k, top_p, probs)
         add("sample", name, f"sample {name} [{ROWS}, {VOCAB}]", case)
 
     sets = _verify_sets()
