@@ -149,14 +149,20 @@ def _call(inline: dict, module: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     return run(inline, module, x)
 
 
-def _linear(inline, module, x):  # torch.nn.Linear.forward
+def _parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>``, read from ``_parameters`` where nn.Module keeps a parameter (without
+    nn.Module.__getattr__'s Python fallback), else as an attribute (a weight held as a buffer, say)."""
     parameters = module._parameters
-    return F.linear(x, parameters["weight"], parameters["bias"])
+    return parameters[name] if name in parameters else getattr(module, name)
+
+
+def _linear(inline, module, x):  # torch.nn.Linear.forward
+    return F.linear(x, _parameter(module, "weight"), _parameter(module, "bias"))
 
 
 def _layer_norm(inline, module, x):  # torch.nn.LayerNorm.forward
-    parameters = module._parameters
-    return F.layer_norm(x, module.normalized_shape, parameters["weight"], parameters["bias"], module.eps)
+    weight, bias = _parameter(module, "weight"), _parameter(module, "bias")
+    return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
 
 
 def _dropout(inline, module, x):  # torch.nn.Dropout.forward: the input itself outside training
@@ -168,7 +174,7 @@ def _rms_norm(inline, module, x):  # LlamaRMSNorm.forward (Mistral's, Qwen2's an
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + module.variance_epsilon)
-    return module._parameters["weight"] * h.to(dtype)
+    return _parameter(module, "weight") * h.to(dtype)
 
 
 def _gated_mlp(inline, module, x):  # LlamaMLP.forward (Mistral's, Qwen2's and Qwen3's are the same)
@@ -178,8 +184,7 @@ def _gated_mlp(inline, module, x):  # LlamaMLP.forward (Mistral's, Qwen2's and Q
 
 
 def _conv1d(inline, module, x):  # transformers' Conv1D.forward on a 2-D input: [rows, nf]
-    parameters = module._parameters
-    return torch.addmm(parameters["bias"], x, parameters["weight"])
+    return torch.addmm(_parameter(module, "bias"), x, _parameter(module, "weight"))
 
 
 def _gpt2_mlp(inline, module, x):  # GPT2MLP.forward

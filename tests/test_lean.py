@@ -85,7 +85,8 @@ class _OffsetLinear(torch.nn.Linear):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_modules_of_other_types_run_their_own_forward(arch):
     """Only modules of exactly the written-out types (and with no forward set on the instance) are written
-    out: a subclass of ``nn.Linear`` and a module whose ``forward`` was replaced run their forward."""
+    out: a subclass of ``nn.Linear`` and a module whose ``forward`` was replaced run their forward; a
+    written-out module reads a weight held as a buffer where its forward would."""
     model = tiny_model(arch, VOCAB, seed=7, kv_heads=4)
     if arch == "gpt2":
         block = model.transformer.h[0]
@@ -97,6 +98,10 @@ def test_modules_of_other_types_run_their_own_forward(arch):
         offset = _OffsetLinear(projection.in_features, projection.out_features, bias=False)
         offset.weight = projection.weight
         layer.self_attn.q_proj = offset
+    last = model.transformer.h[-1].mlp.c_fc if arch == "gpt2" else model.model.layers[-1].mlp.up_proj
+    weight = last.weight.detach().clone()
+    del last.weight
+    last.register_buffer("weight", weight)
     mlp_forward = mlp.forward
     mlp.forward = lambda x: mlp_forward(x) * 1.5
     layer_norm.forward = lambda x: torch.nn.LayerNorm.forward(layer_norm, x) - 0.5 if arch == "gpt2" else x
