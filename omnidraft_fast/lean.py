@@ -6,7 +6,19 @@ small models generally, that Python costs as much as the arithmetic (on the zoo'
 drafter's step 1.5x, the target's 1.2x faster this way). This forward calls the same modules in the same
 order (embeddings, norms, projections with any LoRA layers peft injected into them, rotary embedding,
 MLP, dropouts, head), writes keys and values through the same cache (``SlotKVCache.update``), and attends
-with SDPA under the engine's additive mask, so its logits are transformers' up to float rounding.
+with SDPA under the engine's additive mask.
+
+What a call costs on a CPU is mostly per op and per Python call, so the forward spends few of either
+(:func:`_call`): it runs each module's ``forward`` without ``nn.Module.__call__`` (no hook can be set:
+:func:`hooked`), and a module of exactly torch's ``Linear``, ``LayerNorm`` or ``Dropout``, or of the
+family's RMS norm, MLP or ``Conv1D``, as that forward's aten ops written out (anything else, a peft LoRA
+layer, a quantised linear, a subclass, a module whose ``forward`` was replaced, runs its own forward). The
+hidden states stay 2-D (``[batch * n, H]``: a 2-D linear is ``t`` + ``mm``, a 3-D one adds two views) and
+are viewed per head for attention only, and the rotation is ``x * cos + roll(x) * sin`` with ``sin``'s first
+half negated once a forward (transformers' ``rotate_half`` bit for bit, in 3 ops fewer). The same ops as
+transformers' on the same operands: its hidden states and logits bit for bit wherever SDPA is called alike
+(no query heads folded; transformers' head on the last of several positions reads a strided slice, another
+gemm path), up to float rounding where grouped query heads are folded (``tests/test_lean.py``).
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, rotary embedding over the whole head, grouped-query
 attention, no soft-capping; Qwen3 adds per-head query/key RMS norms) and GPT-2 (learned positions, fused
@@ -16,6 +28,8 @@ over devices: its attention inputs would not follow its layers).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +94,8 @@ def _holds(module: torch.nn.Module, parts: tuple[str, ...]) -> bool:
 def hooked(model: torch.nn.Module) -> bool:
     """Whether a module hook would run in transformers' forward: a forward or backward hook on any of
     ``model``'s modules, or a global one (``torch.nn.modules.module.register_module_forward_hook`` and the
-    like). :func:`forward` calls the model, its decoder, the decoder layers and their attention modules as
-    plain code, not through ``nn.Module.__call__``, so their hooks would not run. Looked for at every
+    like). :func:`forward` calls every module's ``forward`` (or writes its ops out), not through
+    ``nn.Module.__call__``, so their hooks would not run. Looked for at every
     request (``CausalLM.begin``): a walk over the modules' hook dicts, without ``named_modules``' names."""
     if any(getattr(_nn_module, f"_global{name}", None) for name in _HOOKS):
         return True
@@ -115,13 +129,96 @@ def forward(
     last_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [batch, n or 1, V] and the last hidden states they came from [batch, n or 1, H]."""
+    inline = _FAMILIES.get(type(model))
+    if inline is None:
+        inline = _FAMILIES[type(model)] = {**_TORCH, **_family(model)}
     run = _gpt2 if model.config.model_type == "gpt2" else _llama
-    hidden = run(model, input_ids, positions, mask, cache, last_only)
-    return model._modules["lm_head"](hidden), hidden
+    batch = input_ids.shape[0]
+    hidden = run(model, inline, input_ids, positions, mask, cache, last_only)  # [batch * (n or 1), H]
+    logits = _call(inline, model._modules["lm_head"], hidden)
+    return logits.view(batch, -1, logits.shape[-1]), hidden.view(batch, -1, hidden.shape[-1])
+
+
+def _call(inline: dict, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without ``nn.Module.__call__`` (no hook can be set: :func:`hooked`): the module's
+    ``forward``, or for a module of exactly a type in ``inline`` (one whose forward was not replaced on the
+    instance), that forward's aten ops written out (``_linear``, ...), without its Python attribute reads."""
+    run = inline.get(type(module))
+    if run is None or "forward" in module.__dict__:
+        return module.forward(x)
+    return run(inline, module, x)
+
+
+def _parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>``, read from ``_parameters`` where nn.Module keeps a parameter (without
+    nn.Module.__getattr__'s Python fallback), else as an attribute (a weight held as a buffer, say)."""
+    parameters = module._parameters
+    return parameters[name] if name in parameters else getattr(module, name)
+
+
+def _linear(inline, module, x):  # torch.nn.Linear.forward
+    return F.linear(x, _parameter(module, "weight"), _parameter(module, "bias"))
+
+
+def _layer_norm(inline, module, x):  # torch.nn.LayerNorm.forward
+    weight, bias = _parameter(module, "weight"), _parameter(module, "bias")
+    return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+
+
+def _dropout(inline, module, x):  # torch.nn.Dropout.forward: the input itself outside training
+    return F.dropout(x, module.p, True, module.inplace) if module.training else x
+
+
+def _rms_norm(inline, module, x):  # LlamaRMSNorm.forward (Mistral's, Qwen2's and Qwen3's are the same)
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + module.variance_epsilon)
+    return _parameter(module, "weight") * h.to(dtype)
+
+
+def _gated_mlp(inline, module, x):  # LlamaMLP.forward (Mistral's, Qwen2's and Qwen3's are the same)
+    parts = module._modules
+    gate = _call(inline, parts["act_fn"], _call(inline, parts["gate_proj"], x))
+    return _call(inline, parts["down_proj"], gate * _call(inline, parts["up_proj"], x))
+
+
+def _conv1d(inline, module, x):  # transformers' Conv1D.forward on a 2-D input: [rows, nf]
+    return torch.addmm(_parameter(module, "bias"), x, _parameter(module, "weight"))
+
+
+def _gpt2_mlp(inline, module, x):  # GPT2MLP.forward
+    parts = module._modules
+    h = _call(inline, parts["act"], _call(inline, parts["c_fc"], x))
+    return _call(inline, parts["dropout"], _call(inline, parts["c_proj"], h))
+
+
+_TORCH = {torch.nn.Linear: _linear, torch.nn.LayerNorm: _layer_norm, torch.nn.Dropout: _dropout}
+# the family modules written out, by the name of their class in the model's modelling module
+_WRITTEN_OUT = {
+    "llama": {"LlamaRMSNorm": _rms_norm, "LlamaMLP": _gated_mlp},
+    "mistral": {"MistralRMSNorm": _rms_norm, "MistralMLP": _gated_mlp},
+    "qwen2": {"Qwen2RMSNorm": _rms_norm, "Qwen2MLP": _gated_mlp},
+    "qwen3": {"Qwen3RMSNorm": _rms_norm, "Qwen3MLP": _gated_mlp},
+    "gpt2": {"Conv1D": _conv1d, "GPT2MLP": _gpt2_mlp},
+}
+_FAMILIES: dict[type, dict] = {}  # a model's class -> the module types its forward writes out
+
+
+def _family(model: torch.nn.Module) -> dict:
+    """The family classes of ``model``'s modelling module that :func:`_call` writes out: each one whose
+    ``forward`` is its own (not replaced on the class, as a kernel hub's layer replacement may do)."""
+    source = sys.modules.get(type(model).__module__)
+    found = {}
+    for name, run in _WRITTEN_OUT[model.config.model_type].items():
+        cls = getattr(source, name, None)
+        if isinstance(cls, type) and cls.forward.__qualname__ == f"{cls.__name__}.forward":
+            found[cls] = run
+    return found
 
 
 def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: float) -> torch.Tensor:
-    """Write k, v at the forward's slots and attend: [batch, n, heads * head_dim].
+    """Write k, v at the forward's slots and attend: [batch * n, heads * head_dim].
 
     Grouped-query attention folds each key/value head's query heads into the query axis
     (``[batch, kv_heads, groups * n, head_dim]``, ``mask`` folded alike by :func:`_fold`) instead of
@@ -133,7 +230,9 @@ def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: 
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, dropout_p=dropout if attention.training else 0.0, scale=scale
     )
-    return out.view(batch, heads, n, out.shape[-1]).transpose(1, 2).flatten(2)
+    if n == 1:  # [batch, kv_heads, groups, head_dim] is already heads-major: one view
+        return out.reshape(batch, -1)
+    return out.view(batch, heads, n, out.shape[-1]).transpose(1, 2).reshape(batch * n, -1)
 
 
 def _fold(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -142,36 +241,44 @@ def _fold(mask: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return mask
     batch, _, n, slots = mask.shape
+    if n == 1:
+        return mask.expand(batch, 1, groups, slots)
     return mask[:, :, None].expand(batch, 1, groups, n, slots).reshape(batch, 1, groups * n, slots)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    """transformers' ``x * cos + rotate_half(x) * sin`` with ``sin`` given sign-folded (:func:`_llama`):
+    ``rotate_half(x) * sin`` is ``cat(-x2, x1) * sin``, which is ``roll(x, half) * cat(-sin1, sin2)`` bit for
+    bit (a sign flip is exact and commutes with rounding), in 2 ops instead of 5."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
-    # Submodules are read from each module's `_modules` (what `module.name` returns for them, without
-    # nn.Module.__getattr__'s Python fallback: ~1 us an access, ~15 a layer)
+def _llama(model, inline, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
+    # Hidden states stay 2-D ([batch * n, H]: a 2-D linear is t + mm, a 3-D one adds two views), viewed 4-D
+    # for attention only. Submodules are read from each module's `_modules` (what `module.name` returns for
+    # them, without nn.Module.__getattr__'s Python fallback: ~1 us an access, ~15 a layer)
     decoder = model._modules["model"]
     parts = decoder._modules
     batch, n = input_ids.shape
-    x = parts["embed_tokens"](input_ids)
-    cos, sin = parts["rotary_emb"](x, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, n, head_dim]
+    x = _call(inline, parts["embed_tokens"], input_ids).view(batch * n, -1)
+    cos, sin = parts["rotary_emb"].forward(x, positions)  # [batch, n, head_dim] each
+    half = cos.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # sign-folded for _rotate
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [batch, n, 1, head_dim]: over heads
     head_norms = model.config.model_type == "qwen3"  # queries and keys RMS-normed per head before rotation
     folded: dict[tuple[int, int], torch.Tensor] = {}  # (id(mask), groups) -> the mask folded once
     for index, layer in enumerate(parts["layers"]):
         modules = layer._modules
         attention = modules["self_attn"]
         projections = attention._modules
-        h = modules["input_layernorm"](x)
+        h = _call(inline, modules["input_layernorm"], x)
         shape = (batch, n, -1, attention.head_dim)
-        q, k = projections["q_proj"](h).view(shape), projections["k_proj"](h).view(shape)
+        q = _call(inline, projections["q_proj"], h).view(shape)
+        k = _call(inline, projections["k_proj"], h).view(shape)
         if head_norms:
-            q, k = projections["q_norm"](q), projections["k_norm"](k)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-        v = projections["v_proj"](h).view(shape).transpose(1, 2)
+            q, k = _call(inline, projections["q_norm"], q), _call(inline, projections["k_norm"], k)
+        q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)
+        v = _call(inline, projections["v_proj"], h).view(shape).transpose(1, 2)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
         dropout = getattr(attention, "attention_dropout", 0.0)
         layer_mask = mask[index] if isinstance(mask, list) else mask
@@ -179,29 +286,31 @@ def _llama(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
         key = (id(layer_mask), groups)
         if key not in folded:
             folded[key] = _fold(layer_mask, groups)
-        layer_mask = folded[key]
-        x = x + projections["o_proj"](_attend(attention, q, k, v, layer_mask, cache, index, scale, dropout))
-        x = x + modules["mlp"](modules["post_attention_layernorm"](x))
-    return parts["norm"](x[:, -1:] if last_only else x)
+        out = _attend(attention, q, k, v, folded[key], cache, index, scale, dropout)
+        x = x + _call(inline, projections["o_proj"], out)
+        x = x + _call(inline, modules["mlp"], _call(inline, modules["post_attention_layernorm"], x))
+    return _call(inline, parts["norm"], x[n - 1 :: n] if last_only and n > 1 else x)
 
 
-def _gpt2(model, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
-    decoder = model.transformer
+def _gpt2(model, inline, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
+    decoder = model._modules["transformer"]
+    parts = decoder._modules
     batch, n = input_ids.shape
-    x = decoder.drop(decoder.wte(input_ids) + decoder.wpe(positions))
-    for index, block in enumerate(decoder.h):
-        attention = block.attn
+    x = _call(inline, parts["wte"], input_ids) + _call(inline, parts["wpe"], positions)
+    x = _call(inline, parts["drop"], x.view(batch * n, -1))
+    for index, block in enumerate(parts["h"]):
+        modules = block._modules
+        attention = modules["attn"]
+        projections = attention._modules
         shape = (batch, n, -1, attention.head_dim)
-        q, k, v = (
-            t.view(shape).transpose(1, 2)
-            for t in attention.c_attn(block.ln_1(x)).split(attention.split_size, dim=2)
-        )
+        qkv = _call(inline, projections["c_attn"], _call(inline, modules["ln_1"], x))
+        q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(attention.split_size, dim=1))
         scale = getattr(attention, "scaling", None)
         if scale is None:  # transformers before the attribute: the same two settings
             scale = attention.head_dim**-0.5 if model.config.scale_attn_weights else 1.0
             if model.config.scale_attn_by_inverse_layer_idx:
                 scale /= float(index + 1)
-        out = _attend(attention, q, k, v, mask, cache, index, scale, attention.attn_dropout.p)
-        x = x + attention.resid_dropout(attention.c_proj(out))
-        x = x + block.mlp(block.ln_2(x))
-    return decoder.ln_f(x[:, -1:] if last_only else x)
+        out = _attend(attention, q, k, v, mask, cache, index, scale, projections["attn_dropout"].p)
+        x = x + _call(inline, projections["resid_dropout"], _call(inline, projections["c_proj"], out))
+        x = x + _call(inline, modules["mlp"], _call(inline, modules["ln_2"], x))
+    return _call(inline, parts["ln_f"], x[n - 1 :: n] if last_only and n > 1 else x)

@@ -105,8 +105,9 @@ def tiny_model(
     tied: bool = False,
     eos_token_id: int | None = None,
     dtype: torch.dtype = torch.float32,
+    kv_heads: int = 2,
 ) -> torch.nn.Module:
-    """A randomly initialised causal LM of ``arch``, in eval mode."""
+    """A randomly initialised causal LM of ``arch`` (4 query heads, ``kv_heads`` key/value heads), in eval mode."""
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None)
     if arch == "gpt2":
@@ -124,7 +125,7 @@ def tiny_model(
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,
-            num_key_value_heads=2,
+            num_key_value_heads=kv_heads,
             max_position_embeddings=max_positions,
             tie_word_embeddings=tied,
             **common,

@@ -1,0 +1,155 @@
+"""lean.py's forward: transformers' logits bit for bit where both attend alike, in fewer ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from omnidraft_fast.models import CausalLM
+
+VOCAB = 64
+STEPS = (  # (first token, n, last_only): prefill, a block, a rollback to one token, a verification
+    (0, 6, False),
+    (6, 3, True),
+    (7, 1, True),
+    (8, 1, False),
+    (8, 4, False),
+)
+
+
+def _adapted(arch: str, dtype: torch.dtype, mode: str) -> torch.nn.Module:
+    """A tiny ``arch`` model without grouped queries (``kv_heads=4``: the lean forward then calls SDPA as
+    transformers does), with a LoRA adapter (``mode`` "lora", "training") and in training mode with every
+    dropout on ("training")."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = tiny_model(arch, VOCAB, seed=7, dtype=dtype, kv_heads=4)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                parameter.normal_(1, 0.2)  # norms start at 1, which rounds alike in any order
+    if mode != "eval":
+        modules = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+        config = LoraConfig(r=4, lora_dropout=0.2, target_modules=modules, fan_in_fan_out=arch == "gpt2")
+        inject_adapter_in_model(config, model)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1)  # peft starts B at zero: make the adapter count
+    model.train(mode == "training")  # GPT-2's dropouts (0.1) and LoRA's (its layers start in training mode)
+    if mode == "training" and arch != "gpt2":
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+    return model
+
+
+def _same_steps(model: torch.nn.Module) -> None:
+    """Both forwards, step by step from the same RNG state, give the same logits and hidden states, bit for
+    bit, and leave the RNG in the same state."""
+    runners = {lean: CausalLM(model, "model", lean=lean) for lean in (True, False)}
+    assert runners[True].lean
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    for runner in runners.values():
+        runner.begin(torch.tensor([1, 3]), max_slots=16)  # row 1: two slots of left padding
+    for first, n, last_only in STEPS:
+        tokens, slots = ids[:, first : first + n], torch.arange(first, first + n).expand(2, n)
+        outputs = {}
+        for lean, runner in runners.items():
+            torch.manual_seed(11)
+            outputs[lean] = (*runner.forward(tokens, slots, last_only=last_only, hidden=True), torch.rand(1))
+        step = (first, n, last_only)
+        (logits, hidden, draw), (expected_logits, expected_hidden, expected_draw) = outputs.values()
+        assert torch.equal(hidden, expected_hidden) and torch.equal(draw, expected_draw), step
+        if last_only and n > 1:  # transformers' head reads a strided slice of its states: another gemm path
+            expected_logits = model.get_output_embeddings()(expected_hidden.contiguous())
+        assert torch.equal(logits, expected_logits), step
+
+
+@pytest.mark.parametrize("mode", ["eval", "lora", "training"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lean_forward_is_transformers_forward_bit_for_bit(arch, dtype, mode):
+    """Without grouped queries to fold, the lean forward's 2-D hidden states, written-out modules
+    (linears, RMS norms, MLPs, Conv1D, layer norms, dropouts) and sign-folded rotation compute exactly
+    transformers' ops: the same bits, with LoRA layers, and in training mode the same dropout draws."""
+    _same_steps(_adapted(arch, dtype, mode))
+
+
+class _OffsetLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.25
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_modules_of_other_types_run_their_own_forward(arch):
+    """Only modules of exactly the written-out types (and with no forward set on the instance) are written
+    out: a subclass of ``nn.Linear`` and a module whose ``forward`` was replaced run their forward; a
+    written-out module reads a weight held as a buffer where its forward would."""
+    model = tiny_model(arch, VOCAB, seed=7, kv_heads=4)
+    if arch == "gpt2":
+        block = model.transformer.h[0]
+        layer_norm, mlp = block.ln_2, block.mlp
+    else:
+        layer = model.model.layers[0]
+        layer_norm, mlp = layer.post_attention_layernorm, layer.mlp
+        projection = layer.self_attn.q_proj
+        offset = _OffsetLinear(projection.in_features, projection.out_features, bias=False)
+        offset.weight = projection.weight
+        layer.self_attn.q_proj = offset
+    last = model.transformer.h[-1].mlp.c_fc if arch == "gpt2" else model.model.layers[-1].mlp.up_proj
+    weight = last.weight.detach().clone()
+    del last.weight
+    last.register_buffer("weight", weight)
+    mlp_forward = mlp.forward
+    mlp.forward = lambda x: mlp_forward(x) * 1.5
+    layer_norm.forward = lambda x: torch.nn.LayerNorm.forward(layer_norm, x) - 0.5 if arch == "gpt2" else x
+    _same_steps(model)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(arch: str, layers: int) -> list[str]:
+    """The aten ops of a one-token step (two rows, the last position's logits) of a tiny fp16 ``arch``."""
+    runner = CausalLM(tiny_model(arch, VOCAB, layers=layers, dtype=torch.float16), "model")
+    runner.begin(torch.tensor([0, 1]), max_slots=8)
+    ids, slots = torch.zeros(2, 1, dtype=torch.int64), torch.tensor([[3], [3]])
+    runner.forward(ids, slots)
+    with _Ops() as ops:
+        runner.forward(ids, slots, last_only=True)
+    return ops.names
+
+
+# A Llama layer's one-token step: RMS norm; q, k, v each t + mm + a view to heads (no 3-D linear's views); a
+# rotation in mul, roll, mul, add (no rotate_half's slices, neg and cat); attention; o_proj; RMS norm; MLP.
+_RMS_NORM = ["_to_copy", "pow", "mean", "add", "rsqrt", "mul", "_to_copy", "mul"]
+_ROTATION = ["mul", "roll", "mul", "add", "transpose"]
+_LLAMA_LAYER = [
+    *_RMS_NORM, "t", "mm", "view", "t", "mm", "view", *_ROTATION, *_ROTATION, "t", "mm", "view", "transpose",
+    "scatter_", "scatter_", "view", "_scaled_dot_product_flash_attention_for_cpu", "view", "t", "mm", "add",
+    *_RMS_NORM, "t", "mm", "silu", "t", "mm", "mul", "t", "mm", "add",
+]  # fmt: skip
+# A GPT-2 block's: layer norm, Conv1D (addmm on the 2-D states), heads, attention, Conv1D, MLP (gelu_new)
+_GPT2_LAYER = [
+    "native_layer_norm", "addmm", "split", *["view", "transpose"] * 3, "scatter_", "scatter_", "view",
+    "_scaled_dot_product_flash_attention_for_cpu", "view", "addmm", "add", "native_layer_norm", "addmm",
+    "mul", "pow", "mul", "add", "mul", "tanh", "add", "mul", "addmm", "add",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decode_step_layer_costs_these_ops(arch):
+    """What a second decoder layer adds to a one-token step: 53 ops for a Llama layer (75 with 3-D hidden
+    states and rotate_half), 28 for a GPT-2 block (38)."""
+    one, two = _step_ops(arch, 1), _step_ops(arch, 2)
+    layer = _LLAMA_LAYER if arch == "llama" else _GPT2_LAYER
+    assert any(two == one[:at] + layer + one[at:] for at in range(len(one) + 1)), two
