@@ -48,6 +48,8 @@ from .stats import StageTimer
 
 __all__ = ["Rounds"]
 
+_INVALID = COUNTERS.index("invalid")
+
 
 class Rounds:
     """The stages of a round over one engine's models, vocabulary bridge, n-gram table and learners."""
@@ -100,7 +102,7 @@ class Rounds:
         kept from an earlier request with the same shapes and settings (``EngineConfig.cuda_graphs``),
         refilled in place so that its graphs replay from the first round; else fresh ones, kept in turn
         (the least recently used of more than ``EngineConfig.kept_graphs`` released)."""
-        device, prompt, learner = self.target.device, request.input_ids.shape[1], self.learner
+        device, prompt, learner = request.input_ids.device, request.input_ids.shape[1], self.learner
         # With cuda_graphs a learner's adapter serves merged weights rewritten in place from the first
         # request on (the engine builds it with merge_always): kept graphs see every update.
         reusable = self.config.cuda_graphs
@@ -170,7 +172,7 @@ class Rounds:
     def _layout(self, request: Request, bucket: int) -> RequestState:
         """Fresh device state for ``request`` (its ``graphs`` still to be set): the prompt left-padded to a
         multiple of ``bucket`` tokens, the drafter's spelled prompt too (``EngineConfig.prompt_bucket``)."""
-        device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
+        device, k, new = request.input_ids.device, request.num_draft_tokens, request.max_new_tokens
         batch, width = request.input_ids.shape
         pad = -width % bucket
         prompt = width + pad
@@ -236,6 +238,7 @@ class Rounds:
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
+            flags=torch.zeros(3, dtype=torch.int64, device=device),
             draft_length=length,
             drafted=drafted,
             graphs=None,  # set by begin
@@ -246,7 +249,7 @@ class Rounds:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The drafter's context for ``request``: ``d_tokens``, ``d_start``, ``d_lengths`` and ``window``
         (``RequestState``)."""
-        device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
+        device, k, new = request.input_ids.device, request.num_draft_tokens, request.max_new_tokens
         batch, width = request.input_ids.shape
         # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
         # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
@@ -257,7 +260,8 @@ class Rounds:
         pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
         pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
         spelled = pieces >= 0
-        d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
+        counts = spelled.sum(1)  # [batch] drafter tokens of each row's prompt
+        d_prompt = max(1, int(counts.max()) if batch else 1)  # the one host read
         d_prompt += -d_prompt % bucket
         # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
         # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
@@ -266,13 +270,13 @@ class Rounds:
         per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
         d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
         d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
-        # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
-        # goes n + 1 slots before the end.
+        # ... right-aligned at the end of the drafter's prompt: a row's n-th piece at d_start + n - 1, written by
+        # one scatter (no boolean indexing, whose nonzero is a host read each); a column without a piece
+        # writes 0 at slot 0, a dummy slot (d_start >= window - 1 >= 1) that holds 0.
         end = window - 1 + d_prompt
-        after = spelled.flip(1).cumsum(1).flip(1)  # pieces at or after each column
-        rows = torch.arange(batch, device=device)[:, None].expand_as(pieces)
-        d_tokens[rows[spelled], end - after[spelled]] = pieces[spelled].long()
-        d_start = end - spelled.sum(1)
+        d_start = end - counts
+        slots = torch.where(spelled, d_start[:, None] - 1 + spelled.cumsum(1), 0)
+        d_tokens.scatter_(1, slots, pieces.clamp_min(0).long())
         d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
         return d_tokens, d_start, d_lengths, window
 
@@ -302,7 +306,7 @@ class Rounds:
             return None
         adaptive = self.config.adaptive
         gamma, k_min = (adaptive.gamma, min(adaptive.k_min, request.num_draft_tokens)) if head else (1.0, 1)
-        device = self.target.device
+        device = request.input_ids.device
         return DraftLength(head, batch, gamma, k_min, device, confidence=request.confidence_threshold)
 
     def prefill(self, state: RequestState, request: Request, timer: StageTimer) -> None:
@@ -658,6 +662,15 @@ class Rounds:
         positions = (kinds & torch.stack([proposed, accepted])).sum((2, 3)).flatten()  # [8]
         # state.ran: whether the round had an active row (set as it began)
         state.counters += torch.cat([state.ran[None], rows, positions[:7]])
+        # what the host read after the round takes (RequestState.flags), the round's last writes to them done
+        torch.cat(
+            [
+                state.done.all(0, keepdim=True),
+                state.counters[_INVALID : _INVALID + 1],
+                state.generated.amax(0, keepdim=True),
+            ],
+            out=state.flags,
+        )
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
