@@ -66,6 +66,15 @@ class Rounds:
         self.target, self.drafter, self.bridge, self.ngram = target, drafter, bridge, ngram
         self.learner, self.config = learner, config
         self._kept = KeptStates(config.kept_graphs)  # recent requests' states, caches and graphs
+        # What `spell` gives each target id, made once per engine (the bridge's tensors never change): the last
+        # `spelling_width` ids of its spelling [V_t, width] and the spelling's length [V_t], int64, so that a
+        # round's spellings are two lookups (a few ops each otherwise, at every commit and learning step)
+        self._spellings: tuple[torch.Tensor, torch.Tensor] | None = None
+        if bridge is not None:
+            width = self.spelling_width
+            lengths = bridge.t2ds_len.long()
+            columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=lengths.device)
+            self._spellings = bridge.t2ds.gather(1, columns).long(), lengths
 
     @property
     def mode(self) -> str:
@@ -89,12 +98,10 @@ class Rounds:
         """Drafter spelling of target ids [n]: the last ``spelling_width`` ids of each ([n, width], -1
         padded: the whole spelling where it fits) and the whole spelling's length [n], which is larger
         than the width where the ids are its end only."""
-        if self.bridge is None:
+        if self._spellings is None:
             return target_ids[:, None], torch.ones_like(target_ids)
-        width = self.spelling_width
-        lengths = self.bridge.t2ds_len[target_ids].long()
-        columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=target_ids.device)
-        return self.bridge.t2ds[target_ids[:, None], columns].long(), lengths
+        ends, lengths = self._spellings
+        return ends[target_ids], lengths[target_ids]
 
     def begin(self, request: Request, seed: int) -> RequestState:
         """The request's device state, caches and random generator (seeded with ``seed``), both prompts laid
@@ -590,12 +597,13 @@ class Rounds:
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
-                emitted = torch.where(kept_positions, output_tokens, -1).flatten()
-                # the spelling of a position not emitted is never read: its length is 0 (keys_of: no key)
+                emitted = output_tokens.flatten()  # [batch * (steps + 1)], the positions kept_positions marks
+                # (the spelling of a position not emitted, -1 clamped to 0, is never read: no key there)
                 spelling, spelled_len = self.spell(emitted.clamp_min(0)) if spelled is None else spelled
-                # a spelling cut to its end is no key (keys_of: length 0)
-                whole = (emitted >= 0) & (spelled_len <= self.spelling_width)
-                keys = self.ngram.keys_of(spelling, torch.where(whole, spelled_len, 0))
+                # a spelling its width holds whole (spell: -1 past its ids) of at most max_len ids; of one id, a
+                # row inserts skip; a spelling cut to its end, no key
+                whole = spelled_len <= min(self.spelling_width, self.ngram.max_len)
+                keys = self.ngram.keys_of(spelling, kept_positions.flatten() & whole)
                 self.ngram.insert(keys, emitted)
         if state.recorder is not None:
             with timer("learn"):
