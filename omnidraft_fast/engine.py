@@ -44,7 +44,6 @@ from .warpers import sampling_warpers
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
 
-_INVALID = COUNTERS.index("invalid")  # the counter read at every host read
 # Keyword names of transformers' generate() that mean the same as ours.
 _ALIASES = {"num_assistant_tokens": "num_draft_tokens", "inputs": "input_ids"}
 # Keywords transformers' generate() takes that this engine does not, and why (None or False: accepted).
@@ -323,6 +322,7 @@ class SpeculativeEngine:
                 "SpeculativeEngine after moving the models (omnidraft_fast.generate() does so itself), and "
                 "save_state/load_state to take what it learned along"
             )
+        device = self.built_on  # every model's now (moved_models): read once, not a parameter walk per use
         # the GenerationConfig fields passed, None included (it overrides, as in transformers)
         explicit = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
         for name, value in kwargs.items():
@@ -371,7 +371,7 @@ class SpeculativeEngine:
             else getattr(self.drafter.model, "generation_config", None),
             vocab_size=self.target.vocab_size,
             position_limit=self.target.position_limit,
-            device=self.device,
+            device=device,
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=generation_config,
@@ -402,7 +402,7 @@ class SpeculativeEngine:
         # Triton launches and graph captures go to the current CUDA device: make it the engine's.
         with (
             self._holding("generate()"),
-            torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(),
+            torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
         ):
             try:
                 sequences, stats, logits = self._run(request, stops, seed)
@@ -423,7 +423,7 @@ class SpeculativeEngine:
             checks.append(self._stop_strings(request, tokenizer))
         if request.stopping_criteria:
             rows = request.input_ids.cpu().tolist()
-            checks.append(Criteria(request.stopping_criteria, rows, self.device))
+            checks.append(Criteria(request.stopping_criteria, rows, request.input_ids.device))
         return Stops(checks) if checks else None
 
     def _stop_strings(self, request: Request, tokenizer: Any) -> StopStrings:
@@ -452,7 +452,7 @@ class SpeculativeEngine:
     ) -> tuple[torch.Tensor, GenerationStats, dict[str, torch.Tensor]]:
         """Sequences, stats and what the request keeps of the target's logits ([batch, new, V_t] each);
         ``seed`` seeds the request's generator."""
-        device = self.device
+        device = request.input_ids.device  # the engine's (resolve_request put the prompt there)
         time_stages = self.config.time_stages
         timer = StageTimer(device.type != "cuda" if time_stages is None else time_stages, device)
         began = time.perf_counter()
@@ -489,12 +489,16 @@ class SpeculativeEngine:
         columns = torch.arange(longest, device=device)
         tail = sequences[:, prompt:]
         tail.masked_fill_(columns >= state.generated[:, None], request.pad_token_id or 0)
-        counters = dict(zip(COUNTERS, state.counters.tolist(), strict=True))
+        # the counters and the n-gram table's size in one read
+        read = (
+            state.counters if self.ngram is None else torch.cat([state.counters, self.ngram.size()[None]])
+        ).tolist()
+        counters = dict(zip(COUNTERS, read[: len(COUNTERS)], strict=True))
         del counters["invalid"]  # rows with bad logits: an error at the host read, not a statistic
         stats = GenerationStats(
             requests=1,
             **counters,
-            ngram_table_size=int(self.ngram.size()) if self.ngram is not None else 0,
+            ngram_table_size=read[-1] if self.ngram is not None else 0,
             new_tokens=int(generated.sum()),
             target_calls=batch + counters["row_rounds"],
             seconds=time.perf_counter() - began,
@@ -537,14 +541,12 @@ class SpeculativeEngine:
             with timer("host"):
                 half = None if self.ngram is None else self.ngram.capacity // 2
                 sized = half is not None and (table_bound is None or table_bound > half)
-                table_size = self.ngram.size() if sized else state.counters.new_zeros(())
-                flags = torch.stack(
-                    [state.done.all().long(), state.counters[_INVALID], table_size, state.generated.max()]
-                )
-                all_done, invalid, table_size, most = flags.tolist()  # the one read per round (per sync)
+                # the round's flags (RequestState.flags), and the table's size while it may be past half full
+                flags = torch.cat([state.flags, self.ngram.size()[None]]) if sized else state.flags
+                all_done, invalid, most, *table_size = flags.tolist()  # the one read per round (per sync)
                 state.kept_logits.flush(state.generated, most)
             if sized:
-                table_bound = table_size
+                table_bound = table_size = table_size[0]
                 if table_size > half:
                     self.ngram.evict()
                     table_bound = None

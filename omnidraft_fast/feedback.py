@@ -56,12 +56,14 @@ def feedback(
     is fed, spelled here)."""
     batch, width = output_tokens.shape
     j = torch.arange(width, device=output_tokens.device)
-    mask = (j == num_accepted[:, None]) & active[:, None]
+    at, running = num_accepted[:, None], active[:, None]
     if spelled is None:  # the recovered/bonus token alone
-        spelling, length = spell(output_tokens.gather(1, num_accepted[:, None])[:, 0])
+        mask = (j == at) & running
+        spelling, length = spell(output_tokens.gather(1, at)[:, 0])
         return Feedback(spelling, torch.where(mask, length.clamp_max(spelling_width)[:, None], 0), mask)
-    behind = torch.cat([source, source.new_full((batch, 1), width)], 1)  # position k has no drafter token
-    mask |= (j < num_accepted[:, None]) & (behind >= drafted[:, None]) & active[:, None]
+    behind = torch.nn.functional.pad(source, (0, 1), value=width)  # position k has no drafter token
+    # the recovered/bonus token, and the accepted positions behind the kept drafts (pieces of a split token)
+    mask = (j <= at) & ((j == at) | (behind >= drafted[:, None])) & running
     spellings, lengths = spelled
     lengths = torch.where(mask, lengths.view(batch, width).clamp_max(spelling_width), 0)
     # Keep the last `spelling_width` tokens: the layout starts `cut` tokens in, and each position keeps the
@@ -77,5 +79,5 @@ def feedback(
 
 def kept_drafts(span_end: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
     """[batch] the drafted tokens a row keeps: those its accepted target positions consumed whole."""
-    at = (num_accepted - 1).clamp_min(0)[:, None]
-    return torch.where(num_accepted > 0, span_end.gather(1, at)[:, 0], 0)
+    # span_end of the last accepted position; 0 before the first (a leading 0 column: one gather, no mask)
+    return torch.nn.functional.pad(span_end, (1, 0)).gather(1, num_accepted[:, None])[:, 0]

@@ -86,6 +86,8 @@ class KeptLogits:
     def result(self, longest: int, generated: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per name, [batch, longest, V]: each row's logits at its new tokens, NaN past its end. The output
         leaves this object: a state kept for later requests holds only its staging."""
+        if not self.out:
+            return {}
         past_end = (torch.arange(longest, device=generated.device) >= generated[:, None])[..., None]
         result = {name: out[:, :longest].masked_fill(past_end, torch.nan) for name, out in self.out.items()}
         self.out = {name: torch.full_like(out[:, :1], torch.nan) for name, out in self.out.items()}

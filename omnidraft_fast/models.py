@@ -130,6 +130,21 @@ class SlotKVCache(Cache):
         return len(self.keys)
 
 
+def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter:
+    """``next(module.parameters())``, read where the model holds it now (after ``.to()``, a cast or a
+    parameter rebound, as ``parameters()`` would): the first parameter of the first module, in
+    ``named_modules``' order, that has one, without ``parameters()``' generators (5 us a call, read a few
+    times per request)."""
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        for parameter in current._parameters.values():
+            if parameter is not None:
+                return parameter
+        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+    raise StopIteration  # as next() over no parameters
+
+
 def _position_limit(config) -> int | None:
     for name in (
         "max_position_embeddings",
@@ -281,11 +296,11 @@ class CausalLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return _first_parameter(self.model).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return _first_parameter(self.model).dtype
 
     def mask_bytes(self, queries: int, slots: int) -> int:
         """Bytes of the additive attention mask one row of a forward of ``queries`` tokens over a cache of
@@ -327,10 +342,10 @@ class CausalLM:
         dtype = self.dtype  # the mask's: read once, a parameter lookup per forward costs
         from_start = cache.slot_ids is not None and cache.from_start.shape[0] == start.shape[0]
         if from_start and cache.slot_ids.device == start.device:  # a kept cache: its tensors, rewritten
-            torch.ge(cache.slot_ids, start[:, None, None, None], out=cache.from_start)
+            torch.ge(cache.slot_ids, start.view(-1, 1, 1, 1), out=cache.from_start)
         else:
             cache.slot_ids = torch.arange(max_slots, device=start.device)
-            cache.from_start = cache.slot_ids >= start[:, None, None, None]
+            cache.from_start = cache.slot_ids >= start.view(-1, 1, 1, 1)
         values = cache.mask_values
         if values is None or values[0].dtype != dtype or values[0].device != start.device:
             options = {"dtype": dtype, "device": start.device}

@@ -115,20 +115,19 @@ class NGramTable:
         first eviction by hash order alone (all start at one hit; 117k of them for a Qwen target)."""
         ids = torch.nonzero((t2ds_len >= 2) & (t2ds_len <= max_len))[:, 0]
         table = cls(max(capacity, 4 * len(ids)), max_len, device)
-        table.insert(table.keys_of(t2ds[ids], t2ds_len[ids]), ids.long())
+        table.insert(table.keys_of(t2ds[ids]), ids.long())
         return table
 
-    def keys_of(self, spellings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[Q, max_len] keys from spellings [Q, width] of ``lengths`` [Q] ids each: a row's first ``length``
-        ids, -1 after them; a length outside 2..max_len (0: nothing to learn, or a spelling cut to its
-        width) gives a -1 row, which inserts skip."""
+    def keys_of(self, spellings: torch.Tensor, learn: torch.Tensor | None = None) -> torch.Tensor:
+        """[Q, max_len] keys from whole spellings [Q, width] of at most max_len ids each, -1 after their ids (as
+        ``VocabBridge.t2ds`` holds them, and ``Rounds.spell`` gives a spelling its width holds whole): each
+        row's ids, -1 padded to max_len; a -1 row where ``learn`` [Q] (bool; None: every row) is False. A row
+        of one id stays: inserts skip rows of fewer than 2 ids, as they skip -1 rows."""
         width = spellings.shape[1]
         if width < self.max_len:
             spellings = torch.nn.functional.pad(spellings, (0, self.max_len - width), value=-1)
         keys = spellings[:, : self.max_len].long()
-        learnable = (lengths >= 2) & (lengths <= self.max_len)
-        inside = torch.arange(self.max_len, device=keys.device) < lengths[:, None]
-        return torch.where(learnable[:, None] & inside, keys, -1)
+        return keys if learn is None else torch.where(learn[:, None], keys, -1)
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

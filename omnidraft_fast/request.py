@@ -20,6 +20,7 @@ fields, where transformers would quietly draft by prompt lookup and leave the as
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -117,9 +118,12 @@ def _generation_fields(config) -> dict[str, Any]:
 
 def _diff_dict(config) -> dict[str, Any]:
     """``config.to_diff_dict()``: its fields that differ from a default ``GenerationConfig``'s, and its
-    transformers version. transformers' own builds and copies a default config at each call, half its cost,
-    read here for every request from the model's and the drafter's configs: the default's fields are taken
-    once (a subclass with its own ``to_diff_dict`` or ``to_dict`` is asked)."""
+    transformers version. transformers' own deep-copies every field (``to_dict``) and builds and copies a
+    default config at each call, read here for every request from the model's and the drafter's configs:
+    the default's fields are taken once, and only the fields that may differ are copied and converted as
+    ``to_dict`` does (a field equal to its default is left out either way; ``dtype`` and dicts, which
+    ``to_dict`` converts, are always taken through it). A subclass with its own ``to_diff_dict`` or
+    ``to_dict`` is asked."""
     from transformers import GenerationConfig
 
     cls = type(config)
@@ -128,13 +132,28 @@ def _diff_dict(config) -> dict[str, Any]:
     global _DEFAULT_FIELDS
     if _DEFAULT_FIELDS is None:
         _DEFAULT_FIELDS = GenerationConfig().to_dict()
+    candidates = {
+        key: value
+        for key, value in config.__dict__.items()
+        if key not in _DEFAULT_FIELDS
+        or key in ("dtype", "transformers_version")
+        or isinstance(value, dict)
+        or value != _DEFAULT_FIELDS[key]
+    }
+    # to_dict on those alone: a deep copy, the serialisation-only keys dropped, the version, dtypes as strings
+    converted = copy.deepcopy(candidates)
+    for key in _NOT_SERIALISED:
+        converted.pop(key, None)
+    converted["transformers_version"] = _DEFAULT_FIELDS["transformers_version"]
+    config.dict_dtype_to_str(converted)
     return {
         key: value
-        for key, value in config.to_dict().items()  # a deep copy, its dtypes as strings
+        for key, value in converted.items()
         if key not in _DEFAULT_FIELDS or key == "transformers_version" or value != _DEFAULT_FIELDS[key]
     }
 
 
+_NOT_SERIALISED = ("_commit_hash", "_original_object_hash", "_mask_length")  # what to_dict leaves out
 _DEFAULT_FIELDS: dict[str, Any] | None = None  # GenerationConfig().to_dict(), on first use
 
 
@@ -328,7 +347,8 @@ def resolve_request(
             "transformers refuses them too): pass do_sample=True, or num_return_sequences=1"
         )
     rows = ids.shape[0]  # the caller's rows; each is generated `copies` times, the copies adjacent
-    ids, prompt_lengths = ids.repeat_interleave(copies, 0), prompt_lengths.repeat_interleave(copies, 0)
+    if copies > 1:
+        ids, prompt_lengths = ids.repeat_interleave(copies, 0), prompt_lengths.repeat_interleave(copies, 0)
 
     draft, lookup_ngram = _draft_settings(fields, default_draft_tokens, prompt_lookup)
     # A round emits at most k + 1 tokens: a draft longer than max_new_tokens cannot pay (transformers'

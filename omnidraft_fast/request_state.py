@@ -63,6 +63,10 @@ class RequestState:
     kept_logits: KeptLogits
     invalid: torch.Tensor  # [batch] bool rows with NaN/inf logits this round
     ran: torch.Tensor  # [] bool the last round had a row still generating (not one past the end)
+    # [3] int64 what the host read between rounds takes (SpeculativeEngine._decode): all rows done, rows with
+    # bad logits so far (counters' "invalid"), the most new tokens of a row; written at the end of each
+    # round's commit, so that with cuda_graphs the read launches nothing
+    flags: torch.Tensor
     draft_length: DraftLength | None  # the round's adaptive stopping state (EngineConfig.adaptive)
     # [batch] int64 tokens each row drafted this round where rows may draft fewer than k (draft_length's
     # count, or prompt lookup's); None: every running row drafts k

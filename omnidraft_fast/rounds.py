@@ -48,6 +48,8 @@ from .stats import StageTimer
 
 __all__ = ["Rounds"]
 
+_INVALID = COUNTERS.index("invalid")
+
 
 class Rounds:
     """The stages of a round over one engine's models, vocabulary bridge, n-gram table and learners."""
@@ -64,6 +66,15 @@ class Rounds:
         self.target, self.drafter, self.bridge, self.ngram = target, drafter, bridge, ngram
         self.learner, self.config = learner, config
         self._kept = KeptStates(config.kept_graphs)  # recent requests' states, caches and graphs
+        # What `spell` gives each target id, made once per engine (the bridge's tensors never change): the last
+        # `spelling_width` ids of its spelling [V_t, width] and the spelling's length [V_t], int64, so that a
+        # round's spellings are two lookups (a few ops each otherwise, at every commit and learning step)
+        self._spellings: tuple[torch.Tensor, torch.Tensor] | None = None
+        if bridge is not None:
+            width = self.spelling_width
+            lengths = bridge.t2ds_len.long()
+            columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=lengths.device)
+            self._spellings = bridge.t2ds.gather(1, columns).long(), lengths
 
     @property
     def mode(self) -> str:
@@ -87,12 +98,10 @@ class Rounds:
         """Drafter spelling of target ids [n]: the last ``spelling_width`` ids of each ([n, width], -1
         padded: the whole spelling where it fits) and the whole spelling's length [n], which is larger
         than the width where the ids are its end only."""
-        if self.bridge is None:
+        if self._spellings is None:
             return target_ids[:, None], torch.ones_like(target_ids)
-        width = self.spelling_width
-        lengths = self.bridge.t2ds_len[target_ids].long()
-        columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=target_ids.device)
-        return self.bridge.t2ds[target_ids[:, None], columns].long(), lengths
+        ends, lengths = self._spellings
+        return ends[target_ids], lengths[target_ids]
 
     def begin(self, request: Request, seed: int) -> RequestState:
         """The request's device state, caches and random generator (seeded with ``seed``), both prompts laid
@@ -100,7 +109,7 @@ class Rounds:
         kept from an earlier request with the same shapes and settings (``EngineConfig.cuda_graphs``),
         refilled in place so that its graphs replay from the first round; else fresh ones, kept in turn
         (the least recently used of more than ``EngineConfig.kept_graphs`` released)."""
-        device, prompt, learner = self.target.device, request.input_ids.shape[1], self.learner
+        device, prompt, learner = request.input_ids.device, request.input_ids.shape[1], self.learner
         # With cuda_graphs a learner's adapter serves merged weights rewritten in place from the first
         # request on (the engine builds it with merge_always): kept graphs see every update.
         reusable = self.config.cuda_graphs
@@ -170,7 +179,7 @@ class Rounds:
     def _layout(self, request: Request, bucket: int) -> RequestState:
         """Fresh device state for ``request`` (its ``graphs`` still to be set): the prompt left-padded to a
         multiple of ``bucket`` tokens, the drafter's spelled prompt too (``EngineConfig.prompt_bucket``)."""
-        device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
+        device, k, new = request.input_ids.device, request.num_draft_tokens, request.max_new_tokens
         batch, width = request.input_ids.shape
         pad = -width % bucket
         prompt = width + pad
@@ -236,6 +245,7 @@ class Rounds:
             ),
             invalid=torch.zeros(batch, dtype=torch.bool, device=device),
             ran=torch.zeros((), dtype=torch.bool, device=device),
+            flags=torch.zeros(3, dtype=torch.int64, device=device),
             draft_length=length,
             drafted=drafted,
             graphs=None,  # set by begin
@@ -246,7 +256,7 @@ class Rounds:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The drafter's context for ``request``: ``d_tokens``, ``d_start``, ``d_lengths`` and ``window``
         (``RequestState``)."""
-        device, k, new = self.target.device, request.num_draft_tokens, request.max_new_tokens
+        device, k, new = request.input_ids.device, request.num_draft_tokens, request.max_new_tokens
         batch, width = request.input_ids.shape
         # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
         # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
@@ -257,7 +267,8 @@ class Rounds:
         pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
         pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
         spelled = pieces >= 0
-        d_prompt = max(1, int(spelled.sum(1).max()) if batch else 1)  # the one host read
+        counts = spelled.sum(1)  # [batch] drafter tokens of each row's prompt
+        d_prompt = max(1, int(counts.max()) if batch else 1)  # the one host read
         d_prompt += -d_prompt % bucket
         # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
         # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
@@ -266,13 +277,13 @@ class Rounds:
         per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
         d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
         d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
-        # ... right-aligned at the end of the drafter's prompt: a piece with n pieces after it in its row
-        # goes n + 1 slots before the end.
+        # ... right-aligned at the end of the drafter's prompt: a row's n-th piece at d_start + n - 1, written by
+        # one scatter (no boolean indexing, whose nonzero is a host read each); a column without a piece
+        # writes 0 at slot 0, a dummy slot (d_start >= window - 1 >= 1) that holds 0.
         end = window - 1 + d_prompt
-        after = spelled.flip(1).cumsum(1).flip(1)  # pieces at or after each column
-        rows = torch.arange(batch, device=device)[:, None].expand_as(pieces)
-        d_tokens[rows[spelled], end - after[spelled]] = pieces[spelled].long()
-        d_start = end - spelled.sum(1)
+        d_start = end - counts
+        slots = torch.where(spelled, d_start[:, None] - 1 + spelled.cumsum(1), 0)
+        d_tokens.scatter_(1, slots, pieces.clamp_min(0).long())
         d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
         return d_tokens, d_start, d_lengths, window
 
@@ -302,7 +313,7 @@ class Rounds:
             return None
         adaptive = self.config.adaptive
         gamma, k_min = (adaptive.gamma, min(adaptive.k_min, request.num_draft_tokens)) if head else (1.0, 1)
-        device = self.target.device
+        device = request.input_ids.device
         return DraftLength(head, batch, gamma, k_min, device, confidence=request.confidence_threshold)
 
     def prefill(self, state: RequestState, request: Request, timer: StageTimer) -> None:
@@ -586,12 +597,13 @@ class Rounds:
 
         if self.ngram is not None:
             with timer("learn"):  # every emitted target token spelled by 2+ drafter tokens (SPEC §2.2)
-                emitted = torch.where(kept_positions, output_tokens, -1).flatten()
-                # the spelling of a position not emitted is never read: its length is 0 (keys_of: no key)
+                emitted = output_tokens.flatten()  # [batch * (steps + 1)], the positions kept_positions marks
+                # (the spelling of a position not emitted, -1 clamped to 0, is never read: no key there)
                 spelling, spelled_len = self.spell(emitted.clamp_min(0)) if spelled is None else spelled
-                # a spelling cut to its end is no key (keys_of: length 0)
-                whole = (emitted >= 0) & (spelled_len <= self.spelling_width)
-                keys = self.ngram.keys_of(spelling, torch.where(whole, spelled_len, 0))
+                # a spelling its width holds whole (spell: -1 past its ids) of at most max_len ids; of one id, a
+                # row inserts skip; a spelling cut to its end, no key
+                whole = spelled_len <= min(self.spelling_width, self.ngram.max_len)
+                keys = self.ngram.keys_of(spelling, kept_positions.flatten() & whole)
                 self.ngram.insert(keys, emitted)
         if state.recorder is not None:
             with timer("learn"):
@@ -658,6 +670,15 @@ class Rounds:
         positions = (kinds & torch.stack([proposed, accepted])).sum((2, 3)).flatten()  # [8]
         # state.ran: whether the round had an active row (set as it began)
         state.counters += torch.cat([state.ran[None], rows, positions[:7]])
+        # what the host read after the round takes (RequestState.flags), the round's last writes to them done
+        torch.cat(
+            [
+                state.done.all(0, keepdim=True),
+                state.counters[_INVALID : _INVALID + 1],
+                state.generated.amax(0, keepdim=True),
+            ],
+            out=state.flags,
+        )
 
 
 def _exponential(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -169,8 +169,30 @@ def test_a_request_builds_no_default_generation_config(target, drafter, batch, m
     passed = GenerationConfig(
         max_new_tokens=NEW, repetition_penalty=1.2, sequence_bias={(1, 2): 1.0}, bad_words_ids=[[3]]
     )
-    for config in (target.generation_config, drafter.generation_config, passed, Custom(max_new_tokens=5)):
+    stamped = GenerationConfig(
+        do_sample=True, eos_token_id=[1, 2]
+    )  # what to_dict converts, and a saved version
+    stamped.dtype, stamped.transformers_version = torch.float16, "4.0.0"
+    stamped.extra = {"inner": {"dtype": torch.bfloat16}}
+    configs = (target.generation_config, drafter.generation_config, passed, stamped, Custom(max_new_tokens=5))
+    for config in configs:
         assert _diff_dict(config) == config.to_diff_dict()
+        assert list(_diff_dict(config)) == list(config.to_diff_dict())  # the same order (the first refused)
+
+    class Probe:  # equal to its default (None, transformers' default of every field): left out, not copied
+        def __eq__(self, other):
+            return other is None
+
+        __hash__ = object.__hash__
+
+        def __deepcopy__(self, memo):
+            copied.append(self)
+            return Probe()
+
+    copied = []
+    probed = GenerationConfig(max_new_tokens=NEW)
+    probed.temperature = Probe()
+    assert _diff_dict(probed) == probed.to_diff_dict() and len(copied) == 1  # to_diff_dict's own copy only
     ids, mask = batch
     engine = SpeculativeEngine(target, drafter)
     expected = engine.generate(ids, attention_mask=mask, generation_config=passed)

@@ -103,3 +103,31 @@ def test_acceptance_is_counted():
     assert stats.new_tokens == 12 and stats.accepted == stats.proposed  # self-drafting accepts everything
     assert stats.rounds == 3 and stats.mean_accepted_length == 4.0
     assert stats.target_calls_per_token == pytest.approx((1 + 3) / 12)
+
+
+def test_models_cast_or_rebound_between_requests_are_followed():
+    """An engine reads its models' dtype and device where they hold them at each request (``CausalLM.dtype``,
+    ``device``: the first parameter as ``parameters()`` gives it, not kept from an earlier request): a target
+    cast to float64 after a request, then its first parameter rebound to a float32 copy, still decodes as the
+    target's own greedy generate() does, its attention masks in the model's dtype each time."""
+    target = tiny_model("llama", VOCAB, seed=0)
+    drafter = perturbed_copy(target, 0.15)
+    engine = omnidraft_fast.SpeculativeEngine(target, drafter)
+    ids, mask = left_padded_prompts(VOCAB, [7, 3], seed=2)
+    assert torch.equal(
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8), _reference(target, ids, mask, 8)
+    )
+    target.to(torch.float64)
+    assert engine.target.dtype == torch.float64
+    assert torch.equal(
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8), _reference(target, ids, mask, 8)
+    )
+    assert engine.target.cache is None  # released; the request's mask values were float64
+    target.to(torch.float32)
+    embed = target.get_input_embeddings()
+    embed.weight = torch.nn.Parameter(embed.weight.detach().to(torch.float16))  # rebound, another dtype
+    assert engine.target.dtype == torch.float16 == next(target.parameters()).dtype
+    embed.weight = torch.nn.Parameter(embed.weight.detach().float())
+    assert torch.equal(
+        engine.generate(ids, attention_mask=mask, max_new_tokens=8), _reference(target, ids, mask, 8)
+    )

@@ -91,18 +91,18 @@ def test_state_dict_round_trip():
         assert other.counts.sum() == 2
 
 
-def test_keys_of_learns_only_whole_spellings_of_2_to_n_ids():
-    """The learning step's keys: a spelling of 2..N ids, -1 after its length; length 0 (a position the round
-    did not keep, or a spelling cut to its width) and lengths 1 or above N give -1 rows, which inserts skip."""
+def test_keys_of_takes_whole_spellings_where_learned():
+    """The learning step's keys: whole spellings (-1 after their ids) padded or cut to N ids, a -1 row where
+    not learned (a position the round did not keep, a spelling cut to its width or longer than N); a row of
+    one id stays, and inserts skip it as they skip -1 rows."""
     table = NGramTable(16, 4)
-    spellings = torch.tensor([[1, 2, -1, -1, -1], [3, -1, -1, -1, -1], [1, 1, 1, 1, 1], [5, 6, 7, 8, 9],
-                              [4, 4, 4, 9, 9], [1, 2, -1, -1, -1]])  # fmt: skip
-    lengths = torch.tensor([2, 1, 0, 5, 3, 0])
-    keys = table.keys_of(spellings, lengths)
-    assert keys.tolist() == [[1, 2, -1, -1], [-1] * 4, [-1] * 4, [-1] * 4, [4, 4, 4, -1], [-1] * 4]
-    table.insert(keys, torch.tensor([10, 11, 12, 13, 14, -1]))
-    assert int(table.size()) == 2 and int(table.counts.sum()) == 2
-    assert table.lookup(_keys((1, 2), (1, 1, 1, 1), (4, 4, 4))).tolist() == [10, -1, 14]
+    spellings = torch.tensor([[1, 2, -1], [3, -1, -1], [1, 1, 1], [4, 4, 4], [1, 2, -1]])
+    keys = table.keys_of(spellings, torch.tensor([True, True, False, True, False]))
+    assert keys.tolist() == [[1, 2, -1, -1], [3, -1, -1, -1], [-1] * 4, [4, 4, 4, -1], [-1] * 4]
+    table.insert(keys, torch.tensor([10, 11, 12, 14, 15]))
+    assert int(table.size()) == 2 and int(table.counts.sum()) == 2 and int(table.dropped) == 0
+    assert table.lookup(_keys((1, 2), (1, 1, 1), (4, 4, 4))).tolist() == [10, -1, 14]
+    assert table.keys_of(torch.tensor([[5, 6, 7, 8, -1, -1]], dtype=torch.int32)).tolist() == [[5, 6, 7, 8]]
 
 
 def test_counts_do_not_wrap_and_tiny_tables_keep_their_most_used_entry():
