@@ -86,7 +86,29 @@ _KERNEL_MODULES = (
 )
 
 
+# The tests that take 20 s to 2 min each on the CPU (pytest --durations), longest first. They run first:
+# pytest-xdist hands tests out in collection order, and one of them collected near the end (test_scale.py,
+# test_zoo.py) left a worker of `make test`'s two running it alone for minutes after the other had finished.
+_LONG_FIRST = (
+    "test_kernels_compile.py::",
+    "test_zoo.py::test_sampling_on_the_trained_pairs_keeps_the_target_law",
+    "test_scale.py::",
+    "test_lossless_sampling.py::",
+    "test_bridge.py::test_real_tokenizer_pairs",
+    "test_cross_vocab.py::test_sampling_is_lossless_across_vocabularies",
+    "test_zoo.py::test_split_tokens_on_the_trained_cross_pair",
+    "test_cli.py::test_cascade_sweep",
+)
+
+
+def _long_first(item) -> int:
+    name = item.nodeid.rpartition("/")[2]
+    ranks = (rank for rank, prefix in enumerate(_LONG_FIRST) if name.startswith(prefix))
+    return next(ranks, len(_LONG_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_first)  # stable: the rest keep their order (and their modules' fixtures)
     selected = [item for item in items if item.module.__name__ in _KERNEL_MODULES]
     problem = _interpreter_problem() if selected else None
     if problem is not None:

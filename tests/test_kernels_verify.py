@@ -173,8 +173,9 @@ def _reference(case: dict) -> tuple[torch.Tensor, ...]:
     )  # fmt: skip
 
 
-def _check(case: dict, block: int = 128) -> None:
-    """The kernel equals the reference on every valid row (invalid rows: only the flags)."""
+def _check(case: dict, block: int = 128) -> tuple[torch.Tensor, ...]:
+    """The kernel equals the reference on every valid row (invalid rows: only the flags); returns the
+    kernel's outputs (interpreted, a launch costs seconds: tests read these instead of launching again)."""
     got = verify_triton(**case, block=block)
     want = _reference(case)
     names = ("num_accepted", "output_tokens", "accept_probs", "deferred", "invalid")
@@ -185,6 +186,7 @@ def _check(case: dict, block: int = 128) -> None:
             torch.testing.assert_close(g[rows], w[rows], msg=name)
         else:
             assert torch.equal(g[rows], w[rows]), f"{name}: {g[rows].tolist()} != {w[rows].tolist()}"
+    return got
 
 
 def test_split_pieces_propose_a_point_mass():
@@ -246,8 +248,7 @@ def test_invalid_rows(programs, monkeypatch):
         logits[0, 1, 17] = float("nan")
         logits[1, 2, 200] = float("inf")
         logits[2, 0] = float("-inf")
-        _check(case)
-        flagged = verify_triton(**case, block=128)[4]
+        flagged = _check(case)[4]
         assert flagged.tolist() == [
             [False, True, False],
             [False, False, True],
@@ -265,8 +266,7 @@ def test_zero_mass_residual(temperature):
     logits[:, :2, 123] = 0.0  # p one-hot at 123 exactly, in both implementations
     case["draft_probs"] = torch.nn.functional.one_hot(torch.full((3, 2), 123), 300).float()
     case["draft_ids"] = torch.tensor([[-1, -1], [123, -1], [123, 123]])
-    _check(case)
-    got = verify_triton(**case, block=128)
+    got = _check(case)
     assert got[1].tolist() == [[123, -1, -1], [123, 123, -1], [123, 123, got[1][2, 2].item()]]
 
 
