@@ -12,3 +12,21 @@ when a reference's CPU shortcut may use a tensor's values on the host.
 Kernels know nothing of models or tokenizers: tensors in, tensors out. The
 public, checked entry points are in ``omnidraft_fast.ops``.
 """
+
+import sys as _sys
+
+if __name__ == "kernels":  # this folder imported as a top-level package: a checkout's root on sys.path
+    # (`python -m pytest` run there). The name belongs to Hugging Face's `kernels` distribution, which
+    # transformers imports when it is installed: hand the import over to it where it is installed.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    )
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+        _spec.loader.exec_module(_module)
