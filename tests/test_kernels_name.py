@@ -17,8 +17,8 @@ def _import_kernels(tmp_path: Path, installed: bool) -> str:
         (tmp_path / "kernels").mkdir()
         (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'hub'\n")
     code = "import kernels; print(getattr(kernels, 'CUDAProperties', None), kernels.__file__)"
-    run = subprocess.run(
-        [sys.executable, "-c", code],
+    run = subprocess.run(  # -S: without site-packages, where the real distribution may be installed
+        [sys.executable, "-S", "-c", code],
         cwd=ROOT,  # -c puts the working directory first on sys.path, as -m does
         env={"PYTHONPATH": str(tmp_path), "PATH": ""},
         capture_output=True,
