@@ -38,6 +38,10 @@ def pytest_configure(config):
     # Tiny models are dominated by per-op overhead: one thread is faster, and it keeps parallel jobs on a
     # 2-core machine from oversubscribing it (with 2 threads each, forwards ran ~60x slower under load).
     torch.set_num_threads(1)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton_interpreter import install
+
+        install()
 
 
 @pytest.fixture(autouse=True)
