@@ -2,7 +2,7 @@
 
 Run by ``test_kernels_compile.py`` in a process of its own, without ``TRITON_INTERPRET`` (the interpreter
 never compiles). The public launchers run on small CPU tensors with every kernel launch intercepted: each
-distinct (kernel, constexprs) variant is compiled with ``triton.compile`` for the targets given on the
+distinct (kernel, constexprs, argument types, warps) variant is compiled with ``triton.compile`` for the targets given on the
 command line (compute capabilities, e.g. ``90 80``) instead of launched. What the launchers compute
 after an intercepted launch is garbage and is ignored. Exit status: 0 all compiled, 1 some failed or
 were never reached, 77 this Triton has no NVIDIA backend.
@@ -59,8 +59,12 @@ def main(archs: list[int]) -> int:
                     signature[param.name] = "*" + _TYPES[value.dtype]
                 else:
                     signature[param.name] = {bool: "i1", int: "i64", float: "fp32"}[type(value)]
+            num_warps = kwargs.get("num_warps", 4)
             for arch in archs:
-                key = (kernel.__name__, arch, tuple(sorted((k, repr(v)) for k, v in constexprs.items())))
+                # what selects a compiled program: the constexprs, the arguments' types (fp32, fp16 and bf16
+                # logits are three programs), the warps
+                key = (kernel.__name__, arch, tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
+                       tuple(signature.items()), num_warps)  # fmt: skip
                 if key in compiled:
                     continue
                 compiled.add(key)
@@ -68,10 +72,12 @@ def main(archs: list[int]) -> int:
                     triton.compile(
                         ASTSource(kernel, signature, constexprs),
                         target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": kwargs.get("num_warps", 4)},
+                        options={"num_warps": num_warps},
                     )
                 except Exception as error:  # report every failure, not only the first
-                    failures.append(f"{kernel.__name__} sm_{arch} {dict(key[2])}: {error.__cause__ or error}")
+                    failures.append(
+                        f"{kernel.__name__} sm_{arch} {dict(key[2])} {dict(key[3])}: {error.__cause__ or error}"
+                    )
 
         return launch
 
