@@ -62,7 +62,7 @@ def commit_drafter_reference(
     """
     _batch, k = draft_ids.shape
     width = spelling.shape[1]
-    total = torch.where(active, drafted + spelling_len, 0)
+    total = (drafted + spelling_len).mul_(active)  # 0 for rows done
     positions = torch.arange(k + width, device=tokens.device)  # [k + width]
     from_spelling = spelling.gather(1, (positions - drafted[:, None]).clamp(0, width - 1))
     values = torch.where(positions < drafted[:, None], torch.cat([draft_ids, spelling], 1), from_spelling)

@@ -124,7 +124,7 @@ class TargetProposal:
         at = at[..., None]
         x = torch.where(merged, mass, q.gather(2, at)[..., 0])  # the merged token: its path probability
         q.masked_fill_(piece[..., None], 0.0)  # a split token's later piece: a point mass at x_j
-        q.scatter_(2, at, torch.where(piece, 1.0, x)[..., None])
+        q.scatter_(2, at, x.masked_fill_(piece, 1.0)[..., None])
         return q.mul_(live[..., None])
 
     def at_drafts(self) -> torch.Tensor:  # [batch, k] fp32
@@ -138,7 +138,7 @@ class TargetProposal:
         rows = torch.arange(probs.shape[0], device=probs.device)[:, None]
         q = torch.where(d >= 0, probs[rows, source, d.clamp_min(0)], 0.0)  # q_s(t2d[x_j])
         q = torch.where(merged, mass, q)
-        q = torch.where(piece, 1.0, q)
+        q = q.masked_fill_(piece, 1.0)
         return q * live
 
 

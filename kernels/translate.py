@@ -120,7 +120,7 @@ def translate_ngram_reference(
     found = ngram_lookup_reference(key_ids, values, queries.reshape(-1, n_max)).view(batch, k, -1)
     ends = positions[:k, None] + lengths  # [k, L] one past each window
     hit = (found >= 0) & (ends <= row_end[..., None])  # [batch, k, L]: the window fits in the row's draft
-    longest = torch.where(hit, lengths, 0).amax(-1)  # [batch, k] (0: no merge)
+    longest = (lengths * hit).amax(-1)  # [batch, k] (0: no merge)
     merged = found.gather(2, (longest - 2).clamp_min(0)[..., None])[..., 0]
 
     # Left-to-right scan, all rows at once. From drafter position i the scan emits `token` and moves on by

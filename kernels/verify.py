@@ -176,7 +176,7 @@ def verify_reference(
             q_stop = q.gather(1, stop[..., None].expand(-1, -1, q.shape[-1]))[:, 0]
         else:
             q_stop = proposal.rows(stop)[:, 0]
-        q_stop = torch.where(bonus, 0.0, q_stop)
+        q_stop = q_stop.masked_fill(bonus, 0.0)
     residual = (pi_stop - q_stop).clamp_min(0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, pi_stop)
     # Exponential race; the residual needs no normalising.
@@ -189,7 +189,7 @@ def join_output(draft_ids: torch.Tensor, num_accepted: torch.Tensor, final: torc
     k = draft_ids.shape[1]
     positions = torch.arange(k + 1, device=draft_ids.device)
     drafted = torch.nn.functional.pad(draft_ids, (0, 1), value=-1)  # [batch, k+1]
-    output_tokens = torch.where(positions < num_accepted[:, None], drafted, -1)
+    output_tokens = drafted.masked_fill_(positions >= num_accepted[:, None], -1)
     return output_tokens.scatter_(1, num_accepted[:, None], final[:, None])
 
 

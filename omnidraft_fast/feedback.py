@@ -60,12 +60,12 @@ def feedback(
     if spelled is None:  # the recovered/bonus token alone
         mask = (j == at) & running
         spelling, length = spell(output_tokens.gather(1, at)[:, 0])
-        return Feedback(spelling, torch.where(mask, length.clamp_max(spelling_width)[:, None], 0), mask)
+        return Feedback(spelling, length.clamp_max(spelling_width)[:, None] * mask, mask)
     behind = torch.nn.functional.pad(source, (0, 1), value=width)  # position k has no drafter token
     # the recovered/bonus token, and the accepted positions behind the kept drafts (pieces of a split token)
     mask = (j <= at) & ((j == at) | (behind >= drafted[:, None])) & running
     spellings, lengths = spelled
-    lengths = torch.where(mask, lengths.view(batch, width).clamp_max(spelling_width), 0)
+    lengths = lengths.view(batch, width).clamp_max(spelling_width).mul_(mask)
     # Keep the last `spelling_width` tokens: the layout starts `cut` tokens in, and each position keeps the
     # tokens of its spelling the layout holds.
     cut = (lengths.sum(1, keepdim=True) - spelling_width).clamp_min(0)

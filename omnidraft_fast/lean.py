@@ -12,10 +12,14 @@ What a call costs on a CPU is mostly per op and per Python call, so the forward 
 (:func:`_call`): it runs each module's ``forward`` without ``nn.Module.__call__`` (no hook can be set:
 :func:`hooked`), and a module of exactly torch's ``Linear``, ``LayerNorm`` or ``Dropout``, or of the
 family's RMS norm, MLP or ``Conv1D``, as that forward's aten ops written out (anything else, a peft LoRA
-layer, a quantised linear, a subclass, a module whose ``forward`` was replaced, runs its own forward). The
-hidden states stay 2-D (``[batch * n, H]``: a 2-D linear is ``t`` + ``mm``, a 3-D one adds two views) and
-are viewed per head for attention only, and the rotation is ``x * cos + roll(x) * sin`` with ``sin``'s first
-half negated once a forward (transformers' ``rotate_half`` bit for bit, in 3 ops fewer). The same ops as
+layer, a quantised linear, a subclass, a module whose class or instance ``forward`` was replaced, runs its
+own forward). The hidden states stay 2-D (``[batch * n, H]``: a 2-D linear is ``t`` + ``mm``, a 3-D one
+adds two views) and are viewed per head for attention only (one token's queries without a transpose), and
+the rotation is ``x * cos + roll(x) * sin`` with ``sin``'s first half negated (transformers'
+``rotate_half`` bit for bit, in 3 ops fewer). Where the rotary type's frequencies are fixed (all but dynamic
+and long RoPE), cos and the folded sin are looked up by position in a table of the rotary module's own
+values, made once per request's cache (2 ops a forward instead of the module's ~11 and the fold). The same
+ops as
 transformers' on the same operands: its hidden states and logits bit for bit wherever SDPA is called alike
 (no query heads folded; transformers' head on the last of several positions reads a strided slice, another
 gemm path), up to float rounding where grouped query heads are folded (``tests/test_lean.py``).
@@ -29,6 +33,7 @@ over devices: its attention inputs would not follow its layers).
 
 from __future__ import annotations
 
+import operator
 import sys
 
 import torch
@@ -129,9 +134,7 @@ def forward(
     last_only: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [batch, n or 1, V] and the last hidden states they came from [batch, n or 1, H]."""
-    inline = _FAMILIES.get(type(model))
-    if inline is None:
-        inline = _FAMILIES[type(model)] = {**_TORCH, **_family(model)}
+    inline = _inline(model)
     run = _gpt2 if model.config.model_type == "gpt2" else _llama
     batch = input_ids.shape[0]
     hidden = run(model, inline, input_ids, positions, mask, cache, last_only)  # [batch * (n or 1), H]
@@ -202,31 +205,49 @@ _WRITTEN_OUT = {
     "qwen3": {"Qwen3RMSNorm": _rms_norm, "Qwen3MLP": _gated_mlp},
     "gpt2": {"Conv1D": _conv1d, "GPT2MLP": _gpt2_mlp},
 }
-_FAMILIES: dict[type, dict] = {}  # a model's class -> the module types its forward writes out
+# a model's class -> (the torch and family classes its forward may write out, their `forward`s when looked at,
+# the classes written out: {class: writer})
+_FAMILIES: dict[type, tuple[tuple[type, ...], tuple, dict]] = {}
+_FORWARD = operator.attrgetter("forward")
 
 
-def _family(model: torch.nn.Module) -> dict:
-    """The family classes of ``model``'s modelling module that :func:`_call` writes out: each one whose
-    ``forward`` is its own (not replaced on the class, as a kernel hub's layer replacement may do)."""
+def _inline(model: torch.nn.Module) -> dict:
+    """The module types :func:`_call` writes out in ``model``'s forward: torch's and the family classes of
+    ``model``'s modelling module whose ``forward`` is their own (not replaced on the class, as a kernel hub's
+    layer replacement may do). Looked up once per model class and again whenever one of those classes'
+    ``forward`` is another function than when looked at (patched, or put back, between forwards)."""
+    held = _FAMILIES.get(type(model))
+    if held is not None and tuple(map(_FORWARD, held[0])) == held[1]:
+        return held[2]
     source = sys.modules.get(type(model).__module__)
-    found = {}
+    writers = dict(_TORCH)
     for name, run in _WRITTEN_OUT[model.config.model_type].items():
         cls = getattr(source, name, None)
-        if isinstance(cls, type) and cls.forward.__qualname__ == f"{cls.__name__}.forward":
-            found[cls] = run
-    return found
+        if isinstance(cls, type):
+            writers[cls] = run
+    classes = tuple(writers)
+    inline = {
+        cls: run for cls, run in writers.items() if cls.forward.__qualname__ == f"{cls.__name__}.forward"
+    }
+    _FAMILIES[type(model)] = (classes, tuple(map(_FORWARD, classes)), inline)
+    return inline
 
 
 def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: float) -> torch.Tensor:
-    """Write k, v at the forward's slots and attend: [batch * n, heads * head_dim].
+    """Write k, v [batch, kv_heads, n, head_dim] at the forward's slots and attend with q [batch, n, heads,
+    head_dim] (by token, as projected): [batch * n, heads * head_dim].
 
     Grouped-query attention folds each key/value head's query heads into the query axis
     (``[batch, kv_heads, groups * n, head_dim]``, ``mask`` folded alike by :func:`_fold`) instead of
-    repeating the cached keys and values per query head: no copy of the cache per layer and forward."""
+    repeating the cached keys and values per query head: no copy of the cache per layer and forward. One
+    token's queries are already heads-major: a view, without the transpose."""
     keys, values = cache.update(k, v, index)
-    batch, heads, n, _ = q.shape
+    batch, n, heads, _ = q.shape
     kv_heads = keys.shape[1]
-    q = q.reshape(batch, kv_heads, heads // kv_heads * n, q.shape[-1])
+    if n == 1:
+        q = q.view(batch, kv_heads, heads // kv_heads, q.shape[-1])
+    else:
+        q = q.transpose(1, 2).reshape(batch, kv_heads, heads // kv_heads * n, q.shape[-1])
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, dropout_p=dropout if attention.training else 0.0, scale=scale
     )
@@ -253,6 +274,64 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
+def _rotation(rotary, x, positions, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin (:func:`_rotate`) at ``positions`` [batch, n]: [batch, n, 1, head_dim] each, over
+    heads. Two ops, looked up in the request's table (:func:`_table`) where the rotary embedding has one;
+    else the module's forward, the fold and the views (16 ops on a half-precision model)."""
+    table = _table(rotary, x, cache)
+    if table is None:
+        cos, sin = _folded(*rotary.forward(x, positions))
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+    return table[positions].unbind(2)
+
+
+def _folded(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary module's cos and sin [..., head_dim], with ``sin``'s first half negated (:func:`_rotate`)."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+# Rotary types whose frequencies change with the positions of a forward (transformers' `dynamic_rope_update`):
+# their module runs at every forward
+_ADAPTIVE = ("dynamic", "longrope")
+
+
+def _table(rotary: torch.nn.Module, x: torch.Tensor, cache) -> torch.Tensor | None:
+    """The rotary module's cos and sign-folded sin at every slot's position: [max_slots, 2, 1, head_dim], the
+    module's own forward over positions 0 .. max_slots - 1 in ``x``'s dtype and on its device, so that a
+    lookup is bit for bit what the forward gives for those positions (every value is computed per position,
+    elementwise); kept on the request's ``cache`` (positions are below its ``max_slots``: ``slot - start``).
+
+    None (the module runs at every forward) for a rotary type whose frequencies change with the positions
+    of a forward (dynamic, long RoPE), a type this forward does not know, or a ``forward`` not the class's
+    own. The table is made again when what its values come from changed: the module, its class's
+    ``forward``, its ``inv_freq`` buffer (another tensor after a cast or a move, or written in place), its
+    ``attention_scaling``, or ``x``'s dtype or device (a model cast or moved between requests)."""
+    kind = rotary.__dict__.get("rope_type")
+    run = type(rotary).forward
+    if (
+        not isinstance(kind, str)
+        or any(adaptive in kind for adaptive in _ADAPTIVE)
+        or "forward" in rotary.__dict__
+        or run.__qualname__ != f"{type(rotary).__name__}.forward"
+    ):
+        return None
+    inv_freq = rotary._buffers.get("inv_freq")
+    key = (id(rotary), id(run), id(inv_freq), getattr(inv_freq, "_version", None))
+    key += (rotary.__dict__.get("attention_scaling"), x.dtype, x.device)
+    held = cache.rotation
+    if held is not None and held[0] == key:
+        return held[2]
+    # Outside inference mode (a table kept for later requests, or read by a pass that learns, must be a
+    # normal tensor) and autograd (a constant)
+    with torch.inference_mode(False), torch.no_grad():
+        positions = torch.arange(cache.max_slots, device=x.device)[None]  # [1, max_slots]
+        cos, sin = _folded(*rotary.forward(x, positions))  # [1, max_slots, head_dim] each
+        table = torch.stack((cos[0], sin[0]), 1).unsqueeze(2)  # [max_slots, 2, 1, head_dim]
+    cache.rotation = (key, (rotary, run, inv_freq), table)  # the objects whose ids the key holds, kept alive
+    return table
+
+
 def _llama(model, inline, input_ids, positions, mask, cache, last_only) -> torch.Tensor:
     # Hidden states stay 2-D ([batch * n, H]: a 2-D linear is t + mm, a 3-D one adds two views), viewed 4-D
     # for attention only. Submodules are read from each module's `_modules` (what `module.name` returns for
@@ -261,10 +340,7 @@ def _llama(model, inline, input_ids, positions, mask, cache, last_only) -> torch
     parts = decoder._modules
     batch, n = input_ids.shape
     x = _call(inline, parts["embed_tokens"], input_ids).view(batch * n, -1)
-    cos, sin = parts["rotary_emb"].forward(x, positions)  # [batch, n, head_dim] each
-    half = cos.shape[-1] // 2
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # sign-folded for _rotate
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [batch, n, 1, head_dim]: over heads
+    cos, sin = _rotation(parts["rotary_emb"], x, positions, cache)  # [batch, n, 1, head_dim]: over heads
     head_norms = model.config.model_type == "qwen3"  # queries and keys RMS-normed per head before rotation
     folded: dict[tuple[int, int], torch.Tensor] = {}  # (id(mask), groups) -> the mask folded once
     for index, layer in enumerate(parts["layers"]):
@@ -277,7 +353,7 @@ def _llama(model, inline, input_ids, positions, mask, cache, last_only) -> torch
         k = _call(inline, projections["k_proj"], h).view(shape)
         if head_norms:
             q, k = _call(inline, projections["q_norm"], q), _call(inline, projections["k_norm"], k)
-        q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin).transpose(1, 2)  # q: _attend lays it out
         v = _call(inline, projections["v_proj"], h).view(shape).transpose(1, 2)
         scale = getattr(attention, "scaling", attention.head_dim**-0.5)
         dropout = getattr(attention, "attention_dropout", 0.0)
@@ -304,7 +380,8 @@ def _gpt2(model, inline, input_ids, positions, mask, cache, last_only) -> torch.
         projections = attention._modules
         shape = (batch, n, -1, attention.head_dim)
         qkv = _call(inline, projections["c_attn"], _call(inline, modules["ln_1"], x))
-        q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(attention.split_size, dim=1))
+        q, k, v = (t.view(shape) for t in qkv.split(attention.split_size, dim=1))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # q: _attend lays it out
         scale = getattr(attention, "scaling", None)
         if scale is None:  # transformers before the attribute: the same two settings
             scale = attention.head_dim**-0.5 if model.config.scale_attn_weights else 1.0

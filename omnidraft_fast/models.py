@@ -90,6 +90,9 @@ class SlotKVCache(Cache):
         # ([], []) the additive mask's values where a slot is visible (0) and where not (the lowest), in the
         # model's dtype
         self.mask_values: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The lean forward's rotary cos/sin by position, made at its first forward (lean._table): (what it
+        # was made from, those objects, [max_slots, 2, 1, head_dim])
+        self.rotation: tuple[tuple, tuple, torch.Tensor] | None = None
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         # transformers <= 5.23 passes `cache_kwargs`, 5.24 `kwargs=`; neither carries anything needed here.

@@ -130,17 +130,20 @@ def _step_ops(arch: str, layers: int) -> list[str]:
 
 
 # A Llama layer's one-token step: RMS norm; q, k, v each t + mm + a view to heads (no 3-D linear's views); a
-# rotation in mul, roll, mul, add (no rotate_half's slices, neg and cat); attention; o_proj; RMS norm; MLP.
+# rotation in mul, roll, mul, add (no rotate_half's slices, neg and cat); k and v transposed to heads-major
+# for the cache (q, one token's, is viewed so: no transpose); attention; o_proj; RMS norm; MLP.
 _RMS_NORM = ["_to_copy", "pow", "mean", "add", "rsqrt", "mul", "_to_copy", "mul"]
-_ROTATION = ["mul", "roll", "mul", "add", "transpose"]
+_ROTATION = ["mul", "roll", "mul", "add"]
 _LLAMA_LAYER = [
-    *_RMS_NORM, "t", "mm", "view", "t", "mm", "view", *_ROTATION, *_ROTATION, "t", "mm", "view", "transpose",
+    *_RMS_NORM, "t", "mm", "view", "t", "mm", "view", *_ROTATION, *_ROTATION, "transpose", "t", "mm", "view",
+    "transpose",
     "scatter_", "scatter_", "view", "_scaled_dot_product_flash_attention_for_cpu", "view", "t", "mm", "add",
     *_RMS_NORM, "t", "mm", "silu", "t", "mm", "mul", "t", "mm", "add",
 ]  # fmt: skip
 # A GPT-2 block's: layer norm, Conv1D (addmm on the 2-D states), heads, attention, Conv1D, MLP (gelu_new)
 _GPT2_LAYER = [
-    "native_layer_norm", "addmm", "split", *["view", "transpose"] * 3, "scatter_", "scatter_", "view",
+    "native_layer_norm", "addmm", "split", "view", "view", "view", "transpose", "transpose", "scatter_",
+    "scatter_", "view",
     "_scaled_dot_product_flash_attention_for_cpu", "view", "addmm", "add", "native_layer_norm", "addmm",
     "mul", "pow", "mul", "add", "mul", "tanh", "add", "mul", "addmm", "add",
 ]  # fmt: skip
@@ -148,8 +151,114 @@ _GPT2_LAYER = [
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_decode_step_layer_costs_these_ops(arch):
-    """What a second decoder layer adds to a one-token step: 53 ops for a Llama layer (75 with 3-D hidden
-    states and rotate_half), 28 for a GPT-2 block (38)."""
+    """What a second decoder layer adds to a one-token step: 52 ops for a Llama layer (75 with 3-D hidden
+    states and rotate_half), 27 for a GPT-2 block (38)."""
     one, two = _step_ops(arch, 1), _step_ops(arch, 2)
     layer = _LLAMA_LAYER if arch == "llama" else _GPT2_LAYER
     assert any(two == one[:at] + layer + one[at:] for at in range(len(one) + 1)), two
+
+
+def _step_names(runner: CausalLM) -> list[str]:
+    """The aten ops of ``runner``'s one-token step (two rows, at slot 7), after a first one."""
+    ids, slots = torch.zeros(2, 1, dtype=torch.int64), torch.tensor([[7], [7]])
+    runner.forward(ids, slots, last_only=True)
+    with _Ops() as ops:
+        runner.forward(ids, slots, last_only=True)
+    return ops.names
+
+
+ROPE = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},  # attention_scaling 1.139
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 3.0],
+                 "long_factor": [2.0, 3.0, 4.0, 6.0], "original_max_position_embeddings": 128},
+}  # fmt: skip
+
+
+def _roped(rope: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny Llama model (no grouped queries) with the rotary type ``rope``, its norms away from 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, rope_parameters=ROPE[rope], bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", list(ROPE))
+def test_the_rotation_is_looked_up_where_the_rotary_type_allows(rope, dtype):
+    """A rotary type whose frequencies are fixed (default, linear, llama3, yarn: a function of the position
+    alone) is a lookup in the request's table of the module's own cos/sin, two ops (``index``, ``unbind``)
+    instead of the module's forward and the sign fold; dynamic and long RoPE, whose frequencies follow the
+    positions of each forward, run the module at every forward. transformers' bits either way."""
+    model = _roped(rope, dtype)
+    _same_steps(model)
+    runner = CausalLM(model, "model")
+    runner.begin(torch.tensor([1, 3]), max_slots=16)
+    names = _step_names(runner)
+    looked_up = rope not in ("dynamic", "longrope")
+    assert ("cos" not in names and names.count("index") == 1) == looked_up, names
+
+
+def test_the_rotation_table_follows_the_model_between_requests():
+    """The table follows the model: made in the model's dtype for a request's new cache after a cast, and
+    made again on a cache that a later request takes over (kept graphs) when what its values come from
+    changed: ``inv_freq`` written in place, a new ``attention_scaling``. Each request's outputs are
+    transformers' bits on the model as it is then."""
+    model = tiny_model("llama", VOCAB, seed=7, kv_heads=4)
+    rotary = model.model.rotary_emb
+    lean, plain = CausalLM(model, "model"), CausalLM(model, "model", lean=False)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    changes = {
+        "first": lambda: None,
+        "fp16": lambda: model.to(torch.float16),
+        "inv_freq": lambda: rotary.inv_freq.mul_(0.75),
+        "scaling": lambda: setattr(rotary, "attention_scaling", 0.5),
+        "bf16": lambda: model.to(torch.bfloat16),
+        "fp32": lambda: model.to(torch.float32),
+    }
+    for change, apply in changes.items():
+        apply()
+        outputs = []
+        for runner in (lean, plain):
+            kept = runner.cache if runner is lean and change in ("inv_freq", "scaling") else None
+            runner.begin(torch.tensor([1, 3]), max_slots=16, cache=kept)
+            prefill = runner.forward(ids[:, :6], torch.arange(6).expand(2, 6))
+            step = runner.forward(ids[:, 6:7], torch.tensor([[6], [6]]), last_only=True)
+            outputs.append((prefill, step))
+        assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1]), change
+        assert lean.cache.rotation[2].dtype == model.dtype, change
+
+
+@pytest.mark.parametrize("patched", ["LlamaRMSNorm", "LlamaMLP", "Linear"])
+def test_a_class_whose_forward_is_patched_after_a_request_runs_its_forward(patched, monkeypatch):
+    """The types written out are looked up again when a class's ``forward`` changes after a first request
+    (a patched ``forward``, or torch's own classes': none of them is written out then), and written out
+    again once the original is back."""
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama", VOCAB, seed=7, kv_heads=4)
+    _same_steps(model)
+    runner = CausalLM(model, "model")
+    runner.begin(torch.tensor([1, 3]), max_slots=16)
+    written_out = _step_names(runner)
+    cls = torch.nn.Linear if patched == "Linear" else getattr(modeling_llama, patched)
+    original = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, x: original(self, x) * 1.5)
+    _same_steps(model)
+    assert len(_step_names(runner)) > len(written_out)  # the patched forward's ops, not the written-out ones
+    monkeypatch.undo()
+    assert _step_names(runner) == written_out
