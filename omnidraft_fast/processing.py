@@ -31,18 +31,32 @@ def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
 
 def _watermark(value):
     """``watermarking_config`` -> a transformers ``WatermarkingConfig`` (a dict is read as one, as
-    ``GenerationConfig`` reads it). SynthID's processor keeps state across calls that assumes one call per
-    new token, which verifying drafted positions breaks: refused."""
+    ``GenerationConfig`` reads it: from transformers 5.25, a dict with ``ngram_len``, a field only SynthID's
+    config has, is a ``SynthIDTextWatermarkingConfig``). SynthID's processor keeps state across calls that
+    assumes one call per new token, which verifying drafted positions breaks: refused."""
     from transformers.generation import WatermarkingConfig
 
+    synthid = "SynthID watermarking keeps per-step state that speculative decoding cannot replay"
     if isinstance(value, dict):
-        value = WatermarkingConfig.from_dict(value)
+        if "ngram_len" in value:
+            raise ValueError(
+                f"`watermarking_config` {value!r} holds `ngram_len`, which makes it a SynthID watermarking "
+                f"config (as transformers reads a dict); {synthid}: drop it, or pass a green-list "
+                "WatermarkingConfig"
+            )
+        try:
+            value = WatermarkingConfig.from_dict(value)
+        except TypeError as error:  # an unknown key: its __init__ names it, not the argument
+            raise ValueError(
+                f"`watermarking_config` {value!r} is not a WatermarkingConfig's fields ({error}); pass e.g. "
+                "WatermarkingConfig(bias=2.0, greenlist_ratio=0.25) or a dict of its fields"
+            ) from None
     if not isinstance(value, WatermarkingConfig):
         raise ValueError(
             f"`watermarking_config` must be a transformers WatermarkingConfig (green-list watermarking), got "
-            f"{type(value).__name__}; SynthID watermarking keeps per-step state that speculative decoding cannot "
-            "replay"
+            f"{type(value).__name__}; {synthid}"
         )
+    value.validate()  # as GenerationConfig.validate() does: its errors name `watermarking_config` and the key
     return value
 
 
@@ -203,7 +217,7 @@ class Processing:
             out["exponential_decay_length_penalty"] = (decay[0], float(decay[1]))
         # The sampling warpers: (name, off value, whether the value lies in range, the range in words).
         warpers = (
-            ("top_h", 0.0, lambda v: 0 <= v <= 1, "(0, 1] (0 or unset: off)"),
+            ("top_h", 0.0, lambda v: 0 <= v <= 1, "(0, 1] (unset: off)"),
             ("min_p", 0.0, lambda v: 0 <= v <= 1, "[0, 1] (0: off)"),
             ("typical_p", 1.0, lambda v: 0 < v <= 1, "(0, 1] (1: off)"),
             ("epsilon_cutoff", 0.0, lambda v: 0 <= v < 1, "[0, 1) (0: off)"),
@@ -214,6 +228,10 @@ class Processing:
             if not is_number(value) or not in_range(value):
                 raise ValueError(f"`{name}` must be in {words}, got {value!r}")
             out[name] = off if sampling.greedy else float(value)
+        if fields.get("top_h") == 0 and not sampling.greedy:  # transformers' top-h warper refuses it
+            raise ValueError(
+                "`top_h` must be in (0, 1] when sampling, got 0; drop it (unset: off) to sample without top-h"
+            )
         return cls(**out)
 
     def needed(self, prompt: int) -> bool:

@@ -67,14 +67,18 @@ class Rounds:
         self.learner, self.config = learner, config
         self._kept = KeptStates(config.kept_graphs)  # recent requests' states, caches and graphs
         # What `spell` gives each target id, made once per engine (the bridge's tensors never change): the last
-        # `spelling_width` ids of its spelling [V_t, width] and the spelling's length [V_t], int64, so that a
-        # round's spellings are two lookups (a few ops each otherwise, at every commit and learning step)
+        # `spelling_width` ids of its spelling [V_t, width] int32, as the bridge holds them (its own `t2ds`
+        # where the width takes every spelling whole: no copy), and the spelling's length [V_t] int64, so that
+        # a round's spellings are two lookups (a few ops each otherwise, at every commit and learning step)
         self._spellings: tuple[torch.Tensor, torch.Tensor] | None = None
         if bridge is not None:
             width = self.spelling_width
             lengths = bridge.t2ds_len.long()
-            columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=lengths.device)
-            self._spellings = bridge.t2ds.gather(1, columns).long(), lengths
+            ends = bridge.t2ds
+            if width < bridge.max_spelling:
+                columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=lengths.device)
+                ends = ends.gather(1, columns)
+            self._spellings = ends, lengths
 
     @property
     def mode(self) -> str:
@@ -101,7 +105,7 @@ class Rounds:
         if self._spellings is None:
             return target_ids[:, None], torch.ones_like(target_ids)
         ends, lengths = self._spellings
-        return ends[target_ids], lengths[target_ids]
+        return ends[target_ids].long(), lengths[target_ids]  # int64, as ops.commit_drafter takes them
 
     def begin(self, request: Request, seed: int) -> RequestState:
         """The request's device state, caches and random generator (seeded with ``seed``), both prompts laid

@@ -613,6 +613,24 @@ def test_spell_gives_the_end_of_a_long_spelling_and_its_whole_length(pair):
         assert pieces[t].tolist() == [*whole[-2:], -1, -1][:2]
 
 
+def test_spell_keeps_no_int64_copy_of_the_spellings(pair):
+    """`Rounds.spell`'s table is the bridge's own `t2ds` where the spelling width takes every spelling (no
+    copy: an int64 one was 19 MB at Qwen's 152k ids), and an int32 one of the last `width` ids otherwise;
+    `spell` gives int64 ids either way, as ops.commit_drafter takes them."""
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    for max_spelling in (2, 16):
+        engine = SpeculativeEngine(
+            target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+            config=EngineConfig(max_spelling=max_spelling),
+        )  # fmt: skip
+        bridge, (table, _) = engine.bridge, engine.rounds._spellings
+        assert table.dtype == torch.int32
+        whole = engine.rounds.spelling_width == bridge.max_spelling
+        assert whole == (max_spelling == 16) and (table is bridge.t2ds) == whole
+        pieces, _ = engine.rounds.spell(torch.arange(bridge.target_vocab_size))
+        assert pieces.dtype == torch.int64 and (not whole or torch.equal(pieces, bridge.t2ds.long()))
+
+
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
 def test_ngram_table_learns_no_key_from_a_cut_spelling(pair, translation):
     """With `max_spelling` below the table's key length, a target token spelled in more drafter tokens

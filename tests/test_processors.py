@@ -385,10 +385,13 @@ def test_warpers_checked(pair):
         ("typical_p", 0.0, r"`typical_p` must be in \(0, 1\] \(1: off\), got 0.0"),
         ("epsilon_cutoff", 1.0, r"`epsilon_cutoff` must be in \[0, 1\) \(0: off\), got 1.0"),
         ("eta_cutoff", -0.1, r"`eta_cutoff` must be in \[0, 1\)"),
-        ("top_h", 1.5, r"`top_h` must be in \(0, 1\] \(0 or unset: off\), got 1.5"),
+        ("top_h", 1.5, r"`top_h` must be in \(0, 1\] \(unset: off\), got 1.5"),
+        # transformers' top-h warper refuses 0 (5.17 to 5.25); greedy builds no warper and takes it
+        ("top_h", 0, r"`top_h` must be in \(0, 1\] when sampling, got 0"),
     ):
         with pytest.raises(ValueError, match=match):
             engine.generate(ids, max_new_tokens=4, do_sample=True, **{option: value})
+    assert engine.generate(ids, max_new_tokens=4, top_h=0).shape == (1, 8)
     cascade = CascadeConfig("chow", 0.3)
     with pytest.raises(ValueError, match=r"not supported with a `cascade`"):
         engine.generate(ids, max_new_tokens=4, do_sample=True, typical_p=0.9, cascade=cascade)
@@ -519,6 +522,15 @@ def test_watermarking_as_transformers(pair):
             max_new_tokens=4,
             watermarking_config=SynthIDTextWatermarkingConfig(keys=[1, 2], ngram_len=2),
         )
+    # as a dict: transformers 5.25 reads one with `ngram_len` as SynthID's config (5.24 fails on its keys)
+    with pytest.raises(ValueError, match=r"`watermarking_config` .* holds `ngram_len`, .* SynthID"):
+        engine.generate(prompt, max_new_tokens=4, watermarking_config={"keys": [1, 2], "ngram_len": 2})
+    with pytest.raises(ValueError, match=r"`watermarking_config` .* is not a WatermarkingConfig's fields"):
+        engine.generate(prompt, max_new_tokens=4, watermarking_config={"bias": 2.0, "greenlist": 0.3})
+    with pytest.raises(
+        ValueError, match=r"`watermarking_config` .* `context_width` should be a positive integer"
+    ):
+        engine.generate(prompt, max_new_tokens=4, watermarking_config=WatermarkingConfig(context_width=0))
     with pytest.raises(ValueError, match=r"`watermarking_config` run Python at every drafted position"):
         _engine(pair, cuda_graphs=True).generate(prompt, max_new_tokens=4, watermarking_config=watermark)
 
