@@ -369,9 +369,11 @@ class EngineConfig:
             are enabled), which replay them from their first round; with online learning
             too (the drafter then serves merged LoRA weights rewritten in place, the same tensors at every
             request). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models'
-            weights where they were at capture: call ``release()`` after casting the models or rebinding
-            their parameters (in-place updates, ``load_state_dict``, are seen; moving them to another
-            device needs a new engine).
+            weights where they were at capture: in-place updates (``load_state_dict``) are seen; a request
+            after a cast or ``load_state_dict(..., assign=True)`` releases what was kept and captures afresh
+            (the first parameter's and the output embeddings' storage is checked); call ``release()``
+            after rebinding other parameters one by one (moving the models to another device needs a new
+            engine).
         prompt_bucket: prompts are left-padded inside the engine (the output is as without) to a multiple of
             this many tokens, the drafter's spelled prompt too, so that with ``cuda_graphs`` requests whose
             prompts differ by less share one set of graphs; eager engines pad alike, so that both modes

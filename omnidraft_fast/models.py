@@ -305,6 +305,14 @@ class CausalLM:
     def dtype(self) -> torch.dtype:
         return _first_parameter(self.model).dtype
 
+    @property
+    def weights(self) -> tuple:
+        """Where the first parameter's and the output embeddings' values are now, in which dtype: others after
+        a cast, a move or parameters loaded with ``assign=True`` (captured stages read the weights where they
+        were at capture)."""
+        first, head = _first_parameter(self.model), self.model.get_output_embeddings().weight
+        return first.data_ptr(), first.dtype, first.device, head.data_ptr(), head.dtype
+
     def mask_bytes(self, queries: int, slots: int) -> int:
         """Bytes of the additive attention mask one row of a forward of ``queries`` tokens over a cache of
         ``slots`` builds (``_additive``: the model's dtype)."""

@@ -66,6 +66,7 @@ class Rounds:
         self.target, self.drafter, self.bridge, self.ngram = target, drafter, bridge, ngram
         self.learner, self.config = learner, config
         self._kept = KeptStates(config.kept_graphs)  # recent requests' states, caches and graphs
+        self._weights: tuple | None = None  # the models' weights (CausalLM.weights) the kept states read
         # What `spell` gives each target id, made once per engine (the bridge's tensors never change): the last
         # `spelling_width` ids of its spelling [V_t, width] int32, as the bridge holds them (its own `t2ds`
         # where the width takes every spelling whole: no copy), and the spelling's length [V_t] int64, so that
@@ -133,6 +134,11 @@ class Rounds:
                    request.num_draft_tokens, request.sampling, request.eos_token_ids, request.confidence_threshold,
                    request.cascade, request.alphas, request.kept_logits, request.processing, request.lookup_ngram,
                    learner is not None and learner.enabled)  # fmt: skip
+        if reusable:
+            weights = tuple(model.weights for model in self._models)
+            if weights != self._weights:  # cast or reloaded since: kept stages would read the old weights
+                self._kept.release()
+                self._weights = weights
         kept = self._kept.take(key) if key is not None else None
         kept_caches = (None,) * len(self._models)
         if kept is not None:

@@ -394,6 +394,33 @@ def test_running_out_of_device_memory_releases_the_kept_graphs(shared_pair, monk
     assert torch.equal(again.sequences, first) and not _replayed_from_the_start(again)  # captured afresh
 
 
+def test_kept_graphs_follow_models_cast_or_reloaded_between_requests(shared_pair):
+    """Kept stages read the weights where they were at capture: casting the models or loading other weights
+    with ``assign=True`` between requests releases what was kept (a cast's replay failed on the kept
+    caches' dtype; a reload replayed the weights of before). Weights written in place are followed as they
+    are (the same storage)."""
+    target, drafter = (copy.deepcopy(model) for model in shared_pair)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    ids = torch.tensor([[7, 8, 9]])
+
+    def expected():  # an engine built on the models as they are now
+        fresh = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+        return fresh.generate(ids, max_new_tokens=12)
+
+    engine.generate(ids, max_new_tokens=12)
+    target.to(torch.float16), drafter.to(torch.float16)
+    out = engine.generate(ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected()) and not _replayed_from_the_start(out)
+    again = engine.generate(ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(again.sequences, out.sequences) and _replayed_from_the_start(again)  # kept once more
+
+    other = perturbed_copy(target, 2.0, seed=5)
+    target.load_state_dict(other.state_dict(), assign=True)
+    out = engine.generate(ids, max_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected()) and not _replayed_from_the_start(out)
+    assert not torch.equal(out.sequences, again.sequences)  # the reload changed what the target generates
+
+
 @pytest.mark.parametrize(
     "config, replayed",
     [
