@@ -69,7 +69,8 @@ def test_shared_vocabulary(monkeypatch):
     ids, mask = left_padded_prompts(VOCAB, [5, 3], seed=6)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "eos_token_id": 4}
     # One round (3 drafts, a rejection in one row) for top-k/top-p: interpreted, their threshold searches
-    # cost ~1.7 s a sample and ~7 s a verification, and 6 tokens' later rounds took 33 s of the test's 50.
+    # cost ~1.7 s a sample and ~7 s a verification (about half that since tests/triton_interpreter.py), and 6
+    # tokens' later rounds took 33 s of the test's 50.
     one_round = {**request, "max_new_tokens": 3}
     _, launches = _with_and_without_kernels(
         monkeypatch,
