@@ -370,10 +370,9 @@ class EngineConfig:
             too (the drafter then serves merged LoRA weights rewritten in place, the same tensors at every
             request). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models'
             weights where they were at capture: in-place updates (``load_state_dict``) are seen; a request
-            after a cast or ``load_state_dict(..., assign=True)`` releases what was kept and captures afresh
-            (the first parameter's and the output embeddings' storage is checked); call ``release()``
-            after rebinding other parameters one by one (moving the models to another device needs a new
-            engine).
+            after a cast, ``load_state_dict(..., assign=True)``, or a parameter or buffer rebound (or its
+            ``.data`` swapped) releases what was kept and captures afresh (every tensor's storage is checked,
+            ``CausalLM.weights``; moving the models to another device needs a new engine).
         prompt_bucket: prompts are left-padded inside the engine (the output is as without) to a multiple of
             this many tokens, the drafter's spelled prompt too, so that with ``cuda_graphs`` requests whose
             prompts differ by less share one set of graphs; eager engines pad alike, so that both modes

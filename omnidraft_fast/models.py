@@ -307,11 +307,26 @@ class CausalLM:
 
     @property
     def weights(self) -> tuple:
-        """Where the first parameter's and the output embeddings' values are now, in which dtype: others after
-        a cast, a move or parameters loaded with ``assign=True`` (captured stages read the weights where they
-        were at capture)."""
-        first, head = _first_parameter(self.model), self.model.get_output_embeddings().weight
-        return first.data_ptr(), first.dtype, first.device, head.data_ptr(), head.dtype
+        """Where every parameter's and buffer's values are now (storage addresses, in module order) and in
+        which dtype: another tuple after a cast, a move, a parameter or buffer rebound or its ``.data``
+        swapped, a module replaced, or weights loaded with ``load_state_dict(..., assign=True)``; the same
+        after in-place updates (captured stages read each tensor where it was at capture). A walk of the
+        module tree, read once per request with ``cuda_graphs`` (0.1-0.3 ms for a 32-layer Llama on a CPU,
+        flat comprehensions: a generator per module took 2.5 times as long)."""
+        modules, i = [self.model], 0
+        while i < len(modules):  # breadth first; a child may be None
+            if modules[i] is not None:
+                modules.extend(modules[i]._modules.values())
+            i += 1
+        addresses = [
+            tensor.data_ptr()
+            for module in modules
+            if module is not None
+            for tensors in (module._parameters, module._buffers)
+            for tensor in tensors.values()
+            if tensor is not None
+        ]
+        return self.dtype, tuple(addresses)
 
     def mask_bytes(self, queries: int, slots: int) -> int:
         """Bytes of the additive attention mask one row of a forward of ``queries`` tokens over a cache of

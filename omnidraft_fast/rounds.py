@@ -136,7 +136,7 @@ class Rounds:
                    learner is not None and learner.enabled)  # fmt: skip
         if reusable:
             weights = tuple(model.weights for model in self._models)
-            if weights != self._weights:  # cast or reloaded since: kept stages would read the old weights
+            if weights != self._weights:  # cast, reloaded or rebound: kept stages would read old tensors
                 self._kept.release()
                 self._weights = weights
         kept = self._kept.take(key) if key is not None else None

@@ -421,6 +421,41 @@ def test_kept_graphs_follow_models_cast_or_reloaded_between_requests(shared_pair
     assert not torch.equal(out.sequences, again.sequences)  # the reload changed what the target generates
 
 
+def _rebind_parameter(model):  # a new Parameter object for one weight in the middle of the model
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.down_proj.weight))
+
+
+def _swap_data(model):  # the same Parameter object, other storage
+    attention = model.model.layers[1].self_attn
+    attention.o_proj.weight.data = torch.randn_like(attention.o_proj.weight)
+
+
+def _rebind_buffer(model):  # the rotary frequencies, read through the lean forward's rotation table
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = torch.rand_like(rotary.inv_freq) * 3
+
+
+@pytest.mark.parametrize("rebind", [_rebind_parameter, _swap_data, _rebind_buffer])
+def test_kept_graphs_follow_tensors_rebound_one_by_one(shared_pair, rebind):
+    """A parameter or buffer rebound, or its ``.data`` swapped, anywhere in a model between requests
+    releases what was kept (the replay read the tensor of before: the target's logits were the old ones)."""
+    target, drafter = (copy.deepcopy(model) for model in shared_pair)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    ids, options = torch.tensor([[7, 8, 9]]), {"max_new_tokens": 12, "output_logits": True}
+    torch.manual_seed(0)
+    before = engine.generate(ids, return_dict_in_generate=True, **options)
+    rebind(target)
+    out = engine.generate(ids, return_dict_in_generate=True, **options)
+    fresh = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=True))
+    expected = fresh.generate(ids, return_dict_in_generate=True, **options)
+    assert all(map(torch.equal, out.logits, expected.logits))
+    assert torch.equal(out.sequences, expected.sequences) and not _replayed_from_the_start(out)
+    assert not torch.equal(out.logits[0], before.logits[0])  # the rebound tensor changed the target's logits
+    again = engine.generate(ids, return_dict_in_generate=True, **options)
+    assert torch.equal(again.sequences, out.sequences) and _replayed_from_the_start(again)
+
+
 @pytest.mark.parametrize(
     "config, replayed",
     [
