@@ -123,6 +123,7 @@ def _tv(pairs: torch.Tensor, law: torch.Tensor) -> float:
 # (rule, alpha, T, top_k, top_p, k, prompt, the misreading the bound must tell apart)
 CASES = [
     ("chow", 0.5, 0.7, 5, 1.0, 2, P1, "stats_at_t"),
+    ("chow", 0.5, 1.0, 4, 1.0, 2, P1, "stats_at_t"),  # T = 1 but filtered: the rule reads the unfiltered q1
     ("chow", 0.5, 1.3, 0, 0.8, 1, P2, "bonus_from_pi"),
     ("diff", 0.1, 0.7, 5, 1.0, 2, P2, "stats_at_t"),
     ("opt", 1.5, 0.7, 5, 1.0, 2, P2, "tv_at_t1"),
