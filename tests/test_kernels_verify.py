@@ -270,6 +270,18 @@ def test_zero_mass_residual(temperature):
     assert got[1].tolist() == [[123, -1, -1], [123, 123, -1], [123, 123, got[1][2, 2].item()]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_kept_drafts_pass_without_a_coin_flip(temperature):
+    """SPEC §3: with r = 0 (or a drafted token in the kept set A) the draft is accepted without a coin flip:
+    pi(y) >= q(y), so a_j is exactly 1 and even the largest uniform below 1 passes, every rule and alpha."""
+    case = _case(len(RULE_ALPHAS), 3, 300, temperature, seed=21, separate_t1=True)
+    case["uniforms"].fill_(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item())
+    for num_accepted, _, accept, deferred, _ in (_check(case), _reference(case)):
+        kept = ~deferred & (case["draft_ids"] >= 0)
+        assert kept.any() and (accept[kept] == 1.0).all(), accept[kept].tolist()
+        assert torch.equal(num_accepted, (accept == 1.0).cumprod(-1).sum(-1))  # u < 1 passes only a_j = 1
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("vocab_d", [None, 200])
 def test_exact_reference_shortcuts(vocab_d, temperature):
