@@ -20,7 +20,9 @@ A row stops drafting after token ``i`` once the probability that some drafted to
     1 - prod_{j <= i} a_j > gamma          (only from i >= k_min; never past k_max)
 
 Training targets are soft: verification's acceptance probability ``min(1, p(y)/q(y))`` of the drafted
-token (``1[y = argmax p]`` when greedy), with the reject side of the cross-entropy weighted ``w``:
+token (``1[y = argmax p]`` when greedy; ``p(y)`` where verification is by exact match,
+``EngineConfig(translation="exact")``: a draw from ``p`` must equal ``y``), with the reject side of the
+cross-entropy weighted ``w``:
 
     loss = -mean( y log a + w (1 - y) log(1 - a) )
 
@@ -30,6 +32,8 @@ over the directly mapped vocabulary (``q`` folded over twins, ``p~`` renormalise
 request's temperature and filtered by its top-k and top-p, as drafting and verification filter them),
 which is ``1[argmax q = argmax p~]`` when greedy. A head with the confidence input reads the drafted token
 ``y``, so its label is that token's acceptance, ``min(1, p~(y)/q(y))`` (``1[y = argmax p~]`` when greedy).
+Under exact-match verification they are ``sum_v q(v) p~(v)`` and ``p~(y)``, as verification's own labels
+are (the same when greedy).
 The target's logits kept for learning are the model's own: a request's logits processors (repetition
 penalty, min-p, ...) are not replayed, and across vocabularies ``p~`` is filtered over the directly mapped
 ids only, so the recomputed labels approximate verification's there.
@@ -186,14 +190,18 @@ def expected_acceptance(
     twins: torch.Tensor,  # [2, D] int64
     sampling: SamplingParams,
     tokens: torch.Tensor | None = None,  # [n] int64 canonical drafter ids of drafted tokens
+    exact_match: bool = False,
 ) -> torch.Tensor:  # [n] fp32
     """The recomputed label of the module docstring: ``q`` and ``p~`` filtered as the request samples them,
-    one-hot when greedy; with ``tokens``, the acceptance of those drafted tokens instead of a fresh draft's."""
+    one-hot when greedy; with ``tokens``, the acceptance of those drafted tokens instead of a fresh draft's;
+    with ``exact_match``, the acceptance of verification by exact match instead of speculative sampling's."""
     law = sampling.temperature, sampling.top_k, sampling.top_p
     q = fold_twins_(sampling_probs_reference(logits, *law), twins).masked_fill(~support, 0.0)
     p = sampling_probs_reference(target_logits.float().masked_fill(~support, -torch.inf), *law)
     if tokens is None:
-        return torch.minimum(q, p).sum(-1)
+        return (q * p if exact_match else torch.minimum(q, p)).sum(-1)
     q_y, p_y = q.gather(1, tokens[:, None])[:, 0], p.gather(1, tokens[:, None])[:, 0]
+    if exact_match:  # a draw from p~ must be y, whatever the drafter's probability of it
+        return p_y
     # min(1, p/q); where the current drafter would not draft y (q = 0), whether the target would keep it
     return torch.where(q_y > 0, (p_y / q_y.clamp_min(1e-30)).clamp(max=1.0), (p_y > 0).float())

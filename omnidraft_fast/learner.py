@@ -97,6 +97,8 @@ class OnlineLearner:
         merge_always: serve merged LoRA weights from the first request on, rewritten in place after
             each update (captured rounds, in-flight learning: the tensors they read stay the same).
         frozen: parameters the adapter must not touch (the target's).
+        exact_match: sampled requests are verified by exact match (``EngineConfig(translation="exact")``):
+            the alternating mode's recomputed head labels are then that rule's acceptance.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class OnlineLearner:
         adapter_name: str,
         merge_always: bool = False,
         frozen: list[torch.nn.Parameter] = (),
+        exact_match: bool = False,
     ):
         device, vocab = drafter.device, drafter.vocab_size
         if adaptive is not None:  # before the drafter gets an adapter
@@ -122,6 +125,9 @@ class OnlineLearner:
                 ("cpu", device),
             )
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
+        # sampled requests are verified by exact match (EngineConfig(translation="exact")): the recomputed
+        # head labels are that rule's acceptance, as verification's are (adaptive.expected_acceptance)
+        self.exact_match = exact_match
         if bridge is None:
             self.support = torch.ones(vocab, dtype=torch.bool, device=device)
             self.twins = torch.empty(2, 0, dtype=torch.int64, device=device)
@@ -450,7 +456,9 @@ class OnlineLearner:
         [n, V_d], the target's ``targets`` [n, V_d], the ``drafted`` tokens [n] (read by a head with the
         confidence input) of a request sampled by ``sampling``."""
         tokens = self.canonical[drafted] if self.head.confidence_input else None
-        return expected_acceptance(logits, targets, self.support, self.twins, sampling, tokens)
+        return expected_acceptance(
+            logits, targets, self.support, self.twins, sampling, tokens, self.exact_match
+        )
 
     def _head_input(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """The head's confidence input for the drafter's predictions ``logits`` [..., V_d] of ``tokens``
