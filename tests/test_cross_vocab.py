@@ -653,6 +653,35 @@ def test_ngram_table_learns_no_key_from_a_cut_spelling(pair, translation):
         assert len(key) <= 2 and bridge.t2ds[value, : bridge.t2ds_len[value]].tolist() == key
 
 
+def test_ngram_table_holds_the_emitted_tokens_spelled_by_several_drafter_tokens(pair):
+    """SPEC §2.2: after each verification every emitted target token whose drafter spelling has 2..N tokens
+    is inserted with one hit, and nothing else is (not the prompt, not drafted merges the target rejected,
+    not what a round emits past max_new_tokens). From an empty table, the table after a request is the
+    count of such tokens in the output."""
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(translation="omnidraft", ngram_preseed=False, num_draft_tokens=5),
+    )  # fmt: skip
+    batch = target_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(3)
+    out = engine.generate(**batch, max_new_tokens=37, do_sample=True, top_k=30, eos_token_id=[])
+    bridge, n_max = engine.bridge, engine.ngram.max_len
+    want: dict[tuple[int, ...], list[int]] = {}
+    for token in out[:, batch.input_ids.shape[1] :].flatten().tolist():
+        spelling = tuple(bridge.t2ds[token, : bridge.t2ds_len[token]].tolist())
+        if 2 <= len(spelling) <= n_max:
+            want.setdefault(spelling, [token, 0])[1] += 1
+    table = engine.ngram
+    got = {}
+    for key, value, count in zip(
+        table.key_ids.tolist(), table.values.tolist(), table.counts.tolist(), strict=True
+    ):
+        if key[0] >= 0:
+            got[tuple(i for i in key if i >= 0)] = [value, count]
+    assert len(want) >= 5 and got == want
+
+
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
 def test_gpt2_drafter_keeps_the_end_of_llama3_runs_of_spaces(translation):
     """GPT-2 spells Llama-3's runs of spaces one space a token, past `max_spelling` from 17 spaces on.
