@@ -241,7 +241,13 @@ class Rounds:
             recorder=None
             if self.learner is None or not self.learner.enabled
             else self.learner.recorder(
-                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
+                batch,
+                d_tokens.shape[1],
+                spelling_width,
+                new + k + 1,
+                self.target.dtype,
+                d_lengths.clone(),
+                request.sampling,
             ),
             processors=self._processors(request, tokens, start),
             # the rounds between two host reads commit at most rounds_per_sync * (k + 1) tokens a row

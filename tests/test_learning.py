@@ -270,6 +270,38 @@ def test_recomputed_labels_follow_exact_match_verification(cross_pair, confidenc
     torch.testing.assert_close(drafted, p[:, 1])
 
 
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
+def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabularies(cross_pair, translation):
+    """Under the drafter that drafted them, the alternating mode's recomputed label of a drafted token with a
+    target twin (a head with the confidence input: that token's acceptance) is the one verification gave:
+    ``min(1, p(t)/q'(t))`` with ``p`` the target's law over its whole vocabulary (not renormalised over the
+    directly mapped ids: 0.88 against 0.79 on average here), ``q'`` with split tokens' mass on their first
+    piece, a TLI drafter's law over the directly mapped ids; ``p(t)`` under exact match."""
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    engine = SpeculativeEngine(
+        target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=4, translation=translation,
+                            adaptive=AdaptiveConfig(interval=NO_STEP, prior=0.999, confidence_input=True)),
+    )  # fmt: skip
+    prompts = ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]
+    batch = target_tokenizer(prompts * 2, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    engine.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0, eos_token_id=[])
+    learner, rows = engine.learner, list(engine.learner.pending)
+    labels = {}
+    for recompute in (False, True):
+        learner._fit_head = lambda hidden, inputs, labels_, mask, recompute_, at=recompute: labels.update(
+            {at: labels_}
+        )
+        learner._head_step(rows, recompute=recompute)
+    relabelled = torch.cat(
+        [(part.head_kl >= 0) & (engine.bridge.d2t[part.head_tokens] >= 0)
+         for part in (learner._run(chunk, grad=False) for chunk in learner._passes(rows))]
+    )  # fmt: skip
+    assert relabelled.sum() > 30
+    torch.testing.assert_close(labels[True][relabelled], labels[False][relabelled], atol=1e-4, rtol=0)
+
+
 def test_untrained_head_predicts_its_prior():
     head = AcceptanceHead(16, blocks=2, prior=0.3)
     assert torch.allclose(head(torch.randn(5, 16)), torch.full((5,), 0.3), atol=1e-6)
