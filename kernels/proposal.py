@@ -11,7 +11,9 @@ at position ``j`` is:
     q'_j(t)            = q_s(t2d[t])                        (0 where t2d[t] = -1)
     merged (e - s >= 2):
       q'_j(x_j)        = prod_{u=s}^{e-1} r_u(y_u)            the merged token: its parts' path probability
-      q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} r_u(y_u)            taken from the first part's direct token (>= 0)
+      q'_j(d2t[y_s])  -= prod_{u=s}^{e-1} r_u(y_u)            taken from the first part's direct token (>= 0;
+                                                              a split token's first piece, where its mass
+                                                              was folded: CrossProposal.d2t)
     q'_j               = 0                                    where nothing was proposed (x_j = -1)...
     q'_j(t)            = q_c(t2d[t])                          ...but the draft stopped at drafter token y_c
                                                               that does not translate (c = source_j,
@@ -66,7 +68,9 @@ class CrossProposal(NamedTuple):
     drafter_ids: torch.Tensor  # [batch, k] int64: y
     source: torch.Tensor  # [batch, k] int64: first drafter position behind target position j
     span_end: torch.Tensor  # [batch, k] int64: one past its last
-    d2t: torch.Tensor  # [V_d] int32
+    # [V_d] int32 where each drafter token's mass sits in q': its direct token, or the first piece of a split
+    # token folded there (VocabBridge.proposal_d2t); a merge starting with it takes its mass from there
+    d2t: torch.Tensor
     t2d: torch.Tensor  # [V_t] int32
     # [batch, k] fp32: r_u(y_u), each drafted token's own probability before twins were folded (None: read
     # from the probabilities the proposal is built from); ``path_t1`` the same under the T=1 law (the rules')

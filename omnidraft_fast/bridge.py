@@ -22,7 +22,8 @@ exceed the tokenizers' sizes: padded ids never map):
 - ``units`` int32 ``[V_d]``: what one drafted token becomes before merges: ``d2t`` where it maps, else
   ``V_t + id`` (a split marker) where it has a target spelling, else -1; ``sampled_units`` the same with
   markers only where the first piece has a drafter twin, which the proposal probability needs
-  (``split_twins``: those tokens beside that twin, folded like ``twins``; ``kernels/proposal.py``);
+  (``split_twins``: those tokens beside that twin, folded like ``twins``; ``kernels/proposal.py``;
+  ``proposal_d2t``: ``d2t`` with those tokens mapped to their first piece, where their mass then sits);
 - ``num_direct``: the number of target ids reachable by the direct map.
 
 Canonical ids: when several tokens share bytes (``▁`` and ``<0x20>``), the canonical one is the
@@ -236,6 +237,9 @@ class VocabBridge:
         proposable = (splits & (first_twin >= 0)).nonzero()[:, 0]
         self.split_twins = torch.stack([proposable, first_twin[proposable]])  # [2, P] int64
         self.sampled_units = torch.where(splits & (first_twin < 0), -1, self.units)
+        # d2t, but a token folded by split_twins maps to its first piece: the target token its mass sits on in
+        # q', which an n-gram merge starting with it takes the merge's mass from (kernels/proposal.py)
+        self.proposal_d2t = d2t.index_copy(0, proposable, d2t[first_twin[proposable]])
 
     @property
     def drafter_vocab_size(self) -> int:

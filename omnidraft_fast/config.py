@@ -190,10 +190,13 @@ class AdaptiveConfig:
     A small MLP on the drafter's last hidden state gives ``a_i``, the probability that drafted token ``i``
     is accepted given that all before it were. A row stops drafting after token ``i`` once
     ``1 - prod_{j<=i} a_j > gamma`` (and ``i >= k_min``); ``num_draft_tokens`` is ``k_max``. The head learns
-    online from verification's acceptance probabilities ``min(1, p(y) / q(y))`` with a binary
-    cross-entropy weighted ``reject_weight`` on the reject side. Across vocabularies a target token's
-    acceptance is credited to the first drafter token of its span (its other drafter tokens get 1), so
-    the product over a span is the target token's acceptance.
+    online from verification's acceptance probabilities ``min(1, p(y) / q(y))`` (``p(y)`` where
+    ``translation="exact"`` verifies by exact match) with a binary cross-entropy weighted ``reject_weight``
+    on the reject side. Across vocabularies (ours: the SPEC leaves it open) the head stays per drafter
+    token: a target token's acceptance is credited to the first drafter token of its span (an n-gram
+    merge's other drafter tokens get 1, so the product over a span is the target token's acceptance), a
+    drafted split token gets the product over its verified target pieces, and a drafted token with no
+    target token, where the draft stops, gets 0 (verification always rejects it).
 
     Args:
         gamma: stop once the probability that some drafted token is rejected exceeds it (0.7 suits code

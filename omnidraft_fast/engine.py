@@ -170,6 +170,8 @@ class SpeculativeEngine:
                     # captured stages read the served weights where they were at capture
                     merge_always=config.in_flight_rounds is not None or config.cuda_graphs,
                     frozen=list(target.parameters()),
+                    translation=config.translation,
+                    split_tokens=config.split_tokens,
                 )
         self.rounds = Rounds(self.target, self.drafter, self.bridge, self.ngram, self.learner, config)
         self.stats = GenerationStats()

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -76,6 +77,7 @@ class _Pass:
     kl_logits: torch.Tensor  # [P, V_d] drafter logits predicting KL slots
     kl_targets: torch.Tensor  # [P, V_d] target logits there
     kl_rows: torch.Tensor  # [P] int64 the row (of the pass's) each comes from
+    kl_mass: torch.Tensor  # [P] fp32 the target's mass on the directly mapped ids there (Example.mass)
     ce_logits: torch.Tensor  # [Q, V_d]
     ce_tokens: torch.Tensor  # [Q]
     head_hidden: torch.Tensor  # [R, H] hidden states predicting head-labelled slots
@@ -97,6 +99,9 @@ class OnlineLearner:
         merge_always: serve merged LoRA weights from the first request on, rewritten in place after
             each update (captured rounds, in-flight learning: the tensors they read stay the same).
         frozen: parameters the adapter must not touch (the target's).
+        translation, split_tokens: the engine's (``EngineConfig``), which the alternating mode's recomputed
+            head labels follow across vocabularies: exact match's acceptance with ``"exact"``, the drafter
+            restricted to the directly mapped ids with ``"tli"``, split tokens' mass on their first piece.
     """
 
     def __init__(
@@ -109,6 +114,8 @@ class OnlineLearner:
         adapter_name: str,
         merge_always: bool = False,
         frozen: list[torch.nn.Parameter] = (),
+        translation: Literal["omnidraft", "tli", "exact"] = "omnidraft",
+        split_tokens: bool = True,
     ):
         device, vocab = drafter.device, drafter.vocab_size
         if adaptive is not None:  # before the drafter gets an adapter
@@ -122,6 +129,14 @@ class OnlineLearner:
                 ("cpu", device),
             )
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
+        # The alternating mode's recomputed head labels follow verification (adaptive.expected_acceptance):
+        # across vocabularies, exact match's acceptance with translation="exact", a TLI drafter's law over
+        # the directly mapped ids, split tokens' mass on their first piece, the target's law read through
+        # its mass on the directly mapped ids, which the rounds keep (adaptive.target_mass).
+        cross = bridge is not None
+        self.exact_match = cross and translation == "exact"
+        self.draftable = bridge.mappable if cross and translation == "tli" else None
+        self.keeps_mass = cross and adaptive is not None and adaptive.mode == "alternating"
         if bridge is None:
             self.support = torch.ones(vocab, dtype=torch.bool, device=device)
             self.twins = torch.empty(2, 0, dtype=torch.int64, device=device)
@@ -137,6 +152,9 @@ class OnlineLearner:
             self.direct = t2d >= 0
             # each drafter id, or the canonical twin its probability is folded onto
             self.canonical = torch.arange(vocab, device=device).index_copy(0, self.twins[0], self.twins[1])
+        # what verification folds: twins, and split tokens' mass where sampled requests split them
+        splits = bridge is not None and split_tokens and translation != "tli"
+        self.proposal_twins = torch.cat([self.twins, bridge.split_twins], 1) if splits else self.twins
         self.adapter = None
         if distill is not None:
             # merge_always: the drafter serves the same merged tensors from the first request on, so that
@@ -190,11 +208,19 @@ class OnlineLearner:
         return self.adapter.serving() if self.adapter is not None else nullcontext()
 
     def recorder(
-        self, batch: int, drafter_slots: int, spelling_width: int, emitted: int, dtype, handed: torch.Tensor
+        self,
+        batch: int,
+        drafter_slots: int,
+        spelling_width: int,
+        emitted: int,
+        dtype,
+        handed: torch.Tensor,
+        sampling: SamplingParams,
     ) -> Recorder:
         return Recorder(
-            batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype, handed
-        )
+            batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype, handed,
+            sampling if self.keeps_mass else None, self.support,
+        )  # fmt: skip
 
     def observe(self, examples: list[Example]) -> None:
         """Take a finished request's rows; train once ``interval`` rows with labels are waiting. A row with
@@ -317,7 +343,11 @@ class OnlineLearner:
         labels = window.head
         if recompute:
             fresh = self._relabel(
-                logits.flatten(0, 1), window.targets.flatten(0, 1), window.drafted.flatten(), window.sampling
+                logits.flatten(0, 1),
+                window.targets.flatten(0, 1),
+                window.drafted.flatten(),
+                window.sampling,
+                None if window.mass is None else window.mass.flatten(),
             )
             labels = torch.where(window.kl, fresh.view_as(labels), labels)
         inputs = self._head_input(logits, window.drafted)
@@ -342,6 +372,7 @@ class OnlineLearner:
                             part.kl_targets[at[group]],
                             part.head_tokens[group],
                             sampling,
+                            part.kl_mass[at[group]],
                         )
                     label = torch.where(part.head_kl >= 0, fresh, label)
                 hidden.append(part.head_hidden.float())
@@ -411,6 +442,12 @@ class OnlineLearner:
             row_of.append(torch.full((row.logits.shape[0],), i, device=device))
             offset += row.logits.shape[0]
         targets = torch.cat([r.logits for r in rows])  # [sum n, V_d]
+        masses = torch.cat(
+            [
+                r.mass if r.mass is not None else r.logits.new_ones(r.logits.shape[0], dtype=torch.float32)
+                for r in rows
+            ]
+        )  # [sum n]
         row_of = torch.cat(row_of)
 
         # Positions as the rounds give them (CausalLM: clamped to the drafter's position limit): a row's
@@ -434,6 +471,7 @@ class OnlineLearner:
             kl_logits=logits[at_kl],
             kl_targets=targets[kl[at_kl]],
             kl_rows=row_of[kl[at_kl]],
+            kl_mass=masses[kl[at_kl]],
             ce_logits=logits[at_ce],
             ce_tokens=ids[at_ce],
             head_hidden=hidden[at_head],
@@ -444,13 +482,29 @@ class OnlineLearner:
         )
 
     def _relabel(
-        self, logits: torch.Tensor, targets: torch.Tensor, drafted: torch.Tensor, sampling: SamplingParams
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        drafted: torch.Tensor,
+        sampling: SamplingParams,
+        mass: torch.Tensor | None,
     ) -> torch.Tensor:
         """The labels of positions under the current drafter (``adaptive.expected_acceptance``): its ``logits``
-        [n, V_d], the target's ``targets`` [n, V_d], the ``drafted`` tokens [n] (read by a head with the
-        confidence input) of a request sampled by ``sampling``."""
+        [n, V_d], the target's ``targets`` [n, V_d] and its ``mass`` [n] on the directly mapped ids (None: 1),
+        the ``drafted`` tokens [n] (read by a head with the confidence input) of a request sampled by
+        ``sampling``."""
         tokens = self.canonical[drafted] if self.head.confidence_input else None
-        return expected_acceptance(logits, targets, self.support, self.twins, sampling, tokens)
+        return expected_acceptance(
+            logits,
+            targets,
+            self.support,
+            self.proposal_twins,
+            sampling,
+            tokens,
+            exact_match=self.exact_match,
+            mass=mass,
+            draftable=self.draftable,
+        )
 
     def _head_input(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """The head's confidence input for the drafter's predictions ``logits`` [..., V_d] of ``tokens``

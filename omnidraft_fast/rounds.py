@@ -241,7 +241,13 @@ class Rounds:
             recorder=None
             if self.learner is None or not self.learner.enabled
             else self.learner.recorder(
-                batch, d_tokens.shape[1], spelling_width, new + k + 1, self.target.dtype, d_lengths.clone()
+                batch,
+                d_tokens.shape[1],
+                spelling_width,
+                new + k + 1,
+                self.target.dtype,
+                d_lengths.clone(),
+                request.sampling,
             ),
             processors=self._processors(request, tokens, start),
             # the rounds between two host reads commit at most rounds_per_sync * (k + 1) tokens a row
@@ -509,7 +515,9 @@ class Rounds:
                 # Each drafted token's own probability, read before folding: an n-gram merge's proposal
                 # probability is the product of these along its span (kernels/proposal.py).
                 paths = [None if probs is None else drafted_path(probs, draft_ids) for probs in laws]
-                cross = CrossProposal(draft_ids, source, span_end, bridge.d2t, bridge.t2d, *paths)
+                # a merge takes its mass from where its first drafted token's sits (a split token's: its first piece)
+                first_of = bridge.proposal_d2t if splits else bridge.d2t
+                cross = CrossProposal(draft_ids, source, span_end, first_of, bridge.t2d, *paths)
                 for probs in laws:
                     if probs is not None:
                         fold_twins_(probs, bridge.twins)

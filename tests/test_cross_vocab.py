@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CROSS_TARGET_VOCAB as TARGET_VOCAB
 from conftest import shared_path, tiny_model
+from omnidraft_fast.kernels.proposal import target_proposal_reference
 
 import omnidraft_fast
 from omnidraft_fast import CascadeConfig, DistillConfig, EngineConfig, SpeculativeEngine
@@ -304,6 +305,41 @@ def test_a_merges_proposal_probability_is_its_drafted_path(monkeypatch):
     assert first_a.sum() >= 5 and (proposal[first_a, 0] == 1).all()
     want = (p[1] / (q[1] + q[4])).clamp(max=1.0)
     torch.testing.assert_close(accept[first_a, 0], want.expand(int(first_a.sum())), rtol=1e-4, atol=1e-6)
+
+
+def test_a_merge_starting_with_a_split_token_takes_its_mass_from_the_first_piece(monkeypatch):
+    """SPEC §2.3: a merge's mass comes off the target token the first drafted token would otherwise become,
+    and every other token keeps its value. The drafter token 'bc' has no target twin and splits as 'b',
+    'c', so its mass is folded onto 'b' (kernels/proposal.py); a drafted 'bc' 'd' merges into 'bcd', which
+    must take q(bc) q(d) from 'b': q'(b) = q(b) + q(bc) - q(bc) q(d). It took it from nowhere ('bc' has no
+    direct token), and q' summed to 1 + q(bc) q(d) = 1.08. The q' rows the verifier reads, checked
+    against the hand-computed ones."""
+    target_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "d", "bcd"])
+    drafter_tokenizer = _words_tokenizer(["<unk>", "a", "b", "bc", "d"])
+    q = torch.tensor([0.05, 0.15, 0.2, 0.4, 0.2])  # <unk> a b bc d
+    p = torch.tensor([0.1, 0.2, 0.2, 0.1, 0.2, 0.2])  # <unk> a b c d bcd
+    engine = SpeculativeEngine(
+        _constant_model(p), _constant_model(q), target_tokenizer=target_tokenizer,
+        drafter_tokenizer=drafter_tokenizer, config=EngineConfig(num_draft_tokens=2, translation="omnidraft"),
+    )  # fmt: skip
+    assert engine.bridge.split_twins.tolist() == [[3], [2]]  # 'bc' -> 'b', 'c': its mass folds onto 'b'
+    rows = []
+    verify = omnidraft_fast.ops.verify
+
+    def spy(*args, **kwargs):
+        cross = kwargs["cross"]
+        q_t = target_proposal_reference(args[2], args[1], cross)
+        rows.append((cross.drafter_ids.clone(), args[1].clone(), q_t))
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(omnidraft_fast.ops, "verify", spy)
+    torch.manual_seed(0)
+    engine.generate(torch.tensor([[1, 2, 4]]).expand(100, -1), max_new_tokens=2, do_sample=True, top_k=0)
+    drafted, proposal, q_t = (torch.cat(parts) for parts in zip(*rows, strict=True))
+    merged = proposal[:, 0] == 5
+    assert merged.sum() >= 5 and (drafted[merged] == torch.tensor([3, 4])).all()
+    want = torch.tensor([0.0, q[1], q[2] + q[3] - q[3] * q[4], 0.0, q[4], q[3] * q[4]])
+    torch.testing.assert_close(q_t[merged, 0], want.expand(int(merged.sum()), -1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
@@ -651,6 +687,35 @@ def test_ngram_table_learns_no_key_from_a_cut_spelling(pair, translation):
     for key, value in zip(key_ids[used].tolist(), values[used].tolist(), strict=True):
         key = [i for i in key if i >= 0]
         assert len(key) <= 2 and bridge.t2ds[value, : bridge.t2ds_len[value]].tolist() == key
+
+
+def test_ngram_table_holds_the_emitted_tokens_spelled_by_several_drafter_tokens(pair):
+    """SPEC §2.2: after each verification every emitted target token whose drafter spelling has 2..N tokens
+    is inserted with one hit, and nothing else is (not the prompt, not drafted merges the target rejected,
+    not what a round emits past max_new_tokens). From an empty table, the table after a request is the
+    count of such tokens in the output."""
+    target, drafter, target_tokenizer, drafter_tokenizer = pair
+    engine = SpeculativeEngine(
+        target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(translation="omnidraft", ngram_preseed=False, num_draft_tokens=5),
+    )  # fmt: skip
+    batch = target_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    torch.manual_seed(3)
+    out = engine.generate(**batch, max_new_tokens=37, do_sample=True, top_k=30, eos_token_id=[])
+    bridge, n_max = engine.bridge, engine.ngram.max_len
+    want: dict[tuple[int, ...], list[int]] = {}
+    for token in out[:, batch.input_ids.shape[1] :].flatten().tolist():
+        spelling = tuple(bridge.t2ds[token, : bridge.t2ds_len[token]].tolist())
+        if 2 <= len(spelling) <= n_max:
+            want.setdefault(spelling, [token, 0])[1] += 1
+    table = engine.ngram
+    got = {}
+    for key, value, count in zip(
+        table.key_ids.tolist(), table.values.tolist(), table.counts.tolist(), strict=True
+    ):
+        if key[0] >= 0:
+            got[tuple(i for i in key if i >= 0)] = [value, count]
+    assert len(want) >= 5 and got == want
 
 
 @pytest.mark.parametrize("translation", ["omnidraft", "exact"])
