@@ -47,3 +47,21 @@ def test_a_launch_patches_the_language_once_whatever_its_helper_calls(monkeypatc
         counts[calls] = len(patched)
         assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)  # put back
     assert counts[8] == counts[1] > 0, counts  # unpatched, each call of `_twice` patched the language again
+
+
+def test_numpy_dtypes_are_the_interpreters():
+    """Each Triton type's numpy dtype is the plain interpreter's, kept after its first call, for scalars,
+    blocks and pointers alike."""
+    import triton_interpreter
+    from triton.runtime import interpreter
+
+    calls = []
+    assert hasattr(interpreter._get_np_dtype, "__wrapped__"), "install() wraps the interpreter's own lookup"
+    plain = interpreter._get_np_dtype.__wrapped__
+    counted = triton_interpreter._remembered(lambda t: calls.append(t) or plain(t))
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int32, tl.int64, tl.float16, tl.bfloat16, tl.float32, tl.float64]  # fmt: skip
+    types = [*scalars, *(tl.block_type(t, [4]) for t in scalars), tl.pointer_type(tl.float32),
+             tl.block_type(tl.pointer_type(tl.int64), [2, 4])]  # fmt: skip
+    for _ in range(3):
+        assert [counted(t) for t in types] == [plain(t) for t in types]
+    assert len(calls) == len(scalars) + 3 * 2  # each scalar once; pointers every time, before the table

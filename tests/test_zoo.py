@@ -157,7 +157,10 @@ def test_sampling_on_the_trained_pairs_keeps_the_target_law(zoo):
     the spread not.
     (A coarse check: the score sees only biases that move the likelihood; the exact ones are in
     test_lossless_sampling.py.)"""
-    prompts = [zoo.target_tokenizer(p, return_tensors="pt").input_ids for _, p in heldout_prompts(2)]
+    # The prompts as one left-padded batch (its rows independent draws, as separate requests' are): one
+    # request per seed instead of one per prompt, each row scored on its own tokens, without the padding.
+    batch = zoo.target_tokenizer([p for _, p in heldout_prompts(2)], return_tensors="pt", padding=True)
+    lengths = batch.attention_mask.sum(1).tolist()
     cross = {"target_tokenizer": zoo.target_tokenizer, "drafter_tokenizer": zoo.drafter_tokenizer}
     samplers = {
         "shared": SpeculativeEngine(zoo.target, zoo.drafter_shared, config=EngineConfig(num_draft_tokens=4)),
@@ -177,17 +180,19 @@ def test_sampling_on_the_trained_pairs_keeps_the_target_law(zoo):
     def score(generate, seeds: int = 2) -> TargetScore:
         total = TargetScore()
         for seed in range(seeds):
-            for index, ids in enumerate(prompts):
-                torch.manual_seed(100 * seed + index)
-                total += score_against_target(zoo.target, generate(ids), ids.shape[1])
+            torch.manual_seed(100 * seed)
+            out = generate()  # [prompts, width + 48]
+            for row, length in zip(out, lengths, strict=True):
+                unpadded = row[batch.input_ids.shape[1] - length :][None]  # [1, length + 48]
+                total += score_against_target(zoo.target, unpadded, length)
         return total
 
     for name, engine in samplers.items():
-        result = score(lambda ids, e=engine: e.generate(ids, **sampling, eos_token_id=[]))
-        assert result.tokens == 2 * len(prompts) * 48 and abs(result.z) < 4, (name, result.z)
+        result = score(lambda e=engine: e.generate(**batch, **sampling, eos_token_id=[]))
+        assert result.tokens == 2 * len(lengths) * 48 and abs(result.z) < 4, (name, result.z)
     trusting = samplers["cross, omnidraft"]  # the cross drafter's own law: a cascade that never defers
     drafter = score(
-        lambda ids: trusting.generate(ids, **sampling, eos_token_id=[], cascade=CascadeConfig("chow", 1.0)),
+        lambda: trusting.generate(**batch, **sampling, eos_token_id=[], cascade=CascadeConfig("chow", 1.0)),
         seeds=8,
     )
-    assert drafter.tokens == 8 * len(prompts) * 48 and drafter.z < -6, drafter.z
+    assert drafter.tokens == 8 * len(lengths) * 48 and drafter.z < -6, drafter.z
