@@ -371,11 +371,13 @@ def resolve_request(
             "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
             f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
         )
-    if processing.warps and cascade is not None:
+    processed = processing.active(ids.shape[1]) if cascade is not None else ()
+    if processed:  # a kept draft is the drafter's, which no processor sees: it could be a token they forbid
         raise ValueError(
-            "`top_h`, `min_p`, `typical_p`, `epsilon_cutoff`, `eta_cutoff` and sampled `watermarking_config` are "
-            "not supported with a `cascade`: its "
-            "deferral rules read the target's untempered law, which these warpers replace; drop one of them"
+            f"{', '.join(f'`{name}`' for name in processed)} (logits processing) not supported with a `cascade`: "
+            "where its deferral rule keeps a draft, the token comes from the drafter's own law, which the "
+            "target's logits processors and warpers do not reach (a suppressed or bad word, an EOS before "
+            "min_new_tokens could come out, a penalty would not hold); drop them, or the cascade"
         )
 
     max_time = fields.get("max_time")

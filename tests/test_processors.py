@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 import torch
-from conftest import left_padded_prompts, peaked_pair, tiny_model
+from conftest import left_padded_prompts, peaked_pair, perturbed_copy, tiny_model
 from transformers.generation import logits_process
 from transformers.generation.logits_process import (
     ExponentialDecayLengthPenalty,
@@ -396,6 +397,33 @@ def test_warpers_checked(pair):
     with pytest.raises(ValueError, match=r"not supported with a `cascade`"):
         engine.generate(ids, max_new_tokens=4, do_sample=True, typical_p=0.9, cascade=cascade)
     assert engine.generate(ids, max_new_tokens=4, do_sample=True, cascade=cascade).shape == (1, 8)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_cascades_refuse_logits_processing(do_sample):
+    """A cascade keeps drafts by the drafter's unprocessed law: suppressed tokens came out where a rule kept
+    them (greedy chow at alpha 1 emitted a suppressed token; sampled, 23-50% of rows held one). Any
+    processing of the target's logits is refused with a cascade, naming the options; without, it serves."""
+    target = tiny_model("llama", VOCAB, seed=31)
+    drafter = perturbed_copy(target, 0.3, seed=32)
+    engine = SpeculativeEngine(target, drafter)
+    ids, cascade = torch.tensor([[3, 4, 5, 6]]), CascadeConfig("chow", 1.0)
+    plain = engine.generate(ids, max_new_tokens=12, do_sample=do_sample, cascade=cascade)
+    suppressed = sorted(set(plain[0, 4:].tolist()))[:2]  # tokens the cascade emits without processing
+    for options, names in (
+        ({"suppress_tokens": suppressed}, "`suppress_tokens`"),
+        ({"repetition_penalty": 1.3, "bad_words_ids": [[7]]}, "`repetition_penalty`, `bad_words_ids`"),
+        ({"min_new_tokens": 3, "eos_token_id": 2}, "`min_new_tokens`"),
+        ({"logits_processor": [lambda input_ids, scores: scores]}, "`logits_processor`"),
+    ):
+        with pytest.raises(
+            ValueError, match=re.escape(names) + r" \(logits processing\) not supported with a `cascade`"
+        ):
+            engine.generate(ids, max_new_tokens=12, do_sample=do_sample, cascade=cascade, **options)
+        out = engine.generate(ids, max_new_tokens=12, do_sample=do_sample, **options)  # exact: processed
+        if "suppress_tokens" in options:
+            assert not any(token in suppressed for token in out[0, 4:].tolist())
+    assert engine.generate(ids, max_new_tokens=12, do_sample=do_sample, cascade=cascade).shape == (1, 16)
 
 
 class _NoSuccessor(LogitsProcessor):
