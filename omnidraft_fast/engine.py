@@ -214,8 +214,9 @@ class SpeculativeEngine:
         """Free what ``EngineConfig(cuda_graphs=True)`` keeps of earlier requests for later ones (their
         device states, both models' caches, the captured graphs and their memory). A request after the models'
         tensors were cast, reloaded with ``assign=True`` or rebound does so itself (moving the models to
-        another device needs a new engine); the next request captures afresh. ``wait=False``: release now if no request in another thread holds the
-        models, else leave it (what the engine keeps then goes with it, or with the next ``release()``)."""
+        another device needs a new engine); the next request captures afresh. ``wait=False``: release now if
+        no request in another thread holds the models, else leave it (what the engine keeps then goes with
+        it, or with the next ``release()``)."""
         try:
             with self._holding("release()", wait):
                 self.rounds.release()
