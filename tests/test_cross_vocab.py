@@ -268,6 +268,15 @@ def _constant_model(probs: torch.Tensor) -> torch.nn.Module:
     return model
 
 
+def _constant_words_engine(target_words, p, drafter_words, q):
+    """A k = 2 omnidraft engine between word-level tokenizers whose models give the constant laws p and q."""
+    return SpeculativeEngine(
+        _constant_model(p), _constant_model(q), target_tokenizer=_words_tokenizer(target_words),
+        drafter_tokenizer=_words_tokenizer(drafter_words),
+        config=EngineConfig(num_draft_tokens=2, translation="omnidraft"),
+    )  # fmt: skip
+
+
 def test_a_merges_proposal_probability_is_its_drafted_path(monkeypatch):
     """An n-gram merge's proposal probability is the product of the probabilities the drafter gave its
     drafted tokens (SPEC §2.3), not of their folded mass: the drafter token 'ac' has no target twin and
@@ -275,14 +284,11 @@ def test_a_merges_proposal_probability_is_its_drafted_path(monkeypatch):
     and a merge 'a' 'b' -> 'ab' read from the folded rows had q'(ab) = (q(a) + q(ac)) q(b) = 0.14 instead
     of q(a) q(b) = 0.06 (acceptance 0.21 instead of 0.5 at p(ab) = 0.03). Context-free laws, so every
     acceptance probability is known exactly."""
-    target_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ab", "cc"])
-    drafter_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "ac"])
     q = torch.tensor([0.05, 0.3, 0.2, 0.05, 0.4])  # <unk> a b c ac
     p = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.03, 0.07])  # <unk> a b c ab cc
-    engine = SpeculativeEngine(
-        _constant_model(p), _constant_model(q), target_tokenizer=target_tokenizer,
-        drafter_tokenizer=drafter_tokenizer, config=EngineConfig(num_draft_tokens=2, translation="omnidraft"),
-    )  # fmt: skip
+    engine = _constant_words_engine(
+        ["<unk>", "a", "b", "c", "ab", "cc"], p, ["<unk>", "a", "b", "c", "ac"], q
+    )
     assert engine.bridge.split_twins.tolist() == [[4], [1]]  # 'ac' -> 'a', 'c': its mass folds onto 'a'
     rounds = []
     verify = omnidraft_fast.ops.verify
@@ -314,14 +320,11 @@ def test_a_merge_starting_with_a_split_token_takes_its_mass_from_the_first_piece
     must take q(bc) q(d) from 'b': q'(b) = q(b) + q(bc) - q(bc) q(d). It took it from nowhere ('bc' has no
     direct token), and q' summed to 1 + q(bc) q(d) = 1.08. The q' rows the verifier reads, checked
     against the hand-computed ones."""
-    target_tokenizer = _words_tokenizer(["<unk>", "a", "b", "c", "d", "bcd"])
-    drafter_tokenizer = _words_tokenizer(["<unk>", "a", "b", "bc", "d"])
     q = torch.tensor([0.05, 0.15, 0.2, 0.4, 0.2])  # <unk> a b bc d
     p = torch.tensor([0.1, 0.2, 0.2, 0.1, 0.2, 0.2])  # <unk> a b c d bcd
-    engine = SpeculativeEngine(
-        _constant_model(p), _constant_model(q), target_tokenizer=target_tokenizer,
-        drafter_tokenizer=drafter_tokenizer, config=EngineConfig(num_draft_tokens=2, translation="omnidraft"),
-    )  # fmt: skip
+    engine = _constant_words_engine(
+        ["<unk>", "a", "b", "c", "d", "bcd"], p, ["<unk>", "a", "b", "bc", "d"], q
+    )
     assert engine.bridge.split_twins.tolist() == [[3], [2]]  # 'bc' -> 'b', 'c': its mass folds onto 'b'
     rows = []
     verify = omnidraft_fast.ops.verify
