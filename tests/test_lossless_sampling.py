@@ -22,13 +22,16 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import omnidraft_fast
+from omnidraft_fast import AdaptiveConfig, EngineConfig, SpeculativeEngine
 
 pytestmark = pytest.mark.law
 
 VOCAB = 8
 ROWS = 8000
 PROMPT = torch.tensor([[3, 1, 4, 1, 5]])
+# The prompt padded inside the engine to 8 columns, not the default 64: the same law, and thousands of rows'
+# prefills a fraction of the cost.
+BUCKET = 8
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -82,10 +85,8 @@ def models():
 def test_first_two_tokens_follow_the_target(models, temperature, top_k, top_p, k, threshold):
     target, drafter = models
     torch.manual_seed(1234)
-    out = omnidraft_fast.generate(
-        target,
+    out = SpeculativeEngine(target, drafter, config=EngineConfig(prompt_bucket=BUCKET)).generate(
         PROMPT.expand(ROWS, -1),
-        drafter=drafter,
         max_new_tokens=2,
         do_sample=True,
         temperature=temperature,
@@ -115,8 +116,6 @@ def test_rows_that_stop_drafting_propose_nothing_after(stopping):
     """A row that stops drafting early (confidence threshold, acceptance head) proposes nothing at the later
     positions: the token there comes from the target's law, not from a residual against the drafter's
     unused distribution. A drafter of middling confidence stops rows at every step."""
-    from omnidraft_fast import AdaptiveConfig, EngineConfig, SpeculativeEngine
-
     target = tiny_model("llama", VOCAB, seed=11, hidden=32, layers=1)
     drafter = tiny_model("gpt2", VOCAB, seed=13, hidden=32, layers=1)
     with torch.no_grad():
@@ -124,9 +123,13 @@ def test_rows_that_stop_drafting_propose_nothing_after(stopping):
         drafter.lm_head.weight.mul_(2.0)  # (had the later positions' q been left in: TV 0.26)
     rows = 2 * ROWS
     config = (
-        EngineConfig(num_draft_tokens=4, confidence_threshold=0.3)
+        EngineConfig(num_draft_tokens=4, confidence_threshold=0.3, prompt_bucket=BUCKET)
         if stopping == "confidence"
-        else EngineConfig(num_draft_tokens=4, adaptive=AdaptiveConfig(gamma=0.75, confidence_input=True))
+        else EngineConfig(
+            num_draft_tokens=4,
+            adaptive=AdaptiveConfig(gamma=0.75, confidence_input=True),
+            prompt_bucket=BUCKET,
+        )
     )
     torch.manual_seed(2)
     out = SpeculativeEngine(target, drafter, config=config).generate(
@@ -150,8 +153,8 @@ def test_prompt_lookup_follows_the_target(temperature, top_k, top_p):
         target.lm_head.weight.mul_(2.0)
     prompt = torch.tensor([[3, 1, 2, 1]])  # drafts 2, 1 first: 2 is in the top-k/top-p set
     torch.manual_seed(7)
-    out = omnidraft_fast.generate(
-        target, prompt.expand(ROWS, -1), prompt_lookup_num_tokens=3, max_new_tokens=2, do_sample=True,
+    out = SpeculativeEngine(target, None, config=EngineConfig(prompt_bucket=BUCKET)).generate(
+        prompt.expand(ROWS, -1), prompt_lookup_num_tokens=3, max_new_tokens=2, do_sample=True,
         temperature=temperature, top_k=top_k, top_p=top_p, return_dict_in_generate=True,
     )  # fmt: skip
     assert out.stats.accepted > 0.05 * ROWS, out.stats.summary()
