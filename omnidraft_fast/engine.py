@@ -224,8 +224,9 @@ class SpeculativeEngine:
             if wait:
                 raise
 
-    def _check_cascade(self, cascade: CascadeConfig | None) -> None:
-        """Refuse a cascade this engine cannot verify."""
+    def _check_cascade(self, cascade: CascadeConfig | None, processed: tuple[str, ...] = ()) -> None:
+        """Refuse a cascade this engine cannot verify; ``processed``: the request's logits-processing options
+        (``Processing.active``)."""
         if cascade is not None and self.drafter is None:
             raise ValueError(
                 "`cascade` decides between the drafter's and the target's distributions, and prompt lookup has no "
@@ -235,6 +236,15 @@ class SpeculativeEngine:
             raise ValueError(
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
+            )
+        if cascade is not None and self.bridge is not None and processed:
+            # A kept draft comes from the drafter's law, whose ids are not the target's: no processor reaches it.
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in processed)} (logits processing) not supported with a `cascade` "
+                "across vocabularies: the processors read and mask the target's token ids, which the drafter's "
+                "law is not over, so where the deferral rule keeps a draft they could not hold (a suppressed or "
+                "bad word, an EOS before min_new_tokens could come out); drop them, or the cascade (a drafter "
+                "sharing the target's vocabulary takes both)"
             )
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
@@ -395,7 +405,7 @@ class SpeculativeEngine:
                 "drafted position, which a captured round cannot: use an engine with "
                 "EngineConfig(cuda_graphs=False) for such requests"
             )
-        self._check_cascade(request.cascade)
+        self._check_cascade(request.cascade, request.processing.active(request.input_ids.shape[1]))
         check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         # From torch's global RNG when sampling (torch.manual_seed reproduces runs), drawn before waiting for

@@ -276,3 +276,8 @@ class Processing:
             or self.epsilon_cutoff > 0
             or self.eta_cutoff > 0
         )
+
+    def draw(self, sampling: SamplingParams) -> SamplingParams:
+        """How the rounds sample a law processed here: with the request's temperature and filters, unless
+        the processing warped it already (min-p and the like: ``warps``), then as it is (T=1, unfiltered)."""
+        return SamplingParams(temperature=1.0) if self.warps else sampling

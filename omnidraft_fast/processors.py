@@ -1,10 +1,15 @@
-"""The logits processing a request applies to the target inside the round, as transformers does.
+"""The logits processing a request applies inside the round, as transformers does.
 
 transformers' ``generate()`` processes the target's logits at each new token before it samples or takes
 the argmax; speculative decoding stays exact when verification uses the target's *processed* logits at
 every drafted position, each with the context that position has (the committed tokens, then the block's
-drafted tokens before it). The drafter's logits are not processed: its proposal is whatever law it sampled
-from, and verification corrects for it. Supported, in transformers' order (``_get_logits_processor``),
+drafted tokens before it). A drafter sharing the target's vocabulary has its logits processed too, at each
+draft step with that step's context, as transformers' assisted generation processes its assistant's: its
+drafts then follow the processed law (a token the processors forbid is not drafted, a penalised one less
+often), and a cascade's rules and mixture read the processed ``q`` and ``p``, so where a rule keeps a draft
+the processors still hold. A drafter with another vocabulary drafts from its own law, which verification
+corrects for (its ids are not the ones the processors read; cascades refuse processing there).
+Supported, in transformers' order (``_get_logits_processor``),
 where "the sequence" is transformers' ``input_ids`` (the padded prompt, the new tokens, then the drafted
 tokens before the position) and "new tokens" counts those before the position:
 
@@ -62,7 +67,7 @@ from .config import SamplingParams
 from .processing import Processing
 from .warpers import sampling_warpers
 
-__all__ = ["TargetProcessors"]
+__all__ = ["Processors"]
 
 
 @functools.cache
@@ -133,8 +138,9 @@ class _Table:
         return self.prefixes.shape[1]
 
 
-class TargetProcessors:
-    """A request's target-side processing (:class:`Processing`; the module docstring).
+class Processors:
+    """A request's logits processing (:class:`Processing`; the module docstring): the target's at a round's
+    block of positions, a same-vocabulary drafter's at one draft step (``first``: its position in the block).
 
     Args:
         tokens: [batch, slots + 1] the request's committed tokens by slot (``RequestState.tokens``).
@@ -198,21 +204,23 @@ class TargetProcessors:
 
     def __call__(
         self,
-        logits: torch.Tensor,  # [batch, n, V] the target's logits at the block's positions
-        proposal: torch.Tensor,  # [batch, n - 1] the drafted target ids at positions 1..n-1, -1 where none
+        logits: torch.Tensor,  # [batch, n, V] logits at the block's positions first .. first + n - 1
+        proposal: torch.Tensor,  # [batch, first + n - 1] the drafted target ids at positions 1.., -1 where none
         generated: torch.Tensor,  # [batch] new tokens before the block's first position
         active: torch.Tensor,  # [batch] rows still generating (the caller's Python sees only those)
+        first: int = 0,  # the block position of logits[:, 0] (a draft step's: the tokens drafted before it)
     ) -> torch.Tensor:  # [batch, n, V] processed, fp32 as transformers processes them (a new tensor)
         p = self.processing
         logits = logits.float()
         batch, n, vocab = logits.shape
-        new = generated[:, None] + torch.arange(n, device=logits.device)  # [batch, n] new tokens before each
-        sequence = self._sequence(proposal, generated, n) if self._reads_sequence else None
-        calls = self._calls(proposal, new, active) if p.calls_python else None
+        positions = first + torch.arange(n, device=logits.device)  # [n] block positions
+        new = generated[:, None] + positions  # [batch, n] new tokens before each
+        sequence = self._sequence(proposal, generated) if self._reads_sequence else None
+        calls = self._calls(proposal, new, active, first) if p.calls_python else None
         if self.sequence_bias is not None:
             logits = logits + self._bias(self.sequence_bias, sequence, new)
         if self.seen is not None:
-            logits = self._penalise(logits, proposal)
+            logits = self._penalise(logits, proposal, positions)
         if p.no_repeat_ngram_size:
             logits = logits.masked_fill(self._repeats(sequence, new)[..., :vocab], -torch.inf)
         if self.bad_words is not None:
@@ -255,25 +263,26 @@ class TargetProcessors:
         )
 
     def _calls(
-        self, proposal: torch.Tensor, new: torch.Tensor, active: torch.Tensor
-    ) -> list[tuple[int, int, int]]:
-        """(row, position, context length) at every live row's positions whose context is real: the row is
-        active and the drafted tokens before the position exist (a host read)."""
-        real = torch.cat([torch.ones_like(proposal[:, :1]), (proposal >= 0).long().cumprod(1)], 1).bool()
-        real &= active[:, None]
-        rows, positions = real.nonzero(as_tuple=True)
-        lengths = self.prompt + new[rows, positions]
-        return list(zip(rows.tolist(), positions.tolist(), lengths.tolist(), strict=True))
+        self, proposal: torch.Tensor, new: torch.Tensor, active: torch.Tensor, first: int
+    ) -> list[tuple[int, int, int, int]]:
+        """(row, index in the logits, block position, context length) at every live row's positions whose
+        context is real: the row is active and the drafted tokens before the position exist (a host read)."""
+        n = new.shape[1]
+        real = torch.cat([torch.ones_like(active[:, None]), (proposal >= 0).cumprod(1).bool()], 1)
+        real = real[:, first : first + n] & active[:, None]
+        rows, at = real.nonzero(as_tuple=True)
+        lengths = self.prompt + new[rows, at]
+        return list(zip(rows.tolist(), at.tolist(), (at + first).tolist(), lengths.tolist(), strict=True))
 
     def _call_python(
         self, logits: torch.Tensor, sequence: torch.Tensor, calls, function, with_position: bool = False
     ) -> torch.Tensor:
         """``function(row, input_ids [1, length], scores [1, V]) -> scores`` at each of ``calls`` (with
-        ``with_position``, ``function(row, position in the block, input_ids, scores)``)."""
+        ``with_position``, ``function(row, block position, input_ids, scores)``)."""
         logits = logits.clone()
-        for row, j, length in calls:
+        for row, j, position, length in calls:
             scores = logits[row : row + 1, j]
-            args = (row, j) if with_position else (row,)
+            args = (row, position) if with_position else (row,)
             out = function(*args, sequence[row : row + 1, :length], scores)
             if not isinstance(out, torch.Tensor) or out.shape != scores.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -307,11 +316,12 @@ class TargetProcessors:
             processed = torch.where(processed.amax(-1, keepdim=True).isneginf(), mask, processed)
         return processed
 
-    def _sequence(self, proposal: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    def _sequence(self, proposal: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         """[batch, slots] transformers' input_ids (padded prompt, new tokens), the block's drafts after them."""
         sequence = self.tokens[:, 1:].clone()
         end = self.prompt + generated  # [batch] tokens before the block's first position
-        slots = (end[:, None] + torch.arange(n - 1, device=proposal.device)).clamp_max(sequence.shape[1] - 1)
+        at = torch.arange(proposal.shape[1], device=proposal.device)
+        slots = (end[:, None] + at).clamp_max(sequence.shape[1] - 1)
         return sequence.scatter_(1, slots, proposal.clamp_min(0))
 
     def _tail(self, sequence: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
@@ -333,13 +343,14 @@ class TargetProcessors:
         bias = table.single.expand(batch, n, self.vocab).clone()
         return bias.index_add_(2, table.last, torch.where(match, table.bias, 0.0))
 
-    def _penalise(self, logits: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
-        """The repetition penalty; position j also sees the block's drafted tokens x_1..x_j (proposal[:, :j])."""
+    def _penalise(
+        self, logits: torch.Tensor, proposal: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The repetition penalty; block position j also sees the drafted tokens x_1..x_j (proposal[:, :j])."""
         batch, n, vocab = logits.shape
-        j = torch.arange(n, device=logits.device)
-        drafted = torch.where(proposal >= 0, proposal, self.vocab)  # [batch, n - 1]
-        before = j[:, None] > torch.arange(n - 1, device=logits.device)  # [n, n - 1]: x_(i+1) precedes j
-        index = torch.where(before, drafted[:, None, :], self.vocab)  # [batch, n, n - 1]
+        drafted = torch.where(proposal >= 0, proposal, self.vocab)  # [batch, P]
+        before = positions[:, None] > torch.arange(proposal.shape[1], device=logits.device)  # [n, P]
+        index = torch.where(before, drafted[:, None, :], self.vocab)  # [batch, n, P]
         present = self.seen[:, None, :].expand(batch, n, self.vocab + 1).clone()
         present.scatter_(2, index, True)
         penalty = self.processing.repetition_penalty

@@ -89,7 +89,7 @@ class Request:
     return_dict_in_generate: bool
     output_scores: bool = False  # return the target's processed scores per new token (needs the dict)
     output_logits: bool = False  # return the target's raw logits per new token (needs the dict)
-    # target-side logits processing, extra warpers and the caller's processors (processors.py)
+    # logits processing, extra warpers and the caller's processors (processors.py)
     processing: Processing = field(default_factory=Processing)
     max_time: float | None = None  # seconds after which no further round starts (None: no limit)
     stop_strings: tuple[str, ...] = ()  # a row ends at the first new token completing one (stopping.py)
@@ -371,15 +371,6 @@ def resolve_request(
             "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
             f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
         )
-    processed = processing.active(ids.shape[1]) if cascade is not None else ()
-    if processed:  # a kept draft is the drafter's, which no processor sees: it could be a token they forbid
-        raise ValueError(
-            f"{', '.join(f'`{name}`' for name in processed)} (logits processing) not supported with a `cascade`: "
-            "where its deferral rule keeps a draft, the token comes from the drafter's own law, which the "
-            "target's logits processors and warpers do not reach (a suppressed or bad word, an EOS before "
-            "min_new_tokens could come out, a penalty would not hold); drop them, or the cascade"
-        )
-
     max_time = fields.get("max_time")
     if max_time is not None and not (is_positive(max_time) or max_time == math.inf):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")

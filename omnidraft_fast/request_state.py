@@ -20,7 +20,7 @@ from .experience import Recorder
 from .graphs import StageGraphs
 from .kept_logits import KeptLogits
 from .models import SlotKVCache
-from .processors import TargetProcessors
+from .processors import Processors
 
 __all__ = ["COUNTERS", "KeptStates", "RequestState", "refill"]
 
@@ -57,7 +57,7 @@ class RequestState:
         torch.Tensor
     )  # [len(COUNTERS)] int64, summed over rounds (read at the end; "invalid" at every host read)
     recorder: Recorder | None  # labels for the online learners (EngineConfig.distill / adaptive)
-    processors: TargetProcessors | None  # the request's target-side logits processing (None: none)
+    processors: Processors | None  # the request's logits processing (None: none)
     # output_logits / output_scores: "logits" (raw) and/or "scores" (processed, before the sampling warpers
     # unless the rounds warp them, Processing.warps), the target's at each new token (kept_logits.py)
     kept_logits: KeptLogits
@@ -130,7 +130,7 @@ def refill(kept, fresh) -> None:
     elif isinstance(fresh, dict):
         for name, value in fresh.items():
             refill(kept[name], value)
-    elif isinstance(fresh, (RequestState, DraftLength, Recorder, TargetProcessors)):
+    elif isinstance(fresh, (RequestState, DraftLength, Recorder, Processors)):
         for name, value in vars(fresh).items():
             if isinstance(value, (int, float)):
                 setattr(kept, name, value)

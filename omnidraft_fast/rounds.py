@@ -41,7 +41,7 @@ from .kernels.proposal import CrossProposal, drafted_path, fold_twins_
 from .learner import OnlineLearner
 from .models import CausalLM
 from .ngram import NGramTable
-from .processors import TargetProcessors
+from .processors import Processors
 from .request import Request
 from .request_state import COUNTERS, KeptStates, RequestState, refill
 from .stats import StageTimer
@@ -229,7 +229,8 @@ class Rounds:
             draft_ids=torch.zeros(batch, k, dtype=torch.int64, device=device),
             draft_probs=torch.zeros(batch, k, vocab_q, dtype=torch.float32, device=device),
             draft_probs_t1=torch.zeros(batch, k, vocab_q, dtype=torch.float32, device=device)
-            if request.cascade is not None and request.sampling != SamplingParams(temperature=1.0)
+            if request.cascade is not None
+            and request.processing.draw(request.sampling) != SamplingParams(temperature=1.0)
             else None,
             rule=None
             if request.cascade is None
@@ -303,14 +304,12 @@ class Rounds:
         d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
         return d_tokens, d_start, d_lengths, window
 
-    def _processors(
-        self, request: Request, tokens: torch.Tensor, start: torch.Tensor
-    ) -> TargetProcessors | None:
-        """The request's target-side logits processing (``Request.processing``); None if it has none."""
+    def _processors(self, request: Request, tokens: torch.Tensor, start: torch.Tensor) -> Processors | None:
+        """The request's logits processing (``Request.processing``); None if it has none."""
         prompt = request.input_ids.shape[1]
         if not request.processing.needed(prompt):
             return None
-        return TargetProcessors(
+        return Processors(
             request.processing,
             sampling=request.sampling,
             eos_ids=torch.tensor(request.eos_token_ids, dtype=torch.int64, device=tokens.device),
@@ -441,6 +440,12 @@ class Rounds:
             else:
                 logits = self.drafter.forward(inputs, slots, last_only=True)[:, -1]  # [batch, V_d]
             state.invalid |= ops.nonfinite_rows(logits)
+            raw = logits  # what the acceptance head reads (it learns from the drafter's own logits)
+            draw = sampling
+            if state.processors is not None and self.bridge is None:
+                # One vocabulary: the drafter drafts from its logits processed as the target's are at this
+                # position (the same context), as transformers' assisted generation processes its assistant's.
+                logits, draw = self._processed(state, logits, i), request.processing.draw(sampling)
             noise = None if sampling.greedy else _exponential(logits.shape, state.graphs.generator, device)
             # Verification by exact match reads no q; a confidence threshold reads the drafted token's q when
             # sampling (at T=1 from the logits when greedy). Without either, the draw is ids only.
@@ -449,9 +454,9 @@ class Rounds:
             ids, probs = ops.sample(
                 logits,
                 noise,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
+                temperature=draw.temperature,
+                top_k=draw.top_k,
+                top_p=draw.top_p,
                 mask=shared_only,
                 probs=not exact_match or (confident and not sampling.greedy),
             )
@@ -475,9 +480,19 @@ class Rounds:
                 if confident:  # the drafted token's probability (T=1 when greedy)
                     confidence = (law_t1() if sampling.greedy else probs).gather(1, ids[:, None])[:, 0]
                 head_input = (  # the head's confidence input (AdaptiveConfig.confidence_input)
-                    confidence_logit(logits, ids) if head and length.head.confidence_input else None
+                    confidence_logit(raw, ids) if head and length.head.confidence_input else None
                 )
                 length.step(i + 1, hidden[:, -1] if head else None, confidence, head_input)
+
+    def _processed(self, state: RequestState, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """[batch, V] the drafter's ``logits`` at draft step ``i`` after the request's processing at that
+        position (its context: the committed tokens, then the ``i`` tokens drafted before it). A row the
+        processing leaves no token (a grammar's dead state after a drafted token, ``processors.py``) keeps
+        its own logits: the target's law is dead there too, so no token is emitted from that position."""
+        processed = state.processors(
+            logits[:, None], state.draft_ids[:, :i], state.generated, ~state.done, i
+        )[:, 0]
+        return torch.where(processed.amax(-1, keepdim=True).isneginf(), logits.float(), processed)
 
     def _finish(self, state: RequestState, request: Request, steps: int, timer: StageTimer) -> None:
         """The rest of a round whose rows drafted ``steps`` tokens (at most): translate, target forward,
@@ -541,8 +556,7 @@ class Rounds:
                 if state.processors is None
                 else state.processors(target_logits, proposal, state.generated, active)
             )
-            # Warped there (min-p and the like), the target's law is sampled as it is.
-            target_sampling = SamplingParams(temperature=1.0) if request.processing.warps else sampling
+            target_sampling = request.processing.draw(sampling)
             num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
                 processed,
                 proposal,

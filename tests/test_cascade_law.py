@@ -18,10 +18,16 @@ bonus from ``pi``, the target's own law), so that an engine making that mistake 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_model
 from test_lossless_sampling import _tv_bound, _warp
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine
 
@@ -46,10 +52,13 @@ def engine():
     return engine
 
 
-def _laws(model, contexts: torch.Tensor, temperature: float, top_k: int, top_p: float):
-    """[n, V] float64: the T=1 softmax and the law sampled from (one-hot when greedy), at the last position."""
+def _laws(model, contexts: torch.Tensor, temperature: float, top_k: int, top_p: float, process=None):
+    """[n, V] float64: the T=1 softmax and the law sampled from (one-hot when greedy), at the last position,
+    of the logits after ``process(contexts, logits)`` (logits processors) if given."""
     with torch.no_grad():
         logits = model(contexts).logits[:, -1].float()
+    if process is not None:
+        logits = process(contexts, logits)
     if temperature == 0.0:
         sampled = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
     else:
@@ -86,16 +95,20 @@ def _emitted(rule, alpha, q1, p1, q, p, wrong=None) -> tuple[torch.Tensor, torch
     return torch.minimum(q, pi), (pi - q).clamp(min=0)
 
 
-def _two_tokens(engine, rule, alpha, temperature, top_k, top_p, k, prompt, wrong=None) -> torch.Tensor:
-    """[V, V] float64: P(first new token = a, second = b) under SPEC §3 (module docstring)."""
+def _two_tokens(
+    engine, rule, alpha, temperature, top_k, top_p, k, prompt, wrong=None, process=None
+) -> torch.Tensor:
+    """[V, V] float64: P(first new token = a, second = b) under SPEC §3 (module docstring), both models'
+    logits processed by ``process`` if given."""
     first_context = torch.tensor([prompt])
     second_contexts = torch.cat([first_context.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
     sampling = (temperature, top_k, top_p)
     target, drafter = engine.models
-    q1, q = _laws(drafter, first_context, *sampling)
-    p1, p = _laws(target, first_context, *sampling)
-    q1_next, q_next = _laws(drafter, second_contexts, *sampling)
-    p1_next, p_next = _laws(target, second_contexts, *sampling)
+    drafter_process = None if wrong == "drafter_unprocessed" else process
+    q1, q = _laws(drafter, first_context, *sampling, drafter_process)
+    p1, p = _laws(target, first_context, *sampling, process)
+    q1_next, q_next = _laws(drafter, second_contexts, *sampling, drafter_process)
+    p1_next, p_next = _laws(target, second_contexts, *sampling, process)
     rule = "exact" if wrong == "exact" else rule
     accepted, recovered = (x[0] for x in _emitted(rule, alpha, q1, p1, q, p, wrong))
     pi_next = sum(_emitted(rule, alpha, q1_next, p1_next, q_next, p_next, wrong))
@@ -105,11 +118,13 @@ def _two_tokens(engine, rule, alpha, temperature, top_k, top_p, k, prompt, wrong
     return accepted[:, None] * bonus + recovered[:, None] * pi_next
 
 
-def _sampled_pairs(engine, prompts, rule, alpha, temperature, top_k, top_p, k, mask=None) -> torch.Tensor:
+def _sampled_pairs(
+    engine, prompts, rule, alpha, temperature, top_k, top_p, k, mask=None, **options
+) -> torch.Tensor:
     torch.manual_seed(1234)
     out = engine.generate(
         prompts, attention_mask=mask, max_new_tokens=2, num_draft_tokens=k, do_sample=True,
-        temperature=temperature, top_k=top_k, top_p=top_p, cascade=CascadeConfig(rule, alpha),
+        temperature=temperature, top_k=top_k, top_p=top_p, cascade=CascadeConfig(rule, alpha), **options,
     )  # fmt: skip
     new = out[:, prompts.shape[1] :]
     return new[:, 0] * VOCAB + new[:, 1]
@@ -165,6 +180,35 @@ def test_padded_rows_each_follow_their_own_law(engine):
         assert 0.5 * (law - other_alpha).abs().sum().item() > 2 * bound
         tv = _tv(pairs[row::2], law)
         assert tv < bound, f"row {row}: TV {tv:.4f} >= bound {bound:.4f}"
+
+
+def _processed(
+    contexts: torch.Tensor, logits: torch.Tensor, penalty: float, suppressed: list[int]
+) -> torch.Tensor:
+    """transformers' own processors, in its order: the repetition penalty, then the suppressed tokens."""
+    logits = RepetitionPenaltyLogitsProcessor(penalty)(contexts, logits)
+    return SuppressTokensLogitsProcessor(suppressed, device=logits.device)(contexts, logits)
+
+
+@pytest.mark.law
+@pytest.mark.parametrize(("rule", "alpha", "temperature", "top_k", "k"), [("chow", 0.5, 0.7, 5, 2),
+                                                                        ("token_v1", 0.1, 1.0, 0, 1)])  # fmt: skip
+def test_processed_cascades_mix_the_processed_laws(engine, rule, alpha, temperature, top_k, k):
+    """With logits processors (a repetition penalty, the drafter's favourite token suppressed), both models'
+    logits are processed at each position with its context: the rules read the processed T=1 softmaxes and
+    the mixture, acceptance and residual the processed sampled laws. The misreading it must tell apart is
+    the drafter's law left unprocessed."""
+    drafter_t1, _ = _laws(engine.models[1], torch.tensor([P1]), 1.0, 0, 1.0)
+    suppressed = [int(drafter_t1[0].argmax())]
+    process = functools.partial(_processed, penalty=1.6, suppressed=suppressed)
+    law = _two_tokens(engine, rule, alpha, temperature, top_k, 1.0, k, P1, process=process)
+    bound = _tv_bound(law, ROWS, DELTA)
+    misread = _two_tokens(engine, rule, alpha, temperature, top_k, 1.0, k, P1, "drafter_unprocessed", process)
+    assert 0.5 * (law - misread).abs().sum().item() > 2 * bound, "the case cannot tell the misreading apart"
+    pairs = _sampled_pairs(engine, torch.tensor([P1]).expand(ROWS, -1), rule, alpha, temperature, top_k, 1.0, k,
+                           repetition_penalty=1.6, suppress_tokens=suppressed)  # fmt: skip
+    tv = _tv(pairs, law)
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
 def _greedy(engine, rule, alpha, prompt, new, k, wrong=None) -> list[int]:

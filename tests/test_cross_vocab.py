@@ -525,6 +525,13 @@ def test_cascades_across_vocabularies(pair, translation):
         **batch, max_new_tokens=16, cascade=CascadeConfig("chow", 1.0), return_dict_in_generate=True
     )
     assert lenient.stats.acceptance_rate == 1.0 and lenient.stats.deferral_rate == 0.0
+    # the request's processors read target ids, which the drafter's law is not over: refused, named
+    with pytest.raises(ValueError, match=r"`repetition_penalty` \(logits processing\) not supported with a "
+                       r"`cascade` across vocabularies"):  # fmt: skip
+        engine.generate(**batch, max_new_tokens=4, repetition_penalty=1.2, cascade=CascadeConfig("chow", 0.5))
+    assert torch.equal(
+        engine.generate(**batch, max_new_tokens=16, cascade=CascadeConfig("token_v3", -0.5)), exact
+    )
     with pytest.raises(ValueError, match="translation='exact'"):
         _engine(pair, "exact").generate(**batch, max_new_tokens=4, cascade=CascadeConfig("chow", 0.5))
     target, drafter, target_tokenizer, drafter_tokenizer = pair
