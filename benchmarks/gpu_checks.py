@@ -76,7 +76,11 @@ def syncs() -> None:
     learning = {"in_flight_rounds": 2, "distill": DistillConfig(interval=1)}
     # (engine, the methods checked, the requests' extra arguments)
     cases = {
-        "shared": (SpeculativeEngine(zoo.target, zoo.drafter_shared), ["rounds.run"], _REQUESTS),
+        "shared": (
+            SpeculativeEngine(zoo.target, zoo.drafter_shared),
+            ["rounds.run"],
+            [*_REQUESTS, _PROCESSED_CASCADE],
+        ),
         "cross omnidraft": (
             SpeculativeEngine(zoo.target, zoo.drafter_cross, **cross),
             ["rounds.run"],
@@ -144,6 +148,11 @@ _REQUESTS = (
     {"do_sample": True, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95, "bad_words_ids": [[5, 6], [7]],
      "sequence_bias": {(9,): 1.5}, "exponential_decay_length_penalty": (4, 1.2), "num_return_sequences": 2},
 )  # fmt: skip
+
+
+# One vocabulary only: a cascade over both models' processed laws (the drafter's logits processed per draft step).
+_PROCESSED_CASCADE = {"do_sample": True, "cascade": CascadeConfig("chow", 0.5), "repetition_penalty": 1.2,
+                      "suppress_tokens": [3], "min_new_tokens": 8}  # fmt: skip
 
 
 def _sync_checked(function):
