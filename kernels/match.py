@@ -8,11 +8,12 @@ For a row with drafted target tokens ``y_1..y_k`` and the target's distributions
     output   = y_1..y_{j*-1}, z_j*                     (z_{k+1}, the bonus, when all k matched)
 
 Every emitted token is a draw from ``p`` given the tokens before it, so the output follows the target
-exactly for *any* proposal. The engine verifies this way when the proposal's probabilities are not exact
-(``translation="exact"`` after n-gram merges) and for greedy requests whose drafts hold split tokens (the
-pieces are accepted one by one against the argmax). ``verify.py``'s speculative sampling accepts more
-when ``q`` is known; this rule needs no ``q`` at all. A position with nothing proposed (``y_j = -1``)
-never matches.
+exactly for *any* proposal. The engine verifies this way where the proposal's probabilities are not
+exact (``translation="exact"``, after n-gram merges), where there are none (prompt lookup's drafts), and
+for every greedy request without a deferral rule (greedy speculative sampling accepts exactly the
+drafts equal to the argmax, so it is this rule, with no ``q`` to keep). ``verify.py``'s speculative
+sampling accepts more when sampling and ``q`` is known; this rule needs no ``q`` at all. A position with
+nothing proposed (``y_j = -1``) never matches.
 
 Draws use the exponential race, ``z_j = argmax_v p_j(v) / E_v`` with ``E ~ Exp(1)`` passed in, so both
 implementations draw the same tokens from the same noise. The reference also returns ``p_j(y_j)`` (0

@@ -1,4 +1,5 @@
-"""The ``omnidraft-fast`` command: ``generate`` with local or hub models, and the README ``demo``."""
+"""The ``omnidraft-fast`` command: ``generate`` with local or hub models, the README ``demo`` and
+``cascade-sweep``."""
 
 from __future__ import annotations
 
@@ -400,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="plain generate() vs this engine on the embedded trained model pair"
     )
-    demo.add_argument("--prompts-per-task", type=positive_int, default=1, help="held-out prompts per task")
+    demo.add_argument(
+        "--prompts-per-task", type=positive_int, default=1, help="held-out prompts per task (default 1)"
+    )
     demo.add_argument(
         "--max-new-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)"
     )
@@ -412,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cascade-sweep",
         help="quality against speed of every cascade deferral rule on the embedded model pairs",
     )
-    sweep.add_argument("--prompts-per-task", type=positive_int, default=2, help="held-out prompts per task")
+    sweep.add_argument(
+        "--prompts-per-task", type=positive_int, default=2, help="held-out prompts per task (default 2)"
+    )
     sweep.add_argument(
         "--max-new-tokens", type=positive_int, default=48, help="new tokens per prompt (default 48)"
     )
@@ -423,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=non_negative_float, default=0.0, help="0 (default): greedy; > 0: sampling"
     )
     sweep.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    sweep.add_argument("--out", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    sweep.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="folder for JSON, Markdown and PNG (default benchmarks/results)",
+    )
     sweep.set_defaults(run=_cascade_sweep)
     return parser
 

@@ -368,8 +368,9 @@ class EngineConfig:
             capture: forward hooks on the models do not see replays. The graphs, the request's device state
             and both caches are kept (``kept_graphs``) for later requests of the same shapes and settings
             (batch size, ``prompt_bucket``, ``max_new_tokens``, sampling, EOS ids, draft length, confidence
-            threshold, cascade and its per-row alphas, kept logits, logits processing, whether the learners
-            are enabled), which replay them from their first round; with online learning
+            threshold, cascade and its per-row alphas, kept logits, logits processing, prompt lookup's
+            ``max_matching_ngram_size``, whether the learners are enabled), which replay them from their
+            first round; with online learning
             too (the drafter then serves merged LoRA weights rewritten in place, the same tensors at every
             request). ``SpeculativeEngine.release()`` frees what is kept. Captured stages read the models'
             weights where they were at capture: in-place updates (``load_state_dict``) are seen; a request

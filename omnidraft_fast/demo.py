@@ -58,12 +58,14 @@ def run_demo(*, prompts_per_task: int = 1, max_new_tokens: int = 48, num_draft_t
         expected = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         seconds["transformers model.generate()"] += time.perf_counter() - began
         plain_tokens += expected.shape[1] - ids.shape[1]
+        outputs = {}
         for name, engine in engines.items():
             began = time.perf_counter()
-            out = engine.generate(ids, max_new_tokens=max_new_tokens)
+            outputs[name] = engine.generate(ids, max_new_tokens=max_new_tokens)
             seconds[name] += time.perf_counter() - began
-            identical &= torch.equal(out, expected)
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            identical &= torch.equal(outputs[name], expected)
+        cross = outputs["omnidraft_fast, cross-vocabulary drafter"]
+        text = tokenizer.decode(cross[0, ids.shape[1] :], skip_special_tokens=True)
         print(f"--- {task} prompt (end): ...{prompt[-70:]!r}\n--- cross-vocabulary continuation:\n{text}\n")
 
     plain = seconds["transformers model.generate()"]

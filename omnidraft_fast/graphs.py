@@ -3,7 +3,8 @@
 A round (``rounds.py``) is a few *stages* of fixed-shape device work that read and write only tensors
 allocated before the round (the request's state, the caches, the models' weights, the n-gram table):
 one stage for the whole round, or, with an adaptive draft length, one per draft step and one for the
-rest (translate, target forward, verify, commit, learn), chosen by the host between them; with
+rest (translate, target forward, verify, commit, learn), chosen by the host between them; without a
+drafter, prompt lookup's stage ("lookup") and the rest, as wide as the round's longest draft; with
 ``rounds_per_sync``, one for several rounds; with ``in_flight_rounds``, the learning step ("learn").
 :class:`StageGraphs` runs a stage the first time eagerly (the warm-up: Triton compiles, cuBLAS picks
 its kernels), captures it the second time and from then on replays it: no Python, no launch overhead,

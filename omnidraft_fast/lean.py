@@ -3,7 +3,8 @@
 transformers' forward wraps every call in Python the engine does not use: output recording, mask
 preprocessing, cache bookkeeping, attention-backend dispatch. For a drafter's one-token steps, and for
 small models generally, that Python costs as much as the arithmetic (on the zoo's models, on a CPU: the
-drafter's step 1.5x, the target's 1.2x faster this way). This forward calls the same modules in the same
+draft stage 1.5-1.6x, the target's 1.3-1.4x faster this way, ``benchmarks/results/e2e-cpu.md``'s stage
+times with and without it). This forward calls the same modules in the same
 order (embeddings, norms, projections with any LoRA layers peft injected into them, rotary embedding,
 MLP, dropouts, head), writes keys and values through the same cache (``SlotKVCache.update``), and attends
 with SDPA under the engine's additive mask.
@@ -26,9 +27,10 @@ gemm path), up to float rounding where grouped query heads are folded (``tests/t
 
 Families: Llama, Mistral, Qwen2 and Qwen3 (pre-norm, rotary embedding over the whole head, grouped-query
 attention, no soft-capping; Qwen3 adds per-head query/key RMS norms) and GPT-2 (learned positions, fused
-QKV projection). Every other model runs transformers' forward (``models.py``), and so does one with forward hooks on it or on
-its decoder (which this forward would skip) or with accelerate's hooks on any module (a model dispatched
-over devices: its attention inputs would not follow its layers).
+QKV projection). Every other model runs transformers' forward (``models.py``), and so does one with a
+module hook anywhere in it, forward or backward, or with a global module hook set (:func:`hooked`: this
+forward would skip them), or with accelerate's hooks on any module (a model dispatched over devices: its
+attention inputs would not follow its layers).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""What a device holds in all: the bound on configuration values that size an allocation made when an
-engine is built (the n-gram table, the acceptance head), so that one too large for the device is refused
-by name instead of failing inside torch's allocator or, built piece by piece, running for hours first."""
+"""What a device holds in all: the bound on configuration values that size an allocation (the n-gram table
+and the acceptance head when an engine is built, the prefill's attention mask of a ``prompt_bucket``-wide
+prompt at every padded request), checked when the engine is built, so that one too large for the device is
+refused by name instead of failing inside torch's allocator or, built piece by piece, running for hours
+first."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Vocabulary: one read of a tokenizer's vocabulary, and the fingerprint of what a bridge is built from.
 
-``tokenizer.get_vocab()`` builds a fresh dict each call (about 0.1 s for Llama-3's 128k ids), so an engine
+``tokenizer.get_vocab()`` builds a fresh dict each call (0.1-0.2 s for Llama-3's 128k ids on a CPU), so an engine
 reads each tokenizer's vocabulary once and passes the read where it is needed: the checks that the
 tokenizers fit their models, the "same vocabulary?" comparison, the bridge's token bytes (``bridge.py``)
 and the key of its cache.

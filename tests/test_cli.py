@@ -298,6 +298,32 @@ def test_demo_runs_and_matches_the_target(capsys):
     assert "identical to the target's: True" in out and "cross-vocabulary drafter" in out
 
 
+def test_demo_prints_the_cross_vocabulary_drafters_continuation(monkeypatch, capsys):
+    """The text under "cross-vocabulary continuation" is the cross drafter's engine's output, not that of the
+    engine run last (prompt lookup): here prompt lookup's output is made to differ, so the two tell apart."""
+    from omnidraft_fast import SpeculativeEngine
+
+    generate, cross = SpeculativeEngine.generate, []
+
+    def spied(engine, input_ids, **kwargs):
+        out = generate(engine, input_ids, **kwargs)
+        if engine.drafter is None:  # prompt lookup: every new token replaced
+            out = out.clone()
+            out[:, input_ids.shape[1] :] = out[0, 0]
+        elif engine.bridge is not None:
+            cross.append(
+                engine.target_tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+            )
+        return out
+
+    monkeypatch.setattr(SpeculativeEngine, "generate", spied)
+    main(["demo", "--prompts-per-task", "1", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    printed = out.split("cross-vocabulary continuation:\n")[1:]
+    assert len(printed) == len(cross) - 1 > 0  # cross[0]: the warm-up request
+    assert all(part.startswith(text + "\n\n") for part, text in zip(printed, cross[1:], strict=True))
+
+
 def test_cascade_sweep_writes_the_trade_off(tmp_path, capsys):
     import json
 
