@@ -24,7 +24,6 @@ PNG (quality against speed-up, one curve per rule, the exact point marked) under
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch
 from .config import CascadeConfig, EngineConfig
 from .engine import SpeculativeEngine
 from .fidelity import TargetScore, score_against_target
-from .report import PARTIAL, provenance, synchronize
+from .report import provenance, synchronize
+from .report import write_results as write_results_files
 
 __all__ = ["ALPHAS", "run_sweep"]
 
@@ -149,15 +149,13 @@ def best_points(points: list[dict], agreement: float = 0.99) -> dict[str, dict]:
 
 
 def write_results(results: dict, out: Path, stem: str, complete: bool = True) -> None:
-    """``results``: {"meta": {...}, "pairs": {pair name: run_sweep(...)}} -> JSON, Markdown, PNG (the PNG only
-    when ``complete``; a partial write is marked so in both files)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({**results, "complete": complete}, indent=2) + "\n")
+    """``results``: {"meta": {...}, "pairs": {pair name: run_sweep(...)}} -> JSON and Markdown, written as
+    ``report.write_results`` writes them (a partial write is marked so in both; the Markdown printed when
+    complete), and a PNG when ``complete``."""
     meta = results["meta"]
     lines = [
         f"# Speculative cascades: quality against speed ({provenance(meta)})",
         "",
-        *([PARTIAL, ""] if not complete else []),
         f"Model pair: {meta['models']}; {meta['prompts']} held-out prompts, {meta['max_new_tokens']} new tokens, "
         f"k = {meta['k']}, {meta.get('decoding', 'greedy')}. Agreement: share of produced tokens that are the target's greedy choice "
         "after the same prefix; sequence agreement: share of positions equal to the target's own greedy output; "
@@ -203,7 +201,7 @@ def write_results(results: dict, out: Path, stem: str, complete: bool = True) ->
                 f"{p['agreement']} | {p['sequence_agreement']} | {p['target_log_likelihood']} |"
                 + (f" {p['z']} |" if sampled else "")
             )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results_files(out / stem, results, "\n".join(lines) + "\n", complete)
     if complete:
         _plot(results, out / f"{stem}.png")
 

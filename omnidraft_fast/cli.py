@@ -298,8 +298,7 @@ def _cascade_sweep(args: argparse.Namespace) -> int:
             num_draft_tokens=args.num_draft_tokens, rules=rules, temperature=args.temperature,
             progress=progress, **kwargs,
         )  # fmt: skip
-    write_results(results, Path(args.out), stem)
-    print((Path(args.out) / f"{stem}.md").read_text())
+    write_results(results, Path(args.out), stem)  # prints the Markdown
     return 0
 
 

@@ -412,6 +412,37 @@ def test_the_sweep_summary_lists_every_rule_that_reaches_95_percent(tmp_path):
     assert "| opt |" not in summary
 
 
+def test_a_sweep_killed_while_writing_keeps_its_last_whole_results(tmp_path, monkeypatch):
+    """The sweep writes after each rule; a run killed during a write (a time limit) keeps the files of the
+    write before, whole, as the benchmarks' results do (report.write_results: written aside, renamed)."""
+    import json
+    from pathlib import Path
+
+    from omnidraft_fast.cascade_sweep import write_results
+    from omnidraft_fast.report import environment
+
+    point = dict(rule="exact", alpha=None, agreement=1.0, speedup=1.0, deferral_rate=1.0, acceptance=0.5,
+                 mean_accepted_length=2.0, tokens_per_second=10.0, sequence_agreement=1.0, target_log_likelihood=-1.0)  # fmt: skip
+    meta = {**environment(torch.device("cpu")), "models": "m", "prompts": 1, "max_new_tokens": 4, "k": 2}
+    results = {"meta": meta, "pairs": {"pair": {"plain_tokens_per_second": 8.0, "plain_target_log_likelihood": -1.0,
+                                                "points": [point]}}}  # fmt: skip
+    write_results(results, tmp_path, "sweep", complete=False)
+
+    def killed_halfway(path, text, *args, **kwargs):  # half the text reaches the disk, then the kill
+        with open(path, "w") as file:
+            file.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    results["pairs"]["pair"]["points"].append(dict(point, rule="chow", alpha=0.5))
+    with pytest.raises(KeyboardInterrupt):
+        write_results(results, tmp_path, "sweep", complete=False)
+    monkeypatch.undo()
+    kept = json.loads((tmp_path / "sweep.json").read_text())
+    assert kept["complete"] is False and len(kept["pairs"]["pair"]["points"]) == 1
+    assert "| exact |" in (tmp_path / "sweep.md").read_text()
+
+
 @pytest.mark.parametrize("command", ["generate", "demo", "cascade-sweep"])
 def test_help_says_what_every_flag_does(command):
     """docs/usage.md: `--help` says what each flag does, so none is listed bare."""
