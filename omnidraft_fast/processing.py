@@ -192,6 +192,17 @@ class Processing:
             if not is_int(bos):
                 raise ValueError(f"`forced_bos_token_id` must be one token id, got {bos!r}")
             out["forced_bos_token_id"] = _token_ids(bos, "forced_bos_token_id", vocab)[0]
+        # Forcing only suppressed tokens leaves no token at the forcing step (transformers refuses it too).
+        suppressed = set(out.get("suppress_tokens", ()))
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            forced = out.get(name)
+            forced = {forced} if isinstance(forced, int) else set(forced or ())
+            if forced and forced <= suppressed:
+                raise ValueError(
+                    f"every token of `{name}` ({sorted(forced)}) is also in `suppress_tokens`, which leaves no "
+                    f"token at the step that forces it: drop the overlap from `{name}` or `suppress_tokens` "
+                    "(to hold back an early EOS, use `min_new_tokens`)"
+                )
         watermark = fields.get("watermarking_config")
         if watermark is not None:
             out["watermarking_config"] = _watermark(watermark)

@@ -138,6 +138,25 @@ def test_forced_bos_on_a_one_token_prompt(pair):
     assert torch.equal(_engine(pair).generate(longer, **kwargs), target.generate(longer, **kwargs))
 
 
+def test_forced_tokens_all_suppressed_refused(pair):
+    """Forcing only suppressed tokens leaves no token at the forcing step: refused before any work, naming
+    both options (as transformers' GenerationConfig.validate() refuses it); a partial overlap runs."""
+    engine = _engine(pair)
+    ids = torch.tensor([[17], [30]])
+    for forced, suppressed in (
+        ({"forced_bos_token_id": 5}, [5, 6]),
+        ({"forced_eos_token_id": [2, 9]}, [9, 2]),
+        ({"forced_eos_token_id": 2}, [2]),
+    ):
+        name = next(iter(forced))
+        with pytest.raises(ValueError, match=rf"every token of `{name}` .* is also in `suppress_tokens`"):
+            engine.generate(ids, max_new_tokens=4, pad_token_id=0, suppress_tokens=suppressed, **forced)
+    kwargs = dict(max_new_tokens=4, pad_token_id=0, forced_eos_token_id=[2, 9], suppress_tokens=[9])
+    out = engine.generate(ids, **kwargs)  # the engine is still usable, and the overlap-free token is forced
+    assert torch.equal(out, pair[0].generate(ids, **kwargs))
+    assert (out[:, -1] == 2).all()
+
+
 def test_min_new_tokens_replaces_min_length(pair):
     """With min_new_tokens set, transformers replaces min_length by prompt + min_new_tokens: so does the
     engine (min_length alone would hold row 0's EOS back)."""
