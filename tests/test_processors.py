@@ -439,6 +439,14 @@ def test_cascades_process_the_drafters_logits_too(do_sample):
         assert not forbidden(out[:, 4:]).any(), options
 
 
+class _NoSuccessor(LogitsProcessor):
+    """A caller's processor that reads the context: the token after the last one (id + 1) is banned."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        banned = (input_ids[:, -1:] + 1) % scores.shape[-1]
+        return scores.scatter(1, banned, -torch.inf)
+
+
 def test_processed_drafts_follow_the_processed_target():
     """A drafter equal to the target, both processed alike: every draft is accepted, greedy and sampled (with
     the drafter's logits unprocessed, a repetition penalty or a banned n-gram rejected drafts)."""
@@ -449,17 +457,18 @@ def test_processed_drafts_follow_the_processed_target():
         {"repetition_penalty": 2.0},
         {"no_repeat_ngram_size": 2, "suppress_tokens": [7], "sequence_bias": {(4, 5): 5.0}},
         {"do_sample": True, "top_k": 0, "repetition_penalty": 0.5, "min_p": 0.05},
+        # the processors that read a draft step's position among the new tokens
+        {
+            "min_new_tokens": 9,
+            "begin_suppress_tokens": [5, 6, 7],
+            "forced_eos_token_id": 2,
+            "eos_token_id": 2,
+        },
+        {"exponential_decay_length_penalty": (3, 1.5), "eos_token_id": 2, "do_sample": True, "top_k": 0},
+        {"logits_processor": [_NoSuccessor()], "prefix_allowed_tokens_fn": lambda row, context: [9, 10, 11]},
     ):
         out = engine.generate(ids, max_new_tokens=16, return_dict_in_generate=True, **options)
         assert out.stats.acceptance_rate == 1.0, (options, out.stats.summary())
-
-
-class _NoSuccessor(LogitsProcessor):
-    """A caller's processor that reads the context: the token after the last one (id + 1) is banned."""
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        banned = (input_ids[:, -1:] + 1) % scores.shape[-1]
-        return scores.scatter(1, banned, -torch.inf)
 
 
 def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
