@@ -238,11 +238,12 @@ class SpeculativeEngine:
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
             )
         if cascade is not None and self.bridge is not None and processed:
-            # A kept draft comes from the drafter's law, whose ids are not the target's: no processor reaches it.
+            # A kept draft comes from the drafter's law, which the processors reach only through its twins.
             raise ValueError(
                 f"{', '.join(f'`{name}`' for name in processed)} (logits processing) not supported with a `cascade` "
                 "across vocabularies: the processors read and mask the target's token ids, which the drafter's "
-                "law is not over, so where the deferral rule keeps a draft they could not hold (a suppressed or "
+                "law is over only where a drafter token is one target token, so where the deferral rule keeps "
+                "a draft they could not hold (a suppressed or "
                 "bad word, an EOS before min_new_tokens could come out); drop them, or the cascade (a drafter "
                 "sharing the target's vocabulary takes both)"
             )

@@ -7,8 +7,10 @@ drafted tokens before it). A drafter sharing the target's vocabulary has its log
 draft step with that step's context, as transformers' assisted generation processes its assistant's: its
 drafts then follow the processed law (a token the processors forbid is not drafted, a penalised one less
 often), and a cascade's rules and mixture read the processed ``q`` and ``p``, so where a rule keeps a draft
-the processors still hold. A drafter with another vocabulary drafts from its own law, which verification
-corrects for (its ids are not the ones the processors read; cascades refuse processing there).
+the processors still hold. A drafter with another vocabulary has its logits processed through its twins,
+the drafter ids that are one target token (``Rounds._processed_across``): an approximation of the
+processed law, for acceptance only, which verification corrects for as for any drafter (cascades, whose
+kept drafts the processors must hold, refuse processing there).
 Supported, in transformers' order (``_get_logits_processor``),
 where "the sequence" is transformers' ``input_ids`` (the padded prompt, the new tokens, then the drafted
 tokens before the position) and "new tokens" counts those before the position:

@@ -80,6 +80,19 @@ class Rounds:
                 columns = (lengths - width).clamp_min(0)[:, None] + torch.arange(width, device=lengths.device)
                 ends = ends.gather(1, columns)
             self._spellings = ends, lengths
+        # How a drafter with another vocabulary has its logits processed (`_processed_across`): each target
+        # id's drafter twin and whether it has one [V_t]; each drafter id's first target token (its twin, or
+        # the first piece of its split) and whether it has one, and whether it is that token's canonical
+        # twin (not a duplicate such as `<0x20>` beside `▁`, nor a split) [V_d].
+        self._twins: tuple[torch.Tensor, ...] | None = None
+        if bridge is not None:
+            t2d, d2t = bridge.t2d.long(), bridge.d2t.long()
+            first = torch.where(
+                bridge.mappable, d2t, torch.where(bridge.d2ts_len > 0, bridge.d2ts[:, 0].long(), -1)
+            )
+            ids = torch.arange(d2t.shape[0], device=d2t.device)
+            canonical = bridge.mappable & (t2d[d2t.clamp_min(0)] == ids)
+            self._twins = t2d.clamp_min(0), t2d >= 0, first.clamp_min(0), first >= 0, canonical
 
     @property
     def mode(self) -> str:
@@ -445,7 +458,10 @@ class Rounds:
             if state.processors is not None and self.bridge is None:
                 # One vocabulary: the drafter drafts from its logits processed as the target's are at this
                 # position (the same context), as transformers' assisted generation processes its assistant's.
-                logits, draw = self._processed(state, logits, i), request.processing.draw(sampling)
+                logits = self._processed(state, logits, state.draft_ids[:, :i], i)
+                draw = request.processing.draw(sampling)
+            elif state.processors is not None and not request.processing.warps:
+                logits = self._processed_across(state, logits, i, shared_only)
             noise = None if sampling.greedy else _exponential(logits.shape, state.graphs.generator, device)
             # Verification by exact match reads no q; a confidence threshold reads the drafted token's q when
             # sampling (at T=1 from the logits when greedy). Without either, the draw is ids only.
@@ -484,15 +500,42 @@ class Rounds:
                 )
                 length.step(i + 1, hidden[:, -1] if head else None, confidence, head_input)
 
-    def _processed(self, state: RequestState, logits: torch.Tensor, i: int) -> torch.Tensor:
-        """[batch, V] the drafter's ``logits`` at draft step ``i`` after the request's processing at that
-        position (its context: the committed tokens, then the ``i`` tokens drafted before it). A row the
-        processing leaves no token (a grammar's dead state after a drafted token, ``processors.py``) keeps
-        its own logits: the target's law is dead there too, so no token is emitted from that position."""
-        processed = state.processors(
-            logits[:, None], state.draft_ids[:, :i], state.generated, ~state.done, i
-        )[:, 0]
+    def _processed(
+        self, state: RequestState, logits: torch.Tensor, drafted: torch.Tensor, i: int
+    ) -> torch.Tensor:
+        """[batch, V_t] ``logits`` over the target's vocabulary at draft step ``i`` after the request's
+        processing at that position (its context: the committed tokens, then ``drafted`` [batch, i], the
+        target ids drafted before it, -1 where unknown). A row the processing leaves no token (a grammar's
+        dead state after a drafted token, ``processors.py``) keeps its own logits: the target's law is dead
+        there too, so no token is emitted from that position."""
+        processed = state.processors(logits[:, None], drafted, state.generated, ~state.done, i)[:, 0]
         return torch.where(processed.amax(-1, keepdim=True).isneginf(), logits.float(), processed)
+
+    def _processed_across(
+        self, state: RequestState, logits: torch.Tensor, i: int, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[batch, V_d] a drafter with another vocabulary: its ``logits`` at draft step ``i`` processed through
+        the twins (drafter ids that spell one target token), so that what the processing forbids or favours
+        is drafted less or more. The twins' logits are laid on their target ids (the others at -inf) and
+        processed there at the position the step would have if each drafted token were one target token; a
+        canonical twin takes its target id's processed logit, and a token whose first target token (a
+        duplicate twin's, a split token's first piece) the processing forbids is masked. Other drafter ids
+        keep their logits, as does a row with a token before this one that has no twin (its context is
+        unknown) or that the processing would leave nothing to draft (``allowed``: the TLI mask). An
+        approximation of the processed law, for acceptance only: verification reads the law the drafter
+        drew from, so outputs are exactly as without it."""
+        to_drafter, has_twin, to_target, has_target, canonical = self._twins
+        batch = logits.shape[0]
+        logits = logits.float()
+        drafted = state.draft_ids[:, :i]
+        drafted = torch.where(self.bridge.mappable[drafted], to_target[drafted], -1)  # [batch, i] target ids
+        on_target = logits.gather(1, to_drafter.expand(batch, -1)).masked_fill(~has_twin, -torch.inf)
+        back = self._processed(state, on_target, drafted, i).gather(1, to_target.expand(batch, -1))
+        forbidden = has_target & back.isneginf()
+        processed = torch.where(canonical, back, logits.masked_fill(forbidden, -torch.inf))
+        left = processed if allowed is None else processed.masked_fill(~allowed, -torch.inf)
+        keep = (drafted >= 0).all(1, keepdim=True) & ~left.amax(-1, keepdim=True).isneginf()
+        return torch.where(keep, processed, logits)
 
     def _finish(self, state: RequestState, request: Request, steps: int, timer: StageTimer) -> None:
         """The rest of a round whose rows drafted ``steps`` tokens (at most): translate, target forward,

@@ -540,6 +540,75 @@ def test_cascades_across_vocabularies(pair, translation):
                           config=EngineConfig(translation="exact", cascade=CascadeConfig("chow", 0.5)))  # fmt: skip
 
 
+# Processing options that move the target's choices among tokens the drafter drafts: a bias on one token,
+# a grammar allowing even ids, an EOS pushed up from the third new token on.
+_PROCESSED = (
+    {"sequence_bias": {(33,): 4.0}},
+    {"prefix_allowed_tokens_fn": lambda batch_id, context: list(range(0, TARGET_VOCAB, 2))},
+    {"exponential_decay_length_penalty": (2, 2.0), "eos_token_id": 5},
+)
+
+
+@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
+def test_processing_reaches_a_drafter_across_vocabularies(pair, translation, monkeypatch):
+    """A drafter with another vocabulary has its logits processed through its twins (Rounds._processed_across):
+    greedy output stays the target's, and more drafts are accepted than with the drafter's logits left as
+    they are (0% accepted under the bias, 7% under the grammar)."""
+    target, _, tokenizer, _ = pair
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine = _engine(pair, translation, 3)
+
+    def run(options):
+        out = engine.generate(**batch, max_new_tokens=20, return_dict_in_generate=True, **options)
+        return out.sequences, out.stats.acceptance_rate
+
+    for options in _PROCESSED:
+        expected = target.generate(**batch, max_new_tokens=20, do_sample=False, **options)
+        processed, rate = run(options)
+        assert torch.equal(processed, expected), options
+        with monkeypatch.context() as patch:  # the drafter's own law
+            patch.setattr(
+                omnidraft_fast.rounds.Rounds, "_processed_across", lambda self, s, logits, i, a: logits
+            )
+            unprocessed, unprocessed_rate = run(options)
+        assert torch.equal(unprocessed, expected), options
+        assert rate > 1.2 * unprocessed_rate + 0.05, (options, rate, unprocessed_rate)
+
+
+@pytest.mark.law
+@pytest.mark.parametrize("translation", ["tli", "omnidraft"])
+def test_processed_sampling_is_lossless_across_vocabularies(pair, translation):
+    """With the drafter's logits processed through its twins, the first new token still follows the target's
+    processed law (a bias on ten tokens the drafter has, a repetition penalty below 1, which rewards the
+    prompt's tokens, and the likeliest token suppressed), within the bound of
+    test_sampling_is_lossless_across_vocabularies; the unprocessed law is far outside it."""
+    target, _, tokenizer, _ = pair
+    engine = _engine(pair, translation, 3)
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = target(ids).logits[0, -1].float()
+    top = plain.argsort(descending=True)[:2].tolist()
+    favoured = engine.bridge.d2t[engine.bridge.d2t >= 0][::40].long().tolist()  # tokens the drafter has too
+    options = {
+        "repetition_penalty": 0.7,
+        "suppress_tokens": [top[0]],
+        "sequence_bias": {(t,): 3.0 for t in favoured},
+    }
+    scores = target.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **options).scores[0][0]  # fmt: skip
+    p = scores.double().softmax(-1)
+    torch.manual_seed(11)
+    out = engine.generate(ids.expand(VOCAB_ROWS, -1), max_new_tokens=1, do_sample=True, top_k=0, **options)
+    empirical = torch.bincount(out[:, -1], minlength=TARGET_VOCAB).double() / VOCAB_ROWS
+    bound = 0.5 * torch.sqrt(p * (1 - p) / VOCAB_ROWS).sum().item() + math.sqrt(
+        math.log(1e6) / (2 * VOCAB_ROWS)
+    )
+    tv = 0.5 * (empirical - p).abs().sum().item()
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f}"
+    assert 0.5 * (plain.double().softmax(-1) - p).abs().sum().item() > 2 * bound
+    assert engine.last_stats.accepted > 0
+
+
 def test_logits_are_the_targets_across_vocabularies(pair):
     """``output_logits`` across vocabularies: the target's logits at each new token, as transformers gives them."""
     target, _, tokenizer, _ = pair
