@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .advice import advise
 from .config import CascadeConfig, SamplingParams, check_confidence_threshold, is_int, is_positive, plain
 from .kernels.sampling import MIN_TEMPERATURE
 from .processing import Processing
@@ -214,7 +215,8 @@ def resolve_request(
     fields = _generation_fields(model_generation_config)
     drafter_fields = _generation_fields(drafter_generation_config)
     fields.update({key: drafter_fields[key] for key in _ASSISTANT_FIELDS if key in drafter_fields})
-    fields.update(_generation_fields(generation_config))
+    given = _generation_fields(generation_config)  # the caller's generation_config
+    fields.update(given)
     for key, value in explicit.items():  # an explicit None overrides, as transformers' update() applies it
         if value is not None:
             fields[key] = value
@@ -420,6 +422,13 @@ def resolve_request(
             f"`cascade` must be an omnidraft_fast.CascadeConfig(rule, alpha) or None, got {type(cascade).__name__}"
         )
 
+    advise(
+        fields,
+        {**given, **explicit},
+        sampled=not sampling.greedy,
+        prompt_width=ids.shape[1],
+        max_new_tokens=max_new_tokens,
+    )
     return Request(
         input_ids=ids,
         prompt_lengths=prompt_lengths,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -311,7 +312,8 @@ def test_default_length_is_20_new_tokens(target, drafter, prompt_length):
     ids = torch.randint(3, VOCAB, (2, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
     expected = reference(target, ids)
     assert expected.shape == (2, prompt_length + 20)
-    out = omnidraft_fast.generate(target, ids, drafter=drafter)
+    with pytest.warns(UserWarning, match=r"no `max_new_tokens` \(nor `max_length`\) is set, so up to 20 new"):
+        out = omnidraft_fast.generate(target, ids, drafter=drafter)
     assert_equal(out, expected)
 
 
@@ -322,6 +324,69 @@ def test_max_new_tokens_wins_over_max_length(target, drafter, batch):
     )
     assert out.shape == (ids.shape[0], ids.shape[1] + 4)
     assert_equal(out, reference(target, ids, mask, max_new_tokens=4))
+
+
+# Requests that model.generate() warns about (or logs), each with what this engine says (a regex).
+_WARNED = [
+    ({"temperature": 0.7, "top_k": 5}, r"`temperature`=0.7, `top_k`=5: options of sampling, ignored"),
+    ({"do_sample": False, "min_p": 0.1}, r"`min_p`=0.1: options of sampling, ignored by this request"),
+    (
+        {"length_penalty": 2.0},
+        r"`length_penalty`=2.0: options of beam search, which this engine does not run",
+    ),
+    ({"output_scores": True}, r"`output_scores`: returned only with return_dict_in_generate=True"),
+    ({"max_length": 9}, r"both `max_new_tokens`=4 and `max_length`=9 are set: max_new_tokens decides"),
+    ({"min_new_tokens": 2, "min_length": 9}, r"both `min_new_tokens`=2 and `min_length`=9 are set"),
+    ({"min_new_tokens": 6}, r"`min_new_tokens`=6 is more than the 4 new tokens the request may generate"),
+    (
+        {"min_length": 12},
+        r"`min_length`=12 is more than the longest a row may become \(7 prompt columns \+ 4",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "match"), _WARNED, ids=[", ".join(o) for o, _ in _WARNED])
+def test_warns_where_model_generate_warns(target, drafter, batch, options, match):
+    """What model.generate() warns about (an option the request ignores, a length it cannot meet) is said
+    too, as a UserWarning at the caller's line, and the output is still transformers'."""
+    ids, mask = batch
+    kwargs = {"max_new_tokens": 4, **options}
+    with pytest.warns(UserWarning, match=match) as caught:
+        out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, **kwargs)
+    ours = [w for w in caught if "omnidraft_fast" not in w.filename and w.filename == __file__]
+    assert ours, [(w.filename, str(w.message)) for w in caught]  # pointing at this call, not the package
+    assert_equal(out, reference(target, ids, mask, **kwargs))
+
+
+def test_no_warning_where_nothing_is_ignored(target, drafter, batch):
+    """A request whose every option acts warns nothing; nor does a greedy request asked for by the call
+    (do_sample=False) about a sampling option of the model's generation_config, nor a refused request."""
+    ids, mask = batch
+    model = copy.deepcopy(target)
+    model.generation_config.temperature = 0.6
+    model.generation_config.top_p = 0.9
+    model.generation_config.min_p = 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
+        omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4,
+                                do_sample=True, temperature=0.7, min_new_tokens=4, return_dict_in_generate=True,
+                                output_scores=True)  # fmt: skip
+        omnidraft_fast.generate(
+            model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4, do_sample=False
+        )
+        # unset by the call: no top-k (transformers does not name it either)
+        omnidraft_fast.generate(
+            target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4, top_k=None
+        )
+        with pytest.raises(ValueError, match="`num_return_sequences`=2 needs sampling"):
+            omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4,
+                                    temperature=0.5, num_return_sequences=2)  # fmt: skip
+    # the model's sampling options, with the mode left to the configs: named, as transformers names them
+    with pytest.warns(
+        UserWarning, match=r"`temperature`=0.6, `top_p`=0.9, `min_p`=0.05: options of sampling"
+    ):
+        omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
 
 
 # --------------------------------------------------------------------------------------------- EOS
