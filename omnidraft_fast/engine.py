@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -483,7 +484,7 @@ class SpeculativeEngine:
         finally:
             self.rounds.end(state, failed)
             if request.streamer is not None:
-                request.streamer.end()
+                _end_stream(request.streamer, failed)
 
         if state.recorder is not None:
             self._learn(state, request, timer)  # the labels not handed over yet, between requests
@@ -681,6 +682,25 @@ class SpeculativeEngine:
             end = min(end, end - int(state.generated[0]) + stops.cuts[0])
         if end > begin:
             streamer.put(state.tokens[0, begin:end].cpu())
+
+
+def _end_stream(streamer: Any, failed: bool) -> None:
+    """``streamer.end()``, also after a request that ``failed`` (transformers calls it after a finished one
+    only), so that a consumer waiting for the end (``TextIteratorStreamer``) is let go. The failed request's
+    own error is the one the caller gets: an error ``end()`` raises then (a streamer whose consumer went away
+    fails in both) is a warning instead of taking its place."""
+    if not failed:
+        streamer.end()
+        return
+    try:
+        streamer.end()
+    except Exception as error:
+        warnings.warn(
+            f"the streamer's end() raised {type(error).__name__}: {error} after the request had failed; the "
+            "request's own error is raised",
+            RuntimeWarning,
+            stacklevel=4,  # generate()'s caller
+        )
 
 
 def _final_scores(request: Request, scores: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,12 @@ class Rounds:
         pads = unlimited and not request.processing.needed(prompt)
         bucket = self.config.prompt_bucket if pads else 1
         state = self._layout(request, bucket)
+        widths = (  # the cache widths `_layout` sized the token buffers for
+            state.tokens.shape[1] - 1,
+            state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
+        )
+        for model, width in zip(self._models, widths, strict=False):  # before any model begins
+            model.check_width(width)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes
             key = (tuple(state.tokens.shape), tuple(state.d_tokens.shape), request.max_new_tokens,
@@ -161,14 +167,9 @@ class Rounds:
         else:
             generator = torch.Generator(device).manual_seed(seed)
             state.graphs = StageGraphs(device, generator, self.config.cuda_graphs)
-        widths = (  # the cache widths `_layout` sized the token buffers for
-            state.tokens.shape[1] - 1,
-            state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
-        )
         for model, first, width, cache in zip(
             self._models, (state.start, state.d_start), widths, kept_caches, strict=False
         ):
-            model.check_width(width)
             model.begin(first, width, cache)
         if key is not None:
             self._kept.keep(key, state, tuple(model.cache for model in self._models))

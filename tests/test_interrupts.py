@@ -130,3 +130,40 @@ def test_an_interrupted_recording_leaves_the_thread_as_it_was(monkeypatch, where
     assert not graphs._RECORDING
     assert torch.equal(engine.generate(ids, attention_mask=mask, **GREEDY), expected)
     assert all(getattr(torch.Tensor, name) is method for name, method in HOST_READS.items())
+
+
+class _GoneStreamer:
+    """A streamer whose consumer goes away: after the prompt (``puts=1``) or at the end; every call then
+    fails."""
+
+    def __init__(self, puts: int | None = 1):
+        self.puts, self.ended = puts, 0
+
+    def put(self, value):
+        if self.puts is not None and self.puts == 0:
+            raise ConnectionError("put: the consumer went away")
+        self.puts = None if self.puts is None else self.puts - 1
+
+    def end(self):
+        self.ended += 1
+        raise ConnectionError("end: the consumer went away")
+
+
+def test_a_failed_request_raises_its_own_error_when_the_streamers_end_fails_too():
+    """end() is called after a failed request too (a TextIteratorStreamer's consumer is let go); an error
+    of its own then is a warning, not the caller's exception (it replaced the request's)."""
+    target, drafter = _pair()
+    engine = SpeculativeEngine(target, drafter)
+    ids, mask = left_padded_prompts(96, [7])
+    streamer = _GoneStreamer()
+    with (
+        pytest.warns(RuntimeWarning, match=r"streamer's end\(\) raised ConnectionError: end: the consumer"),
+        pytest.raises(ConnectionError, match=r"^put: the consumer went away$"),
+    ):
+        engine.generate(ids, attention_mask=mask, streamer=streamer, **GREEDY)
+    assert streamer.ended == 1
+    # after a request that ran, an error of end() is the caller's
+    with pytest.raises(ConnectionError, match=r"^end: the consumer"):
+        engine.generate(ids, attention_mask=mask, streamer=_GoneStreamer(puts=None), **GREEDY)
+    assert torch.equal(engine.generate(ids, attention_mask=mask, **GREEDY),
+                       target.generate(ids, attention_mask=mask, **GREEDY))  # fmt: skip

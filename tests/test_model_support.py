@@ -137,6 +137,25 @@ def test_attention_right_within_a_width(arch, fields, limit, why):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_request_too_wide_for_the_drafter_is_refused_before_any_cache_is_made(cuda_graphs):
+    """The drafter's cache is the widest: a request within the target's width but past a local-attention
+    drafter's is refused before the target's cache for it is made (it was left held by the engine until
+    the next request), and the engine then serves as a fresh one."""
+    target = tiny_model("llama", VOCAB, seed=1)
+    drafter = model("gpt_neo", attention_types=[[["global", "local"], 1]], window_size=24)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=cuda_graphs))
+    ids = torch.tensor([[5] * 9])
+    expected = engine.generate(ids, max_new_tokens=4)  # kept for reuse with cuda_graphs
+    with pytest.raises(ValueError, match=r"`drafter` has local attention .* needs 28 cache slots"):
+        engine.generate(ids, max_new_tokens=10)  # target: 24 slots, the drafter's window; drafter: 28
+    assert engine.target.cache is None and engine.drafter.cache is None
+    assert len(engine.rounds._kept._entries) == int(cuda_graphs)
+    fresh = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=cuda_graphs))
+    assert torch.equal(engine.generate(ids, max_new_tokens=4), expected)
+    assert torch.equal(fresh.generate(ids, max_new_tokens=4), expected)
+
+
 def test_long_rope_switch_refused_when_crossed():
     """Phi-3 long RoPE: transformers recomputes the cache with the long factors once past the switch."""
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
