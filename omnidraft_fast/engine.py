@@ -30,7 +30,7 @@ from .bridge import VocabBridge, check_tokenizer, token_bytes
 from .config import CascadeConfig, EngineConfig
 from .distill import adapter_names
 from .learner import OnlineLearner
-from .locks import ModelsBusy, holding
+from .locks import ModelsBusy, holding, refuse_nested
 from .memory import check_fits
 from .models import CausalLM
 from .ngram import NGramTable
@@ -322,6 +322,7 @@ class SpeculativeEngine:
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
         row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.
         """
+        refuse_nested((model.model for model in self._models), "generate()")  # before any work (locks.py)
         if resized := self.resized_models():
             model = resized[0]
             raise ValueError(

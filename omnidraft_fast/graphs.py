@@ -44,6 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _pop_mode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+from .locks import ModelsBusy
 from .stats import StageTimer
 
 __all__ = ["CaptureError", "ReplayGraph", "StageGraphs"]
@@ -241,7 +242,7 @@ class StageGraphs:
                 else:
                     graph = ReplayGraph()
                     graph.record(stage, untimed)  # a recording does the work
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, ModelsBusy):  # no capture failure: a nested generate() call, say
                 raise
             except RuntimeError as error:  # what a capture raises (CUDA's errors, CaptureError); the rest,
                 # a caller's hook's ValueError say, reaches the caller as itself.

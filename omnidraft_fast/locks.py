@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["ModelsBusy", "holding"]
+__all__ = ["ModelsBusy", "holding", "refuse_nested"]
 
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()  # guards _LOCKS
@@ -48,18 +48,25 @@ def _lock(model: torch.nn.Module) -> threading.Lock:
         return lock
 
 
+def refuse_nested(models: Iterable[torch.nn.Module], what: str) -> None:
+    """Raise :class:`ModelsBusy` if this thread's request in progress holds one of ``models`` (``what``: the
+    call): before anything else, so that such a call does nothing (no host read inside a capture, say)."""
+    held: set[int] = _HELD.__dict__.setdefault("ids", set())
+    if held & {id(model) for model in models}:
+        raise ModelsBusy(
+            f"{what} was called, in the thread of a request in progress, on a model that request is using (from "
+            "a streamer, a stopping criterion, a logits processor or a forward hook?): it would wait for that "
+            "request to end, which waits for it. Make the call after the request returns, or from another thread"
+        )
+
+
 @contextmanager
 def holding(models: Iterable[torch.nn.Module], what: str, wait: bool = True) -> Iterator[None]:
     """Hold every model's lock for the duration (``what``: the call, named in the refusals). ``wait=False``,
     or a thread already holding models, raises :class:`ModelsBusy` instead of waiting for a busy one."""
     distinct = {id(model): model for model in models}
+    refuse_nested(distinct.values(), what)
     held: set[int] = _HELD.__dict__.setdefault("ids", set())
-    if held & distinct.keys():
-        raise ModelsBusy(
-            f"{what} was called, in the thread of a request in progress, on a model that request is using (from "
-            "a streamer, a stopping criterion or a logits processor?): it would wait for that request to end, "
-            "which waits for it. Make the call after the request returns, or from another thread"
-        )
     wait = wait and not held  # two requests' callbacks calling each other's models would wait for good
     taken: list[threading.Lock] = []
     try:

@@ -290,3 +290,35 @@ def test_the_learners_hidden_state_hook_keeps_its_own_threads_forwards():
         other.join()
         model(ids[:, :3])
     assert len(captured) == 1 and captured[0].shape[1] == 3
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_forward_hook_calling_generate_on_its_models_is_refused_as_nested(cuda_graphs):
+    """A drafter's forward hook that calls generate() on the engine serving the request gets ModelsBusy
+    before that call does anything, also while the round is being captured (it came out as a CaptureError
+    there, about the nested call's host reads); the engine then serves the request exactly."""
+    from omnidraft_fast import graphs
+    from omnidraft_fast.locks import ModelsBusy
+
+    target = tiny_model("llama", VOCAB, seed=0)
+    drafter = perturbed_copy(target, 0.3)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=cuda_graphs))
+    ids = _prompts(1)[0]
+    calls = []
+
+    def nested(module, args, out):
+        capturing = threading.get_ident() in graphs._RECORDING
+        if (capturing or not cuda_graphs) and not calls:  # once: in the capture, or in an eager round
+            calls.append(capturing)
+            engine.generate(ids, max_new_tokens=2)
+
+    handle = drafter.register_forward_hook(nested)
+    try:
+        with pytest.raises(ModelsBusy, match="in the thread of a request in progress"):
+            engine.generate(ids, max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert calls == [cuda_graphs]
+    assert torch.equal(
+        engine.generate(ids, max_new_tokens=8), target.generate(ids, max_new_tokens=8, do_sample=False)
+    )
