@@ -37,10 +37,12 @@ def advise(
     prompt_width: int,
     max_new_tokens: int,
 ) -> None:
-    """Warn about what the request in ``fields`` (its merged generation options) asks for in vain. ``caller``:
-    the options the caller set and their values (the caller's ``generation_config``, then the call's
-    arguments, None where the call unset one); ``prompt_width``: the padded prompt's width; ``max_new_tokens`` as resolved. Each warning points at the
-    caller's line, the first outside this package."""
+    """Warn about what the request in ``fields`` (its merged generation options) asks for in vain.
+
+    ``caller``: the options the caller set and their values (the caller's ``generation_config``, then the
+    call's arguments, None where the call unset one); ``prompt_width``: the padded prompt's width;
+    ``max_new_tokens`` as resolved. Each warning points at the caller's line, the first outside this
+    package."""
 
     def warn(message: str) -> None:
         frame, level = sys._getframe(1), 2  # this function's caller: level 2 from warnings.warn
