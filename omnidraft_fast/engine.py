@@ -268,7 +268,8 @@ class SpeculativeEngine:
                 raise ValueError(
                     f"the target's vocabulary has {self.target.vocab_size} ids and the drafter's "
                     f"{self.drafter.vocab_size}: cross-vocabulary drafting needs both tokenizers "
-                    "(`tokenizer=` for the target and `drafter_tokenizer=`/`assistant_tokenizer=` for the drafter)"
+                    "(`target_tokenizer=` for the target and `drafter_tokenizer=` for the drafter; generate()'s "
+                    "`tokenizer=` and `drafter_tokenizer=`/`assistant_tokenizer=`)"
                 )
             return None
         target_vocabulary, drafter_vocabulary = vocabularies or (Vocabulary.read(target_tokenizer),) * 2
@@ -287,7 +288,8 @@ class SpeculativeEngine:
         if bridge.num_direct <= len(bridge.target_eos):
             raise ValueError(
                 "no drafter token stands for the same bytes as a target token (empty intersection): check that "
-                "`tokenizer`/`drafter_tokenizer` are the tokenizers of these models"
+                "`target_tokenizer` and `drafter_tokenizer` (generate()'s `tokenizer` and "
+                "`drafter_tokenizer`/`assistant_tokenizer`) are the tokenizers of these models"
             )
         return bridge.to(self.device)
 

@@ -137,12 +137,17 @@ def test_drafter_dtype_may_differ(models, dtype):
 
 
 def test_vocabulary_sizes_differ_without_tokenizers(models):
+    """The message names the arguments of the entry point at hand: `SpeculativeEngine` takes the target's
+    tokenizer as `target_tokenizer` (it has no `tokenizer`), generate() as `tokenizer`."""
     other = tiny_model("llama", VOCAB + 16, seed=2)
-    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+    both = "cross-vocabulary drafting needs both tokenizers"
+    with pytest.raises(ValueError, match=both) as raised:
         omnidraft_fast.generate(models.target, models.ids, attention_mask=models.mask, drafter=other)
-    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+    assert "`tokenizer=`" in str(raised.value) and "`assistant_tokenizer=`" in str(raised.value)
+    with pytest.raises(ValueError, match=both) as raised:
         SpeculativeEngine(models.target, other, target_tokenizer=_Tokenizer())  # one is not enough
-    with pytest.raises(ValueError, match="cross-vocabulary drafting needs both tokenizers"):
+    assert "`target_tokenizer=`" in str(raised.value) and "`drafter_tokenizer=`" in str(raised.value)
+    with pytest.raises(ValueError, match=both):
         SpeculativeEngine(other, models.drafter, drafter_tokenizer=_Tokenizer())
     assert_still_works(api_call(models), models)
 
