@@ -413,6 +413,7 @@ class SpeculativeEngine:
         self._check_cascade(request.cascade, request.processing.active(request.input_ids.shape[1]))
         check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
+        self.rounds.check_widths(request)
         # From torch's global RNG when sampling (torch.manual_seed reproduces runs), drawn before waiting for
         # other threads' requests on these models (whose callers may seed it meanwhile); a greedy request
         # leaves that RNG untouched, as transformers' greedy generate() does.

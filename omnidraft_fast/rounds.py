@@ -145,8 +145,6 @@ class Rounds:
             state.tokens.shape[1] - 1,
             state.d_tokens.shape[1] - self.slots_per_round(request.num_draft_tokens),
         )
-        for model, width in zip(self._models, widths, strict=False):  # before any model begins
-            model.check_width(width)
         key = None
         if reusable:  # everything the captured stages take from the request as Python values or shapes
             key = (tuple(state.tokens.shape), tuple(state.d_tokens.shape), request.max_new_tokens,
@@ -174,6 +172,26 @@ class Rounds:
         if key is not None:
             self._kept.keep(key, state, tuple(model.cache for model in self._models))
         return state
+
+    def check_widths(self, request: Request) -> None:
+        """Refuse ``request`` where it needs more cache slots than a model right only within a width serves
+        (``CausalLM.check_width``): before anything is drawn, built or cached for it. Such a model's prompts
+        are not padded (``begin``): these are the widths ``_layout`` sizes the token buffers for."""
+        if all(model.width_limit is None for model in self._models):
+            return
+        widths = [self._target_slots(request, bucket=1)]
+        if self.drafter is not None:
+            counts = self._spelled_prompt(request)[1]
+            widths.append(self._drafter_slots(request, self._drafter_prompt(counts, bucket=1)))
+        for model, width in zip(self._models, widths, strict=True):
+            model.check_width(width)
+
+    @staticmethod
+    def _target_slots(request: Request, bucket: int) -> int:
+        """The target's cache width for ``request``: a dummy slot, the prompt padded to a multiple of
+        ``bucket``, the new tokens and a draft's overrun."""
+        width = request.input_ids.shape[1]
+        return 1 + width + -width % bucket + request.max_new_tokens + request.num_draft_tokens
 
     def end(self, state: RequestState, failed: bool) -> None:
         """After a request: release its graphs unless they are kept for later requests (``begin``); a
@@ -207,7 +225,7 @@ class Rounds:
         batch, width = request.input_ids.shape
         pad = -width % bucket
         prompt = width + pad
-        slots = 1 + prompt + new + k  # dummy slot, prompt, new tokens, draft overrun
+        slots = self._target_slots(request, bucket)
         tokens = torch.zeros(batch, slots + 1, dtype=torch.int64, device=device)
         tokens[:, 1 + pad : 1 + prompt] = request.input_ids
         start = 1 + prompt - request.prompt_lengths.to(device)
@@ -287,36 +305,58 @@ class Rounds:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The drafter's context for ``request``: ``d_tokens``, ``d_start``, ``d_lengths`` and ``window``
         (``RequestState``)."""
-        device, k, new = request.input_ids.device, request.num_draft_tokens, request.max_new_tokens
-        batch, width = request.input_ids.shape
+        device, k = request.input_ids.device, request.num_draft_tokens
+        batch = request.input_ids.shape[0]
         # The drafter's context: the prompt spelled in drafter tokens (context-free, through the bridge),
         # below it `window - 1` dummy slots so that its first step can always re-feed `window` tokens.
-        spelling_width = self.spelling_width
-        window = spelling_width + 1
-        # Every row at once: the pieces of its prompt tokens ([batch, width * pieces], -1 where none) ...
-        in_prompt = torch.arange(width, device=device) >= width - request.prompt_lengths.to(device)[:, None]
-        pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
-        pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
-        spelled = pieces >= 0
-        counts = spelled.sum(1)  # [batch] drafter tokens of each row's prompt
-        d_prompt = max(1, int(counts.max()) if batch else 1)  # the one host read
-        d_prompt += -d_prompt % bucket
-        # Each committed target token appends at most `per_token` drafter tokens (its spelling, or the drafted
-        # run an n-gram merge took for it: up to the table's key length, past `max_spelling` when that is
-        # shorter), and the last round may commit up to k + 1 of them; then drafting writes k - 1 slots past
-        # the end.
-        per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
-        d_slots = (window - 1) + d_prompt + per_token * (new + k) + k
-        d_tokens = torch.zeros(batch, d_slots + self.slots_per_round(k), dtype=torch.int64, device=device)
+        window = self.spelling_width + 1
+        pieces, counts = self._spelled_prompt(request)
+        d_prompt = self._drafter_prompt(counts, bucket)
+        d_tokens = torch.zeros(
+            batch,
+            self._drafter_slots(request, d_prompt) + self.slots_per_round(k),
+            dtype=torch.int64,
+            device=device,
+        )
         # ... right-aligned at the end of the drafter's prompt: a row's n-th piece at d_start + n - 1, written by
         # one scatter (no boolean indexing, whose nonzero is a host read each); a column without a piece
         # writes 0 at slot 0, a dummy slot (d_start >= window - 1 >= 1) that holds 0.
         end = window - 1 + d_prompt
         d_start = end - counts
+        spelled = pieces >= 0
         slots = torch.where(spelled, d_start[:, None] - 1 + spelled.cumsum(1), 0)
         d_tokens.scatter_(1, slots, pieces.clamp_min(0).long())
         d_lengths = torch.full((batch,), end, dtype=torch.int64, device=device)
         return d_tokens, d_start, d_lengths, window
+
+    def _spelled_prompt(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's prompt spelled in drafter tokens at once: the pieces of its prompt tokens
+        ([batch, width * pieces], -1 where none) and how many there are [batch]."""
+        width = request.input_ids.shape[1]
+        in_prompt = (
+            torch.arange(width, device=request.input_ids.device)
+            >= width - request.prompt_lengths.to(request.input_ids.device)[:, None]
+        )
+        pieces = request.input_ids[..., None] if self.bridge is None else self.bridge.t2ds[request.input_ids]
+        pieces = torch.where(in_prompt[..., None], pieces, -1).flatten(1)
+        return pieces, (pieces >= 0).sum(1)
+
+    @staticmethod
+    def _drafter_prompt(counts: torch.Tensor, bucket: int) -> int:
+        """Slots of the drafter's prompt: the longest spelled prompt (``counts``), at least 1, padded to a
+        multiple of ``bucket``; a host read."""
+        d_prompt = max(1, int(counts.max()) if counts.numel() else 1)
+        return d_prompt + -d_prompt % bucket
+
+    def _drafter_slots(self, request: Request, d_prompt: int) -> int:
+        """The drafter's cache width for ``request`` behind a ``d_prompt``-slot prompt: the dummy slots below
+        it (``_drafter_layout``), and each committed target token appends at most `per_token` drafter tokens
+        (its spelling, or the drafted run an n-gram merge took for it: up to the table's key length, past
+        `max_spelling` when that is shorter), the last round up to k + 1 of them; then drafting writes k - 1
+        slots past the end."""
+        k, new, spelling_width = request.num_draft_tokens, request.max_new_tokens, self.spelling_width
+        per_token = spelling_width if self.ngram is None else max(spelling_width, min(self.ngram.max_len, k))
+        return spelling_width + d_prompt + per_token * (new + k) + k
 
     def _processors(self, request: Request, tokens: torch.Tensor, start: torch.Tensor) -> Processors | None:
         """The request's logits processing (``Request.processing``); None if it has none."""

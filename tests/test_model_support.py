@@ -141,7 +141,8 @@ def test_attention_right_within_a_width(arch, fields, limit, why):
 def test_a_request_too_wide_for_the_drafter_is_refused_before_any_cache_is_made(cuda_graphs):
     """The drafter's cache is the widest: a request within the target's width but past a local-attention
     drafter's is refused before the target's cache for it is made (it was left held by the engine until
-    the next request), and the engine then serves as a fresh one."""
+    the next request), before a sampled one draws its seed from torch's RNG, and the engine then serves as a
+    fresh one."""
     target = tiny_model("llama", VOCAB, seed=1)
     drafter = model("gpt_neo", attention_types=[[["global", "local"], 1]], window_size=24)
     engine = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=cuda_graphs))
@@ -150,6 +151,10 @@ def test_a_request_too_wide_for_the_drafter_is_refused_before_any_cache_is_made(
     with pytest.raises(ValueError, match=r"`drafter` has local attention .* needs 28 cache slots"):
         engine.generate(ids, max_new_tokens=10)  # target: 24 slots, the drafter's window; drafter: 28
     assert engine.target.cache is None and engine.drafter.cache is None
+    rng = torch.random.get_rng_state()  # a refused sampled request draws nothing, as in transformers
+    with pytest.raises(ValueError, match=r"`drafter` has local attention .* needs 28 cache slots"):
+        engine.generate(ids, max_new_tokens=10, do_sample=True)
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert len(engine.rounds._kept._entries) == int(cuda_graphs)
     fresh = SpeculativeEngine(target, drafter, config=EngineConfig(cuda_graphs=cuda_graphs))
     assert torch.equal(engine.generate(ids, max_new_tokens=4), expected)
