@@ -6,7 +6,10 @@ here each is a ``UserWarning`` in this engine's words, given once the request ha
 refused request gets its error only). As in transformers, an option that only matters in another mode
 (sampling, beam search) is named when the caller set it, or when it comes from a generation config and
 the caller did not choose the mode: a greedy request from ``do_sample=False`` passed to the call is not
-warned about a model's configured ``temperature``.
+warned about a model's configured ``temperature``. A length (``max_length``, ``min_length``) beside the
+``*_new_tokens`` that decides is named wherever it was set, the model's generation_config included, and
+not where the call unset either. Not said again: transformers' check of a model's generation_config by
+itself (sampling options beside its own ``do_sample=False``), which it makes when the model loads.
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ def advise(
             f"no `max_new_tokens` (nor `max_length`) is set, so up to {max_new_tokens} new tokens are generated, "
             "transformers' default; set max_new_tokens to choose"
         )
-    if {"max_new_tokens", "max_length"} <= caller.keys() and fields.get("max_length") is not None:
+    if fields.get("max_new_tokens") is not None and fields.get("max_length") is not None:
         warn(
             f"both `max_new_tokens`={fields.get('max_new_tokens')!r} and `max_length`={fields['max_length']!r} "
             "are set: max_new_tokens decides, as in transformers, and max_length is ignored"
         )
     min_new = fields.get("min_new_tokens")
-    if min_new is not None and {"min_new_tokens", "min_length"} <= caller.keys() and fields.get("min_length"):
+    if min_new is not None and fields.get("min_length") is not None:
         warn(
             f"both `min_new_tokens`={min_new!r} and `min_length`={fields['min_length']!r} are set: "
             "min_new_tokens decides, as in transformers, and min_length is ignored"

@@ -375,10 +375,12 @@ def test_no_warning_where_nothing_is_ignored(target, drafter, batch):
         omnidraft_fast.generate(
             model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4, do_sample=False
         )
-        # unset by the call: no top-k (transformers does not name it either)
+        # unset by the call: no top-k (transformers does not name it either), no max_new_tokens nor min_new_tokens
         omnidraft_fast.generate(
             target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4, top_k=None
         )
+        omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=None,
+                                max_length=ids.shape[1] + 4, min_new_tokens=None, min_length=2)  # fmt: skip
         with pytest.raises(ValueError, match="`num_return_sequences`=2 needs sampling"):
             omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4,
                                     temperature=0.5, num_return_sequences=2)  # fmt: skip
@@ -387,6 +389,15 @@ def test_no_warning_where_nothing_is_ignored(target, drafter, batch):
         UserWarning, match=r"`temperature`=0.6, `top_p`=0.9, `min_p`=0.05: options of sampling"
     ):
         omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4)
+    # lengths from the model's generation_config beside the call's: named, as transformers names them
+    model.generation_config.max_length, model.generation_config.min_length = 40, 3
+    with pytest.warns(UserWarning) as caught:
+        omnidraft_fast.generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4,
+                                min_new_tokens=2, do_sample=False)  # fmt: skip
+    assert [str(w.message).split(" are set")[0] for w in caught] == [
+        "both `max_new_tokens`=4 and `max_length`=40",
+        "both `min_new_tokens`=2 and `min_length`=3",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- EOS
