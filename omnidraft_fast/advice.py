@@ -9,7 +9,8 @@ the caller did not choose the mode: a greedy request from ``do_sample=False`` pa
 warned about a model's configured ``temperature``. A length (``max_length``, ``min_length``) beside the
 ``*_new_tokens`` that decides is named wherever it was set, the model's generation_config included, and
 not where the call unset either. Not said again: transformers' check of a model's generation_config by
-itself (sampling options beside its own ``do_sample=False``), which it makes when the model loads.
+itself (sampling options beside its own ``do_sample=False``), which it makes when the model loads and
+again at each call.
 """
 
 from __future__ import annotations
