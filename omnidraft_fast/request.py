@@ -64,11 +64,14 @@ _NO_EFFECT = {
     "is_assistant", "low_memory", "prefill_chunk_size", "num_assistant_tokens_schedule",
     "assistant_lookbehind", "target_lookbehind", "length_penalty",
     "early_stopping",
+    # read by group beam search only, which num_beams > 1 asks for (refused): with one beam transformers
+    # decodes greedily or samples, unwarned, whatever they hold
+    "num_beam_groups", "diversity_penalty",
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "encoder_repetition_penalty": (1.0,),
-    "encoder_no_repeat_ngram_size": (0,), "diversity_penalty": (0.0,), "output_attentions": (False,),
+    "num_beams": (1,), "encoder_repetition_penalty": (1.0,),
+    "encoder_no_repeat_ngram_size": (0,), "output_attentions": (False,),
     "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
 }  # fmt: skip

@@ -358,6 +358,19 @@ def test_warns_where_model_generate_warns(target, drafter, batch, options, match
     assert_equal(out, reference(target, ids, mask, **kwargs))
 
 
+def test_group_beam_options_change_nothing_with_one_beam(target, drafter, batch):
+    """Group beam search's options with one beam: transformers decodes greedily (or samples), unwarned, and so
+    does the engine; beams are refused by name."""
+    ids, mask = batch
+    kwargs = {"max_new_tokens": 4, "num_beam_groups": 2, "diversity_penalty": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, **kwargs)
+    assert_equal(out, reference(target, ids, mask, **kwargs))
+    with pytest.raises(ValueError, match=r"`num_beams=2` is not supported"):
+        omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, num_beams=2, **kwargs)
+
+
 def test_no_warning_where_nothing_is_ignored(target, drafter, batch):
     """A request whose every option acts warns nothing; nor does a greedy request asked for by the call
     (do_sample=False) about a sampling option of the model's generation_config, nor a refused request."""
