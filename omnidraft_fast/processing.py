@@ -16,13 +16,14 @@ from .config import SamplingParams, is_int, is_number, is_positive
 __all__ = ["Processing"]
 
 
-def _token_ids(value, name: str, vocab: int) -> tuple[int, ...]:
-    """A non-empty list of token ids of the target's vocabulary (one int allowed too)."""
+def _token_ids(value, name: str, vocab: int, empty: bool = False) -> tuple[int, ...]:
+    """A list of token ids of the target's vocabulary (one int allowed too), non-empty unless ``empty``."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     values = [value] if is_int(value) else value
-    if not isinstance(values, (list, tuple)) or not values or not all(is_int(v) for v in values):
-        raise ValueError(f"`{name}` must be a token id or a non-empty list of them, got {value!r}")
+    if not isinstance(values, (list, tuple)) or not (values or empty) or not all(is_int(v) for v in values):
+        kind = "a list" if empty else "a non-empty list"
+        raise ValueError(f"`{name}` must be a token id or {kind} of them, got {value!r}")
     outside = sorted({v for v in values if not 0 <= v < vocab})
     if outside:
         raise ValueError(f"`{name}` holds ids outside the target's vocabulary [0, {vocab}): {outside}")
@@ -185,8 +186,8 @@ class Processing:
                 word for word in words if not (len(word) == 1 and word[0] in eos_ids)
             )
         for name in ("forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
-            if fields.get(name) is not None:
-                out[name] = _token_ids(fields[name], name, vocab)
+            if fields.get(name) is not None:  # nothing to suppress suppresses nothing, as in transformers
+                out[name] = _token_ids(fields[name], name, vocab, empty=name != "forced_eos_token_id")
         bos = fields.get("forced_bos_token_id")
         if bos is not None:
             if not is_int(bos):

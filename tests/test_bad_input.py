@@ -544,7 +544,7 @@ def test_unsupported_guidance_scale(models, run):
             [-1],
             r"`suppress_tokens` holds ids outside the target's vocabulary \[0, \d+\): \[-1\]",
         ),
-        ("begin_suppress_tokens", "4", r"`begin_suppress_tokens` must be a token id or a non-empty list"),
+        ("begin_suppress_tokens", "4", r"`begin_suppress_tokens` must be a token id or a list of them"),
         ("forced_bos_token_id", [1, 2], r"`forced_bos_token_id` must be one token id"),
         ("forced_eos_token_id", 10**7, r"`forced_eos_token_id` holds ids outside the target's vocabulary"),
         ("remove_invalid_values", 1, r"`remove_invalid_values` must be True or False, got 1"),

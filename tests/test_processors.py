@@ -157,6 +157,17 @@ def test_forced_tokens_all_suppressed_refused(pair):
     assert (out[:, -1] == 2).all()
 
 
+def test_nothing_to_suppress_suppresses_nothing(pair):
+    """``suppress_tokens=[]`` and ``begin_suppress_tokens=[]`` are no-ops in transformers, and here."""
+    target, _ = pair
+    engine = _engine(pair)
+    ids, mask = left_padded_prompts(VOCAB, [6, 4], seed=3)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=4, pad_token_id=0, suppress_tokens=[], begin_suppress_tokens=[]
+    )
+    assert torch.equal(engine.generate(ids, **kwargs), target.generate(ids, **kwargs))
+
+
 def test_min_new_tokens_replaces_min_length(pair):
     """With min_new_tokens set, transformers replaces min_length by prompt + min_new_tokens: so does the
     engine (min_length alone would hold row 0's EOS back)."""
