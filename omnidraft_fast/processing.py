@@ -99,8 +99,10 @@ class Processing:
     The defaults are off; build one from generation fields with :meth:`resolve`."""
 
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()
+    encoder_repetition_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     min_length: int = 0
     min_new_tokens: int = 0
@@ -158,11 +160,12 @@ class Processing:
                     f"callables (input_ids, scores) -> scores; got {logits_processor!r}"
                 )
             out["logits_processor"] = tuple(logits_processor)
-        penalty = fields.get("repetition_penalty", 1.0)
-        if not is_positive(penalty):
-            raise ValueError(f"`repetition_penalty` must be a number > 0 (1.0: off), got {penalty!r}")
-        out["repetition_penalty"] = float(penalty)
-        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size"):
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            penalty = fields.get(name, 1.0)
+            if not is_positive(penalty):
+                raise ValueError(f"`{name}` must be a number > 0 (1.0: off), got {penalty!r}")
+            out[name] = float(penalty)
+        for name in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             value = fields.get(name, 0)
             if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0 (0: off), got {value!r}")

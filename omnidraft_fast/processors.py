@@ -17,11 +17,16 @@ tokens before the position) and "new tokens" counts those before the position:
 
 - ``sequence_bias``: a biased sequence's last token gets the bias when the sequence ends with the rest of
   it (one-token sequences: always);
+- ``encoder_repetition_penalty`` P: every token of the prompt as given (its left padding included: transformers'
+  ``encoder_input_ids``, each copy's own under ``num_return_sequences`` as 5.2x repeats them; 5.17 reaches the
+  first rows only) has its logit ``l`` replaced by ``l * (1/P)`` if ``l < 0`` else ``l / (1/P)``;
 - ``repetition_penalty``: every token present in the context (the sequence, without the prompt's left
   padding where the installed transformers skips it, as 5.24 does and 5.17 does not) has its logit ``l`` replaced by ``l * penalty`` if ``l < 0``
   else ``l / penalty``;
 - ``no_repeat_ngram_size`` n: a token that would complete an n-gram already present in the sequence gets
   ``-inf``;
+- ``encoder_no_repeat_ngram_size`` n: a token that would continue the sequence's last n - 1 tokens as an
+  n-gram of the prompt as given continues them gets ``-inf`` (n = 1: every token of the prompt);
 - ``bad_words_ids``: ``sequence_bias`` with ``-inf`` (a one-token bad word equal to an EOS id is dropped);
 - ``min_length`` / ``min_new_tokens``: EOS ids get ``-inf`` while the sequence / the new tokens are
   shorter (with ``min_new_tokens`` set, ``min_length`` is not used, as transformers replaces it);
@@ -194,6 +199,20 @@ class Processors:
             if p.watermarking_config is None
             else p.watermarking_config.construct_processor(vocab, device)
         )
+        # The prompt as transformers' encoder_input_ids (the padded input_ids, as given: the processing
+        # leaves prompts unbucketed): its tokens [batch, V] for encoder_repetition_penalty, its n-grams
+        # [batch, W, n] for encoder_no_repeat_ngram_size.
+        prompt_ids = tokens[:, 1 : 1 + prompt]
+        self.prompt_tokens = None
+        if p.encoder_repetition_penalty != 1.0:
+            self.prompt_tokens = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+            self.prompt_tokens.scatter_(1, prompt_ids, True)
+        self.prompt_ngrams = None
+        if p.encoder_no_repeat_ngram_size:
+            size = p.encoder_no_repeat_ngram_size
+            self.prompt_ngrams = (
+                prompt_ids.unfold(1, size, 1) if prompt >= size else prompt_ids.new_zeros(batch, 0, size)
+            )
         self.seen = None
         if p.repetition_penalty != 1.0:
             ids = tokens[:, 1 : 1 + prompt]
@@ -221,10 +240,19 @@ class Processors:
         calls = self._calls(proposal, new, active, first) if p.calls_python else None
         if self.sequence_bias is not None:
             logits = logits + self._bias(self.sequence_bias, sequence, new)
+        if self.prompt_tokens is not None:  # transformers' 1 / penalty, applied as it applies it
+            inverse = 1 / p.encoder_repetition_penalty
+            rewarded = torch.where(logits < 0, logits * inverse, logits / inverse)
+            logits = torch.where(self.prompt_tokens[:, None, :], rewarded, logits)
         if self.seen is not None:
             logits = self._penalise(logits, proposal, positions)
         if p.no_repeat_ngram_size:
-            logits = logits.masked_fill(self._repeats(sequence, new)[..., :vocab], -torch.inf)
+            windows = sequence.unfold(1, p.no_repeat_ngram_size, 1)  # the sequence's n-grams, then masked
+            logits = logits.masked_fill(self._repeats(windows, sequence, new, True)[..., :vocab], -torch.inf)
+        if self.prompt_ngrams is not None:
+            logits = logits.masked_fill(
+                self._repeats(self.prompt_ngrams, sequence, new)[..., :vocab], -torch.inf
+            )
         if self.bad_words is not None:
             logits = logits + self._bias(self.bad_words, sequence, new)
         if p.min_length > self.prompt or p.min_new_tokens:
@@ -261,7 +289,9 @@ class Processors:
     def _reads_sequence(self) -> bool:
         p, tables = self.processing, (self.sequence_bias, self.bad_words)
         return (
-            bool(p.no_repeat_ngram_size) or p.calls_python or any(t is not None and t.width for t in tables)
+            bool(p.no_repeat_ngram_size or p.encoder_no_repeat_ngram_size)
+            or p.calls_python
+            or any(t is not None and t.width for t in tables)
         )
 
     def _calls(
@@ -359,16 +389,22 @@ class Processors:
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         return torch.where(present[..., :vocab], penalised, logits)
 
-    def _repeats(self, sequence: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """[batch, n, V + 1] bool: the tokens that would repeat an n-gram at each of the block's positions."""
-        size = self.processing.no_repeat_ngram_size
+    def _repeats(
+        self, windows: torch.Tensor, sequence: torch.Tensor, new: torch.Tensor, in_sequence: bool = False
+    ) -> torch.Tensor:
+        """[batch, n, V + 1] bool: at each of the block's positions, the tokens that would follow the sequence's
+        last ``size - 1`` tokens as one of ``windows`` ([batch, W, size] n-grams) follows its first ones.
+        ``in_sequence``: the windows are the sequence's own, and only those before the position count
+        (no_repeat_ngram_size); else the prompt's (encoder_no_repeat_ngram_size)."""
+        size = windows.shape[2]
         batch, n = new.shape
         length = self.prompt + new  # [batch, n] tokens before each position
         prefix = self._tail(sequence, new, size - 1)  # the last size - 1 tokens
-        windows = sequence.unfold(1, size, 1)  # [batch, W, size]
-        starts = torch.arange(windows.shape[1], device=new.device)
         matches = (windows[:, None, :, :-1] == prefix[:, :, None, :]).all(-1)  # [batch, n, W]
-        matches &= (starts + size <= length[..., None]) & (length[..., None] >= size)
+        # Only the sequence's own n-grams need masking: a prompt with n-grams is at least size tokens long.
+        if in_sequence:
+            starts = torch.arange(windows.shape[1], device=new.device)
+            matches &= (starts + size <= length[..., None]) & (length[..., None] >= size)
         banned = torch.where(matches, windows[:, None, :, -1], self.vocab)  # the token each window bans
         repeats = torch.zeros(batch, n, self.vocab + 1, dtype=torch.bool, device=new.device)
         return repeats.scatter_(2, banned.clamp(0, self.vocab), True)

@@ -70,8 +70,7 @@ _NO_EFFECT = {
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "encoder_repetition_penalty": (1.0,),
-    "encoder_no_repeat_ngram_size": (0,), "output_attentions": (False,),
+    "num_beams": (1,), "output_attentions": (False,),
     "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
 }  # fmt: skip

@@ -77,6 +77,25 @@ CASES = {
         "min_new_tokens": 7,
     },
     "remove_invalid_values": lambda plain, prompt: {"remove_invalid_values": True, "min_new_tokens": 6},
+    # the prompt's tokens (its padding included) rewarded, or penalised below 1
+    "encoder_repetition 2.5": lambda plain, prompt: {"encoder_repetition_penalty": 2.5},
+    "encoder_repetition 0.4, penalty": lambda plain, prompt: {
+        "encoder_repetition_penalty": 0.4,
+        "repetition_penalty": 1.3,
+    },
+    # no n-gram of the prompt continued (n = 1: no prompt token at all); the bias asks for one of row 0's
+    "encoder_no_repeat 2": lambda plain, prompt: {
+        "encoder_no_repeat_ngram_size": 2,
+        "sequence_bias": {
+            (plain[0, prompt - 3].item(),): 20.0,
+            tuple(plain[0, prompt - 3 : prompt - 1].tolist()): 40.0,
+        },
+    },
+    "encoder_no_repeat 1": lambda plain, prompt: {"encoder_no_repeat_ngram_size": 1},
+    "encoder_no_repeat 3, no_repeat 2": lambda plain, prompt: {
+        "encoder_no_repeat_ngram_size": 3,
+        "no_repeat_ngram_size": 2,
+    },
 }
 
 
