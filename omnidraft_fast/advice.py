@@ -30,7 +30,10 @@ _SAMPLING_ONLY: dict[str, Any] = {
     "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
 }  # fmt: skip
 # Options that only beam search reads (which this engine does not run), with the value at which they do nothing.
-_BEAM_ONLY: dict[str, Any] = {"length_penalty": 1.0, "early_stopping": False}
+# transformers warns about the first two; the group options it ignores unwarned, and are named here too.
+_BEAM_ONLY: dict[str, Any] = {
+    "length_penalty": 1.0, "early_stopping": False, "num_beam_groups": 1, "diversity_penalty": 0.0,
+}  # fmt: skip
 
 
 def advise(

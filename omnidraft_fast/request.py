@@ -65,12 +65,12 @@ _NO_EFFECT = {
     "assistant_lookbehind", "target_lookbehind", "length_penalty",
     "early_stopping",
     # read by group beam search only, which num_beams > 1 asks for (refused): with one beam transformers
-    # decodes greedily or samples, unwarned, whatever they hold
+    # decodes greedily or samples whatever they hold (advice.py says they are ignored)
     "num_beam_groups", "diversity_penalty",
 }  # fmt: skip
 # Fields whose value here means "off": allowed at that value, refused otherwise.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,), "output_attentions": (False,),
+    "num_beams": (1,), "output_attentions": (False,), "use_mtp": (False,),
     "output_hidden_states": (False,),
     "guidance_scale": (1.0,), "penalty_alpha": (0.0,), "token_healing": (False,),
 }  # fmt: skip

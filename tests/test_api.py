@@ -359,14 +359,19 @@ def test_warns_where_model_generate_warns(target, drafter, batch, options, match
 
 
 def test_group_beam_options_change_nothing_with_one_beam(target, drafter, batch):
-    """Group beam search's options with one beam: transformers decodes greedily (or samples), unwarned, and so
-    does the engine; beams are refused by name."""
+    """Group beam search's options with one beam: transformers decodes greedily (or samples), and so does the
+    engine, saying they are ignored; beams are refused by name. use_mtp=False is off, as there."""
     ids, mask = batch
     kwargs = {"max_new_tokens": 4, "num_beam_groups": 2, "diversity_penalty": 1.0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(
+        UserWarning, match=r"`num_beam_groups`=2, `diversity_penalty`=1.0: options of beam search"
+    ):
         out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, **kwargs)
     assert_equal(out, reference(target, ids, mask, **kwargs))
+    out = omnidraft_fast.generate(
+        target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=4, use_mtp=False
+    )
+    assert_equal(out, reference(target, ids, mask, max_new_tokens=4))
     with pytest.raises(ValueError, match=r"`num_beams=2` is not supported"):
         omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, num_beams=2, **kwargs)
 
