@@ -321,7 +321,8 @@ class EngineConfig:
             requests and ``translation="exact"`` every token; requests with a deferral rule none.
         max_spelling: the most drafter tokens a round spells into the drafter's context for the target
             tokens it did not draft (the recovered/bonus token, after the accepted pieces of a split token
-            cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. Of a
+            cut by a rejection); across vocabularies the first draft step of a round re-feeds one token more
+            than the smaller of this and the bridge's longest spelling (2 with a shared vocabulary). Of a
             round's spellings that do not fit (rare target tokens such as long runs of one character: GPT-2
             spells the runs of spaces of Llama-3 or Qwen in up to 128 tokens), the drafter's context keeps
             the last ``max_spelling`` tokens, the end of the text; the target's output is unaffected. (A
