@@ -2,7 +2,7 @@
 
 ``load("code-pair")`` returns a trained Llama-architecture target, a drafter sharing its byte-level BPE
 vocabulary, a drafter with a SentencePiece-style vocabulary of another size, and both tokenizers. No
-network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses. ``load(path)`` loads a
+network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses. ``load(Path(folder))`` loads a
 pair folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``), which has no shared drafter.
 """
 
