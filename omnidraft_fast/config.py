@@ -110,8 +110,9 @@ class DistillConfig:
     ``interval`` served rows the engine takes one optimiser step on what it kept, then clears it. The loss
     per drafter position is the reverse KL ``KL(q || p)`` over the directly mapped vocabulary where the
     emitted target token has a drafter twin, and ``ngram_weight * -log q(d)`` on each drafter sub-token
-    ``d`` of the target tokens that have none (n-gram tokens). With a shared vocabulary it is pure
-    on-policy reverse-KL distillation.
+    ``d`` of the target tokens that have none (n-gram tokens) and on each drafted split token whose target
+    pieces were all emitted (``EngineConfig.split_tokens``). With a shared vocabulary it is pure on-policy
+    reverse-KL distillation.
 
     Args:
         rank: LoRA rank (8..128).
@@ -120,7 +121,7 @@ class DistillConfig:
             projection of attention and MLP (peft's name; the LM head is left out).
         interval: served rows between two optimiser steps.
         lr, weight_decay, betas: AdamW, constant learning rate.
-        ngram_weight: ``lambda``, the weight of the n-gram tokens' cross-entropy term.
+        ngram_weight: ``lambda``, the weight of the cross-entropy term (n-gram tokens, split tokens).
         max_grad_norm: gradient clipping (``None``: none).
         adapter_name: the adapter's name on the drafter; by default one is derived from the target, so
             one drafter serving several targets carries one adapter per target and switches between them
@@ -320,7 +321,8 @@ class EngineConfig:
             requests and ``translation="exact"`` every token; requests with a deferral rule none.
         max_spelling: the most drafter tokens a round spells into the drafter's context for the target
             tokens it did not draft (the recovered/bonus token, after the accepted pieces of a split token
-            cut by a rejection); the first draft step of a round re-feeds ``max_spelling + 1`` tokens. Of a
+            cut by a rejection); across vocabularies the first draft step of a round re-feeds one token more
+            than the smaller of this and the bridge's longest spelling (2 with a shared vocabulary). Of a
             round's spellings that do not fit (rare target tokens such as long runs of one character: GPT-2
             spells the runs of spaces of Llama-3 or Qwen in up to 128 tokens), the drafter's context keeps
             the last ``max_spelling`` tokens, the end of the text; the target's output is unaffected. (A

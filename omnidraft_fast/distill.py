@@ -9,7 +9,8 @@ drafter ids with a target twin; every id when the vocabulary is shared):
     KL(q~ || p~) = sum_{v in S} q~(v) (log q~(v) - log p~(v))
 
 Where ``t`` has no twin (an n-gram token, spelled by several drafter tokens), each of its drafter
-sub-tokens ``d`` adds ``lambda * -log q(d)``. The loss is the mean over the labelled positions.
+sub-tokens ``d`` adds ``lambda * -log q(d)``, and so does a drafted split token ``d`` whose target pieces
+were all emitted (``EngineConfig.split_tokens``; its pieces get no KL). The loss is the mean over the labelled positions.
 Reverse KL is mode-seeking: the drafter spends its small capacity on the target's likely tokens, which
 is what acceptance rewards.
 

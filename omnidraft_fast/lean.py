@@ -3,7 +3,7 @@
 transformers' forward wraps every call in Python the engine does not use: output recording, mask
 preprocessing, cache bookkeeping, attention-backend dispatch. For a drafter's one-token steps, and for
 small models generally, that Python costs as much as the arithmetic (on the zoo's models, on a CPU: the
-draft stage 1.5-1.6x, the target's 1.3-1.4x faster this way, ``benchmarks/results/e2e-cpu.md``'s stage
+draft stage 1.5-1.6x, the target's 1.25-1.3x faster this way, ``benchmarks/results/e2e-cpu.md``'s stage
 times with and without it). This forward calls the same modules in the same
 order (embeddings, norms, projections with any LoRA layers peft injected into them, rotary embedding,
 MLP, dropouts, head), writes keys and values through the same cache (``SlotKVCache.update``), and attends

@@ -9,11 +9,11 @@ models (and so on its engine, whose models are fixed), and so do ``save_state``,
 moment): callers in other threads wait their turn. The locks are taken in one global order, so engines
 that share a model (one drafter serving several targets) do not deadlock.
 
-A call made from inside a request, in its own thread (a streamer, stopping criterion or logits processor
-calling ``generate()`` again), on a model the request holds would wait for itself, and would find the
-drafter's weights swapped: it raises :class:`ModelsBusy` (a ``RuntimeError``) that says so, in the
-callback (which may catch it; otherwise the request fails with it and the engine serves the next one as
-usual). On other models it runs if they are free, and raises :class:`ModelsBusy` too if another thread's
+A call made from inside a request, in its own thread (a streamer, stopping criterion, logits processor or
+forward hook calling ``generate()`` again), on a model the request holds would wait for itself, and would
+find the drafter's weights swapped: it raises :class:`ModelsBusy` (a ``RuntimeError``) that says so, before
+it does anything (:func:`refuse_nested`, also inside a captured round), in the callback (which may catch
+it; otherwise the request fails with it and the engine serves the next one as usual). On other models it runs if they are free, and raises :class:`ModelsBusy` too if another thread's
 request holds them: waiting there could deadlock (that request may be calling into this thread's models
 from its own callback). A callback that hands the call to another thread and waits for it is not seen:
 it waits for the request it serves, for good. Plain ``model.generate()`` of transformers takes no lock:

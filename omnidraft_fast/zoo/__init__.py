@@ -2,8 +2,9 @@
 
 ``load("code-pair")`` returns a trained Llama-architecture target, a drafter sharing its byte-level BPE
 vocabulary, a drafter with a SentencePiece-style vocabulary of another size, and both tokenizers. No
-network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses. ``load(path)`` loads a
-pair folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``), which has no shared drafter.
+network is used. See ``code-pair/MODEL_CARD.md`` for sizes, data, steps and losses. ``load(Path(folder))``
+loads a pair folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``), which has no shared
+drafter.
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ def llama_model(
     bos: int | None,
     seed: int,
     dtype: torch.dtype = torch.float32,
-    max_positions: int = 2048,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama of ``spec``'s shape, built on torch's default device (``with
     torch.device(...)`` builds it in place, e.g. on the GPU)."""
@@ -85,7 +84,7 @@ def llama_model(
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=2048,
         tie_word_embeddings=spec.tied,
         bos_token_id=bos,
         eos_token_id=eos,
