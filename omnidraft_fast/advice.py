@@ -1,5 +1,5 @@
 """The warnings a checked request gets where ``model.generate()`` warns: options that change nothing in it,
-and lengths that cannot be met or were left to the default.
+lengths that cannot be met or were left to the default, and a batch whose padding cannot be inferred.
 
 transformers logs or warns each of these (``GenerationConfig.validate`` and ``generate``'s length checks);
 here each is a ``UserWarning`` in this engine's words, given once the request has passed every check (a
@@ -43,13 +43,18 @@ def advise(
     sampled: bool,
     prompt_width: int,
     max_new_tokens: int,
+    rows: int,
+    masked: bool,
+    eos_ids: tuple[int, ...],
+    pad_token_id: int | None,
 ) -> None:
     """Warn about what the request in ``fields`` (its merged generation options) asks for in vain.
 
     ``caller``: the options the caller set and their values (the caller's ``generation_config``, then the
     call's arguments, None where the call unset one); ``prompt_width``: the padded prompt's width;
-    ``max_new_tokens`` as resolved. Each warning points at the caller's line, the first outside this
-    package."""
+    ``max_new_tokens`` as resolved; ``rows``: the caller's batch; ``masked``: an attention mask was passed;
+    ``eos_ids`` and ``pad_token_id`` as resolved (the pad id defaults to the first EOS id where none is set).
+    Each warning points at the caller's line, the first outside this package."""
 
     def warn(message: str) -> None:
         frame, level = sys._getframe(1), 2  # this function's caller: level 2 from warnings.warn
@@ -83,6 +88,14 @@ def advise(
                 "ignored"
             )
 
+    if rows > 1 and not masked and pad_token_id in eos_ids:  # padding cannot be told from tokens
+        unset = fields.get("pad_token_id") is None
+        warn(
+            f"no `attention_mask` for a batch of {rows} rows, and it cannot be inferred from input_ids: "
+            + ("no `pad_token_id` is set, so it is" if unset else "`pad_token_id`")
+            + f" {pad_token_id}, an EOS id, and every token is read as part of its prompt; pass the tokenizer's "
+            "attention_mask"
+        )
     if fields.get("max_new_tokens") is None and fields.get("max_length") is None:
         warn(
             f"no `max_new_tokens` (nor `max_length`) is set, so up to {max_new_tokens} new tokens are generated, "

@@ -430,6 +430,10 @@ def resolve_request(
         sampled=not sampling.greedy,
         prompt_width=ids.shape[1],
         max_new_tokens=max_new_tokens,
+        rows=rows,
+        masked=attention_mask is not None,
+        eos_ids=eos_ids,
+        pad_token_id=pad_token_id,
     )
     return Request(
         input_ids=ids,

@@ -358,6 +358,26 @@ def test_warns_where_model_generate_warns(target, drafter, batch, options, match
     assert_equal(out, reference(target, ids, mask, **kwargs))
 
 
+def test_warns_of_a_batch_without_mask_whose_padding_is_eos(target, drafter):
+    """No attention_mask for a batch whose pad id is an EOS id (set so, or defaulted to it): transformers warns
+    that padding cannot be inferred, and so does the engine; with a mask, a pad id of its own or one row, not."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    for kwargs in ({"pad_token_id": None}, {"pad_token_id": 3}):
+        with pytest.warns(UserWarning, match=r"no `attention_mask` for a batch of 2 rows.* 3, an EOS id"):
+            out = omnidraft_fast.generate(
+                target, ids, drafter=drafter, max_new_tokens=4, eos_token_id=3, **kwargs
+            )
+        assert_equal(out, target.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=3, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in (
+            dict(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=3),
+            dict(input_ids=ids, pad_token_id=1),
+            dict(input_ids=ids[:1], pad_token_id=3),
+        ):
+            omnidraft_fast.generate(target, drafter=drafter, max_new_tokens=4, eos_token_id=3, **call)
+
+
 def test_group_beam_options_change_nothing_with_one_beam(target, drafter, batch):
     """Group beam search's options with one beam: transformers decodes greedily (or samples), and so does the
     engine, saying they are ignored; beams are refused by name. use_mtp=False is off, as there."""
