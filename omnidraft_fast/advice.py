@@ -47,6 +47,7 @@ def advise(
     masked: bool,
     eos_ids: tuple[int, ...],
     pad_token_id: int | None,
+    replaced: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Warn about what the request in ``fields`` (its merged generation options) asks for in vain.
 
@@ -54,7 +55,9 @@ def advise(
     call's arguments, None where the call unset one); ``prompt_width``: the padded prompt's width;
     ``max_new_tokens`` as resolved; ``rows``: the caller's batch; ``masked``: an attention mask was passed;
     ``eos_ids`` and ``pad_token_id`` as resolved (the pad id defaults to the first EOS id where none is set).
-    Each warning points at the caller's line, the first outside this package."""
+    ``replaced``: (option, class name) for each of the caller's logits processors that takes the place of the
+    one an option makes (``Processing.overrides``). Each warning points at the caller's line, the first outside
+    this package."""
 
     def warn(message: str) -> None:
         frame, level = sys._getframe(1), 2  # this function's caller: level 2 from warnings.warn
@@ -88,6 +91,11 @@ def advise(
                 "ignored"
             )
 
+    for option, name in replaced:
+        warn(
+            f"`logits_processor` holds a {name}, which `{option}` makes too: yours takes its place, as in "
+            f"transformers; drop one of them"
+        )
     if rows > 1 and not masked and pad_token_id in eos_ids:  # padding cannot be told from tokens
         unset = fields.get("pad_token_id") is None
         warn(

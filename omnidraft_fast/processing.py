@@ -61,6 +61,69 @@ def _watermark(value):
     return value
 
 
+# The logits processors transformers' generate() makes from a generation config, in its order, by the option
+# (the slot in ``processors.py``) that makes each and the transformers class it makes. A caller's processor
+# of the same class takes that slot instead, as generate() merges the caller's list into its own ("the custom
+# one takes precedence"); the caller's others come after every slot.
+_SLOTS = (
+    ("sequence_bias", "SequenceBiasLogitsProcessor"),
+    ("encoder_repetition_penalty", "EncoderRepetitionPenaltyLogitsProcessor"),
+    ("repetition_penalty", "RepetitionPenaltyLogitsProcessor"),
+    ("no_repeat_ngram_size", "NoRepeatNGramLogitsProcessor"),
+    ("encoder_no_repeat_ngram_size", "EncoderNoRepeatNGramLogitsProcessor"),
+    ("bad_words_ids", "NoBadWordsLogitsProcessor"),
+    ("min_length", "MinLengthLogitsProcessor"),
+    ("min_new_tokens", "MinNewTokensLengthLogitsProcessor"),
+    ("prefix_allowed_tokens_fn", "PrefixConstrainedLogitsProcessor"),
+    ("forced_bos_token_id", "ForcedBOSTokenLogitsProcessor"),
+    ("forced_eos_token_id", "ForcedEOSTokenLogitsProcessor"),
+    ("remove_invalid_values", "InfNanRemoveLogitsProcessor"),
+    ("exponential_decay_length_penalty", "ExponentialDecayLengthPenalty"),
+    ("suppress_tokens", "SuppressTokensLogitsProcessor"),
+    ("begin_suppress_tokens", "SuppressTokensAtBeginLogitsProcessor"),
+)
+
+
+def _made_slots(fields: dict[str, Any], out: dict[str, Any], eos_ids: tuple[int, ...], prefix_fn) -> set[str]:
+    """The slots whose processor transformers' generate() makes for these resolved options, on its conditions
+    (``_get_logits_processor``; a minimum length needs an EOS id, and ``min_new_tokens`` makes ``min_length``
+    the prompt's width plus it)."""
+    made = {name for name in ("sequence_bias", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
+                              "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")
+            if fields.get(name) is not None}  # fmt: skip
+    made |= {name for name in ("encoder_repetition_penalty", "repetition_penalty") if out[name] != 1.0}
+    made |= {name for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size") if out[name] > 0}
+    if eos_ids and ("min_new_tokens" in fields or out["min_length"] > 0):
+        made.add("min_length")
+    if eos_ids and out["min_new_tokens"] > 0:
+        made.add("min_new_tokens")
+    if prefix_fn is not None:
+        made.add("prefix_allowed_tokens_fn")
+    if out.get("remove_invalid_values"):
+        made.add("remove_invalid_values")
+    return made
+
+
+def _merged(processors, made: set[str]) -> tuple[tuple, tuple]:
+    """The caller's ``processors`` merged as generate() merges them: ((slot, processor), ...) for the first
+    of each made slot's class, and the others in order, each object once."""
+    from transformers.generation import logits_process
+
+    overrides, used = [], set()
+    for slot, name in _SLOTS:
+        cls = getattr(logits_process, name, None)
+        match = next((proc for proc in processors if slot in made and type(proc) is cls), None)
+        if match is not None:
+            overrides.append((slot, match))
+            used.add(id(match))
+    tail = []
+    for proc in processors:
+        if id(proc) not in used:
+            used.add(id(proc))
+            tail.append(proc)
+    return tuple(overrides), tuple(tail)
+
+
 def _is_bias(value) -> bool:
     """A number, infinite allowed (``-inf`` bans, as ``bad_words_ids`` does), not NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
@@ -122,13 +185,15 @@ class Processing:
     # The caller's Python, given to generate() (not generation-config fields), and the request's mode:
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None
     logits_processor: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = ()
+    # the caller's processors that take a slot of the processors.py pipeline (``_SLOTS``), by slot name
+    overrides: tuple[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], ...] = ()
     copies: int = 1  # num_return_sequences: rows per caller's row (prefix_allowed_tokens_fn's batch_id)
     sampled: bool = False  # the request samples (the watermark then follows the sampling warpers)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The generation-config fields resolved here (request.py honours them)."""
-        caller = ("prefix_allowed_tokens_fn", "logits_processor", "copies", "sampled")
+        caller = ("prefix_allowed_tokens_fn", "logits_processor", "overrides", "copies", "sampled")
         return tuple(field.name for field in dataclass_fields(cls) if field.name not in caller)
 
     @classmethod
@@ -159,7 +224,7 @@ class Processing:
                     "`logits_processor` must be a list (e.g. a LogitsProcessorList) of logits processors, "
                     f"callables (input_ids, scores) -> scores; got {logits_processor!r}"
                 )
-            out["logits_processor"] = tuple(logits_processor)
+            out["logits_processor"] = tuple(logits_processor)  # merged into the slots at the end
         for name in ("repetition_penalty", "encoder_repetition_penalty"):
             penalty = fields.get(name, 1.0)
             if not is_positive(penalty):
@@ -247,6 +312,9 @@ class Processing:
             raise ValueError(
                 "`top_h` must be in (0, 1] when sampling, got 0; drop it (unset: off) to sample without top-h"
             )
+        if "logits_processor" in out:
+            made = _made_slots(fields, out, eos_ids, prefix_allowed_tokens_fn)
+            out["overrides"], out["logits_processor"] = _merged(out["logits_processor"], made)
         return cls(**out)
 
     def active(self, prompt: int) -> tuple[str, ...]:
@@ -262,7 +330,7 @@ class Processing:
             names.append("min_length")
         if self.prefix_allowed_tokens_fn is not None:
             names.append("prefix_allowed_tokens_fn")
-        if self.logits_processor:
+        if self.logits_processor or self.overrides:
             names.append("logits_processor")
         return tuple(names)
 
@@ -276,7 +344,7 @@ class Processing:
         caller's processors, or transformers' watermarking."""
         return (
             self.prefix_allowed_tokens_fn is not None
-            or bool(self.logits_processor)
+            or bool(self.logits_processor or self.overrides)
             or self.watermarking_config is not None
         )
 

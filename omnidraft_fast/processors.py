@@ -43,7 +43,9 @@ tokens before the position) and "new tokens" counts those before the position:
 - ``suppress_tokens`` (always) and ``begin_suppress_tokens`` (at the first new token; the second after a
   forced BOS on a one-token prompt): ``-inf``;
 - the caller's ``logits_processor`` list, after all of the above, called with ``input_ids`` of one row
-  (``[1, length]``) and that row's scores at one position;
+  (``[1, length]``) and that row's scores at one position; one of a class an option above makes too
+  (``RepetitionPenaltyLogitsProcessor`` beside ``repetition_penalty``, say) runs in that one's place
+  instead, and an object listed twice runs once, as transformers' ``generate()`` merges the two lists;
 - sampling only, the warpers besides temperature, top-k and top-p: ``top_h`` (after temperature, before
   top-k), ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff`` (after top-p), each on the law the
   previous ones left, as transformers applies them. A request with any of them warps the target's logits
@@ -238,40 +240,58 @@ class Processors:
         new = generated[:, None] + positions  # [batch, n] new tokens before each
         sequence = self._sequence(proposal, generated) if self._reads_sequence else None
         calls = self._calls(proposal, new, active, first) if p.calls_python else None
-        if self.sequence_bias is not None:
+        caller = dict(p.overrides)  # the caller's processors that take a slot (Processing.overrides)
+
+        def takes(
+            slot: str,
+        ) -> bool:  # the caller's processor for ``slot`` runs there instead, as in transformers
+            nonlocal logits
+            if slot not in caller:
+                return False
+            processor = caller[slot]
+            logits = self._call_python(
+                logits, sequence, calls, lambda row, ids, scores: processor(ids, scores)
+            )
+            return True
+
+        if not takes("sequence_bias") and self.sequence_bias is not None:
             logits = logits + self._bias(self.sequence_bias, sequence, new)
-        if self.prompt_tokens is not None:  # transformers' 1 / penalty, applied as it applies it
-            inverse = 1 / p.encoder_repetition_penalty
+        if not takes("encoder_repetition_penalty") and self.prompt_tokens is not None:
+            inverse = 1 / p.encoder_repetition_penalty  # transformers' 1 / penalty, applied as it applies it
             rewarded = torch.where(logits < 0, logits * inverse, logits / inverse)
             logits = torch.where(self.prompt_tokens[:, None, :], rewarded, logits)
-        if self.seen is not None:
+        if not takes("repetition_penalty") and self.seen is not None:
             logits = self._penalise(logits, proposal, positions)
-        if p.no_repeat_ngram_size:
+        if not takes("no_repeat_ngram_size") and p.no_repeat_ngram_size:
             windows = sequence.unfold(1, p.no_repeat_ngram_size, 1)  # the sequence's n-grams, then masked
             logits = logits.masked_fill(self._repeats(windows, sequence, new, True)[..., :vocab], -torch.inf)
-        if self.prompt_ngrams is not None:
+        if not takes("encoder_no_repeat_ngram_size") and self.prompt_ngrams is not None:
             logits = logits.masked_fill(
                 self._repeats(self.prompt_ngrams, sequence, new)[..., :vocab], -torch.inf
             )
-        if self.bad_words is not None:
+        if not takes("bad_words_ids") and self.bad_words is not None:
             logits = logits + self._bias(self.bad_words, sequence, new)
-        if p.min_length > self.prompt or p.min_new_tokens:
-            short = (self.prompt + new < p.min_length) | (new < p.min_new_tokens)
-            logits = logits.masked_fill(short[..., None] & self.eos, -torch.inf)
-        if p.prefix_allowed_tokens_fn is not None:
+        # min_new_tokens makes transformers' min_length the prompt's width plus it (Processing.resolve): its own
+        # mask is then min_length's, applied again only where a caller's processor took min_length's slot
+        min_length = self.prompt + p.min_new_tokens if p.min_new_tokens else p.min_length
+        if not takes("min_length") and min_length > self.prompt:
+            logits = logits.masked_fill((self.prompt + new < min_length)[..., None] & self.eos, -torch.inf)
+        if not takes("min_new_tokens") and p.min_new_tokens and "min_length" in caller:
+            logits = logits.masked_fill((new < p.min_new_tokens)[..., None] & self.eos, -torch.inf)
+        if not takes("prefix_allowed_tokens_fn") and p.prefix_allowed_tokens_fn is not None:
             logits = self._call_python(logits, sequence, calls, self._allowed, with_position=True)
-        if self.forced_bos is not None:
+        if not takes("forced_bos_token_id") and self.forced_bos is not None:
             logits = torch.where((self.prompt + new == 1)[..., None], self.forced_bos, logits)
-        if self.forced_eos is not None:
+        if not takes("forced_eos_token_id") and self.forced_eos is not None:
             logits = torch.where((new == self.max_new_tokens - 1)[..., None], self.forced_eos, logits)
-        if p.remove_invalid_values:
+        if not takes("remove_invalid_values") and p.remove_invalid_values:
             finfo = torch.finfo(logits.dtype)
             logits = torch.nan_to_num(logits, nan=0.0, posinf=finfo.max, neginf=finfo.min)
-        if p.exponential_decay_length_penalty is not None:
+        if not takes("exponential_decay_length_penalty") and p.exponential_decay_length_penalty is not None:
             logits = self._decay(logits, new)
-        if self.suppress is not None:
+        if not takes("suppress_tokens") and self.suppress is not None:
             logits = logits.masked_fill(self.suppress, -torch.inf)
-        if self.begin_suppress is not None:
+        if not takes("begin_suppress_tokens") and self.begin_suppress is not None:
             logits = logits.masked_fill((new == self.begin)[..., None] & self.begin_suppress, -torch.inf)
         for processor in p.logits_processor:
             logits = self._call_python(

@@ -434,6 +434,7 @@ def resolve_request(
         masked=attention_mask is not None,
         eos_ids=eos_ids,
         pad_token_id=pad_token_id,
+        replaced=tuple((option, type(processor).__name__) for option, processor in processing.overrides),
     )
     return Request(
         input_ids=ids,

@@ -536,6 +536,43 @@ def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
     assert torch.equal(engine.generate(ids, **kwargs), plain)
 
 
+def test_callers_processor_takes_the_place_of_its_class(pair):
+    """A caller's processor of a class that the request's options make too takes that one's place, as
+    transformers' generate() merges the lists (the caller's "takes precedence"; a repeated object runs
+    once): scores and greedy output are transformers'. Before, both ran (a penalty applied twice)."""
+    from transformers.generation.logits_process import (
+        MinLengthLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    eos = torch.tensor([2])
+    penalty = RepetitionPenaltyLogitsProcessor(2.5)
+    cases = (
+        ({"repetition_penalty": 1.2}, [penalty]),
+        (
+            {"repetition_penalty": 0.8, "suppress_tokens": [5, 6]},
+            [SuppressTokensLogitsProcessor([7]), penalty],
+        ),
+        ({"min_new_tokens": 4}, [MinLengthLogitsProcessor(ids.shape[1] + 6, eos)]),  # min_new_tokens stays
+        ({"sequence_bias": {(9,): 4.0}}, [penalty, SequenceBiasLogitsProcessor({(9,): -4.0}), penalty]),
+    )
+    engine = _engine(pair)
+    for options, processors in cases:
+        kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=2, pad_token_id=0, do_sample=False,
+                      return_dict_in_generate=True, output_scores=True, **options)  # fmt: skip
+        expected = target.generate(ids, logits_processor=LogitsProcessorList(processors), **kwargs)
+        with pytest.warns(UserWarning, match=r"`logits_processor` holds a \w+, which `\w+` makes too"):
+            out = engine.generate(ids, logits_processor=LogitsProcessorList(processors), **kwargs)
+        assert torch.equal(out.sequences, expected.sequences), options
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+            done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
 def test_prefix_fn_batch_ids_with_copies(pair):
     """With num_return_sequences, the batch ID is what the installed transformers passes: the prompt's for
     each of its copies (5.2x), or each copy's row (5.17); the function sees the row's padded sequence."""
