@@ -47,7 +47,7 @@ def advise(
     masked: bool,
     eos_ids: tuple[int, ...],
     pad_token_id: int | None,
-    replaced: tuple[tuple[str, str], ...] = (),
+    replaced: tuple[tuple[str, str, str], ...] = (),
 ) -> None:
     """Warn about what the request in ``fields`` (its merged generation options) asks for in vain.
 
@@ -55,8 +55,9 @@ def advise(
     call's arguments, None where the call unset one); ``prompt_width``: the padded prompt's width;
     ``max_new_tokens`` as resolved; ``rows``: the caller's batch; ``masked``: an attention mask was passed;
     ``eos_ids`` and ``pad_token_id`` as resolved (the pad id defaults to the first EOS id where none is set).
-    ``replaced``: (option, class name) for each of the caller's logits processors that takes the place of the
-    one an option makes (``Processing.overrides``). Each warning points at the caller's line, the first outside
+    ``replaced``: (argument, option, class name) for each of the caller's logits processors and stopping
+    criteria that takes the place of the one an option makes (``Processing.overrides``; a ``MaxLengthCriteria``
+    then decides the length). Each warning points at the caller's line, the first outside
     this package."""
 
     def warn(message: str) -> None:
@@ -91,9 +92,9 @@ def advise(
                 "ignored"
             )
 
-    for option, name in replaced:
+    for argument, option, name in replaced:
         warn(
-            f"`logits_processor` holds a {name}, which `{option}` makes too: yours takes its place, as in "
+            f"`{argument}` holds a {name}, which `{option}` makes too: yours takes its place, as in "
             f"transformers; drop one of them"
         )
     if rows > 1 and not masked and pad_token_id in eos_ids:  # padding cannot be told from tokens
@@ -104,7 +105,8 @@ def advise(
             + f" {pad_token_id}, an EOS id, and every token is read as part of its prompt; pass the tokenizer's "
             "attention_mask"
         )
-    if fields.get("max_new_tokens") is None and fields.get("max_length") is None:
+    by_criterion = any(option == "max_length" for _, option, _ in replaced)
+    if fields.get("max_new_tokens") is None and fields.get("max_length") is None and not by_criterion:
         warn(
             f"no `max_new_tokens` (nor `max_length`) is set, so up to {max_new_tokens} new tokens are generated, "
             "transformers' default; set max_new_tokens to choose"

@@ -282,8 +282,31 @@ def resolve_request(
                     "pass attention_mask=torch.ones_like(input_ids)."
                 )
 
+    if stopping_criteria is not None and (
+        not isinstance(stopping_criteria, (list, tuple)) or not all(map(callable, stopping_criteria))
+    ):
+        raise TypeError(
+            "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
+            f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
+        )
     max_new_tokens = fields.get("max_new_tokens")
-    if max_new_tokens is None and "max_length" in fields:
+    length_criterion = _length_criterion(stopping_criteria)
+    if length_criterion is not None:
+        # The caller's MaxLengthCriteria takes the place of the one the length options make, as transformers'
+        # generate() merges the lists: it decides the length (a new token at least).
+        if not is_int(length_criterion.max_length):
+            raise ValueError(
+                f"a MaxLengthCriteria in `stopping_criteria` must have an int max_length, got "
+                f"{length_criterion.max_length!r}"
+            )
+        max_new_tokens = max(1, length_criterion.max_length - ids.shape[1])
+        if fields.get("forced_eos_token_id") is not None:
+            raise ValueError(
+                "`forced_eos_token_id` forces an EOS at the last token the length options allow, and a "
+                "MaxLengthCriteria in `stopping_criteria` sets another length (transformers then forces it "
+                "mid-way and goes on): drop one of them"
+            )
+    elif max_new_tokens is None and "max_length" in fields:
         if not is_int(fields["max_length"]):
             raise ValueError(
                 f"`max_length` must be an int (prompt + new tokens), got {fields['max_length']!r}"
@@ -368,13 +391,6 @@ def resolve_request(
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         logits_processor=logits_processor,
     )
-    if stopping_criteria is not None and (
-        not isinstance(stopping_criteria, (list, tuple)) or not all(map(callable, stopping_criteria))
-    ):
-        raise TypeError(
-            "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
-            f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
-        )
     max_time = fields.get("max_time")
     if max_time is not None and not (is_positive(max_time) or max_time == math.inf):
         raise ValueError(f"`max_time` must be a number of seconds > 0, got {max_time!r}")
@@ -434,7 +450,11 @@ def resolve_request(
         masked=attention_mask is not None,
         eos_ids=eos_ids,
         pad_token_id=pad_token_id,
-        replaced=tuple((option, type(processor).__name__) for option, processor in processing.overrides),
+        replaced=tuple(
+            ("logits_processor", option, type(processor).__name__)
+            for option, processor in processing.overrides
+        )
+        + (() if length_criterion is None else (("stopping_criteria", "max_length", "MaxLengthCriteria"),)),
     )
     return Request(
         input_ids=ids,
@@ -457,6 +477,13 @@ def resolve_request(
         alphas=() if cascade is None else tuple(a for a in cascade.alphas(rows) for _ in range(copies)),
         lookup_ngram=lookup_ngram,
     )
+
+
+def _length_criterion(stopping_criteria) -> Any:
+    """The first of the caller's ``stopping_criteria`` that is a transformers ``MaxLengthCriteria``, or None."""
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    return next((c for c in stopping_criteria or () if type(c) is MaxLengthCriteria), None)
 
 
 def _draft_settings(

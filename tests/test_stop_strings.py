@@ -158,6 +158,30 @@ def test_stopping_criteria_as_transformers(zoo, batch, config):
         engine.generate(**batch, max_new_tokens=4, stopping_criteria=stop_at)
 
 
+def test_a_max_length_criterion_decides_the_length(zoo, batch):
+    """A ``MaxLengthCriteria`` among the caller's criteria takes the place of the one the length options make,
+    as transformers merges the lists: it decides the length, longer or shorter, with a warning; beside
+    ``forced_eos_token_id`` (which transformers would force mid-way) it is refused."""
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    width = batch["input_ids"].shape[1]
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    for length, options in (
+        (width + 9, {"max_new_tokens": 4}),
+        (width + 3, {"max_new_tokens": 8}),
+        (width + 6, {}),
+    ):
+        kwargs = dict(stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(length)]), **options)
+        expected = zoo.target.generate(**batch, do_sample=False, **kwargs)
+        with pytest.warns(
+            UserWarning, match=r"`stopping_criteria` holds a MaxLengthCriteria, which `max_length`"
+        ):
+            out = engine.generate(**batch, **kwargs)
+        assert out.shape[1] == length and torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"`forced_eos_token_id` .* MaxLengthCriteria"):
+        engine.generate(**batch, stopping_criteria=[MaxLengthCriteria(width + 5)], forced_eos_token_id=3)
+
+
 def test_criteria_see_each_token_with_its_scores(zoo, batch):
     """A criterion is called once per new token with the sequence through it and the output scores so far."""
     calls = []
