@@ -296,16 +296,16 @@ class SpeculativeEngine:
     def generate(
         self,
         input_ids: torch.Tensor | None = None,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        num_draft_tokens: int | None = None,
         generation_config: Any = None,
-        streamer: Any = None,
-        cascade: CascadeConfig | None = None,
-        tokenizer: Any = None,
         logits_processor: Any = None,
         stopping_criteria: Any = None,
         prefix_allowed_tokens_fn: Any = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        num_draft_tokens: int | None = None,
+        streamer: Any = None,
+        cascade: CascadeConfig | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateOutput:
         """Generate like ``target.generate()``: ``kwargs`` are ``GenerationConfig`` fields (``max_new_tokens``,
@@ -319,7 +319,8 @@ class SpeculativeEngine:
         tokenizer) is the target's, which ``stop_strings`` need, as in transformers. ``logits_processor``,
         ``prefix_allowed_tokens_fn`` and ``stopping_criteria`` are called one row at a time
         (``processors.py``, ``stopping.py``); the first two run inside the round, so not with
-        ``cuda_graphs``.
+        ``cuda_graphs``. The arguments before ``attention_mask`` may be passed by position, in
+        ``model.generate()``'s order.
 
         Returns ``[batch, prompt + new]`` token ids, padded with ``pad_token_id`` (0 without one) after a
         row's end, or a :class:`GenerateOutput` when ``return_dict_in_generate=True``.

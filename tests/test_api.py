@@ -105,6 +105,25 @@ def test_inputs_alias(target, drafter, batch):
         )
 
 
+def test_arguments_by_position_as_model_generate(target, drafter, batch):
+    """model.generate()'s positional order (inputs, generation_config, logits_processor, stopping_criteria,
+    prefix_allowed_tokens_fn) holds for generate() after the model, and for an engine's generate()."""
+    from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    ids, mask = batch
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
+    stops = [lambda input_ids, scores, **kwargs: input_ids[:, -1] == 7]
+
+    def allowed(batch_id, sent):
+        return list(range(1, 40))
+
+    args = (config, processors, stops, allowed)
+    expected = target.generate(ids, *args, attention_mask=mask)
+    assert_equal(omnidraft_fast.generate(target, ids, *args, attention_mask=mask, drafter=drafter), expected)
+    assert_equal(SpeculativeEngine(target, drafter).generate(ids, *args, attention_mask=mask), expected)
+
+
 def test_drafter_and_assistant_model(target, drafter, batch):
     ids, mask = batch
     expected = reference(target, ids, mask, max_new_tokens=NEW)
