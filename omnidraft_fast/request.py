@@ -289,8 +289,20 @@ def resolve_request(
             "`stopping_criteria` must be a list (e.g. a StoppingCriteriaList) of stopping criteria, callables "
             f"(input_ids, scores) -> bool tensor; got {stopping_criteria!r}"
         )
+    eos_criterion = _criterion(stopping_criteria, "EosTokenCriteria")
+    if (
+        eos_criterion is not None
+        and eos_ids
+        and set(eos_criterion.eos_token_id.flatten().tolist()) != set(eos_ids)
+    ):
+        # transformers' generate() would stop rows at its ids only, eos_token_id still acting on the logits
+        raise ValueError(
+            f"an EosTokenCriteria in `stopping_criteria` stops at {eos_criterion.eos_token_id.flatten().tolist()} "
+            f"and `eos_token_id` is {list(eos_ids)}: transformers lets the criterion take the place of the one "
+            "eos_token_id makes (rows no longer end at eos_token_id); pass one set of EOS ids, as eos_token_id"
+        )
     max_new_tokens = fields.get("max_new_tokens")
-    length_criterion = _length_criterion(stopping_criteria)
+    length_criterion = _criterion(stopping_criteria, "MaxLengthCriteria")
     if length_criterion is not None:
         # The caller's MaxLengthCriteria takes the place of the one the length options make, as transformers'
         # generate() merges the lists: it decides the length (a new token at least).
@@ -479,11 +491,11 @@ def resolve_request(
     )
 
 
-def _length_criterion(stopping_criteria) -> Any:
-    """The first of the caller's ``stopping_criteria`` that is a transformers ``MaxLengthCriteria``, or None."""
-    from transformers.generation.stopping_criteria import MaxLengthCriteria
+def _criterion(stopping_criteria, name: str) -> Any:
+    """The first of the caller's ``stopping_criteria`` of transformers' class ``name`` (not a subclass), or None."""
+    from transformers.generation import stopping_criteria as criteria
 
-    return next((c for c in stopping_criteria or () if type(c) is MaxLengthCriteria), None)
+    return next((c for c in stopping_criteria or () if type(c) is getattr(criteria, name)), None)
 
 
 def _draft_settings(

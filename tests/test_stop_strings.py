@@ -182,6 +182,26 @@ def test_a_max_length_criterion_decides_the_length(zoo, batch):
         engine.generate(**batch, stopping_criteria=[MaxLengthCriteria(width + 5)], forced_eos_token_id=3)
 
 
+def test_an_eos_criterion_with_other_ids_is_refused(zoo, batch):
+    """An ``EosTokenCriteria`` takes the place of the one ``eos_token_id`` makes in transformers: with the same
+    ids it changes nothing and is served; with others (rows would stop at its ids only) it is refused."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria
+
+    engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
+    plain = zoo.target.generate(**batch, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    eos = int(plain[0, -4])
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, stopping_criteria=[EosTokenCriteria(eos)])
+    assert torch.equal(
+        engine.generate(**batch, **kwargs), zoo.target.generate(**batch, do_sample=False, **kwargs)
+    )
+    with pytest.raises(
+        ValueError, match=rf"EosTokenCriteria .* stops at \[{eos + 1}\] and `eos_token_id` is \[{eos}\]"
+    ):
+        engine.generate(
+            **batch, max_new_tokens=8, eos_token_id=eos, stopping_criteria=[EosTokenCriteria(eos + 1)]
+        )
+
+
 def test_criteria_see_each_token_with_its_scores(zoo, batch):
     """A criterion is called once per new token with the sequence through it and the output scores so far."""
     calls = []
