@@ -413,6 +413,12 @@ def resolve_request(
         stop_strings = (stop_strings,)
     if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(t, str) and t for t in stop_strings):
         raise ValueError(f"`stop_strings` must be a non-empty string or a list of them, got {stop_strings!r}")
+    if stop_strings and _criterion(stopping_criteria, "StopStringCriteria") is not None:
+        raise ValueError(
+            "a StopStringCriteria in `stopping_criteria` and `stop_strings` both stop at strings, and transformers "
+            "lets the criterion take the place of the one stop_strings makes (its strings alone would stop "
+            "rows); pass one of them"
+        )
 
     # Rows of a batch that end before the others are padded with pad_token_id: rows ending at an EOS id of
     # the vocabulary, or at a stop (which ends a row only when an EOS id is set, as in transformers).

@@ -184,7 +184,8 @@ def test_a_max_length_criterion_decides_the_length(zoo, batch):
 
 def test_an_eos_criterion_with_other_ids_is_refused(zoo, batch):
     """An ``EosTokenCriteria`` takes the place of the one ``eos_token_id`` makes in transformers: with the same
-    ids it changes nothing and is served; with others (rows would stop at its ids only) it is refused."""
+    ids it changes nothing and is served; with others (rows would stop at its ids only) it is refused. So is a
+    ``StopStringCriteria`` beside ``stop_strings``."""
     from transformers.generation.stopping_criteria import EosTokenCriteria
 
     engine = SpeculativeEngine(zoo.target, zoo.drafter_shared)
@@ -200,6 +201,12 @@ def test_an_eos_criterion_with_other_ids_is_refused(zoo, batch):
         engine.generate(
             **batch, max_new_tokens=8, eos_token_id=eos, stopping_criteria=[EosTokenCriteria(eos + 1)]
         )
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    strings = StopStringCriteria(zoo.target_tokenizer, ["):"])  # the same: one or the other
+    with pytest.raises(ValueError, match=r"a StopStringCriteria in `stopping_criteria` and `stop_strings`"):
+        engine.generate(**batch, max_new_tokens=8, stop_strings=["):"], tokenizer=zoo.target_tokenizer,
+                        stopping_criteria=[strings])  # fmt: skip
 
 
 def test_criteria_see_each_token_with_its_scores(zoo, batch):
