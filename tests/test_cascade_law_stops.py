@@ -17,14 +17,18 @@ a wrong reading: ``"stopped_reads_pi"`` (the position after the stop verified ag
 stop at all), ``"confidence_at_t1"`` (the confidence read from the unfiltered ``T=1`` softmax while
 sampling), ``"head_without_confidence"`` (the head's output without its confidence input). Greedy, the
 same stops (the confidence at ``T=1``) decode token for token as SPEC §3 round by round.
+At ``k = 3``, rows stopping after the first or the second drafted token, ``_three_tokens`` writes the law
+of the first three new tokens round by round.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_model
-from test_cascade_law import P1, P2, ROWS, VOCAB, _emitted, _laws, _tv
+from test_cascade_law import P1, P2, ROWS, VOCAB, _emitted, _laws, _processed, _tv
 from test_lossless_sampling import _tv_bound
 
 from omnidraft_fast import AdaptiveConfig, CascadeConfig, EngineConfig, SpeculativeEngine
@@ -238,3 +242,82 @@ def test_greedy_stops_and_follows_the_rule_token_for_token(
                        cascade=CascadeConfig(rule, alpha), **extra)  # fmt: skip
     assert out[:, 5:].tolist() == want
     assert run.last_stats.drafted_per_round < 3
+
+
+def _three_tokens(models, rule, alpha, sampling, prompt, threshold, process=None, wrong=None) -> torch.Tensor:
+    """[V, V, V] float64: P(first three new tokens) at k = 3 with a confidence stop, round by round. A drafted
+    position emits ``pi`` (``min(q, pi)`` accepted, ``max(0, pi - q)`` recovered, which ends the round); after
+    an accepted token the next position is the bonus, from ``p``, when the row stopped there (its sampled
+    ``q`` under the threshold) or has drafted ``k``, else the next drafted position; a new round starts after
+    a recovered or bonus token. ``wrong="stopped_reads_pi"``: no stop. Both models' logits go through
+    ``process`` (transformers' processors), the confidence reads the processed sampled ``q``."""
+    target, drafter = models
+    laws = {}
+
+    def at(context):  # the accepted and recovered parts of pi, p and q after ``context``
+        if context not in laws:
+            tokens = torch.tensor([context])
+            (q1, q), (p1, p) = (
+                _laws(drafter, tokens, *sampling, process),
+                _laws(target, tokens, *sampling, process),
+            )
+            laws[context] = (*(x[0] for x in _emitted(rule, alpha, q1, p1, q, p)), p[0], q[0])
+        return laws[context]
+
+    def drafted(context, made, left):  # the next position is drafted token ``made + 1`` of its round
+        out = torch.zeros((VOCAB,) * left, dtype=torch.float64)
+        accepted, recovered, _, q = at(context)
+        for a in range(VOCAB):
+            after = (*context, a)
+            stop = made + 1 == 3 or (wrong != "stopped_reads_pi" and bool(q[a] < threshold))
+            out[a] = recovered[a] * rest(drafted, after, 0, left - 1)
+            out[a] += accepted[a] * rest(bonus if stop else drafted, after, made + 1, left - 1)
+        return out
+
+    def bonus(context, made, left):
+        _, _, p, _ = at(context)
+        return torch.stack([p[b] * rest(drafted, (*context, b), 0, left - 1) for b in range(VOCAB)])
+
+    def rest(position, context, made, left):
+        return position(context, made, left) if left else torch.ones((), dtype=torch.float64)
+
+    return drafted(tuple(prompt), 0, 3)
+
+
+# (rule, alpha, (T, top_k, top_p), prompt, threshold, processed)
+THREE_TOKEN_CASES = [
+    ("token_v1", 0.4, (1.3, 0, 0.8), P1, 0.3, False),
+    ("token_v2", 0.5, (1.3, 0, 0.8), P1, 0.3, True),
+]
+
+
+@pytest.mark.law
+@pytest.mark.parametrize(("rule", "alpha", "sampling", "prompt", "threshold", "processed"), THREE_TOKEN_CASES)
+def test_confidence_stops_at_any_drafted_token_keep_the_cascade_law(
+    models, engine, rule, alpha, sampling, prompt, threshold, processed
+):
+    """k = 3 and three new tokens: rows stop after the first or the second drafted token, and the position
+    after a stop (the bonus) is from ``p``, the next round's first from ``pi`` (``_three_tokens``); with a
+    repetition penalty and the drafter's favourite token suppressed, the confidence reads the processed law.
+    It fails if the confidence stops are ignored (TV 0.48 and 0.42 against bounds of 0.12)."""
+    options, process = {}, None
+    if processed:
+        suppressed = [int(_laws(models[1], torch.tensor([prompt]), 1.0, 0, 1.0)[0][0].argmax())]
+        process = functools.partial(_processed, penalty=1.6, suppressed=suppressed)
+        options = dict(repetition_penalty=1.6, suppress_tokens=suppressed)
+    law = _three_tokens(models, rule, alpha, sampling, prompt, threshold, process)
+    bound = _tv_bound(law, ROWS, DELTA)
+    misread = _three_tokens(models, rule, alpha, sampling, prompt, threshold, process, "stopped_reads_pi")
+    assert 0.5 * (law - misread).abs().sum().item() > 2 * bound, "the case cannot tell the misreading apart"
+    torch.manual_seed(778)
+    temperature, top_k, top_p = sampling
+    out = engine.generate(
+        torch.tensor([prompt]).expand(ROWS, -1), max_new_tokens=3, num_draft_tokens=3, do_sample=True,
+        temperature=temperature, top_k=top_k, top_p=top_p, cascade=CascadeConfig(rule, alpha),
+        assistant_confidence_threshold=threshold, **options,
+    )  # fmt: skip
+    new = out[:, len(prompt) :]
+    cells = (new[:, 0] * VOCAB + new[:, 1]) * VOCAB + new[:, 2]
+    empirical = torch.bincount(cells, minlength=VOCAB**3).double() / ROWS
+    tv = 0.5 * (empirical - law.flatten()).abs().sum().item()
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
