@@ -83,7 +83,8 @@ class Rounds:
         # How a drafter with another vocabulary has its logits processed (`_processed_across`): each target
         # id's drafter twin and whether it has one [V_t]; each drafter id's first target token (its twin, or
         # the first piece of its split) and whether it has one, and whether it is that token's canonical
-        # twin (not a duplicate such as `<0x20>` beside `▁`, nor a split) [V_d].
+        # twin (not a duplicate such as `<0x20>` beside `▁`, nor a split) [V_d]; the split drafter tokens
+        # whose first piece has no drafter twin (the zoo's `):\n`, say), and that piece.
         self._twins: tuple[torch.Tensor, ...] | None = None
         if bridge is not None:
             t2d, d2t = bridge.t2d.long(), bridge.d2t.long()
@@ -92,7 +93,9 @@ class Rounds:
             )
             ids = torch.arange(d2t.shape[0], device=d2t.device)
             canonical = bridge.mappable & (t2d[d2t.clamp_min(0)] == ids)
-            self._twins = t2d.clamp_min(0), t2d >= 0, first.clamp_min(0), first >= 0, canonical
+            lone = ~bridge.mappable & (first >= 0) & (t2d[first.clamp_min(0)] < 0)
+            self._twins = (t2d.clamp_min(0), t2d >= 0, first.clamp_min(0), first >= 0, canonical,
+                           ids[lone], first[lone])  # fmt: skip
 
     @property
     def mode(self) -> str:
@@ -557,20 +560,24 @@ class Rounds:
     ) -> torch.Tensor:
         """[batch, V_d] a drafter with another vocabulary: its ``logits`` at draft step ``i`` processed through
         the twins (drafter ids that spell one target token), so that what the processing forbids or favours
-        is drafted less or more. The twins' logits are laid on their target ids (the others at -inf) and
-        processed there at the position the step would have if each drafted token were one target token; a
+        is drafted less or more. The twins' logits are laid on their target ids (a split token's first piece
+        that has no twin takes the largest of its split tokens' logits, so that the processing judges it too;
+        the others at -inf) and processed there at the position the step would have if each drafted token
+        were one target token; a
         canonical twin takes its target id's processed logit, and a token whose first target token (a
         duplicate twin's, a split token's first piece) the processing forbids is masked. Other drafter ids
         keep their logits, as does a row with a token before this one that has no twin (its context is
         unknown) or that the processing would leave nothing to draft (``allowed``: the TLI mask). An
         approximation of the processed law, for acceptance only: verification reads the law the drafter
         drew from, so outputs are exactly as without it."""
-        to_drafter, has_twin, to_target, has_target, canonical = self._twins
+        to_drafter, has_twin, to_target, has_target, canonical, lone, lone_first = self._twins
         batch = logits.shape[0]
         logits = logits.float()
         drafted = state.draft_ids[:, :i]
         drafted = torch.where(self.bridge.mappable[drafted], to_target[drafted], -1)  # [batch, i] target ids
         on_target = logits.gather(1, to_drafter.expand(batch, -1)).masked_fill(~has_twin, -torch.inf)
+        if lone.numel():  # a first piece with no twin gets its split tokens' largest logit, to be judged
+            on_target = on_target.scatter_reduce(1, lone_first.expand(batch, -1), logits[:, lone], "amax")
         back = self._processed(state, on_target, drafted, i).gather(1, to_target.expand(batch, -1))
         forbidden = has_target & back.isneginf()
         processed = torch.where(canonical, back, logits.masked_fill(forbidden, -torch.inf))

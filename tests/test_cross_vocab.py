@@ -577,6 +577,43 @@ def test_processing_reaches_a_drafter_across_vocabularies(pair, translation, mon
         assert rate > 1.2 * unprocessed_rate + 0.05, (options, rate, unprocessed_rate)
 
 
+def test_processing_that_forbids_nothing_drafts_as_without_it():
+    """Processing that changes no logit (a zero bias) leaves the processed drafter's drafts as they are, split
+    tokens included: a split token whose first target piece has no drafter twin (the zoo's ``):\n``, which a
+    hook makes the drafter's favourite here) is judged by the processing at that piece, where it was masked
+    as if the processing forbade it whenever any processing was on (no split token proposed then)."""
+    from omnidraft_fast.zoo import load
+
+    zoo = load("code-pair")
+    tokenizer, drafter_tokenizer = zoo.target_tokenizer, zoo.drafter_tokenizer
+    drafter = copy.deepcopy(zoo.drafter_cross)
+    engine = SpeculativeEngine(zoo.target, drafter, target_tokenizer=tokenizer,
+                               drafter_tokenizer=drafter_tokenizer)  # fmt: skip
+    bridge = engine.bridge
+    favourite = drafter_tokenizer.convert_tokens_to_ids("):\n")
+    first_piece = int(bridge.d2ts[favourite, 0])
+    assert (
+        not bridge.mappable[favourite] and bridge.t2d[first_piece] < 0
+    )  # a split with no twin for its first
+
+    def favour(module, inputs, output):
+        return output + 30 * torch.nn.functional.one_hot(torch.tensor(favourite), output.shape[-1])
+
+    drafter.lm_head.register_forward_hook(favour)
+    ids = tokenizer(["def main(argv"], return_tensors="pt").input_ids
+
+    def run(**options):
+        out = engine.generate(ids, max_new_tokens=12, return_dict_in_generate=True, **options)
+        return out.sequences, out.stats
+
+    plain, plain_stats = run()
+    biased, biased_stats = run(sequence_bias={(first_piece,): 0.0})
+    assert torch.equal(biased, plain) and torch.equal(plain, zoo.target.generate(ids, max_new_tokens=12))
+    assert plain_stats.split_proposed > 0
+    for name in ("proposed", "accepted", "split_proposed", "split_accepted"):
+        assert getattr(biased_stats, name) == getattr(plain_stats, name), name
+
+
 @pytest.mark.law
 @pytest.mark.parametrize("translation", ["tli", "omnidraft"])
 def test_processed_sampling_is_lossless_across_vocabularies(pair, translation):
