@@ -255,7 +255,11 @@ def report(folder: Path) -> dict:
         path = folder / f"bench_{op}.json"
         if not path.exists():
             continue
-        cases = _cases(path)
+        try:
+            cases = _cases(path)
+        except (json.JSONDecodeError, KeyError):  # empty or partial: its step's time limit cut it off
+            result.setdefault("unread", []).append(path.name)
+            continue
         devices |= {c["extra"]["device"] for c in cases if "device" in c["extra"]}
         result["ops"][op] = summarise(cases)
     tunes = sorted(folder.glob("tune-*.json"))
@@ -283,6 +287,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Kernel microbenchmarks ({result['device']})", ""]
     if result["environment"]:
         lines += ["```", result["environment"], "```", ""]
+    if result.get("unread"):
+        lines += [f"Not read (empty or cut off by its step's time limit): {', '.join(result['unread'])}.", ""]
     for op, summary in result["ops"].items():
         lines += [f"## {op}", ""]
         if "note" in summary:

@@ -255,7 +255,9 @@ def _attend(attention, q, k, v, mask, cache, index: int, scale: float, dropout: 
     )
     if n == 1:  # [batch, kv_heads, groups, head_dim] is already heads-major: one view
         return out.reshape(batch, -1)
-    return out.view(batch, heads, n, out.shape[-1]).transpose(1, 2).reshape(batch * n, -1)
+    # A reshape, not a view: CUDA's attention kernels may return [.., groups * n, ..] laid out so that no
+    # view splits it (the CPU's are contiguous), and a view then fails.
+    return out.reshape(batch, heads, n, out.shape[-1]).transpose(1, 2).reshape(batch * n, -1)
 
 
 def _fold(mask: torch.Tensor, groups: int) -> torch.Tensor:

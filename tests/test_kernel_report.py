@@ -165,6 +165,24 @@ def test_prompt_lookup_table(tmp_path, kernel_report):
     assert "## lookup" in kernel_report.markdown(kernel_report.report(tmp_path))
 
 
+def test_a_benchmark_cut_off_before_it_wrote_is_named_not_read(tmp_path, kernel_report):
+    """A step's time limit can stop pytest-benchmark before it writes its JSON (an empty file, as the H200 run
+    of 2026-12-04 left bench_ngram.json): the report goes on with the others and names it."""
+    params = {"batch": 8, "context": 8192, "ngram": 2}
+    _write(
+        tmp_path,
+        "lookup",
+        [_case("test_lookup", {**params, "implementation": "triton"}, 5e-6, bytes_moved=5e5)],
+    )
+    (tmp_path / "bench_ngram.json").write_text("")
+    result = kernel_report.report(tmp_path)
+    assert list(result["ops"]) == ["lookup"] and result["unread"] == ["bench_ngram.json"]
+    assert (
+        "Not read (empty or cut off by its step's time limit): bench_ngram.json."
+        in kernel_report.markdown(result)
+    )
+
+
 def test_an_empty_folder_is_an_error(tmp_path, kernel_report):
     with pytest.raises(SystemExit):
         kernel_report.main([str(tmp_path)])

@@ -262,3 +262,27 @@ def test_a_class_whose_forward_is_patched_after_a_request_runs_its_forward(patch
     assert len(_step_names(runner)) > len(written_out)  # the patched forward's ops, not the written-out ones
     monkeypatch.undo()
     assert _step_names(runner) == written_out
+
+
+def test_attention_output_in_any_layout(monkeypatch):
+    """CUDA's attention kernels may return grouped-query output laid out so that no view splits its query
+    axis (the H200 run of 2026-12-04 failed there, in a test with threads capturing): the lean forward reads
+    any layout, with the same logits."""
+    model = tiny_model("llama", VOCAB, seed=7, kv_heads=2)  # four query heads on two key/value heads
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    slots = torch.arange(5).expand(2, 5)
+
+    def logits() -> torch.Tensor:
+        runner = CausalLM(model, "model", lean=True)
+        assert runner.lean
+        runner.begin(torch.tensor([0, 0]), max_slots=16)
+        return runner.forward(tokens, slots, last_only=False, hidden=True)[0]
+
+    expected = logits()
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def transposed(*args, **kwargs):  # the same values, stored [batch, queries, kv_heads, head_dim]
+        return attention(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed)
+    assert torch.equal(logits(), expected)
