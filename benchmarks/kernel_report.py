@@ -17,8 +17,8 @@ Translation and prompt lookup's draft have no goal: their tables compare the thr
 
 Those timings include the host's launches and a sync. Where ``DIR`` also holds ``tune-<device>.json``
 (``benchmarks/tune_kernels.py``), a section ``device time`` checks the bandwidth goals again on device
-time (CUDA-graph replays), at the vocabulary tile the engine runs (the launchers' default ``block``; the
-fastest tile measured is listed beside it), against the eager reference (that script does not compile).
+time (CUDA-graph replays), at the vocabulary tile the engine runs (the launchers' default ``block``, as
+the sweep records it; the fastest tile measured is listed beside it), against the eager reference (that script does not compile).
 A goal whose baseline was not measured (a compile that failed, no copy case) reads "n/a", neither met
 nor missed.
 
@@ -31,19 +31,17 @@ Writes ``kernels-<device>.json`` and ``.md`` (``<device>`` from the benchmarks' 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 from pathlib import Path
-
-from omnidraft_fast.kernels.sampling import sample_triton
 
 from omnidraft_fast.report import write_results
 
 GOAL_COPY_SHARE, GOAL_VS_EAGER, GOAL_VS_COMPILE = 0.8, 3.0, 1.5
 GOAL_LOOKUPS, GOAL_INSERTS = 500e6, 200e6  # keys per second
 IMPLEMENTATIONS = ("eager", "compile", "triton")
-SHIPPED_BLOCK = inspect.signature(sample_triton).parameters["block"].default  # the tile the engine runs
+# The tile the engine ran in sweeps that recorded none (before 2026-12-04's change of sampling and match to 2048).
+SWEPT_BEFORE_BLOCK = 1024
 
 
 def _cases(path: Path) -> list[dict]:
@@ -224,10 +222,11 @@ def device_time(tune: dict) -> dict:
             if key.startswith("triton ") and times["graph"] is not None
         }
         copy_us, eager_us = case["copy"]["graph"], case["eager"]["graph"]
-        if SHIPPED_BLOCK not in tiles:
+        shipped = case.get("block", SWEPT_BEFORE_BLOCK)  # tune_kernels.py records the tile the engine runs
+        if shipped not in tiles:
             continue
-        triton_us = tiles[SHIPPED_BLOCK]
-        row = {"shape": {"case": name}, "block": SHIPPED_BLOCK, "triton_us": triton_us}
+        triton_us = tiles[shipped]
+        row = {"shape": {"case": name}, "block": shipped, "triton_us": triton_us}
         row["triton_gb_per_s"] = case["bytes_moved"] / triton_us / 1e3
         if copy_us is not None:
             row["copy_us"] = copy_us

@@ -19,6 +19,7 @@ The two files are written after each case too, marked partial, so that a run cut
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 from pathlib import Path
 
@@ -36,6 +37,11 @@ from omnidraft_fast.report import environment, provenance, write_results
 ROWS, VOCAB = 72, 128256
 BATCH, K = 8, 8
 BLOCKS = (1024, 2048, 4096)
+# The tile the engine runs per op (the launchers' default): the per-kernel times are taken there.
+SHIPPED = {
+    op: inspect.signature(launcher).parameters["block"].default
+    for op, launcher in (("sample", sample_triton), ("verify", verify_triton), ("match", match_triton))
+}
 SETS = 4  # input sets per case, 4 x 18.5 MB of logits > the 50 MB L2 of an H200
 SAMPLING = {  # name: (temperature, top_k, top_p, probs); probs False: the ids alone (exact-match draft steps)
     "greedy": (0.0, 0, 1.0, True),
@@ -126,7 +132,7 @@ def _print_case(op: str, name: str, case: dict) -> None:
 def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) -> dict:
     sets = _sampling_sets(temperature)
 
-    def triton_(logits, noise, block=1024):
+    def triton_(logits, noise, block=SHIPPED["sample"]):
         return sample_triton(logits, noise, temperature, top_k, top_p, probs=probs, block=block)
 
     logits, noise = sets[0]
@@ -145,7 +151,7 @@ def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) ->
 def _match_case(temperature: float) -> dict:
     sets = [match_inputs(BATCH, K, VOCAB, temperature, seed) for seed in range(SETS)]
 
-    def triton_(logits, draft_ids, noise, block=1024):
+    def triton_(logits, draft_ids, noise, block=SHIPPED["match"]):
         return match_triton(logits, draft_ids, noise, temperature, 0, 1.0, block=block)
 
     logits, _, noise = sets[0]
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def add(op: str, name: str, key: str, case: dict) -> None:
         """Keep ``case`` and write the results so far: a run cut short keeps the cases it measured."""
-        result["cases"][key] = case
+        result["cases"][key] = {"block": SHIPPED[op], **case}  # the tile the engine runs (kernel_report.py)
         _print_case(op, name, case)
         write_results(stem, result, _markdown(result), complete=False)
 
@@ -186,7 +192,18 @@ def main(argv: list[str] | None = None) -> None:
     copy = _copy_times(sets)
     for name, (top_k, top_p) in VERIFY.items():
 
-        def verify(logits, draft, probs, uniforms, noise, rule, alpha, block=1024, top_k=top_k, top_p=top_p):
+        def verify(
+            logits,
+            draft,
+            probs,
+            uniforms,
+            noise,
+            rule,
+            alpha,
+            block=SHIPPED["verify"],
+            top_k=top_k,
+            top_p=top_p,
+        ):
             return verify_triton(
                 logits,
                 draft,
@@ -247,7 +264,11 @@ def _markdown(result: dict) -> str:
     for name, case in result["cases"].items():
         lines.append(f"| {name} | {' | '.join(cell(case[c]) for c in columns)} |")
     for name, case in result["cases"].items():
-        lines += ["", f"Device time per call by kernel, {name}, block 1024, the 4 sets in turn (us):", ""]
+        lines += [
+            "",
+            f"Device time per call by kernel, {name}, block {case['block']}, the 4 sets in turn (us):",
+            "",
+        ]
         lines += [f"- `{kernel}`: {us}" for kernel, us in case["per_kernel"].items()]
     return "\n".join(lines) + "\n"
 

@@ -203,7 +203,7 @@ def match_triton(
     top_k: int,
     top_p: float,
     *,
-    block: int = 1024,
+    block: int = 2048,  # the fastest tile at the goal shapes on an H200 (benchmarks/TUNING.md)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``match_reference`` in Triton (module docstring); ``block`` is the tile of the vocabulary."""
     batch, width, vocab = target_logits.shape

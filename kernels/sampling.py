@@ -334,7 +334,7 @@ def sample_triton(
     mask: torch.Tensor | None = None,  # [vocab] bool, True = allowed
     *,
     probs: bool = True,
-    block: int = 1024,
+    block: int = 2048,  # the fastest tile at the goal shapes on an H200 (benchmarks/TUNING.md)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # ids [rows] int64, probs [rows, vocab] fp32 (None: ids only)
     """``sample_reference`` in Triton (see the module docstring); ``block`` is the tile of the vocabulary.
     With ``probs=False`` no distribution is allocated or written (the kernels' ``WRITE_PROBS``/``ONE_HOT``
