@@ -169,6 +169,9 @@ class Processors:
         max_new_tokens: int,
     ):
         self.processing, self.tokens, self.prompt, self.vocab = processing, tokens, prompt, vocab
+        # the caller's processors that take a slot (Processing.overrides): the built-in state of those slots
+        # that a round keeps up (the tokens seen, the prompt's tokens and n-grams) is not built
+        self.overrides = dict(processing.overrides)
         self.max_new_tokens = max_new_tokens
         batch, device = tokens.shape[0], tokens.device
 
@@ -206,17 +209,17 @@ class Processors:
         # [batch, W, n] for encoder_no_repeat_ngram_size.
         prompt_ids = tokens[:, 1 : 1 + prompt]
         self.prompt_tokens = None
-        if p.encoder_repetition_penalty != 1.0:
+        if p.encoder_repetition_penalty != 1.0 and "encoder_repetition_penalty" not in self.overrides:
             self.prompt_tokens = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
             self.prompt_tokens.scatter_(1, prompt_ids, True)
         self.prompt_ngrams = None
-        if p.encoder_no_repeat_ngram_size:
+        if p.encoder_no_repeat_ngram_size and "encoder_no_repeat_ngram_size" not in self.overrides:
             size = p.encoder_no_repeat_ngram_size
             self.prompt_ngrams = (
                 prompt_ids.unfold(1, size, 1) if prompt >= size else prompt_ids.new_zeros(batch, 0, size)
             )
         self.seen = None
-        if p.repetition_penalty != 1.0:
+        if p.repetition_penalty != 1.0 and "repetition_penalty" not in self.overrides:
             ids = tokens[:, 1 : 1 + prompt]
             if _penalty_skips_padding():
                 slots = torch.arange(1, 1 + prompt, device=device)
@@ -240,11 +243,10 @@ class Processors:
         new = generated[:, None] + positions  # [batch, n] new tokens before each
         sequence = self._sequence(proposal, generated) if self._reads_sequence else None
         calls = self._calls(proposal, new, active, first) if p.calls_python else None
-        caller = dict(p.overrides)  # the caller's processors that take a slot (Processing.overrides)
+        caller = self.overrides
 
-        def takes(
-            slot: str,
-        ) -> bool:  # the caller's processor for ``slot`` runs there instead, as in transformers
+        def takes(slot: str) -> bool:
+            """Whether the caller's processor takes ``slot``; if so it runs there, as in transformers."""
             nonlocal logits
             if slot not in caller:
                 return False
