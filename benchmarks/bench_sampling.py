@@ -35,11 +35,11 @@ IMPLS = ["eager", "compile", "triton"]
 _COMPILE_BUG = "inductor split-scan codegen, pytorch/pytorch#180221"
 
 
-def sampling_inputs(rows: int, vocab: int, seed: int = 0):
-    """bf16 logits (standard normal x 3) and fp32 Exp(1) noise, both [rows, vocab] on CUDA."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    logits = torch.randn(rows, vocab, device="cuda", generator=generator).mul_(3).to(torch.bfloat16)
-    noise = torch.empty(rows, vocab, device="cuda").exponential_(generator=generator)
+def sampling_inputs(rows: int, vocab: int, seed: int = 0, device: str | torch.device = "cuda"):
+    """bf16 logits (standard normal x 3) and fp32 Exp(1) noise, both [rows, vocab] on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(rows, vocab, device=device, generator=generator).mul_(3).to(torch.bfloat16)
+    noise = torch.empty(rows, vocab, device=device).exponential_(generator=generator)
     return logits, noise
 
 

@@ -12,6 +12,7 @@ host's launch time shows where it exceeds the device's), every call on one of 4 
 the default tile, the sets in turn too.
 
     python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
+    python benchmarks/tune_kernels.py --out DIR --only top_p top-p     # the cases with a threshold search
 
 The two files are written after each case too, marked partial, so that a run cut short keeps its cases.
 """
@@ -101,9 +102,10 @@ def _verify_sets() -> list:  # (logits, draft_ids, probs, uniforms, noise, rule,
     return [verify_inputs(BATCH, K, VOCAB, cross_vocab=False, seed=seed)[:7] for seed in range(SETS)]
 
 
-def _kernel_times(fn, sets: list, calls: int = 3 * SETS) -> dict[str, float]:
-    """Device microseconds per call of each kernel ``fn(*one of sets)`` launches (summed over its launches),
-    the sets taken in turn as in ``_times``, so that the inputs are not left in the L2 cache."""
+def _kernel_times(fn, sets: list, calls: int = 3 * SETS) -> dict[str, dict]:
+    """Device microseconds per call of each kernel ``fn(*one of sets)`` launches (``per_kernel``: summed
+    over its launches), the sets taken in turn as in ``_times``, so that the inputs are not left in the L2
+    cache; and, for a kernel a call launches more than once, each launch's (``per_launch``, below)."""
     fn(*sets[0])
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
@@ -117,7 +119,31 @@ def _kernel_times(fn, sets: list, calls: int = 3 * SETS) -> dict[str, float]:
             total = event.self_cuda_time_total
         if total > 0:
             times[event.key] = round(total / calls, 2)
-    return dict(sorted(times.items(), key=lambda item: -item[1]))
+    kernels = sorted(
+        (event for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda event: event.time_range.start,
+    )
+    launches = [(event.name, event.time_range.elapsed_us()) for event in kernels]
+    return {
+        "per_kernel": dict(sorted(times.items(), key=lambda item: -item[1])),
+        "per_launch": launch_sequence(launches, calls),
+    }
+
+
+def launch_sequence(launches: list[tuple[str, float]], calls: int) -> dict[str, list[float]]:
+    """The median device microseconds of each kernel's i-th launch within a call, for the kernels a call
+    launches more than once (the threshold search's passes: which of them read the logits, and at what
+    cost), from ``launches``, (kernel, microseconds) in launch order over ``calls`` identical calls. A
+    kernel whose launches do not divide evenly over the calls is left out, not guessed at."""
+    by_kernel: dict[str, list[float]] = {}
+    for kernel, us in launches:
+        by_kernel.setdefault(kernel, []).append(us)
+    sequence = {}
+    for kernel, times in by_kernel.items():
+        per_call, rest = divmod(len(times), calls)
+        if per_call > 1 and rest == 0:
+            sequence[kernel] = [round(statistics.median(times[i::per_call]), 2) for i in range(per_call)]
+    return sequence
 
 
 def _copy_times(sets: list) -> dict[str, float | None]:
@@ -126,7 +152,8 @@ def _copy_times(sets: list) -> dict[str, float | None]:
 
 
 def _print_case(op: str, name: str, case: dict) -> None:
-    print(op, name, {k: v for k, v in case.items() if isinstance(v, dict) and k != "per_kernel"}, flush=True)
+    skip = ("per_kernel", "per_launch")
+    print(op, name, {k: v for k, v in case.items() if isinstance(v, dict) and k not in skip}, flush=True)
 
 
 def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) -> dict:
@@ -144,7 +171,7 @@ def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) ->
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, e, b=block: triton_(x, e, b), sets)
-    case["per_kernel"] = _kernel_times(triton_, sets)
+    case.update(_kernel_times(triton_, sets))
     return case
 
 
@@ -163,14 +190,24 @@ def _match_case(temperature: float) -> dict:
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, d, e, b=block: triton_(x, d, e, b), sets)
-    case["per_kernel"] = _kernel_times(triton_, sets)
+    case.update(_kernel_times(triton_, sets))
     return case
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TEXT",
+        help="run only the cases whose name holds one of these (e.g. 'top-p' 'top_p': the threshold search)",
+    )
     args = parser.parse_args(argv)
+
+    def wanted(key: str) -> bool:
+        return not args.only or any(text in key for text in args.only)
+
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py needs a CUDA device")
     device = torch.cuda.get_device_name()
@@ -185,12 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         write_results(stem, result, _markdown(result), complete=False)
 
     for name, (temperature, top_k, top_p, probs) in SAMPLING.items():
-        case = _sampling_case(temperature, top_k, top_p, probs)
-        add("sample", name, f"sample {name} [{ROWS}, {VOCAB}]", case)
+        if wanted(key := f"sample {name} [{ROWS}, {VOCAB}]"):
+            add("sample", name, key, _sampling_case(temperature, top_k, top_p, probs))
 
-    sets = _verify_sets()
-    copy = _copy_times(sets)
-    for name, (top_k, top_p) in VERIFY.items():
+    verifications = {name: case for name, case in VERIFY.items() if wanted(f"verify {name}")}
+    sets = _verify_sets() if verifications else []
+    copy = _copy_times(sets) if verifications else {}
+    for name, (top_k, top_p) in verifications.items():
 
         def verify(
             logits,
@@ -234,12 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         for block in BLOCKS:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
-        case["per_kernel"] = _kernel_times(verify, sets)
+        case.update(_kernel_times(verify, sets))
         add("verify", name, f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
 
     for name, temperature in MATCH.items():
-        case = _match_case(temperature)
-        add("match", name, f"match {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
+        if wanted(key := f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"):
+            add("match", name, key, _match_case(temperature))
 
     write_results(stem, result, _markdown(result), complete=True)
 
@@ -270,6 +308,8 @@ def _markdown(result: dict) -> str:
             "",
         ]
         lines += [f"- `{kernel}`: {us}" for kernel, us in case["per_kernel"].items()]
+        for kernel, times in case.get("per_launch", {}).items():
+            lines += ["", f"Each launch of `{kernel}` in a call, in order (us): {', '.join(map(str, times))}"]
     return "\n".join(lines) + "\n"
 
 

@@ -17,19 +17,20 @@ __all__ = ["chunking", "load_z", "race_step", "row_max_sum", "target_programs"]
 
 
 @functools.cache
-def target_programs(device: torch.device) -> int:
-    """Programs a pass over rows aims at: four per SM on a GPU (4 under the interpreter)."""
+def target_programs(device: torch.device, per_sm: int = 4) -> int:
+    """Programs a pass over rows aims at: ``per_sm`` per SM on a GPU (4 under the interpreter)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def chunking(width: int, rows: int, block: int, device: torch.device) -> tuple[int, int]:
+def chunking(width: int, rows: int, block: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
     """(chunk, splits): the chunk of whole ``block`` tiles each program of a row of ``width`` (a vocabulary,
     or prompt lookup's slots) takes, and how many programs a row has, for about ``target_programs``
     programs over ``rows`` rows."""
     blocks = triton.cdiv(width, block)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(target_programs(device), rows)))) * block
+    programs = target_programs(device, per_sm)
+    chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, rows)))) * block
     return chunk, triton.cdiv(width, chunk)
 
 

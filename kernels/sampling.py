@@ -41,7 +41,7 @@ over the vocabulary:
 1. ``_stats_kernel``: an online softmax per chunk (running max, rescaled sum);
    greedy instead finds the chunk's argmax (and writes the zero probabilities, unless ids only).
 2. top-k/top-p only: ``thresholds.launch_thresholds``, the exact search for ``t``
-   and ``c`` in a fixed number of passes over the same grid (no host sync).
+   and ``c`` in a fixed number of passes over a grid of its own (no host sync).
 3. ``_probs_kernel``: writes ``q`` (unless ids only) and each chunk's race winner
    (reads the logits again, mostly from L2, and the noise).
 4. ``_finish_kernel`` (one program per row): the first winner over the chunks;
@@ -374,7 +374,7 @@ def sample_triton(
     if filtered:
         row_z, row_t, row_c = launch_thresholds(
             logits, mask_arg if has_mask else None, logits.stride(0), part_m, part_aux, rows, vocab, temperature,
-            top_k, top_p, chunk, block,
+            top_k, top_p, block,
         )  # fmt: skip
     win_val = torch.empty(rows, splits, dtype=torch.float32, device=device)
     win_id = torch.empty(rows, splits, dtype=torch.int64, device=device)

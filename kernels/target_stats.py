@@ -179,7 +179,7 @@ def target_stats(
     row_z = row_t = row_c = part_aux  # unused unless filtered
     if filtered:
         row_z, row_t, row_c = launch_thresholds(
-            target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, chunk, block
+            target_logits, None, stride_lj, part_m, part_aux, rows, vocab, temperature, top_k, top_p, block
         )  # fmt: skip
     return TargetStats(
         target_logits,

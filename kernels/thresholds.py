@@ -3,18 +3,22 @@
 The kept set of a filtered row is a threshold (``sampling.py``'s module docstring states the rule):
 ``{v : z_v > t} ∪ {v : z_v == t, v >= c}``. The search runs on order-preserving int32 keys of ``z``
 (the idea of FlashInfer's pivot samplers, made exact), one 4-bit digit per pass, most significant first.
-``_threshold_pass_kernel`` runs over the ``[rows, splits]`` grid of the statistics pass that precedes it
-(its per-chunk online-softmax partials give each row's max and mass) and is launched a fixed number of
-times: each launch combines the chunks' histograms of the previous one, picks the digit holding the
-answer and either ends the search (one distinct key left) or narrows to it, then histograms its chunk's
-keys that match the digits picked so far (count, mass, smallest and largest key per digit value,
-accumulated in registers and reduced once). Every program of a row advances the same state, and program 0
-writes it: two halves, read by one pass and written by the next.
+``_threshold_pass_kernel`` runs over a ``[rows, splits]`` grid of its own (chunks of whole tiles, more
+programs than the other passes: ``PROGRAMS_PER_SM``) and reads each row's max and mass from the
+statistics pass's per-chunk online-softmax partials. It is launched a fixed number of times. Each launch
+combines the previous one's per-chunk results for the set of keys that match the digits picked so far
+(the set holding the answer): the set's histogram of the next digit (count and mass per digit value) and
+its smallest and largest key. A set of one key is the answer; otherwise the launch picks the digit that
+holds the answer and narrows to it (a digit picked at the last place is one key, the answer too). Then it
+histograms its chunk's keys in the narrowed set, a tile at a time: the counts with ``tl.histogram``, the
+mass per digit with one sum per digit value, and a tile without a key in the set costs its read alone.
+Every program of a row advances the same state, and program 0 writes it: two halves, read by one pass and
+written by the next.
 
-Top-k and top-p are one search of at most 8 passes each (usually 3-5); a top-p boundary inside a group of
-equal logits adds a search over ids (``ceil(log16 V)`` passes, 5 at V = 128256) for the cut ``c``. A row
-whose searches ended returns at once in the remaining launches; tiles without a candidate key skip the
-histogram.
+Top-k and top-p are one search of at most 8 passes each (usually 3-5: a set of one key ends a search one
+pass after the digit that left it); a top-p boundary inside a group of equal logits adds a search over ids
+(``ceil(log16 V)`` passes, 5 at V = 128256) for the cut ``c``, whose histograms count alone. A row whose
+searches ended returns at once in the remaining launches.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import load_z, row_max_sum
+from .rows import chunking, load_z, row_max_sum
 
 __all__ = ["launch_thresholds"]
 
 _BUCKETS = 16  # a search pass histograms one 4-bit digit of the keys
+# Programs per SM of a pass (``rows.chunking``): four times the other passes' four, since a pass is bound by
+# the latency of its tile loop (a read and a block-wide test per tile), which more resident warps hide.
+PROGRAMS_PER_SM = 16
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 # The threshold searches' state per row: int64 slots, then fp32 slots (``_threshold_pass_kernel``).
@@ -59,14 +66,14 @@ def _key32(z):
 def _threshold_pass_kernel(
     logits_ptr,  # [rows, vocab]
     mask_ptr,  # [vocab] uint8 (HAS_MASK)
-    part_m_ptr,  # [rows, splits] fp32: chunk max of z
-    part_z_ptr,  # [rows, splits] fp32: chunk sum of exp(z - chunk max)
+    part_m_ptr,  # [rows, stats] fp32: the statistics pass's chunk max of z
+    part_z_ptr,  # [rows, stats] fp32: its chunk sum of exp(z - chunk max)
     state_i_ptr,  # [2, rows, _NI] int64: the search state (one half read, the other written)
     state_f_ptr,  # [2, rows, _NF] fp32
     hist_n_ptr,  # [2, rows, splits, BUCKETS] int32: each chunk's count per digit
     hist_s_ptr,  # [2, rows, splits, BUCKETS] fp32: its mass exp(z - m)
-    hist_lo_ptr,  # [2, rows, splits, BUCKETS] int32: its smallest key
-    hist_hi_ptr,  # [2, rows, splits, BUCKETS] int32: its largest key
+    set_lo_ptr,  # [2, rows, splits] int32: its smallest key matching the prefix
+    set_hi_ptr,  # [2, rows, splits] int32: its largest
     row_z_ptr,  # [rows] fp32 out (when the row's searches end): mass of the kept set, relative to exp(max z)
     row_t_ptr,  # [rows] fp32 out: threshold t
     row_c_ptr,  # [rows] int64 out: first kept id among z == t
@@ -76,9 +83,11 @@ def _threshold_pass_kernel(
     temperature,
     top_k,
     top_p_rest,  # 1 - top_p, taken in double precision on the host
+    stats,
     chunk,
     splits,
     id_shift,  # the id search's first digit: ids need id_shift + 4 bits
+    STATS_P2: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     TOP_K: tl.constexpr,
     TOP_P: tl.constexpr,
@@ -88,11 +97,11 @@ def _threshold_pass_kernel(
     BLOCK: tl.constexpr,
     BUCKETS: tl.constexpr,
 ):
-    """One pass of the threshold searches (module docstring, step 2): advance the row's state with the
-    previous pass's digit histograms, then histogram this program's chunk for the next digit."""
+    """One pass of the threshold searches (module docstring): advance the row's state with the previous
+    pass's histograms, then histogram this program's chunk for the next digit."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    m, total = row_max_sum(part_m_ptr, part_z_ptr, row, splits, SPLITS_P2)
+    m, total = row_max_sum(part_m_ptr, part_z_ptr, row, stats, STATS_P2)
     src_i = state_i_ptr + ((1 - PARITY) * rows + row) * _NI
     src_f = state_f_ptr + ((1 - PARITY) * rows + row) * _NF
     if FIRST:
@@ -125,16 +134,18 @@ def _threshold_pass_kernel(
         norm = tl.load(src_f + _NORM)
         goal_s = tl.load(src_f + _GOAL_S)
         norm_out = tl.load(src_f + _NORM_OUT)
-        # The previous pass's histograms (of the digit at ``shift``, over the keys matching ``prefix``).
+        # The previous pass's histograms of the digit at ``shift`` over the set of keys matching ``prefix``
+        # (which holds the answer), and the set's smallest and largest key.
         bucket = tl.arange(0, BUCKETS)
-        chunks = tl.arange(0, SPLITS_P2)[:, None]
-        cells = (((1 - PARITY) * rows + row) * splits + chunks) * BUCKETS + bucket[None, :]
+        chunks = tl.arange(0, SPLITS_P2)
+        cells = (((1 - PARITY) * rows + row) * splits + chunks[:, None]) * BUCKETS + bucket[None, :]
         # [SPLITS_P2, BUCKETS]; a row past its searches reads stale cells and ignores what it read
-        live = (chunks < splits) & (bucket[None, :] < BUCKETS)
+        live = (chunks[:, None] < splits) & (bucket[None, :] < BUCKETS)
         n_b = tl.sum(tl.load(hist_n_ptr + cells, mask=live, other=0), 0).to(tl.int64)
         s_b = tl.sum(tl.load(hist_s_ptr + cells, mask=live, other=0.0), 0)
-        min_b = tl.min(tl.load(hist_lo_ptr + cells, mask=live, other=_INT32_MAX), 0)
-        max_b = tl.max(tl.load(hist_hi_ptr + cells, mask=live, other=_INT32_MIN), 0)
+        ends = ((1 - PARITY) * rows + row) * splits + chunks
+        set_lo = tl.min(tl.load(set_lo_ptr + ends, mask=chunks < splits, other=_INT32_MAX), 0).to(tl.int64)
+        set_hi = tl.max(tl.load(set_hi_ptr + ends, mask=chunks < splits, other=_INT32_MIN), 0).to(tl.int64)
         n_prefix = tl.cumsum(n_b, 0)
         n_gt = n_above + tl.sum(tl.where(bucket == BUCKETS - 1, n_prefix, 0), 0) - n_prefix  # above the digit
         # The mass at or below each digit, summed upwards from the smallest keys as transformers' cumulative
@@ -147,17 +158,25 @@ def _threshold_pass_kernel(
         pick_p = tl.min(tl.where((n_b > 0) & ((s_le > goal_s) | (n_gt == 0)), bucket, BUCKETS), 0)
         pick = tl.where(phase == 1, pick_p, pick_n)
         picked = bucket == pick
-        lo = tl.sum(tl.where(picked, min_b, 0), 0).to(tl.int64)
-        hi = tl.sum(tl.where(picked, max_b, 0), 0).to(tl.int64)
-        n = tl.sum(tl.where(picked, n_b, 0), 0)
-        s = tl.sum(tl.where(picked, s_b, 0.0), 0)
+        n_pick = tl.sum(tl.where(picked, n_b, 0), 0)
+        s_pick = tl.sum(tl.where(picked, s_b, 0.0), 0)
         n_above_new = tl.sum(tl.where(picked, n_gt, 0), 0)
         # the masses beside the picked digit, each summed directly (no difference of large sums)
         mass_above_new = mass_above + tl.sum(tl.where(bucket > pick, s_b, 0.0), 0)
         mass_below_new = mass_below + tl.sum(tl.where(bucket < pick, s_b, 0.0), 0)
         pick = tl.sum(tl.where(picked, bucket, 0), 0).to(tl.int64)  # 0 when none (a row past its searches)
         searching = phase < 3
-        found = searching & (lo == hi)  # one key left in the picked digit: the answer
+        # The answer is found when the set holds one key (that key, with the set's count and masses), or
+        # when the digit picked is the last one (the key is its digits).
+        single = searching & (set_lo == set_hi)
+        last = searching & ~single & (shift == 0)
+        found = single | last
+        flip = tl.where(phase == 2, 0, _INT32_MIN)
+        answer = tl.where(single, set_lo, ((prefix | pick).to(tl.int32) ^ flip.to(tl.int32)).to(tl.int64))
+        n = tl.where(single, tl.sum(n_b, 0), n_pick)
+        s = tl.where(single, tl.sum(s_b, 0), s_pick)
+        above = tl.where(single, mass_above, mass_above_new)
+        below = tl.where(single, mass_below, mass_below_new)
         # Narrow (the search goes on) or end the phase.
         go_on = searching & ~found
         prefix = tl.where(go_on, prefix | (pick << shift), prefix)
@@ -165,29 +184,29 @@ def _threshold_pass_kernel(
         n_above = tl.where(go_on, n_above_new, n_above)
         mass_above = tl.where(go_on, mass_above_new, mass_above)
         mass_below = tl.where(go_on, mass_below_new, mass_below)
-        # top-k found: t_k = lo keeps the keys >= it, of mass Z_k; top-p (if on) searches above t_k.
+        # top-k found: t_k = answer keeps the keys >= it, of mass Z_k; top-p (if on) searches above t_k.
         end_k = found & (phase == 0)
-        z_k = mass_above_new + s
+        z_k = above + s
         # top-p found: of the n tokens at t, the sort drops d (the lowest ids) while their mass stays
         # <= (1 - p) Z; d > 0 starts the search for the d-th lowest id among them.
         end_p = found & (phase == 1)
         each = s / tl.maximum(n, 1).to(tl.float32)
-        spare = tl.where(end_p & (each > 0), (goal_s - mass_below_new) / tl.where(each > 0, each, 1.0), 0.0)
+        spare = tl.where(end_p & (each > 0), (goal_s - below) / tl.where(each > 0, each, 1.0), 0.0)
         drop = tl.minimum(tl.maximum(tl.floor(spare).to(tl.int64), 0), n - 1)
         end_tie = found & (phase == 2)
         after_k = tl.full((), 3, tl.int64)  # top-k alone: done
         if TOP_P:
             after_k = tl.full((), 1, tl.int64)
         restart = (end_k & (after_k == 1)) | (end_p & (drop > 0))
-        tie = tl.where(end_k | end_p, lo, tie)  # the threshold key so far
-        floor = tl.where(end_k, lo, floor)
+        tie = tl.where(end_k | end_p, answer, tie)  # the threshold key so far
+        floor = tl.where(end_k, answer, floor)
         goal_s = tl.where(end_k, top_p_rest * z_k, goal_s)
         norm = tl.where(end_k, z_k, norm)
         norm_out = tl.where(end_k, z_k, norm_out)
         kept = (n - drop).to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
-        norm_out = tl.where(end_p, mass_above_new + s * kept, norm_out)
+        norm_out = tl.where(end_p, above + s * kept, norm_out)
         goal_n = tl.where(end_p, drop, goal_n)
-        cut = tl.where(end_tie, ((1 << (id_shift + 4)) - 1) - lo + 1, cut)
+        cut = tl.where(end_tie, ((1 << (id_shift + 4)) - 1) - answer + 1, cut)
         phase = tl.where(end_k, after_k, phase)
         phase = tl.where(end_p, tl.where(drop > 0, 2, 3), phase)
         phase = tl.where(end_tie, 3, phase)
@@ -220,7 +239,7 @@ def _threshold_pass_kernel(
     if phase < 3:
         # Histogram the digit at ``shift`` of the keys matching ``prefix`` above it: the keys of z
         # (>= floor) with the sign bit flipped, so that the digits order as the keys; for the ties, the
-        # keys id_max - id of the tokens at the threshold.
+        # keys id_max - id of the tokens at the threshold. A tile without such a key costs its read alone.
         ties = phase == 2
         flip = tl.where(ties, 0, _INT32_MIN)
         high = (~((tl.full((), 1, tl.int64) << (shift + 4)) - 1)).to(tl.int32)  # 0 when shift + 4 == 32
@@ -230,10 +249,10 @@ def _threshold_pass_kernel(
         floor32 = floor.to(tl.int32)
         shift32 = shift.to(tl.int32)
         bucket = tl.arange(0, BUCKETS)
-        acc_n = tl.zeros((BLOCK, BUCKETS), tl.int32)
-        acc_s = tl.zeros((BLOCK, BUCKETS), tl.float32)
-        acc_lo = tl.full((BLOCK, BUCKETS), _INT32_MAX, tl.int32)
-        acc_hi = tl.full((BLOCK, BUCKETS), _INT32_MIN, tl.int32)
+        acc_n = tl.zeros((BUCKETS,), tl.int32)
+        acc_s = tl.zeros((BUCKETS,), tl.float32)
+        lo = tl.full((), _INT32_MAX, tl.int32)
+        hi = tl.full((), _INT32_MIN, tl.int32)
         row_logits = logits_ptr + row * stride_logits
         begin = split * chunk
         end = tl.minimum(begin + chunk, vocab)
@@ -245,16 +264,19 @@ def _threshold_pass_kernel(
             u = key ^ flip
             chosen = (offs < end) & tl.where(ties, zkey == tie32, zkey >= floor32) & ((u & high) == want)
             if tl.max(chosen.to(tl.int32), 0) > 0:
-                hit = chosen[:, None] & (((u >> shift32) & (BUCKETS - 1))[:, None] == bucket[None, :])
-                acc_n += hit.to(tl.int32)
-                acc_s += tl.where(hit, tl.exp(z - m)[:, None], 0.0)
-                acc_lo = tl.minimum(acc_lo, tl.where(hit, key[:, None], _INT32_MAX))
-                acc_hi = tl.maximum(acc_hi, tl.where(hit, key[:, None], _INT32_MIN))
-        mine = ((PARITY * rows + row) * splits + split) * BUCKETS + bucket
-        tl.store(hist_n_ptr + mine, tl.sum(acc_n, 0))
-        tl.store(hist_s_ptr + mine, tl.sum(acc_s, 0))
-        tl.store(hist_lo_ptr + mine, tl.min(acc_lo, 0))
-        tl.store(hist_hi_ptr + mine, tl.max(acc_hi, 0))
+                digit = (u >> shift32) & (BUCKETS - 1)
+                acc_n += tl.histogram(digit, BUCKETS, mask=chosen)
+                if not ties:  # the tokens at the threshold share their mass: the id search counts alone
+                    w = tl.where(chosen, tl.exp(z - m), 0.0)
+                    for b in tl.static_range(BUCKETS):
+                        acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
+                lo = tl.minimum(lo, tl.min(tl.where(chosen, key, _INT32_MAX), 0))
+                hi = tl.maximum(hi, tl.max(tl.where(chosen, key, _INT32_MIN), 0))
+        mine = (PARITY * rows + row) * splits + split
+        tl.store(hist_n_ptr + mine * BUCKETS + bucket, acc_n)
+        tl.store(hist_s_ptr + mine * BUCKETS + bucket, acc_s)
+        tl.store(set_lo_ptr + mine, lo)
+        tl.store(set_hi_ptr + mine, hi)
 
 
 def _search_passes(top_k_on: bool, top_p_on: bool, vocab: int) -> tuple[int, int]:
@@ -268,38 +290,38 @@ def launch_thresholds(
     logits: torch.Tensor,  # rows of ``vocab`` logits, ``stride`` apart
     mask: torch.Tensor | None,  # [vocab] uint8
     stride: int,
-    part_m: torch.Tensor,  # [rows, splits] fp32
-    part_z: torch.Tensor,  # [rows, splits] fp32
+    part_m: torch.Tensor,  # [rows, stats] fp32: the statistics pass's chunk max of z
+    part_z: torch.Tensor,  # [rows, stats] fp32: its chunk sum of exp(z - chunk max)
     rows: int,
     vocab: int,
     temperature: float,
     top_k: int,
     top_p: float,
-    chunk: int,
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # row_z fp32, row_t fp32, row_c int64, all [rows]
-    """The top-k/top-p threshold of each row (module docstring, step 2): a fixed number of pass launches
-    over the ``[rows, splits]`` grid of the stats kernel (no host sync); a row whose searches ended
-    early returns at once in the remaining passes."""
+    """The top-k/top-p threshold of each row (module docstring): a fixed number of pass launches over a
+    ``[rows, splits]`` grid of ``block``-wide tiles (no host sync); a row whose searches ended early
+    returns at once in the remaining passes."""
     device = logits.device
-    splits = part_m.shape[1]
+    stats = part_m.shape[1]
+    chunk, splits = chunking(vocab, rows, block, device, per_sm=PROGRAMS_PER_SM)
     top_k_on, top_p_on = 0 < top_k < vocab, top_p < 1.0
     id_shift, passes = _search_passes(top_k_on, top_p_on, vocab)
     state_i = torch.empty(2, rows, _NI.value, dtype=torch.int64, device=device)
     state_f = torch.empty(2, rows, _NF.value, dtype=torch.float32, device=device)
-    hist_n, hist_lo, hist_hi = (
-        torch.empty(2, rows, splits, _BUCKETS, dtype=torch.int32, device=device) for _ in range(3)
-    )
+    hist_n = torch.empty(2, rows, splits, _BUCKETS, dtype=torch.int32, device=device)
     hist_s = torch.empty(2, rows, splits, _BUCKETS, dtype=torch.float32, device=device)
+    set_lo, set_hi = (torch.empty(2, rows, splits, dtype=torch.int32, device=device) for _ in range(2))
     row_z = torch.empty(rows, dtype=torch.float32, device=device)
     row_t = torch.empty(rows, dtype=torch.float32, device=device)
     row_c = torch.empty(rows, dtype=torch.int64, device=device)
     mask_arg = logits if mask is None else mask
     for step in range(passes + 1):  # the last launch only reads the last histograms
         _threshold_pass_kernel[(rows, splits)](
-            logits, mask_arg, part_m, part_z, state_i, state_f, hist_n, hist_s, hist_lo, hist_hi, row_z, row_t,
-            row_c, rows, vocab, stride, temperature, top_k, 1.0 - top_p, chunk, splits, id_shift,
-            SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on, TOP_P=top_p_on, HAS_MASK=mask is not None,
-            FIRST=step == 0, PARITY=step % 2, BLOCK=min(block, 128), BUCKETS=_BUCKETS, num_warps=4,
+            logits, mask_arg, part_m, part_z, state_i, state_f, hist_n, hist_s, set_lo, set_hi, row_z, row_t,
+            row_c, rows, vocab, stride, temperature, top_k, 1.0 - top_p, stats, chunk, splits, id_shift,
+            STATS_P2=triton.next_power_of_2(stats), SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on,
+            TOP_P=top_p_on, HAS_MASK=mask is not None, FIRST=step == 0, PARITY=step % 2, BLOCK=block,
+            BUCKETS=_BUCKETS, num_warps=8,
         )  # fmt: skip
     return row_z, row_t, row_c

@@ -583,7 +583,7 @@ def verify_triton(
     top_p: float,
     cross: CrossProposal | None = None,
     *,
-    block: int = 1024,
+    block: int = 2048,  # the fastest tile at the goal shapes on an H200 (benchmarks/TUNING.md)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``verify_reference`` in Triton, reading ``q'`` through ``cross`` on the fly (module docstring);
     ``block`` is the tile of the vocabulary."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "NVIDIA H100 80GB HBM3"
@@ -248,3 +250,40 @@ def test_a_baseline_that_was_not_measured_is_neither_met_nor_missed(kernel_repor
     assert list(goal["checks"].values()) == [True, True, None] and goal["met"] is None
     assert kernel_report._bandwidth_goal({**row, "vs_eager": 2.0})["met"] is False
     assert kernel_report._bandwidth_goal({**row, "vs_compile": 1.5})["met"] is True
+
+
+def test_each_launch_of_a_kernel_a_call_launches_more_than_once(monkeypatch):
+    """``tune_kernels.launch_sequence``: the i-th launch's median over the calls, in launch order, for the
+    kernels launched more than once per call (the threshold passes); one launch per call, or launches that
+    do not divide over the calls, are left out."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "benchmarks" / "tune_kernels.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    calls = [
+        [("stats", 5.0), ("pass", 100.0), ("pass", 40.0), ("pass", 3.0), ("odd", 1.0), ("probs", 9.0)],
+        [("stats", 6.0), ("pass", 110.0), ("pass", 42.0), ("pass", 2.0), ("probs", 8.0)],
+        [("stats", 7.0), ("pass", 90.0), ("pass", 41.0), ("pass", 4.0), ("odd", 1.0), ("probs", 7.0)],
+    ]
+    launches = [launch for call in calls for launch in call]
+    assert tune.launch_sequence(launches, calls=3) == {"pass": [100.0, 41.0, 3.0]}
+
+
+def test_kernels_a_b_against_a_revision(tmp_path, monkeypatch):
+    """``ab_kernels.py --tiny``: HEAD's kernels, taken from git, run beside the working tree's on the same
+    inputs under the interpreter; a version whose outputs differ is reported so."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: ab_kernels.py takes the base revision from git")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("ab_kernels", ROOT / "benchmarks" / "ab_kernels.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    ab.main(["--base", "HEAD", "--tiny", "--cases", "sample top-k 50 + top-p 0.95", "--out", str(tmp_path)])
+    (case,) = json.loads(next(tmp_path.glob("ab-*.json")).read_text())["cases"].values()
+    assert case == {"outputs_equal": True}  # nothing timed on the CPU
+
+    logits, noise = torch.randn(3, 40), torch.rand(3, 40)
+    new = lambda x, e: ab.sampling.sample_triton(x, e, 0.8, 5, 0.9)  # noqa: E731
+    shifted = lambda x, e: ab.sampling.sample_triton(x, e, 0.8, 6, 0.9)  # noqa: E731
+    assert ab.ab_case(new, new, [(logits, noise)], timed=False) == {"outputs_equal": True}
+    assert ab.ab_case(shifted, new, [(logits, noise)], timed=False) == {"outputs_equal": False}

@@ -103,7 +103,7 @@ def test_sampled_draws_follow_the_target():
 def programs(request, monkeypatch):
     """The kernel's target program count: 4 (this CPU's) puts each position's vocabulary in one chunk at
     these sizes; 256 (a GPU's) splits it over several, whose winners the last kernel combines."""
-    monkeypatch.setattr(rows, "target_programs", lambda device: request.param)
+    monkeypatch.setattr(rows, "target_programs", lambda device, per_sm=4: request.param)
     return request.param
 
 

@@ -241,7 +241,7 @@ def test_invalid_rows(programs, monkeypatch):
     """NaN, +inf and all -inf positions are flagged where they are; the other rows are unaffected. At 256
     programs (a GPU's count) each position's vocabulary is split over 3 chunks, a count that is not a power
     of two (the kernel pads the chunk axis)."""
-    monkeypatch.setattr(rows, "target_programs", lambda device: programs)
+    monkeypatch.setattr(rows, "target_programs", lambda device, per_sm=4: programs)
     for top_p in (1.0, 0.9):
         case = _case(4, 2, 300, 0.7, seed=7, top_p=top_p)
         logits = case["target_logits"]
