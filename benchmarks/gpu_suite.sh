@@ -16,6 +16,7 @@
 #   GRID=goal           kernel benchmarks at the shapes of the goals only; GRID=full runs their whole grids
 #   STEPS="..."         run only these steps (names as in steps.txt), in the order below
 #   ZOO_SECONDS=150     the benchmark zoo's training budget (its Llama-3 pair; train_bench.py --seconds)
+#   TUNE_ONLY="top_p top-p"  the tile sweep's cases whose names hold one of these words (tune_kernels.py --only)
 #   FULL=1              the whole benchmark zoo instead: both targets, every training step (not timed on a
 #                       GPU yet: allow half an hour), and its online-learning runs
 #   JOBS=8              pytest-xdist workers for the test steps (when xdist is installed; 0: none)
@@ -129,7 +130,7 @@ bench verify 100 "${select_verify[@]}"
 bench match 60 "${select_match[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
-step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK"
+step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK" ${TUNE_ONLY:+--only $TUNE_ONLY}
 bench ngram 90 "${select_ngram[@]}"
 bench translate 90 "${select_translate[@]}"
 bench lookup 90 "${select_lookup[@]}"

@@ -75,6 +75,19 @@ def test_vocab_smaller_than_a_block(config):
     _check(logits, noise, *CONFIGS[config], mask)
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    """Greedy decoding is torch.argmax's first maximum, also where the maximum is tied within a tile, across
+    tiles of one program and across programs (bf16 logits tie often), with and without the distribution
+    written; a row of -inf alone (every id masked) gives its first id."""
+    logits = torch.zeros(5, 300)
+    for row, places in enumerate([(5, 9, 40), (70, 71, 250), (130, 299), (299,)]):
+        logits[row, list(places)] = 1.0  # block 64: tiles of 64 ids; 300 ids over 2 programs (150 each)
+    logits[4] = float("-inf")
+    for probs in (True, False):
+        ids, _ = sample_triton(logits.to(DEVICE), None, 0.0, 0, 1.0, probs=probs, block=64)
+        assert ids.tolist() == [5, 70, 130, 299, 0]
+
+
 def test_ties_at_the_thresholds():
     noise = torch.empty(1, 8).exponential_(generator=torch.Generator().manual_seed(0)).to(DEVICE)
     # A top-k boundary inside a group of equal logits: the whole group is kept.
