@@ -4,7 +4,8 @@ side in one process, outputs compared and device times taken from CUDA-graph rep
 The base revision's ``kernels/`` package is taken with ``git archive`` into a temporary folder and imported
 under another name, so both versions run on the same inputs in the same process: the speed-up is a ratio
 measured in one sitting (the base timed before and after the new version, so drift shows), not two runs
-compared. The cases are the goal shapes with a threshold search by default (``--cases``; names below).
+compared. The cases are sampling and verification at the goal shapes, every one by default (``--cases``;
+names below).
 
     python benchmarks/ab_kernels.py --base fa88b63 --out DIR     # DIR/ab-<device>.{json,md}
     python benchmarks/ab_kernels.py --base HEAD --tiny           # outputs compared on the CPU (interpreter)
@@ -42,7 +43,6 @@ SAMPLING = {  # name: (temperature, top_k, top_p)
     "sample greedy": (0.0, 0, 1.0),
 }
 VERIFY = {"verify mix, top-k 50 + top-p 0.95": (50, 0.95), "verify mix": (0, 1.0)}  # name: (top_k, top_p)
-DEFAULT = [name for name in (*SAMPLING, *VERIFY) if "top-" in name]
 
 
 def base_kernels(revision: str):
@@ -87,7 +87,7 @@ def ab_case(base, new, sets: list, timed: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the revision to compare against (e.g. HEAD, fa88b63)")
-    parser.add_argument("--cases", nargs="+", choices=[*SAMPLING, *VERIFY], default=DEFAULT)
+    parser.add_argument("--cases", nargs="+", choices=[*SAMPLING, *VERIFY], default=[*SAMPLING, *VERIFY])
     parser.add_argument("--tiny", action="store_true", help="small shapes, outputs compared only (the CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

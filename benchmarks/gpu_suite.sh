@@ -17,6 +17,7 @@
 #   STEPS="..."         run only these steps (names as in steps.txt), in the order below
 #   ZOO_SECONDS=150     the benchmark zoo's training budget (its Llama-3 pair; train_bench.py --seconds)
 #   TUNE_ONLY="top_p top-p"  the tile sweep's cases whose names hold one of these words (tune_kernels.py --only)
+#   AB_BASE=9791600     the kernels of that revision against the working tree's (benchmarks/ab_kernels.py)
 #   FULL=1              the whole benchmark zoo instead: both targets, every training step (not timed on a
 #                       GPU yet: allow half an hour), and its online-learning runs
 #   JOBS=8              pytest-xdist workers for the test steps (when xdist is installed; 0: none)
@@ -40,7 +41,7 @@ if [ -z "${OMNIDRAFT_SHARED:-}" ] && [ -d .shared/tokenizers ]; then
     export OMNIDRAFT_SHARED=$PWD/.shared
 fi
 failed=0
-KNOWN="tests_gpu syncs bench_verify bench_match bench_sampling tune bench_ngram bench_translate bench_lookup kernel_report e2e scale
+KNOWN="tests_gpu syncs bench_verify bench_match bench_sampling tune ab bench_ngram bench_translate bench_lookup kernel_report e2e scale
        memcheck racecheck train_bench e2e_llama3 e2e_qwen3 online_llama3 online_qwen3 cascades online tests"
 for name in ${STEPS:-}; do
     if [[ " $(echo $KNOWN) " != *" $name "* ]]; then
@@ -131,6 +132,12 @@ bench match 60 "${select_match[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
 step tune 180 $PY benchmarks/tune_kernels.py --out "$WORK" ${TUNE_ONLY:+--only $TUNE_ONLY}
+#    A kernel change against the revision before it, in one process (AB_BASE; skipped without it): ab-<device>.*
+if [ -n "${AB_BASE:-}" ]; then
+    step ab 120 $PY benchmarks/ab_kernels.py --base "$AB_BASE" --out "$WORK"
+elif wanted ab; then
+    note "ab skipped: no AB_BASE (the revision to compare the kernels against)"
+fi
 bench ngram 90 "${select_ngram[@]}"
 bench translate 90 "${select_translate[@]}"
 bench lookup 90 "${select_lookup[@]}"
