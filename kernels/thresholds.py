@@ -17,8 +17,9 @@ written by the next.
 
 Top-k and top-p are one search of at most 8 passes each (usually 3-5: a set of one key ends a search one
 pass after the digit that left it); a top-p boundary inside a group of equal logits adds a search over ids
-(``ceil(log16 V)`` passes, 5 at V = 128256) for the cut ``c``, whose histograms count alone. A row whose
-searches ended returns at once in the remaining launches.
+(``ceil(log16 V)`` passes, 5 at V = 128256) for the cut ``c``. The id search counts alone, and so does
+top-k when top-p follows it: top-p's first pass histograms the keys >= t_k, whose mass is Z_k, the scale of
+top-p's goal. A row whose searches ended returns at once in the remaining launches.
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ _CUT = tl.constexpr(6)  # first kept id at the threshold
 _GOAL_N = tl.constexpr(7)  # top-k: k; tie cut: the number dropped
 _NI = tl.constexpr(8)
 _MASS_ABOVE = tl.constexpr(0)  # mass above the keys matching the prefix
-_NORM = tl.constexpr(1)  # mass the top-p goal is relative to (Z_k)
-_GOAL_S = tl.constexpr(2)  # top-p: (1 - top_p) Z_k, the mass the dropped tokens stay within
-_NORM_OUT = tl.constexpr(3)  # mass of the kept set
-_MASS_BELOW = tl.constexpr(4)  # mass below the keys matching the prefix (and >= the floor)
-_NF = tl.constexpr(5)
+_GOAL_S = tl.constexpr(1)  # top-p: (1 - top_p) Z_k, the mass the dropped tokens stay within; -1: not yet
+_NORM_OUT = tl.constexpr(2)  # mass of the kept set
+_MASS_BELOW = tl.constexpr(3)  # mass below the keys matching the prefix (and >= the floor)
+_NF = tl.constexpr(4)
 
 
 @triton.jit
@@ -117,7 +117,6 @@ def _threshold_pass_kernel(
         goal_n = tl.zeros((), tl.int64) + top_k
         mass_above = tl.zeros((), tl.float32)
         mass_below = tl.zeros((), tl.float32)
-        norm = total
         goal_s = top_p_rest * total
         norm_out = total
     else:
@@ -131,7 +130,6 @@ def _threshold_pass_kernel(
         goal_n = tl.load(src_i + _GOAL_N)
         mass_above = tl.load(src_f + _MASS_ABOVE)
         mass_below = tl.load(src_f + _MASS_BELOW)
-        norm = tl.load(src_f + _NORM)
         goal_s = tl.load(src_f + _GOAL_S)
         norm_out = tl.load(src_f + _NORM_OUT)
         # The previous pass's histograms of the digit at ``shift`` over the set of keys matching ``prefix``
@@ -146,6 +144,10 @@ def _threshold_pass_kernel(
         ends = ((1 - PARITY) * rows + row) * splits + chunks
         set_lo = tl.min(tl.load(set_lo_ptr + ends, mask=chunks < splits, other=_INT32_MAX), 0).to(tl.int64)
         set_hi = tl.max(tl.load(set_hi_ptr + ends, mask=chunks < splits, other=_INT32_MIN), 0).to(tl.int64)
+        # The first top-p pass after top-k histograms the keys >= t_k: their mass is Z_k, the goal's scale
+        # (top-k's passes count alone when top-p follows).
+        pending = (phase == 1) & (goal_s < 0)
+        goal_s = tl.where(pending, top_p_rest * tl.sum(s_b, 0), goal_s)
         n_prefix = tl.cumsum(n_b, 0)
         n_gt = n_above + tl.sum(tl.where(bucket == BUCKETS - 1, n_prefix, 0), 0) - n_prefix  # above the digit
         # The mass at or below each digit, summed upwards from the smallest keys as transformers' cumulative
@@ -200,9 +202,8 @@ def _threshold_pass_kernel(
         restart = (end_k & (after_k == 1)) | (end_p & (drop > 0))
         tie = tl.where(end_k | end_p, answer, tie)  # the threshold key so far
         floor = tl.where(end_k, answer, floor)
-        goal_s = tl.where(end_k, top_p_rest * z_k, goal_s)
-        norm = tl.where(end_k, z_k, norm)
-        norm_out = tl.where(end_k, z_k, norm_out)
+        goal_s = tl.where(end_k, -1.0, goal_s)  # top-p's first pass measures Z_k (``pending``)
+        norm_out = tl.where(end_k, z_k, norm_out)  # top-k alone (top-p's end sets it otherwise)
         kept = (n - drop).to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
         norm_out = tl.where(end_p, above + s * kept, norm_out)
         goal_n = tl.where(end_p, drop, goal_n)
@@ -228,7 +229,6 @@ def _threshold_pass_kernel(
         tl.store(dst_i + _GOAL_N, goal_n)
         tl.store(dst_f + _MASS_ABOVE, mass_above)
         tl.store(dst_f + _MASS_BELOW, mass_below)
-        tl.store(dst_f + _NORM, norm)
         tl.store(dst_f + _GOAL_S, goal_s)
         tl.store(dst_f + _NORM_OUT, norm_out)
         if phase == 3:
@@ -241,6 +241,11 @@ def _threshold_pass_kernel(
         # (>= floor) with the sign bit flipped, so that the digits order as the keys; for the ties, the
         # keys id_max - id of the tokens at the threshold. A tile without such a key costs its read alone.
         ties = phase == 2
+        # The mass per digit decides top-p, and top-k's Z_k when top-p does not follow; the id search (the
+        # tokens at the threshold share their mass) and top-k before top-p count alone.
+        need_mass = phase == 1
+        if not TOP_P:
+            need_mass = phase == 0
         flip = tl.where(ties, 0, _INT32_MIN)
         high = (~((tl.full((), 1, tl.int64) << (shift + 4)) - 1)).to(tl.int32)  # 0 when shift + 4 == 32
         want = prefix.to(tl.int32)
@@ -266,7 +271,7 @@ def _threshold_pass_kernel(
             if tl.max(chosen.to(tl.int32), 0) > 0:
                 digit = (u >> shift32) & (BUCKETS - 1)
                 acc_n += tl.histogram(digit, BUCKETS, mask=chosen)
-                if not ties:  # the tokens at the threshold share their mass: the id search counts alone
+                if need_mass:
                     w = tl.where(chosen, tl.exp(z - m), 0.0)
                     for b in tl.static_range(BUCKETS):
                         acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
