@@ -154,10 +154,13 @@ def _threshold_pass_kernel(
         # sum is, so that a top_p within fp32 rounding of 1 keeps the tail it keeps.
         s_le = mass_below + tl.cumsum(s_b, 0)
         # top-k and ties: the largest digit with #{key >= it} >= goal; top-p: the smallest whose mass at or
-        # below exceeds (1 - p) Z, and at least the largest (the most likely token is always kept, also
-        # where p Z underflows)
+        # below exceeds (1 - p) Z, and at least the set's largest (n_gt == n_above: no key of the set above
+        # it). So the most likely token is always kept, also where p Z underflows; and a set entered because
+        # its mass summed one way exceeded the goal still picks a digit where its masses summed another way
+        # (its digits', from the next histogram) fall at or below it, a rounding point (no digit picked
+        # would leave the set empty, the threshold below all of it and the kept mass short of it).
         pick_n = tl.max(tl.where((n_b > 0) & (n_gt + n_b >= goal_n), bucket, -1), 0)
-        pick_p = tl.min(tl.where((n_b > 0) & ((s_le > goal_s) | (n_gt == 0)), bucket, BUCKETS), 0)
+        pick_p = tl.min(tl.where((n_b > 0) & ((s_le > goal_s) | (n_gt == n_above)), bucket, BUCKETS), 0)
         pick = tl.where(phase == 1, pick_p, pick_n)
         picked = bucket == pick
         n_pick = tl.sum(tl.where(picked, n_b, 0), 0)

@@ -132,6 +132,38 @@ def test_degenerate_filters():
     _check(logits, noise, 0.7, 0, 1e-6, mask, block=32)  # top-p keeps only the most likely
 
 
+def test_top_p_boundary_at_a_rounding_point_of_a_digit_set():
+    """A top-p goal within fp32 rounding of the mass up to the largest key below the most likely token: the
+    search enters that key's digit set (its mass, summed as one digit, exceeds the goal), whose own digits'
+    masses, summed again at the next pass, may fall at or below it. The search still picks a digit of the set
+    (its largest), so it keeps the most likely token and at most that key below it, normalised; it used to
+    pick none, end below the whole set and keep every token with the kept set's mass short of it (q summed to
+    2.76 here at the goal one fp32 ulp below the boundary)."""
+    z = [
+        1.0432618856430054, 1.5327991247177124, 0.3092593848705292, 0.3876548707485199, 0.7033610343933105,
+        1.2913415431976318, 1.0321681499481201, 1.763600468635559, 0.9701303243637085, 1.2881512641906738,
+        0.778008222579956, 0.8730911016464233, 3.0,
+    ]  # fmt: skip
+    logits = torch.tensor([z])
+    w = (logits.double() - 3.0).exp()
+    boundary = torch.tensor(w[0, :-1].sum().item() / w.sum().item(), dtype=torch.float32)  # mass below 3.0
+    noise = torch.empty(1, 13).exponential_(generator=torch.Generator().manual_seed(0))
+    for step in range(-3, 4):  # 1 - top_p (fp32) within 3 ulps of the boundary, on both sides
+        rest = boundary
+        for _ in range(abs(step)):
+            rest = torch.nextafter(rest, torch.tensor(2.0 if step > 0 else -1.0))
+        top_p = 1.0 - rest.item()
+        ids, probs = sample_triton(logits.to(DEVICE), noise.to(DEVICE), 1.0, 0, top_p, block=16)
+        ref_ids, ref_probs = sample_reference(logits, noise, 1.0, 0, top_p)
+        kept = (probs[0] > 0).nonzero()[:, 0].tolist()
+        assert kept in ([12], [7, 12]), (step, kept)
+        want = torch.zeros(13, dtype=torch.float64)
+        want[kept] = w[0, kept] / w[0, kept].sum()
+        torch.testing.assert_close(probs[0].double().cpu(), want, atol=1e-6, rtol=1e-5)
+        if (probs > 0).cpu().equal(ref_probs > 0):
+            assert ids.item() == ref_ids.item()
+
+
 @pytest.mark.parametrize("top_k", [0, 50])
 def test_top_p_at_the_ends_of_its_range(top_k):
     """A top_p whose ``top_p Z`` underflows fp32 (1e-50) keeps the most likely token, as transformers' does;
