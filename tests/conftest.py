@@ -34,7 +34,32 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 SHARED = Path(os.environ.get("OMNIDRAFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+def _foreign_package() -> str | None:
+    """Why the package these tests would test is not this checkout's own, or None. The editable install maps
+    ``omnidraft_fast`` to a checkout and ``omnidraft_fast.kernels`` to its top-level ``kernels/``: tests of
+    another checkout run against the installed one's code, and with this checkout first on ``PYTHONPATH``
+    only ``omnidraft_fast`` moves while its kernels stay the installed checkout's. Either way the tests
+    would pass or fail for code they were not run for."""
+    import omnidraft_fast.kernels  # binds omnidraft_fast too
+
+    root = Path(__file__).resolve().parents[1]
+    for module, home in (
+        (omnidraft_fast, root / "omnidraft_fast"),
+        (omnidraft_fast.kernels, root / "kernels"),
+    ):
+        found = Path(module.__file__).resolve().parent
+        if found != home:
+            return (
+                f"{module.__name__} is imported from {found}, not from this checkout ({home}): install this "
+                f"checkout (pip install --no-deps -e {root}) in the environment that runs its tests"
+            )
+    return None
+
+
 def pytest_configure(config):
+    problem = _foreign_package()
+    if problem is not None:
+        raise pytest.UsageError(problem)
     # Tiny models are dominated by per-op overhead: one thread is faster, and it keeps parallel jobs on a
     # 2-core machine from oversubscribing it (with 2 threads each, forwards ran ~60x slower under load).
     torch.set_num_threads(1)
