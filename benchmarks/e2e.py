@@ -118,19 +118,21 @@ def first_departure(
         return departure
     float32 = target if target.dtype == torch.float32 else float32
     prefix = reference[:, : prompt_length + position]
-    margins = {}
-    for model in {target: None, float32 or target: None}:  # one forward where the two are one
+
+    def margin(model) -> tuple[float, float]:
+        """(logit of the reference's token minus the method's, largest |logit|) under ``model``, in float32 so
+        that the difference is not rounded to the dtype again."""
         with torch.no_grad():
-            logits = model(prefix.to(model.device), logits_to_keep=1).logits[0, -1]
-        logits = logits.float()  # the difference below exact, not rounded to the dtype again
-        margins[model] = float(logits[tokens[0]] - logits[tokens[1]])
-        if model is target:
-            scale = float(logits.abs().max())
-    departure["margin"] = margins[target]
-    if float32 is not None:
-        departure["margin_float32"] = margins[float32]
+            logits = model(prefix.to(model.device), logits_to_keep=1).logits[0, -1].float()
+        return float(logits[tokens[0]] - logits[tokens[1]]), float(logits.abs().max())
+
+    departure["margin"], scale = margin(target)
+    if float32 is not None:  # one forward where the target is float32 itself
+        departure["margin_float32"] = departure["margin"] if float32 is target else margin(float32)[0]
     departure["resolution"] = torch.finfo(target.dtype).eps * scale
-    departure["within_rounding"] = abs(margins[float32 or target]) <= departure["resolution"]
+    departure["within_rounding"] = (
+        abs(departure.get("margin_float32", departure["margin"])) <= departure["resolution"]
+    )
     return departure
 
 
