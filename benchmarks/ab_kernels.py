@@ -17,8 +17,10 @@ and nothing is timed.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -52,6 +54,7 @@ def base_kernels(revision: str):
         ["git", "archive", "--format=tar", revision, "kernels"], cwd=ROOT, capture_output=True, check=True
     ).stdout
     folder = Path(tempfile.mkdtemp(prefix="ab-kernels-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # imported from until the process ends
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         # the "data" filter where this Python has it (3.11.4 and later): plain files under the folder only
         tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
