@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import race_lanes, race_winner, row_max_sum
+from .rows import race_step, row_max_sum
 from .sampling import nonfinite_rows_reference, sampling_probs_reference
 from .target_stats import combine_partials, target_prob, target_stats
 from .verify import join_output
@@ -115,8 +115,8 @@ def _race_kernel(
         cut = tl.load(row_c_ptr + row)
     begin = split * chunk
     end = tl.minimum(begin + chunk, vocab)
-    best = tl.full((BLOCK,), -1.0, tl.float32)
-    best_id = tl.zeros((BLOCK,), tl.int32) + begin.to(tl.int32)
+    best = tl.full((), -1.0, tl.float32)
+    best_id = begin.to(tl.int64)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
@@ -124,8 +124,7 @@ def _race_kernel(
         p = target_prob(x, offs, inside, m, norm, t, cut, temperature, False, FILTERED)
         noise = tl.load(row_noise + offs, mask=inside, other=1.0)
         race = tl.where(inside & (p == p), p / noise, -1.0)  # NaN only in invalid rows: no NaN winners
-        best, best_id = race_lanes(best, best_id, race, offs)
-    best, best_id = race_winner(best, best_id)
+        best, best_id = race_step(best, best_id, race, start)
     tl.store(win_val_ptr + row * splits + split, best)
     tl.store(win_id_ptr + row * splits + split, best_id)
 

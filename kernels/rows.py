@@ -66,8 +66,9 @@ def row_max_sum(part_m, part_z, row, splits, SPLITS_P2: tl.constexpr):
 def race_step(best, best_id, race, start):
     """The exponential race over one tile, reduced at once: the running best value and its id, updated with
     ``race``, the tile's values from id ``start`` (the first id wins ties, within the tile and against
-    earlier ones). For a kernel whose tiles already hold many values per thread (verification's draw, two
-    races beside the cascade's terms): ``race_lanes`` would add four of them and spill."""
+    earlier ones). For a kernel whose tiles already hold many values per thread, where ``race_lanes``'s
+    accumulators spill (ptxas, sm_90, block 2048): verification's draw (two races beside the cascade's
+    terms) and exact match's race."""
     block_best = tl.max(race, 0)
     best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
     return tl.maximum(best, block_best), best_id
