@@ -49,16 +49,23 @@ VERIFY = {"verify mix, top-k 50 + top-p 0.95": (50, 0.95), "verify mix": (0, 1.0
 
 def base_kernels(revision: str):
     """The ``kernels`` package of ``revision``, imported as ``base_kernels`` (its modules import each other
-    relatively, so the package needs nothing of the working tree)."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", revision, "kernels"], cwd=ROOT, capture_output=True, check=True
-    ).stdout
+    relatively, so the package needs nothing of the working tree). ``revision`` may also be a folder that
+    holds such a package, for a machine without the repository's history (the GPU machine gets the
+    working tree only): ``git archive REV kernels | tar x -C FOLDER`` makes one."""
     folder = Path(tempfile.mkdtemp(prefix="ab-kernels-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # imported from until the process ends
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        # the "data" filter where this Python has it (3.11.4 and later): plain files under the folder only
-        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    if Path(revision, "kernels").is_dir():
+        shutil.copytree(Path(revision, "kernels"), folder / "kernels")
+    else:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", revision, "kernels"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            # the "data" filter where this Python has it (3.11.4 and later): plain files under the folder only
+            tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (folder / "kernels").rename(folder / "base_kernels")
+    for name in [name for name in sys.modules if name.partition(".")[0] == "base_kernels"]:
+        del sys.modules[name]  # an earlier call's base
     sys.path.insert(0, str(folder))
     return importlib.import_module("base_kernels.sampling"), importlib.import_module("base_kernels.verify")
 
@@ -89,7 +96,11 @@ def ab_case(base, new, sets: list, timed: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="the revision to compare against (e.g. HEAD, fa88b63)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="the revision to compare against (e.g. HEAD, fa88b63), or a folder holding its kernels/",
+    )
     parser.add_argument("--cases", nargs="+", choices=[*SAMPLING, *VERIFY], default=[*SAMPLING, *VERIFY])
     parser.add_argument("--tiny", action="store_true", help="small shapes, outputs compared only (the CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -67,7 +67,7 @@ pack() {  # everything but the benchmark zoo's weights (hundreds of MB; its mode
 note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 # The least time worth starting a step with (seconds; 20 for the others): less gives no result.
-declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=240 [cascades]=60 [online]=60)
+declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=300 [cascades]=60 [online]=60)
 step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
     local name=$1 limit=$2
     shift 2
@@ -80,7 +80,9 @@ step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to 
     [ "$limit" -le "$left" ] || limit=$left
     echo "== $name (limit ${limit}s): $*"
     local began=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    # SIGINT first, so that pytest cut short still prints its summary (the failed tests, named) and a
+    # script its traceback; whatever ignores it is killed 20 s later.
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local status=$?
     [ "$status" -eq 124 ] && status="124 (timed out after ${limit}s)"
     note "$name exit=$status seconds=$((SECONDS - began))"
@@ -123,7 +125,7 @@ bench() {  # bench OP LIMIT SELECTION...
 }
 
 # 1. Correctness on CUDA first: the gpu-marked cases (full vocabularies, bf16, concurrent inserts, CUDA graphs).
-step tests_gpu 240 $PY -m pytest -q -rs -m gpu "${jobs[@]}" --junitxml="$WORK/tests_gpu.xml"
+step tests_gpu 240 $PY -m pytest -q -rfEs -m gpu "${jobs[@]}" --junitxml="$WORK/tests_gpu.xml"
 # 2. No host sync inside a round (eager rounds under sync-debug "error").
 step syncs 120 $PY benchmarks/gpu_checks.py syncs  # 24 of its configurations in 60 s on an H200 (2026-12-04)
 # 3. The kernels against their goals (eager reference, torch.compile, Triton, device-to-device copy).
@@ -181,7 +183,8 @@ step online 120 $PY benchmarks/online.py --prompts-per-task 2 --passes 1 --repea
 # 8. The rest of the test suite on this machine (CI runs it on CPUs; here the tests that take a device use CUDA).
 #    Not the `kernels` ones: most pass CPU tensors to the Triton launchers, which only the interpreter runs;
 #    their gpu-marked cases ran compiled in step 1.
-step tests 300 $PY -m pytest -q -rs -m "not gpu and not kernels" "${jobs[@]}" --junitxml="$WORK/tests.xml"
+step tests 330 $PY -m pytest -v -rfEs --durations=25 -m "not gpu and not kernels" "${jobs[@]}" \
+    --junitxml="$WORK/tests.xml"
 note "failed steps: $failed; $((SECONDS))s in all (logs and results in gpu-results.tgz)"
 pack
 exit "$failed"

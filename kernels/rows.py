@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["chunking", "load_z", "race_lanes", "race_step", "race_winner", "row_max_sum", "target_programs"]
+__all__ = ["chunking", "load_z", "race_step", "row_max_sum", "target_programs"]
 
 
 @functools.cache
@@ -64,31 +64,8 @@ def row_max_sum(part_m, part_z, row, splits, SPLITS_P2: tl.constexpr):
 
 @triton.jit
 def race_step(best, best_id, race, start):
-    """The exponential race over one tile, reduced at once: the running best value and its id, updated with
-    ``race``, the tile's values from id ``start`` (the first id wins ties, within the tile and against
-    earlier ones). For a kernel whose tiles already hold many values per thread, where ``race_lanes``'s
-    accumulators spill (ptxas, sm_90, block 2048): verification's draw (two races beside the cascade's
-    terms) and exact match's race."""
+    """The exponential race over one tile: the running best value and its id, updated with ``race``, the
+    tile's values from id ``start`` (the first id wins ties, within the tile and against earlier ones)."""
     block_best = tl.max(race, 0)
     best_id = tl.where(block_best > best, start + tl.argmax(race, 0).to(tl.int64), best_id)
     return tl.maximum(best, block_best), best_id
-
-
-@triton.jit
-def race_lanes(best, best_id, race, offs):
-    """The exponential race over one tile, lane by lane: each lane's best value so far and its id, updated
-    with ``race``, the tile's values at ids ``offs``. A lane keeps its first id among equal values (a later
-    tile's equal value does not replace it), and a NaN never wins. Nothing is reduced across the tile:
-    ``race_winner`` reduces the lanes once, after the last tile, where a block-wide max and argmax per tile
-    put two reductions, and the latency of each, on every tile's path."""
-    better = race > best
-    return tl.where(better, race, best), tl.where(better, offs.to(tl.int32), best_id)
-
-
-@triton.jit
-def race_winner(best, best_id):
-    """(value, id) of the race over the lanes of ``race_lanes``: the largest value, and the first id that
-    holds it (so the first id wins ties over the whole chunk, as it does within each lane). Ids are int32
-    in the lanes (a vocabulary is below 2**31) and int64 out."""
-    value = tl.max(best, 0)
-    return value, tl.min(tl.where(best == value, best_id, 2**31 - 1), 0).to(tl.int64)

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .host import eager_cpu
-from .rows import chunking, load_z, race_lanes, race_winner, row_max_sum
+from .rows import chunking, load_z, race_step, row_max_sum
 from .thresholds import launch_thresholds
 
 __all__ = [
@@ -222,11 +222,9 @@ def _stats_kernel(
     row_logits = logits_ptr + row * stride_logits
     begin = split * chunk
     end = tl.minimum(begin + chunk, vocab)
-    # Lane by lane (no reduction across a tile until the last): greedy keeps each lane's largest z and its
-    # first id, sampling each lane's online softmax (its max and the sum of exp(z - max)).
-    lane_m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)
     if GREEDY:
-        lane_id = tl.zeros((BLOCK,), tl.int32) + begin.to(tl.int32)
+        best = begin.to(tl.int64)
         for start in range(begin, end, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             z = load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK)
@@ -234,21 +232,20 @@ def _stats_kernel(
                 tl.store(
                     probs_ptr + row * stride_probs + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < end
                 )
-            lane_m, lane_id = race_lanes(lane_m, lane_id, z, offs)
-        m, best = race_winner(lane_m, lane_id)  # the first maximum of the chunk; its first id if all -inf
+            block_m = tl.max(z, 0)
+            best = tl.where(block_m > m, start + tl.argmax(z, 0).to(tl.int64), best)
+            m = tl.maximum(m, block_m)
         tl.store(part_aux_ptr + row * splits + split, best)
     else:
-        lane_s = tl.zeros((BLOCK,), tl.float32)
+        total = tl.zeros((), tl.float32)
         for start in range(begin, end, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             z = load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK)
-            new_m = tl.maximum(lane_m, z)
+            new_m = tl.maximum(m, tl.max(z, 0))
             safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-            lane_s = lane_s * tl.exp(lane_m - safe_m) + tl.exp(z - safe_m)
-            lane_m = new_m
-        m = tl.max(lane_m, 0)
-        safe_m = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(part_aux_ptr + row * splits + split, tl.sum(lane_s * tl.exp(lane_m - safe_m), 0))
+            total = total * tl.exp(m - safe_m) + tl.sum(tl.exp(z - safe_m), 0)
+            m = new_m
+        tl.store(part_aux_ptr + row * splits + split, total)
     tl.store(part_m_ptr + row * splits + split, m)
 
 
@@ -289,8 +286,8 @@ def _probs_kernel(
     inv_norm = 1.0 / norm
     begin = split * chunk
     end = tl.minimum(begin + chunk, vocab)
-    best = tl.full((BLOCK,), -1.0, tl.float32)
-    best_id = tl.zeros((BLOCK,), tl.int32) + begin.to(tl.int32)
+    best = tl.full((), -1.0, tl.float32)
+    best_id = begin.to(tl.int64)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < end
@@ -301,8 +298,7 @@ def _probs_kernel(
         if WRITE_PROBS:
             tl.store(probs_ptr + row * stride_probs + offs, q, mask=inside)
         noise = tl.load(noise_ptr + row * stride_noise + offs, mask=inside, other=1.0)
-        best, best_id = race_lanes(best, best_id, tl.where(inside, q / noise, -1.0), offs)
-    best, best_id = race_winner(best, best_id)
+        best, best_id = race_step(best, best_id, tl.where(inside, q / noise, -1.0), start)
     tl.store(win_val_ptr + row * splits + split, best)
     tl.store(win_id_ptr + row * splits + split, best_id)
 

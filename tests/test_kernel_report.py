@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -281,6 +282,13 @@ def test_kernels_a_b_against_a_revision(tmp_path, monkeypatch):
     ab.main(["--base", "HEAD", "--tiny", "--cases", "sample top-k 50 + top-p 0.95", "--out", str(tmp_path)])
     (case,) = json.loads(next(tmp_path.glob("ab-*.json")).read_text())["cases"].values()
     assert case == {"outputs_equal": True}  # nothing timed on the CPU
+    # a folder holding a kernels/ package (what a machine without the history is given) serves as the base
+    shutil.copytree(
+        ROOT / "kernels", tmp_path / "copy" / "kernels", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (tmp_path / "copy" / "kernels" / "marker.py").write_text("")
+    sampling, _ = ab.base_kernels(str(tmp_path / "copy"))
+    assert (Path(sampling.__file__).parent / "marker.py").exists()
 
     logits, noise = torch.randn(3, 40), torch.rand(3, 40)
     new = lambda x, e: ab.sampling.sample_triton(x, e, 0.8, 5, 0.9)  # noqa: E731
