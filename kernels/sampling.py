@@ -51,7 +51,8 @@ So greedy is one read of the logits plus the write of ``q``; temperature
 sampling reads the logits twice, the noise once and writes ``q``; ids only, neither
 writes ``q`` (greedy is then one read of the logits and nothing more); the filters
 add up to 8 + 8 + ceil(log16 V) + 1 launches over a grid of their own, of which
-typically 6-10 read the logits (mostly from L2) and the rest return at once.
+two read the whole logits (mostly from L2), the next ones only the candidates
+left (``thresholds.py``), and those after a row's searches end return at once.
 """
 
 from __future__ import annotations

@@ -15,11 +15,18 @@ mass per digit with one sum per digit value, and a tile without a key in the set
 Every program of a row advances the same state, and program 0 writes it: two halves, read by one pass and
 written by the next.
 
+The first two passes read the program's whole chunk; every later one reads the chunk's candidates alone:
+the ids of the keys a later pass may still need, which each pass from the second on writes in place over
+its chunk's slots (the keys from the set's smallest up: the set, the keys above it, which top-p after top-k
+searches again, and the ties; in the id search the ties alone). Passes after the first few then cost a
+read of the candidates, not of the row. A row whose searches ended is marked done, and its programs return
+at once in the remaining launches.
+
 Top-k and top-p are one search of at most 8 passes each (usually 3-5: a set of one key ends a search one
 pass after the digit that left it); a top-p boundary inside a group of equal logits adds a search over ids
 (``ceil(log16 V)`` passes, 5 at V = 128256) for the cut ``c``. The id search counts alone, and so does
 top-k when top-p follows it: top-p's first pass histograms the keys >= t_k, whose mass is Z_k, the scale of
-top-p's goal. A row whose searches ended returns at once in the remaining launches.
+top-p's goal.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ def _threshold_pass_kernel(
     hist_s_ptr,  # [2, rows, splits, BUCKETS] fp32: its mass exp(z - m)
     set_lo_ptr,  # [2, rows, splits] int32: its smallest key matching the prefix
     set_hi_ptr,  # [2, rows, splits] int32: its largest
+    cand_ptr,  # [rows, splits * chunk] int32: each chunk's candidates, the ids a later pass may need
+    count_ptr,  # [rows, splits] int32: how many of its slots hold candidates
+    done_ptr,  # [rows] int32: 1 once the row's searches ended
     row_z_ptr,  # [rows] fp32 out (when the row's searches end): mass of the kept set, relative to exp(max z)
     row_t_ptr,  # [rows] fp32 out: threshold t
     row_c_ptr,  # [rows] int64 out: first kept id among z == t
@@ -93,6 +103,7 @@ def _threshold_pass_kernel(
     TOP_P: tl.constexpr,
     HAS_MASK: tl.constexpr,
     FIRST: tl.constexpr,
+    FROM_CANDIDATES: tl.constexpr,  # read the chunk's candidates, not the whole chunk
     PARITY: tl.constexpr,
     BLOCK: tl.constexpr,
     BUCKETS: tl.constexpr,
@@ -101,6 +112,9 @@ def _threshold_pass_kernel(
     pass's histograms, then histogram this program's chunk for the next digit."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
+    if not FIRST:  # noqa: SIM102 (a constexpr test: FIRST reads no flag, which it has not written yet)
+        if tl.load(done_ptr + row) != 0:  # the row's searches ended in an earlier pass
+            return
     m, total = row_max_sum(part_m_ptr, part_z_ptr, row, stats, STATS_P2)
     src_i = state_i_ptr + ((1 - PARITY) * rows + row) * _NI
     src_f = state_f_ptr + ((1 - PARITY) * rows + row) * _NF
@@ -234,6 +248,7 @@ def _threshold_pass_kernel(
         tl.store(dst_f + _MASS_BELOW, mass_below)
         tl.store(dst_f + _GOAL_S, goal_s)
         tl.store(dst_f + _NORM_OUT, norm_out)
+        tl.store(done_ptr + row, (phase == 3).to(tl.int32))
         if phase == 3:
             bits = tie.to(tl.int32)
             tl.store(row_t_ptr + row, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True))
@@ -256,6 +271,10 @@ def _threshold_pass_kernel(
         tie32 = tie.to(tl.int32)
         floor32 = floor.to(tl.int32)
         shift32 = shift.to(tl.int32)
+        # What a later pass may still need (the candidates): every key from the set's smallest up (the set,
+        # the keys above it, which top-p after top-k searches again, and the ties the id search reads), or,
+        # in the id search, the ties alone.
+        keep_from = tl.maximum((want ^ _INT32_MIN), floor32)
         bucket = tl.arange(0, BUCKETS)
         acc_n = tl.zeros((BUCKETS,), tl.int32)
         acc_s = tl.zeros((BUCKETS,), tl.float32)
@@ -263,14 +282,33 @@ def _threshold_pass_kernel(
         hi = tl.full((), _INT32_MIN, tl.int32)
         row_logits = logits_ptr + row * stride_logits
         begin = split * chunk
-        end = tl.minimum(begin + chunk, vocab)
-        for start in range(begin, end, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            z = load_z(row_logits, mask_ptr, offs, vocab, temperature, HAS_MASK)
+        # The first two passes read the whole chunk; the second and later ones keep the chunk's candidates in
+        # its slots, in place (a tile's candidates go to slots at or before the tile's own, written after
+        # the whole tile was read: the prefix sum that places them waits for every lane's load), and later
+        # ones read those alone.
+        slots = cand_ptr + row * splits * chunk + begin
+        if FROM_CANDIDATES:
+            reads = tl.load(count_ptr + row * splits + split)
+        else:
+            reads = (tl.minimum(begin + chunk, vocab) - begin).to(tl.int32)
+        n_cand = tl.zeros((), tl.int32)
+        for start in range(0, reads, BLOCK):
+            pos = start + tl.arange(0, BLOCK)
+            valid = pos < reads
+            if FROM_CANDIDATES:
+                ids = tl.load(slots + pos, mask=valid, other=0)
+            else:
+                ids = (begin + pos).to(tl.int32)
+            z = load_z(row_logits, mask_ptr, ids, vocab, temperature, HAS_MASK)
             zkey = _key32(z)
-            key = tl.where(ties, id_max - offs.to(tl.int32), zkey)
+            key = tl.where(ties, id_max - ids, zkey)
             u = key ^ flip
-            chosen = (offs < end) & tl.where(ties, zkey == tie32, zkey >= floor32) & ((u & high) == want)
+            chosen = valid & tl.where(ties, zkey == tie32, zkey >= floor32) & ((u & high) == want)
+            if not FIRST:
+                keep = valid & tl.where(ties, zkey == tie32, zkey >= keep_from)
+                slot = n_cand + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(slots + slot, ids, mask=keep)
+                n_cand += tl.sum(keep.to(tl.int32), 0)
             if tl.max(chosen.to(tl.int32), 0) > 0:
                 digit = (u >> shift32) & (BUCKETS - 1)
                 acc_n += tl.histogram(digit, BUCKETS, mask=chosen)
@@ -280,6 +318,8 @@ def _threshold_pass_kernel(
                         acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
                 lo = tl.minimum(lo, tl.min(tl.where(chosen, key, _INT32_MAX), 0))
                 hi = tl.maximum(hi, tl.max(tl.where(chosen, key, _INT32_MIN), 0))
+        if not FIRST:
+            tl.store(count_ptr + row * splits + split, n_cand)
         mine = (PARITY * rows + row) * splits + split
         tl.store(hist_n_ptr + mine * BUCKETS + bucket, acc_n)
         tl.store(hist_s_ptr + mine * BUCKETS + bucket, acc_s)
@@ -320,16 +360,20 @@ def launch_thresholds(
     hist_n = torch.empty(2, rows, splits, _BUCKETS, dtype=torch.int32, device=device)
     hist_s = torch.empty(2, rows, splits, _BUCKETS, dtype=torch.float32, device=device)
     set_lo, set_hi = (torch.empty(2, rows, splits, dtype=torch.int32, device=device) for _ in range(2))
+    candidates = torch.empty(rows, splits * chunk, dtype=torch.int32, device=device)
+    counts = torch.empty(rows, splits, dtype=torch.int32, device=device)
+    done = torch.empty(rows, dtype=torch.int32, device=device)
     row_z = torch.empty(rows, dtype=torch.float32, device=device)
     row_t = torch.empty(rows, dtype=torch.float32, device=device)
     row_c = torch.empty(rows, dtype=torch.int64, device=device)
     mask_arg = logits if mask is None else mask
     for step in range(passes + 1):  # the last launch only reads the last histograms
         _threshold_pass_kernel[(rows, splits)](
-            logits, mask_arg, part_m, part_z, state_i, state_f, hist_n, hist_s, set_lo, set_hi, row_z, row_t,
-            row_c, rows, vocab, stride, temperature, top_k, 1.0 - top_p, stats, chunk, splits, id_shift,
-            STATS_P2=triton.next_power_of_2(stats), SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on,
-            TOP_P=top_p_on, HAS_MASK=mask is not None, FIRST=step == 0, PARITY=step % 2, BLOCK=block,
-            BUCKETS=_BUCKETS, num_warps=8,
+            logits, mask_arg, part_m, part_z, state_i, state_f, hist_n, hist_s, set_lo, set_hi, candidates,
+            counts, done, row_z, row_t, row_c, rows, vocab, stride, temperature, top_k, 1.0 - top_p, stats,
+            chunk, splits, id_shift, STATS_P2=triton.next_power_of_2(stats),
+            SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on, TOP_P=top_p_on, HAS_MASK=mask is not None,
+            FIRST=step == 0, FROM_CANDIDATES=step >= 2, PARITY=step % 2, BLOCK=block, BUCKETS=_BUCKETS,
+            num_warps=8,
         )  # fmt: skip
     return row_z, row_t, row_c
