@@ -8,10 +8,10 @@ compared. The cases are sampling and verification at the goal shapes, every one 
 names below).
 
     python benchmarks/ab_kernels.py --base fa88b63 --out DIR     # DIR/ab-<device>.{json,md}
-    python benchmarks/ab_kernels.py --base HEAD --tiny           # outputs compared on the CPU (interpreter)
+    python benchmarks/ab_kernels.py --base HEAD --tiny           # outputs compared at small shapes
 
-On a machine without CUDA (``--tiny``: small shapes under ``TRITON_INTERPRET=1``) the outputs are compared
-and nothing is timed.
+``--tiny`` compares the outputs at small shapes and times nothing: on the CPU under ``TRITON_INTERPRET=1``
+(a machine without CUDA), on the GPU where the kernels are compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import atexit
 import importlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ VERIFY = {"verify mix, top-k 50 + top-p 0.95": (50, 0.95), "verify mix": (0, 1.0
 def base_kernels(revision: str):
     """The ``kernels`` package of ``revision``, imported as ``base_kernels`` (its modules import each other
     relatively, so the package needs nothing of the working tree). ``revision`` may also be a folder that
-    holds such a package, for a machine without the repository's history (the GPU machine gets the
+    holds such a package, for a machine without the repository's history (a copy of the
     working tree only): ``git archive REV kernels | tar x -C FOLDER`` makes one."""
     folder = Path(tempfile.mkdtemp(prefix="ab-kernels-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # imported from until the process ends
@@ -102,12 +103,22 @@ def main(argv: list[str] | None = None) -> None:
         help="the revision to compare against (e.g. HEAD, fa88b63), or a folder holding its kernels/",
     )
     parser.add_argument("--cases", nargs="+", choices=[*SAMPLING, *VERIFY], default=[*SAMPLING, *VERIFY])
-    parser.add_argument("--tiny", action="store_true", help="small shapes, outputs compared only (the CPU)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="small shapes, outputs compared only (on the CPU under TRITON_INTERPRET=1, else on CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    device = torch.device("cpu" if args.tiny else "cuda")
-    if not args.tiny and not torch.cuda.is_available():
-        raise SystemExit("ab_kernels.py times on a CUDA device; --tiny compares the outputs on the CPU")
+    # --tiny runs on the tensors the kernels take in this process: CPU ones under the Triton interpreter,
+    # CUDA ones where they are compiled (a machine with a GPU, TRITON_INTERPRET unset)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    device = torch.device("cpu" if args.tiny and interpreted else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "ab_kernels.py runs the kernels compiled on a CUDA device; --tiny under TRITON_INTERPRET=1 "
+            "compares the outputs on the CPU"
+        )
     base_sampling, base_verify = base_kernels(args.base)
     rows, vocab, batch, k = (3, 300, 2, 3) if args.tiny else (72, 128256, 8, 8)
     env = environment(device)
