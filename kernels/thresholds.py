@@ -284,8 +284,10 @@ def _threshold_pass_kernel(
         begin = split * chunk
         # The first two passes read the whole chunk; the second and later ones keep the chunk's candidates in
         # its slots, in place (a tile's candidates go to slots at or before the tile's own, written after
-        # the whole tile was read: the prefix sum that places them waits for every lane's load), and later
-        # ones read those alone.
+        # the whole tile was read: the prefix sum that places them waits for every lane's load, which holds
+        # while each element has one owner; a tile smaller than the warps' threads would be copied into
+        # several warps with no barrier between them, so the launch takes at most block / 32 warps), and
+        # later ones read those alone.
         slots = cand_ptr + row * splits * chunk + begin
         if FROM_CANDIDATES:
             reads = tl.load(count_ptr + row * splits + split)
@@ -325,6 +327,12 @@ def _threshold_pass_kernel(
         tl.store(hist_s_ptr + mine * BUCKETS + bucket, acc_s)
         tl.store(set_lo_ptr + mine, lo)
         tl.store(set_hi_ptr + mine, hi)
+
+
+def _warps(block: int) -> int:
+    """Warps of a pass over ``block``-wide tiles: 8, or fewer where a tile would not give every thread of 8
+    warps an element of its own (``_threshold_pass_kernel``'s in-place candidates need one owner each)."""
+    return max(1, min(8, block // 32))
 
 
 def _search_passes(top_k_on: bool, top_p_on: bool, vocab: int) -> tuple[int, int]:
@@ -374,6 +382,6 @@ def launch_thresholds(
             chunk, splits, id_shift, STATS_P2=triton.next_power_of_2(stats),
             SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on, TOP_P=top_p_on, HAS_MASK=mask is not None,
             FIRST=step == 0, FROM_CANDIDATES=step >= 2, PARITY=step % 2, BLOCK=block, BUCKETS=_BUCKETS,
-            num_warps=8,
+            num_warps=_warps(block),
         )  # fmt: skip
     return row_z, row_t, row_c

@@ -124,6 +124,17 @@ def test_thresholds_that_need_every_digit():
     assert kept == [100, 200, 300, *range(vocab - 32, vocab)]  # the lowest ids of the group dropped
 
 
+def test_threshold_passes_give_each_element_of_a_tile_one_thread():
+    """The threshold passes rewrite their candidates in place, safe only while every element of a tile has a
+    thread of its own: a tile smaller than the launch's threads would be copied into warps that do not wait
+    for each other. So the warps follow the tile."""
+    from omnidraft_fast.kernels.thresholds import _warps
+
+    for block in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+        assert 1 <= _warps(block) <= 8 and (_warps(block) == 1 or 32 * _warps(block) <= block)
+    assert _warps(2048) == 8  # the production tile keeps all 8
+
+
 def test_degenerate_filters():
     logits, noise, mask = _inputs(2, 100, torch.float32, seed=5, masked=True)
     _check(logits, noise, 1.0, 100, 1.0, mask, block=32)  # k >= vocab: no filter
