@@ -26,7 +26,20 @@ $(FLOOR)/bin/.installed: pyproject.toml
 	$(FLOOR)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: setup demo test test-floor lint device-shared
+# The GPU machine's whole stack, on the CPU: Python 3.12, torch 2.11 (its CUDA build, about 5 GB, which runs
+# on the CPU too), triton 3.6, transformers 5.17, peft 0.21. Its tests are the ones the GPU suite's `tests` step
+# runs there; torch 2.11 draws other random weights than 2.13, which once failed tests that held only for
+# 2.13's draws. Not in CI (the download): run it before a lease.
+DEVICE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
+DEVICE_STACK := .venv-device
+$(DEVICE_STACK)/bin/.installed: pyproject.toml
+	$(DEVICE_PYTHON) -m venv $(DEVICE_STACK)
+	$(DEVICE_STACK)/bin/pip install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 peft==0.21.0 safetensors \
+		'numpy<2.4' pytest pytest-benchmark pytest-xdist setuptools
+	$(DEVICE_STACK)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+.PHONY: setup demo test test-floor test-device-stack lint device-shared
 setup: $(BIN)/.installed
 
 demo: setup
@@ -41,6 +54,9 @@ test: setup
 # compiles every kernel variant for sm_90 and sm_80 here (tests/test_kernels_compile.py).
 test-floor: $(FLOOR)/bin/.installed
 	$(FLOOR)/bin/python -m pytest -q -n 2 -m "not law and not kernels"
+
+test-device-stack: $(DEVICE_STACK)/bin/.installed
+	$(DEVICE_STACK)/bin/python -m pytest -q -n 2 -m "not gpu and not kernels"
 
 lint: setup
 	$(BIN)/ruff check .

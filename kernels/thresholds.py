@@ -11,7 +11,8 @@ combines the previous one's per-chunk results for the set of keys that match the
 its smallest and largest key. A set of one key is the answer; otherwise the launch picks the digit that
 holds the answer and narrows to it (a digit picked at the last place is one key, the answer too). Then it
 histograms its chunk's keys in the narrowed set, a tile at a time: the counts with ``tl.histogram``, the
-mass per digit with one sum per digit value, and a tile without a key in the set costs its read alone.
+mass per digit with one sum per digit value between the tile's smallest and largest key's, and a tile
+without a key in the set costs its read alone.
 Every program of a row advances the same state, and program 0 writes it: two halves, read by one pass and
 written by the next.
 
@@ -314,12 +315,19 @@ def _threshold_pass_kernel(
             if tl.max(chosen.to(tl.int32), 0) > 0:
                 digit = (u >> shift32) & (BUCKETS - 1)
                 acc_n += tl.histogram(digit, BUCKETS, mask=chosen)
+                tile_lo = tl.min(tl.where(chosen, key, _INT32_MAX), 0)
+                tile_hi = tl.max(tl.where(chosen, key, _INT32_MIN), 0)
                 if need_mass:
+                    # One sum per digit value between the tile's smallest and largest (keys of one set order
+                    # as their digits): a dense pass's tile holds a few of the 16, mostly neighbours.
+                    d_lo = ((tile_lo ^ flip) >> shift32) & (BUCKETS - 1)
+                    d_hi = ((tile_hi ^ flip) >> shift32) & (BUCKETS - 1)
                     w = tl.where(chosen, tl.exp(z - m), 0.0)
                     for b in tl.static_range(BUCKETS):
-                        acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
-                lo = tl.minimum(lo, tl.min(tl.where(chosen, key, _INT32_MAX), 0))
-                hi = tl.maximum(hi, tl.max(tl.where(chosen, key, _INT32_MIN), 0))
+                        if (d_lo <= b) & (b <= d_hi):
+                            acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
+                lo = tl.minimum(lo, tile_lo)
+                hi = tl.maximum(hi, tile_hi)
         if not FIRST:
             tl.store(count_ptr + row * splits + split, n_cand)
         mine = (PARITY * rows + row) * splits + split
