@@ -67,7 +67,7 @@ pack() {  # everything but the benchmark zoo's weights (hundreds of MB; its mode
 note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 # The least time worth starting a step with (seconds; 20 for the others): less gives no result.
-declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=300 [cascades]=60 [online]=60)
+declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=240 [cascades]=60 [online]=60)
 step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
     local name=$1 limit=$2
     shift 2
@@ -182,8 +182,9 @@ step online 120 $PY benchmarks/online.py --prompts-per-task 2 --passes 1 --repea
     --configs static "confidence 0.4" "distill+adaptive (alternating, in flight)" --out "$WORK"
 # 8. The rest of the test suite on this machine (CI runs it on CPUs; here the tests that take a device use CUDA).
 #    Not the `kernels` ones: most pass CPU tensors to the Triton launchers, which only the interpreter runs;
-#    their gpu-marked cases ran compiled in step 1.
-step tests 330 $PY -m pytest -v -rfEs --durations=25 -m "not gpu and not kernels" "${jobs[@]}" \
+#    their gpu-marked cases ran compiled in step 1. Nor the `law` ones: statistical tests on CPU models, the
+#    longest of the suite, which take no device path (`make test-device-stack` runs them on this stack).
+step tests 330 $PY -m pytest -v -rfEs --durations=25 -m "not gpu and not kernels and not law" "${jobs[@]}" \
     --junitxml="$WORK/tests.xml"
 note "failed steps: $failed; $((SECONDS))s in all (logs and results in gpu-results.tgz)"
 pack

@@ -20,8 +20,8 @@ The first two passes read the program's whole chunk; every later one reads the c
 the ids of the keys a later pass may still need, which each pass from the second on writes in place over
 its chunk's slots (the keys from the set's smallest up: the set, the keys above it, which top-p after top-k
 searches again, and the ties; in the id search the ties alone). Passes after the first few then cost a
-read of the candidates, not of the row. A row whose searches ended is marked done, and its programs return
-at once in the remaining launches.
+read of the candidates, not of the row; their slots take one int32 per logit of scratch. A row whose
+searches ended is marked done, and its programs return at once in the remaining launches.
 
 Top-k and top-p are one search of at most 8 passes each (usually 3-5: a set of one key ends a search one
 pass after the digit that left it); a top-p boundary inside a group of equal logits adds a search over ids
