@@ -56,7 +56,9 @@ def base_kernels(revision: str):
     folder = Path(tempfile.mkdtemp(prefix="ab-kernels-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # imported from until the process ends
     if Path(revision, "kernels").is_dir():
-        shutil.copytree(Path(revision, "kernels"), folder / "kernels")
+        shutil.copytree(
+            Path(revision, "kernels"), folder / "kernels", ignore=shutil.ignore_patterns("__pycache__")
+        )
     else:
         archive = subprocess.run(
             ["git", "archive", "--format=tar", revision, "kernels"], cwd=ROOT, capture_output=True, check=True

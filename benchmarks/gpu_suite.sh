@@ -73,18 +73,20 @@ step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to 
     shift 2
     wanted "$name" || return 0
     local left=$((SUITE_SECONDS - SECONDS)) minimum=${MINIMUM[$name]:-20}
-    if [ "$left" -lt "$minimum" ]; then
+    if [ $((left - 25)) -lt "$minimum" ]; then
         note "$name skipped: ${left}s left of SUITE_SECONDS=$SUITE_SECONDS, it needs ${minimum}s"
         return 0
     fi
-    [ "$limit" -le "$left" ] || limit=$left
+    # the limit leaves the 20 s a command that ignores SIGINT gets before its kill, and the pack after it
+    [ "$limit" -le $((left - 25)) ] || limit=$((left - 25))
     echo "== $name (limit ${limit}s): $*"
     local began=$SECONDS
     # SIGINT first, so that pytest cut short still prints its summary (the failed tests, named) and a
     # script its traceback; whatever ignores it is killed 20 s later.
     timeout --signal=INT --kill-after=20 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local status=$?
-    [ "$status" -eq 124 ] && status="124 (timed out after ${limit}s)"
+    # 124: stopped by SIGINT at the limit; 137: killed 20 s later, having ignored it
+    { [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; } && status="$status (timed out after ${limit}s)"
     note "$name exit=$status seconds=$((SECONDS - began))"
     [ "$status" = 0 ] || failed=$((failed + 1))
     pack

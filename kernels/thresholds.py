@@ -11,8 +11,8 @@ combines the previous one's per-chunk results for the set of keys that match the
 its smallest and largest key. A set of one key is the answer; otherwise the launch picks the digit that
 holds the answer and narrows to it (a digit picked at the last place is one key, the answer too). Then it
 histograms its chunk's keys in the narrowed set, a tile at a time: the counts with ``tl.histogram``, the
-mass per digit with one sum per digit value between the tile's smallest and largest key's, and a tile
-without a key in the set costs its read alone.
+mass per digit with one sum per digit value the tile holds, and a tile without a key in the set costs its
+read alone.
 Every program of a row advances the same state, and program 0 writes it: two halves, read by one pass and
 written by the next.
 
@@ -61,6 +61,11 @@ _GOAL_S = tl.constexpr(1)  # top-p: (1 - top_p) Z_k, the mass the dropped tokens
 _NORM_OUT = tl.constexpr(2)  # mass of the kept set
 _MASS_BELOW = tl.constexpr(3)  # mass below the keys matching the prefix (and >= the floor)
 _NF = tl.constexpr(4)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -318,13 +323,13 @@ def _threshold_pass_kernel(
                 tile_lo = tl.min(tl.where(chosen, key, _INT32_MAX), 0)
                 tile_hi = tl.max(tl.where(chosen, key, _INT32_MIN), 0)
                 if need_mass:
-                    # One sum per digit value between the tile's smallest and largest (keys of one set order
-                    # as their digits): a dense pass's tile holds a few of the 16, mostly neighbours.
-                    d_lo = ((tile_lo ^ flip) >> shift32) & (BUCKETS - 1)
-                    d_hi = ((tile_hi ^ flip) >> shift32) & (BUCKETS - 1)
+                    # One sum per digit value the tile holds (one bit each, OR-ed over the tile): a dense
+                    # pass's tile holds a few of the 16 (the first digit, sign and top exponent bits: about
+                    # 4 on logits within +-16, two of each sign).
+                    held = tl.reduce(tl.where(chosen, 1 << digit, 0), 0, _bit_or)
                     w = tl.where(chosen, tl.exp(z - m), 0.0)
                     for b in tl.static_range(BUCKETS):
-                        if (d_lo <= b) & (b <= d_hi):
+                        if ((held >> b) & 1) != 0:
                             acc_s += tl.where(bucket == b, tl.sum(tl.where(digit == b, w, 0.0), 0), 0.0)
                 lo = tl.minimum(lo, tile_lo)
                 hi = tl.maximum(hi, tile_hi)
@@ -339,7 +344,9 @@ def _threshold_pass_kernel(
 
 def _warps(block: int) -> int:
     """Warps of a pass over ``block``-wide tiles: 8, or fewer where a tile would not give every thread of 8
-    warps an element of its own (``_threshold_pass_kernel``'s in-place candidates need one owner each)."""
+    warps an element of its own. ``_threshold_pass_kernel``'s in-place candidates need the threads that hold
+    one element to stay in step: one thread, or copies within one warp (a tile under 32 elements), whose
+    shuffles keep them together; never copies in several warps."""
     return max(1, min(8, block // 32))
 
 
