@@ -27,9 +27,9 @@ $(FLOOR)/bin/.installed: pyproject.toml
 	touch $@
 
 # The GPU machine's whole stack, on the CPU: Python 3.12, torch 2.11 (its CUDA build, about 5 GB, which runs
-# on the CPU too), triton 3.6, transformers 5.17, peft 0.21. Its tests are the ones the GPU suite's `tests` step
-# runs there; torch 2.11 draws other random weights than 2.13, which once failed tests that held only for
-# 2.13's draws. Not in CI (the download): run it before a lease.
+# on the CPU too), triton 3.6, transformers 5.17, peft 0.21. Its tests are the GPU suite's `tests` step's, plus
+# the `law` ones that step leaves out; torch 2.11 draws other random weights than 2.13, which once failed
+# tests that held only for 2.13's draws. Not in CI (the download): run it before a lease.
 DEVICE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
 DEVICE_STACK := .venv-device
 $(DEVICE_STACK)/bin/.installed: pyproject.toml

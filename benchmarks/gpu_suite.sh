@@ -67,25 +67,28 @@ pack() {  # everything but the benchmark zoo's weights (hundreds of MB; its mode
 note() { echo "$*" | tee -a "$WORK/steps.txt" "$OUT/steps.txt"; }
 wanted() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 # The least time worth starting a step with (seconds; 20 for the others): less gives no result.
+# A step's limit leaves, within the deadline, the grace a command that ignores SIGINT gets before its kill
+# and the pack after it.
+KILL_AFTER=20
+MARGIN=$((KILL_AFTER + 5))
 declare -A MINIMUM=([tests_gpu]=90 [tune]=60 [e2e]=90 [scale]=120 [tests]=240 [cascades]=60 [online]=60)
 step() {  # step NAME LIMIT COMMAND...: run under min(LIMIT, time left), log to NAME.log, pack
     local name=$1 limit=$2
     shift 2
     wanted "$name" || return 0
     local left=$((SUITE_SECONDS - SECONDS)) minimum=${MINIMUM[$name]:-20}
-    if [ $((left - 25)) -lt "$minimum" ]; then
+    if [ $((left - MARGIN)) -lt "$minimum" ]; then
         note "$name skipped: ${left}s left of SUITE_SECONDS=$SUITE_SECONDS, it needs ${minimum}s"
         return 0
     fi
-    # the limit leaves the 20 s a command that ignores SIGINT gets before its kill, and the pack after it
-    [ "$limit" -le $((left - 25)) ] || limit=$((left - 25))
+    [ "$limit" -le $((left - MARGIN)) ] || limit=$((left - MARGIN))
     echo "== $name (limit ${limit}s): $*"
     local began=$SECONDS
     # SIGINT first, so that pytest cut short still prints its summary (the failed tests, named) and a
-    # script its traceback; whatever ignores it is killed 20 s later.
-    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    # script its traceback; whatever ignores it is killed KILL_AFTER seconds later.
+    timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" >"$WORK/$name.log" 2>&1
     local status=$?
-    # 124: stopped by SIGINT at the limit; 137: killed 20 s later, having ignored it
+    # 124: stopped by SIGINT at the limit; 137: killed KILL_AFTER seconds later, having ignored it
     { [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; } && status="$status (timed out after ${limit}s)"
     note "$name exit=$status seconds=$((SECONDS - began))"
     [ "$status" = 0 ] || failed=$((failed + 1))

@@ -124,10 +124,10 @@ def test_thresholds_that_need_every_digit():
     assert kept == [100, 200, 300, *range(vocab - 32, vocab)]  # the lowest ids of the group dropped
 
 
-def test_threshold_passes_give_each_element_of_a_tile_one_thread():
-    """The threshold passes rewrite their candidates in place, safe only while every element of a tile has a
-    thread of its own: a tile smaller than the launch's threads would be copied into warps that do not wait
-    for each other. So the warps follow the tile."""
+def test_threshold_passes_keep_each_element_of_a_tile_in_one_warp():
+    """The threshold passes rewrite their candidates in place, safe only while the threads holding one element
+    of a tile stay in step (one thread, or copies within one warp): a tile smaller than the launch's threads
+    would be copied into warps that do not wait for each other. So the warps follow the tile."""
     from omnidraft_fast.kernels.thresholds import _warps
 
     for block in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
