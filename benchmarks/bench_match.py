@@ -32,15 +32,17 @@ IMPLEMENTATIONS = {
 }
 
 
-def match_inputs(batch: int, k: int, vocab: int, temperature: float, seed: int = 0) -> tuple:
-    """(logits, draft_ids, noise) of one verification on CUDA: drafts that are the target's argmax, so that
-    greedy rows accept all of them and sampled rows a realistic share."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    logits = torch.randn(batch, k + 1, vocab, generator=generator, device="cuda").mul(3).bfloat16()
+def match_inputs(
+    batch: int, k: int, vocab: int, temperature: float, seed: int = 0, device: str | torch.device = "cuda"
+) -> tuple:
+    """(logits, draft_ids, noise) of one verification on ``device``: drafts that are the target's argmax, so
+    that greedy rows accept all of them and sampled rows a realistic share."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(batch, k + 1, vocab, generator=generator, device=device).mul(3).bfloat16()
     draft_ids = logits[:, :k].argmax(-1)
     noise = None
     if temperature > 0:
-        noise = torch.empty(batch, k + 1, vocab, device="cuda").exponential_(generator=generator)
+        noise = torch.empty(batch, k + 1, vocab, device=device).exponential_(generator=generator)
     return logits, draft_ids, noise
 
 

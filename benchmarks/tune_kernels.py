@@ -13,6 +13,12 @@ the default tile, the sets in turn too.
 
     python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
     python benchmarks/tune_kernels.py --out DIR --only top_p top-p     # the cases with a threshold search
+    python benchmarks/tune_kernels.py --out DIR --programs 2 4 8 16 --pass-warps 8 16
+
+``--programs`` times the cases without a threshold search at the default tile with each number of programs
+per SM their passes aim at (``rows.PROGRAMS_PER_SM``), ``--pass-warps`` the cases with one at each most warps
+a threshold pass takes (``thresholds.PASS_WARPS``): how many warps an SM keeps in flight, which
+``benchmarks/kernel_resources.py`` reports from the compiled kernels.
 
 The two files are written after each case too, marked partial, so that a run cut short keeps its cases.
 """
@@ -20,8 +26,10 @@ The two files are written after each case too, marked partial, so that a run cut
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +37,7 @@ import triton
 from bench_match import match_bytes, match_inputs
 from bench_sampling import sampling_bytes, sampling_inputs
 from bench_verify import TEMPERATURE, held_rules, verify_bytes, verify_inputs
+from omnidraft_fast.kernels import rows, thresholds
 from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
@@ -146,6 +155,31 @@ def launch_sequence(launches: list[tuple[str, float]], calls: int) -> dict[str, 
     return sequence
 
 
+@contextlib.contextmanager
+def _tuned(module, name: str, value: int) -> Iterator[None]:
+    """``module.name`` set to ``value`` within the block (a launch constant the sweep varies)."""
+    shipped = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, shipped)
+
+
+def _launch_sweep(fn, sets: list, filtered: bool, programs: list[int], pass_warps: list[int]) -> dict:
+    """``fn``'s times at each programs per SM (a case without a threshold search) or each most warps of a
+    threshold pass (a case with one), keyed ``programs N`` / ``pass warps N``."""
+    module, name, values, label = (
+        (thresholds, "PASS_WARPS", pass_warps, "pass warps") if filtered else
+        (rows, "PROGRAMS_PER_SM", programs, "programs")
+    )  # fmt: skip
+    times = {}
+    for value in values:
+        with _tuned(module, name, value):
+            times[f"{label} {value}"] = _times(fn, sets)
+    return times
+
+
 def _copy_times(sets: list) -> dict[str, float | None]:
     """A device-to-device copy of the logits, the bandwidth yardstick."""
     return _times(lambda x, o: o.copy_(x), [(s[0], torch.empty_like(s[0])) for s in sets])
@@ -156,7 +190,7 @@ def _print_case(op: str, name: str, case: dict) -> None:
     print(op, name, {k: v for k, v in case.items() if isinstance(v, dict) and k not in skip}, flush=True)
 
 
-def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) -> dict:
+def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool, sweep: dict) -> dict:
     sets = _sampling_sets(temperature)
 
     def triton_(logits, noise, block=SHIPPED["sample"]):
@@ -171,11 +205,12 @@ def _sampling_case(temperature: float, top_k: int, top_p: float, probs: bool) ->
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, e, b=block: triton_(x, e, b), sets)
+    case["launch"] = _launch_sweep(triton_, sets, top_k > 0 or top_p < 1.0, **sweep)
     case.update(_kernel_times(triton_, sets))
     return case
 
 
-def _match_case(temperature: float) -> dict:
+def _match_case(temperature: float, sweep: dict) -> dict:
     sets = [match_inputs(BATCH, K, VOCAB, temperature, seed) for seed in range(SETS)]
 
     def triton_(logits, draft_ids, noise, block=SHIPPED["match"]):
@@ -190,6 +225,7 @@ def _match_case(temperature: float) -> dict:
     }
     for block in BLOCKS:
         case[f"triton {block}"] = _times(lambda x, d, e, b=block: triton_(x, d, e, b), sets)
+    case["launch"] = _launch_sweep(triton_, sets, False, **sweep)
     case.update(_kernel_times(triton_, sets))
     return case
 
@@ -203,7 +239,24 @@ def main(argv: list[str] | None = None) -> None:
         metavar="TEXT",
         help="run only the cases whose name holds one of these (e.g. 'top-p' 'top_p': the threshold search)",
     )
+    parser.add_argument(
+        "--programs",
+        nargs="*",
+        type=int,
+        default=[],
+        metavar="N",
+        help="programs per SM to time the cases without a threshold search at (rows.PROGRAMS_PER_SM)",
+    )
+    parser.add_argument(
+        "--pass-warps",
+        nargs="*",
+        type=int,
+        default=[],
+        metavar="N",
+        help="most warps of a threshold pass to time the cases with one at (thresholds.PASS_WARPS)",
+    )
     args = parser.parse_args(argv)
+    sweep = {"programs": args.programs, "pass_warps": args.pass_warps}
 
     def wanted(key: str) -> bool:
         return not args.only or any(text in key for text in args.only)
@@ -223,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, (temperature, top_k, top_p, probs) in SAMPLING.items():
         if wanted(key := f"sample {name} [{ROWS}, {VOCAB}]"):
-            add("sample", name, key, _sampling_case(temperature, top_k, top_p, probs))
+            add("sample", name, key, _sampling_case(temperature, top_k, top_p, probs, sweep))
 
     verifications = {name: case for name, case in VERIFY.items() if wanted(f"verify {name}")}
     sets = _verify_sets() if verifications else []
@@ -272,12 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         for block in BLOCKS:
             case[f"triton {block}"] = _times(lambda *a, b=block, f=verify: f(*a, block=b), sets)
+        case["launch"] = _launch_sweep(verify, sets, top_k > 0 or top_p < 1.0, **sweep)
         case.update(_kernel_times(verify, sets))
         add("verify", name, f"verify {name} [{BATCH} x {K + 1}, {VOCAB}]", case)
 
     for name, temperature in MATCH.items():
         if wanted(key := f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"):
-            add("match", name, key, _match_case(temperature))
+            add("match", name, key, _match_case(temperature, sweep))
 
     write_results(stem, result, _markdown(result), complete=True)
 
@@ -301,6 +355,19 @@ def _markdown(result: dict) -> str:
 
     for name, case in result["cases"].items():
         lines.append(f"| {name} | {' | '.join(cell(case[c]) for c in columns)} |")
+    swept = {name: case["launch"] for name, case in result["cases"].items() if case.get("launch")}
+    if swept:
+        lines += [
+            "",
+            f"Launch sweep at each case's default tile (`--programs`: programs per SM of the passes, shipped "
+            f"{rows.PROGRAMS_PER_SM}; `--pass-warps`: most warps of a threshold pass, shipped "
+            f"{thresholds.PASS_WARPS}), the same two times:",
+            "",
+        ]
+        lines += [
+            f"- {name}: " + ", ".join(f"{k} {cell(t)}" for k, t in sweep.items())
+            for name, sweep in swept.items()
+        ]
     for name, case in result["cases"].items():
         lines += [
             "",

@@ -2,7 +2,8 @@
 the Triton helpers over one tile of a row (the sampling, statistics, threshold and race passes).
 
 A row of ``vocab`` entries is cut into ``splits`` chunks of whole ``block``-wide tiles, so that a grid of
-``[rows, splits]`` programs fills about four programs per SM (``target_programs``) however few the rows.
+``[rows, splits]`` programs fills about ``PROGRAMS_PER_SM`` programs per SM (``target_programs``) however few
+the rows.
 """
 
 from __future__ import annotations
@@ -13,23 +14,29 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["chunking", "load_z", "race_step", "row_max_sum", "target_programs"]
+__all__ = ["PROGRAMS_PER_SM", "chunking", "load_z", "race_step", "row_max_sum", "target_programs"]
+
+# Programs per SM a pass over rows aims at (the threshold passes take their own: thresholds.py).
+# ``benchmarks/tune_kernels.py --programs`` times others.
+PROGRAMS_PER_SM = 4
 
 
 @functools.cache
-def target_programs(device: torch.device, per_sm: int = 4) -> int:
+def target_programs(device: torch.device, per_sm: int) -> int:
     """Programs a pass over rows aims at: ``per_sm`` per SM on a GPU (4 under the interpreter)."""
     if device.type == "cuda":
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def chunking(width: int, rows: int, block: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
+def chunking(
+    width: int, rows: int, block: int, device: torch.device, per_sm: int | None = None
+) -> tuple[int, int]:
     """(chunk, splits): the chunk of whole ``block`` tiles each program of a row of ``width`` (a vocabulary,
     or prompt lookup's slots) takes, and how many programs a row has, for about ``target_programs``
-    programs over ``rows`` rows."""
+    programs over ``rows`` rows (``per_sm`` of them per SM; ``PROGRAMS_PER_SM`` when None)."""
     blocks = triton.cdiv(width, block)
-    programs = target_programs(device, per_sm)
+    programs = target_programs(device, PROGRAMS_PER_SM if per_sm is None else per_sm)
     chunk = triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(programs, rows)))) * block
     return chunk, triton.cdiv(width, chunk)
 

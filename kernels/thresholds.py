@@ -44,6 +44,8 @@ _BUCKETS = 16  # a search pass histograms one 4-bit digit of the keys
 # Programs per SM of a pass (``rows.chunking``): four times the other passes' four, since a pass is bound by
 # the latency of its tile loop (a read and a block-wide test per tile), which more resident warps hide.
 PROGRAMS_PER_SM = 16
+# The most warps a pass takes (``_warps``); ``benchmarks/tune_kernels.py --pass-warps`` times others.
+PASS_WARPS = 8
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 # The threshold searches' state per row: int64 slots, then fp32 slots (``_threshold_pass_kernel``).
@@ -343,11 +345,11 @@ def _threshold_pass_kernel(
 
 
 def _warps(block: int) -> int:
-    """Warps of a pass over ``block``-wide tiles: 8, or fewer where a tile would not give every thread of 8
-    warps an element of its own. ``_threshold_pass_kernel``'s in-place candidates need the threads that hold
+    """Warps of a pass over ``block``-wide tiles: ``PASS_WARPS``, or fewer where a tile would not give every
+    thread an element of its own. ``_threshold_pass_kernel``'s in-place candidates need the threads that hold
     one element to stay in step: one thread, or copies within one warp (a tile under 32 elements), whose
     shuffles keep them together; never copies in several warps."""
-    return max(1, min(8, block // 32))
+    return max(1, min(PASS_WARPS, block // 32))
 
 
 def _search_passes(top_k_on: bool, top_p_on: bool, vocab: int) -> tuple[int, int]:

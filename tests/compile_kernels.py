@@ -1,11 +1,12 @@
 """Compile every Triton kernel of ``omnidraft_fast.kernels`` for NVIDIA GPUs, on any machine (no GPU needed).
 
 Run by ``test_kernels_compile.py`` in a process of its own, without ``TRITON_INTERPRET`` (the interpreter
-never compiles). The public launchers run on small CPU tensors with every kernel launch intercepted: each
-distinct (kernel, constexprs, argument types, warps) variant is compiled with ``triton.compile`` for the targets given on the
-command line (compute capabilities, e.g. ``90 80``) instead of launched. What the launchers compute
-after an intercepted launch is garbage and is ignored. Exit status: 0 all compiled, 1 some failed or
-were never reached, 77 this Triton has no NVIDIA backend.
+never compiles). The public launchers run on small CPU tensors with every kernel launch intercepted
+(``benchmarks/kernel_resources.py``'s ``compiling``): each distinct variant (kernel, constexprs, argument
+types and the specialisation a GPU launch gives them, warps) is compiled with ``triton.compile`` for the
+targets given on the command line (compute capabilities, e.g. ``90 80``) instead of launched. What the
+launchers compute after an intercepted launch is garbage and is ignored. Exit status: 0 all compiled, 1
+some failed or were never reached, 77 this Triton has no NVIDIA backend.
 
     python tests/compile_kernels.py 90 80
 """
@@ -16,81 +17,38 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from kernel_resources import Launch, compiling, nvidia_backend
 
 KERNELS = {
     "_stats_kernel", "_threshold_pass_kernel", "_probs_kernel", "_finish_kernel", "_sums_kernel", "_draw_kernel",
     "_race_kernel", "_match_kernel", "_translate_kernel", "_ngram_insert_kernel", "_ngram_lookup_kernel",
     "_lookup_kernel",
 }  # fmt: skip
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
 
 
 def main(archs: list[int]) -> int:
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        if "nvidia" not in triton.backends.backends:
-            raise ImportError("no NVIDIA backend")
-    except ImportError as error:
-        print(f"cannot compile for NVIDIA GPUs here: {error}")
+    if (problem := nvidia_backend()) is not None:
+        print(f"cannot compile for NVIDIA GPUs here: {problem}")
         return 77
-    compiled: set[tuple] = set()
-    failures: list[str] = []
-
-    def intercept(kernel, grid):
-        def launch(*args, **kwargs):
-            signature, constexprs = {}, {}
-            for i, param in enumerate(kernel.params):
-                value = (
-                    kwargs[param.name]
-                    if param.name in kwargs
-                    else args[i]
-                    if i < len(args)
-                    else param.default
-                )
-                if param.is_constexpr or value is None:  # a None argument is specialised as a constant
-                    signature[param.name], constexprs[param.name] = "constexpr", value
-                elif isinstance(value, torch.Tensor):
-                    signature[param.name] = "*" + _TYPES[value.dtype]
-                else:
-                    signature[param.name] = {bool: "i1", int: "i64", float: "fp32"}[type(value)]
-            num_warps = kwargs.get("num_warps", 4)
-            for arch in archs:
-                # what selects a compiled program: the constexprs, the arguments' types (fp32, fp16 and bf16
-                # logits are three programs), the warps
-                key = (kernel.__name__, arch, tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
-                       tuple(signature.items()), num_warps)  # fmt: skip
-                if key in compiled:
-                    continue
-                compiled.add(key)
-                try:
-                    triton.compile(
-                        ASTSource(kernel, signature, constexprs),
-                        target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": num_warps},
-                    )
-                except Exception as error:  # report every failure, not only the first
-                    failures.append(
-                        f"{kernel.__name__} sm_{arch} {dict(key[2])} {dict(key[3])}: {error.__cause__ or error}"
-                    )
-
-        return launch
-
-    triton.runtime.jit.JITFunction.__getitem__ = intercept
-    for launcher in _launches():
-        try:
-            launcher()
-        except Exception:  # the intercepted launches left garbage behind: nothing to check
-            continue
-    reached = {key[0] for key in compiled}
-    for name in sorted(KERNELS - reached):
+    launches: list[Launch] = []
+    with compiling(archs, launches.append):
+        for launcher in _launches():
+            try:
+                launcher()
+            except Exception:  # the intercepted launches left garbage behind: nothing to check
+                continue
+    failures = [
+        f"{launch.kernel} sm_{launch.arch} {launch.constexprs}: {launch.error}"
+        for launch in launches
+        if launch.error
+    ]
+    for name in sorted(KERNELS - {launch.kernel for launch in launches}):
         failures.append(f"{name}: never launched")
-    print(f"compiled {len(compiled)} kernel variants for sm_{', sm_'.join(map(str, archs))}")
+    print(f"compiled {len(launches)} kernel variants for sm_{', sm_'.join(map(str, archs))}")
     for failure in failures:
         print("FAILED", failure[-2000:])
     return 1 if failures else 0

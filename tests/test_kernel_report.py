@@ -272,6 +272,45 @@ def test_each_launch_of_a_kernel_a_call_launches_more_than_once(monkeypatch):
     assert tune.launch_sequence(launches, calls=3) == {"pass": [100.0, 41.0, 3.0]}
 
 
+def test_launch_sweep_times_each_setting_and_puts_the_shipped_one_back(monkeypatch):
+    """``tune_kernels --programs/--pass-warps``: a case without a threshold search is timed at each programs
+    per SM of its passes, one with a search at each most warps of a threshold pass, the launch constant
+    read at the time of the call; the shipped constants are back afterwards, and the table lists them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "benchmarks" / "tune_kernels.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    from omnidraft_fast.kernels import rows, thresholds
+
+    shipped = rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS
+    seen = []
+
+    def fake_times(fn, sets):
+        seen.append((rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS))
+        return {"stream": 2.0 * len(seen), "graph": 1.0 * len(seen)}
+
+    monkeypatch.setattr(tune, "_times", fake_times)
+    plain = tune._launch_sweep(None, [], False, programs=[2, 8], pass_warps=[16])
+    searched = tune._launch_sweep(None, [], True, programs=[2, 8], pass_warps=[16])
+    assert seen == [(2, shipped[1]), (8, shipped[1]), (shipped[0], 16)]
+    assert list(plain) == ["programs 2", "programs 8"] and list(searched) == ["pass warps 16"]
+    assert shipped == (rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS)
+    times = {"stream": 1.0, "graph": 1.0}
+    case = {
+        "block": 2048,
+        "copy": times,
+        "eager": times,
+        **{f"triton {b}": times for b in tune.BLOCKS},
+        "per_kernel": {},
+    }
+    markdown = tune._markdown(
+        {"date": "d", "device": "x", "torch": "t", "triton": "t", "transformers": "t", "commit": "c",
+         "cases": {"sample greedy": {**case, "launch": plain}, "sample top_p": {**case, "launch": {}}}}
+    )  # fmt: skip
+    assert "- sample greedy: programs 2 1.0 / 2.0, programs 8 2.0 / 4.0" in markdown
+    assert "- sample top_p" not in markdown
+
+
 def test_kernels_a_b_against_a_revision(tmp_path, monkeypatch):
     """``ab_kernels.py --tiny``: HEAD's kernels, taken from git, run beside the working tree's on the same
     inputs, on the tensors the kernels take here (CPU ones under the interpreter, CUDA ones where they are

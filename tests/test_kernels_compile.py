@@ -4,6 +4,7 @@ launchers with their launches compiled for Hopper (sm_90) and Ampere (sm_80) ins
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,43 @@ def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_resident_programs_by_the_bounding_resource():
+    """The occupancy arithmetic of ``benchmarks/kernel_resources.py`` (CUDA's tables: registers a warp in
+    units of 256, 2048 threads, 32 programs and 228 KB of shared memory an SM on sm_90, 164 KB on sm_80)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from kernel_resources import LIMITS, resident
+
+    hopper, ampere = LIMITS[90], LIMITS[80]
+    assert resident(48, 4, 1056, hopper) == (10, "registers")  # 48 x 128 threads: 6144 a program
+    assert resident(174, 8, 5120, hopper) == (1, "registers")  # 176 a thread (units of 8): 45056 a program
+    assert resident(128, 8, 5120, hopper) == (2, "registers")
+    assert resident(16, 4, 0, hopper) == (16, "threads")  # 2048 threads / 128
+    assert resident(32, 1, 1024, hopper) == (32, "programs")
+    assert resident(32, 4, 100 * 1024, hopper) == (2, "shared")
+    assert resident(32, 4, 60 * 1024, ampere) == (2, "shared") and resident(32, 4, 60 * 1024, hopper)[0] == 3
+
+
+def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
+    """``kernel_resources.py`` compiles the goal cases' launches as a GPU launch specialises them and reports
+    each kernel's registers, the programs an SM holds and the grid in waves of a 132-SM GPU."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--only", "sample greedy", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode == 77:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "resources-sm_90.json").read_text())
+    assert set(report["cases"]) == {"sample greedy", "sample greedy_ids"}
+    for case, launches in report["cases"].items():
+        kernels = [launch["kernel"] for launch in launches]
+        assert kernels == ["_stats_kernel", "_finish_kernel"], case
+        stats = launches[0]
+        assert stats["grid"] == [72, 8] and stats["warps"] == 4  # 4 programs an SM over 72 rows of 63 tiles
+        assert 0 < stats["registers"] <= 255 and stats["per_sm"] >= 1 and stats["shared"] >= 1024
+        assert stats["waves"] == round(72 * 8 / (stats["per_sm"] * 132), 2)

@@ -124,15 +124,19 @@ def test_thresholds_that_need_every_digit():
     assert kept == [100, 200, 300, *range(vocab - 32, vocab)]  # the lowest ids of the group dropped
 
 
-def test_threshold_passes_keep_each_element_of_a_tile_in_one_warp():
+def test_threshold_passes_keep_each_element_of_a_tile_in_one_warp(monkeypatch):
     """The threshold passes rewrite their candidates in place, safe only while the threads holding one element
     of a tile stay in step (one thread, or copies within one warp): a tile smaller than the launch's threads
-    would be copied into warps that do not wait for each other. So the warps follow the tile."""
-    from omnidraft_fast.kernels.thresholds import _warps
+    would be copied into warps that do not wait for each other. So the warps follow the tile, whatever most
+    warps a pass may take (``PASS_WARPS``: shipped, and the tuning sweep's)."""
+    from omnidraft_fast.kernels import thresholds
 
-    for block in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
-        assert 1 <= _warps(block) <= 8 and (_warps(block) == 1 or 32 * _warps(block) <= block)
-    assert _warps(2048) == 8  # the production tile keeps all 8
+    for most in (8, 16):
+        monkeypatch.setattr(thresholds, "PASS_WARPS", most)
+        for block in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            warps = thresholds._warps(block)
+            assert 1 <= warps <= most and (warps == 1 or 32 * warps <= block)
+        assert thresholds._warps(2048) == most  # the production tile takes them all
 
 
 def test_degenerate_filters():
