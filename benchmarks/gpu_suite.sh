@@ -18,7 +18,8 @@
 #   ZOO_SECONDS=150     the benchmark zoo's training budget (its Llama-3 pair; train_bench.py --seconds)
 #   TUNE_ONLY="top_p top-p"  the tile sweep's cases whose names hold one of these words (tune_kernels.py --only)
 #   TUNE_PROGRAMS="2 4 8 16"  programs per SM the sweep times its cases without a threshold search at (--programs)
-#   TUNE_PASS_WARPS="8 16"    most warps of a threshold pass it times the others at (--pass-warps; "" for neither)
+#   TUNE_PASS_WARPS="8 16"    most warps of a threshold pass it times the others at (--pass-warps; "" for neither);
+#                             every case is timed once more with the register caps lifted (--caps-off)
 #   AB_BASE=9791600     the kernels of that revision against the working tree's (benchmarks/ab_kernels.py)
 #   FULL=1              the whole benchmark zoo instead: both targets, every training step (not timed on a
 #                       GPU yet: allow half an hour), and its online-learning runs
@@ -141,7 +142,7 @@ bench match 60 "${select_match[@]}"
 bench sampling 120 "${select_sampling[@]}"
 #    The tile sweep and per-kernel device times at the goal shapes (benchmarks/TUNING.md): tune-<device>.{md,json}.
 step tune 240 $PY benchmarks/tune_kernels.py --out "$WORK" ${TUNE_ONLY:+--only $TUNE_ONLY} \
-    --programs ${TUNE_PROGRAMS-2 4 8 16} --pass-warps ${TUNE_PASS_WARPS-8 16}
+    --programs ${TUNE_PROGRAMS-2 4 8 16} --pass-warps ${TUNE_PASS_WARPS-8 16} --caps-off
 #    A kernel change against the revision before it, in one process (AB_BASE; skipped without it): ab-<device>.*
 if [ -n "${AB_BASE:-}" ]; then
     step ab 120 $PY benchmarks/ab_kernels.py --base "$AB_BASE" --out "$WORK"

@@ -64,8 +64,11 @@ def resident(registers: int, warps: int, shared: int, limits: Limits) -> tuple[i
     return bounds[bound], bound
 
 
-def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, int]:
-    """(signature, constexprs, attrs, warps) of a launch of ``kernel`` with these arguments, as a GPU
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # what a launch may set beside the arguments
+
+
+def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of a launch of ``kernel`` with these arguments, as a GPU
     launch specialises them: by Triton's own rule (an int equal to 1 a constant, an int or a tensor's
     address divisible by 16 marked ``tt.divisibility``, on which loads and stores vectorise; ints in 32 bits
     where they fit)."""
@@ -86,7 +89,11 @@ def specialise(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, int
             constexprs[param.name] = desc
         elif isinstance(desc, str) and (parsed := CUDABackend.parse_attr(desc)):
             attrs[(i,)] = parsed
-    return signature, constexprs, attrs, kwargs.get("num_warps", 4)
+    options = {
+        "num_warps": 4,
+        **{name: kwargs[name] for name in LAUNCH_OPTIONS if kwargs.get(name) is not None},
+    }
+    return signature, constexprs, attrs, options
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Launch:
     constexprs: dict
     grid: tuple
     warps: int
+    maxnreg: int | None  # the registers a thread may take, where the launch caps them
     registers: int | None = None  # per thread; None where the compile failed
     stack: int | None = None  # bytes per thread spilled to local memory
     shared: int | None = None  # bytes per program, the system's reserved 1 KB included
@@ -141,7 +149,7 @@ def nvidia_backend() -> str | None:
 def compiling(archs: list[int], record: Callable[[Launch], None], resources: bool = False) -> Iterator[None]:
     """Within the block, every Triton launch (``kernel[grid](...)``) compiles the kernel for each of
     ``archs`` instead of running it, once per distinct variant (kernel, constexprs, signature, attrs,
-    warps), and hands ``record`` a :class:`Launch` (with its resources when ``resources``; a compile error
+    launch options: warps, stages, a register cap), and hands ``record`` a :class:`Launch` (with its resources when ``resources``; a compile error
     as its ``error``). What a launcher computes after an intercepted launch is garbage."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -150,7 +158,7 @@ def compiling(archs: list[int], record: Callable[[Launch], None], resources: boo
 
     def intercept(kernel, grid):
         def launch(*args, **kwargs):
-            signature, constexprs, attrs, warps = specialise(kernel, args, kwargs)
+            signature, constexprs, attrs, options = specialise(kernel, args, kwargs)
             for arch in archs:
                 key = (
                     kernel.__name__,
@@ -158,17 +166,18 @@ def compiling(archs: list[int], record: Callable[[Launch], None], resources: boo
                     repr(sorted(constexprs.items())),
                     repr(signature),
                     repr(attrs),
-                    warps,
+                    repr(sorted(options.items())),
                 )
                 if key in seen:
                     continue
                 seen.add(key)
-                launch = Launch(kernel.__name__, arch, constexprs, tuple(grid), warps)
+                warps, maxnreg = options["num_warps"], options.get("maxnreg")
+                launch = Launch(kernel.__name__, arch, constexprs, tuple(grid), warps, maxnreg)
                 try:
                     compiled = triton.compile(
                         ASTSource(kernel, signature, constexprs, attrs),
                         target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": warps},
+                        options=options,
                     )
                     if resources:
                         launch.registers, launch.stack, launch.shared = _resources(compiled)
@@ -201,7 +210,8 @@ def sized_for(sms: int) -> Iterator[None]:
 
 
 def goal_cases() -> dict[str, Callable[[], object]]:
-    """The goal shapes' launches by case (``tune_kernels.py``'s cases, on CPU tensors)."""
+    """The goal shapes' launches by case (``tune_kernels.py``'s cases and verification's other variants, on
+    CPU tensors)."""
     from omnidraft_fast.kernels.match import match_triton
     from omnidraft_fast.kernels.sampling import sample_triton
     from omnidraft_fast.kernels.verify import verify_triton
@@ -223,6 +233,16 @@ def goal_cases() -> dict[str, Callable[[], object]]:
         cases[f"verify {name}"] = lambda k=top_k, p=top_p: verify_triton(
             *inputs[:3], None, *inputs[3:], TEMPERATURE, k, p
         )
+    # Variants the engine launches beside the goal cases: greedy rows under a deferral rule, a drafter of
+    # another vocabulary (the proposal read through the bridge), its T = 1 law apart for the rules.
+    cases["verify rule mix, greedy"] = lambda: verify_triton(*inputs[:3], None, *inputs[3:], 0.0, 0, 1.0)
+    crossed = verify_inputs(BATCH, K, VOCAB, cross_vocab=True, device="cpu")[:8]
+    cases["verify rule mix, cross-vocabulary"] = lambda: verify_triton(
+        *crossed[:3], None, *crossed[3:7], TEMPERATURE, 0, 1.0, crossed[7]
+    )
+    cases["verify rule mix, cross-vocabulary, T = 1 law apart"] = lambda: verify_triton(
+        *crossed[:3], crossed[2].clone(), *crossed[3:7], TEMPERATURE, 0, 1.0, crossed[7]
+    )
     for name, temperature in MATCH.items():
         match = match_inputs(BATCH, K, VOCAB, temperature, device="cpu")
         cases[f"match {name}"] = lambda t=temperature, m=match: match_triton(*m, t, 0, 1.0)
@@ -255,9 +275,9 @@ def _markdown(result: dict) -> str:
         f"# Kernel resources, sm_{result['arch']}, {result['sms']} SMs ({provenance(result)})",
         "",
         "Each launch of the goal cases (`benchmarks/kernel_resources.py`), compiled as a GPU launch",
-        "specialises it: registers and stack per thread, shared memory per program, the programs one SM",
-        "holds at once and what bounds them, and the grid in waves of the whole GPU (a fraction past a whole",
-        "number is a last wave partly idle).",
+        "specialises it: registers (and the launch's cap on them) and stack per thread, shared memory per",
+        "program, the programs one SM holds at once and what bounds them, and the grid in waves of the whole",
+        "GPU (a fraction past a whole number is a last wave partly idle).",
         "",
         "| case | kernel | warps | registers | stack | shared | grid | per SM | bound | waves |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -267,8 +287,9 @@ def _markdown(result: dict) -> str:
             if row["error"]:
                 lines.append(f"| {case} | `{row['kernel']}` | {row['warps']} | failed: {row['error'][:80]} |")
                 continue
+            cap = f" (cap {row['maxnreg']})" if row["maxnreg"] else ""
             lines.append(
-                f"| {case} | `{row['kernel']}` | {row['warps']} | {row['registers']} | {row['stack']} | "
+                f"| {case} | `{row['kernel']}` | {row['warps']} | {row['registers']}{cap} | {row['stack']} | "
                 f"{row['shared']} | {' x '.join(map(str, row['grid']))} | {row['per_sm']} | {row['bound']} | "
                 f"{row['waves']} |"
             )

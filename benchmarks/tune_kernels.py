@@ -13,12 +13,14 @@ the default tile, the sets in turn too.
 
     python benchmarks/tune_kernels.py --out DIR      # writes DIR/tune-<device>.{json,md}
     python benchmarks/tune_kernels.py --out DIR --only top_p top-p     # the cases with a threshold search
-    python benchmarks/tune_kernels.py --out DIR --programs 2 4 8 16 --pass-warps 8 16
+    python benchmarks/tune_kernels.py --out DIR --programs 2 4 8 16 --pass-warps 8 16 --caps-off
 
 ``--programs`` times the cases without a threshold search at the default tile with each number of programs
 per SM their passes aim at (``rows.PROGRAMS_PER_SM``), ``--pass-warps`` the cases with one at each most warps
 a threshold pass takes (``thresholds.PASS_WARPS``): how many warps an SM keeps in flight, which
-``benchmarks/kernel_resources.py`` reports from the compiled kernels.
+``benchmarks/kernel_resources.py`` reports from the compiled kernels; ``--caps-off`` times every case once
+more without the launches' register caps (``CAPS``: ptxas's ``maxnreg``, which sets how many programs an SM
+holds at once).
 
 The two files are written after each case too, marked partial, so that a run cut short keeps its cases.
 """
@@ -37,7 +39,7 @@ import triton
 from bench_match import match_bytes, match_inputs
 from bench_sampling import sampling_bytes, sampling_inputs
 from bench_verify import TEMPERATURE, held_rules, verify_bytes, verify_inputs
-from omnidraft_fast.kernels import rows, thresholds
+from omnidraft_fast.kernels import rows, sampling, thresholds, verify
 from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
 from omnidraft_fast.kernels.verify import verify_reference, verify_triton
@@ -166,9 +168,17 @@ def _tuned(module, name: str, value: int) -> Iterator[None]:
         setattr(module, name, shipped)
 
 
-def _launch_sweep(fn, sets: list, filtered: bool, programs: list[int], pass_warps: list[int]) -> dict:
+# The register caps of the kernels' launches (ptxas's maxnreg), which ``--caps-off`` lifts all at once.
+CAPS = ((thresholds, "PASS_MAXNREG"), (sampling, "PROBS_MAXNREG"), (verify, "DRAW_MAXNREG"),
+        (verify, "CROSS_SUMS_MAXNREG"))  # fmt: skip
+
+
+def _launch_sweep(
+    fn, sets: list, filtered: bool, programs: list[int], pass_warps: list[int], caps_off: bool
+) -> dict:
     """``fn``'s times at each programs per SM (a case without a threshold search) or each most warps of a
-    threshold pass (a case with one), keyed ``programs N`` / ``pass warps N``."""
+    threshold pass (a case with one), keyed ``programs N`` / ``pass warps N``, and with every register cap
+    lifted (``caps off``)."""
     module, name, values, label = (
         (thresholds, "PASS_WARPS", pass_warps, "pass warps") if filtered else
         (rows, "PROGRAMS_PER_SM", programs, "programs")
@@ -177,6 +187,11 @@ def _launch_sweep(fn, sets: list, filtered: bool, programs: list[int], pass_warp
     for value in values:
         with _tuned(module, name, value):
             times[f"{label} {value}"] = _times(fn, sets)
+    if caps_off:
+        with contextlib.ExitStack() as lifted:
+            for cap_module, cap in CAPS:
+                lifted.enter_context(_tuned(cap_module, cap, None))
+            times["caps off"] = _times(fn, sets)
     return times
 
 
@@ -255,8 +270,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N",
         help="most warps of a threshold pass to time the cases with one at (thresholds.PASS_WARPS)",
     )
+    parser.add_argument(
+        "--caps-off",
+        action="store_true",
+        help="time every case once more with the launches' register caps lifted (tune_kernels.CAPS)",
+    )
     args = parser.parse_args(argv)
-    sweep = {"programs": args.programs, "pass_warps": args.pass_warps}
+    sweep = {"programs": args.programs, "pass_warps": args.pass_warps, "caps_off": args.caps_off}
 
     def wanted(key: str) -> bool:
         return not args.only or any(text in key for text in args.only)

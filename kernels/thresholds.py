@@ -46,6 +46,10 @@ _BUCKETS = 16  # a search pass histograms one 4-bit digit of the keys
 PROGRAMS_PER_SM = 16
 # The most warps a pass takes (``_warps``); ``benchmarks/tune_kernels.py --pass-warps`` times others.
 PASS_WARPS = 8
+# Registers a thread of a pass after the first may take (ptxas's ``maxnreg``; None: no cap): 128 keeps two
+# 8-warp programs on an SM, where Triton 3.6 gives those passes 164-174 and so one (benchmarks/TUNING.md,
+# "Occupancy"); the first pass, at 48-80, goes uncapped (a cap lets ptxas take more, up to it).
+PASS_MAXNREG = 128
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
 # The threshold searches' state per row: int64 slots, then fp32 slots (``_threshold_pass_kernel``).
@@ -399,6 +403,6 @@ def launch_thresholds(
             chunk, splits, id_shift, STATS_P2=triton.next_power_of_2(stats),
             SPLITS_P2=triton.next_power_of_2(splits), TOP_K=top_k_on, TOP_P=top_p_on, HAS_MASK=mask is not None,
             FIRST=step == 0, FROM_CANDIDATES=step >= 2, PARITY=step % 2, BLOCK=block, BUCKETS=_BUCKETS,
-            num_warps=_warps(block),
+            num_warps=_warps(block), maxnreg=None if step == 0 else PASS_MAXNREG,
         )  # fmt: skip
     return row_z, row_t, row_c

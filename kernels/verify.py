@@ -77,6 +77,13 @@ from .target_stats import combine_partials, target_prob, target_stats
 
 __all__ = ["join_output", "verify_reference", "verify_triton"]
 
+# Registers a thread may take (ptxas's ``maxnreg``; None: no cap), so that a grid runs in one wave of four
+# 4-warp programs an SM (benchmarks/TUNING.md, "Occupancy"): the draw kernel takes 139-152 uncapped (three
+# an SM: 504 programs over 396 places), the sums kernel 168 reading a proposal across vocabularies; the
+# sums kernel of one vocabulary (94-126) goes uncapped, since a cap lets ptxas take more, up to it.
+DRAW_MAXNREG = 128
+CROSS_SUMS_MAXNREG = 128
+
 
 def verify_reference(
     target_logits: torch.Tensor,  # [batch, k+1, V_t]
@@ -643,7 +650,8 @@ def verify_triton(
         _sums_kernel[(batch * k, splits)](
             target_logits, draft_ids, probs, probs1, rule, alpha, *spans, *partials, sums, k, vocab, vocab_q,
             stride_lb, stride_lj, temperature, chunk, splits,
-            SPLITS_P2=splits_p2, K_P2=k_p2, BLOCK=block, **flags,
+            SPLITS_P2=splits_p2, K_P2=k_p2, BLOCK=block, maxnreg=None if cross is None else CROSS_SUMS_MAXNREG,
+            **flags,
         )  # fmt: skip
     num_accepted = torch.empty(batch, dtype=torch.int64, device=device)
     accept_probs = torch.empty(batch, k, dtype=torch.float32, device=device)
@@ -654,7 +662,7 @@ def verify_triton(
     _draw_kernel[(batch, draws)](
         target_logits, draft_ids, probs, probs1, uniforms, noise, rule, alpha, *spans, *partials, sums, num_accepted, accept_probs, deferred, win_val, win_id, win_any, k,
         vocab, vocab_q, stride_lb, stride_lj, noise.stride(0), temperature, splits, draw_chunk, W_P2=w_p2,
-        K_P2=k_p2, SPLITS_P2=splits_p2, BLOCK=block, **flags,
+        K_P2=k_p2, SPLITS_P2=splits_p2, BLOCK=block, maxnreg=DRAW_MAXNREG, **flags,
     )  # fmt: skip
     output_tokens = torch.empty(batch, width, dtype=torch.int64, device=device)
     invalid = torch.empty(batch, width, dtype=torch.uint8, device=device)

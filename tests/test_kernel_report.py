@@ -274,8 +274,9 @@ def test_each_launch_of_a_kernel_a_call_launches_more_than_once(monkeypatch):
 
 def test_launch_sweep_times_each_setting_and_puts_the_shipped_one_back(monkeypatch):
     """``tune_kernels --programs/--pass-warps``: a case without a threshold search is timed at each programs
-    per SM of its passes, one with a search at each most warps of a threshold pass, the launch constant
-    read at the time of the call; the shipped constants are back afterwards, and the table lists them."""
+    per SM of its passes, one with a search at each most warps of a threshold pass, and (``--caps-off``)
+    once with every register cap lifted, the launch constants read at the time of the call; the shipped
+    constants are back afterwards, and the table lists the times."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "benchmarks" / "tune_kernels.py")
     tune = importlib.util.module_from_spec(spec)
@@ -286,15 +287,19 @@ def test_launch_sweep_times_each_setting_and_puts_the_shipped_one_back(monkeypat
     seen = []
 
     def fake_times(fn, sets):
-        seen.append((rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS))
+        lifted = [getattr(module, name) is None for module, name in tune.CAPS]
+        assert all(lifted) or not any(lifted)  # the caps are lifted together
+        seen.append((rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS, all(lifted)))
         return {"stream": 2.0 * len(seen), "graph": 1.0 * len(seen)}
 
     monkeypatch.setattr(tune, "_times", fake_times)
-    plain = tune._launch_sweep(None, [], False, programs=[2, 8], pass_warps=[16])
-    searched = tune._launch_sweep(None, [], True, programs=[2, 8], pass_warps=[16])
-    assert seen == [(2, shipped[1]), (8, shipped[1]), (shipped[0], 16)]
-    assert list(plain) == ["programs 2", "programs 8"] and list(searched) == ["pass warps 16"]
+    caps = [getattr(module, name) for module, name in tune.CAPS]
+    plain = tune._launch_sweep(None, [], False, programs=[2, 8], pass_warps=[16], caps_off=False)
+    searched = tune._launch_sweep(None, [], True, programs=[2, 8], pass_warps=[16], caps_off=True)
+    assert seen == [(2, shipped[1], False), (8, shipped[1], False), (shipped[0], 16, False), (*shipped, True)]
+    assert list(plain) == ["programs 2", "programs 8"] and list(searched) == ["pass warps 16", "caps off"]
     assert shipped == (rows.PROGRAMS_PER_SM, thresholds.PASS_WARPS)
+    assert caps == [getattr(module, name) for module, name in tune.CAPS] and None not in caps
     times = {"stream": 1.0, "graph": 1.0}
     case = {
         "block": 2048,

@@ -43,23 +43,47 @@ def test_resident_programs_by_the_bounding_resource():
 
 def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
     """``kernel_resources.py`` compiles the goal cases' launches as a GPU launch specialises them and reports
-    each kernel's registers, the programs an SM holds and the grid in waves of a 132-SM GPU."""
+    each kernel's registers, the programs an SM holds and the grid in waves of a 132-SM GPU; the launches'
+    register caps hold (the threshold passes after the first, verification's draw and cross-vocabulary sums
+    kernels), keep two 8-warp or four 4-warp programs an SM, and spill little."""
+    from omnidraft_fast.kernels import thresholds, verify
+
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    only = ["sample greedy", "sample top_p", "cross-vocabulary"]
     result = subprocess.run(
-        [sys.executable, str(script), "--only", "sample greedy", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(script), "--only", *only, "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "resources-sm_90.json").read_text())
-    assert set(report["cases"]) == {"sample greedy", "sample greedy_ids"}
-    for case, launches in report["cases"].items():
-        kernels = [launch["kernel"] for launch in launches]
-        assert kernels == ["_stats_kernel", "_finish_kernel"], case
+    cases = json.loads((tmp_path / "resources-sm_90.json").read_text())["cases"]
+    assert set(cases) == {
+        "sample greedy", "sample greedy_ids", "sample top_p", "verify rule mix, cross-vocabulary",
+        "verify rule mix, cross-vocabulary, T = 1 law apart",
+    }  # fmt: skip
+    for case in ("sample greedy", "sample greedy_ids"):
+        launches = cases[case]
+        assert [launch["kernel"] for launch in launches] == ["_stats_kernel", "_finish_kernel"], case
         stats = launches[0]
         assert stats["grid"] == [72, 8] and stats["warps"] == 4  # 4 programs an SM over 72 rows of 63 tiles
         assert 0 < stats["registers"] <= 255 and stats["per_sm"] >= 1 and stats["shared"] >= 1024
         assert stats["waves"] == round(72 * 8 / (stats["per_sm"] * 132), 2)
+    passes = [launch for launch in cases["sample top_p"] if launch["kernel"] == "_threshold_pass_kernel"]
+    assert passes[0]["maxnreg"] is None and len(passes) >= 3  # the first pass uncapped; one per variant
+    capped = [launch for case in cases.values() for launch in case if launch["maxnreg"] is not None]
+    assert {launch["kernel"] for launch in capped} == {
+        "_threshold_pass_kernel", "_probs_kernel", "_sums_kernel", "_draw_kernel"
+    }  # fmt: skip
+    for launch in capped:
+        assert launch["registers"] <= launch["maxnreg"] and launch["stack"] <= 64, launch
+    for launch in passes[1:]:
+        assert launch["maxnreg"] == thresholds.PASS_MAXNREG and launch["per_sm"] >= 2, launch
+    for case in ("verify rule mix, cross-vocabulary", "verify rule mix, cross-vocabulary, T = 1 law apart"):
+        caps = {launch["kernel"]: launch["maxnreg"] for launch in cases[case]}
+        assert (
+            caps["_sums_kernel"] == verify.CROSS_SUMS_MAXNREG and caps["_draw_kernel"] == verify.DRAW_MAXNREG
+        )
+        assert all(launch["per_sm"] >= 4 for launch in cases[case]), case
