@@ -353,7 +353,34 @@ def main(argv: list[str] | None = None) -> None:
         if wanted(key := f"match {name} [{BATCH} x {K + 1}, {VOCAB}]"):
             add("match", name, key, _match_case(temperature, sweep))
 
+    result["compiled"] = compiled_resources()
     write_results(stem, result, _markdown(result), complete=True)
+
+
+def compiled_resources() -> list[dict] | str:
+    """Registers, spills, warps and shared memory of every kernel variant this process compiled and loaded
+    (Triton's per-device kernel caches: ``JITFunction.device_caches``, as Triton 3.6 to 3.9 keep them), to
+    hold ``kernel_resources.py``'s offline figures against; a string saying why where the caches are laid
+    out otherwise."""
+    import omnidraft_fast.kernels as package
+
+    found = set()
+    for module in vars(package).values():
+        for fn in vars(module).values() if inspect.ismodule(module) else ():
+            if not isinstance(fn, triton.runtime.jit.JITFunction) or fn.__module__ != module.__name__:
+                continue
+            caches = getattr(fn, "device_caches", None)
+            if caches is None:
+                return "JITFunction.device_caches is gone in this Triton"
+            for cache in caches.values():
+                for compiled in cache[0].values():
+                    registers = getattr(compiled, "n_regs", None)
+                    if registers is None:  # compiled, never loaded
+                        continue
+                    meta = compiled.metadata
+                    found.add((fn.__name__, meta.num_warps, registers, compiled.n_spills, meta.shared))
+    keys = ("kernel", "warps", "registers", "spills", "shared")
+    return [dict(zip(keys, variant, strict=True)) for variant in sorted(found)]
 
 
 def _markdown(result: dict) -> str:
@@ -375,6 +402,22 @@ def _markdown(result: dict) -> str:
 
     for name, case in result["cases"].items():
         lines.append(f"| {name} | {' | '.join(cell(case[c]) for c in columns)} |")
+    compiled = result.get("compiled")
+    if isinstance(compiled, list) and compiled:
+        lines += [
+            "",
+            "Every kernel variant the run loaded (Triton's caches): registers, spilled bytes, shared memory",
+            "(Triton's dynamic share), as `benchmarks/kernel_resources.py` reports them offline:",
+            "",
+            "| kernel | warps | registers | spills | shared |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{v['kernel']}` | {v['warps']} | {v['registers']} | {v['spills']} | {v['shared']} |"
+            for v in compiled
+        ]
+    elif isinstance(compiled, str):
+        lines += ["", f"Compiled kernels' resources: not read ({compiled})."]
     swept = {name: case["launch"] for name, case in result["cases"].items() if case.get("launch")}
     if swept:
         lines += [

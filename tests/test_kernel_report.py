@@ -353,3 +353,39 @@ def test_kernels_a_b_against_a_revision(tmp_path, monkeypatch):
     shifted = lambda x, e: ab.sampling.sample_triton(x, e, 0.8, 6, 0.9)  # noqa: E731
     assert ab.ab_case(new, new, [(logits, noise)], timed=False) == {"outputs_equal": True}
     assert ab.ab_case(shifted, new, [(logits, noise)], timed=False) == {"outputs_equal": False}
+
+
+def test_compiled_resources_read_from_tritons_kernel_caches(monkeypatch):
+    """``tune_kernels.compiled_resources``: each loaded variant of each kernel of the package, once, from
+    Triton's per-device caches (a variant compiled but never loaded has no registers yet, and is left out)."""
+    import types
+
+    import omnidraft_fast.kernels as package
+    import triton
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "benchmarks" / "tune_kernels.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+
+    def _probe_kernel(x_ptr):
+        pass
+
+    module = types.ModuleType("omnidraft_fast.kernels._probe")
+    _probe_kernel.__module__ = module.__name__
+    kernel = triton.runtime.jit.JITFunction(_probe_kernel)
+    module._probe_kernel = kernel
+
+    def loaded(registers, spills, warps, shared):
+        return types.SimpleNamespace(n_regs=registers, n_spills=spills,
+                                     metadata=types.SimpleNamespace(num_warps=warps, shared=shared))  # fmt: skip
+
+    unloaded = types.SimpleNamespace(metadata=types.SimpleNamespace(num_warps=4, shared=0))
+    kernel.device_caches = {0: ({"a": loaded(40, 0, 4, 32), "b": loaded(128, 24, 8, 4096), "c": unloaded},),
+                            1: ({"a": loaded(40, 0, 4, 32)},)}  # fmt: skip
+    monkeypatch.setattr(package, "_probe", module, raising=False)
+    found = [variant for variant in tune.compiled_resources() if variant["kernel"] == "_probe_kernel"]
+    assert found == [
+        {"kernel": "_probe_kernel", "warps": 4, "registers": 40, "spills": 0, "shared": 32},
+        {"kernel": "_probe_kernel", "warps": 8, "registers": 128, "spills": 24, "shared": 4096},
+    ]
