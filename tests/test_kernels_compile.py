@@ -27,7 +27,9 @@ def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
 
 def test_resident_programs_by_the_bounding_resource():
     """The occupancy arithmetic of ``benchmarks/kernel_resources.py`` (CUDA's tables: registers a warp in
-    units of 256, 2048 threads, 32 programs and 228 KB of shared memory an SM on sm_90, 164 KB on sm_80)."""
+    units of 256, 2048 threads, 32 programs and 228 KB of shared memory an SM on sm_90, 164 KB on sm_80), by
+    the rules of ``cuda_occupancy.h``: an SM's registers in 4 sub-partitions of whole warps, and a program's
+    shared memory with the driver's reserved 1 KB in units of 128 bytes."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from kernel_resources import LIMITS, resident
 
@@ -39,6 +41,9 @@ def test_resident_programs_by_the_bounding_resource():
     assert resident(32, 1, 1024, hopper) == (32, "programs")
     assert resident(32, 4, 100 * 1024, hopper) == (2, "shared")
     assert resident(32, 4, 60 * 1024, ampere) == (2, "shared") and resident(32, 4, 60 * 1024, hopper)[0] == 3
+    assert resident(200, 1, 0, hopper) == (8, "registers")  # 2 warps of 6400 in each 16384, not 65536 // 6400
+    assert resident(32, 4, 114 * 1024, hopper) == (1, "shared")  # two of 114 KB + 1 KB reserved exceed 228 KB
+    assert resident(32, 4, 45670, hopper) == (4, "shared")  # 46694 with the reserved: 46720 in 128s
 
 
 def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
