@@ -40,10 +40,11 @@ from omnidraft_fast.report import environment, provenance, write_results
 class Limits:
     """What one SM holds at once (CUDA's occupancy tables for the compute capability)."""
 
-    registers: int = 65536
+    registers: int = 65536  # in 4 sub-partitions of 16384, each holding whole warps
     threads: int = 2048
     programs: int = 32
     shared: int = 233472  # bytes: 228 KB on sm_90, 164 KB on sm_80
+    reserved: int = 1024  # bytes of shared memory the driver reserves a program (sm_80 on)
 
 
 LIMITS = {90: Limits(), 80: Limits(shared=167936)}
@@ -51,13 +52,16 @@ LIMITS = {90: Limits(), 80: Limits(shared=167936)}
 
 def resident(registers: int, warps: int, shared: int, limits: Limits) -> tuple[int, str]:
     """(programs one SM holds at once, the resource that bounds it) for a kernel of ``registers`` per
-    thread, ``warps`` warps and ``shared`` bytes per program (the 1 KB the system reserves included).
-    Registers go to a warp in units of 256 (8 a thread)."""
+    thread, ``warps`` warps and ``shared`` bytes per program (static and dynamic), by the rules of CUDA's
+    occupancy calculator (``cuda_occupancy.h``): registers go to a warp in units of 256 (8 a thread), the
+    warps of an SM in 4 sub-partitions of a quarter of its registers each; shared memory to a program with
+    the driver's reserved 1 KB, in units of 128 bytes."""
     per_warp = math.ceil(registers * 32 / 256) * 256
+    shared = math.ceil((shared + limits.reserved) / 128) * 128
     bounds = {
-        "registers": limits.registers // (per_warp * warps) if registers else limits.programs,
+        "registers": 4 * (limits.registers // 4 // per_warp) // warps if registers else limits.programs,
         "threads": limits.threads // (32 * warps),
-        "shared": limits.shared // shared if shared else limits.programs,
+        "shared": limits.shared // shared,
         "programs": limits.programs,
     }
     bound = min(bounds, key=bounds.get)
@@ -108,7 +112,7 @@ class Launch:
     maxnreg: int | None  # the registers a thread may take, where the launch caps them
     registers: int | None = None  # per thread; None where the compile failed
     stack: int | None = None  # bytes per thread spilled to local memory
-    shared: int | None = None  # bytes per program, the system's reserved 1 KB included
+    shared: int | None = None  # bytes per program, static (cuobjdump's) and dynamic (Triton's)
     error: str | None = None
 
     @property
@@ -117,7 +121,9 @@ class Launch:
 
 
 def _resources(compiled) -> tuple[int, int, int]:
-    """(registers, stack bytes, shared bytes with the reserved) of a compiled kernel, from cuobjdump."""
+    """(registers, stack bytes, shared bytes) of a compiled kernel, from cuobjdump: its static shared memory
+    (on sm_90, 1 KB where the kernel uses shared memory at all, its dynamic window starting past it) and
+    Triton's dynamic; CUDA's occupancy calculator adds the 1 KB the driver reserves a program (``resident``)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

@@ -76,9 +76,10 @@ __all__ = [
 # The smallest sampling temperature taken: z = logits / T stays finite in fp32 for |logits| up to 3.4e8
 # (at T = 1e-45 every logit overflows, and softmax(z) is NaN).
 MIN_TEMPERATURE = 1e-30
-# Registers a thread of the probability pass may take (ptxas's ``maxnreg``; None: no cap): 96 keeps five
-# 4-warp programs on an SM, so that its grid runs in one wave (its filtered variants take up to 128 on
-# Triton 3.6, four programs an SM: 576 programs over 528 places; benchmarks/TUNING.md, "Occupancy").
+# Registers a thread of a filtered probability pass may take (ptxas's ``maxnreg``; None: no cap): 96 keeps
+# five 4-warp programs on an SM, so that its grid runs in one wave (uncapped, those variants take up to 128
+# on Triton 3.6, four programs an SM: 576 programs over 528 places; benchmarks/TUNING.md, "Occupancy"). The
+# unfiltered variants (56-90) go uncapped: a cap lets ptxas take more, up to it (the ids alone 56 -> 80).
 PROBS_MAXNREG = 96
 
 
@@ -386,7 +387,8 @@ def sample_triton(
     _probs_kernel[grid](
         logits, mask_arg, noise, q_arg, part_m, part_aux, row_z, row_t, row_c, win_val, win_id, vocab,
         logits.stride(0), noise.stride(0), stride_q, temperature, chunk, splits, splits_p2,
-        FILTERED=filtered, WRITE_PROBS=probs, HAS_MASK=has_mask, BLOCK=block, maxnreg=PROBS_MAXNREG,
+        FILTERED=filtered, WRITE_PROBS=probs, HAS_MASK=has_mask, BLOCK=block,
+        maxnreg=PROBS_MAXNREG if filtered else None,
     )  # fmt: skip
     _finish_kernel[(rows,)](win_val, win_id, ids, q_arg, stride_q, splits, splits_p2, ONE_HOT=False)
     return ids, q

@@ -78,9 +78,10 @@ from .target_stats import combine_partials, target_prob, target_stats
 __all__ = ["join_output", "verify_reference", "verify_triton"]
 
 # Registers a thread may take (ptxas's ``maxnreg``; None: no cap), so that a grid runs in one wave of four
-# 4-warp programs an SM (benchmarks/TUNING.md, "Occupancy"): the draw kernel takes 139-152 uncapped (three
-# an SM: 504 programs over 396 places), the sums kernel 168 reading a proposal across vocabularies; the
-# sums kernel of one vocabulary (94-126) goes uncapped, since a cap lets ptxas take more, up to it.
+# 4-warp programs an SM (benchmarks/TUNING.md, "Occupancy"): the draw kernel takes 152-168 uncapped on Triton
+# 3.6 (three an SM: 504 programs over 396 places), the sums kernel 168 reading a proposal across
+# vocabularies; the sums kernel of one vocabulary (94-128) goes uncapped, since a cap lets ptxas take more,
+# up to it.
 DRAW_MAXNREG = 128
 CROSS_SUMS_MAXNREG = 128
 

@@ -27,7 +27,9 @@ def test_every_kernel_compiles_for_hopper_and_ampere(tmp_path):
 
 def test_resident_programs_by_the_bounding_resource():
     """The occupancy arithmetic of ``benchmarks/kernel_resources.py`` (CUDA's tables: registers a warp in
-    units of 256, 2048 threads, 32 programs and 228 KB of shared memory an SM on sm_90, 164 KB on sm_80)."""
+    units of 256, 2048 threads, 32 programs and 228 KB of shared memory an SM on sm_90, 164 KB on sm_80), by
+    the rules of ``cuda_occupancy.h``: an SM's registers in 4 sub-partitions of whole warps, and a program's
+    shared memory with the driver's reserved 1 KB in units of 128 bytes."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from kernel_resources import LIMITS, resident
 
@@ -39,19 +41,23 @@ def test_resident_programs_by_the_bounding_resource():
     assert resident(32, 1, 1024, hopper) == (32, "programs")
     assert resident(32, 4, 100 * 1024, hopper) == (2, "shared")
     assert resident(32, 4, 60 * 1024, ampere) == (2, "shared") and resident(32, 4, 60 * 1024, hopper)[0] == 3
+    assert resident(200, 1, 0, hopper) == (8, "registers")  # 2 warps of 6400 in each 16384, not 65536 // 6400
+    assert resident(32, 4, 114 * 1024, hopper) == (1, "shared")  # two of 114 KB + 1 KB reserved exceed 228 KB
+    assert resident(32, 4, 45670, hopper) == (4, "shared")  # 46694 with the reserved: 46720 in 128s
 
 
 def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
     """``kernel_resources.py`` compiles the goal cases' launches as a GPU launch specialises them and reports
     each kernel's registers, the programs an SM holds and the grid in waves of a 132-SM GPU; the launches'
-    register caps hold (the threshold passes after the first, verification's draw and cross-vocabulary sums
-    kernels), keep two 8-warp or four 4-warp programs an SM, and spill little."""
-    from omnidraft_fast.kernels import thresholds, verify
+    register caps hold (the threshold passes after the first, filtered sampling's probability pass,
+    verification's draw and cross-vocabulary sums kernels), keep two 8-warp or four 4-warp programs an SM,
+    and spill little."""
+    from omnidraft_fast.kernels import sampling, thresholds, verify
 
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
-    only = ["sample greedy", "sample top_p", "cross-vocabulary"]
+    only = ["sample greedy", "sample temperature", "sample top_p", "cross-vocabulary"]
     result = subprocess.run(
         [sys.executable, str(script), "--only", *only, "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=900,
@@ -61,8 +67,8 @@ def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     cases = json.loads((tmp_path / "resources-sm_90.json").read_text())["cases"]
     assert set(cases) == {
-        "sample greedy", "sample greedy_ids", "sample top_p", "verify rule mix, cross-vocabulary",
-        "verify rule mix, cross-vocabulary, T = 1 law apart",
+        "sample greedy", "sample greedy_ids", "sample temperature", "sample temperature_ids", "sample top_p",
+        "verify rule mix, cross-vocabulary", "verify rule mix, cross-vocabulary, T = 1 law apart",
     }  # fmt: skip
     for case in ("sample greedy", "sample greedy_ids"):
         launches = cases[case]
@@ -79,6 +85,9 @@ def test_goal_case_resources_from_the_compiled_kernels(tmp_path):
     }  # fmt: skip
     for launch in capped:
         assert launch["registers"] <= launch["maxnreg"] and launch["stack"] <= 64, launch
+    for case in ("sample temperature", "sample temperature_ids", "sample top_p"):  # capped where filtered
+        (probs,) = [launch for launch in cases[case] if launch["kernel"] == "_probs_kernel"]
+        assert probs["maxnreg"] == (sampling.PROBS_MAXNREG if case == "sample top_p" else None), case
     for launch in passes[1:]:
         assert launch["maxnreg"] == thresholds.PASS_MAXNREG and launch["per_sm"] >= 2, launch
     for case in ("verify rule mix, cross-vocabulary", "verify rule mix, cross-vocabulary, T = 1 law apart"):
