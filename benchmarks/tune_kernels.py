@@ -254,22 +254,17 @@ def main(argv: list[str] | None = None) -> None:
         metavar="TEXT",
         help="run only the cases whose name holds one of these (e.g. 'top-p' 'top_p': the threshold search)",
     )
-    parser.add_argument(
-        "--programs",
-        nargs="*",
-        type=int,
-        default=[],
-        metavar="N",
-        help="programs per SM to time the cases without a threshold search at (rows.PROGRAMS_PER_SM)",
-    )
-    parser.add_argument(
-        "--pass-warps",
-        nargs="*",
-        type=int,
-        default=[],
-        metavar="N",
-        help="most warps of a threshold pass to time the cases with one at (thresholds.PASS_WARPS)",
-    )
+    for flag, text in (
+        (
+            "--programs",
+            "programs per SM to time the cases without a threshold search at (rows.PROGRAMS_PER_SM)",
+        ),
+        (
+            "--pass-warps",
+            "most warps of a threshold pass to time the cases with one at (thresholds.PASS_WARPS)",
+        ),
+    ):
+        parser.add_argument(flag, nargs="*", type=int, default=[], metavar="N", help=text)
     parser.add_argument(
         "--caps-off",
         action="store_true",
