@@ -120,16 +120,18 @@ class Launch:
         return math.prod(self.grid)
 
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # Triton's own copy
+
+
 def _resources(compiled) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of a compiled kernel, from cuobjdump: its static shared memory
     (on sm_90, 1 KB where the kernel uses shared memory at all, its dynamic window starting past it) and
     Triton's dynamic; CUDA's occupancy calculator adds the 1 KB the driver reserves a program (``resident``)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = subprocess.run(
-            [str(tool), "-res-usage", cubin.name], capture_output=True, text=True, check=True
+            [str(CUOBJDUMP), "-res-usage", cubin.name], capture_output=True, text=True, check=True
         )
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage.stdout)
     if found is None:
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (problem := nvidia_backend()) is not None:
         print(f"cannot compile for NVIDIA GPUs here: {problem}")
+        return 77
+    if not CUOBJDUMP.is_file():
+        print(f"cannot read compiled kernels' resources here: this Triton has no {CUOBJDUMP}")
         return 77
     result = {**environment(torch.device("cpu")), "arch": args.arch, "sms": args.sms}
     result["cases"] = measure(args.arch, args.sms, args.only)
