@@ -13,7 +13,7 @@ occupancy tables.
 
     python benchmarks/kernel_resources.py --arch 90 --sms 132 --out DIR   # writes DIR/resources-sm_90.{json,md}
 
-Exit status 77: this Triton has no NVIDIA backend (nothing compiled). ``tests/compile_kernels.py``
+Exit status 77: this Triton has no NVIDIA backend, or no cuobjdump beside it (nothing compiled). ``tests/compile_kernels.py``
 compiles every kernel variant through :func:`compiling` too.
 """
 
