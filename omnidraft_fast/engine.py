@@ -151,9 +151,11 @@ class SpeculativeEngine:
             else:
                 self.ngram = NGramTable(config.ngram_capacity, config.ngram_max_len, device=self.device)
         self.target_tokenizer = target_tokenizer
-        # tokenizer -> its tokens' bytes, for stop strings; an entry goes with its tokenizer (one loaded per
-        # request would otherwise be kept, with its table, for good)
-        self._token_bytes: weakref.WeakKeyDictionary[Any, list[bytes | None]] = weakref.WeakKeyDictionary()
+        # tokenizer -> (what its tokens' bytes were read from, the bytes), for stop strings; an entry goes with
+        # its tokenizer (one loaded per request would otherwise be kept, with its table, for good)
+        self._token_bytes: weakref.WeakKeyDictionary[Any, tuple[tuple, list[bytes | None]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.drafter_tokenizer = drafter_tokenizer
         self.learner: OnlineLearner | None = None
         if config.distill is not None or config.adaptive is not None:
@@ -447,20 +449,24 @@ class SpeculativeEngine:
         return Stops(checks) if checks else None
 
     def _stop_strings(self, request: Request, tokenizer: Any) -> StopStrings:
-        """The request's stop-string state; the tokenizer's token bytes are computed once per tokenizer."""
+        """The request's stop-string state; the tokenizer's token bytes are computed once per tokenizer, and
+        again after tokens were added to it (``_tokens_read``)."""
         if tokenizer is None:
             raise ValueError(
                 "`stop_strings` need the target's tokenizer to read tokens as text: pass tokenizer=... (as with "
                 "transformers' generate), or build the engine with target_tokenizer=..."
             )
-        pieces = self._token_bytes.get(tokenizer)
-        if pieces is None:
+        read = _tokens_read(tokenizer)
+        kept = self._token_bytes.get(tokenizer)
+        if kept is not None and kept[0] == read:
+            pieces = kept[1]
+        else:
             table = token_bytes(tokenizer, self.target.vocab_size)
             pieces = list(table.pieces)
             for index, content in table.special.items():  # read as their text, as transformers' stop strings
                 if index < len(pieces):
                     pieces[index] = content.encode()
-            self._token_bytes[tokenizer] = pieces
+            self._token_bytes[tokenizer] = (read, pieces)
         prompts = [
             row[row.shape[0] - int(length) :].tolist()
             for row, length in zip(request.input_ids.cpu(), request.prompt_lengths, strict=True)
@@ -763,6 +769,16 @@ def _check_tokenizer_fits(
                 else ""
             )
         )
+
+
+def _tokens_read(tokenizer: Any) -> tuple:
+    """What ``token_bytes`` reads of ``tokenizer`` beyond its base vocabulary, in about 0.2 ms for Llama-3's:
+    its length and its added and special tokens, which ``add_tokens``/``add_special_tokens`` between two
+    requests change (transformers' stop strings read the tokenizer as it is at each call)."""
+    added = tuple(
+        (index, token.content, token.special) for index, token in tokenizer.added_tokens_decoder.items()
+    )
+    return len(tokenizer), added, tuple(tokenizer.all_special_tokens), tokenizer.eos_token_id
 
 
 def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:

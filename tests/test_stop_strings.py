@@ -287,3 +287,32 @@ def test_a_tokenizer_per_request_is_not_kept(zoo, batch):
         del tokenizer
     gc.collect()
     assert not any(ref() for ref in gone) and len(engine._token_bytes) == 0
+
+
+def test_tokens_added_to_the_tokenizer_between_requests_are_read(cross_pair):
+    """A held engine reads a tokenizer's token bytes again once tokens were added to it: transformers' stop
+    strings read the tokenizer as it is at each call (the engine kept the bytes of the first request's, where
+    an added token had none, and ran past the stop string it completes)."""
+    import copy
+
+    from conftest import perturbed_copy
+
+    target, _, tokenizer, _ = cross_pair
+    target, tokenizer = copy.deepcopy(target), copy.deepcopy(tokenizer)
+    ids = tokenizer(["def fibonacci(n):\n    return"], return_tensors="pt").input_ids
+    added = len(tokenizer)  # the model's vocabulary is padded past its tokenizer's
+    with torch.no_grad():  # the added id takes the place of the 6th greedy token (and comes out again)
+        sixth = target.generate(ids, max_new_tokens=6, do_sample=False)[0, -1]
+        target.lm_head.weight[added] = target.lm_head.weight[sixth] * 1.5
+    engine = SpeculativeEngine(target, perturbed_copy(target, 0.3))
+    kwargs = dict(max_new_tokens=12, stop_strings=["QQQ"], tokenizer=tokenizer)
+    first = engine.generate(ids, **kwargs)
+    assert (
+        torch.equal(first, target.generate(ids, do_sample=False, **kwargs))
+        and first.shape[1] == ids.shape[1] + 12
+    )
+    tokenizer.add_tokens(["QQQ"])
+    assert tokenizer.convert_tokens_to_ids("QQQ") == added
+    expected = target.generate(ids, do_sample=False, **kwargs)
+    assert expected[0, -1] == added and expected.shape[1] == ids.shape[1] + 6
+    assert torch.equal(engine.generate(ids, **kwargs), expected)
