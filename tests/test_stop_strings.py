@@ -301,7 +301,7 @@ def test_tokens_added_to_the_tokenizer_between_requests_are_read(cross_pair):
     target, tokenizer = copy.deepcopy(target), copy.deepcopy(tokenizer)
     ids = tokenizer(["def fibonacci(n):\n    return"], return_tensors="pt").input_ids
     added = len(tokenizer)  # the model's vocabulary is padded past its tokenizer's
-    with torch.no_grad():  # the added id takes the place of the 6th greedy token (and comes out again)
+    with torch.no_grad():  # the added id comes out within the 12 tokens (where first depends on the weights)
         sixth = target.generate(ids, max_new_tokens=6, do_sample=False)[0, -1]
         target.lm_head.weight[added] = target.lm_head.weight[sixth] * 1.5
     engine = SpeculativeEngine(target, perturbed_copy(target, 0.3))
@@ -314,5 +314,5 @@ def test_tokens_added_to_the_tokenizer_between_requests_are_read(cross_pair):
     tokenizer.add_tokens(["QQQ"])
     assert tokenizer.convert_tokens_to_ids("QQQ") == added
     expected = target.generate(ids, do_sample=False, **kwargs)
-    assert expected[0, -1] == added and expected.shape[1] == ids.shape[1] + 6
+    assert expected[0, -1] == added and expected.shape[1] < ids.shape[1] + 12  # stopped at the added token
     assert torch.equal(engine.generate(ids, **kwargs), expected)
