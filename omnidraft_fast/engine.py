@@ -40,7 +40,7 @@ from .rounds import Rounds
 from .state import StateParts, load_state, save_state
 from .stats import GenerationStats, StageTimer
 from .stopping import Criteria, Stops, StopStrings
-from .vocabulary import Vocabulary
+from .vocabulary import Vocabulary, added_tokens
 from .warpers import sampling_warpers
 
 __all__ = ["GenerateOutput", "SpeculativeEngine"]
@@ -772,13 +772,10 @@ def _check_tokenizer_fits(
 
 
 def _tokens_read(tokenizer: Any) -> tuple:
-    """What ``token_bytes`` reads of ``tokenizer`` beyond its base vocabulary, in about 0.2 ms for Llama-3's:
-    its length and its added and special tokens, which ``add_tokens``/``add_special_tokens`` between two
-    requests change (transformers' stop strings read the tokenizer as it is at each call)."""
-    added = tuple(
-        (index, token.content, token.special) for index, token in tokenizer.added_tokens_decoder.items()
-    )
-    return len(tokenizer), added, tuple(tokenizer.all_special_tokens), tokenizer.eos_token_id
+    """What ``token_bytes`` reads of ``tokenizer`` beyond its base vocabulary: its length and
+    ``vocabulary.added_tokens``, which ``add_tokens``/``add_special_tokens`` between two requests change
+    (transformers' stop strings read the tokenizer as it is at each call)."""
+    return len(tokenizer), *added_tokens(tokenizer)
 
 
 def _adapter_name(target: torch.nn.Module, drafter: torch.nn.Module) -> str:

@@ -73,6 +73,16 @@ def backend(tokenizer: Any) -> Any:
     return found
 
 
+def added_tokens(tokenizer: Any) -> tuple:
+    """What ``add_tokens``/``add_special_tokens`` change in a tokenizer beyond its base vocabulary: its added
+    tokens (id, text, special) in id order, its special tokens sorted, its EOS id (read in about 0.2 ms at
+    Llama-3's; the fingerprint and the engine's stop strings read it)."""
+    added = sorted(
+        (index, token.content, token.special) for index, token in tokenizer.added_tokens_decoder.items()
+    )
+    return tuple(added), tuple(sorted(tokenizer.all_special_tokens)), tokenizer.eos_token_id
+
+
 def _vocabulary_digest(ids: dict[str, int], highest: int) -> str:
     """A digest of ``ids`` whatever the dict's order: the tokens in id order, joined by NUL (a quarter of the
     read's time); JSON of the sorted items (a few times slower) where that would be ambiguous: holes, ids with
@@ -95,16 +105,11 @@ def _fingerprint(vocabulary: Vocabulary) -> str:
     rust = backend(tokenizer)
     decoder = rust.decoder
     vocab = _vocabulary_digest(vocabulary.ids, vocabulary.highest)
-    added = sorted(
-        (index, token.content, token.special) for index, token in tokenizer.added_tokens_decoder.items()
-    )
     parts = (
         vocab,
         _model_digest(rust, vocab),
         None if decoder is None else decoder.__getstate__().decode(),
-        added,
-        sorted(tokenizer.all_special_tokens),
-        tokenizer.eos_token_id,
+        *added_tokens(tokenizer),
         f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
         getattr(tokenizer, "clean_up_tokenization_spaces", None),
         getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None),
