@@ -204,17 +204,23 @@ def compiling(archs: list[int], record: Callable[[Launch], None], resources: boo
 
 
 @contextlib.contextmanager
-def sized_for(sms: int) -> Iterator[None]:
+def setting(module, name: str, value) -> Iterator[None]:
+    """``module.name`` set to ``value`` within the block, put back after (a launch constant, or what sizes
+    the launchers' grids)."""
+    shipped = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, shipped)
+
+
+def sized_for(sms: int) -> contextlib.AbstractContextManager:
     """The launchers size their grids by the device's SM count (``rows.target_programs``); a CPU has none,
     so within the block they take ``sms``."""
     from omnidraft_fast.kernels import rows
 
-    original = rows.target_programs
-    rows.target_programs = lambda device, per_sm=4: per_sm * sms
-    try:
-        yield
-    finally:
-        rows.target_programs = original
+    return setting(rows, "target_programs", lambda device, per_sm: per_sm * sms)
 
 
 def goal_cases() -> dict[str, Callable[[], object]]:

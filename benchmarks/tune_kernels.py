@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import inspect
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ import triton
 from bench_match import match_bytes, match_inputs
 from bench_sampling import sampling_bytes, sampling_inputs
 from bench_verify import TEMPERATURE, held_rules, verify_bytes, verify_inputs
+from kernel_resources import setting
 from omnidraft_fast.kernels import rows, sampling, thresholds, verify
 from omnidraft_fast.kernels.match import match_reference, match_triton
 from omnidraft_fast.kernels.sampling import sample_reference, sample_triton
@@ -157,17 +157,6 @@ def launch_sequence(launches: list[tuple[str, float]], calls: int) -> dict[str, 
     return sequence
 
 
-@contextlib.contextmanager
-def _tuned(module, name: str, value: int) -> Iterator[None]:
-    """``module.name`` set to ``value`` within the block (a launch constant the sweep varies)."""
-    shipped = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, shipped)
-
-
 # The register caps of the kernels' launches (ptxas's maxnreg), which ``--caps-off`` lifts all at once.
 CAPS = ((thresholds, "PASS_MAXNREG"), (sampling, "PROBS_MAXNREG"), (verify, "DRAW_MAXNREG"),
         (verify, "CROSS_SUMS_MAXNREG"))  # fmt: skip
@@ -185,12 +174,12 @@ def _launch_sweep(
     )  # fmt: skip
     times = {}
     for value in values:
-        with _tuned(module, name, value):
+        with setting(module, name, value):
             times[f"{label} {value}"] = _times(fn, sets)
     if caps_off:
         with contextlib.ExitStack() as lifted:
             for cap_module, cap in CAPS:
-                lifted.enter_context(_tuned(cap_module, cap, None))
+                lifted.enter_context(setting(cap_module, cap, None))
             times["caps off"] = _times(fn, sets)
     return times
 
