@@ -61,10 +61,11 @@ _PARTS = {
         "layers",
         ("input_layernorm", "post_attention_layernorm", "mlp"),
         "self_attn",
-        ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups", "scaling",
+         "attention_dropout"),
     ),
     "gpt2": ("transformer", ("wte", "wpe", "drop", "ln_f"), "h", ("ln_1", "ln_2", "mlp"), "attn",
-             ("c_attn", "c_proj", "split_size", "head_dim", "attn_dropout", "resid_dropout")),
+             ("c_attn", "c_proj", "split_size", "head_dim", "scaling", "attn_dropout", "resid_dropout")),
 }  # fmt: skip
 _PARTS["mistral"] = _PARTS["qwen2"] = _PARTS["llama"]
 _PARTS["qwen3"] = (*_PARTS["llama"][:-1], (*_PARTS["llama"][-1], "q_norm", "k_norm"))  # RMSNorm per head
@@ -359,14 +360,14 @@ def _llama(model, inline, input_ids, positions, mask, cache, last_only) -> torch
             q, k = _call(inline, projections["q_norm"], q), _call(inline, projections["k_norm"], k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin).transpose(1, 2)  # q: _attend lays it out
         v = _call(inline, projections["v_proj"], h).view(shape).transpose(1, 2)
-        scale = getattr(attention, "scaling", attention.head_dim**-0.5)
-        dropout = getattr(attention, "attention_dropout", 0.0)
         layer_mask = mask[index] if isinstance(mask, list) else mask
         groups = attention.num_key_value_groups
         key = (id(layer_mask), groups)
         if key not in folded:
             folded[key] = _fold(layer_mask, groups)
-        out = _attend(attention, q, k, v, folded[key], cache, index, scale, dropout)
+        out = _attend(
+            attention, q, k, v, folded[key], cache, index, attention.scaling, attention.attention_dropout
+        )
         x = x + _call(inline, projections["o_proj"], out)
         x = x + _call(inline, modules["mlp"], _call(inline, modules["post_attention_layernorm"], x))
     return _call(inline, parts["norm"], x[n - 1 :: n] if last_only and n > 1 else x)
@@ -386,12 +387,9 @@ def _gpt2(model, inline, input_ids, positions, mask, cache, last_only) -> torch.
         qkv = _call(inline, projections["c_attn"], _call(inline, modules["ln_1"], x))
         q, k, v = (t.view(shape) for t in qkv.split(attention.split_size, dim=1))
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # q: _attend lays it out
-        scale = getattr(attention, "scaling", None)
-        if scale is None:  # transformers before the attribute: the same two settings
-            scale = attention.head_dim**-0.5 if model.config.scale_attn_weights else 1.0
-            if model.config.scale_attn_by_inverse_layer_idx:
-                scale /= float(index + 1)
-        out = _attend(attention, q, k, v, mask, cache, index, scale, projections["attn_dropout"].p)
+        out = _attend(
+            attention, q, k, v, mask, cache, index, attention.scaling, projections["attn_dropout"].p
+        )
         x = x + _call(inline, projections["resid_dropout"], _call(inline, projections["c_proj"], out))
         x = x + _call(inline, modules["mlp"], _call(inline, modules["ln_2"], x))
     return _call(inline, parts["ln_f"], x[n - 1 :: n] if last_only and n > 1 else x)

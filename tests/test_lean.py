@@ -77,6 +77,23 @@ def test_lean_forward_is_transformers_forward_bit_for_bit(arch, dtype, mode):
     _same_steps(_adapted(arch, dtype, mode))
 
 
+@pytest.mark.parametrize(("by_layer", "by_head_dim"), [(True, True), (True, False), (False, False)])
+def test_gpt2_attention_scaled_as_its_config_says(by_layer, by_head_dim):
+    """GPT-2's two scaling options (``scale_attn_by_inverse_layer_idx``, ``scale_attn_weights``), which its
+    attention folds into ``scaling``: the lean forward scales each layer alike, bit for bit."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(7)
+    config = GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=None,
+                        eos_token_id=None, pad_token_id=None, scale_attn_by_inverse_layer_idx=by_layer,
+                        scale_attn_weights=by_head_dim)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # attention logits large enough that a scale left out changes the output
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(4)
+    _same_steps(model)
+
+
 class _OffsetLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + 0.25
