@@ -562,38 +562,48 @@ def test_cross_vocabulary_rounds_replay_exactly(cross_pair, translation):
         assert torch.equal(eager.ngram.counts, captured.ngram.counts)
 
 
-def test_adaptive_rounds_and_recording_replay_exactly(shared_pair):
+@pytest.mark.parametrize(
+    ("mode", "distill"), [("alternating", True), ("joint", False), ("alternating", False)]
+)
+def test_adaptive_rounds_and_recording_replay_exactly(shared_pair, mode, distill):
     """With an acceptance head each draft step is its own stage, and the rest of the round one stage per
-    draft length; the online learners receive the same rows."""
+    draft length; the online learners receive the same rows (also a head that learns alone)."""
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=3)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 24, "do_sample": True}
-    config = {"num_draft_tokens": 5, "distill": DistillConfig(rank=8, interval=2, lr=1e-2),
-              "adaptive": AdaptiveConfig(gamma=0.5, interval=2, prior=0.7)}  # fmt: skip
+    config = {"num_draft_tokens": 5, "distill": DistillConfig(rank=8, interval=2, lr=1e-2) if distill else None,
+              "adaptive": AdaptiveConfig(gamma=0.5, interval=2, prior=0.7, mode=mode)}  # fmt: skip
     results = _learning_in_both_modes(shared_pair, config, request, 3)
     _assert_same(results, replayed_stage="draft")
     (eager, outs), (captured, _) = results
-    assert eager.learner.stats.distill_steps >= 1  # the learners trained between requests, identically
+    # the learners trained between requests, identically
+    assert eager.learner.stats.distill_steps >= 1 if distill else eager.learner.stats.distill_steps == 0
+    assert eager.learner.stats.head_steps >= 1
     _assert_learned_alike(eager.learner, captured.learner)
     assert outs[-1].stats.drafter_proposed < outs[-1].stats.row_rounds * 5  # rows did stop early
 
 
 @pytest.mark.parametrize(
-    ("mode", "confidence_input"), [("alternating", False), ("joint", False), ("alternating", True)]
-)
-def test_in_flight_updates_replay_exactly(shared_pair, mode, confidence_input):
+    ("mode", "confidence_input", "distill"),
+    [("alternating", False, True), ("joint", False, True), ("alternating", True, True), ("joint", False, False),
+     ("alternating", False, False)],
+)  # fmt: skip
+def test_in_flight_updates_replay_exactly(shared_pair, mode, confidence_input, distill):
     """The learning step in the middle of a request is a captured stage too (forward, backward, clipping,
     AdamW, the merge), and its updates reach the rounds captured before it (the merged LoRA weights and the
-    head are rewritten in place): outputs and what was learned equal eager mode's."""
+    head are rewritten in place): outputs and what was learned equal eager mode's; also for a head that
+    learns alone (no distillation), in either mode."""
     ids, mask = left_padded_prompts(VOCAB, [5, 7], seed=8)
     request = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 30, "do_sample": True}
-    config = {"num_draft_tokens": 4, "in_flight_rounds": 2, "distill": DistillConfig(rank=8, interval=1, lr=1e-2),
+    config = {"num_draft_tokens": 4, "in_flight_rounds": 2,
+              "distill": DistillConfig(rank=8, interval=1, lr=1e-2) if distill else None,
               "adaptive": AdaptiveConfig(gamma=0.5, interval=1, prior=0.7, mode=mode,
                                          confidence_input=confidence_input)}  # fmt: skip
     results = _learning_in_both_modes(shared_pair, config, request, 2)
     _assert_same(results, replayed_stage="draft")
     (eager, _), (captured, outs) = results
     _assert_learning_replayed(outs)
-    assert eager.learner.stats.distill_steps >= 6 and eager.learner.stats.head_steps >= 6
+    assert eager.learner.stats.distill_steps >= 6 if distill else eager.learner.stats.distill_steps == 0
+    assert eager.learner.stats.head_steps >= 6
     _assert_learned_alike(eager.learner, captured.learner)
 
 
