@@ -237,6 +237,9 @@ def test_bad_cascades_are_refused_and_the_engine_still_works(pair):
         CascadeConfig("lossy", 1.0)
     with pytest.raises(TypeError, match="alpha"):
         CascadeConfig("diff", "0.1")
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="`alpha` is an empty sequence; give one number, or one per row"):
+            CascadeConfig("chow", empty)
     with pytest.raises(TypeError, match="CascadeConfig"):
         EngineConfig(cascade=("chow", 0.1))
     engine = SpeculativeEngine(target, drafter)

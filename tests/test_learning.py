@@ -337,6 +337,18 @@ def test_untrained_head_predicts_its_prior():
         (lambda: AdaptiveConfig(replay=2**63), r"`replay` must be at most \d+ \(the most rows a Python list"),
         (lambda: AdaptiveConfig(interval=sys.maxsize + 1), r"`interval` must be at most"),
         (lambda: DistillConfig(interval=2**63), r"`interval` must be at most \d+ \(the most rows"),
+        (lambda: DistillConfig(lora_alpha=0), "`lora_alpha` must be a number > 0 or None, got 0"),
+        (lambda: DistillConfig(weight_decay=-0.1), "`weight_decay` must be a number >= 0"),
+        (lambda: DistillConfig(ngram_weight=float("nan")), "`ngram_weight` must be a number >= 0"),
+        (lambda: DistillConfig(max_grad_norm=0.0), "`max_grad_norm` must be a number > 0 or None"),
+        (lambda: AdaptiveConfig(lr=0.0), "`lr` must be a number > 0"),
+        (lambda: AdaptiveConfig(weight_decay="0.1"), "`weight_decay` must be a number >= 0"),
+        (lambda: AdaptiveConfig(reject_weight=-1.0), "`reject_weight` must be a number > 0"),
+        (
+            lambda: EngineConfig(adaptive=DistillConfig()),
+            "`adaptive` must be an AdaptiveConfig or None, got DistillConfig",
+        ),
+        (lambda: EngineConfig(ngram_max_len=1), "`ngram_max_len` must be an int >= 2, got 1"),
     ],
 )
 def test_bad_configs_name_the_argument(make, match):
