@@ -102,8 +102,10 @@ class LoraAdapter:
             # peft freezes the base model and leaves its config on it: the drafter is not ours to change.
             for parameter in training:
                 parameter.requires_grad_(True)
-            if had_config:
+            if had_config:  # peft adds ours to the drafter's dict in place: taken out (the name was not there)
                 model.peft_config = peft_config
+                if isinstance(peft_config, dict):
+                    peft_config.pop(name, None)
             else:
                 vars(model).pop("peft_config", None)
             # (parent module, attribute, LoRA layer, qualified name) of every layer peft put in, also before

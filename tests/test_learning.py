@@ -1083,6 +1083,23 @@ def test_a_drafter_with_lora_layers_of_its_own_is_refused(shared_pair):
     SpeculativeEngine(target, drafter, config=EngineConfig(adaptive=AdaptiveConfig()))  # no adapter: fine
 
 
+def test_a_drafters_own_peft_config_is_left_as_it_was(shared_pair):
+    """peft leaves its config on a model it puts an adapter in; the engine's adapter takes its own out again
+    and leaves a config the drafter held before (an adapter it has since unloaded) in place."""
+    from peft import LoraConfig
+
+    target, drafter = shared_pair
+    drafter = copy.deepcopy(drafter)
+    theirs = {"old": LoraConfig(r=4, target_modules=["k_proj"])}
+    drafter.peft_config = theirs
+    ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(rank=8, interval=1)))
+    assert drafter.peft_config is theirs and list(theirs) == ["old"]
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
+    assert engine.learner.stats.distill_steps == 1 and drafter.peft_config is theirs and list(theirs) == ["old"]
+
+
 def test_an_adapter_on_the_targets_weights_is_refused(shared_pair):
     """A drafter that is the target, or shares a layer with it, would serve its merged LoRA weights to the
     target too (the target's law would change): refused; without distillation it drafts as before."""
