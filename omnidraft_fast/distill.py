@@ -102,7 +102,8 @@ class LoraAdapter:
             # peft freezes the base model and leaves its config on it: the drafter is not ours to change.
             for parameter in training:
                 parameter.requires_grad_(True)
-            if had_config:  # peft adds ours to the drafter's dict in place: taken out (the name was not there)
+            if had_config:
+                # peft added ours to the drafter's dict in place: taken out (the name was not there before)
                 model.peft_config = peft_config
                 if isinstance(peft_config, dict):
                     peft_config.pop(name, None)

@@ -1093,11 +1093,15 @@ def test_a_drafters_own_peft_config_is_left_as_it_was(shared_pair):
     theirs = {"old": LoraConfig(r=4, target_modules=["k_proj"])}
     drafter.peft_config = theirs
     ids, mask = left_padded_prompts(VOCAB, [5, 8], seed=2)
-    engine = SpeculativeEngine(target, drafter, config=EngineConfig(distill=DistillConfig(rank=8, interval=1)))
+    engine = SpeculativeEngine(
+        target, drafter, config=EngineConfig(distill=DistillConfig(rank=8, interval=1))
+    )
     assert drafter.peft_config is theirs and list(theirs) == ["old"]
     out = engine.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, target.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
-    assert engine.learner.stats.distill_steps == 1 and drafter.peft_config is theirs and list(theirs) == ["old"]
+    assert (
+        engine.learner.stats.distill_steps == 1 and drafter.peft_config is theirs and list(theirs) == ["old"]
+    )
 
 
 def test_an_adapter_on_the_targets_weights_is_refused(shared_pair):

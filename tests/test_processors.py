@@ -559,7 +559,10 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
         ),
         ({"min_new_tokens": 4}, [MinLengthLogitsProcessor(ids.shape[1] + 6, eos)]),  # min_new_tokens stays
         ({"sequence_bias": {(9,): 4.0}}, [penalty, SequenceBiasLogitsProcessor({(9,): -4.0}), penalty]),
-        ({"remove_invalid_values": True, "repetition_penalty": 1.3}, [InfNanRemoveLogitsProcessor(), penalty]),
+        (
+            {"remove_invalid_values": True, "repetition_penalty": 1.3},
+            [InfNanRemoveLogitsProcessor(), penalty],
+        ),
     )
     engine = _engine(pair)
     for options, processors in cases:
