@@ -243,6 +243,12 @@ def test_left_padding_without_attention_mask(models, run):
     assert_still_works(run, models)
 
 
+def test_attention_mask_of_another_type(models, run):
+    with pytest.raises(TypeError, match=r"`attention_mask` must be a torch\.Tensor, got list"):
+        run(models.ids, attention_mask=models.mask.tolist(), max_new_tokens=NEW)
+    assert_still_works(run, models)
+
+
 @pytest.mark.parametrize("rows", [[[0, 0, 5, 6]], [[0, 4, 5, 6], [0, 0, 9, 9]], [[0, 0, 5, 6], [3, 4, 5, 6]]])
 def test_attention_mask_inferred_from_pad_tokens(models, run, rows):
     """With pad_token_id no EOS id, model.generate() masks its tokens out: so does the engine."""

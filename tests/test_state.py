@@ -177,6 +177,31 @@ def test_the_saved_file_is_as_readable_as_any_other(pair, tmp_path):
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
 
 
+def test_a_failed_save_leaves_the_earlier_file_and_no_other(pair, tmp_path, monkeypatch):
+    """save_state writes aside and renames: a write that fails leaves the file saved before as it was, and
+    no partial file behind."""
+    import omnidraft_fast.state
+
+    engine = _engine(pair, **LEARNING)
+    path = tmp_path / "state.safetensors"
+    engine.save_state(path)
+    before = path.read_bytes()
+    _served(engine, 1)
+
+    def failing(tensors, filename, metadata=None):
+        with open(filename, "wb") as file:
+            file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(omnidraft_fast.state, "save_file", failing)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_state(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    monkeypatch.undo()
+    engine.save_state(path)  # the engine saves again once it can
+    assert path.read_bytes() != before
+
+
 @pytest.mark.parametrize("translation", ["tli", "damaged"])
 def test_a_cross_vocabulary_state_that_does_not_fit_its_table_is_refused(translation, tmp_path):
     from omnidraft_fast.zoo import load
