@@ -302,6 +302,33 @@ def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabulari
     torch.testing.assert_close(labels[True][relabelled], labels[False][relabelled], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("filtering", [{"top_k": 20}, {"top_p": 0.8, "top_k": 0}])
+def test_recomputed_labels_across_vocabularies_under_top_k_and_top_p(cross_pair, filtering):
+    """A filtered request's recomputed labels read the target's filtered law over the directly mapped ids
+    (its mass there taken as 1: ``adaptive.target_mass``): probabilities, and the head trains on them."""
+    target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
+    engine = SpeculativeEngine(
+        target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
+        config=EngineConfig(num_draft_tokens=4, adaptive=AdaptiveConfig(interval=NO_STEP, prior=0.8)),
+    )  # fmt: skip
+    batch = target_tokenizer(["def fibonacci(n):\n    return", "The café on the corner"], return_tensors="pt",
+                             padding=True)  # fmt: skip
+    torch.manual_seed(0)
+    engine.generate(**batch, max_new_tokens=24, do_sample=True, eos_token_id=[], **filtering)
+    learner, rows = engine.learner, list(engine.learner.pending)
+    assert all(row.mass is not None and torch.equal(row.mass, torch.ones_like(row.mass)) for row in rows)
+    seen = {}
+    fit = learner._fit_head
+    learner._fit_head = lambda hidden, inputs, labels, mask, recompute: (
+        seen.update(labels=labels if mask is None else labels[mask])
+        or fit(hidden, inputs, labels, mask, recompute)
+    )
+    learner._head_step(rows, recompute=True)
+    labels = seen["labels"]
+    assert labels.numel() > 20 and ((labels >= 0) & (labels <= 1)).all() and 0 < labels.mean() < 1
+    assert learner.stats.head_steps > 0 and math.isfinite(learner.stats.head_loss)
+
+
 def test_untrained_head_predicts_its_prior():
     head = AcceptanceHead(16, blocks=2, prior=0.3)
     assert torch.allclose(head(torch.randn(5, 16)), torch.full((5,), 0.3), atol=1e-6)
