@@ -104,9 +104,11 @@ def test_strided_tokens_and_empty_batch():
     tokens, start, lengths = _layout(3, 4, 21, 3)
     view = torch.cat([tokens, torch.zeros(4, 1, dtype=torch.int64)], 1)[:, :-1]
     assert not view.is_contiguous()
-    got = lookup_triton(view, start, lengths, 4, 2, block=8)
+    column_major = tokens.t().contiguous().t()  # slot-major: made contiguous first
     want = lookup_reference(tokens, start, lengths, 4, 2)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for strided in (view, column_major):
+        got = lookup_triton(strided, start, lengths, 4, 2, block=8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     empty = (
         torch.zeros(0, 5, dtype=torch.int64),
         torch.zeros(0, dtype=torch.int64),

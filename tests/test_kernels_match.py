@@ -146,6 +146,10 @@ def test_fp16_and_strided_logits():
     wide[:, 1:5] = case["target_logits"].float()
     for top_p in (1.0, 0.9):
         _check({**case, "target_logits": wide[:, 1:5], "top_p": top_p})
+    # noise laid out vocabulary-major (a transposed buffer): made contiguous first
+    noise = case["noise"].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert noise.stride(-1) != 1
+    _check({**case, "noise": noise})
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -137,6 +137,22 @@ def test_full_table_counts_rows_not_placed():
         assert int(dropped) == 5 and len(_entries(table)) == 16  # 4 keys, one of them twice
 
 
+def test_no_queries_and_no_keys_launch_nothing():
+    """An empty batch returns at once, alike in kernel and reference: no value found, no row dropped, the
+    table unchanged."""
+    table = _table(16)
+    keys = _random_keys(6)
+    ngram_insert_triton(*table, keys, _value_of(keys), torch.ones(6, dtype=torch.int64))
+    before = [t.clone() for t in table]
+    none = torch.zeros(0, 4, dtype=torch.int64)
+    for lookup in (ngram_lookup_triton, ngram_lookup_reference):
+        assert lookup(table[1], table[2], none).shape == (0,)
+    for insert in (ngram_insert_triton, ngram_insert_reference):
+        dropped = insert(*table, none, none[:, 0], none[:, 0])
+        assert dropped.shape == () and int(dropped) == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, table, strict=True))
+
+
 def test_reference_has_fixed_shapes():
     """No data-dependent shape anywhere (so no host sync on a GPU): the references run on the meta device."""
     table = _table(64, device="meta")

@@ -195,8 +195,12 @@ def test_top_p_at_the_ends_of_its_range(top_k):
 
 
 def test_strided_logits_and_noise():
+    """Row-strided views are read in place; column-major ones (a transposed buffer) are made contiguous."""
     logits, noise, _ = _inputs(2, 200, torch.float32, seed=6, masked=False)
     _check(logits[:, :150], noise[:, :150], 0.9, 0, 0.95)
+    column_major = [t.t().contiguous().t() for t in (logits, noise)]
+    assert all(t.stride(-1) != 1 for t in column_major)
+    _check(*column_major, 0.9, 0, 0.95)
 
 
 def test_strided_mask():

@@ -236,6 +236,14 @@ def test_fp16_logits_and_separate_t1():
     _check(_case(4, 3, 300, 1.3, seed=5, offset=2, dtype=torch.float16, separate_t1=True))
 
 
+def test_column_major_noise():
+    """Noise laid out vocabulary-major (a transposed buffer) is made contiguous first."""
+    case = _case(3, 3, 200, 0.9, seed=6)
+    noise = case["noise"].t().contiguous().t()
+    assert noise.stride(-1) != 1
+    _check({**case, "noise": noise})
+
+
 @pytest.mark.parametrize("programs", [4, 256], ids=["one_chunk", "chunks"])
 def test_invalid_rows(programs, monkeypatch):
     """NaN, +inf and all -inf positions are flagged where they are; the other rows are unaffected. At 256
