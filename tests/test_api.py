@@ -277,6 +277,18 @@ def test_numpy_scalars_as_transformers_takes_them(target, drafter, batch):
     assert_equal(out, expected)
 
 
+def test_eos_ids_as_a_tensor_or_an_array(target, drafter, batch):
+    """``eos_token_id`` as a tensor or a numpy array of ids, as transformers takes it."""
+    np = pytest.importorskip("numpy")
+    ids, mask = batch
+    eos = [int(t) for t in reference(target, ids, mask, max_new_tokens=6)[:2, -3]]
+    expected = reference(target, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    for given in (torch.tensor(eos), np.array(eos)):
+        out = omnidraft_fast.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=6,
+                                      eos_token_id=given)  # fmt: skip
+        assert_equal(out, expected)
+
+
 def test_draft_settings_from_the_drafters_generation_config(target, drafter, batch):
     """As in transformers, ``num_assistant_tokens`` and ``assistant_confidence_threshold`` set on the
     assistant's generation_config apply, above the target's own and below the call and the

@@ -777,6 +777,24 @@ def test_prefix_allowed_tokens_fn_returning_what_indexes_no_score(models, run, r
     assert_still_works(run, models)
 
 
+def test_prefix_allowed_tokens_fn_not_a_function(models, run):
+    with pytest.raises(TypeError, match=r"`prefix_allowed_tokens_fn` must be a function .* got list"):
+        run(models.ids, attention_mask=models.mask, max_new_tokens=NEW, prefix_allowed_tokens_fn=[3, 4])
+    assert_still_works(run, models)
+
+
+def test_max_length_criteria_without_an_int_length(models, run):
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=12.5)])
+    with pytest.raises(
+        ValueError, match=r"a MaxLengthCriteria in `stopping_criteria` must have an int max_length"
+    ):
+        run(models.ids, attention_mask=models.mask, stopping_criteria=criteria)
+    assert_still_works(run, models)
+
+
 def test_prefix_allowed_tokens_fn_negative_ids_count_from_the_end(models, run):
     """transformers indexes the scores with the ids, so -1 is the last token: the same here."""
     kwargs = dict(
