@@ -282,7 +282,8 @@ def test_a_folder_without_a_tokenizer_serves_with_the_tokenizer_flag(bare, capsy
     ("command", "flag", "value"),
     [("demo", "--prompts-per-task", "0"), ("cascade-sweep", "--prompts-per-task", "-1"),
      ("cascade-sweep", "--temperature", "-1"), ("cascade-sweep", "--temperature", "nan"),
-     ("generate", "--seed", str(2**64)), ("generate", "--seed", "-1")],
+     ("generate", "--seed", str(2**64)), ("generate", "--seed", "-1"), ("demo", "--max-new-tokens", "ten"),
+     ("cascade-sweep", "--temperature", "warm"), ("cascade-sweep", "--temperature", "inf")],
 )  # fmt: skip
 def test_bad_counts_and_numbers_are_refused_by_the_parser(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
