@@ -383,6 +383,85 @@ def test_exact_rows_of_float64_greedy_stay_on_the_general_path():
     assert general[1].tolist() == [[2, -1]]
 
 
+def _proposal_by_definition(probs, target_ids, cross):
+    """q' of kernels/proposal.py's module docstring, position by position: [batch, k, V_t]."""
+    batch, k = target_ids.shape
+    vocab_t = cross.t2d.shape[0]
+    path = probs.gather(2, cross.drafter_ids[..., None])[..., 0] if cross.path is None else cross.path
+    out = torch.zeros(batch, k, vocab_t)
+    for b in range(batch):
+        for j in range(k):
+            s, e, x = int(cross.source[b, j]), int(cross.span_end[b, j]), int(target_ids[b, j])
+            direct = torch.zeros(vocab_t)
+            for t in range(vocab_t):
+                if cross.t2d[t] >= 0:
+                    direct[t] = probs[b, s, cross.t2d[t]]
+            if x < 0:  # nothing proposed: the stop at a drafted token with no target token keeps its row
+                out[b, j] = direct if e - s == 1 else 0.0
+            elif j > 0 and s == int(cross.source[b, j - 1]):  # a split token's later piece
+                out[b, j, x] = 1.0
+            else:
+                if e - s >= 2:  # a merge: its path probability, taken from its first part's direct token
+                    mass = float(torch.prod(path[b, s:e].double()))
+                    first = int(cross.d2t[cross.drafter_ids[b, s]])
+                    if first >= 0:
+                        direct[first] = max(float(direct[first]) - mass, 0.0)
+                    direct[x] = mass
+                out[b, j] = direct
+    return out
+
+
+def test_proposal_is_its_definition():
+    """The dense q' against the module docstring's formula written out position by position, and each
+    position's entry at its own draft against it: direct tokens read through t2d, merges anywhere in the
+    block (their path probability, taken off the first part's direct token), split pieces, stops at
+    untranslatable tokens, nothing proposed after. Kernel-against-reference tests alone miss a wrong merge
+    mass: a merged token's ratio p / q' is mostly above 1 on both sides."""
+
+    def check(q, ids, cross):
+        dense = target_proposal_reference(q, ids, cross)
+        torch.testing.assert_close(dense, _proposal_by_definition(q, ids, cross), rtol=1e-5, atol=1e-7)
+        own = dense.gather(2, ids.clamp_min(0)[..., None])[..., 0]
+        assert torch.equal(TargetProposal(q, ids, cross).at_drafts(), own)
+        return dense
+
+    later_merges = 0
+    for seed in range(6):
+        case = _case(8, 5, 120, 0.9, seed=seed, vocab_d=101)
+        ids, cross = case["draft_ids"], case["cross"]
+        later_merges += int(((cross.span_end - cross.source >= 2) & (ids >= 0) & (cross.source > 0)).sum())
+        check(case["draft_probs"], ids, cross)
+    assert later_merges >= 5
+    # By hand, with id 0 on both sides and the path read from the probabilities: drafter 0 is target 0,
+    # drafter 3 has no target token; y = 0 | 0 4 (merged into target 5) | 3 (the stop) | nothing.
+    d2t = torch.tensor([0, 1, 2, -1, 4], dtype=torch.int32)
+    t2d = torch.tensor([0, 1, 2, -1, 4, -1], dtype=torch.int32)
+    cross = CrossProposal(torch.tensor([[0, 0, 4, 3]]), torch.tensor([[0, 1, 3, 3]]), torch.tensor([[1, 3, 4, 3]]),
+                          d2t, t2d)  # fmt: skip
+    q = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    dense = check(q, torch.tensor([[0, 5, -1, -1]]), cross)
+    assert dense[0, 0, 0] == q[0, 0, 0]  # target 0 proposed at its drafter twin 0's probability
+    merge = q[0, 1, 0] * q[0, 2, 4]  # taken off target 0, the merge's first part's direct token
+    torch.testing.assert_close(dense[0, 1, [0, 5]], torch.stack([q[0, 1, 0] - merge, merge]))
+    # Targets 0 and 5 swapped: target 0 is the merged token (drafter 1 then 2), which has no drafter twin
+    cross = CrossProposal(torch.tensor([[1, 2, 3, 3]]), torch.tensor([[0, 2, 2, 2]]), torch.tensor([[2, 3, 2, 2]]),
+                          torch.tensor([5, 1, 2, -1, 4], dtype=torch.int32),
+                          t2d[[5, 1, 2, 3, 4, 0]])  # fmt: skip
+    dense = check(q, torch.tensor([[0, -1, -1, -1]]), cross)
+    torch.testing.assert_close(dense[0, 0, 0], q[0, 0, 1] * q[0, 1, 2])
+
+
+def test_folding_twins_adds_their_mass_to_the_canonical_ids():
+    probs = torch.rand(2, 3, 7)
+    twins = torch.tensor([[3, 5, 6], [0, 0, 2]])  # 3 and 5 fold onto 0, 6 onto 2
+    want = probs.clone()
+    for folded, canonical in twins.t().tolist():
+        want[..., canonical] += probs[..., folded]
+    assert fold_twins_(probs, twins) is probs
+    torch.testing.assert_close(probs, want)
+    assert torch.equal(fold_twins_(probs.clone(), torch.empty(2, 0, dtype=torch.int64)), probs)
+
+
 def test_proposal_at_drafts_and_at_positions():
     """q' at each position's own draft, and whole rows at chosen positions, without the dense tensor: the
     dense tensor's entries, bit for bit (merged spans, split pieces, stops, nothing proposed)."""
