@@ -135,19 +135,32 @@ def test_hand_written():
     _assert_same(ops.translate(drafts, d2t), direct)
 
 
-def test_split_tokens_hand_written():
+@pytest.mark.parametrize("la", [2, 0], ids=["la_2", "la_0"])
+def test_split_tokens_hand_written(la, monkeypatch):
     """The snowflake vocabularies, with target tokens 5 'l', 6 'a', 7 'k', 8 'e' (V_t = 9): 'la' and 'ke'
     have no twin but split into two target tokens each; 's' has neither. Merges still win over splits, a
-    split goes on drafting, pieces are cut at k positions, and a token with no spelling still stops."""
+    split goes on drafting, pieces are cut at k positions, and a token with no spelling still stops. Also
+    with 'la' and 'snow' swapped, so that drafter id 0 splits (its marker is V_t itself), through the CPU
+    shortcut's check and the general path alike."""
+    import omnidraft_fast.kernels.translate as translate_module
+
     vocab_t = 9
-    units = torch.tensor([0, 2, vocab_t + 2, vocab_t + 3, -1], dtype=torch.int32)
-    d2ts = torch.tensor([[0, -1], [2, -1], [5, 6], [7, 8], [-1, -1]], dtype=torch.int32)
-    d2ts_len = torch.tensor([1, 1, 2, 2, 0], dtype=torch.int32)
+    relabel = torch.tensor([la, 1, 2 - la, 3, 4])  # old drafter id -> new (identity, or 0 and 2 swapped)
+    old_units = torch.tensor([0, 2, vocab_t + 2, vocab_t + 3, -1])
+    old_units = torch.where(
+        old_units >= vocab_t, vocab_t + relabel[(old_units - vocab_t).clamp_min(0)], old_units
+    )
+    units = torch.empty(5, dtype=torch.int32)
+    units[relabel] = old_units.int()
+    d2ts, d2ts_len = torch.empty(5, 2, dtype=torch.int32), torch.empty(5, dtype=torch.int32)
+    d2ts[relabel] = torch.tensor([[0, -1], [2, -1], [5, 6], [7, 8], [-1, -1]], dtype=torch.int32)
+    d2ts_len[relabel] = torch.tensor([1, 1, 2, 2, 0], dtype=torch.int32)
     full = _empty(16, 3)
-    ngram_insert_reference(*full, torch.tensor([[1, 2, -1], [1, 2, 3], [3, 4, -1]]), torch.tensor([3, 1, 4]),
+    keys = torch.tensor([[1, 2, -1], [1, 2, 3], [3, 4, -1]])
+    ngram_insert_reference(*full, torch.where(keys >= 0, relabel[keys.clamp_min(0)], -1), torch.tensor([3, 1, 4]),
                            torch.ones(3, dtype=torch.int64))  # fmt: skip
     table = full[1:3]
-    drafts = torch.tensor([[0, 1, 2, 3, 4], [2, 0, 3, 3, 0], [2, 2, 2, 4, 0], [4, 0, 0, 0, 0]])
+    drafts = relabel[torch.tensor([[0, 1, 2, 3, 4], [2, 0, 3, 3, 0], [2, 2, 2, 4, 0], [4, 0, 0, 0, 0]])]
     expected = (
         torch.tensor([[0, 1, -1, -1, -1], [5, 6, 0, 7, 8], [5, 6, 5, 6, 5], [-1] * 5]),
         torch.tensor([2, 5, 5, 0]),
@@ -162,6 +175,11 @@ def test_split_tokens_hand_written():
     ids, _, source, span_end = translate_reference(drafts[1:2], units)
     got = split_reference(ids, source, span_end, d2ts, d2ts_len, vocab_t)
     _assert_same(got, tuple(t[1:2] for t in expected))
+    # row 2's only split is 'la': with la_0, its marker is V_t itself, which the CPU shortcut must see
+    only_la = ops.translate(drafts[2:3], units, table=table, splits=(d2ts, d2ts_len, vocab_t))
+    _assert_same(only_la, tuple(t[2:3] for t in expected))
+    monkeypatch.setattr(translate_module, "eager_cpu", lambda tensor: False)  # the general path
+    _assert_same(ops.translate(drafts, units, table=table, splits=(d2ts, d2ts_len, vocab_t)), expected)
 
 
 def test_a_block_without_split_markers_is_its_own_write_out(monkeypatch):
