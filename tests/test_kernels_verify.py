@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omnidraft_fast.kernels import rows
-from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, rules_held
+from omnidraft_fast.kernels.cascade import READ_P1, RULE_IDS, RULES, rules_held
 from omnidraft_fast.kernels.proposal import (
     CrossProposal,
     TargetProposal,
@@ -230,6 +230,51 @@ def test_cross_vocabulary(temperature, separate_t1):
 @pytest.mark.parametrize(("top_k", "top_p"), [(20, 1.0), (0, 0.8), (50, 0.9)])
 def test_top_k_top_p(top_k, top_p):
     _check(_case(3, 2, 300, 0.7, seed=top_k, offset=top_k % 7, top_k=top_k, top_p=top_p))
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(1, 1.0), (0, 0.5)])
+def test_filters_at_temperature_one(top_k, top_p):
+    """At T = 1 with top-k or top-p, the law verified is filtered but the rules' p1 stays the unfiltered
+    softmax (the reference reuses p as p1 only where nothing is filtered): every rule reading p1."""
+    case = _case(10, 2, 300, 1.0, seed=31, offset=4, top_k=top_k, top_p=top_p)  # diff .. token_v3
+    assert set(case["rule"].tolist()) >= READ_P1
+    _check(case)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 1, 1.0), (1.0, 10, 1.0), (1.0, 0, 0.05), (0.05, 0, 1.0)]
+)
+def test_rules_read_the_unfiltered_t1_softmax(temperature, top_k, top_p):
+    """diff at alpha 0 keeps a draft where max q1 >= max p1, p1 the unfiltered T = 1 softmax (about 0.1 here,
+    q1's max about 0.5), even where the law verified (filtered, or at a low temperature) is close to a point
+    mass, whose max would defer every position."""
+    generator = torch.Generator().manual_seed(4)
+    batch, k, vocab = 4, 3, 50
+    logits = torch.randn(batch, k + 1, vocab, generator=generator) * 0.5
+    q = (torch.randn(batch, k, vocab, generator=generator) * 3).softmax(-1)
+    drafts = q.argmax(-1)
+    assert (q.amax(-1) > logits[:, :k].softmax(-1).amax(-1)).all()
+    noise = torch.empty(batch, vocab).exponential_(generator=generator)
+    out = ops.verify(logits, drafts, q, torch.rand(batch, k, generator=generator), noise, temperature=temperature,
+                     top_k=top_k, top_p=top_p, rule=torch.full((batch,), RULES.index("diff")),
+                     alpha=torch.zeros(batch))  # fmt: skip
+    assert not out[3].any()  # deferred nowhere
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("rules", ["exact", "mixed"])
+def test_a_token_the_target_never_draws_is_rejected_at_a_zero_uniform(temperature, rules):
+    """a_j = 0 rejects even at u_j = 0 (the accept test is u < a): a draft the (filtered) target gives no
+    probability never passes, in kernel and reference (the greedy exact path's shortcut too)."""
+    case = _case(3, 2, 300, temperature, seed=12, top_k=5)
+    case["uniforms"].zero_()
+    if rules == "exact":  # every row exact: the reference takes its shortcuts
+        case["rule"], case["alpha"] = torch.zeros_like(case["rule"]), torch.zeros_like(case["alpha"])
+    for num_accepted, _, accept, _, _ in (_check(case), _reference(case)):
+        zero = (accept == 0) & (case["draft_ids"] >= 0)
+        assert zero.any()
+        first_zero = torch.where(zero, torch.arange(2), 2).amin(-1)
+        assert (num_accepted <= first_zero).all()
 
 
 def test_fp16_logits_and_separate_t1():
