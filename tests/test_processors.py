@@ -67,6 +67,10 @@ CASES = {
         "bad_words_ids": [_first_new(plain, prompt, count=2), _first_new(plain, prompt, row=2, count=3)],
         "repetition_penalty": 1.1,
     },
+    # one word of three tokens: a table of one sequence two tokens wide (its rows and its width differ)
+    "bad_words_ids, one longer word": lambda plain, prompt: {
+        "bad_words_ids": [_first_new(plain, prompt, row=1, count=3)],
+    },
     "suppress_tokens": lambda plain, prompt: {"suppress_tokens": _first_new(plain, prompt, row=1, count=2)},
     "begin_suppress_tokens": lambda plain, prompt: {"begin_suppress_tokens": _first_new(plain, prompt)},
     "forced_eos_token_id": lambda plain, prompt: {"forced_eos_token_id": [7, 9]},
@@ -235,6 +239,61 @@ def test_scores_are_transformers_processed_scores(pair):
         if step < 6:
             assert (score[:, 2] == -math.inf).all()  # EOS held back by min_new_tokens
         done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
+def test_prompt_options_scores_are_transformers_processed_scores(pair):
+    """encoder_repetition_penalty and encoder_no_repeat_ngram_size read the prompt as given and nothing else:
+    scores equal transformers' on prompts without padding (the dummy slot before a prompt, id 0, is none of
+    its tokens) and on a prompt narrower than the n-gram (it has no n-gram to continue, even where the new
+    tokens repeat its own)."""
+    target, _ = pair
+    cases = (
+        (torch.tensor([[5, 9, 13, 5], [7, 7, 1, 20]]), {"encoder_repetition_penalty": 2.5}),
+        (torch.tensor([[0, 0], [0, 5]]), {"encoder_no_repeat_ngram_size": 3}),
+    )
+    for ids, options in cases:
+        kwargs = dict(max_new_tokens=NEW, eos_token_id=2, pad_token_id=1, return_dict_in_generate=True,
+                      output_scores=True, **options)  # fmt: skip
+        expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+        out = _engine(pair).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        assert torch.equal(out.sequences, expected.sequences), options
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+            done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
+def test_an_eos_id_past_the_vocabulary(pair):
+    """An EOS id with no logit (a tokenizer's token past the model's vocabulary) is left out of the minimum's
+    EOS mask, as transformers leaves it: the output is transformers'."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    eos = int(target.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)[0, -1])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=[eos, VOCAB], pad_token_id=0)
+    expected = target.generate(ids, min_new_tokens=9, **kwargs)
+    assert not torch.equal(expected, target.generate(ids, **kwargs))  # the minimum held an EOS back
+    assert torch.equal(_engine(pair).generate(ids, min_new_tokens=9, **kwargs), expected)
+
+
+def test_finished_rows_are_not_processed(pair):
+    """The caller's Python runs at the positions of rows still generating: a row that committed its EOS is not
+    called again (transformers goes on calling it, its EOS then padding). A ``prefix_allowed_tokens_fn`` that
+    allows nothing after an EOS (refused at a committed context) serves the request here, with transformers'
+    output for one that allows everything there."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    width = ids.shape[1]
+    eos = int(target.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)[0, -1])
+
+    def allowed(after_eos: list[int]):
+        return lambda batch_id, sent: after_eos if eos in sent[width:].tolist() else list(range(VOCAB))
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    expected = target.generate(ids, prefix_allowed_tokens_fn=allowed(list(range(VOCAB))), **kwargs)
+    new = expected[:, width:]
+    assert (new[0, :-2] == eos).any() and not (new[1:] == eos).any()  # row 0 ends rounds before the others
+    out = _engine(pair).generate(ids, prefix_allowed_tokens_fn=allowed([]), **kwargs)
+    assert torch.equal(out, expected)
 
 
 ROWS = 8000
@@ -543,6 +602,7 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
     from transformers.generation.logits_process import (
         InfNanRemoveLogitsProcessor,
         MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
         SequenceBiasLogitsProcessor,
         SuppressTokensLogitsProcessor,
     )
@@ -558,6 +618,16 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
             [SuppressTokensLogitsProcessor([7]), penalty],
         ),
         ({"min_new_tokens": 4}, [MinLengthLogitsProcessor(ids.shape[1] + 6, eos)]),  # min_new_tokens stays
+        # a weaker minimum in min_length's slot: min_new_tokens' own processor still holds EOS back to 6
+        ({"min_new_tokens": 6}, [MinLengthLogitsProcessor(ids.shape[1] + 2, eos)]),
+        # both slots the caller's: its 3 new tokens hold, not the request's 6
+        (
+            {"min_new_tokens": 6},
+            [
+                MinLengthLogitsProcessor(ids.shape[1] + 1, eos),
+                MinNewTokensLengthLogitsProcessor(ids.shape[1], 3, eos),
+            ],
+        ),
         ({"sequence_bias": {(9,): 4.0}}, [penalty, SequenceBiasLogitsProcessor({(9,): -4.0}), penalty]),
         (
             {"remove_invalid_values": True, "repetition_penalty": 1.3},
