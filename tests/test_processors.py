@@ -161,6 +161,56 @@ def test_forced_bos_on_a_one_token_prompt(pair):
     assert torch.equal(_engine(pair).generate(longer, **kwargs), target.generate(longer, **kwargs))
 
 
+def test_a_sequence_whose_prefix_is_the_whole_context(pair):
+    """A biased (or bad) sequence whose prefix is every token before the position, from the first prompt
+    token on (a one-token prompt), applies there, at the first new token; one whose prefix is longer than the
+    context does not (the context read from its first token on, repeated before it, would match it)."""
+    target, _ = pair
+    ids = torch.tensor([[17], [30]])
+    kwargs = dict(max_new_tokens=6, pad_token_id=0)
+    plain = target.generate(ids, **kwargs)
+    first = plain[:, 1].tolist()
+    for options, applies in (
+        ({"bad_words_ids": [[17, first[0]]]}, True),
+        # beside a longer one: the table is two tokens wide, its column before the first token any token
+        ({"sequence_bias": {(30, first[1]): -20.0, (17, 30, 3): 1.0}}, True),
+        ({"bad_words_ids": [[17, 17, first[0]]]}, False),
+    ):
+        expected = target.generate(ids, **kwargs, **options)
+        assert torch.equal(expected[:, 1], plain[:, 1]) != applies, options
+        assert torch.equal(_engine(pair).generate(ids, **kwargs, **options), expected), options
+
+
+def test_half_precision_logits_are_processed_in_fp32():
+    """A half-precision target's logits are processed in fp32, as transformers processes its scores (upcast
+    first): the result is fp32 and bit for bit that of the upcast logits (a penalty's quotient is not rounded
+    to bf16)."""
+    from omnidraft_fast.config import SamplingParams
+    from omnidraft_fast.processing import Processing
+    from omnidraft_fast.processors import Processors
+
+    generator = torch.Generator().manual_seed(0)
+    batch, prompt, n = 2, 5, 3
+    tokens = torch.zeros(batch, 1 + prompt + 8, dtype=torch.int64)  # slot 0: the dummy
+    tokens[:, 1 : 1 + prompt] = torch.randint(0, VOCAB, (batch, prompt), generator=generator)
+    processors = Processors(
+        Processing(repetition_penalty=1.3, encoder_repetition_penalty=0.7),
+        sampling=SamplingParams(),
+        eos_ids=torch.tensor([2]),
+        tokens=tokens,
+        start=torch.ones(batch, dtype=torch.int64),
+        prompt=prompt,
+        vocab=VOCAB,
+        max_new_tokens=8,
+    )
+    logits = (4 * torch.randn(batch, n, VOCAB, generator=generator)).bfloat16()
+    proposal = torch.randint(0, VOCAB, (batch, n - 1), generator=generator)
+    generated, active = torch.zeros(batch, dtype=torch.int64), torch.ones(batch, dtype=torch.bool)
+    out = processors(logits, proposal, generated, active)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, processors(logits.float(), proposal, generated, active))
+
+
 def test_forced_tokens_all_suppressed_refused(pair):
     """Forcing only suppressed tokens leaves no token at the forcing step: refused before any work, naming
     both options (as transformers' GenerationConfig.validate() refuses it); a partial overlap runs."""
@@ -593,6 +643,26 @@ def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
     ):
         engine.generate(ids, **kwargs, prefix_allowed_tokens_fn=lambda batch_id, sent: [])
     assert torch.equal(engine.generate(ids, **kwargs), plain)
+
+
+def test_callers_processor_leaves_the_raw_logits(pair):
+    """The caller's processor alone (the first step of the processing) works on a copy: the logits a request
+    returns are the target's raw ones and its scores the processed ones, each transformers'."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=2, pad_token_id=0, do_sample=False,
+                  logits_processor=LogitsProcessorList([_NoSuccessor()]), return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)  # fmt: skip
+    expected = target.generate(ids, **kwargs)
+    out = _engine(pair).generate(ids, **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for step, (ours, theirs) in enumerate(zip(out.logits, expected.logits, strict=True)):
+        torch.testing.assert_close(ours[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out.scores[step][~done], expected.scores[step][~done], atol=1e-4, rtol=1e-4
+        )
+        done |= expected.sequences[:, ids.shape[1] + step] == 2
 
 
 def test_callers_processor_takes_the_place_of_its_class(pair):
