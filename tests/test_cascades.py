@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import left_padded_prompts, tiny_model
-from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, cascade_target_reference
+from omnidraft_fast.kernels.cascade import RULE_IDS, RULES, cascade_target_reference, rules_held
 
 import omnidraft_fast
 from omnidraft_fast import CascadeConfig, EngineConfig, SpeculativeEngine, ops
@@ -81,6 +81,41 @@ def test_first_token_follows_the_cascade_target(rule, alpha, pair):
     assert torch.equal(deferred[:, 0], ~torch.tensor(keep)[drafts[:, 0]])
 
 
+# Equal maxima (0.5 each, q != p): each rule's bound is met with equality at alpha 0 (chow: at 0.5).
+TIES = ([0.5, 0.3, 0.2], [0.2, 0.3, 0.5])
+TIE_CASES = [
+    ("chow", 0.5),
+    ("diff", 0.0),
+    ("opt", 0.0),
+    ("token_v1", 0.0),
+    ("token_v2", 0.0),
+    ("token_v3", 0.0),
+]
+
+
+@pytest.mark.parametrize(("rule", "alpha", "pair"), CASES + [(r, a, "ties") for r, a in TIE_CASES])
+def test_cascade_target_is_the_hand_written_one(rule, alpha, pair):
+    """pi (a distribution) and the kept set of each rule, as SPEC §3 writes them (``_hand_pi``), for the general
+    path and the one told the rule: a bound met with equality keeps (mixture rules defer where max q1 is
+    strictly below it; token rules keep a token at it), and lossy's residual is normalised."""
+    q_list, p_list = TIES if pair == "ties" else PAIRS[pair]
+    want_pi, want_keep = _hand_pi(rule, alpha, q_list, p_list)
+    q, p = torch.tensor([q_list]), torch.tensor([p_list])
+    rule_id, alpha_t = torch.tensor([RULES.index(rule)]), torch.tensor([alpha])
+    for rules in (None, {RULES.index(rule)}):
+        pi, keep = cascade_target_reference(q, p, q, p, rule_id, alpha_t, rules)
+        torch.testing.assert_close(pi[0], torch.tensor(want_pi), atol=1e-6, rtol=1e-6)
+        assert keep.expand_as(q)[0].tolist() == want_keep, rules
+    if pair == "ties":
+        assert any(want_keep) and want_pi != p_list  # the tie keeps, which changes pi
+
+
+def test_rules_held_are_read_off_a_cpu_tensor():
+    """On the CPU, reading a request's rules costs nothing: ``rules_held`` gives the ids it holds (so that
+    only their quantities are computed)."""
+    assert rules_held(torch.tensor([5, 1, 5, 0])) == frozenset({0, 1, 5})
+
+
 def test_rule_statistics_use_the_t1_distributions():
     """Greedy: q and p are one-hot, yet chow decides on the T=1 max q (0.9 here: no deferral at alpha 0.2)."""
     logits_q = torch.tensor([[[0.0, 4.0, 0.0, 0.0]]])
@@ -139,8 +174,8 @@ def test_token_rules_at_a_negative_alpha_defer_everything():
 ALPHAS = [-1.0, -5e-8, -1e-9, 0.0, 0.05, 0.3, 0.6, 0.9, 1.0, 3.0]
 
 
-@pytest.mark.parametrize("held", [[r] for r in RULES] + [["exact", "chow", "token_v2", "lossy"],
-                                                          ["diff", "opt"], ["token_v1", "token_v3", "lossy"]])  # fmt: skip
+@pytest.mark.parametrize("held", [[r] for r in RULES] + [["exact", "chow", "token_v2", "lossy"], ["diff", "opt"],
+                                                          ["token_v1", "token_v3", "lossy"], ["exact", "token_v1"]])  # fmt: skip
 def test_rules_held_compute_only_theirs(held):
     """Told the rules its positions hold, cascade_target_reference computes only theirs (one rule: no
     selection per position, and no q1/p1 where the rule reads none): bit for bit the pi and keep of the

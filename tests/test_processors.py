@@ -67,6 +67,10 @@ CASES = {
         "bad_words_ids": [_first_new(plain, prompt, count=2), _first_new(plain, prompt, row=2, count=3)],
         "repetition_penalty": 1.1,
     },
+    # one word of three tokens: a table of one sequence two tokens wide (its rows and its width differ)
+    "bad_words_ids, one longer word": lambda plain, prompt: {
+        "bad_words_ids": [_first_new(plain, prompt, row=1, count=3)],
+    },
     "suppress_tokens": lambda plain, prompt: {"suppress_tokens": _first_new(plain, prompt, row=1, count=2)},
     "begin_suppress_tokens": lambda plain, prompt: {"begin_suppress_tokens": _first_new(plain, prompt)},
     "forced_eos_token_id": lambda plain, prompt: {"forced_eos_token_id": [7, 9]},
@@ -157,6 +161,56 @@ def test_forced_bos_on_a_one_token_prompt(pair):
     assert torch.equal(_engine(pair).generate(longer, **kwargs), target.generate(longer, **kwargs))
 
 
+def test_a_sequence_whose_prefix_is_the_whole_context(pair):
+    """A biased (or bad) sequence whose prefix is every token before the position, from the first prompt
+    token on (a one-token prompt), applies there, at the first new token; one whose prefix is longer than the
+    context does not (the context read from its first token on, repeated before it, would match it)."""
+    target, _ = pair
+    ids = torch.tensor([[17], [30]])
+    kwargs = dict(max_new_tokens=6, pad_token_id=0)
+    plain = target.generate(ids, **kwargs)
+    first = plain[:, 1].tolist()
+    for options, applies in (
+        ({"bad_words_ids": [[17, first[0]]]}, True),
+        # beside a longer one: the table is two tokens wide, its column before the first token any token
+        ({"sequence_bias": {(30, first[1]): -20.0, (17, 30, 3): 1.0}}, True),
+        ({"bad_words_ids": [[17, 17, first[0]]]}, False),
+    ):
+        expected = target.generate(ids, **kwargs, **options)
+        assert torch.equal(expected[:, 1], plain[:, 1]) != applies, options
+        assert torch.equal(_engine(pair).generate(ids, **kwargs, **options), expected), options
+
+
+def test_half_precision_logits_are_processed_in_fp32():
+    """A half-precision target's logits are processed in fp32, as transformers processes its scores (upcast
+    first): the result is fp32 and bit for bit that of the upcast logits (a penalty's quotient is not rounded
+    to bf16)."""
+    from omnidraft_fast.config import SamplingParams
+    from omnidraft_fast.processing import Processing
+    from omnidraft_fast.processors import Processors
+
+    generator = torch.Generator().manual_seed(0)
+    batch, prompt, n = 2, 5, 3
+    tokens = torch.zeros(batch, 1 + prompt + 8, dtype=torch.int64)  # slot 0: the dummy
+    tokens[:, 1 : 1 + prompt] = torch.randint(0, VOCAB, (batch, prompt), generator=generator)
+    processors = Processors(
+        Processing(repetition_penalty=1.3, encoder_repetition_penalty=0.7),
+        sampling=SamplingParams(),
+        eos_ids=torch.tensor([2]),
+        tokens=tokens,
+        start=torch.ones(batch, dtype=torch.int64),
+        prompt=prompt,
+        vocab=VOCAB,
+        max_new_tokens=8,
+    )
+    logits = (4 * torch.randn(batch, n, VOCAB, generator=generator)).bfloat16()
+    proposal = torch.randint(0, VOCAB, (batch, n - 1), generator=generator)
+    generated, active = torch.zeros(batch, dtype=torch.int64), torch.ones(batch, dtype=torch.bool)
+    out = processors(logits, proposal, generated, active)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, processors(logits.float(), proposal, generated, active))
+
+
 def test_forced_tokens_all_suppressed_refused(pair):
     """Forcing only suppressed tokens leaves no token at the forcing step: refused before any work, naming
     both options (as transformers' GenerationConfig.validate() refuses it); a partial overlap runs."""
@@ -235,6 +289,61 @@ def test_scores_are_transformers_processed_scores(pair):
         if step < 6:
             assert (score[:, 2] == -math.inf).all()  # EOS held back by min_new_tokens
         done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
+def test_prompt_options_scores_are_transformers_processed_scores(pair):
+    """encoder_repetition_penalty and encoder_no_repeat_ngram_size read the prompt as given and nothing else:
+    scores equal transformers' on prompts without padding (the dummy slot before a prompt, id 0, is none of
+    its tokens) and on a prompt narrower than the n-gram (it has no n-gram to continue, even where the new
+    tokens repeat its own)."""
+    target, _ = pair
+    cases = (
+        (torch.tensor([[5, 9, 13, 5], [7, 7, 1, 20]]), {"encoder_repetition_penalty": 2.5}),
+        (torch.tensor([[0, 0], [0, 5]]), {"encoder_no_repeat_ngram_size": 3}),
+    )
+    for ids, options in cases:
+        kwargs = dict(max_new_tokens=NEW, eos_token_id=2, pad_token_id=1, return_dict_in_generate=True,
+                      output_scores=True, **options)  # fmt: skip
+        expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+        out = _engine(pair).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        assert torch.equal(out.sequences, expected.sequences), options
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+            done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
+def test_an_eos_id_past_the_vocabulary(pair):
+    """An EOS id with no logit (a tokenizer's token past the model's vocabulary) is left out of the minimum's
+    EOS mask, as transformers leaves it: the output is transformers'."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    eos = int(target.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)[0, -1])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=[eos, VOCAB], pad_token_id=0)
+    expected = target.generate(ids, min_new_tokens=9, **kwargs)
+    assert not torch.equal(expected, target.generate(ids, **kwargs))  # the minimum held an EOS back
+    assert torch.equal(_engine(pair).generate(ids, min_new_tokens=9, **kwargs), expected)
+
+
+def test_finished_rows_are_not_processed(pair):
+    """The caller's Python runs at the positions of rows still generating: a row that committed its EOS is not
+    called again (transformers goes on calling it, its EOS then padding). A ``prefix_allowed_tokens_fn`` that
+    allows nothing after an EOS (refused at a committed context) serves the request here, with transformers'
+    output for one that allows everything there."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    width = ids.shape[1]
+    eos = int(target.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)[0, -1])
+
+    def allowed(after_eos: list[int]):
+        return lambda batch_id, sent: after_eos if eos in sent[width:].tolist() else list(range(VOCAB))
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    expected = target.generate(ids, prefix_allowed_tokens_fn=allowed(list(range(VOCAB))), **kwargs)
+    new = expected[:, width:]
+    assert (new[0, :-2] == eos).any() and not (new[1:] == eos).any()  # row 0 ends rounds before the others
+    out = _engine(pair).generate(ids, prefix_allowed_tokens_fn=allowed([]), **kwargs)
+    assert torch.equal(out, expected)
 
 
 ROWS = 8000
@@ -536,6 +645,26 @@ def test_callers_logits_processor_and_prefix_fn_as_transformers(pair):
     assert torch.equal(engine.generate(ids, **kwargs), plain)
 
 
+def test_callers_processor_leaves_the_raw_logits(pair):
+    """The caller's processor alone (the first step of the processing) works on a copy: the logits a request
+    returns are the target's raw ones and its scores the processed ones, each transformers'."""
+    target, _ = pair
+    ids, mask = left_padded_prompts(VOCAB, [6, 4, 9], seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=2, pad_token_id=0, do_sample=False,
+                  logits_processor=LogitsProcessorList([_NoSuccessor()]), return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)  # fmt: skip
+    expected = target.generate(ids, **kwargs)
+    out = _engine(pair).generate(ids, **kwargs)
+    assert torch.equal(out.sequences, expected.sequences)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for step, (ours, theirs) in enumerate(zip(out.logits, expected.logits, strict=True)):
+        torch.testing.assert_close(ours[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out.scores[step][~done], expected.scores[step][~done], atol=1e-4, rtol=1e-4
+        )
+        done |= expected.sequences[:, ids.shape[1] + step] == 2
+
+
 def test_callers_processor_takes_the_place_of_its_class(pair):
     """A caller's processor of a class that the request's options make too takes that one's place, as
     transformers' generate() merges the lists (the caller's "takes precedence"; a repeated object runs
@@ -543,6 +672,7 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
     from transformers.generation.logits_process import (
         InfNanRemoveLogitsProcessor,
         MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
         SequenceBiasLogitsProcessor,
         SuppressTokensLogitsProcessor,
     )
@@ -558,6 +688,16 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
             [SuppressTokensLogitsProcessor([7]), penalty],
         ),
         ({"min_new_tokens": 4}, [MinLengthLogitsProcessor(ids.shape[1] + 6, eos)]),  # min_new_tokens stays
+        # a weaker minimum in min_length's slot: min_new_tokens' own processor still holds EOS back to 6
+        ({"min_new_tokens": 6}, [MinLengthLogitsProcessor(ids.shape[1] + 2, eos)]),
+        # both slots the caller's: its 3 new tokens hold, not the request's 6
+        (
+            {"min_new_tokens": 6},
+            [
+                MinLengthLogitsProcessor(ids.shape[1] + 1, eos),
+                MinNewTokensLengthLogitsProcessor(ids.shape[1], 3, eos),
+            ],
+        ),
         ({"sequence_bias": {(9,): 4.0}}, [penalty, SequenceBiasLogitsProcessor({(9,): -4.0}), penalty]),
         (
             {"remove_invalid_values": True, "repetition_penalty": 1.3},

@@ -9,7 +9,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import omnidraft_fast
 from omnidraft_fast import EngineConfig, SpeculativeEngine
 from omnidraft_fast.bridge import token_bytes
-from omnidraft_fast.stopping import StopStrings
+from omnidraft_fast.stopping import Criteria, Stops, StopStrings
 from omnidraft_fast.zoo import load
 from omnidraft_fast.zoo.data import heldout_prompts
 
@@ -46,6 +46,47 @@ def test_matching_by_hand(zoo):
     assert spanning.first_stop(0, ids[3:]) == next(
         n for n in range(1, len(ids)) if b"e(a" in b"".join(text[: 3 + n])
     )
+
+
+def test_an_occurrence_in_the_context_does_not_stop_a_later_token(zoo):
+    """A stop string shorter than another lies whole in the context kept for the longer one's matches: an
+    occurrence there (in the prompt, here) ends before the new token and stops nothing; one the new tokens
+    complete does."""
+    tokenizer = zoo.target_tokenizer
+    pieces = token_bytes(tokenizer, zoo.target.config.vocab_size).pieces
+    ids = tokenizer("x = compute(a)\\n    return x + 1", add_special_tokens=False).input_ids
+    text = [pieces[i] for i in ids]
+    at = next(n for n in range(1, len(ids) + 1) if b"return" in b"".join(text[:n]))  # the completing token
+    stops = ("return", "a much longer stop string")
+    assert StopStrings(stops, pieces, [ids[:at]]).first_stop(0, ids[at:]) is None
+    assert StopStrings(stops, pieces, [ids[: at - 1]]).first_stop(0, ids[at - 1 :]) == 1
+
+
+def test_id_zero_is_a_token_like_any_other():
+    """Every id with bytes takes part in matches, the first one (id 0) too."""
+    pieces = [b"re", b"tu", b"rn", None]
+    assert StopStrings(("return",), pieces, [[]]).first_stop(0, [0, 1, 2]) == 3
+    assert StopStrings(("return",), pieces, [[0]]).first_stop(0, [1, 2]) == 2  # in the prompt
+    assert StopStrings(("rnre",), pieces, [[2]]).first_stop(0, [0]) == 1
+
+
+def test_the_earliest_stop_of_several_conditions(zoo):
+    """With stop strings and criteria together, a row keeps its tokens through the first that any of them
+    stops at, also where both stop within one round's tokens (each condition alone is the reference)."""
+    tokenizer = zoo.target_tokenizer
+    pieces = token_bytes(tokenizer, zoo.target.config.vocab_size).pieces
+    ids = tokenizer("x = compute(a)\\n    return x + 1", add_special_tokens=False).input_ids
+
+    def strings() -> StopStrings:
+        return StopStrings(("return",), pieces, [ids[:1]])
+
+    def criteria() -> Criteria:
+        return Criteria((_StopAt(ids[3]),), [ids[:1]], torch.device("cpu"))
+
+    by_string, by_criterion = strings().first_stop(0, ids[1:]), criteria().first_stop(0, ids[1:])
+    assert by_string is not None and by_criterion is not None and by_string != by_criterion
+    for checks in ([strings(), criteria()], [criteria(), strings()]):
+        assert Stops(checks).first_stop(0, ids[1:], None) == min(by_string, by_criterion)
 
 
 def test_no_match_spans_an_id_the_tokenizer_does_not_have(zoo):
@@ -147,6 +188,15 @@ def test_stopping_criteria_as_transformers(zoo, batch, config):
         {"stopping_criteria": StoppingCriteriaList([stop_at])},
         {"stopping_criteria": [stop_at], "stop_strings": ["):"], "tokenizer": tokenizer},
         {"stopping_criteria": [_Unsure()], "return_dict_in_generate": True, "output_scores": True},
+        # two criteria: a row stops where either says so; one reading the scores beside stop strings
+        {"stopping_criteria": [_StopAt(int(plain[1, width + 3])), stop_at]},
+        {
+            "stopping_criteria": [_Unsure()],
+            "stop_strings": ["):"],
+            "tokenizer": tokenizer,
+            "return_dict_in_generate": True,
+            "output_scores": True,
+        },
     ):
         expected = zoo.target.generate(**batch, do_sample=False, max_new_tokens=NEW, **kwargs)
         out = engine.generate(**batch, max_new_tokens=NEW, **kwargs)
