@@ -164,7 +164,9 @@ def test_forced_bos_on_a_one_token_prompt(pair):
 def test_a_sequence_whose_prefix_is_the_whole_context(pair):
     """A biased (or bad) sequence whose prefix is every token before the position, from the first prompt
     token on (a one-token prompt), applies there, at the first new token; one whose prefix is longer than the
-    context does not (the context read from its first token on, repeated before it, would match it)."""
+    context does not (the context read from its first token on, repeated before it, would match it). The
+    output is transformers' where it applies such a sequence (5.2x); 5.17 waits for a context as long as the
+    whole sequence (docs/usage.md), so there the first new token alone is checked."""
     target, _ = pair
     ids = torch.tensor([[17], [30]])
     kwargs = dict(max_new_tokens=6, pad_token_id=0)
@@ -176,9 +178,11 @@ def test_a_sequence_whose_prefix_is_the_whole_context(pair):
         ({"sequence_bias": {(30, first[1]): -20.0, (17, 30, 3): 1.0}}, True),
         ({"bad_words_ids": [[17, 17, first[0]]]}, False),
     ):
+        out = _engine(pair).generate(ids, **kwargs, **options)
+        assert torch.equal(out[:, 1], plain[:, 1]) != applies, options
         expected = target.generate(ids, **kwargs, **options)
-        assert torch.equal(expected[:, 1], plain[:, 1]) != applies, options
-        assert torch.equal(_engine(pair).generate(ids, **kwargs, **options), expected), options
+        if not applies or not torch.equal(expected[:, 1], plain[:, 1]):  # transformers applies it too
+            assert torch.equal(out, expected), options
 
 
 def test_half_precision_logits_are_processed_in_fp32():
