@@ -276,6 +276,19 @@ def test_the_minimum_holds_back_an_early_eos(pair):
                                             min_new_tokens=8))  # fmt: skip
 
 
+def _assert_outputs_as_transformers(out, expected, prompt: int, names=("scores",), eos: int = 2):
+    """``out`` (the engine's generate output dict) holds transformers' sequences, and its per-step
+    ``names`` (scores, logits) are transformers' on every row until it has emitted ``eos``."""
+    assert torch.equal(out.sequences, expected.sequences)
+    assert all(len(getattr(out, name)) == len(getattr(expected, name)) for name in names)
+    done = torch.zeros(expected.sequences.shape[0], dtype=torch.bool)
+    for step in range(len(expected.scores)):
+        for name in names:
+            ours, theirs = getattr(out, name)[step], getattr(expected, name)[step]
+            torch.testing.assert_close(ours[~done], theirs[~done], atol=1e-4, rtol=1e-4)
+        done |= expected.sequences[:, prompt + step] == eos
+
+
 def test_scores_are_transformers_processed_scores(pair):
     target, _ = pair
     ids = torch.tensor([[5, 9, 13, 5], [7, 7, 1, 20]])
@@ -283,16 +296,10 @@ def test_scores_are_transformers_processed_scores(pair):
                   return_dict_in_generate=True, output_scores=True, output_logits=True)  # fmt: skip
     expected = target.generate(ids, do_sample=False, **kwargs)
     out = _engine(pair).generate(ids, **kwargs)
-    assert torch.equal(out.sequences, expected.sequences)
-    done = torch.zeros(2, dtype=torch.bool)
-    for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
-        torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(
-            out.logits[step][~done], expected.logits[step][~done], atol=1e-4, rtol=1e-4
-        )
-        if step < 6:
-            assert (score[:, 2] == -math.inf).all()  # EOS held back by min_new_tokens
-        done |= expected.sequences[:, ids.shape[1] + step] == 2
+    _assert_outputs_as_transformers(out, expected, ids.shape[1], names=("scores", "logits"))
+    assert all(
+        (score[:, 2] == -math.inf).all() for score in out.scores[:6]
+    )  # EOS held back by min_new_tokens
 
 
 def test_prompt_options_scores_are_transformers_processed_scores(pair):
@@ -310,11 +317,7 @@ def test_prompt_options_scores_are_transformers_processed_scores(pair):
                       output_scores=True, **options)  # fmt: skip
         expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
         out = _engine(pair).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        assert torch.equal(out.sequences, expected.sequences), options
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
-            torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
-            done |= expected.sequences[:, ids.shape[1] + step] == 2
+        _assert_outputs_as_transformers(out, expected, ids.shape[1])
 
 
 def test_an_eos_id_past_the_vocabulary(pair):
@@ -659,14 +662,7 @@ def test_callers_processor_leaves_the_raw_logits(pair):
                   output_scores=True, output_logits=True)  # fmt: skip
     expected = target.generate(ids, **kwargs)
     out = _engine(pair).generate(ids, **kwargs)
-    assert torch.equal(out.sequences, expected.sequences)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for step, (ours, theirs) in enumerate(zip(out.logits, expected.logits, strict=True)):
-        torch.testing.assert_close(ours[~done], theirs[~done], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(
-            out.scores[step][~done], expected.scores[step][~done], atol=1e-4, rtol=1e-4
-        )
-        done |= expected.sequences[:, ids.shape[1] + step] == 2
+    _assert_outputs_as_transformers(out, expected, ids.shape[1], names=("logits", "scores"))
 
 
 def test_callers_processor_takes_the_place_of_its_class(pair):
@@ -715,11 +711,7 @@ def test_callers_processor_takes_the_place_of_its_class(pair):
         expected = target.generate(ids, logits_processor=LogitsProcessorList(processors), **kwargs)
         with pytest.warns(UserWarning, match=r"`logits_processor` holds a \w+, which `\w+` makes too"):
             out = engine.generate(ids, logits_processor=LogitsProcessorList(processors), **kwargs)
-        assert torch.equal(out.sequences, expected.sequences), options
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for step, (score, theirs) in enumerate(zip(out.scores, expected.scores, strict=True)):
-            torch.testing.assert_close(score[~done], theirs[~done], atol=1e-4, rtol=1e-4)
-            done |= expected.sequences[:, ids.shape[1] + step] == 2
+        _assert_outputs_as_transformers(out, expected, ids.shape[1])
 
 
 def test_prefix_fn_batch_ids_with_copies(pair):
