@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omnidraft_fast.kernels.sampling import sample_reference, sampling_probs_reference
+from omnidraft_fast.kernels.sampling import (
+    nonfinite_rows_reference,
+    sample_reference,
+    sampling_probs_reference,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -113,6 +117,21 @@ def test_rows_that_cannot_be_sampled_and_extreme_top_p():
         for top_p in (1e-6, 0.5, 0.999999):
             _same(logits, 1.0, top_k, top_p)
     _same(logits[:0], 1.0, 0, 0.5)  # no rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_a_sampler_cannot_use(dtype):
+    """nonfinite_rows: a row holding a NaN or a +inf, or whose every entry is -inf (a vocabulary of none
+    too); not a row with some -inf entries (masked tokens) or one finite token."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[0.0, 1.0, -2.0], [0.0, nan, 1.0], [0.0, inf, 1.0], [-inf, -inf, -inf], [-inf, 3.0, -inf],
+            [-inf, nan, -inf], [1e4, -1e4, 0.0]]  # fmt: skip
+    logits = torch.tensor(rows, dtype=dtype)
+    want = [False, True, True, True, False, True, False]
+    assert nonfinite_rows_reference(logits).tolist() == want
+    assert nonfinite_rows_reference(logits.view(7, 1, 3).expand(7, 2, 3)).tolist() == [[w, w] for w in want]
+    assert nonfinite_rows_reference(torch.tensor([[5.0], [-inf]], dtype=dtype)).tolist() == [False, True]
+    assert nonfinite_rows_reference(torch.zeros(2, 0, dtype=dtype)).tolist() == [True, True]
 
 
 def test_strided_and_grad_logits():
