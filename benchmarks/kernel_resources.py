@@ -13,8 +13,8 @@ occupancy tables.
 
     python benchmarks/kernel_resources.py --arch 90 --sms 132 --out DIR   # writes DIR/resources-sm_90.{json,md}
 
-Exit status 77: this Triton has no NVIDIA backend, or no cuobjdump beside it (nothing compiled). ``tests/compile_kernels.py``
-compiles every kernel variant through :func:`compiling` too.
+Exit status 77: this Triton has no NVIDIA backend, or no cuobjdump beside it (nothing compiled).
+``tests/compile_kernels.py`` compiles every kernel variant through :func:`compiling` too.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 def _resources(compiled) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of a compiled kernel, from cuobjdump: its static shared memory
     (on sm_90, 1 KB where the kernel uses shared memory at all, its dynamic window starting past it) and
-    Triton's dynamic; CUDA's occupancy calculator adds the 1 KB the driver reserves a program (``resident``)."""
+    Triton's dynamic; CUDA's occupancy calculator adds the 1 KB the driver reserves a program
+    (``resident``)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
