@@ -236,47 +236,161 @@ def _bad_calls():
         return lambda: ops.ngram_insert(*changed, *valid[len(changed) :])
 
     return [
-        (lambda: ops.sample([[0.0]], None, temperature=0.0), TypeError, "`logits` must be a torch.Tensor, got list"),
-        (lambda: ops.sample(torch.zeros(5), None, temperature=0.0), ValueError, r"`logits` must be 2-D, got shape \(5,\)"),
+        (
+            lambda: ops.sample([[0.0]], None, temperature=0.0),
+            TypeError,
+            "`logits` must be a torch.Tensor, got list",
+        ),
+        (
+            lambda: ops.sample(torch.zeros(5), None, temperature=0.0),
+            ValueError,
+            r"`logits` must be 2-D, got shape \(5,\)",
+        ),
         (lambda: ops.sample(logits.long(), None, temperature=0.0), TypeError, "`logits` must have dtype in"),
-        (lambda: ops.sample(logits, noise.to("meta"), temperature=1.0), ValueError, "`noise` is on meta, expected cpu"),
-        (lambda: ops.sample(logits, torch.ones(2, 4), temperature=1.0), ValueError, r"`noise` must have the shape of `logits` \(2, 5\)"),
-        (lambda: ops.sample(logits, None, temperature=0.0, top_k=-1), ValueError, r"`top_k` must be >= 0 \(0 = off\), got -1"),
-        (lambda: ops.sample(logits, None, temperature=0.0, mask=torch.ones(4, dtype=torch.bool)), ValueError,
-         r"`mask` must have one entry per vocabulary id \(5\), got 4"),
-        (verify(cross=cross._replace(t2d=torch.zeros(4, dtype=i32))), ValueError, "`cross.t2d` must have the target's 5 ids, got 4"),
-        (verify(cross=cross._replace(span_end=torch.ones(2, 2, dtype=i64))), ValueError, r"`cross.span_end` must be \[batch, k\] = \(2, 3\)"),
-        (verify(q=torch.zeros(2, 3, 4)), ValueError, r"`draft_probs` must be \[batch, k, V\] = \(2, 3, 5\), got \(2, 3, 4\)"),
+        (
+            lambda: ops.sample(logits, noise.to("meta"), temperature=1.0),
+            ValueError,
+            "`noise` is on meta, expected cpu",
+        ),
+        (
+            lambda: ops.sample(logits, torch.ones(2, 4), temperature=1.0),
+            ValueError,
+            r"`noise` must have the shape of `logits` \(2, 5\)",
+        ),
+        (
+            lambda: ops.sample(logits, None, temperature=0.0, top_k=-1),
+            ValueError,
+            r"`top_k` must be >= 0 \(0 = off\), got -1",
+        ),
+        (
+            lambda: ops.sample(logits, None, temperature=0.0, mask=torch.ones(4, dtype=torch.bool)),
+            ValueError,
+            r"`mask` must have one entry per vocabulary id \(5\), got 4",
+        ),
+        (
+            verify(cross=cross._replace(t2d=torch.zeros(4, dtype=i32))),
+            ValueError,
+            "`cross.t2d` must have the target's 5 ids, got 4",
+        ),
+        (
+            verify(cross=cross._replace(span_end=torch.ones(2, 2, dtype=i64))),
+            ValueError,
+            r"`cross.span_end` must be \[batch, k\] = \(2, 3\)",
+        ),
+        (
+            verify(q=torch.zeros(2, 3, 4)),
+            ValueError,
+            r"`draft_probs` must be \[batch, k, V\] = \(2, 3, 5\), got \(2, 3, 4\)",
+        ),
         (verify(q=None), ValueError, "`draft_probs` is required unless exact_match=True"),
         (verify(uniforms=torch.zeros(2, 2)), ValueError, r"`uniforms` must be \[batch, k\] = \(2, 3\)"),
         (verify(rule=torch.zeros(2, dtype=i64)), ValueError, "`rule` and `alpha` go together"),
-        (verify(rule=torch.zeros(3, dtype=i64), alpha=torch.zeros(3)), ValueError, r"`rule` and `alpha` must have one entry per row \(2\)"),
-        (verify(temperature=1.0), ValueError, r"`noise` \(\[2, 5\] Exp\(1\) draws\) is required when temperature > 0"),
-        (verify(temperature=1.0, noise=torch.ones(2, 4)), ValueError, r"`noise` must be \[2, 5\], got \[2, 4\]"),
-        (verify(temperature=1.0, q=None, exact_match=True, noise=torch.ones(2, 4, 4)), ValueError, r"`noise` must be \[2, 4, 5\], got \[2, 4, 4\]"),
-        (commit(rows[0], torch.full((3,), 2)), ValueError, r"`lengths` must be \[batch\] = \[2\], got \(3,\)"),
+        (
+            verify(rule=torch.zeros(3, dtype=i64), alpha=torch.zeros(3)),
+            ValueError,
+            r"`rule` and `alpha` must have one entry per row \(2\)",
+        ),
+        (
+            verify(temperature=1.0),
+            ValueError,
+            r"`noise` \(\[2, 5\] Exp\(1\) draws\) is required when temperature > 0",
+        ),
+        (
+            verify(temperature=1.0, noise=torch.ones(2, 4)),
+            ValueError,
+            r"`noise` must be \[2, 5\], got \[2, 4\]",
+        ),
+        (
+            verify(temperature=1.0, q=None, exact_match=True, noise=torch.ones(2, 4, 4)),
+            ValueError,
+            r"`noise` must be \[2, 4, 5\], got \[2, 4, 4\]",
+        ),
+        (
+            commit(rows[0], torch.full((3,), 2)),
+            ValueError,
+            r"`lengths` must be \[batch\] = \[2\], got \(3,\)",
+        ),
         (commit(*rows, torch.zeros(2, 3, dtype=i32)), TypeError, "`output_tokens` must have dtype in"),
         (commit(max_new_tokens=0), ValueError, "`max_new_tokens` must be >= 1, got 0"),
-        (lambda: ops.nonfinite_rows(torch.zeros(2, 3, dtype=i64)), TypeError, "`logits` must be a floating-point"),
-        (lambda: ops.translate(drafts, torch.zeros(6, dtype=i32), drafted=torch.ones(3, dtype=i64)), ValueError,
-         r"`drafted` must have 2 rows, got \(3,\)"),
-        (lambda: ops.translate(drafts, torch.zeros(6, dtype=i32), table=(key_ids.to("meta"), values.to("meta"))),
-         ValueError, "the n-gram table is on meta, the drafts on cpu"),
-        (lambda: ops.commit_drafter(rows[0], rows[1], drafts, torch.zeros(2, dtype=i64), torch.zeros(2, 1, dtype=i64),
-                                    torch.zeros(3, dtype=i64), rows[3]), ValueError, r"`spelling_len` must have 2 rows, got \(3,\)"),
-        (lambda: ops.lookup(rows[0], rows[1], torch.zeros(3, dtype=i64), 2, 2), ValueError, r"`lengths` must be \[batch\] = \[2\]"),
+        (
+            lambda: ops.nonfinite_rows(torch.zeros(2, 3, dtype=i64)),
+            TypeError,
+            "`logits` must be a floating-point",
+        ),
+        (
+            lambda: ops.translate(drafts, torch.zeros(6, dtype=i32), drafted=torch.ones(3, dtype=i64)),
+            ValueError,
+            r"`drafted` must have 2 rows, got \(3,\)",
+        ),
+        (
+            lambda: ops.translate(
+                drafts, torch.zeros(6, dtype=i32), table=(key_ids.to("meta"), values.to("meta"))
+            ),
+            ValueError,
+            "the n-gram table is on meta, the drafts on cpu",
+        ),
+        (
+            lambda: ops.commit_drafter(
+                rows[0],
+                rows[1],
+                drafts,
+                torch.zeros(2, dtype=i64),
+                torch.zeros(2, 1, dtype=i64),
+                torch.zeros(3, dtype=i64),
+                rows[3],
+            ),
+            ValueError,
+            r"`spelling_len` must have 2 rows, got \(3,\)",
+        ),
+        (
+            lambda: ops.lookup(rows[0], rows[1], torch.zeros(3, dtype=i64), 2, 2),
+            ValueError,
+            r"`lengths` must be \[batch\] = \[2\]",
+        ),
         (lambda: ops.lookup(rows[0], rows[1], rows[1], 0, 2), ValueError, "`k` must be an int >= 1, got 0"),
-        (lambda: ops.lookup(rows[0], rows[1], rows[1], 2, True), ValueError, "`max_ngram` must be an int >= 1, got True"),
-        (lambda: ops.lookup(torch.zeros(2, 0, dtype=i64), rows[1], rows[1], 2, 2), ValueError, "`tokens` must have at least one slot"),
-        (lambda: ops.ngram_lookup(key_ids.t().contiguous().t(), values, keys), ValueError, "must be contiguous"),
-        (lambda: ops.ngram_lookup(key_ids, values, torch.zeros(2, 4, dtype=i64)), ValueError,
-         r"`queries` must have 3 columns \(the table's N\), got 4"),
-        (insert(torch.zeros(16, dtype=i64)[::2]), ValueError, r"`hashes` must be contiguous with one entry per slot \(8\)"),
-        (insert(hashes, key_ids, values, torch.zeros(7, dtype=i64)), ValueError, r"`counts` must be contiguous with one entry per slot"),
-        (insert(hashes, key_ids, values, counts, torch.zeros(2, 4, dtype=i64)), ValueError, r"`keys` must have 3 columns"),
-        (insert(hashes, key_ids, values, counts, keys, torch.zeros(2, dtype=i64), torch.ones(3, dtype=i64)), ValueError,
-         r"`hits` must have one entry per key \(2\), got 3"),
-    ]  # fmt: skip
+        (
+            lambda: ops.lookup(rows[0], rows[1], rows[1], 2, True),
+            ValueError,
+            "`max_ngram` must be an int >= 1, got True",
+        ),
+        (
+            lambda: ops.lookup(torch.zeros(2, 0, dtype=i64), rows[1], rows[1], 2, 2),
+            ValueError,
+            "`tokens` must have at least one slot",
+        ),
+        (
+            lambda: ops.ngram_lookup(key_ids.t().contiguous().t(), values, keys),
+            ValueError,
+            "must be contiguous",
+        ),
+        (
+            lambda: ops.ngram_lookup(key_ids, values, torch.zeros(2, 4, dtype=i64)),
+            ValueError,
+            r"`queries` must have 3 columns \(the table's N\), got 4",
+        ),
+        (
+            insert(torch.zeros(16, dtype=i64)[::2]),
+            ValueError,
+            r"`hashes` must be contiguous with one entry per slot \(8\)",
+        ),
+        (
+            insert(hashes, key_ids, values, torch.zeros(7, dtype=i64)),
+            ValueError,
+            r"`counts` must be contiguous with one entry per slot",
+        ),
+        (
+            insert(hashes, key_ids, values, counts, torch.zeros(2, 4, dtype=i64)),
+            ValueError,
+            r"`keys` must have 3 columns",
+        ),
+        (
+            insert(
+                hashes, key_ids, values, counts, keys, torch.zeros(2, dtype=i64), torch.ones(3, dtype=i64)
+            ),
+            ValueError,
+            r"`hits` must have one entry per key \(2\), got 3",
+        ),
+    ]
 
 
 @pytest.mark.parametrize("index", range(len(_bad_calls())))
