@@ -22,7 +22,12 @@ not in ``A`` (always, for exact and lossy). A position with nothing proposed
 (``y_j = -1``) is a rejection. Where the draft ended, ``q_j = 0``, so its residual is ``pi_j``. Where
 it stopped at a drafted token with no target token, ``q_j`` is the drafter's law there
 (``kernels/proposal.py``), whose missing mass is that of the drafter's tokens with no target token: the
-residual against it keeps speculative sampling exact.
+residual against it keeps speculative sampling exact. With ``support_only`` (a cascade across vocabularies under
+logits processing), ``q_j`` and ``q1_j`` count only on the tokens whose target logits at ``j`` are finite
+(the processors' support): the proposal's mass elsewhere (a merged or split-piece token, or a twin, that a
+processor forbids) is treated as nothing proposed, so a draft there is rejected and deferred, and the rules
+defer that mass to the target as at a stop. The output then follows ``pi`` of the restricted ``q``, which
+keeps no token the processors forbid; exact rows are unchanged (``pi = p`` is 0 there).
 
 Verification by exact match, which needs no ``q`` (lossless for any proposal), is ``match.py``.
 
@@ -36,7 +41,7 @@ position's vocabulary is split over ``splits`` programs (``~ 4 SMs / (batch (k+1
    greedy), plus a NaN/+inf count; with top-k/top-p, ``thresholds.py``'s threshold passes on these partials.
 2. ``_sums_kernel`` (grid ``[batch k, splits]``; returns at once for exact rows): the chunk's TV, ``q(V)``,
    ``q(A)``, ``sum min(q, p/s)``, ``sum (p - s q)+`` and ``max q1`` (logits read only where the rule needs
-   ``p``, ``q1`` only where it needs ``q1``).
+   ``p`` or, with ``support_only``, the support; ``q1`` only where it needs ``q1``).
 3. ``_draw_kernel`` (grid ``[batch, draws]``): every program combines the partials of its row's ``k+1``
    positions at once (vectors over positions), computes ``pi_j(y_j)``, ``a_j``, the deferral flags and the
    accept scan (program 0 writes them), then races ``max(0, pi_j* - q_j*)`` and ``pi_j*`` over its chunk of
@@ -101,6 +106,7 @@ def verify_reference(
     cross: CrossProposal | None = None,
     *,
     rules: Collection[int] | None = None,
+    support_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``num_accepted`` [batch], ``output_tokens`` [batch, k+1] (-1 padded), ``accept_probs``
     [batch, k] (the ``a_j``), ``deferred`` [batch, k] bool and ``invalid`` [batch, k+1] (positions with unusable
@@ -110,7 +116,9 @@ def verify_reference(
     ``kernels/proposal.py`` defines: densely where a deferral rule reads whole rows, else (exact) only at the
     drafts and at the stop position, as the kernel reads them. ``rules`` is the set of rule ids ``rule`` holds
     (a promise, as in ``cascade_target_reference``; only their quantities are computed); None: read off
-    ``rule`` where that costs nothing (``rules_held``), else any. Neither changes a bit of the outputs."""
+    ``rule`` where that costs nothing (``rules_held``), else any. Neither changes a bit of the outputs.
+    ``support_only``: ``q`` (and ``q1``) count only where the target's logits at the position are finite
+    (module docstring)."""
     batch, k = draft_ids.shape
     proposed = draft_ids >= 0
     safe_ids = draft_ids.clamp_min(0)[..., None]
@@ -122,12 +130,16 @@ def verify_reference(
         if rules == {0} and not (temperature == 0.0 and target_logits.dtype == torch.float64):
             rule = alpha = None
     dense = cross is None or rule is not None  # deferral rules read whole rows of q'
+    # Outside the target's support (support_only): no proposal mass (exact rows read none of it: pi = p is 0 there).
+    outside = target_logits[:, :k].isneginf() if support_only and rule is not None else None
     if not dense:  # q' read at the drafts, then at the stop position, from one set of span terms
         proposal = TargetProposal(q, draft_ids, cross)
         q_y = torch.where(proposed, proposal.at_drafts(), 0.0)
     else:
         if cross is not None:
             q = target_proposal_reference(q, draft_ids, cross)
+        if outside is not None:
+            q = q.masked_fill(outside, 0.0)
         q_y = torch.where(proposed, q.gather(-1, safe_ids)[..., 0], 0.0)  # [batch, k]
     if rule is None and temperature == 0.0:
         # Greedy and exact: p is one-hot at the argmax z, so a_j = 1 when y_j = z_j and q gave y_j mass
@@ -148,6 +160,8 @@ def verify_reference(
             q1 = None  # no rule reads it
         elif q1 is not None and cross is not None:
             q1 = target_proposal_reference(q1, draft_ids, cross._replace(path=cross.path_t1))
+        if q1 is not None and outside is not None:
+            q1 = q1.masked_fill(outside, 0.0)
         p1 = None
         if rules is None or rules & READ_P1:
             unwarped = temperature == 1.0 and not 0 < top_k < p.shape[-1] and top_p >= 1.0
@@ -162,7 +176,10 @@ def verify_reference(
             alpha[:, None].expand(batch, k),
             rules,
         )  # [batch, k, V_t]
-        deferred = ~keep.gather(-1, safe_ids)[..., 0] & proposed
+        kept_y = keep.gather(-1, safe_ids)[..., 0]
+        if outside is not None:  # a draft outside the support is not kept, whatever the rule's set
+            kept_y = kept_y & ~outside.gather(-1, safe_ids)[..., 0]
+        deferred = ~kept_y & proposed
     pi_y = pi.gather(-1, safe_ids)[..., 0]  # read where q_y > 0 only: proposed positions
     ratio = pi_y / q_y.clamp_min(torch.finfo(torch.float32).tiny)
     accept_probs = torch.where(q_y > 0, ratio, 0.0).clamp(max=1.0)
@@ -295,6 +312,7 @@ def _sums_kernel(
     FILTERED: tl.constexpr,
     CROSS: tl.constexpr,
     SEPARATE_Q1: tl.constexpr,
+    SUPPORT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pos = tl.program_id(0).to(tl.int64)
@@ -336,6 +354,8 @@ def _sums_kernel(
         begin = (split * chunk).to(tl.int64)
         end = tl.minimum(begin + chunk, vocab)
         end_p = tl.where((rule == 3) | (rule >= 5), end, begin)  # loads past end_p are skipped: p unused
+        if SUPPORT:  # the logits bound q's support
+            end_p = end
         end_q1 = tl.where(rule <= 4, end, begin)
         max_p1 = 1.0 / z1
         scale = tl.maximum(1 - alpha, TINY)
@@ -349,6 +369,9 @@ def _sums_kernel(
             q1 = q
             if SEPARATE_Q1:
                 q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_id, first, mass1, kind, CROSS)
+            if SUPPORT:
+                q = tl.where(x == float("-inf"), 0.0, q)
+                q1 = tl.where(x == float("-inf"), 0.0, q1)
             kept = kept_set(rule, alpha, False, q1, p1, max_p1)
             tv += tl.sum(tl.maximum(q - p, 0.0), 0)
             sum_q += tl.sum(q, 0)
@@ -412,6 +435,7 @@ def _draw_kernel(
     FILTERED: tl.constexpr,
     CROSS: tl.constexpr,
     SEPARATE_Q1: tl.constexpr,
+    SUPPORT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -464,6 +488,8 @@ def _draw_kernel(
     no_defer = mixture_keeps(rule, alpha, max_q1, max_p1, tv)
     kept_sum = tl.where(rule < 4, tl.where(no_defer, sum_q, 0.0), kept_q)
     kept_y = kept_set(rule, alpha, no_defer, q1_y, p1_y, max_p1)
+    if SUPPORT:  # a draft outside the target's support is not kept (pi_y = p_y = 0 there: it is rejected)
+        kept_y = kept_y & (x_y != float("-inf"))
     pi_y = tl.where(proposed, cascade_pi(q_y, p_y, kept_y, rule, alpha, kept_sum, capped, rho), 0.0)
     q_y = tl.where(proposed, q_y, 0.0)
     accept = tl.where(q_y > 0, tl.minimum(pi_y / tl.maximum(q_y, TINY), 1.0), 0.0)
@@ -515,6 +541,9 @@ def _draw_kernel(
         q1 = q
         if SEPARATE_Q1:
             q1 = _gather_q(q1_row, offs, offs < end_q1, t2d_ptr, x_s, first_s, mass1_s, kind_s, CROSS)
+        if SUPPORT:
+            q = tl.where(x == float("-inf"), 0.0, q)
+            q1 = tl.where(x == float("-inf"), 0.0, q1)
         kept = kept_set(stop_rule, alpha, no_defer_s, q1, tl.exp(x - m1_s) / z1_s, max_p1_s)
         pi = cascade_pi(q, p, kept, stop_rule, alpha, kept_sum_s, capped_s, rho_s)
         residual = tl.maximum(pi - q, 0.0)
@@ -591,6 +620,7 @@ def verify_triton(
     top_p: float,
     cross: CrossProposal | None = None,
     *,
+    support_only: bool = False,
     block: int = 2048,  # the fastest tile at the goal shapes on an H200 (benchmarks/TUNING.md)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``verify_reference`` in Triton, reading ``q'`` through ``cross`` on the fly (module docstring);
@@ -635,7 +665,11 @@ def verify_triton(
     )
     stride_lb, stride_lj = target_logits.stride(0), target_logits.stride(1)
     flags = dict(
-        GREEDY=greedy, FILTERED=stats.filtered, CROSS=cross is not None, SEPARATE_Q1=probs1 is not probs
+        GREEDY=greedy,
+        FILTERED=stats.filtered,
+        CROSS=cross is not None,
+        SEPARATE_Q1=probs1 is not probs,
+        SUPPORT=support_only,
     )
     partials = (
         stats.part_m1,

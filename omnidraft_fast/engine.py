@@ -227,9 +227,8 @@ class SpeculativeEngine:
             if wait:
                 raise
 
-    def _check_cascade(self, cascade: CascadeConfig | None, processed: tuple[str, ...] = ()) -> None:
-        """Refuse a cascade this engine cannot verify; ``processed``: the request's logits-processing options
-        (``Processing.active``)."""
+    def _check_cascade(self, cascade: CascadeConfig | None) -> None:
+        """Refuse a cascade this engine cannot verify."""
         if cascade is not None and self.drafter is None:
             raise ValueError(
                 "`cascade` decides between the drafter's and the target's distributions, and prompt lookup has no "
@@ -239,16 +238,6 @@ class SpeculativeEngine:
             raise ValueError(
                 "`cascade` needs verification against the drafter's probabilities, and translation='exact' "
                 "verifies by exact match; use EngineConfig(translation='omnidraft' or 'tli') with cascades"
-            )
-        if cascade is not None and self.bridge is not None and processed:
-            # A kept draft comes from the drafter's law, which the processors reach only through its twins.
-            raise ValueError(
-                f"{', '.join(f'`{name}`' for name in processed)} (logits processing) not supported with a `cascade` "
-                "across vocabularies: the processors read and mask the target's token ids, which the drafter's "
-                "law is over only where a drafter token is one target token, so where the deferral rule keeps "
-                "a draft they could not hold (a suppressed or "
-                "bad word, an EOS before min_new_tokens could come out); drop them, or the cascade (a drafter "
-                "sharing the target's vocabulary takes both)"
             )
 
     def _bridge(self, target_tokenizer: Any, drafter_tokenizer: Any) -> VocabBridge | None:
@@ -413,7 +402,7 @@ class SpeculativeEngine:
                 "drafted position, which a captured round cannot: use an engine with "
                 "EngineConfig(cuda_graphs=False) for such requests"
             )
-        self._check_cascade(request.cascade, request.processing.active(request.input_ids.shape[1]))
+        self._check_cascade(request.cascade)
         check_tokenizer(tokenizer, "tokenizer")
         stops = self._stops(request, tokenizer or self.target_tokenizer)
         self.rounds.check_widths(request)

@@ -143,6 +143,7 @@ def verify(
     cross: CrossProposal | None = None,
     exact_match: bool = False,
     rules: Collection[int] | None = None,  # the rule ids `rule` holds
+    support_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Speculative sampling of a drafted block against a deferral rule (maths in ``kernels/verify.py``).
 
@@ -157,6 +158,9 @@ def verify(
     ``rules``, with ``rule``, promises the rule ids ``rule`` holds (a request's one rule, say): the torch
     reference then computes only those, also where it cannot read them off ``rule`` (a CUDA tensor, a
     captured stage); the kernel computes each row's own rule anyway. The outputs do not depend on it.
+    ``support_only=True`` (with ``rule``) restricts ``q`` and its ``T = 1`` law to the tokens whose target
+    logits are finite at each position (the logits processors' support; a draft elsewhere counts as nothing
+    proposed): a cascade across vocabularies then keeps no token the processors forbid (``kernels/verify.py``).
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
@@ -215,6 +219,8 @@ def verify(
         _check("alpha", alpha, 1, dtypes=(torch.float32,), device=device)
         if rule.shape[0] != batch or alpha.shape[0] != batch:
             raise ValueError(f"`rule` and `alpha` must have one entry per row ({batch})")
+    if support_only and rule is None:
+        raise ValueError("`support_only` restricts what the deferral rules read: give it with `rule` only")
     if rules is not None:
         if rule is None:
             raise ValueError("`rules` names the rule ids `rule` holds: give it with `rule` only")
@@ -251,13 +257,13 @@ def verify(
             alpha = torch.zeros(batch, dtype=torch.float32, device=device)
         return verify_triton(
             target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature,
-            top_k, top_p, cross,
+            top_k, top_p, cross, support_only=support_only,
         )  # fmt: skip
     # The reference reads q' through `cross` too, densely only where a deferral rule reads whole rows, and
     # computes only the rules `rule` holds (read off a CPU tensor outside captures: kernels/verify.py).
     return verify_reference(
         target_logits, draft_ids, draft_probs, draft_probs_t1, uniforms, noise, rule, alpha, temperature, top_k,
-        top_p, cross, rules=rules,
+        top_p, cross, rules=rules, support_only=support_only,
     )  # fmt: skip
 
 

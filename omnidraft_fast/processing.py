@@ -317,26 +317,21 @@ class Processing:
             out["overrides"], out["logits_processor"] = _merged(out["logits_processor"], made)
         return cls(**out)
 
-    def active(self, prompt: int) -> tuple[str, ...]:
-        """The options that process the target's logits in a request with a ``prompt``-wide padded prompt
-        (generation-config fields, and the caller's ``prefix_allowed_tokens_fn`` and ``logits_processor``)."""
-        off = Processing()
-        names = [
-            name
-            for name in self.field_names()
-            if name not in ("min_length", "renormalize_logits") and getattr(self, name) != getattr(off, name)
-        ]
-        if self.min_length > prompt:
-            names.append("min_length")
-        if self.prefix_allowed_tokens_fn is not None:
-            names.append("prefix_allowed_tokens_fn")
-        if self.logits_processor or self.overrides:
-            names.append("logits_processor")
-        return tuple(names)
-
     def needed(self, prompt: int) -> bool:
-        """Whether a request with a ``prompt``-wide padded prompt processes the target's logits at all."""
-        return bool(self.active(prompt))
+        """Whether a request with a ``prompt``-wide padded prompt processes the target's logits at all (a
+        generation-config field set, ``min_length`` past the prompt, the caller's ``prefix_allowed_tokens_fn``
+        or ``logits_processor``)."""
+        off = Processing()
+        return (
+            any(
+                getattr(self, name) != getattr(off, name)
+                for name in self.field_names()
+                if name not in ("min_length", "renormalize_logits")
+            )
+            or self.min_length > prompt
+            or self.prefix_allowed_tokens_fn is not None
+            or bool(self.logits_processor or self.overrides)
+        )
 
     @property
     def calls_python(self) -> bool:

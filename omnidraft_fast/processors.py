@@ -9,8 +9,9 @@ drafts then follow the processed law (a token the processors forbid is not draft
 often), and a cascade's rules and mixture read the processed ``q`` and ``p``, so where a rule keeps a draft
 the processors still hold. A drafter with another vocabulary has its logits processed through its twins,
 the drafter ids that are one target token (``Rounds._processed_across``): an approximation of the
-processed law, for acceptance only, which verification corrects for as for any drafter (cascades, whose
-kept drafts the processors must hold, refuse processing there).
+processed law, which verification corrects for as for any drafter; a cascade, whose kept drafts the
+processors must hold, reads the translated proposal only where the processed target logits are finite
+(``kernels/verify.py``'s ``support_only``).
 Supported, in transformers' order (``_get_logits_processor``),
 where "the sequence" is transformers' ``input_ids`` (the padded prompt, the new tokens, then the drafted
 tokens before the position) and "new tokens" counts those before the position:

@@ -568,8 +568,9 @@ class Rounds:
         duplicate twin's, a split token's first piece) the processing forbids is masked. Other drafter ids
         keep their logits, as does a row with a token before this one that has no twin (its context is
         unknown) or that the processing would leave nothing to draft (``allowed``: the TLI mask). An
-        approximation of the processed law, for acceptance only: verification reads the law the drafter
-        drew from, so outputs are exactly as without it."""
+        approximation of the processed law: exact verification reads the law the drafter drew from, so its
+        outputs follow the target's law as without it; a cascade keeps drafts from it (only where the
+        processed target logits are finite: ``kernels/verify.py``'s ``support_only``)."""
         to_drafter, has_twin, to_target, has_target, canonical, lone, lone_first = self._twins
         batch = logits.shape[0]
         logits = logits.float()
@@ -648,6 +649,9 @@ class Rounds:
                 else state.processors(target_logits, proposal, state.generated, active)
             )
             target_sampling = request.processing.draw(sampling)
+            # Across vocabularies the drafter's law reaches the processors only through its twins: a cascade
+            # keeps its proposal only where the processed target logits are finite (kernels/verify.py).
+            support_only = cross is not None and request.cascade is not None and state.processors is not None
             num_accepted, output_tokens, accept_probs, deferred, target_invalid = ops.verify(
                 processed,
                 proposal,
@@ -664,6 +668,7 @@ class Rounds:
                 draft_probs_t1=draft_probs_t1,
                 cross=cross,
                 exact_match=exact_match,
+                support_only=support_only,
             )
 
         with timer("commit"):

@@ -81,10 +81,13 @@ def engines():
 
 
 def _law(
-    probs: torch.Tensor, sampling, support: torch.Tensor | None = None
+    probs: torch.Tensor, sampling, support: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[V] float64: a constant model's T=1 law and the law it samples from, over ``support`` only (TLI)."""
+    """[V] float64: a constant model's T=1 law and the law it samples from, over ``support`` only (TLI), its
+    logits processed by adding ``bias`` (-inf: a token the processors forbid)."""
     logits = probs.clamp_min(1e-30).log()
+    if bias is not None:
+        logits = logits + bias
     if support is not None:
         logits = logits.masked_fill(~support, -torch.inf)
     return logits.double().softmax(-1), _warp(logits[None], *sampling)[0].double()
@@ -132,14 +135,24 @@ def _pi(rule, alpha, q1, p1, q, p, wrong=None) -> torch.Tensor:
 
 
 def _round(
-    drafter: Drafter, rule, alpha, sampling, translation, wrong=None, threshold=None
+    drafter: Drafter, rule, alpha, sampling, translation, wrong=None, threshold=None, bias=None
 ) -> dict[tuple[int, ...], float]:
     """The law of the tokens one round emits: {emitted tokens: probability}. With a confidence ``threshold``
     the draft stops after a first token whose sampled-law probability is below it: only that token is
-    translated (nothing merges across the stop), and once it passes, the bonus comes from ``p``."""
+    translated (nothing merges across the stop), and once it passes, the bonus comes from ``p``.
+
+    ``bias`` [V_t]: the request's logits processing, context-free here (``suppress_tokens`` at -inf, one-token
+    ``sequence_bias``): the target's logits get it, the drafter's through its twins (each drafter token with a
+    target token gets that token's bias), and the proposal ``q'`` counts only where the target's processed
+    logits are finite: a draft elsewhere is rejected (``kernels/verify.py``'s ``support_only``), unless
+    ``wrong`` is ``"unrestricted"`` (the rules read the whole ``q'``)."""
     support = drafter.d2t >= 0 if translation == "tli" else None
-    q1, q = _law(drafter.q, sampling, support)
-    p1, p = _law(P, sampling)
+    drafter_bias = None
+    if bias is not None and wrong != "drafter_unprocessed":
+        drafter_bias = torch.where(drafter.d2t >= 0, bias[drafter.d2t.clamp_min(0)], 0.0)
+    q1, q = _law(drafter.q, sampling, support, drafter_bias)
+    p1, p = _law(P, sampling, bias=bias)
+    allowed = None if bias is None or wrong == "unrestricted" else ~bias.isneginf()
     if wrong == "stats_at_t":
         p1 = p
     outcomes: dict[tuple[int, ...], float] = {}
@@ -160,8 +173,14 @@ def _round(
             proposals_t1 = [(t, _direct(drafter, q1)) for t, _ in proposals]
         emitted = ()
         for (token, row), (_, row_t1) in zip(proposals, proposals_t1, strict=True):
+            if allowed is not None:
+                row, row_t1 = row * allowed, row_t1 * allowed
             pi = _pi(rule, alpha, row if wrong == "stats_at_t" else row_t1, p1, row, p, wrong)
-            accept = 0.0 if token < 0 else float(torch.minimum(pi[token], row[token]) / row[token])
+            accept = (
+                0.0
+                if token < 0 or row[token] == 0
+                else float(torch.minimum(pi[token], row[token]) / row[token])
+            )
             if accept < 1.0:  # rejected (always at the stop): the residual, or pi where it has no mass
                 residual = (pi - row).clamp(min=0)
                 residual = residual if residual.sum() > 0 else pi
@@ -176,10 +195,10 @@ def _round(
 
 
 def _two_tokens(
-    drafter: Drafter, rule, alpha, sampling, translation, wrong=None, threshold=None
+    drafter: Drafter, rule, alpha, sampling, translation, wrong=None, threshold=None, bias=None
 ) -> torch.Tensor:
     """[V_t, V_t] float64: P(first new token = a, second = b) (module docstring)."""
-    outcomes = _round(drafter, rule, alpha, sampling, translation, wrong, threshold)
+    outcomes = _round(drafter, rule, alpha, sampling, translation, wrong, threshold, bias)
     first = torch.zeros(len(TARGET_WORDS), dtype=torch.float64)
     for tokens, weight in outcomes.items():
         first[tokens[0]] += weight
@@ -192,12 +211,13 @@ def _two_tokens(
     return joint
 
 
-def _sampled_pairs(engine, rule, alpha, sampling, threshold=None) -> torch.Tensor:
+def _sampled_pairs(engine, rule, alpha, sampling, threshold=None, options=None) -> torch.Tensor:
     temperature, top_k, top_p = sampling
     torch.manual_seed(99)
     out = engine.generate(
         torch.tensor([[1, 2, 3]]).expand(ROWS, -1), max_new_tokens=2, do_sample=True, temperature=temperature,
         top_k=top_k, top_p=top_p, cascade=CascadeConfig(rule, alpha), assistant_confidence_threshold=threshold,
+        **(options or {}),
     )  # fmt: skip
     return out[:, 3] * len(TARGET_WORDS) + out[:, 4]
 
@@ -207,13 +227,19 @@ def _tv(pairs: torch.Tensor, law: torch.Tensor) -> float:
     return 0.5 * (empirical - law.flatten()).abs().sum().item()
 
 
-def _check(engine, drafter, rule, alpha, sampling, translation, wrong, threshold=None):
-    law = _two_tokens(drafter, rule, alpha, sampling, translation, threshold=threshold)
+def _check(engine, drafter, rule, alpha, sampling, translation, wrong, threshold=None, processing=None):
+    """``processing``: (the request's generate() options, the bias they add to the target's logits)."""
+    options, bias = processing or (None, None)
+    law = _two_tokens(drafter, rule, alpha, sampling, translation, threshold=threshold, bias=bias)
     assert abs(law.sum().item() - 1.0) < 1e-6  # fp32 laws
     bound = _tv_bound(law, ROWS, DELTA)
-    misread = _two_tokens(drafter, rule, alpha, sampling, translation, wrong, threshold)
+    misread = _two_tokens(drafter, rule, alpha, sampling, translation, wrong, threshold, bias)
     assert 0.5 * (law - misread).abs().sum().item() > 2 * bound, "the case cannot tell the misreading apart"
-    tv = _tv(_sampled_pairs(engine, rule, alpha, sampling, threshold), law)
+    pairs = _sampled_pairs(engine, rule, alpha, sampling, threshold, options)
+    if bias is not None:  # no forbidden token comes out, in either position
+        forbidden = bias.isneginf()
+        assert not (forbidden[pairs // len(TARGET_WORDS)] | forbidden[pairs % len(TARGET_WORDS)]).any()
+    tv = _tv(pairs, law)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
@@ -264,3 +290,35 @@ def test_a_confidence_stop_keeps_merges_inside_the_draft(engines, rule, alpha, s
     """A row that stops drafting after an unsure first token (``assistant_confidence_threshold``) proposes
     that token alone, never merged with the token it did not draft, then gets the bonus from ``p``."""
     _check(engines["omnidraft"], MAPPED, rule, alpha, sampling, "omnidraft", "no_stop", threshold)
+
+
+def _bias(**values: float) -> torch.Tensor:
+    """[V_t]: what a context-free processing adds to the target's logits, by word."""
+    bias = torch.zeros(len(TARGET_WORDS))
+    for word, value in values.items():
+        bias[TARGET_WORDS.index(word)] = value
+    return bias
+
+
+# (rule, alpha, sampling, (generate() options, the bias they add), the misreading the bound must tell apart):
+# "ab" is the merge of a drafted pair (the drafter's law cannot see that it is forbidden), "b" and "c" direct
+# maps (the drafter sees their bias or suppression through its twins)
+PROCESSED_CASES = [
+    ("chow", 0.7, (1.0, 0, 1.0), ({"suppress_tokens": [5], "sequence_bias": {(2,): 1.0}}, _bias(ab=-torch.inf, b=1.0)),
+     "unrestricted"),
+    ("token_v1", 0.7, (1.0, 0, 1.0), ({"suppress_tokens": [5], "sequence_bias": {(2,): 1.5}},
+                                      _bias(ab=-torch.inf, b=1.5)), "drafter_unprocessed"),
+    ("diff", 0.5, (0.9, 0, 0.9), ({"suppress_tokens": [5, 3]}, _bias(ab=-torch.inf, c=-torch.inf)), "unrestricted"),
+]  # fmt: skip
+
+
+@pytest.mark.law
+@pytest.mark.parametrize(("rule", "alpha", "sampling", "processing", "wrong"), PROCESSED_CASES)
+def test_logits_processing_holds_where_the_rule_keeps_a_draft(
+    engines, rule, alpha, sampling, processing, wrong
+):
+    """A cascade across vocabularies under logits processing: the drafter drafts from its logits processed
+    through its twins, and the rules read ``q'`` only where the processed target logits are finite, so that a
+    merged token the processors forbid is rejected, its mass deferred to the processed target: no forbidden
+    token comes out, and the two tokens follow the cascade on the restricted ``q'``."""
+    _check(engines["omnidraft"], MAPPED, rule, alpha, sampling, "omnidraft", wrong, processing=processing)

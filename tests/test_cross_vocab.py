@@ -534,13 +534,17 @@ def test_cascades_across_vocabularies(pair, translation):
         **batch, max_new_tokens=16, cascade=CascadeConfig("chow", 1.0), return_dict_in_generate=True
     )
     assert lenient.stats.acceptance_rate == 1.0 and lenient.stats.deferral_rate == 0.0
-    # the request's processors read target ids, which the drafter's law is not over: refused, named
-    with pytest.raises(ValueError, match=r"`repetition_penalty` \(logits processing\) not supported with a "
-                       r"`cascade` across vocabularies"):  # fmt: skip
-        engine.generate(**batch, max_new_tokens=4, repetition_penalty=1.2, cascade=CascadeConfig("chow", 0.5))
-    assert torch.equal(
-        engine.generate(**batch, max_new_tokens=16, cascade=CascadeConfig("token_v3", -0.5)), exact
-    )
+    # Under logits processing, the exact limit is the processed target and the lenient one keeps no token the
+    # processors forbid (the rules read q' only where the processed target logits are finite).
+    processing = {
+        "repetition_penalty": 1.3,
+        "suppress_tokens": lenient.sequences[:, -16:].flatten()[:6].tolist(),
+    }
+    expected = target.generate(**batch, max_new_tokens=16, do_sample=False, **processing)
+    exact = engine.generate(**batch, max_new_tokens=16, cascade=CascadeConfig("token_v3", -0.5), **processing)
+    assert torch.equal(exact, expected)
+    lenient = engine.generate(**batch, max_new_tokens=16, cascade=CascadeConfig("chow", 1.0), **processing)
+    assert not torch.isin(lenient[:, -16:], torch.tensor(processing["suppress_tokens"])).any()
     with pytest.raises(ValueError, match="translation='exact'"):
         _engine(pair, "exact").generate(**batch, max_new_tokens=4, cascade=CascadeConfig("chow", 0.5))
     target, drafter, target_tokenizer, drafter_tokenizer = pair

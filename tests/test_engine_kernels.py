@@ -91,13 +91,18 @@ def test_cross_vocabulary(monkeypatch, cross_pair, translation):
     target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
     prompts = target_tokenizer(["def parse(text):\n    return", "x = [i"], return_tensors="pt", padding=True)
     request = {**prompts, "max_new_tokens": 8}
+    # a cascade under logits processing reads q' only where the processed target logits are finite
+    processing = {"suppress_tokens": list(range(10, 40)), "repetition_penalty": 1.3}
+    cascade = [] if translation == "exact" else [
+        {**request, "max_new_tokens": 4, "do_sample": True, "top_k": 0, "cascade": CascadeConfig("chow", 0.9), **processing}
+    ]  # fmt: skip
     _, launches = _with_and_without_kernels(
         monkeypatch,
         lambda: SpeculativeEngine(
             target, drafter, target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
             config=EngineConfig(translation=translation, ngram_capacity=1 << 12),
         ),
-        [request, {**request, "do_sample": True, "top_k": 0}],
+        [request, {**request, "do_sample": True, "top_k": 0}, *cascade],
     )  # fmt: skip
     assert launches["sample_triton"] > 0 and launches["translate_triton"] > 0
     if translation != "exact":

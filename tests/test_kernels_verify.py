@@ -56,9 +56,11 @@ def _case(
     top_p: float = 1.0,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    support_only: bool = False,
 ) -> dict:
     """Inputs of ``verify_triton``: target logits near the drafter's (so that drafts are often accepted),
-    drafts sampled from ``q`` (its argmax when greedy), some rows cut short (-1)."""
+    drafts sampled from ``q`` (its argmax when greedy), some rows cut short (-1). With ``support_only``, a
+    third of the target's logits are -inf (a processors' mask), at about 40% of the drafts too."""
     generator = torch.Generator().manual_seed(seed)
     vocab_q = vocab if vocab_d is None else vocab_d
     draft_logits = torch.randn(batch, k, vocab_q, generator=generator) * 3
@@ -85,6 +87,13 @@ def _case(
         for p in (probs, probs1):
             fold_twins_(p, twins)
     target_logits = target_logits + torch.randn(batch, k + 1, vocab, generator=generator) * 1.5
+    if support_only:
+        outside = torch.rand(batch, k + 1, vocab, generator=generator) < 0.3
+        at_draft = (torch.rand(batch, k, generator=generator) < 0.4) & (draft_ids >= 0)
+        outside[:, :k] |= torch.zeros(batch, k, vocab, dtype=torch.bool).scatter_(
+            2, draft_ids.clamp_min(0)[..., None], at_draft[..., None]
+        )
+        target_logits = target_logits.masked_fill(outside, -torch.inf)
     rule, alpha = _rules(batch, offset, "cpu")
     case = dict(
         target_logits=target_logits.to(dtype),
@@ -100,6 +109,8 @@ def _case(
         top_p=top_p,
         cross=cross,
     )
+    if support_only:
+        case["support_only"] = True
     if cross is not None:
         case["cross"] = CrossProposal(*(None if t is None else t.to(device) for t in cross))
     return {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in case.items()}
@@ -169,7 +180,7 @@ def _reference(case: dict) -> tuple[torch.Tensor, ...]:
         )
     return verify_reference(
         case["target_logits"], case["draft_ids"], q, q1, case["uniforms"], case["noise"], case["rule"],
-        case["alpha"], case["temperature"], case["top_k"], case["top_p"],
+        case["alpha"], case["temperature"], case["top_k"], case["top_p"], support_only=case.get("support_only", False),
     )  # fmt: skip
 
 
@@ -225,6 +236,32 @@ def test_cross_vocabulary(temperature, separate_t1):
                 8, 3, 300, temperature, seed=offset + 1, offset=offset, vocab_d=257, separate_t1=separate_t1
             )
         )
+
+
+@pytest.mark.parametrize(
+    ("temperature", "vocab_d", "top_k"), [(0.0, 257, 0), (0.8, 257, 0), (1.0, 257, 20), (0.8, None, 0)]
+)
+def test_support_only(temperature, vocab_d, top_k):
+    """``support_only``: q' (and q1') count only where the target's logits are finite, so every rule, kernel
+    and reference alike, rejects and defers a draft outside that support and emits no token outside it,
+    where the unrestricted rules keep such drafts (chow at alpha 1 keeps every draft, exact rows none)."""
+    outside_drafts = kept_outside = 0
+    for offset in (0, 3, 9):
+        case = _case(9, 3, 300, temperature, seed=40 + offset, offset=offset, vocab_d=vocab_d, separate_t1=True,
+                     top_k=top_k, support_only=True)  # fmt: skip
+        _, tokens, accept, deferred, invalid = _check(case)
+        logits, ids = case["target_logits"], case["draft_ids"]
+        outside = logits[:, :-1].gather(2, ids.clamp_min(0)[..., None])[..., 0].isneginf() & (ids >= 0)
+        outside_drafts += int(outside.sum())
+        assert (accept[outside] == 0).all() and deferred[outside].all()
+        rows = ~invalid.any(1)
+        emitted = logits.gather(2, tokens.clamp_min(0)[..., None])[..., 0]
+        assert not (emitted.isneginf() & (tokens >= 0))[rows].any()
+        kept_outside += int((_reference({**case, "support_only": False})[2][outside] > 0).sum())
+    assert outside_drafts >= 5
+    assert kept_outside, (
+        "the unrestricted rules accept no draft outside the support: the case tells nothing apart"
+    )
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(20, 1.0), (0, 0.8), (50, 0.9)])
@@ -566,9 +603,10 @@ def test_gpu_full_vocabularies(vocab, temperature):
 @needs_cuda
 @pytest.mark.parametrize(("top_k", "top_p"), [(50, 1.0), (0, 0.9), (40, 0.95)])
 def test_gpu_filters_and_cross(top_k, top_p):
-    case = _case(8, 4, 128256, 0.7, seed=3, vocab_d=32000, separate_t1=True, top_k=top_k, top_p=top_p,
-                 dtype=torch.bfloat16, device="cuda")  # fmt: skip
-    _check(case, block=1024)
+    for support_only in (False, True):
+        case = _case(8, 4, 128256, 0.7, seed=3, vocab_d=32000, separate_t1=True, top_k=top_k, top_p=top_p,
+                     dtype=torch.bfloat16, device="cuda", support_only=support_only)  # fmt: skip
+        _check(case, block=1024)
 
 
 @gpu

@@ -285,6 +285,7 @@ def _bad_calls():
         (verify(q=None), ValueError, "`draft_probs` is required unless exact_match=True"),
         (verify(uniforms=torch.zeros(2, 2)), ValueError, r"`uniforms` must be \[batch, k\] = \(2, 3\)"),
         (verify(rule=torch.zeros(2, dtype=i64)), ValueError, "`rule` and `alpha` go together"),
+        (verify(support_only=True), ValueError, "`support_only` restricts what the deferral rules read"),
         (
             verify(rule=torch.zeros(3, dtype=i64), alpha=torch.zeros(3)),
             ValueError,
