@@ -39,14 +39,15 @@ confidence input reads the drafted token ``y``, so its label is that token's acc
 Across vocabularies the target's logits are kept at the directly mapped ids only, and verification reads
 the target's law over its whole vocabulary, which puts less on each of them wherever the target gives
 mass to tokens without a drafter twin (renormalised over them, the labels came out 0.88 on average where
-verification's were 0.79, tests/test_learning.py). So the round keeps, per emitted token, that mass
-``m = sum_{t mapped} p(t)`` (``target_mass``: one more logsumexp over the target's logits), and ``p~`` is
-``m`` times the law renormalised over the mapped ids: the target's own law there, so that a drafted
-token's recomputed label is verification's, for a request that samples at a temperature, unfiltered, and
-for greedy ones. Approximate are: requests with top-k or top-p (``m`` is 1 there, ``p~`` filtered over the
-mapped ids), a fresh draft's split tokens (counted at their first piece, as if every later piece were
-accepted), a drafted split token's label (0: it has no twin), and a request's logits processors
-(repetition penalty, min-p, ...), which the target's kept logits, the model's own, do not replay.
+verification's were 0.79, tests/test_learning.py), and whose top-k and top-p keep the tokens the whole
+vocabulary ranks highest. So the round keeps, per emitted token, two numbers of that law (``target_law``):
+the smallest logit its filters keep, ``c``, and its log-normaliser ``n = log sum_{z_t >= c} exp(z_t / T)``
+over the whole vocabulary (the argmax's logit, when greedy), and ``p~(t) = exp(z_t / T - n) [z_t >= c]``
+at the mapped ids: the target's own law there, so that a drafted token's recomputed label is
+verification's, filtered or not, greedy or sampled. Approximate are: a fresh draft's split tokens (counted
+at their first piece, as if every later piece were accepted), a drafted split token's label (0: it has no
+twin), and a request's logits processors (repetition penalty, min-p, ...), which the target's kept logits,
+the model's own, do not replay.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ __all__ = [
     "confidence_logit",
     "expected_acceptance",
     "stop_drafting",
-    "target_mass",
+    "target_law",
 ]
 
 
@@ -202,18 +203,25 @@ def expected_acceptance(
     sampling: SamplingParams,
     tokens: torch.Tensor | None = None,  # [n] int64 canonical drafter ids of drafted tokens
     exact_match: bool = False,
-    mass: torch.Tensor | None = None,  # [n] fp32 the target's mass on the support (target_mass); None: 1
+    law: torch.Tensor | None = None,  # [n, 2] fp32 the target's law over its vocabulary (target_law)
     draftable: torch.Tensor | None = None,  # [V_d] bool the ids the drafter may draft (TLI); None: all
 ) -> torch.Tensor:  # [n] fp32
     """The recomputed label of the module docstring: ``q`` and ``p~`` filtered as the request samples them,
     one-hot when greedy; with ``tokens``, the acceptance of those drafted tokens instead of a fresh draft's;
-    with ``exact_match``, the acceptance of verification by exact match instead of speculative sampling's."""
-    law = sampling.temperature, sampling.top_k, sampling.top_p
+    with ``exact_match``, the acceptance of verification by exact match instead of speculative sampling's.
+    Without ``law``, ``p~`` is the target's law over the support alone (the law of a shared vocabulary)."""
+    drawn = sampling.temperature, sampling.top_k, sampling.top_p
     logits = logits if draftable is None else logits.masked_fill(~draftable, -torch.inf)
-    q = fold_twins_(sampling_probs_reference(logits, *law), twins).masked_fill(~support, 0.0)
-    p = sampling_probs_reference(target_logits.float().masked_fill(~support, -torch.inf), *law)
-    if mass is not None:
-        p = p * mass[:, None]
+    q = fold_twins_(sampling_probs_reference(logits, *drawn), twins).masked_fill(~support, 0.0)
+    z = target_logits.float().masked_fill(~support, -torch.inf)
+    if law is None:
+        p = sampling_probs_reference(z, *drawn)
+    else:
+        log_norm, cut = law[:, :1], law[:, 1:]
+        if sampling.greedy:  # one-hot at the argmax, where the whole vocabulary's argmax has a twin
+            p = sampling_probs_reference(z, *drawn) * (z.amax(-1, keepdim=True) >= cut)
+        else:
+            p = torch.where(z >= cut, (z / sampling.temperature - log_norm).exp(), 0.0)
     if tokens is None:
         return (q * p if exact_match else torch.minimum(q, p)).sum(-1)
     q_y, p_y = q.gather(1, tokens[:, None])[:, 0], p.gather(1, tokens[:, None])[:, 0]
@@ -223,19 +231,20 @@ def expected_acceptance(
     return torch.where(q_y > 0, (p_y / q_y.clamp_min(1e-30)).clamp(max=1.0), (p_y > 0).float())
 
 
-def target_mass(
+def target_law(
     target_logits: torch.Tensor,  # [..., V_t] the target's logits
-    mapped: torch.Tensor,  # [..., V_d] the same logits read into drafter ids (at d2t)
-    support: torch.Tensor,  # [V_d] bool canonical drafter ids with a target twin: each direct id once
     sampling: SamplingParams,
-) -> torch.Tensor:  # [...] fp32
-    """``m`` of the module docstring: the mass the request's law (at its temperature, unfiltered; one-hot at
-    the argmax when greedy) puts on the target ids with a drafter twin; 1 where the request filters by
-    top-k or top-p. Reads the target's whole vocabulary once."""
-    z, z_mapped = target_logits.float(), mapped.float().masked_fill(~support, -torch.inf)
-    if sampling.greedy:  # the argmax has a drafter twin
-        return (z_mapped.amax(-1) >= z.amax(-1)).float()
-    if sampling.top_k or sampling.top_p < 1.0:
-        return z.new_ones(z.shape[:-1])
+) -> torch.Tensor:  # [..., 2] fp32
+    """``(n, c)`` of the module docstring: the log-normaliser of the request's law over the target's whole
+    vocabulary (temperature, top-k and top-p applied; 0 when greedy) and the smallest logit it keeps (the
+    largest when greedy; -inf unfiltered). Reads the target's whole vocabulary once (with top-k or top-p,
+    the filters too)."""
+    z = target_logits.float()
+    if sampling.greedy:
+        return torch.stack([torch.zeros_like(z[..., 0]), z.amax(-1)], -1)
     t = sampling.temperature
-    return ((z_mapped / t).logsumexp(-1) - (z if t == 1.0 else z / t).logsumexp(-1)).exp()
+    if not (sampling.top_k or sampling.top_p < 1.0):
+        return torch.stack([(z / t).logsumexp(-1), torch.full_like(z[..., 0], -torch.inf)], -1)
+    kept = sampling_probs_reference(z, t, sampling.top_k, sampling.top_p) > 0
+    cut = z.masked_fill(~kept, torch.inf).amin(-1)
+    return torch.stack([(z / t).masked_fill(~kept, -torch.inf).logsumexp(-1), cut], -1)

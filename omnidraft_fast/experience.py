@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adaptive import target_mass
+from .adaptive import target_law
 from .config import SamplingParams
 
 __all__ = ["Example", "Recorder", "Window"]
@@ -50,7 +50,7 @@ class Example:
     drafted: torch.Tensor  # [L] int64 the drafter token the head label at each slot is about
     sampling: SamplingParams  # the request's (temperature, top-k, top-p)
     first_logit: int = 0  # the new token `logits[0]` is at (`kl + first_logit` indexes the row's new tokens)
-    mass: torch.Tensor | None = None  # [m] fp32 adaptive.target_mass at those tokens (None: not kept, 1)
+    law: torch.Tensor | None = None  # [m, 2] fp32 adaptive.target_law at those tokens (None: not kept)
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Window:
     has_head: torch.Tensor  # [batch, width] bool
     drafted: torch.Tensor  # [batch, width] int64 the drafter token the head label at u is about
     sampling: SamplingParams  # the request's (temperature, top-k, top-p)
-    mass: torch.Tensor | None = None  # [batch, width] fp32 adaptive.target_mass there (None: not kept)
+    law: torch.Tensor | None = None  # [batch, width, 2] fp32 adaptive.target_law there (None: not kept)
 
 
 class Recorder:
@@ -85,9 +85,8 @@ class Recorder:
         dtype: of the stored target logits (the target's).
         handed: [batch] int64 drafter slot of each row from which labels are not handed over yet (the
             end of its prompt); updated in place by each hand-over.
-        sampling, support: the request's sampling and [V_d] bool the canonical drafter ids with a target twin,
-            where the head's recomputed labels read the target's mass on the directly mapped ids at each
-            emitted token (``adaptive.target_mass``); None keeps no mass.
+        sampling: the request's sampling, where the head's recomputed labels read the target's law over its
+            whole vocabulary at each emitted token (``adaptive.target_law``); None keeps none.
     """
 
     def __init__(
@@ -101,7 +100,6 @@ class Recorder:
         dtype: torch.dtype,
         handed: torch.Tensor,
         sampling: SamplingParams | None = None,
-        support: torch.Tensor | None = None,
     ):
         device = label_map.device
         self.label_map, self.direct = label_map, direct
@@ -113,8 +111,8 @@ class Recorder:
         self.head = torch.full((batch, drafter_slots + 1), torch.nan, dtype=torch.float32, device=device)
         self.drafted = torch.full((batch, drafter_slots + 1), -1, dtype=torch.int64, device=device)
         self.logits = torch.empty(batch, emitted + 1, label_map.shape[0], dtype=dtype, device=device)
-        self.sampling, self.support = sampling, support
-        self.mass = None if sampling is None else torch.ones(batch, emitted + 1, device=device)
+        self.sampling = sampling
+        self.law = None if sampling is None else torch.zeros(batch, emitted + 1, 2, device=device)
         self.handed = handed  # [batch] per row, the drafter slot up to which labels were handed over
 
     def record(
@@ -146,8 +144,9 @@ class Recorder:
         rows = torch.where(kept_j, generated[:, None] + j, self.spare_row)  # [batch, k+1]
         labels = target_logits[:, :, self.label_map]  # [batch, k+1, V_d]
         self.logits.scatter_(1, rows[..., None].expand_as(labels), labels)
-        if self.mass is not None:  # what the target's law puts on the ids those logits hold
-            self.mass.scatter_(1, rows, target_mass(target_logits, labels, self.support, self.sampling))
+        if self.law is not None:  # the target's law over its whole vocabulary, which those logits are part of
+            law = target_law(target_logits, self.sampling)  # [batch, k+1, 2]
+            self.law.scatter_(1, rows[..., None].expand_as(law), law)
 
         # Drafter slots of each target position: [first, first + length).
         length = slots
@@ -216,7 +215,7 @@ class Recorder:
                     drafted=torch.where(new & (drafted >= 0), drafted, ids),
                     sampling=sampling,
                     first_logit=lo,
-                    mass=None if self.mass is None else self.mass[row, lo:hi].clone(),
+                    law=None if self.law is None else self.law[row, lo:hi].clone(),
                 )
             )
         self.handed.copy_(d_lengths)
@@ -262,7 +261,9 @@ class Recorder:
             has_head=has_head,
             drafted=torch.where(has_head & (drafted >= 0), drafted, tokens),
             sampling=sampling,
-            mass=None if self.mass is None else self.mass[rows, kl.clamp_min(0)].masked_fill(~has_kl, 1.0),
+            law=None
+            if self.law is None
+            else self.law[rows, kl.clamp_min(0)].masked_fill(~has_kl[..., None], 0),
         )
         self.handed.copy_(torch.where(take, d_lengths, self.handed))
         return window

@@ -77,7 +77,7 @@ class _Pass:
     kl_logits: torch.Tensor  # [P, V_d] drafter logits predicting KL slots
     kl_targets: torch.Tensor  # [P, V_d] target logits there
     kl_rows: torch.Tensor  # [P] int64 the row (of the pass's) each comes from
-    kl_mass: torch.Tensor  # [P] fp32 the target's mass on the directly mapped ids there (Example.mass)
+    kl_law: torch.Tensor | None  # [P, 2] fp32 the target's law over its vocabulary there (Example.law)
     ce_logits: torch.Tensor  # [Q, V_d]
     ce_tokens: torch.Tensor  # [Q]
     head_hidden: torch.Tensor  # [R, H] hidden states predicting head-labelled slots
@@ -131,12 +131,12 @@ class OnlineLearner:
         self.drafter, self.distill_config, self.adaptive_config = drafter, distill, adaptive
         # The alternating mode's recomputed head labels follow verification (adaptive.expected_acceptance):
         # across vocabularies, exact match's acceptance with translation="exact", a TLI drafter's law over
-        # the directly mapped ids, split tokens' mass on their first piece, the target's law read through
-        # its mass on the directly mapped ids, which the rounds keep (adaptive.target_mass).
+        # the directly mapped ids, split tokens' mass on their first piece, the target's law over its whole
+        # vocabulary read at the directly mapped ids, through two numbers the rounds keep (adaptive.target_law).
         cross = bridge is not None
         self.exact_match = cross and translation == "exact"
         self.draftable = bridge.mappable if cross and translation == "tli" else None
-        self.keeps_mass = cross and adaptive is not None and adaptive.mode == "alternating"
+        self.keeps_law = cross and adaptive is not None and adaptive.mode == "alternating"
         if bridge is None:
             self.support = torch.ones(vocab, dtype=torch.bool, device=device)
             self.twins = torch.empty(2, 0, dtype=torch.int64, device=device)
@@ -219,7 +219,7 @@ class OnlineLearner:
     ) -> Recorder:
         return Recorder(
             batch, drafter_slots, spelling_width, emitted, self.label_map, self.direct, dtype, handed,
-            sampling if self.keeps_mass else None, self.support,
+            sampling if self.keeps_law else None,
         )  # fmt: skip
 
     def observe(self, examples: list[Example]) -> None:
@@ -347,7 +347,7 @@ class OnlineLearner:
                 window.targets.flatten(0, 1),
                 window.drafted.flatten(),
                 window.sampling,
-                None if window.mass is None else window.mass.flatten(),
+                None if window.law is None else window.law.flatten(0, 1),
             )
             labels = torch.where(window.kl, fresh.view_as(labels), labels)
         inputs = self._head_input(logits, window.drafted)
@@ -372,7 +372,7 @@ class OnlineLearner:
                             part.kl_targets[at[group]],
                             part.head_tokens[group],
                             sampling,
-                            part.kl_mass[at[group]],
+                            None if part.kl_law is None else part.kl_law[at[group]],
                         )
                     label = torch.where(part.head_kl >= 0, fresh, label)
                 hidden.append(part.head_hidden.float())
@@ -442,12 +442,7 @@ class OnlineLearner:
             row_of.append(torch.full((row.logits.shape[0],), i, device=device))
             offset += row.logits.shape[0]
         targets = torch.cat([r.logits for r in rows])  # [sum n, V_d]
-        masses = torch.cat(
-            [
-                r.mass if r.mass is not None else r.logits.new_ones(r.logits.shape[0], dtype=torch.float32)
-                for r in rows
-            ]
-        )  # [sum n]
+        laws = None if any(r.law is None for r in rows) else torch.cat([r.law for r in rows])  # [sum n, 2]
         row_of = torch.cat(row_of)
 
         # Positions as the rounds give them (CausalLM: clamped to the drafter's position limit): a row's
@@ -471,7 +466,7 @@ class OnlineLearner:
             kl_logits=logits[at_kl],
             kl_targets=targets[kl[at_kl]],
             kl_rows=row_of[kl[at_kl]],
-            kl_mass=masses[kl[at_kl]],
+            kl_law=None if laws is None else laws[kl[at_kl]],
             ce_logits=logits[at_ce],
             ce_tokens=ids[at_ce],
             head_hidden=hidden[at_head],
@@ -487,10 +482,10 @@ class OnlineLearner:
         targets: torch.Tensor,
         drafted: torch.Tensor,
         sampling: SamplingParams,
-        mass: torch.Tensor | None,
+        law: torch.Tensor | None,
     ) -> torch.Tensor:
         """The labels of positions under the current drafter (``adaptive.expected_acceptance``): its ``logits``
-        [n, V_d], the target's ``targets`` [n, V_d] and its ``mass`` [n] on the directly mapped ids (None: 1),
+        [n, V_d], the target's ``targets`` [n, V_d] and its ``law`` [n, 2] over its vocabulary (None: over ``targets``),
         the ``drafted`` tokens [n] (read by a head with the confidence input) of a request sampled by
         ``sampling``."""
         tokens = self.canonical[drafted] if self.head.confidence_input else None
@@ -502,7 +497,7 @@ class OnlineLearner:
             sampling,
             tokens,
             exact_match=self.exact_match,
-            mass=mass,
+            law=law,
             draftable=self.draftable,
         )
 

@@ -10,9 +10,16 @@ import sys
 import pytest
 import torch
 from conftest import left_padded_prompts, perturbed_copy, tiny_model
+from omnidraft_fast.kernels.sampling import sampling_probs_reference
 
 from omnidraft_fast import AdaptiveConfig, DistillConfig, EngineConfig, SamplingParams, SpeculativeEngine
-from omnidraft_fast.adaptive import AcceptanceHead, acceptance_loss, expected_acceptance, stop_drafting
+from omnidraft_fast.adaptive import (
+    AcceptanceHead,
+    acceptance_loss,
+    expected_acceptance,
+    stop_drafting,
+    target_law,
+)
 from omnidraft_fast.bridge import token_bytes
 from omnidraft_fast.distill import hybrid_distillation_loss, reverse_kl
 from omnidraft_fast.experience import Example, Recorder
@@ -270,13 +277,19 @@ def test_recomputed_labels_follow_exact_match_verification(cross_pair, confidenc
     torch.testing.assert_close(drafted, p[:, 1])
 
 
-@pytest.mark.parametrize("translation", ["omnidraft", "tli", "exact"])
-def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabularies(cross_pair, translation):
+@pytest.mark.parametrize(
+    ("translation", "filtering"),
+    [("omnidraft", {}), ("tli", {}), ("exact", {}), ("omnidraft", {"top_k": 20}),
+     ("omnidraft", {"top_p": 0.8}), ("tli", {"top_k": 30, "top_p": 0.9})],
+)  # fmt: skip
+def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabularies(cross_pair, translation,
+                                                                                   filtering):  # fmt: skip
     """Under the drafter that drafted them, the alternating mode's recomputed label of a drafted token with a
     target twin (a head with the confidence input: that token's acceptance) is the one verification gave:
     ``min(1, p(t)/q'(t))`` with ``p`` the target's law over its whole vocabulary (not renormalised over the
-    directly mapped ids: 0.88 against 0.79 on average here), ``q'`` with split tokens' mass on their first
-    piece, a TLI drafter's law over the directly mapped ids; ``p(t)`` under exact match."""
+    directly mapped ids: 0.88 against 0.79 on average here; with top-k/top-p, filtered over the whole
+    vocabulary, not over the mapped ids), ``q'`` with split tokens' mass on their first piece, a TLI drafter's
+    law over the directly mapped ids; ``p(t)`` under exact match."""
     target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
     engine = SpeculativeEngine(
         target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
@@ -286,7 +299,7 @@ def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabulari
     prompts = ["def fibonacci(n):\n    return", "The café on the corner", "    x = [i for i in range("]
     batch = target_tokenizer(prompts * 2, return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    engine.generate(**batch, max_new_tokens=24, do_sample=True, top_k=0, eos_token_id=[])
+    engine.generate(**batch, max_new_tokens=24, do_sample=True, eos_token_id=[], **{"top_k": 0, **filtering})
     learner, rows = engine.learner, list(engine.learner.pending)
     labels = {}
     for recompute in (False, True):
@@ -304,8 +317,8 @@ def test_recomputed_labels_of_drafted_tokens_are_verifications_across_vocabulari
 
 @pytest.mark.parametrize("filtering", [{"top_k": 20}, {"top_p": 0.8, "top_k": 0}])
 def test_recomputed_labels_across_vocabularies_under_top_k_and_top_p(cross_pair, filtering):
-    """A filtered request's recomputed labels read the target's filtered law over the directly mapped ids
-    (its mass there taken as 1: ``adaptive.target_mass``): probabilities, and the head trains on them."""
+    """A filtered request keeps the target's law filtered over its whole vocabulary (``adaptive.target_law``:
+    a finite cut at each kept token); the recomputed labels are probabilities, and the head trains on them."""
     target, drafter, target_tokenizer, drafter_tokenizer = cross_pair
     engine = SpeculativeEngine(
         target, copy.deepcopy(drafter), target_tokenizer=target_tokenizer, drafter_tokenizer=drafter_tokenizer,
@@ -316,7 +329,7 @@ def test_recomputed_labels_across_vocabularies_under_top_k_and_top_p(cross_pair,
     torch.manual_seed(0)
     engine.generate(**batch, max_new_tokens=24, do_sample=True, eos_token_id=[], **filtering)
     learner, rows = engine.learner, list(engine.learner.pending)
-    assert all(row.mass is not None and torch.equal(row.mass, torch.ones_like(row.mass)) for row in rows)
+    assert all(row.law is not None and row.law[:, 1].isfinite().all() for row in rows)
     seen = {}
     fit = learner._fit_head
     learner._fit_head = lambda hidden, inputs, labels, mask, recompute: (
@@ -327,6 +340,35 @@ def test_recomputed_labels_across_vocabularies_under_top_k_and_top_p(cross_pair,
     labels = seen["labels"]
     assert labels.numel() > 20 and ((labels >= 0) & (labels <= 1)).all() and 0 < labels.mean() < 1
     assert learner.stats.head_steps > 0 and math.isfinite(learner.stats.head_loss)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(0.0), SamplingParams(0.7), SamplingParams(1.0, top_k=5), SamplingParams(1.3, top_p=0.6),
+     SamplingParams(0.8, top_k=8, top_p=0.9)],
+    ids=["greedy", "T", "top_k", "top_p", "both"],
+)  # fmt: skip
+def test_target_law_reads_the_whole_vocabularys_law_at_the_mapped_ids(sampling):
+    """``target_law``'s two numbers give, at the directly mapped ids, the target's law over its whole
+    vocabulary (``sampling_probs_reference``: temperature, then top-k/top-p ranked over every token; one-hot
+    at the argmax when greedy, zero where the argmax has no twin), not its law over the mapped ids: under
+    exact match a drafted token's label is that probability."""
+    generator = torch.Generator().manual_seed(5)
+    n, vocab_t = 6, 40
+    target_logits = torch.randn(n, vocab_t, generator=generator) * 2
+    mapped = torch.randperm(vocab_t, generator=generator)[:24]  # drafter id i is target id mapped[i]
+    target_logits[0, mapped] -= 10  # a row whose best tokens have no twin
+    support, twins = torch.ones(24, dtype=torch.bool), torch.empty(2, 0, dtype=torch.int64)
+    tokens = torch.randint(0, 24, (n,), generator=generator)
+    tokens[:3] = target_logits[:3, mapped].argmax(-1)  # the best mapped id (row 0: not the argmax)
+    law = target_law(target_logits, sampling)
+    label = expected_acceptance(torch.zeros(n, 24), target_logits[:, mapped], support, twins, sampling, tokens,
+                                exact_match=True, law=law)  # fmt: skip
+    whole = sampling_probs_reference(target_logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    torch.testing.assert_close(label, whole[torch.arange(n), mapped[tokens]], atol=1e-6, rtol=1e-5)
+    over_mapped = expected_acceptance(torch.zeros(n, 24), target_logits[:, mapped], support, twins, sampling,
+                                      tokens, exact_match=True)  # fmt: skip
+    assert (over_mapped - label).abs().max() > 0.05  # what the two numbers change
 
 
 def test_untrained_head_predicts_its_prior():
