@@ -178,6 +178,11 @@ def _unsupported(model, config) -> str | None:
         )
     if config.model_type == "bloom" or (config.model_type == "falcon" and getattr(config, "alibi", False)):
         return "its ALiBi bias is built from a 2-D attention mask, and the engine passes a 4-D slot mask"
+    if config.model_type == "cpmant":
+        return (
+            "it prepends learned prompt tokens inside its forward and builds its own mask and position bias "
+            "over them, which the engine's cache slots cannot reproduce"
+        )
     return None
 
 

@@ -102,6 +102,7 @@ def test_layers_mixing_sliding_and_full_attention_beyond_the_window(arch, lean):
         ("bloom", {}, "ALiBi"),
         ("falcon", {"alibi": True, "hidden_size": 32, "num_attention_heads": 4}, "ALiBi"),
         ("mamba", {}, "rolled back"),
+        ("cpmant", {}, "prepends learned prompt tokens"),
         ("lfm2", {"layer_types": ["conv", "full_attention"]}, r"layers of type \['conv'\]"),
     ],
 )
