@@ -178,10 +178,17 @@ def _unsupported(model, config) -> str | None:
         )
     if config.model_type == "bloom" or (config.model_type == "falcon" and getattr(config, "alibi", False)):
         return "its ALiBi bias is built from a 2-D attention mask, and the engine passes a 4-D slot mask"
-    if config.model_type == "cpmant":
+    arguments = inspect.signature(model.forward).parameters
+    if not {"cache", "past_key_values"} & set(arguments):
+        state = " (it keeps a recurrent `state` instead)" if "state" in arguments else ""
         return (
-            "it prepends learned prompt tokens inside its forward and builds its own mask and position bias "
-            "over them, which the engine's cache slots cannot reproduce"
+            f"its forward takes no key/value cache (no `past_key_values` argument){state}, which the engine "
+            "writes at cache slots"
+        )
+    if "position_ids" not in arguments and config.model_type != "mpt":  # MPT's ALiBi reads no positions
+        return (
+            "its forward takes no `position_ids` (it numbers positions from its cache's length), and the "
+            "engine's rows run at positions of their own"
         )
     return None
 

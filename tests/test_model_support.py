@@ -59,7 +59,7 @@ def greedy_pair(target, drafter, lengths, new, **kwargs):
 
 
 SUPPORTED = ("qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt", "falcon", "olmo2", "starcoder2",
-             "stablelm", "granite", "cohere", "gpt_bigcode", "gptj", "codegen", "mpt")  # fmt: skip
+             "stablelm", "granite", "cohere", "gpt_bigcode", "gptj", "codegen", "mpt", "mistral", "phi")  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
@@ -102,7 +102,15 @@ def test_layers_mixing_sliding_and_full_attention_beyond_the_window(arch, lean):
         ("bloom", {}, "ALiBi"),
         ("falcon", {"alibi": True, "hidden_size": 32, "num_attention_heads": 4}, "ALiBi"),
         ("mamba", {}, "rolled back"),
-        ("cpmant", {}, "prepends learned prompt tokens"),
+        ("cpmant", {}, "no `position_ids`"),
+        ("rwkv", {}, "recurrent"),  # 5.17 marks it stateful; 5.2x: its forward takes a `state`, no cache
+        ("openai-gpt", {"n_embd": 32, "n_layer": 2, "n_head": 4}, "no key/value cache"),
+        (
+            "roformer",
+            {"is_decoder": True},
+            r"no `position_ids` \(it numbers positions from its cache's length\)",
+        ),
+        ("trocr", {"d_model": 32, "decoder_layers": 2, "decoder_attention_heads": 4}, "no `position_ids`"),
         ("lfm2", {"layer_types": ["conv", "full_attention"]}, r"layers of type \['conv'\]"),
     ],
 )
