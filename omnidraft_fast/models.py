@@ -268,6 +268,8 @@ class CausalLM:
                 f"`{name}` ({type(model).__name__}) has no language-modelling head; load it with "
                 "AutoModelForCausalLM."
             )
+        # A multimodal model's language settings (layer types, windows, positions) are in its text config.
+        config = config.get_text_config(decoder=True)
         reason = _unsupported(model, config)
         if reason is not None:
             raise ValueError(
@@ -275,7 +277,6 @@ class CausalLM:
             )
         self.model = model
         self.name = name
-        self.config = config
         self.vocab_size = int(head.weight.shape[0])
         self.position_limit = _position_limit(config)
         window, every_layer = _sliding_window(config)

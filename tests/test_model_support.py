@@ -96,6 +96,48 @@ def test_layers_mixing_sliding_and_full_attention_beyond_the_window(arch, lean):
             assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=24), expected)
 
 
+@pytest.mark.parametrize("layer_types", [["sliding_attention"] * 2, ["sliding_attention", "full_attention"]])
+def test_a_multimodal_models_text_settings(layer_types):
+    """A multimodal model (Gemma 3's image-text-to-text) keeps its language settings in its text config: its
+    sliding window is read there, so that prompts served text-only are exact far past the window, eager and
+    captured (the window went unseen before, and the outputs differed)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=6,
+        layer_types=layer_types,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=95,
+                          boi_token_index=94, eoi_token_index=93)  # fmt: skip
+    torch.manual_seed(0)
+    target = Gemma3ForConditionalGeneration(config).eval()
+    ids, mask = left_padded_prompts(90, [9, 4, 6], seed=2)  # below the image token ids
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    for graphs in (False, True):
+        engine = SpeculativeEngine(target, target, config=EngineConfig(cuda_graphs=graphs))
+        assert (engine.target.sliding_window or engine.target.layer_window) == 6
+        assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=20), expected)
+
+
 @pytest.mark.parametrize(
     ("arch", "fields", "match"),
     [
