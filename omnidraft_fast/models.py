@@ -178,6 +178,15 @@ def _unsupported(model, config) -> str | None:
         )
     if config.model_type == "bloom" or (config.model_type == "falcon" and getattr(config, "alibi", False)):
         return "its ALiBi bias is built from a 2-D attention mask, and the engine passes a 4-D slot mask"
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if any(
+        getattr(m, "is_causal", None) is False and type(m).__name__.endswith("SelfAttention")
+        for m in decoder.modules()
+    ):
+        return (
+            "its self-attention is bidirectional (a BERT-style model whose config has is_decoder=False), so a "
+            "token would attend to the drafted tokens after it; load it with is_decoder=True"
+        )
     arguments = inspect.signature(model.forward).parameters
     if not {"cache", "past_key_values"} & set(arguments):
         state = " (it keeps a recurrent `state` instead)" if "state" in arguments else ""
