@@ -230,11 +230,19 @@ def test_vocabulary_digests_tell_apart_what_joined_tokens_would_not():
         {"a": 0, "b": 1, "c": 3},
         {"a": 0, "b": 1, "": 2, "c": 3},
         {"a": 0, "b": 1, "B": 1, "c": 2},
+        {"a": 0, "x": 1, "B": 1, "c": 2},  # joins as the one above where the later string of id 1 overwrites
         {"a": 0, "A": 0, "c": 2},  # as many strings as ids, with a hole at 1
         {"a": 0, "A": 0, "c": 2, "C": 2},
     ]
     assert len({digest(ids) for ids in vocabularies}) == len(vocabularies)
     assert digest({"a": 0, "A": 0, "c": 2}) == digest({"c": 2, "A": 0, "a": 0})
+
+
+def test_a_vocabularys_highest_id():
+    """``Vocabulary.highest`` is the largest id, whatever the dict's order, and -1 for an empty vocabulary
+    (so that ``highest + 1`` ids, the size a bridge needs, is 0)."""
+    assert Vocabulary(None, {"a": 3, "b": 7, "c": 0}).highest == 7
+    assert Vocabulary(None, {}).highest == -1
 
 
 def test_vocab_size_smaller_than_tokenizer(trained_tokenizers):

@@ -119,6 +119,46 @@ def test_strided_tokens_and_empty_batch():
         assert ids.shape == (0, 3) and drafted.shape == (0,)
 
 
+def test_the_whole_context_less_one_token_can_match():
+    """A row of one repeated token that fills every slot: its longest matching suffix is the whole context
+    less its first token (``n = L - 1``, the window at 0), so the draft is the one last token; a shorter
+    suffix would draft from an earlier slot."""
+    tokens, start, lengths = torch.full((1, 6), 7), torch.tensor([0]), torch.tensor([6])
+    want = _definition(tokens, start, lengths, 3, 10)
+    assert want[1].tolist() == [1]  # n = 5, j = 0: the draft begins at slot 5
+    for implementation in (lookup_reference, lambda *a: lookup_triton(*a, block=4)):
+        ids, drafted = implementation(tokens, start, lengths, 3, 10)
+        assert torch.equal(drafted, want[1]) and torch.equal(ids, want[0])
+
+
+def test_rows_of_one_slot():
+    """A batch of one slot a row (a row of one token or none) drafts nothing: no token precedes a suffix."""
+    tokens, start, lengths = torch.tensor([[4], [9]]), torch.tensor([0, 0]), torch.tensor([1, 0])
+    want = _definition(tokens, start, lengths, 2, 3)
+    assert want[1].tolist() == [0, 0]
+    for implementation in (lookup_reference, lookup_triton):
+        ids, drafted = implementation(tokens, start, lengths, 2, 3)
+        assert torch.equal(drafted, want[1]) and torch.equal(ids, want[0])
+
+
+def test_tokens_in_any_layout_and_the_default_tile():
+    """Token buffers whose slot axis is not unit-stride (every other column of a wider buffer, one token
+    broadcast over a row's slots) draft as their contiguous copies do, at the launcher's default tile and
+    program count as at a small tile."""
+    tokens, start, lengths = _layout(5, 4, 23, 3)
+    wide = torch.zeros(4, 46, dtype=torch.int64)
+    wide[:, ::2] = tokens
+    broadcast = tokens[:, :1].expand(-1, 23)
+    for layout in (wide[:, ::2], broadcast):
+        assert layout.stride(1) in (0, 2)
+        want = lookup_reference(layout.contiguous(), start, lengths, 4, 3)
+        for got in (
+            lookup_triton(layout, start, lengths, 4, 3),
+            lookup_triton(layout, start, lengths, 4, 3, block=8),
+        ):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -152,6 +152,47 @@ def test_fp16_and_strided_logits():
     _check({**case, "noise": noise})
 
 
+def test_target_probs_are_the_drafts_probabilities(programs):
+    """Sampling: ``target_probs`` is ``p_j(y_j)``, the sampled distribution at the draft's id, for every
+    proposed draft, id 0 (the lowest, a proposal like any other) included, and 0 where nothing was proposed."""
+    case = _case(4, 3, 60, 0.8, seed=11)
+    case["target_logits"][:, :, 0] += 3.0  # id 0 has some mass everywhere, as do its neighbours
+    draft = case["draft_ids"]
+    draft[:, 0] = 0
+    draft[1, 1:] = torch.tensor([0, -1])
+    p = sampling_probs_reference(case["target_logits"], 0.8, 0, 1.0)
+    want = torch.tensor([[p[b, j, y].item() if y >= 0 else 0.0 for j, y in enumerate(row)]
+                         for b, row in enumerate(draft.tolist())])  # fmt: skip
+    torch.testing.assert_close(match_reference(**case)[2], want)
+    torch.testing.assert_close(_check(case)[2], want)
+
+
+def test_noise_in_any_layout():
+    """Noise whose vocabulary axis is not unit-stride (every other element of a wider buffer, the batch axis
+    innermost, or one value broadcast over the vocabulary) draws as its contiguous copy does."""
+    case = _case(3, 2, 120, 0.9, seed=6)
+    noise = case["noise"]
+    wide = torch.ones(3, 3, 240)
+    wide[..., ::2] = noise
+    batch_inner = noise.permute(2, 1, 0).contiguous().permute(2, 1, 0)  # strides (1, batch, batch (k+1))
+    broadcast = noise[..., :1].expand(-1, -1, 120)  # one value a position: the draw is p's first mode
+    for layout in (wide[..., ::2], batch_inner, broadcast):
+        assert layout.stride(-1) != 1
+        got = _check({**case, "noise": layout})
+        want = match_reference(**{**case, "noise": layout.contiguous()})
+        assert torch.equal(got[1], want[1])
+    assert batch_inner.stride(0) == 1 and wide[..., ::2].stride(-1) == 2 and broadcast.stride(-1) == 0
+
+
+def test_default_tile():
+    """The launcher's default tile (the one ``ops.verify`` uses) gives the reference's results."""
+    for temperature in (0.0, 0.8):
+        case = _case(2, 2, 300, temperature, seed=9)
+        got, want = match_triton(**case), match_reference(**case)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2])
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_invalid_rows(temperature, programs):
     """Flags where the NaN, +inf and all -inf positions are; at 256 programs each position's vocabulary is

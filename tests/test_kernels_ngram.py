@@ -153,6 +153,18 @@ def test_no_queries_and_no_keys_launch_nothing():
         assert all(torch.equal(a, b) for a, b in zip(before, table, strict=True))
 
 
+def test_one_key_alone():
+    """A batch of one key is a batch like any other: inserted alone it is stored, looked up alone it is found,
+    and an absent key alone is -1 (kernel and reference alike)."""
+    key, other = torch.tensor([[3, 1, 4, -1]]), torch.tensor([[2, 7, -1, -1]])
+    for insert, lookup in ((ngram_insert_triton, ngram_lookup_triton), (ngram_insert_reference, ngram_lookup_reference)):  # fmt: skip
+        table = _table(16)
+        assert int(insert(*table, key, torch.tensor([9]), torch.tensor([2]))) == 0
+        assert _entries(table) == {((3, 1, 4, -1), 9, 2)}
+        assert lookup(table[1], table[2], key).tolist() == [9]
+        assert lookup(table[1], table[2], other).tolist() == [-1]
+
+
 def test_reference_has_fixed_shapes():
     """No data-dependent shape anywhere (so no host sync on a GPU): the references run on the meta device."""
     table = _table(64, device="meta")
@@ -163,13 +175,13 @@ def test_reference_has_fixed_shapes():
 
 def test_loaded_table_rebuilds_its_hashes():
     table = NGramTable(32, 3)
-    keys = torch.tensor([[1, 2, -1], [3, 4, 5]])
-    table.insert(keys, torch.tensor([7, 8]))
+    keys = torch.tensor([[1, 2, -1], [3, 4, 5], [0, 6, -1]])  # a key may begin with id 0
+    table.insert(keys, torch.tensor([7, 8, 9]))
     other = NGramTable(32, 3)
     other.load_state_dict({name: tensor.clone() for name, tensor in table.state_dict().items()})
     assert torch.equal(other.hashes, table.hashes)
-    other.insert(keys[:1], torch.tensor([7]))  # found, not stored twice
-    assert int(other.size()) == 2 and int(other.counts.sum()) == 3
+    other.insert(keys[::2], torch.tensor([7, 9]))  # found, not stored twice
+    assert int(other.size()) == 3 and int(other.counts.sum()) == 5
 
 
 # -- GPU: large tables, many concurrent inserts of overlapping keys ---------------------------------------

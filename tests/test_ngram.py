@@ -193,6 +193,7 @@ def test_insert_refuses_what_it_would_truncate_and_names_its_own_arguments():
         (torch.tensor([7]), None, ValueError, r"`values` and `hits` must have one entry per key \(2\)"),
         (torch.tensor([7, 8]), torch.tensor([1]), ValueError, "one entry per key"),
         ([7, 8], None, TypeError, "`values` must be a 1-D integer tensor"),
+        (torch.tensor([7, 8]), torch.tensor([1.5, 2.0]), TypeError, "`hits` must be a 1-D integer tensor"),
     ):
         with pytest.raises(error, match=match):
             table.insert(keys, values, hits)
@@ -210,3 +211,61 @@ def test_a_table_larger_than_the_device_is_refused_by_name(capacity, max_len):
         ValueError, match=rf"`ngram_capacity`={capacity} with `ngram_max_len`={max_len} needs"
     ):
         NGramTable(capacity, max_len)
+
+
+@pytest.mark.parametrize(("capacity", "max_len"), [(100, 3), (16, 2), (1, 7)])
+def test_the_size_checked_is_the_tables_size(monkeypatch, capacity, max_len):
+    """The bytes a table is checked against the device's memory for are those of the tensors it allocates
+    (hashes, key ids, values, counts at the rounded-up capacity), so a table that fits is never refused."""
+    import omnidraft_fast.ngram
+
+    asked = []
+    monkeypatch.setattr(
+        omnidraft_fast.ngram, "check_fits", lambda setting, needed, what, devices: asked.append(needed)
+    )
+    table = NGramTable(capacity, max_len)
+    tensors = (table.hashes, table.key_ids, table.values, table.counts)
+    assert asked == [sum(t.numel() * t.element_size() for t in tensors)]
+
+
+def test_free_slots_hold_the_free_layout_and_look_up_nothing():
+    """A new table, and the slots an eviction clears, hold the free layout of ``kernels/ngram.py`` (hash word
+    EMPTY, key ids and value -1, count 0), so a query of no ids (all -1) or of one id, which no insert stores,
+    looks up -1; the entries an eviction keeps have their counts halved, but at least 1."""
+    from omnidraft_fast.kernels.ngram import EMPTY
+
+    table = NGramTable(16, 3)
+    for free_slots in (16, 14):  # new; after an insert of two keys and an eviction
+        free = table.key_ids[:, 0] < 0
+        assert int(free.sum()) == free_slots
+        assert (table.hashes[free] == EMPTY).all() and (table.key_ids[free] == -1).all()
+        assert (table.values[free] == -1).all() and (table.counts[free] == 0).all()
+        if free_slots == 16:
+            table.insert(_keys((1, 2), (3, 4), (5,), n=3), torch.tensor([7, 8, 9]), torch.tensor([5, 1, 1]))
+            table.evict()  # keeps a quarter of 16 slots: both entries, counts 5 // 2 and max(1 // 2, 1)
+            assert sorted(table.counts[table.key_ids[:, 0] >= 0].tolist()) == [1, 2]
+        assert table.lookup(_keys((), (5,), (1, 2), n=3)).tolist() == [-1, -1, 7]
+
+
+def test_dropped_counts_the_keys_a_full_table_could_not_place():
+    """``dropped`` counts up the inserted keys that found no slot: 20 distinct keys into 16 slots (whose
+    probe chains visit every slot) leave 4 out, and a second such insert 4 more."""
+    table = NGramTable(16, 2)
+    keys = _keys(*((a, b) for a in range(4) for b in range(5)), n=2)
+    table.insert(keys, torch.arange(20))
+    assert int(table.size()) == 16 and int(table.dropped) == 4
+    table.insert(keys, torch.arange(20))
+    assert int(table.dropped) == 8
+
+
+@pytest.mark.parametrize(("seeds", "slots"), [(4, 16), (5, 32)])
+def test_a_seeded_table_has_four_slots_per_seed(seeds, slots):
+    """The seeds are the spellings of 2..max_len drafter ids (not those of one id, nor longer ones), and the
+    table has at least 4 slots per seed (rounded up to a power of two): 4 seeds 16 slots, 5 seeds 32."""
+    spellings = [[6], [1, 2, 3, 4, 5], [4], *[[1, 2], [3, 4, 5], [7, 8], [2, 1], [9, 9, 9, 9]][:seeds]]
+    t2ds = torch.tensor([s + [-1] * (5 - len(s)) for s in spellings], dtype=torch.int32)
+    t2ds_len = torch.tensor([len(s) for s in spellings], dtype=torch.int32)
+    table = NGramTable.seeded(2, 4, t2ds, t2ds_len, "cpu")
+    assert table.capacity == slots and int(table.size()) == seeds
+    seeded = [i for i, s in enumerate(spellings) if 2 <= len(s) <= 4]
+    assert table.lookup(table.keys_of(t2ds[seeded])).tolist() == seeded
