@@ -179,10 +179,7 @@ def _unsupported(model, config) -> str | None:
     if config.model_type == "bloom" or (config.model_type == "falcon" and getattr(config, "alibi", False)):
         return "its ALiBi bias is built from a 2-D attention mask, and the engine passes a 4-D slot mask"
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    if any(
-        getattr(m, "is_causal", None) is False and type(m).__name__.endswith("SelfAttention")
-        for m in decoder.modules()
-    ):
+    if any(_bidirectional(module) for module in decoder.modules()):
         return (
             "its self-attention is bidirectional (a BERT-style model whose config has is_decoder=False), so a "
             "token would attend to the drafted tokens after it; load it with is_decoder=True"
@@ -200,6 +197,14 @@ def _unsupported(model, config) -> str | None:
             "engine's rows run at positions of their own"
         )
     return None
+
+
+def _bidirectional(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a BERT-style self-attention built to attend both ways (``is_causal``, or in
+    older code ``is_decoder``, False: the model's config lacked ``is_decoder=True``)."""
+    return type(module).__name__.endswith("SelfAttention") and (
+        getattr(module, "is_causal", None) is False or getattr(module, "is_decoder", None) is False
+    )
 
 
 def _width_limit(config, unmasked_window: int | None) -> tuple[int | None, str]:

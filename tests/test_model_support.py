@@ -146,6 +146,7 @@ def test_a_multimodal_models_text_settings(layer_types):
         ("mamba", {}, "rolled back"),
         ("cpmant", {}, "no `position_ids`"),
         ("roberta", {}, r"bidirectional .* load it with is_decoder=True"),
+        ("megatron-bert", {}, "bidirectional"),
         ("rwkv", {}, "recurrent"),  # 5.17 marks it stateful; 5.2x: its forward takes a `state`, no cache
         ("openai-gpt", {"n_embd": 32, "n_layer": 2, "n_head": 4}, "no key/value cache"),
         (
