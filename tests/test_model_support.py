@@ -103,29 +103,11 @@ def test_a_multimodal_models_text_settings(layer_types):
     captured (the window went unseen before, and the outputs differed)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    text = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        sliding_window=6,
-        layer_types=layer_types,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=6,
+                layer_types=layer_types, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=95,
                           boi_token_index=94, eoi_token_index=93)  # fmt: skip
     torch.manual_seed(0)
