@@ -270,3 +270,36 @@ def test_real_tokenizer_pairs(drafter, target, direct):
     if direct is not None:
         assert abs(bridge.num_direct - direct) <= 2, bridge.num_direct  # + the EOS pair mapped by role
     _check_bridge(drafter_tokenizer, target_tokenizer, bridge)
+
+
+def _word_level(vocab: dict[str, int], decoder=None, **special_tokens):
+    """A word-level fast tokenizer over ``vocab`` (``<unk>`` in it), with ``decoder`` as its decoder."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if decoder is not None:
+        backend.decoder = decoder
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special_tokens)
+
+
+SENTENCEPIECE_VOCAB = {"<unk>": 0, "a": 1, "<0x0A>": 2, "▁a": 3}
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    [decoders.ByteFallback(), decoders.Metaspace(), decoders.Replace("▁", " ")],
+    ids=["byte-fallback-alone", "metaspace", "replace-alone"],
+)
+def test_each_sentencepiece_decoder_alone_marks_the_sentencepiece_style(decoder):
+    """Any one of the SentencePiece marks in the decoder (a ByteFallback step, a Metaspace step, a ``▁``
+    replaced) is enough for the SentencePiece reading (module docstring): ``<0xNN>`` is the byte NN, a byte
+    token, and ``▁`` a space. Without a decoder the same vocabulary is read as plain text, token by token."""
+    table = token_bytes(_word_level(SENTENCEPIECE_VOCAB, decoder))
+    assert table.style == "sentencepiece"
+    assert table.pieces == [None, b"a", b"\n", b" a"] and table.byte_tokens == {2}
+    plain = token_bytes(_word_level(SENTENCEPIECE_VOCAB))
+    assert plain.style == "plain"
+    assert plain.pieces == [None, b"a", b"<0x0A>", "▁a".encode()] and not plain.byte_tokens
