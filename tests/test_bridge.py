@@ -303,3 +303,14 @@ def test_each_sentencepiece_decoder_alone_marks_the_sentencepiece_style(decoder)
     plain = token_bytes(_word_level(SENTENCEPIECE_VOCAB))
     assert plain.style == "plain"
     assert plain.pieces == [None, b"a", b"<0x0A>", "▁a".encode()] and not plain.byte_tokens
+
+
+def test_a_byte_level_token_outside_the_byte_map_keeps_its_text():
+    """A byte-level token string is read through GPT-2's 256-character byte map (``Ġ`` a space); a
+    character outside the map (``ń``, U+0144, the code point right after the map's last one, U+0143) leaves
+    the token read as its UTF-8 text."""
+    table = token_bytes(_word_level({"<unk>": 0, "Ġa": 1, "ń": 2, "Ńa": 3}, decoders.ByteLevel()))
+    assert table.style == "bytelevel"
+    assert table.pieces[1] == b" a"
+    assert table.pieces[2] == "ń".encode() == b"\xc5\x84"
+    assert table.pieces[3] == bytes([0xAD]) + b"a"  # U+0143 is byte 0xAD, the map's last non-printable
