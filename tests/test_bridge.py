@@ -314,3 +314,13 @@ def test_a_byte_level_token_outside_the_byte_map_keeps_its_text():
     assert table.pieces[1] == b" a"
     assert table.pieces[2] == "ń".encode() == b"\xc5\x84"
     assert table.pieces[3] == bytes([0xAD]) + b"a"  # U+0143 is byte 0xAD, the map's last non-printable
+
+
+def test_one_piece_per_id():
+    """``token_bytes`` gives one entry per id: the tokenizer's ids (largest id + 1), or ``vocab_size`` where
+    that is larger, never less (0 for an empty vocabulary)."""
+    tokenizer = _word_level({"<unk>": 0, "a": 1, "b": 5})
+    assert token_bytes(tokenizer).pieces == [None, b"a", None, None, None, b"b"]
+    assert len(token_bytes(tokenizer, vocab_size=8).pieces) == 8
+    assert len(token_bytes(tokenizer, vocab_size=3).pieces) == 6
+    assert token_bytes(Vocabulary(tokenizer, {})).pieces == []
