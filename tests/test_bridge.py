@@ -324,3 +324,17 @@ def test_one_piece_per_id():
     assert len(token_bytes(tokenizer, vocab_size=8).pieces) == 8
     assert len(token_bytes(tokenizer, vocab_size=3).pieces) == 6
     assert token_bytes(Vocabulary(tokenizer, {})).pieces == []
+
+
+def test_canonical_id_is_the_lowest_real_token_else_the_lowest_byte_token():
+    """Among ids sharing bytes the canonical one is the lowest non-byte-fallback id, else the lowest byte
+    token (module docstring), whatever the order of byte and other tokens among the ids."""
+    table = bridge_module.TokenTable(
+        pieces=[b"x", b"a", b"a", b"b", b"b", b"c", b"c", None],
+        byte_tokens=frozenset({3, 5, 6}),
+        special={7: "</s>"},
+        eos_ids=(7,),
+        style="sentencepiece",
+    )
+    # a: two real tokens -> the lower; b: byte token 3 then real 4 -> 4; c: two byte tokens -> the lower.
+    assert bridge_module._canonical(table) == {b"x": 0, b"a": 1, b"b": 4, b"c": 5}
