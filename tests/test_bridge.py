@@ -338,3 +338,15 @@ def test_canonical_id_is_the_lowest_real_token_else_the_lowest_byte_token():
     )
     # a: two real tokens -> the lower; b: byte token 3 then real 4 -> 4; c: two byte tokens -> the lower.
     assert bridge_module._canonical(table) == {b"x": 0, b"a": 1, b"b": 4, b"c": 5}
+
+
+def test_a_token_made_special_after_loading_has_no_bytes():
+    """A token made a special one after loading (here a plain added token set as EOS, as chat setups do with
+    ``<|im_end|>``) counts as special, by the tokenizer's list of special tokens: no bytes, and an EOS id."""
+    tokenizer = _word_level({"<unk>": 0, "a": 1})
+    tokenizer.add_tokens(["<|im_end|>"])  # not special when added
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert token_bytes(tokenizer).pieces[end] == b"<|im_end|>"
+    tokenizer.eos_token = "<|im_end|>"
+    table = token_bytes(tokenizer)
+    assert table.pieces == [None, b"a", None] and end in table.special and table.eos_ids == (end,)
