@@ -350,3 +350,22 @@ def test_a_token_made_special_after_loading_has_no_bytes():
     tokenizer.eos_token = "<|im_end|>"
     table = token_bytes(tokenizer)
     assert table.pieces == [None, b"a", None] and end in table.special and table.eos_ids == (end,)
+
+
+def test_a_spelling_is_the_drafters_own_bpe_where_that_gives_the_bytes():
+    """A target token is spelled in drafter tokens by the drafter's own BPE where that gives back its bytes
+    (``_Speller``), not by the longest match: with the merge ``b c`` ranked before ``a b``, BPE spells
+    ``abc`` as ``a`` + ``bc``, where the longest match from the left would take ``ab`` + ``c``."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4}
+    backend = Tokenizer(tokenizer_models.BPE(vocab, [("b", "c"), ("a", "b")]))
+    backend.decoder = decoders.ByteLevel()
+    drafter = PreTrainedTokenizerFast(tokenizer_object=backend)
+    target = _word_level({"<unk>": 0, "abc": 1, "ab": 2})
+    assert token_bytes(drafter).style == "bytelevel" and token_bytes(target).style == "plain"
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.t2ds_len[1] == 2 and bridge.t2ds[1, :2].tolist() == [vocab["a"], vocab["bc"]]
+    assert bridge.t2d.tolist() == [-1, -1, vocab["ab"]]  # "ab" has a twin, "abc" none
