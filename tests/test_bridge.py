@@ -369,3 +369,15 @@ def test_a_spelling_is_the_drafters_own_bpe_where_that_gives_the_bytes():
     bridge = VocabBridge.from_tokenizers(drafter, target)
     assert bridge.t2ds_len[1] == 2 and bridge.t2ds[1, :2].tolist() == [vocab["a"], vocab["bc"]]
     assert bridge.t2d.tolist() == [-1, -1, vocab["ab"]]  # "ab" has a twin, "abc" none
+
+
+def test_twins_fold_onto_target_id_zero_too():
+    """``twins`` lists every drafter id that maps to a target id whose canonical drafter id is another one,
+    beside that canonical id; target id 0 is an id like any other (GPT-2's id 0 is ``!``). Here the drafter
+    spells ``!`` twice (``!`` and the byte token ``<0x21>``): both map to the target's ``!``, id 0, whose
+    canonical drafter id is the real token, so the byte token is folded onto it."""
+    drafter = _word_level({"<unk>": 0, "!": 1, "<0x21>": 2}, decoders.ByteFallback())
+    target = _word_level({"!": 0, "<unk>": 1})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.d2t.tolist() == [-1, 0, 0] and bridge.t2d.tolist() == [1, -1]
+    assert bridge.twins.tolist() == [[2], [1]]
