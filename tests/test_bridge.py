@@ -381,3 +381,20 @@ def test_twins_fold_onto_target_id_zero_too():
     bridge = VocabBridge.from_tokenizers(drafter, target)
     assert bridge.d2t.tolist() == [-1, 0, 0] and bridge.t2d.tolist() == [1, -1]
     assert bridge.twins.tolist() == [[2], [1]]
+    assert bridge.num_direct == 1  # the one target id with a drafter twin: id 0
+
+
+def test_a_split_whose_first_piece_is_target_id_zero():
+    """A drafter token with no target twin is proposed split into its target spelling; where the first piece
+    has a drafter twin, the token is folded beside that twin (``split_twins``), keeps its split marker in
+    ``sampled_units`` and maps to that first piece in ``proposal_d2t``, also where the first piece is target
+    id 0. Here ``!a`` is spelled by the target as ``!`` (id 0) + ``a``, and ``!`` is the drafter's id 1."""
+    drafter = _word_level({"<unk>": 0, "!": 1, "a": 2, "!a": 3})
+    target = _word_level({"!": 0, "<unk>": 1, "a": 2})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.d2t.tolist() == [-1, 0, 2, -1]
+    assert bridge.d2ts_len[3] == 2 and bridge.d2ts[3, :2].tolist() == [0, 2]
+    split = bridge.target_vocab_size + 3
+    assert bridge.units.tolist() == [-1, 0, 2, split] and bridge.sampled_units.tolist() == [-1, 0, 2, split]
+    assert bridge.split_twins.tolist() == [[3], [1]]
+    assert bridge.proposal_d2t.tolist() == [-1, 0, 2, 0]
