@@ -398,3 +398,20 @@ def test_a_split_whose_first_piece_is_target_id_zero():
     assert bridge.units.tolist() == [-1, 0, 2, split] and bridge.sampled_units.tolist() == [-1, 0, 2, split]
     assert bridge.split_twins.tolist() == [[3], [1]]
     assert bridge.proposal_d2t.tolist() == [-1, 0, 2, 0]
+
+
+def test_splits_by_whether_their_first_piece_has_a_drafter_twin():
+    """Split tokens are folded beside the drafter twin of their first piece, drafter id 0 included; a split
+    whose first piece has no drafter twin keeps its marker in ``units`` but is -1 in ``sampled_units`` (its
+    proposal probability cannot be read) and is not in ``split_twins``. Here ``!a`` is spelled ``!`` + ``a``
+    (``!`` is drafter id 0) and ``ca`` is spelled ``c`` + ``a``, where the drafter has no ``c``."""
+    drafter = _word_level({"!": 0, "<unk>": 1, "a": 2, "!a": 3, "ca": 4})
+    target = _word_level({"!": 0, "<unk>": 1, "a": 2, "c": 3})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.d2t.tolist() == [0, -1, 2, -1, -1] and bridge.t2d.tolist() == [0, -1, 2, -1]
+    assert bridge.d2ts[3, :2].tolist() == [0, 2] and bridge.d2ts[4, :2].tolist() == [3, 2]
+    marker = bridge.target_vocab_size  # + the drafter id
+    assert bridge.units.tolist() == [0, -1, 2, marker + 3, marker + 4]
+    assert bridge.sampled_units.tolist() == [0, -1, 2, marker + 3, -1]
+    assert bridge.split_twins.tolist() == [[3], [0]]
+    assert bridge.proposal_d2t.tolist() == [0, -1, 2, 0, -1]
