@@ -415,3 +415,38 @@ def test_splits_by_whether_their_first_piece_has_a_drafter_twin():
     assert bridge.sampled_units.tolist() == [0, -1, 2, marker + 3, -1]
     assert bridge.split_twins.tolist() == [[3], [0]]
     assert bridge.proposal_d2t.tolist() == [0, -1, 2, 0, -1]
+
+
+def test_eos_maps_by_role_through_the_tokenizers_eos_token():
+    """The EOS families map to each other by role (module docstring): every drafter EOS id to the target's
+    ``eos_token_id``, that target id back to the drafter's ``eos_token_id``, each way with the other's EOS as
+    its one-token spelling; where a tokenizer has no ``eos_token_id``, its lowest EOS-named special stands
+    for it, and where one side has no EOS at all, nothing maps by role. The EOS may be id 0."""
+    both = _word_level(  # two EOS ids, 1 and 2; the tokenizer's EOS is 2
+        {"<unk>": 0, "</s>": 1, "<|im_end|>": 2, "a": 3},
+        eos_token="<|im_end|>",
+        additional_special_tokens=["</s>"],
+    )
+    first = _word_level({"<eos>": 0, "<unk>": 1, "a": 2}, eos_token="<eos>")  # EOS at id 0
+    named = _word_level({"<unk>": 0, "a": 1, "</s>": 2}, additional_special_tokens=["</s>"])  # no eos_token
+    none = _word_level({"<unk>": 0, "a": 1})  # no EOS at all
+    assert token_bytes(both).eos_ids == (1, 2) and token_bytes(named).eos_ids == (2,)
+    assert named.eos_token_id is None and not token_bytes(none).eos_ids
+
+    bridge = VocabBridge.from_tokenizers(both, first)
+    assert bridge.d2t.tolist() == [-1, 0, 0, 2] and bridge.t2d.tolist() == [2, -1, 3]
+    assert bridge.t2ds[0, : bridge.t2ds_len[0]].tolist() == [2]
+    assert [bridge.d2ts[i, : bridge.d2ts_len[i]].tolist() for i in (1, 2)] == [[0], [0]]
+
+    bridge = VocabBridge.from_tokenizers(first, both)
+    assert bridge.d2t.tolist() == [2, -1, 3] and bridge.t2d.tolist() == [-1, -1, 0, 2]
+    assert [bridge.t2ds[i, : bridge.t2ds_len[i]].tolist() for i in (1, 2)] == [[0], [0]]
+
+    bridge = VocabBridge.from_tokenizers(named, first)
+    assert bridge.d2t.tolist() == [-1, 2, 0] and bridge.t2d.tolist() == [2, -1, 1]
+    bridge = VocabBridge.from_tokenizers(first, named)
+    assert bridge.d2t.tolist() == [2, -1, 1] and bridge.t2d.tolist() == [-1, 2, 0]
+
+    bridge = VocabBridge.from_tokenizers(both, none)
+    assert bridge.d2t.tolist() == [-1, -1, -1, 1] and bridge.t2d.tolist() == [-1, 3]
+    assert bridge.d2ts_len.tolist() == [0, 0, 0, 1]
