@@ -450,3 +450,13 @@ def test_eos_maps_by_role_through_the_tokenizers_eos_token():
     bridge = VocabBridge.from_tokenizers(both, none)
     assert bridge.d2t.tolist() == [-1, -1, -1, 1] and bridge.t2d.tolist() == [-1, 3]
     assert bridge.d2ts_len.tolist() == [0, 0, 0, 1]
+
+
+def test_spell_for_drafter_keeps_drafter_id_zero():
+    """``spell_for_drafter`` concatenates the drafter spellings of target ids, dropping only the padding
+    (-1): drafter id 0 is a token like any other. Here ``!`` is id 0 on both sides and the target's ``ca`` is
+    spelled by the drafter as ``c`` + ``a``."""
+    drafter = _word_level({"!": 0, "<unk>": 1, "a": 2, "c": 3})
+    target = _word_level({"!": 0, "<unk>": 1, "ca": 2, "a": 3})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.spell_for_drafter(torch.tensor([2, 0, 3, 0])).tolist() == [3, 2, 0, 2, 0]
