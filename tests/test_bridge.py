@@ -460,3 +460,16 @@ def test_spell_for_drafter_keeps_drafter_id_zero():
     target = _word_level({"!": 0, "<unk>": 1, "ca": 2, "a": 3})
     bridge = VocabBridge.from_tokenizers(drafter, target)
     assert bridge.spell_for_drafter(torch.tensor([2, 0, 3, 0])).tolist() == [3, 2, 0, 2, 0]
+
+
+def test_vocabularies_with_nothing_in_common():
+    """Where no token of either side can be spelled on the other, nothing maps and every spelling is empty:
+    the spelling tables are one column wide (the longest spelling, at least 1) of padding, and no drafted
+    token can be proposed (``units`` -1)."""
+    drafter = _word_level({"<unk>": 0, "x": 1})
+    target = _word_level({"<unk>": 0, "a": 1, "b": 2})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.d2t.tolist() == [-1, -1] and bridge.t2d.tolist() == [-1, -1, -1] and bridge.num_direct == 0
+    assert bridge.max_spelling == 1 and bridge.t2ds.tolist() == [[-1], [-1], [-1]]
+    assert bridge.d2ts.tolist() == [[-1], [-1]] and bridge.d2ts_len.tolist() == [0, 0]
+    assert bridge.units.tolist() == [-1, -1] and bridge.split_twins.shape == (2, 0)
