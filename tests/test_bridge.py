@@ -473,3 +473,12 @@ def test_vocabularies_with_nothing_in_common():
     assert bridge.max_spelling == 1 and bridge.t2ds.tolist() == [[-1], [-1], [-1]]
     assert bridge.d2ts.tolist() == [[-1], [-1]] and bridge.d2ts_len.tolist() == [0, 0]
     assert bridge.units.tolist() == [-1, -1] and bridge.split_twins.shape == (2, 0)
+
+
+def test_spelling_tables_are_as_wide_as_the_longest_spelling():
+    """The spelling tables are as wide as the longest spelling: one column where every token has a twin."""
+    drafter = _word_level({"<unk>": 0, "a": 1, "b": 2})
+    target = _word_level({"b": 0, "a": 1, "<unk>": 2})
+    bridge = VocabBridge.from_tokenizers(drafter, target)
+    assert bridge.d2t.tolist() == [-1, 1, 0] and bridge.t2d.tolist() == [2, 1, -1]
+    assert bridge.t2ds.tolist() == [[2], [1], [-1]] and bridge.d2ts.tolist() == [[-1], [1], [0]]
