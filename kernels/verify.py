@@ -22,12 +22,12 @@ not in ``A`` (always, for exact and lossy). A position with nothing proposed
 (``y_j = -1``) is a rejection. Where the draft ended, ``q_j = 0``, so its residual is ``pi_j``. Where
 it stopped at a drafted token with no target token, ``q_j`` is the drafter's law there
 (``kernels/proposal.py``), whose missing mass is that of the drafter's tokens with no target token: the
-residual against it keeps speculative sampling exact. With ``support_only`` (a cascade across vocabularies under
-logits processing), ``q_j`` and ``q1_j`` count only on the tokens whose target logits at ``j`` are finite
-(the processors' support): the proposal's mass elsewhere (a merged or split-piece token, or a twin, that a
-processor forbids) is treated as nothing proposed, so a draft there is rejected and deferred, and the rules
-defer that mass to the target as at a stop. The output then follows ``pi`` of the restricted ``q``, which
-keeps no token the processors forbid; exact rows are unchanged (``pi = p`` is 0 there).
+residual against it keeps speculative sampling exact. With ``support_only`` (a cascade across vocabularies
+under logits processing), ``q_j`` and ``q1_j`` count only on the tokens whose target logits at ``j`` are
+finite (the processors' support): the proposal's mass elsewhere (a merged or split-piece token, or a twin,
+that a processor forbids) is treated as nothing proposed, so a draft there is rejected and deferred, and the
+rules defer that mass to the target as at a stop. The output then follows ``pi`` of the restricted ``q``,
+which keeps no token the processors forbid; exact rows are unchanged (``pi = p`` is 0 there).
 
 Verification by exact match, which needs no ``q`` (lossless for any proposal), is ``match.py``.
 
@@ -130,7 +130,7 @@ def verify_reference(
         if rules == {0} and not (temperature == 0.0 and target_logits.dtype == torch.float64):
             rule = alpha = None
     dense = cross is None or rule is not None  # deferral rules read whole rows of q'
-    # Outside the target's support (support_only): no proposal mass (exact rows read none of it: pi = p is 0 there).
+    # Outside the target's support (support_only): no proposal mass (exact rows need none: pi = p is 0 there).
     outside = target_logits[:, :k].isneginf() if support_only and rule is not None else None
     if not dense:  # q' read at the drafts, then at the stop position, from one set of span terms
         proposal = TargetProposal(q, draft_ids, cross)

@@ -132,7 +132,8 @@ class OnlineLearner:
         # The alternating mode's recomputed head labels follow verification (adaptive.expected_acceptance):
         # across vocabularies, exact match's acceptance with translation="exact", a TLI drafter's law over
         # the directly mapped ids, split tokens' mass on their first piece, the target's law over its whole
-        # vocabulary read at the directly mapped ids, through two numbers the rounds keep (adaptive.target_law).
+        # vocabulary read at the directly mapped ids, through two numbers the rounds keep
+        # (adaptive.target_law).
         cross = bridge is not None
         self.exact_match = cross and translation == "exact"
         self.draftable = bridge.mappable if cross and translation == "tli" else None
@@ -485,7 +486,8 @@ class OnlineLearner:
         law: torch.Tensor | None,
     ) -> torch.Tensor:
         """The labels of positions under the current drafter (``adaptive.expected_acceptance``): its ``logits``
-        [n, V_d], the target's ``targets`` [n, V_d] and its ``law`` [n, 2] over its vocabulary (None: over ``targets``),
+        [n, V_d], the target's ``targets`` [n, V_d] and its ``law`` [n, 2] over its vocabulary (None: over
+        ``targets``),
         the ``drafted`` tokens [n] (read by a head with the confidence input) of a request sampled by
         ``sampling``."""
         tokens = self.canonical[drafted] if self.head.confidence_input else None

@@ -181,8 +181,8 @@ def _unsupported(model, config) -> str | None:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if any(_bidirectional(module) for module in decoder.modules()):
         return (
-            "its self-attention is bidirectional (a BERT-style model whose config has is_decoder=False), so a "
-            "token would attend to the drafted tokens after it; load it with is_decoder=True"
+            "its self-attention is bidirectional (a BERT-style model whose config has is_decoder=False), "
+            "so a token would attend to the drafted tokens after it; load it with is_decoder=True"
         )
     arguments = inspect.signature(model.forward).parameters
     if not {"cache", "past_key_values"} & set(arguments):

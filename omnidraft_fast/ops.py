@@ -160,7 +160,8 @@ def verify(
     captured stage); the kernel computes each row's own rule anyway. The outputs do not depend on it.
     ``support_only=True`` (with ``rule``) restricts ``q`` and its ``T = 1`` law to the tokens whose target
     logits are finite at each position (the logits processors' support; a draft elsewhere counts as nothing
-    proposed): a cascade across vocabularies then keeps no token the processors forbid (``kernels/verify.py``).
+    proposed): a cascade across vocabularies then keeps no token the processors forbid
+    (``kernels/verify.py``).
 
     Returns ``num_accepted`` [batch] int64, ``output_tokens`` [batch, k+1] int64 (-1 padded; the
     recovered or bonus token follows the accepted ones), ``accept_probs`` [batch, k] fp32, ``deferred``
