@@ -26,7 +26,9 @@ Each case checks that the bound separates the law from a wrong reading: ``"merge
 first sub-token keeps its whole mass in ``q'``), ``"stats_at_t"`` (the rules' statistics read from the
 sampled ``q'`` and ``p``), ``"untranslated"`` (the rules' statistics read from the direct map, as if nothing
 merged), ``"q_out_of_a_over_targets"`` (``q(V \\ A)`` summed over the target's tokens: a ``pi`` of less than
-unit mass, SPEC §3 read literally), ``"no_stop"`` (the confidence stop ignored, merges reaching past it).
+unit mass, SPEC §3 read literally), ``"no_stop"`` (the confidence stop ignored, merges reaching past it),
+and under logits processing ``"unrestricted"`` (the rules read ``q'`` where the processed target logits are
+-inf too) and ``"drafter_unprocessed"`` (the drafter's logits not processed through its twins).
 """
 
 from __future__ import annotations
